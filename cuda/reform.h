@@ -1,0 +1,190 @@
+/*
+ * reform.h — the one C ABI of the REFORM native engine.
+ *
+ * Two builds implement exactly this header:
+ *   - build/libreform_cpu.so   (cuda/reform_cpu.cpp, g++ -O3 -fopenmp; always built)
+ *   - build/libreform_cuda.so  (cuda/reform_cuda.cu, nvcc -arch=sm_90; built when nvcc exists;
+ *                               cudart linked statically, cuBLAS dlopen'ed at run time so the
+ *                               library loads and reports "no device" cleanly on machines without a GPU)
+ *
+ * Conventions
+ *   - Every function that can fail returns an int status (0 = RF_OK, negative = error code) or a
+ *     pointer (NULL on error). On error the thread-local message is available from rf_last_error().
+ *     Nothing in the library aborts the process; out-of-memory is RF_ERR_OOM.
+ *   - Token ids are int32. Sizes that can exceed 2^31 are int64.
+ *   - All host pointers are borrowed for the duration of the call only (weights are copied).
+ *   - Threading: objects are not thread-safe; the caller (one engine worker) serialises calls.
+ *
+ * Model: Llama-family decoder (Llama 2/3/3.1 incl. llama3 rope scaling, Mistral, Qwen2 qkv bias):
+ *   RMSNorm, RoPE (rotate_half / NeoX layout as in HF transformers), GQA, SwiGLU MLP,
+ *   tied or untied lm_head.
+ *
+ * Compress step (REFORM phase 1): per-layer KV cache for layers 0..exit_layer with fixed capacity.
+ *   - Keys are stored BEFORE RoPE; at every step cache entry i gets position i (contiguous
+ *     re-assignment after eviction, as REFORM does), new chunk tokens get positions len..len+n-1.
+ *   - H2O: each cache entry of each (layer, kv_head) has an accumulated score = sum over the chunk's
+ *     last `obs_window` queries and over the query heads of that kv group of their softmax attention
+ *     probability on that entry. After appending a chunk, if len > capacity, each (layer, kv_head)
+ *     keeps the first n_sink entries, the last n_recent entries and the top-scoring others, in
+ *     original order, down to `capacity`.
+ *   - Output: for every chunk token, for each selected head in order, the head's vector
+ *     (q: after q_proj(+bias), BEFORE RoPE; k: after k_proj(+bias), before RoPE; v: after v_proj(+bias)),
+ *     L2-normalised (eps 1e-6), concatenated -> n_sel * head_dim values per token.
+ *   - Layers after exit_layer are never run; for exit_layer itself only q/k/v + attention scores are
+ *     computed (no o_proj / MLP).
+ */
+#ifndef REFORM_H
+#define REFORM_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define RF_API __declspec(dllexport)
+#else
+#define RF_API __attribute__((visibility("default")))
+#endif
+
+#define RF_ABI_VERSION 1
+
+/* status codes */
+#define RF_OK 0
+#define RF_ERR_INVALID (-1)   /* bad argument (shape, name, range) */
+#define RF_ERR_OOM (-2)       /* host or device allocation failed */
+#define RF_ERR_DEVICE (-3)    /* CUDA / cuBLAS runtime failure */
+#define RF_ERR_STATE (-4)     /* call not valid in the object's current state */
+#define RF_ERR_NODEVICE (-5)  /* no usable GPU (CUDA build only) */
+#define RF_ERR_INTERNAL (-6)
+
+/* dtypes */
+#define RF_F32 0
+#define RF_F16 1
+#define RF_BF16 2
+
+/* rope types */
+#define RF_ROPE_DEFAULT 0
+#define RF_ROPE_LLAMA3 1
+#define RF_ROPE_LINEAR 2
+
+/* head kinds in a head spec triple (layer, kind, head) */
+#define RF_HEAD_Q 0
+#define RF_HEAD_K 1
+#define RF_HEAD_V 2
+
+/* Model configuration. Every field is 4 bytes (int32 or float32), laid out in this order,
+ * followed by reserved int32 words up to 32 words (128 bytes) in total. */
+typedef struct rf_config {
+  int32_t vocab_size;
+  int32_t hidden_size;
+  int32_t intermediate_size;
+  int32_t num_layers;
+  int32_t num_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t qkv_bias;              /* 1: q/k/v_proj have bias (Qwen2) */
+  int32_t tie_embeddings;        /* 1: lm_head = embed_tokens */
+  int32_t rope_type;             /* RF_ROPE_* */
+  float rms_eps;
+  float rope_theta;
+  float rope_factor;             /* llama3 / linear scaling factor */
+  float rope_low_freq_factor;    /* llama3 */
+  float rope_high_freq_factor;   /* llama3 */
+  int32_t rope_original_max_pos; /* llama3 original_max_position_embeddings */
+  int32_t weight_dtype;          /* CUDA: RF_BF16 or RF_F16 storage+compute; CPU: ignored (f32) */
+  int32_t reserved[15];
+} rf_config;
+
+/* Compressor parameters (all int32, 16 words = 64 bytes). */
+typedef struct rf_compress_params {
+  int32_t capacity;   /* KV entries kept per (layer, kv_head) after eviction; > n_sink + n_recent */
+  int32_t n_sink;     /* always-kept first entries (e.g. 4) */
+  int32_t n_recent;   /* always-kept most recent entries (e.g. obs_window) */
+  int32_t obs_window; /* last queries of each chunk whose attention feeds H2O scores (default 128) */
+  int32_t max_chunk;  /* largest n accepted by rf_compressor_process / rf_compressor_embed */
+  int32_t emb_dtype;  /* RF_F32 or RF_F16: dtype written to out_emb */
+  int32_t exit_layer; /* -1: max layer among the selected heads; otherwise run layers 0..exit_layer */
+  int32_t reserved[9];
+} rf_compress_params;
+
+typedef struct rf_model rf_model;
+typedef struct rf_compressor rf_compressor;
+typedef struct rf_seq rf_seq;
+
+/* ---- library ---- */
+RF_API int rf_abi_version(void);
+RF_API const char* rf_backend_name(void);             /* "cpu" or "cuda" */
+RF_API const char* rf_last_error(void);               /* thread-local, "" when none */
+RF_API int rf_device_count(void);                     /* CPU build: 1; CUDA: #GPUs (0 if none / no driver) */
+RF_API int rf_device_info(char* buf, int32_t buflen); /* NUL-terminated description; <0 on error */
+RF_API int rf_set_threads(int32_t n);                 /* CPU build: OpenMP threads; CUDA: no-op */
+
+/* ---- model ---- */
+RF_API rf_model* rf_model_create(const rf_config* cfg);
+/* name: Hugging Face tensor name, e.g. "model.layers.3.self_attn.q_proj.weight", "model.norm.weight",
+ * "model.embed_tokens.weight", "lm_head.weight". data: row-major, dtype RF_F32/F16/BF16.
+ * Unknown names or wrong shapes -> RF_ERR_INVALID. */
+RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, int32_t dtype,
+                               const int64_t* shape, int32_t ndim);
+/* Fill every weight with N(0, std^2) (norm weights = 1, biases = 0), deterministic per seed.
+ * On CUDA the weights are generated on the device (dummy load for benchmarks). */
+RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float std);
+/* Checks that every required tensor was set; must succeed before use. */
+RF_API int rf_model_finalize(rf_model* m);
+RF_API int64_t rf_model_memory_bytes(const rf_model* m);
+RF_API void rf_model_destroy(rf_model* m);
+
+/* ---- compress (phase 1) ---- */
+/* heads: n_heads * 3 int32 (layer, kind RF_HEAD_*, head index within that kind's heads). */
+RF_API rf_compressor* rf_compressor_create(rf_model* m, const rf_compress_params* p,
+                                           const int32_t* heads, int32_t n_heads);
+RF_API int32_t rf_compressor_embed_dim(const rf_compressor* c); /* n_heads * head_dim */
+RF_API int32_t rf_compressor_exit_layer(const rf_compressor* c);
+/* Run one chunk (1 <= n <= max_chunk): write n * embed_dim values of emb_dtype to out_emb (may be
+ * NULL), append the chunk's KV to the cache, update H2O scores, evict down to capacity. */
+RF_API int rf_compressor_process(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb);
+/* Same forward against the current cache (positions len..len+n-1) but the cache is left unchanged:
+ * used to embed a query "in context". */
+RF_API int rf_compressor_embed(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb);
+RF_API int64_t rf_compressor_cache_len(const rf_compressor* c); /* current entries per (layer, head) */
+RF_API int64_t rf_compressor_seen(const rf_compressor* c);      /* tokens processed so far */
+RF_API int rf_compressor_reset(rf_compressor* c);
+/* Opaque, self-describing state blob (cache K/V, scores, counters) for persistence across restarts.
+ * A blob saved by one backend must be loadable by the other (stored as f32). */
+RF_API int64_t rf_compressor_state_size(const rf_compressor* c);
+RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t size);
+RF_API int rf_compressor_state_load(rf_compressor* c, const void* buf, int64_t size);
+RF_API void rf_compressor_destroy(rf_compressor* c);
+
+/* ---- query scoring (phase 2) ---- */
+/* ctx: n_ctx rows of dim values (ctx_dtype RF_F32 or RF_F16) in host memory (may be an mmap).
+ * q: n_q rows of dim f32. out[i] = max_j cos(ctx_i, q_j). n_q >= 1. */
+RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
+                    int32_t n_q, float* out);
+
+/* ---- recompute + generate ---- */
+/* A fresh full-depth KV cache for up to max_tokens positions (positions 0..len-1). */
+RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens);
+/* Append n tokens (prefill when n > 1, decode when n == 1) at positions len..len+n-1 and keep the
+ * logits of the last token. logits_out (may be NULL) receives vocab_size f32. */
+RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* logits_out);
+/* Sample from the last logits. temperature <= 0: greedy (argmax, lowest id on ties). Otherwise
+ * softmax(logits / temperature), keep top_k (<= 0: all), then the smallest prefix with cumulative
+ * prob >= top_p (top_p >= 1: all), renormalise, draw with the xorshift64* generator whose state is
+ * *rng_state (advanced in place; a zero state is replaced by a fixed non-zero constant).
+ * Returns the token id (>= 0) or an error code. */
+RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t top_k,
+                             uint64_t* rng_state);
+RF_API int32_t rf_seq_length(const rf_seq* s);
+RF_API int rf_seq_reset(rf_seq* s);
+/* Initialise the sequence from a compressor whose exit layer is the model's last layer
+ * (H2O-only baseline): the cache entries become positions 0..cache_len-1. */
+RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c);
+RF_API void rf_seq_destroy(rf_seq* s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* REFORM_H */

@@ -1,0 +1,440 @@
+/**
+ * Typed bun:ffi binding to the native REFORM engine (cuda/reform.h).
+ *
+ * Two shared libraries implement the same C ABI: build/libreform_cuda.so (GPU) and
+ * build/libreform_cpu.so (CPU). `loadNative()` picks one:
+ *   REFORM_BACKEND=cpu|cuda forces a backend; otherwise CUDA is used when its library exists and
+ *   reports at least one device, else CPU.
+ * Every failing native call is turned into a NativeError carrying the status code and message.
+ * Native calls block the calling thread: use them from the engine worker, never the HTTP thread.
+ */
+import { dlopen, FFIType, ptr, type Pointer, CString } from "bun:ffi";
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
+
+export const RF_OK = 0;
+export const RF_ERR_INVALID = -1;
+export const RF_ERR_OOM = -2;
+export const RF_ERR_DEVICE = -3;
+export const RF_ERR_STATE = -4;
+export const RF_ERR_NODEVICE = -5;
+export const RF_ERR_INTERNAL = -6;
+
+export const RF_F32 = 0;
+export const RF_F16 = 1;
+export const RF_BF16 = 2;
+export type DType = typeof RF_F32 | typeof RF_F16 | typeof RF_BF16;
+
+export const RF_ROPE_DEFAULT = 0;
+export const RF_ROPE_LLAMA3 = 1;
+export const RF_ROPE_LINEAR = 2;
+
+export const RF_HEAD_Q = 0;
+export const RF_HEAD_K = 1;
+export const RF_HEAD_V = 2;
+
+const CODE_NAMES: Record<number, string> = {
+  [RF_ERR_INVALID]: "invalid_argument",
+  [RF_ERR_OOM]: "out_of_memory",
+  [RF_ERR_DEVICE]: "device_error",
+  [RF_ERR_STATE]: "invalid_state",
+  [RF_ERR_NODEVICE]: "no_device",
+  [RF_ERR_INTERNAL]: "internal_error",
+};
+
+export class NativeError extends Error {
+  readonly code: number;
+  readonly codeName: string;
+  constructor(code: number, message: string, where: string) {
+    const name = CODE_NAMES[code] ?? `error_${code}`;
+    super(`${where}: ${name}: ${message || "(no message)"}`);
+    this.code = code;
+    this.codeName = name;
+    this.name = "NativeError";
+  }
+}
+
+export interface ModelConfig {
+  vocabSize: number;
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  qkvBias: boolean;
+  tieEmbeddings: boolean;
+  ropeType: number; // RF_ROPE_*
+  rmsEps: number;
+  ropeTheta: number;
+  ropeFactor: number;
+  ropeLowFreqFactor: number;
+  ropeHighFreqFactor: number;
+  ropeOriginalMaxPos: number;
+  weightDtype: DType; // CUDA storage dtype (bf16/f16); ignored by the CPU build
+}
+
+export interface CompressParams {
+  capacity: number;
+  nSink: number;
+  nRecent: number;
+  obsWindow: number;
+  maxChunk: number;
+  embDtype: typeof RF_F32 | typeof RF_F16;
+  exitLayer: number; // -1: derived from the heads
+}
+
+export interface HeadSpec {
+  layer: number;
+  kind: "q" | "k" | "v";
+  head: number;
+}
+
+const symbols = {
+  rf_abi_version: { args: [], returns: FFIType.i32 },
+  rf_backend_name: { args: [], returns: FFIType.cstring },
+  rf_last_error: { args: [], returns: FFIType.cstring },
+  rf_device_count: { args: [], returns: FFIType.i32 },
+  rf_device_info: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
+  rf_set_threads: { args: [FFIType.i32], returns: FFIType.i32 },
+
+  rf_model_create: { args: [FFIType.ptr], returns: FFIType.ptr },
+  rf_model_set_tensor: {
+    args: [FFIType.ptr, FFIType.cstring, FFIType.ptr, FFIType.i32, FFIType.ptr, FFIType.i32],
+    returns: FFIType.i32,
+  },
+  rf_model_init_random: { args: [FFIType.ptr, FFIType.u64, FFIType.f32], returns: FFIType.i32 },
+  rf_model_finalize: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_model_memory_bytes: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_model_destroy: { args: [FFIType.ptr], returns: FFIType.void },
+
+  rf_compressor_create: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
+  rf_compressor_embed_dim: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_exit_layer: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_process: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_embed: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_cache_len: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_compressor_seen: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_compressor_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_state_size: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_compressor_state_save: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
+  rf_compressor_state_load: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
+  rf_compressor_destroy: { args: [FFIType.ptr], returns: FFIType.void },
+
+  rf_score: {
+    args: [FFIType.ptr, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.ptr],
+    returns: FFIType.i32,
+  },
+
+  rf_seq_create: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
+  rf_seq_forward: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_sample: { args: [FFIType.ptr, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_length: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_destroy: { args: [FFIType.ptr], returns: FFIType.void },
+} as const;
+
+type Lib = ReturnType<typeof dlopen<typeof symbols>>["symbols"];
+
+export const ROOT_DIR = resolve(import.meta.dir, "..");
+export function libraryPath(backend: "cpu" | "cuda"): string {
+  const dir = process.env.REFORM_LIB_DIR ?? join(ROOT_DIR, "build");
+  return join(dir, `libreform_${backend}.so`);
+}
+
+const NULL_BUF = new Uint8Array(0);
+/** Pointer-or-null argument: bun:ffi accepts a TypedArray or null for `ptr` arguments. */
+type Buf = ArrayBufferView | null;
+
+export class Native {
+  readonly backend: "cpu" | "cuda";
+  readonly path: string;
+  private readonly lib: Lib;
+  private readonly closeLib: () => void;
+
+  constructor(backend: "cpu" | "cuda", path = libraryPath(backend)) {
+    if (!existsSync(path)) {
+      throw new Error(`native library not found: ${path} (run \`bun run build:native\`)`);
+    }
+    const handle = dlopen(path, symbols);
+    this.lib = handle.symbols;
+    this.closeLib = () => handle.close();
+    this.backend = backend;
+    this.path = path;
+    const v = this.lib.rf_abi_version();
+    if (v !== 1) throw new Error(`native library ${path} has ABI version ${v}, expected 1`);
+  }
+
+  close(): void {
+    this.closeLib();
+  }
+
+  lastError(): string {
+    const s = this.lib.rf_last_error();
+    return s ? String(s) : "";
+  }
+
+  private check(rc: number, where: string): number {
+    if (rc < 0) throw new NativeError(rc, this.lastError(), where);
+    return rc;
+  }
+
+  private checkPtr(p: Pointer | null, where: string): Pointer {
+    if (!p) throw new NativeError(RF_ERR_INTERNAL, this.lastError() || "returned NULL", where);
+    return p;
+  }
+
+  backendName(): string {
+    return String(this.lib.rf_backend_name());
+  }
+
+  deviceCount(): number {
+    return this.lib.rf_device_count();
+  }
+
+  deviceInfo(): string {
+    const buf = new Uint8Array(512);
+    this.check(this.lib.rf_device_info(buf, buf.length), "rf_device_info");
+    const end = buf.indexOf(0);
+    return new TextDecoder().decode(buf.subarray(0, end < 0 ? buf.length : end));
+  }
+
+  setThreads(n: number): void {
+    this.check(this.lib.rf_set_threads(n), "rf_set_threads");
+  }
+
+  // ---- model ----
+  createModel(cfg: ModelConfig): NativeModel {
+    const buf = new ArrayBuffer(128);
+    const dv = new DataView(buf);
+    const ints = [
+      cfg.vocabSize,
+      cfg.hiddenSize,
+      cfg.intermediateSize,
+      cfg.numLayers,
+      cfg.numHeads,
+      cfg.numKvHeads,
+      cfg.headDim,
+      cfg.qkvBias ? 1 : 0,
+      cfg.tieEmbeddings ? 1 : 0,
+      cfg.ropeType,
+    ];
+    ints.forEach((v, i) => dv.setInt32(i * 4, v | 0, true));
+    const floats = [cfg.rmsEps, cfg.ropeTheta, cfg.ropeFactor, cfg.ropeLowFreqFactor, cfg.ropeHighFreqFactor];
+    floats.forEach((v, i) => dv.setFloat32((10 + i) * 4, v, true));
+    dv.setInt32(15 * 4, cfg.ropeOriginalMaxPos | 0, true);
+    dv.setInt32(16 * 4, cfg.weightDtype | 0, true);
+    const p = this.checkPtr(this.lib.rf_model_create(new Uint8Array(buf)), "rf_model_create");
+    return new NativeModel(this, this.lib, p, cfg);
+  }
+
+  // ---- scoring ----
+  /** out[i] = max_j cos(ctx_i, q_j). ctx: n_ctx*dim values (Float32Array or Uint16Array holding f16). */
+  score(ctx: Float32Array | Uint16Array, nCtx: number, dim: number, q: Float32Array, nQ: number, out?: Float32Array): Float32Array {
+    const o = out ?? new Float32Array(nCtx);
+    if (o.length < nCtx) throw new Error("score: out too small");
+    const dtype = ctx instanceof Float32Array ? RF_F32 : RF_F16;
+    if (ctx.length < nCtx * dim) throw new Error("score: ctx smaller than n_ctx*dim");
+    if (q.length < nQ * dim) throw new Error("score: q smaller than n_q*dim");
+    if (nCtx === 0) return o;
+    this.check(this.lib.rf_score(ctx, dtype, nCtx, dim, q, nQ, o), "rf_score");
+    return o;
+  }
+
+  /** @internal */
+  _check(rc: number, where: string): number {
+    return this.check(rc, where);
+  }
+  /** @internal */
+  _checkPtr(p: Pointer | null, where: string): Pointer {
+    return this.checkPtr(p, where);
+  }
+}
+
+export class NativeModel {
+  private destroyed = false;
+  constructor(
+    readonly native: Native,
+    private readonly lib: Lib,
+    readonly handle: Pointer,
+    readonly config: ModelConfig,
+  ) {}
+
+  setTensor(name: string, data: ArrayBufferView, dtype: DType, shape: number[]): void {
+    const shp = new BigInt64Array(shape.map((s) => BigInt(s)));
+    const nameBuf = Buffer.from(name + "\0", "utf8");
+    this.native._check(
+      this.lib.rf_model_set_tensor(this.handle, nameBuf, data, dtype, shp, shape.length),
+      `rf_model_set_tensor(${name})`,
+    );
+  }
+
+  initRandom(seed: number | bigint, std: number): void {
+    this.native._check(this.lib.rf_model_init_random(this.handle, BigInt(seed), std), "rf_model_init_random");
+  }
+
+  finalize(): void {
+    this.native._check(this.lib.rf_model_finalize(this.handle), "rf_model_finalize");
+  }
+
+  memoryBytes(): number {
+    return Number(this.lib.rf_model_memory_bytes(this.handle));
+  }
+
+  createCompressor(params: CompressParams, heads: HeadSpec[]): NativeCompressor {
+    if (heads.length === 0) throw new Error("createCompressor: at least one head is required");
+    const pb = new Int32Array(16);
+    pb.set([params.capacity, params.nSink, params.nRecent, params.obsWindow, params.maxChunk, params.embDtype, params.exitLayer]);
+    const hb = new Int32Array(heads.length * 3);
+    heads.forEach((h, i) => {
+      hb[i * 3] = h.layer;
+      hb[i * 3 + 1] = h.kind === "q" ? RF_HEAD_Q : h.kind === "k" ? RF_HEAD_K : RF_HEAD_V;
+      hb[i * 3 + 2] = h.head;
+    });
+    const p = this.native._checkPtr(this.lib.rf_compressor_create(this.handle, pb, hb, heads.length), "rf_compressor_create");
+    return new NativeCompressor(this.native, this.lib, p, params);
+  }
+
+  createSeq(maxTokens: number): NativeSeq {
+    const p = this.native._checkPtr(this.lib.rf_seq_create(this.handle, maxTokens), "rf_seq_create");
+    return new NativeSeq(this.native, this.lib, p, this.config.vocabSize);
+  }
+
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    this.lib.rf_model_destroy(this.handle);
+  }
+}
+
+export class NativeCompressor {
+  private destroyed = false;
+  readonly embedDim: number;
+  readonly exitLayer: number;
+  constructor(
+    readonly native: Native,
+    private readonly lib: Lib,
+    readonly handle: Pointer,
+    readonly params: CompressParams,
+  ) {
+    this.embedDim = lib.rf_compressor_embed_dim(handle);
+    this.exitLayer = lib.rf_compressor_exit_layer(handle);
+  }
+
+  private outBuf(n: number): Float32Array | Uint16Array {
+    return this.params.embDtype === RF_F16 ? new Uint16Array(n * this.embedDim) : new Float32Array(n * this.embedDim);
+  }
+
+  /** Process one chunk; returns its embeddings (n*embedDim, f32 or f16 bits per emb dtype). */
+  process(tokens: Int32Array, out?: Float32Array | Uint16Array | null): Float32Array | Uint16Array | null {
+    const o = out === null ? null : (out ?? this.outBuf(tokens.length));
+    this.native._check(this.lib.rf_compressor_process(this.handle, tokens, tokens.length, o), "rf_compressor_process");
+    return o;
+  }
+
+  /** Embed tokens against the current cache without changing it. */
+  embed(tokens: Int32Array, out?: Float32Array | Uint16Array): Float32Array | Uint16Array {
+    const o = out ?? this.outBuf(tokens.length);
+    this.native._check(this.lib.rf_compressor_embed(this.handle, tokens, tokens.length, o), "rf_compressor_embed");
+    return o;
+  }
+
+  cacheLen(): number {
+    return Number(this.lib.rf_compressor_cache_len(this.handle));
+  }
+  seen(): number {
+    return Number(this.lib.rf_compressor_seen(this.handle));
+  }
+  reset(): void {
+    this.native._check(this.lib.rf_compressor_reset(this.handle), "rf_compressor_reset");
+  }
+  saveState(): Uint8Array {
+    const size = Number(this.lib.rf_compressor_state_size(this.handle));
+    this.native._check(size, "rf_compressor_state_size");
+    const buf = new Uint8Array(size);
+    this.native._check(this.lib.rf_compressor_state_save(this.handle, buf, size), "rf_compressor_state_save");
+    return buf;
+  }
+  loadState(buf: Uint8Array): void {
+    this.native._check(this.lib.rf_compressor_state_load(this.handle, buf, buf.byteLength), "rf_compressor_state_load");
+  }
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    this.lib.rf_compressor_destroy(this.handle);
+  }
+}
+
+export interface SamplingParams {
+  temperature: number;
+  topP: number;
+  topK: number;
+}
+
+export class NativeSeq {
+  private destroyed = false;
+  readonly rng = new BigUint64Array(1);
+  constructor(
+    readonly native: Native,
+    private readonly lib: Lib,
+    readonly handle: Pointer,
+    readonly vocabSize: number,
+  ) {}
+
+  setSeed(seed: number | bigint): void {
+    this.rng[0] = BigInt.asUintN(64, BigInt(seed));
+  }
+
+  /** Append tokens; returns the last token's logits when `wantLogits`. */
+  forward(tokens: Int32Array, wantLogits = false): Float32Array | null {
+    const logits = wantLogits ? new Float32Array(this.vocabSize) : null;
+    this.native._check(this.lib.rf_seq_forward(this.handle, tokens, tokens.length, logits), "rf_seq_forward");
+    return logits;
+  }
+
+  sample(p: SamplingParams): number {
+    return this.native._check(this.lib.rf_seq_sample(this.handle, p.temperature, p.topP, p.topK, this.rng), "rf_seq_sample");
+  }
+
+  length(): number {
+    return this.lib.rf_seq_length(this.handle);
+  }
+  reset(): void {
+    this.native._check(this.lib.rf_seq_reset(this.handle), "rf_seq_reset");
+  }
+  importCompressor(c: NativeCompressor): void {
+    this.native._check(this.lib.rf_seq_import_compressor(this.handle, c.handle), "rf_seq_import_compressor");
+  }
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    this.lib.rf_seq_destroy(this.handle);
+  }
+}
+
+/** Pick and load a backend. REFORM_BACKEND=cpu|cuda forces one. */
+export function loadNative(prefer: "auto" | "cpu" | "cuda" = (process.env.REFORM_BACKEND as any) ?? "auto"): Native {
+  if (prefer === "cpu") return new Native("cpu");
+  if (prefer === "cuda") {
+    const n = new Native("cuda");
+    if (n.deviceCount() < 1) {
+      const msg = n.lastError();
+      n.close();
+      throw new Error(`REFORM_BACKEND=cuda but no CUDA device is usable${msg ? `: ${msg}` : ""}`);
+    }
+    return n;
+  }
+  if (existsSync(libraryPath("cuda"))) {
+    try {
+      const n = new Native("cuda");
+      if (n.deviceCount() > 0) return n;
+      n.close();
+    } catch {
+      /* fall through to CPU */
+    }
+  }
+  return new Native("cpu");
+}
+
+export { ptr, CString, NULL_BUF };

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the native REFORM engine.
+#   build/libreform_cpu.so   always (g++ -O3, OpenMP)
+#   build/libreform_cuda.so  when nvcc is present (sm_90; cudart static, cuBLAS dlopen'ed at run time)
+# Skips a target whose output is newer than its sources. REFORM_SKIP_CUDA=1 skips the CUDA build;
+# REFORM_REQUIRE_CUDA=1 makes a missing nvcc an error.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p build
+
+newer() { # newer OUT SRC... : true when OUT exists and is newer than every SRC
+  local out=$1; shift
+  [[ -f $out ]] || return 1
+  for s in "$@"; do [[ $s -nt $out ]] && return 1; done
+  return 0
+}
+
+CPU_SRC=(cuda/reform_cpu.cpp cuda/reform.h cuda/reform_common.h)
+CXX=${CXX:-g++}
+if newer build/libreform_cpu.so "${CPU_SRC[@]}" scripts/build-native.sh; then
+  echo "[build] libreform_cpu.so up to date"
+else
+  echo "[build] compiling libreform_cpu.so with $CXX"
+  $CXX -O3 -march=native -fopenmp -std=c++17 -fPIC -shared -fvisibility=hidden \
+    -Wall -Wextra -Wno-unused-parameter \
+    -o build/libreform_cpu.so.tmp cuda/reform_cpu.cpp
+  mv build/libreform_cpu.so.tmp build/libreform_cpu.so
+fi
+
+NVCC=${NVCC:-$(command -v nvcc || true)}
+if [[ ${REFORM_SKIP_CUDA:-0} == 1 ]]; then
+  echo "[build] CUDA build skipped (REFORM_SKIP_CUDA=1)"
+elif [[ -z $NVCC ]]; then
+  if [[ ${REFORM_REQUIRE_CUDA:-0} == 1 ]]; then echo "[build] nvcc not found" >&2; exit 1; fi
+  echo "[build] nvcc not found: CUDA build skipped"
+else
+  CUDA_SRC=(cuda/reform_cuda.cu cuda/reform.h cuda/reform_common.h)
+  if newer build/libreform_cuda.so "${CUDA_SRC[@]}" scripts/build-native.sh; then
+    echo "[build] libreform_cuda.so up to date"
+  else
+    echo "[build] compiling libreform_cuda.so with $NVCC (sm_90)"
+    "$NVCC" -O3 -std=c++17 -arch=sm_90 -Xcompiler -fPIC,-fvisibility=hidden -shared -cudart static \
+      -o build/libreform_cuda.so.tmp cuda/reform_cuda.cu -ldl -lpthread
+    mv build/libreform_cuda.so.tmp build/libreform_cuda.so
+  fi
+fi

@@ -1,0 +1,142 @@
+/**
+ * The contract between the HTTP layer (routes/) and the engine (src/engine/).
+ *
+ * The HTTP thread only ever talks to an `EngineClient`; the implementation forwards work to the
+ * engine worker (a Bun Worker that owns the native library) so the HTTP thread never blocks.
+ */
+
+export type Method = "reform" | "full" | "streaming" | "h2o";
+export const METHODS: readonly Method[] = ["reform", "full", "streaming", "h2o"] as const;
+
+export type ContextState =
+  | "empty" // created, no content yet
+  | "processing" // content received and not yet fully compressed
+  | "ready" // everything received so far is compressed; queries allowed
+  | "failed"; // processing failed; `error` says why (the session's data stays on disk)
+
+export interface ContextInfo {
+  id: string;
+  state: ContextState;
+  createdAt: number; // ms since epoch
+  updatedAt: number;
+  bytesReceived: number; // UTF-8 bytes of content accepted so far
+  tokensReceived: number; // tokens written to the token file (tokenized, maybe not compressed yet)
+  tokensProcessed: number; // tokens whose embeddings are on disk (compressed)
+  pendingChars: number; // characters held in the tokenizer tail buffer (flushed by finalize/query)
+  embeddingBytes: number; // size of the embedding file
+  cacheLen: number; // current compressed KV entries per layer/head
+  metadata?: Record<string, unknown>;
+  error?: string;
+}
+
+export interface ChatMessage {
+  role: "system" | "user" | "assistant" | "tool";
+  content: string;
+}
+
+export interface SamplingOptions {
+  maxTokens: number; // new tokens to generate
+  temperature: number; // 0 = greedy
+  topP: number;
+  topK: number; // 0 = off
+  seed?: number;
+  stop: string[]; // stop strings (not included in the output)
+}
+
+export interface QueryRequest {
+  /** Context session to answer from; omitted = plain chat over the messages (no long context). */
+  contextId?: string;
+  /** Either a question (wrapped into a user turn after the context) or chat messages. */
+  question?: string;
+  messages?: ChatMessage[];
+  sampling: SamplingOptions;
+  method: Method;
+  /** Recompute budget in context tokens (gathered tokens); default from server config. */
+  budget?: number;
+  signal?: AbortSignal;
+}
+
+export interface Usage {
+  promptTokens: number; // tokens the model actually attended to in the recompute (gathered + template + query)
+  completionTokens: number;
+  contextTokens: number; // total tokens of the context session
+  selectedTokens: number; // context tokens gathered for recompute
+}
+
+export type FinishReason = "stop" | "length" | "abort";
+
+export type QueryEvent =
+  | { type: "start"; promptTokens: number; selectedTokens: number; contextTokens: number }
+  | { type: "token"; text: string; tokenId: number }
+  | {
+      type: "done";
+      finishReason: FinishReason;
+      usage: Usage;
+      timings: { queueMs: number; ttftMs: number; tpotMs: number; totalMs: number };
+    };
+
+export interface ModelInfo {
+  id: string; // served model name
+  path: string;
+  architecture: string;
+  backend: string; // "cpu" | "cuda"
+  device: string;
+  trainedContext: number; // max_position_embeddings
+  vocabSize: number;
+  numLayers: number;
+  heads: { layer: number; kind: "q" | "k" | "v"; head: number }[];
+  exitLayer: number;
+  defaults: { budget: number; maxBudget: number; chunkSize: number; capacity: number; maxTokens: number };
+}
+
+export interface EngineMetrics {
+  tokensProcessedTotal: number; // context tokens compressed since start
+  tokensGeneratedTotal: number;
+  promptTokensTotal: number;
+  requestsTotal: number;
+  queueDepth: number; // jobs waiting in the engine queue
+  activeContexts: number;
+  ttftSeconds: number[]; // recent samples (bounded)
+  tpotSeconds: number[]; // recent samples (bounded)
+}
+
+/** Errors the engine reports to callers; `status` is the HTTP status the API should use. */
+export class EngineError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly param: string | null = null,
+  ) {
+    super(message);
+    this.name = "EngineError";
+  }
+}
+
+export interface EngineClient {
+  /** "loading" until the model is loaded; "failed" with loadError if it could not be. */
+  state(): "loading" | "ready" | "failed";
+  loadError(): string | null;
+  ready(): Promise<void>;
+  modelInfo(): ModelInfo | null;
+
+  createContext(opts?: { metadata?: Record<string, unknown> }): Promise<ContextInfo>;
+  /** Append raw UTF-8 bytes (a piece of a stream; pieces may split multi-byte characters).
+   * Resolves once the piece is durably stored (tokens on disk) and its complete chunks compressed. */
+  append(id: string, bytes: Uint8Array): Promise<ContextInfo>;
+  /** Flush the tokenizer tail buffer and compress everything; state becomes "ready". */
+  finalize(id: string): Promise<ContextInfo>;
+  getContext(id: string): Promise<ContextInfo | null>;
+  listContexts(): Promise<ContextInfo[]>;
+  deleteContext(id: string): Promise<boolean>;
+  /** Progress notifications (each state/progress change). Returns an unsubscribe function. */
+  subscribe(id: string, cb: (info: ContextInfo) => void): () => void;
+
+  /** Stream an answer. Throws EngineError before the first event for request errors. */
+  query(req: QueryRequest): AsyncIterable<QueryEvent>;
+  /** Count tokens of a text (for usage / validation). */
+  countTokens(text: string): Promise<number>;
+
+  metrics(): EngineMetrics;
+  close(): Promise<void>;
+}
