@@ -15,7 +15,7 @@ newer() { # newer OUT SRC... : true when OUT exists and is newer than every SRC
   return 0
 }
 
-CPU_SRC=(cuda/reform_cpu.cpp cuda/reform.h cuda/reform_common.h)
+CPU_SRC=(cuda/reform_cpu.cpp cuda/cpu_kernels.h cuda/reform.h cuda/reform_common.h)
 CXX=${CXX:-g++}
 if newer build/libreform_cpu.so "${CPU_SRC[@]}" scripts/build-native.sh; then
   echo "[build] libreform_cpu.so up to date"

@@ -1,0 +1,301 @@
+/**
+ * Context sessions: create / list / status / delete, streamed content upload, finalize, and the
+ * SSE progress stream.
+ */
+import { Hono, type Context } from "hono";
+import { z } from "zod";
+import type { ContextInfo } from "../src/engine/api.ts";
+import { ApiError, fromZod } from "./errors.ts";
+import type { Deps } from "./types.ts";
+import { contentLength, contextIdParam, contextView, mediaType, parseJsonBody, sseResponse, tooLarge } from "./util.ts";
+
+const CreateBody = z
+  .object({
+    metadata: z.record(z.string(), z.unknown()).optional(),
+  })
+  .strict();
+
+const JsonContent = z
+  .object({
+    text: z.string(),
+    final: z.boolean().optional(),
+  })
+  .strict();
+
+const BoolFlag = z
+  .enum(["1", "0", "true", "false", "yes", "no", "on", "off", ""])
+  .transform((v) => v === "1" || v === "true" || v === "yes" || v === "on" || v === "");
+
+/** `?final=...` or `X-Reform-Final: ...` (query wins). */
+function finalFlag(c: Context): boolean {
+  const q = c.req.query("final");
+  const h = c.req.header("x-reform-final");
+  const raw = q ?? h;
+  if (raw === undefined) return false;
+  const r = BoolFlag.safeParse(raw.trim().toLowerCase());
+  if (!r.success) throw fromZod(r.error, "final");
+  return r.data;
+}
+
+/** Media types accepted as raw context bytes. */
+function isRawType(t: string): boolean {
+  return (
+    t === "" ||
+    t.startsWith("text/") ||
+    t === "application/octet-stream" ||
+    t === "application/x-www-form-urlencoded" // curl --data-binary default; the bytes are taken as-is
+  );
+}
+
+const HIGH_WATER = 8 << 20; // bytes buffered from the socket while an append is in flight
+const MAX_PIECE = 4 << 20; // bytes per engine.append call
+
+function takePiece(q: Uint8Array[], max: number): Uint8Array {
+  const first = q.shift()!;
+  if (first.byteLength >= max || q.length === 0) return first;
+  let n = first.byteLength;
+  let k = 0;
+  while (k < q.length && n + q[k]!.byteLength <= max) n += q[k++]!.byteLength;
+  if (k === 0) return first;
+  const out = new Uint8Array(n);
+  out.set(first, 0);
+  let off = first.byteLength;
+  for (let i = 0; i < k; i++) {
+    out.set(q[i]!, off);
+    off += q[i]!.byteLength;
+  }
+  q.splice(0, k);
+  return out;
+}
+
+/**
+ * Reads `body` and appends it piece by piece. Network reads run ahead of the (slower) appends up
+ * to HIGH_WATER bytes; each append is awaited (backpressure). If the client disconnects or the
+ * limit is exceeded, everything received before that point is still appended, then the error is
+ * thrown.
+ */
+async function pumpUpload(
+  body: ReadableStream<Uint8Array>,
+  limit: number,
+  append: (piece: Uint8Array) => Promise<void>,
+): Promise<number> {
+  const reader = body.getReader();
+  const q: Uint8Array[] = [];
+  let qBytes = 0;
+  let received = 0;
+  let readDone = false;
+  let readError: unknown = null;
+  let stopped = false;
+  let wakeAppender: (() => void) | null = null;
+  let wakeReader: (() => void) | null = null;
+  const signalData = () => {
+    const w = wakeAppender;
+    wakeAppender = null;
+    w?.();
+  };
+  const signalSpace = () => {
+    const w = wakeReader;
+    wakeReader = null;
+    w?.();
+  };
+
+  const readerTask = (async () => {
+    try {
+      for (;;) {
+        while (qBytes >= HIGH_WATER && !stopped) await new Promise<void>((r) => (wakeReader = r));
+        if (stopped) break;
+        const r = await reader.read();
+        if (r.done) break;
+        const chunk = r.value;
+        if (!chunk || chunk.byteLength === 0) continue;
+        received += chunk.byteLength;
+        if (received > limit) {
+          readError = tooLarge(limit);
+          break;
+        }
+        q.push(chunk);
+        qBytes += chunk.byteLength;
+        signalData();
+      }
+    } catch (e) {
+      readError = e ?? new Error("upload aborted");
+    } finally {
+      readDone = true;
+      signalData();
+    }
+  })();
+
+  let appended = 0;
+  try {
+    for (;;) {
+      if (q.length === 0) {
+        if (readDone) break;
+        await new Promise<void>((r) => (wakeAppender = r));
+        continue;
+      }
+      const piece = takePiece(q, MAX_PIECE);
+      qBytes -= piece.byteLength;
+      signalSpace();
+      await append(piece);
+      appended += piece.byteLength;
+    }
+  } catch (e) {
+    stopped = true;
+    signalSpace();
+    reader.cancel().catch(() => {});
+    await readerTask.catch(() => {});
+    throw e;
+  }
+  await readerTask;
+  if (readError) {
+    if (readError instanceof ApiError) reader.cancel().catch(() => {});
+    throw Object.assign(readError instanceof Error ? readError : new Error(String(readError)), { appended });
+  }
+  return appended;
+}
+
+function isTerminal(info: ContextInfo): boolean {
+  return info.state === "ready" || info.state === "failed";
+}
+
+export function contextRoutes(d: Deps): Hono {
+  const { engine, opts, stats, log } = d;
+  const r = new Hono();
+
+  const mustGet = async (id: string): Promise<ContextInfo> => {
+    const info = await engine.getContext(id);
+    if (!info) throw new ApiError(404, "context_not_found", `context '${id}' not found`, "id");
+    return info;
+  };
+
+  r.post("/", async (c) => {
+    const body = await parseJsonBody(c, CreateBody, opts.maxJsonBytes, true);
+    const info = await engine.createContext({ metadata: body.metadata });
+    return c.json(contextView(info), 201, { location: `/v1/contexts/${info.id}` });
+  });
+
+  r.get("/", async (c) => {
+    const list = await engine.listContexts();
+    return c.json({ object: "list", data: list.map(contextView) });
+  });
+
+  r.get("/:id", async (c) => {
+    const id = contextIdParam(c);
+    return c.json(contextView(await mustGet(id)));
+  });
+
+  r.delete("/:id", async (c) => {
+    const id = contextIdParam(c);
+    const ok = await engine.deleteContext(id);
+    if (!ok) throw new ApiError(404, "context_not_found", `context '${id}' not found`, "id");
+    return c.json({ id, object: "context", deleted: true });
+  });
+
+  const upload = async (c: Context) => {
+    const id = contextIdParam(c);
+    const final = finalFlag(c);
+    const t = mediaType(c);
+    const json = t === "application/json";
+    if (!json && !isRawType(t)) {
+      throw new ApiError(
+        415,
+        "unsupported_media_type",
+        `unsupported content type '${t}': send the context as text/plain or application/octet-stream (or JSON {"text": ...})`,
+      );
+    }
+    const len = contentLength(c);
+    if (len !== null && len > opts.maxBodyBytes) throw tooLarge(opts.maxBodyBytes);
+    await mustGet(id);
+
+    let appended = 0;
+    let last: ContextInfo | null = null;
+    let doFinal = final;
+    if (json) {
+      const body = await parseJsonBody(c, JsonContent, opts.maxBodyBytes);
+      const bytes = new TextEncoder().encode(body.text);
+      if (bytes.byteLength > 0) {
+        last = await engine.append(id, bytes);
+        appended = bytes.byteLength;
+        stats.uploadBytes += appended;
+      }
+      doFinal = doFinal || body.final === true;
+    } else if (c.req.raw.body) {
+      try {
+        appended = await pumpUpload(c.req.raw.body, opts.maxBodyBytes, async (piece) => {
+          last = await engine.append(id, piece);
+          stats.uploadBytes += piece.byteLength;
+        });
+      } catch (e) {
+        if (e instanceof ApiError) {
+          const n = (e as unknown as { appended?: number }).appended ?? 0;
+          if (e.status === 413 && n > 0) {
+            throw new ApiError(413, e.code, `${e.message}; the first ${n} bytes were stored`, null);
+          }
+          throw e;
+        }
+        if ((e as { status?: unknown }).status !== undefined) throw e; // engine error
+        const n = (e as { appended?: number }).appended;
+        if (n !== undefined || c.req.raw.signal.aborted) {
+          // The client went away: what was received is stored; nobody reads this response.
+          log("info", `upload to ${id} interrupted by the client after ${n ?? "?"} bytes (kept)`);
+          throw new ApiError(400, "upload_interrupted", `upload interrupted after ${n ?? 0} bytes; they were stored`);
+        }
+        throw e;
+      }
+    }
+    if (doFinal) last = await engine.finalize(id);
+    if (!last) last = await mustGet(id);
+    return c.json({ ...contextView(last), appended_bytes: appended, finalized: doFinal });
+  };
+  r.put("/:id/content", upload);
+  r.post("/:id/content", upload);
+
+  r.post("/:id/finalize", async (c) => {
+    const id = contextIdParam(c);
+    await mustGet(id);
+    return c.json(contextView(await engine.finalize(id)));
+  });
+
+  r.get("/:id/events", async (c) => {
+    const id = contextIdParam(c);
+    const followRaw = c.req.query("follow");
+    let follow = false;
+    if (followRaw !== undefined) {
+      const p = BoolFlag.safeParse(followRaw.trim().toLowerCase());
+      if (!p.success) throw fromZod(p.error, "follow");
+      follow = p.data;
+    }
+    const initial = await mustGet(id);
+    stats.sseActive++;
+    return sseResponse(
+      c.req.raw,
+      async (w) => {
+        let finish!: () => void;
+        const ended = new Promise<void>((res) => (finish = res));
+        let lastKey = "";
+        const push = (info: ContextInfo) => {
+          const key = `${info.state}|${info.bytesReceived}|${info.tokensReceived}|${info.tokensProcessed}|${info.pendingChars}|${info.error ?? ""}`;
+          if (key === lastKey) return;
+          lastKey = key;
+          if (!w.send({ type: "progress", ...contextView(info) }, "progress")) finish();
+          if (info.state === "failed" || (!follow && isTerminal(info))) finish();
+        };
+        const unsubscribe = engine.subscribe(id, push);
+        w.signal.addEventListener("abort", () => finish(), { once: true });
+        try {
+          // Current state after subscribing, so no update can fall in between.
+          const now = (await engine.getContext(id)) ?? initial;
+          push(now);
+          await ended;
+        } finally {
+          unsubscribe();
+          stats.sseActive--;
+        }
+        if (!w.signal.aborted) w.send("[DONE]");
+      },
+      { heartbeatSec: opts.sseHeartbeatSec, log },
+    );
+  });
+
+  return r;
+}

@@ -1,0 +1,258 @@
+/**
+ * OpenAI-compatible surface: POST /v1/chat/completions and GET /v1/models.
+ *
+ * The long context is chosen by the extra body field `context_id` (or `reform: {context_id,
+ * method, budget}`), or by picking the model `context:<id>` (listed by /v1/models), so chat
+ * frontends that cannot send extra fields work unchanged. Without a context it is plain chat.
+ */
+import { Hono } from "hono";
+import { z } from "zod";
+import type { ChatMessage } from "../src/engine/api.ts";
+import { ApiError } from "./errors.ts";
+import { collect, MethodSchema, newId, openQuery, precheck, StopSchema } from "./query.ts";
+import type { Deps } from "./types.ts";
+import { ContextIdSchema, parseJsonBody, sseResponse } from "./util.ts";
+
+const ContentPart = z.looseObject({ type: z.string(), text: z.string().optional() });
+
+const ChatMessageSchema = z.looseObject({
+  role: z.enum(["system", "developer", "user", "assistant", "tool"]),
+  content: z.union([z.string(), z.array(ContentPart), z.null()]).optional(),
+  name: z.string().optional(),
+});
+
+const ChatBody = z
+  .looseObject({
+    model: z.string().optional(),
+    messages: z.array(ChatMessageSchema).min(1),
+    stream: z.boolean().nullish(),
+    stream_options: z.looseObject({ include_usage: z.boolean().optional() }).nullish(),
+    max_tokens: z.number().int().min(1).max(1_000_000).nullish(),
+    max_completion_tokens: z.number().int().min(1).max(1_000_000).nullish(),
+    temperature: z.number().min(0).max(2).nullish(),
+    top_p: z.number().gt(0).max(1).nullish(),
+    top_k: z.number().int().min(0).nullish(),
+    seed: z.number().int().nullish(),
+    stop: StopSchema,
+    n: z.number().int().nullish(),
+    context_id: ContextIdSchema.optional(),
+    method: MethodSchema.optional(),
+    budget: z.number().int().min(1).optional(),
+    reform: z
+      .object({
+        context_id: ContextIdSchema.optional(),
+        method: MethodSchema.optional(),
+        budget: z.number().int().min(1).optional(),
+      })
+      .strict()
+      .optional(),
+  })
+  .superRefine((v, ctx) => {
+    if (v.n != null && v.n !== 1) ctx.addIssue({ code: "custom", path: ["n"], message: "only n=1 is supported" });
+    if (v.stop.length > 16) ctx.addIssue({ code: "custom", path: ["stop"], message: "at most 16 stop sequences" });
+    v.messages.forEach((m, i) => {
+      if (Array.isArray(m.content)) {
+        m.content.forEach((p, j) => {
+          if (p.type !== "text" || typeof p.text !== "string") {
+            ctx.addIssue({
+              code: "custom",
+              path: ["messages", i, "content", j],
+              message: `content part type '${p.type}' is not supported (text only)`,
+            });
+          }
+        });
+      }
+    });
+  });
+
+const CONTEXT_MODEL_PREFIX = "context:";
+
+function toMessages(ms: z.output<typeof ChatBody>["messages"]): ChatMessage[] {
+  return ms.map((m) => {
+    const content =
+      m.content == null ? "" : typeof m.content === "string" ? m.content : m.content.map((p) => p.text ?? "").join("");
+    const role = m.role === "developer" ? "system" : m.role;
+    return { role, content };
+  });
+}
+
+export function openaiRoutes(d: Deps): Hono {
+  const { engine, opts, stats, log } = d;
+  const r = new Hono();
+  const servedName = () => opts.servedName ?? engine.modelInfo()?.id ?? "reform";
+
+  r.get("/models", async (c) => {
+    const created = Math.floor(d.stats.startedAt / 1000);
+    const info = engine.modelInfo();
+    const data: Record<string, unknown>[] = [
+      {
+        id: servedName(),
+        object: "model",
+        created,
+        owned_by: "reform",
+        ...(info ? { max_model_len: info.trainedContext, backend: info.backend } : {}),
+      },
+    ];
+    if (opts.listContextModels && engine.state() === "ready") {
+      for (const ctx of await engine.listContexts()) {
+        if (ctx.state !== "ready") continue;
+        data.push({
+          id: `${CONTEXT_MODEL_PREFIX}${ctx.id}`,
+          object: "model",
+          created: Math.floor(ctx.createdAt / 1000),
+          owned_by: "reform-context",
+        });
+      }
+    }
+    return c.json({ object: "list", data });
+  });
+
+  r.get("/models/:model{.+}", async (c) => {
+    const id = c.req.param("model");
+    const created = Math.floor(d.stats.startedAt / 1000);
+    if (id === servedName()) return c.json({ id, object: "model", created, owned_by: "reform" });
+    if (id.startsWith(CONTEXT_MODEL_PREFIX)) {
+      const ctxId = id.slice(CONTEXT_MODEL_PREFIX.length);
+      const ctx = ContextIdSchema.safeParse(ctxId).success ? await engine.getContext(ctxId) : null;
+      if (ctx) return c.json({ id, object: "model", created: Math.floor(ctx.createdAt / 1000), owned_by: "reform-context" });
+    }
+    throw new ApiError(404, "model_not_found", `the model '${id}' does not exist`, "model");
+  });
+
+  r.post("/chat/completions", async (c) => {
+    const body = await parseJsonBody(c, ChatBody, opts.maxJsonBytes);
+    let contextId = body.context_id ?? body.reform?.context_id;
+    if (contextId === undefined && body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {
+      const fromModel = ContextIdSchema.safeParse(body.model.slice(CONTEXT_MODEL_PREFIX.length));
+      if (!fromModel.success) throw new ApiError(404, "model_not_found", `the model '${body.model}' does not exist`, "model");
+      contextId = fromModel.data;
+    }
+    const method = body.reform?.method ?? body.method ?? "reform";
+    const budget = body.reform?.budget ?? body.budget;
+    await precheck(d, contextId, budget);
+
+    const defaults = engine.modelInfo()?.defaults;
+    const { it, first, ac } = await openQuery(engine, c.req.raw, {
+      contextId,
+      messages: toMessages(body.messages),
+      method,
+      budget,
+      sampling: {
+        maxTokens: body.max_completion_tokens ?? body.max_tokens ?? defaults?.maxTokens ?? 256,
+        temperature: body.temperature ?? 1,
+        topP: body.top_p ?? 1,
+        topK: body.top_k ?? 0,
+        seed: body.seed ?? undefined,
+        stop: body.stop,
+      },
+    });
+    const id = newId("chatcmpl");
+    const created = Math.floor(Date.now() / 1000);
+    const model = body.model ?? servedName();
+    const fingerprint = `reform-${engine.modelInfo()?.backend ?? "engine"}`;
+    const finish = (f: string) => (f === "length" ? "length" : "stop");
+
+    if (!body.stream) {
+      const res = await collect(it, first);
+      stats.observeQuery(res.timings, res.usage.completionTokens);
+      return c.json({
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        system_fingerprint: fingerprint,
+        choices: [
+          {
+            index: 0,
+            message: { role: "assistant", content: res.text, refusal: null },
+            logprobs: null,
+            finish_reason: finish(res.finishReason),
+          },
+        ],
+        usage: {
+          prompt_tokens: res.usage.promptTokens,
+          completion_tokens: res.usage.completionTokens,
+          total_tokens: res.usage.promptTokens + res.usage.completionTokens,
+        },
+        reform: {
+          context_id: contextId ?? null,
+          method,
+          context_tokens: res.usage.contextTokens,
+          selected_tokens: res.usage.selectedTokens,
+          timings: { queue_ms: res.timings.queueMs, ttft_ms: res.timings.ttftMs, tpot_ms: res.timings.tpotMs, total_ms: res.timings.totalMs },
+        },
+      });
+    }
+
+    const includeUsage = body.stream_options?.include_usage === true;
+    const chunk = (delta: Record<string, unknown>, finishReason: string | null) => ({
+      id,
+      object: "chat.completion.chunk",
+      created,
+      model,
+      system_fingerprint: fingerprint,
+      choices: [{ index: 0, delta, logprobs: null, finish_reason: finishReason }],
+      ...(includeUsage ? { usage: null } : {}),
+    });
+
+    stats.sseActive++;
+    return sseResponse(
+      c.req.raw,
+      async (w) => {
+        w.signal.addEventListener("abort", () => ac.abort(), { once: true });
+        let res = first;
+        let sentRole = false;
+        const sendRole = () => {
+          if (!sentRole) {
+            sentRole = true;
+            w.send(chunk({ role: "assistant", content: "", refusal: null }, null));
+          }
+        };
+        try {
+          while (!res.done) {
+            const ev = res.value;
+            if (ev.type === "start") sendRole();
+            else if (ev.type === "token") {
+              sendRole();
+              if (ev.text.length > 0) w.send(chunk({ content: ev.text }, null));
+            } else if (ev.type === "done") {
+              sendRole();
+              stats.observeQuery(ev.timings, ev.usage.completionTokens);
+              w.send(chunk({}, finish(ev.finishReason)));
+              if (includeUsage) {
+                w.send({
+                  id,
+                  object: "chat.completion.chunk",
+                  created,
+                  model,
+                  system_fingerprint: fingerprint,
+                  choices: [],
+                  usage: {
+                    prompt_tokens: ev.usage.promptTokens,
+                    completion_tokens: ev.usage.completionTokens,
+                    total_tokens: ev.usage.promptTokens + ev.usage.completionTokens,
+                  },
+                });
+              }
+            }
+            if (w.closed || ac.signal.aborted) break;
+            res = await it.next();
+          }
+          if (ac.signal.aborted || w.closed) {
+            stats.queriesAborted++;
+            log("info", `chat ${id}: client went away, generation stopped`);
+          } else {
+            w.send("[DONE]");
+          }
+        } finally {
+          stats.sseActive--;
+          ac.abort();
+          await it.return?.().catch(() => {});
+        }
+      },
+      { heartbeatSec: opts.sseHeartbeatSec, log },
+    );
+  });
+
+  return r;
+}

@@ -1,0 +1,32 @@
+/** GET /health (open, 503 until the model is loaded) and GET /metrics (Prometheus text). */
+import { Hono } from "hono";
+import type { Deps } from "./types.ts";
+
+export function opsRoutes(d: Deps): Hono {
+  const { engine, stats } = d;
+  const r = new Hono();
+
+  r.get("/health", (c) => {
+    const state = engine.state();
+    if (state === "ready") {
+      const info = engine.modelInfo();
+      return c.json({
+        status: "ok",
+        model: d.opts.servedName ?? info?.id ?? null,
+        backend: info?.backend ?? null,
+        device: info?.device ?? null,
+        uptime_s: Math.round((Date.now() - stats.startedAt) / 1000),
+      });
+    }
+    if (state === "loading") {
+      return c.json({ status: "loading", reason: "the model is loading" }, 503, { "retry-after": "5" });
+    }
+    return c.json({ status: "failed", reason: engine.loadError() ?? "the engine failed to start" }, 503);
+  });
+
+  r.get("/metrics", (c) =>
+    c.body(stats.render(engine), 200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" }),
+  );
+
+  return r;
+}

@@ -1,0 +1,30 @@
+import type { EngineClient } from "../src/engine/api.ts";
+import type { Logger } from "./errors.ts";
+import type { HttpStats } from "./metrics.ts";
+
+export interface AppOptions {
+  /** Bearer token required on every route but /health (and CORS preflights). */
+  apiKey?: string;
+  /** Largest body of one content upload request (bytes). */
+  maxBodyBytes: number;
+  /** Largest JSON body (queries, chat) in bytes; default 32 MiB. */
+  maxJsonBytes?: number;
+  /** Name reported by /v1/models and in chat responses; default: the engine's model id. */
+  servedName?: string;
+  /** Access-Control-Allow-Origin value; "" disables CORS headers. Default "*". */
+  corsOrigin?: string;
+  /** Seconds between SSE keep-alive comments; default 15. */
+  sseHeartbeatSec?: number;
+  /** List ready contexts in /v1/models as `context:<id>` (chat frontends can then pick one). */
+  listContextModels?: boolean;
+  /** Log each request (method, path, status, ms). Default false. */
+  logRequests?: boolean;
+  log?: Logger;
+}
+
+export interface Deps {
+  engine: EngineClient;
+  opts: Required<Omit<AppOptions, "apiKey" | "servedName" | "log">> & { apiKey?: string; servedName?: string };
+  stats: HttpStats;
+  log: Logger;
+}

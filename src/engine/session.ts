@@ -1,0 +1,426 @@
+/**
+ * Per-context storage under `<data>/contexts/<id>/`:
+ *   tokens.bin        int32 LE token ids, appended as text is committed (fsync'd per append batch)
+ *   emb.bin           rows of embed_dim values (f16 by default), one row per compressed token,
+ *                     appended per compressed chunk (fsync'd per chunk)
+ *   meta.msgpack      metadata (msgpackr), rewritten atomically (tmp + rename)
+ *   compressor.state  [u64 LE seen][native rf_compressor state blob], written atomically
+ *
+ * Durability / restart model
+ *   - The commit point of an append is meta.msgpack: tokens.bin is fsync'd first, then meta (with the
+ *     new token count and the new tokenizer tail) is written+fsync'd; the append is acknowledged after.
+ *     On load tokens.bin is truncated to meta.tokens (a crash between the two writes loses only the
+ *     unacknowledged append).
+ *   - Embedding rows are fsync'd per chunk; on load `processed` = rows in emb.bin (partial rows are
+ *     truncated), capped at the token count.
+ *   - The compressor state is NOT saved per chunk (for real models it is hundreds of MB). It is saved
+ *     on finalize, when a live compressor is evicted (idle / LRU), on engine close, and every
+ *     `stateSaveEvery` chunks. Between two saves every processed chunk is a full `chunkSize` chunk
+ *     starting at the saved `seen` (only finalize processes a partial chunk, and it always saves), so a
+ *     restart restores the exact compressor by loading the state and replaying the stored tokens from
+ *     `seen` to `processed` in chunkSize chunks (deterministic, without rewriting embeddings).
+ *
+ * Text handling: bytes are decoded with a streaming TextDecoder (a multi-byte character split across
+ * pieces is held as `partial` bytes). Decoded text goes to a tail buffer; only the prefix up to the
+ * last *safe boundary* (just before a space that follows a non-space and precedes a non-space) is
+ * committed and tokenized; the rest stays in the tail until more text arrives or finalize flushes it.
+ * Pieces after the first are tokenized with tokenizer.encodeContinuation so that the concatenation
+ * equals the tokenization of the whole text (checked at tokenizer load time). A tail without any safe
+ * boundary is force-committed when it exceeds MAX_TAIL_CHARS (may differ from one-shot tokenization
+ * at that point only).
+ */
+import { Packr } from "msgpackr";
+import {
+  closeSync,
+  existsSync,
+  fsyncSync,
+  ftruncateSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { join } from "node:path";
+import type { ContextInfo, ContextState } from "./api.ts";
+import type { HeadSpec } from "../../ffi/native.ts";
+
+export const MAX_TAIL_CHARS = 1 << 16;
+
+const packr = new Packr({ useRecords: false, moreTypes: true });
+
+export interface SessionParams {
+  chunkSize: number;
+  capacity: number;
+  nSink: number;
+  nRecent: number;
+  obsWindow: number;
+  embDim: number;
+  embDtype: number; // RF_F16 (1) or RF_F32 (0)
+}
+
+export interface SessionMeta {
+  v: 1;
+  id: string;
+  createdAt: number;
+  updatedAt: number;
+  bytesReceived: number;
+  tokens: number; // tokens committed to tokens.bin
+  processed: number; // rows in emb.bin
+  started: boolean; // some text has been committed (later pieces use continuation tokenization)
+  finalized: boolean; // finalize called since the last append that added content
+  failed: string | null;
+  metadata?: Record<string, unknown>;
+  tail: string;
+  partial: Uint8Array; // undecoded trailing bytes of an incomplete UTF-8 character
+  fingerprint: string;
+  heads: HeadSpec[];
+  params: SessionParams;
+  stateSeen: number; // tokens covered by compressor.state (0: no state file)
+}
+
+export interface SessionTokenizer {
+  encode(text: string): number[];
+  encodeContinuation(text: string): number[];
+}
+
+function isSpace(c: string | undefined): boolean {
+  return c === undefined ? false : /\s/.test(c);
+}
+
+/** Index of the last safe boundary in `s` (0 when none). */
+export function lastSafeBoundary(s: string): number {
+  for (let i = s.length - 2; i >= 1; i--) {
+    if (s[i] === " " && !isSpace(s[i - 1]) && !isSpace(s[i + 1])) return i;
+  }
+  return 0;
+}
+
+function fsyncDir(dir: string): void {
+  try {
+    const fd = openSync(dir, "r");
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    /* best effort */
+  }
+}
+
+function atomicWrite(path: string, data: Uint8Array, sync: boolean): void {
+  const tmp = path + ".tmp";
+  const fd = openSync(tmp, "w");
+  try {
+    let off = 0;
+    while (off < data.byteLength) off += writeSync(fd, data, off, data.byteLength - off);
+    if (sync) fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, path);
+}
+
+function appendSync(path: string, data: Uint8Array, sync: boolean): void {
+  const fd = openSync(path, "a");
+  try {
+    let off = 0;
+    while (off < data.byteLength) off += writeSync(fd, data, off, data.byteLength - off);
+    if (sync) fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+export class Session {
+  readonly dir: string;
+  meta: SessionMeta;
+  private decoder = new TextDecoder("utf-8", { fatal: false, ignoreBOM: true });
+  private embMap: Uint8Array | null = null;
+  private embMapRows = -1;
+
+  private constructor(dir: string, meta: SessionMeta) {
+    this.dir = dir;
+    this.meta = meta;
+    if (meta.partial.byteLength > 0) this.decoder.decode(meta.partial, { stream: true });
+  }
+
+  get id(): string {
+    return this.meta.id;
+  }
+  get rowBytes(): number {
+    return this.meta.params.embDim * (this.meta.params.embDtype === 1 ? 2 : 4);
+  }
+  private p(name: string): string {
+    return join(this.dir, name);
+  }
+
+  static create(
+    dataDir: string,
+    id: string,
+    init: { fingerprint: string; heads: HeadSpec[]; params: SessionParams; metadata?: Record<string, unknown> },
+  ): Session {
+    const dir = join(dataDir, "contexts", id);
+    mkdirSync(dir, { recursive: true });
+    const now = Date.now();
+    const meta: SessionMeta = {
+      v: 1,
+      id,
+      createdAt: now,
+      updatedAt: now,
+      bytesReceived: 0,
+      tokens: 0,
+      processed: 0,
+      started: false,
+      finalized: false,
+      failed: null,
+      metadata: init.metadata,
+      tail: "",
+      partial: new Uint8Array(0),
+      fingerprint: init.fingerprint,
+      heads: init.heads,
+      params: init.params,
+      stateSeen: 0,
+    };
+    writeFileSync(join(dir, "tokens.bin"), new Uint8Array(0));
+    writeFileSync(join(dir, "emb.bin"), new Uint8Array(0));
+    const s = new Session(dir, meta);
+    s.saveMeta(true);
+    fsyncDir(join(dataDir, "contexts"));
+    return s;
+  }
+
+  /** Load and reconcile a session directory. Returns null when it has no (readable) metadata. */
+  static load(dir: string): Session | null {
+    const mp = join(dir, "meta.msgpack");
+    if (!existsSync(mp)) return null;
+    let meta: SessionMeta;
+    try {
+      meta = packr.unpack(readFileSync(mp)) as SessionMeta;
+    } catch {
+      return null;
+    }
+    if (!meta || meta.v !== 1 || typeof meta.id !== "string") return null;
+    meta.partial = meta.partial ? new Uint8Array(meta.partial) : new Uint8Array(0);
+    const s = new Session(dir, meta);
+    s.reconcile();
+    return s;
+  }
+
+  private reconcile(): void {
+    const m = this.meta;
+    const tp = this.p("tokens.bin");
+    if (!existsSync(tp)) writeFileSync(tp, new Uint8Array(0));
+    const nTok = Math.floor(statSync(tp).size / 4);
+    if (nTok > m.tokens || statSync(tp).size % 4 !== 0) {
+      const fd = openSync(tp, "r+");
+      ftruncateSync(fd, Math.min(nTok, m.tokens) * 4);
+      fsyncSync(fd);
+      closeSync(fd);
+    }
+    if (nTok < m.tokens) {
+      m.failed = `token file has ${nTok} tokens but metadata acknowledged ${m.tokens}`;
+      m.tokens = nTok;
+    }
+    const ep = this.p("emb.bin");
+    if (!existsSync(ep)) writeFileSync(ep, new Uint8Array(0));
+    const size = statSync(ep).size;
+    const rows = Math.min(Math.floor(size / this.rowBytes), m.tokens);
+    if (rows * this.rowBytes !== size) {
+      const fd = openSync(ep, "r+");
+      ftruncateSync(fd, rows * this.rowBytes);
+      fsyncSync(fd);
+      closeSync(fd);
+    }
+    m.processed = rows;
+    const st = this.readStateSeen();
+    m.stateSeen = st !== null && st <= rows ? st : 0;
+    this.saveMeta(true);
+  }
+
+  // ---------- state ----------
+  get state(): ContextState {
+    const m = this.meta;
+    if (m.failed) return "failed";
+    if (m.bytesReceived === 0 && m.tokens === 0) return m.finalized ? "ready" : "empty";
+    if (m.tail.length === 0 && m.partial.byteLength === 0 && m.processed === m.tokens && m.finalized) return "ready";
+    return "processing";
+  }
+
+  info(cacheLen = 0): ContextInfo {
+    const m = this.meta;
+    const i: ContextInfo = {
+      id: m.id,
+      state: this.state,
+      createdAt: m.createdAt,
+      updatedAt: m.updatedAt,
+      bytesReceived: m.bytesReceived,
+      tokensReceived: m.tokens,
+      tokensProcessed: m.processed,
+      pendingChars: m.tail.length,
+      embeddingBytes: m.processed * this.rowBytes,
+      cacheLen,
+    };
+    if (m.metadata) i.metadata = m.metadata;
+    if (m.failed) i.error = m.failed;
+    return i;
+  }
+
+  saveMeta(sync: boolean): void {
+    this.meta.updatedAt = Date.now();
+    atomicWrite(this.p("meta.msgpack"), packr.pack(this.meta), sync);
+  }
+
+  fail(msg: string): void {
+    this.meta.failed = msg;
+    this.saveMeta(true);
+  }
+
+  // ---------- text -> tokens ----------
+  /**
+   * Accept a piece of raw UTF-8; commit text up to the last safe boundary (all of it when `flush`).
+   * Tokens are appended to tokens.bin (fsync) and the metadata committed. Returns new token count.
+   */
+  appendBytes(bytes: Uint8Array, tok: SessionTokenizer, flush = false): number {
+    const m = this.meta;
+    let text = bytes.byteLength ? this.decoder.decode(bytes, { stream: !flush }) : "";
+    if (flush && bytes.byteLength === 0) text = this.decoder.decode(new Uint8Array(0));
+    m.bytesReceived += bytes.byteLength;
+    // track undecoded trailing bytes so a restart can resume the decoder
+    m.partial = flush ? new Uint8Array(0) : trailingPartial(concatBytes(m.partial, bytes));
+    let tail = m.tail + text;
+    let commit = "";
+    if (flush) {
+      commit = tail;
+      tail = "";
+    } else {
+      let b = lastSafeBoundary(tail);
+      if (b === 0 && tail.length > MAX_TAIL_CHARS) {
+        // no safe boundary for a long stretch: force one (before the last whitespace, else mid-text)
+        b = Math.max(tail.lastIndexOf(" ", tail.length - 2), tail.lastIndexOf("\n", tail.length - 2));
+        if (b <= 0) b = tail.length - 16;
+        const c = tail.charCodeAt(b);
+        if (c >= 0xdc00 && c <= 0xdfff) b--; // never split a surrogate pair
+      }
+      if (b > 0) {
+        commit = tail.slice(0, b);
+        tail = tail.slice(b);
+      }
+    }
+    let ids: number[] = [];
+    if (commit.length > 0) {
+      ids = m.started ? tok.encodeContinuation(commit) : tok.encode(commit);
+      m.started = true;
+    }
+    if (ids.length > 0) appendSync(this.p("tokens.bin"), new Uint8Array(Int32Array.from(ids).buffer), true);
+    m.tokens += ids.length;
+    m.tail = tail;
+    if (bytes.byteLength > 0 || ids.length > 0) m.finalized = false;
+    this.saveMeta(true);
+    return ids.length;
+  }
+
+  readTokens(start: number, end: number): Int32Array {
+    const n = Math.max(0, end - start);
+    const out = new Int32Array(n);
+    if (n === 0) return out;
+    const fd = openSync(this.p("tokens.bin"), "r");
+    try {
+      const u8 = new Uint8Array(out.buffer);
+      let off = 0;
+      while (off < u8.byteLength) {
+        const r = readSync(fd, u8, off, u8.byteLength - off, start * 4 + off);
+        if (r <= 0) throw new Error(`tokens.bin of ${this.id} is shorter than expected`);
+        off += r;
+      }
+    } finally {
+      closeSync(fd);
+    }
+    return out;
+  }
+
+  // ---------- embeddings ----------
+  appendEmbeddings(rows: Float32Array | Uint16Array, n: number): void {
+    const bytes = new Uint8Array(rows.buffer, rows.byteOffset, n * this.rowBytes);
+    appendSync(this.p("emb.bin"), bytes, true);
+    this.meta.processed += n;
+    this.saveMeta(false);
+  }
+
+  /** Embedding rows 0..processed as a typed array over an mmap of emb.bin (f16 bits or f32). */
+  embeddings(): Float32Array | Uint16Array {
+    const rows = this.meta.processed;
+    if (rows === 0) return this.meta.params.embDtype === 1 ? new Uint16Array(0) : new Float32Array(0);
+    if (!this.embMap || this.embMapRows !== rows) {
+      this.embMap = Bun.mmap(this.p("emb.bin"), { shared: true });
+      this.embMapRows = rows;
+    }
+    const len = rows * this.meta.params.embDim;
+    const buf = this.embMap;
+    return this.meta.params.embDtype === 1
+      ? new Uint16Array(buf.buffer, buf.byteOffset, len)
+      : new Float32Array(buf.buffer, buf.byteOffset, len);
+  }
+
+  // ---------- compressor state ----------
+  saveCompressorState(blob: Uint8Array, seen: number): void {
+    const out = new Uint8Array(8 + blob.byteLength);
+    new DataView(out.buffer).setBigUint64(0, BigInt(seen), true);
+    out.set(blob, 8);
+    atomicWrite(this.p("compressor.state"), out, true);
+    this.meta.stateSeen = seen;
+    this.saveMeta(true);
+  }
+
+  private readStateSeen(): number | null {
+    const p = this.p("compressor.state");
+    if (!existsSync(p)) return null;
+    const fd = openSync(p, "r");
+    try {
+      const b = new Uint8Array(8);
+      if (readSync(fd, b, 0, 8, 0) !== 8) return null;
+      return Number(new DataView(b.buffer).getBigUint64(0, true));
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  loadCompressorState(): { seen: number; blob: Uint8Array } | null {
+    const p = this.p("compressor.state");
+    if (!existsSync(p) || this.meta.stateSeen === 0) return null;
+    const all = readFileSync(p);
+    const seen = Number(new DataView(all.buffer, all.byteOffset, 8).getBigUint64(0, true));
+    return { seen, blob: new Uint8Array(all.buffer, all.byteOffset + 8, all.byteLength - 8) };
+  }
+
+  /** Remove the session directory. */
+  destroy(): void {
+    this.embMap = null;
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+function concatBytes(a: Uint8Array, b: Uint8Array): Uint8Array {
+  if (a.byteLength === 0) return b;
+  const o = new Uint8Array(a.byteLength + b.byteLength);
+  o.set(a);
+  o.set(b, a.byteLength);
+  return o;
+}
+
+/** The trailing bytes of `b` that form an incomplete UTF-8 sequence (0..3 bytes). */
+export function trailingPartial(b: Uint8Array): Uint8Array {
+  const n = b.byteLength;
+  for (let k = 1; k <= Math.min(3, n); k++) {
+    const c = b[n - k]!;
+    if ((c & 0xc0) === 0x80) continue; // continuation byte, keep looking back
+    const need = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
+    return need > k ? b.slice(n - k) : new Uint8Array(0);
+  }
+  return new Uint8Array(0);
+}

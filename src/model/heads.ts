@@ -1,0 +1,137 @@
+/**
+ * REFORM head selection.
+ *
+ * The compressor embeds every context token with the vectors of a few attention heads (q, k or v
+ * projections of chosen heads at chosen layers, before RoPE, L2-normalised). At query time each
+ * context token is scored by the max cosine similarity with the query tokens' vectors, so the heads
+ * chosen should be ones whose q/k/v vectors *retrieve*: the same fact phrased in the question and in
+ * the context should map to similar vectors.
+ *
+ * Where the heads come from (first match wins):
+ *   1. `--heads` on the CLI: a path to a JSON file or an inline JSON string;
+ *   2. `reform_heads.json` next to the model weights;
+ *   3. the default heuristic below.
+ * File format:
+ *   {"heads": [{"layer": 13, "kind": "q", "head": 0}, {"layer": 13, "kind": "k", "head": 0}, ...],
+ *    "chunk_size": 1024, "capacity": 4096, "n_sink": 4, "obs_window": 128, "window": 129}   (all but heads optional)
+ * `head` indexes that kind's heads: 0..num_attention_heads-1 for q, 0..num_key_value_heads-1 for k/v.
+ *
+ * How to choose heads (for a new model):
+ *   - Build a small retrieval set (needle-in-a-haystack / key-value retrieval prompts with the answer
+ *     span known). For each candidate (layer, kind, head) embed context and question and measure how
+ *     often the answer span's tokens are among the top-scoring tokens after smoothing (recall@budget).
+ *   - Keep the best 2-6 heads; prefer heads from the same, middle layer: the compressor's early exit
+ *     runs layers 0..max(layer of the selected heads), so heads at ~40-50% depth halve compression cost,
+ *     and REFORM's paper found middle layers retrieve best (late layers are specialised for prediction).
+ *   - Mixing q and k/v of the same kv group often helps: q captures "what this token looks for",
+ *     k/v "what this token offers".
+ * Default heuristic (no file): layer = round(0.45 * (num_layers - 1)) (clamped), heads q0, k0, v0 —
+ * head 0 of kv group 0 and its first query head. A reasonable untuned starting point.
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import type { HeadSpec, ModelConfig } from "../../ffi/native.ts";
+
+export interface HeadsFile {
+  heads: HeadSpec[];
+  chunkSize?: number;
+  capacity?: number;
+  nSink?: number;
+  obsWindow?: number;
+  window?: number;
+  source: string; // "cli" | "file:<path>" | "default"
+}
+
+export class HeadsError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "HeadsError";
+  }
+}
+
+export function defaultHeads(cfg: Pick<ModelConfig, "numLayers">): HeadSpec[] {
+  const layer = Math.max(0, Math.min(cfg.numLayers - 1, Math.round(0.45 * (cfg.numLayers - 1))));
+  return [
+    { layer, kind: "q", head: 0 },
+    { layer, kind: "k", head: 0 },
+    { layer, kind: "v", head: 0 },
+  ];
+}
+
+function optInt(j: any, keys: string[], where: string): number | undefined {
+  for (const k of keys) {
+    const v = j[k];
+    if (v === undefined || v === null) continue;
+    if (typeof v !== "number" || !Number.isInteger(v) || v <= 0) throw new HeadsError(`${where}: "${k}" must be a positive integer`);
+    return v;
+  }
+  return undefined;
+}
+
+/** Parse and validate a heads JSON object against the model. */
+export function parseHeads(j: any, cfg: Pick<ModelConfig, "numLayers" | "numHeads" | "numKvHeads">, source: string): HeadsFile {
+  const where = `heads (${source})`;
+  if (Array.isArray(j)) j = { heads: j };
+  if (!j || typeof j !== "object" || !Array.isArray(j.heads) || j.heads.length === 0) {
+    throw new HeadsError(`${where}: expected {"heads": [{"layer": L, "kind": "q|k|v", "head": H}, ...]} with at least one head`);
+  }
+  const seen = new Set<string>();
+  const heads: HeadSpec[] = j.heads.map((h: any, i: number) => {
+    if (!h || typeof h !== "object") throw new HeadsError(`${where}: heads[${i}] is not an object`);
+    const { layer, kind, head } = h;
+    if (!Number.isInteger(layer) || layer < 0 || layer >= cfg.numLayers) {
+      throw new HeadsError(`${where}: heads[${i}].layer ${JSON.stringify(layer)} out of range 0..${cfg.numLayers - 1}`);
+    }
+    if (kind !== "q" && kind !== "k" && kind !== "v") throw new HeadsError(`${where}: heads[${i}].kind must be "q", "k" or "v"`);
+    const max = kind === "q" ? cfg.numHeads : cfg.numKvHeads;
+    if (!Number.isInteger(head) || head < 0 || head >= max) {
+      throw new HeadsError(`${where}: heads[${i}].head ${JSON.stringify(head)} out of range 0..${max - 1} for kind "${kind}"`);
+    }
+    const key = `${layer}/${kind}/${head}`;
+    if (seen.has(key)) throw new HeadsError(`${where}: duplicate head ${key}`);
+    seen.add(key);
+    return { layer, kind, head } as HeadSpec;
+  });
+  return {
+    heads,
+    chunkSize: optInt(j, ["chunk_size", "chunkSize"], where),
+    capacity: optInt(j, ["capacity"], where),
+    nSink: optInt(j, ["n_sink", "nSink"], where),
+    obsWindow: optInt(j, ["obs_window", "obsWindow"], where),
+    window: optInt(j, ["window", "smoothing_window"], where),
+    source,
+  };
+}
+
+/**
+ * Resolve heads: `spec` (CLI: file path or inline JSON), else `<modelDir>/reform_heads.json`, else
+ * the default heuristic.
+ */
+export function loadHeads(modelDir: string, cfg: Pick<ModelConfig, "numLayers" | "numHeads" | "numKvHeads">, spec?: string | object | null): HeadsFile {
+  if (spec != null && spec !== "") {
+    if (typeof spec === "object") return parseHeads(spec, cfg, "cli");
+    const s = spec.trim();
+    if (s.startsWith("{") || s.startsWith("[")) {
+      let j: any;
+      try {
+        j = JSON.parse(s);
+      } catch (e) {
+        throw new HeadsError(`heads (cli): invalid JSON (${(e as Error).message})`);
+      }
+      return parseHeads(j, cfg, "cli");
+    }
+    if (!existsSync(s)) throw new HeadsError(`heads file ${s} not found`);
+    return parseHeads(readJsonFile(s), cfg, `file:${s}`);
+  }
+  const p = join(modelDir, "reform_heads.json");
+  if (existsSync(p)) return parseHeads(readJsonFile(p), cfg, `file:${p}`);
+  return { heads: defaultHeads(cfg), source: "default" };
+}
+
+function readJsonFile(p: string): any {
+  try {
+    return JSON.parse(readFileSync(p, "utf8"));
+  } catch (e) {
+    throw new HeadsError(`heads file ${p}: invalid JSON (${(e as Error).message})`);
+  }
+}

@@ -1,0 +1,226 @@
+/**
+ * Model tokenizer: tokenizer.json + tokenizer_config.json (+ generation_config.json / config.json for
+ * eos ids) through @huggingface/tokenizers; chat templates through @huggingface/jinja.
+ *
+ * - encode(text) never adds special tokens; prompts get BOS once at the start via withBos().
+ * - encodeContinuation(text) tokenizes a piece of a long text that starts at a "safe boundary"
+ *   (just before a space preceded by a non-space) so that the concatenation of the pieces' tokens
+ *   equals encode(whole text). For tokenizers where plain encode of the piece already does that
+ *   (GPT-2 / Llama 3 byte-level BPE) it is used directly; otherwise (SentencePiece-style prefix
+ *   handling) the piece is encoded as encode(ANCHOR + piece) minus encode(ANCHOR). Which mode works
+ *   is verified on sample texts at load time (`continuationMode`).
+ * - StreamDecoder: incremental detokenizer that only emits stable text (holds back a trailing
+ *   U+FFFD, i.e. an incomplete UTF-8 sequence split across byte tokens).
+ */
+import { Template } from "@huggingface/jinja";
+import { Tokenizer } from "@huggingface/tokenizers";
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+
+export interface ChatMsg {
+  role: string;
+  content: string;
+}
+
+/** Used when the model ships no chat template. */
+export const FALLBACK_CHAT_TEMPLATE =
+  "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n{% endfor %}" +
+  "{% if add_generation_prompt %}Assistant:{% endif %}";
+
+const ANCHOR = "a";
+const SAMPLE_TEXTS = [
+  "The quick brown fox jumps over the lazy dog. It's 12345 o'clock!\n\nNew paragraph:  two  spaces, tabs\tand émojis 🎉 中文字符 end.",
+  "def f(x):\n    return x * 2  # comment\n\n\nclass A: pass",
+];
+
+function tokenStr(v: unknown): string | null {
+  if (typeof v === "string") return v;
+  if (v && typeof v === "object" && typeof (v as any).content === "string") return (v as any).content;
+  return null;
+}
+
+function readJson(p: string): any | null {
+  if (!existsSync(p)) return null;
+  return JSON.parse(readFileSync(p, "utf8"));
+}
+
+export class ModelTokenizer {
+  readonly tk: Tokenizer;
+  readonly bosToken: string | null;
+  readonly eosToken: string | null;
+  readonly bosId: number | null;
+  readonly eosIds: Set<number>;
+  /** true when the model expects a BOS token at the start of a prompt. */
+  readonly usesBos: boolean;
+  readonly chatTemplate: string;
+  readonly hasChatTemplate: boolean;
+  readonly continuationMode: "direct" | "anchor";
+  private readonly template: Template;
+  private readonly anchorIds: number[];
+
+  constructor(tokenizerJson: any, tokenizerConfig: any, opts: { generationConfig?: any; modelConfig?: any } = {}) {
+    this.tk = new Tokenizer(tokenizerJson, tokenizerConfig ?? {});
+    const tc = tokenizerConfig ?? {};
+    this.bosToken = tokenStr(tc.bos_token);
+    this.eosToken = tokenStr(tc.eos_token);
+    const id = (t: string | null) => (t == null ? undefined : this.tk.token_to_id(t));
+    const gen = opts.generationConfig ?? {};
+    const mc = opts.modelConfig ?? {};
+    let bos: number | null = id(this.bosToken) ?? null;
+    if (bos === null && typeof gen.bos_token_id === "number") bos = gen.bos_token_id;
+    if (bos === null && typeof mc.bos_token_id === "number") bos = mc.bos_token_id;
+    this.bosId = bos;
+    const eos = new Set<number>();
+    const add = (v: unknown) => {
+      if (typeof v === "number") eos.add(v);
+      else if (Array.isArray(v)) v.forEach(add);
+    };
+    add(gen.eos_token_id);
+    if (gen.eos_token_id === undefined) add(mc.eos_token_id);
+    const eid = id(this.eosToken);
+    if (eid !== undefined) eos.add(eid);
+    this.eosIds = eos;
+    // does the model use BOS? tokenizer_config add_bos_token wins; otherwise ask the post-processor.
+    if (typeof tc.add_bos_token === "boolean") this.usesBos = tc.add_bos_token && bos !== null;
+    else {
+      const withSpecial = this.tk.encode("a", { add_special_tokens: true }).ids;
+      this.usesBos = bos !== null && withSpecial[0] === bos;
+    }
+    let tpl: unknown = tc.chat_template;
+    if (Array.isArray(tpl)) {
+      // [{name, template}] form
+      const def = tpl.find((t: any) => t?.name === "default") ?? tpl[0];
+      tpl = def?.template;
+    }
+    this.hasChatTemplate = typeof tpl === "string" && tpl.length > 0;
+    this.chatTemplate = this.hasChatTemplate ? (tpl as string) : FALLBACK_CHAT_TEMPLATE;
+    this.template = new Template(this.chatTemplate);
+    this.anchorIds = this.encode(ANCHOR);
+    this.continuationMode = this.detectContinuationMode();
+  }
+
+  static fromDir(dir: string): ModelTokenizer {
+    const tj = readJson(join(dir, "tokenizer.json"));
+    if (!tj) throw new Error(`model directory ${dir} has no tokenizer.json`);
+    const tc = readJson(join(dir, "tokenizer_config.json")) ?? {};
+    return new ModelTokenizer(tj, tc, {
+      generationConfig: readJson(join(dir, "generation_config.json")),
+      modelConfig: readJson(join(dir, "config.json")),
+    });
+  }
+
+  get vocabSize(): number {
+    return this.tk.get_vocab(true).size;
+  }
+
+  /** Plain tokenization, no special tokens added (special-token text in `text` is still recognised). */
+  encode(text: string): number[] {
+    if (text.length === 0) return [];
+    return this.tk.encode(text, { add_special_tokens: false }).ids;
+  }
+
+  decode(ids: ArrayLike<number>, skipSpecial = true): string {
+    if (ids.length === 0) return "";
+    return this.tk.decode(Array.from(ids), { skip_special_tokens: skipSpecial, clean_up_tokenization_spaces: false });
+  }
+
+  /** Prepend BOS once when the model uses one and `ids` does not start with it. */
+  withBos(ids: number[]): number[] {
+    if (this.usesBos && this.bosId !== null && ids[0] !== this.bosId) return [this.bosId, ...ids];
+    return ids;
+  }
+
+  /** Tokenize a piece that starts at a safe boundary of a longer text (see header). */
+  encodeContinuation(text: string): number[] {
+    if (text.length === 0) return [];
+    if (this.continuationMode === "direct") return this.encode(text);
+    const ids = this.encode(ANCHOR + text);
+    return ids.slice(this.anchorIds.length);
+  }
+
+  private detectContinuationMode(): "direct" | "anchor" {
+    const check = (enc: (s: string) => number[]) =>
+      SAMPLE_TEXTS.every((t) => {
+        const whole = this.encode(t);
+        const pieces: number[] = [];
+        let start = 0;
+        for (let i = 1; i < t.length; i++) {
+          if (t[i] === " " && t[i - 1] !== " " && t[i - 1] !== "\n" && t[i + 1] !== undefined && !/\s/.test(t[i + 1]!)) {
+            pieces.push(...(start === 0 ? this.encode(t.slice(0, i)) : enc(t.slice(start, i))));
+            start = i;
+          }
+        }
+        pieces.push(...(start === 0 ? this.encode(t) : enc(t.slice(start))));
+        return whole.length === pieces.length && whole.every((x, i) => x === pieces[i]);
+      });
+    if (check((s) => this.encode(s))) return "direct";
+    const anchorOk = check((s) => {
+      const ids = this.encode(ANCHOR + s);
+      return ids.slice(this.anchorIds.length);
+    });
+    if (!anchorOk) {
+      console.warn("[tokenizer] neither direct nor anchored continuation tokenization matches whole-text tokenization; using anchored");
+    }
+    return "anchor";
+  }
+
+  /** Render the chat template. */
+  renderChat(messages: ChatMsg[], addGenerationPrompt = true): string {
+    return this.template.render({
+      messages,
+      add_generation_prompt: addGenerationPrompt,
+      bos_token: this.bosToken ?? "",
+      eos_token: this.eosToken ?? "",
+    });
+  }
+
+  /**
+   * Tokenize a rendered prompt: special tokens in the text are recognised; BOS added once when
+   * the model uses one (templates that already render bos_token do not get a second one).
+   */
+  encodePrompt(rendered: string, addBos = true): number[] {
+    const ids = this.encode(rendered);
+    return addBos ? this.withBos(ids) : ids;
+  }
+
+  isEos(id: number): boolean {
+    return this.eosIds.has(id);
+  }
+
+  streamDecoder(): StreamDecoder {
+    return new StreamDecoder(this);
+  }
+}
+
+/**
+ * Incremental detokenizer (TGI-style prefix/read offsets): decodes a small window of recent ids and
+ * emits the new suffix only when it does not end in U+FFFD (an incomplete multi-byte character).
+ */
+export class StreamDecoder {
+  private ids: number[] = [];
+  private prefixOffset = 0;
+  private readOffset = 0;
+  constructor(private readonly tok: ModelTokenizer) {}
+
+  /** Add one token; returns the text that became stable ("" when none). */
+  push(id: number): string {
+    this.ids.push(id);
+    const prefixText = this.tok.decode(this.ids.slice(this.prefixOffset, this.readOffset));
+    const newText = this.tok.decode(this.ids.slice(this.prefixOffset));
+    if (newText.length > prefixText.length && !newText.endsWith("\uFFFD") && newText.startsWith(prefixText)) {
+      const out = newText.slice(prefixText.length);
+      this.prefixOffset = this.readOffset;
+      this.readOffset = this.ids.length;
+      return out;
+    }
+    return "";
+  }
+
+  /** Whatever is still held back (at the end of generation). */
+  flush(): string {
+    const prefixText = this.tok.decode(this.ids.slice(this.prefixOffset, this.readOffset));
+    const newText = this.tok.decode(this.ids.slice(this.prefixOffset));
+    this.prefixOffset = this.readOffset = this.ids.length;
+    return newText.length > prefixText.length && newText.startsWith(prefixText) ? newText.slice(prefixText.length) : "";
+  }
+}

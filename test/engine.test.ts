@@ -1,0 +1,313 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { loadNative } from "../ffi/native.ts";
+import { EngineError, type EngineClient, type Method, type QueryEvent, type QueryRequest } from "../src/engine/api.ts";
+import { createEngine } from "../src/engine/client.ts";
+import { f16ToF32 } from "../src/engine/worker.ts";
+import {
+  buildMessages,
+  CONTEXT_PLACEHOLDER,
+  selectTokens,
+  smoothScores,
+  splitAtPlaceholder,
+  StopMatcher,
+  streamingSelection,
+} from "../src/engine/query.ts";
+import { lastSafeBoundary, trailingPartial } from "../src/engine/session.ts";
+import { f32ToF16, makeTinyModel } from "./fixtures/tiny-model.ts";
+
+let root: string;
+let modelDir: string;
+
+const DEFAULTS = { budget: 128, maxBudget: 4096, maxTokens: 16, edge: 16, window: 9 };
+
+function mkText(): string {
+  const parts: string[] = [];
+  const words = ["the", "quick", "brown", "fox", "héllo", "中文字", "emoji🎉", "naïve", "café", "data", "and", "sing"];
+  let x = 12345;
+  for (let i = 0; i < 700; i++) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    parts.push(words[x % words.length]!);
+    if (x % 17 === 0) parts.push("\n\n");
+    if (x % 23 === 0) parts.push("  ");
+  }
+  return parts.join(" ") + " The secret code is 4242.";
+}
+
+function sampling(maxTokens = 8) {
+  return { maxTokens, temperature: 0, topP: 1, topK: 0, seed: 1, stop: [] as string[] };
+}
+
+async function collect(e: EngineClient, req: QueryRequest): Promise<QueryEvent[]> {
+  const evs: QueryEvent[] = [];
+  for await (const ev of e.query(req)) evs.push(ev);
+  return evs;
+}
+
+function ctxFiles(dataDir: string, id: string) {
+  const d = join(dataDir, "contexts", id);
+  return { tokens: readFileSync(join(d, "tokens.bin")), emb: readFileSync(join(d, "emb.bin")) };
+}
+
+beforeAll(async () => {
+  root = mkdtempSync(join(tmpdir(), "reform-eng-"));
+  modelDir = await makeTinyModel(join(root, "model"));
+});
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+describe("pure query helpers", () => {
+  test("smoothing: moving average with edges", () => {
+    const s = smoothScores(Float32Array.from([0, 0, 3, 0, 0]), 3);
+    expect(Array.from(s)).toEqual([0, 1, 1, 1, 0]);
+    const e = smoothScores(Float32Array.from([3, 0, 0]), 3);
+    expect(e[0]).toBeCloseTo(1.5);
+  });
+
+  test("selection keeps edges, picks a planted region, returns in order", () => {
+    const n = 1000;
+    const raw = new Float32Array(n);
+    for (let i = 0; i < n; i++) raw[i] = ((i * 7919) % 101) / 1000; // low noise
+    for (let i = 500; i < 540; i++) raw[i] = 1; // planted region
+    const idx = selectTokens(smoothScores(raw, 9), 100, 16);
+    expect(idx.length).toBe(100);
+    for (let i = 1; i < idx.length; i++) expect(idx[i]!).toBeGreaterThan(idx[i - 1]!);
+    const set = new Set(idx);
+    for (let i = 0; i < 16; i++) expect(set.has(i) && set.has(n - 1 - i)).toBe(true);
+    for (let i = 500; i < 540; i++) expect(set.has(i)).toBe(true);
+    // context fits the budget: everything
+    expect(selectTokens(new Float32Array(50), 100).length).toBe(50);
+    expect(Array.from(streamingSelection(10, 4, 2))).toEqual([0, 1, 6, 7, 8, 9]);
+  });
+
+  test("native score finds planted embeddings", () => {
+    const native = loadNative("cpu");
+    const dim = 24;
+    const n = 600;
+    let x = 99;
+    const rnd = () => ((x = (x * 1103515245 + 12345) >>> 0) / 2 ** 32) * 2 - 1;
+    const q = Float32Array.from({ length: dim }, rnd);
+    const ctx = new Uint16Array(n * dim);
+    for (let i = 0; i < n; i++) {
+      for (let j = 0; j < dim; j++) {
+        const v = i >= 300 && i < 330 ? q[j]! + 0.05 * rnd() : rnd();
+        ctx[i * dim + j] = f32ToF16(v);
+      }
+    }
+    const sc = native.score(ctx, n, dim, q, 1);
+    expect(sc[310]!).toBeGreaterThan(0.95);
+    const idx = new Set(selectTokens(smoothScores(sc, 9), 80, 16));
+    for (let i = 300; i < 330; i++) expect(idx.has(i)).toBe(true);
+    expect(f16ToF32(Uint16Array.from([f32ToF16(0.5)]))[0]).toBe(0.5);
+  });
+
+  test("prompt split around the placeholder; stop matcher; boundaries", () => {
+    const { messages, question } = buildMessages({ question: "why?" }, true);
+    expect(question).toBe("why?");
+    expect(messages[0]!.content).toBe(CONTEXT_PLACEHOLDER + "\n\nwhy?");
+    const { prefix, suffix } = splitAtPlaceholder(`<u>${messages[0]!.content}</u>`);
+    expect(prefix).toBe("<u>");
+    expect(suffix).toBe("\n\nwhy?</u>");
+    const m = new StopMatcher(["END"]);
+    expect(m.push("abcE")).toEqual({ emit: "abc", stopped: false });
+    expect(m.push("Nx")).toEqual({ emit: "ENx", stopped: false });
+    expect(m.push("yEND tail")).toEqual({ emit: "y", stopped: true });
+    expect(lastSafeBoundary("ab cd  ef g")).toBe(9);
+    expect(lastSafeBoundary("abc ")).toBe(0);
+    expect(Array.from(trailingPartial(new TextEncoder().encode("a🎉").subarray(0, 3)))).toEqual([240, 159]);
+  });
+});
+
+describe("engine (tiny model, CPU library)", () => {
+  let e: EngineClient;
+  let dataDir: string;
+  const text = mkText();
+  const bytes = new TextEncoder().encode(text);
+
+  beforeAll(async () => {
+    dataDir = join(root, "data1");
+    e = createEngine({ modelDir, dataDir, backend: "cpu", defaults: DEFAULTS });
+    await e.ready();
+  });
+  afterAll(async () => {
+    await e.close();
+  });
+
+  test("model info", () => {
+    const mi = e.modelInfo()!;
+    expect(e.state()).toBe("ready");
+    expect(mi.architecture).toBe("LlamaForCausalLM");
+    expect(mi.backend).toBe("cpu");
+    expect(mi.exitLayer).toBe(0);
+    expect(mi.defaults.chunkSize).toBe(32);
+  });
+
+  test("upload in many small pieces == upload in one (tokens and embeddings)", async () => {
+    const a = await e.createContext({ metadata: { name: "one" } });
+    await e.append(a.id, bytes);
+    const fa = await e.finalize(a.id);
+    expect(fa.state).toBe("ready");
+    expect(fa.pendingChars).toBe(0);
+    expect(fa.tokensProcessed).toBe(fa.tokensReceived);
+    expect(fa.tokensReceived).toBeGreaterThan(500);
+
+    const b = await e.createContext();
+    const seen: string[] = [];
+    const unsub = e.subscribe(b.id, (i) => seen.push(i.state));
+    let off = 0;
+    let x = 7;
+    while (off < bytes.length) {
+      x = (x * 1103515245 + 12345) >>> 0;
+      const n = 1 + (x % 23); // splits multi-byte characters too
+      const info = await e.append(b.id, bytes.subarray(off, off + n));
+      off += n;
+      expect(info.tokensProcessed % 32).toBe(0);
+    }
+    const fb = await e.finalize(b.id);
+    unsub();
+    expect(seen.length).toBeGreaterThan(0);
+    expect(fb.tokensReceived).toBe(fa.tokensReceived);
+    expect(fb.bytesReceived).toBe(bytes.length);
+    const A = ctxFiles(dataDir, a.id);
+    const B = ctxFiles(dataDir, b.id);
+    expect(Buffer.compare(A.tokens, B.tokens)).toBe(0);
+    expect(A.emb.length).toBe(fa.embeddingBytes);
+    expect(Buffer.compare(A.emb, B.emb)).toBe(0);
+    // tokens equal tokenizing the whole text
+    expect(await e.countTokens(text)).toBe(fa.tokensReceived);
+    const list = await e.listContexts();
+    expect(list.find((c) => c.id === a.id)!.metadata).toEqual({ name: "one" });
+  });
+
+  test("query streams tokens for every method, and plain chat", async () => {
+    const c = await e.createContext();
+    await e.append(c.id, bytes);
+    await e.finalize(c.id);
+    for (const method of ["reform", "full", "streaming", "h2o"] as Method[]) {
+      const evs = await collect(e, { contextId: c.id, question: "What is the secret code?", method, sampling: sampling(6) });
+      expect(evs[0]!.type).toBe("start");
+      const done = evs[evs.length - 1]!;
+      expect(done.type).toBe("done");
+      if (done.type !== "done") throw new Error();
+      expect(done.usage.completionTokens).toBeGreaterThan(0);
+      expect(evs.filter((x) => x.type === "token").length).toBeGreaterThan(0);
+      const start = evs[0]!;
+      if (start.type !== "start") throw new Error();
+      if (method === "full") expect(start.selectedTokens).toBe(start.contextTokens);
+      else expect(start.selectedTokens).toBeLessThanOrEqual(128 + 4);
+      if (method === "reform") expect(start.selectedTokens).toBe(128);
+    }
+    const plain = await collect(e, { messages: [{ role: "user", content: "hi" }], method: "reform", sampling: sampling(3) });
+    expect(plain[plain.length - 1]!.type).toBe("done");
+    // greedy is deterministic
+    const r1 = await collect(e, { contextId: c.id, question: "code?", method: "reform", sampling: sampling(8) });
+    const r2 = await collect(e, { contextId: c.id, question: "code?", method: "reform", sampling: sampling(8) });
+    const toks = (evs: QueryEvent[]) => evs.filter((x) => x.type === "token").map((x: any) => x.tokenId);
+    expect(toks(r1)).toEqual(toks(r2));
+    expect(e.metrics().tokensGeneratedTotal).toBeGreaterThan(0);
+  });
+
+  test("request errors", async () => {
+    const q = (req: Partial<QueryRequest>) => collect(e, { method: "reform", sampling: sampling(2), question: "q", ...req } as QueryRequest);
+    const err = async (p: Promise<unknown>) => {
+      try {
+        await p;
+      } catch (x) {
+        return x as EngineError;
+      }
+      throw new Error("expected an error");
+    };
+    expect((await err(q({ contextId: "ctx_nope" }))).code).toBe("context_not_found");
+    const c = await e.createContext();
+    expect((await err(q({ contextId: c.id }))).status).toBe(409);
+    await e.append(c.id, new TextEncoder().encode("some text that is not finalized"));
+    expect((await err(q({ contextId: c.id }))).code).toBe("context_not_ready");
+    await e.finalize(c.id);
+    expect((await err(q({ contextId: c.id, method: "bogus" as any }))).code).toBe("invalid_method");
+    expect((await err(q({ contextId: c.id, budget: 5 }))).code).toBe("invalid_budget");
+    expect((await err(q({ contextId: c.id, budget: 1e9 }))).status).toBe(400);
+    expect((await err(q({ contextId: c.id, question: undefined, messages: [] }))).status).toBe(400);
+    expect((await err(e.append("ctx_nope", new Uint8Array(1)))).status).toBe(404);
+  });
+
+  test("abort stops generation and frees the request", async () => {
+    const c = await e.createContext();
+    await e.append(c.id, bytes);
+    await e.finalize(c.id);
+    const ac = new AbortController();
+    const evs: QueryEvent[] = [];
+    for await (const ev of e.query({ contextId: c.id, question: "go", method: "reform", sampling: sampling(100000), signal: ac.signal })) {
+      evs.push(ev);
+      if (ev.type === "token" && evs.length >= 3) ac.abort();
+    }
+    const done = evs[evs.length - 1]!;
+    expect(done.type).toBe("done");
+    if (done.type !== "done") throw new Error();
+    expect(done.finishReason).toBe("abort");
+    expect(done.usage.completionTokens).toBeLessThan(1000);
+    // breaking out of the iterator also cancels; the engine stays usable
+    for await (const ev of e.query({ contextId: c.id, question: "go", method: "full", sampling: sampling(100000) })) {
+      if (ev.type === "token") break;
+    }
+    const after = await collect(e, { contextId: c.id, question: "go", method: "reform", sampling: sampling(2) });
+    expect(after[after.length - 1]!.type).toBe("done");
+  });
+
+  test("delete frees files", async () => {
+    const c = await e.createContext();
+    await e.append(c.id, bytes.subarray(0, 500));
+    const dir = join(dataDir, "contexts", c.id);
+    expect(existsSync(dir)).toBe(true);
+    expect(await e.deleteContext(c.id)).toBe(true);
+    expect(existsSync(dir)).toBe(false);
+    expect(await e.getContext(c.id)).toBeNull();
+    expect(await e.deleteContext(c.id)).toBe(false);
+  });
+});
+
+describe("restart", () => {
+  test("sessions survive a restart, resume mid-upload exactly, answer identically", async () => {
+    const dataDir = join(root, "data2");
+    const text = mkText();
+    const bytes = new TextEncoder().encode(text);
+    const opts = { modelDir, dataDir, backend: "cpu" as const, defaults: { ...DEFAULTS, stateSaveEvery: 3 } };
+    let e = createEngine(opts);
+    await e.ready();
+    const ref = await e.createContext();
+    await e.append(ref.id, bytes);
+    await e.finalize(ref.id);
+    const part = await e.createContext();
+    const cut = 1234 + 1; // likely inside a word
+    await e.append(part.id, bytes.subarray(0, 700));
+    await e.append(part.id, bytes.subarray(700, cut));
+    const q = { contextId: ref.id, question: "What is the secret code?", method: "reform" as Method, sampling: sampling(8) };
+    const before = (await collect(e, q)).filter((x) => x.type !== "done");
+    await e.close();
+
+    e = createEngine(opts);
+    await e.ready();
+    const ids = (await e.listContexts()).map((c) => c.id);
+    expect(ids).toContain(ref.id);
+    expect(ids).toContain(part.id);
+    const info = (await e.getContext(ref.id))!;
+    expect(info.state).toBe("ready");
+    const after = (await collect(e, q)).filter((x) => x.type !== "done");
+    expect(after).toEqual(before);
+    // continue the interrupted upload after the restart
+    const pinfo = (await e.getContext(part.id))!;
+    expect(pinfo.state).toBe("processing");
+    expect(pinfo.bytesReceived).toBe(cut);
+    await e.append(part.id, bytes.subarray(cut));
+    await e.finalize(part.id);
+    const A = ctxFiles(dataDir, ref.id);
+    const B = ctxFiles(dataDir, part.id);
+    expect(Buffer.compare(A.tokens, B.tokens)).toBe(0);
+    expect(Buffer.compare(A.emb, B.emb)).toBe(0);
+    const h2oA = await collect(e, { ...q, method: "h2o" });
+    const rB = (await collect(e, { ...q, contextId: part.id })).filter((x) => x.type !== "done");
+    expect(rB).toEqual(before);
+    expect(h2oA[h2oA.length - 1]!.type).toBe("done");
+    await e.close();
+  });
+});

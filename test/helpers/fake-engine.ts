@@ -1,0 +1,211 @@
+/**
+ * In-memory EngineClient for HTTP-layer tests that need deterministic timing (409 while
+ * processing, slow generation for disconnects, loading/failed states). The main HTTP tests use
+ * the real engine.
+ */
+import {
+  EngineError,
+  type ContextInfo,
+  type EngineClient,
+  type EngineMetrics,
+  type ModelInfo,
+  type QueryEvent,
+  type QueryRequest,
+} from "../../src/engine/api.ts";
+
+export interface FakeOptions {
+  /** ms each append stays in "processing". */
+  appendDelayMs?: number;
+  /** ms between generated tokens. */
+  tokenDelayMs?: number;
+  state?: "loading" | "ready" | "failed";
+  loadError?: string;
+}
+
+interface Ctx {
+  info: ContextInfo;
+  decoder: TextDecoder;
+  text: string;
+}
+
+export class FakeEngine implements EngineClient {
+  private ctxs = new Map<string, Ctx>();
+  private subs = new Map<string, Set<(i: ContextInfo) => void>>();
+  private n = 0;
+  st: "loading" | "ready" | "failed";
+  err: string | null;
+  aborted = 0;
+  generated = 0;
+  activeQueries = 0;
+  lastQuery: QueryRequest | null = null;
+  appendDelayMs: number;
+  tokenDelayMs: number;
+  readonly texts = new Map<string, string>();
+
+  constructor(o: FakeOptions = {}) {
+    this.appendDelayMs = o.appendDelayMs ?? 0;
+    this.tokenDelayMs = o.tokenDelayMs ?? 0;
+    this.st = o.state ?? "ready";
+    this.err = o.loadError ?? null;
+  }
+
+  state() {
+    return this.st;
+  }
+  loadError() {
+    return this.err;
+  }
+  async ready() {
+    if (this.st !== "ready") throw new Error("not ready");
+  }
+  modelInfo(): ModelInfo {
+    return {
+      id: "fake-model",
+      path: "/fake",
+      architecture: "LlamaForCausalLM",
+      backend: "cpu",
+      device: "fake",
+      trainedContext: 256,
+      vocabSize: 320,
+      numLayers: 2,
+      heads: [],
+      exitLayer: 1,
+      defaults: { budget: 64, maxBudget: 128, chunkSize: 32, capacity: 64, maxTokens: 8 },
+    };
+  }
+
+  private notify(c: Ctx) {
+    c.info = { ...c.info, updatedAt: Date.now() };
+    for (const cb of this.subs.get(c.info.id) ?? []) cb({ ...c.info });
+  }
+
+  async createContext(opts?: { metadata?: Record<string, unknown> }) {
+    const id = `ctx${++this.n}`;
+    const now = Date.now();
+    const info: ContextInfo = {
+      id,
+      state: "empty",
+      createdAt: now,
+      updatedAt: now,
+      bytesReceived: 0,
+      tokensReceived: 0,
+      tokensProcessed: 0,
+      pendingChars: 0,
+      embeddingBytes: 0,
+      cacheLen: 0,
+      metadata: opts?.metadata,
+    };
+    this.ctxs.set(id, { info, decoder: new TextDecoder("utf-8", { fatal: false }), text: "" });
+    return { ...info };
+  }
+
+  private must(id: string): Ctx {
+    const c = this.ctxs.get(id);
+    if (!c) throw new EngineError(404, "context_not_found", `context '${id}' not found`, "context_id");
+    return c;
+  }
+
+  async append(id: string, bytes: Uint8Array) {
+    const c = this.must(id);
+    c.text += c.decoder.decode(bytes, { stream: true });
+    c.info.bytesReceived += bytes.byteLength;
+    c.info.tokensReceived = c.text.length;
+    c.info.state = "processing";
+    this.notify(c);
+    if (this.appendDelayMs) await Bun.sleep(this.appendDelayMs);
+    c.info.tokensProcessed = c.text.length;
+    c.info.embeddingBytes = c.text.length * 4;
+    c.info.state = "ready";
+    this.texts.set(id, c.text);
+    this.notify(c);
+    return { ...c.info };
+  }
+
+  async finalize(id: string) {
+    const c = this.must(id);
+    c.text += c.decoder.decode();
+    c.info.tokensReceived = c.info.tokensProcessed = c.text.length;
+    c.info.state = "ready";
+    this.texts.set(id, c.text);
+    this.notify(c);
+    return { ...c.info };
+  }
+
+  async getContext(id: string) {
+    const c = this.ctxs.get(id);
+    return c ? { ...c.info } : null;
+  }
+  async listContexts() {
+    return [...this.ctxs.values()].map((c) => ({ ...c.info }));
+  }
+  async deleteContext(id: string) {
+    return this.ctxs.delete(id);
+  }
+  subscribe(id: string, cb: (info: ContextInfo) => void) {
+    let s = this.subs.get(id);
+    if (!s) this.subs.set(id, (s = new Set()));
+    s.add(cb);
+    return () => s!.delete(cb);
+  }
+
+  query(req: QueryRequest): AsyncIterable<QueryEvent> {
+    this.lastQuery = req;
+    if (req.contextId !== undefined) this.must(req.contextId);
+    if (req.budget !== undefined && req.budget > 128) throw new EngineError(400, "budget_too_large", "budget too large", "budget");
+    const self = this;
+    const words = ["the", " answer", " is", " 42", " ok", " done", " more", " words", " here", " end"];
+    return {
+      async *[Symbol.asyncIterator]() {
+        self.activeQueries++;
+        const t0 = performance.now();
+        let n = 0;
+        let finish: "stop" | "length" | "abort" = "length";
+        let completed = false;
+        try {
+          yield { type: "start", promptTokens: 10, selectedTokens: 5, contextTokens: 20 };
+          for (; n < req.sampling.maxTokens; n++) {
+            if (req.signal?.aborted) {
+              finish = "abort";
+              break;
+            }
+            if (self.tokenDelayMs) await Bun.sleep(self.tokenDelayMs);
+            if (req.signal?.aborted) {
+              finish = "abort";
+              break;
+            }
+            self.generated++;
+            yield { type: "token", text: words[n % words.length]!, tokenId: n };
+          }
+          const total = performance.now() - t0;
+          yield {
+            type: "done",
+            finishReason: finish,
+            usage: { promptTokens: 10, completionTokens: n, contextTokens: 20, selectedTokens: 5 },
+            timings: { queueMs: 0, ttftMs: 1, tpotMs: 1, totalMs: total },
+          };
+          completed = finish !== "abort";
+        } finally {
+          if (!completed) self.aborted++;
+          self.activeQueries--;
+        }
+      },
+    };
+  }
+
+  async countTokens(text: string) {
+    return text.length;
+  }
+  metrics(): EngineMetrics {
+    return {
+      tokensProcessedTotal: 0,
+      tokensGeneratedTotal: this.generated,
+      promptTokensTotal: 0,
+      requestsTotal: 0,
+      queueDepth: 0,
+      activeContexts: this.ctxs.size,
+      ttftSeconds: [0.01, 0.02],
+      tpotSeconds: [0.001],
+    };
+  }
+  async close() {}
+}

@@ -1,0 +1,97 @@
+/** HTTP test helpers: SSE parsing, streamed bodies, JSON shortcuts. */
+
+export interface SseEvent {
+  event: string; // "message" when unnamed
+  data: string;
+}
+
+/** Parses an SSE response body into events (comments skipped). */
+export async function* sseEvents(res: Response): AsyncGenerator<SseEvent> {
+  if (!res.body) return;
+  const dec = new TextDecoder();
+  let buf = "";
+  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+    buf += dec.decode(chunk, { stream: true });
+    for (;;) {
+      const i = buf.indexOf("\n\n");
+      if (i < 0) break;
+      const block = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      let event = "message";
+      const data: string[] = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith(":")) continue;
+        const c = line.indexOf(":");
+        const field = c < 0 ? line : line.slice(0, c);
+        let value = c < 0 ? "" : line.slice(c + 1);
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (field === "event") event = value;
+        else if (field === "data") data.push(value);
+      }
+      if (data.length) yield { event, data: data.join("\n") };
+    }
+  }
+}
+
+export async function collectSse(res: Response): Promise<SseEvent[]> {
+  const out: SseEvent[] = [];
+  for await (const e of sseEvents(res)) out.push(e);
+  return out;
+}
+
+/** A ReadableStream that yields `bytes` in pieces of the given sizes (cycled), with optional delay. */
+export function pieceStream(bytes: Uint8Array, sizes: number[], delayMs = 0): ReadableStream<Uint8Array> {
+  let off = 0;
+  let k = 0;
+  return new ReadableStream<Uint8Array>({
+    async pull(ctrl) {
+      if (off >= bytes.byteLength) {
+        ctrl.close();
+        return;
+      }
+      if (delayMs) await Bun.sleep(delayMs);
+      const n = Math.max(1, sizes[k++ % sizes.length]!);
+      ctrl.enqueue(bytes.slice(off, off + n));
+      off += n;
+    },
+  });
+}
+
+export function jsonPost(url: string, body: unknown, headers: Record<string, string> = {}, method = "POST") {
+  return fetch(url, {
+    method,
+    headers: { "content-type": "application/json", ...headers },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+  });
+}
+
+export async function expectError(res: Response, status: number, code?: string) {
+  const text = await res.text();
+  let body: { error?: { message?: string; type?: string; param?: string | null; code?: string | null } };
+  try {
+    body = JSON.parse(text);
+  } catch {
+    throw new Error(`expected JSON error ${status}, got ${res.status}: ${text}`);
+  }
+  if (res.status !== status || !body.error || typeof body.error.message !== "string" || (code && body.error.code !== code)) {
+    throw new Error(`expected ${status}${code ? ` ${code}` : ""}, got ${res.status}: ${text}`);
+  }
+  if (!("param" in body.error) || !("type" in body.error) || !("code" in body.error)) {
+    throw new Error(`error body is not OpenAI-shaped: ${text}`);
+  }
+  return body.error;
+}
+
+export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs = 10_000, stepMs = 20) {
+  const t0 = Date.now();
+  while (!(await cond())) {
+    if (Date.now() - t0 > timeoutMs) throw new Error("timed out waiting for condition");
+    await Bun.sleep(stepMs);
+  }
+}
+
+/** res.json() typed loosely for tests. */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export async function j(res: Response | Promise<Response>): Promise<any> {
+  return (await res).json();
+}

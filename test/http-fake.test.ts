@@ -1,0 +1,218 @@
+/**
+ * HTTP-layer behaviour that needs deterministic engine timing (409 while processing, slow
+ * generation for client disconnects, loading / failed health) against an in-memory fake engine.
+ * The real-engine HTTP tests are in http.test.ts.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { startServer, type RunningServer } from "../src/server.ts";
+import { FakeEngine } from "./helpers/fake-engine.ts";
+import { collectSse, expectError, j, jsonPost, pieceStream, sseEvents, waitFor } from "./helpers/http.ts";
+
+const quiet = () => {};
+const dataDir = mkdtempSync(join(tmpdir(), "reform-fake-"));
+
+async function start(engine: FakeEngine, extra: Record<string, unknown> = {}): Promise<RunningServer> {
+  return startServer({ modelDir: "/nonexistent", dataDir, port: 0, apiKey: "", engineClient: engine, log: quiet, ...extra });
+}
+
+describe("fake engine", () => {
+  let srv: RunningServer;
+  let eng: FakeEngine;
+  let base: string;
+  beforeAll(async () => {
+    eng = new FakeEngine();
+    srv = await start(eng, { maxBodyBytes: 4096, maxJsonBytes: 2048 });
+    base = srv.url;
+  });
+  afterAll(async () => {
+    await srv.stop();
+  });
+
+  test("409 while the context is processing, then the query works", async () => {
+    eng.appendDelayMs = 600;
+    const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+    const up = fetch(`${base}/v1/contexts/${ctx.id}/content`, { method: "PUT", body: "hello world", headers: { "content-type": "text/plain" } });
+    await waitFor(async () => (await j(fetch(`${base}/v1/contexts/${ctx.id}`))).state === "processing");
+    const q = await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q?", stream: false });
+    await expectError(q, 409, "context_not_ready");
+    const chat = await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: "x" }], context_id: ctx.id });
+    await expectError(chat, 409, "context_not_ready");
+    expect((await up).status).toBe(200);
+    eng.appendDelayMs = 0;
+    const ok = await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q?", stream: false });
+    expect(ok.status).toBe(200);
+  });
+
+  test("413: content upload over the limit (content-length and chunked) and JSON over the limit", async () => {
+    const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+    const big = new Uint8Array(5000).fill(97);
+    await expectError(await fetch(`${base}/v1/contexts/${ctx.id}/content`, { method: "PUT", body: big }), 413, "payload_too_large");
+    const chunked = await fetch(`${base}/v1/contexts/${ctx.id}/content`, {
+      method: "POST",
+      body: pieceStream(big, [1000]),
+      headers: { "content-type": "text/plain" },
+    });
+    await expectError(chunked, 413, "payload_too_large");
+    const bigJson = await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "x".repeat(3000) });
+    await expectError(bigJson, 413, "payload_too_large");
+    // the server is fine afterwards
+    expect((await fetch(`${base}/health`)).status).toBe(200);
+  });
+
+  test("client disconnect during query SSE stops generation; server stays healthy", async () => {
+    eng.tokenDelayMs = 30;
+    const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+    await fetch(`${base}/v1/contexts/${ctx.id}/content?final=true`, { method: "PUT", body: "some text" });
+    const before = eng.aborted;
+    const ac = new AbortController();
+    const res = await fetch(`${base}/v1/contexts/${ctx.id}/query`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ question: "q", max_tokens: 1000 }),
+      signal: ac.signal,
+    });
+    expect(res.status).toBe(200);
+    let tokens = 0;
+    try {
+      for await (const ev of sseEvents(res)) {
+        if (ev.event === "token" && ++tokens >= 3) ac.abort();
+      }
+    } catch {
+      /* aborted */
+    }
+    await waitFor(() => eng.aborted > before && eng.activeQueries === 0, 5000);
+    expect(eng.generated).toBeLessThan(1000);
+    // same for the OpenAI stream
+    const ac2 = new AbortController();
+    const res2 = await fetch(`${base}/v1/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ messages: [{ role: "user", content: "hi" }], context_id: ctx.id, max_tokens: 1000, stream: true }),
+      signal: ac2.signal,
+    });
+    let n = 0;
+    try {
+      for await (const _ of sseEvents(res2)) if (++n >= 3) ac2.abort();
+    } catch {
+      /* aborted */
+    }
+    await waitFor(() => eng.aborted > before + 1 && eng.activeQueries === 0, 5000);
+    eng.tokenDelayMs = 0;
+    const after = await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q", max_tokens: 3 });
+    const evs = await collectSse(after);
+    expect(evs.at(-1)!.data).toBe("[DONE]");
+    const metrics = await (await fetch(`${base}/metrics`)).text();
+    expect(metrics).toMatch(/reform_queries_aborted_total [1-9]/);
+  });
+
+  test("upload pieces reach the engine intact (multi-byte UTF-8 split across pieces)", async () => {
+    const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+    const text = "héllo wörld — 日本語テキスト 🎉🎉 ".repeat(20);
+    const bytes = new TextEncoder().encode(text);
+    expect(bytes.byteLength).toBeLessThan(4096);
+    const res = await fetch(`${base}/v1/contexts/${ctx.id}/content?final=1`, {
+      method: "PUT",
+      body: pieceStream(bytes, [1, 2, 3, 5, 7]),
+      headers: { "content-type": "text/plain; charset=utf-8" },
+    });
+    expect(res.status).toBe(200);
+    const info = await j(res);
+    expect(info.appended_bytes).toBe(bytes.byteLength);
+    expect(info.bytes_received).toBe(bytes.byteLength);
+    expect(info.finalized).toBe(true);
+    expect(eng.texts.get(ctx.id)).toBe(text);
+  });
+
+  test("query parameters reach the engine", async () => {
+    const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+    await fetch(`${base}/v1/contexts/${ctx.id}/content?final=1`, { method: "PUT", body: "abc" });
+    await (
+      await jsonPost(`${base}/v1/chat/completions`, {
+        model: "x",
+        messages: [{ role: "developer", content: [{ type: "text", text: "sys" }] }, { role: "user", content: "u" }],
+        reform: { context_id: ctx.id, method: "h2o", budget: 100 },
+        max_completion_tokens: 5,
+        temperature: 0.5,
+        top_p: 0.9,
+        seed: 7,
+        stop: "END",
+      })
+    ).json();
+    const q = eng.lastQuery!;
+    expect(q.contextId).toBe(ctx.id);
+    expect(q.method).toBe("h2o");
+    expect(q.budget).toBe(100);
+    expect(q.messages).toEqual([
+      { role: "system", content: "sys" },
+      { role: "user", content: "u" },
+    ]);
+    expect(q.sampling).toEqual({ maxTokens: 5, temperature: 0.5, topP: 0.9, topK: 0, seed: 7, stop: ["END"] });
+    // model "context:<id>" selects the context too
+    await (await jsonPost(`${base}/v1/chat/completions`, { model: `context:${ctx.id}`, messages: [{ role: "user", content: "u" }], stream: false })).json();
+    expect(eng.lastQuery!.contextId).toBe(ctx.id);
+    const models = await j(fetch(`${base}/v1/models`));
+    expect(models.data.map((m: { id: string }) => m.id)).toContain(`context:${ctx.id}`);
+  });
+});
+
+describe("health while loading / failed", () => {
+  test("503 while loading, 200 once ready, 503 with reason when failed", async () => {
+    const eng = new FakeEngine({ state: "loading" });
+    const srv = await start(eng);
+    try {
+      const h = await fetch(`${srv.url}/health`);
+      expect(h.status).toBe(503);
+      expect((await j(h)).status).toBe("loading");
+      await expectError(await jsonPost(`${srv.url}/v1/contexts`, {}), 503, "model_loading");
+      expect((await fetch(`${srv.url}/metrics`)).status).toBe(200);
+      eng.st = "ready";
+      expect((await fetch(`${srv.url}/health`)).status).toBe(200);
+      eng.st = "failed";
+      eng.err = "weights missing";
+      const f = await fetch(`${srv.url}/health`);
+      expect(f.status).toBe(503);
+      expect(await f.json()).toEqual({ status: "failed", reason: "weights missing" });
+    } finally {
+      await srv.stop();
+    }
+  });
+});
+
+describe("api key", () => {
+  test("401 without/with a wrong key, /health open, works with the key", async () => {
+    const eng = new FakeEngine();
+    const srv = await start(eng, { apiKey: "s3cret" });
+    try {
+      expect((await fetch(`${srv.url}/health`)).status).toBe(200);
+      await expectError(await fetch(`${srv.url}/v1/contexts`), 401, "missing_api_key");
+      await expectError(await fetch(`${srv.url}/v1/models`, { headers: { authorization: "Bearer nope" } }), 401, "invalid_api_key");
+      await expectError(await fetch(`${srv.url}/metrics`), 401);
+      const ok = await fetch(`${srv.url}/v1/models`, { headers: { authorization: "Bearer s3cret" } });
+      expect(ok.status).toBe(200);
+      const pre = await fetch(`${srv.url}/v1/chat/completions`, {
+        method: "OPTIONS",
+        headers: { origin: "http://x", "access-control-request-method": "POST" },
+      });
+      expect(pre.status).toBeLessThan(300);
+    } finally {
+      await srv.stop();
+    }
+  });
+
+  test("REFORM_API_KEY from the environment", async () => {
+    const old = process.env.REFORM_API_KEY;
+    process.env.REFORM_API_KEY = "envkey";
+    const srv = await startServer({ modelDir: "/x", dataDir, port: 0, engineClient: new FakeEngine(), log: quiet });
+    try {
+      await expectError(await fetch(`${srv.url}/v1/models`), 401);
+      expect((await fetch(`${srv.url}/v1/models`, { headers: { authorization: "Bearer envkey" } })).status).toBe(200);
+    } finally {
+      if (old === undefined) delete process.env.REFORM_API_KEY;
+      else process.env.REFORM_API_KEY = old;
+      await srv.stop();
+    }
+  });
+});

@@ -1,0 +1,252 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { RF_BF16, RF_F16, RF_F32, RF_ROPE_LINEAR, RF_ROPE_LLAMA3, type DType } from "../ffi/native.ts";
+import { loadModelConfig, parseModelConfig } from "../src/model/config.ts";
+import { defaultHeads, loadHeads } from "../src/model/heads.ts";
+import { listTensors, loadSafetensors } from "../src/model/safetensors.ts";
+import { FALLBACK_CHAT_TEMPLATE, ModelTokenizer } from "../src/model/tokenizer.ts";
+import {
+  encodeSafetensors,
+  makeTinyModel,
+  TINY_BOS_ID,
+  TINY_EOS_ID,
+  TINY_EOT_ID,
+  TINY_VOCAB_SIZE,
+} from "./fixtures/tiny-model.ts";
+
+let root: string;
+beforeAll(() => {
+  root = mkdtempSync(join(tmpdir(), "reform-ml-"));
+});
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+class Sink {
+  got = new Map<string, { dtype: DType; shape: number[]; bytes: number; first: number }>();
+  setTensor(name: string, data: ArrayBufferView, dtype: DType, shape: number[]) {
+    const u8 = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    this.got.set(name, { dtype, shape, bytes: data.byteLength, first: u8[0]! });
+  }
+}
+
+describe("config", () => {
+  const base = {
+    architectures: ["LlamaForCausalLM"],
+    hidden_size: 64,
+    intermediate_size: 128,
+    num_hidden_layers: 2,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    vocab_size: 100,
+    max_position_embeddings: 8192,
+    torch_dtype: "bfloat16",
+  };
+
+  test("tiny model config", async () => {
+    const dir = await makeTinyModel(join(root, "m1"));
+    const c = loadModelConfig(dir);
+    expect(c.architecture).toBe("LlamaForCausalLM");
+    expect(c.config.vocabSize).toBe(TINY_VOCAB_SIZE);
+    expect(c.config.headDim).toBe(8);
+    expect(c.config.numKvHeads).toBe(2);
+    expect(c.config.qkvBias).toBe(false);
+    expect(c.config.tieEmbeddings).toBe(false);
+    expect(c.maxPositionEmbeddings).toBe(256);
+    expect(c.config.weightDtype).toBe(RF_BF16);
+  });
+
+  test("defaults, qwen2 bias, mistral, tie, head_dim", () => {
+    const c = parseModelConfig({ ...base, num_key_value_heads: undefined });
+    expect(c.config.numKvHeads).toBe(4);
+    expect(c.config.headDim).toBe(16);
+    const q = parseModelConfig({ ...base, architectures: ["Qwen2ForCausalLM"], tie_word_embeddings: true, torch_dtype: "float16" });
+    expect(q.config.qkvBias).toBe(true);
+    expect(q.config.tieEmbeddings).toBe(true);
+    expect(q.config.weightDtype).toBe(RF_F16);
+    const m = parseModelConfig({ ...base, architectures: ["MistralForCausalLM"], head_dim: 32 });
+    expect(m.config.headDim).toBe(32);
+  });
+
+  test("rope scaling", () => {
+    const l3 = parseModelConfig({
+      ...base,
+      rope_scaling: { rope_type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
+    });
+    expect(l3.config.ropeType).toBe(RF_ROPE_LLAMA3);
+    expect(l3.config.ropeFactor).toBe(8);
+    expect(l3.config.ropeOriginalMaxPos).toBe(8192);
+    const lin = parseModelConfig({ ...base, rope_scaling: { type: "linear", factor: 2 } });
+    expect(lin.config.ropeType).toBe(RF_ROPE_LINEAR);
+    expect(lin.config.ropeFactor).toBe(2);
+  });
+
+  test("errors name what is unsupported or missing", () => {
+    expect(() => parseModelConfig({ ...base, architectures: ["GPT2LMHeadModel"] })).toThrow(/GPT2LMHeadModel/);
+    expect(() => parseModelConfig({ ...base, architectures: undefined })).toThrow(/architectures/);
+    expect(() => parseModelConfig({ ...base, rope_scaling: { rope_type: "yarn", factor: 4 } })).toThrow(/yarn/);
+    expect(() => parseModelConfig({ ...base, torch_dtype: "float8" })).toThrow(/float8/);
+    expect(() => parseModelConfig({ ...base, hidden_size: undefined })).toThrow(/hidden_size/);
+    expect(() => parseModelConfig({ ...base, rope_scaling: { rope_type: "llama3", factor: 8 } })).toThrow(/original_max_position_embeddings/);
+  });
+});
+
+describe("safetensors", () => {
+  test("single file, all model tensors, inv_freq skipped", async () => {
+    const dir = await makeTinyModel(join(root, "st1"), { extraTensors: true });
+    const all = listTensors(dir);
+    expect(all.some((t) => t.name.endsWith("inv_freq"))).toBe(true);
+    const sink = new Sink();
+    const n = loadSafetensors(dir, sink);
+    expect(n).toBe(2 + 2 * 9 + 1 - 0); // embed, lm_head, 9 per layer, norm
+    expect(sink.got.has("model.layers.0.self_attn.rotary_emb.inv_freq")).toBe(false);
+    const q = sink.got.get("model.layers.1.self_attn.q_proj.weight")!;
+    expect(q.dtype).toBe(RF_BF16);
+    expect(q.shape).toEqual([32, 32]);
+    expect(q.bytes).toBe(32 * 32 * 2);
+  });
+
+  test("sharded equals single", async () => {
+    const a = await makeTinyModel(join(root, "st2a"), { seed: 7 });
+    const b = await makeTinyModel(join(root, "st2b"), { seed: 7, shards: 3 });
+    const sa = new Sink();
+    const sb = new Sink();
+    loadSafetensors(a, sa);
+    loadSafetensors(b, sb);
+    expect([...sb.got.keys()].sort()).toEqual([...sa.got.keys()].sort());
+    for (const [k, v] of sa.got) expect(sb.got.get(k)).toEqual(v);
+  });
+
+  test("f32 / f16 dtypes", async () => {
+    const d = await makeTinyModel(join(root, "st3"), { dtype: "f32" });
+    const s = new Sink();
+    loadSafetensors(d, s);
+    expect(s.got.get("model.norm.weight")!.dtype).toBe(RF_F32);
+    const d2 = await makeTinyModel(join(root, "st4"), { dtype: "f16" });
+    const s2 = new Sink();
+    loadSafetensors(d2, s2);
+    expect(s2.got.get("model.norm.weight")!.dtype).toBe(RF_F16);
+  });
+
+  test("unsupported dtype names tensor and dtype", () => {
+    const dir = join(root, "st5");
+    require("node:fs").mkdirSync(dir, { recursive: true });
+    writeFileSync(
+      join(dir, "model.safetensors"),
+      encodeSafetensors([{ name: "model.norm.weight", shape: [4], dtype: "I32" as any, data: new Uint8Array(16) }]),
+    );
+    expect(() => loadSafetensors(dir, new Sink())).toThrow(/model\.norm\.weight.*I32/);
+  });
+
+  test("corrupt files give clear errors", async () => {
+    const dir = await makeTinyModel(join(root, "st6"));
+    const p = join(dir, "model.safetensors");
+    const good = readFileSync(p);
+    // header length beyond the file
+    const bad1 = new Uint8Array(good);
+    new DataView(bad1.buffer).setBigUint64(0, BigInt(good.length * 2), true);
+    writeFileSync(p, bad1);
+    expect(() => loadSafetensors(dir, new Sink())).toThrow(/corrupt safetensors header length/);
+    // truncated data section
+    writeFileSync(p, good.subarray(0, good.length - 100));
+    expect(() => loadSafetensors(dir, new Sink())).toThrow(/outside the data section/);
+    // garbage JSON
+    const bad3 = new Uint8Array(good);
+    bad3[9] = 0x7b;
+    bad3[10] = 0x7b;
+    writeFileSync(p, bad3);
+    expect(() => loadSafetensors(dir, new Sink())).toThrow(/corrupt safetensors header/);
+    writeFileSync(p, new Uint8Array(3));
+    expect(() => loadSafetensors(dir, new Sink())).toThrow(/too small/);
+  });
+
+  test("missing shard", async () => {
+    const dir = await makeTinyModel(join(root, "st7"), { shards: 2 });
+    rmSync(join(dir, "model-00002-of-00002.safetensors"));
+    expect(() => loadSafetensors(dir, new Sink())).toThrow(/model-00002-of-00002.safetensors.*missing/);
+  });
+});
+
+describe("tokenizer", () => {
+  let tok: ModelTokenizer;
+  beforeAll(async () => {
+    tok = ModelTokenizer.fromDir(await makeTinyModel(join(root, "tk")));
+  });
+
+  test("round trip of arbitrary UTF-8", () => {
+    const texts = [
+      "hello the world and things",
+      "héllo 🎉 emoji 中文  spaces\n\n\ttabs",
+      "👩‍👩‍👧‍👦 family, ZWJ; combining é; RTL שלום; math 𝔘𝔫𝔦",
+      "",
+    ];
+    for (const t of texts) expect(tok.decode(tok.encode(t))).toBe(t);
+  });
+
+  test("special ids, BOS, EOS", () => {
+    expect(tok.bosId).toBe(TINY_BOS_ID);
+    expect(tok.usesBos).toBe(true);
+    expect(tok.isEos(TINY_EOS_ID)).toBe(true);
+    expect(tok.isEos(TINY_EOT_ID)).toBe(true);
+    expect(tok.withBos([1, 2])).toEqual([TINY_BOS_ID, 1, 2]);
+    expect(tok.withBos([TINY_BOS_ID, 1])).toEqual([TINY_BOS_ID, 1]);
+    expect(tok.continuationMode).toBe("direct");
+  });
+
+  test("chat template renders, BOS only once", () => {
+    const r = tok.renderChat([{ role: "user", content: "hi" }], true);
+    expect(r).toBe("<|begin_of_text|><|user|>\nhi<|eot|><|assistant|>\n");
+    const ids = tok.encodePrompt(r);
+    expect(ids[0]).toBe(TINY_BOS_ID);
+    expect(ids[1]).not.toBe(TINY_BOS_ID);
+    expect(ids.filter((i) => i === TINY_BOS_ID).length).toBe(1);
+  });
+
+  test("fallback template when the model has none", async () => {
+    const t2 = ModelTokenizer.fromDir(await makeTinyModel(join(root, "tk2"), { chatTemplate: false }));
+    expect(t2.hasChatTemplate).toBe(false);
+    expect(t2.chatTemplate).toBe(FALLBACK_CHAT_TEMPLATE);
+    const r = t2.renderChat([{ role: "user", content: "hi" }], true);
+    expect(r).toContain("User: hi");
+    expect(r.endsWith("Assistant:")).toBe(true);
+  });
+
+  test("stream decoder emits complete characters only", () => {
+    const text = "a🎉b中c é";
+    const ids = tok.encode(text);
+    const d = tok.streamDecoder();
+    let out = "";
+    for (const id of ids) {
+      const piece = d.push(id);
+      expect(piece.includes("\uFFFD")).toBe(false);
+      out += piece;
+    }
+    out += d.flush();
+    expect(out).toBe(text);
+  });
+});
+
+describe("heads", () => {
+  const cfg = { numLayers: 10, numHeads: 8, numKvHeads: 2 };
+  test("default heuristic at ~45% depth", () => {
+    const h = defaultHeads(cfg);
+    expect(h.map((x) => x.layer)).toEqual([4, 4, 4]);
+    expect(h.map((x) => x.kind)).toEqual(["q", "k", "v"]);
+    expect(loadHeads(join(root, "nonexistent"), cfg).source).toBe("default");
+  });
+  test("file next to the model and CLI string", async () => {
+    const dir = await makeTinyModel(join(root, "hd"));
+    const f = loadHeads(dir, { numLayers: 2, numHeads: 4, numKvHeads: 2 });
+    expect(f.heads.length).toBe(3);
+    expect(f.chunkSize).toBe(32);
+    const c = loadHeads(dir, cfg, '{"heads":[{"layer":9,"kind":"q","head":7}]}');
+    expect(c.source).toBe("cli");
+    expect(c.heads).toEqual([{ layer: 9, kind: "q", head: 7 }]);
+  });
+  test("validation", () => {
+    expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":10,"kind":"q","head":0}]}')).toThrow(/layer 10 out of range/);
+    expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":1,"kind":"k","head":2}]}')).toThrow(/head 2 out of range 0..1/);
+    expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":1,"kind":"o","head":0}]}')).toThrow(/kind/);
+    expect(() => loadHeads("/x", cfg, '{"heads":[]}')).toThrow(/at least one head/);
+  });
+});

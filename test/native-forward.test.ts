@@ -1,0 +1,664 @@
+/**
+ * Native engine (CPU build) vs the plain TypeScript reference (test/reference/llama-ref.ts) on tiny random
+ * models built deterministically here: forward logits, incremental prefill/decode, greedy generation,
+ * compressor embeddings / cache / eviction, scoring, sampling, state persistence, H2O import, error paths.
+ */
+import { beforeAll, describe, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import {
+  Native,
+  NativeError,
+  RF_BF16,
+  RF_ERR_INVALID,
+  RF_ERR_STATE,
+  RF_F16,
+  RF_F32,
+  RF_ROPE_DEFAULT,
+  RF_ROPE_LINEAR,
+  RF_ROPE_LLAMA3,
+  ROOT_DIR,
+  type CompressParams,
+  type DType,
+  type HeadSpec,
+  type ModelConfig,
+  type NativeModel,
+} from "../ffi/native";
+import {
+  argmax,
+  refForward,
+  refGreedy,
+  refLogits,
+  refSample,
+  refScore,
+  RefCompressor,
+  type RefConfig,
+  type RefLayer,
+  type RefWeights,
+} from "./reference/llama-ref";
+
+/* ---------------- deterministic tiny models ---------------- */
+
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+function gaussian(rng: () => number): number {
+  const u1 = Math.max(rng(), 1e-12);
+  const u2 = rng();
+  return Math.sqrt(-2 * Math.log(u1)) * Math.cos(2 * Math.PI * u2);
+}
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+function toBf16(x: number): number {
+  f32[0] = x;
+  const u = u32[0];
+  return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+}
+function fromBf16(h: number): number {
+  u32[0] = (h << 16) >>> 0;
+  return f32[0];
+}
+const dv = new DataView(new ArrayBuffer(2));
+function toF16(x: number): number {
+  (dv as any).setFloat16(0, x, true);
+  return dv.getUint16(0, true);
+}
+function fromF16(h: number): number {
+  dv.setUint16(0, h, true);
+  return (dv as any).getFloat16(0, true);
+}
+
+interface Variant {
+  name: string;
+  tie: boolean;
+  bias: boolean;
+  rope: number;
+  dtype: DType;
+  layers: number;
+  seed: number;
+}
+
+interface Built {
+  cfg: ModelConfig;
+  ref: RefConfig;
+  w: RefWeights;
+  tensors: { name: string; data: ArrayBufferView; dtype: DType; shape: number[] }[];
+}
+
+function buildModel(v: Variant): Built {
+  const rng = mulberry32(v.seed);
+  const cfg: ModelConfig = {
+    vocabSize: 97,
+    hiddenSize: 32,
+    intermediateSize: 64,
+    numLayers: v.layers,
+    numHeads: 4,
+    numKvHeads: 2,
+    headDim: 8,
+    qkvBias: v.bias,
+    tieEmbeddings: v.tie,
+    ropeType: v.rope,
+    rmsEps: 1e-5,
+    ropeTheta: v.rope === RF_ROPE_LLAMA3 ? 500000 : 10000,
+    ropeFactor: v.rope === RF_ROPE_LLAMA3 ? 8 : v.rope === RF_ROPE_LINEAR ? 2 : 1,
+    ropeLowFreqFactor: 1,
+    ropeHighFreqFactor: 4,
+    ropeOriginalMaxPos: 64, // small so that the llama3 bands all occur with head_dim 8
+    weightDtype: RF_BF16,
+  };
+  const ref: RefConfig = { ...cfg };
+  const tensors: Built["tensors"] = [];
+  const make = (name: string, shape: number[], std: number, mean = 0): Float64Array => {
+    const n = shape.reduce((a, b) => a * b, 1);
+    const raw = new Float32Array(n);
+    for (let i = 0; i < n; i++) raw[i] = mean + std * gaussian(rng);
+    const vals = new Float64Array(n);
+    let data: ArrayBufferView;
+    if (v.dtype === RF_F32) {
+      data = raw;
+      for (let i = 0; i < n; i++) vals[i] = raw[i];
+    } else {
+      const bits = new Uint16Array(n);
+      for (let i = 0; i < n; i++) {
+        bits[i] = v.dtype === RF_BF16 ? toBf16(raw[i]) : toF16(raw[i]);
+        vals[i] = v.dtype === RF_BF16 ? fromBf16(bits[i]) : fromF16(bits[i]);
+      }
+      data = bits;
+    }
+    tensors.push({ name, data, dtype: v.dtype, shape });
+    return vals;
+  };
+  const H = cfg.hiddenSize;
+  const I = cfg.intermediateSize;
+  const qd = cfg.numHeads * cfg.headDim;
+  const kvd = cfg.numKvHeads * cfg.headDim;
+  const embed = make("model.embed_tokens.weight", [cfg.vocabSize, H], 1);
+  const layers: RefLayer[] = [];
+  for (let l = 0; l < cfg.numLayers; l++) {
+    const p = `model.layers.${l}.`;
+    const L: RefLayer = {
+      inNorm: make(p + "input_layernorm.weight", [H], 0.1, 1),
+      postNorm: make(p + "post_attention_layernorm.weight", [H], 0.1, 1),
+      wq: make(p + "self_attn.q_proj.weight", [qd, H], 2 / Math.sqrt(H)),
+      wk: make(p + "self_attn.k_proj.weight", [kvd, H], 2 / Math.sqrt(H)),
+      wv: make(p + "self_attn.v_proj.weight", [kvd, H], 1 / Math.sqrt(H)),
+      wo: make(p + "self_attn.o_proj.weight", [H, qd], 1 / Math.sqrt(qd)),
+      gate: make(p + "mlp.gate_proj.weight", [I, H], 1 / Math.sqrt(H)),
+      up: make(p + "mlp.up_proj.weight", [I, H], 1 / Math.sqrt(H)),
+      down: make(p + "mlp.down_proj.weight", [H, I], 1 / Math.sqrt(I)),
+    };
+    if (v.bias) {
+      L.bq = make(p + "self_attn.q_proj.bias", [qd], 0.3);
+      L.bk = make(p + "self_attn.k_proj.bias", [kvd], 0.3);
+      L.bv = make(p + "self_attn.v_proj.bias", [kvd], 0.3);
+    }
+    layers.push(L);
+  }
+  const norm = make("model.norm.weight", [H], 0.1, 1);
+  const w: RefWeights = { embed, norm, layers };
+  if (!v.tie) w.lmHead = make("lm_head.weight", [cfg.vocabSize, H], 1 / Math.sqrt(H));
+  return { cfg, ref, w, tensors };
+}
+
+function loadModel(native: Native, b: Built): NativeModel {
+  const m = native.createModel(b.cfg);
+  for (const t of b.tensors) m.setTensor(t.name, t.data, t.dtype, t.shape);
+  m.finalize();
+  return m;
+}
+
+function tokensFrom(seed: number, n: number, vocab = 97): number[] {
+  const rng = mulberry32(seed);
+  return Array.from({ length: n }, () => Math.floor(rng() * vocab));
+}
+
+function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < b.length; i++) {
+    num = Math.max(num, Math.abs(a[i] - b[i]));
+    den = Math.max(den, Math.abs(b[i]));
+  }
+  return num / Math.max(den, 1e-30);
+}
+function maxAbs(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let m = 0;
+  for (let i = 0; i < b.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
+  return m;
+}
+function flat(rows: Float64Array[]): Float64Array {
+  const n = rows.reduce((a, r) => a + r.length, 0);
+  const o = new Float64Array(n);
+  let off = 0;
+  for (const r of rows) {
+    o.set(r, off);
+    off += r.length;
+  }
+  return o;
+}
+const i32 = (a: number[]) => new Int32Array(a);
+
+function expectNativeError(fn: () => unknown, code: number, msg?: RegExp): void {
+  let err: unknown;
+  try {
+    fn();
+  } catch (e) {
+    err = e;
+  }
+  expect(err).toBeInstanceOf(NativeError);
+  expect((err as NativeError).code).toBe(code);
+  if (msg) expect((err as NativeError).message).toMatch(msg);
+}
+
+/* ---------------- setup ---------------- */
+
+let native: Native;
+beforeAll(() => {
+  const r = spawnSync("bash", ["scripts/build-native.sh"], {
+    cwd: ROOT_DIR,
+    env: { ...process.env, REFORM_SKIP_CUDA: "1" },
+    encoding: "utf8",
+  });
+  if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+  native = new Native("cpu");
+}, 300_000);
+
+describe("library", () => {
+  test("backend identity", () => {
+    expect(native.backendName()).toBe("cpu");
+    expect(native.deviceCount()).toBe(1);
+    expect(native.deviceInfo()).toContain("CPU");
+    native.setThreads(2);
+    expect(native.lastError()).toBe("");
+  });
+});
+
+/* ---------------- forward ---------------- */
+
+const VARIANTS: Variant[] = [
+  { name: "f32 tied, default rope", tie: true, bias: false, rope: RF_ROPE_DEFAULT, dtype: RF_F32, layers: 2, seed: 11 },
+  { name: "f32 untied + qkv bias, llama3 rope", tie: false, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F32, layers: 3, seed: 12 },
+  { name: "bf16 untied, linear rope", tie: false, bias: false, rope: RF_ROPE_LINEAR, dtype: RF_BF16, layers: 2, seed: 13 },
+  { name: "f16 tied + qkv bias, llama3 rope", tie: true, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F16, layers: 3, seed: 14 },
+];
+
+for (const v of VARIANTS) {
+  describe(`forward: ${v.name}`, () => {
+    const b = buildModel(v);
+    const prompt = tokensFrom(v.seed * 7, 21);
+
+    test("prefill logits match the reference", () => {
+      const m = loadModel(native, b);
+      const s = m.createSeq(64);
+      const logits = s.forward(i32(prompt), true)!;
+      const ref = refLogits(b.ref, b.w, prompt);
+      expect(relErr(logits, ref)).toBeLessThan(1e-4);
+      expect(s.length()).toBe(prompt.length);
+      s.destroy();
+      m.destroy();
+    });
+
+    test("prefill in pieces == prefill at once == decode steps", () => {
+      const m = loadModel(native, b);
+      const all = refForward(b.ref, b.w, prompt, true);
+      const s1 = m.createSeq(64);
+      const once = s1.forward(i32(prompt), true)!;
+      const s2 = m.createSeq(64);
+      s2.forward(i32(prompt.slice(0, 5)));
+      s2.forward(i32(prompt.slice(5, 13)));
+      const pieces = s2.forward(i32(prompt.slice(13)), true)!;
+      expect(maxAbs(pieces, once)).toBeLessThan(1e-5);
+      const s3 = m.createSeq(64);
+      for (let i = 0; i < prompt.length; i++) {
+        const lg = s3.forward(i32([prompt[i]]), true)!;
+        expect(relErr(lg, all[i])).toBeLessThan(1e-4);
+        if (i === prompt.length - 1) expect(maxAbs(lg, once)).toBeLessThan(1e-5);
+      }
+      expect(s3.length()).toBe(prompt.length);
+      s3.reset();
+      expect(s3.length()).toBe(0);
+      expect(maxAbs(s3.forward(i32(prompt), true)!, once)).toBe(0);
+      for (const s of [s1, s2, s3]) s.destroy();
+      m.destroy();
+    });
+
+    test("greedy continuation of 16 tokens equals the reference", () => {
+      const m = loadModel(native, b);
+      const s = m.createSeq(64);
+      const p = prompt.slice(0, 8);
+      s.forward(i32(p));
+      const got: number[] = [];
+      for (let i = 0; i < 16; i++) {
+        const t = s.sample({ temperature: 0, topP: 1, topK: 0 });
+        got.push(t);
+        s.forward(i32([t]));
+      }
+      expect(got).toEqual(refGreedy(b.ref, b.w, p, 16));
+      s.destroy();
+      m.destroy();
+    });
+  });
+}
+
+/* ---------------- compressor ---------------- */
+
+const CP: CompressParams = { capacity: 24, nSink: 2, nRecent: 4, obsWindow: 4, maxChunk: 10, embDtype: RF_F32, exitLayer: -1 };
+const HEADS: HeadSpec[] = [
+  { layer: 0, kind: "q", head: 1 },
+  { layer: 1, kind: "k", head: 0 },
+  { layer: 1, kind: "v", head: 1 },
+  { layer: 0, kind: "v", head: 0 },
+];
+/** chunk sizes: eviction starts at the 3rd chunk; a chunk shorter than obs_window at the end */
+const CHUNKS = [10, 10, 10, 7, 10, 3, 10];
+
+/** parse a state blob: returns [layer][kvHead] {k,v,s} arrays */
+function parseState(buf: Uint8Array, hd: number) {
+  const d = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const magic = new TextDecoder().decode(buf.subarray(0, 8));
+  const layers = d.getInt32(8, true);
+  const kvh = d.getInt32(12, true);
+  expect(d.getInt32(16, true)).toBe(hd);
+  const len = Number(d.getBigInt64(24, true));
+  const seen = Number(d.getBigInt64(32, true));
+  let off = 72;
+  const f = (count: number) => {
+    const a = new Float32Array(buf.slice(off, off + count * 4).buffer);
+    off += count * 4;
+    return a;
+  };
+  const out: { k: Float32Array; v: Float32Array; s: Float32Array }[][] = [];
+  for (let l = 0; l < layers; l++) {
+    const row = [];
+    for (let g = 0; g < kvh; g++) row.push({ k: f(len * hd), v: f(len * hd), s: f(len) });
+    out.push(row);
+  }
+  expect(off).toBe(buf.byteLength);
+  return { magic, layers, kvh, len, seen, cache: out };
+}
+
+describe("compressor", () => {
+  const v: Variant = { name: "c", tie: false, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F32, layers: 3, seed: 21 };
+  const b = buildModel(v);
+  const hd = b.cfg.headDim;
+  const toks = tokensFrom(99, CHUNKS.reduce((a, c) => a + c, 0));
+
+  test("embeddings, cache length, cache contents and scores match the reference with eviction", () => {
+    const m = loadModel(native, b);
+    const c = m.createCompressor(CP, HEADS);
+    expect(c.embedDim).toBe(HEADS.length * hd);
+    expect(c.exitLayer).toBe(1);
+    const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
+    let off = 0;
+    let evicted = false;
+    for (const n of CHUNKS) {
+      const chunk = toks.slice(off, off + n);
+      off += n;
+      const e = c.process(i32(chunk)) as Float32Array;
+      const re = flat(ref.process(chunk));
+      expect(maxAbs(e, re)).toBeLessThan(1e-4);
+      expect(c.cacheLen()).toBe(ref.cacheLen());
+      expect(c.seen()).toBe(off);
+      if (off > CP.capacity) evicted = true;
+      // cache contents (pre-RoPE keys, values, scores) via the state blob
+      const st = parseState(c.saveState(), hd);
+      expect(st.magic).toBe("RFCSTAT1");
+      expect(st.layers).toBe(2);
+      expect(st.len).toBe(ref.cacheLen());
+      for (let l = 0; l < st.layers; l++)
+        for (let g = 0; g < st.kvh; g++) {
+          const rc = ref.cache[l][g];
+          expect(maxAbs(st.cache[l][g].k, flat(rc.map((x) => x.k)))).toBeLessThan(1e-4);
+          expect(maxAbs(st.cache[l][g].v, flat(rc.map((x) => x.v)))).toBeLessThan(1e-4);
+          expect(maxAbs(st.cache[l][g].s, rc.map((x) => x.s))).toBeLessThan(1e-4);
+        }
+    }
+    expect(evicted).toBe(true);
+    expect(c.cacheLen()).toBe(CP.capacity);
+    // eviction is score-driven, not plain recency: some kept middle entries differ between (layer, kv head)
+    const kept = ref.cache.flatMap((per) => per.map((e) => e.map((x) => x.idx).join(",")));
+    expect(new Set(kept).size).toBeGreaterThan(1);
+    const recency = [0, 1, ...Array.from({ length: CP.capacity - 2 }, (_, i) => off - (CP.capacity - 2) + i)].join(",");
+    expect(kept.some((k) => k !== recency)).toBe(true);
+    c.destroy();
+    m.destroy();
+  });
+
+  test("embed() matches the reference and leaves the cache unchanged", () => {
+    const m = loadModel(native, b);
+    const c = m.createCompressor(CP, HEADS);
+    const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
+    for (let i = 0; i < 4; i++) {
+      const chunk = toks.slice(i * 10, i * 10 + 10);
+      c.process(i32(chunk), null);
+      ref.process(chunk);
+    }
+    const before = c.saveState();
+    const q = [5, 17, 42, 3, 88];
+    const e = c.embed(i32(q)) as Float32Array;
+    expect(maxAbs(e, flat(ref.embed(q)))).toBeLessThan(1e-4);
+    const after = c.saveState();
+    expect(Buffer.from(after).equals(Buffer.from(before))).toBe(true);
+    expect(c.seen()).toBe(40);
+    // a second embed gives identical output
+    expect(maxAbs(c.embed(i32(q)) as Float32Array, e)).toBe(0);
+    c.destroy();
+    m.destroy();
+  });
+
+  test("f16 embedding output", () => {
+    const m = loadModel(native, b);
+    const c32 = m.createCompressor(CP, HEADS);
+    const c16 = m.createCompressor({ ...CP, embDtype: RF_F16 }, HEADS);
+    for (let i = 0; i < 3; i++) {
+      const chunk = i32(toks.slice(i * 10, i * 10 + 10));
+      const a = c32.process(chunk) as Float32Array;
+      const h = c16.process(chunk) as Uint16Array;
+      expect(h).toBeInstanceOf(Uint16Array);
+      expect(h.length).toBe(a.length);
+      for (let j = 0; j < a.length; j++) expect(fromF16(h[j])).toBe(fromF16(toF16(a[j])));
+    }
+    c32.destroy();
+    c16.destroy();
+    m.destroy();
+  });
+
+  test("state save -> load into a new compressor -> identical subsequent outputs", () => {
+    const m = loadModel(native, b);
+    const c1 = m.createCompressor(CP, HEADS);
+    for (let i = 0; i < 4; i++) c1.process(i32(toks.slice(i * 10, i * 10 + 10)));
+    const blob = c1.saveState();
+    const c2 = m.createCompressor(CP, HEADS);
+    c2.loadState(blob);
+    expect(c2.cacheLen()).toBe(c1.cacheLen());
+    expect(c2.seen()).toBe(c1.seen());
+    for (let i = 4; i < 6; i++) {
+      const chunk = i32(toks.slice(i * 10, i * 10 + 10));
+      const a = c1.process(chunk) as Float32Array;
+      const bb = c2.process(chunk) as Float32Array;
+      expect(maxAbs(a, bb)).toBe(0);
+    }
+    expect(Buffer.from(c1.saveState()).equals(Buffer.from(c2.saveState()))).toBe(true);
+    // reset, then reload: same again
+    c2.reset();
+    expect(c2.cacheLen()).toBe(0);
+    expect(c2.seen()).toBe(0);
+    c2.loadState(blob);
+    expect(c2.seen()).toBe(40);
+    // corrupt / mismatched blobs are rejected
+    const bad = blob.slice();
+    bad[0] = 0;
+    expectNativeError(() => c2.loadState(bad), RF_ERR_INVALID, /magic/);
+    expectNativeError(() => c2.loadState(blob.slice(0, blob.length - 4)), RF_ERR_INVALID);
+    const other = m.createCompressor({ ...CP, exitLayer: 2 }, HEADS);
+    expectNativeError(() => other.loadState(blob), RF_ERR_INVALID);
+    for (const c of [c1, c2, other]) c.destroy();
+    m.destroy();
+  });
+
+  test("seq import from a full-depth compressor without eviction == plain prefill", () => {
+    const m = loadModel(native, b);
+    const c = m.createCompressor({ ...CP, capacity: 64, exitLayer: b.cfg.numLayers - 1 }, HEADS);
+    expect(c.exitLayer).toBe(2);
+    const ctx = toks.slice(0, 27);
+    c.process(i32(ctx.slice(0, 10)), null);
+    c.process(i32(ctx.slice(10, 20)), null);
+    c.process(i32(ctx.slice(20)), null);
+    expect(c.cacheLen()).toBe(27);
+    const s = m.createSeq(40);
+    s.importCompressor(c);
+    expect(s.length()).toBe(27);
+    expectNativeError(() => s.sample({ temperature: 0, topP: 1, topK: 0 }), RF_ERR_STATE);
+    const next = [7, 8];
+    const got = s.forward(i32(next), true)!;
+    const plain = m.createSeq(40);
+    const want = plain.forward(i32([...ctx, ...next]), true)!;
+    expect(maxAbs(got, want)).toBeLessThan(1e-5);
+    expect(relErr(got, refLogits(b.ref, b.w, [...ctx, ...next]))).toBeLessThan(1e-4);
+    // a compressor that exits early cannot be imported
+    const early = m.createCompressor(CP, HEADS);
+    expectNativeError(() => s.importCompressor(early), RF_ERR_INVALID, /exit layer/);
+    for (const x of [s, plain]) x.destroy();
+    c.destroy();
+    early.destroy();
+    m.destroy();
+  });
+});
+
+/* ---------------- scoring ---------------- */
+
+describe("rf_score", () => {
+  test("max cosine vs the reference (f32 and f16 context)", () => {
+    const rng = mulberry32(5);
+    const nCtx = 301;
+    const dim = 24;
+    const nQ = 3;
+    const ctx = new Float32Array(nCtx * dim).map(() => gaussian(rng));
+    ctx.fill(0, 0, dim); // a zero row
+    const q = new Float32Array(nQ * dim).map(() => gaussian(rng));
+    const got = native.score(ctx, nCtx, dim, q, nQ);
+    const want = refScore(ctx, nCtx, dim, q, nQ);
+    expect(maxAbs(got, want)).toBeLessThan(1e-5);
+    expect(got[0]).toBe(0);
+    const ctx16 = new Uint16Array(ctx.length);
+    const ctx16v = new Float64Array(ctx.length);
+    for (let i = 0; i < ctx.length; i++) {
+      ctx16[i] = toF16(ctx[i]);
+      ctx16v[i] = fromF16(ctx16[i]);
+    }
+    const got16 = native.score(ctx16, nCtx, dim, q, nQ);
+    expect(maxAbs(got16, refScore(ctx16v, nCtx, dim, q, nQ))).toBeLessThan(1e-5);
+    // n_q = 1 and self-similarity
+    const self = native.score(ctx.subarray(dim, 2 * dim), 1, dim, ctx.subarray(dim, 2 * dim), 1);
+    expect(Math.abs(self[0] - 1)).toBeLessThan(1e-6);
+    expect(native.score(ctx, 0, dim, q, nQ).length).toBe(0);
+  });
+});
+
+/* ---------------- sampling ---------------- */
+
+describe("sampling", () => {
+  const b = buildModel({ name: "s", tie: true, bias: false, rope: RF_ROPE_DEFAULT, dtype: RF_F32, layers: 2, seed: 31 });
+
+  test("greedy, top_k 1, same seed -> same draws, exact algorithm, distribution", () => {
+    const m = loadModel(native, b);
+    const s = m.createSeq(16);
+    expectNativeError(() => s.sample({ temperature: 0, topP: 1, topK: 0 }), RF_ERR_STATE);
+    const logits = s.forward(i32([1, 2, 3]), true)!;
+    const am = argmax(logits);
+    expect(s.sample({ temperature: 0, topP: 1, topK: 0 })).toBe(am);
+    expect(s.sample({ temperature: -1, topP: 0.5, topK: 5 })).toBe(am);
+    s.setSeed(123);
+    for (let i = 0; i < 20; i++) expect(s.sample({ temperature: 1.5, topP: 1, topK: 1 })).toBe(am);
+    // same seed -> same sequence; matches the documented algorithm exactly
+    const draw = (seed: number, n: number, p: { temperature: number; topP: number; topK: number }) => {
+      s.setSeed(seed);
+      return Array.from({ length: n }, () => s.sample(p));
+    };
+    const P = { temperature: 4, topP: 0.9, topK: 20 }; // the tiny model's logits are peaked
+    const a = draw(42, 200, P);
+    expect(draw(42, 200, P)).toEqual(a);
+    expect(draw(43, 200, P)).not.toEqual(a);
+    const st = new BigUint64Array([42n]);
+    expect(a).toEqual(Array.from({ length: 200 }, () => refSample(logits, P.temperature, P.topP, P.topK, st)));
+    draw(42, 200, P);
+    expect(s.rng[0]).toBe(st[0]); // state advanced in place exactly like the reference
+    // zero seed is replaced by a fixed constant
+    const z = draw(0, 10, P);
+    const st0 = new BigUint64Array([0n]);
+    expect(z).toEqual(Array.from({ length: 10 }, () => refSample(logits, P.temperature, P.topP, P.topK, st0)));
+    // top_k restricts the support
+    const top3 = Array.from(logits.keys()).sort((x, y) => logits[y] - logits[x]).slice(0, 3);
+    for (const t of draw(7, 300, { temperature: 2, topP: 1, topK: 3 })) expect(top3).toContain(t);
+    // distribution sanity: empirical frequencies ~ softmax(logits / T)
+    const N = 4000;
+    const T = 4;
+    const counts = new Float64Array(logits.length);
+    for (const t of draw(99, N, { temperature: T, topP: 1, topK: 0 })) counts[t]++;
+    const mx = Math.max(...logits);
+    const e = Array.from(logits, (x) => Math.exp((x - mx) / T));
+    expect(new Set(draw(99, N, { temperature: T, topP: 1, topK: 0 })).size).toBeGreaterThan(5);
+    const sum = e.reduce((x, y) => x + y, 0);
+    for (let i = 0; i < logits.length; i++) {
+      const p = e[i] / sum;
+      expect(Math.abs(counts[i] / N - p)).toBeLessThan(4 * Math.sqrt((p * (1 - p)) / N) + 2e-3);
+    }
+    s.destroy();
+    m.destroy();
+  });
+});
+
+/* ---------------- errors ---------------- */
+
+describe("error paths", () => {
+  const v: Variant = { name: "e", tie: false, bias: false, rope: RF_ROPE_DEFAULT, dtype: RF_F32, layers: 2, seed: 41 };
+  const b = buildModel(v);
+
+  test("model loading errors", () => {
+    const m = native.createModel(b.cfg);
+    const w = new Float32Array(32);
+    expectNativeError(() => m.setTensor("model.layers.0.self_attn.foo.weight", w, RF_F32, [32]), RF_ERR_INVALID, /unknown tensor/);
+    expectNativeError(() => m.setTensor("model.layers.9.input_layernorm.weight", w, RF_F32, [32]), RF_ERR_INVALID);
+    expectNativeError(() => m.setTensor("model.norm.weight", w, RF_F32, [31]), RF_ERR_INVALID, /shape/);
+    expectNativeError(() => m.setTensor("model.norm.weight", w, RF_F32, [32, 1]), RF_ERR_INVALID, /shape/);
+    expectNativeError(() => m.setTensor("model.norm.weight", w, 7 as DType, [32]), RF_ERR_INVALID, /dtype/);
+    expectNativeError(() => m.setTensor("model.layers.0.self_attn.q_proj.bias", w, RF_F32, [32]), RF_ERR_INVALID, /bias/);
+    for (const t of b.tensors) if (t.name !== "model.layers.1.mlp.up_proj.weight") m.setTensor(t.name, t.data, t.dtype, t.shape);
+    expectNativeError(() => m.finalize(), RF_ERR_STATE, /model\.layers\.1\.mlp\.up_proj\.weight/);
+    // using a non-finalized model
+    expect(() => m.createSeq(8)).toThrow(NativeError);
+    expect(native.lastError()).toMatch(/finalized/);
+    const up = b.tensors.find((t) => t.name === "model.layers.1.mlp.up_proj.weight")!;
+    m.setTensor(up.name, up.data, up.dtype, up.shape);
+    m.finalize();
+    expect(m.memoryBytes()).toBeGreaterThan(0);
+    m.destroy();
+    // invalid config
+    expect(() => native.createModel({ ...b.cfg, numKvHeads: 3 })).toThrow(NativeError);
+    expect(native.lastError()).toMatch(/multiple/);
+  });
+
+  test("runtime argument errors never crash", () => {
+    const m = loadModel(native, b);
+    const s = m.createSeq(8);
+    expectNativeError(() => s.forward(i32([1, 97])), RF_ERR_INVALID, /out of range/);
+    expectNativeError(() => s.forward(i32([-1])), RF_ERR_INVALID, /out of range/);
+    expectNativeError(() => s.forward(i32([])), RF_ERR_INVALID);
+    expect(s.length()).toBe(0);
+    s.forward(i32([1, 2, 3, 4, 5, 6]));
+    expectNativeError(() => s.forward(i32([1, 2, 3])), RF_ERR_INVALID, /max_tokens/);
+    expect(s.length()).toBe(6);
+    s.forward(i32([1, 2]));
+    expectNativeError(() => s.forward(i32([1])), RF_ERR_INVALID, /max_tokens/);
+    expect(() => m.createSeq(0)).toThrow(NativeError);
+
+    const c = m.createCompressor(CP, HEADS);
+    expectNativeError(() => c.process(i32(new Array(11).fill(1))), RF_ERR_INVALID, /max_chunk/);
+    expectNativeError(() => c.embed(i32(new Array(11).fill(1))), RF_ERR_INVALID, /max_chunk/);
+    expectNativeError(() => c.process(i32([3, 200])), RF_ERR_INVALID, /out of range/);
+    expect(c.seen()).toBe(0);
+    expect(c.cacheLen()).toBe(0);
+    // invalid head specs / params (pointer-returning create: NULL + message; see report about the code)
+    const bad: [CompressParams, HeadSpec[], RegExp][] = [
+      [CP, [{ layer: 2, kind: "q", head: 0 }], /layer/],
+      [CP, [{ layer: 0, kind: "k", head: 2 }], /index/],
+      [CP, [{ layer: 0, kind: "q", head: -1 }], /index/],
+      [{ ...CP, capacity: 6 }, HEADS, /capacity/],
+      [{ ...CP, obsWindow: 0 }, HEADS, /obs_window/],
+      [{ ...CP, exitLayer: 0 }, HEADS, /exit_layer/],
+      [{ ...CP, embDtype: RF_BF16 as any }, HEADS, /emb_dtype/],
+    ];
+    for (const [p, h, re] of bad) {
+      expect(() => m.createCompressor(p, h)).toThrow(NativeError);
+      expect(native.lastError()).toMatch(re);
+    }
+    // still fully functional afterwards
+    expect(s.length()).toBe(8);
+    c.process(i32([1, 2, 3]));
+    expect(c.seen()).toBe(3);
+    expect(() => native.score(new Float32Array(4), 1, 0, new Float32Array(4), 1)).toThrow(NativeError);
+    c.destroy();
+    s.destroy();
+    m.destroy();
+  });
+
+  test("objects outliving the model handle stay valid", () => {
+    const m = loadModel(native, b);
+    const s = m.createSeq(8);
+    const c = m.createCompressor(CP, HEADS);
+    const want = s.forward(i32([1, 2, 3]), true)!;
+    m.destroy();
+    s.reset();
+    expect(maxAbs(s.forward(i32([1, 2, 3]), true)!, want)).toBe(0);
+    c.process(i32([4, 5]));
+    s.destroy();
+    c.destroy();
+  });
+});

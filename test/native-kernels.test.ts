@@ -1,0 +1,52 @@
+/**
+ * Builds the native CPU library (warning-free) and the C++ kernel test program
+ * (test/native/kernel_tests.cpp: every rf::cpu kernel vs a naive reference), runs it and asserts success.
+ */
+import { expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { ROOT_DIR } from "../ffi/native";
+
+function run(cmd: string, args: string[], env: Record<string, string> = {}) {
+  const r = spawnSync(cmd, args, { cwd: ROOT_DIR, env: { ...process.env, ...env }, encoding: "utf8" });
+  return { status: r.status, out: `${r.stdout ?? ""}${r.stderr ?? ""}`, error: r.error };
+}
+
+test("build-native.sh builds libreform_cpu.so", () => {
+  const r = run("bash", ["scripts/build-native.sh"], { REFORM_SKIP_CUDA: "1" });
+  if (r.status !== 0) console.error(r.out);
+  expect(r.status).toBe(0);
+  expect(r.out).not.toMatch(/warning:/);
+  expect(existsSync(join(ROOT_DIR, "build/libreform_cpu.so"))).toBe(true);
+}, 300_000);
+
+test("C++ kernel tests pass", () => {
+  mkdirSync(join(ROOT_DIR, "build"), { recursive: true });
+  const exe = join(ROOT_DIR, "build/kernel_tests");
+  const cxx = process.env.CXX ?? "g++";
+  const c = run(cxx, [
+    "-O2",
+    "-march=native",
+    "-fopenmp",
+    "-std=c++17",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+    "-Icuda",
+    "test/native/kernel_tests.cpp",
+    "-o",
+    exe,
+  ]);
+  if (c.status !== 0) console.error(c.out);
+  expect(c.status).toBe(0);
+  expect(c.out).not.toMatch(/warning:/);
+  const r = run(exe, [], { OMP_NUM_THREADS: "2" });
+  const lines = r.out.trim().split("\n");
+  const failed = lines.filter((l) => l.startsWith("[FAIL]"));
+  if (failed.length || r.status !== 0) console.error(r.out);
+  expect(failed).toEqual([]);
+  expect(r.status).toBe(0);
+  expect(lines.filter((l) => l.startsWith("[PASS]")).length).toBeGreaterThan(40);
+  expect(lines[lines.length - 1]).toMatch(/ 0 failed$/);
+}, 180_000);
