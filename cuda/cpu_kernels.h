@@ -16,6 +16,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__FMA__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace rf {
 namespace cpu {
@@ -51,6 +54,24 @@ inline v8f load8(const float* p) {
   return v;
 }
 
+/* a*b + c with one rounding where the CPU has FMA (explicit, so that every instantiation rounds alike). */
+inline v8f fmadd8(v8f a, v8f b, v8f c) {
+#if defined(__FMA__) && defined(__AVX__)
+  return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  const v8f p = a * b;
+  return p + c;
+#endif
+}
+inline float fmadd1(float a, float b, float c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  const float p = a * b;
+  return p + c;
+#endif
+}
+
 /* Register-blocked dot products of T x-rows against R W-rows: out[t*R + r] = x[t] . w[r].
  * Every dot product is accumulated in the same order whatever T and R are (8 lane-wise partial sums,
  * fixed-order lane reduction, scalar tail), so results do not depend on the blocking. */
@@ -65,14 +86,14 @@ inline void dot_block(const float* const* x, const float* const* w, int64_t in, 
     for (int r = 0; r < R; r++) wv[r] = load8(w[r] + i);
     for (int t = 0; t < T; t++) {
       const v8f xv = load8(x[t] + i);
-      for (int r = 0; r < R; r++) acc[t][r] += xv * wv[r];
+      for (int r = 0; r < R; r++) acc[t][r] = fmadd8(xv, wv[r], acc[t][r]);
     }
   }
   for (int t = 0; t < T; t++)
     for (int r = 0; r < R; r++) {
       const v8f a = acc[t][r];
       float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-      for (int64_t j = i; j < in; j++) s += x[t][j] * w[r][j];
+      for (int64_t j = i; j < in; j++) s = fmadd1(x[t][j], w[r][j], s);
       out[t * R + r] = s;
     }
 }

@@ -452,17 +452,18 @@ __global__ void k_gather_rows(const E* __restrict__ src, int64_t sT, E* __restri
 /* one warp per row: dst[r][:] = src[r][:] / ||src[r]|| (f32 out), zero rows stay zero */
 __global__ void k_normalize_rows(const void* __restrict__ src, int sdt, float* __restrict__ dst, int64_t rows,
                                  int dim) {
-  int64_t r = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
-  int lane = threadIdx.x & 31;
-  if (r >= rows) return;
-  float ss = 0.f;
-  for (int d = lane; d < dim; d += 32) {
-    float v = ld_any(src, sdt, r * dim + d);
-    ss += v * v;
+  const int lane = threadIdx.x & 31;
+  const int64_t wpb = blockDim.x >> 5;
+  for (int64_t r = blockIdx.x * wpb + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * wpb) {
+    float ss = 0.f;
+    for (int d = lane; d < dim; d += 32) {
+      float v = ld_any(src, sdt, r * dim + d);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    float inv = ss > 0.f ? 1.f / sqrtf(ss) : 0.f;
+    for (int d = lane; d < dim; d += 32) dst[r * dim + d] = ld_any(src, sdt, r * dim + d) * inv;
   }
-  ss = warp_sum(ss);
-  float inv = ss > 0.f ? 1.f / sqrtf(ss) : 0.f;
-  for (int d = lane; d < dim; d += 32) dst[r * dim + d] = ld_any(src, sdt, r * dim + d) * inv;
 }
 __global__ void k_rowmax(const float* __restrict__ s, int64_t rows, int cols, float* __restrict__ out) {
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {

@@ -1,0 +1,624 @@
+/**
+ * End-to-end HTTP tests against the real server: startServer with the tiny random model
+ * (test/fixtures/tiny-model.ts) on the CPU backend, driven over loopback with fetch.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { makeTinyModel } from "./fixtures/tiny-model.ts";
+import { startServer, type RunningServer } from "../src/server.ts";
+import { collectSse, expectError, pieceStream, sseEvents, waitFor, type SseEvent } from "./helpers/http.ts";
+
+const KEY = "test-key-123";
+const MAX_BODY = 48 * 1024;
+const MAX_JSON = 64 * 1024;
+const T = 120_000; // per-test timeout (2-core CI)
+
+let root: string;
+let srv: RunningServer;
+let base: string;
+
+const auth = { authorization: `Bearer ${KEY}` };
+function api(path: string, init: RequestInit = {}): Promise<Response> {
+  return fetch(`${base}${path}`, { ...init, headers: { ...auth, ...(init.headers as Record<string, string>) } });
+}
+function post(path: string, body: unknown, headers: Record<string, string> = {}): Promise<Response> {
+  return api(path, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+  });
+}
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+async function json(r: Response | Promise<Response>): Promise<any> {
+  const res = await r;
+  const text = await res.text();
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw new Error(`not JSON (${res.status}): ${text}`);
+  }
+}
+
+const enc = new TextEncoder();
+/** Some text with multi-byte characters everywhere (2, 3 and 4-byte UTF-8). */
+function sampleText(n: number, seed = 0): string {
+  const words = ["the", "quick", "brown", "fox", "jumps", "över", "naïve", "café", "日本語", "テキスト", "🎉", "🦊", "and", "lazy", "dog."];
+  const out: string[] = [];
+  let x = seed * 7919 + 17;
+  for (let i = 0; i < n; i++) {
+    x = (x * 1103515245 + 12345) & 0x7fffffff;
+    out.push(words[x % words.length]!);
+  }
+  return out.join(" ") + "\n";
+}
+
+async function newContext(metadata?: Record<string, unknown>): Promise<string> {
+  const res = await post("/v1/contexts", metadata ? { metadata } : {});
+  expect(res.status).toBe(201);
+  return (await json(res)).id;
+}
+
+async function uploadFinal(id: string, text: string): Promise<Record<string, unknown>> {
+  const res = await api(`/v1/contexts/${id}/content?final=true`, {
+    method: "PUT",
+    body: text,
+    headers: { "content-type": "text/plain; charset=utf-8" },
+  });
+  const body = await json(res);
+  if (res.status !== 200) throw new Error(`upload failed: ${JSON.stringify(body)}`);
+  return body;
+}
+
+function queryBody(extra: Record<string, unknown> = {}) {
+  return { question: "What does the fox do?", max_tokens: 6, temperature: 0, ...extra };
+}
+
+beforeAll(async () => {
+  root = mkdtempSync(join(tmpdir(), "reform-http-"));
+  const modelDir = await makeTinyModel(join(root, "model"));
+  srv = await startServer({
+    modelDir,
+    dataDir: join(root, "data"),
+    host: "127.0.0.1",
+    port: 0,
+    apiKey: KEY,
+    maxBodyBytes: MAX_BODY,
+    maxJsonBytes: MAX_JSON,
+    backend: "cpu",
+    servedName: "tiny-reform",
+    log: () => {},
+  });
+  base = srv.url;
+  // The server listens before the model is loaded.
+  const h = await fetch(`${base}/health`);
+  expect([200, 503]).toContain(h.status);
+  await srv.engine.ready();
+}, T);
+
+afterAll(async () => {
+  await srv?.stop();
+  if (root) rmSync(root, { recursive: true, force: true });
+});
+
+describe("ops", () => {
+  test("health is open and ok; models list has OpenAI's shape", async () => {
+    const h = await fetch(`${base}/health`);
+    expect(h.status).toBe(200);
+    expect((await json(h)).status).toBe("ok");
+    const m = await json(api("/v1/models"));
+    expect(m.object).toBe("list");
+    expect(m.data[0]).toMatchObject({ id: "tiny-reform", object: "model", owned_by: "reform" });
+    expect(typeof m.data[0].created).toBe("number");
+    const one = await json(api("/v1/models/tiny-reform"));
+    expect(one.id).toBe("tiny-reform");
+    await expectError(await api("/v1/models/nope"), 404, "model_not_found");
+  });
+});
+
+describe("contexts", () => {
+  test("create / get / list / delete", async () => {
+    const res = await post("/v1/contexts", { metadata: { name: "doc" } });
+    expect(res.status).toBe(201);
+    const c = await json(res);
+    expect(c).toMatchObject({ state: "empty", bytes_received: 0, tokens_received: 0, tokens_processed: 0, metadata: { name: "doc" } });
+    expect(res.headers.get("location")).toBe(`/v1/contexts/${c.id}`);
+    // empty body is fine too
+    const bare = await api("/v1/contexts", { method: "POST" });
+    expect(bare.status).toBe(201);
+    const bareId = (await json(bare)).id;
+    const got = await json(api(`/v1/contexts/${c.id}`));
+    expect(got.id).toBe(c.id);
+    const list = await json(api("/v1/contexts"));
+    expect(list.object).toBe("list");
+    expect(list.data.map((x: { id: string }) => x.id)).toEqual(expect.arrayContaining([c.id, bareId]));
+    const del = await api(`/v1/contexts/${c.id}`, { method: "DELETE" });
+    expect(del.status).toBe(200);
+    expect((await json(del)).deleted).toBe(true);
+    await expectError(await api(`/v1/contexts/${c.id}`), 404, "context_not_found");
+    await expectError(await api(`/v1/contexts/${c.id}`, { method: "DELETE" }), 404, "context_not_found");
+    await api(`/v1/contexts/${bareId}`, { method: "DELETE" });
+  });
+
+  test(
+    "streamed upload in many pieces (split UTF-8) over two requests, with progress SSE",
+    async () => {
+      const id = await newContext();
+      const part1 = sampleText(1500, 1);
+      const part2 = sampleText(1200, 2);
+      const b1 = enc.encode(part1);
+      const b2 = enc.encode(part2);
+
+      // Progress stream opened before the upload; closes by itself when the context is ready.
+      const evRes = await api(`/v1/contexts/${id}/events`);
+      expect(evRes.status).toBe(200);
+      expect(evRes.headers.get("content-type")).toContain("text/event-stream");
+      const progress = collectSse(evRes);
+
+      // Piece sizes 1..13 bytes and some bigger ones, so multi-byte characters are split.
+      const r1 = await api(`/v1/contexts/${id}/content`, {
+        method: "POST",
+        body: pieceStream(b1, [1, 3, 7, 13, 2, 5, 4096, 11]),
+        headers: { "content-type": "text/plain; charset=utf-8" },
+      });
+      const i1 = await json(r1);
+      expect(r1.status).toBe(200);
+      expect(i1.appended_bytes).toBe(b1.byteLength);
+      expect(i1.bytes_received).toBe(b1.byteLength);
+      expect(i1.state).toBe("processing");
+      expect(i1.finalized).toBe(false);
+
+      // Not finalized yet: queries are refused with 409.
+      await expectError(await post(`/v1/contexts/${id}/query`, queryBody()), 409, "context_not_ready");
+
+      const r2 = await api(`/v1/contexts/${id}/content`, {
+        method: "PUT",
+        body: pieceStream(b2, [2, 9, 1, 1000, 6]),
+        headers: { "content-type": "application/octet-stream", "x-reform-final": "true" },
+      });
+      const i2 = await json(r2);
+      expect(r2.status).toBe(200);
+      expect(i2.bytes_received).toBe(b1.byteLength + b2.byteLength);
+      expect(i2.state).toBe("ready");
+      expect(i2.finalized).toBe(true);
+      expect(i2.tokens_processed).toBe(i2.tokens_received);
+      expect(i2.pending_chars).toBe(0);
+      expect(i2.embedding_bytes).toBeGreaterThan(0);
+      // Streaming tokenization of the pieces equals tokenizing the whole text at once.
+      expect(i2.tokens_received).toBe(await srv.engine.countTokens(part1 + part2));
+
+      const events = await progress;
+      expect(events.at(-1)!.data).toBe("[DONE]");
+      const prog = events.filter((e) => e.event === "progress").map((e) => JSON.parse(e.data));
+      expect(prog.length).toBeGreaterThanOrEqual(2);
+      expect(prog[0].state).toBe("empty");
+      expect(prog.at(-1).state).toBe("ready");
+      expect(prog.at(-1).tokens_processed).toBe(i2.tokens_processed);
+      for (let k = 1; k < prog.length; k++) {
+        expect(prog[k].bytes_received).toBeGreaterThanOrEqual(prog[k - 1].bytes_received);
+        expect(prog[k].tokens_processed).toBeGreaterThanOrEqual(prog[k - 1].tokens_processed);
+      }
+      // Events of a ready context: one event, then the stream closes.
+      const again = await collectSse(await api(`/v1/contexts/${id}/events`));
+      expect(again.map((e) => e.event)).toEqual(["progress", "message"]);
+
+      const st = await json(api(`/v1/contexts/${id}`));
+      expect(st).toMatchObject({ id, state: "ready", bytes_received: b1.byteLength + b2.byteLength });
+    },
+    T,
+  );
+
+  test(
+    "JSON {text} upload and a separate finalize",
+    async () => {
+      const id = await newContext();
+      const res = await post(`/v1/contexts/${id}/content`, { text: "Hello wörld. " + sampleText(50, 3) });
+      expect(res.status).toBe(200);
+      const fin = await json(post(`/v1/contexts/${id}/finalize`, ""));
+      expect(fin.state).toBe("ready");
+      const q = await json(post(`/v1/contexts/${id}/query`, queryBody({ stream: false })));
+      expect(q.object).toBe("context.query");
+    },
+    T,
+  );
+
+  test(
+    "client disconnect mid-upload keeps what was received; the upload can be resumed",
+    async () => {
+      const id = await newContext();
+      const text = sampleText(3000, 4);
+      const bytes = enc.encode(text);
+      const ac = new AbortController();
+      let sent = 0;
+      const body = new ReadableStream<Uint8Array>({
+        async pull(ctrl) {
+          if (sent >= 6000) {
+            await Bun.sleep(200);
+            ac.abort();
+            return;
+          }
+          ctrl.enqueue(bytes.slice(sent, sent + 1000));
+          sent += 1000;
+          await Bun.sleep(10);
+        },
+      });
+      await api(`/v1/contexts/${id}/content`, { method: "PUT", body, signal: ac.signal, headers: { "content-type": "text/plain" } }).then(
+        () => {},
+        () => {},
+      );
+      let info: { bytes_received: number } = { bytes_received: 0 };
+      await waitFor(async () => {
+        info = await json(api(`/v1/contexts/${id}`));
+        return info.bytes_received === 6000;
+      }, 20_000, 50);
+      // resume from the acknowledged offset
+      const rest = await api(`/v1/contexts/${id}/content?final=1`, { method: "PUT", body: bytes.slice(info.bytes_received) });
+      const done = await json(rest);
+      expect(rest.status).toBe(200);
+      expect(done.bytes_received).toBe(bytes.byteLength);
+      expect(done.tokens_received).toBe(await srv.engine.countTokens(text));
+      // healthy afterwards
+      expect((await fetch(`${base}/health`)).status).toBe(200);
+    },
+    T,
+  );
+});
+
+describe("query", () => {
+  let ctxId: string;
+  beforeAll(async () => {
+    ctxId = await newContext();
+    await uploadFinal(ctxId, sampleText(2500, 5));
+  }, T);
+
+  function checkUsage(u: Record<string, number>, maxTokens: number) {
+    expect(u.completion_tokens).toBeGreaterThanOrEqual(1);
+    expect(u.completion_tokens).toBeLessThanOrEqual(maxTokens);
+    expect(u.prompt_tokens).toBeGreaterThan(0);
+    expect(u.total_tokens).toBe(u.prompt_tokens! + u.completion_tokens!);
+    expect(u.context_tokens).toBeGreaterThan(0);
+    expect(u.selected_tokens).toBeLessThanOrEqual(u.context_tokens!);
+  }
+
+  test(
+    "SSE: start, tokens, finish (finish_reason + usage + timings), [DONE]",
+    async () => {
+      const res = await post(`/v1/contexts/${ctxId}/query`, queryBody({ max_tokens: 8 }));
+      expect(res.status).toBe(200);
+      expect(res.headers.get("content-type")).toContain("text/event-stream");
+      const evs = await collectSse(res);
+      expect(evs[0]!.event).toBe("start");
+      expect(evs.at(-1)).toEqual({ event: "message", data: "[DONE]" });
+      const fin = evs.at(-2)!;
+      expect(fin.event).toBe("finish");
+      const f = JSON.parse(fin.data);
+      expect(["stop", "length"]).toContain(f.finish_reason);
+      checkUsage(f.usage, 8);
+      for (const k of ["queue_ms", "ttft_ms", "tpot_ms", "total_ms"]) expect(typeof f.timings[k]).toBe("number");
+      const toks = evs.filter((e) => e.event === "token").map((e) => JSON.parse(e.data));
+      expect(toks.length).toBe(f.usage.completion_tokens);
+      for (const t of toks) {
+        expect(typeof t.text).toBe("string");
+        expect(typeof t.token_id).toBe("number");
+      }
+    },
+    T,
+  );
+
+  test(
+    "non-stream JSON; every method; seeds make sampling reproducible",
+    async () => {
+      for (const method of ["reform", "full", "streaming", "h2o"]) {
+        const ctx = method === "full" ? await newContext() : ctxId;
+        if (method === "full") await uploadFinal(ctx, sampleText(100, 6)); // "full" needs a context that fits
+        const res = await post(`/v1/contexts/${ctx}/query`, queryBody({ method, stream: false, max_tokens: 5 }));
+        const q = await json(res);
+        expect(res.status).toBe(200);
+        expect(q).toMatchObject({ object: "context.query", context_id: ctx, method });
+        expect(typeof q.text).toBe("string");
+        expect(["stop", "length"]).toContain(q.finish_reason);
+        checkUsage(q.usage, 5);
+      }
+      const a = await json(post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false, temperature: 1, seed: 42, top_k: 50, top_p: 0.9 })));
+      const b = await json(post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false, temperature: 1, seed: 42, top_k: 50, top_p: 0.9 })));
+      expect(a.text).toBe(b.text);
+      const msgs = await json(
+        post(`/v1/contexts/${ctxId}/query`, { messages: [{ role: "user", content: "Where is the dog?" }], stream: false, max_tokens: 3 }),
+      );
+      expect(msgs.usage.completion_tokens).toBeGreaterThanOrEqual(1);
+    },
+    T,
+  );
+
+  test(
+    "OpenAI chat: streamed chunks have chat.completion.chunk shape, usage chunk, [DONE]",
+    async () => {
+      const res = await post("/v1/chat/completions", {
+        model: "tiny-reform",
+        messages: [
+          { role: "system", content: "Answer briefly." },
+          { role: "user", content: "What does the fox do?" },
+        ],
+        context_id: ctxId,
+        stream: true,
+        stream_options: { include_usage: true },
+        max_tokens: 6,
+        temperature: 0,
+      });
+      expect(res.status).toBe(200);
+      const evs = await collectSse(res);
+      expect(evs.at(-1)!.data).toBe("[DONE]");
+      const chunks = evs.slice(0, -1).map((e) => {
+        expect(e.event).toBe("message");
+        return JSON.parse(e.data);
+      });
+      const id = chunks[0].id;
+      expect(id).toMatch(/^chatcmpl-/);
+      for (const c of chunks) {
+        expect(c).toMatchObject({ id, object: "chat.completion.chunk", model: "tiny-reform" });
+        expect(typeof c.created).toBe("number");
+        expect("usage" in c).toBe(true);
+      }
+      expect(chunks[0].choices[0]).toMatchObject({ index: 0, delta: { role: "assistant", content: "" }, finish_reason: null });
+      const usageChunk = chunks.at(-1);
+      expect(usageChunk.choices).toEqual([]);
+      expect(usageChunk.usage.total_tokens).toBe(usageChunk.usage.prompt_tokens + usageChunk.usage.completion_tokens);
+      const last = chunks.at(-2);
+      expect(last.choices[0].delta).toEqual({});
+      expect(["stop", "length"]).toContain(last.choices[0].finish_reason);
+      for (const c of chunks.slice(1, -2)) {
+        expect(c.usage).toBeNull();
+        expect(c.choices[0].finish_reason).toBeNull();
+        expect(typeof c.choices[0].delta.content).toBe("string");
+      }
+
+      // without include_usage: no usage key, no usage chunk
+      const evs2 = await collectSse(
+        await post("/v1/chat/completions", { model: "x", messages: [{ role: "user", content: "hi" }], reform: { context_id: ctxId }, stream: true, max_tokens: 3 }),
+      );
+      const ch2 = evs2.slice(0, -1).map((e) => JSON.parse(e.data));
+      for (const c of ch2) {
+        expect("usage" in c).toBe(false);
+        expect(c.choices.length).toBe(1);
+      }
+      expect(ch2.at(-1).choices[0].finish_reason).not.toBeNull();
+    },
+    T,
+  );
+
+  test(
+    "OpenAI chat: non-stream response shape, plain chat without a context, context via model name",
+    async () => {
+      const res = await post("/v1/chat/completions", {
+        model: "tiny-reform",
+        messages: [{ role: "user", content: [{ type: "text", text: "What does the fox do?" }] }],
+        reform: { context_id: ctxId, method: "reform", budget: 256 },
+        max_completion_tokens: 4,
+        stop: ["\n\n"],
+        seed: 1,
+      });
+      expect(res.status).toBe(200);
+      const c = await json(res);
+      expect(c).toMatchObject({ object: "chat.completion", model: "tiny-reform" });
+      expect(c.id).toMatch(/^chatcmpl-/);
+      expect(c.choices).toHaveLength(1);
+      expect(c.choices[0]).toMatchObject({ index: 0, message: { role: "assistant" }, logprobs: null });
+      expect(typeof c.choices[0].message.content).toBe("string");
+      expect(["stop", "length"]).toContain(c.choices[0].finish_reason);
+      expect(c.usage.total_tokens).toBe(c.usage.prompt_tokens + c.usage.completion_tokens);
+      expect(c.usage.completion_tokens).toBeLessThanOrEqual(4);
+      expect(c.reform.selected_tokens).toBeLessThanOrEqual(256);
+
+      const plain = await json(post("/v1/chat/completions", { model: "tiny-reform", messages: [{ role: "user", content: "hi" }], max_tokens: 3 }));
+      expect(plain.object).toBe("chat.completion");
+      expect(plain.reform.context_id).toBeNull();
+
+      const models = await json(api("/v1/models"));
+      expect(models.data.map((m: { id: string }) => m.id)).toContain(`context:${ctxId}`);
+      const viaModel = await json(post("/v1/chat/completions", { model: `context:${ctxId}`, messages: [{ role: "user", content: "hi" }], max_tokens: 2 }));
+      expect(viaModel.reform.context_id).toBe(ctxId);
+    },
+    T,
+  );
+
+  test(
+    "client disconnect during SSE stops generation; the server stays healthy",
+    async () => {
+      const before = srv.engine.metrics().tokensGeneratedTotal;
+      for (const path of [`/v1/contexts/${ctxId}/query`, "/v1/chat/completions"]) {
+        const ac = new AbortController();
+        const body =
+          path === "/v1/chat/completions"
+            ? { messages: [{ role: "user", content: "go" }], context_id: ctxId, stream: true, max_tokens: 100_000, temperature: 1, seed: 3 }
+            : queryBody({ max_tokens: 100_000, temperature: 1, seed: 3 });
+        const res = await api(path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body), signal: ac.signal });
+        expect(res.status).toBe(200);
+        let n = 0;
+        let finished = false;
+        try {
+          for await (const e of sseEvents(res)) {
+            if (e.event === "finish" || e.data === "[DONE]") finished = true;
+            if (++n >= 3) ac.abort();
+          }
+        } catch {
+          /* aborted */
+        }
+        expect(finished).toBe(false);
+      }
+      // generation stops: the generated-token counter settles far below 2 x 100k
+      await waitFor(async () => /reform_queries_aborted_total [2-9]/.test(await (await api("/metrics")).text()), 20_000, 50);
+      await Bun.sleep(300);
+      const settled = srv.engine.metrics().tokensGeneratedTotal;
+      await Bun.sleep(500);
+      expect(srv.engine.metrics().tokensGeneratedTotal).toBe(settled);
+      expect(settled - before).toBeLessThan(5000);
+      expect((await fetch(`${base}/health`)).status).toBe(200);
+      const next = await json(post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false })));
+      expect(next.usage.completion_tokens).toBeGreaterThanOrEqual(1);
+    },
+    T,
+  );
+
+  test(
+    "concurrent sessions: several uploads and queries at once",
+    async () => {
+      const N = 4;
+      const texts = Array.from({ length: N }, (_, i) => sampleText(800 + 100 * i, 10 + i));
+      const ids = await Promise.all(texts.map(() => newContext()));
+      const infos = await Promise.all(
+        ids.map((id, i) =>
+          api(`/v1/contexts/${id}/content?final=true`, {
+            method: "PUT",
+            body: pieceStream(enc.encode(texts[i]!), [97, 1, 300 + i]),
+            headers: { "content-type": "text/plain" },
+          }).then(json),
+        ),
+      );
+      infos.forEach((info, i) => {
+        expect(info.id).toBe(ids[i]);
+        expect(info.state).toBe("ready");
+        expect(info.bytes_received).toBe(enc.encode(texts[i]!).byteLength);
+      });
+      // queries on all of them (and the shared one) at once, stream and non-stream mixed
+      const results = await Promise.all([
+        ...ids.map((id) => post(`/v1/contexts/${id}/query`, queryBody({ max_tokens: 4 })).then(collectSse)),
+        ...ids.map((id) => post("/v1/chat/completions", { messages: [{ role: "user", content: "q" }], context_id: id, max_tokens: 4 }).then(json)),
+      ]);
+      for (const r of results.slice(0, N) as SseEvent[][]) {
+        expect(r.at(-1)!.data).toBe("[DONE]");
+        expect(r.at(-2)!.event).toBe("finish");
+      }
+      for (const r of results.slice(N) as { object: string }[]) expect(r.object).toBe("chat.completion");
+      const m = await (await api("/metrics")).text();
+      expect(m).toMatch(/reform_active_contexts \d+/);
+      for (const id of ids) expect((await api(`/v1/contexts/${id}`, { method: "DELETE" })).status).toBe(200);
+    },
+    T,
+  );
+});
+
+describe("errors", () => {
+  let ready: string;
+  beforeAll(async () => {
+    ready = await newContext();
+    await uploadFinal(ready, sampleText(300, 20));
+  }, T);
+
+  test("malformed JSON, empty body, non-object", async () => {
+    await expectError(await post(`/v1/contexts/${ready}/query`, "{not json"), 400, "invalid_json");
+    await expectError(await post("/v1/chat/completions", ""), 400, "invalid_json");
+    await expectError(await post("/v1/chat/completions", "[1,2]"), 400, "invalid_json");
+    await expectError(await post("/v1/contexts", "{\"metadata\": "), 400, "invalid_json");
+  });
+
+  test("validation errors name the param", async () => {
+    const cases: [string, unknown, string][] = [
+      [`/v1/contexts/${ready}/query`, { question: "q", temperature: 5 }, "temperature"],
+      [`/v1/contexts/${ready}/query`, { question: "q", max_tokens: 0 }, "max_tokens"],
+      [`/v1/contexts/${ready}/query`, { question: "q", max_tokens: 1.5 }, "max_tokens"],
+      [`/v1/contexts/${ready}/query`, { question: "q", method: "magic" }, "method"],
+      [`/v1/contexts/${ready}/query`, { max_tokens: 3 }, "question"],
+      [`/v1/contexts/${ready}/query`, { question: "q", bogus: 1 }, ""],
+      [`/v1/contexts/${ready}/query`, { question: "q", stop: [1] }, "stop"],
+      ["/v1/chat/completions", { messages: [] }, "messages"],
+      ["/v1/chat/completions", { messages: [{ role: "user", content: "x" }], n: 2 }, "n"],
+      ["/v1/chat/completions", { messages: [{ role: "wizard", content: "x" }] }, "messages.0.role"],
+      ["/v1/chat/completions", { messages: [{ role: "user", content: [{ type: "image_url" }] }] }, "messages.0.content.0"],
+      ["/v1/chat/completions", { messages: [{ role: "user", content: "x" }], top_p: 0 }, "top_p"],
+      ["/v1/contexts", { metadata: "x" }, "metadata"],
+    ];
+    for (const [path, body, param] of cases) {
+      const e = await expectError(await post(path, body), 400);
+      expect(e.type).toBe("invalid_request_error");
+      if (param) expect(e.param).toBe(param);
+      else expect(e.message).toContain("bogus");
+    }
+  });
+
+  test("unknown context: 404 everywhere", async () => {
+    const id = "ctx_doesnotexist";
+    await expectError(await api(`/v1/contexts/${id}`), 404, "context_not_found");
+    await expectError(await api(`/v1/contexts/${id}/events`), 404, "context_not_found");
+    await expectError(await api(`/v1/contexts/${id}/content`, { method: "PUT", body: "x" }), 404, "context_not_found");
+    await expectError(await post(`/v1/contexts/${id}/query`, queryBody()), 404, "context_not_found");
+    await expectError(await post(`/v1/contexts/${id}/finalize`, ""), 404, "context_not_found");
+    await expectError(await post("/v1/chat/completions", { messages: [{ role: "user", content: "x" }], context_id: id }), 404, "context_not_found");
+    await expectError(await api(`/v1/contexts/bad%20id!`), 400);
+  });
+
+  test("409: query on an empty or still-processing context", async () => {
+    const empty = await newContext();
+    await expectError(await post(`/v1/contexts/${empty}/query`, queryBody()), 409, "context_not_ready");
+    await api(`/v1/contexts/${empty}/content`, { method: "PUT", body: "some text, not finalized" });
+    await expectError(await post(`/v1/contexts/${empty}/query`, queryBody()), 409, "context_not_ready");
+    await expectError(await post("/v1/chat/completions", { messages: [{ role: "user", content: "x" }], context_id: empty }), 409);
+  });
+
+  test("413: body over the configured limit", async () => {
+    const id = await newContext();
+    const big = new Uint8Array(MAX_BODY + 10).fill(0x61);
+    await expectError(await api(`/v1/contexts/${id}/content`, { method: "PUT", body: big }), 413, "payload_too_large");
+    await expectError(
+      await api(`/v1/contexts/${id}/content`, { method: "PUT", body: pieceStream(big, [32 * 1024]), headers: { "content-type": "text/plain" } }),
+      413,
+      "payload_too_large",
+    );
+    await expectError(await post(`/v1/contexts/${ready}/query`, { question: "x".repeat(MAX_JSON + 1) }), 413, "payload_too_large");
+    expect((await fetch(`${base}/health`)).status).toBe(200);
+  });
+
+  test("400: budget above the maximum", async () => {
+    const max = srv.engine.modelInfo()!.defaults.maxBudget;
+    const e = await expectError(await post(`/v1/contexts/${ready}/query`, queryBody({ budget: max + 1 })), 400, "budget_too_large");
+    expect(e.param).toBe("budget");
+    await expectError(await post("/v1/chat/completions", { messages: [{ role: "user", content: "x" }], reform: { context_id: ready, budget: max + 1 } }), 400);
+  });
+
+  test("415: unsupported media types", async () => {
+    await expectError(await api(`/v1/contexts/${ready}/content`, { method: "PUT", body: "x", headers: { "content-type": "image/png" } }), 415, "unsupported_media_type");
+    await expectError(await api(`/v1/contexts/${ready}/query`, { method: "POST", body: "{}", headers: { "content-type": "multipart/form-data; boundary=x" } }), 415);
+  });
+
+  test("401: missing or wrong API key; /health stays open", async () => {
+    await expectError(await fetch(`${base}/v1/contexts`), 401, "missing_api_key");
+    await expectError(await fetch(`${base}/v1/chat/completions`, { method: "POST", headers: { authorization: "Bearer wrong" }, body: "{}" }), 401, "invalid_api_key");
+    expect((await fetch(`${base}/health`)).status).toBe(200);
+  });
+
+  test("404 unknown route, 405 wrong method", async () => {
+    await expectError(await api("/v1/nope"), 404, "not_found");
+    await expectError(await api("/"), 404);
+    const e = await api("/v1/chat/completions");
+    await expectError(e, 405, "method_not_allowed");
+    expect(e.headers.get("allow")).toBe("POST");
+    await expectError(await api("/v1/models", { method: "DELETE" }), 405);
+    await expectError(await api(`/v1/contexts/${ready}/query`, { method: "GET" }), 405);
+    await expectError(await api(`/v1/contexts/${ready}`, { method: "PUT", body: "x" }), 405);
+  });
+
+  test("metrics: Prometheus text", async () => {
+    const res = await api("/metrics");
+    expect(res.status).toBe(200);
+    expect(res.headers.get("content-type")).toContain("text/plain");
+    const m = await res.text();
+    for (const name of [
+      "reform_tokens_processed_total",
+      "reform_tokens_generated_total",
+      "reform_engine_requests_total",
+      "reform_queue_depth",
+      "reform_active_contexts",
+      "reform_ttft_seconds_bucket",
+      "reform_tpot_seconds_count",
+      "reform_http_requests_total",
+    ]) {
+      expect(m).toContain(name);
+    }
+    expect(m).toMatch(/# TYPE reform_ttft_seconds histogram/);
+    expect(m).toMatch(/reform_tokens_processed_total [1-9]\d*/);
+    // every sample line is "name{labels} value"
+    for (const line of m.trim().split("\n")) {
+      if (!line.startsWith("#")) expect(line).toMatch(/^[a-z_:][a-z0-9_:]*(\{[^}]*\})? (-?[0-9.e+-]+|NaN|\+Inf|-Inf)$/);
+    }
+  });
+});
