@@ -20,6 +20,9 @@
 #include <immintrin.h>
 #endif
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors in inline helpers on targets without AVX
+
 namespace rf {
 namespace cpu {
 
@@ -306,5 +309,7 @@ inline void cosine_max(LoadRow load, int64_t n_ctx, int dim, const float* qn, in
 
 }  // namespace cpu
 }  // namespace rf
+
+#pragma GCC diagnostic pop
 
 #endif

@@ -30,6 +30,7 @@
  *   - Output: for every chunk token, for each selected head in order, the head's vector
  *     (q: after q_proj(+bias), BEFORE RoPE; k: after k_proj(+bias), before RoPE; v: after v_proj(+bias)),
  *     L2-normalised (eps 1e-6), concatenated -> n_sel * head_dim values per token.
+ *     (Normalisation is v / max(||v||_2, 1e-6), torch.nn.functional.normalize semantics.)
  *   - Layers after exit_layer are never run; for exit_layer itself only q/k/v + attention scores are
  *     computed (no o_proj / MLP).
  */
@@ -122,6 +123,8 @@ RF_API int rf_device_info(char* buf, int32_t buflen); /* NUL-terminated descript
 RF_API int rf_set_threads(int32_t n);                 /* CPU build: OpenMP threads; CUDA: no-op */
 
 /* ---- model ---- */
+/* Pointer-returning functions (rf_model_create, rf_compressor_create, rf_seq_create) return NULL on error
+ * with the message in rf_last_error(); their status code itself is not retrievable through this ABI. */
 RF_API rf_model* rf_model_create(const rf_config* cfg);
 /* name: Hugging Face tensor name, e.g. "model.layers.3.self_attn.q_proj.weight", "model.norm.weight",
  * "model.embed_tokens.weight", "lm_head.weight". data: row-major, dtype RF_F32/F16/BF16.
@@ -131,7 +134,8 @@ RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, 
 /* Fill every weight with N(0, std^2) (norm weights = 1, biases = 0), deterministic per seed.
  * On CUDA the weights are generated on the device (dummy load for benchmarks). */
 RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float std);
-/* Checks that every required tensor was set; must succeed before use. */
+/* Checks that every required tensor was set; must succeed before use (creating a compressor / seq from a
+ * model that is not finalized fails with RF_ERR_STATE). A missing tensor -> RF_ERR_STATE naming it. */
 RF_API int rf_model_finalize(rf_model* m);
 RF_API int64_t rf_model_memory_bytes(const rf_model* m);
 RF_API void rf_model_destroy(rf_model* m);
@@ -160,7 +164,8 @@ RF_API void rf_compressor_destroy(rf_compressor* c);
 
 /* ---- query scoring (phase 2) ---- */
 /* ctx: n_ctx rows of dim values (ctx_dtype RF_F32 or RF_F16) in host memory (may be an mmap).
- * q: n_q rows of dim f32. out[i] = max_j cos(ctx_i, q_j). n_q >= 1. */
+ * q: n_q rows of dim f32. out[i] = max_j cos(ctx_i, q_j). n_q >= 1.
+ * cos(a, b) = a.b / (max(|a|, 1e-12) * max(|b|, 1e-12)), so an all-zero row scores 0. */
 RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
                     int32_t n_q, float* out);
 
@@ -168,13 +173,15 @@ RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t d
 /* A fresh full-depth KV cache for up to max_tokens positions (positions 0..len-1). */
 RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens);
 /* Append n tokens (prefill when n > 1, decode when n == 1) at positions len..len+n-1 and keep the
- * logits of the last token. logits_out (may be NULL) receives vocab_size f32. */
+ * logits of the last token. logits_out (may be NULL) receives vocab_size f32.
+ * len + n > max_tokens or a token id outside [0, vocab) -> RF_ERR_INVALID and the sequence is unchanged. */
 RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* logits_out);
 /* Sample from the last logits. temperature <= 0: greedy (argmax, lowest id on ties). Otherwise
  * softmax(logits / temperature), keep top_k (<= 0: all), then the smallest prefix with cumulative
  * prob >= top_p (top_p >= 1: all), renormalise, draw with the xorshift64* generator whose state is
  * *rng_state (advanced in place; a zero state is replaced by a fixed non-zero constant).
- * Returns the token id (>= 0) or an error code. */
+ * Returns the token id (>= 0) or an error code (RF_ERR_STATE when no logits exist yet: nothing forwarded
+ * since create / reset / import). */
 RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t top_k,
                              uint64_t* rng_state);
 RF_API int32_t rf_seq_length(const rf_seq* s);

@@ -194,7 +194,8 @@ struct rf_seq {
   rf_model* m;
   int64_t max_tokens;
   int64_t len = 0;
-  std::vector<std::vector<float>> K, V;  // per layer [nkv][max_tokens][hd]; K rotated
+  int64_t stride = 0;                    // entries allocated per (layer, kv head); grows up to max_tokens
+  std::vector<std::vector<float>> K, V;  // per layer [nkv][stride][hd]; K rotated
   std::vector<float> logits;
   bool has_logits = false;
   Work w;
@@ -328,10 +329,10 @@ void seq_block(rf_seq* s, const int32_t* tokens, int64_t n, bool last) {
     float* Vd = s->V[(size_t)l].data();
     for (int g = 0; g < nkv; g++)
       for (int64_t t = 0; t < n; t++) {
-        memcpy(Kd + ((int64_t)g * s->max_tokens + p0 + t) * hd, w.kk.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
-        memcpy(Vd + ((int64_t)g * s->max_tokens + p0 + t) * hd, w.vv.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
+        memcpy(Kd + ((int64_t)g * s->stride + p0 + t) * hd, w.kk.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
+        memcpy(Vd + ((int64_t)g * s->stride + p0 + t) * hd, w.vv.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
       }
-    k::attn_forward(w.q.data(), n, nh, nkv, hd, Kd, Vd, s->max_tokens, p0, w.att.data(), w.scratch.data());
+    k::attn_forward(w.q.data(), n, nh, nkv, hd, Kd, Vd, s->stride, p0, w.att.data(), w.scratch.data());
     post_attn(m, Ly, w, n);
   }
   s->len = p0 + n;
@@ -341,6 +342,32 @@ void seq_block(rf_seq* s, const int32_t* tokens, int64_t n, bool last) {
     k::matmul(w.h.data(), 1, H, m->lm(), cfg.vocab_size, nullptr, s->logits.data());
     s->has_logits = true;
   }
+}
+
+/* grow the seq KV cache (lazily, doubling, capped at max_tokens) so that `need` entries fit; keeps the first
+ * s->len entries. All new buffers are allocated before anything is modified (bad_alloc leaves s intact). */
+void seq_reserve(rf_seq* s, int64_t need) {
+  if (need <= s->stride) return;
+  const rf_config& cfg = s->m->cfg;
+  const int nkv = cfg.num_kv_heads, hd = cfg.head_dim;
+  const int64_t cap = std::min(s->max_tokens, std::max({need, 2 * s->stride, (int64_t)256}));
+  const size_t per = (size_t)nkv * (size_t)cap * (size_t)hd;
+  std::vector<std::vector<float>> K2((size_t)cfg.num_layers), V2((size_t)cfg.num_layers);
+  for (int l = 0; l < cfg.num_layers; l++) {
+    K2[(size_t)l].resize(per);
+    V2[(size_t)l].resize(per);
+  }
+  if (s->len > 0)
+    for (int l = 0; l < cfg.num_layers; l++)
+      for (int g = 0; g < nkv; g++) {
+        memcpy(K2[(size_t)l].data() + (int64_t)g * cap * hd, s->K[(size_t)l].data() + (int64_t)g * s->stride * hd,
+               (size_t)(s->len * hd) * 4);
+        memcpy(V2[(size_t)l].data() + (int64_t)g * cap * hd, s->V[(size_t)l].data() + (int64_t)g * s->stride * hd,
+               (size_t)(s->len * hd) * 4);
+      }
+  s->K.swap(K2);
+  s->V.swap(V2);
+  s->stride = cap;
 }
 
 bool model_ready(const rf_model* m) {
@@ -723,13 +750,8 @@ RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens) {
     std::unique_ptr<rf_seq> s(new rf_seq());
     s->m = m;
     s->max_tokens = max_tokens;
-    s->K.resize((size_t)cfg.num_layers);
+    s->K.resize((size_t)cfg.num_layers);  // allocated lazily by seq_reserve
     s->V.resize((size_t)cfg.num_layers);
-    const size_t per = (size_t)cfg.num_kv_heads * (size_t)max_tokens * (size_t)cfg.head_dim;
-    for (int l = 0; l < cfg.num_layers; l++) {
-      s->K[(size_t)l].assign(per, 0.f);
-      s->V[(size_t)l].assign(per, 0.f);
-    }
     s->logits.assign((size_t)cfg.vocab_size, 0.f);
     m->refs++;
     return s.release();
@@ -745,6 +767,7 @@ RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* lo
       return set_error(RF_ERR_INVALID, "rf_seq_forward: %d tokens at length %lld exceed max_tokens %lld", n,
                        (long long)s->len, (long long)s->max_tokens);
     if (!tokens_valid(s->m, tokens, n)) return RF_ERR_INVALID;
+    seq_reserve(s, s->len + n);
     const int64_t BLK = 256;  // bounds activation memory for long prefills
     for (int64_t t0 = 0; t0 < n; t0 += BLK) {
       const int64_t nb = std::min<int64_t>(BLK, n - t0);
@@ -788,14 +811,17 @@ RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c) {
       return set_error(RF_ERR_INVALID, "rf_seq_import_compressor: %lld cache entries exceed max_tokens %lld",
                        (long long)c->len, (long long)s->max_tokens);
     const int nkv = cfg.num_kv_heads, hd = cfg.head_dim, half = hd / 2;
+    s->len = 0;
+    s->has_logits = false;
+    seq_reserve(s, c->len);
     for (int l = 0; l < cfg.num_layers; l++)
       for (int g = 0; g < nkv; g++)
         for (int64_t e = 0; e < c->len; e++) {
           const float* ks = c->K[(size_t)l].data() + ((int64_t)g * c->alloc + e) * hd;
           const float* vs = c->V[(size_t)l].data() + ((int64_t)g * c->alloc + e) * hd;
-          k::rope_head_to(ks, s->K[(size_t)l].data() + ((int64_t)g * s->max_tokens + e) * hd, hd, &c->cos_tab[e * half],
+          k::rope_head_to(ks, s->K[(size_t)l].data() + ((int64_t)g * s->stride + e) * hd, hd, &c->cos_tab[e * half],
                           &c->sin_tab[e * half]);
-          memcpy(s->V[(size_t)l].data() + ((int64_t)g * s->max_tokens + e) * hd, vs, (size_t)hd * 4);
+          memcpy(s->V[(size_t)l].data() + ((int64_t)g * s->stride + e) * hd, vs, (size_t)hd * 4);
         }
     s->len = c->len;
     s->has_logits = false;

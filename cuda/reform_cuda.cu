@@ -461,7 +461,7 @@ __global__ void k_normalize_rows(const void* __restrict__ src, int sdt, float* _
       ss += v * v;
     }
     ss = warp_sum(ss);
-    float inv = ss > 0.f ? 1.f / sqrtf(ss) : 0.f;
+    float inv = 1.f / fmaxf(sqrtf(ss), 1e-12f);  // all-zero row -> 0
     for (int d = lane; d < dim; d += 32) dst[r * dim + d] = ld_any(src, sdt, r * dim + d) * inv;
   }
 }
@@ -1240,7 +1240,6 @@ int set_tensor_impl(rf_model* m, const char* name, const void* data, int32_t dty
   }
   CU_CHECK(cudaStreamSynchronize(m->stream));
   m->set[rf::tensor_slot(m->cfg, id)] = 1;
-  m->finalized = false;
   return RF_OK;
 }
 
@@ -1276,7 +1275,6 @@ int init_random_impl(rf_model* m, uint64_t seed, float std) {
   }
   CU_CHECK(cudaStreamSynchronize(m->stream));
   std::fill(m->set.begin(), m->set.end(), (uint8_t)1);
-  m->finalized = false;
   return RF_OK;
 }
 

@@ -180,9 +180,9 @@ export class Native {
     return rc;
   }
 
-  private checkPtr(p: Pointer | null, where: string): Pointer {
+  private checkPtr(p: Pointer | bigint | null, where: string): Pointer {
     if (!p) throw new NativeError(RF_ERR_INTERNAL, this.lastError() || "returned NULL", where);
-    return p;
+    return p as Pointer;
   }
 
   backendName(): string {
@@ -247,7 +247,7 @@ export class Native {
     return this.check(rc, where);
   }
   /** @internal */
-  _checkPtr(p: Pointer | null, where: string): Pointer {
+  _checkPtr(p: Pointer | bigint | null, where: string): Pointer {
     return this.checkPtr(p, where);
   }
 }
@@ -265,7 +265,14 @@ export class NativeModel {
     const shp = new BigInt64Array(shape.map((s) => BigInt(s)));
     const nameBuf = Buffer.from(name + "\0", "utf8");
     this.native._check(
-      this.lib.rf_model_set_tensor(this.handle, nameBuf, data, dtype, shp, shape.length),
+      this.lib.rf_model_set_tensor(
+        this.handle,
+        nameBuf,
+        new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+        dtype,
+        shp,
+        shape.length,
+      ),
       `rf_model_set_tensor(${name})`,
     );
   }

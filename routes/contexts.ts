@@ -47,6 +47,7 @@ function isRawType(t: string): boolean {
   );
 }
 
+const PROGRESS_MIN_MS = 100; // progress events are coalesced to at most ~10/s
 const HIGH_WATER = 8 << 20; // bytes buffered from the socket while an append is in flight
 const MAX_PIECE = 4 << 20; // bytes per engine.append call
 
@@ -272,13 +273,35 @@ export function contextRoutes(d: Deps): Hono {
       async (w) => {
         let finish!: () => void;
         const ended = new Promise<void>((res) => (finish = res));
+        // At most one progress event per PROGRESS_MIN_MS while the state stays the same (a fast
+        // GPU compresses many chunks per second); state changes and the last update always go out.
         let lastKey = "";
-        const push = (info: ContextInfo) => {
+        let lastState = "";
+        let lastSent = 0;
+        let trailing: ReturnType<typeof setTimeout> | null = null;
+        let latest: ContextInfo | null = null;
+        const emit = (info: ContextInfo) => {
           const key = `${info.state}|${info.bytesReceived}|${info.tokensReceived}|${info.tokensProcessed}|${info.pendingChars}|${info.error ?? ""}`;
           if (key === lastKey) return;
           lastKey = key;
+          lastState = info.state;
+          lastSent = Date.now();
           if (!w.send({ type: "progress", ...contextView(info) }, "progress")) finish();
           if (info.state === "failed" || (!follow && isTerminal(info))) finish();
+        };
+        const push = (info: ContextInfo) => {
+          latest = info;
+          const wait = PROGRESS_MIN_MS - (Date.now() - lastSent);
+          if (info.state !== lastState || wait <= 0) {
+            if (trailing) clearTimeout(trailing);
+            trailing = null;
+            emit(info);
+          } else if (!trailing) {
+            trailing = setTimeout(() => {
+              trailing = null;
+              if (latest) emit(latest);
+            }, wait);
+          }
         };
         const unsubscribe = engine.subscribe(id, push);
         w.signal.addEventListener("abort", () => finish(), { once: true });
@@ -289,6 +312,7 @@ export function contextRoutes(d: Deps): Hono {
           await ended;
         } finally {
           unsubscribe();
+          if (trailing) clearTimeout(trailing);
           stats.sseActive--;
         }
         if (!w.signal.aborted) w.send("[DONE]");

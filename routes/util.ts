@@ -61,8 +61,8 @@ export function tooLarge(limit: number): ApiError {
 }
 
 /**
- * Parses a JSON body against `schema`. Missing content type and text/plain are tolerated (many
- * clients omit it); other non-JSON media types answer 415. An empty body parses as `{}` when
+ * Parses a JSON body against `schema`. Missing content type, text/plain and form-urlencoded (curl
+ * -d's default) are tolerated and parsed as JSON; other non-JSON media types answer 415. An empty body parses as `{}` when
  * `allowEmpty`.
  */
 export async function parseJsonBody<S extends z.ZodType>(
@@ -72,7 +72,8 @@ export async function parseJsonBody<S extends z.ZodType>(
   allowEmpty = false,
 ): Promise<z.output<S>> {
   const t = mediaType(c);
-  if (t !== "" && !isJsonType(t) && t !== "text/plain") {
+  // curl -d without -H 'content-type: application/json' sends x-www-form-urlencoded: parse it as JSON.
+  if (t !== "" && !isJsonType(t) && t !== "text/plain" && t !== "application/x-www-form-urlencoded") {
     throw new ApiError(415, "unsupported_media_type", `unsupported content type '${t}': send application/json`);
   }
   const bytes = await readBodyLimited(c, limit);

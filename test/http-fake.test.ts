@@ -108,6 +108,37 @@ describe("fake engine", () => {
     expect(metrics).toMatch(/reform_queries_aborted_total [1-9]/);
   });
 
+  test("engine fault mid-stream: error event then [DONE]; before the stream: 500 JSON", async () => {
+    const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+    await fetch(`${base}/v1/contexts/${ctx.id}/content?final=true`, { method: "PUT", body: "text" });
+    eng.failAfterTokens = 2;
+    try {
+      const evs = await collectSse(await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q", max_tokens: 10 }));
+      expect(evs.map((e) => e.event)).toEqual(["start", "token", "token", "error", "message"]);
+      const err = JSON.parse(evs[3]!.data).error;
+      expect(err).toMatchObject({ type: "server_error", code: "device_error" });
+      expect(evs[4]!.data).toBe("[DONE]");
+      const chat = await collectSse(
+        await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: "x" }], context_id: ctx.id, stream: true }),
+      );
+      expect(chat.at(-2)!.event).toBe("error");
+      eng.failAfterTokens = 0;
+      await expectError(await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q", stream: false }), 500, "device_error");
+    } finally {
+      eng.failAfterTokens = null;
+    }
+    expect((await fetch(`${base}/health`, { method: "HEAD" })).status).toBe(200);
+  });
+
+  test("curl-style bodies: JSON without content type, form-urlencoded upload", async () => {
+    const r = await fetch(`${base}/v1/contexts`, { method: "POST", body: '{"metadata":{"a":1}}', headers: { "content-type": "application/x-www-form-urlencoded" } });
+    expect(r.status).toBe(201);
+    const ctx = await j(r);
+    expect(ctx.metadata).toEqual({ a: 1 });
+    const up = await fetch(`${base}/v1/contexts/${ctx.id}/content`, { method: "POST", body: "a=b&c", headers: { "content-type": "application/x-www-form-urlencoded" } });
+    expect((await j(up)).bytes_received).toBe(5);
+  });
+
   test("upload pieces reach the engine intact (multi-byte UTF-8 split across pieces)", async () => {
     const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
     const text = "héllo wörld — 日本語テキスト 🎉🎉 ".repeat(20);

@@ -145,8 +145,8 @@ describe("contexts", () => {
     "streamed upload in many pieces (split UTF-8) over two requests, with progress SSE",
     async () => {
       const id = await newContext();
-      const part1 = sampleText(1500, 1);
-      const part2 = sampleText(1200, 2);
+      const part1 = sampleText(700, 1);
+      const part2 = sampleText(500, 2);
       const b1 = enc.encode(part1);
       const b2 = enc.encode(part2);
 
@@ -227,7 +227,7 @@ describe("contexts", () => {
     "client disconnect mid-upload keeps what was received; the upload can be resumed",
     async () => {
       const id = await newContext();
-      const text = sampleText(3000, 4);
+      const text = sampleText(1500, 4);
       const bytes = enc.encode(text);
       const ac = new AbortController();
       let sent = 0;
@@ -269,7 +269,7 @@ describe("query", () => {
   let ctxId: string;
   beforeAll(async () => {
     ctxId = await newContext();
-    await uploadFinal(ctxId, sampleText(2500, 5));
+    await uploadFinal(ctxId, sampleText(1200, 5));
   }, T);
 
   function checkUsage(u: Record<string, number>, maxTokens: number) {
@@ -297,7 +297,8 @@ describe("query", () => {
       checkUsage(f.usage, 8);
       for (const k of ["queue_ms", "ttft_ms", "tpot_ms", "total_ms"]) expect(typeof f.timings[k]).toBe("number");
       const toks = evs.filter((e) => e.event === "token").map((e) => JSON.parse(e.data));
-      expect(toks.length).toBe(f.usage.completion_tokens);
+      // token_id -1 marks a final flush of held-back text (incomplete UTF-8), not a generated token
+      expect(toks.filter((t) => t.token_id >= 0).length).toBe(f.usage.completion_tokens);
       for (const t of toks) {
         expect(typeof t.text).toBe("string");
         expect(typeof t.token_id).toBe("number");
@@ -309,9 +310,10 @@ describe("query", () => {
   test(
     "non-stream JSON; every method; seeds make sampling reproducible",
     async () => {
+      // a small context: "full" needs one that fits, "streaming"/"h2o" run the model over all of it
+      const ctx = await newContext();
+      await uploadFinal(ctx, sampleText(150, 6));
       for (const method of ["reform", "full", "streaming", "h2o"]) {
-        const ctx = method === "full" ? await newContext() : ctxId;
-        if (method === "full") await uploadFinal(ctx, sampleText(100, 6)); // "full" needs a context that fits
         const res = await post(`/v1/contexts/${ctx}/query`, queryBody({ method, stream: false, max_tokens: 5 }));
         const q = await json(res);
         expect(res.status).toBe(200);
@@ -464,7 +466,7 @@ describe("query", () => {
     "concurrent sessions: several uploads and queries at once",
     async () => {
       const N = 4;
-      const texts = Array.from({ length: N }, (_, i) => sampleText(800 + 100 * i, 10 + i));
+      const texts = Array.from({ length: N }, (_, i) => sampleText(300 + 50 * i, 10 + i));
       const ids = await Promise.all(texts.map(() => newContext()));
       const infos = await Promise.all(
         ids.map((id, i) =>

@@ -307,6 +307,28 @@ for (const v of VARIANTS) {
   });
 }
 
+describe("long sequences", () => {
+  test("KV cache growth across reallocations: pieces == at once, decode after growth", () => {
+    const b = buildModel(VARIANTS[1]);
+    const m = loadModel(native, b);
+    const toks = tokensFrom(3, 700);
+    const s1 = m.createSeq(701);
+    const once = s1.forward(i32(toks), true)!;
+    const s2 = m.createSeq(701);
+    let last: Float32Array | null = null;
+    for (const [a, z] of [[0, 200], [200, 257], [257, 600], [600, 699], [699, 700]]) last = s2.forward(i32(toks.slice(a, z)), true);
+    expect(maxAbs(last!, once)).toBeLessThan(1e-5);
+    const d1 = s1.forward(i32([5]), true)!;
+    const d2 = s2.forward(i32([5]), true)!;
+    expect(maxAbs(d1, d2)).toBeLessThan(1e-5);
+    expect(s1.length()).toBe(701);
+    expectNativeError(() => s1.forward(i32([5])), RF_ERR_INVALID, /max_tokens/);
+    s1.destroy();
+    s2.destroy();
+    m.destroy();
+  });
+});
+
 /* ---------------- compressor ---------------- */
 
 const CP: CompressParams = { capacity: 24, nSink: 2, nRecent: 4, obsWindow: 4, maxChunk: 10, embDtype: RF_F32, exitLayer: -1 };

@@ -124,8 +124,12 @@ async function main() {
   const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {};
   const quiet = values.quiet === true;
   const tty = process.stderr.isTTY;
-  const status = (s: string) => {
+  let lastStatus = 0;
+  const status = (s: string, force = true) => {
     if (quiet) return;
+    const now = Date.now();
+    if (!force && now - lastStatus < (tty ? 100 : 2000)) return; // throttle progress redraws
+    lastStatus = now;
     if (tty) process.stderr.write(`\r\x1b[K${s}`);
     else process.stderr.write(`${s}\n`);
   };
@@ -191,7 +195,7 @@ async function main() {
           const p = JSON.parse(e.data);
           last = { bytes: p.bytes_received, tokens: p.tokens_received, processed: p.tokens_processed };
           const pct = total > 0 ? ` ${((100 * p.bytes_received) / total).toFixed(1)}%` : "";
-          status(`uploading${pct}: ${fmtBytes(p.bytes_received)}${total ? ` / ${fmtBytes(total)}` : ""}, ${p.tokens_processed}/${p.tokens_received} tokens compressed`);
+          status(`uploading${pct}: ${fmtBytes(p.bytes_received)}${total ? ` / ${fmtBytes(total)}` : ""}, ${p.tokens_processed}/${p.tokens_received} tokens compressed`, false);
         }
       } catch {
         /* aborted */

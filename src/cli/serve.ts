@@ -22,6 +22,12 @@ const USAGE = `usage: bun run serve --model DIR [options]
   --api-key KEY        require 'Authorization: Bearer KEY' (all but /health)     env REFORM_API_KEY
   --served-name NAME   model name shown by /v1/models (default: model dir name)  env REFORM_SERVED_NAME
   --max-body-bytes N   largest single upload request in bytes (default 64 GiB)   env REFORM_MAX_BODY_BYTES
+  --budget N           default recompute budget (context tokens gathered)        (default 8192)
+  --max-budget N       largest budget a request may ask for          (default max(trained ctx, 1024))
+  --max-tokens N       default answer length limit                                (default 512)
+  --chunk-size N       compression chunk in tokens              (default: heads file, else 1024)
+  --capacity N         compressor KV entries per layer/head     (default: heads file, else 4096)
+  --threads N          CPU backend threads                                        (default: all cores)
   --log-requests       log every request                                         env REFORM_LOG_REQUESTS=1
   -h, --help           show this help
 `;
@@ -54,6 +60,12 @@ async function main() {
         "api-key": { type: "string" },
         "served-name": { type: "string" },
         "max-body-bytes": { type: "string" },
+        budget: { type: "string" },
+        "max-budget": { type: "string" },
+        "max-tokens": { type: "string" },
+        "chunk-size": { type: "string" },
+        capacity: { type: "string" },
+        threads: { type: "string" },
         "log-requests": { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
@@ -99,6 +111,26 @@ async function main() {
   const apiKey = str("api-key", "REFORM_API_KEY");
   const logRequests = values["log-requests"] === true || env.REFORM_LOG_REQUESTS === "1";
 
+  const optInt = (name: string, min: number) => {
+    const v = values[name];
+    return typeof v === "string" ? intOpt(name, v, 0, min, 1 << 30) : undefined;
+  };
+  const defaults: Record<string, number> = {};
+  for (const [flag, key, min] of [
+    ["budget", "budget", 16],
+    ["max-budget", "maxBudget", 16],
+    ["max-tokens", "maxTokens", 1],
+    ["chunk-size", "chunkSize", 1],
+    ["capacity", "capacity", 1],
+  ] as const) {
+    const v = optInt(flag, min);
+    if (v !== undefined) defaults[key] = v;
+  }
+  if (defaults.budget !== undefined && defaults.maxBudget !== undefined && defaults.budget > defaults.maxBudget) {
+    fail("--budget must not exceed --max-budget");
+  }
+  const threads = optInt("threads", 1);
+
   let srv: Awaited<ReturnType<typeof startServer>>;
   try {
     srv = await startServer({
@@ -112,6 +144,7 @@ async function main() {
       heads: heads && !heads.trim().startsWith("{") ? resolve(heads) : heads,
       servedName: str("served-name", "REFORM_SERVED_NAME"),
       logRequests,
+      engine: { ...(threads !== undefined ? { threads } : {}), ...(Object.keys(defaults).length ? { defaults } : {}) },
     });
   } catch (e) {
     const msg = (e as Error).message;

@@ -40,6 +40,8 @@ export class FakeEngine implements EngineClient {
   lastQuery: QueryRequest | null = null;
   appendDelayMs: number;
   tokenDelayMs: number;
+  /** throw an EngineError(500) after this many tokens (mid-stream fault). */
+  failAfterTokens: number | null = null;
   readonly texts = new Map<string, string>();
 
   constructor(o: FakeOptions = {}) {
@@ -172,6 +174,9 @@ export class FakeEngine implements EngineClient {
             if (req.signal?.aborted) {
               finish = "abort";
               break;
+            }
+            if (self.failAfterTokens !== null && n >= self.failAfterTokens) {
+              throw new EngineError(500, "device_error", "simulated device fault");
             }
             self.generated++;
             yield { type: "token", text: words[n % words.length]!, tokenId: n };

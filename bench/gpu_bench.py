@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""
+GPU benchmark of build/libreform_cuda.so through ctypes (no bun, no torch needed; numpy only).
+
+Llama-3.1-8B shape with random weights generated on the device (rf_model_init_random):
+  * compress throughput (tokens/s) over --lengths tokens of random ids, and model FLOP utilisation
+    (FLOPs of the layers actually run, incl. attention over the cache and the H2O pass, vs --peak-tflops)
+  * scoring time over --score-tokens rows (rf_score, f16 ctx, --score-queries queries)
+  * recompute prefill time for --prefill tokens, decode time per token (--decode steps)
+Prints figures, no assertions. --quick: smaller run.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from gpu_check import (RF_BF16, RF_F16, RF_ROPE_LLAMA3, Compressor, Lib, Model, Seq, compress_params,  # noqa: E402
+                       score)
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                  num_kv_heads=8, head_dim=128, qkv_bias=0, tie_embeddings=0, rope_type=RF_ROPE_LLAMA3, rms_eps=1e-5,
+                  rope_theta=500000.0, rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                  rope_original_max_pos=8192, weight_dtype=RF_BF16)
+
+
+def parse_heads(s):
+    out = []
+    for part in s.split(","):
+        l, k, h = part.split(":")
+        out.append((int(l), k, int(h)))
+    return out
+
+
+def compress_flops(c, n, cache_len, exit_layer, obs_window):
+    """FLOPs of one compress chunk of n tokens with cache_len entries already cached (as run)."""
+    H, I, nH, nKV, hd = c["hidden_size"], c["intermediate_size"], c["num_heads"], c["num_kv_heads"], c["head_dim"]
+    qd, kvd = nH * hd, nKV * hd
+    qkv = 2 * n * H * (qd + 2 * kvd)
+    rest = 2 * n * (qd * H + H * 2 * I + I * H)
+    # causal attention: query i sees cache_len + i + 1 keys; QK^T and PV: 4 * hd per (query, key, head)
+    keys_all = n * cache_len + n * (n + 1) // 2
+    w = min(obs_window, n)
+    keys_last = sum(cache_len + i + 1 for i in range(n - w, n))
+    attn_full = 4 * hd * nH * keys_all
+    attn_exit = 4 * hd * nH * keys_last
+    h2o = 2 * hd * nH * keys_last  # second pass over the last w queries
+    full_layers = exit_layer  # layers 0..exit-1 run completely
+    return full_layers * (qkv + rest + attn_full + h2o) + (qkv + attn_exit + h2o)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lib", default=os.path.join(ROOT, "build", "libreform_cuda.so"))
+    ap.add_argument("--heads", default="4:q:0,8:k:3,12:v:5,16:q:17", help="layer:kind:head,...")
+    ap.add_argument("--capacity", type=int, default=8192)
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--n-sink", type=int, default=4)
+    ap.add_argument("--n-recent", type=int, default=128)
+    ap.add_argument("--obs-window", type=int, default=128)
+    ap.add_argument("--lengths", default="131072,1048576", help="compress lengths (tokens)")
+    ap.add_argument("--score-tokens", type=int, default=1048576)
+    ap.add_argument("--score-queries", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=8192)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--layers", type=int, default=0, help="override num_layers (0: 32)")
+    ap.add_argument("--quick", action="store_true", help="small run: 32K compress, 128K scoring, 2K prefill")
+    ap.add_argument("--seed", type=int, default=7)
+    args = ap.parse_args()
+    if args.quick:
+        args.lengths = "32768"
+        args.score_tokens = 131072
+        args.prefill = 2048
+        args.decode = 16
+
+    lib = Lib(args.lib)
+    print("device:", lib.device_info())
+    if lib.L.rf_device_count() < 1:
+        sys.exit("no CUDA device: " + lib.err())
+    cfg = dict(LLAMA31_8B)
+    if args.layers:
+        cfg["num_layers"] = args.layers
+    t0 = time.perf_counter()
+    m = Model(lib, cfg)
+    m.init_random(args.seed, 0.02)
+    m.finalize()
+    print(f"model: Llama-3.1-8B shape, {cfg['num_layers']} layers, {m.memory_bytes() / 2**30:.2f} GiB on device, "
+          f"init {time.perf_counter() - t0:.1f}s")
+
+    # ---- compress ----
+    heads = parse_heads(args.heads)
+    params = compress_params(args.capacity, args.n_sink, args.n_recent, args.obs_window, args.chunk, RF_F16)
+    c = Compressor(m, params, heads)
+    exit_layer = lib.L.rf_compressor_exit_layer(c.h)
+    print(f"compressor: heads {args.heads} (exit layer {exit_layer}), capacity {args.capacity}, chunk {args.chunk}, "
+          f"emb dim {c.dim}")
+    rng = np.random.default_rng(args.seed)
+    c.process(rng.integers(0, cfg["vocab_size"], args.chunk, dtype=np.int32))  # warm-up
+    lib.check(lib.L.rf_compressor_reset(c.h), "reset")
+    peak = args.peak_tflops * 1e12
+    for total in [int(x) for x in args.lengths.split(",") if x]:
+        lib.check(lib.L.rf_compressor_reset(c.h), "reset")
+        toks = rng.integers(0, cfg["vocab_size"], total, dtype=np.int32)
+        flops = 0
+        cache = 0
+        t0 = time.perf_counter()
+        for off in range(0, total, args.chunk):
+            n = min(args.chunk, total - off)
+            flops += compress_flops(cfg, n, cache, exit_layer, args.obs_window)
+            c.process(toks[off:off + n])
+            cache = min(args.capacity, cache + n)
+        dt = time.perf_counter() - t0
+        print(f"compress {total:>8} tokens: {dt:8.2f} s  {total / dt:10.0f} tok/s  "
+              f"{flops / dt / 1e12:7.1f} TFLOP/s  MFU {100 * flops / dt / peak:5.1f}%  "
+              f"(cache {c.cache_len()})", flush=True)
+    c.destroy()
+
+    # ---- scoring ----
+    dim = len(heads) * cfg["head_dim"]
+    ctx = rng.standard_normal((args.score_tokens, dim), dtype=np.float32).astype(np.float16)
+    q = rng.standard_normal((args.score_queries, dim), dtype=np.float32)
+    score(lib, ctx[:1024], q)  # warm-up
+    t0 = time.perf_counter()
+    score(lib, ctx, q)
+    dt = time.perf_counter() - t0
+    print(f"score {args.score_tokens} x {dim} (f16) vs {args.score_queries} queries: {dt * 1e3:8.1f} ms "
+          f"({ctx.nbytes / dt / 1e9:.1f} GB/s host->device)", flush=True)
+    del ctx
+
+    # ---- recompute prefill + decode ----
+    s = Seq(m, args.prefill + args.decode + 16)
+    toks = rng.integers(0, cfg["vocab_size"], args.prefill, dtype=np.int32)
+    s.forward(toks[:512], want_logits=False)  # warm-up
+    s.reset()
+    t0 = time.perf_counter()
+    s.forward(toks)
+    dt = time.perf_counter() - t0
+    H, I, nH, nKV, hd, L = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                                             "head_dim", "num_layers"))
+    n = args.prefill
+    lin = 2 * n * (H * (nH + 2 * nKV) * hd + nH * hd * H + 3 * H * I) * L + 2 * H * cfg["vocab_size"]
+    att = 4 * hd * nH * (n * (n + 1) // 2) * L
+    print(f"prefill {n} tokens: {dt * 1e3:8.1f} ms  {n / dt:8.0f} tok/s  MFU {100 * (lin + att) / dt / peak:5.1f}%",
+          flush=True)
+    times = []
+    for _ in range(args.decode):
+        t = s.sample(0.0)
+        t0 = time.perf_counter()
+        s.forward(np.array([t], dtype=np.int32), want_logits=False)
+        times.append(time.perf_counter() - t0)
+    times = np.array(times)
+    print(f"decode at context {n}: {np.median(times) * 1e3:.2f} ms/token (median of {len(times)}, "
+          f"min {times.min() * 1e3:.2f}, max {times.max() * 1e3:.2f})")
+    s.destroy()
+    m.destroy()
+
+
+if __name__ == "__main__":
+    main()

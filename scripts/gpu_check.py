@@ -1,0 +1,630 @@
+#!/usr/bin/env python3
+"""
+GPU correctness check for the REFORM native engine (run on a machine with an NVIDIA GPU).
+
+Requires: PyTorch, transformers, safetensors, numpy; build/libreform_cuda.so and build/libreform_cpu.so
+(build them with `bash scripts/build-native.sh`, or pass --cuda-lib / --cpu-lib).
+
+For each model config (or the one given with --model DIR, a HF Llama/Mistral/Qwen2 checkpoint dir):
+  * builds a small random model in bf16 (Llama-3 GQA + llama3 rope scaling, Qwen2 qkv bias, tied embeddings),
+    saves it as safetensors and loads the same weights into the CUDA and CPU libraries through ctypes;
+  * logits rel err (||a-b|| / ||b||) of CUDA vs transformers and CPU vs transformers at several prefix lengths;
+  * 32-token greedy continuation: CUDA vs CPU vs transformers generate(do_sample=False);
+  * compressor: CUDA vs transformers q/k/v head vectors on the first chunk, CUDA vs CPU embeddings over
+    several chunks with eviction (cosine), cache length, state blob CUDA -> CPU;
+  * rf_score CUDA vs numpy.
+Exit code 1 when a check fails. Prints a summary table.
+"""
+import argparse
+import ctypes
+import os
+import struct
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+RF_F32, RF_F16, RF_BF16 = 0, 1, 2
+RF_ROPE_DEFAULT, RF_ROPE_LLAMA3, RF_ROPE_LINEAR = 0, 1, 2
+RF_HEAD = {"q": 0, "k": 1, "v": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# ctypes binding (mirrors cuda/reform.h)
+# ----------------------------------------------------------------------------------------------
+class NativeError(RuntimeError):
+    pass
+
+
+class Lib:
+    def __init__(self, path):
+        self.path = path
+        L = ctypes.CDLL(path)
+        self.L = L
+        vp, i32, i64, u64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float
+
+        def sig(name, res, *args):
+            f = getattr(L, name)
+            f.restype = res
+            f.argtypes = list(args)
+
+        sig("rf_abi_version", ctypes.c_int)
+        sig("rf_backend_name", ctypes.c_char_p)
+        sig("rf_last_error", ctypes.c_char_p)
+        sig("rf_device_count", ctypes.c_int)
+        sig("rf_device_info", ctypes.c_int, ctypes.c_char_p, i32)
+        sig("rf_set_threads", ctypes.c_int, i32)
+        sig("rf_model_create", vp, vp)
+        sig("rf_model_set_tensor", ctypes.c_int, vp, ctypes.c_char_p, vp, i32, vp, i32)
+        sig("rf_model_init_random", ctypes.c_int, vp, u64, f32)
+        sig("rf_model_finalize", ctypes.c_int, vp)
+        sig("rf_model_memory_bytes", i64, vp)
+        sig("rf_model_destroy", None, vp)
+        sig("rf_compressor_create", vp, vp, vp, vp, i32)
+        sig("rf_compressor_embed_dim", i32, vp)
+        sig("rf_compressor_exit_layer", i32, vp)
+        sig("rf_compressor_process", ctypes.c_int, vp, vp, i32, vp)
+        sig("rf_compressor_embed", ctypes.c_int, vp, vp, i32, vp)
+        sig("rf_compressor_cache_len", i64, vp)
+        sig("rf_compressor_seen", i64, vp)
+        sig("rf_compressor_reset", ctypes.c_int, vp)
+        sig("rf_compressor_state_size", i64, vp)
+        sig("rf_compressor_state_save", ctypes.c_int, vp, vp, i64)
+        sig("rf_compressor_state_load", ctypes.c_int, vp, vp, i64)
+        sig("rf_compressor_destroy", None, vp)
+        sig("rf_score", ctypes.c_int, vp, i32, i64, i32, vp, i32, vp)
+        sig("rf_seq_create", vp, vp, i32)
+        sig("rf_seq_forward", ctypes.c_int, vp, vp, i32, vp)
+        sig("rf_seq_sample", i32, vp, f32, f32, i32, vp)
+        sig("rf_seq_length", i32, vp)
+        sig("rf_seq_reset", ctypes.c_int, vp)
+        sig("rf_seq_import_compressor", ctypes.c_int, vp, vp)
+        sig("rf_seq_destroy", None, vp)
+        if L.rf_abi_version() != 1:
+            raise RuntimeError(f"{path}: ABI version {L.rf_abi_version()} != 1")
+        self.name = L.rf_backend_name().decode()
+
+    def err(self):
+        e = self.L.rf_last_error()
+        return e.decode() if e else ""
+
+    def check(self, rc, where):
+        if rc < 0:
+            raise NativeError(f"{self.name}:{where}: rc={rc}: {self.err()}")
+        return rc
+
+    def checkp(self, p, where):
+        if not p:
+            raise NativeError(f"{self.name}:{where}: NULL: {self.err()}")
+        return p
+
+    def device_info(self):
+        buf = ctypes.create_string_buffer(512)
+        self.check(self.L.rf_device_info(buf, 512), "rf_device_info")
+        return buf.value.decode()
+
+
+def ptr(a):
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def config_words(c):
+    """rf_config: 32 x 4-byte words."""
+    ints = [c["vocab_size"], c["hidden_size"], c["intermediate_size"], c["num_layers"], c["num_heads"],
+            c["num_kv_heads"], c["head_dim"], int(c["qkv_bias"]), int(c["tie_embeddings"]), c["rope_type"]]
+    floats = [c["rms_eps"], c["rope_theta"], c["rope_factor"], c["rope_low_freq_factor"], c["rope_high_freq_factor"]]
+    b = struct.pack("<10i", *ints) + struct.pack("<5f", *floats)
+    b += struct.pack("<2i", c["rope_original_max_pos"], c.get("weight_dtype", RF_BF16))
+    b += b"\0" * (128 - len(b))
+    assert len(b) == 128
+    return ctypes.create_string_buffer(b, 128)
+
+
+def compress_params(capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype=RF_F32, exit_layer=-1):
+    a = np.zeros(16, dtype=np.int32)
+    a[:7] = [capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype, exit_layer]
+    return a
+
+
+def heads_array(heads):
+    a = np.zeros(len(heads) * 3, dtype=np.int32)
+    for i, (layer, kind, h) in enumerate(heads):
+        a[3 * i: 3 * i + 3] = [layer, RF_HEAD[kind], h]
+    return a
+
+
+class Model:
+    def __init__(self, lib, cfgd):
+        self.lib, self.cfg = lib, cfgd
+        self.cfgbuf = config_words(cfgd)
+        self.h = lib.checkp(lib.L.rf_model_create(ctypes.cast(self.cfgbuf, ctypes.c_void_p)), "rf_model_create")
+
+    def set_tensor(self, name, arr, dtype):
+        arr = np.ascontiguousarray(arr)
+        shape = np.array(arr.shape, dtype=np.int64)
+        self.lib.check(self.lib.L.rf_model_set_tensor(self.h, name.encode(), ptr(arr), dtype, ptr(shape), arr.ndim),
+                       f"set_tensor({name})")
+
+    def init_random(self, seed, std):
+        self.lib.check(self.lib.L.rf_model_init_random(self.h, seed, std), "init_random")
+
+    def finalize(self):
+        self.lib.check(self.lib.L.rf_model_finalize(self.h), "finalize")
+
+    def memory_bytes(self):
+        return self.lib.L.rf_model_memory_bytes(self.h)
+
+    def destroy(self):
+        if self.h:
+            self.lib.L.rf_model_destroy(self.h)
+            self.h = None
+
+
+class Compressor:
+    def __init__(self, model, params, heads):
+        self.lib = model.lib
+        self.params = params
+        self.heads = heads_array(heads)
+        self.h = self.lib.checkp(self.lib.L.rf_compressor_create(model.h, ptr(params), ptr(self.heads), len(heads)),
+                                 "compressor_create")
+        self.dim = self.lib.L.rf_compressor_embed_dim(self.h)
+        self.emb_dtype = np.float16 if params[5] == RF_F16 else np.float32
+
+    def process(self, toks, want=True):
+        toks = np.ascontiguousarray(toks, dtype=np.int32)
+        out = np.zeros((len(toks), self.dim), dtype=self.emb_dtype) if want else None
+        self.lib.check(self.lib.L.rf_compressor_process(self.h, ptr(toks), len(toks), ptr(out) if want else None),
+                       "process")
+        return out
+
+    def embed(self, toks):
+        toks = np.ascontiguousarray(toks, dtype=np.int32)
+        out = np.zeros((len(toks), self.dim), dtype=self.emb_dtype)
+        self.lib.check(self.lib.L.rf_compressor_embed(self.h, ptr(toks), len(toks), ptr(out)), "embed")
+        return out
+
+    def cache_len(self):
+        return self.lib.L.rf_compressor_cache_len(self.h)
+
+    def save(self):
+        n = self.lib.check(self.lib.L.rf_compressor_state_size(self.h), "state_size")
+        buf = np.zeros(n, dtype=np.uint8)
+        self.lib.check(self.lib.L.rf_compressor_state_save(self.h, ptr(buf), n), "state_save")
+        return buf
+
+    def load(self, buf):
+        self.lib.check(self.lib.L.rf_compressor_state_load(self.h, ptr(buf), len(buf)), "state_load")
+
+    def destroy(self):
+        if self.h:
+            self.lib.L.rf_compressor_destroy(self.h)
+            self.h = None
+
+
+class Seq:
+    def __init__(self, model, max_tokens):
+        self.lib = model.lib
+        self.vocab = model.cfg["vocab_size"]
+        self.h = self.lib.checkp(self.lib.L.rf_seq_create(model.h, max_tokens), "seq_create")
+        self.rng = np.zeros(1, dtype=np.uint64)
+
+    def forward(self, toks, want_logits=True):
+        toks = np.ascontiguousarray(toks, dtype=np.int32)
+        lg = np.zeros(self.vocab, dtype=np.float32) if want_logits else None
+        self.lib.check(self.lib.L.rf_seq_forward(self.h, ptr(toks), len(toks), ptr(lg) if want_logits else None),
+                       "seq_forward")
+        return lg
+
+    def sample(self, temperature=0.0, top_p=1.0, top_k=0):
+        return self.lib.check(self.lib.L.rf_seq_sample(self.h, temperature, top_p, top_k, ptr(self.rng)), "sample")
+
+    def reset(self):
+        self.lib.check(self.lib.L.rf_seq_reset(self.h), "seq_reset")
+
+    def destroy(self):
+        if self.h:
+            self.lib.L.rf_seq_destroy(self.h)
+            self.h = None
+
+
+def score(lib, ctx, q):
+    ctx = np.ascontiguousarray(ctx)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    dt = RF_F16 if ctx.dtype == np.float16 else RF_F32
+    out = np.zeros(ctx.shape[0], dtype=np.float32)
+    lib.check(lib.L.rf_score(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], ptr(out)), "rf_score")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# HF model helpers
+# ----------------------------------------------------------------------------------------------
+def rope_info(hf):
+    rp = dict(getattr(hf, "rope_scaling", None) or {})
+    rp.update(getattr(hf, "rope_parameters", None) or {})
+    theta = rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    typ = rp.get("rope_type", rp.get("type", "default")) or "default"
+    return typ, float(theta), rp
+
+
+def hf_to_rf_config(hf, weight_dtype=RF_BF16):
+    typ, theta, rp = rope_info(hf)
+    rtype = {"default": RF_ROPE_DEFAULT, "llama3": RF_ROPE_LLAMA3, "linear": RF_ROPE_LINEAR}.get(typ)
+    if rtype is None:
+        raise SystemExit(f"unsupported rope type {typ}")
+    heads = hf.num_attention_heads
+    return dict(
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers, num_heads=heads, num_kv_heads=getattr(hf, "num_key_value_heads", heads) or heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        qkv_bias=hf.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), rope_type=rtype,
+        rms_eps=float(hf.rms_norm_eps), rope_theta=theta, rope_factor=float(rp.get("factor", 1.0) or 1.0),
+        rope_low_freq_factor=float(rp.get("low_freq_factor", 1.0) or 1.0),
+        rope_high_freq_factor=float(rp.get("high_freq_factor", 4.0) or 4.0),
+        rope_original_max_pos=int(rp.get("original_max_position_embeddings", 8192) or 8192),
+        weight_dtype=weight_dtype)
+
+
+def make_hf_config(kind):
+    import inspect
+
+    import transformers as T
+
+    common = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, initializer_range=0.06)
+    if kind == "llama3-gqa":
+        cls = T.LlamaConfig
+        kw = dict(common, num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+        theta, scaling = 500000.0, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=64)
+    elif kind == "qwen2-bias":
+        cls = T.Qwen2Config
+        kw = dict(common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                  use_sliding_window=False)
+        theta, scaling = 1000000.0, None
+    elif kind == "llama-tied":
+        cls = T.LlamaConfig
+        kw = dict(common, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+        theta, scaling = 10000.0, None
+    else:
+        raise SystemExit(f"unknown config {kind}")
+    if "rope_parameters" in inspect.signature(cls.__init__).parameters:
+        rp = dict(rope_type="default", rope_theta=theta)
+        if scaling:
+            rp.update(scaling)
+        cfg = cls(**kw, rope_parameters=rp)
+    else:
+        cfg = cls(**kw, rope_theta=theta, rope_scaling=scaling)
+    typ, th, _ = rope_info(cfg)
+    assert abs(th - theta) < 1e-3 * theta and (typ == (scaling or {}).get("rope_type", "default")), (typ, th)
+    return cfg
+
+
+def build_random_model(kind, outdir, seed):
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = make_hf_config(kind)
+    cls = T.Qwen2ForCausalLM if kind.startswith("qwen2") else T.LlamaForCausalLM
+    model = cls(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p.float()))  # exercise the norm weights
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p.float()))  # exercise the qkv bias
+    model.save_pretrained(outdir, safe_serialization=True)
+    return outdir
+
+
+def load_weights(path):
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            sd.update(load_file(os.path.join(path, f)))
+    return sd
+
+
+def to_raw(t):
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16), RF_BF16
+    if t.dtype == torch.float16:
+        return t.numpy(), RF_F16
+    return t.float().numpy(), RF_F32
+
+
+def load_into(lib, rfcfg, sd):
+    m = Model(lib, rfcfg)
+    for name, t in sd.items():
+        if name == "lm_head.weight" and rfcfg["tie_embeddings"]:
+            continue
+        if "rotary_emb" in name:
+            continue
+        arr, dt = to_raw(t)
+        m.set_tensor(name, arr, dt)
+    m.finalize()
+    return m
+
+
+def rel_err(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def cos_rows(a, b, hd):
+    """min / mean cosine over (row, head segment)."""
+    a = a.astype(np.float64).reshape(a.shape[0], -1, hd)
+    b = b.astype(np.float64).reshape(b.shape[0], -1, hd)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30
+    c = num / den
+    return float(c.min()), float(c.mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------------
+class Report:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, model, check, value, target, ok):
+        self.rows.append((model, check, value, target, "PASS" if ok is True else ("SKIP" if ok is None else "FAIL")))
+        print(f"  [{self.rows[-1][4]}] {check}: {value}  (target {target})", flush=True)
+
+    def failed(self):
+        return any(r[4] == "FAIL" for r in self.rows)
+
+    def print(self):
+        w = [max(len(str(r[i])) for r in self.rows + [("model", "check", "value", "target", "result")]) for i in range(5)]
+        line = "+".join("-" * (x + 2) for x in w)
+        print("\n" + line)
+        print(" | ".join(str(h).ljust(w[i]) for i, h in enumerate(("model", "check", "value", "target", "result"))))
+        print(line)
+        for r in self.rows:
+            print(" | ".join(str(v).ljust(w[i]) for i, v in enumerate(r)))
+        print(line)
+
+
+def check_model(name, path, args, libs, rep):
+    import torch
+    import transformers as T
+
+    print(f"\n=== {name}: {path}", flush=True)
+    hfcfg = T.AutoConfig.from_pretrained(path)
+    rfcfg = hf_to_rf_config(hfcfg)
+    hd = rfcfg["head_dim"]
+    dev = "cuda"
+    hf = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").to(dev).eval()
+    sd = load_weights(path)
+    g = torch.Generator().manual_seed(args.seed)
+    V = rfcfg["vocab_size"]
+    prompt = torch.randint(0, V, (args.prompt_len,), generator=g)
+
+    natives = {}
+    for lname, lib in libs.items():
+        t0 = time.time()
+        natives[lname] = load_into(lib, rfcfg, sd)
+        print(f"  loaded into {lname} in {time.time() - t0:.2f}s ({natives[lname].memory_bytes() / 2**20:.1f} MiB)")
+
+    # ---- logits vs transformers at several prefix lengths ----
+    with torch.no_grad():
+        ref_all = hf(prompt[None].to(dev)).logits[0].float().cpu().numpy()
+    prefixes = sorted({1, 17, 64, 65, 130, args.prompt_len})
+    prefixes = [p for p in prefixes if p <= args.prompt_len]
+    for lname, m in natives.items():
+        s = Seq(m, args.prompt_len + args.gen + 8)
+        worst = 0.0
+        for p in prefixes:
+            s.reset()
+            lg = s.forward(prompt[:p].numpy())
+            worst = max(worst, rel_err(lg, ref_all[p - 1]))
+        # chunked prefill equivalence (two forward calls vs one)
+        s.reset()
+        half = args.prompt_len // 2
+        s.forward(prompt[:half].numpy(), want_logits=False)
+        lg2 = s.forward(prompt[half:].numpy())
+        worst = max(worst, rel_err(lg2, ref_all[-1]))
+        rep.add(name, f"logits rel err {lname} vs HF (max over prefixes {prefixes}+split)", f"{worst:.2e}", "< 1e-2",
+                worst < 1e-2)
+        s.destroy()
+
+    # ---- greedy continuation ----
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = hf.generate(prompt[None].to(dev), max_new_tokens=args.gen, min_new_tokens=args.gen, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    ref_gen = out[0, args.prompt_len:].cpu().tolist()
+    seqs = {}
+    for lname, m in natives.items():
+        s = Seq(m, args.prompt_len + args.gen + 8)
+        s.forward(prompt.numpy(), want_logits=False)
+        toks = []
+        for _ in range(args.gen):
+            t = s.sample(0.0)
+            toks.append(t)
+            s.forward(np.array([t], dtype=np.int32), want_logits=False)
+        seqs[lname] = toks
+        s.destroy()
+
+    def first_diff(a, b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return i
+        return -1
+
+    def margin_at(tokens_prefix):
+        with torch.no_grad():
+            lg = hf(torch.tensor(tokens_prefix)[None].to(dev)).logits[0, -1].float()
+        top = torch.topk(lg, 2).values
+        return float(top[0] - top[1])
+
+    names = ["hf"] + list(seqs)
+    allseq = {"hf": ref_gen, **seqs}
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            a, b = names[i], names[j]
+            d = first_diff(allseq[a], allseq[b])
+            if d < 0:
+                rep.add(name, f"greedy {args.gen} tokens {a} == {b}", "identical", "identical", True)
+            else:
+                mg = margin_at(prompt.tolist() + ref_gen[:d])
+                near_tie = mg < args.tie_margin
+                rep.add(name, f"greedy {args.gen} tokens {a} == {b}",
+                        f"differs at {d} (HF top-2 margin {mg:.3g}{', near tie' if near_tie else ''})", "identical",
+                        None if near_tie and not args.strict_greedy else False)
+
+    # ---- compressor ----
+    L = rfcfg["num_layers"]
+    heads = [(0, "q", 1 % rfcfg["num_heads"]), (1, "k", 0), (min(2, L - 1), "v", rfcfg["num_kv_heads"] - 1),
+             (min(2, L - 1), "q", 0)]
+    chunk, cap = 64, 96
+    params = compress_params(capacity=cap, n_sink=4, n_recent=16, obs_window=16, max_chunk=chunk, emb_dtype=RF_F32)
+    comps = {lname: Compressor(m, params, heads) for lname, m in natives.items()}
+    stream = torch.randint(0, V, (chunk * 6 + 17,), generator=g).numpy().astype(np.int32)
+    # first chunk vs transformers projections (cache empty: same as a plain forward on the chunk)
+    if "cuda" in comps:
+        caps = {}
+        hooks = []
+        for (layer, kind, h) in heads:
+            mod = getattr(hf.model.layers[layer].self_attn, f"{kind}_proj")
+            hooks.append(mod.register_forward_hook(
+                lambda mod_, inp, out, key=(layer, kind): caps.__setitem__(key, out[0].float().cpu().numpy())))
+        with torch.no_grad():
+            hf(torch.from_numpy(stream[:chunk]).long()[None].to(dev))
+        for hk in hooks:
+            hk.remove()
+        ref = np.concatenate([caps[(l, k)][:, h * hd:(h + 1) * hd] for (l, k, h) in heads], axis=1)
+    embs = {}
+    for lname, c in comps.items():
+        outs = []
+        for off in range(0, len(stream), chunk):
+            outs.append(c.process(stream[off:off + chunk]))
+        embs[lname] = outs
+    if "cuda" in comps:
+        mn, mean = cos_rows(embs["cuda"][0], ref, hd)
+        rep.add(name, "compressor emb CUDA vs HF q/k/v (chunk 0) min cos", f"{mn:.5f} (mean {mean:.5f})", "> 0.99",
+                mn > 0.99)
+    if "cuda" in comps and "cpu" in comps:
+        mn0, mean0 = cos_rows(embs["cuda"][0], embs["cpu"][0], hd)
+        rep.add(name, "compressor emb CUDA vs CPU chunk 0 (no eviction) min cos", f"{mn0:.5f} (mean {mean0:.5f})",
+                "> 0.99", mn0 > 0.99)
+        a = np.concatenate(embs["cuda"]), np.concatenate(embs["cpu"])
+        mn, mean = cos_rows(a[0], a[1], hd)
+        rep.add(name, f"compressor emb CUDA vs CPU all {len(stream)} tok (with eviction) cos",
+                f"min {mn:.5f} mean {mean:.5f}", "mean > 0.99, min > 0.9", mean > 0.99 and mn > 0.9)
+        cl = {k: c.cache_len() for k, c in comps.items()}
+        rep.add(name, "compressor cache_len CUDA == CPU", str(cl), f"== {cap}", cl["cuda"] == cl["cpu"] == cap)
+        # state blob: CUDA -> CPU, then embed a query in context on both
+        q = stream[:9]
+        blob = comps["cuda"].save()
+        cpu2 = Compressor(natives["cpu"], params, heads)
+        try:
+            cpu2.load(blob)
+            e_cuda, e_cpu2 = comps["cuda"].embed(q), cpu2.embed(q)
+            mn, mean = cos_rows(e_cuda, e_cpu2, hd)
+            rep.add(name, "state blob CUDA->CPU, embed() agreement min cos", f"{mn:.5f}", "> 0.98", mn > 0.98)
+        except NativeError as e:
+            rep.add(name, "state blob CUDA->CPU", str(e)[:80], "loads", False)
+        cpu2.destroy()
+    for c in comps.values():
+        c.destroy()
+
+    # ---- scoring ----
+    if "cuda" in libs:
+        rng = np.random.default_rng(args.seed)
+        for dt in (np.float32, np.float16):
+            ctx = rng.standard_normal((5003, 256)).astype(dt)
+            qv = rng.standard_normal((7, 256)).astype(np.float32)
+            got = score(libs["cuda"], ctx, qv)
+            c64 = ctx.astype(np.float64)
+            want = ((c64 / np.linalg.norm(c64, axis=1, keepdims=True)) @
+                    (qv / np.linalg.norm(qv, axis=1, keepdims=True)).T).max(1)
+            err = float(np.abs(got - want).max())
+            rep.add(name, f"rf_score CUDA vs numpy ({np.dtype(dt).name} ctx) max abs err", f"{err:.2e}", "< 1e-4",
+                    err < 1e-4)
+    for m in natives.values():
+        m.destroy()
+    del hf
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF checkpoint dir (safetensors) to check instead of the random configs")
+    ap.add_argument("--configs", default="llama3-gqa,qwen2-bias,llama-tied")
+    ap.add_argument("--cuda-lib", default=os.path.join(ROOT, "build", "libreform_cuda.so"))
+    ap.add_argument("--cpu-lib", default=os.path.join(ROOT, "build", "libreform_cpu.so"))
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU library")
+    ap.add_argument("--prompt-len", type=int, default=200)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--tie-margin", type=float, default=0.02,
+                    help="a greedy divergence where HF's top-2 logit margin is below this is reported as SKIP")
+    ap.add_argument("--strict-greedy", action="store_true", help="any greedy divergence fails")
+    ap.add_argument("--build", action="store_true", help="run scripts/build-native.sh first")
+    args = ap.parse_args()
+
+    if args.build:
+        rc = os.system(f"REFORM_REQUIRE_CUDA=1 bash {os.path.join(ROOT, 'scripts', 'build-native.sh')}")
+        if rc != 0:
+            sys.exit("build failed")
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device visible to PyTorch")
+    libs = {}
+    libs["cuda"] = Lib(args.cuda_lib)
+    print("cuda lib:", args.cuda_lib, "|", libs["cuda"].device_info(), "| devices:", libs["cuda"].L.rf_device_count())
+    rep = Report()
+    if not args.no_cpu:
+        if os.path.exists(args.cpu_lib):
+            libs["cpu"] = Lib(args.cpu_lib)
+            print("cpu lib:", args.cpu_lib, "|", libs["cpu"].device_info())
+        else:
+            rep.add("-", "CPU library present", args.cpu_lib, "exists", False)
+    if libs["cuda"].L.rf_device_count() < 1:
+        rep.add("-", "CUDA library sees a device", libs["cuda"].err(), ">= 1", False)
+        rep.print()
+        sys.exit(1)
+
+    if args.model:
+        try:
+            check_model(os.path.basename(os.path.normpath(args.model)), args.model, args, libs, rep)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            rep.add(args.model, "run", f"{type(e).__name__}: {str(e)[:100]}", "no exception", False)
+    else:
+        for i, kind in enumerate(args.configs.split(",")):
+            with tempfile.TemporaryDirectory() as d:
+                try:
+                    build_random_model(kind, d, args.seed + i)
+                    check_model(kind, d, args, libs, rep)
+                except Exception as e:  # noqa: BLE001
+                    import traceback
+
+                    traceback.print_exc()
+                    rep.add(kind, "run", f"{type(e).__name__}: {str(e)[:100]}", "no exception", False)
+    rep.print()
+    if rep.failed():
+        print("RESULT: FAIL")
+        sys.exit(1)
+    print("RESULT: PASS")
+
+
+if __name__ == "__main__":
+    main()
