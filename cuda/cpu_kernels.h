@@ -20,8 +20,8 @@
 #include <immintrin.h>
 #endif
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors in inline helpers on targets without AVX
+// 32-byte vectors in inline helpers: without AVX GCC warns (at the end of the TU) about the vector ABI.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace rf {
 namespace cpu {
@@ -309,7 +309,5 @@ inline void cosine_max(LoadRow load, int64_t n_ctx, int dim, const float* qn, in
 
 }  // namespace cpu
 }  // namespace rf
-
-#pragma GCC diagnostic pop
 
 #endif
