@@ -118,13 +118,14 @@ typedef struct rf_seq rf_seq;
 RF_API int rf_abi_version(void);
 RF_API const char* rf_backend_name(void);             /* "cpu" or "cuda" */
 RF_API const char* rf_last_error(void);               /* thread-local, "" when none */
+RF_API int rf_last_error_code(void);                  /* thread-local status code of the last error (0 = none) */
 RF_API int rf_device_count(void);                     /* CPU build: 1; CUDA: #GPUs (0 if none / no driver) */
 RF_API int rf_device_info(char* buf, int32_t buflen); /* NUL-terminated description; <0 on error */
 RF_API int rf_set_threads(int32_t n);                 /* CPU build: OpenMP threads; CUDA: no-op */
 
 /* ---- model ---- */
 /* Pointer-returning functions (rf_model_create, rf_compressor_create, rf_seq_create) return NULL on error
- * with the message in rf_last_error(); their status code itself is not retrievable through this ABI. */
+ * with the message in rf_last_error() and the status code in rf_last_error_code(). */
 RF_API rf_model* rf_model_create(const rf_config* cfg);
 /* name: Hugging Face tensor name, e.g. "model.layers.3.self_attn.q_proj.weight", "model.norm.weight",
  * "model.embed_tokens.weight", "lm_head.weight". data: row-major, dtype RF_F32/F16/BF16.

@@ -24,6 +24,10 @@ inline std::string& last_error_ref() {
   static thread_local std::string e;
   return e;
 }
+inline int& last_error_code_ref() {
+  static thread_local int code = 0;
+  return code;
+}
 inline int set_error(int code, const char* fmt, ...) {
   char buf[1024];
   va_list ap;
@@ -31,9 +35,13 @@ inline int set_error(int code, const char* fmt, ...) {
   vsnprintf(buf, sizeof buf, fmt, ap);
   va_end(ap);
   last_error_ref() = buf;
+  last_error_code_ref() = code;
   return code;
 }
-inline void clear_error() { last_error_ref().clear(); }
+inline void clear_error() {
+  last_error_ref().clear();
+  last_error_code_ref() = 0;
+}
 
 /* ---------------- dtype conversion ---------------- */
 inline float bf16_to_f32(uint16_t h) {

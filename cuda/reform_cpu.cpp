@@ -413,6 +413,7 @@ extern "C" {
 RF_API int rf_abi_version(void) { return RF_ABI_VERSION; }
 RF_API const char* rf_backend_name(void) { return "cpu"; }
 RF_API const char* rf_last_error(void) { return rf::last_error_ref().c_str(); }
+RF_API int rf_last_error_code(void) { return rf::last_error_code_ref(); }
 RF_API int rf_device_count(void) { return 1; }
 
 RF_API int rf_device_info(char* buf, int32_t buflen) {

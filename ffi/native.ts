@@ -94,6 +94,7 @@ const symbols = {
   rf_abi_version: { args: [], returns: FFIType.i32 },
   rf_backend_name: { args: [], returns: FFIType.cstring },
   rf_last_error: { args: [], returns: FFIType.cstring },
+  rf_last_error_code: { args: [], returns: FFIType.i32 },
   rf_device_count: { args: [], returns: FFIType.i32 },
   rf_device_info: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
   rf_set_threads: { args: [FFIType.i32], returns: FFIType.i32 },
@@ -181,7 +182,10 @@ export class Native {
   }
 
   private checkPtr(p: Pointer | bigint | null, where: string): Pointer {
-    if (!p) throw new NativeError(RF_ERR_INTERNAL, this.lastError() || "returned NULL", where);
+    if (!p) {
+      const code = this.lib.rf_last_error_code();
+      throw new NativeError(code < 0 ? code : RF_ERR_INTERNAL, this.lastError() || "returned NULL", where);
+    }
     return p as Pointer;
   }
 

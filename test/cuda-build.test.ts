@@ -10,7 +10,7 @@ import { describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { Native, NativeError, RF_BF16, RF_ERR_INTERNAL, RF_ERR_NODEVICE, ROOT_DIR, type ModelConfig } from "../ffi/native.ts";
+import { Native, NativeError, RF_BF16, RF_ERR_NODEVICE, ROOT_DIR, type ModelConfig } from "../ffi/native.ts";
 
 function findNvcc(): string | null {
   const candidates = [process.env.NVCC, "/usr/local/cuda/bin/nvcc"].filter(Boolean) as string[];
@@ -136,9 +136,8 @@ describe.skipIf(!NVCC)("CUDA native library", () => {
         }
         expect(err).toBeInstanceOf(NativeError);
         const ne = err as NativeError;
-        // Pointer-returning calls carry no status: native.ts maps NULL to RF_ERR_INTERNAL; the library's
-        // message names the missing device. Accept either code, require the message.
-        expect([RF_ERR_NODEVICE, RF_ERR_INTERNAL]).toContain(ne.code);
+        // Pointer-returning calls report their status through rf_last_error_code().
+        expect(ne.code).toBe(RF_ERR_NODEVICE);
         expect(ne.message).toMatch(/no usable CUDA device|no_device/i);
 
         // status-returning calls report RF_ERR_NODEVICE directly

@@ -647,7 +647,7 @@ describe("error paths", () => {
     expectNativeError(() => c.process(i32([3, 200])), RF_ERR_INVALID, /out of range/);
     expect(c.seen()).toBe(0);
     expect(c.cacheLen()).toBe(0);
-    // invalid head specs / params (pointer-returning create: NULL + message; see report about the code)
+    // invalid head specs / params (pointer-returning create: NULL + code via rf_last_error_code)
     const bad: [CompressParams, HeadSpec[], RegExp][] = [
       [CP, [{ layer: 2, kind: "q", head: 0 }], /layer/],
       [CP, [{ layer: 0, kind: "k", head: 2 }], /index/],
@@ -658,8 +658,7 @@ describe("error paths", () => {
       [{ ...CP, embDtype: RF_BF16 as any }, HEADS, /emb_dtype/],
     ];
     for (const [p, h, re] of bad) {
-      expect(() => m.createCompressor(p, h)).toThrow(NativeError);
-      expect(native.lastError()).toMatch(re);
+      expectNativeError(() => m.createCompressor(p, h), RF_ERR_INVALID, re);
     }
     // still fully functional afterwards
     expect(s.length()).toBe(8);
