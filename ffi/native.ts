@@ -360,6 +360,10 @@ export class NativeCompressor {
   reset(): void {
     this.native._check(this.lib.rf_compressor_reset(this.handle), "rf_compressor_reset");
   }
+  /** Bytes of the state blob saveState() would return. */
+  stateSize(): number {
+    return this.native._check(Number(this.lib.rf_compressor_state_size(this.handle)), "rf_compressor_state_size");
+  }
   saveState(): Uint8Array {
     const size = Number(this.lib.rf_compressor_state_size(this.handle));
     this.native._check(size, "rf_compressor_state_size");
