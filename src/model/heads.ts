@@ -25,6 +25,7 @@
  *     and REFORM's paper found middle layers retrieve best (late layers are specialised for prediction).
  *   - Mixing q and k/v of the same kv group often helps: q captures "what this token looks for",
  *     k/v "what this token offers".
+ *   - `bun scripts/select-heads.ts --model DIR [--layers 8-16] --out DIR/reform_heads.json` automates this (per-head needle recall@budget).
  * Default heuristic (no file): layer = round(0.45 * (num_layers - 1)) (clamped), heads q0, k0, v0 —
  * head 0 of kv group 0 and its first query head. A reasonable untuned starting point.
  */
