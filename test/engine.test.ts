@@ -230,6 +230,9 @@ describe("engine (tiny model, CPU library)", () => {
     expect((await err(q({ contextId: c.id, method: "bogus" as any }))).code).toBe("invalid_method");
     expect((await err(q({ contextId: c.id, budget: 5 }))).code).toBe("invalid_budget");
     expect((await err(q({ contextId: c.id, budget: 1e9 }))).status).toBe(400);
+    const big = await err(q({ contextId: c.id, sampling: { maxTokens: 10_000_000, temperature: 0, topP: 1, topK: 0, stop: [] } }));
+    expect(big.status).toBe(400);
+    expect(big.code).toBe("max_tokens_too_large");
     expect((await err(q({ contextId: c.id, question: undefined, messages: [] }))).status).toBe(400);
     expect((await err(e.append("ctx_nope", new Uint8Array(1)))).status).toBe(404);
   });
@@ -240,7 +243,7 @@ describe("engine (tiny model, CPU library)", () => {
     await e.finalize(c.id);
     const ac = new AbortController();
     const evs: QueryEvent[] = [];
-    for await (const ev of e.query({ contextId: c.id, question: "go", method: "reform", sampling: sampling(100000), signal: ac.signal })) {
+    for await (const ev of e.query({ contextId: c.id, question: "go", method: "reform", sampling: sampling(8000), signal: ac.signal })) {
       evs.push(ev);
       if (ev.type === "token" && evs.length >= 3) ac.abort();
     }
@@ -250,7 +253,7 @@ describe("engine (tiny model, CPU library)", () => {
     expect(done.finishReason).toBe("abort");
     expect(done.usage.completionTokens).toBeLessThan(1000);
     // breaking out of the iterator also cancels; the engine stays usable
-    for await (const ev of e.query({ contextId: c.id, question: "go", method: "full", sampling: sampling(100000) })) {
+    for await (const ev of e.query({ contextId: c.id, question: "go", method: "full", sampling: sampling(8000) })) {
       if (ev.type === "token") break;
     }
     const after = await collect(e, { contextId: c.id, question: "go", method: "reform", sampling: sampling(2) });

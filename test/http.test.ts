@@ -432,8 +432,8 @@ describe("query", () => {
         const ac = new AbortController();
         const body =
           path === "/v1/chat/completions"
-            ? { messages: [{ role: "user", content: "go" }], context_id: ctxId, stream: true, max_tokens: 100_000, temperature: 1, seed: 3 }
-            : queryBody({ max_tokens: 100_000, temperature: 1, seed: 3 });
+            ? { messages: [{ role: "user", content: "go" }], context_id: ctxId, stream: true, max_tokens: 8_000, temperature: 1, seed: 3 }
+            : queryBody({ max_tokens: 8_000, temperature: 1, seed: 3 });
         const res = await api(path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body), signal: ac.signal });
         expect(res.status).toBe(200);
         let n = 0;

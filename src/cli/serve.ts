@@ -25,6 +25,7 @@ const USAGE = `usage: bun run serve --model DIR [options]
   --budget N           default recompute budget (context tokens gathered)        (default 8192)
   --max-budget N       largest budget a request may ask for          (default max(trained ctx, 1024))
   --max-tokens N       default answer length limit                                (default 512)
+  --max-new-tokens N   largest max_tokens a request may ask for                   (default 8192)
   --chunk-size N       compression chunk in tokens              (default: heads file, else 1024)
   --capacity N         compressor KV entries per layer/head     (default: heads file, else 4096)
   --threads N          CPU backend threads                                        (default: all cores)
@@ -63,6 +64,7 @@ async function main() {
         budget: { type: "string" },
         "max-budget": { type: "string" },
         "max-tokens": { type: "string" },
+        "max-new-tokens": { type: "string" },
         "chunk-size": { type: "string" },
         capacity: { type: "string" },
         threads: { type: "string" },
@@ -120,6 +122,7 @@ async function main() {
     ["budget", "budget", 16],
     ["max-budget", "maxBudget", 16],
     ["max-tokens", "maxTokens", 1],
+    ["max-new-tokens", "maxNewTokens", 1],
     ["chunk-size", "chunkSize", 1],
     ["capacity", "capacity", 1],
   ] as const) {

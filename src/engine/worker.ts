@@ -47,6 +47,7 @@ export interface EngineDefaults {
   chunkSize: number; // compress chunk
   capacity: number; // compressor KV capacity per (layer, kv head)
   maxTokens: number; // default max new tokens
+  maxNewTokens: number; // largest max_tokens a request may ask for (bounds the recompute KV cache)
   window: number; // smoothing window
   edge: number; // first/last tokens always kept
   nSink: number;
@@ -201,6 +202,7 @@ export class EngineCore {
       chunkSize,
       capacity,
       maxTokens: d.maxTokens ?? 512,
+      maxNewTokens: Math.max(d.maxNewTokens ?? 8192, d.maxTokens ?? 512),
       window: d.window ?? hf.window ?? DEFAULT_WINDOW,
       edge: d.edge ?? DEFAULT_EDGE,
       nSink: d.nSink ?? hf.nSink ?? 4,
@@ -538,6 +540,14 @@ export class EngineCore {
       const sp = req.sampling;
       if (!sp || !Number.isInteger(sp.maxTokens) || sp.maxTokens < 1) {
         throw new EngineError(400, "invalid_request", "sampling.maxTokens must be a positive integer", "max_tokens");
+      }
+      if (sp.maxTokens > this.defaults.maxNewTokens) {
+        throw new EngineError(
+          400,
+          "max_tokens_too_large",
+          `max_tokens ${sp.maxTokens} exceeds the server's maximum of ${this.defaults.maxNewTokens} new tokens`,
+          "max_tokens",
+        );
       }
       let s: Session | null = null;
       if (req.contextId !== undefined && req.contextId !== null) {
