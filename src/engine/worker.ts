@@ -13,6 +13,8 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, statSync } from "node
 import { join } from "node:path";
 import {
   loadNative,
+  NativeError,
+  RF_ERR_OOM,
   RF_F16,
   type CompressParams,
   type HeadSpec,
@@ -93,6 +95,8 @@ export function f16ToF32(a: Uint16Array): Float32Array {
 function toEngineError(e: unknown): EngineError {
   if (e instanceof EngineError) return e;
   const msg = e instanceof Error ? e.message : String(e);
+  // Out of (device) memory is a capacity problem, not a bug: 503 so clients retry later or ask for less.
+  if (e instanceof NativeError && e.code === RF_ERR_OOM) return new EngineError(503, "insufficient_memory", msg);
   return new EngineError(500, "internal_error", msg);
 }
 
