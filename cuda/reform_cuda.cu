@@ -977,7 +977,8 @@ struct rf_model {
   cudaStream_t stream = nullptr;
   Gemm gemm;
   size_t fa_smem = 0;
-  int children = 0;
+  int children = 0;        // live compressors / seqs (they keep the model alive, as in the CPU build)
+  bool destroyed = false;  // rf_model_destroy called; freed when the last child goes
 };
 
 struct rf_compressor {
@@ -1135,6 +1136,14 @@ void model_free(rf_model* m) {
   cudaGetLastError();
 }
 
+/* a compressor / seq of m went away: free m if the caller already destroyed it and this was the last child */
+void model_release_child(rf_model* m) {
+  if (--m->children <= 0 && m->destroyed) {
+    model_free(m);
+    delete m;
+  }
+}
+
 int model_create_impl(const rf_config* cfg, rf_model** out) {
   RF_TRY(rf::validate_config(cfg));
   if (cfg->head_dim % 16 != 0 || cfg->head_dim > 256)
@@ -1166,10 +1175,18 @@ int model_create_impl(const rf_config* cfg, rf_model** out) {
   if (need > (size_t)prop.sharedMemPerBlockOptin)
     return set_error(RF_ERR_INVALID, "head_dim %d needs %zu bytes of shared memory, device allows %zu", m->hd, need,
                      (size_t)prop.sharedMemPerBlockOptin);
-  CU_CHECK(cudaFuncSetAttribute(k_flash_attn<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)m->fa_smem));
-  CU_CHECK(cudaFuncSetAttribute(k_flash_attn<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)m->fa_smem));
-  CU_CHECK(cudaFuncSetAttribute(k_h2o, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)h2o_smem(m->hd)));
+  // Opt in to > 48 KB of dynamic shared memory. Only ever raise the limit: the attribute is per kernel (process
+  // wide), so lowering it for a model with a smaller head_dim would break launches of a live model with a larger one.
+  auto raise_smem = [](const void* f, size_t bytes) -> int {
+    cudaFuncAttributes fa;
+    CU_CHECK(cudaFuncGetAttributes(&fa, f));
+    if ((size_t)fa.maxDynamicSharedSizeBytes < bytes)
+      CU_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    return RF_OK;
+  };
+  RF_TRY(raise_smem((const void*)k_flash_attn<__half>, m->fa_smem));
+  RF_TRY(raise_smem((const void*)k_flash_attn<__nv_bfloat16>, m->fa_smem));
+  RF_TRY(raise_smem((const void*)k_h2o, h2o_smem(m->hd)));
 
   CU_CHECK(cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
   struct Guard {
@@ -1284,10 +1301,11 @@ void comp_free(rf_compressor* c) {
   if (c->m) {
     cudaSetDevice(c->m->dev);
     cudaStreamSynchronize(c->m->stream);
-    c->m->children--;
   }
   c->arena.free_all();
   cudaGetLastError();
+  if (c->m) model_release_child(c->m);
+  c->m = nullptr;
 }
 
 int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* heads, int32_t n_heads,
@@ -1426,10 +1444,15 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
   }
   CU_CHECK(cudaStreamSynchronize(m->stream));
   if (!update) return RF_OK;
-  c->len = total;
   c->seen += n;
-  if (c->len > c->p.capacity) {
-    // H2O eviction per (layer, kv head); selection on host with the shared helper
+  if (total <= c->p.capacity) {
+    c->len = total;
+    return RF_OK;
+  }
+  // H2O eviction per (layer, kv head); selection on host with the shared helper. Whatever happens, the cache
+  // ends at `capacity` rows (a failure part-way leaves some layers unevicted, truncated: memory-safe, not exact).
+  c->len = c->p.capacity;
+  {
     const int cap = c->p.capacity, nKV = m->nKV, hd = m->hd;
     std::vector<float> sc((size_t)nKV * total);
     std::vector<int32_t> keep_all((size_t)nKV * cap);
@@ -1463,7 +1486,6 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
                                  cudaMemcpyDeviceToDevice, m->stream));
     }
     CU_CHECK(cudaStreamSynchronize(m->stream));
-    c->len = cap;
   }
   return RF_OK;
 }
@@ -1526,7 +1548,9 @@ int state_load_impl(rf_compressor* c, const void* buf, int64_t size) {
     return set_error(RF_ERR_INVALID, "state blob: cache length %lld invalid for capacity %d", (long long)hdr.len,
                      c->p.capacity);
   const int64_t len = hdr.len;
-  if (size < rf::state_size(nl, nKV, hd, len)) return set_error(RF_ERR_INVALID, "state blob truncated");
+  if (size != rf::state_size(nl, nKV, hd, len))  // exact, as in the CPU build
+    return set_error(RF_ERR_INVALID, "state blob has %lld bytes, expected %lld", (long long)size,
+                     (long long)rf::state_size(nl, nKV, hd, len));
   CU_CHECK(cudaSetDevice(m->dev));
   const float* f = (const float*)((const uint8_t*)buf + sizeof hdr);
   std::vector<uint16_t> k((size_t)nKV * len * hd), v((size_t)nKV * len * hd);
@@ -1564,10 +1588,11 @@ void seq_free(rf_seq* s) {
   if (s->m) {
     cudaSetDevice(s->m->dev);
     cudaStreamSynchronize(s->m->stream);
-    s->m->children--;
   }
   s->arena.free_all();
   cudaGetLastError();
+  if (s->m) model_release_child(s->m);
+  s->m = nullptr;
 }
 
 int seq_create_impl(rf_model* m, int32_t max_tokens, rf_seq** out) {
@@ -1667,7 +1692,7 @@ int seq_import_impl(rf_seq* s, const rf_compressor* c) {
   rf_model* m = s->m;
   if (c->m != m) return set_error(RF_ERR_INVALID, "compressor belongs to a different model");
   if (c->exit != m->NL - 1)
-    return set_error(RF_ERR_STATE, "compressor exit layer %d is not the model's last layer %d", c->exit, m->NL - 1);
+    return set_error(RF_ERR_INVALID, "compressor exit layer %d is not the model's last layer %d", c->exit, m->NL - 1);
   if (c->len > s->maxT)
     return set_error(RF_ERR_INVALID, "compressor cache (%lld) exceeds max_tokens %d", (long long)c->len, s->maxT);
   CU_CHECK(cudaSetDevice(m->dev));
@@ -1716,7 +1741,11 @@ int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, c
       g_score.ready = false;
     }
     CU_CHECK(cudaStreamCreateWithFlags(&g_score.stream, cudaStreamNonBlocking));
-    RF_TRY(g_score.gemm.init(g_score.stream));
+    if (g_score.gemm.init(g_score.stream) != RF_OK) {
+      cudaStreamDestroy(g_score.stream);
+      g_score.stream = nullptr;
+      return rf::last_error_code_ref();
+    }
     g_score.dev = dev;
     g_score.ready = true;
   }
@@ -1724,6 +1753,7 @@ int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, c
   const int es = ctx_dtype == RF_F32 ? 4 : 2;
   int64_t B = std::max<int64_t>(1, ((int64_t)16 << 20) / dim);
   B = std::min<int64_t>(B, std::max<int64_t>(1, ((int64_t)64 << 20) / n_q));
+  B = std::min<int64_t>(B, (int64_t)1 << 20);  // fallback GEMM grid.y = B / 64 must stay <= 65535
   B = std::min<int64_t>(B, n_ctx);
   DevArena A;
   struct Free {
@@ -1856,7 +1886,9 @@ RF_API int64_t rf_model_memory_bytes(const rf_model* m) {
 }
 
 RF_API void rf_model_destroy(rf_model* m) {
-  if (!m) return;
+  if (!m || m->destroyed) return;
+  m->destroyed = true;
+  if (m->children > 0) return;  // the last compressor / seq frees it (CPU build semantics)
   model_free(m);
   delete m;
 }
@@ -1975,6 +2007,7 @@ RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* lo
 RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t top_k, uint64_t* rng_state) {
   if (!s) return set_error(RF_ERR_INVALID, "seq is NULL");
   if (!s->has_logits) return set_error(RF_ERR_STATE, "no logits: call rf_seq_forward first");
+  if (std::isnan(temperature) || std::isnan(top_p)) return set_error(RF_ERR_INVALID, "rf_seq_sample: NaN parameter");
   try {
     return rf::sample_logits(s->host_logits.data(), s->m->V, temperature, top_p, top_k, rng_state);
   } catch (...) {
