@@ -13,11 +13,20 @@
  * Every object (model, compressor, seq) uses its model's stream and cuBLAS handle; rf_score uses
  * a global stream/handle guarded by a mutex. Host results are returned after a stream sync.
  */
+#ifdef RF_CUDA_EMU
+/* CPU emulation build (tests only): see cuda/emu/cuda_emu.h */
+#include "emu/cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <library_types.h>
 #include <mma.h>
+/* Kernel launches and dynamic shared memory go through these two macros so that the CPU emulation
+ * (cuda/emu) can compile this file unchanged. */
+#define RF_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define RF_EXTERN_SHARED(type, name) extern __shared__ __align__(128) type name[]
+#endif
 
 #include <dlfcn.h>
 
@@ -73,13 +82,20 @@ const CublasLib& cublas_lib() {
     g_cublas.why = "disabled by REFORM_NO_CUBLAS";
     return g_cublas;
   }
+  // REFORM_CUBLAS_LIB: a path (or soname) to load instead of the default search
+  const char* forced = getenv("REFORM_CUBLAS_LIB");
   static const char* names[] = {"libcublas.so.13", "libcublas.so.12", "libcublas.so"};
   void* h = nullptr;
-  for (const char* n : names) {
-    h = dlopen(n, RTLD_NOW | RTLD_LOCAL);
-    if (h) {
-      g_cublas.name = n;
-      break;
+  if (forced && *forced) {
+    h = dlopen(forced, RTLD_NOW | RTLD_LOCAL);
+    if (h) g_cublas.name = forced;
+  } else {
+    for (const char* n : names) {
+      h = dlopen(n, RTLD_NOW | RTLD_LOCAL);
+      if (h) {
+        g_cublas.name = n;
+        break;
+      }
     }
   }
   if (!h) {
@@ -100,6 +116,18 @@ const CublasLib& cublas_lib() {
   g_cublas.ok = true;
   return g_cublas;
 }
+
+}  // namespace
+
+#ifdef RF_CUDA_EMU
+/* emulation build only (test hook, see cuda/emu): forget the cached cuBLAS lookup */
+void rf_emu_reset_cublas_state() {
+  std::lock_guard<std::mutex> lk(g_cublas_mu);
+  g_cublas = CublasLib();
+}
+#endif
+
+namespace {
 
 /* ======================================================================================
  * error helpers
@@ -585,7 +613,7 @@ __global__ void __launch_bounds__(FA_THREADS)
                  float* __restrict__ stat_m, float* __restrict__ stat_l, int stat_stride, int q_begin, int n, int len,
                  int total, int G, int hd, float scale, bool f16) {
   using namespace nvcuda;
-  extern __shared__ __align__(128) unsigned char smem[];
+  RF_EXTERN_SHARED(unsigned char, smem);
   const FaLayout L = fa_layout(hd);
   uint16_t* Qs = (uint16_t*)(smem + L.q);
   uint16_t* Ks = (uint16_t*)(smem + L.k);
@@ -735,7 +763,7 @@ __global__ void __launch_bounds__(H2O_KEYS)
     k_h2o(const uint16_t* __restrict__ Q, int q_stride, const uint16_t* __restrict__ K, int64_t Tstride,
           const float* __restrict__ stat_m, const float* __restrict__ stat_l, int stat_stride, float* __restrict__ score,
           int qs, int n, int len, int total, int G, int hd, float scale, bool f16) {
-  extern __shared__ float hsm[];
+  RF_EXTERN_SHARED(float, hsm);
   float* Ks = hsm;                                   // [H2O_KEYS][hd+1]
   float* Qs = Ks + (size_t)H2O_KEYS * (hd + 1);      // [H2O_QB][hd]
   float* qm = Qs + (size_t)H2O_QB * hd;              // [H2O_QB]
@@ -937,7 +965,7 @@ struct Gemm {
       return RF_OK;
     }
     dim3 grid((unsigned)((N + FG_BN - 1) / FG_BN), (unsigned)((M + FG_BM - 1) / FG_BM));
-    k_gemm_nt<<<grid, 256, 0, stream>>>(M, N, K, A, adt, lda, B, bdt, ldb, C, cdt, ldc, alpha, beta);
+    RF_LAUNCH(k_gemm_nt, grid, 256, 0, stream)(M, N, K, A, adt, lda, B, bdt, ldb, C, cdt, ldc, alpha, beta);
     KERNEL_CHECK();
     return RF_OK;
   }
@@ -1036,11 +1064,11 @@ int launch_flash(rf_model* m, const uint16_t* Q, const uint16_t* K, const uint16
   dim3 grid((unsigned)((rows + FA_BQ - 1) / FA_BQ), (unsigned)m->nH);
   float scale = 1.f / sqrtf((float)m->hd);
   if (m->f16)
-    k_flash_attn<__half><<<grid, FA_THREADS, m->fa_smem, m->stream>>>(Q, m->qd, K, V, Tstride, O, m->qd, sm, sl,
+    RF_LAUNCH(k_flash_attn<__half>, grid, FA_THREADS, m->fa_smem, m->stream)(Q, m->qd, K, V, Tstride, O, m->qd, sm, sl,
                                                                      stat_stride, q_begin, n, len, total, m->G,
                                                                      m->hd, scale, true);
   else
-    k_flash_attn<__nv_bfloat16><<<grid, FA_THREADS, m->fa_smem, m->stream>>>(Q, m->qd, K, V, Tstride, O, m->qd, sm,
+    RF_LAUNCH(k_flash_attn<__nv_bfloat16>, grid, FA_THREADS, m->fa_smem, m->stream)(Q, m->qd, K, V, Tstride, O, m->qd, sm,
                                                                             sl, stat_stride, q_begin, n, len, total,
                                                                             m->G, m->hd, scale, false);
   KERNEL_CHECK();
@@ -1048,7 +1076,7 @@ int launch_flash(rf_model* m, const uint16_t* Q, const uint16_t* K, const uint16
 }
 
 int run_rmsnorm(rf_model* m, const uint16_t* x, const uint16_t* w, uint16_t* y, int rows) {
-  k_rmsnorm<<<rows, 256, 0, m->stream>>>(x, w, y, m->H, m->cfg.rms_eps, m->f16);
+  RF_LAUNCH(k_rmsnorm, rows, 256, 0, m->stream)(x, w, y, m->H, m->cfg.rms_eps, m->f16);
   KERNEL_CHECK();
   return RF_OK;
 }
@@ -1058,7 +1086,7 @@ int run_qkv(rf_model* m, const LayerW& w, const Acts& a, int n) {
   RF_TRY(run_rmsnorm(m, a.x, w.in_norm, a.xn, n));
   float beta = 0.f;
   if (m->cfg.qkv_bias) {
-    k_bias_fill<<<nblocks((int64_t)n * m->qkvd, 256), 256, 0, m->stream>>>(a.qkv, w.bqkv, n, m->qkvd);
+    RF_LAUNCH(k_bias_fill, nblocks((int64_t)n * m->qkvd, 256), 256, 0, m->stream)(a.qkv, w.bqkv, n, m->qkvd);
     KERNEL_CHECK();
     beta = 1.f;
   }
@@ -1069,14 +1097,14 @@ int run_qkv(rf_model* m, const LayerW& w, const Acts& a, int n) {
 int run_post_attn(rf_model* m, const LayerW& w, const Acts& a, int n) {
   const int64_t nh = (int64_t)n * m->H;
   RF_TRY(m->gemm.nt(n, m->H, m->qd, a.attn, m->adt, m->qd, w.wo, m->adt, m->qd, a.xn, m->adt, m->H, 0.f));
-  k_residual<<<nblocks(nh, 256), 256, 0, m->stream>>>(a.x, a.xn, nh, m->f16);
+  RF_LAUNCH(k_residual, nblocks(nh, 256), 256, 0, m->stream)(a.x, a.xn, nh, m->f16);
   KERNEL_CHECK();
   RF_TRY(run_rmsnorm(m, a.x, w.post_norm, a.xn, n));
   RF_TRY(m->gemm.nt(n, 2 * m->I, m->H, a.xn, m->adt, m->H, w.wgu, m->adt, m->H, a.gu, m->adt, 2 * m->I, 0.f));
-  k_swiglu<<<nblocks((int64_t)n * m->I, 256), 256, 0, m->stream>>>(a.gu, a.hbuf, n, m->I, m->f16);
+  RF_LAUNCH(k_swiglu, nblocks((int64_t)n * m->I, 256), 256, 0, m->stream)(a.gu, a.hbuf, n, m->I, m->f16);
   KERNEL_CHECK();
   RF_TRY(m->gemm.nt(n, m->H, m->I, a.hbuf, m->adt, m->I, w.wdown, m->adt, m->I, a.xn, m->adt, m->H, 0.f));
-  k_residual<<<nblocks(nh, 256), 256, 0, m->stream>>>(a.x, a.xn, nh, m->f16);
+  RF_LAUNCH(k_residual, nblocks(nh, 256), 256, 0, m->stream)(a.x, a.xn, nh, m->f16);
   KERNEL_CHECK();
   return RF_OK;
 }
@@ -1091,7 +1119,7 @@ int check_tokens(const rf_model* m, const int32_t* tokens, int n) {
 
 int upload_tokens(rf_model* m, int32_t* dtok, const int32_t* tokens, int n, uint16_t* x) {
   CU_CHECK(cudaMemcpyAsync(dtok, tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice, m->stream));
-  k_embed<<<nblocks((int64_t)n * m->H, 256), 256, 0, m->stream>>>(dtok, m->embed, x, n, m->H);
+  RF_LAUNCH(k_embed, nblocks((int64_t)n * m->H, 256), 256, 0, m->stream)(dtok, m->embed, x, n, m->H);
   KERNEL_CHECK();
   return RF_OK;
 }
@@ -1251,7 +1279,7 @@ int set_tensor_impl(rf_model* m, const char* name, const void* data, int32_t dty
       int64_t c = std::min(chunk, count - off);
       CU_CHECK(cudaMemcpyAsync(m->staging, (const uint8_t*)data + off * es, (size_t)(c * es), cudaMemcpyHostToDevice,
                                m->stream));
-      k_convert<<<nblocks(c, 256), 256, 0, m->stream>>>(m->staging, dtype, dst + off, c, m->f16);
+      RF_LAUNCH(k_convert, nblocks(c, 256), 256, 0, m->stream)(m->staging, dtype, dst + off, c, m->f16);
       KERNEL_CHECK();
     }
   }
@@ -1267,12 +1295,12 @@ int init_random_impl(rf_model* m, uint64_t seed, float std) {
   uint64_t tix = 0;
   auto normal = [&](uint16_t* p, int64_t n) -> int {
     uint64_t key = seed * 0x9E3779B97F4A7C15ull + (++tix) * 0xD1B54A32D192ED03ull;
-    k_init_normal<<<nblocks(n, 256), 256, 0, m->stream>>>(p, n, key, std, m->f16);
+    RF_LAUNCH(k_init_normal, nblocks(n, 256), 256, 0, m->stream)(p, n, key, std, m->f16);
     KERNEL_CHECK();
     return RF_OK;
   };
   auto fill = [&](uint16_t* p, int64_t n, float v) -> int {
-    k_fill<<<nblocks(n, 256), 256, 0, m->stream>>>(p, n, v, m->f16);
+    RF_LAUNCH(k_fill, nblocks(n, 256), 256, 0, m->stream)(p, n, v, m->f16);
     KERNEL_CHECK();
     return RF_OK;
   };
@@ -1404,26 +1432,26 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
     RF_TRY(run_qkv(m, W, a, n));
     if (out_emb && c->table_cnt[l] > 0) {
       dim3 grid((unsigned)n, (unsigned)c->table_cnt[l]);
-      k_emb_extract<<<grid, 32, 0, m->stream>>>(c->qkv, m->qkvd, c->table + 2 * c->table_off[l], c->emb, c->edim,
+      RF_LAUNCH(k_emb_extract, grid, 32, 0, m->stream)(c->qkv, m->qkvd, c->table + 2 * c->table_off[l], c->emb, c->edim,
                                                 m->hd, c->p.emb_dtype == RF_F16, m->f16);
       KERNEL_CHECK();
     }
     const bool last = l == c->exit;
     if (last && !update) break;  // embedding only: q/k/v of the exit layer is all that is needed
     // append pre-RoPE K and V at rows len..len+n-1 (beyond the logical cache when !update)
-    k_append_kv<<<nblocks((int64_t)n * m->nKV * (m->hd / 2), 256), 256, 0, m->stream>>>(
+    RF_LAUNCH(k_append_kv, nblocks((int64_t)n * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)(
         c->qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq,
         m->f16);
     KERNEL_CHECK();
     if (update) {
-      k_zero_scores<<<nblocks((int64_t)m->nKV * n, 256), 256, 0, m->stream>>>(c->score[l], c->T, m->nKV, len, n);
+      RF_LAUNCH(k_zero_scores, nblocks((int64_t)m->nKV * n, 256), 256, 0, m->stream)(c->score[l], c->T, m->nKV, len, n);
       KERNEL_CHECK();
     }
-    k_rope_q<<<nblocks((int64_t)n * m->nH * (m->hd / 2), 256), 256, 0, m->stream>>>(
+    RF_LAUNCH(k_rope_q, nblocks((int64_t)n * m->nH * (m->hd / 2), 256), 256, 0, m->stream)(
         c->qkv, m->qkvd, c->qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16);
     KERNEL_CHECK();
     // cache entry i is at position i: rope all keys
-    k_rope_rows<<<nblocks((int64_t)m->nKV * total * (m->hd / 2), 256), 256, 0, m->stream>>>(
+    RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * total * (m->hd / 2), 256), 256, 0, m->stream)(
         c->Kc[l], c->T, c->Krot, c->T, m->nKV, total, m->hd, 0, m->inv_freq, m->f16);
     KERNEL_CHECK();
     const int q_begin = last ? n - w : 0;
@@ -1431,7 +1459,7 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
                         update ? c->stat_l : nullptr, c->p.max_chunk, q_begin, n, len, total));
     if (update) {
       dim3 grid((unsigned)((total + H2O_KEYS - 1) / H2O_KEYS), (unsigned)m->nKV);
-      k_h2o<<<grid, H2O_KEYS, h2o_smem(m->hd), m->stream>>>(c->qrot, m->qd, c->Krot, c->T, c->stat_m, c->stat_l,
+      RF_LAUNCH(k_h2o, grid, H2O_KEYS, h2o_smem(m->hd), m->stream)(c->qrot, m->qd, c->Krot, c->T, c->stat_m, c->stat_l,
                                                              c->p.max_chunk, c->score[l], n - w, n, len, total, m->G,
                                                              m->hd, scale, m->f16);
       KERNEL_CHECK();
@@ -1469,17 +1497,17 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
       CU_CHECK(cudaMemcpyAsync(c->keep_d, keep_all.data(), keep_all.size() * 4, cudaMemcpyHostToDevice, m->stream));
       const int64_t nel = (int64_t)nKV * cap * hd;
       const size_t row_bytes = (size_t)cap * hd * 2;
-      k_gather_rows<uint16_t><<<nblocks(nel, 256), 256, 0, m->stream>>>(c->Kc[l], c->T, c->tmpK, cap, c->keep_d,
+      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)(c->Kc[l], c->T, c->tmpK, cap, c->keep_d,
                                                                         nKV, cap, hd);
       KERNEL_CHECK();
       CU_CHECK(cudaMemcpy2DAsync(c->Kc[l], (size_t)c->T * hd * 2, c->tmpK, row_bytes, row_bytes, nKV,
                                  cudaMemcpyDeviceToDevice, m->stream));
-      k_gather_rows<uint16_t><<<nblocks(nel, 256), 256, 0, m->stream>>>(c->Vc[l], c->T, c->tmpK, cap, c->keep_d,
+      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)(c->Vc[l], c->T, c->tmpK, cap, c->keep_d,
                                                                         nKV, cap, hd);
       KERNEL_CHECK();
       CU_CHECK(cudaMemcpy2DAsync(c->Vc[l], (size_t)c->T * hd * 2, c->tmpK, row_bytes, row_bytes, nKV,
                                  cudaMemcpyDeviceToDevice, m->stream));
-      k_gather_rows<float><<<nblocks((int64_t)nKV * cap, 256), 256, 0, m->stream>>>(c->score[l], c->T, c->tmpS, cap,
+      RF_LAUNCH(k_gather_rows<float>, nblocks((int64_t)nKV * cap, 256), 256, 0, m->stream)(c->score[l], c->T, c->tmpS, cap,
                                                                                    c->keep_d, nKV, cap, 1);
       KERNEL_CHECK();
       CU_CHECK(cudaMemcpy2DAsync(c->score[l], (size_t)c->T * 4, c->tmpS, (size_t)cap * 4, (size_t)cap * 4, nKV,
@@ -1654,10 +1682,10 @@ int seq_forward_impl(rf_seq* s, const int32_t* tokens, int n, float* logits_out)
     for (int l = 0; l < m->NL; l++) {
       const LayerW& W = m->layers[l];
       RF_TRY(run_qkv(m, W, a, nb));
-      k_rope_q<<<nblocks((int64_t)nb * m->nH * (m->hd / 2), 256), 256, 0, m->stream>>>(
+      RF_LAUNCH(k_rope_q, nblocks((int64_t)nb * m->nH * (m->hd / 2), 256), 256, 0, m->stream)(
           s->qkv, m->qkvd, s->qrot, nb, m->nH, m->hd, pos0, m->inv_freq, m->f16);
       KERNEL_CHECK();
-      k_append_kv<<<nblocks((int64_t)nb * m->nKV * (m->hd / 2), 256), 256, 0, m->stream>>>(
+      RF_LAUNCH(k_append_kv, nblocks((int64_t)nb * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)(
           s->qkv, m->qkvd, m->qd, m->qd + m->kvd, s->Kc[l], s->Vc[l], s->maxT, nb, m->nKV, m->hd, pos0, true,
           m->inv_freq, m->f16);
       KERNEL_CHECK();
@@ -1665,10 +1693,10 @@ int seq_forward_impl(rf_seq* s, const int32_t* tokens, int n, float* logits_out)
       if (nb == 1) {
         const int nsplit = (total + DEC_SPLIT - 1) / DEC_SPLIT;
         dim3 grid((unsigned)m->nH, (unsigned)nsplit);
-        k_decode_partial<<<grid, 128, 0, m->stream>>>(s->qrot, s->Kc[l], s->Vc[l], s->maxT, s->part, s->nsplit_max,
+        RF_LAUNCH(k_decode_partial, grid, 128, 0, m->stream)(s->qrot, s->Kc[l], s->Vc[l], s->maxT, s->part, s->nsplit_max,
                                                       total, m->G, m->hd, scale, m->f16);
         KERNEL_CHECK();
-        k_decode_combine<<<m->nH, 128, 0, m->stream>>>(s->part, s->nsplit_max, nsplit, m->hd, s->attn, m->f16);
+        RF_LAUNCH(k_decode_combine, m->nH, 128, 0, m->stream)(s->part, s->nsplit_max, nsplit, m->hd, s->attn, m->f16);
         KERNEL_CHECK();
       } else {
         RF_TRY(launch_flash(m, s->qrot, s->Kc[l], s->Vc[l], s->maxT, s->attn, nullptr, nullptr, 0, 0, nb, pos0,
@@ -1699,7 +1727,7 @@ int seq_import_impl(rf_seq* s, const rf_compressor* c) {
   const int len = (int)c->len;
   if (len > 0) {
     for (int l = 0; l < m->NL; l++) {
-      k_rope_rows<<<nblocks((int64_t)m->nKV * len * (m->hd / 2), 256), 256, 0, m->stream>>>(
+      RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * len * (m->hd / 2), 256), 256, 0, m->stream)(
           c->Kc[l], c->T, s->Kc[l], s->maxT, m->nKV, len, m->hd, 0, m->inv_freq, m->f16);
       KERNEL_CHECK();
       const size_t rb = (size_t)len * m->hd * 2;
@@ -1773,16 +1801,16 @@ int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, c
   RF_TRY(A.alloc(&S, (size_t)B * n_q, "score similarity block"));
   RF_TRY(A.alloc(&od, (size_t)B, "score output block"));
   CU_CHECK(cudaMemcpyAsync(qraw, q, (size_t)n_q * dim * 4, cudaMemcpyHostToDevice, st));
-  k_normalize_rows<<<nblocks(n_q, 8), 256, 0, st>>>(qraw, RF_F32, qn, n_q, dim);
+  RF_LAUNCH(k_normalize_rows, nblocks(n_q, 8), 256, 0, st)(qraw, RF_F32, qn, n_q, dim);
   KERNEL_CHECK();
   for (int64_t off = 0; off < n_ctx; off += B) {
     int64_t b = std::min(B, n_ctx - off);
     CU_CHECK(cudaMemcpyAsync(raw, (const uint8_t*)ctx + off * dim * es, (size_t)(b * dim * es),
                              cudaMemcpyHostToDevice, st));
-    k_normalize_rows<<<nblocks(b, 8), 256, 0, st>>>(raw, ctx_dtype, cn, b, dim);
+    RF_LAUNCH(k_normalize_rows, nblocks(b, 8), 256, 0, st)(raw, ctx_dtype, cn, b, dim);
     KERNEL_CHECK();
     RF_TRY(g_score.gemm.nt((int)b, n_q, dim, cn, RF_F32, dim, qn, RF_F32, dim, S, RF_F32, n_q, 0.f));
-    k_rowmax<<<nblocks(b, 256), 256, 0, st>>>(S, b, n_q, od);
+    RF_LAUNCH(k_rowmax, nblocks(b, 256), 256, 0, st)(S, b, n_q, od);
     KERNEL_CHECK();
     CU_CHECK(cudaMemcpyAsync(out + off, od, (size_t)b * 4, cudaMemcpyDeviceToHost, st));
     CU_CHECK(cudaStreamSynchronize(st));

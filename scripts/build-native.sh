@@ -2,6 +2,8 @@
 # Builds the native REFORM engine.
 #   build/libreform_cpu.so   always (g++ -O3, OpenMP)
 #   build/libreform_cuda.so  when nvcc is present (sm_90; cudart static, cuBLAS dlopen'ed at run time)
+#   build/libreform_cuda_emu.so, build/libreform_cuda_emu_asan.so, build/emu/libcublas_fake.so   always (g++):
+#       the CUDA source compiled for the CPU emulation in cuda/emu (tests only; REFORM_SKIP_EMU=1 skips them)
 # Skips a target whose output is newer than its sources. REFORM_SKIP_CUDA=1 skips the CUDA build;
 # REFORM_REQUIRE_CUDA=1 makes a missing nvcc an error.
 set -euo pipefail
@@ -42,5 +44,36 @@ else
     "$NVCC" -O3 -std=c++17 -arch=sm_90 -Xcompiler -fPIC,-fvisibility=hidden -shared -cudart static \
       -o build/libreform_cuda.so.tmp cuda/reform_cuda.cu -ldl -lpthread
     mv build/libreform_cuda.so.tmp build/libreform_cuda.so
+  fi
+fi
+
+# CPU emulation of the CUDA build (test instrument, see cuda/emu/cuda_emu.h): the same reform_cuda.cu, compiled by
+# g++ against the emulated runtime; an AddressSanitizer variant; a documented-semantics fake cuBLAS.
+if [[ ${REFORM_SKIP_EMU:-0} == 1 ]]; then
+  echo "[build] CUDA emulation skipped (REFORM_SKIP_EMU=1)"
+else
+  mkdir -p build/emu
+  EMU_SRC=(cuda/reform_cuda.cu cuda/reform.h cuda/reform_common.h cuda/emu/cuda_emu.h cuda/emu/cuda_emu.cpp)
+  EMU_FLAGS=(-std=c++17 -fPIC -shared -fvisibility=hidden -fno-strict-aliasing -DRF_CUDA_EMU -Icuda
+    -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas)
+  build_emu() { # OUT extra-flags...
+    local out=$1; shift
+    if newer "$out" "${EMU_SRC[@]}" scripts/build-native.sh; then
+      echo "[build] $(basename "$out") up to date"
+    else
+      echo "[build] compiling $(basename "$out") (CUDA source on the CPU emulation) with $CXX"
+      $CXX "${EMU_FLAGS[@]}" "$@" -o "$out.tmp" -x c++ cuda/reform_cuda.cu -x none cuda/emu/cuda_emu.cpp -ldl -lpthread
+      mv "$out.tmp" "$out"
+    fi
+  }
+  build_emu build/libreform_cuda_emu.so -O2 -g
+  build_emu build/libreform_cuda_emu_asan.so -O1 -g -fsanitize=address -fno-omit-frame-pointer
+  if newer build/emu/libcublas_fake.so cuda/emu/fake_cublas.cpp scripts/build-native.sh; then
+    echo "[build] libcublas_fake.so up to date"
+  else
+    echo "[build] compiling libcublas_fake.so with $CXX"
+    $CXX -O2 -std=c++17 -fPIC -shared -fvisibility=hidden -Wall -Wextra -o build/emu/libcublas_fake.so.tmp \
+      cuda/emu/fake_cublas.cpp
+    mv build/emu/libcublas_fake.so.tmp build/emu/libcublas_fake.so
   fi
 fi

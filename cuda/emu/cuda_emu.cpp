@@ -1,0 +1,682 @@
+/*
+ * cuda_emu.cpp — runtime of the CPU CUDA emulation (see cuda_emu.h): fibers for CUDA threads, barriers,
+ * warp exchanges, the device-memory registry, streams, kernel attributes and launch checks.
+ * Test hooks (exported): rf_emu_set(key, value), rf_emu_stat(key), rf_emu_last_violation().
+ */
+#include "cuda_emu.h"
+
+#include <sys/mman.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_ASAN 1
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#define EMU_API extern "C" __attribute__((visibility("default")))
+
+/* reform_cuda.cu, emulation build: forget the cached cuBLAS lookup (so a test can switch GEMM backends) */
+void rf_emu_reset_cublas_state();
+
+namespace emu {
+
+/* ============================================================ f16 conversions (round to nearest even) */
+uint16_t f32_to_f16_bits(float f) {
+  uint32_t x = f2u(f);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  // NaN
+  if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (ax < 0x38800000u) {                                    // subnormal or zero in f16
+    if (ax < 0x33000000u) return (uint16_t)sign;             // < 2^-25: rounds to 0 (2^-25 exactly: tie to 0)
+    int e = (int)(ax >> 23);
+    uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+    int shift = 126 - e;  // 14 + (127 - 1 - e) + ... -> value = m * 2^(e-150); f16 sub unit = 2^-24
+    // result = m * 2^(e - 150) / 2^-24 = m >> (126 - e)
+    uint32_t r = m >> shift;
+    uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) r++;
+    return (uint16_t)(sign | r);
+  }
+  uint32_t e = (ax >> 23) - 127 + 15;
+  uint32_t m = ax & 0x7fffffu;
+  uint32_t r = (e << 10) | (m >> 13);
+  uint32_t rem = m & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) r++;
+  return (uint16_t)(sign | r);
+}
+float f16_bits_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0) {
+    float v = (float)m * (1.0f / 16777216.0f);
+    return sign ? -v : v;
+  }
+  if (e == 31) return u2f(sign | 0x7f800000u | (m << 13));
+  return u2f(sign | ((e - 15 + 127) << 23) | (m << 13));
+}
+
+/* ============================================================ state */
+std::mutex g_mu;          // registry, streams, attributes, last error
+std::mutex g_launch_mu;   // one kernel at a time
+cudaError_t g_last = cudaSuccess;
+int g_devices = -1;       // -1: read REFORM_EMU_DEVICES (default 1)
+int g_cur_dev = 0;
+size_t g_mem_limit = (size_t)8 << 30;
+size_t g_mem_used = 0;
+std::map<uintptr_t, size_t> g_allocs;
+std::set<cudaStream_t> g_streams;
+std::map<const void*, int> g_max_dyn;  // per kernel
+const size_t kDefaultDynSmem = 48 * 1024;
+const size_t kOptinSmem = 232448;  // H100: 227 KiB
+bool g_reverse = false;
+int64_t g_launches = 0, g_blocks = 0, g_threads = 0, g_launch_errors = 0, g_violations = 0;
+int64_t g_peak_bytes = 0;
+std::string g_last_violation;
+
+void violation(const char* fmt, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  g_violations++;
+  g_last_violation = buf;
+  if (getenv("REFORM_EMU_VERBOSE")) fprintf(stderr, "[cuda-emu] violation: %s\n", buf);
+}
+
+[[noreturn]] void fail(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  fprintf(stderr, "[cuda-emu] FATAL: %s\n", buf);
+  fflush(stderr);
+  abort();
+}
+
+int devices() {
+  if (g_devices < 0) {
+    const char* e = getenv("REFORM_EMU_DEVICES");
+    g_devices = e && *e ? atoi(e) : 1;
+  }
+  return g_devices;
+}
+
+/* [p, p+n) inside one live allocation (n == 0: p inside or one past the end) */
+bool in_device_locked(const void* p, size_t n) {
+  uintptr_t a = (uintptr_t)p;
+  auto it = g_allocs.upper_bound(a);
+  if (it == g_allocs.begin()) return false;
+  --it;
+  uintptr_t end = it->first + it->second;
+  if (n == 0) return a <= end;
+  return a < end && n <= end - a;
+}
+bool is_device_ptr(const void* p) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  return in_device_locked(p, 0);
+}
+
+/* ============================================================ fibers */
+enum FState { RUNNABLE = 0, AT_BLOCK_BARRIER = 1, AT_WARP_OP = 2, DONE = 3 };
+
+struct Fiber {
+  void* sp = nullptr;
+  char* stack = nullptr;
+  ThreadState ts{};
+  int state = RUNNABLE;
+  const char* op = nullptr;  // warp op the fiber waits in
+#if EMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+};
+
+const size_t kStackSize = 256 * 1024;
+std::vector<char*> g_stack_pool;
+std::vector<Fiber> g_fibers;
+int g_nthreads = 0;
+Fiber* g_running = nullptr;
+void* g_sched_sp = nullptr;
+const std::function<void()>* g_body = nullptr;
+void* g_dyn = nullptr;
+uint32_t g_xchg[1024];
+const void* g_arg_p[1024];
+unsigned g_arg_ldm[1024];
+const char* g_kernel_name = "";
+#if EMU_ASAN
+const void* g_sched_stack_bottom = nullptr;
+size_t g_sched_stack_size = 0;
+void* g_sched_fake = nullptr;
+#endif
+
+extern "C" void emu_switch(void** save_sp, void* to_sp);
+#if defined(__x86_64__)
+/* save callee-saved registers + mxcsr/x87 control word on the current stack, swap stacks, restore */
+__asm__(
+    ".text\n"
+    ".globl emu_switch\n"
+    ".hidden emu_switch\n"
+    ".type emu_switch,@function\n"
+    "emu_switch:\n"
+    "  pushq %rbp\n"
+    "  pushq %rbx\n"
+    "  pushq %r12\n"
+    "  pushq %r13\n"
+    "  pushq %r14\n"
+    "  pushq %r15\n"
+    "  subq $8, %rsp\n"
+    "  stmxcsr (%rsp)\n"
+    "  fnstcw 4(%rsp)\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  ldmxcsr (%rsp)\n"
+    "  fldcw 4(%rsp)\n"
+    "  addq $8, %rsp\n"
+    "  popq %r15\n"
+    "  popq %r14\n"
+    "  popq %r13\n"
+    "  popq %r12\n"
+    "  popq %rbx\n"
+    "  popq %rbp\n"
+    "  ret\n"
+    ".size emu_switch,.-emu_switch\n");
+#else
+#error "cuda_emu: fiber switch implemented for x86-64 only"
+#endif
+
+void to_scheduler(Fiber* f, bool finished) {
+#if EMU_ASAN
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f->fake_stack, g_sched_stack_bottom, g_sched_stack_size);
+#else
+  (void)finished;
+#endif
+  emu_switch(&f->sp, g_sched_sp);
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(f->fake_stack, &g_sched_stack_bottom, &g_sched_stack_size);
+#endif
+}
+
+extern "C" void emu_fiber_main() {
+  Fiber* f = g_running;
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack_bottom, &g_sched_stack_size);
+#endif
+  (*g_body)();
+  f->state = DONE;
+  to_scheduler(f, true);
+  fail("finished fiber resumed");
+}
+
+void resume(Fiber* f) {
+  g_running = f;
+#if EMU_ASAN
+  __sanitizer_start_switch_fiber(&g_sched_fake, f->stack, kStackSize);
+#endif
+  emu_switch(&g_sched_sp, f->sp);
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(g_sched_fake, nullptr, nullptr);
+#endif
+  g_running = nullptr;
+}
+
+char* get_stack(int i) {
+  while ((int)g_stack_pool.size() <= i) {
+    void* p = mmap(nullptr, kStackSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) fail("mmap of a fiber stack failed");
+    g_stack_pool.push_back((char*)p);
+  }
+  return g_stack_pool[i];
+}
+
+void init_fiber(Fiber& f, int i) {
+  f.stack = get_stack(i);
+  f.state = RUNNABLE;
+  f.op = nullptr;
+  uintptr_t top = ((uintptr_t)f.stack + kStackSize) & ~(uintptr_t)15;
+  uint64_t* s = (uint64_t*)top;
+  *--s = 0;                              // fake return address of emu_fiber_main (never returns)
+  *--s = (uint64_t)(void*)&emu_fiber_main;  // popped by `ret` (rsp then = top - 8: ABI entry alignment)
+  for (int r = 0; r < 6; r++) *--s = 0;  // rbp rbx r12 r13 r14 r15
+  *--s = (uint64_t)0x1F80u | ((uint64_t)0x037Fu << 32);  // mxcsr, x87 control word
+  f.sp = s;
+}
+
+ThreadState* cur() {
+  if (!g_running) fail("CUDA thread state used outside a kernel");
+  return &g_running->ts;
+}
+
+void wait(int state, const char* op) {
+  Fiber* f = g_running;
+  if (!f) fail("%s called outside a kernel", op);
+  f->state = state;
+  f->op = op;
+  to_scheduler(f, false);
+}
+
+void syncthreads() { wait(AT_BLOCK_BARRIER, "__syncthreads"); }
+void syncwarp() { wait(AT_WARP_OP, "__syncwarp"); }
+
+uint32_t shfl_xor_bits(uint32_t v, int lane_mask, const char* op) {
+  const int me = g_running->ts.linear, base = me & ~31, lane = me & 31;
+  if (lane_mask < 0 || lane_mask > 31) fail("%s in %s: lane mask %d out of range", op, g_kernel_name, lane_mask);
+  g_xchg[me] = v;
+  wait(AT_WARP_OP, op);
+  uint32_t r = g_xchg[base + (lane ^ lane_mask)];
+  wait(AT_WARP_OP, op);
+  return r;
+}
+float shfl_xor_f(float v, int m) { return u2f(shfl_xor_bits(f2u(v), m, "__shfl_xor_sync(float)")); }
+int shfl_xor_i(int v, int m) { return (int)shfl_xor_bits((uint32_t)v, m, "__shfl_xor_sync(int)"); }
+
+void warp_same_args(const void* p, unsigned ldm, const char* what) {
+  const int me = g_running->ts.linear, base = me & ~31;
+  g_arg_p[me] = p;
+  g_arg_ldm[me] = ldm;
+  wait(AT_WARP_OP, what);
+  if (g_arg_p[base] != p || g_arg_ldm[base] != ldm)
+    fail("%s in %s: lanes of warp %d pass different arguments (lane 0: %p ldm %u, thread %d: %p ldm %u)", what,
+         g_kernel_name, me / 32, g_arg_p[base], g_arg_ldm[base], me, p, ldm);
+  wait(AT_WARP_OP, what);
+}
+
+void* dyn_smem() {
+  if (!g_running) fail("dynamic shared memory used outside a kernel");
+  return g_dyn;
+}
+
+void run_block(const dim3& grid, const dim3& block, const uint3& bid) {
+  const int nt = (int)(block.x * block.y * block.z);
+  g_nthreads = nt;
+  if ((int)g_fibers.size() < nt) g_fibers.resize(nt);
+  for (int i = 0; i < nt; i++) {
+    Fiber& f = g_fibers[i];
+    init_fiber(f, i);
+    f.ts.tid = uint3{(unsigned)(i % block.x), (unsigned)((i / block.x) % block.y), (unsigned)(i / (block.x * block.y))};
+    f.ts.bid = bid;
+    f.ts.bdim = block;
+    f.ts.gdim = grid;
+    f.ts.linear = i;
+  }
+  const int nwarps = (nt + 31) / 32;
+  for (;;) {
+    if (g_reverse) {
+      for (int i = nt - 1; i >= 0; i--)
+        if (g_fibers[i].state == RUNNABLE) resume(&g_fibers[i]);
+    } else {
+      for (int i = 0; i < nt; i++)
+        if (g_fibers[i].state == RUNNABLE) resume(&g_fibers[i]);
+    }
+    int live = 0, at_block = 0;
+    for (int i = 0; i < nt; i++) {
+      live += g_fibers[i].state != DONE;
+      at_block += g_fibers[i].state == AT_BLOCK_BARRIER;
+    }
+    if (live == 0) break;
+    bool released = false;
+    for (int w = 0; w < nwarps; w++) {
+      const int lo = w * 32, hi = std::min(nt, lo + 32);
+      int waiting = 0, done = 0;
+      const char* op = nullptr;
+      for (int i = lo; i < hi; i++) {
+        if (g_fibers[i].state == AT_WARP_OP) {
+          waiting++;
+          if (!op) op = g_fibers[i].op;
+          else if (strcmp(op, g_fibers[i].op) != 0)
+            fail("%s: lanes of warp %d wait in different warp operations (%s / %s)", g_kernel_name, w, op,
+                 g_fibers[i].op);
+        }
+        done += g_fibers[i].state == DONE;
+      }
+      if (waiting == 0) continue;
+      if (waiting == hi - lo) {
+        for (int i = lo; i < hi; i++) g_fibers[i].state = RUNNABLE;
+        released = true;
+      } else if (hi - lo < 32) {
+        fail("%s: %s in a partial warp (%d threads): undefined on the GPU", g_kernel_name, op, hi - lo);
+      } else if (done + waiting == hi - lo) {
+        fail("%s: %s with %d lanes of warp %d exited (full-mask warp operation): undefined on the GPU",
+             g_kernel_name, op, done, w);
+      }
+    }
+    if (released) continue;
+    if (at_block == live) {
+      for (int i = 0; i < nt; i++)
+        if (g_fibers[i].state == AT_BLOCK_BARRIER) g_fibers[i].state = RUNNABLE;
+      continue;
+    }
+    int in_warp = 0;
+    for (int i = 0; i < nt; i++) in_warp += g_fibers[i].state == AT_WARP_OP;
+    fail("%s block (%u,%u,%u): deadlock: %d threads at __syncthreads, %d in warp operations that never complete, "
+         "%d exited",
+         g_kernel_name, bid.x, bid.y, bid.z, at_block, in_warp, nt - live);
+  }
+}
+
+void set_last(cudaError_t e) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (g_last == cudaSuccess) g_last = e;
+}
+
+void run_kernel(const LaunchCfg& cfg, const std::function<void()>& body, bool args_ok, const char* bad_arg) {
+  std::lock_guard<std::mutex> launch(g_launch_mu);
+  const uint64_t nt = (uint64_t)cfg.block.x * cfg.block.y * cfg.block.z;
+  size_t max_dyn;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    g_launches++;
+    auto it = g_max_dyn.find(cfg.fn);
+    max_dyn = it == g_max_dyn.end() ? kDefaultDynSmem : (size_t)it->second;
+    if (cfg.stream && !g_streams.count(cfg.stream)) {
+      violation("%s launched on a destroyed or unknown stream", cfg.name);
+      g_launch_errors++;
+      if (g_last == cudaSuccess) g_last = cudaErrorInvalidResourceHandle;
+      return;
+    }
+  }
+  const char* bad = nullptr;
+  cudaError_t code = cudaSuccess;
+  if (nt < 1 || nt > 1024 || cfg.block.z > 64) bad = "block size", code = cudaErrorInvalidConfiguration;
+  else if (cfg.grid.x < 1 || cfg.grid.x > 2147483647u || cfg.grid.y < 1 || cfg.grid.y > 65535 || cfg.grid.z < 1 ||
+           cfg.grid.z > 65535)
+    bad = "grid size", code = cudaErrorInvalidConfiguration;
+  else if (cfg.smem > max_dyn)
+    bad = "dynamic shared memory above the kernel's limit", code = cudaErrorInvalidValue;
+  if (bad) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    g_launch_errors++;
+    if (g_last == cudaSuccess) g_last = code;
+    if (getenv("REFORM_EMU_VERBOSE"))
+      fprintf(stderr, "[cuda-emu] launch of %s refused: %s (grid %u,%u,%u block %u,%u,%u smem %zu, limit %zu)\n",
+              cfg.name, bad, cfg.grid.x, cfg.grid.y, cfg.grid.z, cfg.block.x, cfg.block.y, cfg.block.z, cfg.smem,
+              max_dyn);
+    return;
+  }
+  if (!args_ok) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    violation("%s: %s (an illegal address on the GPU)", cfg.name, bad_arg);
+    g_launch_errors++;
+    if (g_last == cudaSuccess) g_last = 700;  // cudaErrorIllegalAddress
+    return;
+  }
+  g_kernel_name = cfg.name;
+  g_body = &body;
+  std::vector<unsigned char> dyn(cfg.smem ? cfg.smem : 1, 0xFF);
+  g_dyn = cfg.smem ? dyn.data() : nullptr;
+  for (unsigned z = 0; z < cfg.grid.z; z++)
+    for (unsigned y = 0; y < cfg.grid.y; y++)
+      for (unsigned x = 0; x < cfg.grid.x; x++) {
+        if (cfg.smem) memset(dyn.data(), 0xFF, cfg.smem);
+        run_block(cfg.grid, cfg.block, uint3{x, y, z});
+      }
+  g_body = nullptr;
+  g_dyn = nullptr;
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_blocks += (int64_t)cfg.grid.x * cfg.grid.y * cfg.grid.z;
+  g_threads += (int64_t)cfg.grid.x * cfg.grid.y * cfg.grid.z * (int64_t)nt;
+}
+
+}  // namespace emu
+
+using namespace emu;
+
+/* ============================================================ runtime API */
+static const char* err_name(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidDevicePointer: return "invalid device pointer";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case 700: return "an illegal memory access was encountered";
+    default: return "unknown error";
+  }
+}
+const char* cudaGetErrorString(cudaError_t e) { return err_name(e); }
+
+cudaError_t cudaGetLastError(void) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  cudaError_t e = g_last;
+  g_last = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaGetDeviceCount(int* n) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  *n = devices();
+  if (*n <= 0) {
+    *n = 0;
+    return cudaErrorNoDevice;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int dev) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (dev < 0 || dev >= devices()) return cudaErrorInvalidDevice;
+  g_cur_dev = dev;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int dev) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (dev < 0 || dev >= devices()) return cudaErrorInvalidDevice;
+  memset(p, 0, sizeof *p);
+  snprintf(p->name, sizeof p->name, "CPU emulation of an sm_90 device");
+  p->totalGlobalMem = g_mem_limit;
+  p->sharedMemPerBlock = kDefaultDynSmem;
+  p->sharedMemPerBlockOptin = kOptinSmem;
+  p->major = 9;
+  p->minor = 0;
+  p->multiProcessorCount = 132;
+  p->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void** p, size_t bytes) {
+  *p = nullptr;
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (devices() <= 0) return cudaErrorNoDevice;
+  if (bytes == 0) return cudaSuccess;
+  if (bytes > g_mem_limit - g_mem_used || bytes > g_mem_limit) return cudaErrorMemoryAllocation;
+  void* q = nullptr;
+  if (posix_memalign(&q, 256, bytes) != 0 || !q) return cudaErrorMemoryAllocation;
+  memset(q, 0xFF, bytes);  // NaN everywhere: unwritten device memory shows up in results
+  g_allocs[(uintptr_t)q] = bytes;
+  g_mem_used += bytes;
+  if ((int64_t)g_mem_used > g_peak_bytes) g_peak_bytes = (int64_t)g_mem_used;
+  *p = q;
+  return cudaSuccess;
+}
+cudaError_t cudaFree(void* p) {
+  if (!p) return cudaSuccess;
+  std::lock_guard<std::mutex> lk(g_mu);
+  auto it = g_allocs.find((uintptr_t)p);
+  if (it == g_allocs.end()) {
+    violation("cudaFree(%p): not a live device allocation", p);
+    return cudaErrorInvalidDevicePointer;
+  }
+  g_mem_used -= it->second;
+  g_allocs.erase(it);
+  free(p);
+  return cudaSuccess;
+}
+
+static cudaError_t check_copy(void* dst, size_t dext, const void* src, size_t sext, cudaMemcpyKind kind,
+                              const char* what) {
+  bool d_dev = in_device_locked(dst, dext), s_dev = in_device_locked(src, sext);
+  bool d_any = in_device_locked(dst, 0), s_any = in_device_locked(src, 0);
+  const char* bad = nullptr;
+  switch (kind) {
+    case cudaMemcpyHostToDevice:
+      if (!d_dev) bad = d_any ? "destination runs past its device allocation" : "destination is not device memory";
+      else if (s_any) bad = "source is device memory";
+      break;
+    case cudaMemcpyDeviceToHost:
+      if (!s_dev) bad = s_any ? "source runs past its device allocation" : "source is not device memory";
+      else if (d_any) bad = "destination is device memory";
+      break;
+    case cudaMemcpyDeviceToDevice:
+      if (!d_dev) bad = d_any ? "destination runs past its device allocation" : "destination is not device memory";
+      else if (!s_dev) bad = s_any ? "source runs past its device allocation" : "source is not device memory";
+      break;
+    case cudaMemcpyHostToHost:
+      if (d_any || s_any) bad = "host-to-host copy touches device memory";
+      break;
+    default:
+      break;
+  }
+  if (bad) {
+    violation("%s(dst %p, src %p, kind %d): %s", what, dst, src, (int)kind, bad);
+    return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+static bool stream_ok_locked(cudaStream_t s) { return s == nullptr || g_streams.count(s) > 0; }
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s) {
+  if (bytes == 0) return cudaSuccess;
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (!stream_ok_locked(s)) {
+    violation("cudaMemcpyAsync on a destroyed or unknown stream");
+    return cudaErrorInvalidResourceHandle;
+  }
+  cudaError_t e = check_copy(dst, bytes, src, bytes, kind, "cudaMemcpy");
+  if (e != cudaSuccess) return e;
+  memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
+}
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                              cudaMemcpyKind kind, cudaStream_t s) {
+  if (width == 0 || height == 0) return cudaSuccess;
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (!stream_ok_locked(s)) {
+    violation("cudaMemcpy2DAsync on a destroyed or unknown stream");
+    return cudaErrorInvalidResourceHandle;
+  }
+  if (width > dpitch || width > spitch) {
+    violation("cudaMemcpy2DAsync: width %zu larger than a pitch (%zu, %zu)", width, dpitch, spitch);
+    return cudaErrorInvalidValue;
+  }
+  cudaError_t e = check_copy(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind,
+                             "cudaMemcpy2DAsync");
+  if (e != cudaSuccess) return e;
+  for (size_t r = 0; r < height; r++) memmove((char*)dst + r * dpitch, (const char*)src + r * spitch, width);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
+  (void)flags;
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (devices() <= 0) return cudaErrorNoDevice;
+  cudaStream_t st = (cudaStream_t)malloc(16);
+  g_streams.insert(st);
+  *s = st;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (!g_streams.count(s)) {
+    violation("cudaStreamDestroy of an unknown stream");
+    return cudaErrorInvalidResourceHandle;
+  }
+  g_streams.erase(s);
+  free((void*)s);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (!stream_ok_locked(s)) {
+    violation("cudaStreamSynchronize on a destroyed or unknown stream");
+    return cudaErrorInvalidResourceHandle;
+  }
+  return cudaSuccess;  // work runs synchronously
+}
+
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void* f) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  auto it = g_max_dyn.find(f);
+  a->maxDynamicSharedSizeBytes = it == g_max_dyn.end() ? (int)kDefaultDynSmem : it->second;
+  a->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int value) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || (size_t)value > kOptinSmem) return cudaErrorInvalidValue;
+  g_max_dyn[f] = value;
+  return cudaSuccess;
+}
+
+/* ============================================================ test hooks */
+EMU_API int rf_emu_set(const char* key, const char* value) {
+  if (!key || !value) return -1;
+  std::string k = key;
+  if (k == "cublas_lib") {  // "" = none (the built-in GEMM), else a path dlopen'ed instead of libcublas
+    if (*value)
+      setenv("REFORM_CUBLAS_LIB", value, 1);
+    else
+      setenv("REFORM_CUBLAS_LIB", "/nonexistent/libcublas-disabled.so", 1);
+    rf_emu_reset_cublas_state();
+    return 0;
+  }
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (k == "schedule") {
+    if (!strcmp(value, "reverse")) g_reverse = true;
+    else if (!strcmp(value, "forward")) g_reverse = false;
+    else return -1;
+    return 0;
+  }
+  if (k == "mem_limit") {
+    g_mem_limit = (size_t)strtoull(value, nullptr, 10);
+    return 0;
+  }
+  if (k == "devices") {
+    g_devices = atoi(value);
+    return 0;
+  }
+  if (k == "reset_counters") {
+    g_launches = g_blocks = g_threads = g_launch_errors = g_violations = 0;
+    g_peak_bytes = (int64_t)g_mem_used;
+    g_last_violation.clear();
+    return 0;
+  }
+  return -1;
+}
+
+EMU_API int64_t rf_emu_stat(const char* key) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  std::string k = key ? key : "";
+  if (k == "live_allocs") return (int64_t)g_allocs.size();
+  if (k == "live_bytes") return (int64_t)g_mem_used;
+  if (k == "peak_bytes") return g_peak_bytes;
+  if (k == "live_streams") return (int64_t)g_streams.size();
+  if (k == "launches") return g_launches;
+  if (k == "blocks") return g_blocks;
+  if (k == "threads") return g_threads;
+  if (k == "launch_errors") return g_launch_errors;
+  if (k == "violations") return g_violations;
+  return -1;
+}
+
+EMU_API const char* rf_emu_last_violation(void) {
+  static thread_local std::string s;
+  std::lock_guard<std::mutex> lk(g_mu);
+  s = g_last_violation;
+  return s.c_str();
+}
