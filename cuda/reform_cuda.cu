@@ -925,6 +925,8 @@ struct Gemm {
   cublasHandle_t h = nullptr;
   cudaStream_t stream = nullptr;
   std::string why_fallback;
+  fn_cublasGemmEx gemm_ex = nullptr;  // entry points of the library the handle came from
+  fn_cublasDestroy destroy_fn = nullptr;
 
   int init(cudaStream_t s) {
     stream = s;
@@ -945,10 +947,12 @@ struct Gemm {
     }
     if (lib.set_math) lib.set_math(hh, CUBLAS_DEFAULT_MATH_);
     h = hh;
+    gemm_ex = lib.gemm_ex;
+    destroy_fn = lib.destroy;
     return RF_OK;
   }
   void destroy() {
-    if (h) cublas_lib().destroy(h);
+    if (h) destroy_fn(h);
     h = nullptr;
   }
   /* C[M][N] (ldc) = A[M][K] (lda) . B[N][K]^T (ldb) + beta*C, row-major */
@@ -957,7 +961,7 @@ struct Gemm {
     if (M <= 0 || N <= 0) return RF_OK;
     float alpha = 1.f;
     if (h) {
-      int st = cublas_lib().gemm_ex(h, CUBLAS_OP_T_, CUBLAS_OP_N_, N, M, K, &alpha, B, cuda_dt(bdt), (int)ldb, A,
+      int st = gemm_ex(h, CUBLAS_OP_T_, CUBLAS_OP_N_, N, M, K, &alpha, B, cuda_dt(bdt), (int)ldb, A,
                                     cuda_dt(adt), (int)lda, &beta, C, cuda_dt(cdt), (int)ldc, CUBLAS_COMPUTE_32F_,
                                     CUBLAS_GEMM_DEFAULT_);
       if (st != 0)
@@ -1419,7 +1423,8 @@ int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* he
 int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, bool update) {
   rf_model* m = c->m;
   if (n < 1 || n > c->p.max_chunk)
-    return set_error(RF_ERR_INVALID, "chunk size %d out of range [1,%d]", n, c->p.max_chunk);
+    return set_error(RF_ERR_INVALID, "%s: n = %d must be in [1, max_chunk = %d]",
+                     update ? "rf_compressor_process" : "rf_compressor_embed", n, c->p.max_chunk);
   RF_TRY(check_tokens(m, tokens, n));
   CU_CHECK(cudaSetDevice(m->dev));
   const int len = (int)c->len, total = len + n;

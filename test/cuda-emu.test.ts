@@ -1,0 +1,652 @@
+/**
+ * The CUDA build's own source (cuda/reform_cuda.cu: kernels and host code) run on the CPU emulation of
+ * cuda/emu (build/libreform_cuda_emu.so), against the Float64 reference and the CPU build, at bf16/f16
+ * tolerances. This is what can be checked of the CUDA backend without a GPU: indexing, tiling, barriers, warp
+ * exchanges, wmma tile use, launch configurations, shared-memory limits, memory copies, pointer provenance,
+ * resource lifetimes, error paths and both GEMM paths (built-in and the cuBLAS call path, through a fake cuBLAS
+ * written from the cuBLAS documentation). It is not a substitute for scripts/gpu_check.py on a GPU.
+ *
+ * The whole file runs a second time in a subprocess against the AddressSanitizer build
+ * (build/libreform_cuda_emu_asan.so, REFORM_EMU_ASAN=1): any out-of-bounds access of device memory, shared memory
+ * or host buffers by the CUDA code aborts that run.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { dlopen, FFIType, ptr } from "bun:ffi";
+import {
+  Native,
+  NativeError,
+  RF_BF16,
+  RF_ERR_INVALID,
+  RF_ERR_NODEVICE,
+  RF_ERR_OOM,
+  RF_F16,
+  RF_F32,
+  RF_ROPE_DEFAULT,
+  RF_ROPE_LINEAR,
+  RF_ROPE_LLAMA3,
+  ROOT_DIR,
+  type CompressParams,
+  type HeadSpec,
+  type NativeModel,
+} from "../ffi/native";
+import { argmax, refForward, refLogits, refScore, RefCompressor } from "./reference/llama-ref";
+import {
+  buildModel,
+  fromF16,
+  gaussian,
+  i32,
+  loadModel,
+  maxAbs,
+  mulberry32,
+  toF16,
+  tokensFrom,
+  type Built,
+  type Variant,
+} from "./helpers/random-model";
+
+const ASAN = process.env.REFORM_EMU_ASAN === "1";
+const LIB = join(ROOT_DIR, "build", ASAN ? "libreform_cuda_emu_asan.so" : "libreform_cuda_emu.so");
+const FAKE_CUBLAS = join(ROOT_DIR, "build", "emu", "libcublas_fake.so");
+
+/* Logit tolerance, ||a - b|| / ||b||, of a 16-bit forward against Float64 math (and the f32 CPU build). The
+ * issue's 1e-2 is against HF transformers in bf16, which rounds at the same points as the CUDA build; against
+ * Float64 a bf16 forward of these random models lands at 1-3e-2 and an f16 one (3 more mantissa bits) at ~1e-3:
+ * the f16 variant is the tight check of the kernels' arithmetic, the bf16 ones check the bf16 paths. */
+const TOL_BF16 = 4e-2;
+const TOL_F16 = 4e-3;
+const tolOf = (b: Built) => (b.cfg.weightDtype === RF_F16 ? TOL_F16 : TOL_BF16);
+function rel(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < b.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] * b[i];
+  }
+  const r = Math.sqrt(num / Math.max(den, 1e-30));
+  if (process.env.REFORM_EMU_PRINT) console.log(`rel ${r.toExponential(2)}`);
+  return r;
+}
+
+let emu: Native;
+let cpu: Native;
+let hooks: ReturnType<typeof openHooks>;
+
+function openHooks(path: string) {
+  const h = dlopen(path, {
+    rf_emu_set: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+    rf_emu_stat: { args: [FFIType.ptr], returns: FFIType.i64 },
+    rf_emu_last_violation: { args: [], returns: FFIType.cstring },
+  }).symbols;
+  const cs = (s: string) => new Uint8Array(Buffer.from(s + "\0"));
+  return {
+    set(key: string, value: string) {
+      const rc = h.rf_emu_set(ptr(cs(key)), ptr(cs(value)));
+      if (rc !== 0) throw new Error(`rf_emu_set(${key}) failed`);
+    },
+    stat: (key: string) => Number(h.rf_emu_stat(ptr(cs(key)))),
+    lastViolation: () => String(h.rf_emu_last_violation()),
+  };
+}
+let fakeCalls: () => number;
+
+/** GEMM path of models created from now on */
+function useCublas(on: boolean) {
+  hooks.set("cublas_lib", on ? FAKE_CUBLAS : "");
+}
+
+beforeAll(() => {
+  if (!ASAN) {
+    const r = spawnSync("bash", ["scripts/build-native.sh"], {
+      cwd: ROOT_DIR,
+      env: { ...process.env, REFORM_SKIP_CUDA: "1" },
+      encoding: "utf8",
+    });
+    if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+  }
+  emu = new Native("cuda", LIB);
+  cpu = new Native("cpu");
+  hooks = openHooks(LIB);
+  const fc = dlopen(FAKE_CUBLAS, { fake_cublas_calls: { args: [], returns: FFIType.i64 } }).symbols;
+  fakeCalls = () => Number(fc.fake_cublas_calls());
+  hooks.set("reset_counters", "");
+  useCublas(false);
+}, 600_000);
+
+afterAll(() => {
+  hooks?.set("schedule", "forward");
+});
+
+function expectNativeError(fn: () => unknown, code: number, msg?: RegExp): void {
+  let err: unknown;
+  try {
+    fn();
+  } catch (e) {
+    err = e;
+  }
+  expect(err).toBeInstanceOf(NativeError);
+  expect((err as NativeError).code).toBe(code);
+  if (msg) expect((err as NativeError).message).toMatch(msg);
+}
+
+/** min cosine over (row, head segment) between two embedding matrices */
+function minCos(a: ArrayLike<number>, b: ArrayLike<number>, hd: number): number {
+  let worst = 1;
+  for (let off = 0; off < b.length; off += hd) {
+    let d = 0;
+    let na = 0;
+    let nb = 0;
+    for (let i = off; i < off + hd; i++) {
+      d += a[i] * b[i];
+      na += a[i] * a[i];
+      nb += b[i] * b[i];
+    }
+    worst = Math.min(worst, d / Math.sqrt(na * nb + 1e-30));
+  }
+  return worst;
+}
+function flatRows(rows: Float64Array[]): Float64Array {
+  const o = new Float64Array(rows.reduce((a, r) => a + r.length, 0));
+  let off = 0;
+  for (const r of rows) {
+    o.set(r, off);
+    off += r.length;
+  }
+  return o;
+}
+
+/** logits of the last token of a fresh sequence over `toks` (the sequence is destroyed) */
+function oneShot(m: NativeModel, maxTokens: number, toks: Int32Array): Float32Array {
+  const s = m.createSeq(maxTokens);
+  try {
+    return s.forward(toks, true)!;
+  } finally {
+    s.destroy();
+  }
+}
+
+/** top-2 logit margin (for judging a greedy divergence) */
+function margin(lg: ArrayLike<number>): number {
+  let a = -Infinity;
+  let b = -Infinity;
+  for (let i = 0; i < lg.length; i++) {
+    if (lg[i] > a) {
+      b = a;
+      a = lg[i];
+    } else if (lg[i] > b) b = lg[i];
+  }
+  return a - b;
+}
+
+/* ---------------- models ---------------- */
+
+const D16 = { vocab: 97, hidden: 64, intermediate: 96, heads: 4, kvHeads: 2, headDim: 16 };
+const VARIANTS: Variant[] = [
+  // Llama-3 style: GQA (2 query heads per kv head), llama3 rope scaling, untied, bf16
+  { name: "bf16 GQA untied, llama3 rope", tie: false, bias: false, rope: RF_ROPE_LLAMA3, dtype: RF_BF16, layers: 3, seed: 101, dims: D16 },
+  // Qwen2 style: qkv bias, tied, head_dim 32, computed in f16 from f16 weights
+  {
+    name: "f16 tied + qkv bias, head_dim 32",
+    tie: true,
+    bias: true,
+    rope: RF_ROPE_DEFAULT,
+    dtype: RF_F16,
+    weightDtype: RF_F16,
+    layers: 2,
+    seed: 102,
+    dims: { vocab: 89, hidden: 64, intermediate: 80, heads: 2, kvHeads: 2, headDim: 32 },
+  },
+  // 4 query heads per kv head, f32 weights converted on the device to bf16, linear rope
+  {
+    name: "bf16 from f32 weights, 4:1 GQA, linear rope",
+    tie: false,
+    bias: true,
+    rope: RF_ROPE_LINEAR,
+    dtype: RF_F32,
+    layers: 2,
+    seed: 103,
+    dims: { vocab: 71, hidden: 64, intermediate: 64, heads: 4, kvHeads: 1, headDim: 16 },
+  },
+];
+const built = new Map<string, Built>();
+function model(v: Variant): Built {
+  if (!built.has(v.name)) built.set(v.name, buildModel(v));
+  return built.get(v.name)!;
+}
+
+/* ---------------- library ---------------- */
+
+describe("CUDA source on the CPU emulation: library", () => {
+  test("identity: the CUDA backend, one emulated sm_90 device, built-in GEMM without cuBLAS", () => {
+    expect(emu.backendName()).toBe("cuda");
+    expect(emu.deviceCount()).toBe(1);
+    const info = emu.deviceInfo();
+    expect(info).toContain("emulation");
+    expect(info).toContain("sm_90");
+    expect(info).toContain("built-in tiled GEMM");
+  });
+});
+
+/* ---------------- scoring ---------------- */
+
+describe("CUDA source on the CPU emulation: rf_score", () => {
+  test("max cosine vs the reference (f32 and f16 context, a zero row), built-in GEMM", () => {
+    const rng = mulberry32(5);
+    const nCtx = 3001;
+    const dim = 48;
+    const nQ = 5;
+    const ctx = new Float32Array(nCtx * dim).map(() => gaussian(rng));
+    ctx.fill(0, 0, dim);
+    const q = new Float32Array(nQ * dim).map(() => gaussian(rng));
+    const got = emu.score(ctx, nCtx, dim, q, nQ);
+    expect(maxAbs(got, refScore(ctx, nCtx, dim, q, nQ))).toBeLessThan(1e-5);
+    expect(got[0]).toBe(0);
+    const ctx16 = Uint16Array.from(ctx, toF16);
+    const got16 = emu.score(ctx16, nCtx, dim, q, nQ);
+    expect(maxAbs(got16, refScore(Float64Array.from(ctx16, fromF16), nCtx, dim, q, nQ))).toBeLessThan(1e-5);
+    expect(emu.score(ctx, 0, dim, q, nQ).length).toBe(0);
+  });
+});
+
+/* ---------------- forward ---------------- */
+
+for (const [vi, v] of VARIANTS.entries()) {
+  describe(`CUDA source on the CPU emulation: forward, ${v.name}`, () => {
+    const prompt = tokensFrom(v.seed * 3, 150, v.dims!.vocab);
+
+    test("prefill logits (3 query tiles x 3 key tiles) vs the reference and the CPU build", () => {
+      const b = model(v);
+      const ref = refLogits(b.ref, b.w, prompt);
+      const m = loadModel(emu, b);
+      const s = m.createSeq(160);
+      const lg = s.forward(i32(prompt), true)!;
+      expect(lg.every(Number.isFinite)).toBe(true);
+      expect(rel(lg, ref)).toBeLessThan(tolOf(b));
+      const mc = loadModel(cpu, b);
+      const sc = mc.createSeq(160);
+      expect(rel(lg, sc.forward(i32(prompt), true)!)).toBeLessThan(tolOf(b));
+      expect(argmax(lg)).toBe(argmax(ref));
+      for (const x of [s, sc, m, mc]) x.destroy();
+    });
+
+    test("prefill in pieces and decode steps agree with the reference at every position", () => {
+      const b = model(v);
+      const all = refForward(b.ref, b.w, prompt, true);
+      const m = loadModel(emu, b);
+      const once = oneShot(m, 160, i32(prompt));
+      const s2 = m.createSeq(160);
+      s2.forward(i32(prompt.slice(0, 63)));
+      s2.forward(i32(prompt.slice(63, 65)));
+      const pieces = s2.forward(i32(prompt.slice(65)), true)!;
+      expect(rel(pieces, once)).toBeLessThan(tolOf(b));
+      const s3 = m.createSeq(160);
+      s3.forward(i32(prompt.slice(0, 130)));
+      for (let i = 130; i < prompt.length; i++) {
+        const lg = s3.forward(i32([prompt[i]]), true)!; // single-token decode kernels
+        expect(rel(lg, all[i])).toBeLessThan(tolOf(b));
+      }
+      expect(s3.length()).toBe(prompt.length);
+      for (const x of [s2, s3, m]) x.destroy();
+    });
+
+    test("greedy continuation of 16 tokens equals the reference (a divergence only at a near tie)", () => {
+      const b = model(v);
+      const m = loadModel(emu, b);
+      const s = m.createSeq(64);
+      const p = prompt.slice(0, 20);
+      s.forward(i32(p));
+      const seq = [...p];
+      for (let i = 0; i < 16; i++) {
+        const t = s.sample({ temperature: 0, topP: 1, topK: 0 });
+        const ref = refLogits(b.ref, b.w, seq);
+        if (t !== argmax(ref)) {
+          // only acceptable when the reference's top two are within bf16 noise; then follow the emulation
+          expect(margin(ref)).toBeLessThan(0.05 * Math.max(...Array.from(ref, Math.abs)));
+        }
+        seq.push(t);
+        s.forward(i32([t]));
+      }
+      s.destroy();
+      m.destroy();
+    });
+
+    if (vi === 0)
+      test("the fake cuBLAS path (cublasGemmEx, column-major, as documented) gives the same logits", () => {
+        const b = model(v);
+        const ref = refLogits(b.ref, b.w, prompt);
+        useCublas(true);
+        try {
+          expect(emu.deviceInfo()).toContain("cuBLAS");
+          const before = fakeCalls();
+          const m = loadModel(emu, b);
+          const lg = oneShot(m, 160, i32(prompt));
+          expect(fakeCalls() - before).toBeGreaterThanOrEqual(4 * b.cfg.numLayers + 1);
+          expect(rel(lg, ref)).toBeLessThan(tolOf(b));
+          const sc = new Float32Array(200 * 32).map((_, i) => Math.sin(i * 0.37));
+          const q = new Float32Array(3 * 32).map((_, i) => Math.cos(i * 0.11));
+          expect(maxAbs(emu.score(sc, 200, 32, q, 3), refScore(sc, 200, 32, q, 3))).toBeLessThan(1e-5);
+          m.destroy();
+        } finally {
+          useCublas(false);
+        }
+        expect(emu.deviceInfo()).toContain("built-in tiled GEMM");
+      });
+  });
+}
+
+describe("CUDA source on the CPU emulation: long sequence", () => {
+  test("decode across split-K partitions (256-key splits) vs the CPU build; prefill == decode", () => {
+    const v = VARIANTS[0];
+    const b = model(v);
+    const toks = tokensFrom(77, 520, v.dims!.vocab);
+    const m = loadModel(emu, b);
+    const mc = loadModel(cpu, b);
+    const s = m.createSeq(530);
+    const sc = mc.createSeq(530);
+    s.forward(i32(toks.slice(0, 500)));
+    sc.forward(i32(toks.slice(0, 500)));
+    let last: Float32Array | null = null;
+    for (let i = 500; i < 520; i++) {
+      last = s.forward(i32([toks[i]]), true)!; // crosses 512: three split partitions
+      expect(rel(last, sc.forward(i32([toks[i]]), true)!)).toBeLessThan(tolOf(b));
+    }
+    const once = oneShot(m, 530, i32(toks));
+    expect(rel(last!, once)).toBeLessThan(tolOf(b));
+    for (const x of [s, sc, m, mc]) x.destroy();
+  }, 120_000);
+});
+
+/* ---------------- compressor ---------------- */
+
+const CP: CompressParams = { capacity: 48, nSink: 4, nRecent: 8, obsWindow: 8, maxChunk: 32, embDtype: RF_F32, exitLayer: -1 };
+const HEADS: HeadSpec[] = [
+  { layer: 0, kind: "q", head: 1 },
+  { layer: 1, kind: "k", head: 0 },
+  { layer: 1, kind: "v", head: 1 },
+  { layer: 0, kind: "v", head: 0 },
+];
+/** eviction from the 2nd chunk on; a chunk shorter than obs_window */
+const CHUNKS = [32, 32, 20, 32, 7, 32, 32];
+
+/** parse a state blob (see cuda/reform_common.h StateHeader): [layer][kvHead] {k, v, s} */
+function parseState(buf: Uint8Array, hd: number) {
+  const d = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const layers = d.getInt32(8, true);
+  const kvh = d.getInt32(12, true);
+  const len = Number(d.getBigInt64(24, true));
+  let off = 72;
+  const f = (n: number) => {
+    const a = new Float32Array(buf.slice(off, off + n * 4).buffer);
+    off += n * 4;
+    return a;
+  };
+  const cache: { k: Float32Array; v: Float32Array; s: Float32Array }[][] = [];
+  for (let l = 0; l < layers; l++) {
+    const row = [];
+    for (let g = 0; g < kvh; g++) row.push({ k: f(len * hd), v: f(len * hd), s: f(len) });
+    cache.push(row);
+  }
+  return { layers, kvh, len, hd, bytes: off, cache };
+}
+
+describe("CUDA source on the CPU emulation: compressor", () => {
+  const v = VARIANTS[0];
+  const toks = tokensFrom(99, CHUNKS.reduce((a, c) => a + c, 0), v.dims!.vocab);
+
+  for (const cv of [VARIANTS[0], VARIANTS[1]])
+  test(`chunks with H2O eviction (${cv.name}): embeddings, cache length, kept entries and scores vs the reference`, () => {
+    const b = model(cv);
+    const f16 = cv.weightDtype === RF_F16;
+    let worstScore = 0;
+    const hd = b.cfg.headDim;
+    const m = loadModel(emu, b);
+    const c = m.createCompressor(CP, HEADS);
+    expect(c.exitLayer).toBe(1);
+    const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
+    const toks = tokensFrom(99, CHUNKS.reduce((a, c) => a + c, 0), b.cfg.vocabSize);
+    let off = 0;
+    let agree = 0;
+    let total = 0;
+    for (const n of CHUNKS) {
+      const chunk = toks.slice(off, off + n);
+      off += n;
+      const e = c.process(i32(chunk)) as Float32Array;
+      const re = flatRows(ref.process(chunk));
+      expect(minCos(e, re, hd)).toBeGreaterThan(0.995);
+      expect(c.cacheLen()).toBe(ref.cacheLen());
+      expect(c.seen()).toBe(off);
+      // kept entries: the emulated cache row i holds the same key as the reference's row i (pre-RoPE keys)
+      const st = parseState(c.saveState(), hd);
+      expect(st.layers).toBe(2);
+      expect(st.len).toBe(ref.cacheLen());
+      for (let l = 0; l < st.layers; l++)
+        for (let g = 0; g < st.kvh; g++) {
+          const rc = ref.cache[l][g];
+          for (let i = 0; i < rc.length; i++) {
+            total++;
+            const k = st.cache[l][g].k.subarray(i * hd, (i + 1) * hd);
+            let mx = 0;
+            let scale = 0;
+            for (let j = 0; j < hd; j++) {
+              mx = Math.max(mx, Math.abs(k[j] - rc[i].k[j]));
+              scale = Math.max(scale, Math.abs(rc[i].k[j]));
+            }
+            if (mx <= 0.02 * scale + 1e-3) {
+              agree++;
+              // accumulated attention mass of the entry (sums of softmax probabilities)
+              worstScore = Math.max(worstScore, Math.abs(st.cache[l][g].s[i] - rc[i].s) / Math.max(1, rc[i].s));
+            }
+          }
+        }
+    }
+    expect(c.cacheLen()).toBe(CP.capacity);
+    // H2O keep-sets may differ on near ties (16-bit scores); they must agree almost everywhere
+    if (process.env.REFORM_EMU_PRINT) console.log(`keep agreement ${agree}/${total}, worst score diff ${worstScore}`);
+    expect(agree / total).toBeGreaterThan(0.95);
+    expect(worstScore).toBeLessThan(f16 ? 0.01 : 0.5); // bf16 attention probabilities of peaked random heads
+    m.destroy();
+    c.destroy();
+  });
+
+  test("embed() in context, f16 embeddings, state blobs CUDA <-> CPU", () => {
+    const b = model(v);
+    const hd = b.cfg.headDim;
+    const m = loadModel(emu, b);
+    const mc = loadModel(cpu, b);
+    const c = m.createCompressor(CP, HEADS);
+    const c16 = m.createCompressor({ ...CP, embDtype: RF_F16 }, HEADS);
+    const cc = mc.createCompressor(CP, HEADS);
+    const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
+    let off = 0;
+    for (const n of CHUNKS.slice(0, 3)) {
+      const chunk = i32(toks.slice(off, off + n));
+      off += n;
+      ref.process(Array.from(chunk));
+      const e = c.process(chunk) as Float32Array;
+      const e16 = c16.process(chunk) as Uint16Array;
+      expect(e16).toBeInstanceOf(Uint16Array);
+      expect(maxAbs(Float64Array.from(e16, fromF16), e)).toBeLessThan(2e-3);
+      cc.process(chunk);
+    }
+    const q = toks.slice(100, 109);
+    const lenBefore = c.cacheLen();
+    const eq = c.embed(i32(q)) as Float32Array;
+    expect(c.cacheLen()).toBe(lenBefore);
+    expect(minCos(eq, flatRows(ref.embed(q)), hd)).toBeGreaterThan(0.99);
+    // CUDA state -> CPU compressor, and back
+    const cpu2 = mc.createCompressor(CP, HEADS);
+    cpu2.loadState(c.saveState());
+    expect(cpu2.cacheLen()).toBe(c.cacheLen());
+    expect(minCos(cpu2.embed(i32(q)) as Float32Array, eq, hd)).toBeGreaterThan(0.99);
+    const emu2 = m.createCompressor(CP, HEADS);
+    emu2.loadState(cc.saveState());
+    expect(emu2.seen()).toBe(cc.seen());
+    expect(minCos(emu2.embed(i32(q)) as Float32Array, cc.embed(i32(q)) as Float32Array, hd)).toBeGreaterThan(0.99);
+    // a wrong-shape blob is refused
+    const other = mc.createCompressor(CP, [{ layer: 2, kind: "q", head: 0 }]);
+    expect(() => emu2.loadState(other.saveState())).toThrow(NativeError);
+    for (const x of [c, c16, cc, cpu2, emu2, other, m, mc]) x.destroy();
+  });
+
+  test("full-depth compressor imported into a sequence == plain prefill of context + query", () => {
+    const b = model(v);
+    const m = loadModel(emu, b);
+    const heads: HeadSpec[] = [{ layer: 2, kind: "k", head: 1 }];
+    const c = m.createCompressor({ ...CP, capacity: 96, maxChunk: 40 }, heads);
+    expect(c.exitLayer).toBe(2);
+    const ctx = toks.slice(0, 90);
+    c.process(i32(ctx.slice(0, 40)));
+    c.process(i32(ctx.slice(40, 80)));
+    c.process(i32(ctx.slice(80)));
+    expect(c.cacheLen()).toBe(90);
+    const s = m.createSeq(128);
+    s.importCompressor(c);
+    expect(s.length()).toBe(90);
+    const query = toks.slice(150, 162);
+    const lg = s.forward(i32(query), true)!;
+    expect(rel(lg, refLogits(b.ref, b.w, [...ctx, ...query]))).toBeLessThan(tolOf(b));
+    m.destroy();
+    c.destroy();
+    s.destroy();
+  });
+});
+
+/* ---------------- emulation-specific checks ---------------- */
+
+describe("CUDA source on the CPU emulation: scheduling, random init, errors, resources", () => {
+  test("results do not depend on the order threads run between barriers (missing-barrier check)", () => {
+    const b = model(VARIANTS[0]);
+    const prompt = tokensFrom(5, 90, b.cfg.vocabSize);
+    const run = () => {
+      const m = loadModel(emu, b);
+      const lg = oneShot(m, 100, i32(prompt));
+      const c = m.createCompressor(CP, HEADS);
+      const e: number[] = [];
+      for (let off = 0; off < 90; off += 30) e.push(...(c.process(i32(prompt.slice(off, off + 30))) as Float32Array));
+      const st = c.saveState();
+      c.destroy();
+      m.destroy();
+      return { lg, e, st };
+    };
+    const fwd = run();
+    hooks.set("schedule", "reverse");
+    let rev: ReturnType<typeof run>;
+    try {
+      rev = run();
+    } finally {
+      hooks.set("schedule", "forward");
+    }
+    expect(Array.from(rev.lg)).toEqual(Array.from(fwd.lg));
+    expect(rev.e).toEqual(fwd.e);
+    expect(Buffer.from(rev.st).equals(Buffer.from(fwd.st))).toBe(true);
+  });
+
+  test("rf_model_init_random (device-side dummy weights) is deterministic and finite", () => {
+    const cfg = model(VARIANTS[0]).cfg;
+    const logits = () => {
+      const m = emu.createModel(cfg);
+      m.initRandom(7, 0.05);
+      m.finalize();
+      const lg = oneShot(m, 16, i32([1, 2, 3, 4, 5]));
+      m.destroy();
+      return lg;
+    };
+    const a = logits();
+    expect(a.every(Number.isFinite)).toBe(true);
+    expect(Math.max(...Array.from(a, Math.abs))).toBeGreaterThan(0);
+    expect(Array.from(logits())).toEqual(Array.from(a));
+  });
+
+  test("errors come back as codes: bad head_dim, bad tokens, out of device memory, no device", () => {
+    const b = model(VARIANTS[0]);
+    expectNativeError(() => emu.createModel({ ...b.cfg, headDim: 8, hiddenSize: 32 }), RF_ERR_INVALID, /multiple of 16/);
+    const m = loadModel(emu, b);
+    const s = m.createSeq(8);
+    expectNativeError(() => s.forward(i32([1, 1000])), RF_ERR_INVALID, /out of range/);
+    expectNativeError(() => m.createSeq(1 << 30), RF_ERR_OOM, /out of device memory/);
+    const c = m.createCompressor(CP, HEADS);
+    expectNativeError(() => c.process(i32(new Array(33).fill(1))), RF_ERR_INVALID, /max_chunk = 32/);
+    expect(s.forward(i32([1, 2]), true)!.every(Number.isFinite)).toBe(true);
+    c.destroy();
+    s.destroy();
+    m.destroy();
+    const used = hooks.stat("live_bytes");
+    hooks.set("mem_limit", String(used + 64 * 1024));
+    try {
+      expectNativeError(() => loadModel(emu, b), RF_ERR_OOM, /out of device memory/);
+    } finally {
+      hooks.set("mem_limit", String(8 * 2 ** 30));
+    }
+    hooks.set("devices", "0");
+    try {
+      expect(emu.deviceCount()).toBe(0);
+      expectNativeError(() => emu.createModel(b.cfg), RF_ERR_NODEVICE, /no usable CUDA device/);
+      expect(() => emu.score(new Float32Array(4), 1, 4, new Float32Array(4), 1)).toThrow(NativeError);
+    } finally {
+      hooks.set("devices", "1");
+    }
+    expect(emu.deviceCount()).toBe(1);
+  });
+
+  test("objects outliving the model handle keep it alive; everything is freed at the end", () => {
+    const b = model(VARIANTS[1]);
+    const m = loadModel(emu, b);
+    const s = m.createSeq(16);
+    const c = m.createCompressor({ ...CP, maxChunk: 8 }, [{ layer: 1, kind: "q", head: 0 }]);
+    const want = s.forward(i32([1, 2, 3]), true)!;
+    m.destroy();
+    s.reset();
+    expect(Array.from(s.forward(i32([1, 2, 3]), true)!)).toEqual(Array.from(want));
+    c.process(i32([4, 5, 6]));
+    s.destroy();
+    c.destroy();
+  });
+});
+
+describe("CUDA source on the CPU emulation: hygiene over the whole file", () => {
+  test("no leaked device memory or streams, no invalid copies, launches or pointers", () => {
+    expect(hooks.stat("live_allocs")).toBe(0);
+    expect(hooks.stat("live_bytes")).toBe(0);
+    expect(hooks.stat("live_streams")).toBeLessThanOrEqual(1); // rf_score's stream lives for the process
+    expect(hooks.lastViolation()).toBe("");
+    expect(hooks.stat("violations")).toBe(0);
+    expect(hooks.stat("launch_errors")).toBe(0);
+    expect(hooks.stat("launches")).toBeGreaterThan(1000);
+  });
+});
+
+/* ---------------- the same file under AddressSanitizer ---------------- */
+
+function libasan(): string | null {
+  const r = spawnSync(process.env.CXX || "g++", ["-print-file-name=libasan.so"], { encoding: "utf8" });
+  const p = (r.stdout || "").trim();
+  return r.status === 0 && p.startsWith("/") && existsSync(p) ? p : null;
+}
+
+describe.skipIf(ASAN)("CUDA source on the CPU emulation under AddressSanitizer", () => {
+  const asan = libasan();
+  test.skipIf(!asan)(
+    "this whole file passes against build/libreform_cuda_emu_asan.so (no out-of-bounds access anywhere)",
+    () => {
+      const r = spawnSync("bun", ["test", "--timeout", "300000", "test/cuda-emu.test.ts"], {
+        cwd: ROOT_DIR,
+        env: {
+          ...process.env,
+          REFORM_EMU_ASAN: "1",
+          LD_PRELOAD: asan!,
+          ASAN_OPTIONS: "detect_leaks=0:abort_on_error=1:allocator_may_return_null=1",
+        },
+        encoding: "utf8",
+        timeout: 540_000,
+      });
+      const out = `${r.stdout}\n${r.stderr}`;
+      if (r.status !== 0) console.error(out.slice(-6000));
+      expect(out).not.toContain("ERROR: AddressSanitizer");
+      expect(out).toMatch(/\n\s*0 fail/);
+      expect(r.status).toBe(0);
+    },
+    600_000,
+  );
+});

@@ -1,0 +1,189 @@
+/**
+ * Deterministic tiny random Llama-family models for native-engine tests (weights + the matching Float64
+ * reference weights), and small numeric helpers shared by the native test files.
+ */
+import {
+  RF_BF16,
+  RF_F16,
+  RF_F32,
+  RF_ROPE_LINEAR,
+  RF_ROPE_LLAMA3,
+  type DType,
+  type ModelConfig,
+  type Native,
+  type NativeModel,
+} from "../../ffi/native";
+import type { RefConfig, RefLayer, RefWeights } from "../reference/llama-ref";
+
+/* ---------------- deterministic tiny models ---------------- */
+
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+export function gaussian(rng: () => number): number {
+  const u1 = Math.max(rng(), 1e-12);
+  const u2 = rng();
+  return Math.sqrt(-2 * Math.log(u1)) * Math.cos(2 * Math.PI * u2);
+}
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+export function toBf16(x: number): number {
+  f32[0] = x;
+  const u = u32[0];
+  return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+}
+export function fromBf16(h: number): number {
+  u32[0] = (h << 16) >>> 0;
+  return f32[0];
+}
+const dv = new DataView(new ArrayBuffer(2));
+export function toF16(x: number): number {
+  (dv as any).setFloat16(0, x, true);
+  return dv.getUint16(0, true);
+}
+export function fromF16(h: number): number {
+  dv.setUint16(0, h, true);
+  return (dv as any).getFloat16(0, true);
+}
+
+export interface Variant {
+  name: string;
+  /** sizes (defaults: vocab 97, hidden 32, intermediate 64, 4 heads, 2 kv heads, head_dim 8) */
+  dims?: { vocab?: number; hidden?: number; intermediate?: number; heads?: number; kvHeads?: number; headDim?: number };
+  tie: boolean;
+  bias: boolean;
+  rope: number;
+  dtype: DType;
+  layers: number;
+  seed: number;
+  /** the model's compute dtype (rf_config.weight_dtype; the CPU build ignores it) */
+  weightDtype?: DType;
+}
+
+export interface Built {
+  cfg: ModelConfig;
+  ref: RefConfig;
+  w: RefWeights;
+  tensors: { name: string; data: ArrayBufferView; dtype: DType; shape: number[] }[];
+}
+
+export function buildModel(v: Variant): Built {
+  const rng = mulberry32(v.seed);
+  const cfg: ModelConfig = {
+    vocabSize: v.dims?.vocab ?? 97,
+    hiddenSize: v.dims?.hidden ?? 32,
+    intermediateSize: v.dims?.intermediate ?? 64,
+    numLayers: v.layers,
+    numHeads: v.dims?.heads ?? 4,
+    numKvHeads: v.dims?.kvHeads ?? 2,
+    headDim: v.dims?.headDim ?? 8,
+    qkvBias: v.bias,
+    tieEmbeddings: v.tie,
+    ropeType: v.rope,
+    rmsEps: 1e-5,
+    ropeTheta: v.rope === RF_ROPE_LLAMA3 ? 500000 : 10000,
+    ropeFactor: v.rope === RF_ROPE_LLAMA3 ? 8 : v.rope === RF_ROPE_LINEAR ? 2 : 1,
+    ropeLowFreqFactor: 1,
+    ropeHighFreqFactor: 4,
+    ropeOriginalMaxPos: 64, // small so that the llama3 bands all occur with head_dim 8
+    weightDtype: v.weightDtype ?? RF_BF16,
+  };
+  const ref: RefConfig = { ...cfg };
+  const tensors: Built["tensors"] = [];
+  const make = (name: string, shape: number[], std: number, mean = 0): Float64Array => {
+    const n = shape.reduce((a, b) => a * b, 1);
+    const raw = new Float32Array(n);
+    for (let i = 0; i < n; i++) raw[i] = mean + std * gaussian(rng);
+    const vals = new Float64Array(n);
+    let data: ArrayBufferView;
+    if (v.dtype === RF_F32) {
+      data = raw;
+      for (let i = 0; i < n; i++) vals[i] = raw[i];
+    } else {
+      const bits = new Uint16Array(n);
+      for (let i = 0; i < n; i++) {
+        bits[i] = v.dtype === RF_BF16 ? toBf16(raw[i]) : toF16(raw[i]);
+        vals[i] = v.dtype === RF_BF16 ? fromBf16(bits[i]) : fromF16(bits[i]);
+      }
+      data = bits;
+    }
+    tensors.push({ name, data, dtype: v.dtype, shape });
+    return vals;
+  };
+  const H = cfg.hiddenSize;
+  const I = cfg.intermediateSize;
+  const qd = cfg.numHeads * cfg.headDim;
+  const kvd = cfg.numKvHeads * cfg.headDim;
+  const embed = make("model.embed_tokens.weight", [cfg.vocabSize, H], 1);
+  const layers: RefLayer[] = [];
+  for (let l = 0; l < cfg.numLayers; l++) {
+    const p = `model.layers.${l}.`;
+    const L: RefLayer = {
+      inNorm: make(p + "input_layernorm.weight", [H], 0.1, 1),
+      postNorm: make(p + "post_attention_layernorm.weight", [H], 0.1, 1),
+      wq: make(p + "self_attn.q_proj.weight", [qd, H], 2 / Math.sqrt(H)),
+      wk: make(p + "self_attn.k_proj.weight", [kvd, H], 2 / Math.sqrt(H)),
+      wv: make(p + "self_attn.v_proj.weight", [kvd, H], 1 / Math.sqrt(H)),
+      wo: make(p + "self_attn.o_proj.weight", [H, qd], 1 / Math.sqrt(qd)),
+      gate: make(p + "mlp.gate_proj.weight", [I, H], 1 / Math.sqrt(H)),
+      up: make(p + "mlp.up_proj.weight", [I, H], 1 / Math.sqrt(H)),
+      down: make(p + "mlp.down_proj.weight", [H, I], 1 / Math.sqrt(I)),
+    };
+    if (v.bias) {
+      L.bq = make(p + "self_attn.q_proj.bias", [qd], 0.3);
+      L.bk = make(p + "self_attn.k_proj.bias", [kvd], 0.3);
+      L.bv = make(p + "self_attn.v_proj.bias", [kvd], 0.3);
+    }
+    layers.push(L);
+  }
+  const norm = make("model.norm.weight", [H], 0.1, 1);
+  const w: RefWeights = { embed, norm, layers };
+  if (!v.tie) w.lmHead = make("lm_head.weight", [cfg.vocabSize, H], 1 / Math.sqrt(H));
+  return { cfg, ref, w, tensors };
+}
+
+export function loadModel(native: Native, b: Built): NativeModel {
+  const m = native.createModel(b.cfg);
+  for (const t of b.tensors) m.setTensor(t.name, t.data, t.dtype, t.shape);
+  m.finalize();
+  return m;
+}
+
+export function tokensFrom(seed: number, n: number, vocab = 97): number[] {
+  const rng = mulberry32(seed);
+  return Array.from({ length: n }, () => Math.floor(rng() * vocab));
+}
+
+export function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < b.length; i++) {
+    num = Math.max(num, Math.abs(a[i] - b[i]));
+    den = Math.max(den, Math.abs(b[i]));
+  }
+  return num / Math.max(den, 1e-30);
+}
+export function maxAbs(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let m = 0;
+  for (let i = 0; i < b.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
+  return m;
+}
+export function flat(rows: Float64Array[]): Float64Array {
+  const n = rows.reduce((a, r) => a + r.length, 0);
+  const o = new Float64Array(n);
+  let off = 0;
+  for (const r of rows) {
+    o.set(r, off);
+    off += r.length;
+  }
+  return o;
+}
+export const i32 = (a: number[]) => new Int32Array(a);
