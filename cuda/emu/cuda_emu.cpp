@@ -310,57 +310,52 @@ void run_block(const dim3& grid, const dim3& block, const uint3& bid) {
     f.ts.linear = i;
   }
   const int nwarps = (nt + 31) / 32;
+  /* Warp-serial schedule: each warp runs as far as it can (its warp operations complete as soon as all its lanes
+   * arrive) before the next warp starts; only __syncthreads lets other warps catch up. A read of shared memory
+   * written by another warp without a __syncthreads in between therefore sees stale data (NaN-poisoned at block
+   * start) in one of the two orders. */
   for (;;) {
-    if (g_reverse) {
-      for (int i = nt - 1; i >= 0; i--)
-        if (g_fibers[i].state == RUNNABLE) resume(&g_fibers[i]);
-    } else {
-      for (int i = 0; i < nt; i++)
-        if (g_fibers[i].state == RUNNABLE) resume(&g_fibers[i]);
-    }
-    int live = 0, at_block = 0;
-    for (int i = 0; i < nt; i++) {
-      live += g_fibers[i].state != DONE;
-      at_block += g_fibers[i].state == AT_BLOCK_BARRIER;
-    }
-    if (live == 0) break;
-    bool released = false;
-    for (int w = 0; w < nwarps; w++) {
+    for (int wi = 0; wi < nwarps; wi++) {
+      const int w = g_reverse ? nwarps - 1 - wi : wi;
       const int lo = w * 32, hi = std::min(nt, lo + 32);
-      int waiting = 0, done = 0;
-      const char* op = nullptr;
-      for (int i = lo; i < hi; i++) {
-        if (g_fibers[i].state == AT_WARP_OP) {
-          waiting++;
-          if (!op) op = g_fibers[i].op;
-          else if (strcmp(op, g_fibers[i].op) != 0)
-            fail("%s: lanes of warp %d wait in different warp operations (%s / %s)", g_kernel_name, w, op,
-                 g_fibers[i].op);
+      for (;;) {
+        if (g_reverse) {
+          for (int i = hi - 1; i >= lo; i--)
+            if (g_fibers[i].state == RUNNABLE) resume(&g_fibers[i]);
+        } else {
+          for (int i = lo; i < hi; i++)
+            if (g_fibers[i].state == RUNNABLE) resume(&g_fibers[i]);
         }
-        done += g_fibers[i].state == DONE;
-      }
-      if (waiting == 0) continue;
-      if (waiting == hi - lo) {
-        for (int i = lo; i < hi; i++) g_fibers[i].state = RUNNABLE;
-        released = true;
-      } else if (hi - lo < 32) {
-        fail("%s: %s in a partial warp (%d threads): undefined on the GPU", g_kernel_name, op, hi - lo);
-      } else if (done + waiting == hi - lo) {
-        fail("%s: %s with %d lanes of warp %d exited (full-mask warp operation): undefined on the GPU",
-             g_kernel_name, op, done, w);
+        int waiting = 0, done = 0;
+        const char* op = nullptr;
+        for (int i = lo; i < hi; i++) {
+          if (g_fibers[i].state == AT_WARP_OP) {
+            waiting++;
+            if (!op) op = g_fibers[i].op;
+            else if (strcmp(op, g_fibers[i].op) != 0)
+              fail("%s: lanes of warp %d wait in different warp operations (%s / %s)", g_kernel_name, w, op,
+                   g_fibers[i].op);
+          }
+          done += g_fibers[i].state == DONE;
+        }
+        if (waiting == 0) break;  // the warp is at __syncthreads or finished
+        if (waiting == hi - lo) {
+          for (int i = lo; i < hi; i++) g_fibers[i].state = RUNNABLE;
+          continue;
+        }
+        if (hi - lo < 32) fail("%s: %s in a partial warp (%d threads): undefined on the GPU", g_kernel_name, op, hi - lo);
+        if (done + waiting == hi - lo)
+          fail("%s: %s with %d lanes of warp %d exited (full-mask warp operation): undefined on the GPU",
+               g_kernel_name, op, done, w);
+        fail("%s block (%u,%u,%u): deadlock in warp %d: %d lanes in %s, %d at __syncthreads", g_kernel_name, bid.x,
+             bid.y, bid.z, w, waiting, op, hi - lo - waiting - done);
       }
     }
-    if (released) continue;
-    if (at_block == live) {
-      for (int i = 0; i < nt; i++)
-        if (g_fibers[i].state == AT_BLOCK_BARRIER) g_fibers[i].state = RUNNABLE;
-      continue;
-    }
-    int in_warp = 0;
-    for (int i = 0; i < nt; i++) in_warp += g_fibers[i].state == AT_WARP_OP;
-    fail("%s block (%u,%u,%u): deadlock: %d threads at __syncthreads, %d in warp operations that never complete, "
-         "%d exited",
-         g_kernel_name, bid.x, bid.y, bid.z, at_block, in_warp, nt - live);
+    int live = 0;
+    for (int i = 0; i < nt; i++) live += g_fibers[i].state != DONE;
+    if (live == 0) break;
+    for (int i = 0; i < nt; i++)  // every live thread is at __syncthreads here
+      if (g_fibers[i].state == AT_BLOCK_BARRIER) g_fibers[i].state = RUNNABLE;
   }
 }
 
