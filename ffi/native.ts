@@ -154,17 +154,33 @@ export class Native {
   private readonly lib: Lib;
   private readonly closeLib: () => void;
 
-  constructor(backend: "cpu" | "cuda", path = libraryPath(backend)) {
+  /** `path` defaults to build/libreform_<backend>.so; with an explicit path the backend is the library's own
+   * (rf_backend_name), and a given `backend` must match it. */
+  constructor(backend?: "cpu" | "cuda", path?: string) {
+    if (!backend && !path) throw new Error("Native: a backend or a library path is required");
+    path ??= libraryPath(backend!);
     if (!existsSync(path)) {
       throw new Error(`native library not found: ${path} (run \`bun run build:native\`)`);
     }
     const handle = dlopen(path, symbols);
     this.lib = handle.symbols;
     this.closeLib = () => handle.close();
-    this.backend = backend;
     this.path = path;
     const v = this.lib.rf_abi_version();
-    if (v !== 1) throw new Error(`native library ${path} has ABI version ${v}, expected 1`);
+    if (v !== 1) {
+      handle.close();
+      throw new Error(`native library ${path} has ABI version ${v}, expected 1`);
+    }
+    const own = String(this.lib.rf_backend_name());
+    if (own !== "cpu" && own !== "cuda") {
+      handle.close();
+      throw new Error(`native library ${path} reports an unknown backend "${own}"`);
+    }
+    if (backend && backend !== own) {
+      handle.close();
+      throw new Error(`native library ${path} is the ${own} backend, not ${backend}`);
+    }
+    this.backend = own;
   }
 
   close(): void {
@@ -428,8 +444,21 @@ export class NativeSeq {
   }
 }
 
-/** Pick and load a backend. REFORM_BACKEND=cpu|cuda forces one. */
-export function loadNative(prefer: "auto" | "cpu" | "cuda" = (process.env.REFORM_BACKEND as any) ?? "auto"): Native {
+/** Pick and load a backend. REFORM_BACKEND=cpu|cuda forces one; `library` (or REFORM_LIBRARY) names the library
+ * file to load instead of build/libreform_<backend>.so (its backend must match a forced one). */
+export function loadNative(
+  prefer: "auto" | "cpu" | "cuda" = (process.env.REFORM_BACKEND as any) ?? "auto",
+  library: string | undefined = process.env.REFORM_LIBRARY || undefined,
+): Native {
+  if (library) {
+    const n = new Native(prefer === "auto" ? undefined : prefer, library);
+    if (n.backend === "cuda" && n.deviceCount() < 1) {
+      const msg = n.lastError();
+      n.close();
+      throw new Error(`${library}: no CUDA device is usable${msg ? `: ${msg}` : ""}`);
+    }
+    return n;
+  }
   if (prefer === "cpu") return new Native("cpu");
   if (prefer === "cuda") {
     const n = new Native("cuda");

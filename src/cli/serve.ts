@@ -19,6 +19,7 @@ const USAGE = `usage: bun run serve --model DIR [options]
   --port N             listen port (default 8080)                                env REFORM_PORT, PORT
   --heads FILE|JSON    head-selection file overriding <model>/reform_heads.json  env REFORM_HEADS
   --backend cpu|cuda   native backend (default: cuda when available, else cpu)   env REFORM_BACKEND
+  --library FILE       native library to load instead of build/libreform_<backend>.so  env REFORM_LIBRARY
   --api-key KEY        require 'Authorization: Bearer KEY' (all but /health)     env REFORM_API_KEY
   --served-name NAME   model name shown by /v1/models (default: model dir name)  env REFORM_SERVED_NAME
   --max-body-bytes N   largest single upload request in bytes (default 64 GiB)   env REFORM_MAX_BODY_BYTES
@@ -58,6 +59,7 @@ async function main() {
         port: { type: "string", short: "p" },
         heads: { type: "string" },
         backend: { type: "string" },
+        library: { type: "string" },
         "api-key": { type: "string" },
         "served-name": { type: "string" },
         "max-body-bytes": { type: "string" },
@@ -104,6 +106,8 @@ async function main() {
 
   const backend = str("backend", "REFORM_BACKEND");
   if (backend !== undefined && backend !== "cpu" && backend !== "cuda") fail(`--backend must be cpu or cuda, got '${backend}'`);
+  const library = str("library", "REFORM_LIBRARY");
+  if (library !== undefined && !existsSync(library)) fail(`native library not found: ${library}`);
   const heads = str("heads", "REFORM_HEADS");
   if (heads !== undefined && !heads.trim().startsWith("{") && !existsSync(heads)) fail(`heads file not found: ${heads}`);
 
@@ -147,7 +151,11 @@ async function main() {
       heads: heads && !heads.trim().startsWith("{") ? resolve(heads) : heads,
       servedName: str("served-name", "REFORM_SERVED_NAME"),
       logRequests,
-      engine: { ...(threads !== undefined ? { threads } : {}), ...(Object.keys(defaults).length ? { defaults } : {}) },
+      engine: {
+        ...(library !== undefined ? { library: resolve(library) } : {}),
+        ...(threads !== undefined ? { threads } : {}),
+        ...(Object.keys(defaults).length ? { defaults } : {}),
+      },
     });
   } catch (e) {
     const msg = (e as Error).message;

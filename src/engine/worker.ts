@@ -64,6 +64,8 @@ export interface EngineOptions {
   modelDir: string;
   dataDir: string;
   backend?: "auto" | "cpu" | "cuda";
+  /** native library file to load instead of build/libreform_<backend>.so (REFORM_LIBRARY) */
+  library?: string;
   servedName?: string;
   heads?: string | object | null;
   threads?: number;
@@ -216,7 +218,10 @@ export class EngineCore {
       stateSaveEvery: d.stateSaveEvery ?? 64,
       idleMs: d.idleMs ?? 5 * 60_000,
     };
-    this.native = loadNative(o.backend ?? ((process.env.REFORM_BACKEND as any) || "auto"));
+    this.native = loadNative(
+      o.backend ?? ((process.env.REFORM_BACKEND as any) || "auto"),
+      o.library ?? (process.env.REFORM_LIBRARY || undefined),
+    );
     if (o.threads) this.native.setThreads(o.threads);
     this.model = this.native.createModel(mc);
     try {

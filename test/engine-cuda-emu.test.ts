@@ -1,0 +1,195 @@
+/**
+ * The whole engine (worker, sessions on disk, compress with eviction, state save/restore across a restart,
+ * scoring, gather, recompute, streamed decode) driving the CUDA build's source, through the CPU emulation
+ * library (build/libreform_cuda_emu.so, see cuda/emu) loaded with the engine's `library` option, side by side
+ * with the same engine on the CPU build. Tokens must be identical, embeddings equal to 16-bit precision, every
+ * query method must stream, and a restart must resume from the saved CUDA compressor state.
+ */
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { ROOT_DIR } from "../ffi/native.ts";
+import type { EngineClient, Method, QueryEvent, QueryRequest } from "../src/engine/api.ts";
+import { createEngine } from "../src/engine/client.ts";
+import { f16ToF32 } from "../src/engine/worker.ts";
+import { makeTinyModel } from "./fixtures/tiny-model.ts";
+
+setDefaultTimeout(120_000);
+
+const EMU = join(ROOT_DIR, "build", "libreform_cuda_emu.so");
+const DEFAULTS = { budget: 256, maxBudget: 4096, maxTokens: 12, edge: 16, window: 9, stateSaveEvery: 2 };
+
+let root: string;
+let modelDir: string;
+
+function text(): string {
+  const words = ["alpha", "beta", "gamma", "delta", "héllo", "中文", "emoji🎉", "river", "stone", "cloud", "and", "the"];
+  const parts: string[] = [];
+  let x = 99;
+  for (let i = 0; i < 500; i++) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    parts.push(words[x % words.length]!);
+    if (x % 19 === 0) parts.push("\n");
+  }
+  return parts.join(" ") + " The vault code is 7319.";
+}
+
+async function collect(e: EngineClient, req: QueryRequest): Promise<QueryEvent[]> {
+  const evs: QueryEvent[] = [];
+  for await (const ev of e.query(req)) evs.push(ev);
+  return evs;
+}
+
+function files(dataDir: string, id: string) {
+  const d = join(dataDir, "contexts", id);
+  return { tokens: readFileSync(join(d, "tokens.bin")), emb: readFileSync(join(d, "emb.bin")) };
+}
+
+/** min and mean cosine over (token, head segment) of two f16 embedding files */
+function embAgreement(a: Buffer, b: Buffer, hd: number): { min: number; mean: number } {
+  const x = f16ToF32(new Uint16Array(a.buffer, a.byteOffset, a.byteLength / 2));
+  const y = f16ToF32(new Uint16Array(b.buffer, b.byteOffset, b.byteLength / 2));
+  let min = 1;
+  let sum = 0;
+  let n = 0;
+  for (let off = 0; off < x.length; off += hd) {
+    let d = 0;
+    let nx = 0;
+    let ny = 0;
+    for (let i = off; i < off + hd; i++) {
+      const u = x[i]!;
+      const v = y[i]!;
+      d += u * v;
+      nx += u * u;
+      ny += v * v;
+    }
+    const c = d / Math.sqrt(nx * ny + 1e-30);
+    min = Math.min(min, c);
+    sum += c;
+    n++;
+  }
+  return { min, mean: sum / n };
+}
+
+beforeAll(async () => {
+  const r = spawnSync("bash", ["scripts/build-native.sh"], {
+    cwd: ROOT_DIR,
+    env: { ...process.env, REFORM_SKIP_CUDA: "1" },
+    encoding: "utf8",
+  });
+  if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+  root = mkdtempSync(join(tmpdir(), "reform-emu-eng-"));
+  // head_dim 16 (the CUDA build needs a multiple of 16), GQA, 3 layers: the exit layer (1) is not the last
+  modelDir = await makeTinyModel(join(root, "model"), { hidden: 64, heads: 4, kvHeads: 2, intermediate: 96, layers: 3 });
+}, 600_000);
+
+afterAll(() => {
+  if (root) rmSync(root, { recursive: true, force: true });
+});
+
+describe("engine on the CUDA source (CPU emulation) next to the CPU build", () => {
+  let cuda: EngineClient;
+  let cpu: EngineClient;
+  const dataCuda = () => join(root, "data-cuda");
+  const bytes = new TextEncoder().encode(text());
+  let idCuda = "";
+  let idCpu = "";
+
+  beforeAll(async () => {
+    cuda = createEngine({ modelDir, dataDir: dataCuda(), backend: "cuda", library: EMU, defaults: DEFAULTS });
+    cpu = createEngine({ modelDir, dataDir: join(root, "data-cpu"), backend: "cpu", defaults: DEFAULTS });
+    await Promise.all([cuda.ready(), cpu.ready()]);
+  });
+  afterAll(async () => {
+    await cuda?.close();
+    await cpu?.close();
+  });
+
+  test("model info reports the CUDA backend", () => {
+    const mi = cuda.modelInfo()!;
+    expect(mi.backend).toBe("cuda");
+    expect(mi.exitLayer).toBe(cpu.modelInfo()!.exitLayer);
+    expect(mi.exitLayer).toBeLessThan(2);
+  });
+
+  test("upload in pieces: identical tokens, embeddings equal to 16-bit precision, eviction ran", async () => {
+    const a = await cuda.createContext();
+    const b = await cpu.createContext();
+    idCuda = a.id;
+    idCpu = b.id;
+    for (let off = 0; off < bytes.length; off += 1000) {
+      await cuda.append(a.id, bytes.subarray(off, off + 1000));
+      await cpu.append(b.id, bytes.subarray(off, off + 1000));
+    }
+    const fa = await cuda.finalize(a.id);
+    const fb = await cpu.finalize(b.id);
+    expect(fa.state).toBe("ready");
+    expect(fa.tokensReceived).toBe(fb.tokensReceived);
+    expect(fa.tokensProcessed).toBe(fa.tokensReceived);
+    expect(fa.tokensReceived).toBeGreaterThan(4 * 64); // several times the compressor capacity (64)
+    expect(fa.cacheLen).toBe(fb.cacheLen);
+    const A = files(dataCuda(), a.id);
+    const B = files(join(root, "data-cpu"), b.id);
+    expect(Buffer.compare(A.tokens, B.tokens)).toBe(0);
+    expect(A.emb.length).toBe(B.emb.length);
+    const agree = embAgreement(A.emb, B.emb, 16);
+    if (process.env.REFORM_EMU_PRINT) console.log("embedding agreement", agree);
+    expect(agree.mean).toBeGreaterThan(0.995);
+    expect(agree.min).toBeGreaterThan(0.9);
+  });
+
+  test("every query method streams an answer; reform gathers the same number of tokens as on the CPU", async () => {
+    for (const method of ["reform", "full", "streaming", "h2o"] as Method[]) {
+      const req = (contextId: string): QueryRequest => ({
+        contextId,
+        question: "What is the vault code?",
+        method,
+        sampling: { maxTokens: 8, temperature: 0, topP: 1, topK: 0, seed: 1, stop: [] },
+      });
+      const evs = await collect(cuda, req(idCuda));
+      const ref = await collect(cpu, req(idCpu));
+      const start = evs[0]!;
+      const rstart = ref[0]!;
+      expect(start.type).toBe("start");
+      if (start.type !== "start" || rstart.type !== "start") throw new Error("no start event");
+      expect(start.selectedTokens).toBe(rstart.selectedTokens);
+      expect(start.promptTokens).toBe(rstart.promptTokens);
+      const done = evs[evs.length - 1]!;
+      expect(done.type).toBe("done");
+      if (done.type !== "done") throw new Error("no done event");
+      expect(done.usage.completionTokens).toBeGreaterThan(0);
+      expect(done.usage.completionTokens).toBeLessThanOrEqual(8);
+      expect(["length", "stop"]).toContain(done.finishReason);
+      expect(evs.filter((x) => x.type === "token").length).toBeGreaterThan(0);
+    }
+  });
+
+  test("restart: the saved CUDA compressor state resumes an interrupted upload to the same result", async () => {
+    const part = await cuda.createContext();
+    const cut = 1801;
+    await cuda.append(part.id, bytes.subarray(0, cut));
+    await cuda.close();
+    cuda = createEngine({ modelDir, dataDir: dataCuda(), backend: "cuda", library: EMU, defaults: DEFAULTS });
+    await cuda.ready();
+    const info = (await cuda.getContext(part.id))!;
+    expect(info.state).toBe("processing");
+    expect(info.bytesReceived).toBe(cut);
+    await cuda.append(part.id, bytes.subarray(cut));
+    const fin = await cuda.finalize(part.id);
+    expect(fin.state).toBe("ready");
+    const A = files(dataCuda(), idCuda);
+    const P = files(dataCuda(), part.id);
+    expect(Buffer.compare(A.tokens, P.tokens)).toBe(0);
+    // the CUDA build is deterministic: resuming from its saved state reproduces the uninterrupted upload exactly
+    expect(Buffer.compare(A.emb, P.emb)).toBe(0);
+    const evs = await collect(cuda, {
+      contextId: part.id,
+      question: "What is the vault code?",
+      method: "reform",
+      sampling: { maxTokens: 4, temperature: 0, topP: 1, topK: 0, seed: 1, stop: [] },
+    });
+    expect(evs[evs.length - 1]!.type).toBe("done");
+  });
+});
