@@ -35,6 +35,8 @@ import {
 import { argmax, refForward, refLogits, refScore, RefCompressor } from "./reference/llama-ref";
 import {
   buildModel,
+  expectNativeError,
+  parseState,
   fromF16,
   gaussian,
   i32,
@@ -119,17 +121,6 @@ afterAll(() => {
   hooks?.set("schedule", "forward");
 });
 
-function expectNativeError(fn: () => unknown, code: number, msg?: RegExp): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(NativeError);
-  expect((err as NativeError).code).toBe(code);
-  if (msg) expect((err as NativeError).message).toMatch(msg);
-}
 
 /** min cosine over (row, head segment) between two embedding matrices */
 function minCos(a: ArrayLike<number>, b: ArrayLike<number>, hd: number): number {
@@ -369,27 +360,6 @@ const HEADS: HeadSpec[] = [
 ];
 /** eviction from the 2nd chunk on; a chunk shorter than obs_window */
 const CHUNKS = [32, 32, 20, 32, 7, 32, 32];
-
-/** parse a state blob (see cuda/reform_common.h StateHeader): [layer][kvHead] {k, v, s} */
-function parseState(buf: Uint8Array, hd: number) {
-  const d = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  const layers = d.getInt32(8, true);
-  const kvh = d.getInt32(12, true);
-  const len = Number(d.getBigInt64(24, true));
-  let off = 72;
-  const f = (n: number) => {
-    const a = new Float32Array(buf.slice(off, off + n * 4).buffer);
-    off += n * 4;
-    return a;
-  };
-  const cache: { k: Float32Array; v: Float32Array; s: Float32Array }[][] = [];
-  for (let l = 0; l < layers; l++) {
-    const row = [];
-    for (let g = 0; g < kvh; g++) row.push({ k: f(len * hd), v: f(len * hd), s: f(len) });
-    cache.push(row);
-  }
-  return { layers, kvh, len, hd, bytes: off, cache };
-}
 
 describe("CUDA source on the CPU emulation: compressor", () => {
   const v = VARIANTS[0];

@@ -33,6 +33,8 @@ import {
 
 import {
   buildModel,
+  expectNativeError,
+  parseState,
   flat,
   fromF16,
   gaussian,
@@ -46,17 +48,6 @@ import {
   type Variant,
 } from "./helpers/random-model";
 
-function expectNativeError(fn: () => unknown, code: number, msg?: RegExp): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(NativeError);
-  expect((err as NativeError).code).toBe(code);
-  if (msg) expect((err as NativeError).message).toMatch(msg);
-}
 
 /* ---------------- setup ---------------- */
 
@@ -181,31 +172,6 @@ const HEADS: HeadSpec[] = [
 ];
 /** chunk sizes: eviction starts at the 3rd chunk; a chunk shorter than obs_window at the end */
 const CHUNKS = [10, 10, 10, 7, 10, 3, 10];
-
-/** parse a state blob: returns [layer][kvHead] {k,v,s} arrays */
-function parseState(buf: Uint8Array, hd: number) {
-  const d = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  const magic = new TextDecoder().decode(buf.subarray(0, 8));
-  const layers = d.getInt32(8, true);
-  const kvh = d.getInt32(12, true);
-  expect(d.getInt32(16, true)).toBe(hd);
-  const len = Number(d.getBigInt64(24, true));
-  const seen = Number(d.getBigInt64(32, true));
-  let off = 72;
-  const f = (count: number) => {
-    const a = new Float32Array(buf.slice(off, off + count * 4).buffer);
-    off += count * 4;
-    return a;
-  };
-  const out: { k: Float32Array; v: Float32Array; s: Float32Array }[][] = [];
-  for (let l = 0; l < layers; l++) {
-    const row = [];
-    for (let g = 0; g < kvh; g++) row.push({ k: f(len * hd), v: f(len * hd), s: f(len) });
-    out.push(row);
-  }
-  expect(off).toBe(buf.byteLength);
-  return { magic, layers, kvh, len, seen, cache: out };
-}
 
 describe("compressor", () => {
   const v: Variant = { name: "c", tie: false, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F32, layers: 3, seed: 21 };

@@ -2,7 +2,9 @@
  * Deterministic tiny random Llama-family models for native-engine tests (weights + the matching Float64
  * reference weights), and small numeric helpers shared by the native test files.
  */
+import { expect } from "bun:test";
 import {
+  NativeError,
   RF_BF16,
   RF_F16,
   RF_F32,
@@ -187,3 +189,42 @@ export function flat(rows: Float64Array[]): Float64Array {
   return o;
 }
 export const i32 = (a: number[]) => new Int32Array(a);
+
+/** fn must throw a NativeError with this code (and a message matching msg) */
+export function expectNativeError(fn: () => unknown, code: number, msg?: RegExp): void {
+  let err: unknown;
+  try {
+    fn();
+  } catch (e) {
+    err = e;
+  }
+  expect(err).toBeInstanceOf(NativeError);
+  expect((err as NativeError).code).toBe(code);
+  if (msg) expect((err as NativeError).message).toMatch(msg);
+}
+
+/** Parse a compressor state blob (layout: cuda/reform_common.h StateHeader, then per layer and kv head the
+ * pre-RoPE keys, values and H2O scores as f32): [layer][kvHead] {k, v, s}. Throws on a malformed blob. */
+export function parseState(buf: Uint8Array, hd: number) {
+  const d = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const magic = new TextDecoder().decode(buf.subarray(0, 8));
+  const layers = d.getInt32(8, true);
+  const kvh = d.getInt32(12, true);
+  if (d.getInt32(16, true) !== hd) throw new Error(`state blob head_dim ${d.getInt32(16, true)} != ${hd}`);
+  const len = Number(d.getBigInt64(24, true));
+  const seen = Number(d.getBigInt64(32, true));
+  let off = 72;
+  const f = (count: number) => {
+    const a = new Float32Array(buf.slice(off, off + count * 4).buffer);
+    off += count * 4;
+    return a;
+  };
+  const cache: { k: Float32Array; v: Float32Array; s: Float32Array }[][] = [];
+  for (let l = 0; l < layers; l++) {
+    const row = [];
+    for (let g = 0; g < kvh; g++) row.push({ k: f(len * hd), v: f(len * hd), s: f(len) });
+    cache.push(row);
+  }
+  if (off !== buf.byteLength) throw new Error(`state blob has ${buf.byteLength} bytes, layout says ${off}`);
+  return { magic, layers, kvh, len, seen, cache };
+}
