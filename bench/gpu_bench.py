@@ -28,6 +28,12 @@ LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, 
                   rope_original_max_pos=8192, weight_dtype=RF_BF16)
 
 
+# --shape tiny: a small Llama-shaped model for a smoke run of this script itself (e.g. on the CPU emulation of the
+# CUDA build, --lib build/libreform_cuda_emu.so); its figures mean nothing.
+TINY = dict(LLAMA31_8B, vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+            num_kv_heads=2, head_dim=32)
+
+
 def parse_heads(s):
     out = []
     for part in s.split(","):
@@ -70,6 +76,8 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--layers", type=int, default=0, help="override num_layers (0: 32)")
     ap.add_argument("--quick", action="store_true", help="small run: 32K compress, 128K scoring, 2K prefill")
+    ap.add_argument("--shape", choices=["llama3-8b", "tiny"], default="llama3-8b",
+                    help="tiny: a small model and small sizes, to smoke-test this script (e.g. on the CPU emulation)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     if args.quick:
@@ -78,18 +86,24 @@ def main():
         args.prefill = 2048
         args.decode = 16
 
+    if args.shape == "tiny":  # small sizes, where not given on the command line
+        tiny = dict(heads="1:q:0,2:k:1", capacity=256, chunk=128, n_recent=32, obs_window=32, lengths="1024",
+                    score_tokens=4096, score_queries=8, prefill=256, decode=8)
+        for k, v in tiny.items():
+            if getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
     lib = Lib(args.lib)
     print("device:", lib.device_info())
     if lib.L.rf_device_count() < 1:
         sys.exit("no CUDA device: " + lib.err())
-    cfg = dict(LLAMA31_8B)
+    cfg = dict(TINY if args.shape == "tiny" else LLAMA31_8B)
     if args.layers:
         cfg["num_layers"] = args.layers
     t0 = time.perf_counter()
     m = Model(lib, cfg)
     m.init_random(args.seed, 0.02)
     m.finalize()
-    print(f"model: Llama-3.1-8B shape, {cfg['num_layers']} layers, {m.memory_bytes() / 2**30:.2f} GiB on device, "
+    print(f"model: {'tiny' if args.shape == 'tiny' else 'Llama-3.1-8B'} shape, {cfg['num_layers']} layers, {m.memory_bytes() / 2**30:.2f} GiB on device, "
           f"init {time.perf_counter() - t0:.1f}s")
 
     # ---- compress ----
