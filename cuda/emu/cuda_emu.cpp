@@ -393,8 +393,8 @@ void run_kernel(const LaunchCfg& cfg, const std::function<void()>& body, bool ar
     g_launch_errors++;
     if (g_last == cudaSuccess) g_last = code;
     if (getenv("REFORM_EMU_VERBOSE"))
-      fprintf(stderr, "[cuda-emu] launch of %s refused: %s (grid %u,%u,%u block %u,%u,%u smem %zu, limit %zu)\n",
-              cfg.name, bad, cfg.grid.x, cfg.grid.y, cfg.grid.z, cfg.block.x, cfg.block.y, cfg.block.z, cfg.smem,
+      fprintf(stderr, "[cuda-emu] launch of %s (%p) refused: %s (grid %u,%u,%u block %u,%u,%u smem %zu, limit %zu)\n",
+              cfg.name, cfg.fn, bad, cfg.grid.x, cfg.grid.y, cfg.grid.z, cfg.block.x, cfg.block.y, cfg.block.z, cfg.smem,
               max_dyn);
     return;
   }
@@ -615,6 +615,7 @@ cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int valu
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || (size_t)value > kOptinSmem) return cudaErrorInvalidValue;
   g_max_dyn[f] = value;
+  if (getenv("REFORM_EMU_VERBOSE")) fprintf(stderr, "[cuda-emu] kernel %p: max dynamic shared memory %d\n", f, value);
   return cudaSuccess;
 }
 
