@@ -611,8 +611,9 @@ export class EngineCore {
         pre = this.tok.encodePrompt(rendered);
       } else {
         const parts = splitAtPlaceholder(rendered);
-        pre = this.tok.encodePrompt(parts.prefix);
-        suf = this.tok.encode(parts.suffix);
+        // every method keeps the context's first tokens (edges / sinks), so its first token follows the prefix
+        const first = s.meta.tokens > 0 ? s.readTokens(0, 1)[0] : undefined;
+        ({ pre, suf } = this.tok.encodeAround(parts.prefix, first, parts.suffix));
         const n = s.meta.tokens;
         if (method === "reform") {
           if (n <= budget) ctx = s.readTokens(0, n);

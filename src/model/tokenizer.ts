@@ -138,6 +138,38 @@ export class ModelTokenizer {
     return ids.slice(this.anchorIds.length);
   }
 
+  /**
+   * Tokenize text that directly follows other tokens (the part of a prompt after the spliced context): as if it
+   * continued a word, so SentencePiece tokenizers add no "▁" of their own at its start. Anchored when the anchor
+   * tokenizes separately, else plain.
+   */
+  encodeSuffix(text: string): number[] {
+    if (text.length === 0) return [];
+    const ids = this.encode(ANCHOR + text);
+    const a = this.anchorIds;
+    if (ids.length >= a.length && a.every((x, i) => ids[i] === x)) return ids.slice(a.length);
+    return this.encode(text);
+  }
+
+  /** True when token `id` carries a leading space of its own ("▁The" in SentencePiece, "ĠThe" in byte-level BPE). */
+  startsWithSpace(id: number): boolean {
+    const t = this.tk.id_to_token(id);
+    return typeof t === "string" && (t.startsWith("▁") || t.startsWith("Ġ") || t.startsWith(" "));
+  }
+
+  /**
+   * Prompt tokens around spliced context tokens: prefix (with BOS), then the context, then the suffix, so that the
+   * result equals tokenizing the whole prompt text where the tokenizer allows: a space that ends the prefix is
+   * left to the context's first token when that token carries its own leading space (SentencePiece), and the
+   * suffix is tokenized as a continuation.
+   */
+  encodeAround(prefix: string, firstContextToken: number | undefined, suffix: string): { pre: number[]; suf: number[] } {
+    let p = prefix;
+    if (firstContextToken !== undefined && p.endsWith(" ") && !p.endsWith("  ") && this.startsWithSpace(firstContextToken))
+      p = p.slice(0, -1);
+    return { pre: this.encodePrompt(p), suf: this.encodeSuffix(suffix) };
+  }
+
   private detectContinuationMode(): "direct" | "anchor" {
     const check = (enc: (s: string) => number[]) =>
       SAMPLE_TEXTS.every((t) => {
