@@ -185,6 +185,10 @@ RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* lo
  * since create / reset / import). */
 RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t top_k,
                              uint64_t* rng_state);
+/* The same sampler over caller-provided logits (e.g. after penalties / logit bias applied by the caller):
+ * n logits, returns the token id in [0, n) or an error code. */
+RF_API int32_t rf_sample_logits(const float* logits, int32_t n, float temperature, float top_p, int32_t top_k,
+                                uint64_t* rng_state);
 RF_API int32_t rf_seq_length(const rf_seq* s);
 RF_API int rf_seq_reset(rf_seq* s);
 /* Initialise the sequence from a compressor whose exit layer is the model's last layer

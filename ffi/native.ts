@@ -130,6 +130,7 @@ const symbols = {
   rf_seq_create: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
   rf_seq_forward: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
   rf_seq_sample: { args: [FFIType.ptr, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_sample_logits: { args: [FFIType.ptr, FFIType.i32, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
   rf_seq_length: { args: [FFIType.ptr], returns: FFIType.i32 },
   rf_seq_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
   rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
@@ -251,6 +252,12 @@ export class Native {
 
   // ---- scoring ----
   /** out[i] = max_j cos(ctx_i, q_j). ctx: n_ctx*dim values (Float32Array or Uint16Array holding f16). */
+  /** rf_sample_logits: the native sampler over given logits; `rng` (one u64 state) is advanced in place. */
+  sampleLogits(logits: Float32Array, p: SamplingParams, rng: BigUint64Array): number {
+    if (logits.length === 0) throw new Error("sampleLogits: empty logits");
+    return this._check(this.lib.rf_sample_logits(logits, logits.length, p.temperature, p.topP, p.topK, rng), "rf_sample_logits");
+  }
+
   score(ctx: Float32Array | Uint16Array, nCtx: number, dim: number, q: Float32Array, nQ: number, out?: Float32Array): Float32Array {
     const o = out ?? new Float32Array(nCtx);
     if (o.length < nCtx) throw new Error("score: out too small");
@@ -417,15 +424,22 @@ export class NativeSeq {
     this.rng[0] = BigInt.asUintN(64, BigInt(seed));
   }
 
-  /** Append tokens; returns the last token's logits when `wantLogits`. */
-  forward(tokens: Int32Array, wantLogits = false): Float32Array | null {
-    const logits = wantLogits ? new Float32Array(this.vocabSize) : null;
+  /** Append tokens; returns the last token's logits when `wantLogits` (into `out` when given). */
+  forward(tokens: Int32Array, wantLogits = false, out?: Float32Array): Float32Array | null {
+    if (out && out.length !== this.vocabSize) throw new Error(`logits buffer has ${out.length} entries, vocab is ${this.vocabSize}`);
+    const logits = wantLogits ? (out ?? new Float32Array(this.vocabSize)) : null;
     this.native._check(this.lib.rf_seq_forward(this.handle, tokens, tokens.length, logits), "rf_seq_forward");
     return logits;
   }
 
+  /** Sample from the last logits (this sequence's generator). */
   sample(p: SamplingParams): number {
     return this.native._check(this.lib.rf_seq_sample(this.handle, p.temperature, p.topP, p.topK, this.rng), "rf_seq_sample");
+  }
+
+  /** Sample from caller-adjusted logits with the same algorithm and this sequence's generator. */
+  sampleFrom(logits: Float32Array, p: SamplingParams): number {
+    return this.native.sampleLogits(logits, p, this.rng);
   }
 
   length(): number {

@@ -9,7 +9,7 @@ import { Hono } from "hono";
 import { z } from "zod";
 import type { ChatMessage } from "../src/engine/api.ts";
 import { ApiError } from "./errors.ts";
-import { collect, MethodSchema, newId, openQuery, precheck, StopSchema } from "./query.ts";
+import { collect, logprobView, MethodSchema, newId, openQuery, PenaltyFields, precheck, samplingExtras, StopSchema } from "./query.ts";
 import type { Deps } from "./types.ts";
 import { ContextIdSchema, parseJsonBody, sseResponse } from "./util.ts";
 
@@ -35,6 +35,14 @@ const ChatBody = z
     seed: z.number().int().nullish(),
     stop: StopSchema,
     n: z.number().int().nullish(),
+    logprobs: z.boolean().nullish(),
+    top_logprobs: z.number().int().min(0).max(20).nullish(),
+    ...PenaltyFields,
+    // accepted only in their no-op forms, refused otherwise (never silently ignored)
+    tools: z.array(z.unknown()).nullish(),
+    tool_choice: z.unknown().optional(),
+    functions: z.array(z.unknown()).nullish(),
+    response_format: z.looseObject({ type: z.string() }).nullish(),
     context_id: ContextIdSchema.optional(),
     method: MethodSchema.optional(),
     budget: z.number().int().min(1).optional(),
@@ -49,6 +57,18 @@ const ChatBody = z
   })
   .superRefine((v, ctx) => {
     if (v.n != null && v.n !== 1) ctx.addIssue({ code: "custom", path: ["n"], message: "only n=1 is supported" });
+    if (v.top_logprobs != null && v.logprobs !== true)
+      ctx.addIssue({ code: "custom", path: ["top_logprobs"], message: "top_logprobs requires logprobs: true" });
+    if ((v.tools?.length ?? 0) > 0 || (v.functions?.length ?? 0) > 0)
+      ctx.addIssue({ code: "custom", path: ["tools"], message: "tool / function calling is not supported by this server" });
+    if (v.tool_choice != null && v.tool_choice !== "none" && v.tool_choice !== "auto")
+      ctx.addIssue({ code: "custom", path: ["tool_choice"], message: "tool / function calling is not supported by this server" });
+    if (v.response_format != null && v.response_format.type !== "text")
+      ctx.addIssue({
+        code: "custom",
+        path: ["response_format"],
+        message: `response_format '${v.response_format.type}' is not supported (only 'text'; constrained decoding is not implemented)`,
+      });
     if (v.stop.length > 16) ctx.addIssue({ code: "custom", path: ["stop"], message: "at most 16 stop sequences" });
     v.messages.forEach((m, i) => {
       if (Array.isArray(m.content)) {
@@ -144,9 +164,11 @@ export function openaiRoutes(d: Deps): Hono {
         topK: body.top_k ?? 0,
         seed: body.seed ?? undefined,
         stop: body.stop,
+        ...samplingExtras(body, body.logprobs === true ? (body.top_logprobs ?? 0) : null),
       },
     });
     const id = newId("chatcmpl");
+    const wantLogprobs = body.logprobs === true;
     const created = Math.floor(Date.now() / 1000);
     const model = body.model ?? servedName();
     const fingerprint = `reform-${engine.modelInfo()?.backend ?? "engine"}`;
@@ -165,7 +187,7 @@ export function openaiRoutes(d: Deps): Hono {
           {
             index: 0,
             message: { role: "assistant", content: res.text, refusal: null },
-            logprobs: null,
+            logprobs: wantLogprobs ? { content: res.logprobs, refusal: null } : null,
             finish_reason: finish(res.finishReason),
           },
         ],
@@ -185,15 +207,21 @@ export function openaiRoutes(d: Deps): Hono {
     }
 
     const includeUsage = body.stream_options?.include_usage === true;
-    const chunk = (delta: Record<string, unknown>, finishReason: string | null) => ({
-      id,
-      object: "chat.completion.chunk",
-      created,
-      model,
-      system_fingerprint: fingerprint,
-      choices: [{ index: 0, delta, logprobs: null, finish_reason: finishReason }],
-      ...(includeUsage ? { usage: null } : {}),
-    });
+    // logprob entries of tokens whose text is still held back ride on the next chunk that is sent
+    let pendingLp: ReturnType<typeof logprobView>[] = [];
+    const chunk = (delta: Record<string, unknown>, finishReason: string | null) => {
+      const lp = wantLogprobs && pendingLp.length > 0 ? { content: pendingLp, refusal: null } : null;
+      if (lp) pendingLp = [];
+      return {
+        id,
+        object: "chat.completion.chunk",
+        created,
+        model,
+        system_fingerprint: fingerprint,
+        choices: [{ index: 0, delta, logprobs: lp, finish_reason: finishReason }],
+        ...(includeUsage ? { usage: null } : {}),
+      };
+    };
 
     stats.sseActive++;
     return sseResponse(
@@ -214,6 +242,7 @@ export function openaiRoutes(d: Deps): Hono {
             if (ev.type === "start") sendRole();
             else if (ev.type === "token") {
               sendRole();
+              if (ev.logprob) pendingLp.push(logprobView(ev.logprob));
               if (ev.text.length > 0) w.send(chunk({ content: ev.text }, null));
             } else if (ev.type === "done") {
               sendRole();

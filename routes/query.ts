@@ -4,7 +4,17 @@
  */
 import { Hono } from "hono";
 import { z } from "zod";
-import { METHODS, type ChatMessage, type EngineClient, type Method, type QueryEvent, type QueryRequest, type Usage } from "../src/engine/api.ts";
+import {
+  METHODS,
+  type ChatMessage,
+  type EngineClient,
+  type Method,
+  type QueryEvent,
+  type QueryRequest,
+  type SamplingOptions,
+  type TokenLogprob,
+  type Usage,
+} from "../src/engine/api.ts";
 import { ApiError } from "./errors.ts";
 import type { Deps } from "./types.ts";
 import { contextIdParam, parseJsonBody, sseResponse } from "./util.ts";
@@ -14,6 +24,38 @@ export const StopSchema = z
   .union([z.string(), z.array(z.string()).max(16)])
   .nullish()
   .transform((v) => (v == null ? [] : typeof v === "string" ? [v] : v).filter((s) => s.length > 0));
+
+/** presence / frequency / repetition penalties and logit bias, shared by both query APIs (snake_case) */
+export const PenaltyFields = {
+  presence_penalty: z.number().min(-2).max(2).nullish(),
+  frequency_penalty: z.number().min(-2).max(2).nullish(),
+  repetition_penalty: z.number().gt(0).max(10).nullish(),
+  logit_bias: z
+    .record(z.string().regex(/^\d+$/, "logit_bias keys are token ids"), z.number().min(-100).max(100))
+    .nullish(),
+};
+
+/** The engine's sampling extras from the snake_case fields above (+ the number of logprob alternatives). */
+export function samplingExtras(b: {
+  presence_penalty?: number | null;
+  frequency_penalty?: number | null;
+  repetition_penalty?: number | null;
+  logit_bias?: Record<string, number> | null;
+}, logprobs: number | null): Partial<SamplingOptions> {
+  const o: Partial<SamplingOptions> = {};
+  if (logprobs !== null) o.logprobs = logprobs;
+  if (b.presence_penalty != null) o.presencePenalty = b.presence_penalty;
+  if (b.frequency_penalty != null) o.frequencyPenalty = b.frequency_penalty;
+  if (b.repetition_penalty != null) o.repetitionPenalty = b.repetition_penalty;
+  if (b.logit_bias != null) o.logitBias = Object.fromEntries(Object.entries(b.logit_bias).map(([k, v]) => [Number(k), v]));
+  return o;
+}
+
+/** OpenAI's logprobs entry for one token */
+export function logprobView(lp: TokenLogprob & { top?: TokenLogprob[] }) {
+  const one = (t: TokenLogprob) => ({ token: t.token, logprob: t.logprob, bytes: t.bytes });
+  return { ...one(lp), top_logprobs: (lp.top ?? []).map(one) };
+}
 
 export const MessageSchema = z.object({
   role: z.enum(["system", "user", "assistant", "tool"]),
@@ -33,6 +75,9 @@ export const QueryBody = z
     method: MethodSchema.default("reform"),
     budget: z.number().int().min(1).optional(),
     stream: z.boolean().default(true),
+    /** report log-probabilities with this many alternatives per token (0..20) */
+    logprobs: z.number().int().min(0).max(20).optional(),
+    ...PenaltyFields,
   })
   .strict()
   .superRefine((v, ctx) => {
@@ -43,6 +88,7 @@ export const QueryBody = z
 
 export interface Collected {
   text: string;
+  logprobs: ReturnType<typeof logprobView>[];
   finishReason: "stop" | "length" | "abort";
   usage: Usage;
   timings: { queueMs: number; ttftMs: number; tpotMs: number; totalMs: number };
@@ -105,16 +151,19 @@ export async function openQuery(
 /** Drains a query (non-stream responses). */
 export async function collect(it: AsyncIterator<QueryEvent>, first: IteratorResult<QueryEvent>): Promise<Collected> {
   let text = "";
+  const logprobs: Collected["logprobs"] = [];
   let start: Collected["start"] = null;
   let res = first;
   for (;;) {
     if (res.done) break;
     const ev = res.value;
     if (ev.type === "start") start = ev;
-    else if (ev.type === "token") text += ev.text;
-    else if (ev.type === "done") {
+    else if (ev.type === "token") {
+      text += ev.text;
+      if (ev.logprob) logprobs.push(logprobView(ev.logprob));
+    } else if (ev.type === "done") {
       await it.return?.().catch(() => {});
-      return { text, finishReason: ev.finishReason, usage: ev.usage, timings: ev.timings, start };
+      return { text, logprobs, finishReason: ev.finishReason, usage: ev.usage, timings: ev.timings, start };
     }
     res = await it.next();
   }
@@ -162,6 +211,7 @@ export function queryRoutes(d: Deps): Hono {
         topK: body.top_k,
         seed: body.seed,
         stop: body.stop,
+        ...samplingExtras(body, body.logprobs ?? null),
       },
     });
     const id = newId("query");
@@ -173,6 +223,7 @@ export function queryRoutes(d: Deps): Hono {
       return c.json({
         ...base,
         text: res.text,
+        ...(body.logprobs !== undefined ? { logprobs: res.logprobs } : {}),
         finish_reason: res.finishReason,
         usage: usageView(res.usage),
         timings: timingsView(res.timings),
@@ -194,7 +245,10 @@ export function queryRoutes(d: Deps): Hono {
                 "start",
               );
             } else if (ev.type === "token") {
-              w.send({ type: "token", text: ev.text, token_id: ev.tokenId }, "token");
+              w.send(
+                { type: "token", text: ev.text, token_id: ev.tokenId, ...(ev.logprob ? { logprob: logprobView(ev.logprob) } : {}) },
+                "token",
+              );
             } else if (ev.type === "done") {
               stats.observeQuery(ev.timings, ev.usage.completionTokens);
               w.send(

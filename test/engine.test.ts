@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { loadNative } from "../ffi/native.ts";
 import { EngineError, type EngineClient, type Method, type QueryEvent, type QueryRequest } from "../src/engine/api.ts";
 import { createEngine } from "../src/engine/client.ts";
-import { f16ToF32 } from "../src/engine/worker.ts";
+import { f16ToF32, LogitProcessor, logprobsOf } from "../src/engine/worker.ts";
 import {
   buildMessages,
   CONTEXT_PLACEHOLDER,
@@ -59,6 +59,42 @@ beforeAll(async () => {
   modelDir = await makeTinyModel(join(root, "model"));
 });
 afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+describe("sampling helpers", () => {
+  test("LogitProcessor: repetition (prompt + output), presence / frequency (output), logit bias", () => {
+    const raw = Float32Array.from([2, -2, 1, 0.5, -1, 3]);
+    const out = new Float32Array(6);
+    const off = new LogitProcessor({ maxTokens: 1, temperature: 0, topP: 1, topK: 0, stop: [] }, 6, [0, 1]);
+    expect(off.active).toBe(false);
+    const p = new LogitProcessor(
+      { maxTokens: 1, temperature: 0, topP: 1, topK: 0, stop: [], repetitionPenalty: 2, presencePenalty: 0.5, frequencyPenalty: 0.25, logitBias: { 5: -10, 4: 1 } },
+      6,
+      [0, 1],
+    );
+    expect(p.active).toBe(true);
+    expect(Array.from(p.adjust(raw, out))).toEqual([1, -4, 1, 0.5, 0, -7]);
+    p.add(2);
+    p.add(2);
+    p.add(3);
+    // token 2: seen (output) -> 1/2, presence 0.5, frequency 2 * 0.25; token 3: 0.25/... etc.
+    const r = Array.from(p.adjust(raw, out));
+    expect(r[2]).toBeCloseTo(0.5 - 0.5 - 0.5, 6);
+    expect(r[3]).toBeCloseTo(0.25 - 0.5 - 0.25, 6);
+    expect(r[0]).toBe(1);
+    expect(Array.from(raw)).toEqual([2, -2, 1, 0.5, -1, 3]); // raw untouched
+  });
+
+  test("logprobsOf: log-softmax and the top n", () => {
+    const l = Float32Array.from([1, 3, 2, 3, -5]);
+    const lse = Math.log(Array.from(l).reduce((a, x) => a + Math.exp(x), 0));
+    const r = logprobsOf(l, 2, 3);
+    expect(r.logprob).toBeCloseTo(2 - lse, 6);
+    expect(r.top.map((t) => t.id)).toEqual([1, 3, 2]); // ties: lower id first
+    expect(r.top[0]!.logprob).toBeCloseTo(3 - lse, 6);
+    expect(logprobsOf(l, 4, 0).top).toEqual([]);
+    expect(logprobsOf(l, 0, 10).top.length).toBe(5);
+  });
+});
 
 describe("pure query helpers", () => {
   test("smoothing: moving average with edges", () => {

@@ -500,6 +500,111 @@ describe("query", () => {
   );
 });
 
+describe("logprobs, penalties, logit bias", () => {
+  let ctxId: string;
+  beforeAll(async () => {
+    ctxId = await newContext();
+    await uploadFinal(ctxId, sampleText(300, 9));
+  }, T);
+  const chat = (extra: Record<string, unknown>) => ({
+    model: `context:${ctxId}`,
+    messages: [{ role: "user", content: "What does the fox do?" }],
+    max_tokens: 8,
+    temperature: 0,
+    ...extra,
+  });
+
+  test(
+    "OpenAI logprobs: one entry per token, greedy = the top alternative, bytes spell the content; stream == non-stream",
+    async () => {
+      const r = await json(post("/v1/chat/completions", chat({ logprobs: true, top_logprobs: 3 })));
+      const content: string = r.choices[0].message.content;
+      const lps = r.choices[0].logprobs.content as { token: string; logprob: number; bytes: number[]; top_logprobs: { token: string; logprob: number; bytes: number[] }[] }[];
+      expect(r.choices[0].logprobs.refusal).toBeNull();
+      expect(lps.length).toBeGreaterThan(0);
+      expect(lps.length).toBeLessThanOrEqual(r.usage.completion_tokens);
+      for (const e of lps) {
+        expect(e.logprob).toBeLessThanOrEqual(0);
+        expect(e.top_logprobs.length).toBe(3);
+        for (let i = 1; i < 3; i++) expect(e.top_logprobs[i]!.logprob).toBeLessThanOrEqual(e.top_logprobs[i - 1]!.logprob);
+        // greedy decoding picks the most likely token
+        expect(e.top_logprobs[0]!.logprob).toBeCloseTo(e.logprob, 6);
+        expect(e.top_logprobs[0]!.bytes).toEqual(e.bytes);
+        const p = e.top_logprobs.reduce((a, t) => a + Math.exp(t.logprob), 0);
+        expect(p).toBeLessThanOrEqual(1 + 1e-6);
+      }
+      // the tokens' bytes concatenate to the generated text
+      const bytes = lps.flatMap((e) => e.bytes);
+      expect(new TextDecoder().decode(Uint8Array.from(bytes))).toBe(content);
+      // streamed: the entries ride on the chunks, same values
+      const res = await post("/v1/chat/completions", chat({ logprobs: true, top_logprobs: 3, stream: true }));
+      const evs = (await collectSse(res)).filter((e) => e.data !== "[DONE]").map((e) => JSON.parse(e.data));
+      const streamed = evs.flatMap((c) => c.choices[0]?.logprobs?.content ?? []);
+      expect(streamed).toEqual(lps);
+      // without logprobs: null
+      const plain = await json(post("/v1/chat/completions", chat({})));
+      expect(plain.choices[0].logprobs).toBeNull();
+      expect(plain.choices[0].message.content).toBe(content);
+    },
+    T,
+  );
+
+  test(
+    "logit_bias steers greedy decoding; penalties run; the context query API takes the same fields",
+    async () => {
+      // token ids come with our own query API's SSE token events
+      const sse = await collectSse(await post(`/v1/contexts/${ctxId}/query`, queryBody({ max_tokens: 1, logprobs: 2 })));
+      const tok = JSON.parse(sse.find((e) => e.event === "token")!.data);
+      expect(tok.logprob.top_logprobs.length).toBe(2);
+      expect(tok.logprob.bytes).toEqual(tok.logprob.top_logprobs[0].bytes);
+      const greedyId: number = tok.token_id;
+      // ban the greedy choice: the runner-up of the same distribution wins
+      const banned = await json(
+        post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false, max_tokens: 1, logprobs: 2, logit_bias: { [greedyId]: -100 } })),
+      );
+      expect(banned.logprobs.length).toBe(1);
+      expect(banned.logprobs[0].bytes).toEqual(tok.logprob.top_logprobs[1].bytes);
+      expect(banned.logprobs[0].logprob).toBeCloseTo(tok.logprob.top_logprobs[1].logprob, 6); // logprobs stay the model's own
+      // +100 on one token: greedy decoding repeats it
+      const forced = await json(
+        post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false, max_tokens: 4, logprobs: 0, logit_bias: { "65": 100 } })),
+      );
+      expect(new Set(forced.logprobs.map((e: { bytes: number[] }) => e.bytes.join(","))).size).toBe(1);
+      expect(forced.usage.completion_tokens).toBe(4);
+      // OpenAI field names on the chat endpoint too, with penalties
+      const r = await json(
+        post("/v1/chat/completions", chat({ logprobs: true, logit_bias: { "65": 100 }, presence_penalty: 1, frequency_penalty: 1.5, repetition_penalty: 1.3, max_tokens: 3 })),
+      );
+      expect(r.choices[0].logprobs.content.map((e: { bytes: number[] }) => e.bytes.join(","))).toEqual(
+        forced.logprobs.slice(0, 3).map((e: { bytes: number[] }) => e.bytes.join(",")),
+      );
+    },
+    T,
+  );
+
+  test("bad values: 400 naming the parameter", async () => {
+    await expectError(await post("/v1/chat/completions", chat({ top_logprobs: 2 })), 400);
+    await expectError(await post("/v1/chat/completions", chat({ logprobs: true, top_logprobs: 21 })), 400);
+    await expectError(await post("/v1/chat/completions", chat({ presence_penalty: 3 })), 400);
+    await expectError(await post("/v1/chat/completions", chat({ repetition_penalty: 0 })), 400);
+    await expectError(await post("/v1/chat/completions", chat({ logit_bias: { abc: 1 } })), 400);
+    const oov = await post("/v1/chat/completions", chat({ logit_bias: { "999999": 1 } }));
+    expect(oov.status).toBe(400);
+    expect((await oov.json()).error.param).toBe("logit_bias");
+    const tools = await post("/v1/chat/completions", chat({ tools: [{ type: "function", function: { name: "f" } }] }));
+    expect(tools.status).toBe(400);
+    expect((await tools.json()).error.message).toMatch(/not supported/);
+    const rf = await post("/v1/chat/completions", chat({ response_format: { type: "json_object" } }));
+    expect(rf.status).toBe(400);
+    expect((await rf.json()).error.message).toMatch(/json_object/);
+    // their no-op forms are accepted
+    const ok = await post("/v1/chat/completions", chat({ tools: [], tool_choice: "none", response_format: { type: "text" }, max_tokens: 1 }));
+    expect(ok.status).toBe(200);
+    await ok.text();
+    await expectError(await post(`/v1/contexts/${ctxId}/query`, queryBody({ logprobs: 30 })), 400);
+  });
+});
+
 describe("errors", () => {
   let ready: string;
   beforeAll(async () => {

@@ -356,6 +356,30 @@ describe("rf_score", () => {
 describe("sampling", () => {
   const b = buildModel({ name: "s", tie: true, bias: false, rope: RF_ROPE_DEFAULT, dtype: RF_F32, layers: 2, seed: 31 });
 
+  test("rf_sample_logits over given logits == rf_seq_sample, same generator; errors", () => {
+    const m = loadModel(native, b);
+    const s = m.createSeq(16);
+    const logits = s.forward(i32([4, 5, 6]), true)!;
+    const P = { temperature: 3, topP: 0.95, topK: 30 };
+    s.setSeed(9);
+    const viaSeq = Array.from({ length: 100 }, () => s.sample(P));
+    const st = new BigUint64Array([9n]);
+    const viaLogits = Array.from({ length: 100 }, () => native.sampleLogits(logits, P, st));
+    expect(viaLogits).toEqual(viaSeq);
+    expect(st[0]).toBe(s.rng[0]);
+    s.setSeed(9);
+    expect(s.sampleFrom(logits, P)).toBe(viaSeq[0]);
+    // adjusted logits: a huge bias on one token makes it the only choice
+    const biased = logits.slice();
+    biased[17] += 1000;
+    expect(native.sampleLogits(biased, P, st)).toBe(17);
+    expect(native.sampleLogits(biased, { temperature: 0, topP: 1, topK: 0 }, st)).toBe(17);
+    expect(() => native.sampleLogits(new Float32Array(0), P, st)).toThrow();
+    expectNativeError(() => native.sampleLogits(logits, { ...P, temperature: NaN }, st), RF_ERR_INVALID, /NaN/);
+    s.destroy();
+    m.destroy();
+  });
+
   test("greedy, top_k 1, same seed -> same draws, exact algorithm, distribution", () => {
     const m = loadModel(native, b);
     const s = m.createSeq(16);

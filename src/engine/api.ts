@@ -41,6 +41,23 @@ export interface SamplingOptions {
   topK: number; // 0 = off
   seed?: number;
   stop: string[]; // stop strings (not included in the output)
+  /** Report log-probabilities: the sampled token's and the `logprobs` most likely alternatives (0..20).
+   * Of the model's own distribution (before temperature, penalties and bias). Omitted / null: off. */
+  logprobs?: number | null;
+  /** OpenAI semantics over the tokens generated so far: logit -= presence * [count > 0] + frequency * count. */
+  presencePenalty?: number;
+  frequencyPenalty?: number;
+  /** HF / vLLM semantics over prompt + generated tokens: logit / p when positive, logit * p otherwise (1 = off). */
+  repetitionPenalty?: number;
+  /** token id -> value added to its logit (-100..100; -100 effectively bans the token) */
+  logitBias?: Record<number, number>;
+}
+
+export interface TokenLogprob {
+  tokenId: number;
+  token: string; // the token's own text (U+FFFD for a partial UTF-8 sequence)
+  bytes: number[]; // the bytes it stands for
+  logprob: number;
 }
 
 export interface QueryRequest {
@@ -67,7 +84,12 @@ export type FinishReason = "stop" | "length" | "abort";
 
 export type QueryEvent =
   | { type: "start"; promptTokens: number; selectedTokens: number; contextTokens: number }
-  | { type: "token"; text: string; tokenId: number }
+  | {
+      type: "token";
+      text: string; // stable text to emit now (may be "" while a character or stop string is incomplete)
+      tokenId: number; // -1 for the final flush of held-back text
+      logprob?: TokenLogprob & { top: TokenLogprob[] }; // when sampling.logprobs is set
+    }
   | {
       type: "done";
       finishReason: FinishReason;

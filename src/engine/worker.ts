@@ -23,7 +23,16 @@ import {
   type NativeModel,
   type NativeSeq,
 } from "../../ffi/native.ts";
-import { EngineError, type ContextInfo, type EngineMetrics, type ModelInfo, type QueryEvent, type QueryRequest } from "./api.ts";
+import {
+  EngineError,
+  type ContextInfo,
+  type EngineMetrics,
+  type ModelInfo,
+  type QueryEvent,
+  type QueryRequest,
+  type SamplingOptions,
+  type TokenLogprob,
+} from "./api.ts";
 import { loadModelConfig, type LoadedConfig } from "../model/config.ts";
 import { loadHeads, type HeadsFile } from "../model/heads.ts";
 import { loadSafetensors, modelFiles } from "../model/safetensors.ts";
@@ -88,6 +97,103 @@ const f16tab = (() => {
   }
   return t;
 })();
+/** Request checks of logprobs / penalties / logit bias (400 with the offending parameter). */
+function validateSamplingExtras(sp: SamplingOptions, vocab: number): void {
+  const bad = (param: string, msg: string) => new EngineError(400, "invalid_request", msg, param);
+  if (sp.logprobs != null && !(Number.isInteger(sp.logprobs) && sp.logprobs >= 0 && sp.logprobs <= 20))
+    throw bad("top_logprobs", "logprobs (the number of alternatives) must be an integer from 0 to 20");
+  for (const [k, name] of [
+    ["presencePenalty", "presence_penalty"],
+    ["frequencyPenalty", "frequency_penalty"],
+  ] as const) {
+    const v = sp[k];
+    if (v != null && !(Number.isFinite(v) && v >= -2 && v <= 2)) throw bad(name, `${name} must be between -2 and 2`);
+  }
+  const rp = sp.repetitionPenalty;
+  if (rp != null && !(Number.isFinite(rp) && rp > 0 && rp <= 10)) throw bad("repetition_penalty", "repetition_penalty must be in (0, 10]");
+  if (sp.logitBias != null) {
+    const entries = Object.entries(sp.logitBias);
+    if (entries.length > 1024) throw bad("logit_bias", "logit_bias has more than 1024 entries");
+    for (const [k, v] of entries) {
+      const id = Number(k);
+      if (!Number.isInteger(id) || id < 0 || id >= vocab) throw bad("logit_bias", `logit_bias: '${k}' is not a token id of this model (0..${vocab - 1})`);
+      if (!(Number.isFinite(v) && v >= -100 && v <= 100)) throw bad("logit_bias", `logit_bias[${k}] must be between -100 and 100`);
+    }
+  }
+}
+
+/**
+ * Logit adjustments before sampling: repetition penalty (prompt + generated tokens), presence / frequency penalties
+ * (generated tokens), logit bias. `adjust(raw, out)` writes the adjusted logits into `out`.
+ */
+export class LogitProcessor {
+  readonly active: boolean;
+  private readonly counts = new Map<number, number>();
+  private readonly seen: Uint8Array | null;
+  private readonly seenList: number[] = [];
+  private readonly bias: [number, number][];
+  constructor(
+    private readonly sp: SamplingOptions,
+    vocab: number,
+    prompt: ArrayLike<number>,
+  ) {
+    const rp = sp.repetitionPenalty ?? 1;
+    this.bias = Object.entries(sp.logitBias ?? {})
+      .map(([k, v]) => [Number(k), v] as [number, number])
+      .filter(([, v]) => v !== 0);
+    this.active = rp !== 1 || !!sp.presencePenalty || !!sp.frequencyPenalty || this.bias.length > 0;
+    this.seen = rp !== 1 ? new Uint8Array(vocab) : null;
+    if (this.seen) for (let i = 0; i < prompt.length; i++) this.mark(prompt[i]!);
+  }
+  private mark(id: number): void {
+    if (this.seen && id >= 0 && id < this.seen.length && !this.seen[id]) {
+      this.seen[id] = 1;
+      this.seenList.push(id);
+    }
+  }
+  /** a token was generated */
+  add(id: number): void {
+    this.counts.set(id, (this.counts.get(id) ?? 0) + 1);
+    this.mark(id);
+  }
+  adjust(raw: Float32Array, out: Float32Array): Float32Array {
+    out.set(raw);
+    const rp = this.sp.repetitionPenalty ?? 1;
+    if (rp !== 1) for (const id of this.seenList) out[id] = out[id]! > 0 ? out[id]! / rp : out[id]! * rp;
+    const pres = this.sp.presencePenalty ?? 0;
+    const freq = this.sp.frequencyPenalty ?? 0;
+    if (pres !== 0 || freq !== 0) for (const [id, c] of this.counts) out[id] = out[id]! - pres - freq * c;
+    for (const [id, b] of this.bias) out[id] = out[id]! + b;
+    return out;
+  }
+}
+
+/** log-softmax of `logits` at `id`, and the `n` most likely tokens (ties: lower id first) */
+export function logprobsOf(logits: Float32Array, id: number, n: number): { logprob: number; top: { id: number; logprob: number }[] } {
+  let mx = -Infinity;
+  for (let i = 0; i < logits.length; i++) if (logits[i]! > mx) mx = logits[i]!;
+  let sum = 0;
+  for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i]! - mx);
+  const lse = mx + Math.log(sum);
+  const top: { id: number; logprob: number }[] = [];
+  if (n > 0) {
+    // keep the n best in a small sorted array (n <= 20)
+    for (let i = 0; i < logits.length; i++) {
+      const v = logits[i]!;
+      if (top.length === n && v <= top[n - 1]!.logprob) continue;
+      let j = top.length < n ? top.length : n - 1;
+      if (top.length < n) top.push({ id: i, logprob: v });
+      while (j > 0 && top[j - 1]!.logprob < v) {
+        top[j] = top[j - 1]!;
+        j--;
+      }
+      top[j] = { id: i, logprob: v };
+    }
+    for (const t of top) t.logprob -= lse;
+  }
+  return { logprob: logits[id]! - lse, top };
+}
+
 export function f16ToF32(a: Uint16Array): Float32Array {
   const o = new Float32Array(a.length);
   for (let i = 0; i < a.length; i++) o[i] = f16tab[a[i]!]!;
@@ -550,6 +656,7 @@ export class EngineCore {
       if (!sp || !Number.isInteger(sp.maxTokens) || sp.maxTokens < 1) {
         throw new EngineError(400, "invalid_request", "sampling.maxTokens must be a positive integer", "max_tokens");
       }
+      validateSamplingExtras(sp, this.cfg.config.vocabSize);
       if (sp.maxTokens > this.defaults.maxNewTokens) {
         throw new EngineError(
           400,
@@ -682,11 +789,17 @@ export class EngineCore {
       started = true;
       this.metrics.promptTokensTotal += promptLen;
 
-      // ---- prefill
+      // ---- prefill (logits on the host only when the sampler needs adjusting or logprobs are asked for)
+      const V = this.cfg.config.vocabSize;
+      const proc = new LogitProcessor(sp, V, prompt);
+      const wantLp = sp.logprobs != null;
+      const raw = proc.active || wantLp ? new Float32Array(V) : null;
+      const adj = proc.active ? new Float32Array(V) : null;
       const pc = this.defaults.prefillChunk;
       for (let off = 0; off < prompt.length; off += pc) {
         if (this.aborted.has(qid)) break;
-        seq.forward(prompt.subarray(off, Math.min(prompt.length, off + pc)), false);
+        const end = Math.min(prompt.length, off + pc);
+        seq.forward(prompt.subarray(off, end), raw !== null && end === prompt.length, raw ?? undefined);
         yield;
       }
 
@@ -708,7 +821,19 @@ export class EngineCore {
           finish = "length";
           break;
         }
-        const id = seq.sample(sampling);
+        const id = adj ? seq.sampleFrom(proc.adjust(raw!, adj), sampling) : seq.sample(sampling);
+        let lp: (TokenLogprob & { top: TokenLogprob[] }) | undefined;
+        if (wantLp) {
+          const r = logprobsOf(raw!, id, sp.logprobs!);
+          const info = (t: number, l: number): TokenLogprob => ({
+            tokenId: t,
+            token: this.tok.tokenText(t),
+            bytes: Array.from(this.tok.tokenBytes(t)),
+            logprob: l,
+          });
+          lp = { ...info(id, r.logprob), top: r.top.map((t) => info(t.id, t.logprob)) };
+        }
+        proc.add(id);
         generated++;
         const now = performance.now();
         if (generated === 1) {
@@ -723,7 +848,7 @@ export class EngineCore {
         }
         const piece = dec.push(id);
         const r = stop.push(piece);
-        if (r.emit.length > 0 || !r.stopped) emit({ type: "token", text: r.emit, tokenId: id });
+        if (r.emit.length > 0 || !r.stopped) emit({ type: "token", text: r.emit, tokenId: id, ...(lp ? { logprob: lp } : {}) });
         if (r.stopped) {
           finish = "stop";
           break;
@@ -733,7 +858,7 @@ export class EngineCore {
           break;
         }
         one[0] = id;
-        seq.forward(one, false);
+        seq.forward(one, raw !== null, raw ?? undefined);
         yield;
       }
       if (finish !== "stop") {

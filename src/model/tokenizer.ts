@@ -33,6 +33,25 @@ const SAMPLE_TEXTS = [
   "def f(x):\n    return x * 2  # comment\n\n\nclass A: pass",
 ];
 
+/** GPT-2 byte-level BPE: the printable character that stands for each byte, inverted */
+const UNICODE_TO_BYTE: Map<string, number> = (() => {
+  const bs: number[] = [];
+  for (let b = 33; b <= 126; b++) bs.push(b);
+  for (let b = 161; b <= 172; b++) bs.push(b);
+  for (let b = 174; b <= 255; b++) bs.push(b);
+  const cs = bs.slice();
+  let n = 0;
+  for (let b = 0; b < 256; b++) {
+    if (!bs.includes(b)) {
+      bs.push(b);
+      cs.push(256 + n++);
+    }
+  }
+  const m = new Map<string, number>();
+  bs.forEach((b, i) => m.set(String.fromCharCode(cs[i]!), b));
+  return m;
+})();
+
 function tokenStr(v: unknown): string | null {
   if (typeof v === "string") return v;
   if (v && typeof v === "object" && typeof (v as any).content === "string") return (v as any).content;
@@ -57,9 +76,15 @@ export class ModelTokenizer {
   readonly continuationMode: "direct" | "anchor";
   private readonly template: Template;
   private readonly anchorIds: number[];
+  /** byte-level BPE (GPT-2 / Llama 3): token strings are bytes mapped to printable characters */
+  private readonly byteLevel: boolean;
+  private readonly tokenBytesCache = new Map<number, Uint8Array>();
 
   constructor(tokenizerJson: any, tokenizerConfig: any, opts: { generationConfig?: any; modelConfig?: any } = {}) {
     this.tk = new Tokenizer(tokenizerJson, tokenizerConfig ?? {});
+    const hasByteLevel = (d: any): boolean =>
+      !!d && (d.type === "ByteLevel" || (Array.isArray(d.decoders) && d.decoders.some(hasByteLevel)));
+    this.byteLevel = hasByteLevel(tokenizerJson?.decoder);
     const tc = tokenizerConfig ?? {};
     this.bosToken = tokenStr(tc.bos_token);
     this.eosToken = tokenStr(tc.eos_token);
@@ -128,6 +153,31 @@ export class ModelTokenizer {
   withBos(ids: number[]): number[] {
     if (this.usesBos && this.bosId !== null && ids[0] !== this.bosId) return [this.bosId, ...ids];
     return ids;
+  }
+
+  /**
+   * The bytes one token stands for (as in OpenAI's logprobs `bytes`): byte-level BPE characters mapped back to bytes,
+   * SentencePiece byte-fallback tokens `<0xNN>` as that byte, "▁" as a space; special tokens as their text.
+   */
+  tokenBytes(id: number): Uint8Array {
+    let b = this.tokenBytesCache.get(id);
+    if (b) return b;
+    const t = this.tk.id_to_token(id);
+    if (typeof t !== "string") b = new Uint8Array(0);
+    else {
+      const m = /^<0x([0-9A-Fa-f]{2})>$/.exec(t);
+      if (m) b = Uint8Array.of(parseInt(m[1]!, 16));
+      else if (this.byteLevel && Array.from(t).every((ch) => UNICODE_TO_BYTE.has(ch)))
+        b = Uint8Array.from(Array.from(t), (ch) => UNICODE_TO_BYTE.get(ch)!);
+      else b = new TextEncoder().encode(this.byteLevel ? t : t.replace(/▁/g, " "));
+    }
+    if (this.tokenBytesCache.size < 1 << 20) this.tokenBytesCache.set(id, b);
+    return b;
+  }
+
+  /** Text of one token on its own (a partial UTF-8 sequence shows as U+FFFD). */
+  tokenText(id: number): string {
+    return new TextDecoder().decode(this.tokenBytes(id));
   }
 
   /** Tokenize a piece that starts at a safe boundary of a longer text (see header). */
