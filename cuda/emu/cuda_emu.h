@@ -269,6 +269,13 @@ struct fragment {
 
 namespace detail {
 inline int lane() { return emu::cur()->linear & 31; }
+/* CUDA: "mptr must be a 256-bit aligned pointer"; "ldm must be a multiple of 8 for __half element type or
+ * multiple of 4 for float element type" (16 bytes either way) */
+template <typename E>
+inline void check_layout(const E* p, unsigned ldm, const char* what) {
+  if (((uintptr_t)p & 31u) != 0) emu::fail("%s: pointer %p is not 256-bit aligned (misaligned address on the GPU)", what, (const void*)p);
+  if ((ldm * sizeof(E)) % 16 != 0) emu::fail("%s: ldm %u is not a multiple of %zu elements", what, ldm, 16 / sizeof(E));
+}
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
@@ -280,6 +287,7 @@ inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
 template <typename Use, int M, int N, int K, typename T, typename Layout, typename P>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned ldm) {
   static_assert(std::is_same<P, T>::value, "wmma load: pointer type must match the fragment element type");
+  detail::check_layout(p, ldm, "wmma::load_matrix_sync");
   using F = fragment<Use, M, N, K, T, Layout>;
   for (int r = 0; r < F::rows; r++)
     for (int c = 0; c < F::cols; c++) {
@@ -292,6 +300,7 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, u
 template <int M, int N, int K>
 inline void load_matrix_sync(fragment<accumulator, M, N, K, float, void>& f, const float* p, unsigned ldm,
                              layout_t layout) {
+  detail::check_layout(p, ldm, "wmma::load_matrix_sync(accumulator)");
   for (int r = 0; r < M; r++)
     for (int c = 0; c < N; c++) f.x[r * N + c] = p[layout == mem_row_major ? (size_t)r * ldm + c : (size_t)c * ldm + r];
   emu::warp_same_args(p, ldm, "wmma::load_matrix_sync(accumulator)");
@@ -299,6 +308,7 @@ inline void load_matrix_sync(fragment<accumulator, M, N, K, float, void>& f, con
 template <int M, int N, int K>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float, void>& f, unsigned ldm,
                               layout_t layout) {
+  detail::check_layout(p, ldm, "wmma::store_matrix_sync");
   const int ln = detail::lane();
   for (int e = ln; e < M * N; e += 32) {
     int r = e / N, c = e % N;
