@@ -7,7 +7,7 @@
  */
 import { Hono } from "hono";
 import { z } from "zod";
-import type { ChatMessage } from "../src/engine/api.ts";
+import type { ChatMessage, Method } from "../src/engine/api.ts";
 import { ApiError } from "./errors.ts";
 import { collect, logprobView, MethodSchema, newId, openQuery, PenaltyFields, precheck, samplingExtras, StopSchema } from "./query.ts";
 import type { Deps } from "./types.ts";
@@ -21,39 +21,98 @@ const ChatMessageSchema = z.looseObject({
   name: z.string().optional(),
 });
 
+const CONTEXT_MODEL_PREFIX = "context:";
+
+/** The long context a request names: `context_id`, `reform.context_id`, or the model `context:<id>`. */
+function reformTarget(body: {
+  model?: string;
+  context_id?: string;
+  method?: Method;
+  budget?: number;
+  reform?: { context_id?: string; method?: Method; budget?: number };
+}): { contextId: string | undefined; method: Method; budget: number | undefined } {
+  let contextId = body.context_id ?? body.reform?.context_id;
+  if (contextId === undefined && body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {
+    const fromModel = ContextIdSchema.safeParse(body.model.slice(CONTEXT_MODEL_PREFIX.length));
+    if (!fromModel.success) throw new ApiError(404, "model_not_found", `the model '${body.model}' does not exist`, "model");
+    contextId = fromModel.data;
+  }
+  return { contextId, method: body.reform?.method ?? body.method ?? "reform", budget: body.reform?.budget ?? body.budget };
+}
+
+/** The fields both OpenAI endpoints share (sampling, REFORM routing) */
+const ReformFields = {
+  model: z.string().optional(),
+  stream: z.boolean().nullish(),
+  stream_options: z.looseObject({ include_usage: z.boolean().optional() }).nullish(),
+  max_tokens: z.number().int().min(1).max(1_000_000).nullish(),
+  temperature: z.number().min(0).max(2).nullish(),
+  top_p: z.number().gt(0).max(1).nullish(),
+  top_k: z.number().int().min(0).nullish(),
+  seed: z.number().int().nullish(),
+  stop: StopSchema,
+  n: z.number().int().nullish(),
+  ...PenaltyFields,
+  context_id: ContextIdSchema.optional(),
+  method: MethodSchema.optional(),
+  budget: z.number().int().min(1).optional(),
+  reform: z
+    .object({
+      context_id: ContextIdSchema.optional(),
+      method: MethodSchema.optional(),
+      budget: z.number().int().min(1).optional(),
+    })
+    .strict()
+    .optional(),
+};
+
+/** POST /v1/completions (OpenAI's legacy text completion): a raw prompt, no chat template. */
+const CompletionBody = z
+  .looseObject({
+    ...ReformFields,
+    prompt: z.union([z.string().min(1), z.array(z.string().min(1)).length(1, "one prompt per request")]),
+    logprobs: z.number().int().min(0).max(20).nullish(),
+    echo: z.boolean().nullish(),
+    suffix: z.string().nullish(),
+    best_of: z.number().int().nullish(),
+  })
+  .superRefine((v, ctx) => {
+    if (v.n != null && v.n !== 1) ctx.addIssue({ code: "custom", path: ["n"], message: "only n=1 is supported" });
+    if (v.best_of != null && v.best_of !== 1) ctx.addIssue({ code: "custom", path: ["best_of"], message: "only best_of=1 is supported" });
+    if (v.suffix) ctx.addIssue({ code: "custom", path: ["suffix"], message: "suffix (insertion) is not supported" });
+    if (v.echo && v.logprobs != null)
+      ctx.addIssue({ code: "custom", path: ["echo"], message: "echo with logprobs is not supported (prompt log-probabilities are not computed)" });
+    if (v.stop.length > 16) ctx.addIssue({ code: "custom", path: ["stop"], message: "at most 16 stop sequences" });
+  });
+
+/** OpenAI's legacy logprobs object for completion tokens starting at character `offset` of the returned text */
+function legacyLogprobs(entries: ReturnType<typeof logprobView>[], offset: number) {
+  const textOffset: number[] = [];
+  let o = offset;
+  for (const e of entries) {
+    textOffset.push(o);
+    o += e.token.length;
+  }
+  return {
+    tokens: entries.map((e) => e.token),
+    token_logprobs: entries.map((e) => e.logprob),
+    top_logprobs: entries.map((e) => Object.fromEntries(e.top_logprobs.map((t) => [t.token, t.logprob]))),
+    text_offset: textOffset,
+  };
+}
+
 const ChatBody = z
   .looseObject({
-    model: z.string().optional(),
+    ...ReformFields,
     messages: z.array(ChatMessageSchema).min(1),
-    stream: z.boolean().nullish(),
-    stream_options: z.looseObject({ include_usage: z.boolean().optional() }).nullish(),
-    max_tokens: z.number().int().min(1).max(1_000_000).nullish(),
     max_completion_tokens: z.number().int().min(1).max(1_000_000).nullish(),
-    temperature: z.number().min(0).max(2).nullish(),
-    top_p: z.number().gt(0).max(1).nullish(),
-    top_k: z.number().int().min(0).nullish(),
-    seed: z.number().int().nullish(),
-    stop: StopSchema,
-    n: z.number().int().nullish(),
     logprobs: z.boolean().nullish(),
     top_logprobs: z.number().int().min(0).max(20).nullish(),
-    ...PenaltyFields,
     // accepted only in their no-op forms, refused otherwise (never silently ignored)
     tools: z.array(z.unknown()).nullish(),
     tool_choice: z.unknown().optional(),
     functions: z.array(z.unknown()).nullish(),
     response_format: z.looseObject({ type: z.string() }).nullish(),
-    context_id: ContextIdSchema.optional(),
-    method: MethodSchema.optional(),
-    budget: z.number().int().min(1).optional(),
-    reform: z
-      .object({
-        context_id: ContextIdSchema.optional(),
-        method: MethodSchema.optional(),
-        budget: z.number().int().min(1).optional(),
-      })
-      .strict()
-      .optional(),
   })
   .superRefine((v, ctx) => {
     if (v.n != null && v.n !== 1) ctx.addIssue({ code: "custom", path: ["n"], message: "only n=1 is supported" });
@@ -84,8 +143,6 @@ const ChatBody = z
       }
     });
   });
-
-const CONTEXT_MODEL_PREFIX = "context:";
 
 function toMessages(ms: z.output<typeof ChatBody>["messages"]): ChatMessage[] {
   return ms.map((m) => {
@@ -141,14 +198,7 @@ export function openaiRoutes(d: Deps): Hono {
 
   r.post("/chat/completions", async (c) => {
     const body = await parseJsonBody(c, ChatBody, opts.maxJsonBytes);
-    let contextId = body.context_id ?? body.reform?.context_id;
-    if (contextId === undefined && body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {
-      const fromModel = ContextIdSchema.safeParse(body.model.slice(CONTEXT_MODEL_PREFIX.length));
-      if (!fromModel.success) throw new ApiError(404, "model_not_found", `the model '${body.model}' does not exist`, "model");
-      contextId = fromModel.data;
-    }
-    const method = body.reform?.method ?? body.method ?? "reform";
-    const budget = body.reform?.budget ?? body.budget;
+    const { contextId, method, budget } = reformTarget(body);
     await precheck(d, contextId, budget);
 
     const defaults = engine.modelInfo()?.defaults;
@@ -270,6 +320,126 @@ export function openaiRoutes(d: Deps): Hono {
           if (ac.signal.aborted || w.closed) {
             stats.queriesAborted++;
             log("info", `chat ${id}: client went away, generation stopped`);
+          } else {
+            w.send("[DONE]");
+          }
+        } finally {
+          stats.sseActive--;
+          ac.abort();
+          await it.return?.().catch(() => {});
+        }
+      },
+      { heartbeatSec: opts.sseHeartbeatSec, log },
+    );
+  });
+
+  r.post("/completions", async (c) => {
+    const body = await parseJsonBody(c, CompletionBody, opts.maxJsonBytes);
+    const { contextId, method, budget } = reformTarget(body);
+    await precheck(d, contextId, budget);
+    const prompt = typeof body.prompt === "string" ? body.prompt : body.prompt[0]!;
+    const { it, first, ac } = await openQuery(engine, c.req.raw, {
+      contextId,
+      prompt,
+      method,
+      budget,
+      sampling: {
+        maxTokens: body.max_tokens ?? 16, // OpenAI's default for this endpoint
+        temperature: body.temperature ?? 1,
+        topP: body.top_p ?? 1,
+        topK: body.top_k ?? 0,
+        seed: body.seed ?? undefined,
+        stop: body.stop,
+        ...samplingExtras(body, body.logprobs ?? null),
+      },
+    });
+    const id = newId("cmpl");
+    const created = Math.floor(Date.now() / 1000);
+    const model = body.model ?? servedName();
+    const fingerprint = `reform-${engine.modelInfo()?.backend ?? "engine"}`;
+    const finish = (f: string) => (f === "length" ? "length" : "stop");
+    const echo = body.echo === true ? prompt : "";
+    const wantLogprobs = body.logprobs != null;
+    const usageOf = (u: { promptTokens: number; completionTokens: number }) => ({
+      prompt_tokens: u.promptTokens,
+      completion_tokens: u.completionTokens,
+      total_tokens: u.promptTokens + u.completionTokens,
+    });
+
+    if (!body.stream) {
+      const res = await collect(it, first);
+      stats.observeQuery(res.timings, res.usage.completionTokens);
+      return c.json({
+        id,
+        object: "text_completion",
+        created,
+        model,
+        system_fingerprint: fingerprint,
+        choices: [
+          {
+            index: 0,
+            text: echo + res.text,
+            logprobs: wantLogprobs ? legacyLogprobs(res.logprobs, 0) : null,
+            finish_reason: finish(res.finishReason),
+          },
+        ],
+        usage: usageOf(res.usage),
+        reform: {
+          context_id: contextId ?? null,
+          method,
+          context_tokens: res.usage.contextTokens,
+          selected_tokens: res.usage.selectedTokens,
+          timings: { queue_ms: res.timings.queueMs, ttft_ms: res.timings.ttftMs, tpot_ms: res.timings.tpotMs, total_ms: res.timings.totalMs },
+        },
+      });
+    }
+
+    const includeUsage = body.stream_options?.include_usage === true;
+    let pending: ReturnType<typeof logprobView>[] = [];
+    let offset = echo.length;
+    const chunk = (text: string, finishReason: string | null) => {
+      let lp = null;
+      if (wantLogprobs && (pending.length > 0 || finishReason === null)) {
+        lp = legacyLogprobs(pending, offset);
+        for (const e of pending) offset += e.token.length;
+        pending = [];
+      }
+      return {
+        id,
+        object: "text_completion",
+        created,
+        model,
+        system_fingerprint: fingerprint,
+        choices: [{ index: 0, text, logprobs: lp, finish_reason: finishReason }],
+        ...(includeUsage ? { usage: null } : {}),
+      };
+    };
+    stats.sseActive++;
+    return sseResponse(
+      c.req.raw,
+      async (w) => {
+        w.signal.addEventListener("abort", () => ac.abort(), { once: true });
+        let res = first;
+        try {
+          if (echo) w.send({ ...chunk(echo, null), choices: [{ index: 0, text: echo, logprobs: null, finish_reason: null }] });
+          while (!res.done) {
+            const ev = res.value;
+            if (ev.type === "token") {
+              if (ev.logprob) pending.push(logprobView(ev.logprob));
+              if (ev.text.length > 0) w.send(chunk(ev.text, null));
+            } else if (ev.type === "done") {
+              stats.observeQuery(ev.timings, ev.usage.completionTokens);
+              w.send(chunk("", finish(ev.finishReason)));
+              if (includeUsage) {
+                w.send({ id, object: "text_completion", created, model, system_fingerprint: fingerprint, choices: [], usage: usageOf(ev.usage) });
+              }
+            }
+            if (w.closed || ac.signal.aborted) break;
+            res = await it.next();
+          }
+          if (ac.signal.aborted || w.closed) {
+            stats.queriesAborted++;
+            log("info", `completion ${id}: client went away, generation stopped`);
           } else {
             w.send("[DONE]");
           }

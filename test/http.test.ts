@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeTinyModel } from "./fixtures/tiny-model.ts";
+import { ModelTokenizer } from "../src/model/tokenizer.ts";
 import { startServer, type RunningServer } from "../src/server.ts";
 import { collectSse, expectError, pieceStream, sseEvents, waitFor, type SseEvent } from "./helpers/http.ts";
 
@@ -590,18 +591,86 @@ describe("logprobs, penalties, logit bias", () => {
     await expectError(await post("/v1/chat/completions", chat({ logit_bias: { abc: 1 } })), 400);
     const oov = await post("/v1/chat/completions", chat({ logit_bias: { "999999": 1 } }));
     expect(oov.status).toBe(400);
-    expect((await oov.json()).error.param).toBe("logit_bias");
+    expect((await json(oov)).error.param).toBe("logit_bias");
     const tools = await post("/v1/chat/completions", chat({ tools: [{ type: "function", function: { name: "f" } }] }));
     expect(tools.status).toBe(400);
-    expect((await tools.json()).error.message).toMatch(/not supported/);
+    expect((await json(tools)).error.message).toMatch(/not supported/);
     const rf = await post("/v1/chat/completions", chat({ response_format: { type: "json_object" } }));
     expect(rf.status).toBe(400);
-    expect((await rf.json()).error.message).toMatch(/json_object/);
+    expect((await json(rf)).error.message).toMatch(/json_object/);
     // their no-op forms are accepted
     const ok = await post("/v1/chat/completions", chat({ tools: [], tool_choice: "none", response_format: { type: "text" }, max_tokens: 1 }));
     expect(ok.status).toBe(200);
     await ok.text();
     await expectError(await post(`/v1/contexts/${ctxId}/query`, queryBody({ logprobs: 30 })), 400);
+  });
+});
+
+describe("OpenAI legacy completions (raw prompt, no chat template)", () => {
+  let ctxId: string;
+  let tok: ModelTokenizer;
+  beforeAll(async () => {
+    ctxId = await newContext();
+    await uploadFinal(ctxId, sampleText(120, 13));
+    tok = ModelTokenizer.fromDir(join(root, "model"));
+  }, T);
+
+  test(
+    "plain and over a context: shapes, exact prompt accounting, legacy logprobs, stream == non-stream, echo",
+    async () => {
+      const plain = await json(post("/v1/completions", { model: "tiny-reform", prompt: "The quick brown", max_tokens: 5, temperature: 0 }));
+      expect(plain).toMatchObject({ object: "text_completion", model: "tiny-reform" });
+      expect(plain.id).toMatch(/^cmpl-/);
+      expect(typeof plain.choices[0].text).toBe("string");
+      expect(plain.choices[0].logprobs).toBeNull();
+      expect(plain.usage.prompt_tokens).toBe(tok.withBos(tok.encode("The quick brown")).length);
+
+      const prompt = "\n\nQuestion: what does the fox do?\nAnswer:";
+      const body = { model: `context:${ctxId}`, prompt, max_tokens: 6, temperature: 0, logprobs: 2, reform: { method: "full" } };
+      const r = await json(post("/v1/completions", body));
+      // BOS + every context token + the prompt continuing them
+      expect(r.usage.prompt_tokens).toBe(1 + r.reform.context_tokens + tok.encodeSuffix(prompt).length);
+      expect(r.reform.selected_tokens).toBe(r.reform.context_tokens);
+      const lp = r.choices[0].logprobs;
+      expect(lp.tokens.length).toBe(lp.token_logprobs.length);
+      expect(lp.tokens.length).toBe(lp.top_logprobs.length);
+      expect(lp.tokens.join("")).toBe(r.choices[0].text);
+      expect(lp.text_offset[0]).toBe(0);
+      for (let i = 1; i < lp.tokens.length; i++) expect(lp.text_offset[i]).toBe(lp.text_offset[i - 1] + lp.tokens[i - 1].length);
+      for (let i = 0; i < lp.tokens.length; i++) {
+        const alts = Object.values(lp.top_logprobs[i]) as number[];
+        expect(alts.length).toBeGreaterThanOrEqual(1);
+        // greedy: the chosen token is the most likely (the legacy format keys alternatives by text, so two byte
+        // tokens that both show as U+FFFD collide; compare only where they do not)
+        if (alts.length === 2) expect(Math.max(...alts)).toBeCloseTo(lp.token_logprobs[i], 6);
+      }
+      // streamed
+      const evs = (await collectSse(await post("/v1/completions", { ...body, stream: true, stream_options: { include_usage: true } })))
+        .filter((e) => e.data !== "[DONE]")
+        .map((e) => JSON.parse(e.data));
+      expect(evs.every((e) => e.object === "text_completion")).toBe(true);
+      const withChoice = evs.filter((e) => e.choices.length > 0);
+      expect(withChoice.map((e) => e.choices[0].text).join("")).toBe(r.choices[0].text);
+      expect(withChoice.flatMap((e) => e.choices[0].logprobs?.tokens ?? [])).toEqual(lp.tokens);
+      expect(withChoice.flatMap((e) => e.choices[0].logprobs?.text_offset ?? [])).toEqual(lp.text_offset);
+      expect(withChoice.at(-1).choices[0].finish_reason).toBe(r.choices[0].finish_reason);
+      expect(evs.at(-1).usage).toEqual(r.usage);
+      // echo returns the prompt first
+      const e = await json(post("/v1/completions", { ...body, logprobs: undefined, echo: true }));
+      expect(e.choices[0].text).toBe(prompt + r.choices[0].text);
+    },
+    T,
+  );
+
+  test("unsupported forms are refused with 400", async () => {
+    const b = { prompt: "hi", max_tokens: 2 };
+    for (const extra of [{ n: 2 }, { best_of: 3 }, { suffix: "x" }, { echo: true, logprobs: 1 }, { prompt: ["a", "b"] }, { prompt: "" }, { logprobs: 21 }]) {
+      await expectError(await post("/v1/completions", { ...b, ...extra }), 400);
+    }
+    await expectError(await post("/v1/completions", { max_tokens: 2 }), 400);
+    await expectError(await post("/v1/completions", { ...b, model: "context:ctx_nope" }), 404);
+    const one = await json(post("/v1/completions", { prompt: ["hi"], max_tokens: 1 }));
+    expect(one.usage.completion_tokens).toBe(1);
   });
 });
 

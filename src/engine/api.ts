@@ -66,6 +66,9 @@ export interface QueryRequest {
   /** Either a question (wrapped into a user turn after the context) or chat messages. */
   question?: string;
   messages?: ChatMessage[];
+  /** Or a raw prompt: no chat template; with a context, the context's tokens come first and the prompt continues
+   * them (put any separator into the prompt). BOS is added when the model uses one. */
+  prompt?: string;
   sampling: SamplingOptions;
   method: Method;
   /** Recompute budget in context tokens (gathered tokens); default from server config. */

@@ -40,6 +40,7 @@ import { ModelTokenizer } from "../model/tokenizer.ts";
 import { Session, type SessionParams } from "./session.ts";
 import {
   buildMessages,
+  CONTEXT_PLACEHOLDER,
   DEFAULT_EDGE,
   DEFAULT_WINDOW,
   gather,
@@ -682,8 +683,20 @@ export class EngineCore {
           );
         }
       }
-      const { messages, question } = buildMessages(req, s !== null);
-      const rendered = this.tok.renderChat(messages, true);
+      let rendered: string;
+      let question: string;
+      if (req.prompt !== undefined && req.prompt !== null) {
+        if (req.question != null || req.messages != null)
+          throw new EngineError(400, "invalid_request", "give either `prompt` or `question` / `messages`, not both", "prompt");
+        if (typeof req.prompt !== "string" || req.prompt.length === 0)
+          throw new EngineError(400, "invalid_request", "`prompt` must be a non-empty string", "prompt");
+        rendered = s ? CONTEXT_PLACEHOLDER + req.prompt : req.prompt;
+        question = req.prompt;
+      } else {
+        const b = buildMessages(req, s !== null);
+        rendered = this.tok.renderChat(b.messages, true);
+        question = b.question;
+      }
       return this.sched.run(this.queryTask(qid, req, method, budget, s, rendered, question, tReq, emit)).finally(() => this.aborted.delete(qid));
     } catch (e) {
       this.aborted.delete(qid);
