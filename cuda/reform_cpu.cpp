@@ -790,14 +790,7 @@ RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t 
 
 RF_API int32_t rf_sample_logits(const float* logits, int32_t n, float temperature, float top_p, int32_t top_k,
                                 uint64_t* rng_state) {
-  if (!logits || n <= 0) return rf::set_error(RF_ERR_INVALID, "rf_sample_logits: logits is NULL or n <= 0");
-  if (!rng_state) return rf::set_error(RF_ERR_INVALID, "rf_sample_logits: rng_state is NULL");
-  if (std::isnan(temperature) || std::isnan(top_p)) return rf::set_error(RF_ERR_INVALID, "rf_sample_logits: NaN parameter");
-  try {
-    return rf::sample_logits(logits, n, temperature, top_p, top_k, rng_state);
-  } catch (...) {
-    return rf::set_error(RF_ERR_OOM, "host allocation failed");
-  }
+  return rf::sample_logits_checked(logits, n, temperature, top_p, top_k, rng_state);
 }
 
 RF_API int32_t rf_seq_length(const rf_seq* s) {

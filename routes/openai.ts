@@ -9,9 +9,20 @@ import { Hono } from "hono";
 import { z } from "zod";
 import type { ChatMessage, Method } from "../src/engine/api.ts";
 import { ApiError } from "./errors.ts";
-import { collect, logprobView, MethodSchema, newId, openQuery, PenaltyFields, precheck, samplingExtras, StopSchema } from "./query.ts";
+import {
+  collect,
+  logprobView,
+  MethodSchema,
+  newId,
+  openQuery,
+  PenaltyFields,
+  precheck,
+  samplingExtras,
+  StopSchema,
+  streamQuery,
+} from "./query.ts";
 import type { Deps } from "./types.ts";
-import { ContextIdSchema, parseJsonBody, sseResponse } from "./util.ts";
+import { ContextIdSchema, parseJsonBody } from "./util.ts";
 
 const ContentPart = z.looseObject({ type: z.string(), text: z.string().optional() });
 
@@ -273,64 +284,39 @@ export function openaiRoutes(d: Deps): Hono {
       };
     };
 
-    stats.sseActive++;
-    return sseResponse(
-      c.req.raw,
-      async (w) => {
-        w.signal.addEventListener("abort", () => ac.abort(), { once: true });
-        let res = first;
-        let sentRole = false;
-        const sendRole = () => {
-          if (!sentRole) {
-            sentRole = true;
-            w.send(chunk({ role: "assistant", content: "", refusal: null }, null));
-          }
-        };
-        try {
-          while (!res.done) {
-            const ev = res.value;
-            if (ev.type === "start") sendRole();
-            else if (ev.type === "token") {
-              sendRole();
-              if (ev.logprob) pendingLp.push(logprobView(ev.logprob));
-              if (ev.text.length > 0) w.send(chunk({ content: ev.text }, null));
-            } else if (ev.type === "done") {
-              sendRole();
-              stats.observeQuery(ev.timings, ev.usage.completionTokens);
-              w.send(chunk({}, finish(ev.finishReason)));
-              if (includeUsage) {
-                w.send({
-                  id,
-                  object: "chat.completion.chunk",
-                  created,
-                  model,
-                  system_fingerprint: fingerprint,
-                  choices: [],
-                  usage: {
-                    prompt_tokens: ev.usage.promptTokens,
-                    completion_tokens: ev.usage.completionTokens,
-                    total_tokens: ev.usage.promptTokens + ev.usage.completionTokens,
-                  },
-                });
-              }
-            }
-            if (w.closed || ac.signal.aborted) break;
-            res = await it.next();
-          }
-          if (ac.signal.aborted || w.closed) {
-            stats.queriesAborted++;
-            log("info", `chat ${id}: client went away, generation stopped`);
-          } else {
-            w.send("[DONE]");
-          }
-        } finally {
-          stats.sseActive--;
-          ac.abort();
-          await it.return?.().catch(() => {});
+    let sentRole = false;
+    return streamQuery(d, c.req.raw, { it, first, ac }, `chat ${id}`, (ev, w) => {
+      const sendRole = () => {
+        if (!sentRole) {
+          sentRole = true;
+          w.send(chunk({ role: "assistant", content: "", refusal: null }, null));
         }
-      },
-      { heartbeatSec: opts.sseHeartbeatSec, log },
-    );
+      };
+      if (ev.type === "start") sendRole();
+      else if (ev.type === "token") {
+        sendRole();
+        if (ev.logprob) pendingLp.push(logprobView(ev.logprob));
+        if (ev.text.length > 0) w.send(chunk({ content: ev.text }, null));
+      } else if (ev.type === "done") {
+        sendRole();
+        w.send(chunk({}, finish(ev.finishReason)));
+        if (includeUsage) {
+          w.send({
+            id,
+            object: "chat.completion.chunk",
+            created,
+            model,
+            system_fingerprint: fingerprint,
+            choices: [],
+            usage: {
+              prompt_tokens: ev.usage.promptTokens,
+              completion_tokens: ev.usage.completionTokens,
+              total_tokens: ev.usage.promptTokens + ev.usage.completionTokens,
+            },
+          });
+        }
+      }
+    });
   });
 
   r.post("/completions", async (c) => {
@@ -414,42 +400,25 @@ export function openaiRoutes(d: Deps): Hono {
         ...(includeUsage ? { usage: null } : {}),
       };
     };
-    stats.sseActive++;
-    return sseResponse(
+    return streamQuery(
+      d,
       c.req.raw,
-      async (w) => {
-        w.signal.addEventListener("abort", () => ac.abort(), { once: true });
-        let res = first;
-        try {
-          if (echo) w.send({ ...chunk(echo, null), choices: [{ index: 0, text: echo, logprobs: null, finish_reason: null }] });
-          while (!res.done) {
-            const ev = res.value;
-            if (ev.type === "token") {
-              if (ev.logprob) pending.push(logprobView(ev.logprob));
-              if (ev.text.length > 0) w.send(chunk(ev.text, null));
-            } else if (ev.type === "done") {
-              stats.observeQuery(ev.timings, ev.usage.completionTokens);
-              w.send(chunk("", finish(ev.finishReason)));
-              if (includeUsage) {
-                w.send({ id, object: "text_completion", created, model, system_fingerprint: fingerprint, choices: [], usage: usageOf(ev.usage) });
-              }
-            }
-            if (w.closed || ac.signal.aborted) break;
-            res = await it.next();
+      { it, first, ac },
+      `completion ${id}`,
+      (ev, w) => {
+        if (ev.type === "token") {
+          if (ev.logprob) pending.push(logprobView(ev.logprob));
+          if (ev.text.length > 0) w.send(chunk(ev.text, null));
+        } else if (ev.type === "done") {
+          w.send(chunk("", finish(ev.finishReason)));
+          if (includeUsage) {
+            w.send({ id, object: "text_completion", created, model, system_fingerprint: fingerprint, choices: [], usage: usageOf(ev.usage) });
           }
-          if (ac.signal.aborted || w.closed) {
-            stats.queriesAborted++;
-            log("info", `completion ${id}: client went away, generation stopped`);
-          } else {
-            w.send("[DONE]");
-          }
-        } finally {
-          stats.sseActive--;
-          ac.abort();
-          await it.return?.().catch(() => {});
         }
       },
-      { heartbeatSec: opts.sseHeartbeatSec, log },
+      (w) => {
+        if (echo) w.send({ ...chunk("", null), choices: [{ index: 0, text: echo, logprobs: null, finish_reason: null }] });
+      },
     );
   });
 

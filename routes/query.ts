@@ -17,7 +17,7 @@ import {
 } from "../src/engine/api.ts";
 import { ApiError } from "./errors.ts";
 import type { Deps } from "./types.ts";
-import { contextIdParam, parseJsonBody, sseResponse } from "./util.ts";
+import { contextIdParam, parseJsonBody, sseResponse, type SseWriter } from "./util.ts";
 
 export const MethodSchema = z.enum(METHODS as unknown as [Method, ...Method[]]);
 export const StopSchema = z
@@ -148,6 +148,52 @@ export async function openQuery(
   }
 }
 
+/**
+ * Streams an engine query as SSE: `onEvent` turns each engine event into sends (the writer is given);
+ * `done` events are counted in the stats first. Ends with `data: [DONE]`, or stops generation when the
+ * client goes away. Shared by the native query route and both OpenAI endpoints.
+ */
+export function streamQuery(
+  d: Deps,
+  req: Request,
+  q: { it: AsyncIterator<QueryEvent>; first: IteratorResult<QueryEvent>; ac: AbortController },
+  label: string,
+  onEvent: (ev: QueryEvent, w: SseWriter) => void,
+  onOpen?: (w: SseWriter) => void,
+): Response {
+  const { stats, log, opts } = d;
+  const { it, first, ac } = q;
+  stats.sseActive++;
+  return sseResponse(
+    req,
+    async (w) => {
+      w.signal.addEventListener("abort", () => ac.abort(), { once: true });
+      let res = first;
+      try {
+        onOpen?.(w);
+        while (!res.done) {
+          const ev = res.value;
+          if (ev.type === "done") stats.observeQuery(ev.timings, ev.usage.completionTokens);
+          onEvent(ev, w);
+          if (w.closed || ac.signal.aborted) break;
+          res = await it.next();
+        }
+        if (ac.signal.aborted || w.closed) {
+          stats.queriesAborted++;
+          log("info", `${label}: client went away, generation stopped`);
+        } else {
+          w.send("[DONE]");
+        }
+      } finally {
+        stats.sseActive--;
+        ac.abort();
+        await it.return?.().catch(() => {});
+      }
+    },
+    { heartbeatSec: opts.sseHeartbeatSec, log },
+  );
+}
+
 /** Drains a query (non-stream responses). */
 export async function collect(it: AsyncIterator<QueryEvent>, first: IteratorResult<QueryEvent>): Promise<Collected> {
   let text = "";
@@ -230,49 +276,24 @@ export function queryRoutes(d: Deps): Hono {
       });
     }
 
-    stats.sseActive++;
-    return sseResponse(
-      c.req.raw,
-      async (w) => {
-        w.signal.addEventListener("abort", () => ac.abort(), { once: true });
-        let res = first;
-        try {
-          while (!res.done) {
-            const ev = res.value;
-            if (ev.type === "start") {
-              w.send(
-                { type: "start", ...base, prompt_tokens: ev.promptTokens, selected_tokens: ev.selectedTokens, context_tokens: ev.contextTokens },
-                "start",
-              );
-            } else if (ev.type === "token") {
-              w.send(
-                { type: "token", text: ev.text, token_id: ev.tokenId, ...(ev.logprob ? { logprob: logprobView(ev.logprob) } : {}) },
-                "token",
-              );
-            } else if (ev.type === "done") {
-              stats.observeQuery(ev.timings, ev.usage.completionTokens);
-              w.send(
-                { type: "finish", ...base, finish_reason: ev.finishReason, usage: usageView(ev.usage), timings: timingsView(ev.timings) },
-                "finish",
-              );
-            }
-            if (w.closed || ac.signal.aborted) break;
-            res = await it.next();
-          }
-          if (ac.signal.aborted || w.closed) {
-            stats.queriesAborted++;
-            log("info", `query ${id} on ${contextId}: client went away, generation stopped`);
-          } else {
-            w.send("[DONE]");
-          }
-        } finally {
-          stats.sseActive--;
-          ac.abort();
-          await it.return?.().catch(() => {});
-        }
-      },
-      { heartbeatSec: opts.sseHeartbeatSec, log },
-    );
+    return streamQuery(d, c.req.raw, { it, first, ac }, `query ${id} on ${contextId}`, (ev, w) => {
+      if (ev.type === "start") {
+        w.send(
+          { type: "start", ...base, prompt_tokens: ev.promptTokens, selected_tokens: ev.selectedTokens, context_tokens: ev.contextTokens },
+          "start",
+        );
+      } else if (ev.type === "token") {
+        w.send(
+          { type: "token", text: ev.text, token_id: ev.tokenId, ...(ev.logprob ? { logprob: logprobView(ev.logprob) } : {}) },
+          "token",
+        );
+      } else if (ev.type === "done") {
+        w.send(
+          { type: "finish", ...base, finish_reason: ev.finishReason, usage: usageView(ev.usage), timings: timingsView(ev.timings) },
+          "finish",
+        );
+      }
+    });
   });
 
   return r;
