@@ -11,6 +11,7 @@ import type { ChatMessage, Method } from "../src/engine/api.ts";
 import { ApiError } from "./errors.ts";
 import {
   collect,
+  type Collected,
   logprobView,
   MethodSchema,
   newId,
@@ -155,6 +156,23 @@ const ChatBody = z
     });
   });
 
+/** OpenAI's usage object */
+function openaiUsage(u: { promptTokens: number; completionTokens: number }) {
+  return { prompt_tokens: u.promptTokens, completion_tokens: u.completionTokens, total_tokens: u.promptTokens + u.completionTokens };
+}
+
+/** The REFORM extras of a non-stream OpenAI response */
+function reformExtras(contextId: string | undefined, method: Method, res: Collected) {
+  const t = res.timings;
+  return {
+    context_id: contextId ?? null,
+    method,
+    context_tokens: res.usage.contextTokens,
+    selected_tokens: res.usage.selectedTokens,
+    timings: { queue_ms: t.queueMs, ttft_ms: t.ttftMs, tpot_ms: t.tpotMs, total_ms: t.totalMs },
+  };
+}
+
 function toMessages(ms: z.output<typeof ChatBody>["messages"]): ChatMessage[] {
   return ms.map((m) => {
     const content =
@@ -252,18 +270,8 @@ export function openaiRoutes(d: Deps): Hono {
             finish_reason: finish(res.finishReason),
           },
         ],
-        usage: {
-          prompt_tokens: res.usage.promptTokens,
-          completion_tokens: res.usage.completionTokens,
-          total_tokens: res.usage.promptTokens + res.usage.completionTokens,
-        },
-        reform: {
-          context_id: contextId ?? null,
-          method,
-          context_tokens: res.usage.contextTokens,
-          selected_tokens: res.usage.selectedTokens,
-          timings: { queue_ms: res.timings.queueMs, ttft_ms: res.timings.ttftMs, tpot_ms: res.timings.tpotMs, total_ms: res.timings.totalMs },
-        },
+        usage: openaiUsage(res.usage),
+        reform: reformExtras(contextId, method, res),
       });
     }
 
@@ -308,11 +316,7 @@ export function openaiRoutes(d: Deps): Hono {
             model,
             system_fingerprint: fingerprint,
             choices: [],
-            usage: {
-              prompt_tokens: ev.usage.promptTokens,
-              completion_tokens: ev.usage.completionTokens,
-              total_tokens: ev.usage.promptTokens + ev.usage.completionTokens,
-            },
+            usage: openaiUsage(ev.usage),
           });
         }
       }
@@ -346,11 +350,6 @@ export function openaiRoutes(d: Deps): Hono {
     const finish = (f: string) => (f === "length" ? "length" : "stop");
     const echo = body.echo === true ? prompt : "";
     const wantLogprobs = body.logprobs != null;
-    const usageOf = (u: { promptTokens: number; completionTokens: number }) => ({
-      prompt_tokens: u.promptTokens,
-      completion_tokens: u.completionTokens,
-      total_tokens: u.promptTokens + u.completionTokens,
-    });
 
     if (!body.stream) {
       const res = await collect(it, first);
@@ -369,14 +368,8 @@ export function openaiRoutes(d: Deps): Hono {
             finish_reason: finish(res.finishReason),
           },
         ],
-        usage: usageOf(res.usage),
-        reform: {
-          context_id: contextId ?? null,
-          method,
-          context_tokens: res.usage.contextTokens,
-          selected_tokens: res.usage.selectedTokens,
-          timings: { queue_ms: res.timings.queueMs, ttft_ms: res.timings.ttftMs, tpot_ms: res.timings.tpotMs, total_ms: res.timings.totalMs },
-        },
+        usage: openaiUsage(res.usage),
+        reform: reformExtras(contextId, method, res),
       });
     }
 
@@ -412,7 +405,7 @@ export function openaiRoutes(d: Deps): Hono {
         } else if (ev.type === "done") {
           w.send(chunk("", finish(ev.finishReason)));
           if (includeUsage) {
-            w.send({ id, object: "text_completion", created, model, system_fingerprint: fingerprint, choices: [], usage: usageOf(ev.usage) });
+            w.send({ id, object: "text_completion", created, model, system_fingerprint: fingerprint, choices: [], usage: openaiUsage(ev.usage) });
           }
         }
       },
