@@ -323,6 +323,33 @@ export function openaiRoutes(d: Deps): Hono {
     });
   });
 
+  // vLLM-style token utilities
+  const TokenizeBody = z
+    .object({
+      model: z.string().optional(),
+      text: z.string().optional(),
+      prompt: z.string().optional(),
+      add_special_tokens: z.boolean().default(false),
+    })
+    .strict()
+    .refine((v) => (v.text === undefined) !== (v.prompt === undefined), { message: "give exactly one of 'text' or 'prompt'", path: ["text"] });
+  r.post("/tokenize", async (c) => {
+    const body = await parseJsonBody(c, TokenizeBody, opts.maxJsonBytes);
+    const tokens = await engine.tokenize((body.text ?? body.prompt)!, body.add_special_tokens);
+    return c.json({ tokens, count: tokens.length, trained_context: engine.modelInfo()?.trainedContext ?? null });
+  });
+  const DetokenizeBody = z
+    .object({
+      model: z.string().optional(),
+      tokens: z.array(z.number().int()).max(4_000_000),
+      skip_special_tokens: z.boolean().default(false),
+    })
+    .strict();
+  r.post("/detokenize", async (c) => {
+    const body = await parseJsonBody(c, DetokenizeBody, opts.maxJsonBytes);
+    return c.json({ text: await engine.detokenize(body.tokens, body.skip_special_tokens) });
+  });
+
   r.post("/completions", async (c) => {
     const body = await parseJsonBody(c, CompletionBody, opts.maxJsonBytes);
     const { contextId, method, budget } = reformTarget(body);

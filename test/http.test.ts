@@ -662,6 +662,23 @@ describe("OpenAI legacy completions (raw prompt, no chat template)", () => {
     T,
   );
 
+  test("tokenize / detokenize round trip (the model's tokenizer), errors", async () => {
+    const text = "héllo the fox 🦊 日本語";
+    const t = await json(post("/v1/tokenize", { text }));
+    expect(t.tokens).toEqual(tok.encode(text));
+    expect(t.count).toBe(t.tokens.length);
+    expect(t.trained_context).toBeGreaterThan(0);
+    const withBos = await json(post("/v1/tokenize", { prompt: text, add_special_tokens: true }));
+    expect(withBos.tokens).toEqual(tok.withBos(tok.encode(text)));
+    expect((await json(post("/v1/detokenize", { tokens: t.tokens }))).text).toBe(text);
+    expect((await json(post("/v1/detokenize", { tokens: withBos.tokens, skip_special_tokens: true }))).text).toBe(text);
+    await expectError(await post("/v1/tokenize", {}), 400);
+    await expectError(await post("/v1/tokenize", { text: "a", prompt: "b" }), 400);
+    const bad = await post("/v1/detokenize", { tokens: [1, 99999] });
+    expect(bad.status).toBe(400);
+    expect((await json(bad)).error.param).toBe("tokens");
+  });
+
   test("unsupported forms are refused with 400", async () => {
     const b = { prompt: "hi", max_tokens: 2 };
     for (const extra of [{ n: 2 }, { best_of: 3 }, { suffix: "x" }, { echo: true, logprobs: 1 }, { prompt: ["a", "b"] }, { prompt: "" }, { logprobs: 21 }]) {

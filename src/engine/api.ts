@@ -161,6 +161,10 @@ export interface EngineClient {
   query(req: QueryRequest): AsyncIterable<QueryEvent>;
   /** Count tokens of a text (for usage / validation). */
   countTokens(text: string): Promise<number>;
+  /** Token ids of a text (no special tokens added; `addSpecial`: BOS as a prompt gets it). */
+  tokenize(text: string, addSpecial?: boolean): Promise<number[]>;
+  /** Text of token ids (ids outside the vocabulary: EngineError 400). */
+  detokenize(ids: number[], skipSpecial?: boolean): Promise<string>;
 
   metrics(): EngineMetrics;
   close(): Promise<void>;

@@ -198,6 +198,14 @@ export class WorkerEngineClient implements EngineClient {
     return this.call("countTokens", text);
   }
 
+  tokenize(text: string, addSpecial = false): Promise<number[]> {
+    return this.call("tokenize", text, addSpecial);
+  }
+
+  detokenize(ids: number[], skipSpecial = false): Promise<string> {
+    return this.call("detokenize", ids, skipSpecial);
+  }
+
   query(req: QueryRequest): AsyncIterable<QueryEvent> {
     const self = this;
     return {

@@ -910,6 +910,18 @@ export class EngineCore {
     return this.tok.encode(text).length;
   }
 
+  tokenize(text: string, addSpecial: boolean): number[] {
+    const ids = this.tok.encode(text);
+    return addSpecial ? this.tok.withBos(ids) : ids;
+  }
+
+  detokenize(ids: number[], skipSpecial: boolean): string {
+    const V = this.cfg.config.vocabSize;
+    const bad = ids.findIndex((x) => !Number.isInteger(x) || x < 0 || x >= V);
+    if (bad >= 0) throw new EngineError(400, "invalid_request", `tokens[${bad}] = ${ids[bad]} is not a token id of this model (0..${V - 1})`, "tokens");
+    return this.tok.decode(ids, skipSpecial);
+  }
+
   snapshotMetrics(): EngineMetrics {
     return { ...this.metrics, queueDepth: this.sched.depth, ttftSeconds: [...this.metrics.ttftSeconds], tpotSeconds: [...this.metrics.tpotSeconds] };
   }
@@ -968,6 +980,8 @@ if (typeof Bun !== "undefined" && !Bun.isMainThread) {
     listContexts: () => core!.listContexts(),
     deleteContext: (id: string) => core!.deleteContext(id),
     countTokens: (text: string) => core!.countTokens(text),
+    tokenize: (text: string, addSpecial: boolean) => core!.tokenize(text, addSpecial),
+    detokenize: (ids: number[], skipSpecial: boolean) => core!.detokenize(ids, skipSpecial),
     close: async () => {
       await core?.close();
       return true;

@@ -200,6 +200,13 @@ export class FakeEngine implements EngineClient {
   async countTokens(text: string) {
     return text.length;
   }
+  async tokenize(text: string, addSpecial = false) {
+    const ids = Array.from(text, (ch) => ch.codePointAt(0)!);
+    return addSpecial ? [0, ...ids] : ids;
+  }
+  async detokenize(ids: number[]) {
+    return String.fromCodePoint(...ids.filter((x) => x > 0));
+  }
   metrics(): EngineMetrics {
     return {
       tokensProcessedTotal: 0,
