@@ -51,6 +51,8 @@ fi
 # g++ against the emulated runtime; an AddressSanitizer variant; a documented-semantics fake cuBLAS.
 if [[ ${REFORM_SKIP_EMU:-0} == 1 ]]; then
   echo "[build] CUDA emulation skipped (REFORM_SKIP_EMU=1)"
+elif [[ $(uname -m) != x86_64 ]]; then
+  echo "[build] CUDA emulation skipped: its fiber switch is x86-64 only (this is $(uname -m))"
 else
   mkdir -p build/emu
   EMU_SRC=(cuda/reform_cuda.cu cuda/reform.h cuda/reform_common.h cuda/emu/cuda_emu.h cuda/emu/cuda_emu.cpp)

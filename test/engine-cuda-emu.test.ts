@@ -89,7 +89,7 @@ afterAll(() => {
   if (root) rmSync(root, { recursive: true, force: true });
 });
 
-describe("engine on the CUDA source (CPU emulation) next to the CPU build", () => {
+describe.skipIf(process.arch !== "x64")("engine on the CUDA source (CPU emulation) next to the CPU build", () => {
   let cuda: EngineClient;
   let cpu: EngineClient;
   const dataCuda = () => join(root, "data-cuda");
