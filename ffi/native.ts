@@ -11,6 +11,9 @@
 import { dlopen, FFIType, ptr, type Pointer, CString } from "bun:ffi";
 import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
+import type { HeadSpec, ModelConfig } from "../src/model/types.ts";
+
+export type { HeadSpec, ModelConfig } from "../src/model/types.ts";
 
 export const RF_OK = 0;
 export const RF_ERR_INVALID = -1;
@@ -54,26 +57,6 @@ export class NativeError extends Error {
   }
 }
 
-export interface ModelConfig {
-  vocabSize: number;
-  hiddenSize: number;
-  intermediateSize: number;
-  numLayers: number;
-  numHeads: number;
-  numKvHeads: number;
-  headDim: number;
-  qkvBias: boolean;
-  tieEmbeddings: boolean;
-  ropeType: number; // RF_ROPE_*
-  rmsEps: number;
-  ropeTheta: number;
-  ropeFactor: number;
-  ropeLowFreqFactor: number;
-  ropeHighFreqFactor: number;
-  ropeOriginalMaxPos: number;
-  weightDtype: DType; // CUDA storage dtype (bf16/f16); ignored by the CPU build
-}
-
 export interface CompressParams {
   capacity: number;
   nSink: number;
@@ -82,12 +65,6 @@ export interface CompressParams {
   maxChunk: number;
   embDtype: typeof RF_F32 | typeof RF_F16;
   exitLayer: number; // -1: derived from the heads
-}
-
-export interface HeadSpec {
-  layer: number;
-  kind: "q" | "k" | "v";
-  head: number;
 }
 
 const symbols = {

@@ -7,20 +7,8 @@ import { z } from "zod";
 import type { ContextInfo } from "../src/engine/api.ts";
 import { ApiError, fromZod } from "./errors.ts";
 import type { Deps } from "./types.ts";
-import { contentLength, contextIdParam, contextView, mediaType, parseJsonBody, sseResponse, tooLarge } from "./util.ts";
-
-const CreateBody = z
-  .object({
-    metadata: z.record(z.string(), z.unknown()).optional(),
-  })
-  .strict();
-
-const JsonContent = z
-  .object({
-    text: z.string(),
-    final: z.boolean().optional(),
-  })
-  .strict();
+import { contextView, CreateContextBody, JsonContentBody } from "./protocol.ts";
+import { contentLength, contextIdParam, mediaType, parseJsonBody, sseResponse, tooLarge } from "./util.ts";
 
 const BoolFlag = z
   .enum(["1", "0", "true", "false", "yes", "no", "on", "off", ""])
@@ -170,7 +158,7 @@ export function contextRoutes(d: Deps): Hono {
   };
 
   r.post("/", async (c) => {
-    const body = await parseJsonBody(c, CreateBody, opts.maxJsonBytes, true);
+    const body = await parseJsonBody(c, CreateContextBody, opts.maxJsonBytes, true);
     const info = await engine.createContext({ metadata: body.metadata });
     return c.json(contextView(info), 201, { location: `/v1/contexts/${info.id}` });
   });
@@ -212,7 +200,7 @@ export function contextRoutes(d: Deps): Hono {
     let last: ContextInfo | null = null;
     let doFinal = final;
     if (json) {
-      const body = await parseJsonBody(c, JsonContent, opts.maxBodyBytes);
+      const body = await parseJsonBody(c, JsonContentBody, opts.maxBodyBytes);
       const bytes = new TextEncoder().encode(body.text);
       if (bytes.byteLength > 0) {
         last = await engine.append(id, bytes);

@@ -6,6 +6,7 @@
  */
 import { z } from "zod";
 import { EngineError } from "../src/engine/api.ts";
+import { describeZodError } from "../src/engine/schema.ts";
 
 export class ApiError extends Error {
   constructor(
@@ -51,24 +52,9 @@ export function jsonError(
   });
 }
 
-/** Dotted path of the first zod issue ("messages.0.content"), as OpenAI's `param`. */
-export function zodParam(err: z.ZodError, prefix?: string): string | null {
-  const issue = err.issues[0];
-  if (!issue) return prefix ?? null;
-  const path = issue.path.map(String).join(".");
-  if (prefix) return path ? `${prefix}.${path}` : prefix;
-  return path || null;
-}
-
-export function zodMessage(err: z.ZodError, prefix?: string): string {
-  const issue = err.issues[0];
-  if (!issue) return "invalid request";
-  const param = zodParam(err, prefix);
-  return param ? `invalid value for '${param}': ${issue.message}` : `invalid request: ${issue.message}`;
-}
-
 export function fromZod(err: z.ZodError, prefix?: string): ApiError {
-  return new ApiError(400, "invalid_value", zodMessage(err, prefix), zodParam(err, prefix));
+  const { param, message } = describeZodError(err, prefix);
+  return new ApiError(400, "invalid_value", message, param);
 }
 
 export type Logger = (level: "info" | "warn" | "error", msg: string, extra?: unknown) => void;

@@ -2,13 +2,7 @@
 import type { Context } from "hono";
 import { z } from "zod";
 import { ApiError, errorBody, fromZod, type Logger } from "./errors.ts";
-import type { ContextInfo } from "../src/engine/api.ts";
-
-export const ContextIdSchema = z
-  .string()
-  .min(1)
-  .max(128)
-  .regex(/^[A-Za-z0-9][A-Za-z0-9_.:-]*$/, "must be a context id (letters, digits, '_', '-', '.', ':')");
+import { ContextIdSchema } from "../src/engine/schema.ts";
 
 export function contextIdParam(c: Context): string {
   const r = ContextIdSchema.safeParse(c.req.param("id"));
@@ -95,22 +89,6 @@ export async function parseJsonBody<S extends z.ZodType>(
   const r = schema.safeParse(value);
   if (!r.success) throw fromZod(r.error);
   return r.data;
-}
-
-/** ContextInfo as the API shows it: the engine's camelCase fields plus snake_case aliases. */
-export function contextView(info: ContextInfo): Record<string, unknown> {
-  return {
-    object: "context",
-    ...info,
-    bytes_received: info.bytesReceived,
-    tokens_received: info.tokensReceived,
-    tokens_processed: info.tokensProcessed,
-    pending_chars: info.pendingChars,
-    embedding_bytes: info.embeddingBytes,
-    cache_len: info.cacheLen,
-    created_at: info.createdAt,
-    updated_at: info.updatedAt,
-  };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { ROOT_DIR } from "../ffi/native.ts";
 import type { EngineClient, Method, QueryEvent, QueryRequest } from "../src/engine/api.ts";
 import { createEngine } from "../src/engine/client.ts";
-import { f16ToF32 } from "../src/engine/worker.ts";
+import { f16ToF32 } from "../src/util/f16.ts";
 import { makeTinyModel } from "./fixtures/tiny-model.ts";
 
 setDefaultTimeout(120_000);

@@ -8,7 +8,8 @@ import { join } from "node:path";
 import { loadNative } from "../ffi/native.ts";
 import { EngineError, type EngineClient, type Method, type QueryEvent, type QueryRequest } from "../src/engine/api.ts";
 import { createEngine } from "../src/engine/client.ts";
-import { f16ToF32, LogitProcessor, logprobsOf } from "../src/engine/worker.ts";
+import { LogitProcessor, logprobsOf } from "../src/engine/sampling.ts";
+import { f16ToF32 } from "../src/util/f16.ts";
 import {
   buildMessages,
   CONTEXT_PLACEHOLDER,
@@ -263,9 +264,14 @@ describe("engine (tiny model, CPU library)", () => {
     await e.append(c.id, new TextEncoder().encode("some text that is not finalized"));
     expect((await err(q({ contextId: c.id }))).code).toBe("context_not_ready");
     await e.finalize(c.id);
-    expect((await err(q({ contextId: c.id, method: "bogus" as any }))).code).toBe("invalid_method");
-    expect((await err(q({ contextId: c.id, budget: 5 }))).code).toBe("invalid_budget");
-    expect((await err(q({ contextId: c.id, budget: 1e9 }))).status).toBe(400);
+    // the request's shape is checked by the same schema the HTTP layer uses (invalid_value + param)
+    const bogus = await err(q({ contextId: c.id, method: "bogus" as any }));
+    expect([bogus.code, bogus.param]).toEqual(["invalid_value", "method"]);
+    const small = await err(q({ contextId: c.id, budget: 5 }));
+    expect([small.code, small.param]).toEqual(["invalid_value", "budget"]);
+    // what depends on the server's configuration is the engine's own rule
+    const huge = await err(q({ contextId: c.id, budget: 1e9 }));
+    expect([huge.status, huge.code, huge.param]).toEqual([400, "budget_too_large", "budget"]);
     const big = await err(q({ contextId: c.id, sampling: { maxTokens: 10_000_000, temperature: 0, topP: 1, topK: 0, stop: [] } }));
     expect(big.status).toBe(400);
     expect(big.code).toBe("max_tokens_too_large");

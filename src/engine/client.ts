@@ -11,12 +11,13 @@ import {
   type QueryEvent,
   type QueryRequest,
 } from "./api.ts";
-import type { EngineOptions, FromWorker, ToWorker } from "./worker.ts";
+import type { EngineOptions } from "./load.ts";
+import type { CallArgs, CallName, CallResult, FromWorker, ToWorker } from "./protocol.ts";
 
-export type { EngineOptions, EngineDefaults } from "./worker.ts";
+export type { EngineDefaults, EngineOptions } from "./load.ts";
 
 interface Pending {
-  resolve: (v: any) => void;
+  resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
 }
 
@@ -142,12 +143,12 @@ export class WorkerEngineClient implements EngineClient {
     }
   }
 
-  private call<T>(op: string, ...args: any[]): Promise<T> {
+  private call<K extends CallName>(op: K, ...args: CallArgs<K>): Promise<CallResult<K>> {
     if (this.closed) return Promise.reject(new EngineError(503, "engine_closed", "engine is closed"));
     const id = this.nextId++;
-    return new Promise<T>((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      this.post({ t: "call", id, op, args });
+    return new Promise<CallResult<K>>((resolve, reject) => {
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.post({ t: "call", id, op, args } as ToWorker);
     });
   }
 
@@ -165,7 +166,7 @@ export class WorkerEngineClient implements EngineClient {
   }
 
   createContext(opts?: { metadata?: Record<string, unknown> }): Promise<ContextInfo> {
-    return this.call("createContext", opts?.metadata);
+    return this.call("createContext", opts);
   }
   append(id: string, bytes: Uint8Array): Promise<ContextInfo> {
     return this.call("append", id, bytes);

@@ -2,7 +2,7 @@
  * Pure, testable parts of REFORM query handling: score smoothing, token selection, gathering,
  * prompt construction around the context tokens, stop strings.
  */
-import { EngineError, type ChatMessage, type Method, type QueryRequest } from "./api.ts";
+import { EngineError, type ChatMessage, type QueryRequest } from "./api.ts";
 
 export const DEFAULT_WINDOW = 129;
 export const DEFAULT_EDGE = 256;
@@ -163,17 +163,4 @@ export class StopMatcher {
     this.held = "";
     return h;
   }
-}
-
-export function validateMethod(m: unknown): Method {
-  if (m === "reform" || m === "full" || m === "streaming" || m === "h2o") return m;
-  throw new EngineError(400, "invalid_method", `unknown method ${JSON.stringify(m)} (reform, full, streaming, h2o)`, "method");
-}
-
-export function validateBudget(b: unknown, maxBudget: number): number {
-  if (typeof b !== "number" || !Number.isInteger(b) || b < 16) {
-    throw new EngineError(400, "invalid_budget", `budget must be an integer >= 16 (got ${JSON.stringify(b)})`, "budget");
-  }
-  if (b > maxBudget) throw new EngineError(400, "invalid_budget", `budget ${b} exceeds the maximum ${maxBudget}`, "budget");
-  return b;
 }

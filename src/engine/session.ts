@@ -47,7 +47,7 @@ import {
 } from "node:fs";
 import { join } from "node:path";
 import type { ContextInfo, ContextState } from "./api.ts";
-import type { HeadSpec } from "../../ffi/native.ts";
+import type { HeadSpec } from "../model/types.ts";
 
 export const MAX_TAIL_CHARS = 1 << 16;
 

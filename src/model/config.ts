@@ -7,7 +7,8 @@
  */
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { RF_BF16, RF_F16, RF_ROPE_DEFAULT, RF_ROPE_LINEAR, RF_ROPE_LLAMA3, type DType, type ModelConfig } from "../../ffi/native.ts";
+import { RF_BF16, RF_F16, RF_ROPE_DEFAULT, RF_ROPE_LINEAR, RF_ROPE_LLAMA3, type DType } from "../../ffi/native.ts";
+import type { ModelConfig } from "./types.ts";
 
 export const SUPPORTED_ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"] as const;
 

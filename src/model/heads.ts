@@ -31,7 +31,7 @@
  */
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import type { HeadSpec, ModelConfig } from "../../ffi/native.ts";
+import type { HeadSpec, ModelConfig } from "./types.ts";
 
 export interface HeadsFile {
   heads: HeadSpec[];

@@ -152,7 +152,10 @@ export class FakeEngine implements EngineClient {
 
   query(req: QueryRequest): AsyncIterable<QueryEvent> {
     this.lastQuery = req;
-    if (req.contextId !== undefined) this.must(req.contextId);
+    if (req.contextId !== undefined) {
+      const c = this.must(req.contextId);
+      if (c.info.state !== "ready") throw new EngineError(409, "context_not_ready", `context '${req.contextId}' is ${c.info.state}`, "context_id");
+    }
     if (req.budget !== undefined && req.budget > 128) throw new EngineError(400, "budget_too_large", "budget too large", "budget");
     const self = this;
     const words = ["the", " answer", " is", " 42", " ok", " done", " more", " words", " here", " end"];

@@ -1,0 +1,257 @@
+/**
+ * Protocol models of the HTTP API: the request bodies (zod) of every endpoint that takes JSON, and the
+ * views that turn engine results into response JSON. Field limits are the engine's own (`Field` in
+ * src/engine/schema.ts) under the API's snake_case names, so the HTTP layer and the engine cannot
+ * disagree; this file only adds what is specific to the HTTP shape (aliases, OpenAI's no-op fields).
+ */
+import { z } from "zod";
+import type { ContextInfo, Method, SamplingOptions, TokenLogprob, Usage } from "../src/engine/api.ts";
+import { ContextIdSchema, Field, MessageSchema } from "../src/engine/schema.ts";
+import { ApiError } from "./errors.ts";
+
+export { ContextIdSchema };
+
+/** `stop`: a string or a list of strings; empty strings are dropped. */
+export const StopSchema = z
+  .union([z.string(), Field.stop])
+  .nullish()
+  .transform((v) => (v == null ? [] : typeof v === "string" ? [v] : v).filter((s) => s.length > 0));
+
+/** The sampling fields both query APIs share, snake_case. */
+const SamplingFields = {
+  temperature: Field.temperature.nullish(),
+  top_p: Field.topP.nullish(),
+  top_k: Field.topK.nullish(),
+  seed: Field.seed.nullish(),
+  stop: StopSchema,
+  presence_penalty: Field.presencePenalty.nullish(),
+  frequency_penalty: Field.frequencyPenalty.nullish(),
+  repetition_penalty: Field.repetitionPenalty.nullish(),
+  logit_bias: Field.logitBias.nullish(),
+};
+const SamplingObject = z.object(SamplingFields);
+type SamplingBody = z.output<typeof SamplingObject>;
+
+/** The engine's sampling options from a request's snake_case fields. */
+export function samplingOf(
+  b: SamplingBody,
+  o: { maxTokens: number; temperature: number; logprobs: number | null },
+): SamplingOptions {
+  const s: SamplingOptions = {
+    maxTokens: o.maxTokens,
+    temperature: b.temperature ?? o.temperature,
+    topP: b.top_p ?? 1,
+    topK: b.top_k ?? 0,
+    seed: b.seed ?? undefined,
+    stop: b.stop,
+  };
+  if (o.logprobs !== null) s.logprobs = o.logprobs;
+  if (b.presence_penalty != null) s.presencePenalty = b.presence_penalty;
+  if (b.frequency_penalty != null) s.frequencyPenalty = b.frequency_penalty;
+  if (b.repetition_penalty != null) s.repetitionPenalty = b.repetition_penalty;
+  if (b.logit_bias != null) s.logitBias = Object.fromEntries(Object.entries(b.logit_bias).map(([k, v]) => [Number(k), v]));
+  return s;
+}
+
+// ------------------------------------------------------------------ native API
+
+export const CreateContextBody = z.object({ metadata: z.record(z.string(), z.unknown()).optional() }).strict();
+
+export const JsonContentBody = z.object({ text: z.string(), final: z.boolean().optional() }).strict();
+
+/** POST /v1/contexts/:id/query */
+export const QueryBody = z
+  .object({
+    question: z.string().min(1).optional(),
+    messages: z.array(MessageSchema).min(1).optional(),
+    max_tokens: Field.maxTokens.optional(),
+    ...SamplingFields,
+    method: Field.method.default("reform"),
+    budget: Field.budget.optional(),
+    stream: z.boolean().default(true),
+    /** report log-probabilities with this many alternatives per token (0..20) */
+    logprobs: Field.logprobs.optional(),
+  })
+  .strict()
+  .superRefine((v, ctx) => {
+    if ((v.question === undefined) === (v.messages === undefined)) {
+      ctx.addIssue({ code: "custom", path: ["question"], message: "give exactly one of 'question' or 'messages'" });
+    }
+  });
+
+// ------------------------------------------------------------------ OpenAI-compatible API
+
+export const CONTEXT_MODEL_PREFIX = "context:";
+
+/** The fields both OpenAI endpoints share (sampling, REFORM routing) */
+const OpenAIFields = {
+  model: z.string().optional(),
+  stream: z.boolean().nullish(),
+  stream_options: z.looseObject({ include_usage: z.boolean().optional() }).nullish(),
+  max_tokens: Field.maxTokens.nullish(),
+  ...SamplingFields,
+  n: z.number().int().nullish(),
+  context_id: ContextIdSchema.optional(),
+  method: Field.method.optional(),
+  budget: Field.budget.optional(),
+  reform: z
+    .object({ context_id: ContextIdSchema.optional(), method: Field.method.optional(), budget: Field.budget.optional() })
+    .strict()
+    .optional(),
+};
+
+/** Rules both OpenAI endpoints share. */
+function refineOpenAI(v: { n?: number | null }, ctx: z.RefinementCtx): void {
+  if (v.n != null && v.n !== 1) ctx.addIssue({ code: "custom", path: ["n"], message: "only n=1 is supported" });
+}
+
+const ContentPart = z.looseObject({ type: z.string(), text: z.string().optional() });
+
+const ChatMessageSchema = z.looseObject({
+  role: z.enum(["system", "developer", "user", "assistant", "tool"]),
+  content: z.union([z.string(), z.array(ContentPart), z.null()]).optional(),
+  name: z.string().optional(),
+});
+
+/** POST /v1/chat/completions */
+export const ChatBody = z
+  .looseObject({
+    ...OpenAIFields,
+    messages: z.array(ChatMessageSchema).min(1),
+    max_completion_tokens: Field.maxTokens.nullish(),
+    logprobs: z.boolean().nullish(),
+    top_logprobs: Field.logprobs.nullish(),
+    // accepted only in their no-op forms, refused otherwise (never silently ignored)
+    tools: z.array(z.unknown()).nullish(),
+    tool_choice: z.unknown().optional(),
+    functions: z.array(z.unknown()).nullish(),
+    response_format: z.looseObject({ type: z.string() }).nullish(),
+  })
+  .superRefine((v, ctx) => {
+    refineOpenAI(v, ctx);
+    if (v.top_logprobs != null && v.logprobs !== true)
+      ctx.addIssue({ code: "custom", path: ["top_logprobs"], message: "top_logprobs requires logprobs: true" });
+    if ((v.tools?.length ?? 0) > 0 || (v.functions?.length ?? 0) > 0)
+      ctx.addIssue({ code: "custom", path: ["tools"], message: "tool / function calling is not supported by this server" });
+    if (v.tool_choice != null && v.tool_choice !== "none" && v.tool_choice !== "auto")
+      ctx.addIssue({ code: "custom", path: ["tool_choice"], message: "tool / function calling is not supported by this server" });
+    if (v.response_format != null && v.response_format.type !== "text")
+      ctx.addIssue({
+        code: "custom",
+        path: ["response_format"],
+        message: `response_format '${v.response_format.type}' is not supported (only 'text'; constrained decoding is not implemented)`,
+      });
+    v.messages.forEach((m, i) => {
+      if (Array.isArray(m.content)) {
+        m.content.forEach((p, j) => {
+          if (p.type !== "text" || typeof p.text !== "string") {
+            ctx.addIssue({
+              code: "custom",
+              path: ["messages", i, "content", j],
+              message: `content part type '${p.type}' is not supported (text only)`,
+            });
+          }
+        });
+      }
+    });
+  });
+export type ChatBody = z.output<typeof ChatBody>;
+
+/** POST /v1/completions (OpenAI's legacy text completion): a raw prompt, no chat template. */
+export const CompletionBody = z
+  .looseObject({
+    ...OpenAIFields,
+    prompt: z.union([z.string().min(1), z.array(z.string().min(1)).length(1, "one prompt per request")]),
+    logprobs: Field.logprobs.nullish(),
+    echo: z.boolean().nullish(),
+    suffix: z.string().nullish(),
+    best_of: z.number().int().nullish(),
+  })
+  .superRefine((v, ctx) => {
+    refineOpenAI(v, ctx);
+    if (v.best_of != null && v.best_of !== 1) ctx.addIssue({ code: "custom", path: ["best_of"], message: "only best_of=1 is supported" });
+    if (v.suffix) ctx.addIssue({ code: "custom", path: ["suffix"], message: "suffix (insertion) is not supported" });
+    if (v.echo && v.logprobs != null)
+      ctx.addIssue({ code: "custom", path: ["echo"], message: "echo with logprobs is not supported (prompt log-probabilities are not computed)" });
+  });
+export type CompletionBody = z.output<typeof CompletionBody>;
+
+/** POST /v1/tokenize (vLLM-style) */
+export const TokenizeBody = z
+  .object({
+    model: z.string().optional(),
+    text: z.string().optional(),
+    prompt: z.string().optional(),
+    add_special_tokens: z.boolean().default(false),
+  })
+  .strict()
+  .refine((v) => (v.text === undefined) !== (v.prompt === undefined), { message: "give exactly one of 'text' or 'prompt'", path: ["text"] });
+
+/** POST /v1/detokenize */
+export const DetokenizeBody = z
+  .object({
+    model: z.string().optional(),
+    tokens: z.array(z.number().int()).max(4_000_000),
+    skip_special_tokens: z.boolean().default(false),
+  })
+  .strict();
+
+/** The long context a request names: `context_id`, `reform.context_id`, or the model `context:<id>`. */
+export function reformTarget(body: {
+  model?: string;
+  context_id?: string;
+  method?: Method;
+  budget?: number;
+  reform?: { context_id?: string; method?: Method; budget?: number };
+}): { contextId: string | undefined; method: Method; budget: number | undefined } {
+  let contextId = body.context_id ?? body.reform?.context_id;
+  if (contextId === undefined && body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {
+    const fromModel = ContextIdSchema.safeParse(body.model.slice(CONTEXT_MODEL_PREFIX.length));
+    if (!fromModel.success) throw new ApiError(404, "model_not_found", `the model '${body.model}' does not exist`, "model");
+    contextId = fromModel.data;
+  }
+  return { contextId, method: body.reform?.method ?? body.method ?? "reform", budget: body.reform?.budget ?? body.budget };
+}
+
+// ------------------------------------------------------------------ response views
+
+/** ContextInfo as the API shows it: the engine's camelCase fields plus snake_case aliases. */
+export function contextView(info: ContextInfo): Record<string, unknown> {
+  return {
+    object: "context",
+    ...info,
+    bytes_received: info.bytesReceived,
+    tokens_received: info.tokensReceived,
+    tokens_processed: info.tokensProcessed,
+    pending_chars: info.pendingChars,
+    embedding_bytes: info.embeddingBytes,
+    cache_len: info.cacheLen,
+    created_at: info.createdAt,
+    updated_at: info.updatedAt,
+  };
+}
+
+/** OpenAI's logprobs entry for one token */
+export function logprobView(lp: TokenLogprob & { top?: TokenLogprob[] }) {
+  const one = (t: TokenLogprob) => ({ token: t.token, logprob: t.logprob, bytes: t.bytes });
+  return { ...one(lp), top_logprobs: (lp.top ?? []).map(one) };
+}
+export type LogprobView = ReturnType<typeof logprobView>;
+
+/** OpenAI's usage object */
+export function openaiUsage(u: { promptTokens: number; completionTokens: number }) {
+  return { prompt_tokens: u.promptTokens, completion_tokens: u.completionTokens, total_tokens: u.promptTokens + u.completionTokens };
+}
+
+/** The native API's usage: OpenAI's plus the context's counts. */
+export function usageView(u: Usage) {
+  return { ...openaiUsage(u), context_tokens: u.contextTokens, selected_tokens: u.selectedTokens };
+}
+
+export function timingsView(t: { queueMs: number; ttftMs: number; tpotMs: number; totalMs: number }) {
+  return { queue_ms: t.queueMs, ttft_ms: t.ttftMs, tpot_ms: t.tpotMs, total_ms: t.totalMs };
+}
+
+export function newId(prefix: string): string {
+  return `${prefix}-${crypto.randomUUID().replace(/-/g, "").slice(0, 24)}`;
+}

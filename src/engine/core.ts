@@ -1,0 +1,275 @@
+/**
+ * The engine inside its worker: the loaded model, the registry of context sessions and the operations
+ * on them (the `EngineCalls` of protocol.ts), all native work run through the one Scheduler.
+ * Appends / finalize / delete of one session are serialised (a per-session chain); queries are not
+ * (they read a snapshot of the embedding file and use the compressor in a single step).
+ */
+import { mkdirSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import { type ContextInfo, EngineError, type EngineMetrics, type ModelInfo, type QueryEvent } from "./api.ts";
+import { planQuery, runQuery } from "./answer.ts";
+import { CompressorPool } from "./compressors.ts";
+import { contextNotFound, toEngineError } from "./errors.ts";
+import { type EngineOptions, type LoadedEngine, loadEngine } from "./load.ts";
+import type { EngineCalls } from "./protocol.ts";
+import { Scheduler } from "./scheduler.ts";
+import { isContextId, parseQuery } from "./schema.ts";
+import { Session } from "./session.ts";
+
+const MAX_SAMPLES = 256;
+
+function pushSample(arr: number[], v: number): void {
+  arr.push(v);
+  if (arr.length > MAX_SAMPLES) arr.splice(0, arr.length - MAX_SAMPLES);
+}
+
+export class EngineCore implements EngineCalls {
+  readonly e: LoadedEngine;
+  readonly sched = new Scheduler();
+  private readonly pool: CompressorPool;
+  private readonly sessions = new Map<string, Session>();
+  private readonly chains = new Map<string, Promise<unknown>>();
+  private readonly aborted = new Set<string>();
+  private readonly idleTimer: ReturnType<typeof setInterval>;
+  private readonly sessionOf = (id: string) => this.sessions.get(id);
+
+  readonly metrics: EngineMetrics = {
+    tokensProcessedTotal: 0,
+    tokensGeneratedTotal: 0,
+    promptTokensTotal: 0,
+    requestsTotal: 0,
+    queueDepth: 0,
+    activeContexts: 0,
+    ttftSeconds: [],
+    tpotSeconds: [],
+  };
+
+  constructor(
+    readonly opts: EngineOptions,
+    private readonly emitProgress: (info: ContextInfo) => void = () => {},
+  ) {
+    this.e = loadEngine(opts);
+    this.pool = new CompressorPool(this.e.model, this.e.defaults);
+    this.loadSessions();
+    this.idleTimer = setInterval(() => this.pool.evictIdle(this.sessionOf, (id) => this.chains.has(id)), 15_000);
+    (this.idleTimer as { unref?: () => void }).unref?.();
+  }
+
+  get info(): ModelInfo {
+    return this.e.info;
+  }
+
+  private loadSessions(): void {
+    const dir = join(this.opts.dataDir, "contexts");
+    mkdirSync(dir, { recursive: true });
+    for (const name of readdirSync(dir)) {
+      if (!isContextId(name)) continue;
+      const s = Session.load(join(dir, name));
+      if (!s) continue;
+      if (s.meta.fingerprint !== this.e.fingerprint && !s.meta.failed) {
+        s.fail("context was built with a different model or head/compression configuration");
+      }
+      this.sessions.set(s.id, s);
+    }
+    this.metrics.activeContexts = this.sessions.size;
+  }
+
+  // ------------------------------------------------------------ sessions
+
+  private get(id: string): Session {
+    const s = this.sessions.get(id);
+    if (!s) throw contextNotFound(id);
+    return s;
+  }
+
+  private infoOf(s: Session): ContextInfo {
+    return s.info(this.pool.cacheLen(s.id));
+  }
+
+  private progress(s: Session): void {
+    this.emitProgress(this.infoOf(s));
+  }
+
+  /** Runs `fn` after the previous operation on session `id` finished, once the session still exists. */
+  private chain<T>(id: string, fn: (s: Session) => Promise<T>): Promise<T> {
+    this.get(id);
+    const prev = this.chains.get(id) ?? Promise.resolve();
+    const run = () => fn(this.get(id));
+    const p = prev.then(run, run);
+    const tail = p.catch(() => {});
+    this.chains.set(id, tail);
+    void tail.then(() => {
+      if (this.chains.get(id) === tail) this.chains.delete(id);
+    });
+    return p;
+  }
+
+  createContext(opts?: { metadata?: Record<string, unknown> }): ContextInfo {
+    const id = `ctx_${crypto.randomUUID().replace(/-/g, "").slice(0, 24)}`;
+    const s = Session.create(this.opts.dataDir, id, {
+      fingerprint: this.e.fingerprint,
+      heads: this.e.headsFile.heads,
+      params: this.e.params,
+      metadata: opts?.metadata,
+    });
+    this.sessions.set(id, s);
+    this.metrics.activeContexts = this.sessions.size;
+    return this.infoOf(s);
+  }
+
+  getContext(id: string): ContextInfo | null {
+    const s = this.sessions.get(id);
+    return s ? this.infoOf(s) : null;
+  }
+
+  listContexts(): ContextInfo[] {
+    return [...this.sessions.values()].map((s) => this.infoOf(s)).sort((a, b) => a.createdAt - b.createdAt);
+  }
+
+  private writable(s: Session): void {
+    if (s.meta.failed) throw new EngineError(409, "context_failed", `context '${s.id}' failed: ${s.meta.failed}`, "context_id");
+  }
+
+  append(id: string, bytes: Uint8Array): Promise<ContextInfo> {
+    return this.chain(id, async (s) => {
+      this.writable(s);
+      try {
+        s.appendBytes(bytes, this.e.tok, false);
+        this.progress(s);
+        await this.sched.run(this.compress(s, false));
+      } catch (e) {
+        throw this.failSession(s, e);
+      }
+      return this.infoOf(s);
+    });
+  }
+
+  finalize(id: string): Promise<ContextInfo> {
+    return this.chain(id, async (s) => {
+      this.writable(s);
+      try {
+        s.appendBytes(new Uint8Array(0), this.e.tok, true);
+        await this.sched.run(this.compress(s, true));
+        s.meta.finalized = true;
+        s.saveMeta(true);
+      } catch (e) {
+        throw this.failSession(s, e);
+      }
+      this.progress(s);
+      return this.infoOf(s);
+    });
+  }
+
+  private compress(s: Session, final: boolean) {
+    return this.pool.compress(
+      s,
+      final,
+      this.sessionOf,
+      (n) => {
+        this.metrics.tokensProcessedTotal += n;
+        this.progress(s);
+      },
+      () => !this.sessions.has(s.id),
+    );
+  }
+
+  /** A server-side fault marks the session failed (its data stays on disk); request errors do not. */
+  private failSession(s: Session, e: unknown): EngineError {
+    const err = toEngineError(e);
+    if (err.status >= 500 && this.sessions.has(s.id)) {
+      try {
+        s.fail(err.message);
+      } catch {
+        /* the session is failed in memory either way */
+      }
+      this.pool.drop(s.id, null);
+      this.progress(s);
+    }
+    return err;
+  }
+
+  deleteContext(id: string): Promise<boolean> {
+    if (!this.sessions.has(id)) return Promise.resolve(false);
+    return this.chain(id, async (s) => {
+      this.pool.drop(id, null);
+      this.sessions.delete(id);
+      s.destroy();
+      this.metrics.activeContexts = this.sessions.size;
+      return true;
+    }).catch((e) => {
+      if (e instanceof EngineError && e.code === "context_not_found") return false;
+      throw e;
+    });
+  }
+
+  // ------------------------------------------------------------ queries
+
+  abort(qid: string): void {
+    this.aborted.add(qid);
+  }
+
+  /**
+   * Validates and runs a query; `emit` receives the events and the promise resolves after "done".
+   * Request errors reject before any event is emitted.
+   */
+  query(qid: string, wire: unknown, emit: (ev: QueryEvent) => void): Promise<void> {
+    const tReq = performance.now();
+    this.metrics.requestsTotal++;
+    try {
+      const req = parseQuery(wire);
+      const session = req.contextId !== undefined ? this.get(req.contextId) : null;
+      const planned = planQuery(this.e, req, session);
+      const task = runQuery(this.e, planned, {
+        pool: this.pool,
+        sessionOf: this.sessionOf,
+        cancelled: () => (this.aborted.has(qid) ? "abort" : null),
+        emit,
+        tReq,
+        onStart: (n) => (this.metrics.promptTokensTotal += n),
+        onFirstToken: (ms) => pushSample(this.metrics.ttftSeconds, ms / 1000),
+        onToken: () => this.metrics.tokensGeneratedTotal++,
+        onDone: (tpot) => {
+          if (tpot > 0) pushSample(this.metrics.tpotSeconds, tpot / 1000);
+        },
+      });
+      return this.sched.run(task).finally(() => this.aborted.delete(qid));
+    } catch (e) {
+      this.aborted.delete(qid);
+      return Promise.reject(toEngineError(e));
+    }
+  }
+
+  countTokens(text: string): number {
+    return this.e.tok.encode(text).length;
+  }
+
+  tokenize(text: string, addSpecial = false): number[] {
+    const ids = this.e.tok.encode(text);
+    return addSpecial ? this.e.tok.withBos(ids) : ids;
+  }
+
+  detokenize(ids: number[], skipSpecial = false): string {
+    const V = this.e.cfg.config.vocabSize;
+    const bad = ids.findIndex((x) => !Number.isInteger(x) || x < 0 || x >= V);
+    if (bad >= 0)
+      throw new EngineError(400, "invalid_value", `tokens[${bad}] = ${ids[bad]} is not a token id of this model (0..${V - 1})`, "tokens");
+    return this.e.tok.decode(ids, skipSpecial);
+  }
+
+  snapshotMetrics(): EngineMetrics {
+    return {
+      ...this.metrics,
+      queueDepth: this.sched.depth,
+      ttftSeconds: [...this.metrics.ttftSeconds],
+      tpotSeconds: [...this.metrics.tpotSeconds],
+    };
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.idleTimer);
+    // wait for in-flight session operations
+    await Promise.all([...this.chains.values()]);
+    for (const id of this.pool.ids()) this.pool.drop(id, this.sessions.get(id) ?? null);
+    this.e.model.destroy();
+  }
+}

@@ -1,0 +1,157 @@
+/**
+ * Start-up of the engine: the model directory (config, heads, tokenizer, safetensors) into the native
+ * library, the defaults that follow from it, and the fingerprint that ties stored contexts to this exact
+ * model and compression setup.
+ */
+import { readFileSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { type CompressParams, loadNative, type Native, type NativeModel, RF_F16 } from "../../ffi/native.ts";
+import { type LoadedConfig, loadModelConfig } from "../model/config.ts";
+import { type HeadsFile, loadHeads } from "../model/heads.ts";
+import { loadSafetensors, modelFiles } from "../model/safetensors.ts";
+import { ModelTokenizer } from "../model/tokenizer.ts";
+import type { ModelInfo } from "./api.ts";
+import { DEFAULT_EDGE, DEFAULT_WINDOW } from "./query.ts";
+import type { SessionParams } from "./session.ts";
+
+export interface EngineDefaults {
+  budget: number; // default recompute budget (context tokens gathered)
+  maxBudget: number; // largest budget / full-context size accepted
+  chunkSize: number; // compress chunk
+  capacity: number; // compressor KV capacity per (layer, kv head)
+  maxTokens: number; // default max new tokens
+  maxNewTokens: number; // largest max_tokens a request may ask for (bounds the recompute KV cache)
+  window: number; // smoothing window
+  edge: number; // first/last tokens always kept
+  nSink: number;
+  obsWindow: number;
+  prefillChunk: number; // prefill piece per scheduler step
+  maxLiveCompressors: number;
+  stateSaveEvery: number; // chunks between compressor state saves
+  idleMs: number; // live compressors idle longer are saved + destroyed
+}
+
+export interface EngineOptions {
+  modelDir: string;
+  dataDir: string;
+  /** resolved by src/config.ts (flags, REFORM_BACKEND); the engine reads no environment itself */
+  backend?: "auto" | "cpu" | "cuda";
+  /** native library file to load instead of build/libreform_<backend>.so (REFORM_LIBRARY) */
+  library?: string;
+  servedName?: string;
+  heads?: string | object | null;
+  threads?: number;
+  defaults?: Partial<EngineDefaults>;
+}
+
+export interface LoadedEngine {
+  native: Native;
+  model: NativeModel;
+  cfg: LoadedConfig;
+  tok: ModelTokenizer;
+  headsFile: HeadsFile;
+  defaults: EngineDefaults;
+  params: SessionParams;
+  fingerprint: string;
+  info: ModelInfo;
+}
+
+function resolveDefaults(d: Partial<EngineDefaults>, hf: HeadsFile, maxPos: number): EngineDefaults {
+  const chunkSize = d.chunkSize ?? hf.chunkSize ?? 1024;
+  const maxBudget = d.maxBudget ?? Math.max(maxPos, 1024);
+  return {
+    budget: Math.min(d.budget ?? 8192, maxBudget),
+    maxBudget,
+    chunkSize,
+    capacity: d.capacity ?? hf.capacity ?? 4096,
+    maxTokens: d.maxTokens ?? 512,
+    maxNewTokens: Math.max(d.maxNewTokens ?? 8192, d.maxTokens ?? 512),
+    window: d.window ?? hf.window ?? DEFAULT_WINDOW,
+    edge: d.edge ?? DEFAULT_EDGE,
+    nSink: d.nSink ?? hf.nSink ?? 4,
+    obsWindow: Math.min(d.obsWindow ?? hf.obsWindow ?? 128, chunkSize),
+    prefillChunk: d.prefillChunk ?? 512,
+    maxLiveCompressors: d.maxLiveCompressors ?? 8,
+    stateSaveEvery: d.stateSaveEvery ?? 64,
+    idleMs: d.idleMs ?? 5 * 60_000,
+  };
+}
+
+/** Recent tokens the H2O eviction always keeps, for a cache of `capacity` entries. */
+export function recentFor(capacity: number, obsWindow: number): number {
+  return Math.max(1, Math.min(obsWindow, Math.floor(capacity / 4)));
+}
+
+/** Parameters of every upload-time compressor (early exit at the last layer holding a selected head). */
+export function uploadCompressParams(d: EngineDefaults): CompressParams {
+  return {
+    capacity: d.capacity,
+    nSink: d.nSink,
+    nRecent: recentFor(d.capacity, d.obsWindow),
+    obsWindow: d.obsWindow,
+    maxChunk: Math.max(d.chunkSize, 512),
+    embDtype: RF_F16,
+    exitLayer: -1,
+  };
+}
+
+function fingerprintOf(modelDir: string, hf: HeadsFile, p: SessionParams): string {
+  const parts: string[] = [readFileSync(join(modelDir, "config.json"), "utf8")];
+  for (const f of modelFiles(modelDir)) parts.push(`${f.split("/").pop()}:${statSync(f).size}`);
+  parts.push(JSON.stringify(hf.heads));
+  parts.push(JSON.stringify([p.chunkSize, p.capacity, p.nSink, p.nRecent, p.obsWindow, p.embDim, p.embDtype]));
+  return Bun.hash(parts.join("\n")).toString(16);
+}
+
+export function loadEngine(o: EngineOptions): LoadedEngine {
+  const cfg = loadModelConfig(o.modelDir);
+  const mc = cfg.config;
+  const headsFile = loadHeads(o.modelDir, mc, o.heads ?? null);
+  const tok = ModelTokenizer.fromDir(o.modelDir);
+  const maxPos = cfg.maxPositionEmbeddings;
+  const defaults = resolveDefaults(o.defaults ?? {}, headsFile, maxPos);
+  const native = loadNative(o.backend ?? "auto", o.library);
+  if (o.threads) native.setThreads(o.threads);
+  const model = native.createModel(mc);
+  try {
+    loadSafetensors(o.modelDir, model);
+    model.finalize();
+  } catch (e) {
+    model.destroy();
+    throw e;
+  }
+  // probe the compressor once: embed dim + exit layer, and that the params are accepted
+  const cp = uploadCompressParams(defaults);
+  const probe = model.createCompressor(cp, headsFile.heads);
+  const params: SessionParams = {
+    chunkSize: defaults.chunkSize,
+    capacity: defaults.capacity,
+    nSink: defaults.nSink,
+    nRecent: cp.nRecent,
+    obsWindow: defaults.obsWindow,
+    embDim: probe.embedDim,
+    embDtype: RF_F16,
+  };
+  const exitLayer = probe.exitLayer;
+  probe.destroy();
+  const info: ModelInfo = {
+    id: o.servedName ?? o.modelDir.split("/").filter(Boolean).pop() ?? "model",
+    path: o.modelDir,
+    architecture: cfg.architecture,
+    backend: native.backendName(),
+    device: native.deviceInfo(),
+    trainedContext: maxPos,
+    vocabSize: mc.vocabSize,
+    numLayers: mc.numLayers,
+    heads: headsFile.heads.map((h) => ({ ...h })),
+    exitLayer,
+    defaults: {
+      budget: defaults.budget,
+      maxBudget: defaults.maxBudget,
+      chunkSize: defaults.chunkSize,
+      capacity: defaults.capacity,
+      maxTokens: defaults.maxTokens,
+    },
+  };
+  return { native, model, cfg, tok, headsFile, defaults, params, fingerprint: fingerprintOf(o.modelDir, headsFile, params), info };
+}
