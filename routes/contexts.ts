@@ -180,6 +180,20 @@ export function contextRoutes(d: Deps): Hono {
     return c.json({ id, object: "context", deleted: true });
   });
 
+  // One writer per context: a second upload (or a finalize) while one is open would interleave its
+  // bytes with the first one's, so it is refused instead.
+  const writing = new Set<string>();
+  const exclusive = async <T>(id: string, fn: () => Promise<T>): Promise<T> => {
+    if (writing.has(id))
+      throw new ApiError(409, "context_busy", `context '${id}' has an upload in progress; retry when it has finished`, "id");
+    writing.add(id);
+    try {
+      return await fn();
+    } finally {
+      writing.delete(id);
+    }
+  };
+
   const upload = async (c: Context) => {
     const id = contextIdParam(c);
     const final = finalFlag(c);
@@ -195,7 +209,10 @@ export function contextRoutes(d: Deps): Hono {
     const len = contentLength(c);
     if (len !== null && len > opts.maxBodyBytes) throw tooLarge(opts.maxBodyBytes);
     await mustGet(id);
+    return exclusive(id, () => receive(c, id, final, json));
+  };
 
+  const receive = async (c: Context, id: string, final: boolean, json: boolean) => {
     let appended = 0;
     let last: ContextInfo | null = null;
     let doFinal = final;
@@ -242,7 +259,7 @@ export function contextRoutes(d: Deps): Hono {
   r.post("/:id/finalize", async (c) => {
     const id = contextIdParam(c);
     await mustGet(id);
-    return c.json(contextView(await engine.finalize(id)));
+    return c.json(contextView(await exclusive(id, () => engine.finalize(id))));
   });
 
   r.get("/:id/events", async (c) => {

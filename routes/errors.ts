@@ -28,7 +28,6 @@ export interface ErrorBody {
 export function errorType(status: number): string {
   if (status === 401) return "authentication_error";
   if (status === 403) return "permission_error";
-  if (status === 404) return "not_found_error";
   if (status === 429) return "rate_limit_error";
   if (status === 503) return "service_unavailable";
   if (status >= 500) return "server_error";

@@ -15,6 +15,7 @@ import {
   CompletionBody,
   CONTEXT_MODEL_PREFIX,
   ContextIdSchema,
+  MODEL_ALIAS,
   DetokenizeBody,
   type LogprobView,
   logprobView,
@@ -72,7 +73,19 @@ interface Started {
 export function openaiRoutes(d: Deps): Hono {
   const { engine, opts } = d;
   const r = new Hono();
-  const servedName = () => opts.servedName ?? engine.modelInfo()?.id ?? "reform";
+  const servedName = () => opts.servedName ?? engine.modelInfo()?.id ?? MODEL_ALIAS;
+  const isServedModel = (m: string) => m === servedName() || m === MODEL_ALIAS;
+
+  /** A request names the served model, its alias, or `context:<id>`; anything else is not silently answered. */
+  const checkModel = (model: string | undefined) => {
+    if (model === undefined || isServedModel(model) || model.startsWith(CONTEXT_MODEL_PREFIX)) return;
+    throw new ApiError(
+      404,
+      "model_not_found",
+      `the model '${model}' does not exist: use '${servedName()}' (or '${MODEL_ALIAS}'), or '${CONTEXT_MODEL_PREFIX}<context id>' to answer from a context`,
+      "model",
+    );
+  };
 
   /** The setup both completion endpoints share: REFORM routing, the engine query, the response envelope. */
   const start = async (
@@ -81,6 +94,7 @@ export function openaiRoutes(d: Deps): Hono {
     input: Pick<QueryRequest, "messages" | "prompt">,
     o: { object: string; idPrefix: string; maxTokens: number; logprobs: number | null },
   ): Promise<Started> => {
+    checkModel(body.model);
     const { contextId, method, budget } = reformTarget(body);
     const q = await openQuery(engine, c.req.raw, {
       contextId,
@@ -149,7 +163,7 @@ export function openaiRoutes(d: Deps): Hono {
           id: `${CONTEXT_MODEL_PREFIX}${ctx.id}`,
           object: "model",
           created: Math.floor(ctx.createdAt / 1000),
-          owned_by: "reform-context",
+          owned_by: "reform",
         });
       }
     }
@@ -159,11 +173,11 @@ export function openaiRoutes(d: Deps): Hono {
   r.get("/models/:model{.+}", async (c) => {
     const id = c.req.param("model");
     const created = Math.floor(d.stats.startedAt / 1000);
-    if (id === servedName()) return c.json({ id, object: "model", created, owned_by: "reform" });
+    if (isServedModel(id)) return c.json({ id, object: "model", created, owned_by: "reform" });
     if (id.startsWith(CONTEXT_MODEL_PREFIX)) {
       const ctxId = id.slice(CONTEXT_MODEL_PREFIX.length);
       const ctx = ContextIdSchema.safeParse(ctxId).success ? await engine.getContext(ctxId) : null;
-      if (ctx) return c.json({ id, object: "model", created: Math.floor(ctx.createdAt / 1000), owned_by: "reform-context" });
+      if (ctx) return c.json({ id, object: "model", created: Math.floor(ctx.createdAt / 1000), owned_by: "reform" });
     }
     throw new ApiError(404, "model_not_found", `the model '${id}' does not exist`, "model");
   });
@@ -201,7 +215,8 @@ export function openaiRoutes(d: Deps): Hono {
         sentRole = true;
         w.send(delta({ role: "assistant", content: "", refusal: null }, null));
       }
-      if (ev.type === "token") {
+      if (ev.type === "progress") w.comment(`progress ${ev.stage} ${ev.done}/${ev.total}`);
+      else if (ev.type === "token") {
         if (ev.logprob) pendingLp.push(logprobView(ev.logprob));
         if (ev.text.length > 0) w.send(delta({ content: ev.text }, null));
       } else if (ev.type === "done") {
@@ -245,7 +260,8 @@ export function openaiRoutes(d: Deps): Hono {
       s.q,
       `completion ${s.envelope.id}`,
       (ev, w) => {
-        if (ev.type === "token") {
+        if (ev.type === "progress") w.comment(`progress ${ev.stage} ${ev.done}/${ev.total}`);
+        else if (ev.type === "token") {
           if (ev.logprob) pending.push(logprobView(ev.logprob));
           if (ev.text.length > 0) w.send(piece(ev.text, null));
         } else if (ev.type === "done") {

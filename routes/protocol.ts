@@ -82,6 +82,8 @@ export const QueryBody = z
 // ------------------------------------------------------------------ OpenAI-compatible API
 
 export const CONTEXT_MODEL_PREFIX = "context:";
+/** A model name the README documents for the served model, whatever its own name. */
+export const MODEL_ALIAS = "reform";
 
 /** The fields both OpenAI endpoints share (sampling, REFORM routing) */
 const OpenAIFields = {
@@ -101,8 +103,10 @@ const OpenAIFields = {
 };
 
 /** Rules both OpenAI endpoints share. */
-function refineOpenAI(v: { n?: number | null }, ctx: z.RefinementCtx): void {
+function refineOpenAI(v: { n?: number | null; stream?: boolean | null; stream_options?: unknown }, ctx: z.RefinementCtx): void {
   if (v.n != null && v.n !== 1) ctx.addIssue({ code: "custom", path: ["n"], message: "only n=1 is supported" });
+  if (v.stream_options != null && v.stream !== true)
+    ctx.addIssue({ code: "custom", path: ["stream_options"], message: "stream_options is only allowed when stream is true" });
 }
 
 const ContentPart = z.looseObject({ type: z.string(), text: z.string().optional() });
@@ -142,6 +146,9 @@ export const ChatBody = z
         message: `response_format '${v.response_format.type}' is not supported (only 'text'; constrained decoding is not implemented)`,
       });
     v.messages.forEach((m, i) => {
+      // only an assistant turn (one that called tools) may come without content
+      if (m.content == null && m.role !== "assistant")
+        ctx.addIssue({ code: "custom", path: ["messages", i, "content"], message: `a ${m.role} message needs content` });
       if (Array.isArray(m.content)) {
         m.content.forEach((p, j) => {
           if (p.type !== "text" || typeof p.text !== "string") {

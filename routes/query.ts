@@ -49,6 +49,8 @@ export function queryRoutes(d: Deps): Hono {
           { type: "start", ...base, prompt_tokens: ev.promptTokens, selected_tokens: ev.selectedTokens, context_tokens: ev.contextTokens },
           "start",
         );
+      } else if (ev.type === "progress") {
+        w.send({ type: "progress", stage: ev.stage, done: ev.done, total: ev.total }, "progress");
       } else if (ev.type === "token") {
         w.send(
           { type: "token", text: ev.text, token_id: ev.tokenId, ...(ev.logprob ? { logprob: logprobView(ev.logprob) } : {}) },

@@ -105,6 +105,7 @@ export async function collectQuery(d: Deps, q: OpenQuery): Promise<Collected> {
     } else if (ev.type === "done") {
       await it.return?.().catch(() => {});
       d.stats.observeQuery(ev.timings, ev.usage.completionTokens);
+      if (ev.finishReason === "abort") d.stats.queriesAborted++; // the client went away before the body
       return { text, logprobs, finishReason: ev.finishReason, usage: ev.usage, timings: ev.timings, start };
     }
     res = await it.next();

@@ -225,7 +225,17 @@ describe("engine (tiny model, CPU library)", () => {
     await e.append(c.id, bytes);
     await e.finalize(c.id);
     for (const method of ["reform", "full", "streaming", "h2o"] as Method[]) {
-      const evs = await collect(e, { contextId: c.id, question: "What is the secret code?", method, sampling: sampling(6) });
+      const all = await collect(e, { contextId: c.id, question: "What is the secret code?", method, sampling: sampling(6) });
+      // h2o's full-depth pass reports its progress before the answer starts, up to the whole context
+      const progress = all.filter((x) => x.type === "progress");
+      if (method === "h2o") {
+        expect(progress.length).toBeGreaterThan(0);
+        const last = progress.at(-1)!;
+        if (last.type !== "progress") throw new Error();
+        expect(last.done).toBe(last.total);
+        expect(all.findIndex((x) => x.type === "start")).toBe(progress.length);
+      } else expect(progress.length).toBe(0);
+      const evs = all.filter((x) => x.type !== "progress");
       expect(evs[0]!.type).toBe("start");
       const done = evs[evs.length - 1]!;
       expect(done.type).toBe("done");

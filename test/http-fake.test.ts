@@ -162,7 +162,7 @@ describe("fake engine", () => {
     await fetch(`${base}/v1/contexts/${ctx.id}/content?final=1`, { method: "PUT", body: "abc" });
     await (
       await jsonPost(`${base}/v1/chat/completions`, {
-        model: "x",
+        model: "reform",
         messages: [{ role: "developer", content: [{ type: "text", text: "sys" }] }, { role: "user", content: "u" }],
         reform: { context_id: ctx.id, method: "h2o", budget: 100 },
         max_completion_tokens: 5,

@@ -378,7 +378,7 @@ describe("query", () => {
 
       // without include_usage: no usage key, no usage chunk
       const evs2 = await collectSse(
-        await post("/v1/chat/completions", { model: "x", messages: [{ role: "user", content: "hi" }], reform: { context_id: ctxId }, stream: true, max_tokens: 3 }),
+        await post("/v1/chat/completions", { model: "reform", messages: [{ role: "user", content: "hi" }], reform: { context_id: ctxId }, stream: true, max_tokens: 3 }),
       );
       const ch2 = evs2.slice(0, -1).map((e) => JSON.parse(e.data));
       for (const c of ch2) {

@@ -20,8 +20,9 @@ export interface PlannedQuery {
   method: Method;
   budget: number;
   session: Session | null;
-  /** the chat template (or raw prompt) rendered with CONTEXT_PLACEHOLDER where the context goes */
-  rendered: string;
+  /** prompt tokens before and after the context (all of them when there is no context) */
+  pre: number[];
+  suf: number[];
   /** the text that scores the context */
   question: string;
 }
@@ -55,6 +56,16 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
       const why = st === "empty" ? "empty" : `still processing (${session.meta.processed}/${session.meta.tokens} tokens compressed; finalize it or retry when its state is 'ready')`;
       throw new EngineError(409, "context_not_ready", `context '${session.id}' is ${why}`, "context_id");
     }
+    if (session.meta.tokens === 0)
+      throw new EngineError(409, "context_empty", `context '${session.id}' has no content to answer from`, "context_id");
+    if (method === "h2o" && session.meta.tokens > d.maxH2oTokens)
+      throw new EngineError(
+        400,
+        "context_too_long",
+        `method "h2o" recomputes the whole context at full depth; this context has ${session.meta.tokens} tokens, more than ` +
+          `its limit of ${d.maxH2oTokens}: use method "reform" (which reads only the compressed embeddings)`,
+        "method",
+      );
     if (method === "full" && session.meta.tokens > d.maxBudget)
       throw new EngineError(
         400,
@@ -63,11 +74,46 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
         "method",
       );
   }
+  let rendered: string;
+  let question: string;
   if (req.prompt !== undefined) {
-    return { req, method, budget, session, rendered: session ? CONTEXT_PLACEHOLDER + req.prompt : req.prompt, question: req.prompt };
+    rendered = session ? CONTEXT_PLACEHOLDER + req.prompt : req.prompt;
+    question = req.prompt;
+  } else {
+    const b = buildMessages(req, session !== null);
+    rendered = e.tok.renderChat(b.messages, true);
+    question = b.question;
   }
-  const b = buildMessages(req, session !== null);
-  return { req, method, budget, session, rendered: e.tok.renderChat(b.messages, true), question: b.question };
+  let pre: number[];
+  let suf: number[] = [];
+  if (!session) pre = e.tok.encodePrompt(rendered);
+  else {
+    const parts = splitAtPlaceholder(rendered);
+    // every method keeps the context's first tokens (edges / sinks), so its first token follows the prefix
+    ({ pre, suf } = e.tok.encodeAround(parts.prefix, session.readTokens(0, 1)[0], parts.suffix));
+  }
+  checkLength(e, pre.length + suf.length + gatheredTokens(method, budget, session), sp.maxTokens);
+  return { req, method, budget, session, pre, suf, question };
+}
+
+/** Context tokens the recompute will hold for this method (h2o: its cache capacity). */
+function gatheredTokens(method: Method, budget: number, s: Session | null): number {
+  if (!s) return 0;
+  return method === "full" ? s.meta.tokens : Math.min(budget, s.meta.tokens);
+}
+
+/** The recompute must fit max_model_len: refused before any model work, naming the limit and the parts. */
+function checkLength(e: LoadedEngine, promptTokens: number, maxTokens: number): void {
+  const limit = e.defaults.maxModelLen;
+  if (promptTokens + maxTokens <= limit) return;
+  throw new EngineError(
+    400,
+    "context_length_exceeded",
+    `this model's maximum recompute length is ${limit} tokens; the request needs ${promptTokens + maxTokens} ` +
+      `(${promptTokens} prompt tokens, including the gathered context, + ${maxTokens} max_tokens): ` +
+      "shorten the messages, lower the budget or lower max_tokens",
+    "messages",
+  );
 }
 
 export interface RunHooks {
@@ -93,21 +139,18 @@ export function* runQuery(e: LoadedEngine, q: PlannedQuery, h: RunHooks): Task<v
     let promptLen: number;
     let selected = 0;
     if (!s) {
-      prompt = Int32Array.from(e.tok.encodePrompt(q.rendered));
+      prompt = Int32Array.from(q.pre);
       promptLen = prompt.length;
     } else {
-      const parts = splitAtPlaceholder(q.rendered);
-      // every method keeps the context's first tokens (edges / sinks), so its first token follows the prefix
-      const first = s.meta.tokens > 0 ? s.readTokens(0, 1)[0] : undefined;
-      const { pre, suf } = e.tok.encodeAround(parts.prefix, first, parts.suffix);
       const g = yield* gatherContext(e, h.pool, h.sessionOf, {
         s,
         method: q.method,
         budget: q.budget,
-        pre,
-        suf,
+        pre: q.pre,
+        suf: q.suf,
         question: q.question,
         cancelled: () => h.cancelled() !== null,
+        progress: (done, total) => h.emit({ type: "progress", stage: "h2o", done, total }),
       });
       ({ prompt, promptLen, selected, h2o } = g);
     }

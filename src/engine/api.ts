@@ -87,6 +87,8 @@ export type FinishReason = "stop" | "length" | "abort";
 
 export type QueryEvent =
   | { type: "start"; promptTokens: number; selectedTokens: number; contextTokens: number }
+  /** long query-time work before the first token (h2o's full-depth pass): `done` of `total` tokens */
+  | { type: "progress"; stage: "h2o"; done: number; total: number }
   | {
       type: "token";
       text: string; // stable text to emit now (may be "" while a character or stop string is incomplete)
@@ -111,7 +113,18 @@ export interface ModelInfo {
   numLayers: number;
   heads: { layer: number; kind: "q" | "k" | "v"; head: number }[];
   exitLayer: number;
-  defaults: { budget: number; maxBudget: number; chunkSize: number; capacity: number; maxTokens: number };
+  defaults: {
+    budget: number;
+    maxBudget: number;
+    chunkSize: number;
+    capacity: number;
+    maxTokens: number;
+    maxNewTokens: number;
+    /** longest recompute: prompt (template + gathered context + question) + max_tokens */
+    maxModelLen: number;
+    /** longest context method "h2o" accepts */
+    maxH2oTokens: number;
+  };
 }
 
 export interface EngineMetrics {

@@ -6,6 +6,7 @@
  */
 import type { NativeCompressor, NativeModel } from "../../ffi/native.ts";
 import { type EngineDefaults, uploadCompressParams } from "./load.ts";
+import { contextDeleted } from "./errors.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
 
@@ -74,6 +75,7 @@ export class CompressorPool {
       }
       const chunk = s.meta.params.chunkSize;
       while (seen < s.meta.processed) {
+        if (!sessionOf(s.id)) throw contextDeleted(s.id);
         const n = Math.min(chunk, s.meta.processed - seen);
         comp.process(s.readTokens(seen, seen + n), null);
         seen += n;

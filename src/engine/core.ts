@@ -9,7 +9,7 @@ import { join } from "node:path";
 import { type ContextInfo, EngineError, type EngineMetrics, type ModelInfo, type QueryEvent } from "./api.ts";
 import { planQuery, runQuery } from "./answer.ts";
 import { CompressorPool } from "./compressors.ts";
-import { contextNotFound, toEngineError } from "./errors.ts";
+import { contextDeleted, contextNotFound, toEngineError } from "./errors.ts";
 import { type EngineOptions, type LoadedEngine, loadEngine } from "./load.ts";
 import type { EngineCalls } from "./protocol.ts";
 import { Scheduler } from "./scheduler.ts";
@@ -30,6 +30,8 @@ export class EngineCore implements EngineCalls {
   private readonly sessions = new Map<string, Session>();
   private readonly chains = new Map<string, Promise<unknown>>();
   private readonly aborted = new Set<string>();
+  /** ids deleted lately, so requests that were waiting on them learn why they vanished (bounded) */
+  private readonly deleted = new Set<string>();
   private readonly idleTimer: ReturnType<typeof setInterval>;
   private readonly sessionOf = (id: string) => this.sessions.get(id);
 
@@ -78,7 +80,7 @@ export class EngineCore implements EngineCalls {
 
   private get(id: string): Session {
     const s = this.sessions.get(id);
-    if (!s) throw contextNotFound(id);
+    if (!s) throw this.deleted.has(id) ? contextDeleted(id) : contextNotFound(id);
     return s;
   }
 
@@ -140,7 +142,7 @@ export class EngineCore implements EngineCalls {
       } catch (e) {
         throw this.failSession(s, e);
       }
-      return this.infoOf(s);
+      return this.infoOf(this.get(id)); // deleted meanwhile: the uploader hears so
     });
   }
 
@@ -150,6 +152,7 @@ export class EngineCore implements EngineCalls {
       try {
         s.appendBytes(new Uint8Array(0), this.e.tok, true);
         await this.sched.run(this.compress(s, true));
+        this.get(id);
         s.meta.finalized = true;
         s.saveMeta(true);
       } catch (e) {
@@ -188,18 +191,22 @@ export class EngineCore implements EngineCalls {
     return err;
   }
 
-  deleteContext(id: string): Promise<boolean> {
-    if (!this.sessions.has(id)) return Promise.resolve(false);
-    return this.chain(id, async (s) => {
-      this.pool.drop(id, null);
-      this.sessions.delete(id);
-      s.destroy();
-      this.metrics.activeContexts = this.sessions.size;
-      return true;
-    }).catch((e) => {
-      if (e instanceof EngineError && e.code === "context_not_found") return false;
-      throw e;
-    });
+  /**
+   * Deletes at once: the session leaves the registry, so the operation in flight on it stops at its next
+   * chunk or step and everything waiting on it fails with `context_deleted`; its files go once that
+   * operation has stopped.
+   */
+  async deleteContext(id: string): Promise<boolean> {
+    const s = this.sessions.get(id);
+    if (!s) return false;
+    this.sessions.delete(id);
+    this.deleted.add(id);
+    if (this.deleted.size > 4096) this.deleted.delete(this.deleted.values().next().value as string);
+    this.pool.drop(id, null);
+    this.metrics.activeContexts = this.sessions.size;
+    await (this.chains.get(id) ?? Promise.resolve()).catch(() => {});
+    s.destroy();
+    return true;
   }
 
   // ------------------------------------------------------------ queries
@@ -222,7 +229,10 @@ export class EngineCore implements EngineCalls {
       const task = runQuery(this.e, planned, {
         pool: this.pool,
         sessionOf: this.sessionOf,
-        cancelled: () => (this.aborted.has(qid) ? "abort" : null),
+        cancelled: () => {
+          if (session && !this.sessions.has(session.id)) throw contextDeleted(session.id);
+          return this.aborted.has(qid) ? "abort" : null;
+        },
         emit,
         tReq,
         onStart: (n) => (this.metrics.promptTokensTotal += n),

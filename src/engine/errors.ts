@@ -13,3 +13,8 @@ export function toEngineError(e: unknown): EngineError {
 export function contextNotFound(id: string): EngineError {
   return new EngineError(404, "context_not_found", `context '${id}' not found`, "context_id");
 }
+
+/** For requests that were waiting on a context when it was deleted. */
+export function contextDeleted(id: string): EngineError {
+  return new EngineError(410, "context_deleted", `context '${id}' was deleted; its pending work was cancelled`, "context_id");
+}

@@ -23,8 +23,10 @@ export interface GatherInput {
   suf: number[];
   /** the text whose embedding scores the context (reform) */
   question: string;
-  /** true once the query should stop (abort, context deleted) */
+  /** true once the query should stop (abort); throws when it must fail (context deleted) */
   cancelled: () => boolean;
+  /** reports long work (h2o's full-depth pass) token by token */
+  progress: (done: number, total: number) => void;
 }
 
 export interface Gathered {
@@ -69,7 +71,9 @@ export function* gatherContext(e: LoadedEngine, pool: CompressorPool, sessionOf:
       const full = concat(pre, s.readTokens(0, n));
       for (let off = 0; off < full.length; off += d.chunkSize) {
         if (g.cancelled()) break;
-        comp.process(full.subarray(off, Math.min(full.length, off + d.chunkSize)), null);
+        const end = Math.min(full.length, off + d.chunkSize);
+        comp.process(full.subarray(off, end), null);
+        g.progress(end, full.length);
         yield;
       }
     } catch (err) {

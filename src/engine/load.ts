@@ -29,6 +29,10 @@ export interface EngineDefaults {
   maxLiveCompressors: number;
   stateSaveEvery: number; // chunks between compressor state saves
   idleMs: number; // live compressors idle longer are saved + destroyed
+  /** longest recompute (template + gathered context + question + max_tokens) a query may ask for */
+  maxModelLen: number;
+  /** longest context method "h2o" recomputes at full depth (its cost grows with the whole context) */
+  maxH2oTokens: number;
 }
 
 export interface EngineOptions {
@@ -56,16 +60,26 @@ export interface LoadedEngine {
   info: ModelInfo;
 }
 
+/** Room above the gather budget and the longest answer for the chat template and the question. */
+const PROMPT_RESERVE = 1024;
+
 function resolveDefaults(d: Partial<EngineDefaults>, hf: HeadsFile, maxPos: number): EngineDefaults {
   const chunkSize = d.chunkSize ?? hf.chunkSize ?? 1024;
   const maxBudget = d.maxBudget ?? Math.max(maxPos, 1024);
+  const maxNewTokens = Math.max(d.maxNewTokens ?? 8192, d.maxTokens ?? 512);
+  // a configured default above the configured maximum is a contradiction, not something to cap silently
+  if (d.budget !== undefined && d.budget > maxBudget)
+    throw new Error(`the default budget ${d.budget} exceeds the maximum budget ${maxBudget} (raise --max-budget or lower --budget)`);
   return {
+    // by default every budget and max_tokens the server accepts fit, with room for a question
+    maxModelLen: d.maxModelLen ?? Math.max(maxPos, maxBudget + maxNewTokens + PROMPT_RESERVE),
+    maxH2oTokens: d.maxH2oTokens ?? 262_144,
     budget: Math.min(d.budget ?? 8192, maxBudget),
     maxBudget,
     chunkSize,
     capacity: d.capacity ?? hf.capacity ?? 4096,
     maxTokens: d.maxTokens ?? 512,
-    maxNewTokens: Math.max(d.maxNewTokens ?? 8192, d.maxTokens ?? 512),
+    maxNewTokens,
     window: d.window ?? hf.window ?? DEFAULT_WINDOW,
     edge: d.edge ?? DEFAULT_EDGE,
     nSink: d.nSink ?? hf.nSink ?? 4,
@@ -151,6 +165,9 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       chunkSize: defaults.chunkSize,
       capacity: defaults.capacity,
       maxTokens: defaults.maxTokens,
+      maxNewTokens: defaults.maxNewTokens,
+      maxModelLen: defaults.maxModelLen,
+      maxH2oTokens: defaults.maxH2oTokens,
     },
   };
   return { native, model, cfg, tok, headsFile, defaults, params, fingerprint: fingerprintOf(o.modelDir, headsFile, params), info };

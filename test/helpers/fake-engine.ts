@@ -72,7 +72,7 @@ export class FakeEngine implements EngineClient {
       numLayers: 2,
       heads: [],
       exitLayer: 1,
-      defaults: { budget: 64, maxBudget: 128, chunkSize: 32, capacity: 64, maxTokens: 8 },
+      defaults: { budget: 64, maxBudget: 128, chunkSize: 32, capacity: 64, maxTokens: 8, maxNewTokens: 64, maxModelLen: 1024, maxH2oTokens: 4096 },
     };
   }
 

@@ -1,0 +1,270 @@
+/**
+ * Safety of the real server (tiny random model, CPU): one writer per context, bounded recompute prompts,
+ * cancellation by DELETE, no silent model fallback, and the smaller OpenAI conformance rules.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { type RunningServer, startServer } from "../src/server.ts";
+import { makeTinyModel } from "./fixtures/tiny-model.ts";
+import { collectSse, expectError, j, jsonPost, pieceStream, waitFor } from "./helpers/http.ts";
+
+const T = 120_000;
+let root: string;
+let srv: RunningServer;
+let base: string;
+let modelDir: string;
+const enc = new TextEncoder();
+
+function words(n: number, seed: number): string {
+  const w = ["alpha", "beta", "gamma", "delta", "fox", "river", "stone", "cloud", "lamp", "seven"];
+  let x = seed;
+  const out: string[] = [];
+  for (let i = 0; i < n; i++) {
+    x = (x * 1103515245 + 12345) & 0x7fffffff;
+    out.push(w[x % w.length]!);
+  }
+  return out.join(" ");
+}
+
+async function newContext(): Promise<string> {
+  return (await j(jsonPost(`${base}/v1/contexts`, {}))).id;
+}
+
+async function readyContext(text: string): Promise<string> {
+  const id = await newContext();
+  const r = await fetch(`${base}/v1/contexts/${id}/content?final=1`, { method: "PUT", body: text, headers: { "content-type": "text/plain" } });
+  expect(r.status).toBe(200);
+  return id;
+}
+
+beforeAll(async () => {
+  root = mkdtempSync(join(tmpdir(), "reform-safety-"));
+  modelDir = await makeTinyModel(join(root, "model"));
+  srv = await startServer({
+    modelDir,
+    dataDir: join(root, "data"),
+    port: 0,
+    apiKey: "",
+    backend: "cpu",
+    servedName: "tiny-reform",
+    log: () => {},
+    engine: { defaults: { chunkSize: 32, maxH2oTokens: 2000 } },
+  });
+  base = srv.url;
+  await srv.engine.ready();
+}, T);
+
+afterAll(async () => {
+  await srv?.stop();
+  rmSync(root, { recursive: true, force: true });
+});
+
+describe("one writer per context", () => {
+  test(
+    "a second upload while one is open gets 409 context_busy; the stored tokens are the first upload's alone",
+    async () => {
+      const id = await newContext();
+      const c1 = words(3000, 1) + " ";
+      const c2 = words(3000, 2) + " ";
+      // the first upload trickles in, so it is still open when the second one arrives
+      const first = fetch(`${base}/v1/contexts/${id}/content`, {
+        method: "PUT",
+        body: pieceStream(enc.encode(c1), [2048], 15),
+        headers: { "content-type": "text/plain" },
+      });
+      await waitFor(async () => (await j(fetch(`${base}/v1/contexts/${id}`))).bytes_received > 0);
+      await expectError(
+        await fetch(`${base}/v1/contexts/${id}/content`, { method: "PUT", body: c2, headers: { "content-type": "text/plain" } }),
+        409,
+        "context_busy",
+      );
+      await expectError(await fetch(`${base}/v1/contexts/${id}/finalize`, { method: "POST" }), 409, "context_busy");
+      expect((await first).status).toBe(200);
+      expect((await fetch(`${base}/v1/contexts/${id}/finalize`, { method: "POST" })).status).toBe(200);
+      const info = await j(fetch(`${base}/v1/contexts/${id}`));
+      expect(info.bytes_received).toBe(enc.encode(c1).byteLength);
+      expect(info.tokens_received).toBe((await srv.engine.tokenize(c1)).length);
+      // after it closed, the context takes the next upload
+      const next = await fetch(`${base}/v1/contexts/${id}/content`, { method: "PUT", body: "more", headers: { "content-type": "text/plain" } });
+      expect(next.status).toBe(200);
+    },
+    T,
+  );
+});
+
+describe("recompute prompt length", () => {
+  test("a prompt over max_model_len is refused with 400 context_length_exceeded before any model work", async () => {
+    const limit = srv.engine.modelInfo()!.defaults.maxModelLen;
+    const promptBefore = srv.engine.metrics().promptTokensTotal;
+    const long = words(limit + 100, 3);
+    for (const [path, body] of [
+      ["/v1/chat/completions", { messages: [{ role: "user", content: long }], max_tokens: 4 }],
+      ["/v1/completions", { prompt: long, max_tokens: 4 }],
+    ] as const) {
+      const e = await expectError(await jsonPost(`${base}${path}`, body), 400, "context_length_exceeded");
+      expect(e.message).toContain(String(limit));
+    }
+    const id = await readyContext(words(400, 4));
+    const q = await expectError(
+      await jsonPost(`${base}/v1/contexts/${id}/query`, { question: long, max_tokens: 4, stream: false }),
+      400,
+      "context_length_exceeded",
+    );
+    expect(q.type).toBe("invalid_request_error");
+    // refused before any model work: no recompute prompt was started
+    await Bun.sleep(100);
+    expect(srv.engine.metrics().promptTokensTotal).toBe(promptBefore);
+  }, T);
+});
+
+describe("cancellation", () => {
+  test(
+    "DELETE during a streamed upload stops its compression at the next chunk; the upload answers 410 context_deleted",
+    async () => {
+      const id = await newContext();
+      const big = enc.encode(words(60_000, 5));
+      const up = fetch(`${base}/v1/contexts/${id}/content`, { method: "PUT", body: big, headers: { "content-type": "text/plain" } });
+      await waitFor(async () => (await j(fetch(`${base}/v1/contexts/${id}`))).tokens_processed > 0, 60_000);
+      const del = await fetch(`${base}/v1/contexts/${id}`, { method: "DELETE" });
+      expect(del.status).toBe(200);
+      await expectError(await up, 410, "context_deleted");
+      // nothing of it is compressed any more
+      const settled = srv.engine.metrics().tokensProcessedTotal;
+      await Bun.sleep(400);
+      expect(srv.engine.metrics().tokensProcessedTotal).toBe(settled);
+      await expectError(await fetch(`${base}/v1/contexts/${id}`), 404, "context_not_found");
+    },
+    T,
+  );
+
+  test(
+    "DELETE during a streamed query ends the stream with a context_deleted error event",
+    async () => {
+      const id = await readyContext(words(600, 6));
+      const res = await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "fox?", max_tokens: 4000, temperature: 1, seed: 1 });
+      expect(res.status).toBe(200);
+      const events: { event?: string; data: string }[] = [];
+      let deleted = false;
+      const { sseEvents } = await import("./helpers/http.ts");
+      for await (const e of sseEvents(res)) {
+        events.push(e);
+        if (!deleted && e.event === "token") {
+          deleted = true;
+          expect((await fetch(`${base}/v1/contexts/${id}`, { method: "DELETE" })).status).toBe(200);
+        }
+      }
+      const err = events.find((e) => e.event === "error");
+      expect(err).toBeDefined();
+      expect(JSON.parse(err!.data).error.code).toBe("context_deleted");
+      expect(events.some((e) => e.event === "finish")).toBe(false);
+    },
+    T,
+  );
+
+  test("h2o over its documented limit is refused with a 400 that names the alternative; under it, progress is streamed", async () => {
+    const big = await readyContext(words(2600, 7));
+    const e = await expectError(
+      await jsonPost(`${base}/v1/contexts/${big}/query`, { question: "x?", method: "h2o", max_tokens: 2 }),
+      400,
+      "context_too_long",
+    );
+    expect(e.message).toContain("reform");
+    const small = await readyContext(words(300, 8));
+    const evs = await collectSse(await jsonPost(`${base}/v1/contexts/${small}/query`, { question: "x?", method: "h2o", max_tokens: 2, budget: 64 }));
+    const progress = evs.filter((x) => x.event === "progress").map((x) => JSON.parse(x.data));
+    expect(progress.length).toBeGreaterThan(0);
+    expect(progress.at(-1).done).toBe(progress.at(-1).total);
+    expect(evs.findIndex((x) => x.event === "start")).toBeGreaterThan(evs.findIndex((x) => x.event === "progress"));
+  }, T);
+});
+
+describe("no silent fallbacks, OpenAI conformance", () => {
+  test("unknown model names are 404 model_not_found (invalid_request_error); the served name, its alias and context:<id> work", async () => {
+    for (const model of ["gpt-4", "ctx_0123456789abcdef01234567"]) {
+      const e = await expectError(
+        await jsonPost(`${base}/v1/chat/completions`, { model, messages: [{ role: "user", content: "hi" }], max_tokens: 1 }),
+        404,
+        "model_not_found",
+      );
+      expect(e.type).toBe("invalid_request_error");
+      expect(e.param).toBe("model");
+    }
+    const id = await readyContext(words(50, 9));
+    for (const model of ["tiny-reform", "reform", `context:${id}`]) {
+      const r = await jsonPost(`${base}/v1/chat/completions`, { model, messages: [{ role: "user", content: "hi" }], max_tokens: 1 });
+      expect(r.status).toBe(200);
+    }
+  }, T);
+
+  test("refused as OpenAI refuses them: null user content, more than 4 stops, stream_options without stream", async () => {
+    const m = [{ role: "user", content: "hi" }];
+    const nul = await expectError(await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: null }] }), 400);
+    expect(nul.param).toBe("messages.0.content");
+    const stops = await expectError(await jsonPost(`${base}/v1/chat/completions`, { messages: m, stop: ["a", "b", "c", "d", "e"] }), 400);
+    expect(stops.param).toBe("stop");
+    const so = await expectError(
+      await jsonPost(`${base}/v1/chat/completions`, { messages: m, stream_options: { include_usage: true } }),
+      400,
+    );
+    expect(so.param).toBe("stream_options");
+    // an assistant turn without content (it called tools) is fine
+    const ok = await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "assistant", content: null }, ...m], max_tokens: 1 });
+    expect(ok.status).toBe(200);
+  }, T);
+
+  test("one rule per limit: max_tokens names the server's maximum; budget 0 and 4 get the same answer", async () => {
+    const max = srv.engine.modelInfo()!.defaults.maxNewTokens;
+    const mt = await expectError(
+      await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: "hi" }], max_tokens: max + 1 }),
+      400,
+      "max_tokens_too_large",
+    );
+    expect(mt.message).toContain(String(max));
+    const id = await readyContext(words(50, 10));
+    const a = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 0 }), 400);
+    const b = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 4 }), 400);
+    expect([a.code, a.param, a.message]).toEqual([b.code, b.param, b.message]);
+  }, T);
+
+  test("a finalized empty context cannot be queried (409 context_empty)", async () => {
+    const id = await newContext();
+    expect((await fetch(`${base}/v1/contexts/${id}/finalize`, { method: "POST" })).status).toBe(200);
+    await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q" }), 409, "context_empty");
+  }, T);
+
+  test("a non-stream query whose client goes away counts in reform_queries_aborted_total", async () => {
+    const id = await readyContext(words(300, 11));
+    const metric = async () => Number(/reform_queries_aborted_total (\d+)/.exec(await (await fetch(`${base}/metrics`)).text())?.[1] ?? "0");
+    const before = await metric();
+    const ac = new AbortController();
+    const p = fetch(`${base}/v1/contexts/${id}/query`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ question: "q", stream: false, max_tokens: 6000, temperature: 1, seed: 2 }),
+      signal: ac.signal,
+    }).catch(() => null);
+    await waitFor(() => srv.engine.metrics().tokensGeneratedTotal > 0, 30_000);
+    ac.abort();
+    await p;
+    await waitFor(async () => (await metric()) === before + 1, 20_000);
+  }, T);
+
+  test("a default budget above the maximum budget is a start-up error, not a silent cap", async () => {
+    const s = await startServer({
+      modelDir,
+      dataDir: join(root, "data-bad"),
+      port: 0,
+      apiKey: "",
+      backend: "cpu",
+      log: () => {},
+      engine: { defaults: { budget: 5000, maxBudget: 2000 } },
+    });
+    try {
+      await expect(s.engine.ready()).rejects.toThrow(/budget 5000 exceeds the maximum budget 2000/);
+    } finally {
+      await s.stop();
+    }
+  }, T);
+});
