@@ -55,9 +55,10 @@ export function tooLarge(limit: number): ApiError {
 }
 
 /**
- * Parses a JSON body against `schema`. Missing content type, text/plain and form-urlencoded (curl
- * -d's default) are tolerated and parsed as JSON; other non-JSON media types answer 415. An empty body parses as `{}` when
- * `allowEmpty`.
+ * Parses a JSON body against `schema`. The body must be declared application/json (or +json; a missing
+ * content type is tolerated for curl users): text/plain and form bodies are what a cross-origin page can
+ * send without a CORS preflight, so they are refused with a 415 rather than parsed. An empty body parses
+ * as `{}` when `allowEmpty`.
  */
 export async function parseJsonBody<S extends z.ZodType>(
   c: Context,
@@ -66,8 +67,7 @@ export async function parseJsonBody<S extends z.ZodType>(
   allowEmpty = false,
 ): Promise<z.output<S>> {
   const t = mediaType(c);
-  // curl -d without -H 'content-type: application/json' sends x-www-form-urlencoded: parse it as JSON.
-  if (t !== "" && !isJsonType(t) && t !== "text/plain" && t !== "application/x-www-form-urlencoded") {
+  if (t !== "" && !isJsonType(t)) {
     throw new ApiError(415, "unsupported_media_type", `unsupported content type '${t}': send application/json`);
   }
   const bytes = await readBodyLimited(c, limit);

@@ -130,8 +130,15 @@ describe("fake engine", () => {
     expect((await fetch(`${base}/health`, { method: "HEAD" })).status).toBe(200);
   });
 
-  test("curl-style bodies: JSON without content type, form-urlencoded upload", async () => {
-    const r = await fetch(`${base}/v1/contexts`, { method: "POST", body: '{"metadata":{"a":1}}', headers: { "content-type": "application/x-www-form-urlencoded" } });
+  test("JSON endpoints take JSON only (a cross-origin simple POST is refused); raw uploads take form and text bodies", async () => {
+    for (const type of ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"]) {
+      const bad = await fetch(`${base}/v1/contexts`, { method: "POST", body: '{"metadata":{"a":1}}', headers: { "content-type": type } });
+      await expectError(bad, 415, "unsupported_media_type");
+      const chat = await fetch(`${base}/v1/chat/completions`, { method: "POST", body: '{"messages":[{"role":"user","content":"x"}]}', headers: { "content-type": type } });
+      await expectError(chat, 415, "unsupported_media_type");
+    }
+    // curl --data without a content type header at all still works
+    const r = await fetch(`${base}/v1/contexts`, { method: "POST", body: new Blob(['{"metadata":{"a":1}}']) });
     expect(r.status).toBe(201);
     const ctx = await j(r);
     expect(ctx.metadata).toEqual({ a: 1 });
