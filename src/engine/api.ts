@@ -138,6 +138,20 @@ export interface EngineMetrics {
   tpotSeconds: number[]; // recent samples (bounded)
 }
 
+/** Metrics of an engine that has done nothing yet. */
+export function emptyMetrics(): EngineMetrics {
+  return {
+    tokensProcessedTotal: 0,
+    tokensGeneratedTotal: 0,
+    promptTokensTotal: 0,
+    requestsTotal: 0,
+    queueDepth: 0,
+    activeContexts: 0,
+    ttftSeconds: [],
+    tpotSeconds: [],
+  };
+}
+
 /** Errors the engine reports to callers; `status` is the HTTP status the API should use. */
 export class EngineError extends Error {
   constructor(

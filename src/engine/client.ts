@@ -4,6 +4,7 @@
  */
 import {
   EngineError,
+  emptyMetrics,
   type ContextInfo,
   type EngineClient,
   type EngineMetrics,
@@ -46,16 +47,7 @@ export class WorkerEngineClient implements EngineClient {
   private streams = new Map<number, QueryStream>();
   private subs = new Map<string, Set<(i: ContextInfo) => void>>();
   private closed = false;
-  private m: EngineMetrics = {
-    tokensProcessedTotal: 0,
-    tokensGeneratedTotal: 0,
-    promptTokensTotal: 0,
-    requestsTotal: 0,
-    queueDepth: 0,
-    activeContexts: 0,
-    ttftSeconds: [],
-    tpotSeconds: [],
-  };
+  private m: EngineMetrics = emptyMetrics();
 
   constructor(opts: EngineOptions) {
     this.readyP = new Promise<void>((res, rej) => {

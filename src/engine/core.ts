@@ -6,7 +6,7 @@
  */
 import { mkdirSync, readdirSync } from "node:fs";
 import { join } from "node:path";
-import { type ContextInfo, EngineError, type EngineMetrics, type ModelInfo, type QueryEvent } from "./api.ts";
+import { type ContextInfo, EngineError, type EngineMetrics, emptyMetrics, type ModelInfo, type QueryEvent } from "./api.ts";
 import { planQuery, runQuery } from "./answer.ts";
 import { CompressorPool } from "./compressors.ts";
 import { contextDeleted, contextNotFound, toEngineError } from "./errors.ts";
@@ -35,16 +35,7 @@ export class EngineCore implements EngineCalls {
   private readonly idleTimer: ReturnType<typeof setInterval>;
   private readonly sessionOf = (id: string) => this.sessions.get(id);
 
-  readonly metrics: EngineMetrics = {
-    tokensProcessedTotal: 0,
-    tokensGeneratedTotal: 0,
-    promptTokensTotal: 0,
-    requestsTotal: 0,
-    queueDepth: 0,
-    activeContexts: 0,
-    ttftSeconds: [],
-    tpotSeconds: [],
-  };
+  readonly metrics: EngineMetrics = emptyMetrics();
 
   constructor(
     readonly opts: EngineOptions,
