@@ -30,6 +30,7 @@ import { loadModelConfig } from "../src/model/config.ts";
 import { parseHeads } from "../src/model/heads.ts";
 import { loadSafetensors } from "../src/model/safetensors.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
+import { mulberry32 } from "../src/util/rng.ts";
 
 export interface SelectHeadsOptions {
   modelDir: string;
@@ -72,17 +73,6 @@ export interface SelectHeadsResult {
 }
 
 // ---------------- deterministic synthetic data ----------------
-
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const NAMES = [
   "Amelia Hart", "Bruno Castell", "Chiara Voss", "Dmitri Olen", "Esther Quill", "Farid Nasser", "Greta Lindqvist",
