@@ -28,7 +28,7 @@ import { DEFAULT_WINDOW, smoothScores } from "../src/engine/query.ts";
 import { loadModelConfig } from "../src/model/config.ts";
 import { parseHeads } from "../src/model/heads.ts";
 import { loadSafetensors } from "../src/model/safetensors.ts";
-import { intFlag, oneOf, parseFlags, runCli, UsageError } from "../src/cli/args.ts";
+import { intFlag, oneOf, parseFlags, runCli, UsageError, valueFlags } from "../src/cli/args.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
 import { mulberry32 } from "../src/util/rng.ts";
 
@@ -381,22 +381,13 @@ const USAGE =
   "         [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda (env REFORM_BACKEND)]";
 
 function main(argv: string[]): void {
-  const { values } = parseFlags(argv, {
-    model: { type: "string" },
-    layers: { type: "string" },
-    kinds: { type: "string" },
-    samples: { type: "string" },
-    "context-tokens": { type: "string" },
-    top: { type: "string" },
-    budget: { type: "string" },
-    window: { type: "string" },
-    chunk: { type: "string" },
-    capacity: { type: "string" },
-    seed: { type: "string" },
-    threads: { type: "string" },
-    out: { type: "string" },
-    backend: { type: "string" },
-  });
+  const { values } = parseFlags(
+    argv,
+    valueFlags(
+      "model", "layers", "kinds", "samples", "context-tokens", "top", "budget", "window", "chunk", "capacity", "seed",
+      "threads", "out", "backend",
+    ),
+  );
   if (values.help) {
     console.log(USAGE);
     return;

@@ -33,7 +33,7 @@ function post(path: string, body: unknown, headers: Record<string, string> = {})
     body: typeof body === "string" ? body : JSON.stringify(body),
   });
 }
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
+// biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
 async function json(r: Response | Promise<Response>): Promise<any> {
   const res = await r;
   const text = await res.text();

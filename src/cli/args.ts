@@ -21,6 +21,11 @@ export function parseFlags<const T extends ParseArgsOptionsConfig>(argv: string[
   }
 }
 
+/** Options table entries for flags that take a value: `{...valueFlags("model", "port")}`. */
+export function valueFlags<const K extends string>(...names: K[]): Record<K, { type: "string" }> {
+  return Object.fromEntries(names.map((n) => [n, { type: "string" }])) as Record<K, { type: "string" }>;
+}
+
 /** A whole-number flag in [min, max]; undefined when absent or empty. */
 export function intFlag(name: string, v: string | undefined, min = 0, max = Number.MAX_SAFE_INTEGER): number | undefined {
   if (v === undefined || v === "") return undefined;

@@ -7,7 +7,7 @@
  * (FILE is then ignored, pass "-" or any placeholder... or omit it with --context).
  */
 import { existsSync, statSync } from "node:fs";
-import { intFlag, numFlag, parseFlags, runCli, UsageError } from "./args.ts";
+import { intFlag, numFlag, parseFlags, runCli, UsageError, valueFlags } from "./args.ts";
 
 const USAGE = `usage: bun run ask FILE "question" [options]
        bun run ask --context ID "question" [options]
@@ -75,13 +75,8 @@ async function main() {
   const { values, positionals } = parseFlags(
     process.argv.slice(2),
     {
+      ...valueFlags("api-key", "method", "budget", "max-tokens", "temperature", "context"),
       server: { type: "string", short: "s" },
-      "api-key": { type: "string" },
-      method: { type: "string" },
-      budget: { type: "string" },
-      "max-tokens": { type: "string" },
-      temperature: { type: "string" },
-      context: { type: "string" },
       keep: { type: "boolean" },
       quiet: { type: "boolean", short: "q" },
     },
@@ -103,7 +98,7 @@ async function main() {
     [file, question] = positionals;
     if (file !== "-" && (!existsSync(file!) || !statSync(file!).isFile())) throw new Error(`file not found: ${file}`);
   }
-  if (!question || !question.trim()) throw new UsageError("the question is empty");
+  if (!question?.trim()) throw new UsageError("the question is empty");
 
   const server = (values.server ?? process.env.REFORM_SERVER ?? "http://127.0.0.1:8080").replace(/\/+$/, "");
   const apiKey = values["api-key"] ?? process.env.REFORM_API_KEY;

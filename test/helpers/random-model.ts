@@ -6,7 +6,6 @@ import { expect } from "bun:test";
 import {
   NativeError,
   RF_BF16,
-  RF_F16,
   RF_F32,
   RF_ROPE_LINEAR,
   RF_ROPE_LLAMA3,
@@ -36,12 +35,12 @@ export function fromBf16(h: number): number {
 }
 const dv = new DataView(new ArrayBuffer(2));
 export function toF16(x: number): number {
-  (dv as any).setFloat16(0, x, true);
+  dv.setFloat16(0, x, true);
   return dv.getUint16(0, true);
 }
 export function fromF16(h: number): number {
   dv.setUint16(0, h, true);
-  return (dv as any).getFloat16(0, true);
+  return dv.getFloat16(0, true);
 }
 
 export interface Variant {
