@@ -3,8 +3,10 @@
  *   /health, /metrics                       ops.ts
  *   /v1/contexts...                         contexts.ts (upload, progress SSE), query.ts
  *   /v1/chat/completions, /v1/models        openai.ts
+ *   /v1/completions, /v1/tokenize, /v1/detokenize
  * Errors are OpenAI-style JSON (errors.ts); unknown routes answer 404, known routes with the
- * wrong method 405 (with an Allow header).
+ * wrong method 405 (with an Allow header). What is known about each route (metrics label, methods,
+ * idle timeout) comes from the handlers registered here (table.ts), never from a second list.
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import { Hono } from "hono";
@@ -16,37 +18,28 @@ import { HttpStats } from "./metrics.ts";
 import { openaiRoutes } from "./openai.ts";
 import { opsRoutes } from "./ops.ts";
 import { queryRoutes } from "./query.ts";
+import { RouteTable } from "./table.ts";
 import type { AppOptions, Deps } from "./types.ts";
 
 export type { AppOptions } from "./types.ts";
 export { HttpStats } from "./metrics.ts";
+export type { RouteInfo } from "./table.ts";
 
-/** Route table: labels for metrics and the 404-vs-405 decision. */
-const ROUTES: { re: RegExp; route: string; methods: string[] }[] = [
-  { re: /^\/health\/?$/, route: "/health", methods: ["GET", "HEAD"] },
-  { re: /^\/metrics\/?$/, route: "/metrics", methods: ["GET", "HEAD"] },
-  { re: /^\/v1\/models\/?$/, route: "/v1/models", methods: ["GET", "HEAD"] },
-  { re: /^\/v1\/models\/.+$/, route: "/v1/models/:model", methods: ["GET", "HEAD"] },
-  { re: /^\/v1\/chat\/completions\/?$/, route: "/v1/chat/completions", methods: ["POST"] },
-  { re: /^\/v1\/contexts\/?$/, route: "/v1/contexts", methods: ["GET", "HEAD", "POST"] },
-  { re: /^\/v1\/contexts\/[^/]+\/?$/, route: "/v1/contexts/:id", methods: ["GET", "HEAD", "DELETE"] },
-  { re: /^\/v1\/contexts\/[^/]+\/content\/?$/, route: "/v1/contexts/:id/content", methods: ["PUT", "POST"] },
-  { re: /^\/v1\/contexts\/[^/]+\/finalize\/?$/, route: "/v1/contexts/:id/finalize", methods: ["POST"] },
-  { re: /^\/v1\/contexts\/[^/]+\/events\/?$/, route: "/v1/contexts/:id/events", methods: ["GET"] },
-  { re: /^\/v1\/contexts\/[^/]+\/query\/?$/, route: "/v1/contexts/:id/query", methods: ["POST"] },
-];
-
-export function routeOf(path: string): { route: string; methods: string[] } | null {
-  for (const r of ROUTES) if (r.re.test(path)) return r;
-  return null;
+/**
+ * The idle-timeout rule, for every registered route: a request may stay open long (Bun's idle timeout off,
+ * see src/server.ts) when it can wait for the engine or stream. Every POST/PUT does engine work that queues
+ * behind uploads and generations (or streams an upload or an answer); of the GET routes only the event
+ * streams do. The rest answer from memory at once and keep the timeout.
+ */
+const STREAMING_GETS = new Set(["/v1/contexts/:id/events"]);
+export function mayStayOpen(method: string, route: string): boolean {
+  return method === "POST" || method === "PUT" || (method === "GET" && STREAMING_GETS.has(route));
 }
 
-/** Paths whose requests may legitimately stay open for long (uploads, SSE, long generations). */
-export function isLongRequest(method: string, path: string): boolean {
-  return (
-    /^\/v1\/contexts\/[^/]+\/(content|events|query|finalize)\/?$/.test(path) ||
-    (method === "POST" && /^\/v1\/chat\/completions\/?$/.test(path))
-  );
+/** The Hono app and the metadata of its routes (the server needs the idle-timeout rule before dispatch). */
+export interface ReformApp {
+  app: Hono;
+  routes: RouteTable;
 }
 
 function digest(s: string): Buffer {
@@ -62,19 +55,18 @@ function bearer(req: Request): string | null {
   return req.headers.get("x-api-key");
 }
 
-export function createApp(engine: EngineClient, options: AppOptions): Hono {
+export function createApp(engine: EngineClient, options: AppOptions): ReformApp {
   const log = options.log ?? defaultLogger;
-  const apiKey = options.apiKey !== undefined ? options.apiKey : process.env.REFORM_API_KEY;
   const stats = new HttpStats();
   const d: Deps = {
     engine,
     stats,
     log,
     opts: {
-      apiKey: apiKey || undefined,
+      apiKey: options.apiKey || undefined,
       servedName: options.servedName,
       maxBodyBytes: options.maxBodyBytes,
-      maxJsonBytes: options.maxJsonBytes ?? 32 << 20,
+      maxJsonBytes: options.maxJsonBytes,
       corsOrigin: options.corsOrigin ?? "*",
       sseHeartbeatSec: options.sseHeartbeatSec ?? 15,
       listContextModels: options.listContextModels ?? true,
@@ -84,6 +76,9 @@ export function createApp(engine: EngineClient, options: AppOptions): Hono {
   const keyDigest = d.opts.apiKey ? digest(d.opts.apiKey) : null;
 
   const app = new Hono();
+  // Filled in from the registered handlers once they are all mounted (below); the middleware reads it per request.
+  let routes: RouteTable | null = null;
+  const routeOf = (path: string, method?: string) => routes?.match(path, method) ?? null;
 
   // Accounting + access log (outermost, so it sees every final status).
   app.use("*", async (c, next) => {
@@ -93,8 +88,8 @@ export function createApp(engine: EngineClient, options: AppOptions): Hono {
       await next();
     } finally {
       stats.inFlight--;
-      const path = new URL(c.req.url).pathname;
-      const route = routeOf(path)?.route ?? "unmatched";
+      const path = c.req.path;
+      const route = routeOf(path, c.req.method)?.route ?? "unmatched";
       const status = c.res?.status ?? 500;
       stats.countRequest(c.req.method, route, status);
       if (d.opts.logRequests) {
@@ -108,7 +103,7 @@ export function createApp(engine: EngineClient, options: AppOptions): Hono {
       "*",
       cors({
         origin: d.opts.corsOrigin,
-        allowMethods: ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"],
+        allowMethods: () => [...new Set(routes?.all.flatMap((r) => r.methods))],
         allowHeaders: ["authorization", "content-type", "x-api-key", "x-reform-final"],
         exposeHeaders: ["location"],
         maxAge: 600,
@@ -119,8 +114,7 @@ export function createApp(engine: EngineClient, options: AppOptions): Hono {
   // Bearer-token auth (everything but /health and CORS preflights).
   app.use("*", async (c, next) => {
     if (!keyDigest || c.req.method === "OPTIONS") return next();
-    const path = new URL(c.req.url).pathname;
-    if (/^\/health\/?$/.test(path)) return next();
+    if (c.req.path === "/health") return next();
     const token = bearer(c.req.raw);
     if (!token || !timingSafeEqual(digest(token), keyDigest)) {
       return jsonError(
@@ -138,8 +132,7 @@ export function createApp(engine: EngineClient, options: AppOptions): Hono {
   app.use("/v1/*", async (c, next) => {
     const state = engine.state();
     if (state === "ready") return next();
-    const path = new URL(c.req.url).pathname;
-    if (!routeOf(path)) return next(); // let 404 win over 503
+    if (!routeOf(c.req.path)) return next(); // let 404 win over 503
     if (state === "loading") {
       return jsonError(503, "model_loading", "the model is still loading; retry shortly", null, { "retry-after": "5" });
     }
@@ -150,10 +143,11 @@ export function createApp(engine: EngineClient, options: AppOptions): Hono {
   app.route("/v1", openaiRoutes(d));
   app.route("/v1/contexts", queryRoutes(d));
   app.route("/v1/contexts", contextRoutes(d));
+  routes = new RouteTable(app.routes, mayStayOpen);
 
   app.notFound((c) => {
-    const path = new URL(c.req.url).pathname;
-    const r = routeOf(path);
+    const path = c.req.path;
+    const r = routeOf(path, c.req.method);
     if (r && !r.methods.includes(c.req.method)) {
       return jsonError(405, "method_not_allowed", `method ${c.req.method} is not allowed on ${r.route}`, null, {
         allow: r.methods.join(", "),
@@ -167,8 +161,7 @@ export function createApp(engine: EngineClient, options: AppOptions): Hono {
     return toErrorResponse(err, log, `${c.req.method} ${new URL(c.req.url).pathname}`);
   });
 
-  return app;
+  return { app, routes };
 }
 
-/** Stats object of an app made by createApp (for tests and the server). */
 export type { Deps } from "./types.ts";

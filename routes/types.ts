@@ -3,12 +3,12 @@ import type { Logger } from "./errors.ts";
 import type { HttpStats } from "./metrics.ts";
 
 export interface AppOptions {
-  /** Bearer token required on every route but /health (and CORS preflights). */
+  /** Bearer token required on every route but /health (and CORS preflights); undefined or "" = no auth. */
   apiKey?: string;
   /** Largest body of one content upload request (bytes). */
   maxBodyBytes: number;
-  /** Largest JSON body (queries, chat) in bytes; default 32 MiB. */
-  maxJsonBytes?: number;
+  /** Largest JSON body (queries, chat) in bytes. */
+  maxJsonBytes: number;
   /** Name reported by /v1/models and in chat responses; default: the engine's model id. */
   servedName?: string;
   /** Access-Control-Allow-Origin value; "" disables CORS headers. Default "*". */

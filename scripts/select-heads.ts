@@ -23,13 +23,14 @@
  */
 import { writeFileSync, mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { parseArgs } from "node:util";
 import { loadNative, RF_F32, type HeadSpec, type Native, type NativeModel } from "../ffi/native.ts";
 import { DEFAULT_WINDOW, smoothScores } from "../src/engine/query.ts";
 import { loadModelConfig } from "../src/model/config.ts";
 import { parseHeads } from "../src/model/heads.ts";
 import { loadSafetensors } from "../src/model/safetensors.ts";
+import { intFlag, oneOf, parseFlags, runCli, UsageError, valueFlags } from "../src/cli/args.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
+import { mulberry32 } from "../src/util/rng.ts";
 
 export interface SelectHeadsOptions {
   modelDir: string;
@@ -72,17 +73,6 @@ export interface SelectHeadsResult {
 }
 
 // ---------------- deterministic synthetic data ----------------
-
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const NAMES = [
   "Amelia Hart", "Bruno Castell", "Chiara Voss", "Dmitri Olen", "Esther Quill", "Farid Nasser", "Greta Lindqvist",
@@ -259,7 +249,7 @@ export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
       `embeddings ${((maxCtx * nCand * D * 4) / 2 ** 20).toFixed(1)} MiB per sample`,
   );
 
-  const native: Native = loadNative(o.backend ?? ((process.env.REFORM_BACKEND as any) || "auto"));
+  const native: Native = loadNative(o.backend ?? "auto");
   let model: NativeModel | null = null;
   const recalls: number[][] = candidates.map(() => []);
   const ranks: number[][] = candidates.map(() => []);
@@ -385,79 +375,47 @@ export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
 
 // ---------------- CLI ----------------
 
-function intArg(v: string | undefined, name: string): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n <= 0) throw new Error(`${name} must be a positive integer (got ${JSON.stringify(v)})`);
-  return n;
-}
+const USAGE =
+  "usage: bun scripts/select-heads.ts --model DIR [--layers 8-16|all|3,5,7] [--kinds q,k,v] [--samples N]\n" +
+  "         [--context-tokens N] [--top K] [--budget N] [--window W] [--chunk N] [--capacity N] [--seed S]\n" +
+  "         [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda (env REFORM_BACKEND)]";
 
-function main(argv: string[]): number {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
-      model: { type: "string" },
-      layers: { type: "string" },
-      kinds: { type: "string" },
-      samples: { type: "string" },
-      "context-tokens": { type: "string" },
-      top: { type: "string" },
-      budget: { type: "string" },
-      window: { type: "string" },
-      chunk: { type: "string" },
-      capacity: { type: "string" },
-      seed: { type: "string" },
-      threads: { type: "string" },
-      out: { type: "string" },
-      backend: { type: "string" },
-      help: { type: "boolean", short: "h" },
-    },
-    strict: true,
-  });
-  if (values.help || !values.model) {
-    console.log(
-      "usage: bun scripts/select-heads.ts --model DIR [--layers 8-16|all|3,5,7] [--kinds q,k,v] [--samples N]\n" +
-        "         [--context-tokens N] [--top K] [--budget N] [--window W] [--chunk N] [--capacity N] [--seed S]\n" +
-        "         [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda]",
-    );
-    return values.help ? 0 : 2;
+function main(argv: string[]): void {
+  const { values } = parseFlags(
+    argv,
+    valueFlags(
+      "model", "layers", "kinds", "samples", "context-tokens", "top", "budget", "window", "chunk", "capacity", "seed",
+      "threads", "out", "backend",
+    ),
+  );
+  if (values.help) {
+    console.log(USAGE);
+    return;
   }
+  if (!values.model) throw new UsageError("--model is required");
   let kinds: ("q" | "k" | "v")[] | undefined;
   if (values.kinds !== undefined) {
     kinds = values.kinds.split(",").map((s) => s.trim()).filter(Boolean) as ("q" | "k" | "v")[];
-    for (const k of kinds) if (k !== "q" && k !== "k" && k !== "v") throw new Error(`--kinds: unknown kind "${k}" (q, k, v)`);
-    if (kinds.length === 0) throw new Error("--kinds: empty");
+    for (const k of kinds) if (k !== "q" && k !== "k" && k !== "v") throw new UsageError(`--kinds: unknown kind "${k}" (q, k, v)`);
+    if (kinds.length === 0) throw new UsageError("--kinds: empty");
   }
-  const backend = values.backend as SelectHeadsOptions["backend"];
-  if (backend !== undefined && backend !== "cpu" && backend !== "cuda" && backend !== "auto") {
-    throw new Error(`--backend must be cpu or cuda (got ${JSON.stringify(backend)})`);
-  }
-  const seed = values.seed === undefined ? undefined : Number(values.seed);
-  if (seed !== undefined && !Number.isInteger(seed)) throw new Error("--seed must be an integer");
+  const positive = (name: string, v: string | undefined) => intFlag(name, v, 1);
   selectHeads({
     modelDir: values.model,
     layers: values.layers,
     kinds,
-    samples: intArg(values.samples, "--samples"),
-    contextTokens: intArg(values["context-tokens"], "--context-tokens"),
-    top: intArg(values.top, "--top"),
-    budget: intArg(values.budget, "--budget"),
-    window: intArg(values.window, "--window"),
-    chunk: intArg(values.chunk, "--chunk"),
-    capacity: intArg(values.capacity, "--capacity"),
-    seed,
-    threads: intArg(values.threads, "--threads"),
+    samples: positive("samples", values.samples),
+    contextTokens: positive("context-tokens", values["context-tokens"]),
+    top: positive("top", values.top),
+    budget: positive("budget", values.budget),
+    window: positive("window", values.window),
+    chunk: positive("chunk", values.chunk),
+    capacity: positive("capacity", values.capacity),
+    seed: intFlag("seed", values.seed, Number.MIN_SAFE_INTEGER),
+    threads: positive("threads", values.threads),
     out: values.out ?? null,
-    backend,
+    backend: oneOf("backend", values.backend ?? (process.env.REFORM_BACKEND || undefined), ["auto", "cpu", "cuda"]),
   });
-  return 0;
 }
 
-if (import.meta.main) {
-  try {
-    process.exit(main(process.argv.slice(2)));
-  } catch (e) {
-    console.error(`select-heads: ${(e as Error).message}`);
-    process.exit(1);
-  }
-}
+if (import.meta.main) await runCli("select-heads", USAGE, () => main(process.argv.slice(2)));

@@ -3,32 +3,16 @@
  * the engine in the background. Upload, SSE and generation requests have no idle timeout.
  */
 import type { Server } from "bun";
-import { createApp, isLongRequest } from "../routes/app.ts";
+import { createApp } from "../routes/app.ts";
 import { defaultLogger, type Logger } from "../routes/errors.ts";
+import { DEFAULTS, type ServerConfig } from "./config.ts";
 import type { EngineClient } from "./engine/api.ts";
-import type { EngineOptions } from "./engine/client.ts";
 
-export interface ServerOptions {
+/** A ServerConfig (src/config.ts) in which everything but the model and data folders may be left out. */
+export interface ServerOptions extends Partial<Omit<ServerConfig, "modelDir" | "dataDir">> {
   modelDir: string;
   dataDir: string;
-  host?: string; // default 127.0.0.1
-  port?: number; // default 8080; 0 = any free port
-  apiKey?: string; // default env REFORM_API_KEY; "" = no auth
-  /** Largest single content upload (bytes); default 64 GiB. */
-  maxBodyBytes?: number;
-  /** Largest JSON request body (bytes); default 32 MiB. */
-  maxJsonBytes?: number;
-  /** Seconds a quiet ordinary connection may stay open (Bun caps it at 255); default 120. */
-  idleTimeoutSec?: number;
-  backend?: "auto" | "cpu" | "cuda";
-  servedName?: string;
-  /** Head-selection file (JSON) overriding the model dir's reform_heads.json. */
-  heads?: string;
-  corsOrigin?: string;
-  logRequests?: boolean;
   log?: Logger;
-  /** Extra options passed through to createEngine (threads, defaults...). */
-  engine?: Partial<EngineOptions>;
   /** Use this engine instead of creating one (tests). */
   engineClient?: EngineClient;
 }
@@ -40,8 +24,6 @@ export interface RunningServer {
   stop(): Promise<void>;
 }
 
-export const DEFAULT_MAX_BODY_BYTES = 64 * 1024 ** 3;
-
 export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const log = opts.log ?? defaultLogger;
   const engine =
@@ -49,33 +31,35 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     (await import("./engine/client.ts")).createEngine({
       modelDir: opts.modelDir,
       dataDir: opts.dataDir,
-      backend: opts.backend,
+      backend: opts.backend ?? DEFAULTS.backend,
+      library: opts.library,
       servedName: opts.servedName,
       heads: opts.heads,
-      ...(opts.engine ?? {}),
+      threads: opts.threads,
+      defaults: opts.defaults,
     });
 
-  const maxBodyBytes = opts.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
-  const maxJsonBytes = opts.maxJsonBytes ?? 32 << 20;
-  const app = createApp(engine, {
+  const maxBodyBytes = opts.maxBodyBytes ?? DEFAULTS.maxBodyBytes;
+  const maxJsonBytes = opts.maxJsonBytes ?? DEFAULTS.maxJsonBytes;
+  const { app, routes } = createApp(engine, {
     apiKey: opts.apiKey,
     maxBodyBytes,
     maxJsonBytes,
     servedName: opts.servedName,
-    corsOrigin: opts.corsOrigin,
+    corsOrigin: opts.corsOrigin ?? DEFAULTS.corsOrigin,
     logRequests: opts.logRequests,
     log,
   });
 
   const server = Bun.serve({
-    hostname: opts.host ?? "127.0.0.1",
-    port: opts.port ?? 8080,
+    hostname: opts.host ?? DEFAULTS.host,
+    port: opts.port ?? DEFAULTS.port,
     // The app enforces its own limits (JSON 413s); Bun's cap only has to stay above them.
     maxRequestBodySize: Math.max(maxBodyBytes, maxJsonBytes) + 1024 * 1024,
-    idleTimeout: Math.min(255, Math.max(1, opts.idleTimeoutSec ?? 120)),
+    idleTimeout: Math.min(255, Math.max(1, opts.idleTimeoutSec ?? DEFAULTS.idleTimeoutSec)),
     fetch(req, srv) {
-      const path = new URL(req.url).pathname;
-      if (isLongRequest(req.method, path)) srv.timeout(req, 0);
+      // Decided before dispatch: a queued upload or generation must not be cut off while it waits.
+      if (routes.isLong(req.method, new URL(req.url).pathname)) srv.timeout(req, 0);
       return app.fetch(req, srv);
     },
     error(err) {

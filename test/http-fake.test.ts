@@ -4,9 +4,10 @@
  * The real-engine HTTP tests are in http.test.ts.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { resolveConfig } from "../src/config.ts";
 import { startServer, type RunningServer } from "../src/server.ts";
 import { FakeEngine } from "./helpers/fake-engine.ts";
 import { collectSse, expectError, j, jsonPost, pieceStream, sseEvents, waitFor } from "./helpers/http.ts";
@@ -240,17 +241,18 @@ describe("api key", () => {
     }
   });
 
-  test("REFORM_API_KEY from the environment", async () => {
-    const old = process.env.REFORM_API_KEY;
-    process.env.REFORM_API_KEY = "envkey";
-    const srv = await startServer({ modelDir: "/x", dataDir, port: 0, engineClient: new FakeEngine(), log: quiet });
+  test("REFORM_API_KEY from the environment reaches the app through the config", async () => {
+    const modelDir = mkdtempSync(join(tmpdir(), "reform-fake-model-"));
+    writeFileSync(join(modelDir, "config.json"), "{}");
+    const cfg = resolveConfig(["--model", modelDir, "--port", "0"], { REFORM_API_KEY: "envkey" });
+    if (cfg.help) throw new Error("unexpected help");
+    const srv = await startServer({ ...cfg, dataDir, engineClient: new FakeEngine(), log: quiet });
     try {
       await expectError(await fetch(`${srv.url}/v1/models`), 401);
       expect((await fetch(`${srv.url}/v1/models`, { headers: { authorization: "Bearer envkey" } })).status).toBe(200);
     } finally {
-      if (old === undefined) delete process.env.REFORM_API_KEY;
-      else process.env.REFORM_API_KEY = old;
       await srv.stop();
+      rmSync(modelDir, { recursive: true, force: true });
     }
   });
 });

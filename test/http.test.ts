@@ -8,6 +8,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeTinyModel } from "./fixtures/tiny-model.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
+import { libraryPath } from "../ffi/native.ts";
+import { resolveConfig } from "../src/config.ts";
 import { startServer, type RunningServer } from "../src/server.ts";
 import { collectSse, expectError, pieceStream, sseEvents, waitFor, type SseEvent } from "./helpers/http.ts";
 
@@ -31,7 +33,7 @@ function post(path: string, body: unknown, headers: Record<string, string> = {})
     body: typeof body === "string" ? body : JSON.stringify(body),
   });
 }
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
+// biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
 async function json(r: Response | Promise<Response>): Promise<any> {
   const res = await r;
   const text = await res.text();
@@ -79,18 +81,13 @@ function queryBody(extra: Record<string, unknown> = {}) {
 beforeAll(async () => {
   root = mkdtempSync(join(tmpdir(), "reform-http-"));
   const modelDir = await makeTinyModel(join(root, "model"));
-  srv = await startServer({
-    modelDir,
-    dataDir: join(root, "data"),
-    host: "127.0.0.1",
-    port: 0,
-    apiKey: KEY,
-    maxBodyBytes: MAX_BODY,
-    maxJsonBytes: MAX_JSON,
-    backend: "cpu",
-    servedName: "tiny-reform",
-    log: () => {},
-  });
+  // Configured the way `bun run serve` is: flags and environment through src/config.ts.
+  const cfg = resolveConfig(
+    ["--model", modelDir, "--data", join(root, "data"), "--port", "0", "--max-body-bytes", `${MAX_BODY}`, "--max-json-bytes", `${MAX_JSON}`],
+    { REFORM_BACKEND: "cpu", REFORM_LIBRARY: libraryPath("cpu"), REFORM_API_KEY: KEY, REFORM_SERVED_NAME: "tiny-reform" },
+  );
+  if (cfg.help) throw new Error("unexpected help");
+  srv = await startServer({ ...cfg, log: () => {} });
   base = srv.url;
   // The server listens before the model is loaded.
   const h = await fetch(`${base}/health`);
@@ -107,7 +104,7 @@ describe("ops", () => {
   test("health is open and ok; models list has OpenAI's shape", async () => {
     const h = await fetch(`${base}/health`);
     expect(h.status).toBe(200);
-    expect((await json(h)).status).toBe("ok");
+    expect(await json(h)).toMatchObject({ status: "ok", model: "tiny-reform", backend: "cpu" });
     const m = await json(api("/v1/models"));
     expect(m.object).toBe("list");
     expect(m.data[0]).toMatchObject({ id: "tiny-reform", object: "model", owned_by: "reform" });
@@ -782,9 +779,11 @@ describe("errors", () => {
   test("404 unknown route, 405 wrong method", async () => {
     await expectError(await api("/v1/nope"), 404, "not_found");
     await expectError(await api("/"), 404);
-    const e = await api("/v1/chat/completions");
-    await expectError(e, 405, "method_not_allowed");
-    expect(e.headers.get("allow")).toBe("POST");
+    for (const path of ["/v1/chat/completions", "/v1/completions", "/v1/tokenize"]) {
+      const e = await api(path);
+      await expectError(e, 405, "method_not_allowed");
+      expect(e.headers.get("allow")).toBe("POST");
+    }
     await expectError(await api("/v1/models", { method: "DELETE" }), 405);
     await expectError(await api(`/v1/contexts/${ready}/query`, { method: "GET" }), 405);
     await expectError(await api(`/v1/contexts/${ready}`, { method: "PUT", body: "x" }), 405);
@@ -809,6 +808,10 @@ describe("errors", () => {
     }
     expect(m).toMatch(/# TYPE reform_ttft_seconds histogram/);
     expect(m).toMatch(/reform_tokens_processed_total [1-9]\d*/);
+    // routes registered after the hand-written table of old are labelled too (tokenized earlier in this file)
+    expect(m).toMatch(/reform_http_requests_total\{method="POST",route="\/v1\/tokenize",status="200"\} [1-9]/);
+    expect(m).toMatch(/reform_http_requests_total\{method="POST",route="\/v1\/completions",status="200"\} [1-9]/);
+    expect(m).not.toContain('route="unmatched",status="200"');
     // every sample line is "name{labels} value"
     for (const line of m.trim().split("\n")) {
       if (!line.startsWith("#")) expect(line).toMatch(/^[a-z_:][a-z0-9_:]*(\{[^}]*\})? (-?[0-9.e+-]+|NaN|\+Inf|-Inf)$/);

@@ -7,7 +7,7 @@
  * (FILE is then ignored, pass "-" or any placeholder... or omit it with --context).
  */
 import { existsSync, statSync } from "node:fs";
-import { parseArgs } from "node:util";
+import { intFlag, numFlag, parseFlags, runCli, UsageError, valueFlags } from "./args.ts";
 
 const USAGE = `usage: bun run ask FILE "question" [options]
        bun run ask --context ID "question" [options]
@@ -23,12 +23,6 @@ const USAGE = `usage: bun run ask FILE "question" [options]
   -q, --quiet          no progress output
   -h, --help           show this help
 FILE "-" reads the context from stdin.`;
-
-function fail(msg: string, code = 2): never {
-  console.error(`ask: ${msg}`);
-  if (code === 2) console.error(`\n${USAGE}`);
-  process.exit(code);
-}
 
 interface SseEvent {
   event: string;
@@ -78,49 +72,36 @@ async function apiError(res: Response): Promise<string> {
 }
 
 async function main() {
-  let parsed: { values: Record<string, string | boolean | undefined>; positionals: string[] };
-  try {
-    parsed = parseArgs({
-      args: process.argv.slice(2),
-      options: {
-        server: { type: "string", short: "s" },
-        "api-key": { type: "string" },
-        method: { type: "string" },
-        budget: { type: "string" },
-        "max-tokens": { type: "string" },
-        temperature: { type: "string" },
-        context: { type: "string" },
-        keep: { type: "boolean" },
-        quiet: { type: "boolean", short: "q" },
-        help: { type: "boolean", short: "h" },
-      },
-      allowPositionals: true,
-      strict: true,
-    });
-  } catch (e) {
-    fail((e as Error).message);
-  }
-  const { values, positionals } = parsed;
+  const { values, positionals } = parseFlags(
+    process.argv.slice(2),
+    {
+      ...valueFlags("api-key", "method", "budget", "max-tokens", "temperature", "context"),
+      server: { type: "string", short: "s" },
+      keep: { type: "boolean" },
+      quiet: { type: "boolean", short: "q" },
+    },
+    true,
+  );
   if (values.help) {
     console.log(USAGE);
     return;
   }
-  const reuse = values.context as string | undefined;
+  const reuse = values.context;
   let file: string | undefined;
   let question: string | undefined;
   if (reuse) {
     if (positionals.length === 1) question = positionals[0];
     else if (positionals.length === 2) [file, question] = positionals;
-    else fail("expected a question");
+    else throw new UsageError("expected a question");
   } else {
-    if (positionals.length !== 2) fail("expected FILE and a question");
+    if (positionals.length !== 2) throw new UsageError("expected FILE and a question");
     [file, question] = positionals;
-    if (file !== "-" && (!existsSync(file!) || !statSync(file!).isFile())) fail(`file not found: ${file}`, 1);
+    if (file !== "-" && (!existsSync(file!) || !statSync(file!).isFile())) throw new Error(`file not found: ${file}`);
   }
-  if (!question || !question.trim()) fail("the question is empty");
+  if (!question?.trim()) throw new UsageError("the question is empty");
 
-  const server = ((values.server as string | undefined) ?? process.env.REFORM_SERVER ?? "http://127.0.0.1:8080").replace(/\/+$/, "");
-  const apiKey = (values["api-key"] as string | undefined) ?? process.env.REFORM_API_KEY;
+  const server = (values.server ?? process.env.REFORM_SERVER ?? "http://127.0.0.1:8080").replace(/\/+$/, "");
+  const apiKey = values["api-key"] ?? process.env.REFORM_API_KEY;
   const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {};
   const quiet = values.quiet === true;
   const tty = process.stderr.isTTY;
@@ -137,21 +118,14 @@ async function main() {
     if (!quiet && tty) process.stderr.write("\n");
   };
 
-  const num = (name: string, int: boolean): number | undefined => {
-    const v = values[name] as string | undefined;
-    if (v === undefined) return undefined;
-    const n = Number(v);
-    if (!Number.isFinite(n) || (int && !Number.isInteger(n))) fail(`--${name} must be a ${int ? "whole " : ""}number`);
-    return n;
-  };
   const body: Record<string, unknown> = {
     question,
-    method: (values.method as string | undefined) ?? "reform",
+    method: values.method ?? "reform",
     stream: true,
   };
-  const budget = num("budget", true);
-  const maxTokens = num("max-tokens", true);
-  const temperature = num("temperature", false);
+  const budget = intFlag("budget", values.budget);
+  const maxTokens = intFlag("max-tokens", values["max-tokens"]);
+  const temperature = numFlag("temperature", values.temperature);
   if (budget !== undefined) body.budget = budget;
   if (maxTokens !== undefined) body.max_tokens = maxTokens;
   if (temperature !== undefined) body.temperature = temperature;
@@ -162,11 +136,11 @@ async function main() {
     try {
       h = await fetch(`${server}/health`);
     } catch (e) {
-      fail(`cannot reach the server at ${server}: ${(e as Error).message} (start it with: bun run serve --model DIR)`, 1);
+      throw new Error(`cannot reach the server at ${server}: ${(e as Error).message} (start it with: bun run serve --model DIR)`);
     }
     if (h.ok) break;
     const j = (await h.json().catch(() => ({}))) as { status?: string; reason?: string };
-    if (j.status === "failed") fail(`the server failed to load its model: ${j.reason}`, 1);
+    if (j.status === "failed") throw new Error(`the server failed to load its model: ${j.reason}`);
     if (i === 0) status("waiting for the server to load its model...");
     await Bun.sleep(1000);
   }
@@ -179,7 +153,7 @@ async function main() {
       headers: { ...headers, "content-type": "application/json" },
       body: JSON.stringify({ metadata: { source: file === "-" ? "stdin" : file } }),
     });
-    if (res.status !== 201) fail(`creating the context failed: ${await apiError(res)}`, 1);
+    if (res.status !== 201) throw new Error(`creating the context failed: ${await apiError(res)}`);
     contextId = ((await res.json()) as { id: string }).id;
     const total = file === "-" ? 0 : statSync(file!).size;
 
@@ -216,7 +190,7 @@ async function main() {
       endStatus();
       const msg = await apiError(up);
       await fetch(`${server}/v1/contexts/${contextId}`, { method: "DELETE", headers }).catch(() => {});
-      fail(`upload failed: ${msg}`, 1);
+      throw new Error(`upload failed: ${msg}`);
     }
     const info = (await up.json()) as { bytes_received: number; tokens_processed: number };
     void last;
@@ -276,4 +250,4 @@ async function main() {
   process.exit(exitCode);
 }
 
-await main();
+await runCli("ask", USAGE, main);

@@ -18,6 +18,8 @@ export interface FakeOptions {
   appendDelayMs?: number;
   /** ms between generated tokens. */
   tokenDelayMs?: number;
+  /** ms each getContext takes (a slow answer on a route that keeps the idle timeout). */
+  getDelayMs?: number;
   state?: "loading" | "ready" | "failed";
   loadError?: string;
 }
@@ -40,6 +42,7 @@ export class FakeEngine implements EngineClient {
   lastQuery: QueryRequest | null = null;
   appendDelayMs: number;
   tokenDelayMs: number;
+  getDelayMs: number;
   /** throw an EngineError(500) after this many tokens (mid-stream fault). */
   failAfterTokens: number | null = null;
   readonly texts = new Map<string, string>();
@@ -47,6 +50,7 @@ export class FakeEngine implements EngineClient {
   constructor(o: FakeOptions = {}) {
     this.appendDelayMs = o.appendDelayMs ?? 0;
     this.tokenDelayMs = o.tokenDelayMs ?? 0;
+    this.getDelayMs = o.getDelayMs ?? 0;
     this.st = o.state ?? "ready";
     this.err = o.loadError ?? null;
   }
@@ -134,6 +138,7 @@ export class FakeEngine implements EngineClient {
   }
 
   async getContext(id: string) {
+    if (this.getDelayMs) await Bun.sleep(this.getDelayMs);
     const c = this.ctxs.get(id);
     return c ? { ...c.info } : null;
   }

@@ -91,7 +91,7 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs 
 }
 
 /** res.json() typed loosely for tests. */
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
+// biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
 export async function j(res: Response | Promise<Response>): Promise<any> {
   return (await res).json();
 }

@@ -6,7 +6,6 @@ import { expect } from "bun:test";
 import {
   NativeError,
   RF_BF16,
-  RF_F16,
   RF_F32,
   RF_ROPE_LINEAR,
   RF_ROPE_LLAMA3,
@@ -15,25 +14,13 @@ import {
   type Native,
   type NativeModel,
 } from "../../ffi/native";
+import { gaussian, mulberry32 } from "../../src/util/rng.ts";
 import type { RefConfig, RefLayer, RefWeights } from "../reference/llama-ref";
 
-/* ---------------- deterministic tiny models ---------------- */
+// Re-exported: the native test files take every helper from here.
+export { gaussian, mulberry32 };
 
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-export function gaussian(rng: () => number): number {
-  const u1 = Math.max(rng(), 1e-12);
-  const u2 = rng();
-  return Math.sqrt(-2 * Math.log(u1)) * Math.cos(2 * Math.PI * u2);
-}
+/* ---------------- deterministic tiny models ---------------- */
 
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
@@ -48,12 +35,12 @@ export function fromBf16(h: number): number {
 }
 const dv = new DataView(new ArrayBuffer(2));
 export function toF16(x: number): number {
-  (dv as any).setFloat16(0, x, true);
+  dv.setFloat16(0, x, true);
   return dv.getUint16(0, true);
 }
 export function fromF16(h: number): number {
   dv.setUint16(0, h, true);
-  return (dv as any).getFloat16(0, true);
+  return dv.getFloat16(0, true);
 }
 
 export interface Variant {

@@ -1,0 +1,184 @@
+/**
+ * The server's configuration, resolved in one place: a command-line flag wins over its environment
+ * variable, which wins over the default. `resolveConfig(argv, env)` returns one typed object that the
+ * server, the HTTP app (through AppOptions) and the engine (through EngineOptions) are given; nothing
+ * else in the server reads process.env. The flag table below is also the `serve --help` text.
+ */
+import { existsSync, statSync } from "node:fs";
+import { join, resolve } from "node:path";
+import type { EngineDefaults } from "./engine/client.ts";
+import { intFlag, oneOf, parseFlags, UsageError } from "./cli/args.ts";
+
+export type Backend = "auto" | "cpu" | "cuda";
+
+/** Defaults of everything the server can be told; startServer applies the same ones to programmatic callers. */
+export const DEFAULTS = {
+  dataDir: "data",
+  host: "127.0.0.1",
+  port: 8080,
+  /** one content upload request */
+  maxBodyBytes: 64 * 1024 ** 3,
+  /** one JSON request (queries, chat) */
+  maxJsonBytes: 32 * 1024 ** 2,
+  /** Bun caps it at 255 */
+  idleTimeoutSec: 120,
+  corsOrigin: "*",
+  backend: "auto" as Backend,
+} as const;
+
+export interface ServerConfig {
+  modelDir: string;
+  dataDir: string;
+  host: string;
+  port: number;
+  /** Bearer token required on every route but /health; undefined = no auth. */
+  apiKey?: string;
+  maxBodyBytes: number;
+  maxJsonBytes: number;
+  idleTimeoutSec: number;
+  /** Access-Control-Allow-Origin; "" disables CORS. */
+  corsOrigin: string;
+  servedName?: string;
+  /** Head-selection file, or inline JSON, overriding <model>/reform_heads.json. */
+  heads?: string;
+  logRequests: boolean;
+  backend: Backend;
+  /** Native library file to load instead of build/libreform_<backend>.so. */
+  library?: string;
+  threads?: number;
+  defaults: Partial<EngineDefaults>;
+}
+
+type Flag = {
+  flag: string;
+  short?: string;
+  /** Placeholder of the value; absent for an on/off switch. */
+  arg?: string;
+  env?: string[];
+  help: string;
+};
+
+const FLAGS: Flag[] = [
+  { flag: "model", short: "m", arg: "DIR", env: ["REFORM_MODEL"], help: "Hugging Face model directory (config.json, *.safetensors, tokenizer.json); required" },
+  { flag: "data", arg: "DIR", env: ["REFORM_DATA_DIR"], help: `where context sessions are stored (default ./${DEFAULTS.dataDir})` },
+  { flag: "host", arg: "HOST", env: ["REFORM_HOST"], help: `listen address (default ${DEFAULTS.host}; 0.0.0.0 for all)` },
+  { flag: "port", short: "p", arg: "N", env: ["REFORM_PORT", "PORT"], help: `listen port (default ${DEFAULTS.port}; 0 = any free port)` },
+  { flag: "heads", arg: "FILE|JSON", env: ["REFORM_HEADS"], help: "head-selection file overriding <model>/reform_heads.json" },
+  { flag: "backend", arg: "cpu|cuda", env: ["REFORM_BACKEND"], help: "native backend (default: cuda when available, else cpu)" },
+  { flag: "library", arg: "FILE", env: ["REFORM_LIBRARY"], help: "native library to load instead of build/libreform_<backend>.so" },
+  { flag: "lib-dir", arg: "DIR", env: ["REFORM_LIB_DIR"], help: "folder of libreform_<backend>.so (default build/); needs --backend" },
+  { flag: "api-key", arg: "KEY", env: ["REFORM_API_KEY"], help: "require 'Authorization: Bearer KEY' (all but /health)" },
+  { flag: "served-name", arg: "NAME", env: ["REFORM_SERVED_NAME"], help: "model name shown by /v1/models (default: model dir name)" },
+  { flag: "max-body-bytes", arg: "N", env: ["REFORM_MAX_BODY_BYTES"], help: "largest single upload request in bytes (default 64 GiB)" },
+  { flag: "max-json-bytes", arg: "N", env: ["REFORM_MAX_JSON_BYTES"], help: "largest JSON request body in bytes (default 32 MiB)" },
+  { flag: "idle-timeout", arg: "S", env: ["REFORM_IDLE_TIMEOUT"], help: `seconds a quiet ordinary connection stays open (default ${DEFAULTS.idleTimeoutSec}, at most 255)` },
+  { flag: "cors-origin", arg: "ORIGIN", env: ["REFORM_CORS_ORIGIN"], help: `Access-Control-Allow-Origin ("" = no CORS; default ${DEFAULTS.corsOrigin})` },
+  { flag: "budget", arg: "N", help: "default recompute budget (context tokens gathered; default 8192)" },
+  { flag: "max-budget", arg: "N", help: "largest budget a request may ask for (default max(trained ctx, 1024))" },
+  { flag: "max-tokens", arg: "N", help: "default answer length limit (default 512)" },
+  { flag: "max-new-tokens", arg: "N", help: "largest max_tokens a request may ask for (default 8192)" },
+  { flag: "chunk-size", arg: "N", help: "compression chunk in tokens (default: heads file, else 1024)" },
+  { flag: "capacity", arg: "N", help: "compressor KV entries per layer/head (default: heads file, else 4096)" },
+  { flag: "threads", arg: "N", help: "CPU backend threads (default: all cores)" },
+  { flag: "log-requests", env: ["REFORM_LOG_REQUESTS"], help: "log every request (env: 1 = on)" },
+];
+
+const PARSE_OPTIONS = Object.fromEntries(
+  FLAGS.map((f) => [f.flag, { type: f.arg ? ("string" as const) : ("boolean" as const), ...(f.short ? { short: f.short } : {}) }]),
+);
+
+/** Engine defaults settable from the command line: flag, EngineDefaults key, smallest value. */
+const ENGINE_DEFAULT_FLAGS = [
+  ["budget", "budget", 16],
+  ["max-budget", "maxBudget", 16],
+  ["max-tokens", "maxTokens", 1],
+  ["max-new-tokens", "maxNewTokens", 1],
+  ["chunk-size", "chunkSize", 1],
+  ["capacity", "capacity", 1],
+] as const satisfies readonly (readonly [string, keyof EngineDefaults, number])[];
+
+function usageLine(f: Flag): string {
+  const name = `${f.short ? `-${f.short}, ` : "    "}--${f.flag}${f.arg ? ` ${f.arg}` : ""}`;
+  const line = `  ${name.padEnd(26)} ${f.help}`;
+  if (!f.env) return line;
+  const env = `env ${f.env.join(", ")}`;
+  return line.length + env.length < 110 ? `${line}  ${env}` : `${line}\n${" ".repeat(29)}${env}`;
+}
+
+export const SERVE_USAGE = [
+  "usage: bun run serve --model DIR [options]",
+  "",
+  ...FLAGS.map(usageLine),
+  `  ${"-h, --help".padEnd(26)} show this help`,
+  "",
+  "A flag wins over its environment variable.",
+].join("\n");
+
+export type Env = Record<string, string | undefined>;
+
+export type ConfigResult = { help: true } | ({ help: false } & ServerConfig);
+
+/**
+ * Flags, then environment, then defaults. Throws a UsageError naming the flag for anything invalid
+ * (including a model directory, library or heads file that does not exist). Creates nothing.
+ */
+export function resolveConfig(argv: string[], env: Env): ConfigResult {
+  const { values } = parseFlags(argv, PARSE_OPTIONS);
+  if (values.help) return { help: true };
+  const str = (flag: string): string | undefined => {
+    const v = values[flag];
+    if (typeof v === "string") return v;
+    for (const e of FLAGS.find((f) => f.flag === flag)?.env ?? []) if (env[e]) return env[e];
+    return undefined;
+  };
+
+  const model = str("model");
+  if (!model) throw new UsageError("--model is required (or set REFORM_MODEL)");
+  const modelDir = resolve(model);
+  if (!existsSync(modelDir) || !statSync(modelDir).isDirectory()) throw new UsageError(`model directory not found: ${modelDir}`);
+  if (!existsSync(join(modelDir, "config.json"))) {
+    throw new UsageError(`${modelDir} has no config.json (expected a Hugging Face model directory)`);
+  }
+
+  const backend = oneOf("backend", str("backend"), ["auto", "cpu", "cuda"]) ?? DEFAULTS.backend;
+  let library = str("library");
+  const libDir = str("lib-dir");
+  if (library === undefined && libDir !== undefined) {
+    if (backend === "auto") throw new UsageError("--lib-dir needs --backend cpu or cuda (or name the file with --library)");
+    library = join(libDir, `libreform_${backend}.so`);
+  }
+  if (library !== undefined && !existsSync(library)) throw new UsageError(`native library not found: ${library}`);
+
+  const inlineHeads = (h: string) => h.trim().startsWith("{");
+  const heads = str("heads");
+  if (heads !== undefined && !inlineHeads(heads) && !existsSync(heads)) throw new UsageError(`heads file not found: ${heads}`);
+
+  const defaults: Partial<EngineDefaults> = {};
+  for (const [flag, key, min] of ENGINE_DEFAULT_FLAGS) {
+    const v = intFlag(flag, str(flag), min, 1 << 30);
+    if (v !== undefined) defaults[key] = v;
+  }
+  if (defaults.budget !== undefined && defaults.maxBudget !== undefined && defaults.budget > defaults.maxBudget) {
+    throw new UsageError("--budget must not exceed --max-budget");
+  }
+
+  return {
+    help: false,
+    modelDir,
+    dataDir: resolve(str("data") ?? DEFAULTS.dataDir),
+    host: str("host") ?? DEFAULTS.host,
+    port: intFlag("port", str("port"), 0, 65535) ?? DEFAULTS.port,
+    apiKey: str("api-key") || undefined,
+    maxBodyBytes: intFlag("max-body-bytes", str("max-body-bytes"), 1) ?? DEFAULTS.maxBodyBytes,
+    maxJsonBytes: intFlag("max-json-bytes", str("max-json-bytes"), 1) ?? DEFAULTS.maxJsonBytes,
+    idleTimeoutSec: intFlag("idle-timeout", str("idle-timeout"), 1, 255) ?? DEFAULTS.idleTimeoutSec,
+    corsOrigin: str("cors-origin") ?? DEFAULTS.corsOrigin,
+    servedName: str("served-name"),
+    heads: heads !== undefined && !inlineHeads(heads) ? resolve(heads) : heads,
+    logRequests: values["log-requests"] === true || env.REFORM_LOG_REQUESTS === "1",
+    backend,
+    library: library !== undefined ? resolve(library) : undefined,
+    threads: intFlag("threads", str("threads"), 1, 1 << 30),
+    defaults,
+  };
+}

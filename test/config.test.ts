@@ -1,0 +1,141 @@
+/**
+ * src/config.ts: flags over environment over defaults, validation errors that name the flag, and the
+ * `serve` CLI's exit status on a bad command line.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { UsageError } from "../src/cli/args.ts";
+import { DEFAULTS, resolveConfig, SERVE_USAGE, type Env, type ServerConfig } from "../src/config.ts";
+
+const root = mkdtempSync(join(tmpdir(), "reform-config-"));
+const model = join(root, "model");
+mkdirSync(model);
+writeFileSync(join(model, "config.json"), "{}");
+const libDir = join(root, "lib");
+mkdirSync(libDir);
+writeFileSync(join(libDir, "libreform_cpu.so"), "");
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+function config(argv: string[], env: Env = {}): ServerConfig {
+  const c = resolveConfig(["--model", model, ...argv], env);
+  if (c.help) throw new Error("unexpected help");
+  return c;
+}
+
+function usageError(argv: string[], env: Env = {}): string {
+  try {
+    resolveConfig(argv, env);
+  } catch (e) {
+    expect(e).toBeInstanceOf(UsageError);
+    return (e as Error).message;
+  }
+  throw new Error(`no error for ${argv.join(" ")}`);
+}
+
+describe("config", () => {
+  test("defaults", () => {
+    const c = config([]);
+    expect(c).toMatchObject({
+      modelDir: model,
+      dataDir: resolve(DEFAULTS.dataDir),
+      host: "127.0.0.1",
+      port: 8080,
+      maxBodyBytes: 64 * 1024 ** 3,
+      maxJsonBytes: 32 * 1024 ** 2,
+      idleTimeoutSec: 120,
+      corsOrigin: "*",
+      backend: "auto",
+      logRequests: false,
+      defaults: {},
+    });
+    expect(c.apiKey).toBeUndefined();
+    expect(c.library).toBeUndefined();
+  });
+
+  test("a flag wins over its environment variable, which wins over the default", () => {
+    const env = { REFORM_PORT: "9001", PORT: "9002", REFORM_MAX_BODY_BYTES: "1000", REFORM_API_KEY: "envkey" };
+    expect(config([], env)).toMatchObject({ port: 9001, maxBodyBytes: 1000, apiKey: "envkey" });
+    expect(config(["--port", "7000", "--max-body-bytes", "5", "--api-key", "flagkey"], env)).toMatchObject({
+      port: 7000,
+      maxBodyBytes: 5,
+      apiKey: "flagkey",
+    });
+    expect(config([], { PORT: "9002" }).port).toBe(9002);
+    expect(resolveConfig([], { REFORM_MODEL: model })).toMatchObject({ modelDir: model });
+  });
+
+  test("body limits, timeout, CORS, logging, served name from the environment", () => {
+    const c = config([], {
+      REFORM_MAX_JSON_BYTES: "4096",
+      REFORM_IDLE_TIMEOUT: "30",
+      REFORM_CORS_ORIGIN: "https://example.org",
+      REFORM_LOG_REQUESTS: "1",
+      REFORM_SERVED_NAME: "served",
+      REFORM_DATA_DIR: join(root, "d"),
+    });
+    expect(c).toMatchObject({
+      maxJsonBytes: 4096,
+      idleTimeoutSec: 30,
+      corsOrigin: "https://example.org",
+      logRequests: true,
+      servedName: "served",
+      dataDir: join(root, "d"),
+    });
+    expect(config(["--cors-origin", ""]).corsOrigin).toBe("");
+    expect(config(["--log-requests"]).logRequests).toBe(true);
+  });
+
+  test("native backend and library: REFORM_BACKEND, REFORM_LIBRARY, REFORM_LIB_DIR", () => {
+    expect(config([], { REFORM_BACKEND: "cpu" }).backend).toBe("cpu");
+    const lib = join(libDir, "libreform_cpu.so");
+    expect(config([], { REFORM_LIBRARY: lib })).toMatchObject({ library: lib, backend: "auto" });
+    expect(config([], { REFORM_BACKEND: "cpu", REFORM_LIB_DIR: libDir }).library).toBe(lib);
+    expect(usageError(["--model", model, "--backend", "cuda", "--lib-dir", libDir])).toContain("libreform_cuda.so");
+    expect(usageError(["--model", model, "--lib-dir", libDir])).toContain("--lib-dir needs --backend");
+    expect(usageError(["--model", model], { REFORM_BACKEND: "tpu" })).toContain("--backend must be");
+    expect(usageError(["--model", model, "--library", join(root, "none.so")])).toContain("native library not found");
+  });
+
+  test("engine defaults from flags", () => {
+    expect(config(["--budget", "100", "--max-budget", "200", "--max-tokens", "5", "--threads", "2"])).toMatchObject({
+      defaults: { budget: 100, maxBudget: 200, maxTokens: 5 },
+      threads: 2,
+    });
+    expect(usageError(["--model", model, "--budget", "300", "--max-budget", "200"])).toContain("--budget must not exceed");
+    expect(usageError(["--model", model, "--budget", "8"])).toContain("--budget must be between 16 and");
+  });
+
+  test("bad command lines name the flag", () => {
+    expect(usageError([])).toContain("--model is required");
+    expect(usageError(["--model", root])).toContain("has no config.json");
+    expect(usageError(["--model", join(root, "nope")])).toContain("model directory not found");
+    expect(usageError(["--model", model, "--port", "70000"])).toContain("--port must be between 0 and 65535");
+    expect(usageError(["--model", model], { REFORM_PORT: "http" })).toContain("--port must be a whole number");
+    expect(usageError(["--model", model, "--idle-timeout", "300"])).toContain("--idle-timeout");
+    expect(usageError(["--model", model, "--heads", join(root, "heads.json")])).toContain("heads file not found");
+    expect(usageError(["--model", model, "--bogus"])).toContain("--bogus");
+  });
+
+  test("--help, and the usage lists every flag with its environment variable", () => {
+    expect(resolveConfig(["--help"], {})).toEqual({ help: true });
+    for (const flag of ["--model", "--backend", "--library", "--lib-dir", "--max-json-bytes", "--api-key"]) {
+      expect(SERVE_USAGE).toContain(flag);
+    }
+    for (const env of ["REFORM_BACKEND", "REFORM_LIBRARY", "REFORM_LIB_DIR", "REFORM_API_KEY", "REFORM_MAX_BODY_BYTES"]) {
+      expect(SERVE_USAGE).toContain(env);
+    }
+  });
+
+  test("serve: a bad command line exits 2 with the message and the usage", () => {
+    const r = spawnSync("bun", ["src/cli/serve.ts", "--model", model, "--port", "x"], {
+      cwd: resolve(import.meta.dir, ".."),
+      encoding: "utf8",
+    });
+    expect(r.status).toBe(2);
+    expect(r.stderr).toContain("serve: --port must be a whole number, got 'x'");
+    expect(r.stderr).toContain("usage: bun run serve");
+  });
+});
