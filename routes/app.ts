@@ -67,7 +67,7 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
       servedName: options.servedName,
       maxBodyBytes: options.maxBodyBytes,
       maxJsonBytes: options.maxJsonBytes,
-      corsOrigin: options.corsOrigin ?? "*",
+      corsOrigin: options.corsOrigin ?? "",
       sseHeartbeatSec: options.sseHeartbeatSec ?? 15,
       listContextModels: options.listContextModels ?? true,
       logRequests: options.logRequests ?? false,
@@ -98,11 +98,14 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
     }
   });
 
+  // Cross-origin access is off unless origins are named: a page on another site must not be able to drive a
+  // server on localhost. "*" allows any origin (only sensible together with an API key).
   if (d.opts.corsOrigin) {
+    const origins = d.opts.corsOrigin.split(",").map((o) => o.trim()).filter(Boolean);
     app.use(
       "*",
       cors({
-        origin: d.opts.corsOrigin,
+        origin: origins.includes("*") ? "*" : origins,
         allowMethods: () => [...new Set(routes?.all.flatMap((r) => r.methods))],
         allowHeaders: ["authorization", "content-type", "x-api-key", "x-reform-final"],
         exposeHeaders: ["location"],

@@ -181,14 +181,19 @@ export function contextRoutes(d: Deps): Hono {
   });
 
   // One writer per context: a second upload (or a finalize) while one is open would interleave its
-  // bytes with the first one's, so it is refused instead.
-  const writing = new Set<string>();
-  const exclusive = async <T>(id: string, fn: () => Promise<T>): Promise<T> => {
-    if (writing.has(id))
-      throw new ApiError(409, "context_busy", `context '${id}' has an upload in progress; retry when it has finished`, "id");
-    writing.add(id);
+  // bytes with the first one's, so it is refused. A writer whose client has gone away is only storing what
+  // it received; the next one (a resumed upload) waits for it instead of being refused.
+  const writing = new Map<string, { client: AbortSignal; done: Promise<unknown> }>();
+  const exclusive = async <T>(c: Context, id: string, fn: () => Promise<T>): Promise<T> => {
+    for (let w = writing.get(id); w; w = writing.get(id)) {
+      if (!w.client.aborted)
+        throw new ApiError(409, "context_busy", `context '${id}' has an upload in progress; retry when it has finished`, "id");
+      await w.done.catch(() => {});
+    }
+    const done = fn();
+    writing.set(id, { client: c.req.raw.signal, done });
     try {
-      return await fn();
+      return await done;
     } finally {
       writing.delete(id);
     }
@@ -209,7 +214,7 @@ export function contextRoutes(d: Deps): Hono {
     const len = contentLength(c);
     if (len !== null && len > opts.maxBodyBytes) throw tooLarge(opts.maxBodyBytes);
     await mustGet(id);
-    return exclusive(id, () => receive(c, id, final, json));
+    return exclusive(c, id, () => receive(c, id, final, json));
   };
 
   const receive = async (c: Context, id: string, final: boolean, json: boolean) => {
@@ -259,7 +264,7 @@ export function contextRoutes(d: Deps): Hono {
   r.post("/:id/finalize", async (c) => {
     const id = contextIdParam(c);
     await mustGet(id);
-    return c.json(contextView(await exclusive(id, () => engine.finalize(id))));
+    return c.json(contextView(await exclusive(c, id, () => engine.finalize(id))));
   });
 
   r.get("/:id/events", async (c) => {

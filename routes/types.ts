@@ -11,7 +11,7 @@ export interface AppOptions {
   maxJsonBytes: number;
   /** Name reported by /v1/models and in chat responses; default: the engine's model id. */
   servedName?: string;
-  /** Access-Control-Allow-Origin value; "" disables CORS headers. Default "*". */
+  /** Origins allowed cross-origin, comma-separated ("*" = any); "" or absent: same-origin only. */
   corsOrigin?: string;
   /** Seconds between SSE keep-alive comments; default 15. */
   sseHeartbeatSec?: number;

@@ -22,7 +22,8 @@ export const DEFAULTS = {
   maxJsonBytes: 32 * 1024 ** 2,
   /** Bun caps it at 255 */
   idleTimeoutSec: 120,
-  corsOrigin: "*",
+  /** no cross-origin access unless origins are named */
+  corsOrigin: "",
   backend: "auto" as Backend,
 } as const;
 
@@ -36,7 +37,7 @@ export interface ServerConfig {
   maxBodyBytes: number;
   maxJsonBytes: number;
   idleTimeoutSec: number;
-  /** Access-Control-Allow-Origin; "" disables CORS. */
+  /** Origins allowed cross-origin (comma-separated, "*" any); "" = same-origin only. */
   corsOrigin: string;
   servedName?: string;
   /** Head-selection file, or inline JSON, overriding <model>/reform_heads.json. */
@@ -72,11 +73,13 @@ const FLAGS: Flag[] = [
   { flag: "max-body-bytes", arg: "N", env: ["REFORM_MAX_BODY_BYTES"], help: "largest single upload request in bytes (default 64 GiB)" },
   { flag: "max-json-bytes", arg: "N", env: ["REFORM_MAX_JSON_BYTES"], help: "largest JSON request body in bytes (default 32 MiB)" },
   { flag: "idle-timeout", arg: "S", env: ["REFORM_IDLE_TIMEOUT"], help: `seconds a quiet ordinary connection stays open (default ${DEFAULTS.idleTimeoutSec}, at most 255)` },
-  { flag: "cors-origin", arg: "ORIGIN", env: ["REFORM_CORS_ORIGIN"], help: `Access-Control-Allow-Origin ("" = no CORS; default ${DEFAULTS.corsOrigin})` },
+  { flag: "cors-origin", arg: "ORIGIN", env: ["REFORM_CORS_ORIGIN"], help: 'origins allowed to call the API from a browser, comma-separated ("*" = any; default: none, same-origin only)' },
   { flag: "budget", arg: "N", help: "default recompute budget (context tokens gathered; default 8192)" },
   { flag: "max-budget", arg: "N", help: "largest budget a request may ask for (default max(trained ctx, 1024))" },
   { flag: "max-tokens", arg: "N", help: "default answer length limit (default 512)" },
   { flag: "max-new-tokens", arg: "N", help: "largest max_tokens a request may ask for (default 8192)" },
+  { flag: "max-model-len", arg: "N", help: "longest recompute: template + gathered context + question + max_tokens (default max(trained ctx, max-budget + max-new-tokens + 1024))" },
+  { flag: "max-h2o-tokens", arg: "N", help: "longest context method h2o accepts (default 262144)" },
   { flag: "chunk-size", arg: "N", help: "compression chunk in tokens (default: heads file, else 1024)" },
   { flag: "capacity", arg: "N", help: "compressor KV entries per layer/head (default: heads file, else 4096)" },
   { flag: "threads", arg: "N", help: "CPU backend threads (default: all cores)" },
@@ -93,6 +96,8 @@ const ENGINE_DEFAULT_FLAGS = [
   ["max-budget", "maxBudget", 16],
   ["max-tokens", "maxTokens", 1],
   ["max-new-tokens", "maxNewTokens", 1],
+  ["max-model-len", "maxModelLen", 16],
+  ["max-h2o-tokens", "maxH2oTokens", 16],
   ["chunk-size", "chunkSize", 1],
   ["capacity", "capacity", 1],
 ] as const satisfies readonly (readonly [string, keyof EngineDefaults, number])[];

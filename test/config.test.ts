@@ -46,7 +46,7 @@ describe("config", () => {
       maxBodyBytes: 64 * 1024 ** 3,
       maxJsonBytes: 32 * 1024 ** 2,
       idleTimeoutSec: 120,
-      corsOrigin: "*",
+      corsOrigin: "",
       backend: "auto",
       logRequests: false,
       defaults: {},

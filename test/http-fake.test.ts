@@ -220,12 +220,39 @@ describe("health while loading / failed", () => {
   });
 });
 
+describe("cross-origin access", () => {
+  test("off by default: no CORS headers, preflights fail; --cors-origin names the origins that may call", async () => {
+    const closed = await start(new FakeEngine(), {});
+    const open = await start(new FakeEngine(), { corsOrigin: "http://app.example, http://other.example" });
+    try {
+      const preflight = (url: string, origin: string) =>
+        fetch(`${url}/v1/chat/completions`, { method: "OPTIONS", headers: { origin, "access-control-request-method": "POST" } });
+      const p0 = await preflight(closed.url, "http://evil.example");
+      expect(p0.headers.get("access-control-allow-origin")).toBeNull();
+      expect(p0.status).toBeGreaterThanOrEqual(400);
+      const g0 = await fetch(`${closed.url}/v1/models`, { headers: { origin: "http://evil.example" } });
+      expect(g0.headers.get("access-control-allow-origin")).toBeNull();
+
+      const p1 = await preflight(open.url, "http://app.example");
+      expect(p1.status).toBeLessThan(300);
+      expect(p1.headers.get("access-control-allow-origin")).toBe("http://app.example");
+      const p2 = await preflight(open.url, "http://evil.example");
+      expect(p2.headers.get("access-control-allow-origin")).toBeNull();
+    } finally {
+      await closed.stop();
+      await open.stop();
+    }
+  });
+});
+
 describe("api key", () => {
   test("401 without/with a wrong key, /health open, works with the key", async () => {
     const eng = new FakeEngine();
-    const srv = await start(eng, { apiKey: "s3cret" });
+    const srv = await start(eng, { apiKey: "s3cret", corsOrigin: "http://x" });
     try {
       expect((await fetch(`${srv.url}/health`)).status).toBe(200);
+      // the documented alternative header for clients that cannot send Authorization
+      expect((await fetch(`${srv.url}/v1/models`, { headers: { "x-api-key": "s3cret" } })).status).toBe(200);
       await expectError(await fetch(`${srv.url}/v1/contexts`), 401, "missing_api_key");
       await expectError(await fetch(`${srv.url}/v1/models`, { headers: { authorization: "Bearer nope" } }), 401, "invalid_api_key");
       await expectError(await fetch(`${srv.url}/metrics`), 401);
