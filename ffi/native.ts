@@ -2,9 +2,9 @@
  * Typed bun:ffi binding to the native REFORM engine (cuda/reform.h).
  *
  * Two shared libraries implement the same C ABI: build/libreform_cuda.so (GPU) and
- * build/libreform_cpu.so (CPU). `loadNative()` picks one:
- *   REFORM_BACKEND=cpu|cuda forces a backend; otherwise CUDA is used when its library exists and
- *   reports at least one device, else CPU.
+ * build/libreform_cpu.so (CPU). `loadNative()` picks one: a forced backend ("cpu" | "cuda"), or CUDA when
+ *   its library exists and reports at least one device, else CPU. The choice itself (flags, REFORM_BACKEND)
+ *   is made by the caller's configuration (src/config.ts); this binding reads no environment.
  * Every failing native call is turned into a NativeError carrying the status code and message.
  * Native calls block the calling thread: use them from the engine worker, never the HTTP thread.
  */
@@ -118,8 +118,7 @@ type Lib = ReturnType<typeof dlopen<typeof symbols>>["symbols"];
 
 export const ROOT_DIR = resolve(import.meta.dir, "..");
 export function libraryPath(backend: "cpu" | "cuda"): string {
-  const dir = process.env.REFORM_LIB_DIR ?? join(ROOT_DIR, "build");
-  return join(dir, `libreform_${backend}.so`);
+  return join(ROOT_DIR, "build", `libreform_${backend}.so`);
 }
 
 const NULL_BUF = new Uint8Array(0);
@@ -435,11 +434,11 @@ export class NativeSeq {
   }
 }
 
-/** Pick and load a backend. REFORM_BACKEND=cpu|cuda forces one; `library` (or REFORM_LIBRARY) names the library
- * file to load instead of build/libreform_<backend>.so (its backend must match a forced one). */
+/** Pick and load a backend: `prefer` forces one; `library` names the library file to load instead of
+ * build/libreform_<backend>.so (its backend must match a forced one). */
 export function loadNative(
-  prefer: "auto" | "cpu" | "cuda" = (process.env.REFORM_BACKEND as any) ?? "auto",
-  library: string | undefined = process.env.REFORM_LIBRARY || undefined,
+  prefer: "auto" | "cpu" | "cuda" = "auto",
+  library?: string,
 ): Native {
   if (library) {
     const n = new Native(prefer === "auto" ? undefined : prefer, library);
