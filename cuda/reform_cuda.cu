@@ -35,6 +35,7 @@
 #include <mutex>
 
 #include "reform_common.h"
+#include "abi_guard.h"
 
 using rf::set_error;
 

@@ -19,8 +19,6 @@ void comp_free(rf_compressor* c) {
 
 int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* heads, int32_t n_heads,
                      rf_compressor** out) {
-  if (!m) return set_error(RF_ERR_INVALID, "model is NULL");
-  if (!m->finalized) return set_error(RF_ERR_STATE, "model is not finalized");
   std::unique_ptr<rf_compressor> c(new rf_compressor());
   int exit_layer = 0;
   RF_TRY(rf::validate_compress(m->cfg, p, heads, n_heads, &c->heads, &exit_layer));
@@ -99,10 +97,6 @@ int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* he
 /* One chunk forward. update: append to cache + H2O + eviction; else cache unchanged. */
 int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, bool update) {
   rf_model* m = c->m;
-  if (n < 1 || n > c->p.max_chunk)
-    return set_error(RF_ERR_INVALID, "%s: n = %d must be in [1, max_chunk = %d]",
-                     update ? "rf_compressor_process" : "rf_compressor_embed", n, c->p.max_chunk);
-  RF_TRY(check_tokens(m, tokens, n));
   CU_CHECK(cudaSetDevice(m->dev));
   const int len = (int)c->len, total = len + n;
   const int w = std::min(c->p.obs_window, n);
@@ -200,24 +194,18 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
   return RF_OK;
 }
 
-int state_save_impl(const rf_compressor* c, void* buf, int64_t size) {
+/* the state blob header of this compressor (its shape and counters) */
+rf::StateHeader state_header_of(const rf_compressor* c) {
+  return rf::state_header(c->exit + 1, c->m->nKV, c->m->hd, c->m->H, c->p.capacity, c->len, c->seen);
+}
+
+/* buf holds at least rf::state_size(...) bytes (checked by the ABI) */
+int state_save_impl(const rf_compressor* c, void* buf) {
   rf_model* m = c->m;
   const int nl = c->exit + 1, nKV = m->nKV, hd = m->hd;
   const int64_t len = c->len;
-  int64_t need = rf::state_size(nl, nKV, hd, len);
-  if (!buf || size < need) return set_error(RF_ERR_INVALID, "state buffer too small (%lld < %lld)", (long long)size,
-                                            (long long)need);
   CU_CHECK(cudaSetDevice(m->dev));
-  rf::StateHeader hdr;
-  memset(&hdr, 0, sizeof hdr);
-  memcpy(hdr.magic, "RFCSTAT1", 8);
-  hdr.num_layers_cached = nl;
-  hdr.num_kv_heads = nKV;
-  hdr.head_dim = hd;
-  hdr.capacity = c->p.capacity;
-  hdr.len = len;
-  hdr.seen = c->seen;
-  hdr.hidden_size = m->H;
+  const rf::StateHeader hdr = state_header_of(c);
   uint8_t* o = (uint8_t*)buf;
   memcpy(o, &hdr, sizeof hdr);
   float* f = (float*)(o + sizeof hdr);
@@ -242,25 +230,11 @@ int state_save_impl(const rf_compressor* c, void* buf, int64_t size) {
   return RF_OK;
 }
 
-int state_load_impl(rf_compressor* c, const void* buf, int64_t size) {
+/* hdr: the blob's header, checked against the compressor by rf::check_state_load */
+int state_load_impl(rf_compressor* c, const void* buf, const rf::StateHeader& hdr) {
   rf_model* m = c->m;
-  if (!buf || size < (int64_t)sizeof(rf::StateHeader)) return set_error(RF_ERR_INVALID, "state blob too small");
-  rf::StateHeader hdr;
-  memcpy(&hdr, buf, sizeof hdr);
   const int nl = c->exit + 1, nKV = m->nKV, hd = m->hd;
-  if (memcmp(hdr.magic, "RFCSTAT1", 8) != 0) return set_error(RF_ERR_INVALID, "state blob: bad magic");
-  if (hdr.num_layers_cached != nl || hdr.num_kv_heads != nKV || hdr.head_dim != hd || hdr.hidden_size != m->H)
-    return set_error(RF_ERR_INVALID,
-                     "state blob does not match this compressor (layers %d/%d, kv heads %d/%d, head_dim %d/%d, "
-                     "hidden %d/%d)",
-                     hdr.num_layers_cached, nl, hdr.num_kv_heads, nKV, hdr.head_dim, hd, hdr.hidden_size, m->H);
-  if (hdr.len < 0 || hdr.len > c->p.capacity || hdr.seen < hdr.len)
-    return set_error(RF_ERR_INVALID, "state blob: cache length %lld invalid for capacity %d", (long long)hdr.len,
-                     c->p.capacity);
   const int64_t len = hdr.len;
-  if (size != rf::state_size(nl, nKV, hd, len))  // exact, as in the CPU build
-    return set_error(RF_ERR_INVALID, "state blob has %lld bytes, expected %lld", (long long)size,
-                     (long long)rf::state_size(nl, nKV, hd, len));
   CU_CHECK(cudaSetDevice(m->dev));
   const float* f = (const float*)((const uint8_t*)buf + sizeof hdr);
   std::vector<uint16_t> k((size_t)nKV * len * hd), v((size_t)nKV * len * hd);

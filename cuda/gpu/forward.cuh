@@ -62,14 +62,6 @@ int run_post_attn(rf_model* m, const LayerW& w, const Acts& a, int n) {
   return RF_OK;
 }
 
-int check_tokens(const rf_model* m, const int32_t* tokens, int n) {
-  if (!tokens) return set_error(RF_ERR_INVALID, "tokens is NULL");
-  for (int i = 0; i < n; i++)
-    if (tokens[i] < 0 || tokens[i] >= m->V)
-      return set_error(RF_ERR_INVALID, "token %d at index %d out of range [0,%d)", tokens[i], i, m->V);
-  return RF_OK;
-}
-
 int upload_tokens(rf_model* m, int32_t* dtok, const int32_t* tokens, int n, uint16_t* x) {
   CU_CHECK(cudaMemcpyAsync(dtok, tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice, m->stream));
   RF_LAUNCH(k_embed, nblocks((int64_t)n * m->H, 256), 256, 0, m->stream)(dtok, m->embed, x, n, m->H);

@@ -142,9 +142,7 @@ int model_create_impl(const rf_config* cfg, rf_model** out) {
 
 int set_tensor_impl(rf_model* m, const char* name, const void* data, int32_t dtype, const int64_t* shape,
                     int32_t ndim) {
-  if (!m) return set_error(RF_ERR_INVALID, "model is NULL");
-  if (!data) return set_error(RF_ERR_INVALID, "tensor data is NULL");
-  rf::TensorId id;
+  rf::TensorId id{};
   RF_TRY(rf::check_tensor(m->cfg, name, dtype, shape, ndim, &id));
   CU_CHECK(cudaSetDevice(m->dev));
   int64_t count = 0;
@@ -169,8 +167,6 @@ int set_tensor_impl(rf_model* m, const char* name, const void* data, int32_t dty
 }
 
 int init_random_impl(rf_model* m, uint64_t seed, float std) {
-  if (!m) return set_error(RF_ERR_INVALID, "model is NULL");
-  if (!(std >= 0.f)) return set_error(RF_ERR_INVALID, "std must be >= 0");
   CU_CHECK(cudaSetDevice(m->dev));
   uint64_t tix = 0;
   auto normal = [&](uint16_t* p, int64_t n) -> int {

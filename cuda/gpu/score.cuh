@@ -16,12 +16,6 @@ ScoreCtx g_score;
 
 int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                float* out) {
-  if (n_ctx < 0) return set_error(RF_ERR_INVALID, "n_ctx must be >= 0");
-  if (dim <= 0) return set_error(RF_ERR_INVALID, "dim must be > 0");
-  if (n_q < 1) return set_error(RF_ERR_INVALID, "n_q must be >= 1");
-  if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16) return set_error(RF_ERR_INVALID, "ctx_dtype must be f32 or f16");
-  if (n_ctx == 0) return RF_OK;
-  if (!ctx || !q || !out) return set_error(RF_ERR_INVALID, "NULL pointer argument");
   int dev = device_index();
   RF_TRY(ensure_device(dev));
   std::lock_guard<std::mutex> lk(g_score.mu);
