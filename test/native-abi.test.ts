@@ -22,13 +22,14 @@ import {
   RF_ERR_OOM,
   RF_ERR_STATE,
   RF_F32,
+  RF_ROPE_DEFAULT,
   ROOT_DIR,
   structLayoutMismatches,
   type CompressParams,
   type HeadSpec,
   type ModelConfig,
 } from "../ffi/native";
-import { expectNativeError, i32 } from "./helpers/random-model";
+import { buildModel, expectNativeError, i32 } from "./helpers/random-model";
 
 /** the emulation's fiber switch is x86-64 only (scripts/build-native.sh skips it elsewhere) */
 const X64 = process.arch === "x64";
@@ -38,25 +39,17 @@ const BUILDS = [
   ...(X64 ? [{ name: "cuda emulation", path: EMU }] : []),
 ];
 
-const CFG: ModelConfig = {
-  vocabSize: 64,
-  hiddenSize: 64,
-  intermediateSize: 128,
-  numLayers: 2,
-  numHeads: 4,
-  numKvHeads: 2,
-  headDim: 16, // the CUDA build needs a multiple of 16
-  qkvBias: false,
-  tieEmbeddings: false,
-  ropeType: 0,
-  rmsEps: 1e-5,
-  ropeTheta: 10000,
-  ropeFactor: 1,
-  ropeLowFreqFactor: 1,
-  ropeHighFreqFactor: 4,
-  ropeOriginalMaxPos: 8192,
-  weightDtype: RF_BF16,
-};
+/** vocab 64, two layers, head_dim 16 (the CUDA build needs a multiple of 16); weights come from rf_model_init_random */
+const CFG: ModelConfig = buildModel({
+  name: "abi",
+  dims: { vocab: 64, hidden: 64, intermediate: 128, headDim: 16 },
+  tie: false,
+  bias: false,
+  rope: RF_ROPE_DEFAULT,
+  dtype: RF_F32,
+  layers: 2,
+  seed: 1,
+}).cfg;
 const CP: CompressParams = { capacity: 16, nSink: 2, nRecent: 4, obsWindow: 4, maxChunk: 8, embDtype: RF_F32, exitLayer: -1 };
 const HEADS: HeadSpec[] = [{ layer: 0, kind: "k", head: 1 }];
 
