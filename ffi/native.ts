@@ -90,6 +90,56 @@ export interface HeadSpec {
   head: number;
 }
 
+const symbols = {
+  rf_abi_version: { args: [], returns: FFIType.i32 },
+  rf_struct_layout: { args: [], returns: FFIType.cstring },
+  rf_backend_name: { args: [], returns: FFIType.cstring },
+  rf_last_error: { args: [], returns: FFIType.cstring },
+  rf_last_error_code: { args: [], returns: FFIType.i32 },
+  rf_device_count: { args: [], returns: FFIType.i32 },
+  rf_device_info: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
+  rf_set_threads: { args: [FFIType.i32], returns: FFIType.i32 },
+
+  rf_model_create: { args: [FFIType.ptr], returns: FFIType.ptr },
+  rf_model_set_tensor: {
+    args: [FFIType.ptr, FFIType.cstring, FFIType.ptr, FFIType.i32, FFIType.ptr, FFIType.i32],
+    returns: FFIType.i32,
+  },
+  rf_model_init_random: { args: [FFIType.ptr, FFIType.u64, FFIType.f32], returns: FFIType.i32 },
+  rf_model_finalize: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_model_memory_bytes: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_model_destroy: { args: [FFIType.ptr], returns: FFIType.void },
+
+  rf_compressor_create: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
+  rf_compressor_embed_dim: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_exit_layer: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_process: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_embed: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_cache_len: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_compressor_seen: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_compressor_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_state_size: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_compressor_state_save: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
+  rf_compressor_state_load: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
+  rf_compressor_destroy: { args: [FFIType.ptr], returns: FFIType.void },
+
+  rf_score: {
+    args: [FFIType.ptr, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.ptr],
+    returns: FFIType.i32,
+  },
+
+  rf_seq_create: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
+  rf_seq_forward: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_sample: { args: [FFIType.ptr, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_sample_logits: { args: [FFIType.ptr, FFIType.i32, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_length: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+  rf_seq_destroy: { args: [FFIType.ptr], returns: FFIType.void },
+} as const;
+
+type Lib = ReturnType<typeof dlopen<typeof symbols>>["symbols"];
+
 type FieldType = "i32" | "f32";
 interface StructSpec<F extends string> {
   readonly name: string;
@@ -181,56 +231,6 @@ export function structLayoutMismatches(layout: string): string[] {
   }
   return out;
 }
-
-const symbols = {
-  rf_abi_version: { args: [], returns: FFIType.i32 },
-  rf_struct_layout: { args: [], returns: FFIType.cstring },
-  rf_backend_name: { args: [], returns: FFIType.cstring },
-  rf_last_error: { args: [], returns: FFIType.cstring },
-  rf_last_error_code: { args: [], returns: FFIType.i32 },
-  rf_device_count: { args: [], returns: FFIType.i32 },
-  rf_device_info: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
-  rf_set_threads: { args: [FFIType.i32], returns: FFIType.i32 },
-
-  rf_model_create: { args: [FFIType.ptr], returns: FFIType.ptr },
-  rf_model_set_tensor: {
-    args: [FFIType.ptr, FFIType.cstring, FFIType.ptr, FFIType.i32, FFIType.ptr, FFIType.i32],
-    returns: FFIType.i32,
-  },
-  rf_model_init_random: { args: [FFIType.ptr, FFIType.u64, FFIType.f32], returns: FFIType.i32 },
-  rf_model_finalize: { args: [FFIType.ptr], returns: FFIType.i32 },
-  rf_model_memory_bytes: { args: [FFIType.ptr], returns: FFIType.i64_fast },
-  rf_model_destroy: { args: [FFIType.ptr], returns: FFIType.void },
-
-  rf_compressor_create: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
-  rf_compressor_embed_dim: { args: [FFIType.ptr], returns: FFIType.i32 },
-  rf_compressor_exit_layer: { args: [FFIType.ptr], returns: FFIType.i32 },
-  rf_compressor_process: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-  rf_compressor_embed: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-  rf_compressor_cache_len: { args: [FFIType.ptr], returns: FFIType.i64_fast },
-  rf_compressor_seen: { args: [FFIType.ptr], returns: FFIType.i64_fast },
-  rf_compressor_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
-  rf_compressor_state_size: { args: [FFIType.ptr], returns: FFIType.i64_fast },
-  rf_compressor_state_save: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
-  rf_compressor_state_load: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
-  rf_compressor_destroy: { args: [FFIType.ptr], returns: FFIType.void },
-
-  rf_score: {
-    args: [FFIType.ptr, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.ptr],
-    returns: FFIType.i32,
-  },
-
-  rf_seq_create: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
-  rf_seq_forward: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-  rf_seq_sample: { args: [FFIType.ptr, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-  rf_sample_logits: { args: [FFIType.ptr, FFIType.i32, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-  rf_seq_length: { args: [FFIType.ptr], returns: FFIType.i32 },
-  rf_seq_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
-  rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
-  rf_seq_destroy: { args: [FFIType.ptr], returns: FFIType.void },
-} as const;
-
-type Lib = ReturnType<typeof dlopen<typeof symbols>>["symbols"];
 
 export const ROOT_DIR = resolve(import.meta.dir, "..");
 export function libraryPath(backend: "cpu" | "cuda"): string {
