@@ -92,13 +92,13 @@ export interface HeadSpec {
 
 const symbols = {
   rf_abi_version: { args: [], returns: FFIType.i32 },
-  rf_struct_layout: { args: [], returns: FFIType.cstring },
   rf_backend_name: { args: [], returns: FFIType.cstring },
   rf_last_error: { args: [], returns: FFIType.cstring },
   rf_last_error_code: { args: [], returns: FFIType.i32 },
   rf_device_count: { args: [], returns: FFIType.i32 },
   rf_device_info: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
   rf_set_threads: { args: [FFIType.i32], returns: FFIType.i32 },
+  rf_struct_layout: { args: [], returns: FFIType.cstring },
 
   rf_model_create: { args: [FFIType.ptr], returns: FFIType.ptr },
   rf_model_set_tensor: {
