@@ -1,5 +1,6 @@
 /*
  * gpu/compressor.cuh — the compress step (REFORM phase 1): chunk forward to the exit layer, H2O scores, eviction, state blob.
+ * The *_impl functions take arguments already checked by the ABI layer (gpu/abi.cuh, cuda/abi_guard.h).
  * Part of the single translation unit cuda/reform_cuda.cu (included there, in order).
  */
 namespace {

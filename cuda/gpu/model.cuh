@@ -1,5 +1,6 @@
 /*
  * gpu/model.cuh — model lifetime: create (device buffers), set_tensor (upload + dtype conversion), init_random, free.
+ * The *_impl functions take arguments already checked by the ABI layer (gpu/abi.cuh, cuda/abi_guard.h).
  * Part of the single translation unit cuda/reform_cuda.cu (included there, in order).
  */
 namespace {

@@ -1,5 +1,6 @@
 /*
  * gpu/score.cuh — query scoring (REFORM phase 2): max cosine of context rows against query rows, on a shared stream.
+ * The *_impl functions take arguments already checked by the ABI layer (gpu/abi.cuh, cuda/abi_guard.h).
  * Part of the single translation unit cuda/reform_cuda.cu (included there, in order).
  */
 namespace {

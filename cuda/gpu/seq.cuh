@@ -1,5 +1,6 @@
 /*
  * gpu/seq.cuh — recompute + generate: the full-depth sequence (prefill, decode, import of a compressor cache).
+ * The *_impl functions take arguments already checked by the ABI layer (gpu/abi.cuh, cuda/abi_guard.h).
  * Part of the single translation unit cuda/reform_cuda.cu (included there, in order).
  */
 namespace {
