@@ -122,6 +122,10 @@ RF_API int rf_last_error_code(void);                  /* thread-local status cod
 RF_API int rf_device_count(void);                     /* CPU build: 1; CUDA: #GPUs (0 if none / no driver) */
 RF_API int rf_device_info(char* buf, int32_t buflen); /* NUL-terminated description; <0 on error */
 RF_API int rf_set_threads(int32_t n);                 /* CPU build: OpenMP threads; CUDA: no-op */
+/* Layout of the structs above as this library was compiled, for bindings that pack them by hand:
+ * "rf_config <sizeof> <field>:<offset>:<type> ...\nrf_compress_params <sizeof> ..." with type i32, f32 or
+ * i32x<count> (arrays), fields in declaration order. */
+RF_API const char* rf_struct_layout(void);
 
 /* ---- model ---- */
 /* Pointer-returning functions (rf_model_create, rf_compressor_create, rf_seq_create) return NULL on error

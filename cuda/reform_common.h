@@ -391,19 +391,6 @@ inline int32_t sample_logits(const float* logits, int32_t vocab, float temperatu
   return idx[n - 1];
 }
 
-/* rf_sample_logits (both builds): argument checks, then sample_logits; never throws */
-inline int32_t sample_logits_checked(const float* logits, int32_t n, float temperature, float top_p, int32_t top_k,
-                                     uint64_t* rng_state) {
-  if (!logits || n <= 0) return set_error(RF_ERR_INVALID, "rf_sample_logits: logits is NULL or n <= 0");
-  if (!rng_state) return set_error(RF_ERR_INVALID, "rf_sample_logits: rng_state is NULL");
-  if (std::isnan(temperature) || std::isnan(top_p)) return set_error(RF_ERR_INVALID, "rf_sample_logits: NaN parameter");
-  try {
-    return sample_logits(logits, n, temperature, top_p, top_k, rng_state);
-  } catch (...) {
-    return set_error(RF_ERR_OOM, "host allocation failed");
-  }
-}
-
 /* ---------------- compressor state blob ---------------- */
 /* Layout: StateHeader, then for each layer 0..exit_layer, for each kv head: K[len][head_dim] f32,
  * V[len][head_dim] f32, score[len] f32. */

@@ -4,6 +4,7 @@
  */
 #include "reform.h"
 #include "reform_common.h"
+#include "abi_guard.h"
 #include "cpu_kernels.h"
 
 #include <exception>
@@ -12,6 +13,7 @@
 #include <stdexcept>
 #include <thread>
 
+using rf::guard;
 using rf::set_error;
 namespace k = rf::cpu;
 
@@ -130,42 +132,6 @@ void rope_rows(const rf_model* m, float* v, int64_t n, int nheads, int64_t pos0)
 #pragma omp parallel for schedule(static) if (n * nheads * hd > 65536)
   for (int64_t t = 0; t < n; t++)
     for (int h = 0; h < nheads; h++) k::rope_head(v + (t * nheads + h) * hd, hd, &cs[t * hd], &cs[t * hd + half]);
-}
-
-bool tokens_valid(const rf_model* m, const int32_t* tokens, int64_t n) {
-  for (int64_t i = 0; i < n; i++)
-    if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size) {
-      set_error(RF_ERR_INVALID, "token id %d at index %lld out of range [0,%d)", tokens[i], (long long)i,
-                m->cfg.vocab_size);
-      return false;
-    }
-  return true;
-}
-
-template <class F>
-int guard(const char* where, F&& f) {
-  try {
-    return f();
-  } catch (const std::bad_alloc&) {
-    return set_error(RF_ERR_OOM, "%s: out of host memory", where);
-  } catch (const std::exception& e) {
-    return set_error(RF_ERR_INTERNAL, "%s: %s", where, e.what());
-  } catch (...) {
-    return set_error(RF_ERR_INTERNAL, "%s: unknown exception", where);
-  }
-}
-template <class T, class F>
-T* guard_ptr(const char* where, F&& f) {
-  try {
-    return f();
-  } catch (const std::bad_alloc&) {
-    set_error(RF_ERR_OOM, "%s: out of host memory", where);
-  } catch (const std::exception& e) {
-    set_error(RF_ERR_INTERNAL, "%s: %s", where, e.what());
-  } catch (...) {
-    set_error(RF_ERR_INTERNAL, "%s: unknown exception", where);
-  }
-  return nullptr;
 }
 
 uint64_t splitmix64(uint64_t x) {
@@ -370,18 +336,6 @@ void seq_reserve(rf_seq* s, int64_t need) {
   s->stride = cap;
 }
 
-bool model_ready(const rf_model* m) {
-  if (!m) {
-    set_error(RF_ERR_INVALID, "model is NULL");
-    return false;
-  }
-  if (!m->finalized) {
-    set_error(RF_ERR_STATE, "model is not finalized");
-    return false;
-  }
-  return true;
-}
-
 std::string cpu_model_name() {
   FILE* f = fopen("/proc/cpuinfo", "r");
   std::string name = "unknown CPU";
@@ -414,6 +368,9 @@ RF_API int rf_abi_version(void) { return RF_ABI_VERSION; }
 RF_API const char* rf_backend_name(void) { return "cpu"; }
 RF_API const char* rf_last_error(void) { return rf::last_error_ref().c_str(); }
 RF_API int rf_last_error_code(void) { return rf::last_error_code_ref(); }
+RF_API const char* rf_struct_layout(void) {
+  return guard("rf_struct_layout", [&]() -> const char* { return rf::struct_layout(); });
+}
 RF_API int rf_device_count(void) { return 1; }
 
 RF_API int rf_device_info(char* buf, int32_t buflen) {
@@ -427,7 +384,7 @@ RF_API int rf_device_info(char* buf, int32_t buflen) {
 }
 
 RF_API int rf_set_threads(int32_t n) {
-  if (n < 0) return set_error(RF_ERR_INVALID, "rf_set_threads: n must be >= 0 (0 = all cores)");
+  RF_TRY(rf::check_threads(n));
 #ifdef _OPENMP
   omp_set_num_threads(n == 0 ? omp_get_num_procs() : n);
 #endif
@@ -436,7 +393,7 @@ RF_API int rf_set_threads(int32_t n) {
 
 /* ---- model ---- */
 RF_API rf_model* rf_model_create(const rf_config* cfg) {
-  return guard_ptr<rf_model>("rf_model_create", [&]() -> rf_model* {
+  return guard("rf_model_create", [&]() -> rf_model* {
     if (rf::validate_config(cfg) != RF_OK) return nullptr;
     rf_model* m = new rf_model();
     m->cfg = *cfg;
@@ -450,12 +407,9 @@ RF_API rf_model* rf_model_create(const rf_config* cfg) {
 RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, int32_t dtype, const int64_t* shape,
                                int32_t ndim) {
   return guard("rf_model_set_tensor", [&]() -> int {
-    if (!m) return set_error(RF_ERR_INVALID, "rf_model_set_tensor: model is NULL");
-    if (!name) return set_error(RF_ERR_INVALID, "rf_model_set_tensor: name is NULL");
-    rf::TensorId id;
-    int rc = rf::check_tensor(m->cfg, name, dtype, shape, ndim, &id);
-    if (rc != RF_OK) return rc;
-    if (!data) return set_error(RF_ERR_INVALID, "tensor '%s': data is NULL", name);
+    RF_TRY(rf::check_set_tensor(m, name, data));
+    rf::TensorId id{};
+    RF_TRY(rf::check_tensor(m->cfg, name, dtype, shape, ndim, &id));
     int64_t r, cc;
     rf::expected_shape(m->cfg, id.kind, &r, &cc);
     const int64_t cnt = r * (cc ? cc : 1);
@@ -475,8 +429,7 @@ RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, 
 
 RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
   return guard("rf_model_init_random", [&]() -> int {
-    if (!m) return set_error(RF_ERR_INVALID, "rf_model_init_random: model is NULL");
-    if (!(stdv >= 0.f) || !std::isfinite(stdv)) return set_error(RF_ERR_INVALID, "rf_model_init_random: bad std");
+    RF_TRY(rf::check_init_random(m, stdv));
     const rf_config& c = m->cfg;
     for (size_t slot = 0; slot < m->set.size(); slot++) {
       rf::TensorId id;
@@ -520,16 +473,15 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
 
 RF_API int rf_model_finalize(rf_model* m) {
   return guard("rf_model_finalize", [&]() -> int {
-    if (!m) return set_error(RF_ERR_INVALID, "rf_model_finalize: model is NULL");
-    int rc = rf::check_complete(m->cfg, m->set);
-    if (rc != RF_OK) return rc;
+    RF_TRY(rf::check_not_null(m, "model", "rf_model_finalize"));
+    RF_TRY(rf::check_complete(m->cfg, m->set));
     m->finalized = true;
     return RF_OK;
   });
 }
 
 RF_API int64_t rf_model_memory_bytes(const rf_model* m) {
-  if (!m) return set_error(RF_ERR_INVALID, "rf_model_memory_bytes: model is NULL");
+  RF_TRY(rf::check_not_null(m, "model", "rf_model_memory_bytes"));
   int64_t b = (int64_t)(m->embed.size() + m->norm.size() + m->lm_head.size());
   for (const Layer& L : m->layers)
     b += (int64_t)(L.in_norm.size() + L.post_norm.size() + L.wq.size() + L.wk.size() + L.wv.size() + L.wo.size() +
@@ -546,8 +498,8 @@ RF_API void rf_model_destroy(rf_model* m) {
 /* ---- compressor ---- */
 RF_API rf_compressor* rf_compressor_create(rf_model* m, const rf_compress_params* p, const int32_t* heads,
                                            int32_t n_heads) {
-  return guard_ptr<rf_compressor>("rf_compressor_create", [&]() -> rf_compressor* {
-    if (!model_ready(m)) return nullptr;
+  return guard("rf_compressor_create", [&]() -> rf_compressor* {
+    if (rf::check_model_ready(m, "rf_compressor_create") != RF_OK) return nullptr;
     std::vector<rf::HeadSel> hs;
     int el = 0;
     if (rf::validate_compress(m->cfg, p, heads, n_heads, &hs, &el) != RF_OK) return nullptr;
@@ -577,23 +529,19 @@ RF_API rf_compressor* rf_compressor_create(rf_model* m, const rf_compress_params
 }
 
 RF_API int32_t rf_compressor_embed_dim(const rf_compressor* c) {
-  if (!c) return set_error(RF_ERR_INVALID, "compressor is NULL");
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_embed_dim"));
   return (int32_t)(c->heads.size() * (size_t)c->m->cfg.head_dim);
 }
 RF_API int32_t rf_compressor_exit_layer(const rf_compressor* c) {
-  if (!c) return set_error(RF_ERR_INVALID, "compressor is NULL");
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_exit_layer"));
   return c->exit_layer;
 }
 
 static int compressor_call(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb, bool commit,
                            const char* where) {
   return guard(where, [&]() -> int {
-    if (!c) return set_error(RF_ERR_INVALID, "%s: compressor is NULL", where);
-    if (n < 1 || n > c->p.max_chunk)
-      return set_error(RF_ERR_INVALID, "%s: n = %d must be in [1, max_chunk = %d]", where, n, c->p.max_chunk);
-    if (!tokens) return set_error(RF_ERR_INVALID, "%s: tokens is NULL", where);
-    if (!commit && !out_emb) return set_error(RF_ERR_INVALID, "%s: out_emb is NULL", where);
-    if (!tokens_valid(c->m, tokens, n)) return RF_ERR_INVALID;
+    RF_TRY(rf::check_not_null(c, "compressor", where));
+    RF_TRY(rf::check_chunk(tokens, n, c->p.max_chunk, c->m->cfg.vocab_size, out_emb, !commit, where));
     return compressor_run(c, tokens, n, out_emb, commit);
   });
 }
@@ -605,43 +553,38 @@ RF_API int rf_compressor_embed(rf_compressor* c, const int32_t* tokens, int32_t 
   return compressor_call(c, tokens, n, out_emb, false, "rf_compressor_embed");
 }
 RF_API int64_t rf_compressor_cache_len(const rf_compressor* c) {
-  if (!c) return set_error(RF_ERR_INVALID, "compressor is NULL");
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_cache_len"));
   return c->len;
 }
 RF_API int64_t rf_compressor_seen(const rf_compressor* c) {
-  if (!c) return set_error(RF_ERR_INVALID, "compressor is NULL");
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_seen"));
   return c->seen;
 }
 RF_API int rf_compressor_reset(rf_compressor* c) {
-  if (!c) return set_error(RF_ERR_INVALID, "rf_compressor_reset: compressor is NULL");
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_reset"));
   c->len = 0;
   c->seen = 0;
   return RF_OK;
 }
 
+/* the state blob header of this compressor (its shape and counters) */
+static rf::StateHeader state_header_of(const rf_compressor* c) {
+  const rf_config& cfg = c->m->cfg;
+  return rf::state_header(c->exit_layer + 1, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, c->p.capacity, c->len,
+                          c->seen);
+}
+
 RF_API int64_t rf_compressor_state_size(const rf_compressor* c) {
-  if (!c) return set_error(RF_ERR_INVALID, "rf_compressor_state_size: compressor is NULL");
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_size"));
   return rf::state_size(c->exit_layer + 1, c->m->cfg.num_kv_heads, c->m->cfg.head_dim, c->len);
 }
 
 RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t size) {
   return guard("rf_compressor_state_save", [&]() -> int {
-    if (!c || !buf) return set_error(RF_ERR_INVALID, "rf_compressor_state_save: NULL argument");
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_save"));
     const int nkv = c->m->cfg.num_kv_heads, hd = c->m->cfg.head_dim;
-    const int64_t need = rf::state_size(c->exit_layer + 1, nkv, hd, c->len);
-    if (size < need)
-      return set_error(RF_ERR_INVALID, "rf_compressor_state_save: buffer of %lld bytes, need %lld", (long long)size,
-                       (long long)need);
-    rf::StateHeader h;
-    memset(&h, 0, sizeof h);
-    memcpy(h.magic, "RFCSTAT1", 8);
-    h.num_layers_cached = c->exit_layer + 1;
-    h.num_kv_heads = nkv;
-    h.head_dim = hd;
-    h.capacity = c->p.capacity;
-    h.len = c->len;
-    h.seen = c->seen;
-    h.hidden_size = c->m->cfg.hidden_size;
+    const rf::StateHeader h = state_header_of(c);
+    RF_TRY(rf::check_state_save(buf, size, h));
     char* o = (char*)buf;
     memcpy(o, &h, sizeof h);
     o += sizeof h;
@@ -661,27 +604,10 @@ RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t s
 
 RF_API int rf_compressor_state_load(rf_compressor* c, const void* buf, int64_t size) {
   return guard("rf_compressor_state_load", [&]() -> int {
-    if (!c || !buf) return set_error(RF_ERR_INVALID, "rf_compressor_state_load: NULL argument");
-    if (size < (int64_t)sizeof(rf::StateHeader))
-      return set_error(RF_ERR_INVALID, "rf_compressor_state_load: blob too small (%lld bytes)", (long long)size);
-    rf::StateHeader h;
-    memcpy(&h, buf, sizeof h);
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_load"));
     const int nkv = c->m->cfg.num_kv_heads, hd = c->m->cfg.head_dim;
-    if (memcmp(h.magic, "RFCSTAT1", 8) != 0) return set_error(RF_ERR_INVALID, "rf_compressor_state_load: bad magic");
-    if (h.num_layers_cached != c->exit_layer + 1 || h.num_kv_heads != nkv || h.head_dim != hd ||
-        h.hidden_size != c->m->cfg.hidden_size)
-      return set_error(RF_ERR_INVALID,
-                       "rf_compressor_state_load: blob is for %d layers x %d kv heads x head_dim %d (hidden %d), "
-                       "compressor has %d x %d x %d (hidden %d)",
-                       h.num_layers_cached, h.num_kv_heads, h.head_dim, h.hidden_size, c->exit_layer + 1, nkv, hd,
-                       c->m->cfg.hidden_size);
-    if (h.len < 0 || h.len > c->p.capacity || h.seen < h.len)
-      return set_error(RF_ERR_INVALID, "rf_compressor_state_load: blob len %lld invalid for capacity %d",
-                       (long long)h.len, c->p.capacity);
-    const int64_t need = rf::state_size(h.num_layers_cached, nkv, hd, h.len);
-    if (size != need)
-      return set_error(RF_ERR_INVALID, "rf_compressor_state_load: blob has %lld bytes, expected %lld", (long long)size,
-                       (long long)need);
+    rf::StateHeader h{};
+    RF_TRY(rf::check_state_load(buf, size, state_header_of(c), &h));
     const char* in = (const char*)buf + sizeof h;
     for (int l = 0; l <= c->exit_layer; l++)
       for (int g = 0; g < nkv; g++) {
@@ -710,10 +636,8 @@ RF_API void rf_compressor_destroy(rf_compressor* c) {
 RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                     float* out) {
   return guard("rf_score", [&]() -> int {
-    if (n_ctx < 0 || dim <= 0 || n_q < 1) return set_error(RF_ERR_INVALID, "rf_score: bad sizes");
-    if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16) return set_error(RF_ERR_INVALID, "rf_score: ctx dtype must be f32/f16");
+    RF_TRY(rf::check_score_args(ctx, ctx_dtype, n_ctx, dim, q, n_q, out));
     if (n_ctx == 0) return RF_OK;
-    if (!ctx || !q || !out) return set_error(RF_ERR_INVALID, "rf_score: NULL argument");
     std::vector<float> qn((size_t)n_q * dim);
     for (int j = 0; j < n_q; j++) {
       const float* src = q + (int64_t)j * dim;
@@ -741,12 +665,9 @@ RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t d
 
 /* ---- recompute + generate ---- */
 RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens) {
-  return guard_ptr<rf_seq>("rf_seq_create", [&]() -> rf_seq* {
-    if (!model_ready(m)) return nullptr;
-    if (max_tokens < 1) {
-      set_error(RF_ERR_INVALID, "rf_seq_create: max_tokens must be >= 1");
+  return guard("rf_seq_create", [&]() -> rf_seq* {
+    if (rf::check_model_ready(m, "rf_seq_create") != RF_OK || rf::check_seq_create(max_tokens) != RF_OK)
       return nullptr;
-    }
     const rf_config& cfg = m->cfg;
     std::unique_ptr<rf_seq> s(new rf_seq());
     s->m = m;
@@ -761,13 +682,8 @@ RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens) {
 
 RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* logits_out) {
   return guard("rf_seq_forward", [&]() -> int {
-    if (!s) return set_error(RF_ERR_INVALID, "rf_seq_forward: seq is NULL");
-    if (n < 1) return set_error(RF_ERR_INVALID, "rf_seq_forward: n must be >= 1");
-    if (!tokens) return set_error(RF_ERR_INVALID, "rf_seq_forward: tokens is NULL");
-    if ((int64_t)n > s->max_tokens - s->len)
-      return set_error(RF_ERR_INVALID, "rf_seq_forward: %d tokens at length %lld exceed max_tokens %lld", n,
-                       (long long)s->len, (long long)s->max_tokens);
-    if (!tokens_valid(s->m, tokens, n)) return RF_ERR_INVALID;
+    RF_TRY(rf::check_not_null(s, "seq", "rf_seq_forward"));
+    RF_TRY(rf::check_seq_append(tokens, n, s->len, s->max_tokens, s->m->cfg.vocab_size, "rf_seq_forward"));
     seq_reserve(s, s->len + n);
     const int64_t BLK = 256;  // bounds activation memory for long prefills
     for (int64_t t0 = 0; t0 < n; t0 += BLK) {
@@ -780,10 +696,9 @@ RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* lo
 }
 
 RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t top_k, uint64_t* rng_state) {
-  return guard("rf_seq_sample", [&]() -> int {
-    if (!s) return set_error(RF_ERR_INVALID, "rf_seq_sample: seq is NULL");
-    if (!s->has_logits) return set_error(RF_ERR_STATE, "rf_seq_sample: no logits yet (call rf_seq_forward first)");
-    if (std::isnan(temperature) || std::isnan(top_p)) return set_error(RF_ERR_INVALID, "rf_seq_sample: NaN parameter");
+  return guard("rf_seq_sample", [&]() -> int32_t {
+    RF_TRY(rf::check_not_null(s, "seq", "rf_seq_sample"));
+    RF_TRY(rf::check_seq_sample(s->has_logits, temperature, top_p));
     return rf::sample_logits(s->logits.data(), s->m->cfg.vocab_size, temperature, top_p, top_k, rng_state);
   });
 }
@@ -794,12 +709,12 @@ RF_API int32_t rf_sample_logits(const float* logits, int32_t n, float temperatur
 }
 
 RF_API int32_t rf_seq_length(const rf_seq* s) {
-  if (!s) return set_error(RF_ERR_INVALID, "rf_seq_length: seq is NULL");
+  RF_TRY(rf::check_not_null(s, "seq", "rf_seq_length"));
   return (int32_t)s->len;
 }
 
 RF_API int rf_seq_reset(rf_seq* s) {
-  if (!s) return set_error(RF_ERR_INVALID, "rf_seq_reset: seq is NULL");
+  RF_TRY(rf::check_not_null(s, "seq", "rf_seq_reset"));
   s->len = 0;
   s->has_logits = false;
   return RF_OK;
@@ -807,15 +722,10 @@ RF_API int rf_seq_reset(rf_seq* s) {
 
 RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c) {
   return guard("rf_seq_import_compressor", [&]() -> int {
-    if (!s || !c) return set_error(RF_ERR_INVALID, "rf_seq_import_compressor: NULL argument");
-    if (c->m != s->m) return set_error(RF_ERR_INVALID, "rf_seq_import_compressor: compressor uses a different model");
+    RF_TRY(rf::check_not_null(s, "seq", "rf_seq_import_compressor"));
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_seq_import_compressor"));
     const rf_config& cfg = s->m->cfg;
-    if (c->exit_layer != cfg.num_layers - 1)
-      return set_error(RF_ERR_INVALID, "rf_seq_import_compressor: compressor exit layer %d is not the last layer %d",
-                       c->exit_layer, cfg.num_layers - 1);
-    if (c->len > s->max_tokens)
-      return set_error(RF_ERR_INVALID, "rf_seq_import_compressor: %lld cache entries exceed max_tokens %lld",
-                       (long long)c->len, (long long)s->max_tokens);
+    RF_TRY(rf::check_import(c->m == s->m, c->exit_layer, cfg.num_layers, c->len, s->max_tokens));
     const int nkv = cfg.num_kv_heads, hd = cfg.head_dim, half = hd / 2;
     s->len = 0;
     s->has_logits = false;

@@ -75,6 +75,7 @@ const symbols = {
   rf_device_count: { args: [], returns: FFIType.i32 },
   rf_device_info: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
   rf_set_threads: { args: [FFIType.i32], returns: FFIType.i32 },
+  rf_struct_layout: { args: [], returns: FFIType.cstring },
 
   rf_model_create: { args: [FFIType.ptr], returns: FFIType.ptr },
   rf_model_set_tensor: {
@@ -116,6 +117,98 @@ const symbols = {
 
 type Lib = ReturnType<typeof dlopen<typeof symbols>>["symbols"];
 
+type FieldType = "i32" | "f32";
+interface StructSpec<F extends string> {
+  readonly name: string;
+  readonly size: number;
+  /** C field name -> [byte offset, type]; reserved words are left zero */
+  readonly fields: Readonly<Record<F, readonly [number, FieldType]>>;
+}
+
+/** The structs packed here by hand. Their offsets are checked against the library's rf_struct_layout() when it
+ * loads, so a changed cuda/reform.h fails loudly instead of silently misplacing a field. */
+const RF_CONFIG = {
+  name: "rf_config",
+  size: 128,
+  fields: {
+    vocab_size: [0, "i32"],
+    hidden_size: [4, "i32"],
+    intermediate_size: [8, "i32"],
+    num_layers: [12, "i32"],
+    num_heads: [16, "i32"],
+    num_kv_heads: [20, "i32"],
+    head_dim: [24, "i32"],
+    qkv_bias: [28, "i32"],
+    tie_embeddings: [32, "i32"],
+    rope_type: [36, "i32"],
+    rms_eps: [40, "f32"],
+    rope_theta: [44, "f32"],
+    rope_factor: [48, "f32"],
+    rope_low_freq_factor: [52, "f32"],
+    rope_high_freq_factor: [56, "f32"],
+    rope_original_max_pos: [60, "i32"],
+    weight_dtype: [64, "i32"],
+  },
+} as const satisfies StructSpec<string>;
+
+const RF_COMPRESS_PARAMS = {
+  name: "rf_compress_params",
+  size: 64,
+  fields: {
+    capacity: [0, "i32"],
+    n_sink: [4, "i32"],
+    n_recent: [8, "i32"],
+    obs_window: [12, "i32"],
+    max_chunk: [16, "i32"],
+    emb_dtype: [20, "i32"],
+    exit_layer: [24, "i32"],
+  },
+} as const satisfies StructSpec<string>;
+
+function packStruct<F extends string>(spec: StructSpec<F>, values: Record<F, number>): Uint8Array {
+  const buf = new Uint8Array(spec.size);
+  const dv = new DataView(buf.buffer);
+  for (const name of Object.keys(spec.fields) as F[]) {
+    const [offset, type] = spec.fields[name];
+    if (type === "f32") dv.setFloat32(offset, values[name], true);
+    else dv.setInt32(offset, values[name] | 0, true);
+  }
+  return buf;
+}
+
+/** Differences between the structs as packed here and `layout` (rf_struct_layout(): one line per struct,
+ * "name sizeof field:offset:type ..."); empty when they agree. Reserved fields are the library's business. */
+export function structLayoutMismatches(layout: string): string[] {
+  const lib = new Map<string, { size: number; fields: Map<string, string> }>();
+  for (const line of layout.split("\n")) {
+    const [name, size, ...fields] = line.trim().split(/\s+/);
+    if (!name) continue;
+    const fm = new Map<string, string>();
+    for (const f of fields) {
+      const [field, offset, type] = f.split(":");
+      fm.set(field, `${offset}:${type}`);
+    }
+    lib.set(name, { size: Number(size), fields: fm });
+  }
+  const out: string[] = [];
+  for (const spec of [RF_CONFIG, RF_COMPRESS_PARAMS] as StructSpec<string>[]) {
+    const have = lib.get(spec.name);
+    if (!have) {
+      out.push(`${spec.name}: not described by the library`);
+      continue;
+    }
+    if (have.size !== spec.size) out.push(`${spec.name}: sizeof ${have.size} in the library, ${spec.size} here`);
+    for (const [field, [offset, type]] of Object.entries(spec.fields)) {
+      const want = `${offset}:${type}`;
+      const got = have.fields.get(field);
+      if (got !== want) out.push(`${spec.name}.${field}: ${got ?? "missing"} in the library, ${want} here`);
+    }
+    for (const field of have.fields.keys())
+      if (field !== "reserved" && !(field in spec.fields)) out.push(`${spec.name}.${field}: in the library, not packed here`);
+  }
+  return out;
+}
+
 export const ROOT_DIR = resolve(import.meta.dir, "..");
 export function libraryPath(backend: "cpu" | "cuda"): string {
   return join(ROOT_DIR, "build", `libreform_${backend}.so`);
@@ -156,6 +249,12 @@ export class Native {
     if (backend && backend !== own) {
       handle.close();
       throw new Error(`native library ${path} is the ${own} backend, not ${backend}`);
+    }
+    const layout = this.lib.rf_struct_layout();
+    const mismatches = layout ? structLayoutMismatches(String(layout)) : ["rf_struct_layout() failed"];
+    if (mismatches.length > 0) {
+      handle.close();
+      throw new Error(`native library ${path}: struct layout differs from ffi/native.ts: ${mismatches.join("; ")}`);
     }
     this.backend = own;
   }
@@ -203,26 +302,26 @@ export class Native {
 
   // ---- model ----
   createModel(cfg: ModelConfig): NativeModel {
-    const buf = new ArrayBuffer(128);
-    const dv = new DataView(buf);
-    const ints = [
-      cfg.vocabSize,
-      cfg.hiddenSize,
-      cfg.intermediateSize,
-      cfg.numLayers,
-      cfg.numHeads,
-      cfg.numKvHeads,
-      cfg.headDim,
-      cfg.qkvBias ? 1 : 0,
-      cfg.tieEmbeddings ? 1 : 0,
-      cfg.ropeType,
-    ];
-    ints.forEach((v, i) => dv.setInt32(i * 4, v | 0, true));
-    const floats = [cfg.rmsEps, cfg.ropeTheta, cfg.ropeFactor, cfg.ropeLowFreqFactor, cfg.ropeHighFreqFactor];
-    floats.forEach((v, i) => dv.setFloat32((10 + i) * 4, v, true));
-    dv.setInt32(15 * 4, cfg.ropeOriginalMaxPos | 0, true);
-    dv.setInt32(16 * 4, cfg.weightDtype | 0, true);
-    const p = this.checkPtr(this.lib.rf_model_create(new Uint8Array(buf)), "rf_model_create");
+    const buf = packStruct(RF_CONFIG, {
+      vocab_size: cfg.vocabSize,
+      hidden_size: cfg.hiddenSize,
+      intermediate_size: cfg.intermediateSize,
+      num_layers: cfg.numLayers,
+      num_heads: cfg.numHeads,
+      num_kv_heads: cfg.numKvHeads,
+      head_dim: cfg.headDim,
+      qkv_bias: cfg.qkvBias ? 1 : 0,
+      tie_embeddings: cfg.tieEmbeddings ? 1 : 0,
+      rope_type: cfg.ropeType,
+      rms_eps: cfg.rmsEps,
+      rope_theta: cfg.ropeTheta,
+      rope_factor: cfg.ropeFactor,
+      rope_low_freq_factor: cfg.ropeLowFreqFactor,
+      rope_high_freq_factor: cfg.ropeHighFreqFactor,
+      rope_original_max_pos: cfg.ropeOriginalMaxPos,
+      weight_dtype: cfg.weightDtype,
+    });
+    const p = this.checkPtr(this.lib.rf_model_create(buf), "rf_model_create");
     return new NativeModel(this, this.lib, p, cfg);
   }
 
@@ -294,8 +393,15 @@ export class NativeModel {
 
   createCompressor(params: CompressParams, heads: HeadSpec[]): NativeCompressor {
     if (heads.length === 0) throw new Error("createCompressor: at least one head is required");
-    const pb = new Int32Array(16);
-    pb.set([params.capacity, params.nSink, params.nRecent, params.obsWindow, params.maxChunk, params.embDtype, params.exitLayer]);
+    const pb = packStruct(RF_COMPRESS_PARAMS, {
+      capacity: params.capacity,
+      n_sink: params.nSink,
+      n_recent: params.nRecent,
+      obs_window: params.obsWindow,
+      max_chunk: params.maxChunk,
+      emb_dtype: params.embDtype,
+      exit_layer: params.exitLayer,
+    });
     const hb = new Int32Array(heads.length * 3);
     heads.forEach((h, i) => {
       hb[i * 3] = h.layer;

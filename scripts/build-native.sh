@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the native REFORM engine.
 #   build/libreform_cpu.so   always (g++ -O3, OpenMP)
-#   build/libreform_cuda.so  when nvcc is present (sm_90; cudart static, cuBLAS dlopen'ed at run time)
+#   build/libreform_cuda.so  when nvcc is present (sm_90; cudart static, cuBLAS dlopen'ed at run time);
+#                            cuda/reform_cuda.cu is one translation unit that includes its parts cuda/gpu/*.cuh
 #   build/libreform_cuda_emu.so, build/libreform_cuda_emu_asan.so, build/emu/libcublas_fake.so   always (g++):
 #       the CUDA source compiled for the CPU emulation in cuda/emu (tests only; REFORM_SKIP_EMU=1 skips them)
 # Skips a target whose output is newer than its sources. REFORM_SKIP_CUDA=1 skips the CUDA build;
@@ -17,7 +18,7 @@ newer() { # newer OUT SRC... : true when OUT exists and is newer than every SRC
   return 0
 }
 
-CPU_SRC=(cuda/reform_cpu.cpp cuda/cpu_kernels.h cuda/reform.h cuda/reform_common.h)
+CPU_SRC=(cuda/reform_cpu.cpp cuda/cpu_kernels.h cuda/reform.h cuda/reform_common.h cuda/abi_guard.h)
 CXX=${CXX:-g++}
 if newer build/libreform_cpu.so "${CPU_SRC[@]}" scripts/build-native.sh; then
   echo "[build] libreform_cpu.so up to date"
@@ -36,7 +37,7 @@ elif [[ -z $NVCC ]]; then
   if [[ ${REFORM_REQUIRE_CUDA:-0} == 1 ]]; then echo "[build] nvcc not found" >&2; exit 1; fi
   echo "[build] nvcc not found: CUDA build skipped"
 else
-  CUDA_SRC=(cuda/reform_cuda.cu cuda/reform.h cuda/reform_common.h)
+  CUDA_SRC=(cuda/reform_cuda.cu cuda/gpu/*.cuh cuda/reform.h cuda/reform_common.h cuda/abi_guard.h)
   if newer build/libreform_cuda.so "${CUDA_SRC[@]}" scripts/build-native.sh; then
     echo "[build] libreform_cuda.so up to date"
   else
@@ -55,7 +56,8 @@ elif [[ $(uname -m) != x86_64 ]]; then
   echo "[build] CUDA emulation skipped: its fiber switch is x86-64 only (this is $(uname -m))"
 else
   mkdir -p build/emu
-  EMU_SRC=(cuda/reform_cuda.cu cuda/reform.h cuda/reform_common.h cuda/emu/cuda_emu.h cuda/emu/cuda_emu.cpp)
+  EMU_SRC=(cuda/reform_cuda.cu cuda/gpu/*.cuh cuda/reform.h cuda/reform_common.h cuda/abi_guard.h cuda/emu/cuda_emu.h
+    cuda/emu/cuda_emu.cpp)
   EMU_FLAGS=(-std=c++17 -fPIC -shared -fvisibility=hidden -fno-strict-aliasing -DRF_CUDA_EMU -Icuda
     -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas)
   build_emu() { # OUT extra-flags...

@@ -13,7 +13,9 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <new>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -72,6 +74,7 @@ cudaError_t g_last = cudaSuccess;
 int g_devices = -1;       // -1: read REFORM_EMU_DEVICES (default 1)
 int g_cur_dev = 0;
 size_t g_mem_limit = (size_t)8 << 30;
+std::string g_throw_on_launch;  // "bad_alloc" / "runtime_error": the next launch throws it (host exceptions in the ABI)
 size_t g_mem_used = 0;
 std::map<uintptr_t, size_t> g_allocs;
 std::set<cudaStream_t> g_streams;
@@ -365,6 +368,13 @@ void set_last(cudaError_t e) {
 }
 
 void run_kernel(const LaunchCfg& cfg, const std::function<void()>& body, bool args_ok, const char* bad_arg) {
+  std::string throw_now;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    throw_now.swap(g_throw_on_launch);
+  }
+  if (throw_now == "bad_alloc") throw std::bad_alloc();
+  if (!throw_now.empty()) throw std::runtime_error(std::string("emulated host exception at launch of ") + cfg.name);
   std::lock_guard<std::mutex> launch(g_launch_mu);
   const uint64_t nt = (uint64_t)cfg.block.x * cfg.block.y * cfg.block.z;
   size_t max_dyn;
@@ -643,6 +653,10 @@ EMU_API int rf_emu_set(const char* key, const char* value) {
   }
   if (k == "mem_limit") {
     g_mem_limit = (size_t)strtoull(value, nullptr, 10);
+    return 0;
+  }
+  if (k == "throw_on_launch") {
+    g_throw_on_launch = value;
     return 0;
   }
   if (k == "devices") {

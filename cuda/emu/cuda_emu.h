@@ -1,6 +1,6 @@
 /*
- * cuda_emu.h — a CPU emulation of the subset of CUDA that cuda/reform_cuda.cu uses, so that the CUDA
- * source itself (kernels and host code) can be compiled with g++ and run on a machine without a GPU.
+ * cuda_emu.h — a CPU emulation of the subset of CUDA that cuda/reform_cuda.cu (with its parts in cuda/gpu) uses,
+ * so that the CUDA source itself (kernels and host code) can be compiled with g++ and run on a machine without a GPU.
  *
  * It is a test instrument, not a backend: build/libreform_cuda_emu.so is reform_cuda.cu compiled with
  * -DRF_CUDA_EMU against this header. What it models:
@@ -17,6 +17,8 @@
  *     shared memory are filled with 0xFF bytes (NaN in f32/f16/bf16) so reads of unwritten memory show;
  *   - wmma 16x16x16 fragments (bf16/f16 inputs, f32 accumulate), all lanes must pass the same pointer/ldm;
  *   - a device memory limit (rf_emu_set("mem_limit", bytes)) for out-of-memory paths.
+ *   - a host exception thrown by the next kernel launch (rf_emu_set("throw_on_launch", "bad_alloc" or
+ *     "runtime_error")), for the error mapping of the ABI's exception boundary.
  * What it cannot model: real timing, the memory model of concurrent warps, bank conflicts, occupancy, and the
  * exact rounding order of tensor-core accumulation. It never replaces a run on a GPU.
  */

@@ -1,0 +1,240 @@
+/*
+ * gpu/abi.cuh — the C ABI of cuda/reform.h for the CUDA build: argument checks and the exception boundary
+ * (both shared with the CPU build, cuda/abi_guard.h) around the *_impl functions of the parts before.
+ * Part of the single translation unit cuda/reform_cuda.cu (included there, in order).
+ */
+extern "C" {
+
+RF_API int rf_abi_version(void) { return RF_ABI_VERSION; }
+RF_API const char* rf_backend_name(void) { return "cuda"; }
+RF_API const char* rf_last_error(void) { return rf::last_error_ref().c_str(); }
+RF_API int rf_last_error_code(void) { return rf::last_error_code_ref(); }
+RF_API const char* rf_struct_layout(void) {
+  return rf::guard("rf_struct_layout", [&]() -> const char* { return rf::struct_layout(); });
+}
+
+RF_API int rf_device_count(void) {
+  return rf::guard("rf_device_count", [&]() -> int {
+    std::string why;
+    int n = device_count_impl(&why);
+    if (n <= 0) set_error(RF_ERR_NODEVICE, "no usable CUDA device: %s", why.c_str());
+    return n;
+  });
+}
+
+RF_API int rf_device_info(char* buf, int32_t buflen) {
+  return rf::guard("rf_device_info", [&]() -> int {
+    if (!buf || buflen <= 0) return set_error(RF_ERR_INVALID, "rf_device_info: buffer is NULL or empty");
+    std::string why;
+    int n = device_count_impl(&why);
+    std::string s;
+    const CublasLib& lib = cublas_lib();
+    std::string gemm =
+        lib.ok ? "cuBLAS (" + lib.name + ")" : "built-in tiled GEMM (cuBLAS unavailable: " + lib.why + ")";
+    if (n <= 0) {
+      s = "cuda: no usable device (" + why + "); GEMM: " + gemm;
+    } else {
+      int dev = device_index();
+      cudaDeviceProp p;
+      cudaError_t e = cudaGetDeviceProperties(&p, dev < n ? dev : 0);
+      if (e != cudaSuccess) {
+        cudaGetLastError();
+        s = std::string("cuda: ") + std::to_string(n) + " device(s), properties unavailable: " + cudaGetErrorString(e);
+      } else {
+        char tmp[512];
+        snprintf(tmp, sizeof tmp, "cuda: device %d/%d %s (sm_%d%d, %.1f GiB, %d SMs); GEMM: ", dev < n ? dev : 0, n,
+                 p.name, p.major, p.minor, p.totalGlobalMem / 1073741824.0, p.multiProcessorCount);
+        s = tmp + gemm;
+      }
+    }
+    snprintf(buf, (size_t)buflen, "%s", s.c_str());
+    return RF_OK;
+  });
+}
+
+RF_API int rf_set_threads(int32_t n) { return rf::check_threads(n); }  // no host thread pool in this build
+
+/* ---- model ---- */
+RF_API rf_model* rf_model_create(const rf_config* cfg) {
+  return rf::guard("rf_model_create", [&]() -> rf_model* {
+    rf_model* m = nullptr;
+    return model_create_impl(cfg, &m) == RF_OK ? m : nullptr;
+  });
+}
+
+RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, int32_t dtype, const int64_t* shape,
+                               int32_t ndim) {
+  return rf::guard("rf_model_set_tensor", [&]() -> int {
+    RF_TRY(rf::check_set_tensor(m, name, data));
+    return set_tensor_impl(m, name, data, dtype, shape, ndim);
+  });
+}
+
+RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float std) {
+  return rf::guard("rf_model_init_random", [&]() -> int {
+    RF_TRY(rf::check_init_random(m, std));
+    return init_random_impl(m, seed, std);
+  });
+}
+
+RF_API int rf_model_finalize(rf_model* m) {
+  return rf::guard("rf_model_finalize", [&]() -> int {
+    RF_TRY(rf::check_not_null(m, "model", "rf_model_finalize"));
+    RF_TRY(rf::check_complete(m->cfg, m->set));
+    m->finalized = true;
+    return RF_OK;
+  });
+}
+
+RF_API int64_t rf_model_memory_bytes(const rf_model* m) {
+  RF_TRY(rf::check_not_null(m, "model", "rf_model_memory_bytes"));
+  return m->arena.bytes;
+}
+
+RF_API void rf_model_destroy(rf_model* m) {
+  if (!m || m->destroyed) return;
+  m->destroyed = true;
+  if (m->children > 0) return;  // the last compressor / seq frees it (CPU build semantics)
+  model_free(m);
+  delete m;
+}
+
+/* ---- compressor ---- */
+RF_API rf_compressor* rf_compressor_create(rf_model* m, const rf_compress_params* p, const int32_t* heads,
+                                           int32_t n_heads) {
+  return rf::guard("rf_compressor_create", [&]() -> rf_compressor* {
+    rf_compressor* c = nullptr;
+    if (rf::check_model_ready(m, "rf_compressor_create") != RF_OK) return nullptr;
+    return comp_create_impl(m, p, heads, n_heads, &c) == RF_OK ? c : nullptr;
+  });
+}
+
+RF_API int32_t rf_compressor_embed_dim(const rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_embed_dim"));
+  return c->edim;
+}
+RF_API int32_t rf_compressor_exit_layer(const rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_exit_layer"));
+  return c->exit;
+}
+
+static int compressor_call(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb, bool update,
+                           const char* where) {
+  return rf::guard(where, [&]() -> int {
+    RF_TRY(rf::check_not_null(c, "compressor", where));
+    RF_TRY(rf::check_chunk(tokens, n, c->p.max_chunk, c->m->V, out_emb, !update, where));
+    return comp_forward(c, tokens, n, out_emb, update);
+  });
+}
+RF_API int rf_compressor_process(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb) {
+  return compressor_call(c, tokens, n, out_emb, true, "rf_compressor_process");
+}
+RF_API int rf_compressor_embed(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb) {
+  return compressor_call(c, tokens, n, out_emb, false, "rf_compressor_embed");
+}
+
+RF_API int64_t rf_compressor_cache_len(const rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_cache_len"));
+  return c->len;
+}
+RF_API int64_t rf_compressor_seen(const rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_seen"));
+  return c->seen;
+}
+RF_API int rf_compressor_reset(rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_reset"));
+  c->len = 0;
+  c->seen = 0;
+  return RF_OK;
+}
+RF_API int64_t rf_compressor_state_size(const rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_size"));
+  return rf::state_size(c->exit + 1, c->m->nKV, c->m->hd, c->len);
+}
+RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t size) {
+  return rf::guard("rf_compressor_state_save", [&]() -> int {
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_save"));
+    RF_TRY(rf::check_state_save(buf, size, state_header_of(c)));
+    return state_save_impl(c, buf);
+  });
+}
+RF_API int rf_compressor_state_load(rf_compressor* c, const void* buf, int64_t size) {
+  return rf::guard("rf_compressor_state_load", [&]() -> int {
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_load"));
+    rf::StateHeader blob{};
+    RF_TRY(rf::check_state_load(buf, size, state_header_of(c), &blob));
+    return state_load_impl(c, buf, blob);
+  });
+}
+RF_API void rf_compressor_destroy(rf_compressor* c) {
+  if (!c) return;
+  comp_free(c);
+  delete c;
+}
+
+/* ---- scoring ---- */
+RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                    float* out) {
+  return rf::guard("rf_score", [&]() -> int {
+    RF_TRY(rf::check_score_args(ctx, ctx_dtype, n_ctx, dim, q, n_q, out));
+    if (n_ctx == 0) return RF_OK;
+    return score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, out);
+  });
+}
+
+/* ---- recompute + generate ---- */
+RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens) {
+  return rf::guard("rf_seq_create", [&]() -> rf_seq* {
+    rf_seq* s = nullptr;
+    if (rf::check_model_ready(m, "rf_seq_create") != RF_OK || rf::check_seq_create(max_tokens) != RF_OK)
+      return nullptr;
+    return seq_create_impl(m, max_tokens, &s) == RF_OK ? s : nullptr;
+  });
+}
+
+RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* logits_out) {
+  return rf::guard("rf_seq_forward", [&]() -> int {
+    RF_TRY(rf::check_not_null(s, "seq", "rf_seq_forward"));
+    RF_TRY(rf::check_seq_append(tokens, n, s->len, s->maxT, s->m->V, "rf_seq_forward"));
+    return seq_forward_impl(s, tokens, n, logits_out);
+  });
+}
+
+RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t top_k, uint64_t* rng_state) {
+  return rf::guard("rf_seq_sample", [&]() -> int32_t {
+    RF_TRY(rf::check_not_null(s, "seq", "rf_seq_sample"));
+    RF_TRY(rf::check_seq_sample(s->has_logits, temperature, top_p));
+    return rf::sample_logits(s->host_logits.data(), s->m->V, temperature, top_p, top_k, rng_state);
+  });
+}
+
+RF_API int32_t rf_sample_logits(const float* logits, int32_t n, float temperature, float top_p, int32_t top_k,
+                                uint64_t* rng_state) {
+  return rf::sample_logits_checked(logits, n, temperature, top_p, top_k, rng_state);
+}
+
+RF_API int32_t rf_seq_length(const rf_seq* s) {
+  RF_TRY(rf::check_not_null(s, "seq", "rf_seq_length"));
+  return s->len;
+}
+RF_API int rf_seq_reset(rf_seq* s) {
+  RF_TRY(rf::check_not_null(s, "seq", "rf_seq_reset"));
+  s->len = 0;
+  s->has_logits = false;
+  return RF_OK;
+}
+RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c) {
+  return rf::guard("rf_seq_import_compressor", [&]() -> int {
+    RF_TRY(rf::check_not_null(s, "seq", "rf_seq_import_compressor"));
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_seq_import_compressor"));
+    RF_TRY(rf::check_import(c->m == s->m, c->exit, s->m->NL, c->len, s->maxT));
+    return seq_import_impl(s, c);
+  });
+}
+RF_API void rf_seq_destroy(rf_seq* s) {
+  if (!s) return;
+  seq_free(s);
+  delete s;
+}
+
+}  // extern "C"

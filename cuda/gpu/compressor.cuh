@@ -1,0 +1,270 @@
+/*
+ * gpu/compressor.cuh — the compress step (REFORM phase 1): chunk forward to the exit layer, H2O scores, eviction, state blob.
+ * The *_impl functions take arguments already checked by the ABI layer (gpu/abi.cuh, cuda/abi_guard.h).
+ * Part of the single translation unit cuda/reform_cuda.cu (included there, in order).
+ */
+namespace {
+
+/* ---------------- compressor ---------------- */
+void comp_free(rf_compressor* c) {
+  if (!c) return;
+  if (c->m) {
+    cudaSetDevice(c->m->dev);
+    cudaStreamSynchronize(c->m->stream);
+  }
+  c->arena.free_all();
+  cudaGetLastError();
+  if (c->m) model_release_child(c->m);
+  c->m = nullptr;
+}
+
+int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* heads, int32_t n_heads,
+                     rf_compressor** out) {
+  std::unique_ptr<rf_compressor> c(new rf_compressor());
+  int exit_layer = 0;
+  RF_TRY(rf::validate_compress(m->cfg, p, heads, n_heads, &c->heads, &exit_layer));
+  if ((int64_t)p->capacity + p->max_chunk > (int64_t)INT32_MAX / 2)
+    return set_error(RF_ERR_INVALID, "capacity + max_chunk too large");
+  CU_CHECK(cudaSetDevice(m->dev));
+  c->m = m;
+  m->children++;
+  struct Guard {
+    rf_compressor* p;
+    ~Guard() {
+      if (p) comp_free(p);
+    }
+  } guard{c.get()};
+  c->p = *p;
+  c->exit = exit_layer;
+  c->edim = n_heads * m->hd;
+  c->T = p->capacity + p->max_chunk;
+  const int nl = exit_layer + 1;
+  const size_t T = (size_t)c->T, hd = (size_t)m->hd, nKV = (size_t)m->nKV, N = (size_t)p->max_chunk;
+  DevArena& A = c->arena;
+  c->Kc.resize(nl);
+  c->Vc.resize(nl);
+  c->score.resize(nl);
+  for (int l = 0; l < nl; l++) {
+    RF_TRY(A.alloc(&c->Kc[l], nKV * T * hd, "compressor K cache"));
+    RF_TRY(A.alloc(&c->Vc[l], nKV * T * hd, "compressor V cache"));
+    RF_TRY(A.alloc(&c->score[l], nKV * T, "compressor H2O scores"));
+  }
+  RF_TRY(A.alloc(&c->Krot, nKV * T * hd, "compressor roped keys"));
+  RF_TRY(A.alloc(&c->x, N * m->H, "activations x"));
+  RF_TRY(A.alloc(&c->xn, N * m->H, "activations xn"));
+  RF_TRY(A.alloc(&c->qkv, N * m->qkvd, "activations qkv"));
+  RF_TRY(A.alloc(&c->qrot, N * m->qd, "activations q_rot"));
+  RF_TRY(A.alloc(&c->attn, N * m->qd, "activations attn"));
+  if (exit_layer > 0) {
+    RF_TRY(A.alloc(&c->gu, N * 2 * m->I, "activations gate/up"));
+    RF_TRY(A.alloc(&c->hbuf, N * m->I, "activations mlp"));
+  }
+  RF_TRY(A.alloc(&c->stat_m, (size_t)m->nH * N, "attention row max"));
+  RF_TRY(A.alloc(&c->stat_l, (size_t)m->nH * N, "attention row sum"));
+  {
+    uint8_t* e = nullptr;
+    RF_TRY(A.alloc(&e, N * c->edim * (p->emb_dtype == RF_F16 ? 2 : 4), "embedding output"));
+    c->emb = e;
+  }
+  RF_TRY(A.alloc(&c->tok, N, "tokens"));
+  RF_TRY(A.alloc(&c->tmpK, nKV * (size_t)p->capacity * hd, "eviction scratch"));
+  RF_TRY(A.alloc(&c->tmpS, nKV * (size_t)p->capacity, "eviction score scratch"));
+  RF_TRY(A.alloc(&c->keep_d, nKV * (size_t)p->capacity, "eviction indices"));
+  // embedding table: per layer, pairs (qkv column, embedding column)
+  std::vector<int32_t> tab;
+  c->table_off.assign(nl, 0);
+  c->table_cnt.assign(nl, 0);
+  for (int l = 0; l < nl; l++) {
+    c->table_off[l] = (int)(tab.size() / 2);
+    for (size_t i = 0; i < c->heads.size(); i++) {
+      const rf::HeadSel& h = c->heads[i];
+      if (h.layer != l) continue;
+      int col = h.kind == RF_HEAD_Q ? h.head * m->hd
+                : h.kind == RF_HEAD_K ? m->qd + h.head * m->hd
+                                      : m->qd + m->kvd + h.head * m->hd;
+      tab.push_back(col);
+      tab.push_back((int32_t)i * m->hd);
+      c->table_cnt[l]++;
+    }
+  }
+  RF_TRY(A.alloc(&c->table, tab.size(), "head table"));
+  CU_CHECK(cudaMemcpyAsync(c->table, tab.data(), tab.size() * 4, cudaMemcpyHostToDevice, m->stream));
+  CU_CHECK(cudaStreamSynchronize(m->stream));
+  guard.p = nullptr;
+  *out = c.release();
+  return RF_OK;
+}
+
+/* One chunk forward. update: append to cache + H2O + eviction; else cache unchanged. */
+int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, bool update) {
+  rf_model* m = c->m;
+  CU_CHECK(cudaSetDevice(m->dev));
+  const int len = (int)c->len, total = len + n;
+  const int w = std::min(c->p.obs_window, n);
+  const float scale = 1.f / sqrtf((float)m->hd);
+  Acts a{c->x, c->xn, c->qkv, c->qrot, c->attn, c->gu, c->hbuf};
+  RF_TRY(upload_tokens(m, c->tok, tokens, n, c->x));
+  for (int l = 0; l <= c->exit; l++) {
+    const LayerW& W = m->layers[l];
+    RF_TRY(run_qkv(m, W, a, n));
+    if (out_emb && c->table_cnt[l] > 0) {
+      dim3 grid((unsigned)n, (unsigned)c->table_cnt[l]);
+      RF_LAUNCH(k_emb_extract, grid, 32, 0, m->stream)(c->qkv, m->qkvd, c->table + 2 * c->table_off[l], c->emb, c->edim,
+                                                m->hd, c->p.emb_dtype == RF_F16, m->f16);
+      KERNEL_CHECK();
+    }
+    const bool last = l == c->exit;
+    if (last && !update) break;  // embedding only: q/k/v of the exit layer is all that is needed
+    // append pre-RoPE K and V at rows len..len+n-1 (beyond the logical cache when !update)
+    RF_LAUNCH(k_append_kv, nblocks((int64_t)n * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)(
+        c->qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq,
+        m->f16);
+    KERNEL_CHECK();
+    if (update) {
+      RF_LAUNCH(k_zero_scores, nblocks((int64_t)m->nKV * n, 256), 256, 0, m->stream)(c->score[l], c->T, m->nKV, len, n);
+      KERNEL_CHECK();
+    }
+    RF_LAUNCH(k_rope_q, nblocks((int64_t)n * m->nH * (m->hd / 2), 256), 256, 0, m->stream)(
+        c->qkv, m->qkvd, c->qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16);
+    KERNEL_CHECK();
+    // cache entry i is at position i: rope all keys
+    RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * total * (m->hd / 2), 256), 256, 0, m->stream)(
+        c->Kc[l], c->T, c->Krot, c->T, m->nKV, total, m->hd, 0, m->inv_freq, m->f16);
+    KERNEL_CHECK();
+    const int q_begin = last ? n - w : 0;
+    RF_TRY(launch_flash(m, c->qrot, c->Krot, c->Vc[l], c->T, c->attn, update ? c->stat_m : nullptr,
+                        update ? c->stat_l : nullptr, c->p.max_chunk, q_begin, n, len, total));
+    if (update) {
+      dim3 grid((unsigned)((total + H2O_KEYS - 1) / H2O_KEYS), (unsigned)m->nKV);
+      RF_LAUNCH(k_h2o, grid, H2O_KEYS, h2o_smem(m->hd), m->stream)(c->qrot, m->qd, c->Krot, c->T, c->stat_m, c->stat_l,
+                                                             c->p.max_chunk, c->score[l], n - w, n, len, total, m->G,
+                                                             m->hd, scale, m->f16);
+      KERNEL_CHECK();
+    }
+    if (!last) RF_TRY(run_post_attn(m, W, a, n));
+  }
+  if (out_emb) {
+    size_t bytes = (size_t)n * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4);
+    CU_CHECK(cudaMemcpyAsync(out_emb, c->emb, bytes, cudaMemcpyDeviceToHost, m->stream));
+  }
+  CU_CHECK(cudaStreamSynchronize(m->stream));
+  if (!update) return RF_OK;
+  c->seen += n;
+  if (total <= c->p.capacity) {
+    c->len = total;
+    return RF_OK;
+  }
+  // H2O eviction per (layer, kv head); selection on host with the shared helper. Whatever happens, the cache
+  // ends at `capacity` rows (a failure part-way leaves some layers unevicted, truncated: memory-safe, not exact).
+  c->len = c->p.capacity;
+  {
+    const int cap = c->p.capacity, nKV = m->nKV, hd = m->hd;
+    std::vector<float> sc((size_t)nKV * total);
+    std::vector<int32_t> keep_all((size_t)nKV * cap);
+    std::vector<int32_t> keep;
+    for (int l = 0; l <= c->exit; l++) {
+      CU_CHECK(cudaMemcpy2DAsync(sc.data(), (size_t)total * 4, c->score[l], (size_t)c->T * 4, (size_t)total * 4, nKV,
+                                 cudaMemcpyDeviceToHost, m->stream));
+      CU_CHECK(cudaStreamSynchronize(m->stream));
+      for (int h = 0; h < nKV; h++) {
+        rf::h2o_select(sc.data() + (size_t)h * total, total, cap, c->p.n_sink, c->p.n_recent, &keep);
+        if ((int)keep.size() != cap) return set_error(RF_ERR_INTERNAL, "h2o_select returned %zu entries", keep.size());
+        memcpy(keep_all.data() + (size_t)h * cap, keep.data(), (size_t)cap * 4);
+      }
+      CU_CHECK(cudaMemcpyAsync(c->keep_d, keep_all.data(), keep_all.size() * 4, cudaMemcpyHostToDevice, m->stream));
+      const int64_t nel = (int64_t)nKV * cap * hd;
+      const size_t row_bytes = (size_t)cap * hd * 2;
+      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)(c->Kc[l], c->T, c->tmpK, cap, c->keep_d,
+                                                                        nKV, cap, hd);
+      KERNEL_CHECK();
+      CU_CHECK(cudaMemcpy2DAsync(c->Kc[l], (size_t)c->T * hd * 2, c->tmpK, row_bytes, row_bytes, nKV,
+                                 cudaMemcpyDeviceToDevice, m->stream));
+      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)(c->Vc[l], c->T, c->tmpK, cap, c->keep_d,
+                                                                        nKV, cap, hd);
+      KERNEL_CHECK();
+      CU_CHECK(cudaMemcpy2DAsync(c->Vc[l], (size_t)c->T * hd * 2, c->tmpK, row_bytes, row_bytes, nKV,
+                                 cudaMemcpyDeviceToDevice, m->stream));
+      RF_LAUNCH(k_gather_rows<float>, nblocks((int64_t)nKV * cap, 256), 256, 0, m->stream)(c->score[l], c->T, c->tmpS, cap,
+                                                                                   c->keep_d, nKV, cap, 1);
+      KERNEL_CHECK();
+      CU_CHECK(cudaMemcpy2DAsync(c->score[l], (size_t)c->T * 4, c->tmpS, (size_t)cap * 4, (size_t)cap * 4, nKV,
+                                 cudaMemcpyDeviceToDevice, m->stream));
+    }
+    CU_CHECK(cudaStreamSynchronize(m->stream));
+  }
+  return RF_OK;
+}
+
+/* the state blob header of this compressor (its shape and counters) */
+rf::StateHeader state_header_of(const rf_compressor* c) {
+  return rf::state_header(c->exit + 1, c->m->nKV, c->m->hd, c->m->H, c->p.capacity, c->len, c->seen);
+}
+
+/* buf holds at least rf::state_size(...) bytes (checked by the ABI) */
+int state_save_impl(const rf_compressor* c, void* buf) {
+  rf_model* m = c->m;
+  const int nl = c->exit + 1, nKV = m->nKV, hd = m->hd;
+  const int64_t len = c->len;
+  CU_CHECK(cudaSetDevice(m->dev));
+  const rf::StateHeader hdr = state_header_of(c);
+  uint8_t* o = (uint8_t*)buf;
+  memcpy(o, &hdr, sizeof hdr);
+  float* f = (float*)(o + sizeof hdr);
+  std::vector<uint16_t> k((size_t)nKV * len * hd), v((size_t)nKV * len * hd);
+  std::vector<float> s((size_t)nKV * len);
+  for (int l = 0; l < nl; l++) {
+    if (len > 0) {
+      const size_t rb = (size_t)len * hd * 2, pitch = (size_t)c->T * hd * 2;
+      CU_CHECK(cudaMemcpy2DAsync(k.data(), rb, c->Kc[l], pitch, rb, nKV, cudaMemcpyDeviceToHost, m->stream));
+      CU_CHECK(cudaMemcpy2DAsync(v.data(), rb, c->Vc[l], pitch, rb, nKV, cudaMemcpyDeviceToHost, m->stream));
+      CU_CHECK(cudaMemcpy2DAsync(s.data(), (size_t)len * 4, c->score[l], (size_t)c->T * 4, (size_t)len * 4, nKV,
+                                 cudaMemcpyDeviceToHost, m->stream));
+      CU_CHECK(cudaStreamSynchronize(m->stream));
+    }
+    for (int h = 0; h < nKV; h++) {
+      const size_t base = (size_t)h * len * hd;
+      for (int64_t i = 0; i < len * hd; i++) *f++ = m->f16 ? rf::f16_to_f32(k[base + i]) : rf::bf16_to_f32(k[base + i]);
+      for (int64_t i = 0; i < len * hd; i++) *f++ = m->f16 ? rf::f16_to_f32(v[base + i]) : rf::bf16_to_f32(v[base + i]);
+      for (int64_t i = 0; i < len; i++) *f++ = s[(size_t)h * len + i];
+    }
+  }
+  return RF_OK;
+}
+
+/* hdr: the blob's header, checked against the compressor by rf::check_state_load */
+int state_load_impl(rf_compressor* c, const void* buf, const rf::StateHeader& hdr) {
+  rf_model* m = c->m;
+  const int nl = c->exit + 1, nKV = m->nKV, hd = m->hd;
+  const int64_t len = hdr.len;
+  CU_CHECK(cudaSetDevice(m->dev));
+  const float* f = (const float*)((const uint8_t*)buf + sizeof hdr);
+  std::vector<uint16_t> k((size_t)nKV * len * hd), v((size_t)nKV * len * hd);
+  std::vector<float> s((size_t)nKV * len);
+  for (int l = 0; l < nl; l++) {
+    for (int h = 0; h < nKV; h++) {
+      const size_t base = (size_t)h * len * hd;
+      for (int64_t i = 0; i < len * hd; i++) {
+        float x = *f++;
+        k[base + i] = m->f16 ? rf::f32_to_f16(x) : rf::f32_to_bf16(x);
+      }
+      for (int64_t i = 0; i < len * hd; i++) {
+        float x = *f++;
+        v[base + i] = m->f16 ? rf::f32_to_f16(x) : rf::f32_to_bf16(x);
+      }
+      for (int64_t i = 0; i < len; i++) s[(size_t)h * len + i] = *f++;
+    }
+    if (len > 0) {
+      const size_t rb = (size_t)len * hd * 2, pitch = (size_t)c->T * hd * 2;
+      CU_CHECK(cudaMemcpy2DAsync(c->Kc[l], pitch, k.data(), rb, rb, nKV, cudaMemcpyHostToDevice, m->stream));
+      CU_CHECK(cudaMemcpy2DAsync(c->Vc[l], pitch, v.data(), rb, rb, nKV, cudaMemcpyHostToDevice, m->stream));
+      CU_CHECK(cudaMemcpy2DAsync(c->score[l], (size_t)c->T * 4, s.data(), (size_t)len * 4, (size_t)len * 4, nKV,
+                                 cudaMemcpyHostToDevice, m->stream));
+      CU_CHECK(cudaStreamSynchronize(m->stream));
+    }
+  }
+  c->len = len;
+  c->seen = hdr.seen;
+  return RF_OK;
+}
+
+}  // namespace

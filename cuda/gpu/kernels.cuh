@@ -1,0 +1,338 @@
+/*
+ * gpu/kernels.cuh — elementwise, normalisation, RoPE, KV-cache, embedding and scoring kernels, and the fallback GEMM
+ * kernel used when cuBLAS is unavailable.
+ * Part of the single translation unit cuda/reform_cuda.cu (included there, in order).
+ */
+namespace {
+
+/* ======================================================================================
+ * device helpers
+ * ====================================================================================== */
+__device__ __forceinline__ float h2f(uint16_t v, bool f16) {
+  return f16 ? __half2float(__ushort_as_half(v)) : __bfloat162float(__ushort_as_bfloat16(v));
+}
+__device__ __forceinline__ uint16_t f2h(float x, bool f16) {
+  return f16 ? __half_as_ushort(__float2half_rn(x)) : __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+/* round an f32 value to the activation dtype and back (HF rounding points) */
+__device__ __forceinline__ float rnd(float x, bool f16) { return h2f(f2h(x, f16), f16); }
+/* load any RF dtype element */
+__device__ __forceinline__ float ld_any(const void* p, int dt, int64_t i) {
+  if (dt == RF_F32) return ((const float*)p)[i];
+  uint16_t v = ((const uint16_t*)p)[i];
+  return dt == RF_F16 ? __half2float(__ushort_as_half(v)) : __bfloat162float(__ushort_as_bfloat16(v));
+}
+__device__ __forceinline__ void st_any(void* p, int dt, int64_t i, float x) {
+  if (dt == RF_F32)
+    ((float*)p)[i] = x;
+  else if (dt == RF_F16)
+    ((uint16_t*)p)[i] = __half_as_ushort(__float2half_rn(x));
+  else
+    ((uint16_t*)p)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+/* ======================================================================================
+ * elementwise / small kernels
+ * ====================================================================================== */
+__global__ void k_convert(const void* __restrict__ src, int sdt, uint16_t* __restrict__ dst, int64_t n, bool f16) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] = f2h(ld_any(src, sdt, i), f16);
+}
+
+__device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+__global__ void k_init_normal(uint16_t* __restrict__ dst, int64_t n, uint64_t key, float std, bool f16) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    uint64_t h = splitmix64(key ^ splitmix64((uint64_t)i));
+    float u1 = ((float)(h >> 40) + 1.0f) * (1.0f / 16777216.0f);  // (0, 1]
+    float u2 = (float)(h & 0xFFFFFFull) * (1.0f / 16777216.0f);   // [0, 1)
+    float z = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+    dst[i] = f2h(z * std, f16);
+  }
+}
+__global__ void k_fill(uint16_t* __restrict__ dst, int64_t n, float v, bool f16) {
+  uint16_t h = f2h(v, f16);
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] = h;
+}
+
+/* x[i][:] = embed[tok[i]][:] */
+__global__ void k_embed(const int32_t* __restrict__ tok, const uint16_t* __restrict__ emb, uint16_t* __restrict__ x,
+                        int n, int H) {
+  int64_t total = (int64_t)n * H;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = i / H, c = i % H;
+    x[i] = emb[(int64_t)tok[r] * H + c];
+  }
+}
+
+/* RMSNorm, HF semantics: y = w * to_dtype(x * rsqrt(mean(x^2) + eps)). One block per row. */
+__global__ void k_rmsnorm(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, uint16_t* __restrict__ y,
+                          int H, float eps, bool f16) {
+  const uint16_t* xr = x + (int64_t)blockIdx.x * H;
+  uint16_t* yr = y + (int64_t)blockIdx.x * H;
+  float ss = 0.f;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    float v = h2f(xr[c], f16);
+    ss += v * v;
+  }
+  __shared__ float red[32];
+  ss = warp_sum(ss);
+  int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  if (lane == 0) red[wid] = ss;
+  __syncthreads();
+  if (wid == 0) {
+    float v = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.f;
+    v = warp_sum(v);
+    if (lane == 0) red[0] = v;
+  }
+  __syncthreads();
+  float r = rsqrtf(red[0] / (float)H + eps);
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    float v = rnd(h2f(xr[c], f16) * r, f16);
+    yr[c] = f2h(h2f(w[c], f16) * v, f16);
+  }
+}
+
+/* rows of y (n x cols, stride ld) = bias */
+__global__ void k_bias_fill(uint16_t* __restrict__ y, const uint16_t* __restrict__ b, int n, int cols) {
+  int64_t total = (int64_t)n * cols;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = b[i % cols];
+}
+
+/* h[i][c] = silu(g) * u with gu = [n][2I] (gate first). HF rounding: silu result rounded, product rounded. */
+__global__ void k_swiglu(const uint16_t* __restrict__ gu, uint16_t* __restrict__ h, int n, int I, bool f16) {
+  int64_t total = (int64_t)n * I;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = i / I, c = i % I;
+    float g = h2f(gu[r * 2 * I + c], f16);
+    float u = h2f(gu[r * 2 * I + I + c], f16);
+    float s = rnd(g / (1.f + expf(-g)), f16);
+    h[i] = f2h(s * u, f16);
+  }
+}
+
+/* x = x + y (rounded) */
+__global__ void k_residual(uint16_t* __restrict__ x, const uint16_t* __restrict__ y, int64_t n, bool f16) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    x[i] = f2h(h2f(x[i], f16) + h2f(y[i], f16), f16);
+}
+
+/* HF apply_rotary_pos_emb in the activation dtype: cos/sin rounded, q*cos + rotate_half(q)*sin. */
+__device__ __forceinline__ void rope_pair(float x1, float x2, float ang, bool f16, float* o1, float* o2) {
+  float s, c;
+  sincosf(ang, &s, &c);
+  c = rnd(c, f16);
+  s = rnd(s, f16);
+  *o1 = rnd(x1 * c, f16) - rnd(x2 * s, f16);
+  *o2 = rnd(x2 * c, f16) + rnd(x1 * s, f16);
+}
+
+/* q_rot[i][h*hd + d] = rope(qkv[i][h*hd + d]) at position pos0 + i */
+__global__ void k_rope_q(const uint16_t* __restrict__ qkv, int qkv_stride, uint16_t* __restrict__ out, int n,
+                         int nH, int hd, int pos0, const float* __restrict__ inv_freq, bool f16) {
+  int half = hd / 2;
+  int64_t total = (int64_t)n * nH * half;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    int d = (int)(i % half);
+    int64_t t = i / half;
+    int h = (int)(t % nH);
+    int r = (int)(t / nH);
+    const uint16_t* src = qkv + (int64_t)r * qkv_stride + (int64_t)h * hd;
+    uint16_t* dst = out + (int64_t)r * nH * hd + (int64_t)h * hd;
+    float ang = (float)(pos0 + r) * inv_freq[d];
+    float o1, o2;
+    rope_pair(h2f(src[d], f16), h2f(src[d + half], f16), ang, f16, &o1, &o2);
+    dst[d] = f2h(o1, f16);
+    dst[d + half] = f2h(o2, f16);
+  }
+}
+
+/* Append chunk K/V (from qkv rows) into head-major caches at rows pos0..pos0+n-1; keys roped at
+ * their position when `rope`, else stored pre-RoPE. */
+__global__ void k_append_kv(const uint16_t* __restrict__ qkv, int qkv_stride, int k_off, int v_off,
+                            uint16_t* __restrict__ Kc, uint16_t* __restrict__ Vc, int64_t Tstride, int n, int nKV,
+                            int hd, int pos0, bool rope, const float* __restrict__ inv_freq, bool f16) {
+  int half = hd / 2;
+  int64_t total = (int64_t)n * nKV * half;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    int d = (int)(i % half);
+    int64_t t = i / half;
+    int h = (int)(t % nKV);
+    int r = (int)(t / nKV);
+    const uint16_t* ks = qkv + (int64_t)r * qkv_stride + k_off + (int64_t)h * hd;
+    const uint16_t* vs = qkv + (int64_t)r * qkv_stride + v_off + (int64_t)h * hd;
+    int64_t dst = ((int64_t)h * Tstride + pos0 + r) * hd;
+    if (rope) {
+      float o1, o2;
+      rope_pair(h2f(ks[d], f16), h2f(ks[d + half], f16), (float)(pos0 + r) * inv_freq[d], f16, &o1, &o2);
+      Kc[dst + d] = f2h(o1, f16);
+      Kc[dst + d + half] = f2h(o2, f16);
+    } else {
+      Kc[dst + d] = ks[d];
+      Kc[dst + d + half] = ks[d + half];
+    }
+    Vc[dst + d] = vs[d];
+    Vc[dst + d + half] = vs[d + half];
+  }
+}
+
+/* dst[h][j] = rope(src[h][j]) at position pos0 + j, j < count (head-major, separate T strides) */
+__global__ void k_rope_rows(const uint16_t* __restrict__ src, int64_t sT, uint16_t* __restrict__ dst, int64_t dT,
+                            int nKV, int count, int hd, int pos0, const float* __restrict__ inv_freq, bool f16) {
+  int half = hd / 2;
+  int64_t total = (int64_t)nKV * count * half;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    int d = (int)(i % half);
+    int64_t t = i / half;
+    int j = (int)(t % count);
+    int h = (int)(t / count);
+    const uint16_t* s = src + ((int64_t)h * sT + j) * hd;
+    uint16_t* o = dst + ((int64_t)h * dT + j) * hd;
+    float o1, o2;
+    rope_pair(h2f(s[d], f16), h2f(s[d + half], f16), (float)(pos0 + j) * inv_freq[d], f16, &o1, &o2);
+    o[d] = f2h(o1, f16);
+    o[d + half] = f2h(o2, f16);
+  }
+}
+
+/* Zero scores of rows [pos0, pos0+n) of every head */
+__global__ void k_zero_scores(float* __restrict__ score, int64_t Tstride, int nKV, int pos0, int n) {
+  int64_t total = (int64_t)nKV * n;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    int h = (int)(i / n), r = (int)(i % n);
+    score[(int64_t)h * Tstride + pos0 + r] = 0.f;
+  }
+}
+
+/* Embedding extraction: one warp per (token, selected head). table[2e] = column in qkv, table[2e+1] =
+ * column in the embedding row. L2-normalise (F.normalize semantics, eps 1e-6). */
+__global__ void k_emb_extract(const uint16_t* __restrict__ qkv, int qkv_stride, const int32_t* __restrict__ table,
+                              void* __restrict__ emb, int edim, int hd, bool emb_f16, bool f16) {
+  int i = blockIdx.x, e = blockIdx.y, lane = threadIdx.x;
+  const uint16_t* src = qkv + (int64_t)i * qkv_stride + table[2 * e];
+  int64_t dst = (int64_t)i * edim + table[2 * e + 1];
+  float ss = 0.f;
+  for (int d = lane; d < hd; d += 32) {
+    float v = h2f(src[d], f16);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  float inv = 1.f / fmaxf(sqrtf(ss), 1e-6f);
+  for (int d = lane; d < hd; d += 32) {
+    float v = h2f(src[d], f16) * inv;
+    if (emb_f16)
+      ((__half*)emb)[dst + d] = __float2half_rn(v);
+    else
+      ((float*)emb)[dst + d] = v;
+  }
+}
+
+/* gather rows: dst[h][i][:] = src[h][keep[h*cap + i]][:] for i < cap */
+template <typename E>
+__global__ void k_gather_rows(const E* __restrict__ src, int64_t sT, E* __restrict__ dst, int64_t dT,
+                              const int32_t* __restrict__ keep, int nKV, int cap, int width) {
+  int64_t total = (int64_t)nKV * cap * width;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    int c = (int)(i % width);
+    int64_t t = i / width;
+    int r = (int)(t % cap);
+    int h = (int)(t / cap);
+    int srow = keep[(int64_t)h * cap + r];
+    dst[((int64_t)h * dT + r) * width + c] = src[((int64_t)h * sT + srow) * width + c];
+  }
+}
+
+/* ---- scoring helpers ---- */
+/* one warp per row: dst[r][:] = src[r][:] / ||src[r]|| (f32 out), zero rows stay zero */
+__global__ void k_normalize_rows(const void* __restrict__ src, int sdt, float* __restrict__ dst, int64_t rows,
+                                 int dim) {
+  const int lane = threadIdx.x & 31;
+  const int64_t wpb = blockDim.x >> 5;
+  for (int64_t r = blockIdx.x * wpb + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * wpb) {
+    float ss = 0.f;
+    for (int d = lane; d < dim; d += 32) {
+      float v = ld_any(src, sdt, r * dim + d);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    float inv = 1.f / fmaxf(sqrtf(ss), 1e-12f);  // all-zero row -> 0
+    for (int d = lane; d < dim; d += 32) dst[r * dim + d] = ld_any(src, sdt, r * dim + d) * inv;
+  }
+}
+__global__ void k_rowmax(const float* __restrict__ s, int64_t rows, int cols, float* __restrict__ out) {
+  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
+    float m = -INFINITY;
+    for (int c = 0; c < cols; c++) m = fmaxf(m, s[r * cols + c]);
+    out[r] = m;
+  }
+}
+
+/* ======================================================================================
+ * fallback GEMM: C[M][N] = alpha * A[M][K] . B[N][K]^T + beta * C   (row-major, any RF dtypes)
+ * ====================================================================================== */
+#define FG_BM 64
+#define FG_BN 64
+#define FG_BK 16
+__global__ void __launch_bounds__(256) k_gemm_nt(int M, int N, int K, const void* __restrict__ A, int adt, int64_t lda,
+                                                 const void* __restrict__ B, int bdt, int64_t ldb, void* C, int cdt,
+                                                 int64_t ldc, float alpha, float beta) {
+  __shared__ float As[FG_BK][FG_BM + 4];
+  __shared__ float Bs[FG_BK][FG_BN + 4];
+  int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  int64_t m0 = (int64_t)blockIdx.y * FG_BM, n0 = (int64_t)blockIdx.x * FG_BN;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++) acc[i][j] = 0.f;
+  for (int k0 = 0; k0 < K; k0 += FG_BK) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      int idx = tid + 256 * e;
+      int r = idx / FG_BK, k = idx % FG_BK;
+      int64_t gm = m0 + r, gn = n0 + r;
+      int gk = k0 + k;
+      As[k][r] = (gm < M && gk < K) ? ld_any(A, adt, gm * lda + gk) : 0.f;
+      Bs[k][r] = (gn < N && gk < K) ? ld_any(B, bdt, gn * ldb + gk) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < FG_BK; k++) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) a[i] = As[k][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; j++) b[j] = Bs[k][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    int64_t gm = m0 + ty + 16 * i;
+    if (gm >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      int64_t gn = n0 + tx + 16 * j;
+      if (gn >= N) continue;
+      float v = alpha * acc[i][j];
+      if (beta != 0.f) v += beta * ld_any(C, cdt, gm * ldc + gn);
+      st_any(C, cdt, gm * ldc + gn, v);
+    }
+  }
+}
+
+}  // namespace
