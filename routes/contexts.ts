@@ -25,6 +25,18 @@ function finalFlag(c: Context): boolean {
   return r.data;
 }
 
+/**
+ * `?offset=N`: the upload continues the context at byte N. A resumed upload that names where it starts is
+ * refused (409 `offset_mismatch`, with the right offset) instead of duplicating or skipping bytes.
+ */
+function offsetParam(c: Context): number | undefined {
+  const raw = c.req.query("offset");
+  if (raw === undefined) return undefined;
+  const r = z.coerce.number().int().min(0).safeParse(raw.trim() === "" ? Number.NaN : raw);
+  if (!r.success) throw fromZod(r.error, "offset");
+  return r.data;
+}
+
 /** Media types accepted as raw context bytes. */
 function isRawType(t: string): boolean {
   return (
@@ -213,8 +225,22 @@ export function contextRoutes(d: Deps): Hono {
     }
     const len = contentLength(c);
     if (len !== null && len > opts.maxBodyBytes) throw tooLarge(opts.maxBodyBytes);
+    const offset = offsetParam(c);
     await mustGet(id);
-    return exclusive(c, id, () => receive(c, id, final, json));
+    return exclusive(c, id, async () => {
+      // checked once this upload holds the context: a dropped upload before it has stored all it received
+      if (offset !== undefined) {
+        const have = (await mustGet(id)).bytesReceived;
+        if (offset !== have)
+          throw new ApiError(
+            409,
+            "offset_mismatch",
+            `context '${id}' has ${have} bytes; this upload starts at byte ${offset}: resume from ${have}`,
+            "offset",
+          );
+      }
+      return receive(c, id, final, json);
+    });
   };
 
   const receive = async (c: Context, id: string, final: boolean, json: boolean) => {

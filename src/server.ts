@@ -54,8 +54,9 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const server = Bun.serve({
     hostname: opts.host ?? DEFAULTS.host,
     port: opts.port ?? DEFAULTS.port,
-    // The app enforces its own limits (JSON 413s); Bun's cap only has to stay above them.
-    maxRequestBodySize: Math.max(maxBodyBytes, maxJsonBytes) + 1024 * 1024,
+    // The app enforces its own limits with OpenAI-shaped 413s (declared length first, then counted bytes);
+    // Bun's own cap would answer first with a bare 413, so it is out of the way.
+    maxRequestBodySize: Number.MAX_SAFE_INTEGER,
     idleTimeout: Math.min(255, Math.max(1, opts.idleTimeoutSec ?? DEFAULTS.idleTimeoutSec)),
     fetch(req, srv) {
       // Decided before dispatch: a queued upload or generation must not be cut off while it waits.

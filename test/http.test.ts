@@ -250,8 +250,13 @@ describe("contexts", () => {
         info = await json(api(`/v1/contexts/${id}`));
         return info.bytes_received === 6000;
       }, 20_000, 50);
+      // a resume that names the wrong start is refused and told the right one; nothing is appended
+      const wrong = await api(`/v1/contexts/${id}/content?offset=${info.bytes_received - 1000}`, { method: "PUT", body: bytes.slice(5000) });
+      const mismatch = await expectError(wrong, 409, "offset_mismatch");
+      expect(mismatch.message).toContain(`resume from ${info.bytes_received}`);
+      expect((await json(api(`/v1/contexts/${id}`))).bytes_received).toBe(info.bytes_received);
       // resume from the acknowledged offset
-      const rest = await api(`/v1/contexts/${id}/content?final=1`, { method: "PUT", body: bytes.slice(info.bytes_received) });
+      const rest = await api(`/v1/contexts/${id}/content?final=1&offset=${info.bytes_received}`, { method: "PUT", body: bytes.slice(info.bytes_received) });
       const done = await json(rest);
       expect(rest.status).toBe(200);
       expect(done.bytes_received).toBe(bytes.byteLength);
@@ -755,6 +760,10 @@ describe("errors", () => {
       "payload_too_large",
     );
     await expectError(await post(`/v1/contexts/${ready}/query`, { question: "x".repeat(MAX_JSON + 1) }), 413, "payload_too_large");
+    // far above every limit (Bun's own cap used to answer these with a bare 413 and no JSON body)
+    const huge = new Uint8Array(3 * 1024 * 1024).fill(0x61);
+    await expectError(await api(`/v1/contexts/${id}/content`, { method: "PUT", body: huge }), 413, "payload_too_large");
+    await expectError(await post("/v1/chat/completions", { messages: [{ role: "user", content: "x".repeat(huge.length) }] }), 413, "payload_too_large");
     expect((await fetch(`${base}/health`)).status).toBe(200);
   });
 
