@@ -6,8 +6,9 @@
  *
  *   1. bad inputs: hostile / malformed requests must each get a 4xx with an OpenAI-shaped JSON error,
  *      never a 5xx, and /health must stay 200;
- *   2. kill -9 during a slow streamed upload, restart, resume from `bytes_received`, finalize: no byte
- *      lost, and tokens.bin / emb.bin / a greedy answer identical to a one-shot upload of the same text;
+ *   2. the client hangs up mid-upload, then resumes from `bytes_received` (no byte lost, tokens as the
+ *      tokenizer gives them); kill -9 during a slow streamed upload, restart, resume from `bytes_received`,
+ *      finalize: no byte lost, and tokens.bin / emb.bin / a greedy answer identical to a one-shot upload;
  *   3. for --seconds: uploaders, queriers (native SSE, chat stream / non-stream, completions, some
  *      disconnecting early) and a deleter (deleting contexts under in-flight uploads and queries), with
  *      the server's VmRSS sampled every 500 ms.
@@ -519,6 +520,72 @@ async function killDuringUpload(restart: () => Promise<void>, dataDir: string): 
   return res;
 }
 
+interface HangUpResult {
+  bytes: number;
+  storedAtHangUp: number;
+  busyMs: number; // how long the context refused a new upload (409 context_busy) after the client left
+  bytesLost: number;
+  tokensMatch: boolean;
+}
+
+/**
+ * The client (not the server) goes away mid-upload. Resuming follows the README: once the context takes
+ * an upload again (an empty PUT probes it; while the interrupted request still stores and compresses what
+ * it read, a PUT is 409 context_busy), read `bytes_received` and send the rest.
+ */
+async function hangUpDuringUpload(): Promise<HangUpResult> {
+  const text = makeText(256 << 10, 7);
+  const id = await createContext();
+  const ac = new AbortController();
+  let sent = 0;
+  const body = new ReadableStream<Uint8Array>({
+    async pull(ctrl) {
+      if (sent >= text.byteLength / 2) {
+        await Bun.sleep(200);
+        ac.abort();
+        return;
+      }
+      await Bun.sleep(10);
+      ctrl.enqueue(text.subarray(sent, sent + 4096));
+      sent += 4096;
+    },
+  });
+  await upload(id, body, true, "hangup_upload", ac.signal);
+  const storedAtHangUp = Number((await getContext(id)).info?.bytes_received ?? -1);
+  const t0 = performance.now();
+  let busyMs = 0;
+  for (;;) {
+    const probe = await upload(id, new Uint8Array(0), false, "hangup_probe");
+    if (probe.status === 200) break;
+    if (probe.status !== 409 || parse(probe)?.error?.code !== "context_busy") {
+      problem(`after a client hang-up: empty PUT answered ${probe.status} ${probe.body.slice(0, 200)}`);
+      break;
+    }
+    busyMs = performance.now() - t0;
+    if (busyMs > 120_000) {
+      problem("after a client hang-up: the context stayed busy for 120 s");
+      break;
+    }
+    await Bun.sleep(100);
+  }
+  const from = Number((await getContext(id)).info?.bytes_received ?? 0);
+  if (from > sent) problem(`after a client hang-up: bytes_received ${from} but only ${sent} bytes were sent`);
+  const rest = await upload(id, text.subarray(from), true, "resume_upload");
+  if (rest.status !== 200) problem(`resume after a client hang-up: ${rest.status} ${rest.body.slice(0, 200)}`);
+  const info = (await getContext(id)).info ?? {};
+  const count = parse(await call("audit", "/v1/tokenize", jsonInit({ text: new TextDecoder().decode(text), add_special_tokens: false })))?.count;
+  const res: HangUpResult = {
+    bytes: text.byteLength,
+    storedAtHangUp,
+    busyMs,
+    bytesLost: text.byteLength - Number(info.bytes_received ?? 0),
+    tokensMatch: count === info.tokens_received,
+  };
+  if (res.bytesLost !== 0) problem(`client hang-up: ${res.bytesLost} bytes lost (${info.bytes_received} of ${text.byteLength} stored)`);
+  if (!res.tokensMatch) problem(`client hang-up: ${info.tokens_received} tokens stored, the tokenizer gives ${count} for the text`);
+  return res;
+}
+
 function dropProblems(re: RegExp): void {
   for (let i = problems.length - 1; i >= 0; i--) if (re.test(problems[i]!)) problems.splice(i, 1);
 }
@@ -674,6 +741,9 @@ async function main(): Promise<number> {
     await call("finalize", `/v1/contexts/${emptyFinal}/finalize`, { method: "POST" });
     const bad = await badInputs(ready, processing, emptyFinal);
 
+    phase = "hangup";
+    const hangup = await hangUpDuringUpload();
+
     phase = "kill9";
     const kill = await killDuringUpload(() => startServer(modelDir, dataDir, port, `${logFile}.2`), dataDir);
 
@@ -692,7 +762,7 @@ async function main(): Promise<number> {
     const h = await call("health", "/health");
     if (h.status !== 200) problem(`/health after the campaign: ${h.status}`);
     const concRss = rss.filter((s) => s.phase === "concurrency").map((s) => s.kb);
-    exit = report({ bad, kill, conc: { seconds: concSeconds, deletes: conc.deletes, ...audit }, concRss, totalSeconds: (Date.now() - t0) / 1000 });
+    exit = report({ bad, hangup, kill, conc: { seconds: concSeconds, deletes: conc.deletes, ...audit }, concRss, totalSeconds: (Date.now() - t0) / 1000 });
   } catch (e) {
     problem(`campaign aborted: ${(e as Error).stack ?? e}`);
     console.error(problems.join("\n"));
@@ -707,6 +777,7 @@ async function main(): Promise<number> {
 
 function report(r: {
   bad: { sent: number; failed: number };
+  hangup: HangUpResult;
   kill: KillResult;
   conc: { seconds: number; deletes: number; contexts: number; bytesSent: number; bytesLost: number; tokenMismatches: number };
   concRss: number[];
@@ -723,16 +794,17 @@ function report(r: {
   }
   const allRss = rss.map((s) => s.kb);
   const mib = (kb: number) => (kb / 1024).toFixed(1);
-  const bytesLost = r.kill.bytesLost + r.conc.bytesLost;
+  const bytesLost = r.hangup.bytesLost + r.kill.bytesLost + r.conc.bytesLost;
   const ok = problems.length === 0;
   const streams = new Set<string>(["query_sse", "chat_stream", "completion_stream"]);
 
   const lines: string[] = [];
   lines.push(`soak: ${samples.length} requests in ${r.totalSeconds.toFixed(1)} s (concurrency phase ${r.conc.seconds.toFixed(1)} s, ${UPLOADERS} uploaders, ${QUERIERS} queriers, 1 deleter)`);
   lines.push(`  by outcome            ${Object.entries(byClass).sort().map(([k, v]) => `${k} ${v}`).join(", ")}`);
-  lines.push(`  deliberate hang-ups   ${disconnects} streams closed after their first token, 1 upload cut by kill -9`);
+  lines.push(`  deliberate hang-ups   ${disconnects} streams closed after their first token, 1 upload abandoned by the client, 1 cut by kill -9`);
   lines.push(`  unexpected errors     ${unexpected} (5xx + connection errors not caused on purpose)`);
   lines.push(`  bad inputs            ${r.bad.sent} sent, ${r.bad.failed} not a 4xx OpenAI error (or /health not 200 after)`);
+  lines.push(`  client hang-up        ${r.hangup.bytes} B upload, ${r.hangup.storedAtHangUp} B stored when the client left, busy (409) for ${r.hangup.busyMs.toFixed(0)} ms after; resumed: lost ${r.hangup.bytesLost} B, tokens ${r.hangup.tokensMatch ? "match" : "DIFFER"}`);
   lines.push(`  kill -9 upload        ${r.kill.bytes} B, killed with ${r.kill.sentBeforeKill} B sent, ${r.kill.receivedAtRestart} B stored at restart; resumed: lost ${r.kill.bytesLost} B`);
   lines.push(`                        tokens ${r.kill.tokensResumed} resumed vs ${r.kill.tokensOneShot} one-shot; tokens.bin ${eq(r.kill.tokensBinEqual)}, emb.bin ${eq(r.kill.embBinEqual)}, greedy answer ${r.kill.answerEqual ? "identical" : "DIFFERS"}`);
   lines.push(`  uploads audited       ${r.conc.contexts} contexts, ${r.conc.bytesSent} B sent, ${r.conc.bytesLost} B lost, ${r.conc.tokenMismatches} token-count mismatches; ${r.conc.deletes} deletes under load`);
@@ -759,6 +831,7 @@ function report(r: {
         unexpected_errors: unexpected,
         disconnects,
         bad_inputs: r.bad,
+        hangup: r.hangup,
         kill9: r.kill,
         uploads: r.conc,
         bytes_lost: bytesLost,
