@@ -570,7 +570,7 @@ async function hangUpDuringUpload(): Promise<HangUpResult> {
   }
   const from = Number((await getContext(id)).info?.bytes_received ?? 0);
   if (from > sent) problem(`after a client hang-up: bytes_received ${from} but only ${sent} bytes were sent`);
-  const rest = await upload(id, text.subarray(from), true, "resume_upload");
+  const rest = await upload(id, text.subarray(from), true, "hangup_resume");
   if (rest.status !== 200) problem(`resume after a client hang-up: ${rest.status} ${rest.body.slice(0, 200)}`);
   const info = (await getContext(id)).info ?? {};
   const count = parse(await call("audit", "/v1/tokenize", jsonInit({ text: new TextDecoder().decode(text), add_special_tokens: false })))?.count;
