@@ -5,7 +5,7 @@
  * scripts) gets the same 400s as an HTTP client. The HTTP schemas in routes/ are built from the same
  * field schemas (`Field.*`) under their snake_case names, so a limit changed here changes everywhere.
  * Rules that depend on the loaded model or the server configuration (budget <= max budget, max_tokens
- * <= the server maximum, token ids < vocabulary, prompt length) live in `checkQuery` (src/engine/query-check.ts).
+ * <= the server maximum, token ids < vocabulary, prompt length) live in `planQuery` (src/engine/answer.ts).
  */
 import { z } from "zod";
 import { EngineError, METHODS, type Method, type QueryRequest } from "./api.ts";
