@@ -1,5 +1,5 @@
 /*
- * cpu_kernels.h — float32 CPU kernels of the REFORM CPU build (namespace rf::cpu).
+ * cpu_kernels.h — float32 CPU kernels of the REFORM CPU build (namespace rf::cpu); the matmul is in cpu/gemm.h.
  * Header-only so that test/native/kernel_tests.cpp can check them against naive references.
  * OpenMP parallel (compile with -fopenmp; without it the pragmas are ignored and the code runs serially).
  * None of these functions allocate inside a parallel region (no exception can escape one).
@@ -16,12 +16,8 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__FMA__) && defined(__AVX__)
-#include <immintrin.h>
-#endif
 
-// 32-byte vectors in inline helpers: without AVX GCC warns (at the end of the TU) about the vector ABI.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "cpu/gemm.h"  // matmul: rf::cpu::pack_weights, rf::cpu::gemm
 
 namespace rf {
 namespace cpu {
@@ -47,105 +43,6 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
   return s;
-}
-
-/* 8-wide float vector (GCC vector extension: AVX with -march=native, two SSE halves otherwise). */
-typedef float v8f __attribute__((vector_size(32)));
-inline v8f load8(const float* p) {
-  v8f v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-/* a*b + c with one rounding where the CPU has FMA (explicit, so that every instantiation rounds alike). */
-inline v8f fmadd8(v8f a, v8f b, v8f c) {
-#if defined(__FMA__) && defined(__AVX__)
-  return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-  const v8f p = a * b;
-  return p + c;
-#endif
-}
-inline float fmadd1(float a, float b, float c) {
-#if defined(__FMA__)
-  return std::fma(a, b, c);
-#else
-  const float p = a * b;
-  return p + c;
-#endif
-}
-
-/* Register-blocked dot products of T x-rows against R W-rows: out[t*R + r] = x[t] . w[r].
- * Every dot product is accumulated in the same order whatever T and R are (8 lane-wise partial sums,
- * fixed-order lane reduction, scalar tail), so results do not depend on the blocking. */
-template <int T, int R>
-inline void dot_block(const float* const* x, const float* const* w, int64_t in, float* out) {
-  v8f acc[T][R];
-  for (int t = 0; t < T; t++)
-    for (int r = 0; r < R; r++) acc[t][r] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= in; i += 8) {
-    v8f wv[R];
-    for (int r = 0; r < R; r++) wv[r] = load8(w[r] + i);
-    for (int t = 0; t < T; t++) {
-      const v8f xv = load8(x[t] + i);
-      for (int r = 0; r < R; r++) acc[t][r] = fmadd8(xv, wv[r], acc[t][r]);
-    }
-  }
-  for (int t = 0; t < T; t++)
-    for (int r = 0; r < R; r++) {
-      const v8f a = acc[t][r];
-      float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-      for (int64_t j = i; j < in; j++) s = fmadd1(x[t][j], w[r][j], s);
-      out[t * R + r] = s;
-    }
-}
-
-/* y[n,out] = x[n,in] @ W[out,in]^T (+ bias[out]). Parallel over blocks of output rows; within a block,
- * 4-token x 2-row register tiles (1-token x 4-row for leftover tokens). Results are bitwise independent of
- * n (see dot_block), so prefill in pieces == prefill at once. */
-inline void matmul(const float* x, int64_t n, int64_t in, const float* W, int64_t out, const float* bias, float* y) {
-  const int64_t RB = 16, TB = 64;
-  const int64_t nrb = (out + RB - 1) / RB;
-  if (n <= 0 || out <= 0) return;
-#pragma omp parallel for schedule(static) if (nrb * n * in > 32768)
-  for (int64_t rb = 0; rb < nrb; rb++) {
-    const int64_t r0 = rb * RB, r1 = std::min(out, r0 + RB);
-    float tile[16];
-    for (int64_t t0 = 0; t0 < n; t0 += TB) {
-      const int64_t t1 = std::min(n, t0 + TB);
-      int64_t t = t0;
-      for (; t + 4 <= t1; t += 4) {
-        const float* xs[4] = {x + t * in, x + (t + 1) * in, x + (t + 2) * in, x + (t + 3) * in};
-        int64_t r = r0;
-        for (; r + 2 <= r1; r += 2) {
-          const float* ws[2] = {W + r * in, W + (r + 1) * in};
-          dot_block<4, 2>(xs, ws, in, tile);
-          for (int a = 0; a < 4; a++)
-            for (int b = 0; b < 2; b++) y[(t + a) * out + r + b] = tile[a * 2 + b] + (bias ? bias[r + b] : 0.f);
-        }
-        for (; r < r1; r++) {
-          const float* ws[1] = {W + r * in};
-          dot_block<4, 1>(xs, ws, in, tile);
-          for (int a = 0; a < 4; a++) y[(t + a) * out + r] = tile[a] + (bias ? bias[r] : 0.f);
-        }
-      }
-      for (; t < t1; t++) {
-        const float* xs[1] = {x + t * in};
-        int64_t r = r0;
-        for (; r + 4 <= r1; r += 4) {
-          const float* ws[4] = {W + r * in, W + (r + 1) * in, W + (r + 2) * in, W + (r + 3) * in};
-          dot_block<1, 4>(xs, ws, in, tile);
-          for (int b = 0; b < 4; b++) y[t * out + r + b] = tile[b] + (bias ? bias[r + b] : 0.f);
-        }
-        for (; r < r1; r++) {
-          const float* ws[1] = {W + r * in};
-          dot_block<1, 1>(xs, ws, in, tile);
-          y[t * out + r] = tile[0] + (bias ? bias[r] : 0.f);
-        }
-      }
-    }
-  }
 }
 
 /* y[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w  (x and y may alias) */
@@ -269,10 +166,11 @@ inline void attn_scores(const float* q, int64_t n, int nh, int nkv, int hd, cons
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
-/* gate[i] = silu(gate[i]) * up[i] */
-inline void swiglu(float* gate, const float* up, int64_t n) {
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; i++) gate[i] = silu(gate[i]) * up[i];
+/* out[t][i] = silu(gu[t][i]) * gu[t][I + i]: rows of the fused gate|up projection, [n][2I] -> [n][I] */
+inline void swiglu_rows(const float* gu, int64_t n, int64_t I, float* out) {
+#pragma omp parallel for schedule(static) if (n * I > 65536)
+  for (int64_t t = 0; t < n; t++)
+    for (int64_t i = 0; i < I; i++) out[t * I + i] = silu(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
 }
 
 /* y = x / max(||x||_2, eps) (x and y may alias) */

@@ -20,47 +20,51 @@ namespace k = rf::cpu;
 /* ------------------------------------------------------------------------------------------------ */
 namespace {
 
+bool is_matrix(rf::TensorKind k) {
+  return k == rf::T_EMBED || k == rf::T_LM_HEAD || k == rf::T_Q || k == rf::T_K || k == rf::T_V || k == rf::T_O ||
+         k == rf::T_GATE || k == rf::T_UP || k == rf::T_DOWN;
+}
+
+/* a weight matrix as given (row-major, in its own dtype) until finalize packs it */
+struct Raw {
+  int32_t dtype = RF_F32;
+  std::vector<uint8_t> bytes;
+};
+
 struct Layer {
-  std::vector<float> in_norm, post_norm, wq, wk, wv, wo, bq, bk, bv, gate, up, down;
+  std::vector<float> in_norm, post_norm, bq, bk, bv, bqkv;  // bqkv = bq|bk|bv, the fused projection's bias
+  k::PackedW qkv, o, gu, down;                              // packed at finalize; qkv = q|k|v, gu = gate|up
 };
 
 }  // namespace
 
+/* Matrices are kept in their checkpoint's type (f32, bf16 or f16) and packed into the matmul's panels by
+ * rf_model_finalize (q/k/v fused into one matrix, gate/up into another); norms and biases are f32. */
 struct rf_model {
   rf_config cfg;
-  std::vector<float> embed, norm, lm_head;
+  std::vector<float> norm;
   std::vector<Layer> layers;
   std::vector<uint8_t> set;
+  std::vector<Raw> raw;  // per tensor slot: matrices not packed yet (emptied by finalize)
+  Raw embed;             // untied: the embedding rows for lookup; tied: empty (rows are read from lm)
+  k::PackedW lm;
   std::vector<float> inv_freq;
   bool finalized = false;
   int refs = 1;       // 1 for the caller's handle + 1 per live compressor / seq
   bool destroyed = false;
 
-  std::vector<float>& tensor(rf::TensorId id) {
-    if (id.layer < 0) {
-      switch (id.kind) {
-        case rf::T_EMBED: return embed;
-        case rf::T_NORM: return norm;
-        default: return lm_head;
-      }
-    }
+  /* a norm or bias */
+  std::vector<float>& vec(rf::TensorId id) {
+    if (id.layer < 0) return norm;
     Layer& L = layers[(size_t)id.layer];
     switch (id.kind) {
       case rf::T_IN_NORM: return L.in_norm;
       case rf::T_POST_NORM: return L.post_norm;
-      case rf::T_Q: return L.wq;
-      case rf::T_K: return L.wk;
-      case rf::T_V: return L.wv;
-      case rf::T_O: return L.wo;
       case rf::T_QB: return L.bq;
       case rf::T_KB: return L.bk;
-      case rf::T_VB: return L.bv;
-      case rf::T_GATE: return L.gate;
-      case rf::T_UP: return L.up;
-      default: return L.down;
+      default: return L.bv;
     }
   }
-  const float* lm() const { return cfg.tie_embeddings ? embed.data() : lm_head.data(); }
 };
 
 namespace {
@@ -72,7 +76,7 @@ void model_release(rf_model* m) {
 
 /* working buffers for one forward over n tokens */
 struct Work {
-  std::vector<float> x, h, q, kk, vv, att, o, g, u, scratch;
+  std::vector<float> x, h, q, kk, vv, att, o, g, f, scratch;  // f: fused q|k|v or gate|up rows
   void ensure(const rf_config& c, int64_t n, int64_t entries) {
     const int64_t H = c.hidden_size, I = c.intermediate_size;
     const int64_t qd = (int64_t)c.num_heads * c.head_dim, kvd = (int64_t)c.num_kv_heads * c.head_dim;
@@ -87,38 +91,48 @@ struct Work {
     grow(att, n * qd);
     grow(o, n * H);
     grow(g, n * I);
-    grow(u, n * I);
+    grow(f, n * std::max(2 * I, qd + 2 * kvd));
     grow(scratch, k::attn_scratch_size(entries));
   }
 };
 
 void embed_tokens(const rf_model* m, const int32_t* tokens, int64_t n, float* x) {
   const int64_t H = m->cfg.hidden_size;
-  for (int64_t t = 0; t < n; t++) memcpy(x + t * H, m->embed.data() + (int64_t)tokens[t] * H, (size_t)H * 4);
+  for (int64_t t = 0; t < n; t++) {
+    if (m->cfg.tie_embeddings) {
+      k::packed_row(m->lm, tokens[t], x + t * H);
+      continue;
+    }
+    const int64_t base = (int64_t)tokens[t] * H;
+    for (int64_t i = 0; i < H; i++) x[t * H + i] = rf::load_as_f32(m->embed.bytes.data(), m->embed.dtype, base + i);
+  }
 }
 
-/* h = rmsnorm(x); q,k,v = projections (+bias) — pre-RoPE */
+/* h = rmsnorm(x); q,k,v = projections (+bias) — pre-RoPE; one fused matmul, split into q / kk / vv rows */
 void qkv_proj(const rf_model* m, const Layer& L, Work& w, int64_t n) {
   const rf_config& c = m->cfg;
   const int64_t H = c.hidden_size, qd = (int64_t)c.num_heads * c.head_dim, kvd = (int64_t)c.num_kv_heads * c.head_dim;
+  const int64_t fd = qd + 2 * kvd;
   k::rmsnorm(w.x.data(), n, H, L.in_norm.data(), c.rms_eps, w.h.data());
-  const bool b = c.qkv_bias != 0;
-  k::matmul(w.h.data(), n, H, L.wq.data(), qd, b ? L.bq.data() : nullptr, w.q.data());
-  k::matmul(w.h.data(), n, H, L.wk.data(), kvd, b ? L.bk.data() : nullptr, w.kk.data());
-  k::matmul(w.h.data(), n, H, L.wv.data(), kvd, b ? L.bv.data() : nullptr, w.vv.data());
+  k::gemm(w.h.data(), n, L.qkv, c.qkv_bias ? L.bqkv.data() : nullptr, w.f.data());
+  for (int64_t t = 0; t < n; t++) {
+    const float* r = w.f.data() + t * fd;
+    memcpy(w.q.data() + t * qd, r, (size_t)qd * 4);
+    memcpy(w.kk.data() + t * kvd, r + qd, (size_t)kvd * 4);
+    memcpy(w.vv.data() + t * kvd, r + qd + kvd, (size_t)kvd * 4);
+  }
 }
 
 /* x += o_proj(att); x += down(silu(gate(h)) * up(h)) with h = rmsnorm(x) */
 void post_attn(const rf_model* m, const Layer& L, Work& w, int64_t n) {
   const rf_config& c = m->cfg;
-  const int64_t H = c.hidden_size, I = c.intermediate_size, qd = (int64_t)c.num_heads * c.head_dim;
-  k::matmul(w.att.data(), n, qd, L.wo.data(), H, nullptr, w.o.data());
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  k::gemm(w.att.data(), n, L.o, nullptr, w.o.data());
   k::add_inplace(w.x.data(), w.o.data(), n * H);
   k::rmsnorm(w.x.data(), n, H, L.post_norm.data(), c.rms_eps, w.h.data());
-  k::matmul(w.h.data(), n, H, L.gate.data(), I, nullptr, w.g.data());
-  k::matmul(w.h.data(), n, H, L.up.data(), I, nullptr, w.u.data());
-  k::swiglu(w.g.data(), w.u.data(), n * I);
-  k::matmul(w.g.data(), n, I, L.down.data(), H, nullptr, w.o.data());
+  k::gemm(w.h.data(), n, L.gu, nullptr, w.f.data());
+  k::swiglu_rows(w.f.data(), n, I, w.g.data());
+  k::gemm(w.g.data(), n, L.down, nullptr, w.o.data());
   k::add_inplace(w.x.data(), w.o.data(), n * H);
 }
 
@@ -339,7 +353,7 @@ void seq_block(rf_seq* s, const int32_t* tokens, int64_t n, bool last) {
   if (last) {
     const float* xl = w.x.data() + (n - 1) * H;
     k::rmsnorm(xl, 1, H, m->norm.data(), cfg.rms_eps, w.h.data());
-    k::matmul(w.h.data(), 1, H, m->lm(), cfg.vocab_size, nullptr, s->logits.data());
+    k::gemm(w.h.data(), 1, m->lm, nullptr, s->logits.data());
     s->has_logits = true;
   }
 }
@@ -380,6 +394,76 @@ bool model_ready(const rf_model* m) {
     return false;
   }
   return true;
+}
+
+/* a tensor given in `dtype`: matrices are kept as they are until finalize packs them, norms and biases in f32 */
+void store_tensor(rf_model* m, rf::TensorId id, const void* data, int32_t dtype) {
+  int64_t r, cc;
+  rf::expected_shape(m->cfg, id.kind, &r, &cc);
+  const int64_t cnt = r * (cc ? cc : 1);
+  const size_t slot = rf::tensor_slot(m->cfg, id);
+  if (is_matrix(id.kind)) {
+    Raw raw;
+    raw.dtype = dtype;
+    raw.bytes.resize((size_t)(cnt * rf::dtype_size(dtype)));
+    memcpy(raw.bytes.data(), data, raw.bytes.size());
+    m->raw[slot] = std::move(raw);
+  } else {
+    std::vector<float> v((size_t)cnt);
+    for (int64_t i = 0; i < cnt; i++) v[(size_t)i] = rf::load_as_f32(data, dtype, i);
+    m->vec(id).swap(v);
+  }
+  m->set[slot] = 1;
+}
+
+/* packs every matrix for the matmul (all allocations first: a bad_alloc leaves the model unpacked) */
+void pack_model(rf_model* m) {
+  const rf_config& c = m->cfg;
+  auto src = [&](rf::TensorKind kind, int layer) {
+    const Raw& r = m->raw[rf::tensor_slot(c, {kind, layer})];
+    int64_t rows, cols;
+    rf::expected_shape(c, kind, &rows, &cols);
+    return k::WSrc{r.bytes.data(), r.dtype, rows};
+  };
+  const int64_t H = c.hidden_size, qd = (int64_t)c.num_heads * c.head_dim;
+  std::vector<Layer> packed((size_t)c.num_layers);
+  for (int l = 0; l < c.num_layers; l++) {
+    Layer& P = packed[(size_t)l];
+    const k::WSrc qkv[3] = {src(rf::T_Q, l), src(rf::T_K, l), src(rf::T_V, l)};
+    const k::WSrc gu[2] = {src(rf::T_GATE, l), src(rf::T_UP, l)};
+    const k::WSrc o = src(rf::T_O, l), down = src(rf::T_DOWN, l);
+    P.qkv = k::pack_weights(qkv, 3, H);
+    P.o = k::pack_weights(&o, 1, qd);
+    P.gu = k::pack_weights(gu, 2, H);
+    P.down = k::pack_weights(&down, 1, c.intermediate_size);
+  }
+  const k::WSrc lm = src(c.tie_embeddings ? rf::T_EMBED : rf::T_LM_HEAD, -1);
+  k::PackedW lmp = k::pack_weights(&lm, 1, H);
+  for (int l = 0; l < c.num_layers; l++) {
+    Layer& L = m->layers[(size_t)l];
+    Layer& P = packed[(size_t)l];
+    L.qkv = std::move(P.qkv);
+    L.o = std::move(P.o);
+    L.gu = std::move(P.gu);
+    L.down = std::move(P.down);
+    if (c.qkv_bias) {
+      L.bqkv = L.bq;
+      L.bqkv.insert(L.bqkv.end(), L.bk.begin(), L.bk.end());
+      L.bqkv.insert(L.bqkv.end(), L.bv.begin(), L.bv.end());
+    }
+  }
+  m->lm = std::move(lmp);
+  if (!c.tie_embeddings) m->embed = std::move(m->raw[rf::T_EMBED]);
+  std::vector<Raw>().swap(m->raw);
+}
+
+int64_t model_bytes(const rf_model* m) {
+  int64_t b = (int64_t)m->embed.bytes.size() + m->lm.bytes + (int64_t)m->norm.size() * 4;
+  for (const Raw& r : m->raw) b += (int64_t)r.bytes.size();
+  for (const Layer& L : m->layers)
+    b += L.qkv.bytes + L.o.bytes + L.gu.bytes + L.down.bytes +
+         (int64_t)(L.in_norm.size() + L.post_norm.size() + L.bq.size() + L.bk.size() + L.bv.size() + L.bqkv.size()) * 4;
+  return b;
 }
 
 std::string cpu_model_name() {
@@ -442,6 +526,7 @@ RF_API rf_model* rf_model_create(const rf_config* cfg) {
     m->cfg = *cfg;
     m->layers.resize((size_t)cfg->num_layers);
     m->set.assign(rf::tensor_slot_count(*cfg), 0);
+    m->raw.resize(m->set.size());
     m->inv_freq = rf::rope_inv_freq(*cfg);
     return m;
   });
@@ -456,19 +541,9 @@ RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, 
     int rc = rf::check_tensor(m->cfg, name, dtype, shape, ndim, &id);
     if (rc != RF_OK) return rc;
     if (!data) return set_error(RF_ERR_INVALID, "tensor '%s': data is NULL", name);
-    int64_t r, cc;
-    rf::expected_shape(m->cfg, id.kind, &r, &cc);
-    const int64_t cnt = r * (cc ? cc : 1);
-    std::vector<float> v((size_t)cnt);
-    if (dtype == RF_F32) {
-      memcpy(v.data(), data, (size_t)cnt * 4);
-    } else {
-      float* dst = v.data();
-#pragma omp parallel for schedule(static) if (cnt > 1 << 20)
-      for (int64_t i = 0; i < cnt; i++) dst[i] = rf::load_as_f32(data, dtype, i);
-    }
-    m->tensor(id).swap(v);
-    m->set[rf::tensor_slot(m->cfg, id)] = 1;
+    if (m->finalized)
+      return set_error(RF_ERR_STATE, "tensor '%s': the model is finalized (its weights are packed)", name);
+    store_tensor(m, id, data, dtype);
     return RF_OK;
   });
 }
@@ -477,6 +552,7 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
   return guard("rf_model_init_random", [&]() -> int {
     if (!m) return set_error(RF_ERR_INVALID, "rf_model_init_random: model is NULL");
     if (!(stdv >= 0.f) || !std::isfinite(stdv)) return set_error(RF_ERR_INVALID, "rf_model_init_random: bad std");
+    if (m->finalized) return set_error(RF_ERR_STATE, "rf_model_init_random: the model is finalized");
     const rf_config& c = m->cfg;
     for (size_t slot = 0; slot < m->set.size(); slot++) {
       rf::TensorId id;
@@ -511,8 +587,7 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
           }
         }
       }
-      m->tensor(id).swap(v);
-      m->set[slot] = 1;
+      store_tensor(m, id, v.data(), RF_F32);
     }
     return RF_OK;
   });
@@ -521,8 +596,10 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
 RF_API int rf_model_finalize(rf_model* m) {
   return guard("rf_model_finalize", [&]() -> int {
     if (!m) return set_error(RF_ERR_INVALID, "rf_model_finalize: model is NULL");
+    if (m->finalized) return RF_OK;
     int rc = rf::check_complete(m->cfg, m->set);
     if (rc != RF_OK) return rc;
+    pack_model(m);
     m->finalized = true;
     return RF_OK;
   });
@@ -530,11 +607,7 @@ RF_API int rf_model_finalize(rf_model* m) {
 
 RF_API int64_t rf_model_memory_bytes(const rf_model* m) {
   if (!m) return set_error(RF_ERR_INVALID, "rf_model_memory_bytes: model is NULL");
-  int64_t b = (int64_t)(m->embed.size() + m->norm.size() + m->lm_head.size());
-  for (const Layer& L : m->layers)
-    b += (int64_t)(L.in_norm.size() + L.post_norm.size() + L.wq.size() + L.wk.size() + L.wv.size() + L.wo.size() +
-                   L.bq.size() + L.bk.size() + L.bv.size() + L.gate.size() + L.up.size() + L.down.size());
-  return b * 4;
+  return model_bytes(m);
 }
 
 RF_API void rf_model_destroy(rf_model* m) {

@@ -10,6 +10,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <string>
 
 namespace {
 
@@ -43,32 +44,103 @@ double max_rel(const std::vector<float>& a, const std::vector<double>& b) {
   return num / std::max(den, 1e-30);
 }
 
+// Every instruction set this CPU runs (forced with gemm_isa_named, as REFORM_CPU_ISA does) x every weight type,
+// on odd sizes that leave tails in m (register tile rows), n (panel width) and k (k blocks).
 void test_matmul() {
-  for (auto [n, in, out, bias] : std::vector<std::tuple<int, int, int, bool>>{
-           {1, 64, 37, false}, {7, 33, 100, true}, {70, 128, 19, true}, {1, 4096, 300, false}}) {
-    auto x = randn((size_t)n * in), W = randn((size_t)out * in), b = randn(out);
-    std::vector<float> y((size_t)n * out);
-    rf::cpu::matmul(x.data(), n, in, W.data(), out, bias ? b.data() : nullptr, y.data());
-    std::vector<double> r((size_t)n * out);
-    for (int t = 0; t < n; t++)
-      for (int o = 0; o < out; o++) {
-        double s = bias ? b[o] : 0;
-        for (int i = 0; i < in; i++) s += (double)x[(size_t)t * in + i] * W[(size_t)o * in + i];
-        r[(size_t)t * out + o] = s;
+  using namespace rf::cpu;
+  std::vector<const GemmIsa*> sets;
+  for (const char* nm : {"portable", "avx2", "avx512"})
+    if (const GemmIsa* s = gemm_isa_named(nm)) sets.push_back(s);
+  check("the default instruction set is the best one the CPU runs", gemm_isa() == sets.back() || getenv("REFORM_CPU_ISA"));
+  printf("[INFO] instruction sets run here:");
+  for (auto* s : sets) printf(" %s", s->name);
+  printf("; default %s\n", gemm_isa()->name);
+  struct Case { int m, k, n; bool bias; };
+  const std::vector<Case> cases = {{1, 64, 37, false},  {7, 33, 100, true},  {70, 128, 19, true},
+                                   {1, 4096, 300, false}, {13, 600, 65, true}, {25, 1030, 97, false}};
+  std::map<std::string, std::vector<float>> by_set;  // "case/dtype/set" -> y
+  for (size_t ci = 0; ci < cases.size(); ci++) {
+    const Case cs = cases[ci];
+    auto x = randn((size_t)cs.m * cs.k), Wf = randn((size_t)cs.n * cs.k), b = randn(cs.n);
+    for (int dt : {RF_F32, RF_BF16, RF_F16}) {
+      // the weights as stored (16-bit types rounded), and their exact f32 values for the reference
+      std::vector<uint16_t> w16((size_t)cs.n * cs.k);
+      std::vector<float> wv(Wf);
+      if (dt != RF_F32)
+        for (size_t i = 0; i < wv.size(); i++) {
+          w16[i] = dt == RF_BF16 ? rf::f32_to_bf16(Wf[i]) : rf::f32_to_f16(Wf[i]);
+          wv[i] = rf::load_as_f32(w16.data(), dt, (int64_t)i);
+        }
+      const void* wdata = dt == RF_F32 ? (const void*)Wf.data() : (const void*)w16.data();
+      std::vector<double> r((size_t)cs.m * cs.n);
+      for (int t = 0; t < cs.m; t++)
+        for (int o = 0; o < cs.n; o++) {
+          double s = cs.bias ? b[o] : 0;
+          for (int i = 0; i < cs.k; i++) s += (double)x[(size_t)t * cs.k + i] * wv[(size_t)o * cs.k + i];
+          r[(size_t)t * cs.n + o] = s;
+        }
+      for (const GemmIsa* set : sets) {
+        WSrc src{wdata, dt, cs.n};
+        PackedW pw = pack_weights(&src, 1, cs.k, set);
+        std::vector<float> y((size_t)cs.m * cs.n);
+        gemm(x.data(), cs.m, pw, cs.bias ? b.data() : nullptr, y.data());
+        double e = max_rel(y, r);
+        char name[160];
+        snprintf(name, sizeof name, "matmul %s %s m=%d k=%d n=%d bias=%d", set->name, dt == RF_F32 ? "f32" : dt == RF_BF16 ? "bf16" : "f16",
+                 cs.m, cs.k, cs.n, (int)cs.bias);
+        check(name, e < 1e-5, "rel err %.3g", e);
+        // row by row (the decode path) == all rows at once (the prefill path), bitwise
+        bool same = true;
+        for (int t = 0; t < cs.m && same; t++) {
+          std::vector<float> y1(cs.n);
+          gemm(x.data() + (size_t)t * cs.k, 1, pw, cs.bias ? b.data() : nullptr, y1.data());
+          for (int o = 0; o < cs.n; o++) same = same && y1[o] == y[(size_t)t * cs.n + o];
+        }
+        snprintf(name, sizeof name, "matmul %s m=%d k=%d: per-row == batched (bitwise)", set->name, cs.m, cs.k);
+        check(name, same);
+        by_set[std::to_string(ci) + "/" + std::to_string(dt) + "/" + set->name] = y;
       }
-    double e = max_rel(y, r);
-    char name[128];
-    snprintf(name, sizeof name, "matmul n=%d in=%d out=%d bias=%d", n, in, out, (int)bias);
-    check(name, e < 1e-5, "rel err %.3g", e);
-    // batching independence: row-by-row == batched
-    bool same = true;
-    for (int t = 0; t < n && same; t++) {
-      std::vector<float> y1(out);
-      rf::cpu::matmul(x.data() + (size_t)t * in, 1, in, W.data(), out, bias ? b.data() : nullptr, y1.data());
-      for (int o = 0; o < out; o++) same = same && y1[o] == y[(size_t)t * out + o];
+      // AVX2 and AVX-512 run the same FMA chains: identical bits
+      auto a2 = by_set.find(std::to_string(ci) + "/" + std::to_string(dt) + "/avx2");
+      auto a5 = by_set.find(std::to_string(ci) + "/" + std::to_string(dt) + "/avx512");
+      if (a2 != by_set.end() && a5 != by_set.end()) {
+        char name[128];
+        snprintf(name, sizeof name, "matmul avx2 == avx512 (bitwise) case %zu dtype %d", ci, dt);
+        check(name, a2->second == a5->second);
+      }
     }
-    snprintf(name, sizeof name, "matmul n=%d in=%d: per-token == batched (bitwise)", n, in);
-    check(name, same);
+  }
+  // fused packing (q/k/v style): one packed matrix of several sources == each alone; mixed types -> f32 panels
+  for (const GemmIsa* set : sets) {
+    const int k = 96, m = 9, na = 40, nb = 24;
+    auto x = randn((size_t)m * k), A = randn((size_t)na * k), B = randn((size_t)nb * k);
+    std::vector<uint16_t> B16(B.size());
+    for (size_t i = 0; i < B.size(); i++) B16[i] = rf::f32_to_bf16(B[i]);
+    WSrc both[2] = {{A.data(), RF_F32, na}, {B16.data(), RF_BF16, nb}};
+    PackedW pf = pack_weights(both, 2, k, set), pa = pack_weights(&both[0], 1, k, set), pb = pack_weights(&both[1], 1, k, set);
+    std::vector<float> yf((size_t)m * (na + nb)), ya((size_t)m * na), yb((size_t)m * nb);
+    gemm(x.data(), m, pf, nullptr, yf.data());
+    gemm(x.data(), m, pa, nullptr, ya.data());
+    gemm(x.data(), m, pb, nullptr, yb.data());
+    bool ok = pf.dtype == RF_F32 && pb.dtype == RF_BF16;
+    for (int t = 0; t < m; t++) {
+      for (int o = 0; o < na; o++) ok = ok && yf[(size_t)t * (na + nb) + o] == ya[(size_t)t * na + o];
+      for (int o = 0; o < nb; o++) ok = ok && yf[(size_t)t * (na + nb) + na + o] == yb[(size_t)t * nb + o];
+    }
+    char name[128];
+    snprintf(name, sizeof name, "matmul %s fused [f32 | bf16] == separate (bitwise), mixed -> f32 panels", set->name);
+    check(name, ok);
+    // strided output (ldy > n) and the embedding lookup from packed panels
+    std::vector<float> ys((size_t)m * 70, -7.f);
+    gemm(x.data(), m, pa, nullptr, ys.data(), 70);
+    bool sok = true;
+    for (int t = 0; t < m; t++)
+      for (int o = 0; o < 70; o++) sok = sok && ys[(size_t)t * 70 + o] == (o < na ? ya[(size_t)t * na + o] : -7.f);
+    std::vector<float> row(k);
+    packed_row(pf, na + 5, row.data());
+    for (int i = 0; i < k; i++) sok = sok && row[i] == rf::bf16_to_f32(B16[(size_t)5 * k + i]);
+    snprintf(name, sizeof name, "matmul %s strided output leaves other columns; packed_row", set->name);
+    check(name, sok);
   }
 }
 
@@ -241,14 +313,18 @@ void test_attention() {
 }
 
 void test_swiglu_l2() {
-  const int n = 1000;
-  auto g = randn(n, 3.f), u = randn(n);
-  std::vector<float> gg = g;
-  rf::cpu::swiglu(gg.data(), u.data(), n);
-  std::vector<double> r(n);
-  for (int i = 0; i < n; i++) r[i] = (double)g[i] / (1 + std::exp(-(double)g[i])) * u[i];
+  const int n = 7, I = 143;  // rows of the fused gate|up projection
+  auto gu = randn((size_t)n * 2 * I, 3.f);
+  std::vector<float> gg((size_t)n * I);
+  rf::cpu::swiglu_rows(gu.data(), n, I, gg.data());
+  std::vector<double> r((size_t)n * I);
+  for (int t = 0; t < n; t++)
+    for (int i = 0; i < I; i++) {
+      const double g = gu[(size_t)t * 2 * I + i], u = gu[(size_t)t * 2 * I + I + i];
+      r[(size_t)t * I + i] = g / (1 + std::exp(-g)) * u;
+    }
   double e = max_rel(gg, r);
-  check("swiglu silu(gate)*up", e < 1e-6, "rel err %.3g", e);
+  check("swiglu silu(gate)*up over fused gate|up rows", e < 1e-6, "rel err %.3g", e);
 
   auto v = randn(24, 5.f);
   std::vector<float> o(24);
