@@ -504,7 +504,8 @@ RF_API int rf_device_info(char* buf, int32_t buflen) {
   return guard("rf_device_info", [&]() -> int {
     if (!buf || buflen <= 0) return set_error(RF_ERR_INVALID, "rf_device_info: buffer is NULL or empty");
     std::string s = "CPU: " + cpu_model_name() + ", " + std::to_string(k::max_threads()) + " OpenMP threads, " +
-                    std::to_string(std::thread::hardware_concurrency()) + " hardware threads, float32 compute";
+                    std::to_string(std::thread::hardware_concurrency()) + " hardware threads, float32 compute (" +
+                    k::gemm_isa()->name + " kernels)";
     snprintf(buf, (size_t)buflen, "%s", s.c_str());
     return RF_OK;
   });
@@ -587,7 +588,15 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
           }
         }
       }
-      store_tensor(m, id, v.data(), RF_F32);
+      // matrices in the configured 16-bit type, as a checkpoint of that type would give them
+      const int32_t wdt = c.weight_dtype == RF_BF16 || c.weight_dtype == RF_F16 ? c.weight_dtype : RF_F32;
+      if (!is_matrix(id.kind) || wdt == RF_F32) {
+        store_tensor(m, id, v.data(), RF_F32);
+      } else {
+        std::vector<uint16_t> h(v.size());
+        for (size_t i = 0; i < v.size(); i++) h[i] = wdt == RF_BF16 ? rf::f32_to_bf16(v[i]) : rf::f32_to_f16(v[i]);
+        store_tensor(m, id, h.data(), wdt);
+      }
     }
     return RF_OK;
   });
