@@ -1,8 +1,8 @@
 /*
  * cpu_kernels.h — float32 CPU kernels of the REFORM CPU build (namespace rf::cpu); the matmul is in cpu/gemm.h.
  * Header-only so that test/native/kernel_tests.cpp can check them against naive references.
- * OpenMP parallel (compile with -fopenmp; without it the pragmas are ignored and the code runs serially).
- * None of these functions allocate inside a parallel region (no exception can escape one).
+ * Parallel on the worker threads of cpu/pool.h (OpenMP only for `simd`: compile with -fopenmp-simd).
+ * None of these functions allocate inside a parallel task (no exception can escape one).
  */
 #ifndef REFORM_CPU_KERNELS_H
 #define REFORM_CPU_KERNELS_H
@@ -13,29 +13,11 @@
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "cpu/gemm.h"  // matmul: rf::cpu::pack_weights, rf::cpu::gemm
+#include "cpu/pool.h"  // rf::cpu::parallel_for, parallel_dynamic
 
 namespace rf {
 namespace cpu {
-
-inline int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 /* sum a[i]*b[i], float accumulation, vectorised */
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -47,15 +29,16 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
 
 /* y[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w  (x and y may alias) */
 inline void rmsnorm(const float* x, int64_t n, int64_t dim, const float* w, float eps, float* y) {
-#pragma omp parallel for schedule(static) if (n * dim > 65536)
-  for (int64_t t = 0; t < n; t++) {
-    const float* xr = x + t * dim;
-    float* yr = y + t * dim;
-    double ss = 0;
-    for (int64_t i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
-    const float r = (float)(1.0 / std::sqrt(ss / (double)dim + (double)eps));
-    for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * r * w[i];
-  }
+  parallel_for(n, n * dim > 65536, [&](int64_t t0, int64_t t1, int) {
+    for (int64_t t = t0; t < t1; t++) {
+      const float* xr = x + t * dim;
+      float* yr = y + t * dim;
+      double ss = 0;
+      for (int64_t i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
+      const float r = (float)(1.0 / std::sqrt(ss / (double)dim + (double)eps));
+      for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * r * w[i];
+    }
+  });
 }
 
 /* cos/sin of pos * inv_freq[i], i < half (angle computed in double). */
@@ -108,7 +91,7 @@ inline void attn_probs(const float* q, const float* K, int64_t m, int hd, float 
 }
 
 /* Scratch floats needed by attn_forward / attn_scores for `entries` keys. */
-inline int64_t attn_scratch_size(int64_t entries) { return (int64_t)max_threads() * (entries + 16); }
+inline int64_t attn_scratch_size(int64_t entries) { return (int64_t)pool_threads() * (entries + 16); }
 
 /* Causal GQA attention output.
  * q: [n][nh*hd] (already rotated); K, V: [nkv][ld][hd] (K rotated); query j sees entries 0..past+j.
@@ -119,11 +102,10 @@ inline void attn_forward(const float* q, int64_t n, int nh, int nkv, int hd, con
   const float scale = 1.0f / std::sqrt((float)hd);
   const int64_t tasks = n * nh;
   const int64_t stride = past + n + 16;
-#pragma omp parallel for schedule(dynamic, 1) if (tasks * (past + n) * hd > 32768)
-  for (int64_t task = 0; task < tasks; task++) {
+  parallel_dynamic(tasks, tasks * (past + n) * hd > 32768, [&](int64_t task, int tid) {
     const int64_t j = task / nh;
     const int h = (int)(task % nh), g = h / grp;
-    float* p = scratch + (int64_t)thread_id() * stride;
+    float* p = scratch + (int64_t)tid * stride;
     const int64_t m = past + j + 1;
     const float* qh = q + j * (int64_t)nh * hd + (int64_t)h * hd;
     const float* Kg = K + (int64_t)g * ld * hd;
@@ -137,7 +119,7 @@ inline void attn_forward(const float* q, int64_t n, int nh, int nkv, int hd, con
 #pragma omp simd
       for (int d = 0; d < hd; d++) o[d] += pe * v[d];
     }
-  }
+  });
 }
 
 /* H2O score accumulation: for queries j in [obs_start, n) and every query head h of kv group g,
@@ -148,9 +130,8 @@ inline void attn_scores(const float* q, int64_t n, int nh, int nkv, int hd, cons
   const int grp = nh / nkv;
   const float scale = 1.0f / std::sqrt((float)hd);
   const int64_t stride = past + n + 16;
-#pragma omp parallel for schedule(static) if (nkv > 1 && (n - obs_start) * (past + n) * hd * grp > 32768)
-  for (int g = 0; g < nkv; g++) {
-    float* p = scratch + (int64_t)thread_id() * stride;
+  parallel_dynamic(nkv, nkv > 1 && (n - obs_start) * (past + n) * hd * grp > 32768, [&](int64_t g, int tid) {
+    float* p = scratch + (int64_t)tid * stride;
     const float* Kg = K + (int64_t)g * ld * hd;
     float* sg = score + (int64_t)g * ld_score;
     for (int64_t j = std::max<int64_t>(obs_start, 0); j < n; j++) {
@@ -161,16 +142,17 @@ inline void attn_scores(const float* q, int64_t n, int nh, int nkv, int hd, cons
         for (int64_t e = 0; e < m; e++) sg[e] += p[e];
       }
     }
-  }
+  });
 }
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 /* out[t][i] = silu(gu[t][i]) * gu[t][I + i]: rows of the fused gate|up projection, [n][2I] -> [n][I] */
 inline void swiglu_rows(const float* gu, int64_t n, int64_t I, float* out) {
-#pragma omp parallel for schedule(static) if (n * I > 65536)
-  for (int64_t t = 0; t < n; t++)
-    for (int64_t i = 0; i < I; i++) out[t * I + i] = silu(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
+  parallel_for(n, n * I > 65536, [&](int64_t t0, int64_t t1, int) {
+    for (int64_t t = t0; t < t1; t++)
+      for (int64_t i = 0; i < I; i++) out[t * I + i] = silu(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
+  });
 }
 
 /* y = x / max(||x||_2, eps) (x and y may alias) */
@@ -184,25 +166,28 @@ inline void l2_normalize(const float* x, int64_t d, float eps, float* y) {
 
 /* x[i] += y[i] */
 inline void add_inplace(float* x, const float* y, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n > 262144)
-  for (int64_t i = 0; i < n; i++) x[i] += y[i];
+  parallel_for(n, n > 262144, [&](int64_t i0, int64_t i1, int) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; i++) x[i] += y[i];
+  });
 }
 
 /* out[i] = max_j cos(ctx_i, q_j); ctx rows given as f32 via load(row, i, buf). cos(a,b) =
- * a.b / (max(|a|, 1e-12) * max(|b|, 1e-12)). qn: n_q pre-normalised rows. tmp: max_threads()*dim floats. */
+ * a.b / (max(|a|, 1e-12) * max(|b|, 1e-12)). qn: n_q pre-normalised rows. tmp: pool_threads()*dim floats. */
 template <class LoadRow>
 inline void cosine_max(LoadRow load, int64_t n_ctx, int dim, const float* qn, int n_q, float* out, float* tmp) {
-#pragma omp parallel for schedule(static) if (n_ctx * (int64_t)dim * n_q > 65536)
-  for (int64_t i = 0; i < n_ctx; i++) {
-    float* row = tmp + (int64_t)thread_id() * dim;
-    load(i, row);
-    double ss = 0;
-    for (int d = 0; d < dim; d++) ss += (double)row[d] * row[d];
-    const float inv = (float)(1.0 / std::max(std::sqrt(ss), 1e-12));
-    float best = -INFINITY;
-    for (int j = 0; j < n_q; j++) best = std::max(best, dot(row, qn + (int64_t)j * dim, dim) * inv);
-    out[i] = best;
-  }
+  parallel_for(n_ctx, n_ctx * (int64_t)dim * n_q > 65536, [&](int64_t i0, int64_t i1, int tid) {
+    float* row = tmp + (int64_t)tid * dim;
+    for (int64_t i = i0; i < i1; i++) {
+      load(i, row);
+      double ss = 0;
+      for (int d = 0; d < dim; d++) ss += (double)row[d] * row[d];
+      const float inv = (float)(1.0 / std::max(std::sqrt(ss), 1e-12));
+      float best = -INFINITY;
+      for (int j = 0; j < n_q; j++) best = std::max(best, dot(row, qn + (int64_t)j * dim, dim) * inv);
+      out[i] = best;
+    }
+  });
 }
 
 }  // namespace cpu

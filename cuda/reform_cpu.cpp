@@ -1,5 +1,5 @@
 /*
- * reform_cpu.cpp — CPU (float32, OpenMP) implementation of cuda/reform.h.
+ * reform_cpu.cpp — CPU (float32 compute, own worker threads) implementation of cuda/reform.h.
  * Kernels live in cuda/cpu_kernels.h (rf::cpu); host helpers in cuda/reform_common.h.
  */
 #include "reform.h"
@@ -141,9 +141,10 @@ void rope_rows(const rf_model* m, float* v, int64_t n, int nheads, int64_t pos0)
   const int hd = m->cfg.head_dim, half = hd / 2;
   std::vector<float> cs((size_t)n * hd);
   for (int64_t t = 0; t < n; t++) k::rope_cos_sin(m->inv_freq.data(), half, pos0 + t, &cs[t * hd], &cs[t * hd + half]);
-#pragma omp parallel for schedule(static) if (n * nheads * hd > 65536)
-  for (int64_t t = 0; t < n; t++)
-    for (int h = 0; h < nheads; h++) k::rope_head(v + (t * nheads + h) * hd, hd, &cs[t * hd], &cs[t * hd + half]);
+  k::parallel_for(n, n * nheads * hd > 65536, [&](int64_t t0, int64_t t1, int) {
+    for (int64_t t = t0; t < t1; t++)
+      for (int h = 0; h < nheads; h++) k::rope_head(v + (t * nheads + h) * hd, hd, &cs[t * hd], &cs[t * hd + half]);
+  });
 }
 
 bool tokens_valid(const rf_model* m, const int32_t* tokens, int64_t n) {
@@ -250,17 +251,20 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
     const float* Vc = c->V[(size_t)l].data();
     float* kr = c->kr.data();
     float* va = c->va.data();
-#pragma omp parallel for schedule(static) if (T * nkv * hd > 65536)
-    for (int64_t e = 0; e < T; e++) {
-      const float* cs = &c->cos_tab[e * half];
-      const float* sn = &c->sin_tab[e * half];
-      for (int g = 0; g < nkv; g++) {
-        const float* ksrc = e < L ? Kc + ((int64_t)g * c->alloc + e) * hd : w.kk.data() + (e - L) * kvd + (int64_t)g * hd;
-        const float* vsrc = e < L ? Vc + ((int64_t)g * c->alloc + e) * hd : w.vv.data() + (e - L) * kvd + (int64_t)g * hd;
-        k::rope_head_to(ksrc, kr + ((int64_t)g * T + e) * hd, hd, cs, sn);
-        memcpy(va + ((int64_t)g * T + e) * hd, vsrc, (size_t)hd * 4);
+    k::parallel_for(T, T * nkv * hd > 65536, [&](int64_t e0, int64_t e1, int) {
+      for (int64_t e = e0; e < e1; e++) {
+        const float* cs = &c->cos_tab[e * half];
+        const float* sn = &c->sin_tab[e * half];
+        for (int g = 0; g < nkv; g++) {
+          const float* ksrc =
+              e < L ? Kc + ((int64_t)g * c->alloc + e) * hd : w.kk.data() + (e - L) * kvd + (int64_t)g * hd;
+          const float* vsrc =
+              e < L ? Vc + ((int64_t)g * c->alloc + e) * hd : w.vv.data() + (e - L) * kvd + (int64_t)g * hd;
+          k::rope_head_to(ksrc, kr + ((int64_t)g * T + e) * hd, hd, cs, sn);
+          memcpy(va + ((int64_t)g * T + e) * hd, vsrc, (size_t)hd * 4);
+        }
       }
-    }
+    });
     // rotate queries at positions L..T-1
     for (int64_t t = 0; t < n; t++)
       for (int h = 0; h < nh; h++)
@@ -503,7 +507,7 @@ RF_API int rf_device_count(void) { return 1; }
 RF_API int rf_device_info(char* buf, int32_t buflen) {
   return guard("rf_device_info", [&]() -> int {
     if (!buf || buflen <= 0) return set_error(RF_ERR_INVALID, "rf_device_info: buffer is NULL or empty");
-    std::string s = "CPU: " + cpu_model_name() + ", " + std::to_string(k::max_threads()) + " OpenMP threads, " +
+    std::string s = "CPU: " + cpu_model_name() + ", " + std::to_string(k::pool_threads()) + " threads, " +
                     std::to_string(std::thread::hardware_concurrency()) + " hardware threads, float32 compute (" +
                     k::gemm_isa()->name + " kernels)";
     snprintf(buf, (size_t)buflen, "%s", s.c_str());
@@ -513,9 +517,7 @@ RF_API int rf_device_info(char* buf, int32_t buflen) {
 
 RF_API int rf_set_threads(int32_t n) {
   if (n < 0) return set_error(RF_ERR_INVALID, "rf_set_threads: n must be >= 0 (0 = all cores)");
-#ifdef _OPENMP
-  omp_set_num_threads(n == 0 ? omp_get_num_procs() : n);
-#endif
+  k::Pool::get().set_threads(n);
   return RF_OK;
 }
 
@@ -575,8 +577,7 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
       } else {
         const int64_t B = 1 << 16, nb = (cnt + B - 1) / B;
         float* dst = v.data();
-#pragma omp parallel for schedule(static)
-        for (int64_t b = 0; b < nb; b++) {
+        k::parallel_dynamic(nb, true, [&](int64_t b, int) {
           uint64_t st = splitmix64(seed ^ splitmix64((uint64_t)slot * 0x100000001ull + (uint64_t)b)) | 1ull;
           const int64_t e = std::min(cnt, (b + 1) * B);
           for (int64_t i = b * B; i < e; i += 2) {  // Box-Muller
@@ -586,7 +587,7 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
             dst[i] = (float)(stdv * rr * std::cos(6.283185307179586 * u2));
             if (i + 1 < e) dst[i + 1] = (float)(stdv * rr * std::sin(6.283185307179586 * u2));
           }
-        }
+        });
       }
       // matrices in the configured 16-bit type, as a checkpoint of that type would give them
       const int32_t wdt = c.weight_dtype == RF_BF16 || c.weight_dtype == RF_F16 ? c.weight_dtype : RF_F32;
@@ -804,7 +805,7 @@ RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t d
       const float inv = (float)(1.0 / std::max(std::sqrt(ss), 1e-12));
       for (int d = 0; d < dim; d++) qn[(size_t)j * dim + d] = src[d] * inv;
     }
-    std::vector<float> tmp((size_t)k::max_threads() * dim);
+    std::vector<float> tmp((size_t)k::pool_threads() * dim);
     if (ctx_dtype == RF_F32) {
       const float* cf = (const float*)ctx;
       k::cosine_max([&](int64_t i, float* row) { memcpy(row, cf + i * dim, (size_t)dim * 4); }, n_ctx, dim, qn.data(),

@@ -11,12 +11,13 @@
  * weights are widened in registers, exactly). Several weight matrices with the same k can be packed into one
  * (fused q/k/v, fused gate/up): their rows are concatenated.
  * Prefill (m > 1) packs x per call into MR-row tiles and runs MR x NR register tiles over KC-deep blocks;
- * decode (m == 1) streams the panels once, four at a time. Both are parallel over panels (OpenMP).
+ * decode (m == 1) streams the panels once, four at a time. Both are parallel over panels (cpu/pool.h).
  */
 #ifndef REFORM_CPU_GEMM_H
 #define REFORM_CPU_GEMM_H
 
 #include "../reform_common.h"
+#include "pool.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -25,9 +26,6 @@
 #include <new>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define RF_CPU_X86 1
@@ -231,8 +229,8 @@ inline PackedW pack_weights(const WSrc* src, int nsrc, int64_t k, const GemmIsa*
   for (int s = 0, o = 0; s < nsrc; s++)
     for (int64_t r = 0; r < src[s].rows; r++) row_of[(size_t)o++] = {s, r};
   uint8_t* dst = w.buf.get();
-#pragma omp parallel for schedule(static) if (w.bytes > (1 << 20))
-  for (int64_t pnl = 0; pnl < np; pnl++)
+  parallel_for(np, w.bytes > (1 << 20), [&](int64_t p0, int64_t p1, int) {
+  for (int64_t pnl = p0; pnl < p1; pnl++)
     for (int64_t j = 0; j < nr; j++) {
       const int64_t col = pnl * nr + j;
       uint8_t* d = dst + (pnl * k * nr + j) * esz;
@@ -253,6 +251,7 @@ inline PackedW pack_weights(const WSrc* src, int nsrc, int64_t k, const GemmIsa*
         }
       }
     }
+  });
   return w;
 }
 
@@ -265,12 +264,6 @@ inline void packed_row(const PackedW& w, int64_t r, float* out) {
 
 /* ---------------- the matmul ---------------- */
 
-inline void split_range(int64_t n, int parts, int id, int64_t* b, int64_t* e) {
-  const int64_t q = n / parts, r = n % parts;
-  *b = id * q + std::min<int64_t>(id, r);
-  *e = *b + q + (id < r ? 1 : 0);
-}
-
 /* y[m][ldy] (first w.n columns) = x[m][w.k] @ W^T (+ bias[w.n]). Results are bitwise independent of m. */
 inline void gemm(const float* x, int64_t m, const PackedW& w, const float* bias, float* y, int64_t ldy = -1) {
   if (m <= 0 || w.n <= 0) return;
@@ -279,17 +272,7 @@ inline void gemm(const float* x, int64_t m, const PackedW& w, const float* bias,
   GemmCall g{&w, x, nullptr, m, ldy < 0 ? w.n : ldy, w.dtype == RF_F32 ? 256 : 512, bias, y};
   const bool par = m * w.n * K > (1 << 18);
   if (m == 1) {
-#pragma omp parallel if (par)
-    {
-      int nt = 1, id = 0;
-#ifdef _OPENMP
-      nt = omp_get_num_threads();
-      id = omp_get_thread_num();
-#endif
-      int64_t p0, p1;
-      split_range(np, nt, id, &p0, &p1);
-      if (p0 < p1) isa->panels(g, p0, p1);
-    }
+    parallel_for(np, par, [&](int64_t p0, int64_t p1, int) { isa->panels(g, p0, p1); });
     return;
   }
   const int64_t tiles = (m + MR - 1) / MR, mpad = tiles * MR;
@@ -297,32 +280,19 @@ inline void gemm(const float* x, int64_t m, const PackedW& w, const float* bias,
   if ((int64_t)apack.size() < mpad * K) apack.resize((size_t)(mpad * K));
   float* ap = apack.data();
   g.apack = ap;
-#pragma omp parallel if (par)
-  {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; t++)
+  parallel_for(tiles, par, [&](int64_t t0, int64_t t1, int) {
+    for (int64_t t = t0; t < t1; t++) {
+      const float* rows[64];  // MR <= 64
+      for (int64_t i = 0; i < MR; i++) rows[i] = t * MR + i < m ? x + (t * MR + i) * K : nullptr;
       for (int64_t k0 = 0; k0 < K; k0 += g.kc) {
         const int64_t kc = std::min(g.kc, K - k0);
         float* d = ap + k0 * mpad + t * kc * MR;
-        for (int64_t i = 0; i < MR; i++) {
-          const int64_t row = t * MR + i;
-          if (row < m) {
-            const float* s = x + row * K + k0;
-            for (int64_t kk = 0; kk < kc; kk++) d[kk * MR + i] = s[kk];
-          } else {
-            for (int64_t kk = 0; kk < kc; kk++) d[kk * MR + i] = 0.f;
-          }
-        }
+        for (int64_t kk = 0; kk < kc; kk++)
+          for (int64_t i = 0; i < MR; i++) d[kk * MR + i] = rows[i] ? rows[i][k0 + kk] : 0.f;
       }
-    int nt = 1, id = 0;
-#ifdef _OPENMP
-    nt = omp_get_num_threads();
-    id = omp_get_thread_num();
-#endif
-    int64_t p0, p1;
-    split_range(np, nt, id, &p0, &p1);
-    if (p0 < p1) isa->panels(g, p0, p1);
-  }
+    }
+  });
+  parallel_for(np, par, [&](int64_t p0, int64_t p1, int) { isa->panels(g, p0, p1); });
 }
 
 }  // namespace cpu

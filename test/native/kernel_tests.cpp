@@ -1,6 +1,6 @@
 // kernel_tests.cpp — checks every rf::cpu kernel (cuda/cpu_kernels.h) and the shared host helpers
 // (cuda/reform_common.h) against plain naive double-precision references.
-// Build: g++ -O2 -fopenmp -std=c++17 -Icuda test/native/kernel_tests.cpp -o build/kernel_tests
+// Build: g++ -O2 -fopenmp-simd -pthread -std=c++17 -Icuda test/native/kernel_tests.cpp -o build/kernel_tests
 // Prints one line per check; exits 1 when any check fails.
 #include "reform_common.h"
 #include "cpu_kernels.h"
@@ -10,6 +10,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <atomic>
 #include <string>
 
 namespace {
@@ -354,7 +355,7 @@ void test_score() {
     for (int d = 0; d < dim; d++) ss += (double)q[j * dim + d] * q[j * dim + d];
     for (int d = 0; d < dim; d++) qn[j * dim + d] = (float)(q[j * dim + d] / std::sqrt(ss));
   }
-  std::vector<float> out(n), tmp((size_t)rf::cpu::max_threads() * dim);
+  std::vector<float> out(n), tmp((size_t)rf::cpu::pool_threads() * dim);
   rf::cpu::cosine_max([&](int64_t i, float* row) { memcpy(row, &ctx[(size_t)i * dim], dim * 4); }, n, dim, qn.data(),
                       nq, out.data(), tmp.data());
   double e = 0;
@@ -533,7 +534,42 @@ void test_misc() {
 
 }  // namespace
 
+// the worker pool: every index exactly once, for any thread count; nested calls run inline; repeated jobs
+void test_pool() {
+  using namespace rf::cpu;
+  const int before = pool_threads();
+  bool ok = true;
+  for (int nt : {1, 2, 3, 5}) {
+    Pool::get().set_threads(nt);
+    ok = ok && pool_threads() == nt;
+    for (int64_t n : {0, 1, 2, 7, 1000}) {
+      std::vector<int> hits((size_t)n, 0), dyn((size_t)n, 0);
+      std::vector<int> ids(64, 0);
+      parallel_for(n, true, [&](int64_t b, int64_t e, int id) {
+        ids[(size_t)id] = 1;
+        for (int64_t i = b; i < e; i++) hits[(size_t)i]++;
+        // nested: inline on this thread, whole range
+        int inner = 0;
+        parallel_for(10, true, [&](int64_t b2, int64_t e2, int id2) { inner += (int)(e2 - b2) + id2; });
+        if (inner != 10) hits[(size_t)b] += 100;
+      });
+      parallel_dynamic(n, true, [&](int64_t i, int) { dyn[(size_t)i]++; });
+      for (int64_t i = 0; i < n; i++) ok = ok && hits[(size_t)i] == 1 && dyn[(size_t)i] == 1;
+      int used = 0;
+      for (int v : ids) used += v;
+      ok = ok && used == (int)std::min<int64_t>(nt, n);
+    }
+    // many short jobs back to back (the decode pattern)
+    std::atomic<int64_t> sum{0};
+    for (int rep = 0; rep < 2000; rep++) parallel_for(4, true, [&](int64_t b, int64_t e, int) { sum += e - b; });
+    ok = ok && sum == 8000;
+  }
+  Pool::get().set_threads(before);
+  check("worker pool: each index once (1,2,3,5 threads), nested inline, 2000 short jobs", ok && pool_threads() == before);
+}
+
 int main() {
+  test_pool();
   test_matmul();
   test_rmsnorm();
   test_rope();
