@@ -70,79 +70,60 @@ inline void rope_head_to(const float* v, float* o, int hd, const float* c, const
   }
 }
 
-/* softmax of scores s[0..m) in place (numerically stable); returns nothing. */
-inline void softmax_inplace(float* s, int64_t m) {
-  float mx = -INFINITY;
-  for (int64_t i = 0; i < m; i++) mx = std::max(mx, s[i]);
-  double sum = 0;
-  for (int64_t i = 0; i < m; i++) {
-    s[i] = std::exp(s[i] - mx);
-    sum += s[i];
-  }
-  const float inv = (float)(1.0 / sum);
-  for (int64_t i = 0; i < m; i++) s[i] *= inv;
-}
-
-/* Causal attention probabilities of one query head against entries 0..m-1 of one kv head.
- * K: entries of hd floats, stride hd. Writes probs[0..m). */
-inline void attn_probs(const float* q, const float* K, int64_t m, int hd, float scale, float* probs) {
-  for (int64_t e = 0; e < m; e++) probs[e] = dot(q, K + e * hd, hd) * scale;
-  softmax_inplace(probs, m);
-}
-
-/* Scratch floats needed by attn_forward / attn_scores for `entries` keys. */
-inline int64_t attn_scratch_size(int64_t entries) { return (int64_t)pool_threads() * (entries + 16); }
-
-/* Causal GQA attention output.
+/* Causal GQA attention (cpu/attn_isa.inc: flash-style over each KV head's query group).
  * q: [n][nh*hd] (already rotated); K, V: [nkv][ld][hd] (K rotated); query j sees entries 0..past+j.
- * out: [n][nh*hd]. Query head h uses kv head h / (nh/nkv). scratch: attn_scratch_size(past+n) floats. */
+ * Query head h uses kv head h / (nh/nkv). stats: [n][nh][2] softmax max and sum per query row, written here
+ * and read by attn_scores. scratch: attn_scratch_size(n, nh, nkv, hd) floats. */
+inline int64_t attn_queries_per_task(int nh, int nkv) { return std::max(1, cpu_isa()->mr / (nh / nkv)); }
+inline int64_t attn_scratch_size(int64_t n, int nh, int nkv, int hd) {
+  const int64_t grp = nh / nkv;
+  return (int64_t)pool_threads() * cpu_isa()->attn_scratch(attn_queries_per_task(nh, nkv) * grp, n * grp, hd);
+}
+
+/* rows j0..n-1 of every kv head; out == nullptr: statistics only */
+inline void attn_run(AttnCall a, int64_t j0, float* scratch) {
+  const CpuIsa* isa = cpu_isa();
+  const int64_t qb = attn_queries_per_task(a.nh, a.nkv), grp = a.nh / a.nkv;
+  const int64_t blocks = (a.n - j0 + qb - 1) / qb, per = isa->attn_scratch(qb * grp, a.n * grp, a.hd);
+  // the last query blocks see the most keys: hand them out first
+  parallel_dynamic(blocks * a.nkv, blocks * a.nkv > 1 && (a.n - j0) * (a.past + a.n) * a.hd * grp > 32768,
+                   [&](int64_t task, int tid) {
+                     const int64_t b = blocks - 1 - task / a.nkv;
+                     const int g = (int)(task % a.nkv);
+                     isa->attn_rows(a, g, j0 + b * qb, std::min(a.n, j0 + (b + 1) * qb), scratch + tid * per);
+                   });
+}
+
+/* out: [n][nh*hd] */
 inline void attn_forward(const float* q, int64_t n, int nh, int nkv, int hd, const float* K, const float* V, int64_t ld,
-                         int64_t past, float* out, float* scratch) {
-  const int grp = nh / nkv;
-  const float scale = 1.0f / std::sqrt((float)hd);
-  const int64_t tasks = n * nh;
-  const int64_t stride = past + n + 16;
-  parallel_dynamic(tasks, tasks * (past + n) * hd > 32768, [&](int64_t task, int tid) {
-    const int64_t j = task / nh;
-    const int h = (int)(task % nh), g = h / grp;
-    float* p = scratch + (int64_t)tid * stride;
-    const int64_t m = past + j + 1;
-    const float* qh = q + j * (int64_t)nh * hd + (int64_t)h * hd;
-    const float* Kg = K + (int64_t)g * ld * hd;
-    const float* Vg = V + (int64_t)g * ld * hd;
-    attn_probs(qh, Kg, m, hd, scale, p);
-    float* o = out + j * (int64_t)nh * hd + (int64_t)h * hd;
-    for (int d = 0; d < hd; d++) o[d] = 0.f;
-    for (int64_t e = 0; e < m; e++) {
-      const float pe = p[e];
-      const float* v = Vg + e * hd;
-#pragma omp simd
-      for (int d = 0; d < hd; d++) o[d] += pe * v[d];
-    }
-  });
+                         int64_t past, float* out, float* stats, float* scratch) {
+  attn_run(AttnCall{q, n, nh, nkv, hd, K, V, ld, past, out, stats, nullptr, 0, 0}, 0, scratch);
+}
+
+/* softmax statistics of the rows j >= obs_start only (the exit layer, whose attention output is not needed) */
+inline void attn_stats(const float* q, int64_t n, int nh, int nkv, int hd, const float* K, int64_t ld, int64_t past,
+                       int64_t obs_start, float* stats, float* scratch) {
+  attn_run(AttnCall{q, n, nh, nkv, hd, K, nullptr, ld, past, nullptr, stats, nullptr, 0, 0}, obs_start, scratch);
 }
 
 /* H2O score accumulation: for queries j in [obs_start, n) and every query head h of kv group g,
- * score[g*ld_score + e] += softmax prob of (h, j) on entry e (e <= past+j). Parallel over kv heads,
- * deterministic (fixed summation order). */
+ * score[g*ld_score + e] += softmax prob of (h, j) on entry e (e <= past+j), from the stats of attn_forward or
+ * attn_stats over those rows. Parallel over (kv head, key range); deterministic (fixed summation order). */
 inline void attn_scores(const float* q, int64_t n, int nh, int nkv, int hd, const float* K, int64_t ld, int64_t past,
-                        int64_t obs_start, float* score, int64_t ld_score, float* scratch) {
-  const int grp = nh / nkv;
-  const float scale = 1.0f / std::sqrt((float)hd);
-  const int64_t stride = past + n + 16;
-  parallel_dynamic(nkv, nkv > 1 && (n - obs_start) * (past + n) * hd * grp > 32768, [&](int64_t g, int tid) {
-    float* p = scratch + (int64_t)tid * stride;
-    const float* Kg = K + (int64_t)g * ld * hd;
-    float* sg = score + (int64_t)g * ld_score;
-    for (int64_t j = std::max<int64_t>(obs_start, 0); j < n; j++) {
-      const int64_t m = past + j + 1;
-      for (int hh = 0; hh < grp; hh++) {
-        const int h = g * grp + hh;
-        attn_probs(q + j * (int64_t)nh * hd + (int64_t)h * hd, Kg, m, hd, scale, p);
-        for (int64_t e = 0; e < m; e++) sg[e] += p[e];
-      }
-    }
-  });
+                        int64_t obs_start, const float* stats, float* score, int64_t ld_score, float* scratch) {
+  obs_start = std::max<int64_t>(obs_start, 0);
+  if (obs_start >= n) return;
+  const CpuIsa* isa = cpu_isa();
+  const int64_t grp = nh / nkv, keys = past + n, chunk = 8 * (int64_t)isa->nr;
+  const int64_t chunks = (keys + chunk - 1) / chunk;
+  const int64_t per = isa->attn_scratch(attn_queries_per_task(nh, nkv) * grp, n * grp, hd);
+  const AttnCall a{q, n, nh, nkv, hd, K, nullptr, ld, past, nullptr, (float*)stats, score, ld_score, obs_start};
+  parallel_dynamic(chunks * nkv, chunks * nkv > 1 && (n - obs_start) * keys * hd * grp > 32768,
+                   [&](int64_t task, int tid) {
+                     const int g = (int)(task % nkv);
+                     const int64_t e0 = (task / nkv) * chunk;
+                     isa->attn_score(a, g, e0, std::min(keys, e0 + chunk), scratch + tid * per);
+                   });
 }
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }

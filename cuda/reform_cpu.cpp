@@ -76,8 +76,8 @@ void model_release(rf_model* m) {
 
 /* working buffers for one forward over n tokens */
 struct Work {
-  std::vector<float> x, h, q, kk, vv, att, o, g, f, scratch;  // f: fused q|k|v or gate|up rows
-  void ensure(const rf_config& c, int64_t n, int64_t entries) {
+  std::vector<float> x, h, q, kk, vv, att, o, g, f, stats, scratch;  // f: fused q|k|v or gate|up rows
+  void ensure(const rf_config& c, int64_t n) {
     const int64_t H = c.hidden_size, I = c.intermediate_size;
     const int64_t qd = (int64_t)c.num_heads * c.head_dim, kvd = (int64_t)c.num_kv_heads * c.head_dim;
     auto grow = [](std::vector<float>& v, int64_t sz) {
@@ -92,7 +92,8 @@ struct Work {
     grow(o, n * H);
     grow(g, n * I);
     grow(f, n * std::max(2 * I, qd + 2 * kvd));
-    grow(scratch, k::attn_scratch_size(entries));
+    grow(stats, n * c.num_heads * 2);
+    grow(scratch, k::attn_scratch_size(n, c.num_heads, c.num_kv_heads, c.head_dim));
   }
 };
 
@@ -227,7 +228,7 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
   const int E = c->exit_layer;
   const int64_t edim = (int64_t)c->heads.size() * hd;
   Work& w = c->w;
-  w.ensure(cfg, n, T);
+  w.ensure(cfg, n);
   c->kr.resize((size_t)(nkv * T * hd));
   c->va.resize((size_t)(nkv * T * hd));
   if (commit) c->sa.resize((size_t)(nkv * T));
@@ -269,18 +270,21 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
     for (int64_t t = 0; t < n; t++)
       for (int h = 0; h < nh; h++)
         k::rope_head(w.q.data() + t * qd + (int64_t)h * hd, hd, &c->cos_tab[(L + t) * half], &c->sin_tab[(L + t) * half]);
+    // attention below the exit layer; the H2O pass reuses its softmax statistics (at the exit layer only the
+    // observation window's statistics are computed)
+    const int64_t obs_start = n - std::min<int64_t>(c->p.obs_window, n);
+    if (l < E)
+      k::attn_forward(w.q.data(), n, nh, nkv, hd, kr, va, T, L, w.att.data(), w.stats.data(), w.scratch.data());
+    else if (commit)
+      k::attn_stats(w.q.data(), n, nh, nkv, hd, kr, T, L, obs_start, w.stats.data(), w.scratch.data());
     if (commit) {
       float* sa = c->sa.data();
       const float* Sc = c->S[(size_t)l].data();
       for (int g = 0; g < nkv; g++)
         for (int64_t e = 0; e < T; e++) sa[(int64_t)g * T + e] = e < L ? Sc[(int64_t)g * c->alloc + e] : 0.f;
-      const int64_t obs_start = n - std::min<int64_t>(c->p.obs_window, n);
-      k::attn_scores(w.q.data(), n, nh, nkv, hd, kr, T, L, obs_start, sa, T, w.scratch.data());
+      k::attn_scores(w.q.data(), n, nh, nkv, hd, kr, T, L, obs_start, w.stats.data(), sa, T, w.scratch.data());
     }
-    if (l < E) {
-      k::attn_forward(w.q.data(), n, nh, nkv, hd, kr, va, T, L, w.att.data(), w.scratch.data());
-      post_attn(m, Ly, w, n);
-    }
+    if (l < E) post_attn(m, Ly, w, n);
     if (commit) {  // append the chunk (pre-RoPE K, V) and the updated scores
       float* Kd = c->K[(size_t)l].data();
       float* Vd = c->V[(size_t)l].data();
@@ -336,7 +340,7 @@ void seq_block(rf_seq* s, const int32_t* tokens, int64_t n, bool last) {
   const int64_t H = cfg.hidden_size, kvd = (int64_t)nkv * hd;
   const int64_t p0 = s->len;
   Work& w = s->w;
-  w.ensure(cfg, n, p0 + n);
+  w.ensure(cfg, n);
   embed_tokens(m, tokens, n, w.x.data());
   for (int l = 0; l < cfg.num_layers; l++) {
     const Layer& Ly = m->layers[(size_t)l];
@@ -350,7 +354,8 @@ void seq_block(rf_seq* s, const int32_t* tokens, int64_t n, bool last) {
         memcpy(Kd + ((int64_t)g * s->stride + p0 + t) * hd, w.kk.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
         memcpy(Vd + ((int64_t)g * s->stride + p0 + t) * hd, w.vv.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
       }
-    k::attn_forward(w.q.data(), n, nh, nkv, hd, Kd, Vd, s->stride, p0, w.att.data(), w.scratch.data());
+    k::attn_forward(w.q.data(), n, nh, nkv, hd, Kd, Vd, s->stride, p0, w.att.data(), w.stats.data(),
+                    w.scratch.data());
     post_attn(m, Ly, w, n);
   }
   s->len = p0 + n;
@@ -509,7 +514,7 @@ RF_API int rf_device_info(char* buf, int32_t buflen) {
     if (!buf || buflen <= 0) return set_error(RF_ERR_INVALID, "rf_device_info: buffer is NULL or empty");
     std::string s = "CPU: " + cpu_model_name() + ", " + std::to_string(k::pool_threads()) + " threads, " +
                     std::to_string(std::thread::hardware_concurrency()) + " hardware threads, float32 compute (" +
-                    k::gemm_isa()->name + " kernels)";
+                    k::cpu_isa()->name + " kernels)";
     snprintf(buf, (size_t)buflen, "%s", s.c_str());
     return RF_OK;
   });
