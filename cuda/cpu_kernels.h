@@ -60,13 +60,13 @@ inline void rope_head(float* v, int hd, const float* c, const float* s) {
     v[i + half] = b * c[i] + a * s[i];
   }
 }
-/* out-of-place variant */
-inline void rope_head_to(const float* v, float* o, int hd, const float* c, const float* s) {
+/* out-of-place variant; os: stride of the output elements (keys written into the attention's key blocks) */
+inline void rope_head_to(const float* v, float* o, int hd, const float* c, const float* s, int64_t os = 1) {
   const int half = hd / 2;
   for (int i = 0; i < half; i++) {
     const float a = v[i], b = v[i + half];
-    o[i] = a * c[i] - b * s[i];
-    o[i + half] = b * c[i] + a * s[i];
+    o[i * os] = a * c[i] - b * s[i];
+    o[(i + half) * os] = b * c[i] + a * s[i];
   }
 }
 
@@ -78,6 +78,26 @@ inline int64_t attn_queries_per_task(int nh, int nkv) { return std::max(1, cpu_i
 inline int64_t attn_scratch_size(int64_t n, int nh, int nkv, int hd) {
   const int64_t grp = nh / nkv;
   return (int64_t)pool_threads() * cpu_isa()->attn_scratch(attn_queries_per_task(nh, nkv) * grp, n * grp, hd);
+}
+
+/* Keys in the attention's own layout (what the KV caches store): per kv head, blocks of NR keys, each
+ * [hd][NR] (NR = cpu_isa()->nr), so no call transposes keys again. kt_ld: keys per kv head, a multiple of NR. */
+inline int64_t kt_round(int64_t keys) {
+  const int64_t nr = cpu_isa()->nr;
+  return (keys + nr - 1) / nr * nr;
+}
+inline int64_t kt_offset(int64_t e, int d, int hd) {
+  const int64_t nr = cpu_isa()->nr;
+  return (e / nr) * nr * hd + (int64_t)d * nr + e % nr;
+}
+/* key e (hd floats) into the blocks of one kv head; kt_rope_store: rotated on the way */
+inline void kt_store(float* KTg, int hd, int64_t e, const float* k) {
+  const int64_t nr = cpu_isa()->nr;
+  float* b = KTg + kt_offset(e, 0, hd);
+  for (int d = 0; d < hd; d++) b[(int64_t)d * nr] = k[d];
+}
+inline void kt_rope_store(float* KTg, int hd, int64_t e, const float* k, const float* c, const float* s) {
+  rope_head_to(k, KTg + kt_offset(e, 0, hd), hd, c, s, cpu_isa()->nr);
 }
 
 /* rows j0..n-1 of every kv head; out == nullptr: statistics only */
@@ -94,30 +114,34 @@ inline void attn_run(AttnCall a, int64_t j0, float* scratch) {
                    });
 }
 
-/* out: [n][nh*hd] */
-inline void attn_forward(const float* q, int64_t n, int nh, int nkv, int hd, const float* K, const float* V, int64_t ld,
-                         int64_t past, float* out, float* stats, float* scratch) {
-  attn_run(AttnCall{q, n, nh, nkv, hd, K, V, ld, past, out, stats, nullptr, 0, 0}, 0, scratch);
+/* out: [n][nh*hd]. Keys from KT (kt_ld keys per kv head, see kt_store) when KT is set, else from K. */
+inline void attn_forward(const float* q, int64_t n, int nh, int nkv, int hd, const float* K, const float* KT,
+                         int64_t kt_ld, const float* V, int64_t ld, int64_t past, float* out, float* stats,
+                         float* scratch) {
+  attn_run(AttnCall{q, n, nh, nkv, hd, K, V, ld, past, KT, kt_ld, out, stats, nullptr, 0, 0}, 0, scratch);
 }
 
 /* softmax statistics of the rows j >= obs_start only (the exit layer, whose attention output is not needed) */
-inline void attn_stats(const float* q, int64_t n, int nh, int nkv, int hd, const float* K, int64_t ld, int64_t past,
-                       int64_t obs_start, float* stats, float* scratch) {
-  attn_run(AttnCall{q, n, nh, nkv, hd, K, nullptr, ld, past, nullptr, stats, nullptr, 0, 0}, obs_start, scratch);
+inline void attn_stats(const float* q, int64_t n, int nh, int nkv, int hd, const float* K, const float* KT,
+                       int64_t kt_ld, int64_t ld, int64_t past, int64_t obs_start, float* stats, float* scratch) {
+  attn_run(AttnCall{q, n, nh, nkv, hd, K, nullptr, ld, past, KT, kt_ld, nullptr, stats, nullptr, 0, 0}, obs_start,
+           scratch);
 }
 
 /* H2O score accumulation: for queries j in [obs_start, n) and every query head h of kv group g,
  * score[g*ld_score + e] += softmax prob of (h, j) on entry e (e <= past+j), from the stats of attn_forward or
  * attn_stats over those rows. Parallel over (kv head, key range); deterministic (fixed summation order). */
-inline void attn_scores(const float* q, int64_t n, int nh, int nkv, int hd, const float* K, int64_t ld, int64_t past,
-                        int64_t obs_start, const float* stats, float* score, int64_t ld_score, float* scratch) {
+inline void attn_scores(const float* q, int64_t n, int nh, int nkv, int hd, const float* K, const float* KT,
+                        int64_t kt_ld, int64_t ld, int64_t past, int64_t obs_start, const float* stats, float* score,
+                        int64_t ld_score, float* scratch) {
   obs_start = std::max<int64_t>(obs_start, 0);
   if (obs_start >= n) return;
   const CpuIsa* isa = cpu_isa();
   const int64_t grp = nh / nkv, keys = past + n, chunk = 8 * (int64_t)isa->nr;
   const int64_t chunks = (keys + chunk - 1) / chunk;
   const int64_t per = isa->attn_scratch(attn_queries_per_task(nh, nkv) * grp, n * grp, hd);
-  const AttnCall a{q, n, nh, nkv, hd, K, nullptr, ld, past, nullptr, (float*)stats, score, ld_score, obs_start};
+  const AttnCall a{q, n, nh, nkv, hd, K, nullptr, ld, past, KT, kt_ld, nullptr, (float*)stats, score, ld_score,
+                   obs_start};
   parallel_dynamic(chunks * nkv, chunks * nkv > 1 && (n - obs_start) * keys * hd * grp > 32768,
                    [&](int64_t task, int tid) {
                      const int g = (int)(task % nkv);

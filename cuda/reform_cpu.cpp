@@ -203,15 +203,16 @@ struct rf_compressor {
   std::vector<std::vector<float>> K, V, S;  // per layer: [nkv][alloc][hd], [nkv][alloc][hd], [nkv][alloc]
   std::vector<float> cos_tab, sin_tab;      // [alloc][hd/2]
   Work w;
-  std::vector<float> kr, va, sa, emb;  // rotated keys / all values / scores for len+n entries; f32 embeddings
+  std::vector<float> kr, va, sa, emb;  // rotated keys (k::kt_store blocks) / values / scores of len+n entries;
+                                       // f32 embeddings
 };
 
 struct rf_seq {
   rf_model* m;
   int64_t max_tokens;
   int64_t len = 0;
-  int64_t stride = 0;                    // entries allocated per (layer, kv head); grows up to max_tokens
-  std::vector<std::vector<float>> K, V;  // per layer [nkv][stride][hd]; K rotated
+  int64_t stride = 0;  // entries allocated per (layer, kv head); grows up to max_tokens (rounded up to k::kt_round)
+  std::vector<std::vector<float>> K, V;  // per layer [nkv][stride][hd]; K rotated, in k::kt_store blocks
   std::vector<float> logits;
   bool has_logits = false;
   Work w;
@@ -229,7 +230,8 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
   const int64_t edim = (int64_t)c->heads.size() * hd;
   Work& w = c->w;
   w.ensure(cfg, n);
-  c->kr.resize((size_t)(nkv * T * hd));
+  const int64_t Tk = k::kt_round(T);
+  c->kr.resize((size_t)(nkv * Tk * hd));
   c->va.resize((size_t)(nkv * T * hd));
   if (commit) c->sa.resize((size_t)(nkv * T));
   c->emb.resize((size_t)(n * edim));
@@ -261,7 +263,7 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
               e < L ? Kc + ((int64_t)g * c->alloc + e) * hd : w.kk.data() + (e - L) * kvd + (int64_t)g * hd;
           const float* vsrc =
               e < L ? Vc + ((int64_t)g * c->alloc + e) * hd : w.vv.data() + (e - L) * kvd + (int64_t)g * hd;
-          k::rope_head_to(ksrc, kr + ((int64_t)g * T + e) * hd, hd, cs, sn);
+          k::kt_rope_store(kr + (int64_t)g * Tk * hd, hd, e, ksrc, cs, sn);
           memcpy(va + ((int64_t)g * T + e) * hd, vsrc, (size_t)hd * 4);
         }
       }
@@ -274,15 +276,17 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
     // observation window's statistics are computed)
     const int64_t obs_start = n - std::min<int64_t>(c->p.obs_window, n);
     if (l < E)
-      k::attn_forward(w.q.data(), n, nh, nkv, hd, kr, va, T, L, w.att.data(), w.stats.data(), w.scratch.data());
+      k::attn_forward(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, va, T, L, w.att.data(), w.stats.data(),
+                      w.scratch.data());
     else if (commit)
-      k::attn_stats(w.q.data(), n, nh, nkv, hd, kr, T, L, obs_start, w.stats.data(), w.scratch.data());
+      k::attn_stats(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, T, L, obs_start, w.stats.data(), w.scratch.data());
     if (commit) {
       float* sa = c->sa.data();
       const float* Sc = c->S[(size_t)l].data();
       for (int g = 0; g < nkv; g++)
         for (int64_t e = 0; e < T; e++) sa[(int64_t)g * T + e] = e < L ? Sc[(int64_t)g * c->alloc + e] : 0.f;
-      k::attn_scores(w.q.data(), n, nh, nkv, hd, kr, T, L, obs_start, w.stats.data(), sa, T, w.scratch.data());
+      k::attn_scores(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, T, L, obs_start, w.stats.data(), sa, T,
+                     w.scratch.data());
     }
     if (l < E) post_attn(m, Ly, w, n);
     if (commit) {  // append the chunk (pre-RoPE K, V) and the updated scores
@@ -351,11 +355,11 @@ void seq_block(rf_seq* s, const int32_t* tokens, int64_t n, bool last) {
     float* Vd = s->V[(size_t)l].data();
     for (int g = 0; g < nkv; g++)
       for (int64_t t = 0; t < n; t++) {
-        memcpy(Kd + ((int64_t)g * s->stride + p0 + t) * hd, w.kk.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
+        k::kt_store(Kd + (int64_t)g * s->stride * hd, hd, p0 + t, w.kk.data() + t * kvd + (int64_t)g * hd);
         memcpy(Vd + ((int64_t)g * s->stride + p0 + t) * hd, w.vv.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
       }
-    k::attn_forward(w.q.data(), n, nh, nkv, hd, Kd, Vd, s->stride, p0, w.att.data(), w.stats.data(),
-                    w.scratch.data());
+    k::attn_forward(w.q.data(), n, nh, nkv, hd, nullptr, Kd, s->stride, Vd, s->stride, p0, w.att.data(),
+                    w.stats.data(), w.scratch.data());
     post_attn(m, Ly, w, n);
   }
   s->len = p0 + n;
@@ -373,7 +377,7 @@ void seq_reserve(rf_seq* s, int64_t need) {
   if (need <= s->stride) return;
   const rf_config& cfg = s->m->cfg;
   const int nkv = cfg.num_kv_heads, hd = cfg.head_dim;
-  const int64_t cap = std::min(s->max_tokens, std::max({need, 2 * s->stride, (int64_t)256}));
+  const int64_t cap = k::kt_round(std::min(s->max_tokens, std::max({need, 2 * s->stride, (int64_t)256})));
   const size_t per = (size_t)nkv * (size_t)cap * (size_t)hd;
   std::vector<std::vector<float>> K2((size_t)cfg.num_layers), V2((size_t)cfg.num_layers);
   for (int l = 0; l < cfg.num_layers; l++) {
@@ -384,7 +388,7 @@ void seq_reserve(rf_seq* s, int64_t need) {
     for (int l = 0; l < cfg.num_layers; l++)
       for (int g = 0; g < nkv; g++) {
         memcpy(K2[(size_t)l].data() + (int64_t)g * cap * hd, s->K[(size_t)l].data() + (int64_t)g * s->stride * hd,
-               (size_t)(s->len * hd) * 4);
+               (size_t)(k::kt_round(s->len) * hd) * 4);
         memcpy(V2[(size_t)l].data() + (int64_t)g * cap * hd, s->V[(size_t)l].data() + (int64_t)g * s->stride * hd,
                (size_t)(s->len * hd) * 4);
       }
@@ -913,8 +917,8 @@ RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c) {
         for (int64_t e = 0; e < c->len; e++) {
           const float* ks = c->K[(size_t)l].data() + ((int64_t)g * c->alloc + e) * hd;
           const float* vs = c->V[(size_t)l].data() + ((int64_t)g * c->alloc + e) * hd;
-          k::rope_head_to(ks, s->K[(size_t)l].data() + ((int64_t)g * s->stride + e) * hd, hd, &c->cos_tab[e * half],
-                          &c->sin_tab[e * half]);
+          k::kt_rope_store(s->K[(size_t)l].data() + (int64_t)g * s->stride * hd, hd, e, ks, &c->cos_tab[e * half],
+                           &c->sin_tab[e * half]);
           memcpy(s->V[(size_t)l].data() + ((int64_t)g * s->stride + e) * hd, vs, (size_t)hd * 4);
         }
     s->len = c->len;

@@ -90,6 +90,8 @@ struct AttnCall {
   int nh, nkv, hd;
   const float *K, *V;  // [nkv][ld][hd] (K rotated)
   int64_t ld, past;    // query j sees entries 0..past+j
+  const float* KT;     // when set, K is read from here instead: keys in NR-blocks of [hd][NR] (see kt_offset)
+  int64_t kt_ld;       // keys per kv head in KT (a multiple of NR)
   float* out;          // [n][nh*hd], or nullptr: softmax statistics only
   float* stats;        // [n][nh][2]: running max and sum of exp of each query row's scores (written; read by scores)
   float* score;        // attn_score: score[g*ld_score + e] += probability, summed over queries >= obs_start

@@ -285,13 +285,13 @@ void test_attention() {
     auto K = randn((size_t)cs.nkv * ld * cs.hd, 1.5f), V = randn((size_t)cs.nkv * ld * cs.hd);
     std::vector<float> out((size_t)cs.n * cs.nh * cs.hd), stats((size_t)cs.n * cs.nh * 2);
     std::vector<float> scratch(rf::cpu::attn_scratch_size(cs.n, cs.nh, cs.nkv, cs.hd));
-    rf::cpu::attn_forward(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), V.data(), ld, cs.past, out.data(),
-                          stats.data(), scratch.data());
+    rf::cpu::attn_forward(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, V.data(), ld, cs.past,
+                          out.data(), stats.data(), scratch.data());
     const int obs_start = cs.n - std::min(cs.obs, cs.n);
     std::vector<float> score((size_t)cs.nkv * ld, 0.f);
     for (int g = 0; g < cs.nkv; g++) score[(size_t)g * ld] = 0.25f;  // accumulation onto existing scores
-    rf::cpu::attn_scores(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), ld, cs.past, obs_start, stats.data(),
-                         score.data(), ld, scratch.data());
+    rf::cpu::attn_scores(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, ld, cs.past, obs_start,
+                         stats.data(), score.data(), ld, scratch.data());
     std::vector<double> ro, rs;
     naive_attention(q, cs.n, cs.nh, cs.nkv, cs.hd, K, V, ld, cs.past, obs_start, ro, rs);
     for (int g = 0; g < cs.nkv; g++) rs[(size_t)g * ld] += 0.25;
@@ -314,23 +314,43 @@ void test_attention() {
     // and so are the scores built on them
     std::vector<float> st2((size_t)cs.n * cs.nh * 2, -7.f), score2((size_t)cs.nkv * ld, 0.f);
     for (int g = 0; g < cs.nkv; g++) score2[(size_t)g * ld] = 0.25f;
-    rf::cpu::attn_stats(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), ld, cs.past, obs_start, st2.data(), scratch.data());
-    rf::cpu::attn_scores(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), ld, cs.past, obs_start, st2.data(),
-                         score2.data(), ld, scratch.data());
+    rf::cpu::attn_stats(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, ld, cs.past, obs_start, st2.data(),
+                        scratch.data());
+    rf::cpu::attn_scores(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, ld, cs.past, obs_start,
+                         st2.data(), score2.data(), ld, scratch.data());
     bool same = score2 == score;
     for (size_t i = (size_t)obs_start * cs.nh * 2; i < st2.size(); i++) same = same && st2[i] == stats[i];
     for (size_t i = 0; i < (size_t)obs_start * cs.nh * 2; i++) same = same && st2[i] == -7.f;
     snprintf(name, sizeof name, "attention stats-only window pass == forward's stats, same scores (bitwise) n=%d", cs.n);
     check(name, same);
+    // keys given in the caches' blocked layout (kt_store) == row-major keys packed per block, bitwise
+    {
+      const int64_t kld = rf::cpu::kt_round(ld);
+      std::vector<float> KT((size_t)(cs.nkv * kld * cs.hd), 0.f), o3(out.size()), s3(stats.size()), sc3(score.size(), 0.f);
+      for (int g = 0; g < cs.nkv; g++) {
+        sc3[(size_t)g * ld] = 0.25f;
+        for (int e = 0; e < ld; e++)
+          rf::cpu::kt_store(KT.data() + (size_t)g * kld * cs.hd, cs.hd, e, K.data() + ((size_t)g * ld + e) * cs.hd);
+      }
+      rf::cpu::attn_forward(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, nullptr, KT.data(), kld, V.data(), ld, cs.past,
+                            o3.data(), s3.data(), scratch.data());
+      rf::cpu::attn_scores(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, nullptr, KT.data(), kld, ld, cs.past, obs_start,
+                           s3.data(), sc3.data(), ld, scratch.data());
+      bool kt_ok = o3 == out && s3 == stats && sc3 == score;
+      for (int e = 0; e < ld && kt_ok; e++)
+        for (int d = 0; d < cs.hd; d++) kt_ok = kt_ok && KT[(size_t)rf::cpu::kt_offset(e, d, cs.hd)] == K[(size_t)e * cs.hd + d];
+      snprintf(name, sizeof name, "attention from blocked keys (kt_store) == from row-major keys (bitwise) n=%d", cs.n);
+      check(name, kt_ok);
+    }
     // queries in two calls (prefill in pieces, the second sees the first as past) == one call, bitwise
     if (cs.n > 1) {
       const int n1 = cs.n / 2 + 1;
       std::vector<float> o2((size_t)cs.n * cs.nh * cs.hd), s2((size_t)cs.n * cs.nh * 2);
       const size_t row = (size_t)cs.nh * cs.hd;
-      rf::cpu::attn_forward(q.data(), n1, cs.nh, cs.nkv, cs.hd, K.data(), V.data(), ld, cs.past, o2.data(), s2.data(),
-                            scratch.data());
-      rf::cpu::attn_forward(q.data() + n1 * row, cs.n - n1, cs.nh, cs.nkv, cs.hd, K.data(), V.data(), ld, cs.past + n1,
-                            o2.data() + n1 * row, s2.data() + (size_t)n1 * cs.nh * 2, scratch.data());
+      rf::cpu::attn_forward(q.data(), n1, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, V.data(), ld, cs.past, o2.data(),
+                            s2.data(), scratch.data());
+      rf::cpu::attn_forward(q.data() + n1 * row, cs.n - n1, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, V.data(), ld,
+                            cs.past + n1, o2.data() + n1 * row, s2.data() + (size_t)n1 * cs.nh * 2, scratch.data());
       snprintf(name, sizeof name, "attention in pieces == at once (bitwise) n=%d", cs.n);
       check(name, o2 == out && s2 == stats);
     }
@@ -345,8 +365,9 @@ void test_attention() {
     std::vector<float> q1 = {2.f, 0.f, 0.f, 0.f}, K1((size_t)m * hd, 0.f), V1((size_t)m * hd, 0.f);
     for (int e = 0; e < m; e++) K1[(size_t)e * hd] = xs[(size_t)e];  // q.k * (1/2) = xs[e]
     std::vector<float> st(2), sc((size_t)m, 0.f), scr(rf::cpu::attn_scratch_size(1, 1, 1, hd)), o1(hd);
-    rf::cpu::attn_forward(q1.data(), 1, 1, 1, hd, K1.data(), V1.data(), m, m - 1, o1.data(), st.data(), scr.data());
-    rf::cpu::attn_scores(q1.data(), 1, 1, 1, hd, K1.data(), m, m - 1, 0, st.data(), sc.data(), m, scr.data());
+    rf::cpu::attn_forward(q1.data(), 1, 1, 1, hd, K1.data(), nullptr, 0, V1.data(), m, m - 1, o1.data(), st.data(),
+                          scr.data());
+    rf::cpu::attn_scores(q1.data(), 1, 1, 1, hd, K1.data(), nullptr, 0, m, m - 1, 0, st.data(), sc.data(), m, scr.data());
     // normalised by the engine's own f32 sum (its rounding over thousands of terms is not the exp's error)
     double mx = -1e300;
     for (int e = 0; e < m; e++) mx = std::max(mx, (double)xs[(size_t)e]);
