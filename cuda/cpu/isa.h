@@ -5,9 +5,9 @@
  * it); a set the CPU lacks is never used. Each set's kernels are the same source (gemm_isa.inc, attn_isa.inc)
  * compiled under its target pragma, on the vector primitives defined here per set.
  *
- * Matmul (driven by cpu/gemm.h): W is packed into panels of NR outputs (NR = the set's register tile width): panel p holds, for each
- * k, the NR weights W[p*NR + j][k] contiguously, in the checkpoint's own type (f32, bf16 or f16; 16-bit
- * weights are widened in registers, exactly). Several weight matrices with the same k can be packed into one
+ * Matmul (driven by cpu/gemm.h): W is packed into panels of NR outputs (NR = the set's register tile width):
+ * panel p holds, for each k, the NR weights W[p*NR + j][k] contiguously, in the checkpoint's own type (f32,
+ * bf16 or f16; 16-bit weights are widened in registers, exactly). Several weight matrices with the same k can be packed into one
  * (fused q/k/v, fused gate/up): their rows are concatenated.
  * Prefill (m > 1) packs x per call into MR-row tiles and runs MR x NR register tiles over KC-deep blocks;
  * decode (m == 1) streams the panels once, four at a time. Both are parallel over panels (cpu/pool.h).
@@ -24,7 +24,8 @@
 #include <new>
 #include <vector>
 
-#if defined(__x86_64__)
+// RF_CPU_PORTABLE_ONLY: build only the portable set (what a non-x86 target gets; lets x86 check that build)
+#if defined(__x86_64__) && !defined(RF_CPU_PORTABLE_ONLY)
 #include <immintrin.h>
 #define RF_CPU_X86 1
 #else
