@@ -94,7 +94,8 @@ typedef struct rf_config {
   float rope_low_freq_factor;    /* llama3 */
   float rope_high_freq_factor;   /* llama3 */
   int32_t rope_original_max_pos; /* llama3 original_max_position_embeddings */
-  int32_t weight_dtype;          /* CUDA: RF_BF16 or RF_F16 storage+compute; CPU: ignored (f32) */
+  int32_t weight_dtype;          /* CUDA: RF_BF16 or RF_F16 storage+compute; CPU: the type rf_model_init_random
+                                  * stores matrices in (set_tensor keeps each tensor's own type), f32 compute */
   int32_t reserved[15];
 } rf_config;
 

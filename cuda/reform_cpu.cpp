@@ -1,5 +1,5 @@
 /*
- * reform_cpu.cpp — CPU (float32, OpenMP) implementation of cuda/reform.h.
+ * reform_cpu.cpp — CPU (float32 compute, own worker threads) implementation of cuda/reform.h.
  * Kernels live in cuda/cpu_kernels.h (rf::cpu); host helpers in cuda/reform_common.h.
  */
 #include "reform.h"
@@ -22,47 +22,51 @@ namespace k = rf::cpu;
 /* ------------------------------------------------------------------------------------------------ */
 namespace {
 
+bool is_matrix(rf::TensorKind k) {
+  return k == rf::T_EMBED || k == rf::T_LM_HEAD || k == rf::T_Q || k == rf::T_K || k == rf::T_V || k == rf::T_O ||
+         k == rf::T_GATE || k == rf::T_UP || k == rf::T_DOWN;
+}
+
+/* a weight matrix as given (row-major, in its own dtype) until finalize packs it */
+struct Raw {
+  int32_t dtype = RF_F32;
+  std::vector<uint8_t> bytes;
+};
+
 struct Layer {
-  std::vector<float> in_norm, post_norm, wq, wk, wv, wo, bq, bk, bv, gate, up, down;
+  std::vector<float> in_norm, post_norm, bq, bk, bv, bqkv;  // bqkv = bq|bk|bv, the fused projection's bias
+  k::PackedW qkv, o, gu, down;                              // packed at finalize; qkv = q|k|v, gu = gate|up
 };
 
 }  // namespace
 
+/* Matrices are kept in their checkpoint's type (f32, bf16 or f16) and packed into the matmul's panels by
+ * rf_model_finalize (q/k/v fused into one matrix, gate/up into another); norms and biases are f32. */
 struct rf_model {
   rf_config cfg;
-  std::vector<float> embed, norm, lm_head;
+  std::vector<float> norm;
   std::vector<Layer> layers;
   std::vector<uint8_t> set;
+  std::vector<Raw> raw;  // per tensor slot: matrices not packed yet (emptied by finalize)
+  Raw embed;             // untied: the embedding rows for lookup; tied: empty (rows are read from lm)
+  k::PackedW lm;
   std::vector<float> inv_freq;
   bool finalized = false;
   int refs = 1;       // 1 for the caller's handle + 1 per live compressor / seq
   bool destroyed = false;
 
-  std::vector<float>& tensor(rf::TensorId id) {
-    if (id.layer < 0) {
-      switch (id.kind) {
-        case rf::T_EMBED: return embed;
-        case rf::T_NORM: return norm;
-        default: return lm_head;
-      }
-    }
+  /* a norm or bias */
+  std::vector<float>& vec(rf::TensorId id) {
+    if (id.layer < 0) return norm;
     Layer& L = layers[(size_t)id.layer];
     switch (id.kind) {
       case rf::T_IN_NORM: return L.in_norm;
       case rf::T_POST_NORM: return L.post_norm;
-      case rf::T_Q: return L.wq;
-      case rf::T_K: return L.wk;
-      case rf::T_V: return L.wv;
-      case rf::T_O: return L.wo;
       case rf::T_QB: return L.bq;
       case rf::T_KB: return L.bk;
-      case rf::T_VB: return L.bv;
-      case rf::T_GATE: return L.gate;
-      case rf::T_UP: return L.up;
-      default: return L.down;
+      default: return L.bv;
     }
   }
-  const float* lm() const { return cfg.tie_embeddings ? embed.data() : lm_head.data(); }
 };
 
 namespace {
@@ -74,8 +78,8 @@ void model_release(rf_model* m) {
 
 /* working buffers for one forward over n tokens */
 struct Work {
-  std::vector<float> x, h, q, kk, vv, att, o, g, u, scratch;
-  void ensure(const rf_config& c, int64_t n, int64_t entries) {
+  std::vector<float> x, h, q, kk, vv, att, o, g, f, stats, scratch;  // f: fused q|k|v or gate|up rows
+  void ensure(const rf_config& c, int64_t n) {
     const int64_t H = c.hidden_size, I = c.intermediate_size;
     const int64_t qd = (int64_t)c.num_heads * c.head_dim, kvd = (int64_t)c.num_kv_heads * c.head_dim;
     auto grow = [](std::vector<float>& v, int64_t sz) {
@@ -89,38 +93,49 @@ struct Work {
     grow(att, n * qd);
     grow(o, n * H);
     grow(g, n * I);
-    grow(u, n * I);
-    grow(scratch, k::attn_scratch_size(entries));
+    grow(f, n * std::max(2 * I, qd + 2 * kvd));
+    grow(stats, n * c.num_heads * 2);
+    grow(scratch, k::attn_scratch_size(n, c.num_heads, c.num_kv_heads, c.head_dim));
   }
 };
 
 void embed_tokens(const rf_model* m, const int32_t* tokens, int64_t n, float* x) {
   const int64_t H = m->cfg.hidden_size;
-  for (int64_t t = 0; t < n; t++) memcpy(x + t * H, m->embed.data() + (int64_t)tokens[t] * H, (size_t)H * 4);
+  for (int64_t t = 0; t < n; t++) {
+    if (m->cfg.tie_embeddings) {
+      k::packed_row(m->lm, tokens[t], x + t * H);
+      continue;
+    }
+    const int64_t base = (int64_t)tokens[t] * H;
+    for (int64_t i = 0; i < H; i++) x[t * H + i] = rf::load_as_f32(m->embed.bytes.data(), m->embed.dtype, base + i);
+  }
 }
 
-/* h = rmsnorm(x); q,k,v = projections (+bias) — pre-RoPE */
+/* h = rmsnorm(x); q,k,v = projections (+bias) — pre-RoPE; one fused matmul, split into q / kk / vv rows */
 void qkv_proj(const rf_model* m, const Layer& L, Work& w, int64_t n) {
   const rf_config& c = m->cfg;
   const int64_t H = c.hidden_size, qd = (int64_t)c.num_heads * c.head_dim, kvd = (int64_t)c.num_kv_heads * c.head_dim;
+  const int64_t fd = qd + 2 * kvd;
   k::rmsnorm(w.x.data(), n, H, L.in_norm.data(), c.rms_eps, w.h.data());
-  const bool b = c.qkv_bias != 0;
-  k::matmul(w.h.data(), n, H, L.wq.data(), qd, b ? L.bq.data() : nullptr, w.q.data());
-  k::matmul(w.h.data(), n, H, L.wk.data(), kvd, b ? L.bk.data() : nullptr, w.kk.data());
-  k::matmul(w.h.data(), n, H, L.wv.data(), kvd, b ? L.bv.data() : nullptr, w.vv.data());
+  k::gemm(w.h.data(), n, L.qkv, c.qkv_bias ? L.bqkv.data() : nullptr, w.f.data());
+  for (int64_t t = 0; t < n; t++) {
+    const float* r = w.f.data() + t * fd;
+    memcpy(w.q.data() + t * qd, r, (size_t)qd * 4);
+    memcpy(w.kk.data() + t * kvd, r + qd, (size_t)kvd * 4);
+    memcpy(w.vv.data() + t * kvd, r + qd + kvd, (size_t)kvd * 4);
+  }
 }
 
 /* x += o_proj(att); x += down(silu(gate(h)) * up(h)) with h = rmsnorm(x) */
 void post_attn(const rf_model* m, const Layer& L, Work& w, int64_t n) {
   const rf_config& c = m->cfg;
-  const int64_t H = c.hidden_size, I = c.intermediate_size, qd = (int64_t)c.num_heads * c.head_dim;
-  k::matmul(w.att.data(), n, qd, L.wo.data(), H, nullptr, w.o.data());
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  k::gemm(w.att.data(), n, L.o, nullptr, w.o.data());
   k::add_inplace(w.x.data(), w.o.data(), n * H);
   k::rmsnorm(w.x.data(), n, H, L.post_norm.data(), c.rms_eps, w.h.data());
-  k::matmul(w.h.data(), n, H, L.gate.data(), I, nullptr, w.g.data());
-  k::matmul(w.h.data(), n, H, L.up.data(), I, nullptr, w.u.data());
-  k::swiglu(w.g.data(), w.u.data(), n * I);
-  k::matmul(w.g.data(), n, I, L.down.data(), H, nullptr, w.o.data());
+  k::gemm(w.h.data(), n, L.gu, nullptr, w.f.data());
+  k::swiglu_rows(w.f.data(), n, I, w.g.data());
+  k::gemm(w.g.data(), n, L.down, nullptr, w.o.data());
   k::add_inplace(w.x.data(), w.o.data(), n * H);
 }
 
@@ -129,9 +144,10 @@ void rope_rows(const rf_model* m, float* v, int64_t n, int nheads, int64_t pos0)
   const int hd = m->cfg.head_dim, half = hd / 2;
   std::vector<float> cs((size_t)n * hd);
   for (int64_t t = 0; t < n; t++) k::rope_cos_sin(m->inv_freq.data(), half, pos0 + t, &cs[t * hd], &cs[t * hd + half]);
-#pragma omp parallel for schedule(static) if (n * nheads * hd > 65536)
-  for (int64_t t = 0; t < n; t++)
-    for (int h = 0; h < nheads; h++) k::rope_head(v + (t * nheads + h) * hd, hd, &cs[t * hd], &cs[t * hd + half]);
+  k::parallel_for(n, n * nheads * hd > 65536, [&](int64_t t0, int64_t t1, int) {
+    for (int64_t t = t0; t < t1; t++)
+      for (int h = 0; h < nheads; h++) k::rope_head(v + (t * nheads + h) * hd, hd, &cs[t * hd], &cs[t * hd + half]);
+  });
 }
 
 uint64_t splitmix64(uint64_t x) {
@@ -153,15 +169,16 @@ struct rf_compressor {
   std::vector<std::vector<float>> K, V, S;  // per layer: [nkv][alloc][hd], [nkv][alloc][hd], [nkv][alloc]
   std::vector<float> cos_tab, sin_tab;      // [alloc][hd/2]
   Work w;
-  std::vector<float> kr, va, sa, emb;  // rotated keys / all values / scores for len+n entries; f32 embeddings
+  std::vector<float> kr, va, sa, emb;  // rotated keys (k::kt_store blocks) / values / scores of len+n entries;
+                                       // f32 embeddings
 };
 
 struct rf_seq {
   rf_model* m;
   int64_t max_tokens;
   int64_t len = 0;
-  int64_t stride = 0;                    // entries allocated per (layer, kv head); grows up to max_tokens
-  std::vector<std::vector<float>> K, V;  // per layer [nkv][stride][hd]; K rotated
+  int64_t stride = 0;  // entries allocated per (layer, kv head); grows up to max_tokens (rounded up to k::kt_round)
+  std::vector<std::vector<float>> K, V;  // per layer [nkv][stride][hd]; K rotated, in k::kt_store blocks
   std::vector<float> logits;
   bool has_logits = false;
   Work w;
@@ -178,8 +195,9 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
   const int E = c->exit_layer;
   const int64_t edim = (int64_t)c->heads.size() * hd;
   Work& w = c->w;
-  w.ensure(cfg, n, T);
-  c->kr.resize((size_t)(nkv * T * hd));
+  w.ensure(cfg, n);
+  const int64_t Tk = k::kt_round(T);
+  c->kr.resize((size_t)(nkv * Tk * hd));
   c->va.resize((size_t)(nkv * T * hd));
   if (commit) c->sa.resize((size_t)(nkv * T));
   c->emb.resize((size_t)(n * edim));
@@ -202,33 +220,41 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
     const float* Vc = c->V[(size_t)l].data();
     float* kr = c->kr.data();
     float* va = c->va.data();
-#pragma omp parallel for schedule(static) if (T * nkv * hd > 65536)
-    for (int64_t e = 0; e < T; e++) {
-      const float* cs = &c->cos_tab[e * half];
-      const float* sn = &c->sin_tab[e * half];
-      for (int g = 0; g < nkv; g++) {
-        const float* ksrc = e < L ? Kc + ((int64_t)g * c->alloc + e) * hd : w.kk.data() + (e - L) * kvd + (int64_t)g * hd;
-        const float* vsrc = e < L ? Vc + ((int64_t)g * c->alloc + e) * hd : w.vv.data() + (e - L) * kvd + (int64_t)g * hd;
-        k::rope_head_to(ksrc, kr + ((int64_t)g * T + e) * hd, hd, cs, sn);
-        memcpy(va + ((int64_t)g * T + e) * hd, vsrc, (size_t)hd * 4);
+    k::parallel_for(T, T * nkv * hd > 65536, [&](int64_t e0, int64_t e1, int) {
+      for (int64_t e = e0; e < e1; e++) {
+        const float* cs = &c->cos_tab[e * half];
+        const float* sn = &c->sin_tab[e * half];
+        for (int g = 0; g < nkv; g++) {
+          const float* ksrc =
+              e < L ? Kc + ((int64_t)g * c->alloc + e) * hd : w.kk.data() + (e - L) * kvd + (int64_t)g * hd;
+          const float* vsrc =
+              e < L ? Vc + ((int64_t)g * c->alloc + e) * hd : w.vv.data() + (e - L) * kvd + (int64_t)g * hd;
+          k::kt_rope_store(kr + (int64_t)g * Tk * hd, hd, e, ksrc, cs, sn);
+          memcpy(va + ((int64_t)g * T + e) * hd, vsrc, (size_t)hd * 4);
+        }
       }
-    }
+    });
     // rotate queries at positions L..T-1
     for (int64_t t = 0; t < n; t++)
       for (int h = 0; h < nh; h++)
         k::rope_head(w.q.data() + t * qd + (int64_t)h * hd, hd, &c->cos_tab[(L + t) * half], &c->sin_tab[(L + t) * half]);
+    // attention below the exit layer; the H2O pass reuses its softmax statistics (at the exit layer only the
+    // observation window's statistics are computed)
+    const int64_t obs_start = n - std::min<int64_t>(c->p.obs_window, n);
+    if (l < E)
+      k::attn_forward(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, va, T, L, w.att.data(), w.stats.data(),
+                      w.scratch.data());
+    else if (commit)
+      k::attn_stats(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, T, L, obs_start, w.stats.data(), w.scratch.data());
     if (commit) {
       float* sa = c->sa.data();
       const float* Sc = c->S[(size_t)l].data();
       for (int g = 0; g < nkv; g++)
         for (int64_t e = 0; e < T; e++) sa[(int64_t)g * T + e] = e < L ? Sc[(int64_t)g * c->alloc + e] : 0.f;
-      const int64_t obs_start = n - std::min<int64_t>(c->p.obs_window, n);
-      k::attn_scores(w.q.data(), n, nh, nkv, hd, kr, T, L, obs_start, sa, T, w.scratch.data());
+      k::attn_scores(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, T, L, obs_start, w.stats.data(), sa, T,
+                     w.scratch.data());
     }
-    if (l < E) {
-      k::attn_forward(w.q.data(), n, nh, nkv, hd, kr, va, T, L, w.att.data(), w.scratch.data());
-      post_attn(m, Ly, w, n);
-    }
+    if (l < E) post_attn(m, Ly, w, n);
     if (commit) {  // append the chunk (pre-RoPE K, V) and the updated scores
       float* Kd = c->K[(size_t)l].data();
       float* Vd = c->V[(size_t)l].data();
@@ -284,7 +310,7 @@ void seq_block(rf_seq* s, const int32_t* tokens, int64_t n, bool last) {
   const int64_t H = cfg.hidden_size, kvd = (int64_t)nkv * hd;
   const int64_t p0 = s->len;
   Work& w = s->w;
-  w.ensure(cfg, n, p0 + n);
+  w.ensure(cfg, n);
   embed_tokens(m, tokens, n, w.x.data());
   for (int l = 0; l < cfg.num_layers; l++) {
     const Layer& Ly = m->layers[(size_t)l];
@@ -295,17 +321,18 @@ void seq_block(rf_seq* s, const int32_t* tokens, int64_t n, bool last) {
     float* Vd = s->V[(size_t)l].data();
     for (int g = 0; g < nkv; g++)
       for (int64_t t = 0; t < n; t++) {
-        memcpy(Kd + ((int64_t)g * s->stride + p0 + t) * hd, w.kk.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
+        k::kt_store(Kd + (int64_t)g * s->stride * hd, hd, p0 + t, w.kk.data() + t * kvd + (int64_t)g * hd);
         memcpy(Vd + ((int64_t)g * s->stride + p0 + t) * hd, w.vv.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
       }
-    k::attn_forward(w.q.data(), n, nh, nkv, hd, Kd, Vd, s->stride, p0, w.att.data(), w.scratch.data());
+    k::attn_forward(w.q.data(), n, nh, nkv, hd, nullptr, Kd, s->stride, Vd, s->stride, p0, w.att.data(),
+                    w.stats.data(), w.scratch.data());
     post_attn(m, Ly, w, n);
   }
   s->len = p0 + n;
   if (last) {
     const float* xl = w.x.data() + (n - 1) * H;
     k::rmsnorm(xl, 1, H, m->norm.data(), cfg.rms_eps, w.h.data());
-    k::matmul(w.h.data(), 1, H, m->lm(), cfg.vocab_size, nullptr, s->logits.data());
+    k::gemm(w.h.data(), 1, m->lm, nullptr, s->logits.data());
     s->has_logits = true;
   }
 }
@@ -316,7 +343,7 @@ void seq_reserve(rf_seq* s, int64_t need) {
   if (need <= s->stride) return;
   const rf_config& cfg = s->m->cfg;
   const int nkv = cfg.num_kv_heads, hd = cfg.head_dim;
-  const int64_t cap = std::min(s->max_tokens, std::max({need, 2 * s->stride, (int64_t)256}));
+  const int64_t cap = k::kt_round(std::min(s->max_tokens, std::max({need, 2 * s->stride, (int64_t)256})));
   const size_t per = (size_t)nkv * (size_t)cap * (size_t)hd;
   std::vector<std::vector<float>> K2((size_t)cfg.num_layers), V2((size_t)cfg.num_layers);
   for (int l = 0; l < cfg.num_layers; l++) {
@@ -327,13 +354,83 @@ void seq_reserve(rf_seq* s, int64_t need) {
     for (int l = 0; l < cfg.num_layers; l++)
       for (int g = 0; g < nkv; g++) {
         memcpy(K2[(size_t)l].data() + (int64_t)g * cap * hd, s->K[(size_t)l].data() + (int64_t)g * s->stride * hd,
-               (size_t)(s->len * hd) * 4);
+               (size_t)(k::kt_round(s->len) * hd) * 4);
         memcpy(V2[(size_t)l].data() + (int64_t)g * cap * hd, s->V[(size_t)l].data() + (int64_t)g * s->stride * hd,
                (size_t)(s->len * hd) * 4);
       }
   s->K.swap(K2);
   s->V.swap(V2);
   s->stride = cap;
+}
+
+/* a tensor given in `dtype`: matrices are kept as they are until finalize packs them, norms and biases in f32 */
+void store_tensor(rf_model* m, rf::TensorId id, const void* data, int32_t dtype) {
+  int64_t r, cc;
+  rf::expected_shape(m->cfg, id.kind, &r, &cc);
+  const int64_t cnt = r * (cc ? cc : 1);
+  const size_t slot = rf::tensor_slot(m->cfg, id);
+  if (is_matrix(id.kind)) {
+    Raw raw;
+    raw.dtype = dtype;
+    raw.bytes.resize((size_t)(cnt * rf::dtype_size(dtype)));
+    memcpy(raw.bytes.data(), data, raw.bytes.size());
+    m->raw[slot] = std::move(raw);
+  } else {
+    std::vector<float> v((size_t)cnt);
+    for (int64_t i = 0; i < cnt; i++) v[(size_t)i] = rf::load_as_f32(data, dtype, i);
+    m->vec(id).swap(v);
+  }
+  m->set[slot] = 1;
+}
+
+/* packs every matrix for the matmul (all allocations first: a bad_alloc leaves the model unpacked) */
+void pack_model(rf_model* m) {
+  const rf_config& c = m->cfg;
+  auto src = [&](rf::TensorKind kind, int layer) {
+    const Raw& r = m->raw[rf::tensor_slot(c, {kind, layer})];
+    int64_t rows, cols;
+    rf::expected_shape(c, kind, &rows, &cols);
+    return k::WSrc{r.bytes.data(), r.dtype, rows};
+  };
+  const int64_t H = c.hidden_size, qd = (int64_t)c.num_heads * c.head_dim;
+  std::vector<Layer> packed((size_t)c.num_layers);
+  for (int l = 0; l < c.num_layers; l++) {
+    Layer& P = packed[(size_t)l];
+    const k::WSrc qkv[3] = {src(rf::T_Q, l), src(rf::T_K, l), src(rf::T_V, l)};
+    const k::WSrc gu[2] = {src(rf::T_GATE, l), src(rf::T_UP, l)};
+    const k::WSrc o = src(rf::T_O, l), down = src(rf::T_DOWN, l);
+    P.qkv = k::pack_weights(qkv, 3, H);
+    P.o = k::pack_weights(&o, 1, qd);
+    P.gu = k::pack_weights(gu, 2, H);
+    P.down = k::pack_weights(&down, 1, c.intermediate_size);
+  }
+  const k::WSrc lm = src(c.tie_embeddings ? rf::T_EMBED : rf::T_LM_HEAD, -1);
+  k::PackedW lmp = k::pack_weights(&lm, 1, H);
+  for (int l = 0; l < c.num_layers; l++) {
+    Layer& L = m->layers[(size_t)l];
+    Layer& P = packed[(size_t)l];
+    L.qkv = std::move(P.qkv);
+    L.o = std::move(P.o);
+    L.gu = std::move(P.gu);
+    L.down = std::move(P.down);
+    if (c.qkv_bias) {
+      L.bqkv = L.bq;
+      L.bqkv.insert(L.bqkv.end(), L.bk.begin(), L.bk.end());
+      L.bqkv.insert(L.bqkv.end(), L.bv.begin(), L.bv.end());
+    }
+  }
+  m->lm = std::move(lmp);
+  if (!c.tie_embeddings) m->embed = std::move(m->raw[rf::T_EMBED]);
+  std::vector<Raw>().swap(m->raw);
+}
+
+int64_t model_bytes(const rf_model* m) {
+  int64_t b = (int64_t)m->embed.bytes.size() + m->lm.bytes + (int64_t)m->norm.size() * 4;
+  for (const Raw& r : m->raw) b += (int64_t)r.bytes.size();
+  for (const Layer& L : m->layers)
+    b += L.qkv.bytes + L.o.bytes + L.gu.bytes + L.down.bytes +
+         (int64_t)(L.in_norm.size() + L.post_norm.size() + L.bq.size() + L.bk.size() + L.bv.size() + L.bqkv.size()) * 4;
+  return b;
 }
 
 std::string cpu_model_name() {
@@ -376,8 +473,9 @@ RF_API int rf_device_count(void) { return 1; }
 RF_API int rf_device_info(char* buf, int32_t buflen) {
   return guard("rf_device_info", [&]() -> int {
     if (!buf || buflen <= 0) return set_error(RF_ERR_INVALID, "rf_device_info: buffer is NULL or empty");
-    std::string s = "CPU: " + cpu_model_name() + ", " + std::to_string(k::max_threads()) + " OpenMP threads, " +
-                    std::to_string(std::thread::hardware_concurrency()) + " hardware threads, float32 compute";
+    std::string s = "CPU: " + cpu_model_name() + ", " + std::to_string(k::pool_threads()) + " threads, " +
+                    std::to_string(std::thread::hardware_concurrency()) + " hardware threads, float32 compute (" +
+                    k::cpu_isa()->name + " kernels)";
     snprintf(buf, (size_t)buflen, "%s", s.c_str());
     return RF_OK;
   });
@@ -385,9 +483,7 @@ RF_API int rf_device_info(char* buf, int32_t buflen) {
 
 RF_API int rf_set_threads(int32_t n) {
   RF_TRY(rf::check_threads(n));
-#ifdef _OPENMP
-  omp_set_num_threads(n == 0 ? omp_get_num_procs() : n);
-#endif
+  k::Pool::get().set_threads(n);
   return RF_OK;
 }
 
@@ -399,6 +495,7 @@ RF_API rf_model* rf_model_create(const rf_config* cfg) {
     m->cfg = *cfg;
     m->layers.resize((size_t)cfg->num_layers);
     m->set.assign(rf::tensor_slot_count(*cfg), 0);
+    m->raw.resize(m->set.size());
     m->inv_freq = rf::rope_inv_freq(*cfg);
     return m;
   });
@@ -410,19 +507,10 @@ RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, 
     RF_TRY(rf::check_set_tensor(m, name, data));
     rf::TensorId id{};
     RF_TRY(rf::check_tensor(m->cfg, name, dtype, shape, ndim, &id));
-    int64_t r, cc;
-    rf::expected_shape(m->cfg, id.kind, &r, &cc);
-    const int64_t cnt = r * (cc ? cc : 1);
-    std::vector<float> v((size_t)cnt);
-    if (dtype == RF_F32) {
-      memcpy(v.data(), data, (size_t)cnt * 4);
-    } else {
-      float* dst = v.data();
-#pragma omp parallel for schedule(static) if (cnt > 1 << 20)
-      for (int64_t i = 0; i < cnt; i++) dst[i] = rf::load_as_f32(data, dtype, i);
-    }
-    m->tensor(id).swap(v);
-    m->set[rf::tensor_slot(m->cfg, id)] = 1;
+    if (m->finalized)
+      return set_error(RF_ERR_STATE, "rf_model_set_tensor: tensor '%s': the model is finalized (its weights are packed)",
+                       name);
+    store_tensor(m, id, data, dtype);
     return RF_OK;
   });
 }
@@ -430,6 +518,7 @@ RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, 
 RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
   return guard("rf_model_init_random", [&]() -> int {
     RF_TRY(rf::check_init_random(m, stdv));
+    if (m->finalized) return set_error(RF_ERR_STATE, "rf_model_init_random: the model is finalized");
     const rf_config& c = m->cfg;
     for (size_t slot = 0; slot < m->set.size(); slot++) {
       rf::TensorId id;
@@ -451,8 +540,7 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
       } else {
         const int64_t B = 1 << 16, nb = (cnt + B - 1) / B;
         float* dst = v.data();
-#pragma omp parallel for schedule(static)
-        for (int64_t b = 0; b < nb; b++) {
+        k::parallel_dynamic(nb, true, [&](int64_t b, int) {
           uint64_t st = splitmix64(seed ^ splitmix64((uint64_t)slot * 0x100000001ull + (uint64_t)b)) | 1ull;
           const int64_t e = std::min(cnt, (b + 1) * B);
           for (int64_t i = b * B; i < e; i += 2) {  // Box-Muller
@@ -462,10 +550,17 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
             dst[i] = (float)(stdv * rr * std::cos(6.283185307179586 * u2));
             if (i + 1 < e) dst[i + 1] = (float)(stdv * rr * std::sin(6.283185307179586 * u2));
           }
-        }
+        });
       }
-      m->tensor(id).swap(v);
-      m->set[slot] = 1;
+      // matrices in the configured 16-bit type, as a checkpoint of that type would give them
+      const int32_t wdt = c.weight_dtype == RF_BF16 || c.weight_dtype == RF_F16 ? c.weight_dtype : RF_F32;
+      if (!is_matrix(id.kind) || wdt == RF_F32) {
+        store_tensor(m, id, v.data(), RF_F32);
+      } else {
+        std::vector<uint16_t> h(v.size());
+        for (size_t i = 0; i < v.size(); i++) h[i] = wdt == RF_BF16 ? rf::f32_to_bf16(v[i]) : rf::f32_to_f16(v[i]);
+        store_tensor(m, id, h.data(), wdt);
+      }
     }
     return RF_OK;
   });
@@ -474,7 +569,9 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
 RF_API int rf_model_finalize(rf_model* m) {
   return guard("rf_model_finalize", [&]() -> int {
     RF_TRY(rf::check_not_null(m, "model", "rf_model_finalize"));
+    if (m->finalized) return RF_OK;
     RF_TRY(rf::check_complete(m->cfg, m->set));
+    pack_model(m);
     m->finalized = true;
     return RF_OK;
   });
@@ -482,11 +579,7 @@ RF_API int rf_model_finalize(rf_model* m) {
 
 RF_API int64_t rf_model_memory_bytes(const rf_model* m) {
   RF_TRY(rf::check_not_null(m, "model", "rf_model_memory_bytes"));
-  int64_t b = (int64_t)(m->embed.size() + m->norm.size() + m->lm_head.size());
-  for (const Layer& L : m->layers)
-    b += (int64_t)(L.in_norm.size() + L.post_norm.size() + L.wq.size() + L.wk.size() + L.wv.size() + L.wo.size() +
-                   L.bq.size() + L.bk.size() + L.bv.size() + L.gate.size() + L.up.size() + L.down.size());
-  return b * 4;
+  return model_bytes(m);
 }
 
 RF_API void rf_model_destroy(rf_model* m) {
@@ -646,7 +739,7 @@ RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t d
       const float inv = (float)(1.0 / std::max(std::sqrt(ss), 1e-12));
       for (int d = 0; d < dim; d++) qn[(size_t)j * dim + d] = src[d] * inv;
     }
-    std::vector<float> tmp((size_t)k::max_threads() * dim);
+    std::vector<float> tmp((size_t)k::pool_threads() * dim);
     if (ctx_dtype == RF_F32) {
       const float* cf = (const float*)ctx;
       k::cosine_max([&](int64_t i, float* row) { memcpy(row, cf + i * dim, (size_t)dim * 4); }, n_ctx, dim, qn.data(),
@@ -735,8 +828,8 @@ RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c) {
         for (int64_t e = 0; e < c->len; e++) {
           const float* ks = c->K[(size_t)l].data() + ((int64_t)g * c->alloc + e) * hd;
           const float* vs = c->V[(size_t)l].data() + ((int64_t)g * c->alloc + e) * hd;
-          k::rope_head_to(ks, s->K[(size_t)l].data() + ((int64_t)g * s->stride + e) * hd, hd, &c->cos_tab[e * half],
-                          &c->sin_tab[e * half]);
+          k::kt_rope_store(s->K[(size_t)l].data() + (int64_t)g * s->stride * hd, hd, e, ks, &c->cos_tab[e * half],
+                           &c->sin_tab[e * half]);
           memcpy(s->V[(size_t)l].data() + ((int64_t)g * s->stride + e) * hd, vs, (size_t)hd * 4);
         }
     s->len = c->len;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the native REFORM engine.
-#   build/libreform_cpu.so   always (g++ -O3, OpenMP)
+#   build/libreform_cpu.so   always (g++ -O3, baseline target: the matmul picks AVX-512 / AVX2 at run time; own
+#                            worker threads (cuda/cpu/pool.h), OpenMP only for `simd` loops, no libgomp)
 #   build/libreform_cuda.so  when nvcc is present (sm_90; cudart static, cuBLAS dlopen'ed at run time);
 #                            cuda/reform_cuda.cu is one translation unit that includes its parts cuda/gpu/*.cuh
 #   build/libreform_cuda_emu.so, build/libreform_cuda_emu_asan.so, build/emu/libcublas_fake.so   always (g++):
@@ -18,13 +19,13 @@ newer() { # newer OUT SRC... : true when OUT exists and is newer than every SRC
   return 0
 }
 
-CPU_SRC=(cuda/reform_cpu.cpp cuda/cpu_kernels.h cuda/reform.h cuda/reform_common.h cuda/abi_guard.h)
+CPU_SRC=(cuda/reform_cpu.cpp cuda/cpu_kernels.h cuda/cpu/*.h cuda/cpu/*.inc cuda/reform.h cuda/reform_common.h cuda/abi_guard.h)
 CXX=${CXX:-g++}
 if newer build/libreform_cpu.so "${CPU_SRC[@]}" scripts/build-native.sh; then
   echo "[build] libreform_cpu.so up to date"
 else
   echo "[build] compiling libreform_cpu.so with $CXX"
-  $CXX -O3 -march=native -fopenmp -std=c++17 -fPIC -shared -fvisibility=hidden \
+  $CXX -O3 -fopenmp-simd -pthread -std=c++17 -fPIC -shared -fvisibility=hidden \
     -Wall -Wextra -Wno-unused-parameter \
     -o build/libreform_cpu.so.tmp cuda/reform_cpu.cpp
   mv build/libreform_cpu.so.tmp build/libreform_cpu.so

@@ -67,6 +67,9 @@ describe("library", () => {
     expect(native.backendName()).toBe("cpu");
     expect(native.deviceCount()).toBe(1);
     expect(native.deviceInfo()).toContain("CPU");
+    const isa = /\((avx512|avx2|portable) kernels\)/.exec(native.deviceInfo())?.[1];
+    expect(isa).toBeDefined();
+    if (forced) expect(isa).toBe(forced);
     native.setThreads(2);
     expect(native.lastError()).toBe("");
   });
@@ -81,6 +84,11 @@ const VARIANTS: Variant[] = [
   { name: "f16 tied + qkv bias, llama3 rope", tie: true, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F16, layers: 3, seed: 14 },
 ];
 
+/* Tolerances per weight dtype (logits vs the Float64 reference, relative to the largest logit). The reference
+ * runs on the rounded 16-bit values and the engine widens 16-bit weights exactly (in registers) and computes
+ * in f32, so bf16 and f16 weights need no more slack than f32: only f32 rounding of activations differs. */
+const TOL: Record<DType, number> = { [RF_F32]: 1e-4, [RF_BF16]: 1e-4, [RF_F16]: 1e-4 };
+
 for (const v of VARIANTS) {
   describe(`forward: ${v.name}`, () => {
     const b = buildModel(v);
@@ -91,7 +99,7 @@ for (const v of VARIANTS) {
       const s = m.createSeq(64);
       const logits = s.forward(i32(prompt), true)!;
       const ref = refLogits(b.ref, b.w, prompt);
-      expect(relErr(logits, ref)).toBeLessThan(1e-4);
+      expect(relErr(logits, ref)).toBeLessThan(TOL[v.dtype]);
       expect(s.length()).toBe(prompt.length);
       s.destroy();
       m.destroy();
@@ -110,7 +118,7 @@ for (const v of VARIANTS) {
       const s3 = m.createSeq(64);
       for (let i = 0; i < prompt.length; i++) {
         const lg = s3.forward(i32([prompt[i]]), true)!;
-        expect(relErr(lg, all[i])).toBeLessThan(1e-4);
+        expect(relErr(lg, all[i])).toBeLessThan(TOL[v.dtype]);
         if (i === prompt.length - 1) expect(maxAbs(lg, once)).toBeLessThan(1e-5);
       }
       expect(s3.length()).toBe(prompt.length);
@@ -452,6 +460,9 @@ describe("error paths", () => {
     m.setTensor(up.name, up.data, up.dtype, up.shape);
     m.finalize();
     expect(m.memoryBytes()).toBeGreaterThan(0);
+    // weights are packed at finalize: they cannot change afterwards
+    expectNativeError(() => m.setTensor(up.name, up.data, up.dtype, up.shape), RF_ERR_STATE, /finalized/);
+    expectNativeError(() => m.initRandom(1, 0.02), RF_ERR_STATE, /finalized/);
     m.destroy();
     // invalid config
     expect(() => native.createModel({ ...b.cfg, numKvHeads: 3 })).toThrow(NativeError);
@@ -513,4 +524,63 @@ describe("error paths", () => {
     s.destroy();
     c.destroy();
   });
+});
+
+/* ---------------- random weights in the configured type; every instruction set ---------------- */
+
+describe("rf_model_init_random", () => {
+  test("matrices stored in cfg.weight_dtype (2 bytes bf16/f16, 4 bytes f32), norms f32; finite logits", () => {
+    const b = buildModel({ name: "r", tie: false, bias: true, rope: RF_ROPE_DEFAULT, dtype: RF_F32, layers: 2, seed: 51 });
+    const c = b.cfg;
+    const qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
+    const matrix = 2 * c.vocabSize * c.hiddenSize + c.numLayers * (c.hiddenSize * (2 * qd + 2 * kvd) + 3 * c.hiddenSize * c.intermediateSize);
+    const f32 = c.hiddenSize * (1 + 2 * c.numLayers) + c.numLayers * (qd + 2 * kvd) * 2; // norms; biases (+ fused copy)
+    const logits: Float32Array[] = [];
+    for (const [dt, size] of [[RF_BF16, 2], [RF_F16, 2], [RF_F32, 4]] as const) {
+      const m = native.createModel({ ...c, weightDtype: dt });
+      m.initRandom(5, 0.05);
+      m.finalize();
+      // packed panels pad the last panel of each matrix with zero columns: at most 64 per matrix
+      const bytes = m.memoryBytes();
+      expect(bytes).toBeGreaterThanOrEqual(matrix * size + f32 * 4);
+      expect(bytes).toBeLessThan(matrix * size + f32 * 4 + 10 * 64 * c.hiddenSize * 4 * c.numLayers);
+      const s = m.createSeq(16);
+      const lg = s.forward(i32([1, 2, 3, 4]), true)!;
+      expect(lg.every(Number.isFinite)).toBe(true);
+      logits.push(lg);
+      s.destroy();
+      m.destroy();
+    }
+    // the same draws rounded to bf16 / f16: close to the f32 model, not equal to it
+    expect(relErr(logits[0], Array.from(logits[2]))).toBeLessThan(0.05);
+    expect(relErr(logits[1], Array.from(logits[2]))).toBeLessThan(0.01);
+    expect(maxAbs(logits[0], logits[2])).toBeGreaterThan(0);
+  });
+});
+
+/* The library picks its instruction set once per process (REFORM_CPU_ISA lowers it): run this file's engine tests
+ * again in child processes forced onto the AVX2 and the portable kernels (skipped inside those children). */
+const forced = process.env.REFORM_CPU_ISA;
+describe.skipIf(!!forced)("instruction sets", () => {
+  const flags = (() => {
+    try {
+      return require("node:fs").readFileSync("/proc/cpuinfo", "utf8") as string;
+    } catch {
+      return "";
+    }
+  })();
+  const sets = ["portable", ...(/\bavx2\b/.test(flags) && /\bfma\b/.test(flags) && /\bf16c\b/.test(flags) ? ["avx2"] : [])];
+  for (const isa of sets)
+    test(`forward, compressor, scoring on the ${isa} kernels`, () => {
+      const r = spawnSync("bun", ["test", "test/native-forward.test.ts", "-t", "library|forward|long sequences|compressor|rf_score|init_random"], {
+        cwd: ROOT_DIR,
+        env: { ...process.env, REFORM_CPU_ISA: isa },
+        encoding: "utf8",
+      });
+      const out = `${r.stdout}${r.stderr}`;
+      if (r.status !== 0) console.error(out);
+      expect(r.status).toBe(0);
+      expect(out).toMatch(/ 0 fail/);
+      expect(Number(/(\d+) pass/.exec(out)?.[1] ?? 0)).toBeGreaterThan(15);
+    }, 300_000);
 });
