@@ -5,6 +5,7 @@
 #include "reform.h"
 #include "reform_common.h"
 #include "cpu_kernels.h"
+#include "select.h"
 
 #include <exception>
 #include <memory>
@@ -840,6 +841,15 @@ RF_API void rf_seq_destroy(rf_seq* s) {
   rf_model* m = s->m;
   delete s;
   model_release(m);
+}
+
+RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
+                                float* smoothed, int32_t* out_idx) {
+  try {
+    return rf::smooth_select(scores, n, window, budget, edge, smoothed, out_idx);
+  } catch (...) {
+    return set_error(RF_ERR_OOM, "host allocation failed");
+  }
 }
 
 }  // extern "C"

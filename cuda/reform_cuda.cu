@@ -35,6 +35,7 @@
 #include <mutex>
 
 #include "reform_common.h"
+#include "select.h"
 
 namespace {
 
@@ -2075,6 +2076,15 @@ RF_API void rf_seq_destroy(rf_seq* s) {
   if (!s) return;
   seq_free(s);
   delete s;
+}
+
+RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
+                                float* smoothed, int32_t* out_idx) {
+  try {
+    return rf::smooth_select(scores, n, window, budget, edge, smoothed, out_idx);
+  } catch (...) {
+    return set_error(RF_ERR_OOM, "host allocation failed");
+  }
 }
 
 }  // extern "C"

@@ -1,0 +1,142 @@
+/**
+ * Query-time selection at scale: query.ts selectTokens (radix select) and the native rf_smooth_select
+ * (cuda/select.h, in the CPU build and in the CUDA source compiled for the emulation) against a
+ * straightforward reference — a full sort with the comparator the engine used before (score descending,
+ * then position) — on random data with many ties, -0/+0, edge-dominated budgets and tiny inputs.
+ */
+import { beforeAll, describe, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { Native, NativeError, ROOT_DIR } from "../ffi/native.ts";
+import { edgeFor, selectTokens, smoothScores } from "../src/engine/query.ts";
+
+/** The pre-radix selectTokens: sort the middle by (score desc, position asc), take the top, keep the edges. */
+function referenceSelect(smoothed: Float32Array, budget: number, edge: number): Int32Array {
+  const n = smoothed.length;
+  if (n <= budget) return Int32Array.from({ length: n }, (_, i) => i);
+  const e = edgeFor(budget, edge);
+  const chosen = new Uint8Array(n);
+  for (let i = 0; i < e; i++) chosen[i] = chosen[n - 1 - i] = 1;
+  const mid: number[] = [];
+  for (let i = e; i < n - e; i++) mid.push(i);
+  mid.sort((a, b) => smoothed[b]! - smoothed[a]! || a - b);
+  for (let k = 0; k < budget - 2 * e; k++) chosen[mid[k]!] = 1;
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) if (chosen[i]) out.push(i);
+  return Int32Array.from(out);
+}
+
+/** mulberry32 */
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+type Kind = "uniform" | "ties" | "signed-zero" | "constant" | "negative";
+function scores(n: number, kind: Kind, seed: number): Float32Array {
+  const r = rng(seed);
+  const s = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    if (kind === "uniform") s[i] = r() * 2 - 1;
+    else if (kind === "ties") s[i] = Math.floor(r() * 5) / 4; // 5 distinct values: heavy ties at every cut
+    else if (kind === "signed-zero") s[i] = r() < 0.5 ? (r() < 0.5 ? -0 : 0) : r() < 0.5 ? 1 : -1;
+    else if (kind === "constant") s[i] = 0.25;
+    else s[i] = -1 - r() * 1e-3;
+  }
+  return s;
+}
+
+/** [n, budget, edge, window] */
+const CASES: [number, number, number, number][] = [
+  [1, 16, 256, 129],
+  [16, 16, 256, 129],
+  [17, 16, 256, 129], // one position dropped
+  [100, 16, 256, 1], // edge = budget / 4
+  [100, 17, 0, 3], // no edges
+  [300, 40, 10, 9], // even split of edges and middle
+  [1000, 64, 256, 129], // window wider than budget
+  [1000, 999, 256, 129],
+  [5000, 512, 256, 4], // even window
+  [20000, 4096, 256, 129],
+  [3, 2, 0, 0], // window 0: no smoothing
+];
+
+describe("selection matches the sort-based reference", () => {
+  for (const kind of ["uniform", "ties", "signed-zero", "constant", "negative"] as Kind[]) {
+    test(`selectTokens, ${kind}`, () => {
+      CASES.forEach(([n, budget, edge, window], c) => {
+        const sm = smoothScores(scores(n, kind, 1000 + c), window);
+        // the raw scores as well: without smoothing, ties are exact and frequent
+        for (const s of [sm, scores(n, kind, 2000 + c)]) {
+          const ref = referenceSelect(s, budget, edge);
+          const got = selectTokens(s, budget, edge);
+          expect(got.length).toBe(Math.min(n, budget));
+          expect(Array.from(got)).toEqual(Array.from(ref));
+        }
+      });
+    });
+  }
+});
+
+const EMU_LIB = join(ROOT_DIR, "build", "libreform_cuda_emu.so");
+const libs: [string, () => Native][] = [["cpu", () => new Native("cpu")]];
+if (process.arch === "x64") libs.push(["cuda source (emulation build)", () => new Native("cuda", EMU_LIB)]);
+
+describe("native rf_smooth_select", () => {
+  beforeAll(() => {
+    const r = spawnSync("bash", ["scripts/build-native.sh"], {
+      cwd: ROOT_DIR,
+      env: { ...process.env, REFORM_SKIP_CUDA: "1" },
+      encoding: "utf8",
+    });
+    if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+  }, 600_000);
+
+  for (const [name, open] of libs) {
+    test(`${name}: same smoothed bits and indices as query.ts`, () => {
+      if (name !== "cpu" && !existsSync(EMU_LIB)) throw new Error(`${EMU_LIB} was not built`);
+      const native = open();
+      try {
+        for (const kind of ["uniform", "ties", "signed-zero", "constant", "negative"] as Kind[]) {
+          CASES.forEach(([n, budget, edge, window], c) => {
+            const raw = scores(n, kind, 3000 + c);
+            const smRef = smoothScores(raw, window);
+            const sm = new Float32Array(n);
+            const got = native.smoothSelect(raw, window, budget, edge, sm);
+            expect(Buffer.from(sm.buffer).equals(Buffer.from(smRef.buffer))).toBe(true);
+            expect(Array.from(got)).toEqual(Array.from(referenceSelect(smRef, budget, edge)));
+          });
+        }
+        // large enough that a prefix sum drifts: the f64 running sums must still match query.ts bit for bit
+        const big = scores(300_000, "uniform", 7).map((x) => x * 1e4 + 3e4);
+        const smBig = new Float32Array(big.length);
+        const idx = native.smoothSelect(big, 129, 8192, 256, smBig);
+        const smRef = smoothScores(big, 129);
+        expect(Buffer.from(smBig.buffer).equals(Buffer.from(smRef.buffer))).toBe(true);
+        expect(Array.from(idx)).toEqual(Array.from(referenceSelect(smRef, 8192, 256)));
+        expect(native.smoothSelect(new Float32Array(0), 129, 100, 16).length).toBe(0);
+        expect(() => native.smoothSelect(new Float32Array(10), 3, -1, 0)).toThrow(NativeError);
+      } finally {
+        native.close();
+      }
+    });
+  }
+});
+
+test("NaN ranks below every number", () => {
+  const s = Float32Array.from([0, NaN, -5, NaN, 2, 0]);
+  expect(Array.from(selectTokens(s, 4, 0))).toEqual([0, 2, 4, 5]);
+  const native = new Native("cpu");
+  try {
+    expect(Array.from(native.smoothSelect(s, 1, 4, 0))).toEqual([0, 2, 4, 5]);
+  } finally {
+    native.close();
+  }
+});
