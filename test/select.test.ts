@@ -9,23 +9,8 @@ import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { Native, NativeError, ROOT_DIR } from "../ffi/native.ts";
-import { edgeFor, selectTokens, smoothScores } from "../src/engine/query.ts";
-
-/** The pre-radix selectTokens: sort the middle by (score desc, position asc), take the top, keep the edges. */
-function referenceSelect(smoothed: Float32Array, budget: number, edge: number): Int32Array {
-  const n = smoothed.length;
-  if (n <= budget) return Int32Array.from({ length: n }, (_, i) => i);
-  const e = edgeFor(budget, edge);
-  const chosen = new Uint8Array(n);
-  for (let i = 0; i < e; i++) chosen[i] = chosen[n - 1 - i] = 1;
-  const mid: number[] = [];
-  for (let i = e; i < n - e; i++) mid.push(i);
-  mid.sort((a, b) => smoothed[b]! - smoothed[a]! || a - b);
-  for (let k = 0; k < budget - 2 * e; k++) chosen[mid[k]!] = 1;
-  const out: number[] = [];
-  for (let i = 0; i < n; i++) if (chosen[i]) out.push(i);
-  return Int32Array.from(out);
-}
+import { selectTokens, smoothScores } from "../src/engine/query.ts";
+import { referenceSelect } from "./helpers/select-reference.ts";
 
 /** mulberry32 */
 function rng(seed: number): () => number {
