@@ -2087,4 +2087,15 @@ RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, 
   }
 }
 
+RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
+                               int32_t n_q, int32_t window, int64_t budget, int32_t edge, float* scores,
+                               int32_t* out_idx) {
+  try {
+    return rf::score_select([&](float* s) { return rf_score(ctx, ctx_dtype, n_ctx, dim, q, n_q, s); }, n_ctx, window, budget, edge,
+                            scores, out_idx);
+  } catch (...) {
+    return set_error(RF_ERR_OOM, "host allocation failed");
+  }
+}
+
 }  // extern "C"

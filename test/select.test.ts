@@ -10,6 +10,7 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { Native, NativeError, ROOT_DIR } from "../ffi/native.ts";
 import { selectTokens, smoothScores } from "../src/engine/query.ts";
+import { f32ToF16 } from "./fixtures/tiny-model.ts";
 import { referenceSelect } from "./helpers/select-reference.ts";
 
 /** mulberry32 */
@@ -108,6 +109,45 @@ describe("native rf_smooth_select", () => {
         expect(Array.from(idx)).toEqual(Array.from(referenceSelect(smRef, 8192, 256)));
         expect(native.smoothSelect(new Float32Array(0), 129, 100, 16).length).toBe(0);
         expect(() => native.smoothSelect(new Float32Array(10), 3, -1, 0)).toThrow(NativeError);
+      } finally {
+        native.close();
+      }
+    });
+  }
+});
+
+function toF16(x: Float32Array): Uint16Array {
+  return Uint16Array.from(x, f32ToF16);
+}
+
+describe("native rf_score_select", () => {
+  for (const [name, open] of libs) {
+    test(`${name}: scores within 1e-5 of rf_score, indices of the reference selection on them`, () => {
+      const native = open();
+      const emu = name !== "cpu";
+      try {
+        const r = rng(41);
+        // dims: a multiple of 16 and one with a scalar tail; query rows: 1, 4 (one block) and 7 (block + tail)
+        for (const [n, dim, nQ, budget] of (emu ? [[600, 24, 3, 64]] : [[5000, 192, 1, 512], [3000, 70, 4, 256], [4000, 64, 7, 4000], [2500, 128, 5, 2600]]) as number[][]) {
+          const ctx = Float32Array.from({ length: n! * dim! }, () => r() * 2 - 1);
+          for (let d = 0; d < dim!; d++) ctx[7 * dim! + d] = 0; // an all-zero row scores 0
+          const ctx16 = toF16(ctx);
+          const q = Float32Array.from({ length: nQ! * dim! }, () => r() * 2 - 1);
+          for (const c of [ctx, ctx16]) {
+            const ref = native.score(c, n!, dim!, q, nQ!);
+            const scores = new Float32Array(n!);
+            const idx = native.scoreSelect(c, n!, dim!, q, nQ!, { window: 9, budget: budget!, edge: 16 }, scores);
+            let worst = 0;
+            for (let i = 0; i < n!; i++) worst = Math.max(worst, Math.abs(scores[i]! - ref[i]!));
+            expect(worst).toBeLessThan(1e-5);
+            expect(scores[7]).toBe(0);
+            expect(Array.from(idx)).toEqual(Array.from(referenceSelect(smoothScores(scores, 9), budget!, 16)));
+            // without a scores buffer: the same selection
+            expect(Array.from(native.scoreSelect(c, n!, dim!, q, nQ!, { window: 9, budget: budget!, edge: 16 }))).toEqual(Array.from(idx));
+          }
+        }
+        expect(native.scoreSelect(new Uint16Array(0), 0, 8, new Float32Array(8), 1, { window: 9, budget: 16, edge: 4 }).length).toBe(0);
+        expect(() => native.scoreSelect(new Float32Array(8), 1, 8, new Float32Array(8), 0, { window: 9, budget: 16, edge: 4 })).toThrow(NativeError);
       } finally {
         native.close();
       }

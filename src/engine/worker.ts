@@ -44,8 +44,6 @@ import {
   DEFAULT_EDGE,
   DEFAULT_WINDOW,
   gather,
-  selectTokens,
-  smoothScores,
   splitAtPlaceholder,
   StopMatcher,
   streamingSelection,
@@ -746,9 +744,8 @@ export class EngineCore {
             const qe = l.comp.embed(Int32Array.from(q));
             const qf = qe instanceof Uint16Array ? f16ToF32(qe) : qe;
             const emb = s.embeddings();
-            const scores = this.native.score(emb, s.meta.processed, s.meta.params.embDim, qf, q.length);
-            const sm = smoothScores(scores, this.defaults.window);
-            const idx = selectTokens(sm, budget, this.defaults.edge);
+            const { window, edge } = this.defaults;
+            const idx = this.native.scoreSelect(emb, s.meta.processed, s.meta.params.embDim, qf, q.length, { window, budget, edge });
             ctx = gather(s.readTokens(0, n), idx);
             yield;
           }
