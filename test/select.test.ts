@@ -11,23 +11,12 @@ import { join } from "node:path";
 import { Native, NativeError, ROOT_DIR } from "../ffi/native.ts";
 import { selectTokens, smoothScores } from "../src/engine/query.ts";
 import { f32ToF16 } from "./fixtures/tiny-model.ts";
+import { mulberry32 } from "./helpers/random-model.ts";
 import { referenceSelect } from "./helpers/select-reference.ts";
-
-/** mulberry32 */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 type Kind = "uniform" | "ties" | "signed-zero" | "constant" | "negative";
 function scores(n: number, kind: Kind, seed: number): Float32Array {
-  const r = rng(seed);
+  const r = mulberry32(seed);
   const s = new Float32Array(n);
   for (let i = 0; i < n; i++) {
     if (kind === "uniform") s[i] = r() * 2 - 1;
@@ -126,7 +115,7 @@ describe("native rf_score_select", () => {
       const native = open();
       const emu = name !== "cpu";
       try {
-        const r = rng(41);
+        const r = mulberry32(41);
         // dims: a multiple of 16 and one with a scalar tail; query rows: 1, 4 (one block) and 7 (block + tail)
         for (const [n, dim, nQ, budget] of (emu ? [[600, 24, 3, 64]] : [[5000, 192, 1, 512], [3000, 70, 4, 256], [4000, 64, 7, 4000], [2500, 128, 5, 2600]]) as number[][]) {
           const ctx = Float32Array.from({ length: n! * dim! }, () => r() * 2 - 1);
