@@ -106,7 +106,7 @@ try {
   const upS = (now() - t0) / 1e3;
   log("");
   const upload = { tokens: fin.tokensProcessed, bytes, seconds: upS, tokensPerS: fin.tokensProcessed / upS, embeddingBytes: fin.embeddingBytes };
-  log(`  upload ${fin.tokensProcessed} tokens (${(bytes / 2 ** 20).toFixed(0)} MiB text): ${upS.toFixed(1)} s, ${upload.tokensPerS.toFixed(0)} tok/s, emb.bin ${(fin.embeddingBytes / 2 ** 20).toFixed(0)} MiB`);
+  log(`  upload ${fin.tokensProcessed} tokens (${(bytes / 2 ** 20).toFixed(2)} MiB text): ${upS.toFixed(1)} s, ${upload.tokensPerS.toFixed(0)} tok/s, emb.bin ${(fin.embeddingBytes / 2 ** 20).toFixed(0)} MiB`);
 
   // ---- end to end: the engine's own TTFT
   const ttfts: number[] = [];
@@ -159,7 +159,11 @@ try {
     const prompt = new Int32Array(ids.length + q.length);
     prompt.set(ids);
     prompt.set(q, ids.length);
-    time(`recompute (prefill ${prompt.length} tokens)`, () => seq.forward(prompt));
+    // in the engine's prefill pieces (EngineDefaults.prefillChunk), as the worker runs it
+    const pc = core.defaults.prefillChunk;
+    time(`recompute (prefill ${prompt.length} tokens, pieces of ${pc})`, () => {
+      for (let off = 0; off < prompt.length; off += pc) seq.forward(prompt.subarray(off, Math.min(prompt.length, off + pc)));
+    });
     time("first token (sample)", () => seq.sample({ temperature: 0, topP: 1, topK: 0 }));
     seq.destroy();
   }

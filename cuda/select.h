@@ -2,7 +2,7 @@
  * select.h — REFORM's query path after the query embedding (rf_smooth_select, rf_score_select), host-only C++17
  * shared by the CPU and the CUDA builds. At a million context tokens a JavaScript sort of the scores costs more than
  * the scoring itself; this is O(n): a sliding moving average and a two-pass radix select of the k-th largest score.
- * The CPU scoring here (score_rows) streams the mmapped f16 embeddings once, widening 16 values per instruction.
+ * The CPU scoring here (score_rows) streams the mmapped f16 embeddings once, as a register-blocked small GEMM.
  *
  * The results are exactly those of src/engine/query.ts smoothScores + selectTokens (the reference the tests
  * compare against): the average uses f64 prefix sums in the same order, rounded once to f32; ties go to the
@@ -119,8 +119,12 @@ inline void f16_row_to_f32(const uint16_t* src, float* dst, int dim) {
 }
 
 /* rf_score on the host: out[i] = max_j cos(ctx_i, q_j), cos(a, b) = a.b / (max(|a|, 1e-12) * max(|b|, 1e-12)).
- * Memory-bound at a handful of query rows, so each context row is read once and dotted with four query rows at a
- * time; the sums are f32 (rf_score's reference tolerance, not its bits). */
+ * A small GEMM (context rows x query rows) whose left side is read once from the (mmapped) embeddings: blocks of
+ * SCORE_RB rows are widened to f32 in a buffer, and each row element, broadcast, meets SCORE_QB query rows held
+ * transposed in one vector, so the inner step is one FMA per (row, element) with no horizontal sums. The sums are
+ * f32 (rf_score's reference tolerance, not its bits). */
+constexpr int SCORE_RB = 8, SCORE_QB = 16;
+
 inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                       float* out) {
   if (n_ctx < 0 || dim <= 0 || n_q < 1) return set_error(RF_ERR_INVALID, "rf_score_select: bad sizes");
@@ -128,53 +132,58 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
     return set_error(RF_ERR_INVALID, "rf_score_select: ctx dtype must be f32/f16");
   if (n_ctx == 0) return RF_OK;
   if (!ctx || !q || !out) return set_error(RF_ERR_INVALID, "rf_score_select: NULL argument");
-  std::vector<float> qn((size_t)n_q * dim);
+  // normalised queries, transposed per block of SCORE_QB: qt[(b * dim + d) * SCORE_QB + l] = q_{b*QB+l}[d] / |q|
+  const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
+  std::vector<float> qt((size_t)nqb * dim * SCORE_QB, 0.f);
   for (int j = 0; j < n_q; j++) {
     const float* src = q + (int64_t)j * dim;
     double ss = 0;
     for (int d = 0; d < dim; d++) ss += (double)src[d] * src[d];
     const float inv = (float)(1.0 / std::max(std::sqrt(ss), 1e-12));
-    for (int d = 0; d < dim; d++) qn[(size_t)j * dim + d] = src[d] * inv;
+    for (int d = 0; d < dim; d++) qt[((size_t)(j / SCORE_QB) * dim + d) * SCORE_QB + j % SCORE_QB] = src[d] * inv;
   }
-  const float* Q = qn.data();
+  const float* Qt = qt.data();
+  const int64_t nblk = (n_ctx + SCORE_RB - 1) / SCORE_RB;
 #pragma omp parallel if (n_ctx * (int64_t)dim * n_q > 65536)
   {
-    std::vector<float> buf(ctx_dtype == RF_F16 ? (size_t)dim : 0);
+    std::vector<float> rows((size_t)SCORE_RB * dim);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < n_ctx; i++) {
-      const float* row;
-      if (ctx_dtype == RF_F16) {
-        f16_row_to_f32((const uint16_t*)ctx + i * dim, buf.data(), dim);
-        row = buf.data();
-      } else {
-        row = (const float*)ctx + i * dim;
+    for (int64_t blk = 0; blk < nblk; blk++) {
+      const int64_t i0 = blk * SCORE_RB;
+      const int rb = (int)std::min<int64_t>(SCORE_RB, n_ctx - i0);
+      for (int r = 0; r < SCORE_RB; r++) {
+        float* dst = rows.data() + (size_t)r * dim;
+        if (r >= rb)
+          std::fill(dst, dst + dim, 0.f);
+        else if (ctx_dtype == RF_F16)
+          f16_row_to_f32((const uint16_t*)ctx + (i0 + r) * dim, dst, dim);
+        else
+          memcpy(dst, (const float*)ctx + (i0 + r) * dim, (size_t)dim * sizeof(float));
       }
-      float ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int d = 0; d < dim; d++) ss += row[d] * row[d];
-      const float inv = 1.f / std::max(std::sqrt(ss), 1e-12f);
-      float best = -INFINITY;
-      int j = 0;
-      for (; j + 4 <= n_q; j += 4) {
-        const float *q0 = Q + (int64_t)j * dim, *q1 = q0 + dim, *q2 = q1 + dim, *q3 = q2 + dim;
-        float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      float best[SCORE_RB];
+      std::fill(best, best + SCORE_RB, -INFINITY);
+      for (int b = 0; b < nqb; b++) {
+        float acc[SCORE_RB][SCORE_QB] = {};
+        const float* qb = Qt + (size_t)b * dim * SCORE_QB;
         for (int d = 0; d < dim; d++) {
-          a0 += row[d] * q0[d];
-          a1 += row[d] * q1[d];
-          a2 += row[d] * q2[d];
-          a3 += row[d] * q3[d];
+          const float* qd = qb + (size_t)d * SCORE_QB;
+          for (int r = 0; r < SCORE_RB; r++) {
+            const float x = rows[(size_t)r * dim + d];
+#pragma omp simd
+            for (int l = 0; l < SCORE_QB; l++) acc[r][l] += x * qd[l];
+          }
         }
-        best = std::max(best, std::max(std::max(a0, a1), std::max(a2, a3)));
+        const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);  // padded lanes are not queries
+        for (int r = 0; r < SCORE_RB; r++)
+          for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l]);
       }
-      for (; j < n_q; j++) {
-        const float* qj = Q + (int64_t)j * dim;
-        float a = 0;
-#pragma omp simd reduction(+ : a)
-        for (int d = 0; d < dim; d++) a += row[d] * qj[d];
-        best = std::max(best, a);
+      for (int r = 0; r < rb; r++) {
+        const float* row = rows.data() + (size_t)r * dim;
+        float ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int d = 0; d < dim; d++) ss += row[d] * row[d];
+        out[i0 + r] = best[r] * (1.f / std::max(std::sqrt(ss), 1e-12f));
       }
-      out[i] = best * inv;
     }
   }
   return RF_OK;
