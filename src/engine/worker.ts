@@ -744,8 +744,8 @@ export class EngineCore {
             const qe = l.comp.embed(Int32Array.from(q));
             const qf = qe instanceof Uint16Array ? f16ToF32(qe) : qe;
             const emb = s.embeddings();
-            const { window, edge } = this.defaults;
-            const idx = this.native.scoreSelect(emb, s.meta.processed, s.meta.params.embDim, qf, q.length, { window, budget, edge });
+            const d = this.defaults;
+            const idx = this.native.scoreSelect(emb, s.meta.processed, s.meta.params.embDim, qf, q.length, { window: d.window, budget, edge: d.edge });
             ctx = gather(s.readTokens(0, n), idx);
             yield;
           }
