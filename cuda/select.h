@@ -77,6 +77,7 @@ inline void kth_key(const float* sm, int64_t lo, int64_t hi, int64_t k, uint32_t
 /* smoothScores(scores, window) then selectTokens(smoothed, budget, edge) of query.ts; see rf_smooth_select. */
 inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
                              float* smoothed, int32_t* out_idx) {
+  clear_error();  // a success leaves rf_last_error() empty, as the CUDA build's entry points do
   if (n < 0 || n > INT32_MAX || budget < 0) return set_error(RF_ERR_INVALID, "rf_smooth_select: bad sizes");
   if (n > 0 && (!scores || !out_idx)) return set_error(RF_ERR_INVALID, "rf_smooth_select: NULL argument");
   if (n == 0) return 0;
@@ -194,6 +195,7 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
 template <class Score>
 inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int64_t budget, int32_t edge, float* scores,
                             int32_t* out_idx) {
+  clear_error();
   if (n_ctx < 0 || n_ctx > INT32_MAX || budget < 0) return set_error(RF_ERR_INVALID, "rf_score_select: bad sizes");
   std::vector<float> own;
   if (!scores) {

@@ -98,6 +98,9 @@ describe("native rf_smooth_select", () => {
         expect(Array.from(idx)).toEqual(Array.from(referenceSelect(smRef, 8192, 256)));
         expect(native.smoothSelect(new Float32Array(0), 129, 100, 16).length).toBe(0);
         expect(() => native.smoothSelect(new Float32Array(10), 3, -1, 0)).toThrow(NativeError);
+        expect(native.lastError()).toContain("rf_smooth_select");
+        native.smoothSelect(new Float32Array(10), 3, 4, 0); // a success clears the thread's error
+        expect(native.lastError()).toBe("");
       } finally {
         native.close();
       }
@@ -137,6 +140,8 @@ describe("native rf_score_select", () => {
         }
         expect(native.scoreSelect(new Uint16Array(0), 0, 8, new Float32Array(8), 1, { window: 9, budget: 16, edge: 4 }).length).toBe(0);
         expect(() => native.scoreSelect(new Float32Array(8), 1, 8, new Float32Array(8), 0, { window: 9, budget: 16, edge: 4 })).toThrow(NativeError);
+        native.scoreSelect(new Float32Array(8), 1, 8, new Float32Array(8), 1, { window: 9, budget: 16, edge: 4 });
+        expect(native.lastError()).toBe("");
       } finally {
         native.close();
       }
