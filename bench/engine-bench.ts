@@ -16,8 +16,13 @@
  *   - score: rf_score over the largest context (f16 embeddings, a 32-token query embedded in context)
  *   - recompute: prefill of --budget tokens (time, tokens/s) and greedy decode ms/token over --decode steps
  *   - memory: rf_model_memory_bytes, embedding bytes per token, compressor state size
+ *   - GEMM peak (cpu): OpenBLAS sgemm through numpy, when python3 has it, on the model's own matmul shapes and a
+ *     1024^3 square, with the benchmark's thread count, measured before and after the engine figures (the best
+ *     counts); compress and prefill GFLOP/s are then also printed as a fraction of it. --no-peak skips it.
  * A NativeError (e.g. out of memory) is printed and the benchmark continues with the next figure.
  */
+import { spawnSync } from "node:child_process";
+import { availableParallelism } from "node:os";
 import { parseArgs } from "node:util";
 import {
   loadNative,
@@ -136,6 +141,7 @@ const USAGE = `usage: bun bench/engine-bench.ts [options]
   --peak-tflops X           peak for MFU (default 989 on cuda; cpu: MFU only when given)
   --threads N               CPU backend threads (default: all cores)
   --seed N                  weight / token seed (default 7)
+  --no-peak                 skip the OpenBLAS sgemm peak measurement (cpu)
   --json                    print one JSON object instead of the table`;
 
 function die(msg: string): never {
@@ -193,6 +199,45 @@ function paramCount(c: ModelConfig): number {
   const H = c.hiddenSize, I = c.intermediateSize, qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
   const layer = H * (qd + 2 * kvd) + qd * H + 3 * H * I + 2 * H;
   return c.vocabSize * H * (c.tieEmbeddings ? 1 : 2) + c.numLayers * layer + H;
+}
+
+// ---------- GEMM peak ----------
+
+interface GemmPeak {
+  gflopsPerS: number; // best over the shapes
+  blas: string;
+  threads: number;
+  shapes: { m: number; k: number; n: number; gflopsPerS: number }[];
+}
+
+/** OpenBLAS sgemm GFLOP/s (numpy's bundled build) on [m,k]x[k,n] f32 shapes, median of 7 after a warm-up.
+ * numpy is optional: without it the peak is reported as unavailable. */
+function measureGemmPeak(shapes: [number, number, number][], threads: number): GemmPeak | { error: string } {
+  const script = `
+import json, sys, time
+try:
+    import numpy as np
+except ImportError as e:
+    print(json.dumps({"error": "numpy not available: %s" % e})); sys.exit(0)
+blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+out = []
+for m, k, n in ${JSON.stringify(shapes)}:
+    a = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+    b = np.random.default_rng(2).standard_normal((k, n), dtype=np.float32)
+    a @ b
+    ts = []
+    for _ in range(7):
+        t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
+    ts.sort()
+    out.append({"m": m, "k": k, "n": n, "gflopsPerS": 2 * m * k * n / ts[3] / 1e9})
+print(json.dumps({"blas": "%s %s" % (blas.get("name"), blas.get("version")), "shapes": out}))
+`;
+  const env = { ...process.env, OPENBLAS_NUM_THREADS: String(threads), OMP_NUM_THREADS: String(threads) };
+  const r = spawnSync("python3", ["-c", script], { env, encoding: "utf8", timeout: 300_000 });
+  if (r.status !== 0) return { error: `python3 sgemm failed: ${(r.error?.message ?? r.stderr).trim().slice(0, 200)}` };
+  const o = JSON.parse(r.stdout.trim().split("\n").pop()!);
+  if (o.error) return { error: o.error };
+  return { gflopsPerS: Math.max(...o.shapes.map((x: { gflopsPerS: number }) => x.gflopsPerS)), blas: o.blas, threads, shapes: o.shapes };
 }
 
 // ---------- helpers ----------
@@ -263,6 +308,7 @@ async function main() {
         "peak-tflops": { type: "string" },
         threads: { type: "string" },
         seed: { type: "string" },
+        "no-peak": { type: "boolean" },
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
@@ -386,6 +432,19 @@ async function main() {
   log("");
   log(`  ${"figure".padEnd(34)} ${"value".padStart(16)}  detail`);
   log(`  ${"-".repeat(34)} ${"-".repeat(16)}  ${"-".repeat(40)}`);
+
+  // ---- GEMM peak (before; measured again at the end) ----
+  const H = cfg.hiddenSize, I = cfg.intermediateSize, qkvd = (cfg.numHeads + 2 * cfg.numKvHeads) * cfg.headDim;
+  const gemmShapes: [number, number, number][] = [
+    [chunk, H, qkvd],
+    [chunk, H, I],
+    [chunk, I, H],
+    [1024, 1024, 1024],
+  ];
+  const peakThreads = threads ?? availableParallelism();
+  const peaks: (GemmPeak | { error: string })[] = [];
+  const wantPeak = backend === "cpu" && !values["no-peak"];
+  if (wantPeak) peaks.push(measureGemmPeak(gemmShapes, peakThreads));
 
   // ---- model ----
   let model: NativeModel | undefined;
@@ -581,6 +640,31 @@ async function main() {
   finish();
 
   function finish() {
+    if (wantPeak) {
+      peaks.push(measureGemmPeak(gemmShapes, peakThreads));
+      const ok = peaks.filter((p): p is GemmPeak => "gflopsPerS" in p);
+      if (ok.length === 0) {
+        result.gemmPeak = { error: (peaks[0] as { error: string }).error };
+        row("GEMM peak (OpenBLAS sgemm)", "n/a", (peaks[0] as { error: string }).error);
+      } else {
+        const best = ok.reduce((x, y) => (y.gflopsPerS > x.gflopsPerS ? y : x));
+        const peak = best.gflopsPerS;
+        const runs = compressResults as { tokens: number; gflopsPerS: number }[];
+        const pre = result.prefill as { gflopsPerS: number } | undefined;
+        result.gemmPeak = { gflopsPerS: peak, blas: best.blas, threads: best.threads, runs: ok.map((p) => p.shapes) };
+        result.fractionOfGemmPeak = {
+          compress: Object.fromEntries(runs.map((c) => [c.tokens, c.gflopsPerS / peak])),
+          prefill: pre ? pre.gflopsPerS / peak : null,
+        };
+        row(
+          "GEMM peak (OpenBLAS sgemm)",
+          `${fmtNum(peak, 1)} GFLOP/s`,
+          `${best.blas}, ${best.threads} thread(s); ` + best.shapes.map((x) => `${x.m}x${x.k}x${x.n} ${x.gflopsPerS.toFixed(1)}`).join(", "),
+        );
+        for (const c of runs) row(`  compress ${c.tokens} tok / peak`, `${((100 * c.gflopsPerS) / peak).toFixed(1)}%`, `${fmtNum(c.gflopsPerS, 1)} GFLOP/s`);
+        if (pre) row(`  prefill ${budget} tok / peak`, `${((100 * pre.gflopsPerS) / peak).toFixed(1)}%`, `${fmtNum(pre.gflopsPerS, 1)} GFLOP/s`);
+      }
+    }
     result.errors = errors;
     if (json) console.log(JSON.stringify(result));
     else if (errors.length) log(`\n${errors.length} figure(s) failed (see ERROR rows)`);

@@ -201,6 +201,22 @@ RF_API int rf_seq_reset(rf_seq* s);
 RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c);
 RF_API void rf_seq_destroy(rf_seq* s);
 
+/* ---- query-time selection (phase 2, after rf_score) ---- */
+/* scores: n f32 (n <= INT32_MAX). Smooths them with a centered moving average of width window (odd; an even
+ * width is rounded up; at the ends the average is over the part inside [0, n), from f64 prefix sums) into
+ * `smoothed` (n f32, may be NULL), then writes to out_idx (min(n, budget) int32, ascending) the positions kept:
+ * all of them when n <= budget, else the first and last e = min(edge, budget / 4) and the budget - 2e others
+ * with the highest smoothed score (ties: the earlier position; NaN ranks lowest). O(n), no sort.
+ * Returns the number of indices written or an error code. */
+RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
+                                float* smoothed, int32_t* out_idx);
+/* rf_score then rf_smooth_select in one call (the query path after the query embedding): scores (n_ctx f32, may be
+ * NULL) receives the raw scores, out_idx the selected positions; returns their count or an error code. The CPU build
+ * scores with f32 sums (within 1e-5 of rf_score), the CUDA build with rf_score itself. */
+RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
+                               int32_t n_q, int32_t window, int64_t budget, int32_t edge, float* scores,
+                               int32_t* out_idx);
+
 #ifdef __cplusplus
 }
 #endif

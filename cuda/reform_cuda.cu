@@ -36,6 +36,7 @@
 
 #include "reform_common.h"
 #include "abi_guard.h"
+#include "select.h"
 
 using rf::set_error;
 

@@ -113,6 +113,14 @@ const symbols = {
   rf_seq_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
   rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
   rf_seq_destroy: { args: [FFIType.ptr], returns: FFIType.void },
+  rf_smooth_select: {
+    args: [FFIType.ptr, FFIType.i64, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.ptr],
+    returns: FFIType.i64_fast,
+  },
+  rf_score_select: {
+    args: [FFIType.ptr, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.ptr],
+    returns: FFIType.i64_fast,
+  },
 } as const;
 
 type Lib = ReturnType<typeof dlopen<typeof symbols>>["symbols"];
@@ -342,6 +350,42 @@ export class Native {
     if (nCtx === 0) return o;
     this.check(this.lib.rf_score(ctx, dtype, nCtx, dim, q, nQ, o), "rf_score");
     return o;
+  }
+
+  /** rf_smooth_select: smoothScores + selectTokens of src/engine/query.ts in O(n) natively (the same indices).
+   * `smoothed` (optional, >= n) receives the smoothed scores. */
+  smoothSelect(scores: Float32Array, window: number, budget: number, edge: number, smoothed?: Float32Array): Int32Array {
+    const n = scores.length;
+    if (smoothed && smoothed.length < n) throw new Error("smoothSelect: smoothed smaller than scores");
+    if (n === 0) return new Int32Array(0);
+    // one spare slot: bun:ffi passes an empty array as NULL, which the library rejects
+    const out = new Int32Array(Math.min(n, Math.max(0, budget)) + 1);
+    const m = this.check(Number(this.lib.rf_smooth_select(scores, n, window | 0, budget, edge | 0, smoothed ?? null, out)), "rf_smooth_select");
+    return out.subarray(0, m);
+  }
+
+  /** rf_score_select: score (as `score`) then smoothSelect in one native call, reading `ctx` in place (an mmap is
+   * fine). `scores` (optional, >= nCtx) receives the raw scores. */
+  scoreSelect(
+    ctx: Float32Array | Uint16Array,
+    nCtx: number,
+    dim: number,
+    q: Float32Array,
+    nQ: number,
+    sel: { window: number; budget: number; edge: number },
+    scores?: Float32Array,
+  ): Int32Array {
+    if (ctx.length < nCtx * dim) throw new Error("scoreSelect: ctx smaller than n_ctx*dim");
+    if (q.length < nQ * dim) throw new Error("scoreSelect: q smaller than n_q*dim");
+    if (scores && scores.length < nCtx) throw new Error("scoreSelect: scores smaller than n_ctx");
+    if (nCtx === 0) return new Int32Array(0);
+    const dtype = ctx instanceof Float32Array ? RF_F32 : RF_F16;
+    const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see smoothSelect
+    const m = this.check(
+      Number(this.lib.rf_score_select(ctx, dtype, nCtx, dim, q, nQ, sel.window | 0, sel.budget, sel.edge | 0, scores ?? null, out)),
+      "rf_score_select",
+    );
+    return out.subarray(0, m);
   }
 
   /** @internal */

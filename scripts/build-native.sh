@@ -19,7 +19,7 @@ newer() { # newer OUT SRC... : true when OUT exists and is newer than every SRC
   return 0
 }
 
-CPU_SRC=(cuda/reform_cpu.cpp cuda/cpu_kernels.h cuda/cpu/*.h cuda/cpu/*.inc cuda/reform.h cuda/reform_common.h cuda/abi_guard.h)
+CPU_SRC=(cuda/reform_cpu.cpp cuda/cpu_kernels.h cuda/cpu/*.h cuda/cpu/*.inc cuda/reform.h cuda/reform_common.h cuda/abi_guard.h cuda/select.h)
 CXX=${CXX:-g++}
 if newer build/libreform_cpu.so "${CPU_SRC[@]}" scripts/build-native.sh; then
   echo "[build] libreform_cpu.so up to date"
@@ -38,7 +38,7 @@ elif [[ -z $NVCC ]]; then
   if [[ ${REFORM_REQUIRE_CUDA:-0} == 1 ]]; then echo "[build] nvcc not found" >&2; exit 1; fi
   echo "[build] nvcc not found: CUDA build skipped"
 else
-  CUDA_SRC=(cuda/reform_cuda.cu cuda/gpu/*.cuh cuda/reform.h cuda/reform_common.h cuda/abi_guard.h)
+  CUDA_SRC=(cuda/reform_cuda.cu cuda/gpu/*.cuh cuda/reform.h cuda/reform_common.h cuda/abi_guard.h cuda/select.h)
   if newer build/libreform_cuda.so "${CUDA_SRC[@]}" scripts/build-native.sh; then
     echo "[build] libreform_cuda.so up to date"
   else
@@ -57,7 +57,7 @@ elif [[ $(uname -m) != x86_64 ]]; then
   echo "[build] CUDA emulation skipped: its fiber switch is x86-64 only (this is $(uname -m))"
 else
   mkdir -p build/emu
-  EMU_SRC=(cuda/reform_cuda.cu cuda/gpu/*.cuh cuda/reform.h cuda/reform_common.h cuda/abi_guard.h cuda/emu/cuda_emu.h
+  EMU_SRC=(cuda/reform_cuda.cu cuda/gpu/*.cuh cuda/reform.h cuda/reform_common.h cuda/abi_guard.h cuda/select.h cuda/emu/cuda_emu.h
     cuda/emu/cuda_emu.cpp)
   EMU_FLAGS=(-std=c++17 -fPIC -shared -fvisibility=hidden -fno-strict-aliasing -DRF_CUDA_EMU -Icuda
     -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas)

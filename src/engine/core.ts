@@ -69,6 +69,11 @@ export class EngineCore implements EngineCalls {
 
   // ------------------------------------------------------------ sessions
 
+  /** The session of a context, for in-process tools (benchmarks); the server goes through the operations below. */
+  session(id: string): Session | undefined {
+    return this.sessions.get(id);
+  }
+
   private get(id: string): Session {
     const s = this.sessions.get(id);
     if (!s) throw this.deleted.has(id) ? contextDeleted(id) : contextNotFound(id);

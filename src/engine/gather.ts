@@ -10,7 +10,7 @@ import { f16ToF32 } from "../util/f16.ts";
 import type { Method } from "./api.ts";
 import type { CompressorPool } from "./compressors.ts";
 import { type LoadedEngine, recentFor } from "./load.ts";
-import { gather, selectTokens, smoothScores, streamingSelection } from "./query.ts";
+import { gather, streamingSelection } from "./query.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
 
@@ -94,8 +94,12 @@ export function* gatherContext(e: LoadedEngine, pool: CompressorPool, sessionOf:
     if (q.length > maxQ) q = q.slice(q.length - maxQ);
     const qe = comp.embed(Int32Array.from(q));
     const qf = qe instanceof Uint16Array ? f16ToF32(qe) : qe;
-    const scores = e.native.score(s.embeddings(), s.meta.processed, s.meta.params.embDim, qf, q.length);
-    const idx = selectTokens(smoothScores(scores, d.window), budget, d.edge);
+    // score, smooth and select in one native call over the mapped embedding file (no copy, no sort)
+    const idx = e.native.scoreSelect(s.embeddings(), s.meta.processed, s.meta.params.embDim, qf, q.length, {
+      window: d.window,
+      budget,
+      edge: d.edge,
+    });
     ctx = gather(s.readTokens(0, n), idx);
     yield;
   }

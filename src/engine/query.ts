@@ -37,8 +37,10 @@ export function edgeFor(budget: number, edge = DEFAULT_EDGE): number {
 
 /**
  * Select up to `budget` context positions: the first and last `edge` positions always, the rest by
- * highest smoothed score among the middle (ties: earlier position). Returned sorted ascending.
+ * highest smoothed score among the middle (ties: earlier position; NaN ranks lowest). Returned sorted ascending.
  * If the context fits the budget, all positions are returned.
+ * O(n) without sorting (a million-token context would spend longer in a sort than in scoring): a radix select
+ * finds the k-th largest score; cuda/select.h (Native.smoothSelect) is the same algorithm natively.
  */
 export function selectTokens(smoothed: Float32Array, budget: number, edge = DEFAULT_EDGE): Int32Array {
   const n = smoothed.length;
@@ -48,21 +50,52 @@ export function selectTokens(smoothed: Float32Array, budget: number, edge = DEFA
     return all;
   }
   const e = edgeFor(budget, edge);
-  const chosen = new Uint8Array(n);
-  for (let i = 0; i < e; i++) {
-    chosen[i] = 1;
-    chosen[n - 1 - i] = 1;
+  const k = budget - 2 * e;
+  const keys = scoreKeys(smoothed);
+  let key = 0xffffffff;
+  let takeEq = 0;
+  if (k > 0) ({ key, takeEq } = kthKey(keys, e, n - e, k));
+  const out = new Int32Array(Math.max(0, budget));
+  let m = 0;
+  for (let i = 0; i < n; i++) {
+    let keep = i < e || i >= n - e;
+    if (!keep && k > 0) {
+      const kk = keys[i]!;
+      keep = kk > key || (kk === key && takeEq-- > 0);
+    }
+    if (keep) out[m++] = i;
   }
-  let remaining = budget - 2 * e;
-  if (remaining > 0) {
-    const mid: number[] = [];
-    for (let i = e; i < n - e; i++) mid.push(i);
-    mid.sort((a, b) => smoothed[b]! - smoothed[a]! || a - b);
-    for (let k = 0; k < mid.length && remaining > 0; k++, remaining--) chosen[mid[k]!] = 1;
+  return m === out.length ? out : out.slice(0, m);
+}
+
+/** Order-preserving uint32 keys of float scores (larger score, larger key); -0 shares +0's key because the
+ * selection treats them as equal, NaN gets 0. */
+function scoreKeys(x: Float32Array): Uint32Array {
+  const f = new Float32Array(x.length);
+  const u = new Uint32Array(f.buffer);
+  for (let i = 0; i < x.length; i++) f[i] = x[i]! + 0; // -0 + 0 = +0
+  for (let i = 0; i < u.length; i++) {
+    const b = u[i]!;
+    u[i] = x[i] !== x[i] ? 0 : b & 0x80000000 ? ~b >>> 0 : (b | 0x80000000) >>> 0;
   }
-  const out: number[] = [];
-  for (let i = 0; i < n; i++) if (chosen[i]) out.push(i);
-  return Int32Array.from(out);
+  return u;
+}
+
+/** The k-th largest key in keys[lo..hi) and how many of the positions holding exactly it are taken. */
+function kthKey(keys: Uint32Array, lo: number, hi: number, k: number): { key: number; takeEq: number } {
+  const hist = new Int32Array(65536);
+  for (let i = lo; i < hi; i++) hist[keys[i]! >>> 16]!++;
+  let above = 0;
+  let b = 65535;
+  while (above + hist[b]! < k) above += hist[b--]!;
+  hist.fill(0);
+  for (let i = lo; i < hi; i++) {
+    const kk = keys[i]!;
+    if (kk >>> 16 === b) hist[kk & 0xffff]!++;
+  }
+  let t = 65535;
+  while (above + hist[t]! < k) above += hist[t--]!;
+  return { key: ((b << 16) | t) >>> 0, takeEq: k - above };
 }
 
 /** tokens[idx[i]] in order. */

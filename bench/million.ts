@@ -1,0 +1,188 @@
+#!/usr/bin/env bun
+/**
+ * A million-token context through the engine (EngineCore, in process), with a small random model
+ * (the bench's tiny shape: 4 layers, hidden 256, 4 heads / 2 KV heads, FFN 768; the fixture tokenizer's vocab).
+ *
+ *   bun bench/million.ts [--tokens N] [--budget N] [--chunk N] [--capacity N] [--threads N] [--json]
+ *
+ * 1. upload: text appended in 64 KiB pieces, then finalize -> tokens/s of tokenize + compress + embeddings on disk;
+ * 2. query (method reform): end-to-end TTFT as the engine reports it (done.timings.ttftMs), the median of 3;
+ * 3. the same steps one by one, timed, on the same session (the engine's step code, called directly):
+ *    query embed, score (rf_score over the mmapped emb.bin), select (smoothing + top-k; native rf_smooth_select,
+ *    the TS radix select and the old full sort side by side), gather, recompute (prefill of the prompt), first token.
+ * Figures only.
+ */
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { RF_F16 } from "../ffi/native.ts";
+import type { QueryEvent } from "../src/engine/api.ts";
+import { DEFAULT_EDGE, DEFAULT_WINDOW, gather, selectTokens, smoothScores } from "../src/engine/query.ts";
+import { EngineCore } from "../src/engine/core.ts";
+import { f16ToF32 } from "../src/util/f16.ts";
+import { makeTinyModel } from "../test/fixtures/tiny-model.ts";
+import { referenceSelect } from "../test/helpers/select-reference.ts";
+
+const { values: a } = parseArgs({
+  args: process.argv.slice(2),
+  options: {
+    tokens: { type: "string" },
+    budget: { type: "string" },
+    chunk: { type: "string" },
+    capacity: { type: "string" },
+    threads: { type: "string" },
+    json: { type: "boolean" },
+    help: { type: "boolean", short: "h" },
+  },
+});
+if (a.help) {
+  console.log("usage: bun bench/million.ts [--tokens 1048576] [--budget 2048] [--chunk 512] [--capacity 1024] [--threads N] [--json]");
+  process.exit(0);
+}
+const num = (v: string | undefined, d: number) => (v === undefined ? d : Number(v));
+const TOKENS = num(a.tokens, 1 << 20);
+const BUDGET = num(a.budget, 2048);
+const CHUNK = num(a.chunk, 512);
+const CAPACITY = num(a.capacity, 1024);
+const THREADS = a.threads === undefined ? undefined : Number(a.threads);
+const json = !!a.json;
+const log = (s: string) => {
+  if (!json) console.log(s);
+};
+const now = () => performance.now();
+const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[xs.length >> 1]!;
+
+const root = mkdtempSync(join(tmpdir(), "reform-million-"));
+try {
+  const L = 4;
+  const modelDir = await makeTinyModel(join(root, "model"), {
+    layers: L,
+    hidden: 256,
+    heads: 4,
+    kvHeads: 2,
+    intermediate: 768,
+    maxPositions: 1 << 21,
+    std: 0.02,
+    seed: 5,
+    reformHeads: {
+      heads: (["q", "k", "v"] as const).map((kind) => ({ layer: 1, kind, head: 0 })),
+      chunk_size: CHUNK,
+      capacity: CAPACITY,
+    },
+  });
+  const core = new EngineCore({
+    modelDir,
+    dataDir: join(root, "data"),
+    backend: "cpu",
+    threads: THREADS,
+    defaults: { budget: BUDGET, maxBudget: Math.max(BUDGET, 1 << 16), stateSaveEvery: 1 << 30 },
+  });
+  const info = core.info;
+  log(`million-token query — tiny random model (${L} layers, hidden 256), backend ${info.backend}: ${info.device}`);
+  log(`  heads ${info.heads.map((h) => `${h.layer}:${h.kind}:${h.head}`).join(",")}, chunk ${CHUNK}, capacity ${CAPACITY}, budget ${BUDGET}`);
+
+  // ---- upload: random lowercase words (the fixture's byte-level BPE: about 1.2 bytes per token)
+  const ctx = core.createContext();
+  const piece = 1 << 16;
+  let x = 12345;
+  const rnd = () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 4294967296;
+  };
+  const text = new Uint8Array(piece);
+  const t0 = now();
+  let tokens = 0;
+  let bytes = 0;
+  while (tokens < TOKENS) {
+    for (let i = 0; i < piece; i++) text[i] = rnd() < 0.18 ? 32 : 97 + Math.floor(rnd() * 26);
+    const c = await core.append(ctx.id, text);
+    bytes += piece;
+    tokens = c.tokensReceived;
+    if (!json) process.stdout.write(`\r  uploaded ${tokens} tokens (${((tokens / (now() - t0)) * 1e3).toFixed(0)} tok/s)   `);
+  }
+  const fin = await core.finalize(ctx.id);
+  const upS = (now() - t0) / 1e3;
+  log("");
+  const upload = { tokens: fin.tokensProcessed, bytes, seconds: upS, tokensPerS: fin.tokensProcessed / upS, embeddingBytes: fin.embeddingBytes };
+  log(`  upload ${fin.tokensProcessed} tokens (${(bytes / 2 ** 20).toFixed(2)} MiB text): ${upS.toFixed(1)} s, ${upload.tokensPerS.toFixed(0)} tok/s, emb.bin ${(fin.embeddingBytes / 2 ** 20).toFixed(0)} MiB`);
+
+  // ---- end to end: the engine's own TTFT
+  const ttfts: number[] = [];
+  for (let r = 0; r < 3; r++) {
+    let done: Extract<QueryEvent, { type: "done" }> | undefined;
+    await core.query(`q${r}`, { contextId: ctx.id, question: "what is the code word?", method: "reform", budget: BUDGET, sampling: { maxTokens: 2, temperature: 0, topP: 1, topK: 0, stop: [] } }, (ev) => {
+      if (ev.type === "done") done = ev;
+    });
+    ttfts.push(done!.timings.ttftMs);
+  }
+  log(`  engine TTFT (reform, budget ${BUDGET}, median of 3): ${median(ttfts).toFixed(0)} ms  [${ttfts.map((t) => t.toFixed(0)).join(", ")}]`);
+
+  // ---- the same steps, one by one
+  const s = core.session(ctx.id)!;
+  const p = s.meta.params;
+  const comp = core.e.model.createCompressor(
+    { capacity: p.capacity, nSink: p.nSink, nRecent: p.nRecent, obsWindow: p.obsWindow, maxChunk: Math.max(p.chunkSize, 512), embDtype: RF_F16, exitLayer: -1 },
+    s.meta.heads,
+  );
+  const st = s.loadCompressorState();
+  if (st) comp.loadState(st.blob);
+  const q = Int32Array.from(core.e.tok.encode("what is the code word?"));
+  const steps: Record<string, number[]> = {};
+  const time = <T>(name: string, fn: () => T): T => {
+    const t = now();
+    const r = fn();
+    (steps[name] ??= []).push(now() - t);
+    return r;
+  };
+  const n = s.meta.tokens;
+  let same = true;
+  let sameFused = true; // rf_score_select scores with its own f32 kernel: equal unless two scores differ by ~1e-7
+  for (let r = 0; r < 3; r++) {
+    const qe = time("query embed", () => comp.embed(q));
+    const qf = qe instanceof Uint16Array ? f16ToF32(qe) : qe;
+    const emb = time("embeddings (mmap view)", () => s.embeddings());
+    const scores = time("score (rf_score)", () => core.e.native.score(emb, s.meta.processed, s.meta.params.embDim, qf, q.length));
+    const sel = { window: core.e.defaults.window, budget: BUDGET, edge: core.e.defaults.edge };
+    const fused = time("score + select (rf_score_select: the engine's path)", () => core.e.native.scoreSelect(emb, s.meta.processed, s.meta.params.embDim, qf, q.length, sel));
+    const idx = time("select (native rf_smooth_select)", () => core.e.native.smoothSelect(scores, core.e.defaults.window, BUDGET, core.e.defaults.edge));
+    const idxTs = time("select (TS smoothScores + radix selectTokens)", () => selectTokens(smoothScores(scores, core.e.defaults.window), BUDGET, core.e.defaults.edge));
+    if (r === 0) {
+      const sortSel = time("select (old: full sort in JS)", () => referenceSelect(smoothScores(scores, core.e.defaults.window), BUDGET, core.e.defaults.edge));
+      same &&= equal(idx, sortSel);
+    }
+    same &&= equal(idx, idxTs);
+    sameFused &&= equal(fused, idx);
+    const ids = time("gather (read tokens.bin + gather)", () => gather(s.readTokens(0, n), idx));
+    const seq = core.e.model.createSeq(ids.length + 64);
+    const prompt = new Int32Array(ids.length + q.length);
+    prompt.set(ids);
+    prompt.set(q, ids.length);
+    // in the engine's prefill pieces (EngineDefaults.prefillChunk), as the worker runs it
+    const pc = core.e.defaults.prefillChunk;
+    time(`recompute (prefill ${prompt.length} tokens, pieces of ${pc})`, () => {
+      for (let off = 0; off < prompt.length; off += pc) seq.forward(prompt.subarray(off, Math.min(prompt.length, off + pc)));
+    });
+    time("first token (sample)", () => seq.sample({ temperature: 0, topP: 1, topK: 0 }));
+    seq.destroy();
+  }
+  comp.destroy();
+  const med: Record<string, number> = {};
+  for (const [k, v] of Object.entries(steps)) med[k] = median(v);
+  log(`  steps (median of 3; 'old' once), ${n} context tokens, window ${DEFAULT_WINDOW}, edge ${DEFAULT_EDGE}:`);
+  for (const [k, v] of Object.entries(med)) log(`    ${k.padEnd(48)} ${v.toFixed(1).padStart(9)} ms`);
+  const pick = (p: string) => Object.entries(med).find(([k]) => k.startsWith(p))![1];
+  const ttft = pick("query embed") + pick("embeddings") + pick("score + select") + pick("gather") + pick("recompute") + pick("first token");
+  log(`    ${"TTFT = embed + score+select + gather + recompute + first".padEnd(48)} ${ttft.toFixed(1).padStart(9)} ms  (target < 1000)`);
+  log(`  selections identical (native, TS radix, old sort): ${same}; rf_score_select's the same: ${sameFused}`);
+  if (json) console.log(JSON.stringify({ upload, engineTtftMs: ttfts, stepsMs: med, ttftStepsMs: ttft, budget: BUDGET, selectionsIdentical: same, fusedIdentical: sameFused }));
+  await core.close();
+} finally {
+  rmSync(root, { recursive: true, force: true });
+}
+
+function equal(x: Int32Array, y: Int32Array): boolean {
+  return x.length === y.length && x.every((v, i) => v === y[i]);
+}

@@ -1,0 +1,212 @@
+/*
+ * select.h — REFORM's query path after the query embedding (rf_smooth_select, rf_score_select), host-only C++17
+ * shared by the CPU and the CUDA builds. At a million context tokens a JavaScript sort of the scores costs more than
+ * the scoring itself; this is O(n): a sliding moving average and a two-pass radix select of the k-th largest score.
+ * The CPU scoring here (score_rows) streams the mmapped f16 embeddings once, as a register-blocked small GEMM.
+ *
+ * The results are exactly those of src/engine/query.ts smoothScores + selectTokens (the reference the tests
+ * compare against): the average uses f64 prefix sums in the same order, rounded once to f32; ties go to the
+ * earlier position. Included by exactly one translation unit per library, after reform_common.h.
+ */
+#ifndef REFORM_SELECT_H
+#define REFORM_SELECT_H
+
+#include "reform_common.h"
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__F16C__) || defined(__AVX512F__))
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace rf {
+
+/* Order-preserving map of a float to uint32 (a larger score gets a larger key). -0 and +0 share a key because
+ * the reference comparator treats them as equal; NaN gets key 0, ranking below every number (the reference's
+ * order for NaN is whatever its sort made of an inconsistent comparator). */
+inline uint32_t select_key(float f) {
+  if (f != f) return 0;
+  if (f == 0.f) f = 0.f;
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* Centered moving average of width 2*half+1 over the part of the window inside [0, n). The two running prefix
+ * sums advance through the same additions as query.ts's prefix array, so every value matches it bit for bit. */
+inline void smooth_scores(const float* s, int64_t n, int64_t half, float* out) {
+  if (half <= 0) {
+    memcpy(out, s, (size_t)n * sizeof(float));
+    return;
+  }
+  double p_lo = 0, p_hi = 0;
+  int64_t i_lo = 0, i_hi = 0;
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t lo = i - half > 0 ? i - half : 0;
+    const int64_t hi = i + half + 1 < n ? i + half + 1 : n;
+    while (i_hi < hi) p_hi += s[i_hi++];
+    while (i_lo < lo) p_lo += s[i_lo++];
+    out[i] = (float)((p_hi - p_lo) / (double)(hi - lo));
+  }
+}
+
+/* The k-th largest key among sm[lo..hi) (1 <= k <= hi - lo) and how many positions holding exactly that key are
+ * taken (the earliest ones), from a 16-bit histogram of the high halves and one of the low halves in that bin. */
+inline void kth_key(const float* sm, int64_t lo, int64_t hi, int64_t k, uint32_t* key, int64_t* take_eq) {
+  std::vector<int64_t> hist(65536);
+  for (int64_t i = lo; i < hi; i++) hist[select_key(sm[i]) >> 16]++;
+  int64_t above = 0;
+  int b = 65535;
+  while (above + hist[(size_t)b] < k) above += hist[(size_t)b--];
+  std::fill(hist.begin(), hist.end(), 0);
+  for (int64_t i = lo; i < hi; i++) {
+    const uint32_t kk = select_key(sm[i]);
+    if ((int)(kk >> 16) == b) hist[kk & 0xffffu]++;
+  }
+  int t = 65535;
+  while (above + hist[(size_t)t] < k) above += hist[(size_t)t--];
+  *key = ((uint32_t)b << 16) | (uint32_t)t;
+  *take_eq = k - above;
+}
+
+/* smoothScores(scores, window) then selectTokens(smoothed, budget, edge) of query.ts; see rf_smooth_select. */
+inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
+                             float* smoothed, int32_t* out_idx) {
+  clear_error();  // a success leaves rf_last_error() empty, as the CUDA build's entry points do
+  if (n < 0 || n > INT32_MAX || budget < 0) return set_error(RF_ERR_INVALID, "rf_smooth_select: bad sizes");
+  if (n > 0 && (!scores || !out_idx)) return set_error(RF_ERR_INVALID, "rf_smooth_select: NULL argument");
+  if (n == 0) return 0;
+  std::vector<float> own;
+  if (!smoothed) {
+    own.resize((size_t)n);
+    smoothed = own.data();
+  }
+  smooth_scores(scores, n, window > 0 ? window / 2 : 0, smoothed);
+  if (n <= budget) {
+    for (int64_t i = 0; i < n; i++) out_idx[i] = (int32_t)i;
+    return n;
+  }
+  const int64_t e = std::max<int64_t>(0, std::min<int64_t>(edge, budget / 4));
+  const int64_t k = budget - 2 * e;  // < n - 2e because n > budget
+  uint32_t key = UINT32_MAX;
+  int64_t take_eq = 0;
+  if (k > 0) kth_key(smoothed, e, n - e, k, &key, &take_eq);
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; i++) {
+    bool keep = i < e || i >= n - e;
+    if (!keep && k > 0) {
+      const uint32_t kk = select_key(smoothed[i]);
+      keep = kk > key || (kk == key && take_eq > 0 && take_eq--);
+    }
+    if (keep) out_idx[m++] = (int32_t)i;
+  }
+  return m;
+}
+
+inline void f16_row_to_f32(const uint16_t* src, float* dst, int dim) {
+  int d = 0;
+#if defined(__x86_64__) && defined(__AVX512F__)
+  for (; d + 16 <= dim; d += 16) _mm512_storeu_ps(dst + d, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256((const __m256i*)(src + d))));  // maskz: GCC 12 warns on the unmasked form
+#endif
+#if defined(__x86_64__) && defined(__F16C__)
+  for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + d))));
+#endif
+  for (; d < dim; d++) dst[d] = f16_to_f32(src[d]);
+}
+
+/* rf_score on the host: out[i] = max_j cos(ctx_i, q_j), cos(a, b) = a.b / (max(|a|, 1e-12) * max(|b|, 1e-12)).
+ * A small GEMM (context rows x query rows) whose left side is read once from the (mmapped) embeddings: blocks of
+ * SCORE_RB rows are widened to f32 in a buffer, and each row element, broadcast, meets SCORE_QB query rows held
+ * transposed in one vector, so the inner step is one FMA per (row, element) with no horizontal sums. The sums are
+ * f32 (rf_score's reference tolerance, not its bits). */
+constexpr int SCORE_RB = 8, SCORE_QB = 16;
+
+inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                      float* out) {
+  if (n_ctx < 0 || dim <= 0 || n_q < 1) return set_error(RF_ERR_INVALID, "rf_score_select: bad sizes");
+  if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16)
+    return set_error(RF_ERR_INVALID, "rf_score_select: ctx dtype must be f32/f16");
+  if (n_ctx == 0) return RF_OK;
+  if (!ctx || !q || !out) return set_error(RF_ERR_INVALID, "rf_score_select: NULL argument");
+  // normalised queries, transposed per block of SCORE_QB: qt[(b * dim + d) * SCORE_QB + l] = q_{b*QB+l}[d] / |q|
+  const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
+  std::vector<float> qt((size_t)nqb * dim * SCORE_QB, 0.f);
+  for (int j = 0; j < n_q; j++) {
+    const float* src = q + (int64_t)j * dim;
+    double ss = 0;
+    for (int d = 0; d < dim; d++) ss += (double)src[d] * src[d];
+    const float inv = (float)(1.0 / std::max(std::sqrt(ss), 1e-12));
+    for (int d = 0; d < dim; d++) qt[((size_t)(j / SCORE_QB) * dim + d) * SCORE_QB + j % SCORE_QB] = src[d] * inv;
+  }
+  const float* Qt = qt.data();
+  const int64_t nblk = (n_ctx + SCORE_RB - 1) / SCORE_RB;
+#pragma omp parallel if (n_ctx * (int64_t)dim * n_q > 65536)
+  {
+    std::vector<float> rows((size_t)SCORE_RB * dim);
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+      const int64_t i0 = blk * SCORE_RB;
+      const int rb = (int)std::min<int64_t>(SCORE_RB, n_ctx - i0);
+      for (int r = 0; r < SCORE_RB; r++) {
+        float* dst = rows.data() + (size_t)r * dim;
+        if (r >= rb)
+          std::fill(dst, dst + dim, 0.f);
+        else if (ctx_dtype == RF_F16)
+          f16_row_to_f32((const uint16_t*)ctx + (i0 + r) * dim, dst, dim);
+        else
+          memcpy(dst, (const float*)ctx + (i0 + r) * dim, (size_t)dim * sizeof(float));
+      }
+      float best[SCORE_RB];
+      std::fill(best, best + SCORE_RB, -INFINITY);
+      for (int b = 0; b < nqb; b++) {
+        float acc[SCORE_RB][SCORE_QB] = {};
+        const float* qb = Qt + (size_t)b * dim * SCORE_QB;
+        for (int d = 0; d < dim; d++) {
+          const float* qd = qb + (size_t)d * SCORE_QB;
+          for (int r = 0; r < SCORE_RB; r++) {
+            const float x = rows[(size_t)r * dim + d];
+#pragma omp simd
+            for (int l = 0; l < SCORE_QB; l++) acc[r][l] += x * qd[l];
+          }
+        }
+        const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);  // padded lanes are not queries
+        for (int r = 0; r < SCORE_RB; r++)
+          for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l]);
+      }
+      for (int r = 0; r < rb; r++) {
+        const float* row = rows.data() + (size_t)r * dim;
+        float ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int d = 0; d < dim; d++) ss += row[d] * row[d];
+        out[i0 + r] = best[r] * (1.f / std::max(std::sqrt(ss), 1e-12f));
+      }
+    }
+  }
+  return RF_OK;
+}
+
+/* rf_score_select: score(scores) fills n_ctx scores (rf_score's semantics; the build's own scorer), then
+ * smooth_select. `scores` may be NULL (a scratch buffer is used). */
+template <class Score>
+inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int64_t budget, int32_t edge, float* scores,
+                            int32_t* out_idx) {
+  clear_error();
+  if (n_ctx < 0 || n_ctx > INT32_MAX || budget < 0) return set_error(RF_ERR_INVALID, "rf_score_select: bad sizes");
+  std::vector<float> own;
+  if (!scores) {
+    own.resize((size_t)n_ctx);
+    scores = own.data();
+  }
+  const int rc = score(scores);
+  if (rc != RF_OK) return rc;
+  return smooth_select(scores, n_ctx, window, budget, edge, nullptr, out_idx);
+}
+
+}  // namespace rf
+
+#endif /* REFORM_SELECT_H */

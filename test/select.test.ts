@@ -1,0 +1,161 @@
+/**
+ * Query-time selection at scale: query.ts selectTokens (radix select) and the native rf_smooth_select
+ * (cuda/select.h, in the CPU build and in the CUDA source compiled for the emulation) against a
+ * straightforward reference — a full sort with the comparator the engine used before (score descending,
+ * then position) — on random data with many ties, -0/+0, edge-dominated budgets and tiny inputs.
+ */
+import { beforeAll, describe, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { Native, NativeError, ROOT_DIR } from "../ffi/native.ts";
+import { selectTokens, smoothScores } from "../src/engine/query.ts";
+import { f32ToF16 } from "./fixtures/tiny-model.ts";
+import { mulberry32 } from "./helpers/random-model.ts";
+import { referenceSelect } from "./helpers/select-reference.ts";
+
+type Kind = "uniform" | "ties" | "signed-zero" | "constant" | "negative";
+function scores(n: number, kind: Kind, seed: number): Float32Array {
+  const r = mulberry32(seed);
+  const s = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    if (kind === "uniform") s[i] = r() * 2 - 1;
+    else if (kind === "ties") s[i] = Math.floor(r() * 5) / 4; // 5 distinct values: heavy ties at every cut
+    else if (kind === "signed-zero") s[i] = r() < 0.5 ? (r() < 0.5 ? -0 : 0) : r() < 0.5 ? 1 : -1;
+    else if (kind === "constant") s[i] = 0.25;
+    else s[i] = -1 - r() * 1e-3;
+  }
+  return s;
+}
+
+/** [n, budget, edge, window] */
+const CASES: [number, number, number, number][] = [
+  [1, 16, 256, 129],
+  [16, 16, 256, 129],
+  [17, 16, 256, 129], // one position dropped
+  [100, 16, 256, 1], // edge = budget / 4
+  [100, 17, 0, 3], // no edges
+  [300, 40, 10, 9], // even split of edges and middle
+  [1000, 64, 256, 129], // window wider than budget
+  [1000, 999, 256, 129],
+  [5000, 512, 256, 4], // even window
+  [20000, 4096, 256, 129],
+  [3, 2, 0, 0], // window 0: no smoothing
+];
+
+describe("selection matches the sort-based reference", () => {
+  for (const kind of ["uniform", "ties", "signed-zero", "constant", "negative"] as Kind[]) {
+    test(`selectTokens, ${kind}`, () => {
+      CASES.forEach(([n, budget, edge, window], c) => {
+        const sm = smoothScores(scores(n, kind, 1000 + c), window);
+        // the raw scores as well: without smoothing, ties are exact and frequent
+        for (const s of [sm, scores(n, kind, 2000 + c)]) {
+          const ref = referenceSelect(s, budget, edge);
+          const got = selectTokens(s, budget, edge);
+          expect(got.length).toBe(Math.min(n, budget));
+          expect(Array.from(got)).toEqual(Array.from(ref));
+        }
+      });
+    });
+  }
+});
+
+const EMU_LIB = join(ROOT_DIR, "build", "libreform_cuda_emu.so");
+const libs: [string, () => Native][] = [["cpu", () => new Native("cpu")]];
+if (process.arch === "x64") libs.push(["cuda source (emulation build)", () => new Native("cuda", EMU_LIB)]);
+
+describe("native rf_smooth_select", () => {
+  beforeAll(() => {
+    const r = spawnSync("bash", ["scripts/build-native.sh"], {
+      cwd: ROOT_DIR,
+      env: { ...process.env, REFORM_SKIP_CUDA: "1" },
+      encoding: "utf8",
+    });
+    if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+  }, 600_000);
+
+  for (const [name, open] of libs) {
+    test(`${name}: same smoothed bits and indices as query.ts`, () => {
+      if (name !== "cpu" && !existsSync(EMU_LIB)) throw new Error(`${EMU_LIB} was not built`);
+      const native = open();
+      try {
+        for (const kind of ["uniform", "ties", "signed-zero", "constant", "negative"] as Kind[]) {
+          CASES.forEach(([n, budget, edge, window], c) => {
+            const raw = scores(n, kind, 3000 + c);
+            const smRef = smoothScores(raw, window);
+            const sm = new Float32Array(n);
+            const got = native.smoothSelect(raw, window, budget, edge, sm);
+            expect(Buffer.from(sm.buffer).equals(Buffer.from(smRef.buffer))).toBe(true);
+            expect(Array.from(got)).toEqual(Array.from(referenceSelect(smRef, budget, edge)));
+          });
+        }
+        // large enough that a prefix sum drifts: the f64 running sums must still match query.ts bit for bit
+        const big = scores(300_000, "uniform", 7).map((x) => x * 1e4 + 3e4);
+        const smBig = new Float32Array(big.length);
+        const idx = native.smoothSelect(big, 129, 8192, 256, smBig);
+        const smRef = smoothScores(big, 129);
+        expect(Buffer.from(smBig.buffer).equals(Buffer.from(smRef.buffer))).toBe(true);
+        expect(Array.from(idx)).toEqual(Array.from(referenceSelect(smRef, 8192, 256)));
+        expect(native.smoothSelect(new Float32Array(0), 129, 100, 16).length).toBe(0);
+        expect(() => native.smoothSelect(new Float32Array(10), 3, -1, 0)).toThrow(NativeError);
+        expect(native.lastError()).toContain("rf_smooth_select");
+        native.smoothSelect(new Float32Array(10), 3, 4, 0); // a success clears the thread's error
+        expect(native.lastError()).toBe("");
+      } finally {
+        native.close();
+      }
+    });
+  }
+});
+
+function toF16(x: Float32Array): Uint16Array {
+  return Uint16Array.from(x, f32ToF16);
+}
+
+describe("native rf_score_select", () => {
+  for (const [name, open] of libs) {
+    test(`${name}: scores within 1e-5 of rf_score, indices of the reference selection on them`, () => {
+      const native = open();
+      const emu = name !== "cpu";
+      try {
+        const r = mulberry32(41);
+        // dims: a multiple of 16 and one with a scalar tail; query rows: 1, 4 (one block) and 7 (block + tail)
+        for (const [n, dim, nQ, budget] of (emu ? [[600, 24, 3, 64]] : [[5000, 192, 1, 512], [3000, 70, 4, 256], [4000, 64, 7, 4000], [2500, 128, 5, 2600]]) as number[][]) {
+          const ctx = Float32Array.from({ length: n! * dim! }, () => r() * 2 - 1);
+          for (let d = 0; d < dim!; d++) ctx[7 * dim! + d] = 0; // an all-zero row scores 0
+          const ctx16 = toF16(ctx);
+          const q = Float32Array.from({ length: nQ! * dim! }, () => r() * 2 - 1);
+          for (const c of [ctx, ctx16]) {
+            const ref = native.score(c, n!, dim!, q, nQ!);
+            const scores = new Float32Array(n!);
+            const idx = native.scoreSelect(c, n!, dim!, q, nQ!, { window: 9, budget: budget!, edge: 16 }, scores);
+            let worst = 0;
+            for (let i = 0; i < n!; i++) worst = Math.max(worst, Math.abs(scores[i]! - ref[i]!));
+            expect(worst).toBeLessThan(1e-5);
+            expect(scores[7]).toBe(0);
+            expect(Array.from(idx)).toEqual(Array.from(referenceSelect(smoothScores(scores, 9), budget!, 16)));
+            // without a scores buffer: the same selection
+            expect(Array.from(native.scoreSelect(c, n!, dim!, q, nQ!, { window: 9, budget: budget!, edge: 16 }))).toEqual(Array.from(idx));
+          }
+        }
+        expect(native.scoreSelect(new Uint16Array(0), 0, 8, new Float32Array(8), 1, { window: 9, budget: 16, edge: 4 }).length).toBe(0);
+        expect(() => native.scoreSelect(new Float32Array(8), 1, 8, new Float32Array(8), 0, { window: 9, budget: 16, edge: 4 })).toThrow(NativeError);
+        native.scoreSelect(new Float32Array(8), 1, 8, new Float32Array(8), 1, { window: 9, budget: 16, edge: 4 });
+        expect(native.lastError()).toBe("");
+      } finally {
+        native.close();
+      }
+    });
+  }
+});
+
+test("NaN ranks below every number", () => {
+  const s = Float32Array.from([0, NaN, -5, NaN, 2, 0]);
+  expect(Array.from(selectTokens(s, 4, 0))).toEqual([0, 2, 4, 5]);
+  const native = new Native("cpu");
+  try {
+    expect(Array.from(native.smoothSelect(s, 1, 4, 0))).toEqual([0, 2, 4, 5]);
+  } finally {
+    native.close();
+  }
+});
