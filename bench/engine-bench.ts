@@ -131,6 +131,7 @@ const SHAPES: Record<ShapeName, ShapeDefaults> = {
 
 const USAGE = `usage: bun bench/engine-bench.ts [options]
   --backend cpu|cuda|auto   native library (default auto: cuda when a device exists, else cpu)
+  --library FILE            load this library file instead (env REFORM_LIBRARY; e.g. to compare two builds)
   --shape tiny|small|llama3-8b   model shape with random weights (default tiny)
   --tokens N,N              compress context lengths (default per shape; llama3-8b: 131072,1048576)
   --chunk N                 compress chunk (default per shape)
@@ -298,6 +299,7 @@ async function main() {
       args: process.argv.slice(2),
       options: {
         backend: { type: "string" },
+        library: { type: "string" },
         shape: { type: "string" },
         tokens: { type: "string" },
         chunk: { type: "string" },
@@ -384,7 +386,7 @@ async function main() {
 
   let native: Native;
   try {
-    native = loadNative(backendOpt);
+    native = loadNative(backendOpt, str("library") ?? (process.env.REFORM_LIBRARY || undefined));
   } catch (e) {
     const msg = (e as Error).message;
     if (json) console.log(JSON.stringify({ error: msg }));
@@ -423,7 +425,7 @@ async function main() {
     `  shape   ${shapeName}: vocab ${cfg.vocabSize}, hidden ${cfg.hiddenSize}, inter ${cfg.intermediateSize}, ` +
       `${L} layers, ${cfg.numHeads} heads / ${cfg.numKvHeads} kv, head_dim ${cfg.headDim}, ` +
       `${(paramCount(cfg) / 1e6).toFixed(1)}M params` +
-      (backend === "cuda" ? `, ${cfg.weightDtype === RF_BF16 ? "bf16" : "f16"}` : ", f32 (cpu)"),
+      `, ${cfg.weightDtype === RF_BF16 ? "bf16" : "f16"} weights`,
   );
   log(
     `  heads   ${result.heads}; capacity ${capacity}, chunk ${chunk}, obs_window ${obsWindow}, ` +

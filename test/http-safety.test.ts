@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type RunningServer, startServer } from "../src/server.ts";
-import { makeTinyModel } from "./fixtures/tiny-model.ts";
+import { makeTinyModel, TINY_EOS_ID, TINY_EOT_ID } from "./fixtures/tiny-model.ts";
 import { collectSse, expectError, j, jsonPost, pieceStream, waitFor } from "./helpers/http.ts";
 
 const T = 120_000;
@@ -16,6 +16,7 @@ let srv: RunningServer;
 let base: string;
 let modelDir: string;
 const enc = new TextEncoder();
+const noEnd = { [TINY_EOS_ID]: -100, [TINY_EOT_ID]: -100 };
 
 function words(n: number, seed: number): string {
   const w = ["alpha", "beta", "gamma", "delta", "fox", "river", "stone", "cloud", "lamp", "seven"];
@@ -143,7 +144,7 @@ describe("cancellation", () => {
     "DELETE during a streamed query ends the stream with a context_deleted error event",
     async () => {
       const id = await readyContext(words(600, 6));
-      const res = await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "fox?", max_tokens: 4000, temperature: 1, seed: 1 });
+      const res = await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "fox?", max_tokens: 4000, temperature: 1, seed: 1, logit_bias: noEnd });
       expect(res.status).toBe(200);
       const events: { event?: string; data: string }[] = [];
       let deleted = false;
@@ -243,7 +244,8 @@ describe("no silent fallbacks, OpenAI conformance", () => {
     const p = fetch(`${base}/v1/contexts/${id}/query`, {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ question: "q", stream: false, max_tokens: 6000, temperature: 1, seed: 2 }),
+      // end-of-text banned, so the answer is still being generated when the client leaves
+      body: JSON.stringify({ question: "q", stream: false, max_tokens: 6000, temperature: 1, seed: 2, logit_bias: noEnd }),
       signal: ac.signal,
     }).catch(() => null);
     // abort once this query is generating (earlier tests generated tokens too)

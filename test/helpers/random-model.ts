@@ -53,7 +53,7 @@ export interface Variant {
   dtype: DType;
   layers: number;
   seed: number;
-  /** the model's compute dtype (rf_config.weight_dtype; the CPU build ignores it) */
+  /** the weights' storage dtype (rf_config.weight_dtype; both builds keep matrices in it) */
   weightDtype?: DType;
 }
 
