@@ -18,7 +18,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { RF_F16 } from "../ffi/native.ts";
 import type { QueryEvent } from "../src/engine/api.ts";
-import { DEFAULT_EDGE, DEFAULT_WINDOW, gather, selectTokens, smoothScores } from "../src/engine/query.ts";
+import { DEFAULT_EDGE, DEFAULT_WINDOW, gather, selectTokens, smoothScores } from "../src/engine/selection.ts";
 import { EngineCore } from "../src/engine/core.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
 import { makeTinyModel } from "../test/fixtures/tiny-model.ts";

@@ -352,7 +352,7 @@ export class Native {
     return o;
   }
 
-  /** rf_smooth_select: smoothScores + selectTokens of src/engine/query.ts in O(n) natively (the same indices).
+  /** rf_smooth_select: smoothScores + selectTokens of src/engine/selection.ts in O(n) natively (the same indices).
    * `smoothed` (optional, >= n) receives the smoothed scores. */
   smoothSelect(scores: Float32Array, window: number, budget: number, edge: number, smoothed?: Float32Array): Int32Array {
     const n = scores.length;

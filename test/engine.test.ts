@@ -10,15 +10,9 @@ import { EngineError, type EngineClient, type Method, type QueryEvent, type Quer
 import { createEngine } from "../src/engine/client.ts";
 import { LogitProcessor, logprobsOf } from "../src/engine/sampling.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
-import {
-  buildMessages,
-  CONTEXT_PLACEHOLDER,
-  selectTokens,
-  smoothScores,
-  splitAtPlaceholder,
-  StopMatcher,
-  streamingSelection,
-} from "../src/engine/query.ts";
+import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "../src/engine/prompt.ts";
+import { selectTokens, smoothScores, streamingSelection } from "../src/engine/selection.ts";
+import { StopMatcher } from "../src/engine/stop.ts";
 import { lastSafeBoundary, trailingPartial } from "../src/engine/session.ts";
 import { f32ToF16, makeTinyModel } from "./fixtures/tiny-model.ts";
 

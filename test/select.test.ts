@@ -9,7 +9,7 @@ import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { Native, NativeError, ROOT_DIR } from "../ffi/native.ts";
-import { selectTokens, smoothScores } from "../src/engine/query.ts";
+import { selectTokens, smoothScores } from "../src/engine/selection.ts";
 import { f32ToF16 } from "./fixtures/tiny-model.ts";
 import { mulberry32 } from "./helpers/random-model.ts";
 import { referenceSelect } from "./helpers/select-reference.ts";

@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { EngineClient } from "../src/engine/api.ts";
 import { createEngine } from "../src/engine/client.ts";
-import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "../src/engine/query.ts";
+import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "../src/engine/prompt.ts";
 import { lastSafeBoundary } from "../src/engine/session.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
 import { makeTinyModel, SP_BOS_ID } from "./fixtures/tiny-model.ts";

@@ -9,7 +9,7 @@ import type { CompressorPool } from "./compressors.ts";
 import { gatherContext } from "./gather.ts";
 import { generate } from "./generate.ts";
 import type { LoadedEngine } from "./load.ts";
-import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "./query.ts";
+import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "./prompt.ts";
 import type { QueryWire } from "./schema.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";

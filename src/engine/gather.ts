@@ -10,7 +10,7 @@ import { f16ToF32 } from "../util/f16.ts";
 import type { Method } from "./api.ts";
 import type { CompressorPool } from "./compressors.ts";
 import { type LoadedEngine, recentFor } from "./load.ts";
-import { gather, streamingSelection } from "./query.ts";
+import { gather, streamingSelection } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
 

@@ -6,7 +6,7 @@
 import type { NativeSeq } from "../../ffi/native.ts";
 import type { ModelTokenizer } from "../model/tokenizer.ts";
 import type { FinishReason, QueryEvent, SamplingOptions, TokenLogprob, Usage } from "./api.ts";
-import { StopMatcher } from "./query.ts";
+import { StopMatcher } from "./stop.ts";
 import { LogitProcessor, logprobsOf } from "./sampling.ts";
 import type { Task } from "./scheduler.ts";
 

@@ -11,7 +11,7 @@ import { type HeadsFile, loadHeads } from "../model/heads.ts";
 import { loadSafetensors, modelFiles } from "../model/safetensors.ts";
 import { ModelTokenizer } from "../model/tokenizer.ts";
 import type { ModelInfo } from "./api.ts";
-import { DEFAULT_EDGE, DEFAULT_WINDOW } from "./query.ts";
+import { DEFAULT_EDGE, DEFAULT_WINDOW } from "./selection.ts";
 import type { SessionParams } from "./session.ts";
 
 export interface EngineDefaults {

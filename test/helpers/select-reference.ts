@@ -3,7 +3,7 @@
  * (smoothed score descending, position ascending). The straightforward reference that test/select.test.ts checks
  * query.ts selectTokens and rf_smooth_select against, and the "old" timing in bench/million.ts.
  */
-import { edgeFor } from "../../src/engine/query.ts";
+import { edgeFor } from "../../src/engine/selection.ts";
 
 export function referenceSelect(smoothed: Float32Array, budget: number, edge: number): Int32Array {
   const n = smoothed.length;

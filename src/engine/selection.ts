@@ -1,13 +1,12 @@
 /**
- * Pure, testable parts of REFORM query handling: score smoothing, token selection, gathering,
- * prompt construction around the context tokens, stop strings.
+ * Which context tokens a query keeps (pure, testable): score smoothing, top-budget selection with the
+ * always-kept edges (a radix select, no sort), gathering, and the streaming baseline's selection. The engine's
+ * reform path runs the same smoothing and selection natively (rf_score_select, cuda/select.h); these are
+ * the reference and the fallback.
  */
-import { EngineError, type ChatMessage, type QueryRequest } from "./api.ts";
 
 export const DEFAULT_WINDOW = 129;
 export const DEFAULT_EDGE = 256;
-/** Placeholder rendered in the user's turn where the context token ids are spliced in. */
-export const CONTEXT_PLACEHOLDER = "\u2063REFORM_CONTEXT\u2063";
 
 /** Centered moving average of width `window` (odd; even widths are rounded up). At the edges the
  * average is over the part of the window inside the array. */
@@ -112,88 +111,4 @@ export function streamingSelection(n: number, budget: number, nSink: number): In
   for (let i = 0; i < nSink; i++) out.push(i);
   for (let i = n - budget; i < n; i++) out.push(i);
   return Int32Array.from(out);
-}
-
-export interface PromptParts {
-  /** text before the context (rendered template prefix). */
-  prefix: string;
-  /** text after the context ("\n\n" + question + template suffix). */
-  suffix: string;
-  /** the text used to embed the query (the question). */
-  question: string;
-}
-
-/**
- * Messages for a request. With a context, the last user message (or `question`) becomes
- * CONTEXT_PLACEHOLDER + "\n\n" + question.
- */
-export function buildMessages(req: Pick<QueryRequest, "question" | "messages">, withContext: boolean): { messages: ChatMessage[]; question: string } {
-  const msgs: ChatMessage[] = (req.messages ?? []).map((m) => ({ role: m.role, content: m.content }));
-  let question = req.question ?? "";
-  if (req.question !== undefined && req.question !== null) {
-    msgs.push({ role: "user", content: req.question });
-  }
-  if (msgs.length === 0) throw new EngineError(400, "invalid_request", "either `question` or `messages` is required", "messages");
-  if (!withContext) return { messages: msgs, question };
-  let last = -1;
-  for (let i = msgs.length - 1; i >= 0; i--) if (msgs[i]!.role === "user") {
-    last = i;
-    break;
-  }
-  if (last < 0) throw new EngineError(400, "invalid_request", "a user message (or `question`) is required to query a context", "messages");
-  question = msgs[last]!.content;
-  msgs[last] = { role: "user", content: CONTEXT_PLACEHOLDER + "\n\n" + question };
-  return { messages: msgs, question };
-}
-
-/** Split a rendered prompt around the context placeholder. */
-export function splitAtPlaceholder(rendered: string): { prefix: string; suffix: string } {
-  const i = rendered.indexOf(CONTEXT_PLACEHOLDER);
-  if (i < 0) throw new EngineError(500, "template_error", "the chat template dropped the user message content");
-  if (rendered.indexOf(CONTEXT_PLACEHOLDER, i + 1) >= 0) {
-    throw new EngineError(500, "template_error", "the chat template repeats the user message content");
-  }
-  return { prefix: rendered.slice(0, i), suffix: rendered.slice(i + CONTEXT_PLACEHOLDER.length) };
-}
-
-/**
- * Stop-string matcher over streamed text. push(text) returns the text safe to emit now (holding back
- * a possible prefix of a stop string) and whether a stop string was hit (text after it is dropped).
- */
-export class StopMatcher {
-  private held = "";
-  private readonly maxLen: number;
-  constructor(private readonly stops: string[]) {
-    this.stops = stops.filter((s) => s.length > 0);
-    this.maxLen = Math.max(0, ...this.stops.map((s) => s.length));
-  }
-  push(text: string): { emit: string; stopped: boolean } {
-    if (this.stops.length === 0) return { emit: text, stopped: false };
-    const buf = this.held + text;
-    let first = -1;
-    for (const s of this.stops) {
-      const i = buf.indexOf(s);
-      if (i >= 0 && (first < 0 || i < first)) first = i;
-    }
-    if (first >= 0) {
-      this.held = "";
-      return { emit: buf.slice(0, first), stopped: true };
-    }
-    // hold back the longest suffix that is a prefix of some stop string
-    let keep = 0;
-    for (let k = Math.min(this.maxLen - 1, buf.length); k > 0; k--) {
-      const suf = buf.slice(buf.length - k);
-      if (this.stops.some((s) => s.startsWith(suf))) {
-        keep = k;
-        break;
-      }
-    }
-    this.held = buf.slice(buf.length - keep);
-    return { emit: buf.slice(0, buf.length - keep), stopped: false };
-  }
-  flush(): string {
-    const h = this.held;
-    this.held = "";
-    return h;
-  }
 }
