@@ -857,7 +857,10 @@ RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx
                                int32_t n_q, int32_t window, int64_t budget, int32_t edge, float* scores,
                                int32_t* out_idx) {
   return guard("rf_score_select", [&]() -> int64_t {
-    return rf::score_select([&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, s); }, n_ctx,
+    const auto pool_ranges = [&](int64_t nblk, auto&& f) {
+      k::parallel_for(nblk, nblk * (int64_t)dim * n_q > 65536, [&](int64_t b, int64_t e, int) { f(b, e); });
+    };
+    return rf::score_select([&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, s, pool_ranges); }, n_ctx,
                             window, budget, edge, scores, out_idx);
   });
 }

@@ -4,7 +4,7 @@
  * the scoring itself; this is O(n): a sliding moving average and a two-pass radix select of the k-th largest score.
  * The CPU scoring here (score_rows) streams the mmapped f16 embeddings once, as a register-blocked small GEMM.
  *
- * The results are exactly those of src/engine/query.ts smoothScores + selectTokens (the reference the tests
+ * The results are exactly those of src/engine/selection.ts smoothScores + selectTokens (the reference the tests
  * compare against): the average uses f64 prefix sums in the same order, rounded once to f32; ties go to the
  * earlier position. Included by exactly one translation unit per library, after reform_common.h.
  */
@@ -16,12 +16,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-
-#if defined(__x86_64__) && (defined(__F16C__) || defined(__AVX512F__))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #include <immintrin.h>
-#endif
-#ifdef _OPENMP
-#include <omp.h>
 #endif
 
 namespace rf {
@@ -108,15 +104,40 @@ inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int
   return m;
 }
 
-inline void f16_row_to_f32(const uint16_t* src, float* dst, int dim) {
-  int d = 0;
-#if defined(__x86_64__) && defined(__AVX512F__)
-  for (; d + 16 <= dim; d += 16) _mm512_storeu_ps(dst + d, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256((const __m256i*)(src + d))));  // maskz: GCC 12 warns on the unmasked form
+/* The scorer's inner loop is compiled for AVX-512, AVX2 and the baseline, and the CPU picks one at load
+ * (GCC target_clones: the library itself is built for the baseline, see scripts/build-native.sh); f16 rows widen
+ * with vcvtph2ps where the CPU has it. nvcc's host pass and other compilers get the baseline code only. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define RF_SCORE_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+
+__attribute__((target("avx512f"))) static void f16_widen_avx512(const uint16_t* s, float* d, int n) {
+  int i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256((const __m256i*)(s + i))));  // maskz: GCC 12 warns on the unmasked form
+  for (; i < n; i++) d[i] = f16_to_f32(s[i]);
+}
+__attribute__((target("avx,f16c"))) static void f16_widen_f16c(const uint16_t* s, float* d, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
+  for (; i < n; i++) d[i] = f16_to_f32(s[i]);
+}
+#else
+#define RF_SCORE_CLONES
 #endif
-#if defined(__x86_64__) && defined(__F16C__)
-  for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + d))));
+
+static void f16_widen_scalar(const uint16_t* s, float* d, int n) {
+  for (int i = 0; i < n; i++) d[i] = f16_to_f32(s[i]);
+}
+
+/* f16 -> f32 for a row, with the widest conversion this CPU has (chosen once) */
+[[maybe_unused]] static void f16_widen(const uint16_t* s, float* d, int n) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+  static void (*const fn)(const uint16_t*, float*, int) = __builtin_cpu_supports("avx512f") ? f16_widen_avx512
+                                                          : __builtin_cpu_supports("f16c")  ? f16_widen_f16c
+                                                                                             : f16_widen_scalar;
+  fn(s, d, n);
+#else
+  f16_widen_scalar(s, d, n);
 #endif
-  for (; d < dim; d++) dst[d] = f16_to_f32(src[d]);
 }
 
 /* rf_score on the host: out[i] = max_j cos(ctx_i, q_j), cos(a, b) = a.b / (max(|a|, 1e-12) * max(|b|, 1e-12)).
@@ -126,8 +147,55 @@ inline void f16_row_to_f32(const uint16_t* src, float* dst, int dim) {
  * f32 (rf_score's reference tolerance, not its bits). */
 constexpr int SCORE_RB = 8, SCORE_QB = 16;
 
+/* blocks [blk0, blk1) of SCORE_RB context rows; `rows` is a SCORE_RB * dim scratch buffer */
+[[maybe_unused]] RF_SCORE_CLONES static void score_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim,
+                                                        const float* Qt, int32_t n_q, int64_t blk0, int64_t blk1,
+                                                        float* rows, float* out) {
+  const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
+  for (int64_t blk = blk0; blk < blk1; blk++) {
+    const int64_t i0 = blk * SCORE_RB;
+    const int rb = (int)std::min<int64_t>(SCORE_RB, n_ctx - i0);
+    for (int r = 0; r < SCORE_RB; r++) {
+      float* dst = rows + (size_t)r * dim;
+      if (r >= rb) {
+        std::fill(dst, dst + dim, 0.f);
+      } else if (ctx_dtype == RF_F16) {
+        f16_widen((const uint16_t*)ctx + (i0 + r) * dim, dst, dim);
+      } else {
+        memcpy(dst, (const float*)ctx + (i0 + r) * dim, (size_t)dim * sizeof(float));
+      }
+    }
+    float best[SCORE_RB];
+    std::fill(best, best + SCORE_RB, -INFINITY);
+    for (int b = 0; b < nqb; b++) {
+      float acc[SCORE_RB][SCORE_QB] = {};
+      const float* qb = Qt + (size_t)b * dim * SCORE_QB;
+      for (int d = 0; d < dim; d++) {
+        const float* qd = qb + (size_t)d * SCORE_QB;
+        for (int r = 0; r < SCORE_RB; r++) {
+          const float x = rows[(size_t)r * dim + d];
+#pragma omp simd
+          for (int l = 0; l < SCORE_QB; l++) acc[r][l] += x * qd[l];
+        }
+      }
+      const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);  // padded lanes are not queries
+      for (int r = 0; r < SCORE_RB; r++)
+        for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l]);
+    }
+    for (int r = 0; r < rb; r++) {
+      const float* row = rows + (size_t)r * dim;
+      float ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int d = 0; d < dim; d++) ss += row[d] * row[d];
+      out[i0 + r] = best[r] * (1.f / std::max(std::sqrt(ss), 1e-12f));
+    }
+  }
+}
+
+/* `for_ranges(n, f)` runs f(begin, end) over slices of [0, n) (the CPU build passes its worker pool) */
+template <class ForRanges>
 inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                      float* out) {
+                      float* out, ForRanges&& for_ranges) {
   if (n_ctx < 0 || dim <= 0 || n_q < 1) return set_error(RF_ERR_INVALID, "rf_score_select: bad sizes");
   if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16)
     return set_error(RF_ERR_INVALID, "rf_score_select: ctx dtype must be f32/f16");
@@ -144,49 +212,10 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
     for (int d = 0; d < dim; d++) qt[((size_t)(j / SCORE_QB) * dim + d) * SCORE_QB + j % SCORE_QB] = src[d] * inv;
   }
   const float* Qt = qt.data();
-  const int64_t nblk = (n_ctx + SCORE_RB - 1) / SCORE_RB;
-#pragma omp parallel if (n_ctx * (int64_t)dim * n_q > 65536)
-  {
+  for_ranges((n_ctx + SCORE_RB - 1) / SCORE_RB, [&](int64_t b0, int64_t b1) {
     std::vector<float> rows((size_t)SCORE_RB * dim);
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < nblk; blk++) {
-      const int64_t i0 = blk * SCORE_RB;
-      const int rb = (int)std::min<int64_t>(SCORE_RB, n_ctx - i0);
-      for (int r = 0; r < SCORE_RB; r++) {
-        float* dst = rows.data() + (size_t)r * dim;
-        if (r >= rb)
-          std::fill(dst, dst + dim, 0.f);
-        else if (ctx_dtype == RF_F16)
-          f16_row_to_f32((const uint16_t*)ctx + (i0 + r) * dim, dst, dim);
-        else
-          memcpy(dst, (const float*)ctx + (i0 + r) * dim, (size_t)dim * sizeof(float));
-      }
-      float best[SCORE_RB];
-      std::fill(best, best + SCORE_RB, -INFINITY);
-      for (int b = 0; b < nqb; b++) {
-        float acc[SCORE_RB][SCORE_QB] = {};
-        const float* qb = Qt + (size_t)b * dim * SCORE_QB;
-        for (int d = 0; d < dim; d++) {
-          const float* qd = qb + (size_t)d * SCORE_QB;
-          for (int r = 0; r < SCORE_RB; r++) {
-            const float x = rows[(size_t)r * dim + d];
-#pragma omp simd
-            for (int l = 0; l < SCORE_QB; l++) acc[r][l] += x * qd[l];
-          }
-        }
-        const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);  // padded lanes are not queries
-        for (int r = 0; r < SCORE_RB; r++)
-          for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l]);
-      }
-      for (int r = 0; r < rb; r++) {
-        const float* row = rows.data() + (size_t)r * dim;
-        float ss = 0;
-#pragma omp simd reduction(+ : ss)
-        for (int d = 0; d < dim; d++) ss += row[d] * row[d];
-        out[i0 + r] = best[r] * (1.f / std::max(std::sqrt(ss), 1e-12f));
-      }
-    }
-  }
+    score_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, b0, b1, rows.data(), out);
+  });
   return RF_OK;
 }
 

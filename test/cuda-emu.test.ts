@@ -48,6 +48,7 @@ import {
   type Built,
   type Variant,
 } from "./helpers/random-model";
+import { buildNative } from "./helpers/build.ts";
 
 const ASAN = process.env.REFORM_EMU_ASAN === "1";
 /** the emulation's fiber switch is x86-64 only (scripts/build-native.sh skips it elsewhere) */
@@ -104,12 +105,7 @@ function useCublas(on: boolean) {
 beforeAll(() => {
   if (!X64) return;
   if (!ASAN) {
-    const r = spawnSync("bash", ["scripts/build-native.sh"], {
-      cwd: ROOT_DIR,
-      env: { ...process.env, REFORM_SKIP_CUDA: "1" },
-      encoding: "utf8",
-    });
-    if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+    buildNative();
   }
   emu = new Native("cuda", LIB);
   cpu = new Native("cpu");

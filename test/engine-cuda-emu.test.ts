@@ -6,7 +6,6 @@
  * query method must stream, and a restart must resume from the saved CUDA compressor state.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -15,6 +14,7 @@ import type { EngineClient, Method, QueryEvent, QueryRequest } from "../src/engi
 import { createEngine } from "../src/engine/client.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
 import { makeTinyModel } from "./fixtures/tiny-model.ts";
+import { buildNative } from "./helpers/build.ts";
 
 setDefaultTimeout(120_000);
 
@@ -74,12 +74,7 @@ function embAgreement(a: Buffer, b: Buffer, hd: number): { min: number; mean: nu
 }
 
 beforeAll(async () => {
-  const r = spawnSync("bash", ["scripts/build-native.sh"], {
-    cwd: ROOT_DIR,
-    env: { ...process.env, REFORM_SKIP_CUDA: "1" },
-    encoding: "utf8",
-  });
-  if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+  buildNative();
   root = mkdtempSync(join(tmpdir(), "reform-emu-eng-"));
   // head_dim 16 (the CUDA build needs a multiple of 16), GQA, 3 layers: the exit layer (1) is not the last
   modelDir = await makeTinyModel(join(root, "model"), { hidden: 64, heads: 4, kvHeads: 2, intermediate: 96, layers: 3 });

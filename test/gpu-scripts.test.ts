@@ -8,6 +8,7 @@ import { beforeAll, describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { ROOT_DIR } from "../ffi/native.ts";
+import { buildNative } from "./helpers/build.ts";
 
 const EMU = join(ROOT_DIR, "build", "libreform_cuda_emu.so");
 const numpy = spawnSync("python3", ["-c", "import numpy"], { encoding: "utf8" }).status === 0;
@@ -19,12 +20,7 @@ function py(args: string[]) {
 
 describe.skipIf(!numpy || process.arch !== "x64")("GPU scripts on the CPU emulation of the CUDA build", () => {
   beforeAll(() => {
-    const r = spawnSync("bash", ["scripts/build-native.sh"], {
-      cwd: ROOT_DIR,
-      env: { ...process.env, REFORM_SKIP_CUDA: "1" },
-      encoding: "utf8",
-    });
-    if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+    buildNative();
   }, 600_000);
 
   test("gpu_check.py --no-hf: every check of one config runs and passes", () => {

@@ -30,6 +30,7 @@ import {
   type ModelConfig,
 } from "../ffi/native";
 import { buildModel, expectNativeError, i32 } from "./helpers/random-model";
+import { buildNative } from "./helpers/build.ts";
 
 /** the emulation's fiber switch is x86-64 only (scripts/build-native.sh skips it elsewhere) */
 const X64 = process.arch === "x64";
@@ -191,12 +192,7 @@ const EXPECTED: Record<string, number> = {
 const outcomes = new Map<string, Record<string, Outcome>>();
 
 beforeAll(() => {
-  const r = spawnSync("bash", ["scripts/build-native.sh"], {
-    cwd: ROOT_DIR,
-    env: { ...process.env, REFORM_SKIP_CUDA: "1" },
-    encoding: "utf8",
-  });
-  if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+  buildNative();
   for (const b of BUILDS) outcomes.set(b.name, badCalls(b.path));
 }, 600_000);
 

@@ -47,18 +47,14 @@ import {
   tokensFrom,
   type Variant,
 } from "./helpers/random-model";
+import { buildNative } from "./helpers/build.ts";
 
 
 /* ---------------- setup ---------------- */
 
 let native: Native;
 beforeAll(() => {
-  const r = spawnSync("bash", ["scripts/build-native.sh"], {
-    cwd: ROOT_DIR,
-    env: { ...process.env, REFORM_SKIP_CUDA: "1" },
-    encoding: "utf8",
-  });
-  if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+  buildNative();
   native = new Native("cpu");
 }, 300_000);
 

@@ -5,7 +5,6 @@
  * then position) — on random data with many ties, -0/+0, edge-dominated budgets and tiny inputs.
  */
 import { beforeAll, describe, expect, test } from "bun:test";
-import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { Native, NativeError, ROOT_DIR } from "../ffi/native.ts";
@@ -13,6 +12,7 @@ import { selectTokens, smoothScores } from "../src/engine/selection.ts";
 import { f32ToF16 } from "./fixtures/tiny-model.ts";
 import { mulberry32 } from "./helpers/random-model.ts";
 import { referenceSelect } from "./helpers/select-reference.ts";
+import { buildNative } from "./helpers/build.ts";
 
 type Kind = "uniform" | "ties" | "signed-zero" | "constant" | "negative";
 function scores(n: number, kind: Kind, seed: number): Float32Array {
@@ -66,12 +66,7 @@ if (process.arch === "x64") libs.push(["cuda source (emulation build)", () => ne
 
 describe("native rf_smooth_select", () => {
   beforeAll(() => {
-    const r = spawnSync("bash", ["scripts/build-native.sh"], {
-      cwd: ROOT_DIR,
-      env: { ...process.env, REFORM_SKIP_CUDA: "1" },
-      encoding: "utf8",
-    });
-    if (r.status !== 0) throw new Error(`build-native.sh failed:\n${r.stdout}\n${r.stderr}`);
+    buildNative();
   }, 600_000);
 
   for (const [name, open] of libs) {
