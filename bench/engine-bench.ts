@@ -26,7 +26,7 @@ import { availableParallelism } from "node:os";
 import { parseArgs } from "node:util";
 import {
   loadNative,
-  Native,
+  type Native,
   NativeError,
   RF_BF16,
   RF_F16,
@@ -173,8 +173,12 @@ function parseHeads(s: string): HeadSpec[] {
 
 /** FLOPs of one compress chunk of n tokens with `cache` entries already cached, as the engine runs it. */
 function compressChunkFlops(c: ModelConfig, n: number, cache: number, exitLayer: number, obsWindow: number): number {
-  const H = c.hiddenSize, I = c.intermediateSize, nh = c.numHeads, hd = c.headDim;
-  const qd = nh * hd, kvd = c.numKvHeads * hd;
+  const H = c.hiddenSize,
+    I = c.intermediateSize,
+    nh = c.numHeads,
+    hd = c.headDim;
+  const qd = nh * hd,
+    kvd = c.numKvHeads * hd;
   const qkv = 2 * n * H * (qd + 2 * kvd);
   const post = 2 * n * (qd * H + 3 * H * I); // o_proj + gate/up/down
   // causal: chunk query i sees cache + i + 1 keys; QK^T + PV = 4*hd per (query, key, head)
@@ -189,15 +193,22 @@ function compressChunkFlops(c: ModelConfig, n: number, cache: number, exitLayer:
 
 /** FLOPs of a full-depth forward of n tokens after p0 cached positions (+ lm_head for the last token). */
 function seqFlops(c: ModelConfig, n: number, p0: number): number {
-  const H = c.hiddenSize, I = c.intermediateSize, nh = c.numHeads, hd = c.headDim;
-  const qd = nh * hd, kvd = c.numKvHeads * hd;
+  const H = c.hiddenSize,
+    I = c.intermediateSize,
+    nh = c.numHeads,
+    hd = c.headDim;
+  const qd = nh * hd,
+    kvd = c.numKvHeads * hd;
   const lin = 2 * n * (H * (qd + 2 * kvd) + qd * H + 3 * H * I);
   const attn = 4 * hd * nh * (n * p0 + (n * (n + 1)) / 2);
   return c.numLayers * (lin + attn) + 2 * H * c.vocabSize;
 }
 
 function paramCount(c: ModelConfig): number {
-  const H = c.hiddenSize, I = c.intermediateSize, qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
+  const H = c.hiddenSize,
+    I = c.intermediateSize,
+    qd = c.numHeads * c.headDim,
+    kvd = c.numKvHeads * c.headDim;
   const layer = H * (qd + 2 * kvd) + qd * H + 3 * H * I + 2 * H;
   return c.vocabSize * H * (c.tieEmbeddings ? 1 : 2) + c.numLayers * layer + H;
 }
@@ -238,7 +249,12 @@ print(json.dumps({"blas": "%s %s" % (blas.get("name"), blas.get("version")), "sh
   if (r.status !== 0) return { error: `python3 sgemm failed: ${(r.error?.message ?? r.stderr).trim().slice(0, 200)}` };
   const o = JSON.parse(r.stdout.trim().split("\n").pop()!);
   if (o.error) return { error: o.error };
-  return { gflopsPerS: Math.max(...o.shapes.map((x: { gflopsPerS: number }) => x.gflopsPerS)), blas: o.blas, threads, shapes: o.shapes };
+  return {
+    gflopsPerS: Math.max(...o.shapes.map((x: { gflopsPerS: number }) => x.gflopsPerS)),
+    blas: o.blas,
+    threads,
+    shapes: o.shapes,
+  };
 }
 
 // ---------- helpers ----------
@@ -436,7 +452,9 @@ async function main() {
   log(`  ${"-".repeat(34)} ${"-".repeat(16)}  ${"-".repeat(40)}`);
 
   // ---- GEMM peak (before; measured again at the end) ----
-  const H = cfg.hiddenSize, I = cfg.intermediateSize, qkvd = (cfg.numHeads + 2 * cfg.numKvHeads) * cfg.headDim;
+  const H = cfg.hiddenSize,
+    I = cfg.intermediateSize,
+    qkvd = (cfg.numHeads + 2 * cfg.numKvHeads) * cfg.headDim;
   const gemmShapes: [number, number, number][] = [
     [chunk, H, qkvd],
     [chunk, H, I],
@@ -548,7 +566,8 @@ async function main() {
     if (lastChunkEmb) {
       // tile the real compressor output (unit-norm f16 rows) over the whole context
       const src = lastChunkEmb;
-      for (let off = 0; off < ctx.length; off += src.length) ctx.set(src.subarray(0, Math.min(src.length, ctx.length - off)), off);
+      for (let off = 0; off < ctx.length; off += src.length)
+        ctx.set(src.subarray(0, Math.min(src.length, ctx.length - off)), off);
     } else {
       // random finite f16 values in roughly [-2, 2]
       const r = randomTokens(ctx.length, 0x10000, seed + 3);
@@ -570,7 +589,14 @@ async function main() {
     const t0 = now();
     native.score(ctx, nCtx, embedDim, q, nQ, out);
     const dt = now() - t0;
-    result.score = { tokens: nCtx, dim: embedDim, queries: nQ, seconds: dt, ctxBytes: ctx.byteLength, queryEmbedS: qEmbedS ?? null };
+    result.score = {
+      tokens: nCtx,
+      dim: embedDim,
+      queries: nQ,
+      seconds: dt,
+      ctxBytes: ctx.byteLength,
+      queryEmbedS: qEmbedS ?? null,
+    };
     row(
       `score ${nCtx} tok x ${nQ} q`,
       `${(dt * 1e3).toFixed(1)} ms`,
@@ -599,11 +625,18 @@ async function main() {
       const flops = seqFlops(cfg, budget, 0);
       const gflops = flops / dt / 1e9;
       const mfu = peakTflops !== undefined ? (100 * flops) / dt / (peakTflops * 1e12) : undefined;
-      result.prefill = { tokens: budget, seconds: dt, tokensPerS: budget / dt, gflopsPerS: gflops, mfuPercent: mfu ?? null };
+      result.prefill = {
+        tokens: budget,
+        seconds: dt,
+        tokensPerS: budget / dt,
+        gflopsPerS: gflops,
+        mfuPercent: mfu ?? null,
+      };
       row(
         `prefill ${budget} tok`,
         `${(dt * 1e3).toFixed(1)} ms`,
-        `${fmtNum(budget / dt)} tok/s, ${fmtNum(gflops, 1)} GFLOP/s` + (mfu !== undefined ? `, MFU ${mfu.toFixed(1)}%` : ""),
+        `${fmtNum(budget / dt)} tok/s, ${fmtNum(gflops, 1)} GFLOP/s` +
+          (mfu !== undefined ? `, MFU ${mfu.toFixed(1)}%` : ""),
       );
     });
     if (prefilled && decodeSteps > 0) {
@@ -661,10 +694,21 @@ async function main() {
         row(
           "GEMM peak (OpenBLAS sgemm)",
           `${fmtNum(peak, 1)} GFLOP/s`,
-          `${best.blas}, ${best.threads} thread(s); ` + best.shapes.map((x) => `${x.m}x${x.k}x${x.n} ${x.gflopsPerS.toFixed(1)}`).join(", "),
+          `${best.blas}, ${best.threads} thread(s); ` +
+            best.shapes.map((x) => `${x.m}x${x.k}x${x.n} ${x.gflopsPerS.toFixed(1)}`).join(", "),
         );
-        for (const c of runs) row(`  compress ${c.tokens} tok / peak`, `${((100 * c.gflopsPerS) / peak).toFixed(1)}%`, `${fmtNum(c.gflopsPerS, 1)} GFLOP/s`);
-        if (pre) row(`  prefill ${budget} tok / peak`, `${((100 * pre.gflopsPerS) / peak).toFixed(1)}%`, `${fmtNum(pre.gflopsPerS, 1)} GFLOP/s`);
+        for (const c of runs)
+          row(
+            `  compress ${c.tokens} tok / peak`,
+            `${((100 * c.gflopsPerS) / peak).toFixed(1)}%`,
+            `${fmtNum(c.gflopsPerS, 1)} GFLOP/s`,
+          );
+        if (pre)
+          row(
+            `  prefill ${budget} tok / peak`,
+            `${((100 * pre.gflopsPerS) / peak).toFixed(1)}%`,
+            `${fmtNum(pre.gflopsPerS, 1)} GFLOP/s`,
+          );
       }
     }
     result.errors = errors;

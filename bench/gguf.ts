@@ -12,7 +12,12 @@ import { closeSync, openSync, writeSync } from "node:fs";
 export const GGML_F32 = 0;
 export const GGML_F16 = 1;
 
-const T_U32 = 4, T_I32 = 5, T_F32 = 6, T_BOOL = 7, T_STRING = 8, T_ARRAY = 9;
+const T_U32 = 4,
+  T_I32 = 5,
+  T_F32 = 6,
+  T_BOOL = 7,
+  T_STRING = 8,
+  T_ARRAY = 9;
 
 export type GgufValue =
   | { u32: number }
@@ -91,18 +96,32 @@ class Buf {
 }
 
 function writeValue(b: Buf, v: GgufValue) {
-  if ("u32" in v) (b.u32(T_U32), b.u32(v.u32));
-  else if ("f32" in v) (b.u32(T_F32), b.f32(v.f32));
-  else if ("bool" in v) (b.u32(T_BOOL), b.bytes(Uint8Array.of(v.bool ? 1 : 0)));
-  else if ("str" in v) (b.u32(T_STRING), b.str(v.str));
-  else if ("strings" in v) {
-    b.u32(T_ARRAY), b.u32(T_STRING), b.u64(v.strings.length);
+  if ("u32" in v) {
+    b.u32(T_U32);
+    b.u32(v.u32);
+  } else if ("f32" in v) {
+    b.u32(T_F32);
+    b.f32(v.f32);
+  } else if ("bool" in v) {
+    b.u32(T_BOOL);
+    b.bytes(Uint8Array.of(v.bool ? 1 : 0));
+  } else if ("str" in v) {
+    b.u32(T_STRING);
+    b.str(v.str);
+  } else if ("strings" in v) {
+    b.u32(T_ARRAY);
+    b.u32(T_STRING);
+    b.u64(v.strings.length);
     for (const s of v.strings) b.str(s);
   } else if ("f32s" in v) {
-    b.u32(T_ARRAY), b.u32(T_F32), b.u64(v.f32s.length);
+    b.u32(T_ARRAY);
+    b.u32(T_F32);
+    b.u64(v.f32s.length);
     for (const x of v.f32s) b.f32(x);
   } else {
-    b.u32(T_ARRAY), b.u32(T_I32), b.u64(v.i32s.length);
+    b.u32(T_ARRAY);
+    b.u32(T_I32);
+    b.u64(v.i32s.length);
     for (const x of v.i32s) b.i32(x);
   }
 }
@@ -144,7 +163,12 @@ export function writeGguf(path: string, meta: [string, GgufValue][], tensors: Gg
 }
 
 /** Rows of a [nHeads*headDim, cols] q/k projection from HF rotate-half order to GGUF's interleaved order. */
-export function permuteRope<T extends Float32Array | Uint16Array>(w: T, nHeads: number, headDim: number, cols: number): T {
+export function permuteRope<T extends Float32Array | Uint16Array>(
+  w: T,
+  nHeads: number,
+  headDim: number,
+  cols: number,
+): T {
   const out = new (w.constructor as new (n: number) => T)(w.length);
   const half = headDim / 2;
   for (let h = 0; h < nHeads; h++)
@@ -192,8 +216,13 @@ export function readGgufHeader(buf: Uint8Array): {
 } {
   const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   let p = 0;
-  const u32 = () => ((p += 4), dv.getUint32(p - 4, true));
-  const u64 = () => ((p += 8), Number(dv.getBigUint64(p - 8, true)));
+  /** the position before advancing it by n bytes */
+  const take = (n: number) => {
+    p += n;
+    return p - n;
+  };
+  const u32 = () => dv.getUint32(take(4), true);
+  const u64 = () => Number(dv.getBigUint64(take(8), true));
   const str = () => {
     const n = u64();
     p += n;
@@ -201,8 +230,8 @@ export function readGgufHeader(buf: Uint8Array): {
   };
   const scalar = (t: number): unknown => {
     if (t === T_U32) return u32();
-    if (t === T_I32) return ((p += 4), dv.getInt32(p - 4, true));
-    if (t === T_F32) return ((p += 4), dv.getFloat32(p - 4, true));
+    if (t === T_I32) return dv.getInt32(take(4), true);
+    if (t === T_F32) return dv.getFloat32(take(4), true);
     if (t === T_BOOL) return buf[p++] !== 0;
     if (t === T_STRING) return str();
     throw new Error(`gguf: unsupported value type ${t}`);
@@ -219,7 +248,10 @@ export function readGgufHeader(buf: Uint8Array): {
     if (t === T_ARRAY) {
       const et = u32();
       const n = u64();
-      meta.set(k, Array.from({ length: n }, () => scalar(et)));
+      meta.set(
+        k,
+        Array.from({ length: n }, () => scalar(et)),
+      );
     } else meta.set(k, scalar(t));
   }
   const tensors = [];

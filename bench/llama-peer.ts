@@ -47,7 +47,9 @@ const { values: a } = parseArgs({
   },
 });
 if (a.help) {
-  console.log("usage: bun bench/llama-peer.ts [--quick] [--threads 1,2] [--pp 512,2048] [--tg N] [--reps N] [--flash on|off] [--json]");
+  console.log(
+    "usage: bun bench/llama-peer.ts [--quick] [--threads 1,2] [--pp 512,2048] [--tg N] [--reps N] [--flash on|off] [--json]",
+  );
   process.exit(0);
 }
 const list = (s: string | undefined, d: number[]) => (s ? s.split(",").map((x) => Number(x.trim())) : d);
@@ -101,10 +103,14 @@ async function loadLlamaCpp(): Promise<LlamaCppModule> {
     log(`installing ${NODE_LLAMA_CPP} into ${dir} (npm; prebuilt binaries, no build step) ...`);
     // --ignore-scripts: its postinstall would look for a binary to download or compile; the prebuilt
     // @node-llama-cpp/linux-x64 package arrives as an ordinary optional dependency.
-    const r = spawnSync("npm", ["install", "--prefix", dir, "--no-audit", "--no-fund", "--ignore-scripts", NODE_LLAMA_CPP], {
-      stdio: json ? "ignore" : "inherit",
-      env: { ...process.env, NODE_LLAMA_CPP_SKIP_DOWNLOAD: "true" },
-    });
+    const r = spawnSync(
+      "npm",
+      ["install", "--prefix", dir, "--no-audit", "--no-fund", "--ignore-scripts", NODE_LLAMA_CPP],
+      {
+        stdio: json ? "ignore" : "inherit",
+        env: { ...process.env, NODE_LLAMA_CPP_SKIP_DOWNLOAD: "true" },
+      },
+    );
     if (r.status !== 0 || !existsSync(entry)) throw new Error(`npm install of ${NODE_LLAMA_CPP} into ${dir} failed`);
   }
   return await import(entry);
@@ -155,15 +161,25 @@ interface Weight {
 }
 
 function makeWeights(c: ModelConfig): Weight[] {
-  const H = c.hiddenSize, I = c.intermediateSize, hd = c.headDim, qd = c.numHeads * hd, kvd = c.numKvHeads * hd;
+  const H = c.hiddenSize,
+    I = c.intermediateSize,
+    hd = c.headDim,
+    qd = c.numHeads * hd,
+    kvd = c.numKvHeads * hd;
   let seed = 100;
   const mat = (hf: string, gguf: string, rows: number, cols: number, rope?: number): Weight => ({
-    hf, gguf, rows, cols, rope, data: f16Weights(rows * cols, seed++, 0.02),
+    hf,
+    gguf,
+    rows,
+    cols,
+    rope,
+    data: f16Weights(rows * cols, seed++, 0.02),
   });
   const norm = (hf: string, gguf: string): Weight => ({ hf, gguf, rows: 1, cols: H, data: normWeights(H, seed++) });
   const w: Weight[] = [mat("model.embed_tokens.weight", "token_embd.weight", c.vocabSize, H)];
   for (let l = 0; l < c.numLayers; l++) {
-    const p = `model.layers.${l}.`, g = `blk.${l}.`;
+    const p = `model.layers.${l}.`,
+      g = `blk.${l}.`;
     w.push(
       norm(p + "input_layernorm.weight", g + "attn_norm.weight"),
       mat(p + "self_attn.q_proj.weight", g + "attn_q.weight", qd, H, c.numHeads),
@@ -242,7 +258,12 @@ try {
   const native = loadNative("cpu");
   const ours: NativeModel = native.createModel(cfg);
   for (const w of weights)
-    ours.setTensor(w.hf, w.data, w.data instanceof Float32Array ? RF_F32 : RF_F16, w.rows === 1 ? [w.cols] : [w.rows, w.cols]);
+    ours.setTensor(
+      w.hf,
+      w.data,
+      w.data instanceof Float32Array ? RF_F32 : RF_F16,
+      w.rows === 1 ? [w.cols] : [w.rows, w.cols],
+    );
   ours.finalize();
   const lmodel = await llama.loadModel({ modelPath: ggufPath, gpuLayers: 0, useMmap: true });
   log(`llama.cpp peer benchmark — ${NODE_LLAMA_CPP} (prebuilt CPU binary, offline) vs our engine (${native.path})`);
@@ -252,7 +273,9 @@ try {
       `${cfg.numLayers} layers, ${cfg.numHeads} heads / ${cfg.numKvHeads} KV); GGUF ${(ggufBytes / 2 ** 20).toFixed(0)} MiB ` +
       `(${(statSync(ggufPath).size / 2 ** 20).toFixed(0)} MiB on disk), prepared in ${((now() - t0) / 1e3).toFixed(1)} s`,
   );
-  log(`  llama.cpp: flash attention ${FLASH ? "on" : "off"}, f16 KV cache, batch 512; reps ${REPS}, decode ${TG} tokens`);
+  log(
+    `  llama.cpp: flash attention ${FLASH ? "on" : "off"}, f16 KV cache, batch 512; reps ${REPS}, decode ${TG} tokens`,
+  );
 
   const maxCtx = Math.max(...PP, 32) + TG + 32;
   const result: Record<string, unknown> = {
@@ -284,11 +307,17 @@ try {
       seq.reset();
       const ourLogits = seq.forward(Int32Array.from(prompt), true)!;
       await lseq.clearHistory();
-      const items = prompt.map((t, i) => (i === prompt.length - 1 ? ([t, { generateNext: { logits: true } }] as const) : t));
+      const items = prompt.map((t, i) =>
+        i === prompt.length - 1 ? ([t, { generateNext: { logits: true } }] as const) : t,
+      );
       const res = await lseq.controlledEvaluate(items as any);
       const ll = res[prompt.length - 1]?.next?.logits as Map<number, number> | undefined;
-      if (!ll || ll.size !== cfg.vocabSize) throw new Error(`llama.cpp returned ${ll?.size ?? 0} logits, expected ${cfg.vocabSize}`);
-      let maxDiff = 0, maxAbs = 0, argOurs = 0, argLlama = 0;
+      if (!ll || ll.size !== cfg.vocabSize)
+        throw new Error(`llama.cpp returned ${ll?.size ?? 0} logits, expected ${cfg.vocabSize}`);
+      let maxDiff = 0,
+        maxAbs = 0,
+        argOurs = 0,
+        argLlama = 0;
       for (let v = 0; v < cfg.vocabSize; v++) {
         const d = Math.abs(ourLogits[v]! - ll.get(v)!);
         maxDiff = Math.max(maxDiff, d);
@@ -314,8 +343,20 @@ try {
       const agree = oursTok.filter((t, i) => t === llamaTok[i]).length;
       let prefix = 0;
       while (prefix < greedy && oursTok[prefix] === llamaTok[prefix]) prefix++;
-      result.correctness = { maxLogitDiff: maxDiff, maxAbsLogit: maxAbs, argmaxOurs: argOurs, argmaxLlama: argLlama, greedy, greedyAgree: agree, greedyCommonPrefix: prefix, ours: oursTok, llama: llamaTok };
-      log(`    logits (32-token prompt, last token): max |ours - llama.cpp| = ${maxDiff.toExponential(2)} (max |logit| ${maxAbs.toFixed(3)}), argmax ${argOurs} / ${argLlama}`);
+      result.correctness = {
+        maxLogitDiff: maxDiff,
+        maxAbsLogit: maxAbs,
+        argmaxOurs: argOurs,
+        argmaxLlama: argLlama,
+        greedy,
+        greedyAgree: agree,
+        greedyCommonPrefix: prefix,
+        ours: oursTok,
+        llama: llamaTok,
+      };
+      log(
+        `    logits (32-token prompt, last token): max |ours - llama.cpp| = ${maxDiff.toExponential(2)} (max |logit| ${maxAbs.toFixed(3)}), argmax ${argOurs} / ${argLlama}`,
+      );
       log(`    greedy ${greedy} tokens: ${agree}/${greedy} equal, common prefix ${prefix}`);
     }
 
@@ -369,24 +410,43 @@ try {
     };
 
     for (const n of PP) {
-      const o: number[] = [], l: number[] = [];
+      const o: number[] = [],
+        l: number[] = [];
       for (let r = 0; r < REPS; r++) {
-        if (r % 2 === 0) (o.push(runOurs.pp(n)), l.push(await runLlama.pp(n)));
-        else (l.push(await runLlama.pp(n)), o.push(runOurs.pp(n)));
+        // alternate who goes first, so drift in the machine's load hits both sides alike
+        if (r % 2 === 0) {
+          o.push(runOurs.pp(n));
+          l.push(await runLlama.pp(n));
+        } else {
+          l.push(await runLlama.pp(n));
+          o.push(runOurs.pp(n));
+        }
       }
-      const ours = n / median(o), lc = n / median(l);
+      const ours = n / median(o),
+        lc = n / median(l);
       row[`pp${n}`] = { oursTokS: ours, llamaTokS: lc, ratio: ours / lc, oursS: o, llamaS: l };
-      log(`    pp${String(n).padEnd(5)} ours ${ours.toFixed(1).padStart(8)} tok/s   llama.cpp ${lc.toFixed(1).padStart(8)} tok/s   ours/llama ${(ours / lc).toFixed(2)}x`);
+      log(
+        `    pp${String(n).padEnd(5)} ours ${ours.toFixed(1).padStart(8)} tok/s   llama.cpp ${lc.toFixed(1).padStart(8)} tok/s   ours/llama ${(ours / lc).toFixed(2)}x`,
+      );
     }
     {
-      const o: number[] = [], l: number[] = [];
+      const o: number[] = [],
+        l: number[] = [];
       for (let r = 0; r < REPS; r++) {
-        if (r % 2 === 0) (o.push(runOurs.tg()), l.push(await runLlama.tg()));
-        else (l.push(await runLlama.tg()), o.push(runOurs.tg()));
+        if (r % 2 === 0) {
+          o.push(runOurs.tg());
+          l.push(await runLlama.tg());
+        } else {
+          l.push(await runLlama.tg());
+          o.push(runOurs.tg());
+        }
       }
-      const ours = TG / median(o), lc = TG / median(l);
+      const ours = TG / median(o),
+        lc = TG / median(l);
       row[`tg${TG}`] = { oursTokS: ours, llamaTokS: lc, ratio: ours / lc, oursS: o, llamaS: l };
-      log(`    tg${String(TG).padEnd(5)} ours ${ours.toFixed(1).padStart(8)} tok/s   llama.cpp ${lc.toFixed(1).padStart(8)} tok/s   ours/llama ${(ours / lc).toFixed(2)}x`);
+      log(
+        `    tg${String(TG).padEnd(5)} ours ${ours.toFixed(1).padStart(8)} tok/s   llama.cpp ${lc.toFixed(1).padStart(8)} tok/s   ours/llama ${(ours / lc).toFixed(2)}x`,
+      );
     }
     (result.runs as unknown[]).push(row);
     seq.destroy();
@@ -398,9 +458,14 @@ try {
   await llama.dispose();
   const ratios: Record<string, number> = {};
   for (const r of result.runs as Record<string, any>[])
-    for (const [k, v] of Object.entries(r)) if (k !== "threads") ratios[`${k}@${r.threads}t`] = Number(v.ratio.toFixed(3));
+    for (const [k, v] of Object.entries(r))
+      if (k !== "threads") ratios[`${k}@${r.threads}t`] = Number(v.ratio.toFixed(3));
   result.ratios = ratios;
-  console.log(json ? JSON.stringify(result) : `\n--json ${JSON.stringify({ ratios, correctness: { maxLogitDiff: (result.correctness as any)?.maxLogitDiff, greedyAgree: (result.correctness as any)?.greedyAgree } })}`);
+  console.log(
+    json
+      ? JSON.stringify(result)
+      : `\n--json ${JSON.stringify({ ratios, correctness: { maxLogitDiff: (result.correctness as any)?.maxLogitDiff, greedyAgree: (result.correctness as any)?.greedyAgree } })}`,
+  );
 } finally {
   rmSync(work, { recursive: true, force: true });
 }

@@ -37,7 +37,9 @@ const { values: a } = parseArgs({
   },
 });
 if (a.help) {
-  console.log("usage: bun bench/million.ts [--tokens 1048576] [--budget 2048] [--chunk 512] [--capacity 1024] [--threads N] [--json]");
+  console.log(
+    "usage: bun bench/million.ts [--tokens 1048576] [--budget 2048] [--chunk 512] [--capacity 1024] [--threads N] [--json]",
+  );
   process.exit(0);
 }
 const num = (v: string | undefined, d: number) => (v === undefined ? d : Number(v));
@@ -80,7 +82,9 @@ try {
   });
   const info = core.info;
   log(`million-token query — tiny random model (${L} layers, hidden 256), backend ${info.backend}: ${info.device}`);
-  log(`  heads ${info.heads.map((h) => `${h.layer}:${h.kind}:${h.head}`).join(",")}, chunk ${CHUNK}, capacity ${CAPACITY}, budget ${BUDGET}`);
+  log(
+    `  heads ${info.heads.map((h) => `${h.layer}:${h.kind}:${h.head}`).join(",")}, chunk ${CHUNK}, capacity ${CAPACITY}, budget ${BUDGET}`,
+  );
 
   // ---- upload: random lowercase words (the fixture's byte-level BPE: about 1.2 bytes per token)
   const ctx = core.createContext();
@@ -101,30 +105,59 @@ try {
     const c = await core.append(ctx.id, text);
     bytes += piece;
     tokens = c.tokensReceived;
-    if (!json) process.stdout.write(`\r  uploaded ${tokens} tokens (${((tokens / (now() - t0)) * 1e3).toFixed(0)} tok/s)   `);
+    if (!json)
+      process.stdout.write(`\r  uploaded ${tokens} tokens (${((tokens / (now() - t0)) * 1e3).toFixed(0)} tok/s)   `);
   }
   const fin = await core.finalize(ctx.id);
   const upS = (now() - t0) / 1e3;
   log("");
-  const upload = { tokens: fin.tokensProcessed, bytes, seconds: upS, tokensPerS: fin.tokensProcessed / upS, embeddingBytes: fin.embeddingBytes };
-  log(`  upload ${fin.tokensProcessed} tokens (${(bytes / 2 ** 20).toFixed(2)} MiB text): ${upS.toFixed(1)} s, ${upload.tokensPerS.toFixed(0)} tok/s, emb.bin ${(fin.embeddingBytes / 2 ** 20).toFixed(0)} MiB`);
+  const upload = {
+    tokens: fin.tokensProcessed,
+    bytes,
+    seconds: upS,
+    tokensPerS: fin.tokensProcessed / upS,
+    embeddingBytes: fin.embeddingBytes,
+  };
+  log(
+    `  upload ${fin.tokensProcessed} tokens (${(bytes / 2 ** 20).toFixed(2)} MiB text): ${upS.toFixed(1)} s, ${upload.tokensPerS.toFixed(0)} tok/s, emb.bin ${(fin.embeddingBytes / 2 ** 20).toFixed(0)} MiB`,
+  );
 
   // ---- end to end: the engine's own TTFT
   const ttfts: number[] = [];
   for (let r = 0; r < 3; r++) {
     let done: Extract<QueryEvent, { type: "done" }> | undefined;
-    await core.query(`q${r}`, { contextId: ctx.id, question: "what is the code word?", method: "reform", budget: BUDGET, sampling: { maxTokens: 2, temperature: 0, topP: 1, topK: 0, stop: [] } }, (ev) => {
-      if (ev.type === "done") done = ev;
-    });
+    await core.query(
+      `q${r}`,
+      {
+        contextId: ctx.id,
+        question: "what is the code word?",
+        method: "reform",
+        budget: BUDGET,
+        sampling: { maxTokens: 2, temperature: 0, topP: 1, topK: 0, stop: [] },
+      },
+      (ev) => {
+        if (ev.type === "done") done = ev;
+      },
+    );
     ttfts.push(done!.timings.ttftMs);
   }
-  log(`  engine TTFT (reform, budget ${BUDGET}, median of 3): ${median(ttfts).toFixed(0)} ms  [${ttfts.map((t) => t.toFixed(0)).join(", ")}]`);
+  log(
+    `  engine TTFT (reform, budget ${BUDGET}, median of 3): ${median(ttfts).toFixed(0)} ms  [${ttfts.map((t) => t.toFixed(0)).join(", ")}]`,
+  );
 
   // ---- the same steps, one by one
   const s = core.session(ctx.id)!;
   const p = s.meta.params;
   const comp = core.e.model.createCompressor(
-    { capacity: p.capacity, nSink: p.nSink, nRecent: p.nRecent, obsWindow: p.obsWindow, maxChunk: Math.max(p.chunkSize, 512), embDtype: RF_F16, exitLayer: -1 },
+    {
+      capacity: p.capacity,
+      nSink: p.nSink,
+      nRecent: p.nRecent,
+      obsWindow: p.obsWindow,
+      maxChunk: Math.max(p.chunkSize, 512),
+      embDtype: RF_F16,
+      exitLayer: -1,
+    },
     s.meta.heads,
   );
   const st = s.loadCompressorState();
@@ -144,13 +177,23 @@ try {
     const qe = time("query embed", () => comp.embed(q));
     const qf = qe instanceof Uint16Array ? f16ToF32(qe) : qe;
     const emb = time("embeddings (mmap view)", () => s.embeddings());
-    const scores = time("score (rf_score)", () => core.e.native.score(emb, s.meta.processed, s.meta.params.embDim, qf, q.length));
+    const scores = time("score (rf_score)", () =>
+      core.e.native.score(emb, s.meta.processed, s.meta.params.embDim, qf, q.length),
+    );
     const sel = { window: core.e.defaults.window, budget: BUDGET, edge: core.e.defaults.edge };
-    const fused = time("score + select (rf_score_select: the engine's path)", () => core.e.native.scoreSelect(emb, s.meta.processed, s.meta.params.embDim, qf, q.length, sel));
-    const idx = time("select (native rf_smooth_select)", () => core.e.native.smoothSelect(scores, core.e.defaults.window, BUDGET, core.e.defaults.edge));
-    const idxTs = time("select (TS smoothScores + radix selectTokens)", () => selectTokens(smoothScores(scores, core.e.defaults.window), BUDGET, core.e.defaults.edge));
+    const fused = time("score + select (rf_score_select: the engine's path)", () =>
+      core.e.native.scoreSelect(emb, s.meta.processed, s.meta.params.embDim, qf, q.length, sel),
+    );
+    const idx = time("select (native rf_smooth_select)", () =>
+      core.e.native.smoothSelect(scores, core.e.defaults.window, BUDGET, core.e.defaults.edge),
+    );
+    const idxTs = time("select (TS smoothScores + radix selectTokens)", () =>
+      selectTokens(smoothScores(scores, core.e.defaults.window), BUDGET, core.e.defaults.edge),
+    );
     if (r === 0) {
-      const sortSel = time("select (old: full sort in JS)", () => referenceSelect(smoothScores(scores, core.e.defaults.window), BUDGET, core.e.defaults.edge));
+      const sortSel = time("select (old: full sort in JS)", () =>
+        referenceSelect(smoothScores(scores, core.e.defaults.window), BUDGET, core.e.defaults.edge),
+      );
       same &&= equal(idx, sortSel);
     }
     same &&= equal(idx, idxTs);
@@ -163,7 +206,8 @@ try {
     // in the engine's prefill pieces (EngineDefaults.prefillChunk), as the worker runs it
     const pc = core.e.defaults.prefillChunk;
     time(`recompute (prefill ${prompt.length} tokens, pieces of ${pc})`, () => {
-      for (let off = 0; off < prompt.length; off += pc) seq.forward(prompt.subarray(off, Math.min(prompt.length, off + pc)));
+      for (let off = 0; off < prompt.length; off += pc)
+        seq.forward(prompt.subarray(off, Math.min(prompt.length, off + pc)));
     });
     time("first token (sample)", () => seq.sample({ temperature: 0, topP: 1, topK: 0 }));
     seq.destroy();
@@ -174,10 +218,29 @@ try {
   log(`  steps (median of 3; 'old' once), ${n} context tokens, window ${DEFAULT_WINDOW}, edge ${DEFAULT_EDGE}:`);
   for (const [k, v] of Object.entries(med)) log(`    ${k.padEnd(48)} ${v.toFixed(1).padStart(9)} ms`);
   const pick = (p: string) => Object.entries(med).find(([k]) => k.startsWith(p))![1];
-  const ttft = pick("query embed") + pick("embeddings") + pick("score + select") + pick("gather") + pick("recompute") + pick("first token");
-  log(`    ${"TTFT = embed + score+select + gather + recompute + first".padEnd(48)} ${ttft.toFixed(1).padStart(9)} ms  (target < 1000)`);
+  const ttft =
+    pick("query embed") +
+    pick("embeddings") +
+    pick("score + select") +
+    pick("gather") +
+    pick("recompute") +
+    pick("first token");
+  log(
+    `    ${"TTFT = embed + score+select + gather + recompute + first".padEnd(48)} ${ttft.toFixed(1).padStart(9)} ms  (target < 1000)`,
+  );
   log(`  selections identical (native, TS radix, old sort): ${same}; rf_score_select's the same: ${sameFused}`);
-  if (json) console.log(JSON.stringify({ upload, engineTtftMs: ttfts, stepsMs: med, ttftStepsMs: ttft, budget: BUDGET, selectionsIdentical: same, fusedIdentical: sameFused }));
+  if (json)
+    console.log(
+      JSON.stringify({
+        upload,
+        engineTtftMs: ttfts,
+        stepsMs: med,
+        ttftStepsMs: ttft,
+        budget: BUDGET,
+        selectionsIdentical: same,
+        fusedIdentical: sameFused,
+      }),
+    );
   await core.close();
 } finally {
   rmSync(root, { recursive: true, force: true });

@@ -48,11 +48,28 @@ const MAX_BODY = 4 << 20; // small enough that an oversize upload is cheap to se
 /** The one place the server command line is built (flag names may change; change them here). */
 function serverArgv(modelDir: string, dataDir: string, port: number): string[] {
   return [
-    process.execPath, "run", join(REPO, "src/cli/serve.ts"),
-    "--model", modelDir, "--data", dataDir, "--host", HOST, "--port", String(port),
-    "--backend", "cpu", "--served-name", SERVED, "--max-body-bytes", String(MAX_BODY),
+    process.execPath,
+    "run",
+    join(REPO, "src/cli/serve.ts"),
+    "--model",
+    modelDir,
+    "--data",
+    dataDir,
+    "--host",
+    HOST,
+    "--port",
+    String(port),
+    "--backend",
+    "cpu",
+    "--served-name",
+    SERVED,
+    "--max-body-bytes",
+    String(MAX_BODY),
     // large chunks: per-chunk overhead dominates the tiny model's compression (chunk 32 takes minutes per MB)
-    "--chunk-size", "1024", "--capacity", "1024",
+    "--chunk-size",
+    "1024",
+    "--capacity",
+    "1024",
   ];
 }
 
@@ -111,7 +128,8 @@ async function startServer(modelDir: string, dataDir: string, port: number, logF
   server = { proc, pid: proc.pid };
   const t0 = Date.now();
   for (;;) {
-    if (proc.exitCode !== null) throw new Error(`server exited with ${proc.exitCode} during start-up (see ${logFile}.err)`);
+    if (proc.exitCode !== null)
+      throw new Error(`server exited with ${proc.exitCode} during start-up (see ${logFile}.err)`);
     try {
       if ((await fetch(`${base}/health`)).status === 200) return;
     } catch {
@@ -195,7 +213,10 @@ function notOpenAIError(r: Reply): string | null {
   return null;
 }
 
-async function getContext(id: string, kind = "get"): Promise<{ status: Outcome; info: Record<string, unknown> | null }> {
+async function getContext(
+  id: string,
+  kind = "get",
+): Promise<{ status: Outcome; info: Record<string, unknown> | null }> {
   const r = await call(kind, `/v1/contexts/${id}`);
   return { status: r.status, info: r.status === 200 ? parse(r) : null };
 }
@@ -206,7 +227,14 @@ async function createContext(): Promise<string> {
   return parse(r).id;
 }
 
-function upload(id: string, body: RequestInit["body"], final: boolean, kind = "upload", signal?: AbortSignal, offset?: number): Promise<Reply> {
+function upload(
+  id: string,
+  body: RequestInit["body"],
+  final: boolean,
+  kind = "upload",
+  signal?: AbortSignal,
+  offset?: number,
+): Promise<Reply> {
   const q = [final ? "final=true" : "", offset !== undefined ? `offset=${offset}` : ""].filter(Boolean).join("&");
   return call(kind, `/v1/contexts/${id}/content${q ? `?${q}` : ""}`, {
     method: "PUT",
@@ -218,7 +246,22 @@ function upload(id: string, body: RequestInit["body"], final: boolean, kind = "u
 
 /** Deterministic text with multi-byte characters, so that pieces and the kill split them anywhere. */
 function makeText(bytes: number, seed: number): Uint8Array {
-  const vocab = ["the", "river", "stone", "lamp", "über", "café", "北京", "mañana", "naïve", "🦊", "seven", "and", "quiet", "δέλτα"];
+  const vocab = [
+    "the",
+    "river",
+    "stone",
+    "lamp",
+    "über",
+    "café",
+    "北京",
+    "mañana",
+    "naïve",
+    "🦊",
+    "seven",
+    "and",
+    "quiet",
+    "δέλτα",
+  ];
   let x = seed >>> 0;
   const parts: string[] = [];
   let n = 0;
@@ -245,7 +288,12 @@ interface QueryResult {
 async function query(
   kind: QueryKind,
   ctx: string,
-  opts: { disconnectAfterFirst?: boolean; maxTokens?: number; temperature?: number; extra?: Record<string, unknown> } = {},
+  opts: {
+    disconnectAfterFirst?: boolean;
+    maxTokens?: number;
+    temperature?: number;
+    extra?: Record<string, unknown>;
+  } = {},
 ): Promise<QueryResult> {
   const maxTokens = opts.maxTokens ?? 12;
   const temperature = opts.temperature ?? 0.8;
@@ -257,7 +305,14 @@ async function query(
     body = { question: "what does the river say?", max_tokens: maxTokens, temperature, seed };
   } else if (kind === "completion_stream") {
     path = "/v1/completions";
-    body = { model: `context:${ctx}`, prompt: "\nQ: lamp?\nA:", max_tokens: maxTokens, temperature, seed, stream: true };
+    body = {
+      model: `context:${ctx}`,
+      prompt: "\nQ: lamp?\nA:",
+      max_tokens: maxTokens,
+      temperature,
+      seed,
+      stream: true,
+    };
   } else {
     path = "/v1/chat/completions";
     body = {
@@ -307,7 +362,8 @@ async function query(
         errorCode = d.error?.code ?? "unknown";
         continue;
       }
-      const piece: string | undefined = ev.event === "token" ? d.text : (d.choices?.[0]?.delta?.content ?? d.choices?.[0]?.text);
+      const piece: string | undefined =
+        ev.event === "token" ? d.text : (d.choices?.[0]?.delta?.content ?? d.choices?.[0]?.text);
       if (piece === undefined || (ev.event !== "token" && piece === "")) continue;
       text += piece;
       if (first) {
@@ -344,64 +400,337 @@ interface BadCase {
   expect: number[]; // acceptable statuses (all 4xx)
 }
 
-async function badInputs(ready: string, processing: string, emptyFinal: string): Promise<{ sent: number; failed: number }> {
-  const chat = (extra: Record<string, unknown>) => JSON.stringify({ model: SERVED, messages: [{ role: "user", content: "hi" }], max_tokens: 2, ...extra });
+async function badInputs(
+  ready: string,
+  processing: string,
+  emptyFinal: string,
+): Promise<{ sent: number; failed: number }> {
+  const chat = (extra: Record<string, unknown>) =>
+    JSON.stringify({ model: SERVED, messages: [{ role: "user", content: "hi" }], max_tokens: 2, ...extra });
   const q = (extra: Record<string, unknown>) => JSON.stringify({ question: "hi", max_tokens: 2, ...extra });
   const huge = "stone ".repeat(200_000); // 1.2 MB: far beyond any recompute window
   const deep = "[".repeat(200_000) + "]".repeat(200_000);
   const cases: BadCase[] = [
     { name: "malformed JSON", method: "POST", path: "/v1/contexts", body: "{bad json", expect: [400] },
-    { name: "invalid UTF-8 JSON", method: "POST", path: "/v1/chat/completions", body: new Uint8Array([0xff, 0xfe, 0x7b, 0x7d]), expect: [400] },
+    {
+      name: "invalid UTF-8 JSON",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: new Uint8Array([0xff, 0xfe, 0x7b, 0x7d]),
+      expect: [400],
+    },
     { name: "JSON array body", method: "POST", path: "/v1/contexts", body: "[]", expect: [400] },
     { name: "200k-deep nested JSON", method: "POST", path: "/v1/chat/completions", body: deep, expect: [400, 413] },
     { name: "metadata of wrong type", method: "POST", path: "/v1/contexts", body: '{"metadata": 5}', expect: [400] },
-    { name: "text/plain JSON on a JSON endpoint", method: "POST", path: "/v1/chat/completions", body: chat({}), type: "text/plain", expect: [415] },
-    { name: "form body on a JSON endpoint", method: "POST", path: "/v1/contexts", body: "metadata=1", type: "application/x-www-form-urlencoded", expect: [415] },
-    { name: "messages not an array", method: "POST", path: "/v1/chat/completions", body: '{"messages": "hi"}', expect: [400] },
+    {
+      name: "text/plain JSON on a JSON endpoint",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({}),
+      type: "text/plain",
+      expect: [415],
+    },
+    {
+      name: "form body on a JSON endpoint",
+      method: "POST",
+      path: "/v1/contexts",
+      body: "metadata=1",
+      type: "application/x-www-form-urlencoded",
+      expect: [415],
+    },
+    {
+      name: "messages not an array",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: '{"messages": "hi"}',
+      expect: [400],
+    },
     { name: "empty messages", method: "POST", path: "/v1/chat/completions", body: '{"messages": []}', expect: [400] },
-    { name: "null user content", method: "POST", path: "/v1/chat/completions", body: '{"messages": [{"role": "user", "content": null}]}', expect: [400] },
-    { name: "unknown role", method: "POST", path: "/v1/chat/completions", body: '{"messages": [{"role": "god", "content": "x"}]}', expect: [400] },
-    { name: "unknown model", method: "POST", path: "/v1/chat/completions", body: chat({ model: "gpt-4" }), expect: [404] },
-    { name: "bare ctx_ model", method: "POST", path: "/v1/chat/completions", body: chat({ model: "ctx_0123456789abcdef01234567" }), expect: [404] },
-    { name: "context:<missing> model", method: "POST", path: "/v1/chat/completions", body: chat({ model: "context:ctx_0123456789abcdef01234567" }), expect: [404] },
-    { name: "5 stop strings", method: "POST", path: "/v1/chat/completions", body: chat({ stop: ["a", "b", "c", "d", "e"] }), expect: [400] },
-    { name: "logit_bias out of range", method: "POST", path: "/v1/chat/completions", body: chat({ logit_bias: { "5": 500 } }), expect: [400] },
-    { name: "logit_bias non-numeric key", method: "POST", path: "/v1/chat/completions", body: chat({ logit_bias: { abc: 1 } }), expect: [400] },
-    { name: "temperature as string", method: "POST", path: "/v1/chat/completions", body: chat({ temperature: "hot" }), expect: [400] },
-    { name: "temperature 5", method: "POST", path: "/v1/chat/completions", body: chat({ temperature: 5 }), expect: [400] },
+    {
+      name: "null user content",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: '{"messages": [{"role": "user", "content": null}]}',
+      expect: [400],
+    },
+    {
+      name: "unknown role",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: '{"messages": [{"role": "god", "content": "x"}]}',
+      expect: [400],
+    },
+    {
+      name: "unknown model",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ model: "gpt-4" }),
+      expect: [404],
+    },
+    {
+      name: "bare ctx_ model",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ model: "ctx_0123456789abcdef01234567" }),
+      expect: [404],
+    },
+    {
+      name: "context:<missing> model",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ model: "context:ctx_0123456789abcdef01234567" }),
+      expect: [404],
+    },
+    {
+      name: "5 stop strings",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ stop: ["a", "b", "c", "d", "e"] }),
+      expect: [400],
+    },
+    {
+      name: "logit_bias out of range",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ logit_bias: { "5": 500 } }),
+      expect: [400],
+    },
+    {
+      name: "logit_bias non-numeric key",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ logit_bias: { abc: 1 } }),
+      expect: [400],
+    },
+    {
+      name: "temperature as string",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ temperature: "hot" }),
+      expect: [400],
+    },
+    {
+      name: "temperature 5",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ temperature: 5 }),
+      expect: [400],
+    },
     { name: "top_p 0", method: "POST", path: "/v1/chat/completions", body: chat({ top_p: 0 }), expect: [400] },
     { name: "n = 3", method: "POST", path: "/v1/chat/completions", body: chat({ n: 3 }), expect: [400] },
-    { name: "tools", method: "POST", path: "/v1/chat/completions", body: chat({ tools: [{ type: "function", function: { name: "f" } }] }), expect: [400] },
-    { name: "stream_options without stream", method: "POST", path: "/v1/chat/completions", body: chat({ stream_options: { include_usage: true } }), expect: [400] },
-    { name: "max_tokens negative", method: "POST", path: "/v1/chat/completions", body: chat({ max_tokens: -1 }), expect: [400] },
-    { name: "max_tokens 1e9", method: "POST", path: "/v1/chat/completions", body: chat({ max_tokens: 1_000_000_000 }), expect: [400] },
-    { name: "max_tokens NaN-ish 1.5", method: "POST", path: "/v1/chat/completions", body: chat({ max_tokens: 1.5 }), expect: [400] },
-    { name: "1.2 MB chat message", method: "POST", path: "/v1/chat/completions", body: chat({ messages: [{ role: "user", content: huge }] }), expect: [400] },
-    { name: "JSON body of 32.5 MiB", method: "POST", path: "/v1/chat/completions", body: `{"messages":[{"role":"user","content":"${"x".repeat((32 << 20) + (1 << 19))}"}]}`, expect: [413] },
+    {
+      name: "tools",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ tools: [{ type: "function", function: { name: "f" } }] }),
+      expect: [400],
+    },
+    {
+      name: "stream_options without stream",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ stream_options: { include_usage: true } }),
+      expect: [400],
+    },
+    {
+      name: "max_tokens negative",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ max_tokens: -1 }),
+      expect: [400],
+    },
+    {
+      name: "max_tokens 1e9",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ max_tokens: 1_000_000_000 }),
+      expect: [400],
+    },
+    {
+      name: "max_tokens NaN-ish 1.5",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ max_tokens: 1.5 }),
+      expect: [400],
+    },
+    {
+      name: "1.2 MB chat message",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: chat({ messages: [{ role: "user", content: huge }] }),
+      expect: [400],
+    },
+    {
+      name: "JSON body of 32.5 MiB",
+      method: "POST",
+      path: "/v1/chat/completions",
+      body: `{"messages":[{"role":"user","content":"${"x".repeat((32 << 20) + (1 << 19))}"}]}`,
+      expect: [413],
+    },
     // above every limit the app knows of, so the HTTP layer's own request-size cap is what answers
-    { name: "40 MiB upload", method: "PUT", path: `/v1/contexts/${processing}/content`, body: new Uint8Array(40 << 20).fill(0x61), type: "text/plain", expect: [413] },
-    { name: "completions: two prompts", method: "POST", path: "/v1/completions", body: '{"prompt": ["a", "b"]}', expect: [400] },
-    { name: "completions: echo + logprobs", method: "POST", path: "/v1/completions", body: '{"prompt": "a", "echo": true, "logprobs": 2}', expect: [400] },
-    { name: "1.2 MB question", method: "POST", path: `/v1/contexts/${ready}/query`, body: q({ question: huge }), expect: [400] },
-    { name: "negative budget", method: "POST", path: `/v1/contexts/${ready}/query`, body: q({ budget: -5 }), expect: [400] },
-    { name: "budget 1e9", method: "POST", path: `/v1/contexts/${ready}/query`, body: q({ budget: 1_000_000_000 }), expect: [400] },
-    { name: "question and messages", method: "POST", path: `/v1/contexts/${ready}/query`, body: q({ messages: [{ role: "user", content: "x" }] }), expect: [400] },
-    { name: "neither question nor messages", method: "POST", path: `/v1/contexts/${ready}/query`, body: '{"max_tokens": 2}', expect: [400] },
-    { name: "unknown method", method: "POST", path: `/v1/contexts/${ready}/query`, body: q({ method: "magic" }), expect: [400] },
-    { name: "logprobs 50", method: "POST", path: `/v1/contexts/${ready}/query`, body: q({ logprobs: 50 }), expect: [400] },
-    { name: "unknown field", method: "POST", path: `/v1/contexts/${ready}/query`, body: q({ frobnicate: 1 }), expect: [400] },
-    { name: "query an unknown context", method: "POST", path: "/v1/contexts/ctx_0123456789abcdef01234567/query", body: q({}), expect: [404] },
-    { name: "path traversal context id", method: "GET", path: "/v1/contexts/..%2F..%2Fetc%2Fpasswd", expect: [400, 404] },
-    { name: "query a processing context", method: "POST", path: `/v1/contexts/${processing}/query`, body: q({}), expect: [409] },
-    { name: "query an empty finalized context", method: "POST", path: `/v1/contexts/${emptyFinal}/query`, body: q({}), expect: [409] },
-    { name: "upload as image/png", method: "PUT", path: `/v1/contexts/${processing}/content`, body: "x", type: "image/png", expect: [415] },
-    { name: "upload ?final=maybe", method: "PUT", path: `/v1/contexts/${processing}/content?final=maybe`, body: "x", type: "text/plain", expect: [400] },
-    { name: "JSON upload with numeric text", method: "POST", path: `/v1/contexts/${processing}/content`, body: '{"text": 5}', expect: [400] },
-    { name: "upload over --max-body-bytes", method: "PUT", path: `/v1/contexts/${processing}/content`, body: new Uint8Array(MAX_BODY + 1024).fill(0x61), type: "text/plain", expect: [413] },
-    { name: "upload to an unknown context", method: "PUT", path: "/v1/contexts/ctx_0123456789abcdef01234567/content", body: "x", type: "text/plain", expect: [404] },
-    { name: "finalize an unknown context", method: "POST", path: "/v1/contexts/ctx_0123456789abcdef01234567/finalize", expect: [404] },
-    { name: "events of an unknown context", method: "GET", path: "/v1/contexts/ctx_0123456789abcdef01234567/events", expect: [404] },
-    { name: "detokenize an id outside the vocabulary", method: "POST", path: "/v1/detokenize", body: '{"tokens": [99999999]}', expect: [400] },
+    {
+      name: "40 MiB upload",
+      method: "PUT",
+      path: `/v1/contexts/${processing}/content`,
+      body: new Uint8Array(40 << 20).fill(0x61),
+      type: "text/plain",
+      expect: [413],
+    },
+    {
+      name: "completions: two prompts",
+      method: "POST",
+      path: "/v1/completions",
+      body: '{"prompt": ["a", "b"]}',
+      expect: [400],
+    },
+    {
+      name: "completions: echo + logprobs",
+      method: "POST",
+      path: "/v1/completions",
+      body: '{"prompt": "a", "echo": true, "logprobs": 2}',
+      expect: [400],
+    },
+    {
+      name: "1.2 MB question",
+      method: "POST",
+      path: `/v1/contexts/${ready}/query`,
+      body: q({ question: huge }),
+      expect: [400],
+    },
+    {
+      name: "negative budget",
+      method: "POST",
+      path: `/v1/contexts/${ready}/query`,
+      body: q({ budget: -5 }),
+      expect: [400],
+    },
+    {
+      name: "budget 1e9",
+      method: "POST",
+      path: `/v1/contexts/${ready}/query`,
+      body: q({ budget: 1_000_000_000 }),
+      expect: [400],
+    },
+    {
+      name: "question and messages",
+      method: "POST",
+      path: `/v1/contexts/${ready}/query`,
+      body: q({ messages: [{ role: "user", content: "x" }] }),
+      expect: [400],
+    },
+    {
+      name: "neither question nor messages",
+      method: "POST",
+      path: `/v1/contexts/${ready}/query`,
+      body: '{"max_tokens": 2}',
+      expect: [400],
+    },
+    {
+      name: "unknown method",
+      method: "POST",
+      path: `/v1/contexts/${ready}/query`,
+      body: q({ method: "magic" }),
+      expect: [400],
+    },
+    {
+      name: "logprobs 50",
+      method: "POST",
+      path: `/v1/contexts/${ready}/query`,
+      body: q({ logprobs: 50 }),
+      expect: [400],
+    },
+    {
+      name: "unknown field",
+      method: "POST",
+      path: `/v1/contexts/${ready}/query`,
+      body: q({ frobnicate: 1 }),
+      expect: [400],
+    },
+    {
+      name: "query an unknown context",
+      method: "POST",
+      path: "/v1/contexts/ctx_0123456789abcdef01234567/query",
+      body: q({}),
+      expect: [404],
+    },
+    {
+      name: "path traversal context id",
+      method: "GET",
+      path: "/v1/contexts/..%2F..%2Fetc%2Fpasswd",
+      expect: [400, 404],
+    },
+    {
+      name: "query a processing context",
+      method: "POST",
+      path: `/v1/contexts/${processing}/query`,
+      body: q({}),
+      expect: [409],
+    },
+    {
+      name: "query an empty finalized context",
+      method: "POST",
+      path: `/v1/contexts/${emptyFinal}/query`,
+      body: q({}),
+      expect: [409],
+    },
+    {
+      name: "upload as image/png",
+      method: "PUT",
+      path: `/v1/contexts/${processing}/content`,
+      body: "x",
+      type: "image/png",
+      expect: [415],
+    },
+    {
+      name: "upload ?final=maybe",
+      method: "PUT",
+      path: `/v1/contexts/${processing}/content?final=maybe`,
+      body: "x",
+      type: "text/plain",
+      expect: [400],
+    },
+    {
+      name: "JSON upload with numeric text",
+      method: "POST",
+      path: `/v1/contexts/${processing}/content`,
+      body: '{"text": 5}',
+      expect: [400],
+    },
+    {
+      name: "upload over --max-body-bytes",
+      method: "PUT",
+      path: `/v1/contexts/${processing}/content`,
+      body: new Uint8Array(MAX_BODY + 1024).fill(0x61),
+      type: "text/plain",
+      expect: [413],
+    },
+    {
+      name: "upload to an unknown context",
+      method: "PUT",
+      path: "/v1/contexts/ctx_0123456789abcdef01234567/content",
+      body: "x",
+      type: "text/plain",
+      expect: [404],
+    },
+    {
+      name: "finalize an unknown context",
+      method: "POST",
+      path: "/v1/contexts/ctx_0123456789abcdef01234567/finalize",
+      expect: [404],
+    },
+    {
+      name: "events of an unknown context",
+      method: "GET",
+      path: "/v1/contexts/ctx_0123456789abcdef01234567/events",
+      expect: [404],
+    },
+    {
+      name: "detokenize an id outside the vocabulary",
+      method: "POST",
+      path: "/v1/detokenize",
+      body: '{"tokens": [99999999]}',
+      expect: [400],
+    },
     { name: "tokenize without text", method: "POST", path: "/v1/tokenize", body: "{}", expect: [400] },
     { name: "DELETE on chat completions", method: "DELETE", path: "/v1/chat/completions", expect: [405] },
     { name: "PATCH on contexts", method: "PATCH", path: "/v1/contexts", body: "{}", expect: [405] },
@@ -465,7 +794,8 @@ async function killDuringUpload(restart: () => Promise<void>, dataDir: string): 
     // half of the body sent and some of it stored: the server holds a partly received upload
     const info = (await getContext(resumed, "kill_poll")).info;
     if (sent >= text.byteLength / 2 && Number(info?.bytes_received ?? 0) > 0) break;
-    if (Date.now() - t0 > 60_000) throw new Error(`kill -9: nothing of the slow upload was stored in 60 s (${JSON.stringify(info)})`);
+    if (Date.now() - t0 > 60_000)
+      throw new Error(`kill -9: nothing of the slow upload was stored in 60 s (${JSON.stringify(info)})`);
     await Bun.sleep(30);
   }
   await kill9();
@@ -481,7 +811,12 @@ async function killDuringUpload(restart: () => Promise<void>, dataDir: string): 
   const receivedAtRestart = Number(at?.bytes_received ?? -1);
   if (receivedAtRestart < 0 || receivedAtRestart > sentBeforeKill)
     problem(`kill -9: bytes_received ${receivedAtRestart} after restart, but only ${sentBeforeKill} bytes were sent`);
-  const rest = await upload(resumed, pieceStream(text.subarray(Math.max(0, receivedAtRestart)), [65536], 2), true, "resume_upload");
+  const rest = await upload(
+    resumed,
+    pieceStream(text.subarray(Math.max(0, receivedAtRestart)), [65536], 2),
+    true,
+    "resume_upload",
+  );
   if (rest.status !== 200) problem(`resume upload: ${rest.status} ${rest.body.slice(0, 200)}`);
 
   const oneShot = await createContext();
@@ -497,7 +832,11 @@ async function killDuringUpload(restart: () => Promise<void>, dataDir: string): 
     return Buffer.compare(readFileSync(pa), readFileSync(pb)) === 0;
   };
   const ask = async (id: string) => {
-    const r = await call("kill_answer", `/v1/contexts/${id}/query`, jsonInit({ question: "Who crossed the river?", max_tokens: 24, temperature: 0, seed: 5, stream: false }));
+    const r = await call(
+      "kill_answer",
+      `/v1/contexts/${id}/query`,
+      jsonInit({ question: "Who crossed the river?", max_tokens: 24, temperature: 0, seed: 5, stream: false }),
+    );
     return r.status === 200 ? String(parse(r)?.text) : `HTTP ${r.status} ${r.body.slice(0, 100)}`;
   };
   const [ansA, ansB] = [await ask(resumed), await ask(oneShot)];
@@ -512,8 +851,10 @@ async function killDuringUpload(restart: () => Promise<void>, dataDir: string): 
     embBinEqual: same("emb.bin"),
     answerEqual: ansA === ansB && !ansA.startsWith("HTTP"),
   };
-  if (res.bytesLost !== 0) problem(`kill -9: ${res.bytesLost} bytes lost (${a.bytes_received} of ${text.byteLength} stored)`);
-  if (res.tokensResumed !== res.tokensOneShot) problem(`kill -9: ${res.tokensResumed} tokens after resume vs ${res.tokensOneShot} one-shot`);
+  if (res.bytesLost !== 0)
+    problem(`kill -9: ${res.bytesLost} bytes lost (${a.bytes_received} of ${text.byteLength} stored)`);
+  if (res.tokensResumed !== res.tokensOneShot)
+    problem(`kill -9: ${res.tokensResumed} tokens after resume vs ${res.tokensOneShot} one-shot`);
   if (a.state !== "ready" || b.state !== "ready") problem(`kill -9: states ${a.state} / ${b.state}, expected ready`);
   if (res.tokensBinEqual === false) problem("kill -9: tokens.bin differs from the one-shot upload's");
   if (res.embBinEqual === false) problem("kill -9: emb.bin differs from the one-shot upload's");
@@ -571,7 +912,9 @@ async function hangUpDuringUpload(): Promise<HangUpResult> {
     }
   }
   const info = (await getContext(id)).info ?? {};
-  const count = parse(await call("audit", "/v1/tokenize", jsonInit({ text: new TextDecoder().decode(text), add_special_tokens: false })))?.count;
+  const count = parse(
+    await call("audit", "/v1/tokenize", jsonInit({ text: new TextDecoder().decode(text), add_special_tokens: false })),
+  )?.count;
   const res: HangUpResult = {
     bytes: text.byteLength,
     storedAtHangUp,
@@ -579,8 +922,10 @@ async function hangUpDuringUpload(): Promise<HangUpResult> {
     bytesLost: text.byteLength - Number(info.bytes_received ?? 0),
     tokensMatch: count === info.tokens_received,
   };
-  if (res.bytesLost !== 0) problem(`client hang-up: ${res.bytesLost} bytes lost (${info.bytes_received} of ${text.byteLength} stored)`);
-  if (!res.tokensMatch) problem(`client hang-up: ${info.tokens_received} tokens stored, the tokenizer gives ${count} for the text`);
+  if (res.bytesLost !== 0)
+    problem(`client hang-up: ${res.bytesLost} bytes lost (${info.bytes_received} of ${text.byteLength} stored)`);
+  if (!res.tokensMatch)
+    problem(`client hang-up: ${info.tokens_received} tokens stored, the tokenizer gives ${count} for the text`);
   return res;
 }
 
@@ -604,9 +949,14 @@ async function concurrency(seedReady: string[]): Promise<{ ledgers: Map<string, 
   const doomed = new Set<string>(); // deleted or about to be: 404 / 410 expected there
   const ledgers = new Map<string, UploadLedger>();
   let rnd = 12345;
-  const rand = () => ((rnd = (Math.imul(rnd, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+  const rand = () => (rnd = (Math.imul(rnd, 1664525) + 1013904223) >>> 0) / 2 ** 32;
 
-  const expectOk = (what: string, ctx: string, r: { outcome: Outcome; errorCode?: string | null }, okCodes: number[] = [200]) => {
+  const expectOk = (
+    what: string,
+    ctx: string,
+    r: { outcome: Outcome; errorCode?: string | null },
+    okCodes: number[] = [200],
+  ) => {
     if (typeof r.outcome !== "number") return;
     if (okCodes.includes(r.outcome) && !r.errorCode) return;
     if (doomed.has(ctx) && (r.outcome === 404 || r.outcome === 410 || r.errorCode === "context_deleted")) return;
@@ -624,7 +974,12 @@ async function concurrency(seedReady: string[]): Promise<{ ledgers: Map<string, 
         const bytes = makeText(8192 + Math.floor(rand() * 32768), k * 1000 + i + samples.length);
         const last = finalize && i === pieces - 1;
         const streamed = rand() < 0.5;
-        const r = await upload(id, streamed ? pieceStream(bytes, [1500, 4096, 777], 3) : bytes, last, streamed ? "upload_stream" : "upload");
+        const r = await upload(
+          id,
+          streamed ? pieceStream(bytes, [1500, 4096, 777], 3) : bytes,
+          last,
+          streamed ? "upload_stream" : "upload",
+        );
         if (r.status === 200) {
           led.sent += bytes.byteLength;
           led.text.push(bytes);
@@ -671,7 +1026,8 @@ async function concurrency(seedReady: string[]): Promise<{ ledgers: Map<string, 
       const [qr, ur] = await Promise.all([q, u]);
       if (!(qr.errorCode === "context_deleted" || qr.outcome === 410 || qr.outcome === 404))
         problem(`query on a deleted context ended with ${qr.outcome} ${qr.errorCode ?? "(no error event)"}`);
-      if (!(ur.status === 410 || ur.status === 404)) problem(`upload into a deleted context ended with ${ur.status} ${ur.body.slice(0, 200)}`);
+      if (!(ur.status === 410 || ur.status === 404))
+        problem(`upload into a deleted context ended with ${ur.status} ${ur.body.slice(0, 200)}`);
       const after = await getContext(qv);
       if (after.status !== 404) problem(`GET a deleted context: ${after.status}`);
     }
@@ -686,7 +1042,9 @@ async function concurrency(seedReady: string[]): Promise<{ ledgers: Map<string, 
 }
 
 /** Bytes and tokens stored for every upload this campaign completed (deleted contexts excluded). */
-async function auditUploads(ledgers: Map<string, UploadLedger>): Promise<{ contexts: number; bytesSent: number; bytesLost: number; tokenMismatches: number }> {
+async function auditUploads(
+  ledgers: Map<string, UploadLedger>,
+): Promise<{ contexts: number; bytesSent: number; bytesLost: number; tokenMismatches: number }> {
   let contexts = 0;
   let bytesSent = 0;
   let bytesLost = 0;
@@ -760,7 +1118,14 @@ async function main(): Promise<number> {
     const h = await call("health", "/health");
     if (h.status !== 200) problem(`/health after the campaign: ${h.status}`);
     const concRss = rss.filter((s) => s.phase === "concurrency").map((s) => s.kb);
-    exit = report({ bad, hangup, kill, conc: { seconds: concSeconds, deletes: conc.deletes, ...audit }, concRss, totalSeconds: (Date.now() - t0) / 1000 });
+    exit = report({
+      bad,
+      hangup,
+      kill,
+      conc: { seconds: concSeconds, deletes: conc.deletes, ...audit },
+      concRss,
+      totalSeconds: (Date.now() - t0) / 1000,
+    });
   } catch (e) {
     problem(`campaign aborted: ${(e as Error).stack ?? e}`);
     console.error(problems.join("\n"));
@@ -777,17 +1142,29 @@ function report(r: {
   bad: { sent: number; failed: number };
   hangup: HangUpResult;
   kill: KillResult;
-  conc: { seconds: number; deletes: number; contexts: number; bytesSent: number; bytesLost: number; tokenMismatches: number };
+  conc: {
+    seconds: number;
+    deletes: number;
+    contexts: number;
+    bytesSent: number;
+    bytesLost: number;
+    tokenMismatches: number;
+  };
   concRss: number[];
   totalSeconds: number;
 }): number {
   const byClass: Record<string, number> = {};
   for (const s of samples) byClass[statusClass(s.outcome)] = (byClass[statusClass(s.outcome)] ?? 0) + 1;
-  const unexpected = samples.filter((s) => s.outcome === "conn_error" || (typeof s.outcome === "number" && s.outcome >= 500)).length;
+  const unexpected = samples.filter(
+    (s) => s.outcome === "conn_error" || (typeof s.outcome === "number" && s.outcome >= 500),
+  ).length;
   const kinds = [...new Set(samples.map((s) => s.kind))].sort();
   const lat: Record<string, { n: number; p50: number; p90: number; p99: number }> = {};
   for (const k of kinds) {
-    const ms = samples.filter((s) => s.kind === k && typeof s.outcome === "number").map((s) => s.ms).sort((a, b) => a - b);
+    const ms = samples
+      .filter((s) => s.kind === k && typeof s.outcome === "number")
+      .map((s) => s.ms)
+      .sort((a, b) => a - b);
     lat[k] = { n: ms.length, p50: pct(ms, 50), p90: pct(ms, 90), p99: pct(ms, 99) };
   }
   const allRss = rss.map((s) => s.kb);
@@ -797,19 +1174,42 @@ function report(r: {
   const streams = new Set<string>(["query_sse", "chat_stream", "completion_stream"]);
 
   const lines: string[] = [];
-  lines.push(`soak: ${samples.length} requests in ${r.totalSeconds.toFixed(1)} s (concurrency phase ${r.conc.seconds.toFixed(1)} s, ${UPLOADERS} uploaders, ${QUERIERS} queriers, 1 deleter)`);
-  lines.push(`  by outcome            ${Object.entries(byClass).sort().map(([k, v]) => `${k} ${v}`).join(", ")}`);
-  lines.push(`  deliberate hang-ups   ${disconnects} streams closed after their first token, 1 upload abandoned by the client, 1 cut by kill -9`);
+  lines.push(
+    `soak: ${samples.length} requests in ${r.totalSeconds.toFixed(1)} s (concurrency phase ${r.conc.seconds.toFixed(1)} s, ${UPLOADERS} uploaders, ${QUERIERS} queriers, 1 deleter)`,
+  );
+  lines.push(
+    `  by outcome            ${Object.entries(byClass)
+      .sort()
+      .map(([k, v]) => `${k} ${v}`)
+      .join(", ")}`,
+  );
+  lines.push(
+    `  deliberate hang-ups   ${disconnects} streams closed after their first token, 1 upload abandoned by the client, 1 cut by kill -9`,
+  );
   lines.push(`  unexpected errors     ${unexpected} (5xx + connection errors not caused on purpose)`);
-  lines.push(`  bad inputs            ${r.bad.sent} sent, ${r.bad.failed} not a 4xx OpenAI error (or /health not 200 after)`);
-  lines.push(`  client hang-up        ${r.hangup.bytes} B upload, ${r.hangup.storedAtHangUp} B stored when the client left, stale-offset retries for ${r.hangup.busyMs.toFixed(0)} ms; resumed: lost ${r.hangup.bytesLost} B, tokens ${r.hangup.tokensMatch ? "match" : "DIFFER"}`);
-  lines.push(`  kill -9 upload        ${r.kill.bytes} B, killed with ${r.kill.sentBeforeKill} B sent, ${r.kill.receivedAtRestart} B stored at restart; resumed: lost ${r.kill.bytesLost} B`);
-  lines.push(`                        tokens ${r.kill.tokensResumed} resumed vs ${r.kill.tokensOneShot} one-shot; tokens.bin ${eq(r.kill.tokensBinEqual)}, emb.bin ${eq(r.kill.embBinEqual)}, greedy answer ${r.kill.answerEqual ? "identical" : "DIFFERS"}`);
-  lines.push(`  uploads audited       ${r.conc.contexts} contexts, ${r.conc.bytesSent} B sent, ${r.conc.bytesLost} B lost, ${r.conc.tokenMismatches} token-count mismatches; ${r.conc.deletes} deletes under load`);
+  lines.push(
+    `  bad inputs            ${r.bad.sent} sent, ${r.bad.failed} not a 4xx OpenAI error (or /health not 200 after)`,
+  );
+  lines.push(
+    `  client hang-up        ${r.hangup.bytes} B upload, ${r.hangup.storedAtHangUp} B stored when the client left, stale-offset retries for ${r.hangup.busyMs.toFixed(0)} ms; resumed: lost ${r.hangup.bytesLost} B, tokens ${r.hangup.tokensMatch ? "match" : "DIFFER"}`,
+  );
+  lines.push(
+    `  kill -9 upload        ${r.kill.bytes} B, killed with ${r.kill.sentBeforeKill} B sent, ${r.kill.receivedAtRestart} B stored at restart; resumed: lost ${r.kill.bytesLost} B`,
+  );
+  lines.push(
+    `                        tokens ${r.kill.tokensResumed} resumed vs ${r.kill.tokensOneShot} one-shot; tokens.bin ${eq(r.kill.tokensBinEqual)}, emb.bin ${eq(r.kill.embBinEqual)}, greedy answer ${r.kill.answerEqual ? "identical" : "DIFFERS"}`,
+  );
+  lines.push(
+    `  uploads audited       ${r.conc.contexts} contexts, ${r.conc.bytesSent} B sent, ${r.conc.bytesLost} B lost, ${r.conc.tokenMismatches} token-count mismatches; ${r.conc.deletes} deletes under load`,
+  );
   lines.push(`  bytes lost (total)    ${bytesLost}`);
-  lines.push(`  server RSS            concurrency ${mib(Math.min(...r.concRss))}-${mib(Math.max(...r.concRss))} MiB; whole run ${mib(Math.min(...allRss))}-${mib(Math.max(...allRss))} MiB (${allRss.length} samples)`);
+  lines.push(
+    `  server RSS            concurrency ${mib(Math.min(...r.concRss))}-${mib(Math.max(...r.concRss))} MiB; whole run ${mib(Math.min(...allRss))}-${mib(Math.max(...allRss))} MiB (${allRss.length} samples)`,
+  );
   lines.push("");
-  lines.push(`  ${"request kind".padEnd(26)}${"n".padStart(7)}${"p50 ms".padStart(10)}${"p90 ms".padStart(10)}${"p99 ms".padStart(10)}`);
+  lines.push(
+    `  ${"request kind".padEnd(26)}${"n".padStart(7)}${"p50 ms".padStart(10)}${"p90 ms".padStart(10)}${"p99 ms".padStart(10)}`,
+  );
   for (const k of kinds) {
     const l = lat[k]!;
     if (l.n === 0) continue;
@@ -833,7 +1233,10 @@ function report(r: {
         kill9: r.kill,
         uploads: r.conc,
         bytes_lost: bytesLost,
-        rss_kib: { concurrency: [Math.min(...r.concRss), Math.max(...r.concRss)], run: [Math.min(...allRss), Math.max(...allRss)] },
+        rss_kib: {
+          concurrency: [Math.min(...r.concRss), Math.max(...r.concRss)],
+          run: [Math.min(...allRss), Math.max(...allRss)],
+        },
         latency_ms: lat,
         problems,
       }),

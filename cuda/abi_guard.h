@@ -56,10 +56,10 @@ auto guard(const char* where, F&& body) -> decltype(body()) {
 
 /* ---------------- argument checks (RF_OK or the error code, message set) ---------------- */
 /* return the status of a check or step unless it is RF_OK */
-#define RF_TRY(expr)                \
-  do {                              \
-    int rc_ = (expr);               \
-    if (rc_ != RF_OK) return rc_;   \
+#define RF_TRY(expr)              \
+  do {                            \
+    int rc_ = (expr);             \
+    if (rc_ != RF_OK) return rc_; \
   } while (0)
 
 inline int check_not_null(const void* p, const char* what, const char* where) {
@@ -148,12 +148,13 @@ inline int check_seq_create(int32_t max_tokens) {
 }
 
 /* rf_score; pointers are checked only when there is work (n_ctx == 0 is a valid no-op) */
-inline int check_score_args(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                             int32_t n_q, const float* out) {
+inline int check_score_args(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                            const float* out) {
   const char* where = "rf_score";
   if (n_ctx < 0 || dim <= 0 || n_q < 1)
     return set_error(RF_ERR_INVALID, "%s: bad sizes (n_ctx %lld, dim %d, n_q %d)", where, (long long)n_ctx, dim, n_q);
-  if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16) return set_error(RF_ERR_INVALID, "%s: ctx dtype must be f32/f16", where);
+  if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16)
+    return set_error(RF_ERR_INVALID, "%s: ctx dtype must be f32/f16", where);
   if (n_ctx > 0 && (!ctx || !q || !out)) return set_error(RF_ERR_INVALID, "%s: NULL argument", where);
   return RF_OK;
 }
@@ -219,8 +220,7 @@ inline int check_state_load(const void* buf, int64_t size, const StateHeader& ow
                      own.capacity);
   const int64_t need = state_size(h.num_layers_cached, h.num_kv_heads, h.head_dim, h.len);
   if (size != need)
-    return set_error(RF_ERR_INVALID, "%s: blob has %lld bytes, expected %lld", where, (long long)size,
-                     (long long)need);
+    return set_error(RF_ERR_INVALID, "%s: blob has %lld bytes, expected %lld", where, (long long)size, (long long)need);
   *out = h;
   return RF_OK;
 }

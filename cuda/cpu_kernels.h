@@ -140,8 +140,8 @@ inline void attn_scores(const float* q, int64_t n, int nh, int nkv, int hd, cons
   const int64_t grp = nh / nkv, keys = past + n, chunk = 8 * (int64_t)isa->nr;
   const int64_t chunks = (keys + chunk - 1) / chunk;
   const int64_t per = isa->attn_scratch(attn_queries_per_task(nh, nkv) * grp, n * grp, hd);
-  const AttnCall a{q, n, nh, nkv, hd, K, nullptr, ld, past, KT, kt_ld, nullptr, (float*)stats, score, ld_score,
-                   obs_start};
+  const AttnCall a{q,  n,     nh,      nkv,           hd,    K,        nullptr,  ld, past,
+                   KT, kt_ld, nullptr, (float*)stats, score, ld_score, obs_start};
   parallel_dynamic(chunks * nkv, chunks * nkv > 1 && (n - obs_start) * keys * hd * grp > 32768,
                    [&](int64_t task, int tid) {
                      const int g = (int)(task % nkv);

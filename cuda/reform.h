@@ -53,11 +53,11 @@ extern "C" {
 
 /* status codes */
 #define RF_OK 0
-#define RF_ERR_INVALID (-1)   /* bad argument (shape, name, range) */
-#define RF_ERR_OOM (-2)       /* host or device allocation failed */
-#define RF_ERR_DEVICE (-3)    /* CUDA / cuBLAS runtime failure */
-#define RF_ERR_STATE (-4)     /* call not valid in the object's current state */
-#define RF_ERR_NODEVICE (-5)  /* no usable GPU (CUDA build only) */
+#define RF_ERR_INVALID (-1)  /* bad argument (shape, name, range) */
+#define RF_ERR_OOM (-2)      /* host or device allocation failed */
+#define RF_ERR_DEVICE (-3)   /* CUDA / cuBLAS runtime failure */
+#define RF_ERR_STATE (-4)    /* call not valid in the object's current state */
+#define RF_ERR_NODEVICE (-5) /* no usable GPU (CUDA build only) */
 #define RF_ERR_INTERNAL (-6)
 
 /* dtypes */
@@ -85,9 +85,9 @@ typedef struct rf_config {
   int32_t num_heads;
   int32_t num_kv_heads;
   int32_t head_dim;
-  int32_t qkv_bias;              /* 1: q/k/v_proj have bias (Qwen2) */
-  int32_t tie_embeddings;        /* 1: lm_head = embed_tokens */
-  int32_t rope_type;             /* RF_ROPE_* */
+  int32_t qkv_bias;       /* 1: q/k/v_proj have bias (Qwen2) */
+  int32_t tie_embeddings; /* 1: lm_head = embed_tokens */
+  int32_t rope_type;      /* RF_ROPE_* */
   float rms_eps;
   float rope_theta;
   float rope_factor;             /* llama3 / linear scaling factor */
@@ -135,8 +135,8 @@ RF_API rf_model* rf_model_create(const rf_config* cfg);
 /* name: Hugging Face tensor name, e.g. "model.layers.3.self_attn.q_proj.weight", "model.norm.weight",
  * "model.embed_tokens.weight", "lm_head.weight". data: row-major, dtype RF_F32/F16/BF16.
  * Unknown names or wrong shapes -> RF_ERR_INVALID. */
-RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, int32_t dtype,
-                               const int64_t* shape, int32_t ndim);
+RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, int32_t dtype, const int64_t* shape,
+                               int32_t ndim);
 /* Fill every weight with N(0, std^2) (norm weights = 1, biases = 0), deterministic per seed.
  * On CUDA the weights are generated on the device (dummy load for benchmarks). */
 RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float std);
@@ -148,8 +148,8 @@ RF_API void rf_model_destroy(rf_model* m);
 
 /* ---- compress (phase 1) ---- */
 /* heads: n_heads * 3 int32 (layer, kind RF_HEAD_*, head index within that kind's heads). */
-RF_API rf_compressor* rf_compressor_create(rf_model* m, const rf_compress_params* p,
-                                           const int32_t* heads, int32_t n_heads);
+RF_API rf_compressor* rf_compressor_create(rf_model* m, const rf_compress_params* p, const int32_t* heads,
+                                           int32_t n_heads);
 RF_API int32_t rf_compressor_embed_dim(const rf_compressor* c); /* n_heads * head_dim */
 RF_API int32_t rf_compressor_exit_layer(const rf_compressor* c);
 /* Run one chunk (1 <= n <= max_chunk): write n * embed_dim values of emb_dtype to out_emb (may be
@@ -172,8 +172,8 @@ RF_API void rf_compressor_destroy(rf_compressor* c);
 /* ctx: n_ctx rows of dim values (ctx_dtype RF_F32 or RF_F16) in host memory (may be an mmap).
  * q: n_q rows of dim f32. out[i] = max_j cos(ctx_i, q_j). n_q >= 1.
  * cos(a, b) = a.b / (max(|a|, 1e-12) * max(|b|, 1e-12)), so an all-zero row scores 0. */
-RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                    int32_t n_q, float* out);
+RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                    float* out);
 
 /* ---- recompute + generate ---- */
 /* A fresh full-depth KV cache for up to max_tokens positions (positions 0..len-1). */
@@ -188,8 +188,7 @@ RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* lo
  * *rng_state (advanced in place; a zero state is replaced by a fixed non-zero constant).
  * Returns the token id (>= 0) or an error code (RF_ERR_STATE when no logits exist yet: nothing forwarded
  * since create / reset / import). */
-RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t top_k,
-                             uint64_t* rng_state);
+RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t top_k, uint64_t* rng_state);
 /* The same sampler over caller-provided logits (e.g. after penalties / logit bias applied by the caller):
  * n logits, returns the token id in [0, n) or an error code. */
 RF_API int32_t rf_sample_logits(const float* logits, int32_t n, float temperature, float top_p, int32_t top_k,

@@ -88,9 +88,9 @@ inline uint16_t f32_to_f16(float f) {  // round to nearest even, saturating to i
   memcpy(&u, &f, 4);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t absu = u & 0x7fffffffu;
-  if (absu > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  // NaN
+  if (absu > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);   // NaN
   if (absu >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // overflow -> inf
-  if (absu < 0x38800000u) {                                     // subnormal or zero in f16
+  if (absu < 0x38800000u) {                                    // subnormal or zero in f16
     if (absu < 0x33000000u) return (uint16_t)sign;
     uint32_t e = absu >> 23;
     uint32_t m = (absu & 0x7fffffu) | 0x800000u;
@@ -186,9 +186,18 @@ struct TensorId {
 /* Parses a HF Llama/Mistral/Qwen2 tensor name; returns false for unknown names. */
 inline bool parse_tensor_name(const char* name, TensorId* out) {
   std::string n(name ? name : "");
-  if (n == "model.embed_tokens.weight") { *out = {T_EMBED, -1}; return true; }
-  if (n == "model.norm.weight") { *out = {T_NORM, -1}; return true; }
-  if (n == "lm_head.weight") { *out = {T_LM_HEAD, -1}; return true; }
+  if (n == "model.embed_tokens.weight") {
+    *out = {T_EMBED, -1};
+    return true;
+  }
+  if (n == "model.norm.weight") {
+    *out = {T_NORM, -1};
+    return true;
+  }
+  if (n == "lm_head.weight") {
+    *out = {T_LM_HEAD, -1};
+    return true;
+  }
   const std::string pre = "model.layers.";
   if (n.compare(0, pre.size(), pre) != 0) return false;
   size_t p = pre.size(), q = p;
@@ -196,16 +205,22 @@ inline bool parse_tensor_name(const char* name, TensorId* out) {
   if (q == p || q >= n.size() || n[q] != '.' || q - p > 6) return false;
   int layer = atoi(n.substr(p, q - p).c_str());
   std::string rest = n.substr(q + 1);
-  static const struct { const char* s; TensorKind k; } table[] = {
-      {"input_layernorm.weight", T_IN_NORM},   {"post_attention_layernorm.weight", T_POST_NORM},
-      {"self_attn.q_proj.weight", T_Q},        {"self_attn.k_proj.weight", T_K},
-      {"self_attn.v_proj.weight", T_V},        {"self_attn.o_proj.weight", T_O},
-      {"self_attn.q_proj.bias", T_QB},         {"self_attn.k_proj.bias", T_KB},
-      {"self_attn.v_proj.bias", T_VB},         {"mlp.gate_proj.weight", T_GATE},
-      {"mlp.up_proj.weight", T_UP},            {"mlp.down_proj.weight", T_DOWN},
+  static const struct {
+    const char* s;
+    TensorKind k;
+  } table[] = {
+      {"input_layernorm.weight", T_IN_NORM}, {"post_attention_layernorm.weight", T_POST_NORM},
+      {"self_attn.q_proj.weight", T_Q},      {"self_attn.k_proj.weight", T_K},
+      {"self_attn.v_proj.weight", T_V},      {"self_attn.o_proj.weight", T_O},
+      {"self_attn.q_proj.bias", T_QB},       {"self_attn.k_proj.bias", T_KB},
+      {"self_attn.v_proj.bias", T_VB},       {"mlp.gate_proj.weight", T_GATE},
+      {"mlp.up_proj.weight", T_UP},          {"mlp.down_proj.weight", T_DOWN},
   };
   for (auto& t : table)
-    if (rest == t.s) { *out = {t.k, layer}; return true; }
+    if (rest == t.s) {
+      *out = {t.k, layer};
+      return true;
+    }
   return false;
 }
 /* Expected shape (rows, cols); cols == 0 for 1-D tensors. */
@@ -213,15 +228,48 @@ inline void expected_shape(const rf_config& c, TensorKind k, int64_t* rows, int6
   int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
   int64_t qd = (int64_t)c.num_heads * c.head_dim, kvd = (int64_t)c.num_kv_heads * c.head_dim;
   switch (k) {
-    case T_EMBED: case T_LM_HEAD: *rows = V; *cols = H; break;
-    case T_NORM: case T_IN_NORM: case T_POST_NORM: *rows = H; *cols = 0; break;
-    case T_Q: *rows = qd; *cols = H; break;
-    case T_K: case T_V: *rows = kvd; *cols = H; break;
-    case T_O: *rows = H; *cols = qd; break;
-    case T_QB: *rows = qd; *cols = 0; break;
-    case T_KB: case T_VB: *rows = kvd; *cols = 0; break;
-    case T_GATE: case T_UP: *rows = I; *cols = H; break;
-    case T_DOWN: *rows = H; *cols = I; break;
+    case T_EMBED:
+    case T_LM_HEAD:
+      *rows = V;
+      *cols = H;
+      break;
+    case T_NORM:
+    case T_IN_NORM:
+    case T_POST_NORM:
+      *rows = H;
+      *cols = 0;
+      break;
+    case T_Q:
+      *rows = qd;
+      *cols = H;
+      break;
+    case T_K:
+    case T_V:
+      *rows = kvd;
+      *cols = H;
+      break;
+    case T_O:
+      *rows = H;
+      *cols = qd;
+      break;
+    case T_QB:
+      *rows = qd;
+      *cols = 0;
+      break;
+    case T_KB:
+    case T_VB:
+      *rows = kvd;
+      *cols = 0;
+      break;
+    case T_GATE:
+    case T_UP:
+      *rows = I;
+      *cols = H;
+      break;
+    case T_DOWN:
+      *rows = H;
+      *cols = I;
+      break;
     default: *rows = 0; *cols = 0;
   }
 }
@@ -256,10 +304,12 @@ inline int check_complete(const rf_config& c, const std::vector<uint8_t>& set) {
     if (k == T_LM_HEAD && c.tie_embeddings) continue;
     if (!set[k]) return set_error(RF_ERR_STATE, "missing tensor '%s'", gname[k]);
   }
-  static const char* lname[] = {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-                                "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                                "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
-                                "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"};
+  static const char* lname[] = {"input_layernorm.weight",  "post_attention_layernorm.weight",
+                                "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                                "self_attn.q_proj.bias",   "self_attn.k_proj.bias",
+                                "self_attn.v_proj.bias",   "mlp.gate_proj.weight",
+                                "mlp.up_proj.weight",      "mlp.down_proj.weight"};
   for (int l = 0; l < c.num_layers; l++)
     for (int k = T_IN_NORM; k < T_COUNT; k++) {
       bool is_bias = k == T_QB || k == T_KB || k == T_VB;
@@ -284,7 +334,8 @@ inline int validate_compress(const rf_config& c, const rf_compress_params* p, co
   if (p->capacity <= p->n_sink + p->n_recent)
     return set_error(RF_ERR_INVALID, "capacity (%d) must exceed n_sink + n_recent (%d)", p->capacity,
                      p->n_sink + p->n_recent);
-  if (p->emb_dtype != RF_F32 && p->emb_dtype != RF_F16) return set_error(RF_ERR_INVALID, "emb_dtype must be f32 or f16");
+  if (p->emb_dtype != RF_F32 && p->emb_dtype != RF_F16)
+    return set_error(RF_ERR_INVALID, "emb_dtype must be f32 or f16");
   int maxl = -1;
   out->clear();
   for (int i = 0; i < n_heads; i++) {
@@ -320,9 +371,8 @@ inline void h2o_select(const float* score, int64_t len, int capacity, int n_sink
   std::vector<int32_t> mid;
   mid.reserve((size_t)(mid_hi - mid_lo));
   for (int64_t i = mid_lo; i < mid_hi; i++) mid.push_back((int32_t)i);
-  std::nth_element(mid.begin(), mid.begin() + n_mid_keep, mid.end(), [&](int32_t a, int32_t b) {
-    return score[a] > score[b] || (score[a] == score[b] && a < b);
-  });
+  std::nth_element(mid.begin(), mid.begin() + n_mid_keep, mid.end(),
+                   [&](int32_t a, int32_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
   mid.resize((size_t)n_mid_keep);
   std::sort(mid.begin(), mid.end());
   for (int64_t i = 0; i < n_sink; i++) keep->push_back((int32_t)i);

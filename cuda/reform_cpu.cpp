@@ -53,7 +53,7 @@ struct rf_model {
   k::PackedW lm;
   std::vector<float> inv_freq;
   bool finalized = false;
-  int refs = 1;       // 1 for the caller's handle + 1 per live compressor / seq
+  int refs = 1;  // 1 for the caller's handle + 1 per live compressor / seq
   bool destroyed = false;
 
   /* a norm or bias */
@@ -238,7 +238,8 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
     // rotate queries at positions L..T-1
     for (int64_t t = 0; t < n; t++)
       for (int h = 0; h < nh; h++)
-        k::rope_head(w.q.data() + t * qd + (int64_t)h * hd, hd, &c->cos_tab[(L + t) * half], &c->sin_tab[(L + t) * half]);
+        k::rope_head(w.q.data() + t * qd + (int64_t)h * hd, hd, &c->cos_tab[(L + t) * half],
+                     &c->sin_tab[(L + t) * half]);
     // attention below the exit layer; the H2O pass reuses its softmax statistics (at the exit layer only the
     // observation window's statistics are computed)
     const int64_t obs_start = n - std::min<int64_t>(c->p.obs_window, n);
@@ -325,8 +326,8 @@ void seq_block(rf_seq* s, const int32_t* tokens, int64_t n, bool last) {
         k::kt_store(Kd + (int64_t)g * s->stride * hd, hd, p0 + t, w.kk.data() + t * kvd + (int64_t)g * hd);
         memcpy(Vd + ((int64_t)g * s->stride + p0 + t) * hd, w.vv.data() + t * kvd + (int64_t)g * hd, (size_t)hd * 4);
       }
-    k::attn_forward(w.q.data(), n, nh, nkv, hd, nullptr, Kd, s->stride, Vd, s->stride, p0, w.att.data(),
-                    w.stats.data(), w.scratch.data());
+    k::attn_forward(w.q.data(), n, nh, nkv, hd, nullptr, Kd, s->stride, Vd, s->stride, p0, w.att.data(), w.stats.data(),
+                    w.scratch.data());
     post_attn(m, Ly, w, n);
   }
   s->len = p0 + n;
@@ -509,8 +510,8 @@ RF_API int rf_model_set_tensor(rf_model* m, const char* name, const void* data, 
     rf::TensorId id{};
     RF_TRY(rf::check_tensor(m->cfg, name, dtype, shape, ndim, &id));
     if (m->finalized)
-      return set_error(RF_ERR_STATE, "rf_model_set_tensor: tensor '%s': the model is finalized (its weights are packed)",
-                       name);
+      return set_error(RF_ERR_STATE,
+                       "rf_model_set_tensor: tensor '%s': the model is finalized (its weights are packed)", name);
     store_tensor(m, id, data, dtype);
     return RF_OK;
   });
@@ -760,8 +761,7 @@ RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t d
 /* ---- recompute + generate ---- */
 RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens) {
   return guard("rf_seq_create", [&]() -> rf_seq* {
-    if (rf::check_model_ready(m, "rf_seq_create") != RF_OK || rf::check_seq_create(max_tokens) != RF_OK)
-      return nullptr;
+    if (rf::check_model_ready(m, "rf_seq_create") != RF_OK || rf::check_seq_create(max_tokens) != RF_OK) return nullptr;
     const rf_config& cfg = m->cfg;
     std::unique_ptr<rf_seq> s(new rf_seq());
     s->m = m;
@@ -848,9 +848,8 @@ RF_API void rf_seq_destroy(rf_seq* s) {
 
 RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
                                 float* smoothed, int32_t* out_idx) {
-  return guard("rf_smooth_select", [&]() -> int64_t {
-    return rf::smooth_select(scores, n, window, budget, edge, smoothed, out_idx);
-  });
+  return guard("rf_smooth_select",
+               [&]() -> int64_t { return rf::smooth_select(scores, n, window, budget, edge, smoothed, out_idx); });
 }
 
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
@@ -860,8 +859,9 @@ RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx
     const auto pool_ranges = [&](int64_t nblk, auto&& f) {
       k::parallel_for(nblk, nblk * (int64_t)dim * n_q > 65536, [&](int64_t b, int64_t e, int) { f(b, e); });
     };
-    return rf::score_select([&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, s, pool_ranges); }, n_ctx,
-                            window, budget, edge, scores, out_idx);
+    return rf::score_select(
+        [&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, s, pool_ranges); }, n_ctx, window,
+        budget, edge, scores, out_idx);
   });
 }
 

@@ -112,7 +112,10 @@ inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int
 
 __attribute__((target("avx512f"))) static void f16_widen_avx512(const uint16_t* s, float* d, int n) {
   int i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256((const __m256i*)(s + i))));  // maskz: GCC 12 warns on the unmasked form
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(
+        d + i, _mm512_maskz_cvtph_ps(
+                   0xffff, _mm256_loadu_si256((const __m256i*)(s + i))));  // maskz: GCC 12 warns on the unmasked form
   for (; i < n; i++) d[i] = f16_to_f32(s[i]);
 }
 __attribute__((target("avx,f16c"))) static void f16_widen_f16c(const uint16_t* s, float* d, int n) {
@@ -133,7 +136,7 @@ static void f16_widen_scalar(const uint16_t* s, float* d, int n) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
   static void (*const fn)(const uint16_t*, float*, int) = __builtin_cpu_supports("avx512f") ? f16_widen_avx512
                                                           : __builtin_cpu_supports("f16c")  ? f16_widen_f16c
-                                                                                             : f16_widen_scalar;
+                                                                                            : f16_widen_scalar;
   fn(s, d, n);
 #else
   f16_widen_scalar(s, d, n);
@@ -148,9 +151,9 @@ static void f16_widen_scalar(const uint16_t* s, float* d, int n) {
 constexpr int SCORE_RB = 8, SCORE_QB = 16;
 
 /* blocks [blk0, blk1) of SCORE_RB context rows; `rows` is a SCORE_RB * dim scratch buffer */
-[[maybe_unused]] RF_SCORE_CLONES static void score_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim,
-                                                        const float* Qt, int32_t n_q, int64_t blk0, int64_t blk1,
-                                                        float* rows, float* out) {
+[[maybe_unused]] RF_SCORE_CLONES static void score_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx,
+                                                          int32_t dim, const float* Qt, int32_t n_q, int64_t blk0,
+                                                          int64_t blk1, float* rows, float* out) {
   const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
   for (int64_t blk = blk0; blk < blk1; blk++) {
     const int64_t i0 = blk * SCORE_RB;

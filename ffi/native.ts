@@ -108,7 +108,10 @@ const symbols = {
   rf_seq_create: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
   rf_seq_forward: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
   rf_seq_sample: { args: [FFIType.ptr, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-  rf_sample_logits: { args: [FFIType.ptr, FFIType.i32, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_sample_logits: {
+    args: [FFIType.ptr, FFIType.i32, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr],
+    returns: FFIType.i32,
+  },
   rf_seq_length: { args: [FFIType.ptr], returns: FFIType.i32 },
   rf_seq_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
   rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
@@ -118,7 +121,19 @@ const symbols = {
     returns: FFIType.i64_fast,
   },
   rf_score_select: {
-    args: [FFIType.ptr, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.ptr],
+    args: [
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.i64,
+      FFIType.i32,
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.i64,
+      FFIType.i32,
+      FFIType.ptr,
+      FFIType.ptr,
+    ],
     returns: FFIType.i64_fast,
   },
 } as const;
@@ -212,7 +227,8 @@ export function structLayoutMismatches(layout: string): string[] {
       if (got !== want) out.push(`${spec.name}.${field}: ${got ?? "missing"} in the library, ${want} here`);
     }
     for (const field of have.fields.keys())
-      if (field !== "reserved" && !(field in spec.fields)) out.push(`${spec.name}.${field}: in the library, not packed here`);
+      if (field !== "reserved" && !(field in spec.fields))
+        out.push(`${spec.name}.${field}: in the library, not packed here`);
   }
   return out;
 }
@@ -223,8 +239,6 @@ export function libraryPath(backend: "cpu" | "cuda"): string {
 }
 
 const NULL_BUF = new Uint8Array(0);
-/** Pointer-or-null argument: bun:ffi accepts a TypedArray or null for `ptr` arguments. */
-type Buf = ArrayBufferView | null;
 
 export class Native {
   readonly backend: "cpu" | "cuda";
@@ -338,10 +352,20 @@ export class Native {
   /** rf_sample_logits: the native sampler over given logits; `rng` (one u64 state) is advanced in place. */
   sampleLogits(logits: Float32Array, p: SamplingParams, rng: BigUint64Array): number {
     if (logits.length === 0) throw new Error("sampleLogits: empty logits");
-    return this._check(this.lib.rf_sample_logits(logits, logits.length, p.temperature, p.topP, p.topK, rng), "rf_sample_logits");
+    return this._check(
+      this.lib.rf_sample_logits(logits, logits.length, p.temperature, p.topP, p.topK, rng),
+      "rf_sample_logits",
+    );
   }
 
-  score(ctx: Float32Array | Uint16Array, nCtx: number, dim: number, q: Float32Array, nQ: number, out?: Float32Array): Float32Array {
+  score(
+    ctx: Float32Array | Uint16Array,
+    nCtx: number,
+    dim: number,
+    q: Float32Array,
+    nQ: number,
+    out?: Float32Array,
+  ): Float32Array {
     const o = out ?? new Float32Array(nCtx);
     if (o.length < nCtx) throw new Error("score: out too small");
     const dtype = ctx instanceof Float32Array ? RF_F32 : RF_F16;
@@ -354,13 +378,22 @@ export class Native {
 
   /** rf_smooth_select: smoothScores + selectTokens of src/engine/selection.ts in O(n) natively (the same indices).
    * `smoothed` (optional, >= n) receives the smoothed scores. */
-  smoothSelect(scores: Float32Array, window: number, budget: number, edge: number, smoothed?: Float32Array): Int32Array {
+  smoothSelect(
+    scores: Float32Array,
+    window: number,
+    budget: number,
+    edge: number,
+    smoothed?: Float32Array,
+  ): Int32Array {
     const n = scores.length;
     if (smoothed && smoothed.length < n) throw new Error("smoothSelect: smoothed smaller than scores");
     if (n === 0) return new Int32Array(0);
     // one spare slot: bun:ffi passes an empty array as NULL, which the library rejects
     const out = new Int32Array(Math.min(n, Math.max(0, budget)) + 1);
-    const m = this.check(Number(this.lib.rf_smooth_select(scores, n, window | 0, budget, edge | 0, smoothed ?? null, out)), "rf_smooth_select");
+    const m = this.check(
+      Number(this.lib.rf_smooth_select(scores, n, window | 0, budget, edge | 0, smoothed ?? null, out)),
+      "rf_smooth_select",
+    );
     return out.subarray(0, m);
   }
 
@@ -382,7 +415,21 @@ export class Native {
     const dtype = ctx instanceof Float32Array ? RF_F32 : RF_F16;
     const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see smoothSelect
     const m = this.check(
-      Number(this.lib.rf_score_select(ctx, dtype, nCtx, dim, q, nQ, sel.window | 0, sel.budget, sel.edge | 0, scores ?? null, out)),
+      Number(
+        this.lib.rf_score_select(
+          ctx,
+          dtype,
+          nCtx,
+          dim,
+          q,
+          nQ,
+          sel.window | 0,
+          sel.budget,
+          sel.edge | 0,
+          scores ?? null,
+          out,
+        ),
+      ),
       "rf_score_select",
     );
     return out.subarray(0, m);
@@ -452,7 +499,10 @@ export class NativeModel {
       hb[i * 3 + 1] = h.kind === "q" ? RF_HEAD_Q : h.kind === "k" ? RF_HEAD_K : RF_HEAD_V;
       hb[i * 3 + 2] = h.head;
     });
-    const p = this.native._checkPtr(this.lib.rf_compressor_create(this.handle, pb, hb, heads.length), "rf_compressor_create");
+    const p = this.native._checkPtr(
+      this.lib.rf_compressor_create(this.handle, pb, hb, heads.length),
+      "rf_compressor_create",
+    );
     return new NativeCompressor(this.native, this.lib, p, params);
   }
 
@@ -552,7 +602,8 @@ export class NativeSeq {
 
   /** Append tokens; returns the last token's logits when `wantLogits` (into `out` when given). */
   forward(tokens: Int32Array, wantLogits = false, out?: Float32Array): Float32Array | null {
-    if (out && out.length !== this.vocabSize) throw new Error(`logits buffer has ${out.length} entries, vocab is ${this.vocabSize}`);
+    if (out && out.length !== this.vocabSize)
+      throw new Error(`logits buffer has ${out.length} entries, vocab is ${this.vocabSize}`);
     const logits = wantLogits ? (out ?? new Float32Array(this.vocabSize)) : null;
     this.native._check(this.lib.rf_seq_forward(this.handle, tokens, tokens.length, logits), "rf_seq_forward");
     return logits;
@@ -560,7 +611,10 @@ export class NativeSeq {
 
   /** Sample from the last logits (this sequence's generator). */
   sample(p: SamplingParams): number {
-    return this.native._check(this.lib.rf_seq_sample(this.handle, p.temperature, p.topP, p.topK, this.rng), "rf_seq_sample");
+    return this.native._check(
+      this.lib.rf_seq_sample(this.handle, p.temperature, p.topP, p.topK, this.rng),
+      "rf_seq_sample",
+    );
   }
 
   /** Sample from caller-adjusted logits with the same algorithm and this sequence's generator. */
@@ -586,10 +640,7 @@ export class NativeSeq {
 
 /** Pick and load a backend: `prefer` forces one; `library` names the library file to load instead of
  * build/libreform_<backend>.so (its backend must match a forced one). */
-export function loadNative(
-  prefer: "auto" | "cpu" | "cuda" = "auto",
-  library?: string,
-): Native {
+export function loadNative(prefer: "auto" | "cpu" | "cuda" = "auto", library?: string): Native {
   if (library) {
     const n = new Native(prefer === "auto" ? undefined : prefer, library);
     if (n.backend === "cuda" && n.deviceCount() < 1) {

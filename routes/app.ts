@@ -101,7 +101,10 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
   // Cross-origin access is off unless origins are named: a page on another site must not be able to drive a
   // server on localhost. "*" allows any origin (only sensible together with an API key).
   if (d.opts.corsOrigin) {
-    const origins = d.opts.corsOrigin.split(",").map((o) => o.trim()).filter(Boolean);
+    const origins = d.opts.corsOrigin
+      .split(",")
+      .map((o) => o.trim())
+      .filter(Boolean);
     app.use(
       "*",
       cors({

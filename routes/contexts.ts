@@ -32,7 +32,11 @@ function finalFlag(c: Context): boolean {
 function offsetParam(c: Context): number | undefined {
   const raw = c.req.query("offset");
   if (raw === undefined) return undefined;
-  const r = z.coerce.number().int().min(0).safeParse(raw.trim() === "" ? Number.NaN : raw);
+  const r = z.coerce
+    .number()
+    .int()
+    .min(0)
+    .safeParse(raw.trim() === "" ? Number.NaN : raw);
   if (!r.success) throw fromZod(r.error, "offset");
   return r.data;
 }
@@ -40,10 +44,7 @@ function offsetParam(c: Context): number | undefined {
 /** Media types accepted as raw context bytes. */
 function isRawType(t: string): boolean {
   return (
-    t === "" ||
-    t.startsWith("text/") ||
-    t === "application/octet-stream" ||
-    t === "application/x-www-form-urlencoded" // curl --data-binary default; the bytes are taken as-is
+    t === "" || t.startsWith("text/") || t === "application/octet-stream" || t === "application/x-www-form-urlencoded" // curl --data-binary default; the bytes are taken as-is
   );
 }
 
@@ -199,7 +200,12 @@ export function contextRoutes(d: Deps): Hono {
   const exclusive = async <T>(c: Context, id: string, fn: () => Promise<T>): Promise<T> => {
     for (let w = writing.get(id); w; w = writing.get(id)) {
       if (!w.client.aborted)
-        throw new ApiError(409, "context_busy", `context '${id}' has an upload in progress; retry when it has finished`, "id");
+        throw new ApiError(
+          409,
+          "context_busy",
+          `context '${id}' has an upload in progress; retry when it has finished`,
+          "id",
+        );
       await w.done.catch(() => {});
     }
     const done = fn();

@@ -34,7 +34,12 @@ export function errorType(status: number): string {
   return "invalid_request_error";
 }
 
-export function errorBody(status: number, code: string | null, message: string, param: string | null = null): ErrorBody {
+export function errorBody(
+  status: number,
+  code: string | null,
+  message: string,
+  param: string | null = null,
+): ErrorBody {
   return { error: { message, type: errorType(status), param, code } };
 }
 
@@ -83,7 +88,7 @@ export function toErrorResponse(err: unknown, log: Logger = defaultLogger, where
   if (err instanceof SyntaxError) {
     return jsonError(400, "invalid_json", `malformed JSON body: ${err.message}`);
   }
-  log("error", `internal error ${where}`, err instanceof Error ? err.stack ?? err.message : err);
+  log("error", `internal error ${where}`, err instanceof Error ? (err.stack ?? err.message) : err);
   return jsonError(500, "internal_error", "internal server error");
 }
 

@@ -72,7 +72,9 @@ export class HttpStats {
       `reform_up ${state === "ready" ? 1 : 0}`,
     ]);
     metric("reform_engine_state", "gauge", "Engine state (1 for the current one).", [
-      ...(["loading", "ready", "failed"] as const).map((s) => `reform_engine_state{state="${s}"} ${state === s ? 1 : 0}`),
+      ...(["loading", "ready", "failed"] as const).map(
+        (s) => `reform_engine_state{state="${s}"} ${state === s ? 1 : 0}`,
+      ),
     ]);
     const info = engine.modelInfo();
     if (info) {
@@ -103,7 +105,9 @@ export class HttpStats {
       metric("reform_engine_requests_total", "counter", "Queries handled by the engine since start.", [
         `reform_engine_requests_total ${fmt(m.requestsTotal)}`,
       ]);
-      metric("reform_queue_depth", "gauge", "Jobs waiting in the engine queue.", [`reform_queue_depth ${fmt(m.queueDepth)}`]);
+      metric("reform_queue_depth", "gauge", "Jobs waiting in the engine queue.", [
+        `reform_queue_depth ${fmt(m.queueDepth)}`,
+      ]);
       metric("reform_active_contexts", "gauge", "Context sessions held by the engine.", [
         `reform_active_contexts ${fmt(m.activeContexts)}`,
       ]);
@@ -133,14 +137,20 @@ export class HttpStats {
     const reqLines: string[] = [];
     for (const [k, v] of this.requests) {
       const [method, route, status] = k.split("\0");
-      reqLines.push(`reform_http_requests_total{method="${esc(method!)}",route="${esc(route!)}",status="${status}"} ${v}`);
+      reqLines.push(
+        `reform_http_requests_total{method="${esc(method!)}",route="${esc(route!)}",status="${status}"} ${v}`,
+      );
     }
     metric("reform_http_requests_total", "counter", "HTTP requests by route and status.", reqLines);
     metric("reform_http_requests_in_flight", "gauge", "HTTP requests being handled.", [
       `reform_http_requests_in_flight ${this.inFlight}`,
     ]);
-    metric("reform_sse_streams_active", "gauge", "Open server-sent-event streams.", [`reform_sse_streams_active ${this.sseActive}`]);
-    metric("reform_upload_bytes_total", "counter", "Context bytes accepted over HTTP.", [`reform_upload_bytes_total ${this.uploadBytes}`]);
+    metric("reform_sse_streams_active", "gauge", "Open server-sent-event streams.", [
+      `reform_sse_streams_active ${this.sseActive}`,
+    ]);
+    metric("reform_upload_bytes_total", "counter", "Context bytes accepted over HTTP.", [
+      `reform_upload_bytes_total ${this.uploadBytes}`,
+    ]);
     metric("reform_queries_aborted_total", "counter", "Queries stopped because the client went away.", [
       `reform_queries_aborted_total ${this.queriesAborted}`,
     ]);

@@ -185,12 +185,17 @@ export function openaiRoutes(d: Deps): Hono {
   r.post("/chat/completions", async (c) => {
     const body = await parseJsonBody(c, ChatBody, opts.maxJsonBytes);
     const wantLogprobs = body.logprobs === true;
-    const s = await start(c, body, { messages: toMessages(body.messages) }, {
-      object: body.stream ? "chat.completion.chunk" : "chat.completion",
-      idPrefix: "chatcmpl",
-      maxTokens: body.max_completion_tokens ?? body.max_tokens ?? engine.modelInfo()?.defaults.maxTokens ?? 256,
-      logprobs: wantLogprobs ? (body.top_logprobs ?? 0) : null,
-    });
+    const s = await start(
+      c,
+      body,
+      { messages: toMessages(body.messages) },
+      {
+        object: body.stream ? "chat.completion.chunk" : "chat.completion",
+        idPrefix: "chatcmpl",
+        maxTokens: body.max_completion_tokens ?? body.max_tokens ?? engine.modelInfo()?.defaults.maxTokens ?? 256,
+        logprobs: wantLogprobs ? (body.top_logprobs ?? 0) : null,
+      },
+    );
 
     if (!body.stream) {
       const res = await collectQuery(d, s.q);
@@ -230,17 +235,24 @@ export function openaiRoutes(d: Deps): Hono {
     const body = await parseJsonBody(c, CompletionBody, opts.maxJsonBytes);
     const prompt = typeof body.prompt === "string" ? body.prompt : body.prompt[0]!;
     const wantLogprobs = body.logprobs != null;
-    const s = await start(c, body, { prompt }, {
-      object: "text_completion",
-      idPrefix: "cmpl",
-      maxTokens: body.max_tokens ?? 16, // OpenAI's default for this endpoint
-      logprobs: body.logprobs ?? null,
-    });
+    const s = await start(
+      c,
+      body,
+      { prompt },
+      {
+        object: "text_completion",
+        idPrefix: "cmpl",
+        maxTokens: body.max_tokens ?? 16, // OpenAI's default for this endpoint
+        logprobs: body.logprobs ?? null,
+      },
+    );
     const echo = body.echo === true ? prompt : "";
 
     if (!body.stream) {
       const res = await collectQuery(d, s.q);
-      return c.json(complete(s, res, { text: echo + res.text, logprobs: wantLogprobs ? legacyLogprobs(res.logprobs, 0) : null }));
+      return c.json(
+        complete(s, res, { text: echo + res.text, logprobs: wantLogprobs ? legacyLogprobs(res.logprobs, 0) : null }),
+      );
     }
 
     let pending: LogprobView[] = [];

@@ -49,7 +49,8 @@ export function samplingOf(
   if (b.presence_penalty != null) s.presencePenalty = b.presence_penalty;
   if (b.frequency_penalty != null) s.frequencyPenalty = b.frequency_penalty;
   if (b.repetition_penalty != null) s.repetitionPenalty = b.repetition_penalty;
-  if (b.logit_bias != null) s.logitBias = Object.fromEntries(Object.entries(b.logit_bias).map(([k, v]) => [Number(k), v]));
+  if (b.logit_bias != null)
+    s.logitBias = Object.fromEntries(Object.entries(b.logit_bias).map(([k, v]) => [Number(k), v]));
   return s;
 }
 
@@ -97,16 +98,27 @@ const OpenAIFields = {
   method: Field.method.optional(),
   budget: Field.budget.optional(),
   reform: z
-    .object({ context_id: ContextIdSchema.optional(), method: Field.method.optional(), budget: Field.budget.optional() })
+    .object({
+      context_id: ContextIdSchema.optional(),
+      method: Field.method.optional(),
+      budget: Field.budget.optional(),
+    })
     .strict()
     .optional(),
 };
 
 /** Rules both OpenAI endpoints share. */
-function refineOpenAI(v: { n?: number | null; stream?: boolean | null; stream_options?: unknown }, ctx: z.RefinementCtx): void {
+function refineOpenAI(
+  v: { n?: number | null; stream?: boolean | null; stream_options?: unknown },
+  ctx: z.RefinementCtx,
+): void {
   if (v.n != null && v.n !== 1) ctx.addIssue({ code: "custom", path: ["n"], message: "only n=1 is supported" });
   if (v.stream_options != null && v.stream !== true)
-    ctx.addIssue({ code: "custom", path: ["stream_options"], message: "stream_options is only allowed when stream is true" });
+    ctx.addIssue({
+      code: "custom",
+      path: ["stream_options"],
+      message: "stream_options is only allowed when stream is true",
+    });
 }
 
 const ContentPart = z.looseObject({ type: z.string(), text: z.string().optional() });
@@ -136,9 +148,17 @@ export const ChatBody = z
     if (v.top_logprobs != null && v.logprobs !== true)
       ctx.addIssue({ code: "custom", path: ["top_logprobs"], message: "top_logprobs requires logprobs: true" });
     if ((v.tools?.length ?? 0) > 0 || (v.functions?.length ?? 0) > 0)
-      ctx.addIssue({ code: "custom", path: ["tools"], message: "tool / function calling is not supported by this server" });
+      ctx.addIssue({
+        code: "custom",
+        path: ["tools"],
+        message: "tool / function calling is not supported by this server",
+      });
     if (v.tool_choice != null && v.tool_choice !== "none" && v.tool_choice !== "auto")
-      ctx.addIssue({ code: "custom", path: ["tool_choice"], message: "tool / function calling is not supported by this server" });
+      ctx.addIssue({
+        code: "custom",
+        path: ["tool_choice"],
+        message: "tool / function calling is not supported by this server",
+      });
     if (v.response_format != null && v.response_format.type !== "text")
       ctx.addIssue({
         code: "custom",
@@ -148,7 +168,11 @@ export const ChatBody = z
     v.messages.forEach((m, i) => {
       // only an assistant turn (one that called tools) may come without content
       if (m.content == null && m.role !== "assistant")
-        ctx.addIssue({ code: "custom", path: ["messages", i, "content"], message: `a ${m.role} message needs content` });
+        ctx.addIssue({
+          code: "custom",
+          path: ["messages", i, "content"],
+          message: `a ${m.role} message needs content`,
+        });
       if (Array.isArray(m.content)) {
         m.content.forEach((p, j) => {
           if (p.type !== "text" || typeof p.text !== "string") {
@@ -176,10 +200,15 @@ export const CompletionBody = z
   })
   .superRefine((v, ctx) => {
     refineOpenAI(v, ctx);
-    if (v.best_of != null && v.best_of !== 1) ctx.addIssue({ code: "custom", path: ["best_of"], message: "only best_of=1 is supported" });
+    if (v.best_of != null && v.best_of !== 1)
+      ctx.addIssue({ code: "custom", path: ["best_of"], message: "only best_of=1 is supported" });
     if (v.suffix) ctx.addIssue({ code: "custom", path: ["suffix"], message: "suffix (insertion) is not supported" });
     if (v.echo && v.logprobs != null)
-      ctx.addIssue({ code: "custom", path: ["echo"], message: "echo with logprobs is not supported (prompt log-probabilities are not computed)" });
+      ctx.addIssue({
+        code: "custom",
+        path: ["echo"],
+        message: "echo with logprobs is not supported (prompt log-probabilities are not computed)",
+      });
   });
 export type CompletionBody = z.output<typeof CompletionBody>;
 
@@ -192,7 +221,10 @@ export const TokenizeBody = z
     add_special_tokens: z.boolean().default(false),
   })
   .strict()
-  .refine((v) => (v.text === undefined) !== (v.prompt === undefined), { message: "give exactly one of 'text' or 'prompt'", path: ["text"] });
+  .refine((v) => (v.text === undefined) !== (v.prompt === undefined), {
+    message: "give exactly one of 'text' or 'prompt'",
+    path: ["text"],
+  });
 
 /** POST /v1/detokenize */
 export const DetokenizeBody = z
@@ -214,10 +246,15 @@ export function reformTarget(body: {
   let contextId = body.context_id ?? body.reform?.context_id;
   if (contextId === undefined && body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {
     const fromModel = ContextIdSchema.safeParse(body.model.slice(CONTEXT_MODEL_PREFIX.length));
-    if (!fromModel.success) throw new ApiError(404, "model_not_found", `the model '${body.model}' does not exist`, "model");
+    if (!fromModel.success)
+      throw new ApiError(404, "model_not_found", `the model '${body.model}' does not exist`, "model");
     contextId = fromModel.data;
   }
-  return { contextId, method: body.reform?.method ?? body.method ?? "reform", budget: body.reform?.budget ?? body.budget };
+  return {
+    contextId,
+    method: body.reform?.method ?? body.method ?? "reform",
+    budget: body.reform?.budget ?? body.budget,
+  };
 }
 
 // ------------------------------------------------------------------ response views
@@ -247,7 +284,11 @@ export type LogprobView = ReturnType<typeof logprobView>;
 
 /** OpenAI's usage object */
 export function openaiUsage(u: { promptTokens: number; completionTokens: number }) {
-  return { prompt_tokens: u.promptTokens, completion_tokens: u.completionTokens, total_tokens: u.promptTokens + u.completionTokens };
+  return {
+    prompt_tokens: u.promptTokens,
+    completion_tokens: u.completionTokens,
+    total_tokens: u.promptTokens + u.completionTokens,
+  };
 }
 
 /** The native API's usage: OpenAI's plus the context's counts. */

@@ -46,19 +46,36 @@ export function queryRoutes(d: Deps): Hono {
     return streamQuery(d, c.req.raw, q, `query ${id} on ${contextId}`, (ev, w) => {
       if (ev.type === "start") {
         w.send(
-          { type: "start", ...base, prompt_tokens: ev.promptTokens, selected_tokens: ev.selectedTokens, context_tokens: ev.contextTokens },
+          {
+            type: "start",
+            ...base,
+            prompt_tokens: ev.promptTokens,
+            selected_tokens: ev.selectedTokens,
+            context_tokens: ev.contextTokens,
+          },
           "start",
         );
       } else if (ev.type === "progress") {
         w.send({ type: "progress", stage: ev.stage, done: ev.done, total: ev.total }, "progress");
       } else if (ev.type === "token") {
         w.send(
-          { type: "token", text: ev.text, token_id: ev.tokenId, ...(ev.logprob ? { logprob: logprobView(ev.logprob) } : {}) },
+          {
+            type: "token",
+            text: ev.text,
+            token_id: ev.tokenId,
+            ...(ev.logprob ? { logprob: logprobView(ev.logprob) } : {}),
+          },
           "token",
         );
       } else if (ev.type === "done") {
         w.send(
-          { type: "finish", ...base, finish_reason: ev.finishReason, usage: usageView(ev.usage), timings: timingsView(ev.timings) },
+          {
+            type: "finish",
+            ...base,
+            finish_reason: ev.finishReason,
+            usage: usageView(ev.usage),
+            timings: timingsView(ev.timings),
+          },
           "finish",
         );
       }

@@ -28,7 +28,11 @@ export interface Collected {
  * Starts an engine query and waits for its first event. The engine query is aborted when the client
  * disconnects (`req.signal`) or `ac` is aborted.
  */
-export async function openQuery(engine: EngineClient, req: Request, q: Omit<QueryRequest, "signal">): Promise<OpenQuery> {
+export async function openQuery(
+  engine: EngineClient,
+  req: Request,
+  q: Omit<QueryRequest, "signal">,
+): Promise<OpenQuery> {
   const ac = new AbortController();
   const onAbort = () => ac.abort();
   if (req.signal.aborted) ac.abort();

@@ -1,6 +1,6 @@
 /** Shared request helpers: bounded JSON body parsing with zod, id validation, SSE responses. */
 import type { Context } from "hono";
-import { z } from "zod";
+import type { z } from "zod";
 import { ApiError, errorBody, fromZod, type Logger } from "./errors.ts";
 import { ContextIdSchema } from "../src/engine/schema.ts";
 
@@ -115,11 +115,7 @@ export interface SseOptions {
  * disconnects (request aborted or body cancelled), `writer.signal` aborts so `run` can stop work.
  * An error thrown by `run` after the stream started is reported as an `error` event.
  */
-export function sseResponse(
-  req: Request,
-  run: (w: SseWriter) => Promise<void>,
-  opts: SseOptions = {},
-): Response {
+export function sseResponse(req: Request, run: (w: SseWriter) => Promise<void>, opts: SseOptions = {}): Response {
   const enc = new TextEncoder();
   const ac = new AbortController();
   let closed = false;
@@ -184,7 +180,14 @@ export function sseResponse(
             const code = (err as { code?: string }).code ?? "internal_error";
             const st = typeof status === "number" ? status : 500;
             if (st >= 500) opts.log?.("error", "error during SSE stream", err instanceof Error ? err.stack : err);
-            writer.send(errorBody(st, code, st >= 500 && typeof status !== "number" ? "internal server error" : (err as Error).message), "error");
+            writer.send(
+              errorBody(
+                st,
+                code,
+                st >= 500 && typeof status !== "number" ? "internal server error" : (err as Error).message,
+              ),
+              "error",
+            );
             writer.send("[DONE]");
           }
         } finally {

@@ -75,33 +75,111 @@ export interface SelectHeadsResult {
 // ---------------- deterministic synthetic data ----------------
 
 const NAMES = [
-  "Amelia Hart", "Bruno Castell", "Chiara Voss", "Dmitri Olen", "Esther Quill", "Farid Nasser", "Greta Lindqvist",
-  "Hiro Tanabe", "Ines Mourao", "Jonah Whitlock", "Kaveh Rostami", "Lena Fairbairn", "Mateo Ibarra", "Nadia Petrenko",
-  "Oskar Brandt", "Priya Raman", "Quentin Lobel", "Rosa Delacroix", "Stellan Moor", "Tamsin Reyes", "Ulrich Becker",
-  "Valeria Costa", "Wen Zhao", "Ximena Duarte", "Yusuf Demir", "Zofia Kowal",
+  "Amelia Hart",
+  "Bruno Castell",
+  "Chiara Voss",
+  "Dmitri Olen",
+  "Esther Quill",
+  "Farid Nasser",
+  "Greta Lindqvist",
+  "Hiro Tanabe",
+  "Ines Mourao",
+  "Jonah Whitlock",
+  "Kaveh Rostami",
+  "Lena Fairbairn",
+  "Mateo Ibarra",
+  "Nadia Petrenko",
+  "Oskar Brandt",
+  "Priya Raman",
+  "Quentin Lobel",
+  "Rosa Delacroix",
+  "Stellan Moor",
+  "Tamsin Reyes",
+  "Ulrich Becker",
+  "Valeria Costa",
+  "Wen Zhao",
+  "Ximena Duarte",
+  "Yusuf Demir",
+  "Zofia Kowal",
 ];
 const WORDS = [
-  "marmalade", "thunderbolt", "juniper", "saxophone", "labyrinth", "quicksilver", "pinecone", "avalanche", "origami",
-  "kaleidoscope", "lighthouse", "cinnamon", "meteorite", "harmonica", "tangerine", "glacier", "porcupine", "velvet",
-  "zeppelin", "chrysanthemum", "obsidian", "pumpernickel", "nightingale", "boomerang",
+  "marmalade",
+  "thunderbolt",
+  "juniper",
+  "saxophone",
+  "labyrinth",
+  "quicksilver",
+  "pinecone",
+  "avalanche",
+  "origami",
+  "kaleidoscope",
+  "lighthouse",
+  "cinnamon",
+  "meteorite",
+  "harmonica",
+  "tangerine",
+  "glacier",
+  "porcupine",
+  "velvet",
+  "zeppelin",
+  "chrysanthemum",
+  "obsidian",
+  "pumpernickel",
+  "nightingale",
+  "boomerang",
 ];
 const SUBJECTS = [
-  "The old farmer", "A quiet student", "The city council", "My neighbour", "The travelling merchant", "A young engineer",
-  "The museum guide", "Our teacher", "The ship's captain", "A curious child", "The baker down the street", "The committee",
+  "The old farmer",
+  "A quiet student",
+  "The city council",
+  "My neighbour",
+  "The travelling merchant",
+  "A young engineer",
+  "The museum guide",
+  "Our teacher",
+  "The ship's captain",
+  "A curious child",
+  "The baker down the street",
+  "The committee",
 ];
 const VERBS = [
-  "walked slowly toward", "wrote a long letter about", "could not stop thinking about", "painted a picture of",
-  "argued for hours about", "carefully repaired", "quietly observed", "told a strange story about", "forgot all about",
-  "spent the afternoon near", "made careful notes on", "decided to visit",
+  "walked slowly toward",
+  "wrote a long letter about",
+  "could not stop thinking about",
+  "painted a picture of",
+  "argued for hours about",
+  "carefully repaired",
+  "quietly observed",
+  "told a strange story about",
+  "forgot all about",
+  "spent the afternoon near",
+  "made careful notes on",
+  "decided to visit",
 ];
 const OBJECTS = [
-  "the river", "the northern hills", "an abandoned train station", "the village market", "the winter festival",
-  "a broken clock", "the library on the corner", "the harbour at dawn", "a field of sunflowers", "the new bridge",
-  "the mountain road", "an old photograph",
+  "the river",
+  "the northern hills",
+  "an abandoned train station",
+  "the village market",
+  "the winter festival",
+  "a broken clock",
+  "the library on the corner",
+  "the harbour at dawn",
+  "a field of sunflowers",
+  "the new bridge",
+  "the mountain road",
+  "an old photograph",
 ];
 const TAILS = [
-  "", " before the rain started", " while the bells rang", " without saying a word", " after a long day",
-  " in the early morning", " as the sun went down", " for the third time that week", " with great enthusiasm",
+  "",
+  " before the rain started",
+  " while the bells rang",
+  " without saying a word",
+  " after a long day",
+  " in the early morning",
+  " as the sun went down",
+  " for the third time that week",
+  " with great enthusiasm",
 ];
 
 function pick<T>(rnd: () => number, a: readonly T[]): T {
@@ -136,7 +214,8 @@ export function buildSample(tok: ModelTokenizer, contextTokens: number, rnd: () 
     n += s.length;
   }
   // needle before sentence `at`: a random depth, away from the very start/end when there is room
-  const at = sentences.length >= 2 ? 1 + Math.floor(rnd() * (sentences.length - 1)) : Math.floor(rnd() * (sentences.length + 1));
+  const at =
+    sentences.length >= 2 ? 1 + Math.floor(rnd() * (sentences.length - 1)) : Math.floor(rnd() * (sentences.length + 1));
   const ids: number[] = [];
   let needle: [number, number] = [0, 0];
   for (let i = 0; i <= sentences.length; i++) {
@@ -164,7 +243,10 @@ export function parseLayers(spec: string | number[] | undefined, numLayers: numb
     out = Array.from({ length: numLayers }, (_, i) => i);
   } else {
     out = [];
-    for (const part of spec.split(",").map((s) => s.trim()).filter(Boolean)) {
+    for (const part of spec
+      .split(",")
+      .map((s) => s.trim())
+      .filter(Boolean)) {
       const m = /^(\d+)(?:-(\d+))?$/.exec(part);
       if (!m) throw new Error(`--layers: cannot parse "${part}" (use "all", "8-16" or "3,5,7")`);
       const a = Number(m[1]);
@@ -175,7 +257,8 @@ export function parseLayers(spec: string | number[] | undefined, numLayers: numb
   out = [...new Set(out)].sort((a, b) => a - b);
   if (out.length === 0) throw new Error("--layers: no layers selected");
   for (const l of out) {
-    if (!Number.isInteger(l) || l < 0 || l >= numLayers) throw new Error(`--layers: layer ${l} out of range 0..${numLayers - 1}`);
+    if (!Number.isInteger(l) || l < 0 || l >= numLayers)
+      throw new Error(`--layers: layer ${l} out of range 0..${numLayers - 1}`);
   }
   return out;
 }
@@ -259,7 +342,9 @@ export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
     model = native.createModel(mc);
     loadSafetensors(o.modelDir, model);
     model.finalize();
-    log(`loaded on ${native.backendName()} (${native.deviceInfo()}) in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    log(
+      `loaded on ${native.backendName()} (${native.deviceInfo()}) in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
+    );
     const comp = model.createCompressor(
       { capacity, nSink, nRecent, obsWindow, maxChunk: Math.max(chunk, maxQ), embDtype: RF_F32, exitLayer: -1 },
       candidates,
@@ -331,7 +416,9 @@ export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
   log(`rank  head        recall@${budget}  best-rank`);
   ranking.forEach((h, i) => {
     const mark = selected.includes(h) ? " *" : "";
-    log(`${String(i + 1).padStart(4)}  ${headKey(h).padEnd(10)}  ${h.recall.toFixed(3).padStart(9)}  ${h.bestRank.toFixed(1).padStart(9)}${mark}`);
+    log(
+      `${String(i + 1).padStart(4)}  ${headKey(h).padEnd(10)}  ${h.recall.toFixed(3).padStart(9)}  ${h.bestRank.toFixed(1).padStart(9)}${mark}`,
+    );
   });
   log(`selected: ${selected.map(headKey).join(", ")}`);
 
@@ -384,8 +471,20 @@ function main(argv: string[]): void {
   const { values } = parseFlags(
     argv,
     valueFlags(
-      "model", "layers", "kinds", "samples", "context-tokens", "top", "budget", "window", "chunk", "capacity", "seed",
-      "threads", "out", "backend",
+      "model",
+      "layers",
+      "kinds",
+      "samples",
+      "context-tokens",
+      "top",
+      "budget",
+      "window",
+      "chunk",
+      "capacity",
+      "seed",
+      "threads",
+      "out",
+      "backend",
     ),
   );
   if (values.help) {
@@ -395,8 +494,12 @@ function main(argv: string[]): void {
   if (!values.model) throw new UsageError("--model is required");
   let kinds: ("q" | "k" | "v")[] | undefined;
   if (values.kinds !== undefined) {
-    kinds = values.kinds.split(",").map((s) => s.trim()).filter(Boolean) as ("q" | "k" | "v")[];
-    for (const k of kinds) if (k !== "q" && k !== "k" && k !== "v") throw new UsageError(`--kinds: unknown kind "${k}" (q, k, v)`);
+    kinds = values.kinds
+      .split(",")
+      .map((s) => s.trim())
+      .filter(Boolean) as ("q" | "k" | "v")[];
+    for (const k of kinds)
+      if (k !== "q" && k !== "k" && k !== "v") throw new UsageError(`--kinds: unknown kind "${k}" (q, k, v)`);
     if (kinds.length === 0) throw new UsageError("--kinds: empty");
   }
   const positive = (name: string, v: string | undefined) => intFlag(name, v, 1);

@@ -60,25 +60,101 @@ type Flag = {
 };
 
 const FLAGS: Flag[] = [
-  { flag: "model", short: "m", arg: "DIR", env: ["REFORM_MODEL"], help: "Hugging Face model directory (config.json, *.safetensors, tokenizer.json); required" },
-  { flag: "data", arg: "DIR", env: ["REFORM_DATA_DIR"], help: `where context sessions are stored (default ./${DEFAULTS.dataDir})` },
-  { flag: "host", arg: "HOST", env: ["REFORM_HOST"], help: `listen address (default ${DEFAULTS.host}; 0.0.0.0 for all)` },
-  { flag: "port", short: "p", arg: "N", env: ["REFORM_PORT", "PORT"], help: `listen port (default ${DEFAULTS.port}; 0 = any free port)` },
-  { flag: "heads", arg: "FILE|JSON", env: ["REFORM_HEADS"], help: "head-selection file overriding <model>/reform_heads.json" },
-  { flag: "backend", arg: "cpu|cuda", env: ["REFORM_BACKEND"], help: "native backend (default: cuda when available, else cpu)" },
-  { flag: "library", arg: "FILE", env: ["REFORM_LIBRARY"], help: "native library to load instead of build/libreform_<backend>.so" },
-  { flag: "lib-dir", arg: "DIR", env: ["REFORM_LIB_DIR"], help: "folder of libreform_<backend>.so (default build/); needs --backend" },
-  { flag: "api-key", arg: "KEY", env: ["REFORM_API_KEY"], help: "require 'Authorization: Bearer KEY' (all but /health)" },
-  { flag: "served-name", arg: "NAME", env: ["REFORM_SERVED_NAME"], help: "model name shown by /v1/models (default: model dir name)" },
-  { flag: "max-body-bytes", arg: "N", env: ["REFORM_MAX_BODY_BYTES"], help: "largest single upload request in bytes (default 64 GiB)" },
-  { flag: "max-json-bytes", arg: "N", env: ["REFORM_MAX_JSON_BYTES"], help: "largest JSON request body in bytes (default 32 MiB)" },
-  { flag: "idle-timeout", arg: "S", env: ["REFORM_IDLE_TIMEOUT"], help: `seconds a quiet ordinary connection stays open (default ${DEFAULTS.idleTimeoutSec}, at most 255)` },
-  { flag: "cors-origin", arg: "ORIGIN", env: ["REFORM_CORS_ORIGIN"], help: 'origins allowed to call the API from a browser, comma-separated ("*" = any; default: none, same-origin only)' },
+  {
+    flag: "model",
+    short: "m",
+    arg: "DIR",
+    env: ["REFORM_MODEL"],
+    help: "Hugging Face model directory (config.json, *.safetensors, tokenizer.json); required",
+  },
+  {
+    flag: "data",
+    arg: "DIR",
+    env: ["REFORM_DATA_DIR"],
+    help: `where context sessions are stored (default ./${DEFAULTS.dataDir})`,
+  },
+  {
+    flag: "host",
+    arg: "HOST",
+    env: ["REFORM_HOST"],
+    help: `listen address (default ${DEFAULTS.host}; 0.0.0.0 for all)`,
+  },
+  {
+    flag: "port",
+    short: "p",
+    arg: "N",
+    env: ["REFORM_PORT", "PORT"],
+    help: `listen port (default ${DEFAULTS.port}; 0 = any free port)`,
+  },
+  {
+    flag: "heads",
+    arg: "FILE|JSON",
+    env: ["REFORM_HEADS"],
+    help: "head-selection file overriding <model>/reform_heads.json",
+  },
+  {
+    flag: "backend",
+    arg: "cpu|cuda",
+    env: ["REFORM_BACKEND"],
+    help: "native backend (default: cuda when available, else cpu)",
+  },
+  {
+    flag: "library",
+    arg: "FILE",
+    env: ["REFORM_LIBRARY"],
+    help: "native library to load instead of build/libreform_<backend>.so",
+  },
+  {
+    flag: "lib-dir",
+    arg: "DIR",
+    env: ["REFORM_LIB_DIR"],
+    help: "folder of libreform_<backend>.so (default build/); needs --backend",
+  },
+  {
+    flag: "api-key",
+    arg: "KEY",
+    env: ["REFORM_API_KEY"],
+    help: "require 'Authorization: Bearer KEY' (all but /health)",
+  },
+  {
+    flag: "served-name",
+    arg: "NAME",
+    env: ["REFORM_SERVED_NAME"],
+    help: "model name shown by /v1/models (default: model dir name)",
+  },
+  {
+    flag: "max-body-bytes",
+    arg: "N",
+    env: ["REFORM_MAX_BODY_BYTES"],
+    help: "largest single upload request in bytes (default 64 GiB)",
+  },
+  {
+    flag: "max-json-bytes",
+    arg: "N",
+    env: ["REFORM_MAX_JSON_BYTES"],
+    help: "largest JSON request body in bytes (default 32 MiB)",
+  },
+  {
+    flag: "idle-timeout",
+    arg: "S",
+    env: ["REFORM_IDLE_TIMEOUT"],
+    help: `seconds a quiet ordinary connection stays open (default ${DEFAULTS.idleTimeoutSec}, at most 255)`,
+  },
+  {
+    flag: "cors-origin",
+    arg: "ORIGIN",
+    env: ["REFORM_CORS_ORIGIN"],
+    help: 'origins allowed to call the API from a browser, comma-separated ("*" = any; default: none, same-origin only)',
+  },
   { flag: "budget", arg: "N", help: "default recompute budget (context tokens gathered; default 8192)" },
   { flag: "max-budget", arg: "N", help: "largest budget a request may ask for (default max(trained ctx, 1024))" },
   { flag: "max-tokens", arg: "N", help: "default answer length limit (default 512)" },
   { flag: "max-new-tokens", arg: "N", help: "largest max_tokens a request may ask for (default 8192)" },
-  { flag: "max-model-len", arg: "N", help: "longest recompute: template + gathered context + question + max_tokens (default max(trained ctx, max-budget + max-new-tokens + 1024))" },
+  {
+    flag: "max-model-len",
+    arg: "N",
+    help: "longest recompute: template + gathered context + question + max_tokens (default max(trained ctx, max-budget + max-new-tokens + 1024))",
+  },
   { flag: "max-h2o-tokens", arg: "N", help: "longest context method h2o accepts (default 262144)" },
   { flag: "chunk-size", arg: "N", help: "compression chunk in tokens (default: heads file, else 1024)" },
   { flag: "capacity", arg: "N", help: "compressor KV entries per layer/head (default: heads file, else 4096)" },
@@ -87,7 +163,10 @@ const FLAGS: Flag[] = [
 ];
 
 const PARSE_OPTIONS = Object.fromEntries(
-  FLAGS.map((f) => [f.flag, { type: f.arg ? ("string" as const) : ("boolean" as const), ...(f.short ? { short: f.short } : {}) }]),
+  FLAGS.map((f) => [
+    f.flag,
+    { type: f.arg ? ("string" as const) : ("boolean" as const), ...(f.short ? { short: f.short } : {}) },
+  ]),
 );
 
 /** Engine defaults settable from the command line: flag, EngineDefaults key, smallest value. */
@@ -140,7 +219,8 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
   const model = str("model");
   if (!model) throw new UsageError("--model is required (or set REFORM_MODEL)");
   const modelDir = resolve(model);
-  if (!existsSync(modelDir) || !statSync(modelDir).isDirectory()) throw new UsageError(`model directory not found: ${modelDir}`);
+  if (!existsSync(modelDir) || !statSync(modelDir).isDirectory())
+    throw new UsageError(`model directory not found: ${modelDir}`);
   if (!existsSync(join(modelDir, "config.json"))) {
     throw new UsageError(`${modelDir} has no config.json (expected a Hugging Face model directory)`);
   }
@@ -149,14 +229,16 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
   let library = str("library");
   const libDir = str("lib-dir");
   if (library === undefined && libDir !== undefined) {
-    if (backend === "auto") throw new UsageError("--lib-dir needs --backend cpu or cuda (or name the file with --library)");
+    if (backend === "auto")
+      throw new UsageError("--lib-dir needs --backend cpu or cuda (or name the file with --library)");
     library = join(libDir, `libreform_${backend}.so`);
   }
   if (library !== undefined && !existsSync(library)) throw new UsageError(`native library not found: ${library}`);
 
   const inlineHeads = (h: string) => h.trim().startsWith("{");
   const heads = str("heads");
-  if (heads !== undefined && !inlineHeads(heads) && !existsSync(heads)) throw new UsageError(`heads file not found: ${heads}`);
+  if (heads !== undefined && !inlineHeads(heads) && !existsSync(heads))
+    throw new UsageError(`heads file not found: ${heads}`);
 
   const defaults: Partial<EngineDefaults> = {};
   for (const [flag, key, min] of ENGINE_DEFAULT_FLAGS) {

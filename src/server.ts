@@ -66,7 +66,9 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     error(err) {
       log("error", "unhandled server error", err.stack ?? err.message);
       return new Response(
-        JSON.stringify({ error: { message: "internal server error", type: "server_error", param: null, code: "internal_error" } }),
+        JSON.stringify({
+          error: { message: "internal server error", type: "server_error", param: null, code: "internal_error" },
+        }),
         { status: 500, headers: { "content-type": "application/json" } },
       );
     },

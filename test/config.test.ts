@@ -104,7 +104,9 @@ describe("config", () => {
       defaults: { budget: 100, maxBudget: 200, maxTokens: 5 },
       threads: 2,
     });
-    expect(usageError(["--model", model, "--budget", "300", "--max-budget", "200"])).toContain("--budget must not exceed");
+    expect(usageError(["--model", model, "--budget", "300", "--max-budget", "200"])).toContain(
+      "--budget must not exceed",
+    );
     expect(usageError(["--model", model, "--budget", "8"])).toContain("--budget must be between 16 and");
   });
 
@@ -124,7 +126,13 @@ describe("config", () => {
     for (const flag of ["--model", "--backend", "--library", "--lib-dir", "--max-json-bytes", "--api-key"]) {
       expect(SERVE_USAGE).toContain(flag);
     }
-    for (const env of ["REFORM_BACKEND", "REFORM_LIBRARY", "REFORM_LIB_DIR", "REFORM_API_KEY", "REFORM_MAX_BODY_BYTES"]) {
+    for (const env of [
+      "REFORM_BACKEND",
+      "REFORM_LIBRARY",
+      "REFORM_LIB_DIR",
+      "REFORM_API_KEY",
+      "REFORM_MAX_BODY_BYTES",
+    ]) {
       expect(SERVE_USAGE).toContain(env);
     }
   });

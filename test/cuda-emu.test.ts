@@ -120,7 +120,6 @@ afterAll(() => {
   if (hooks) hooks.set("schedule", "forward");
 });
 
-
 /** min cosine over (row, head segment) between two embedding matrices */
 function minCos(a: ArrayLike<number>, b: ArrayLike<number>, hd: number): number {
   return cosStats(a, b, hd)[0];
@@ -184,7 +183,16 @@ function margin(lg: ArrayLike<number>): number {
 const D16 = { vocab: 97, hidden: 64, intermediate: 96, heads: 4, kvHeads: 2, headDim: 16 };
 const VARIANTS: Variant[] = [
   // Llama-3 style: GQA (2 query heads per kv head), llama3 rope scaling, untied, bf16
-  { name: "bf16 GQA untied, llama3 rope", tie: false, bias: false, rope: RF_ROPE_LLAMA3, dtype: RF_BF16, layers: 3, seed: 101, dims: D16 },
+  {
+    name: "bf16 GQA untied, llama3 rope",
+    tie: false,
+    bias: false,
+    rope: RF_ROPE_LLAMA3,
+    dtype: RF_BF16,
+    layers: 3,
+    seed: 101,
+    dims: D16,
+  },
   // Qwen2 style: qkv bias, tied, head_dim 32, computed in f16 from f16 weights
   {
     name: "f16 tied + qkv bias, head_dim 32",
@@ -382,7 +390,15 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: long sequence", () => {
 
 /* ---------------- compressor ---------------- */
 
-const CP: CompressParams = { capacity: 48, nSink: 4, nRecent: 8, obsWindow: 8, maxChunk: 32, embDtype: RF_F32, exitLayer: -1 };
+const CP: CompressParams = {
+  capacity: 48,
+  nSink: 4,
+  nRecent: 8,
+  obsWindow: 8,
+  maxChunk: 32,
+  embDtype: RF_F32,
+  exitLayer: -1,
+};
 const HEADS: HeadSpec[] = [
   { layer: 0, kind: "q", head: 1 },
   { layer: 1, kind: "k", head: 0 },
@@ -394,76 +410,90 @@ const CHUNKS = [32, 32, 20, 32, 7, 32, 32];
 
 describe.skipIf(!X64)("CUDA source on the CPU emulation: compressor", () => {
   const v = VARIANTS[0];
-  const toks = tokensFrom(99, CHUNKS.reduce((a, c) => a + c, 0), v.dims!.vocab);
+  const toks = tokensFrom(
+    99,
+    CHUNKS.reduce((a, c) => a + c, 0),
+    v.dims!.vocab,
+  );
 
   // head_dim 128 in f16 as well: the tight check of the H2O pass at the Llama-3-8B head size
-  const f16hd128: Variant = { ...VARIANTS[2], name: "f16 head_dim 128, GQA, llama3 rope", dtype: RF_F16, weightDtype: RF_F16 };
+  const f16hd128: Variant = {
+    ...VARIANTS[2],
+    name: "f16 head_dim 128, GQA, llama3 rope",
+    dtype: RF_F16,
+    weightDtype: RF_F16,
+  };
   for (const cv of [VARIANTS[0], VARIANTS[1], VARIANTS[2], f16hd128])
-  test(`chunks with H2O eviction (${cv.name}): embeddings, cache length, kept entries and scores vs the reference`, () => {
-    const b = model(cv);
-    const f16 = cv.weightDtype === RF_F16;
-    let worstScore = 0;
-    const hd = b.cfg.headDim;
-    const m = loadModel(emu, b);
-    const c = m.createCompressor(CP, HEADS);
-    expect(c.exitLayer).toBe(1);
-    const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
-    const toks = tokensFrom(99, CHUNKS.reduce((a, c) => a + c, 0), b.cfg.vocabSize);
-    let off = 0;
-    let agree = 0;
-    let total = 0;
-    for (const n of CHUNKS) {
-      const chunk = toks.slice(off, off + n);
-      off += n;
-      const e = c.process(i32(chunk)) as Float32Array;
-      const re = flatRows(ref.process(chunk));
-      const [mn, mean] = cosStats(e, re, hd);
-      if (process.env.REFORM_EMU_PRINT) console.log(`chunk at ${off}: min cos ${mn.toFixed(5)} mean ${mean.toFixed(6)}`);
-      if (f16 || off - n < CP.capacity) {
-        // f16 (keep-sets agree), or nothing evicted yet: every (token, head) row
-        expect(mn).toBeGreaterThan(0.995);
-      } else {
-        // bf16 after eviction: keep-sets differ on near ties, later tokens see a slightly different cache
-        expect(mean).toBeGreaterThan(0.995);
-        expect(mn).toBeGreaterThan(0.9);
-      }
-      expect(c.cacheLen()).toBe(ref.cacheLen());
-      expect(c.seen()).toBe(off);
-      // kept entries: the emulated cache row i holds the same key as the reference's row i (pre-RoPE keys)
-      const st = parseState(c.saveState(), hd);
-      expect(st.layers).toBe(2);
-      expect(st.len).toBe(ref.cacheLen());
-      for (let l = 0; l < st.layers; l++)
-        for (let g = 0; g < st.kvh; g++) {
-          const rc = ref.cache[l][g];
-          for (let i = 0; i < rc.length; i++) {
-            total++;
-            const k = st.cache[l][g].k.subarray(i * hd, (i + 1) * hd);
-            let mx = 0;
-            let scale = 0;
-            for (let j = 0; j < hd; j++) {
-              mx = Math.max(mx, Math.abs(k[j] - rc[i].k[j]));
-              scale = Math.max(scale, Math.abs(rc[i].k[j]));
-            }
-            if (mx <= 0.02 * scale + 1e-3) {
-              agree++;
-              // accumulated attention mass of the entry (sums of softmax probabilities)
-              worstScore = Math.max(worstScore, Math.abs(st.cache[l][g].s[i] - rc[i].s) / Math.max(1, rc[i].s));
+    test(`chunks with H2O eviction (${cv.name}): embeddings, cache length, kept entries and scores vs the reference`, () => {
+      const b = model(cv);
+      const f16 = cv.weightDtype === RF_F16;
+      let worstScore = 0;
+      const hd = b.cfg.headDim;
+      const m = loadModel(emu, b);
+      const c = m.createCompressor(CP, HEADS);
+      expect(c.exitLayer).toBe(1);
+      const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
+      const toks = tokensFrom(
+        99,
+        CHUNKS.reduce((a, c) => a + c, 0),
+        b.cfg.vocabSize,
+      );
+      let off = 0;
+      let agree = 0;
+      let total = 0;
+      for (const n of CHUNKS) {
+        const chunk = toks.slice(off, off + n);
+        off += n;
+        const e = c.process(i32(chunk)) as Float32Array;
+        const re = flatRows(ref.process(chunk));
+        const [mn, mean] = cosStats(e, re, hd);
+        if (process.env.REFORM_EMU_PRINT)
+          console.log(`chunk at ${off}: min cos ${mn.toFixed(5)} mean ${mean.toFixed(6)}`);
+        if (f16 || off - n < CP.capacity) {
+          // f16 (keep-sets agree), or nothing evicted yet: every (token, head) row
+          expect(mn).toBeGreaterThan(0.995);
+        } else {
+          // bf16 after eviction: keep-sets differ on near ties, later tokens see a slightly different cache
+          expect(mean).toBeGreaterThan(0.995);
+          expect(mn).toBeGreaterThan(0.9);
+        }
+        expect(c.cacheLen()).toBe(ref.cacheLen());
+        expect(c.seen()).toBe(off);
+        // kept entries: the emulated cache row i holds the same key as the reference's row i (pre-RoPE keys)
+        const st = parseState(c.saveState(), hd);
+        expect(st.layers).toBe(2);
+        expect(st.len).toBe(ref.cacheLen());
+        for (let l = 0; l < st.layers; l++)
+          for (let g = 0; g < st.kvh; g++) {
+            const rc = ref.cache[l][g];
+            for (let i = 0; i < rc.length; i++) {
+              total++;
+              const k = st.cache[l][g].k.subarray(i * hd, (i + 1) * hd);
+              let mx = 0;
+              let scale = 0;
+              for (let j = 0; j < hd; j++) {
+                mx = Math.max(mx, Math.abs(k[j] - rc[i].k[j]));
+                scale = Math.max(scale, Math.abs(rc[i].k[j]));
+              }
+              if (mx <= 0.02 * scale + 1e-3) {
+                agree++;
+                // accumulated attention mass of the entry (sums of softmax probabilities)
+                worstScore = Math.max(worstScore, Math.abs(st.cache[l][g].s[i] - rc[i].s) / Math.max(1, rc[i].s));
+              }
             }
           }
-        }
-    }
-    expect(c.cacheLen()).toBe(CP.capacity);
-    // H2O keep-sets may differ on near ties (16-bit scores); they must agree almost everywhere
-    if (process.env.REFORM_EMU_PRINT) console.log(`keep agreement ${agree}/${total}, worst score diff ${worstScore}`);
-    // Near ties are precision-driven: in f16 (3 more mantissa bits) the keep-sets agree to > 99% and the scores to a
-    // few % (the logits of these random heads are large and peaked: |q.k|/sqrt(hd) ~ 10, growing with head_dim);
-    // in bf16 the keep-sets still agree on most entries
-    expect(agree / total).toBeGreaterThan(f16 ? 0.99 : 0.8);
-    expect(worstScore).toBeLessThan(f16 ? 0.06 : 0.5);
-    m.destroy();
-    c.destroy();
-  });
+      }
+      expect(c.cacheLen()).toBe(CP.capacity);
+      // H2O keep-sets may differ on near ties (16-bit scores); they must agree almost everywhere
+      if (process.env.REFORM_EMU_PRINT) console.log(`keep agreement ${agree}/${total}, worst score diff ${worstScore}`);
+      // Near ties are precision-driven: in f16 (3 more mantissa bits) the keep-sets agree to > 99% and the scores to a
+      // few % (the logits of these random heads are large and peaked: |q.k|/sqrt(hd) ~ 10, growing with head_dim);
+      // in bf16 the keep-sets still agree on most entries
+      expect(agree / total).toBeGreaterThan(f16 ? 0.99 : 0.8);
+      expect(worstScore).toBeLessThan(f16 ? 0.06 : 0.5);
+      m.destroy();
+      c.destroy();
+    });
 
   test("embed() in context, f16 embeddings, state blobs CUDA <-> CPU", () => {
     const b = model(v);
@@ -576,7 +606,11 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: scheduling, random init
 
   test("errors come back as codes: bad head_dim, bad tokens, out of device memory, no device", () => {
     const b = model(VARIANTS[0]);
-    expectNativeError(() => emu.createModel({ ...b.cfg, headDim: 8, hiddenSize: 32 }), RF_ERR_INVALID, /multiple of 16/);
+    expectNativeError(
+      () => emu.createModel({ ...b.cfg, headDim: 8, hiddenSize: 32 }),
+      RF_ERR_INVALID,
+      /multiple of 16/,
+    );
     const m = loadModel(emu, b);
     const s = m.createSeq(8);
     expectNativeError(() => s.forward(i32([1, 1000])), RF_ERR_INVALID, /out of range/);

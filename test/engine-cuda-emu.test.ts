@@ -25,7 +25,20 @@ let root: string;
 let modelDir: string;
 
 function text(): string {
-  const words = ["alpha", "beta", "gamma", "delta", "héllo", "中文", "emoji🎉", "river", "stone", "cloud", "and", "the"];
+  const words = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "héllo",
+    "中文",
+    "emoji🎉",
+    "river",
+    "stone",
+    "cloud",
+    "and",
+    "the",
+  ];
   const parts: string[] = [];
   let x = 99;
   for (let i = 0; i < 500; i++) {
@@ -77,7 +90,13 @@ beforeAll(async () => {
   buildNative();
   root = mkdtempSync(join(tmpdir(), "reform-emu-eng-"));
   // head_dim 16 (the CUDA build needs a multiple of 16), GQA, 3 layers: the exit layer (1) is not the last
-  modelDir = await makeTinyModel(join(root, "model"), { hidden: 64, heads: 4, kvHeads: 2, intermediate: 96, layers: 3 });
+  modelDir = await makeTinyModel(join(root, "model"), {
+    hidden: 64,
+    heads: 4,
+    kvHeads: 2,
+    intermediate: 96,
+    layers: 3,
+  });
 }, 600_000);
 
 afterAll(() => {

@@ -6,7 +6,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { loadNative } from "../ffi/native.ts";
-import { EngineError, type EngineClient, type Method, type QueryEvent, type QueryRequest } from "../src/engine/api.ts";
+import type { EngineError, EngineClient, Method, QueryEvent, QueryRequest } from "../src/engine/api.ts";
 import { createEngine } from "../src/engine/client.ts";
 import { LogitProcessor, logprobsOf } from "../src/engine/sampling.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
@@ -62,7 +62,17 @@ describe("sampling helpers", () => {
     const off = new LogitProcessor({ maxTokens: 1, temperature: 0, topP: 1, topK: 0, stop: [] }, 6, [0, 1]);
     expect(off.active).toBe(false);
     const p = new LogitProcessor(
-      { maxTokens: 1, temperature: 0, topP: 1, topK: 0, stop: [], repetitionPenalty: 2, presencePenalty: 0.5, frequencyPenalty: 0.25, logitBias: { 5: -10, 4: 1 } },
+      {
+        maxTokens: 1,
+        temperature: 0,
+        topP: 1,
+        topK: 0,
+        stop: [],
+        repetitionPenalty: 2,
+        presencePenalty: 0.5,
+        frequencyPenalty: 0.25,
+        logitBias: { 5: -10, 4: 1 },
+      },
       6,
       [0, 1],
     );
@@ -219,7 +229,12 @@ describe("engine (tiny model, CPU library)", () => {
     await e.append(c.id, bytes);
     await e.finalize(c.id);
     for (const method of ["reform", "full", "streaming", "h2o"] as Method[]) {
-      const all = await collect(e, { contextId: c.id, question: "What is the secret code?", method, sampling: sampling(6) });
+      const all = await collect(e, {
+        contextId: c.id,
+        question: "What is the secret code?",
+        method,
+        sampling: sampling(6),
+      });
       // h2o's full-depth pass reports its progress before the answer starts, up to the whole context
       const progress = all.filter((x) => x.type === "progress");
       if (method === "h2o") {
@@ -242,7 +257,11 @@ describe("engine (tiny model, CPU library)", () => {
       else expect(start.selectedTokens).toBeLessThanOrEqual(128 + 4);
       if (method === "reform") expect(start.selectedTokens).toBe(128);
     }
-    const plain = await collect(e, { messages: [{ role: "user", content: "hi" }], method: "reform", sampling: sampling(3) });
+    const plain = await collect(e, {
+      messages: [{ role: "user", content: "hi" }],
+      method: "reform",
+      sampling: sampling(3),
+    });
     expect(plain[plain.length - 1]!.type).toBe("done");
     // greedy is deterministic
     const r1 = await collect(e, { contextId: c.id, question: "code?", method: "reform", sampling: sampling(8) });
@@ -253,7 +272,8 @@ describe("engine (tiny model, CPU library)", () => {
   });
 
   test("request errors", async () => {
-    const q = (req: Partial<QueryRequest>) => collect(e, { method: "reform", sampling: sampling(2), question: "q", ...req } as QueryRequest);
+    const q = (req: Partial<QueryRequest>) =>
+      collect(e, { method: "reform", sampling: sampling(2), question: "q", ...req } as QueryRequest);
     const err = async (p: Promise<unknown>) => {
       try {
         await p;
@@ -276,7 +296,9 @@ describe("engine (tiny model, CPU library)", () => {
     // what depends on the server's configuration is the engine's own rule
     const huge = await err(q({ contextId: c.id, budget: 1e9 }));
     expect([huge.status, huge.code, huge.param]).toEqual([400, "budget_too_large", "budget"]);
-    const big = await err(q({ contextId: c.id, sampling: { maxTokens: 10_000_000, temperature: 0, topP: 1, topK: 0, stop: [] } }));
+    const big = await err(
+      q({ contextId: c.id, sampling: { maxTokens: 10_000_000, temperature: 0, topP: 1, topK: 0, stop: [] } }),
+    );
     expect(big.status).toBe(400);
     expect(big.code).toBe("max_tokens_too_large");
     expect((await err(q({ contextId: c.id, question: undefined, messages: [] }))).status).toBe(400);
@@ -289,7 +311,13 @@ describe("engine (tiny model, CPU library)", () => {
     await e.finalize(c.id);
     const ac = new AbortController();
     const evs: QueryEvent[] = [];
-    for await (const ev of e.query({ contextId: c.id, question: "go", method: "reform", sampling: sampling(8000), signal: ac.signal })) {
+    for await (const ev of e.query({
+      contextId: c.id,
+      question: "go",
+      method: "reform",
+      sampling: sampling(8000),
+      signal: ac.signal,
+    })) {
       evs.push(ev);
       if (ev.type === "token" && evs.length >= 3) ac.abort();
     }
@@ -333,7 +361,12 @@ describe("restart", () => {
     const cut = 1234 + 1; // likely inside a word
     await e.append(part.id, bytes.subarray(0, 700));
     await e.append(part.id, bytes.subarray(700, cut));
-    const q = { contextId: ref.id, question: "What is the secret code?", method: "reform" as Method, sampling: sampling(8) };
+    const q = {
+      contextId: ref.id,
+      question: "What is the secret code?",
+      method: "reform" as Method,
+      sampling: sampling(8),
+    };
     const before = (await collect(e, q)).filter((x) => x.type !== "done");
     await e.close();
 

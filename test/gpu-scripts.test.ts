@@ -38,7 +38,13 @@ describe.skipIf(!numpy || process.arch !== "x64")("GPU scripts on the CPU emulat
     ]);
     if (r.status !== 0) console.error(r.out.slice(-4000));
     expect(r.out).toContain("RESULT: PASS");
-    for (const check of ["logits rel err cuda vs CPU", "greedy 8 tokens", "with eviction", "state blob CUDA->CPU", "rf_score"])
+    for (const check of [
+      "logits rel err cuda vs CPU",
+      "greedy 8 tokens",
+      "with eviction",
+      "state blob CUDA->CPU",
+      "rf_score",
+    ])
       expect(r.out).toContain(check);
     expect(r.out).not.toContain("Traceback");
     expect(r.status).toBe(0);

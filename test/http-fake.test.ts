@@ -16,7 +16,15 @@ const quiet = () => {};
 const dataDir = mkdtempSync(join(tmpdir(), "reform-fake-"));
 
 async function start(engine: FakeEngine, extra: Record<string, unknown> = {}): Promise<RunningServer> {
-  return startServer({ modelDir: "/nonexistent", dataDir, port: 0, apiKey: "", engineClient: engine, log: quiet, ...extra });
+  return startServer({
+    modelDir: "/nonexistent",
+    dataDir,
+    port: 0,
+    apiKey: "",
+    engineClient: engine,
+    log: quiet,
+    ...extra,
+  });
 }
 
 describe("fake engine", () => {
@@ -35,11 +43,18 @@ describe("fake engine", () => {
   test("409 while the context is processing, then the query works", async () => {
     eng.appendDelayMs = 600;
     const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
-    const up = fetch(`${base}/v1/contexts/${ctx.id}/content`, { method: "PUT", body: "hello world", headers: { "content-type": "text/plain" } });
+    const up = fetch(`${base}/v1/contexts/${ctx.id}/content`, {
+      method: "PUT",
+      body: "hello world",
+      headers: { "content-type": "text/plain" },
+    });
     await waitFor(async () => (await j(fetch(`${base}/v1/contexts/${ctx.id}`))).state === "processing");
     const q = await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q?", stream: false });
     await expectError(q, 409, "context_not_ready");
-    const chat = await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: "x" }], context_id: ctx.id });
+    const chat = await jsonPost(`${base}/v1/chat/completions`, {
+      messages: [{ role: "user", content: "x" }],
+      context_id: ctx.id,
+    });
     await expectError(chat, 409, "context_not_ready");
     expect((await up).status).toBe(200);
     eng.appendDelayMs = 0;
@@ -50,7 +65,11 @@ describe("fake engine", () => {
   test("413: content upload over the limit (content-length and chunked) and JSON over the limit", async () => {
     const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
     const big = new Uint8Array(5000).fill(97);
-    await expectError(await fetch(`${base}/v1/contexts/${ctx.id}/content`, { method: "PUT", body: big }), 413, "payload_too_large");
+    await expectError(
+      await fetch(`${base}/v1/contexts/${ctx.id}/content`, { method: "PUT", body: big }),
+      413,
+      "payload_too_large",
+    );
     const chunked = await fetch(`${base}/v1/contexts/${ctx.id}/content`, {
       method: "POST",
       body: pieceStream(big, [1000]),
@@ -91,7 +110,12 @@ describe("fake engine", () => {
     const res2 = await fetch(`${base}/v1/chat/completions`, {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ messages: [{ role: "user", content: "hi" }], context_id: ctx.id, max_tokens: 1000, stream: true }),
+      body: JSON.stringify({
+        messages: [{ role: "user", content: "hi" }],
+        context_id: ctx.id,
+        max_tokens: 1000,
+        stream: true,
+      }),
       signal: ac2.signal,
     });
     let n = 0;
@@ -114,17 +138,27 @@ describe("fake engine", () => {
     await fetch(`${base}/v1/contexts/${ctx.id}/content?final=true`, { method: "PUT", body: "text" });
     eng.failAfterTokens = 2;
     try {
-      const evs = await collectSse(await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q", max_tokens: 10 }));
+      const evs = await collectSse(
+        await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q", max_tokens: 10 }),
+      );
       expect(evs.map((e) => e.event)).toEqual(["start", "token", "token", "error", "message"]);
       const err = JSON.parse(evs[3]!.data).error;
       expect(err).toMatchObject({ type: "server_error", code: "device_error" });
       expect(evs[4]!.data).toBe("[DONE]");
       const chat = await collectSse(
-        await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: "x" }], context_id: ctx.id, stream: true }),
+        await jsonPost(`${base}/v1/chat/completions`, {
+          messages: [{ role: "user", content: "x" }],
+          context_id: ctx.id,
+          stream: true,
+        }),
       );
       expect(chat.at(-2)!.event).toBe("error");
       eng.failAfterTokens = 0;
-      await expectError(await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q", stream: false }), 500, "device_error");
+      await expectError(
+        await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q", stream: false }),
+        500,
+        "device_error",
+      );
     } finally {
       eng.failAfterTokens = null;
     }
@@ -133,9 +167,17 @@ describe("fake engine", () => {
 
   test("JSON endpoints take JSON only (a cross-origin simple POST is refused); raw uploads take form and text bodies", async () => {
     for (const type of ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"]) {
-      const bad = await fetch(`${base}/v1/contexts`, { method: "POST", body: '{"metadata":{"a":1}}', headers: { "content-type": type } });
+      const bad = await fetch(`${base}/v1/contexts`, {
+        method: "POST",
+        body: '{"metadata":{"a":1}}',
+        headers: { "content-type": type },
+      });
       await expectError(bad, 415, "unsupported_media_type");
-      const chat = await fetch(`${base}/v1/chat/completions`, { method: "POST", body: '{"messages":[{"role":"user","content":"x"}]}', headers: { "content-type": type } });
+      const chat = await fetch(`${base}/v1/chat/completions`, {
+        method: "POST",
+        body: '{"messages":[{"role":"user","content":"x"}]}',
+        headers: { "content-type": type },
+      });
       await expectError(chat, 415, "unsupported_media_type");
     }
     // curl --data without a content type header at all still works
@@ -143,7 +185,11 @@ describe("fake engine", () => {
     expect(r.status).toBe(201);
     const ctx = await j(r);
     expect(ctx.metadata).toEqual({ a: 1 });
-    const up = await fetch(`${base}/v1/contexts/${ctx.id}/content`, { method: "POST", body: "a=b&c", headers: { "content-type": "application/x-www-form-urlencoded" } });
+    const up = await fetch(`${base}/v1/contexts/${ctx.id}/content`, {
+      method: "POST",
+      body: "a=b&c",
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+    });
     expect((await j(up)).bytes_received).toBe(5);
   });
 
@@ -171,7 +217,10 @@ describe("fake engine", () => {
     await (
       await jsonPost(`${base}/v1/chat/completions`, {
         model: "reform",
-        messages: [{ role: "developer", content: [{ type: "text", text: "sys" }] }, { role: "user", content: "u" }],
+        messages: [
+          { role: "developer", content: [{ type: "text", text: "sys" }] },
+          { role: "user", content: "u" },
+        ],
         reform: { context_id: ctx.id, method: "h2o", budget: 100 },
         max_completion_tokens: 5,
         temperature: 0.5,
@@ -190,7 +239,13 @@ describe("fake engine", () => {
     ]);
     expect(q.sampling).toEqual({ maxTokens: 5, temperature: 0.5, topP: 0.9, topK: 0, seed: 7, stop: ["END"] });
     // model "context:<id>" selects the context too
-    await (await jsonPost(`${base}/v1/chat/completions`, { model: `context:${ctx.id}`, messages: [{ role: "user", content: "u" }], stream: false })).json();
+    await (
+      await jsonPost(`${base}/v1/chat/completions`, {
+        model: `context:${ctx.id}`,
+        messages: [{ role: "user", content: "u" }],
+        stream: false,
+      })
+    ).json();
     expect(eng.lastQuery!.contextId).toBe(ctx.id);
     const models = await j(fetch(`${base}/v1/models`));
     expect(models.data.map((m: { id: string }) => m.id)).toContain(`context:${ctx.id}`);
@@ -226,7 +281,10 @@ describe("cross-origin access", () => {
     const open = await start(new FakeEngine(), { corsOrigin: "http://app.example, http://other.example" });
     try {
       const preflight = (url: string, origin: string) =>
-        fetch(`${url}/v1/chat/completions`, { method: "OPTIONS", headers: { origin, "access-control-request-method": "POST" } });
+        fetch(`${url}/v1/chat/completions`, {
+          method: "OPTIONS",
+          headers: { origin, "access-control-request-method": "POST" },
+        });
       const p0 = await preflight(closed.url, "http://evil.example");
       expect(p0.headers.get("access-control-allow-origin")).toBeNull();
       expect(p0.status).toBeGreaterThanOrEqual(400);
@@ -254,7 +312,11 @@ describe("api key", () => {
       // the documented alternative header for clients that cannot send Authorization
       expect((await fetch(`${srv.url}/v1/models`, { headers: { "x-api-key": "s3cret" } })).status).toBe(200);
       await expectError(await fetch(`${srv.url}/v1/contexts`), 401, "missing_api_key");
-      await expectError(await fetch(`${srv.url}/v1/models`, { headers: { authorization: "Bearer nope" } }), 401, "invalid_api_key");
+      await expectError(
+        await fetch(`${srv.url}/v1/models`, { headers: { authorization: "Bearer nope" } }),
+        401,
+        "invalid_api_key",
+      );
       await expectError(await fetch(`${srv.url}/metrics`), 401);
       const ok = await fetch(`${srv.url}/v1/models`, { headers: { authorization: "Bearer s3cret" } });
       expect(ok.status).toBe(200);

@@ -40,7 +40,13 @@ const LONG = new Set([
 describe("route table", () => {
   test("the app registers the API's routes (including completions, tokenize, detokenize)", () => {
     const names = new Set(registered.map((r) => `${r.method} ${label(r.path)}`));
-    for (const r of ["POST /v1/completions", "POST /v1/tokenize", "POST /v1/detokenize", "GET /health", "GET /metrics"]) {
+    for (const r of [
+      "POST /v1/completions",
+      "POST /v1/tokenize",
+      "POST /v1/detokenize",
+      "GET /health",
+      "GET /metrics",
+    ]) {
       expect(names).toContain(r);
     }
     expect(routes.all.map((r) => r.route).sort()).toEqual([...new Set(registered.map((r) => label(r.path)))].sort());
@@ -53,7 +59,11 @@ describe("route table", () => {
       await res.arrayBuffer();
     }
     await app.request("/v1/no-such-route");
-    const tokenize = await app.request("/v1/tokenize", { method: "POST", body: '{"text":"hi"}', headers: { "content-type": "application/json" } });
+    const tokenize = await app.request("/v1/tokenize", {
+      method: "POST",
+      body: '{"text":"hi"}',
+      headers: { "content-type": "application/json" },
+    });
     expect(tokenize.status).toBe(200);
     const metrics = await (await app.request("/metrics")).text();
     for (const { method, path } of registered) {
@@ -102,39 +112,42 @@ describe("idle timeout in a real server", () => {
   const dataDir = mkdtempSync(join(tmpdir(), "reform-routes-"));
   afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
 
-  test(
-    "an event stream stays open past the idle timeout; a slow answer on a short route is cut",
-    async () => {
-      // Bun sweeps idle sockets every ~4 s, so with a 1 s timeout a request quiet for 6 s is always cut.
-      // (Bun 1.4 does not cut a request that came with a body, so a slow POST cannot show the rule.)
-      const eng = new FakeEngine();
-      const srv = await startServer({ modelDir: "/x", dataDir, port: 0, idleTimeoutSec: 1, engineClient: eng, log: quiet });
-      try {
-        const ctx = (await (await jsonPost(`${srv.url}/v1/contexts`, {})).json()) as { id: string };
-        const events = await fetch(`${srv.url}/v1/contexts/${ctx.id}/events?follow=true`);
-        expect(events.status).toBe(200);
-        const stream = sseEvents(events);
-        expect((await stream.next()).value).toMatchObject({ event: "progress" });
+  test("an event stream stays open past the idle timeout; a slow answer on a short route is cut", async () => {
+    // Bun sweeps idle sockets every ~4 s, so with a 1 s timeout a request quiet for 6 s is always cut.
+    // (Bun 1.4 does not cut a request that came with a body, so a slow POST cannot show the rule.)
+    const eng = new FakeEngine();
+    const srv = await startServer({
+      modelDir: "/x",
+      dataDir,
+      port: 0,
+      idleTimeoutSec: 1,
+      engineClient: eng,
+      log: quiet,
+    });
+    try {
+      const ctx = (await (await jsonPost(`${srv.url}/v1/contexts`, {})).json()) as { id: string };
+      const events = await fetch(`${srv.url}/v1/contexts/${ctx.id}/events?follow=true`);
+      expect(events.status).toBe(200);
+      const stream = sseEvents(events);
+      expect((await stream.next()).value).toMatchObject({ event: "progress" });
 
-        eng.getDelayMs = 6000;
-        const slowGet = await fetch(`${srv.url}/v1/contexts/${ctx.id}`).then(
-          (r) => `status ${r.status}`,
-          (e: Error) => e.message,
-        );
-        expect(slowGet).toMatch(/closed|reset/i);
+      eng.getDelayMs = 6000;
+      const slowGet = await fetch(`${srv.url}/v1/contexts/${ctx.id}`).then(
+        (r) => `status ${r.status}`,
+        (e: Error) => e.message,
+      );
+      expect(slowGet).toMatch(/closed|reset/i);
 
-        // The stream was as quiet through that sweep, yet is still open: the next progress event arrives.
-        eng.getDelayMs = 0;
-        const up = await fetch(`${srv.url}/v1/contexts/${ctx.id}/content`, { method: "PUT", body: "hello" });
-        expect(up.status).toBe(200);
-        const next = await stream.next();
-        expect(next.done).toBe(false);
-        expect(JSON.parse(next.value!.data)).toMatchObject({ bytes_received: 5 });
-        await stream.return(undefined);
-      } finally {
-        await srv.stop();
-      }
-    },
-    30_000,
-  );
+      // The stream was as quiet through that sweep, yet is still open: the next progress event arrives.
+      eng.getDelayMs = 0;
+      const up = await fetch(`${srv.url}/v1/contexts/${ctx.id}/content`, { method: "PUT", body: "hello" });
+      expect(up.status).toBe(200);
+      const next = await stream.next();
+      expect(next.done).toBe(false);
+      expect(JSON.parse(next.value!.data)).toMatchObject({ bytes_received: 5 });
+      await stream.return(undefined);
+    } finally {
+      await srv.stop();
+    }
+  }, 30_000);
 });

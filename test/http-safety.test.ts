@@ -35,7 +35,11 @@ async function newContext(): Promise<string> {
 
 async function readyContext(text: string): Promise<string> {
   const id = await newContext();
-  const r = await fetch(`${base}/v1/contexts/${id}/content?final=1`, { method: "PUT", body: text, headers: { "content-type": "text/plain" } });
+  const r = await fetch(`${base}/v1/contexts/${id}/content?final=1`, {
+    method: "PUT",
+    body: text,
+    headers: { "content-type": "text/plain" },
+  });
   expect(r.status).toBe(200);
   return id;
 }
@@ -77,7 +81,11 @@ describe("one writer per context", () => {
       });
       await waitFor(async () => (await j(fetch(`${base}/v1/contexts/${id}`))).bytes_received > 0);
       await expectError(
-        await fetch(`${base}/v1/contexts/${id}/content`, { method: "PUT", body: c2, headers: { "content-type": "text/plain" } }),
+        await fetch(`${base}/v1/contexts/${id}/content`, {
+          method: "PUT",
+          body: c2,
+          headers: { "content-type": "text/plain" },
+        }),
         409,
         "context_busy",
       );
@@ -88,7 +96,11 @@ describe("one writer per context", () => {
       expect(info.bytes_received).toBe(enc.encode(c1).byteLength);
       expect(info.tokens_received).toBe((await srv.engine.tokenize(c1)).length);
       // after it closed, the context takes the next upload
-      const next = await fetch(`${base}/v1/contexts/${id}/content`, { method: "PUT", body: "more", headers: { "content-type": "text/plain" } });
+      const next = await fetch(`${base}/v1/contexts/${id}/content`, {
+        method: "PUT",
+        body: "more",
+        headers: { "content-type": "text/plain" },
+      });
       expect(next.status).toBe(200);
     },
     T,
@@ -96,28 +108,32 @@ describe("one writer per context", () => {
 });
 
 describe("recompute prompt length", () => {
-  test("a prompt over max_model_len is refused with 400 context_length_exceeded before any model work", async () => {
-    const limit = srv.engine.modelInfo()!.defaults.maxModelLen;
-    const promptBefore = srv.engine.metrics().promptTokensTotal;
-    const long = words(limit + 100, 3);
-    for (const [path, body] of [
-      ["/v1/chat/completions", { messages: [{ role: "user", content: long }], max_tokens: 4 }],
-      ["/v1/completions", { prompt: long, max_tokens: 4 }],
-    ] as const) {
-      const e = await expectError(await jsonPost(`${base}${path}`, body), 400, "context_length_exceeded");
-      expect(e.message).toContain(String(limit));
-    }
-    const id = await readyContext(words(400, 4));
-    const q = await expectError(
-      await jsonPost(`${base}/v1/contexts/${id}/query`, { question: long, max_tokens: 4, stream: false }),
-      400,
-      "context_length_exceeded",
-    );
-    expect(q.type).toBe("invalid_request_error");
-    // refused before any model work: no recompute prompt was started
-    await Bun.sleep(100);
-    expect(srv.engine.metrics().promptTokensTotal).toBe(promptBefore);
-  }, T);
+  test(
+    "a prompt over max_model_len is refused with 400 context_length_exceeded before any model work",
+    async () => {
+      const limit = srv.engine.modelInfo()!.defaults.maxModelLen;
+      const promptBefore = srv.engine.metrics().promptTokensTotal;
+      const long = words(limit + 100, 3);
+      for (const [path, body] of [
+        ["/v1/chat/completions", { messages: [{ role: "user", content: long }], max_tokens: 4 }],
+        ["/v1/completions", { prompt: long, max_tokens: 4 }],
+      ] as const) {
+        const e = await expectError(await jsonPost(`${base}${path}`, body), 400, "context_length_exceeded");
+        expect(e.message).toContain(String(limit));
+      }
+      const id = await readyContext(words(400, 4));
+      const q = await expectError(
+        await jsonPost(`${base}/v1/contexts/${id}/query`, { question: long, max_tokens: 4, stream: false }),
+        400,
+        "context_length_exceeded",
+      );
+      expect(q.type).toBe("invalid_request_error");
+      // refused before any model work: no recompute prompt was started
+      await Bun.sleep(100);
+      expect(srv.engine.metrics().promptTokensTotal).toBe(promptBefore);
+    },
+    T,
+  );
 });
 
 describe("cancellation", () => {
@@ -126,7 +142,11 @@ describe("cancellation", () => {
     async () => {
       const id = await newContext();
       const big = enc.encode(words(60_000, 5));
-      const up = fetch(`${base}/v1/contexts/${id}/content`, { method: "PUT", body: big, headers: { "content-type": "text/plain" } });
+      const up = fetch(`${base}/v1/contexts/${id}/content`, {
+        method: "PUT",
+        body: big,
+        headers: { "content-type": "text/plain" },
+      });
       await waitFor(async () => (await j(fetch(`${base}/v1/contexts/${id}`))).tokens_processed > 0, 60_000);
       const del = await fetch(`${base}/v1/contexts/${id}`, { method: "DELETE" });
       expect(del.status).toBe(200);
@@ -144,7 +164,13 @@ describe("cancellation", () => {
     "DELETE during a streamed query ends the stream with a context_deleted error event",
     async () => {
       const id = await readyContext(words(600, 6));
-      const res = await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "fox?", max_tokens: 4000, temperature: 1, seed: 1, logit_bias: noEnd });
+      const res = await jsonPost(`${base}/v1/contexts/${id}/query`, {
+        question: "fox?",
+        max_tokens: 4000,
+        temperature: 1,
+        seed: 1,
+        logit_bias: noEnd,
+      });
       expect(res.status).toBe(200);
       const events: { event?: string; data: string }[] = [];
       let deleted = false;
@@ -164,111 +190,174 @@ describe("cancellation", () => {
     T,
   );
 
-  test("h2o over its documented limit is refused with a 400 that names the alternative; under it, progress is streamed", async () => {
-    const big = await readyContext(words(2600, 7));
-    const e = await expectError(
-      await jsonPost(`${base}/v1/contexts/${big}/query`, { question: "x?", method: "h2o", max_tokens: 2 }),
-      400,
-      "context_too_long",
-    );
-    expect(e.message).toContain("reform");
-    const small = await readyContext(words(300, 8));
-    const evs = await collectSse(await jsonPost(`${base}/v1/contexts/${small}/query`, { question: "x?", method: "h2o", max_tokens: 2, budget: 64 }));
-    const progress = evs.filter((x) => x.event === "progress").map((x) => JSON.parse(x.data));
-    expect(progress.length).toBeGreaterThan(0);
-    expect(progress.at(-1).done).toBe(progress.at(-1).total);
-    expect(evs.findIndex((x) => x.event === "start")).toBeGreaterThan(evs.findIndex((x) => x.event === "progress"));
-  }, T);
+  test(
+    "h2o over its documented limit is refused with a 400 that names the alternative; under it, progress is streamed",
+    async () => {
+      const big = await readyContext(words(2600, 7));
+      const e = await expectError(
+        await jsonPost(`${base}/v1/contexts/${big}/query`, { question: "x?", method: "h2o", max_tokens: 2 }),
+        400,
+        "context_too_long",
+      );
+      expect(e.message).toContain("reform");
+      const small = await readyContext(words(300, 8));
+      const evs = await collectSse(
+        await jsonPost(`${base}/v1/contexts/${small}/query`, {
+          question: "x?",
+          method: "h2o",
+          max_tokens: 2,
+          budget: 64,
+        }),
+      );
+      const progress = evs.filter((x) => x.event === "progress").map((x) => JSON.parse(x.data));
+      expect(progress.length).toBeGreaterThan(0);
+      expect(progress.at(-1).done).toBe(progress.at(-1).total);
+      expect(evs.findIndex((x) => x.event === "start")).toBeGreaterThan(evs.findIndex((x) => x.event === "progress"));
+    },
+    T,
+  );
 });
 
 describe("no silent fallbacks, OpenAI conformance", () => {
-  test("unknown model names are 404 model_not_found (invalid_request_error); the served name, its alias and context:<id> work", async () => {
-    for (const model of ["gpt-4", "ctx_0123456789abcdef01234567"]) {
-      const e = await expectError(
-        await jsonPost(`${base}/v1/chat/completions`, { model, messages: [{ role: "user", content: "hi" }], max_tokens: 1 }),
-        404,
-        "model_not_found",
+  test(
+    "unknown model names are 404 model_not_found (invalid_request_error); the served name, its alias and context:<id> work",
+    async () => {
+      for (const model of ["gpt-4", "ctx_0123456789abcdef01234567"]) {
+        const e = await expectError(
+          await jsonPost(`${base}/v1/chat/completions`, {
+            model,
+            messages: [{ role: "user", content: "hi" }],
+            max_tokens: 1,
+          }),
+          404,
+          "model_not_found",
+        );
+        expect(e.type).toBe("invalid_request_error");
+        expect(e.param).toBe("model");
+      }
+      const id = await readyContext(words(50, 9));
+      for (const model of ["tiny-reform", "reform", `context:${id}`]) {
+        const r = await jsonPost(`${base}/v1/chat/completions`, {
+          model,
+          messages: [{ role: "user", content: "hi" }],
+          max_tokens: 1,
+        });
+        expect(r.status).toBe(200);
+      }
+    },
+    T,
+  );
+
+  test(
+    "refused as OpenAI refuses them: null user content, more than 4 stops, stream_options without stream",
+    async () => {
+      const m = [{ role: "user", content: "hi" }];
+      const nul = await expectError(
+        await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: null }] }),
+        400,
       );
-      expect(e.type).toBe("invalid_request_error");
-      expect(e.param).toBe("model");
-    }
-    const id = await readyContext(words(50, 9));
-    for (const model of ["tiny-reform", "reform", `context:${id}`]) {
-      const r = await jsonPost(`${base}/v1/chat/completions`, { model, messages: [{ role: "user", content: "hi" }], max_tokens: 1 });
-      expect(r.status).toBe(200);
-    }
-  }, T);
+      expect(nul.param).toBe("messages.0.content");
+      const stops = await expectError(
+        await jsonPost(`${base}/v1/chat/completions`, { messages: m, stop: ["a", "b", "c", "d", "e"] }),
+        400,
+      );
+      expect(stops.param).toBe("stop");
+      const so = await expectError(
+        await jsonPost(`${base}/v1/chat/completions`, { messages: m, stream_options: { include_usage: true } }),
+        400,
+      );
+      expect(so.param).toBe("stream_options");
+      // an assistant turn without content (it called tools) is fine
+      const ok = await jsonPost(`${base}/v1/chat/completions`, {
+        messages: [{ role: "assistant", content: null }, ...m],
+        max_tokens: 1,
+      });
+      expect(ok.status).toBe(200);
+    },
+    T,
+  );
 
-  test("refused as OpenAI refuses them: null user content, more than 4 stops, stream_options without stream", async () => {
-    const m = [{ role: "user", content: "hi" }];
-    const nul = await expectError(await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: null }] }), 400);
-    expect(nul.param).toBe("messages.0.content");
-    const stops = await expectError(await jsonPost(`${base}/v1/chat/completions`, { messages: m, stop: ["a", "b", "c", "d", "e"] }), 400);
-    expect(stops.param).toBe("stop");
-    const so = await expectError(
-      await jsonPost(`${base}/v1/chat/completions`, { messages: m, stream_options: { include_usage: true } }),
-      400,
-    );
-    expect(so.param).toBe("stream_options");
-    // an assistant turn without content (it called tools) is fine
-    const ok = await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "assistant", content: null }, ...m], max_tokens: 1 });
-    expect(ok.status).toBe(200);
-  }, T);
+  test(
+    "one rule per limit: max_tokens names the server's maximum; budget 0 and 4 get the same answer",
+    async () => {
+      const max = srv.engine.modelInfo()!.defaults.maxNewTokens;
+      const mt = await expectError(
+        await jsonPost(`${base}/v1/chat/completions`, {
+          messages: [{ role: "user", content: "hi" }],
+          max_tokens: max + 1,
+        }),
+        400,
+        "max_tokens_too_large",
+      );
+      expect(mt.message).toContain(String(max));
+      const id = await readyContext(words(50, 10));
+      const a = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 0 }), 400);
+      const b = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 4 }), 400);
+      expect([a.code, a.param, a.message]).toEqual([b.code, b.param, b.message]);
+    },
+    T,
+  );
 
-  test("one rule per limit: max_tokens names the server's maximum; budget 0 and 4 get the same answer", async () => {
-    const max = srv.engine.modelInfo()!.defaults.maxNewTokens;
-    const mt = await expectError(
-      await jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: "hi" }], max_tokens: max + 1 }),
-      400,
-      "max_tokens_too_large",
-    );
-    expect(mt.message).toContain(String(max));
-    const id = await readyContext(words(50, 10));
-    const a = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 0 }), 400);
-    const b = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 4 }), 400);
-    expect([a.code, a.param, a.message]).toEqual([b.code, b.param, b.message]);
-  }, T);
+  test(
+    "a finalized empty context cannot be queried (409 context_empty)",
+    async () => {
+      const id = await newContext();
+      expect((await fetch(`${base}/v1/contexts/${id}/finalize`, { method: "POST" })).status).toBe(200);
+      await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q" }), 409, "context_empty");
+    },
+    T,
+  );
 
-  test("a finalized empty context cannot be queried (409 context_empty)", async () => {
-    const id = await newContext();
-    expect((await fetch(`${base}/v1/contexts/${id}/finalize`, { method: "POST" })).status).toBe(200);
-    await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q" }), 409, "context_empty");
-  }, T);
+  test(
+    "a non-stream query whose client goes away counts in reform_queries_aborted_total",
+    async () => {
+      const id = await readyContext(words(300, 11));
+      const metric = async () =>
+        Number(/reform_queries_aborted_total (\d+)/.exec(await (await fetch(`${base}/metrics`)).text())?.[1] ?? "0");
+      const before = await metric();
+      const generated = srv.engine.metrics().tokensGeneratedTotal;
+      const ac = new AbortController();
+      const p = fetch(`${base}/v1/contexts/${id}/query`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        // end-of-text banned, so the answer is still being generated when the client leaves
+        body: JSON.stringify({
+          question: "q",
+          stream: false,
+          max_tokens: 6000,
+          temperature: 1,
+          seed: 2,
+          logit_bias: noEnd,
+        }),
+        signal: ac.signal,
+      }).catch(() => null);
+      // abort once this query is generating (earlier tests generated tokens too)
+      await waitFor(() => srv.engine.metrics().tokensGeneratedTotal > generated, 30_000);
+      ac.abort();
+      await p;
+      await waitFor(async () => (await metric()) === before + 1, 20_000);
+    },
+    T,
+  );
 
-  test("a non-stream query whose client goes away counts in reform_queries_aborted_total", async () => {
-    const id = await readyContext(words(300, 11));
-    const metric = async () => Number(/reform_queries_aborted_total (\d+)/.exec(await (await fetch(`${base}/metrics`)).text())?.[1] ?? "0");
-    const before = await metric();
-    const generated = srv.engine.metrics().tokensGeneratedTotal;
-    const ac = new AbortController();
-    const p = fetch(`${base}/v1/contexts/${id}/query`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      // end-of-text banned, so the answer is still being generated when the client leaves
-      body: JSON.stringify({ question: "q", stream: false, max_tokens: 6000, temperature: 1, seed: 2, logit_bias: noEnd }),
-      signal: ac.signal,
-    }).catch(() => null);
-    // abort once this query is generating (earlier tests generated tokens too)
-    await waitFor(() => srv.engine.metrics().tokensGeneratedTotal > generated, 30_000);
-    ac.abort();
-    await p;
-    await waitFor(async () => (await metric()) === before + 1, 20_000);
-  }, T);
-
-  test("a default budget above the maximum budget is a start-up error, not a silent cap", async () => {
-    const s = await startServer({
-      modelDir,
-      dataDir: join(root, "data-bad"),
-      port: 0,
-      apiKey: "",
-      backend: "cpu",
-      log: () => {},
-      defaults: { budget: 5000, maxBudget: 2000 },
-    });
-    try {
-      await expect(s.engine.ready()).rejects.toThrow(/budget 5000 exceeds the maximum budget 2000/);
-    } finally {
-      await s.stop();
-    }
-  }, T);
+  test(
+    "a default budget above the maximum budget is a start-up error, not a silent cap",
+    async () => {
+      const s = await startServer({
+        modelDir,
+        dataDir: join(root, "data-bad"),
+        port: 0,
+        apiKey: "",
+        backend: "cpu",
+        log: () => {},
+        defaults: { budget: 5000, maxBudget: 2000 },
+      });
+      try {
+        await expect(s.engine.ready()).rejects.toThrow(/budget 5000 exceeds the maximum budget 2000/);
+      } finally {
+        await s.stop();
+      }
+    },
+    T,
+  );
 });

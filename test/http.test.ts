@@ -47,7 +47,23 @@ async function json(r: Response | Promise<Response>): Promise<any> {
 const enc = new TextEncoder();
 /** Some text with multi-byte characters everywhere (2, 3 and 4-byte UTF-8). */
 function sampleText(n: number, seed = 0): string {
-  const words = ["the", "quick", "brown", "fox", "jumps", "över", "naïve", "café", "日本語", "テキスト", "🎉", "🦊", "and", "lazy", "dog."];
+  const words = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "över",
+    "naïve",
+    "café",
+    "日本語",
+    "テキスト",
+    "🎉",
+    "🦊",
+    "and",
+    "lazy",
+    "dog.",
+  ];
   const out: string[] = [];
   let x = seed * 7919 + 17;
   for (let i = 0; i < n; i++) {
@@ -83,8 +99,24 @@ beforeAll(async () => {
   const modelDir = await makeTinyModel(join(root, "model"));
   // Configured the way `bun run serve` is: flags and environment through src/config.ts.
   const cfg = resolveConfig(
-    ["--model", modelDir, "--data", join(root, "data"), "--port", "0", "--max-body-bytes", `${MAX_BODY}`, "--max-json-bytes", `${MAX_JSON}`],
-    { REFORM_BACKEND: "cpu", REFORM_LIBRARY: libraryPath("cpu"), REFORM_API_KEY: KEY, REFORM_SERVED_NAME: "tiny-reform" },
+    [
+      "--model",
+      modelDir,
+      "--data",
+      join(root, "data"),
+      "--port",
+      "0",
+      "--max-body-bytes",
+      `${MAX_BODY}`,
+      "--max-json-bytes",
+      `${MAX_JSON}`,
+    ],
+    {
+      REFORM_BACKEND: "cpu",
+      REFORM_LIBRARY: libraryPath("cpu"),
+      REFORM_API_KEY: KEY,
+      REFORM_SERVED_NAME: "tiny-reform",
+    },
   );
   if (cfg.help) throw new Error("unexpected help");
   srv = await startServer({ ...cfg, log: () => {} });
@@ -120,7 +152,13 @@ describe("contexts", () => {
     const res = await post("/v1/contexts", { metadata: { name: "doc" } });
     expect(res.status).toBe(201);
     const c = await json(res);
-    expect(c).toMatchObject({ state: "empty", bytes_received: 0, tokens_received: 0, tokens_processed: 0, metadata: { name: "doc" } });
+    expect(c).toMatchObject({
+      state: "empty",
+      bytes_received: 0,
+      tokens_received: 0,
+      tokens_processed: 0,
+      metadata: { name: "doc" },
+    });
     expect(res.headers.get("location")).toBe(`/v1/contexts/${c.id}`);
     // empty body is fine too
     const bare = await api("/v1/contexts", { method: "POST" });
@@ -241,22 +279,37 @@ describe("contexts", () => {
           await Bun.sleep(10);
         },
       });
-      await api(`/v1/contexts/${id}/content`, { method: "PUT", body, signal: ac.signal, headers: { "content-type": "text/plain" } }).then(
+      await api(`/v1/contexts/${id}/content`, {
+        method: "PUT",
+        body,
+        signal: ac.signal,
+        headers: { "content-type": "text/plain" },
+      }).then(
         () => {},
         () => {},
       );
       let info: { bytes_received: number } = { bytes_received: 0 };
-      await waitFor(async () => {
-        info = await json(api(`/v1/contexts/${id}`));
-        return info.bytes_received === 6000;
-      }, 20_000, 50);
+      await waitFor(
+        async () => {
+          info = await json(api(`/v1/contexts/${id}`));
+          return info.bytes_received === 6000;
+        },
+        20_000,
+        50,
+      );
       // a resume that names the wrong start is refused and told the right one; nothing is appended
-      const wrong = await api(`/v1/contexts/${id}/content?offset=${info.bytes_received - 1000}`, { method: "PUT", body: bytes.slice(5000) });
+      const wrong = await api(`/v1/contexts/${id}/content?offset=${info.bytes_received - 1000}`, {
+        method: "PUT",
+        body: bytes.slice(5000),
+      });
       const mismatch = await expectError(wrong, 409, "offset_mismatch");
       expect(mismatch.message).toContain(`resume from ${info.bytes_received}`);
       expect((await json(api(`/v1/contexts/${id}`))).bytes_received).toBe(info.bytes_received);
       // resume from the acknowledged offset
-      const rest = await api(`/v1/contexts/${id}/content?final=1&offset=${info.bytes_received}`, { method: "PUT", body: bytes.slice(info.bytes_received) });
+      const rest = await api(`/v1/contexts/${id}/content?final=1&offset=${info.bytes_received}`, {
+        method: "PUT",
+        body: bytes.slice(info.bytes_received),
+      });
       const done = await json(rest);
       expect(rest.status).toBe(200);
       expect(done.bytes_received).toBe(bytes.byteLength);
@@ -325,11 +378,25 @@ describe("query", () => {
         expect(["stop", "length"]).toContain(q.finish_reason);
         checkUsage(q.usage, 5);
       }
-      const a = await json(post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false, temperature: 1, seed: 42, top_k: 50, top_p: 0.9 })));
-      const b = await json(post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false, temperature: 1, seed: 42, top_k: 50, top_p: 0.9 })));
+      const a = await json(
+        post(
+          `/v1/contexts/${ctxId}/query`,
+          queryBody({ stream: false, temperature: 1, seed: 42, top_k: 50, top_p: 0.9 }),
+        ),
+      );
+      const b = await json(
+        post(
+          `/v1/contexts/${ctxId}/query`,
+          queryBody({ stream: false, temperature: 1, seed: 42, top_k: 50, top_p: 0.9 }),
+        ),
+      );
       expect(a.text).toBe(b.text);
       const msgs = await json(
-        post(`/v1/contexts/${ctxId}/query`, { messages: [{ role: "user", content: "Where is the dog?" }], stream: false, max_tokens: 3 }),
+        post(`/v1/contexts/${ctxId}/query`, {
+          messages: [{ role: "user", content: "Where is the dog?" }],
+          stream: false,
+          max_tokens: 3,
+        }),
       );
       expect(msgs.usage.completion_tokens).toBeGreaterThanOrEqual(1);
     },
@@ -365,7 +432,11 @@ describe("query", () => {
         expect(typeof c.created).toBe("number");
         expect("usage" in c).toBe(true);
       }
-      expect(chunks[0].choices[0]).toMatchObject({ index: 0, delta: { role: "assistant", content: "" }, finish_reason: null });
+      expect(chunks[0].choices[0]).toMatchObject({
+        index: 0,
+        delta: { role: "assistant", content: "" },
+        finish_reason: null,
+      });
       const usageChunk = chunks.at(-1);
       expect(usageChunk.choices).toEqual([]);
       expect(usageChunk.usage.total_tokens).toBe(usageChunk.usage.prompt_tokens + usageChunk.usage.completion_tokens);
@@ -380,7 +451,13 @@ describe("query", () => {
 
       // without include_usage: no usage key, no usage chunk
       const evs2 = await collectSse(
-        await post("/v1/chat/completions", { model: "reform", messages: [{ role: "user", content: "hi" }], reform: { context_id: ctxId }, stream: true, max_tokens: 3 }),
+        await post("/v1/chat/completions", {
+          model: "reform",
+          messages: [{ role: "user", content: "hi" }],
+          reform: { context_id: ctxId },
+          stream: true,
+          max_tokens: 3,
+        }),
       );
       const ch2 = evs2.slice(0, -1).map((e) => JSON.parse(e.data));
       for (const c of ch2) {
@@ -415,13 +492,25 @@ describe("query", () => {
       expect(c.usage.completion_tokens).toBeLessThanOrEqual(4);
       expect(c.reform.selected_tokens).toBeLessThanOrEqual(256);
 
-      const plain = await json(post("/v1/chat/completions", { model: "tiny-reform", messages: [{ role: "user", content: "hi" }], max_tokens: 3 }));
+      const plain = await json(
+        post("/v1/chat/completions", {
+          model: "tiny-reform",
+          messages: [{ role: "user", content: "hi" }],
+          max_tokens: 3,
+        }),
+      );
       expect(plain.object).toBe("chat.completion");
       expect(plain.reform.context_id).toBeNull();
 
       const models = await json(api("/v1/models"));
       expect(models.data.map((m: { id: string }) => m.id)).toContain(`context:${ctxId}`);
-      const viaModel = await json(post("/v1/chat/completions", { model: `context:${ctxId}`, messages: [{ role: "user", content: "hi" }], max_tokens: 2 }));
+      const viaModel = await json(
+        post("/v1/chat/completions", {
+          model: `context:${ctxId}`,
+          messages: [{ role: "user", content: "hi" }],
+          max_tokens: 2,
+        }),
+      );
       expect(viaModel.reform.context_id).toBe(ctxId);
     },
     T,
@@ -435,9 +524,21 @@ describe("query", () => {
         const ac = new AbortController();
         const body =
           path === "/v1/chat/completions"
-            ? { messages: [{ role: "user", content: "go" }], context_id: ctxId, stream: true, max_tokens: 8_000, temperature: 1, seed: 3 }
+            ? {
+                messages: [{ role: "user", content: "go" }],
+                context_id: ctxId,
+                stream: true,
+                max_tokens: 8_000,
+                temperature: 1,
+                seed: 3,
+              }
             : queryBody({ max_tokens: 8_000, temperature: 1, seed: 3 });
-        const res = await api(path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body), signal: ac.signal });
+        const res = await api(path, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify(body),
+          signal: ac.signal,
+        });
         expect(res.status).toBe(200);
         let n = 0;
         let finished = false;
@@ -452,7 +553,11 @@ describe("query", () => {
         expect(finished).toBe(false);
       }
       // generation stops: the generated-token counter settles far below 2 x 100k
-      await waitFor(async () => /reform_queries_aborted_total [2-9]/.test(await (await api("/metrics")).text()), 20_000, 50);
+      await waitFor(
+        async () => /reform_queries_aborted_total [2-9]/.test(await (await api("/metrics")).text()),
+        20_000,
+        50,
+      );
       await Bun.sleep(300);
       const settled = srv.engine.metrics().tokensGeneratedTotal;
       await Bun.sleep(500);
@@ -488,7 +593,13 @@ describe("query", () => {
       // queries on all of them (and the shared one) at once, stream and non-stream mixed
       const results = await Promise.all([
         ...ids.map((id) => post(`/v1/contexts/${id}/query`, queryBody({ max_tokens: 4 })).then(collectSse)),
-        ...ids.map((id) => post("/v1/chat/completions", { messages: [{ role: "user", content: "q" }], context_id: id, max_tokens: 4 }).then(json)),
+        ...ids.map((id) =>
+          post("/v1/chat/completions", {
+            messages: [{ role: "user", content: "q" }],
+            context_id: id,
+            max_tokens: 4,
+          }).then(json),
+        ),
       ]);
       for (const r of results.slice(0, N) as SseEvent[][]) {
         expect(r.at(-1)!.data).toBe("[DONE]");
@@ -522,14 +633,20 @@ describe("logprobs, penalties, logit bias", () => {
     async () => {
       const r = await json(post("/v1/chat/completions", chat({ logprobs: true, top_logprobs: 3 })));
       const content: string = r.choices[0].message.content;
-      const lps = r.choices[0].logprobs.content as { token: string; logprob: number; bytes: number[]; top_logprobs: { token: string; logprob: number; bytes: number[] }[] }[];
+      const lps = r.choices[0].logprobs.content as {
+        token: string;
+        logprob: number;
+        bytes: number[];
+        top_logprobs: { token: string; logprob: number; bytes: number[] }[];
+      }[];
       expect(r.choices[0].logprobs.refusal).toBeNull();
       expect(lps.length).toBeGreaterThan(0);
       expect(lps.length).toBeLessThanOrEqual(r.usage.completion_tokens);
       for (const e of lps) {
         expect(e.logprob).toBeLessThanOrEqual(0);
         expect(e.top_logprobs.length).toBe(3);
-        for (let i = 1; i < 3; i++) expect(e.top_logprobs[i]!.logprob).toBeLessThanOrEqual(e.top_logprobs[i - 1]!.logprob);
+        for (let i = 1; i < 3; i++)
+          expect(e.top_logprobs[i]!.logprob).toBeLessThanOrEqual(e.top_logprobs[i - 1]!.logprob);
         // greedy decoding picks the most likely token
         expect(e.top_logprobs[0]!.logprob).toBeCloseTo(e.logprob, 6);
         expect(e.top_logprobs[0]!.bytes).toEqual(e.bytes);
@@ -556,27 +673,45 @@ describe("logprobs, penalties, logit bias", () => {
     "logit_bias steers greedy decoding; penalties run; the context query API takes the same fields",
     async () => {
       // token ids come with our own query API's SSE token events
-      const sse = await collectSse(await post(`/v1/contexts/${ctxId}/query`, queryBody({ max_tokens: 1, logprobs: 2 })));
+      const sse = await collectSse(
+        await post(`/v1/contexts/${ctxId}/query`, queryBody({ max_tokens: 1, logprobs: 2 })),
+      );
       const tok = JSON.parse(sse.find((e) => e.event === "token")!.data);
       expect(tok.logprob.top_logprobs.length).toBe(2);
       expect(tok.logprob.bytes).toEqual(tok.logprob.top_logprobs[0].bytes);
       const greedyId: number = tok.token_id;
       // ban the greedy choice: the runner-up of the same distribution wins
       const banned = await json(
-        post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false, max_tokens: 1, logprobs: 2, logit_bias: { [greedyId]: -100 } })),
+        post(
+          `/v1/contexts/${ctxId}/query`,
+          queryBody({ stream: false, max_tokens: 1, logprobs: 2, logit_bias: { [greedyId]: -100 } }),
+        ),
       );
       expect(banned.logprobs.length).toBe(1);
       expect(banned.logprobs[0].bytes).toEqual(tok.logprob.top_logprobs[1].bytes);
       expect(banned.logprobs[0].logprob).toBeCloseTo(tok.logprob.top_logprobs[1].logprob, 6); // logprobs stay the model's own
       // +100 on one token: greedy decoding repeats it
       const forced = await json(
-        post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false, max_tokens: 4, logprobs: 0, logit_bias: { "65": 100 } })),
+        post(
+          `/v1/contexts/${ctxId}/query`,
+          queryBody({ stream: false, max_tokens: 4, logprobs: 0, logit_bias: { "65": 100 } }),
+        ),
       );
       expect(new Set(forced.logprobs.map((e: { bytes: number[] }) => e.bytes.join(","))).size).toBe(1);
       expect(forced.usage.completion_tokens).toBe(4);
       // OpenAI field names on the chat endpoint too, with penalties
       const r = await json(
-        post("/v1/chat/completions", chat({ logprobs: true, logit_bias: { "65": 100 }, presence_penalty: 1, frequency_penalty: 1.5, repetition_penalty: 1.3, max_tokens: 3 })),
+        post(
+          "/v1/chat/completions",
+          chat({
+            logprobs: true,
+            logit_bias: { "65": 100 },
+            presence_penalty: 1,
+            frequency_penalty: 1.5,
+            repetition_penalty: 1.3,
+            max_tokens: 3,
+          }),
+        ),
       );
       expect(r.choices[0].logprobs.content.map((e: { bytes: number[] }) => e.bytes.join(","))).toEqual(
         forced.logprobs.slice(0, 3).map((e: { bytes: number[] }) => e.bytes.join(",")),
@@ -601,7 +736,10 @@ describe("logprobs, penalties, logit bias", () => {
     expect(rf.status).toBe(400);
     expect((await json(rf)).error.message).toMatch(/json_object/);
     // their no-op forms are accepted
-    const ok = await post("/v1/chat/completions", chat({ tools: [], tool_choice: "none", response_format: { type: "text" }, max_tokens: 1 }));
+    const ok = await post(
+      "/v1/chat/completions",
+      chat({ tools: [], tool_choice: "none", response_format: { type: "text" }, max_tokens: 1 }),
+    );
     expect(ok.status).toBe(200);
     await ok.text();
     await expectError(await post(`/v1/contexts/${ctxId}/query`, queryBody({ logprobs: 30 })), 400);
@@ -620,7 +758,9 @@ describe("OpenAI legacy completions (raw prompt, no chat template)", () => {
   test(
     "plain and over a context: shapes, exact prompt accounting, legacy logprobs, stream == non-stream, echo",
     async () => {
-      const plain = await json(post("/v1/completions", { model: "tiny-reform", prompt: "The quick brown", max_tokens: 5, temperature: 0 }));
+      const plain = await json(
+        post("/v1/completions", { model: "tiny-reform", prompt: "The quick brown", max_tokens: 5, temperature: 0 }),
+      );
       expect(plain).toMatchObject({ object: "text_completion", model: "tiny-reform" });
       expect(plain.id).toMatch(/^cmpl-/);
       expect(typeof plain.choices[0].text).toBe("string");
@@ -628,7 +768,14 @@ describe("OpenAI legacy completions (raw prompt, no chat template)", () => {
       expect(plain.usage.prompt_tokens).toBe(tok.withBos(tok.encode("The quick brown")).length);
 
       const prompt = "\n\nQuestion: what does the fox do?\nAnswer:";
-      const body = { model: `context:${ctxId}`, prompt, max_tokens: 6, temperature: 0, logprobs: 2, reform: { method: "full" } };
+      const body = {
+        model: `context:${ctxId}`,
+        prompt,
+        max_tokens: 6,
+        temperature: 0,
+        logprobs: 2,
+        reform: { method: "full" },
+      };
       const r = await json(post("/v1/completions", body));
       // BOS + every context token + the prompt continuing them
       expect(r.usage.prompt_tokens).toBe(1 + r.reform.context_tokens + tok.encodeSuffix(prompt).length);
@@ -638,7 +785,8 @@ describe("OpenAI legacy completions (raw prompt, no chat template)", () => {
       expect(lp.tokens.length).toBe(lp.top_logprobs.length);
       expect(lp.tokens.join("")).toBe(r.choices[0].text);
       expect(lp.text_offset[0]).toBe(0);
-      for (let i = 1; i < lp.tokens.length; i++) expect(lp.text_offset[i]).toBe(lp.text_offset[i - 1] + lp.tokens[i - 1].length);
+      for (let i = 1; i < lp.tokens.length; i++)
+        expect(lp.text_offset[i]).toBe(lp.text_offset[i - 1] + lp.tokens[i - 1].length);
       for (let i = 0; i < lp.tokens.length; i++) {
         const alts = Object.values(lp.top_logprobs[i]) as number[];
         expect(alts.length).toBeGreaterThanOrEqual(1);
@@ -647,7 +795,11 @@ describe("OpenAI legacy completions (raw prompt, no chat template)", () => {
         if (alts.length === 2) expect(Math.max(...alts)).toBeCloseTo(lp.token_logprobs[i], 6);
       }
       // streamed
-      const evs = (await collectSse(await post("/v1/completions", { ...body, stream: true, stream_options: { include_usage: true } })))
+      const evs = (
+        await collectSse(
+          await post("/v1/completions", { ...body, stream: true, stream_options: { include_usage: true } }),
+        )
+      )
         .filter((e) => e.data !== "[DONE]")
         .map((e) => JSON.parse(e.data));
       expect(evs.every((e) => e.object === "text_completion")).toBe(true);
@@ -683,7 +835,15 @@ describe("OpenAI legacy completions (raw prompt, no chat template)", () => {
 
   test("unsupported forms are refused with 400", async () => {
     const b = { prompt: "hi", max_tokens: 2 };
-    for (const extra of [{ n: 2 }, { best_of: 3 }, { suffix: "x" }, { echo: true, logprobs: 1 }, { prompt: ["a", "b"] }, { prompt: "" }, { logprobs: 21 }]) {
+    for (const extra of [
+      { n: 2 },
+      { best_of: 3 },
+      { suffix: "x" },
+      { echo: true, logprobs: 1 },
+      { prompt: ["a", "b"] },
+      { prompt: "" },
+      { logprobs: 21 },
+    ]) {
       await expectError(await post("/v1/completions", { ...b, ...extra }), 400);
     }
     await expectError(await post("/v1/completions", { max_tokens: 2 }), 400);
@@ -704,7 +864,7 @@ describe("errors", () => {
     await expectError(await post(`/v1/contexts/${ready}/query`, "{not json"), 400, "invalid_json");
     await expectError(await post("/v1/chat/completions", ""), 400, "invalid_json");
     await expectError(await post("/v1/chat/completions", "[1,2]"), 400, "invalid_json");
-    await expectError(await post("/v1/contexts", "{\"metadata\": "), 400, "invalid_json");
+    await expectError(await post("/v1/contexts", '{"metadata": '), 400, "invalid_json");
   });
 
   test("validation errors name the param", async () => {
@@ -719,7 +879,11 @@ describe("errors", () => {
       ["/v1/chat/completions", { messages: [] }, "messages"],
       ["/v1/chat/completions", { messages: [{ role: "user", content: "x" }], n: 2 }, "n"],
       ["/v1/chat/completions", { messages: [{ role: "wizard", content: "x" }] }, "messages.0.role"],
-      ["/v1/chat/completions", { messages: [{ role: "user", content: [{ type: "image_url" }] }] }, "messages.0.content.0"],
+      [
+        "/v1/chat/completions",
+        { messages: [{ role: "user", content: [{ type: "image_url" }] }] },
+        "messages.0.content.0",
+      ],
       ["/v1/chat/completions", { messages: [{ role: "user", content: "x" }], top_p: 0 }, "top_p"],
       ["/v1/contexts", { metadata: "x" }, "metadata"],
     ];
@@ -738,7 +902,11 @@ describe("errors", () => {
     await expectError(await api(`/v1/contexts/${id}/content`, { method: "PUT", body: "x" }), 404, "context_not_found");
     await expectError(await post(`/v1/contexts/${id}/query`, queryBody()), 404, "context_not_found");
     await expectError(await post(`/v1/contexts/${id}/finalize`, ""), 404, "context_not_found");
-    await expectError(await post("/v1/chat/completions", { messages: [{ role: "user", content: "x" }], context_id: id }), 404, "context_not_found");
+    await expectError(
+      await post("/v1/chat/completions", { messages: [{ role: "user", content: "x" }], context_id: id }),
+      404,
+      "context_not_found",
+    );
     await expectError(await api(`/v1/contexts/bad%20id!`), 400);
   });
 
@@ -747,7 +915,10 @@ describe("errors", () => {
     await expectError(await post(`/v1/contexts/${empty}/query`, queryBody()), 409, "context_not_ready");
     await api(`/v1/contexts/${empty}/content`, { method: "PUT", body: "some text, not finalized" });
     await expectError(await post(`/v1/contexts/${empty}/query`, queryBody()), 409, "context_not_ready");
-    await expectError(await post("/v1/chat/completions", { messages: [{ role: "user", content: "x" }], context_id: empty }), 409);
+    await expectError(
+      await post("/v1/chat/completions", { messages: [{ role: "user", content: "x" }], context_id: empty }),
+      409,
+    );
   });
 
   test("413: body over the configured limit", async () => {
@@ -755,33 +926,78 @@ describe("errors", () => {
     const big = new Uint8Array(MAX_BODY + 10).fill(0x61);
     await expectError(await api(`/v1/contexts/${id}/content`, { method: "PUT", body: big }), 413, "payload_too_large");
     await expectError(
-      await api(`/v1/contexts/${id}/content`, { method: "PUT", body: pieceStream(big, [32 * 1024]), headers: { "content-type": "text/plain" } }),
+      await api(`/v1/contexts/${id}/content`, {
+        method: "PUT",
+        body: pieceStream(big, [32 * 1024]),
+        headers: { "content-type": "text/plain" },
+      }),
       413,
       "payload_too_large",
     );
-    await expectError(await post(`/v1/contexts/${ready}/query`, { question: "x".repeat(MAX_JSON + 1) }), 413, "payload_too_large");
+    await expectError(
+      await post(`/v1/contexts/${ready}/query`, { question: "x".repeat(MAX_JSON + 1) }),
+      413,
+      "payload_too_large",
+    );
     // far above every limit (Bun's own cap used to answer these with a bare 413 and no JSON body)
     const huge = new Uint8Array(3 * 1024 * 1024).fill(0x61);
     await expectError(await api(`/v1/contexts/${id}/content`, { method: "PUT", body: huge }), 413, "payload_too_large");
-    await expectError(await post("/v1/chat/completions", { messages: [{ role: "user", content: "x".repeat(huge.length) }] }), 413, "payload_too_large");
+    await expectError(
+      await post("/v1/chat/completions", { messages: [{ role: "user", content: "x".repeat(huge.length) }] }),
+      413,
+      "payload_too_large",
+    );
     expect((await fetch(`${base}/health`)).status).toBe(200);
   });
 
   test("400: budget above the maximum", async () => {
     const max = srv.engine.modelInfo()!.defaults.maxBudget;
-    const e = await expectError(await post(`/v1/contexts/${ready}/query`, queryBody({ budget: max + 1 })), 400, "budget_too_large");
+    const e = await expectError(
+      await post(`/v1/contexts/${ready}/query`, queryBody({ budget: max + 1 })),
+      400,
+      "budget_too_large",
+    );
     expect(e.param).toBe("budget");
-    await expectError(await post("/v1/chat/completions", { messages: [{ role: "user", content: "x" }], reform: { context_id: ready, budget: max + 1 } }), 400);
+    await expectError(
+      await post("/v1/chat/completions", {
+        messages: [{ role: "user", content: "x" }],
+        reform: { context_id: ready, budget: max + 1 },
+      }),
+      400,
+    );
   });
 
   test("415: unsupported media types", async () => {
-    await expectError(await api(`/v1/contexts/${ready}/content`, { method: "PUT", body: "x", headers: { "content-type": "image/png" } }), 415, "unsupported_media_type");
-    await expectError(await api(`/v1/contexts/${ready}/query`, { method: "POST", body: "{}", headers: { "content-type": "multipart/form-data; boundary=x" } }), 415);
+    await expectError(
+      await api(`/v1/contexts/${ready}/content`, {
+        method: "PUT",
+        body: "x",
+        headers: { "content-type": "image/png" },
+      }),
+      415,
+      "unsupported_media_type",
+    );
+    await expectError(
+      await api(`/v1/contexts/${ready}/query`, {
+        method: "POST",
+        body: "{}",
+        headers: { "content-type": "multipart/form-data; boundary=x" },
+      }),
+      415,
+    );
   });
 
   test("401: missing or wrong API key; /health stays open", async () => {
     await expectError(await fetch(`${base}/v1/contexts`), 401, "missing_api_key");
-    await expectError(await fetch(`${base}/v1/chat/completions`, { method: "POST", headers: { authorization: "Bearer wrong" }, body: "{}" }), 401, "invalid_api_key");
+    await expectError(
+      await fetch(`${base}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: "Bearer wrong" },
+        body: "{}",
+      }),
+      401,
+      "invalid_api_key",
+    );
     expect((await fetch(`${base}/health`)).status).toBe(200);
   });
 

@@ -63,7 +63,12 @@ describe("config", () => {
     const c = parseModelConfig({ ...base, num_key_value_heads: undefined });
     expect(c.config.numKvHeads).toBe(4);
     expect(c.config.headDim).toBe(16);
-    const q = parseModelConfig({ ...base, architectures: ["Qwen2ForCausalLM"], tie_word_embeddings: true, torch_dtype: "float16" });
+    const q = parseModelConfig({
+      ...base,
+      architectures: ["Qwen2ForCausalLM"],
+      tie_word_embeddings: true,
+      torch_dtype: "float16",
+    });
     expect(q.config.qkvBias).toBe(true);
     expect(q.config.tieEmbeddings).toBe(true);
     expect(q.config.weightDtype).toBe(RF_F16);
@@ -74,7 +79,13 @@ describe("config", () => {
   test("rope scaling", () => {
     const l3 = parseModelConfig({
       ...base,
-      rope_scaling: { rope_type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
+      rope_scaling: {
+        rope_type: "llama3",
+        factor: 8,
+        low_freq_factor: 1,
+        high_freq_factor: 4,
+        original_max_position_embeddings: 8192,
+      },
     });
     expect(l3.config.ropeType).toBe(RF_ROPE_LLAMA3);
     expect(l3.config.ropeFactor).toBe(8);
@@ -90,7 +101,9 @@ describe("config", () => {
     expect(() => parseModelConfig({ ...base, rope_scaling: { rope_type: "yarn", factor: 4 } })).toThrow(/yarn/);
     expect(() => parseModelConfig({ ...base, torch_dtype: "float8" })).toThrow(/float8/);
     expect(() => parseModelConfig({ ...base, hidden_size: undefined })).toThrow(/hidden_size/);
-    expect(() => parseModelConfig({ ...base, rope_scaling: { rope_type: "llama3", factor: 8 } })).toThrow(/original_max_position_embeddings/);
+    expect(() => parseModelConfig({ ...base, rope_scaling: { rope_type: "llama3", factor: 8 } })).toThrow(
+      /original_max_position_embeddings/,
+    );
   });
 });
 
@@ -248,7 +261,9 @@ describe("heads", () => {
   });
   test("validation", () => {
     expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":10,"kind":"q","head":0}]}')).toThrow(/layer 10 out of range/);
-    expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":1,"kind":"k","head":2}]}')).toThrow(/head 2 out of range 0..1/);
+    expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":1,"kind":"k","head":2}]}')).toThrow(
+      /head 2 out of range 0..1/,
+    );
     expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":1,"kind":"o","head":0}]}')).toThrow(/kind/);
     expect(() => loadHeads("/x", cfg, '{"heads":[]}')).toThrow(/at least one head/);
   });

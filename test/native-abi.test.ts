@@ -35,10 +35,7 @@ import { buildNative } from "./helpers/build.ts";
 /** the emulation's fiber switch is x86-64 only (scripts/build-native.sh skips it elsewhere) */
 const X64 = process.arch === "x64";
 const EMU = join(ROOT_DIR, "build", "libreform_cuda_emu.so");
-const BUILDS = [
-  { name: "cpu", path: libraryPath("cpu") },
-  ...(X64 ? [{ name: "cuda emulation", path: EMU }] : []),
-];
+const BUILDS = [{ name: "cpu", path: libraryPath("cpu") }, ...(X64 ? [{ name: "cuda emulation", path: EMU }] : [])];
 
 /** vocab 64, two layers, head_dim 16 (the CUDA build needs a multiple of 16); weights come from rf_model_init_random */
 const CFG: ModelConfig = buildModel({
@@ -51,7 +48,15 @@ const CFG: ModelConfig = buildModel({
   layers: 2,
   seed: 1,
 }).cfg;
-const CP: CompressParams = { capacity: 16, nSink: 2, nRecent: 4, obsWindow: 4, maxChunk: 8, embDtype: RF_F32, exitLayer: -1 };
+const CP: CompressParams = {
+  capacity: 16,
+  nSink: 2,
+  nRecent: 4,
+  obsWindow: 4,
+  maxChunk: 8,
+  embDtype: RF_F32,
+  exitLayer: -1,
+};
 const HEADS: HeadSpec[] = [{ layer: 0, kind: "k", head: 1 }];
 
 /** raw entry points, for NULL handles and negative counts that the binding never passes */
@@ -81,7 +86,6 @@ function openRaw(path: string) {
   });
   return { sym: h.symbols, close: () => h.close() };
 }
-type Raw = ReturnType<typeof openRaw>["sym"];
 
 interface Outcome {
   code: number;
@@ -113,7 +117,14 @@ function badCalls(path: string): Record<string, Outcome> {
     })();
     out["rf_set_threads(-1)"] = last(sym.rf_set_threads(-1));
     out["rf_model_set_tensor(NULL model)"] = last(
-      sym.rf_model_set_tensor(null, ptr(Buffer.from("model.norm.weight\0")), ptr(q), RF_F32, ptr(new BigInt64Array([4n])), 1),
+      sym.rf_model_set_tensor(
+        null,
+        ptr(Buffer.from("model.norm.weight\0")),
+        ptr(q),
+        RF_F32,
+        ptr(new BigInt64Array([4n])),
+        1,
+      ),
     );
     out["rf_model_init_random(NULL)"] = last(sym.rf_model_init_random(null, 1n, 0.02));
     out["rf_model_finalize(NULL)"] = last(sym.rf_model_finalize(null));
@@ -201,7 +212,10 @@ test("shared guard and checks: C++ tests of cuda/abi_guard.h pass", () => {
   const exe = join(ROOT_DIR, "build/abi_guard_tests");
   const cxx = process.env.CXX ?? "g++";
   const args = ["-O1", "-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Icuda"];
-  const c = spawnSync(cxx, [...args, "test/native/abi_guard_tests.cpp", "-o", exe], { cwd: ROOT_DIR, encoding: "utf8" });
+  const c = spawnSync(cxx, [...args, "test/native/abi_guard_tests.cpp", "-o", exe], {
+    cwd: ROOT_DIR,
+    encoding: "utf8",
+  });
   const cout = `${c.stdout}${c.stderr}`;
   if (c.status !== 0) console.error(cout);
   expect(c.status).toBe(0);
@@ -314,9 +328,9 @@ test("a layout that differs from the packing is refused with the field named", (
   expect(structLayoutMismatches(layout.replace("rms_eps:40:f32", "rms_eps:40:i32"))).toEqual([
     "rf_config.rms_eps: 40:i32 in the library, 40:f32 here",
   ]);
-  expect(structLayoutMismatches(layout.replace(" weight_dtype:64:i32", " weight_dtype:64:i32 kv_dtype:68:i32"))).toEqual([
-    "rf_config.kv_dtype: in the library, not packed here",
-  ]);
+  expect(
+    structLayoutMismatches(layout.replace(" weight_dtype:64:i32", " weight_dtype:64:i32 kv_dtype:68:i32")),
+  ).toEqual(["rf_config.kv_dtype: in the library, not packed here"]);
   expect(structLayoutMismatches(layout.replace("rf_compress_params 64", "rf_compress_params 68"))).toEqual([
     "rf_compress_params: sizeof 68 in the library, 64 here",
   ]);

@@ -21,15 +21,7 @@ import {
   type CompressParams,
   type HeadSpec,
 } from "../ffi/native";
-import {
-  argmax,
-  refForward,
-  refGreedy,
-  refLogits,
-  refSample,
-  refScore,
-  RefCompressor,
-} from "./reference/llama-ref";
+import { argmax, refForward, refGreedy, refLogits, refSample, refScore, RefCompressor } from "./reference/llama-ref";
 
 import {
   buildModel,
@@ -48,7 +40,6 @@ import {
   type Variant,
 } from "./helpers/random-model";
 import { buildNative } from "./helpers/build.ts";
-
 
 /* ---------------- setup ---------------- */
 
@@ -75,9 +66,33 @@ describe("library", () => {
 
 const VARIANTS: Variant[] = [
   { name: "f32 tied, default rope", tie: true, bias: false, rope: RF_ROPE_DEFAULT, dtype: RF_F32, layers: 2, seed: 11 },
-  { name: "f32 untied + qkv bias, llama3 rope", tie: false, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F32, layers: 3, seed: 12 },
-  { name: "bf16 untied, linear rope", tie: false, bias: false, rope: RF_ROPE_LINEAR, dtype: RF_BF16, layers: 2, seed: 13 },
-  { name: "f16 tied + qkv bias, llama3 rope", tie: true, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F16, layers: 3, seed: 14 },
+  {
+    name: "f32 untied + qkv bias, llama3 rope",
+    tie: false,
+    bias: true,
+    rope: RF_ROPE_LLAMA3,
+    dtype: RF_F32,
+    layers: 3,
+    seed: 12,
+  },
+  {
+    name: "bf16 untied, linear rope",
+    tie: false,
+    bias: false,
+    rope: RF_ROPE_LINEAR,
+    dtype: RF_BF16,
+    layers: 2,
+    seed: 13,
+  },
+  {
+    name: "f16 tied + qkv bias, llama3 rope",
+    tie: true,
+    bias: true,
+    rope: RF_ROPE_LLAMA3,
+    dtype: RF_F16,
+    layers: 3,
+    seed: 14,
+  },
 ];
 
 /* Tolerances per weight dtype (logits vs the Float64 reference, relative to the largest logit). The reference
@@ -152,7 +167,14 @@ describe("long sequences", () => {
     const once = s1.forward(i32(toks), true)!;
     const s2 = m.createSeq(701);
     let last: Float32Array | null = null;
-    for (const [a, z] of [[0, 200], [200, 257], [257, 600], [600, 699], [699, 700]]) last = s2.forward(i32(toks.slice(a, z)), true);
+    for (const [a, z] of [
+      [0, 200],
+      [200, 257],
+      [257, 600],
+      [600, 699],
+      [699, 700],
+    ])
+      last = s2.forward(i32(toks.slice(a, z)), true);
     expect(maxAbs(last!, once)).toBeLessThan(1e-5);
     const d1 = s1.forward(i32([5]), true)!;
     const d2 = s2.forward(i32([5]), true)!;
@@ -167,7 +189,15 @@ describe("long sequences", () => {
 
 /* ---------------- compressor ---------------- */
 
-const CP: CompressParams = { capacity: 24, nSink: 2, nRecent: 4, obsWindow: 4, maxChunk: 10, embDtype: RF_F32, exitLayer: -1 };
+const CP: CompressParams = {
+  capacity: 24,
+  nSink: 2,
+  nRecent: 4,
+  obsWindow: 4,
+  maxChunk: 10,
+  embDtype: RF_F32,
+  exitLayer: -1,
+};
 const HEADS: HeadSpec[] = [
   { layer: 0, kind: "q", head: 1 },
   { layer: 1, kind: "k", head: 0 },
@@ -181,7 +211,10 @@ describe("compressor", () => {
   const v: Variant = { name: "c", tie: false, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F32, layers: 3, seed: 21 };
   const b = buildModel(v);
   const hd = b.cfg.headDim;
-  const toks = tokensFrom(99, CHUNKS.reduce((a, c) => a + c, 0));
+  const toks = tokensFrom(
+    99,
+    CHUNKS.reduce((a, c) => a + c, 0),
+  );
 
   test("embeddings, cache length, cache contents and scores match the reference with eviction", () => {
     const m = loadModel(native, b);
@@ -210,7 +243,12 @@ describe("compressor", () => {
           const rc = ref.cache[l][g];
           expect(maxAbs(st.cache[l][g].k, flat(rc.map((x) => x.k)))).toBeLessThan(1e-4);
           expect(maxAbs(st.cache[l][g].v, flat(rc.map((x) => x.v)))).toBeLessThan(1e-4);
-          expect(maxAbs(st.cache[l][g].s, rc.map((x) => x.s))).toBeLessThan(1e-4);
+          expect(
+            maxAbs(
+              st.cache[l][g].s,
+              rc.map((x) => x.s),
+            ),
+          ).toBeLessThan(1e-4);
         }
     }
     expect(evicted).toBe(true);
@@ -358,7 +396,15 @@ describe("rf_score", () => {
 /* ---------------- sampling ---------------- */
 
 describe("sampling", () => {
-  const b = buildModel({ name: "s", tie: true, bias: false, rope: RF_ROPE_DEFAULT, dtype: RF_F32, layers: 2, seed: 31 });
+  const b = buildModel({
+    name: "s",
+    tie: true,
+    bias: false,
+    rope: RF_ROPE_DEFAULT,
+    dtype: RF_F32,
+    layers: 2,
+    seed: 31,
+  });
 
   test("rf_sample_logits over given logits == rf_seq_sample, same generator; errors", () => {
     const m = loadModel(native, b);
@@ -412,7 +458,9 @@ describe("sampling", () => {
     const st0 = new BigUint64Array([0n]);
     expect(z).toEqual(Array.from({ length: 10 }, () => refSample(logits, P.temperature, P.topP, P.topK, st0)));
     // top_k restricts the support
-    const top3 = Array.from(logits.keys()).sort((x, y) => logits[y] - logits[x]).slice(0, 3);
+    const top3 = Array.from(logits.keys())
+      .sort((x, y) => logits[y] - logits[x])
+      .slice(0, 3);
     for (const t of draw(7, 300, { temperature: 2, topP: 1, topK: 3 })) expect(top3).toContain(t);
     // distribution sanity: empirical frequencies ~ softmax(logits / T)
     const N = 4000;
@@ -441,13 +489,22 @@ describe("error paths", () => {
   test("model loading errors", () => {
     const m = native.createModel(b.cfg);
     const w = new Float32Array(32);
-    expectNativeError(() => m.setTensor("model.layers.0.self_attn.foo.weight", w, RF_F32, [32]), RF_ERR_INVALID, /unknown tensor/);
+    expectNativeError(
+      () => m.setTensor("model.layers.0.self_attn.foo.weight", w, RF_F32, [32]),
+      RF_ERR_INVALID,
+      /unknown tensor/,
+    );
     expectNativeError(() => m.setTensor("model.layers.9.input_layernorm.weight", w, RF_F32, [32]), RF_ERR_INVALID);
     expectNativeError(() => m.setTensor("model.norm.weight", w, RF_F32, [31]), RF_ERR_INVALID, /shape/);
     expectNativeError(() => m.setTensor("model.norm.weight", w, RF_F32, [32, 1]), RF_ERR_INVALID, /shape/);
     expectNativeError(() => m.setTensor("model.norm.weight", w, 7 as DType, [32]), RF_ERR_INVALID, /dtype/);
-    expectNativeError(() => m.setTensor("model.layers.0.self_attn.q_proj.bias", w, RF_F32, [32]), RF_ERR_INVALID, /bias/);
-    for (const t of b.tensors) if (t.name !== "model.layers.1.mlp.up_proj.weight") m.setTensor(t.name, t.data, t.dtype, t.shape);
+    expectNativeError(
+      () => m.setTensor("model.layers.0.self_attn.q_proj.bias", w, RF_F32, [32]),
+      RF_ERR_INVALID,
+      /bias/,
+    );
+    for (const t of b.tensors)
+      if (t.name !== "model.layers.1.mlp.up_proj.weight") m.setTensor(t.name, t.data, t.dtype, t.shape);
     expectNativeError(() => m.finalize(), RF_ERR_STATE, /model\.layers\.1\.mlp\.up_proj\.weight/);
     // using a non-finalized model
     expect(() => m.createSeq(8)).toThrow(NativeError);
@@ -526,13 +583,28 @@ describe("error paths", () => {
 
 describe("rf_model_init_random", () => {
   test("matrices stored in cfg.weight_dtype (2 bytes bf16/f16, 4 bytes f32), norms f32; finite logits", () => {
-    const b = buildModel({ name: "r", tie: false, bias: true, rope: RF_ROPE_DEFAULT, dtype: RF_F32, layers: 2, seed: 51 });
+    const b = buildModel({
+      name: "r",
+      tie: false,
+      bias: true,
+      rope: RF_ROPE_DEFAULT,
+      dtype: RF_F32,
+      layers: 2,
+      seed: 51,
+    });
     const c = b.cfg;
-    const qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
-    const matrix = 2 * c.vocabSize * c.hiddenSize + c.numLayers * (c.hiddenSize * (2 * qd + 2 * kvd) + 3 * c.hiddenSize * c.intermediateSize);
+    const qd = c.numHeads * c.headDim,
+      kvd = c.numKvHeads * c.headDim;
+    const matrix =
+      2 * c.vocabSize * c.hiddenSize +
+      c.numLayers * (c.hiddenSize * (2 * qd + 2 * kvd) + 3 * c.hiddenSize * c.intermediateSize);
     const f32 = c.hiddenSize * (1 + 2 * c.numLayers) + c.numLayers * (qd + 2 * kvd) * 2; // norms; biases (+ fused copy)
     const logits: Float32Array[] = [];
-    for (const [dt, size] of [[RF_BF16, 2], [RF_F16, 2], [RF_F32, 4]] as const) {
+    for (const [dt, size] of [
+      [RF_BF16, 2],
+      [RF_F16, 2],
+      [RF_F32, 4],
+    ] as const) {
       const m = native.createModel({ ...c, weightDtype: dt });
       m.initRandom(5, 0.05);
       m.finalize();
@@ -565,14 +637,21 @@ describe.skipIf(!!forced)("instruction sets", () => {
       return "";
     }
   })();
-  const sets = ["portable", ...(/\bavx2\b/.test(flags) && /\bfma\b/.test(flags) && /\bf16c\b/.test(flags) ? ["avx2"] : [])];
+  const sets = [
+    "portable",
+    ...(/\bavx2\b/.test(flags) && /\bfma\b/.test(flags) && /\bf16c\b/.test(flags) ? ["avx2"] : []),
+  ];
   for (const isa of sets)
     test(`forward, compressor, scoring on the ${isa} kernels`, () => {
-      const r = spawnSync("bun", ["test", "test/native-forward.test.ts", "-t", "library|forward|long sequences|compressor|rf_score|init_random"], {
-        cwd: ROOT_DIR,
-        env: { ...process.env, REFORM_CPU_ISA: isa },
-        encoding: "utf8",
-      });
+      const r = spawnSync(
+        "bun",
+        ["test", "test/native-forward.test.ts", "-t", "library|forward|long sequences|compressor|rf_score|init_random"],
+        {
+          cwd: ROOT_DIR,
+          env: { ...process.env, REFORM_CPU_ISA: isa },
+          encoding: "utf8",
+        },
+      );
       const out = `${r.stdout}${r.stderr}`;
       if (r.status !== 0) console.error(out);
       expect(r.status).toBe(0);

@@ -60,5 +60,8 @@ function kernelTests(exeName: string, defines: string[], isas: string[]) {
 test("C++ kernel tests pass", () => kernelTests("kernel_tests", [], ["", "avx2", "portable"]), 180_000);
 
 // what a non-x86 target builds: the portable set alone
-test("C++ kernel tests pass with only the portable kernels compiled", () =>
-  kernelTests("kernel_tests_portable", ["-DRF_CPU_PORTABLE_ONLY"], [""]), 180_000);
+test(
+  "C++ kernel tests pass with only the portable kernels compiled",
+  () => kernelTests("kernel_tests_portable", ["-DRF_CPU_PORTABLE_ONLY"], [""]),
+  180_000,
+);

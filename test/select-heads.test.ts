@@ -35,7 +35,13 @@ describe("select-heads", () => {
 
   test("pickTop prefers one layer on near-ties", () => {
     const h = (layer: number, kind: "q" | "k" | "v", head: number, recall: number): HeadResult => ({
-      layer, kind, head, recall, bestRank: 1, recalls: [], ranks: [],
+      layer,
+      kind,
+      head,
+      recall,
+      bestRank: 1,
+      recalls: [],
+      ranks: [],
     });
     const ranking = [h(5, "q", 0, 0.9), h(7, "k", 0, 0.89), h(5, "k", 0, 0.885), h(9, "v", 0, 0.5), h(5, "v", 1, 0.2)];
     const top = pickTop(ranking, 3).map((x) => `${x.layer}${x.kind}`);
@@ -46,7 +52,7 @@ describe("select-heads", () => {
     const tok = ModelTokenizer.fromDir(dir);
     const mk = () => {
       let a = 7;
-      return () => ((a = (a * 16807) % 2147483647) / 2147483647);
+      return () => (a = (a * 16807) % 2147483647) / 2147483647;
     };
     const s1 = buildSample(tok, 150, mk());
     const s2 = buildSample(tok, 150, mk());
@@ -85,7 +91,8 @@ describe("select-heads", () => {
       expect(h.recall).toBeLessThanOrEqual(1);
       expect(h.bestRank).toBeGreaterThanOrEqual(1);
     }
-    for (let i = 1; i < r.ranking.length; i++) expect(r.ranking[i - 1]!.recall).toBeGreaterThanOrEqual(r.ranking[i]!.recall);
+    for (let i = 1; i < r.ranking.length; i++)
+      expect(r.ranking[i - 1]!.recall).toBeGreaterThanOrEqual(r.ranking[i]!.recall);
     expect(r.selected.length).toBe(3);
     expect(lines.some((l) => l.startsWith("selected:"))).toBe(true);
 
@@ -100,9 +107,20 @@ describe("select-heads", () => {
 
     // deterministic
     const again = selectHeads({
-      modelDir: dir, layers: "all", samples: 2, contextTokens: 160, budget: 24, window: 9, chunk: 64, capacity: 256,
-      backend: "cpu", out: null, log: () => {},
+      modelDir: dir,
+      layers: "all",
+      samples: 2,
+      contextTokens: 160,
+      budget: 24,
+      window: 9,
+      chunk: 64,
+      capacity: 256,
+      backend: "cpu",
+      out: null,
+      log: () => {},
     });
-    expect(again.ranking.map((h) => [h.layer, h.kind, h.head, h.recall])).toEqual(r.ranking.map((h) => [h.layer, h.kind, h.head, h.recall]));
+    expect(again.ranking.map((h) => [h.layer, h.kind, h.head, h.recall])).toEqual(
+      r.ranking.map((h) => [h.layer, h.kind, h.head, h.recall]),
+    );
   });
 });

@@ -20,7 +20,8 @@ function scores(n: number, kind: Kind, seed: number): Float32Array {
   const s = new Float32Array(n);
   for (let i = 0; i < n; i++) {
     if (kind === "uniform") s[i] = r() * 2 - 1;
-    else if (kind === "ties") s[i] = Math.floor(r() * 5) / 4; // 5 distinct values: heavy ties at every cut
+    else if (kind === "ties")
+      s[i] = Math.floor(r() * 5) / 4; // 5 distinct values: heavy ties at every cut
     else if (kind === "signed-zero") s[i] = r() < 0.5 ? (r() < 0.5 ? -0 : 0) : r() < 0.5 ? 1 : -1;
     else if (kind === "constant") s[i] = 0.25;
     else s[i] = -1 - r() * 1e-3;
@@ -115,7 +116,14 @@ describe("native rf_score_select", () => {
       try {
         const r = mulberry32(41);
         // dims: a multiple of 16 and one with a scalar tail; query rows: 1, 4 (one block) and 7 (block + tail)
-        for (const [n, dim, nQ, budget] of (emu ? [[600, 24, 3, 64]] : [[5000, 192, 1, 512], [3000, 70, 4, 256], [4000, 64, 7, 4000], [2500, 128, 5, 2600]]) as number[][]) {
+        for (const [n, dim, nQ, budget] of (emu
+          ? [[600, 24, 3, 64]]
+          : [
+              [5000, 192, 1, 512],
+              [3000, 70, 4, 256],
+              [4000, 64, 7, 4000],
+              [2500, 128, 5, 2600],
+            ]) as number[][]) {
           const ctx = Float32Array.from({ length: n! * dim! }, () => r() * 2 - 1);
           for (let d = 0; d < dim!; d++) ctx[7 * dim! + d] = 0; // an all-zero row scores 0
           const ctx16 = toF16(ctx);
@@ -130,11 +138,18 @@ describe("native rf_score_select", () => {
             expect(scores[7]).toBe(0);
             expect(Array.from(idx)).toEqual(Array.from(referenceSelect(smoothScores(scores, 9), budget!, 16)));
             // without a scores buffer: the same selection
-            expect(Array.from(native.scoreSelect(c, n!, dim!, q, nQ!, { window: 9, budget: budget!, edge: 16 }))).toEqual(Array.from(idx));
+            expect(
+              Array.from(native.scoreSelect(c, n!, dim!, q, nQ!, { window: 9, budget: budget!, edge: 16 })),
+            ).toEqual(Array.from(idx));
           }
         }
-        expect(native.scoreSelect(new Uint16Array(0), 0, 8, new Float32Array(8), 1, { window: 9, budget: 16, edge: 4 }).length).toBe(0);
-        expect(() => native.scoreSelect(new Float32Array(8), 1, 8, new Float32Array(8), 0, { window: 9, budget: 16, edge: 4 })).toThrow(NativeError);
+        expect(
+          native.scoreSelect(new Uint16Array(0), 0, 8, new Float32Array(8), 1, { window: 9, budget: 16, edge: 4 })
+            .length,
+        ).toBe(0);
+        expect(() =>
+          native.scoreSelect(new Float32Array(8), 1, 8, new Float32Array(8), 0, { window: 9, budget: 16, edge: 4 }),
+        ).toThrow(NativeError);
         native.scoreSelect(new Float32Array(8), 1, 8, new Float32Array(8), 1, { window: 9, budget: 16, edge: 4 });
         expect(native.lastError()).toBe("");
       } finally {

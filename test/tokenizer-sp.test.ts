@@ -27,7 +27,24 @@ afterAll(() => {
 });
 
 function text(seed: number, words = 400): string {
-  const vocab = ["The", "the", "and", "an", "a", "sing", "winter", "héllo", "naïve", "中文字", "emoji🎉", "it's", "I", "x.y", "", "Hat"];
+  const vocab = [
+    "The",
+    "the",
+    "and",
+    "an",
+    "a",
+    "sing",
+    "winter",
+    "héllo",
+    "naïve",
+    "中文字",
+    "emoji🎉",
+    "it's",
+    "I",
+    "x.y",
+    "",
+    "Hat",
+  ];
   const out: string[] = [];
   let x = seed >>> 0;
   for (let i = 0; i < words; i++) {

@@ -47,27 +47,27 @@ inline PackedW pack_weights(const WSrc* src, int nsrc, int64_t k, const CpuIsa* 
     for (int64_t r = 0; r < src[s].rows; r++) row_of[(size_t)o++] = {s, r};
   uint8_t* dst = w.buf.get();
   parallel_for(np, w.bytes > (1 << 20), [&](int64_t p0, int64_t p1, int) {
-  for (int64_t pnl = p0; pnl < p1; pnl++)
-    for (int64_t j = 0; j < nr; j++) {
-      const int64_t col = pnl * nr + j;
-      uint8_t* d = dst + (pnl * k * nr + j) * esz;
-      const int64_t step = nr * esz;
-      if (col >= w.n) {
-        for (int64_t kk = 0; kk < k; kk++) memset(d + kk * step, 0, (size_t)esz);
-        continue;
-      }
-      const WSrc& s = src[row_of[(size_t)col].first];
-      const int64_t base = row_of[(size_t)col].second * k;
-      if (s.dtype == w.dtype) {
-        const uint8_t* sp = (const uint8_t*)s.data + base * esz;
-        for (int64_t kk = 0; kk < k; kk++) memcpy(d + kk * step, sp + kk * esz, (size_t)esz);
-      } else {
-        for (int64_t kk = 0; kk < k; kk++) {
-          const float v = load_as_f32(s.data, s.dtype, base + kk);
-          memcpy(d + kk * step, &v, 4);
+    for (int64_t pnl = p0; pnl < p1; pnl++)
+      for (int64_t j = 0; j < nr; j++) {
+        const int64_t col = pnl * nr + j;
+        uint8_t* d = dst + (pnl * k * nr + j) * esz;
+        const int64_t step = nr * esz;
+        if (col >= w.n) {
+          for (int64_t kk = 0; kk < k; kk++) memset(d + kk * step, 0, (size_t)esz);
+          continue;
+        }
+        const WSrc& s = src[row_of[(size_t)col].first];
+        const int64_t base = row_of[(size_t)col].second * k;
+        if (s.dtype == w.dtype) {
+          const uint8_t* sp = (const uint8_t*)s.data + base * esz;
+          for (int64_t kk = 0; kk < k; kk++) memcpy(d + kk * step, sp + kk * esz, (size_t)esz);
+        } else {
+          for (int64_t kk = 0; kk < k; kk++) {
+            const float v = load_as_f32(s.data, s.dtype, base + kk);
+            memcpy(d + kk * step, &v, 4);
+          }
         }
       }
-    }
   });
   return w;
 }

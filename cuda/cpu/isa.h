@@ -7,10 +7,10 @@
  *
  * Matmul (driven by cpu/gemm.h): W is packed into panels of NR outputs (NR = the set's register tile width):
  * panel p holds, for each k, the NR weights W[p*NR + j][k] contiguously, in the checkpoint's own type (f32,
- * bf16 or f16; 16-bit weights are widened in registers, exactly). Several weight matrices with the same k can be packed into one
- * (fused q/k/v, fused gate/up): their rows are concatenated.
- * Prefill (m > 1) packs x per call into MR-row tiles and runs MR x NR register tiles over KC-deep blocks;
- * decode (m == 1) streams the panels once, four at a time. Both are parallel over panels (cpu/pool.h).
+ * bf16 or f16; 16-bit weights are widened in registers, exactly). Several weight matrices with the same k can be packed
+ * into one (fused q/k/v, fused gate/up): their rows are concatenated. Prefill (m > 1) packs x per call into MR-row
+ * tiles and runs MR x NR register tiles over KC-deep blocks; decode (m == 1) streams the panels once, four at a time.
+ * Both are parallel over panels (cpu/pool.h).
  */
 #ifndef REFORM_CPU_ISA_H
 #define REFORM_CPU_ISA_H
@@ -53,9 +53,9 @@ struct AttnCall;
 /* one instruction set's kernels */
 struct CpuIsa {
   const char* name;
-  int nr, mr;                                                  // panel width, register tile height
+  int nr, mr;                                                 // panel width, register tile height
   void (*panels)(const GemmCall& g, int64_t p0, int64_t p1);  // outputs of panels [p0, p1), all rows
-  void (*attn_rows)(const AttnCall& a, int g, int64_t j0, int64_t j1, float* scratch);  // queries j0..j1-1
+  void (*attn_rows)(const AttnCall& a, int g, int64_t j0, int64_t j1, float* scratch);   // queries j0..j1-1
   void (*attn_score)(const AttnCall& a, int g, int64_t e0, int64_t e1, float* scratch);  // keys e0..e1-1
   int64_t (*attn_scratch)(int64_t rows, int64_t window_rows, int hd);                    // floats per thread
 };
@@ -182,13 +182,12 @@ enum Isa { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 inline const CpuIsa* isa_table(Isa i) {
   static const CpuIsa sets[] = {
-      {"portable", portable::NR, portable::MR, portable::gemm_panels, portable::attn_rows, portable::attn_score,
-       portable::attn_scratch},
+    {"portable", portable::NR, portable::MR, portable::gemm_panels, portable::attn_rows, portable::attn_score,
+     portable::attn_scratch},
 #if RF_CPU_X86
-      {"avx2", avx2::NR, avx2::MR, avx2::gemm_panels, avx2::attn_rows, avx2::attn_score,
-       avx2::attn_scratch},
-      {"avx512", avx512::NR, avx512::MR, avx512::gemm_panels, avx512::attn_rows, avx512::attn_score,
-       avx512::attn_scratch},
+    {"avx2", avx2::NR, avx2::MR, avx2::gemm_panels, avx2::attn_rows, avx2::attn_score, avx2::attn_scratch},
+    {"avx512", avx512::NR, avx512::MR, avx512::gemm_panels, avx512::attn_rows, avx512::attn_score,
+     avx512::attn_scratch},
 #endif
   };
   return &sets[i];

@@ -36,7 +36,7 @@ uint16_t f32_to_f16_bits(float f) {
   uint32_t x = f2u(f);
   uint32_t sign = (x >> 16) & 0x8000u;
   uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  // NaN
+  if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);   // NaN
   if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // >= 65520 rounds to inf
   if (ax < 0x38800000u) {                                    // subnormal or zero in f16
     if (ax < 0x33000000u) return (uint16_t)sign;             // < 2^-25: rounds to 0 (2^-25 exactly: tie to 0)
@@ -68,10 +68,10 @@ float f16_bits_to_f32(uint16_t h) {
 }
 
 /* ============================================================ state */
-std::mutex g_mu;          // registry, streams, attributes, last error
-std::mutex g_launch_mu;   // one kernel at a time
+std::mutex g_mu;         // registry, streams, attributes, last error
+std::mutex g_launch_mu;  // one kernel at a time
 cudaError_t g_last = cudaSuccess;
-int g_devices = -1;       // -1: read REFORM_EMU_DEVICES (default 1)
+int g_devices = -1;  // -1: read REFORM_EMU_DEVICES (default 1)
 int g_cur_dev = 0;
 size_t g_mem_limit = (size_t)8 << 30;
 std::string g_throw_on_launch;  // "bad_alloc" / "runtime_error": the next launch throws it (host exceptions in the ABI)
@@ -248,9 +248,9 @@ void init_fiber(Fiber& f, int i) {
   f.op = nullptr;
   uintptr_t top = ((uintptr_t)f.stack + kStackSize) & ~(uintptr_t)15;
   uint64_t* s = (uint64_t*)top;
-  *--s = 0;                              // fake return address of emu_fiber_main (never returns)
-  *--s = (uint64_t)(void*)&emu_fiber_main;  // popped by `ret` (rsp then = top - 8: ABI entry alignment)
-  for (int r = 0; r < 6; r++) *--s = 0;  // rbp rbx r12 r13 r14 r15
+  *--s = 0;                                              // fake return address of emu_fiber_main (never returns)
+  *--s = (uint64_t)(void*)&emu_fiber_main;               // popped by `ret` (rsp then = top - 8: ABI entry alignment)
+  for (int r = 0; r < 6; r++) *--s = 0;                  // rbp rbx r12 r13 r14 r15
   *--s = (uint64_t)0x1F80u | ((uint64_t)0x037Fu << 32);  // mxcsr, x87 control word
   f.sp = s;
 }
@@ -346,10 +346,11 @@ void run_block(const dim3& grid, const dim3& block, const uint3& bid) {
           for (int i = lo; i < hi; i++) g_fibers[i].state = RUNNABLE;
           continue;
         }
-        if (hi - lo < 32) fail("%s: %s in a partial warp (%d threads): undefined on the GPU", g_kernel_name, op, hi - lo);
+        if (hi - lo < 32)
+          fail("%s: %s in a partial warp (%d threads): undefined on the GPU", g_kernel_name, op, hi - lo);
         if (done + waiting == hi - lo)
-          fail("%s: %s with %d lanes of warp %d exited (full-mask warp operation): undefined on the GPU",
-               g_kernel_name, op, done, w);
+          fail("%s: %s with %d lanes of warp %d exited (full-mask warp operation): undefined on the GPU", g_kernel_name,
+               op, done, w);
         fail("%s block (%u,%u,%u): deadlock in warp %d: %d lanes in %s, %d at __syncthreads", g_kernel_name, bid.x,
              bid.y, bid.z, w, waiting, op, hi - lo - waiting - done);
       }
@@ -396,16 +397,15 @@ void run_kernel(const LaunchCfg& cfg, const std::function<void()>& body, bool ar
   else if (cfg.grid.x < 1 || cfg.grid.x > 2147483647u || cfg.grid.y < 1 || cfg.grid.y > 65535 || cfg.grid.z < 1 ||
            cfg.grid.z > 65535)
     bad = "grid size", code = cudaErrorInvalidConfiguration;
-  else if (cfg.smem > max_dyn)
-    bad = "dynamic shared memory above the kernel's limit", code = cudaErrorInvalidValue;
+  else if (cfg.smem > max_dyn) bad = "dynamic shared memory above the kernel's limit", code = cudaErrorInvalidValue;
   if (bad) {
     std::lock_guard<std::mutex> lk(g_mu);
     g_launch_errors++;
     if (g_last == cudaSuccess) g_last = code;
     if (getenv("REFORM_EMU_VERBOSE"))
       fprintf(stderr, "[cuda-emu] launch of %s (%p) refused: %s (grid %u,%u,%u block %u,%u,%u smem %zu, limit %zu)\n",
-              cfg.name, cfg.fn, bad, cfg.grid.x, cfg.grid.y, cfg.grid.z, cfg.block.x, cfg.block.y, cfg.block.z, cfg.smem,
-              max_dyn);
+              cfg.name, cfg.fn, bad, cfg.grid.x, cfg.grid.y, cfg.grid.z, cfg.block.x, cfg.block.y, cfg.block.z,
+              cfg.smem, max_dyn);
     return;
   }
   if (!args_ok) {
@@ -419,7 +419,8 @@ void run_kernel(const LaunchCfg& cfg, const std::function<void()>& body, bool ar
   g_body = &body;
   // dynamic shared memory: exactly the requested bytes (ASan sees overruns), 256-byte aligned like the GPU's
   void* dyn = nullptr;
-  if (cfg.smem && posix_memalign(&dyn, 256, cfg.smem) != 0) fail("host allocation of %zu bytes of shared memory failed", cfg.smem);
+  if (cfg.smem && posix_memalign(&dyn, 256, cfg.smem) != 0)
+    fail("host allocation of %zu bytes of shared memory failed", cfg.smem);
   g_dyn = dyn;
   for (unsigned z = 0; z < cfg.grid.z; z++)
     for (unsigned y = 0; y < cfg.grid.y; y++)
@@ -543,8 +544,7 @@ static cudaError_t check_copy(void* dst, size_t dext, const void* src, size_t se
     case cudaMemcpyHostToHost:
       if (d_any || s_any) bad = "host-to-host copy touches device memory";
       break;
-    default:
-      break;
+    default: break;
   }
   if (bad) {
     violation("%s(dst %p, src %p, kind %d): %s", what, dst, src, (int)kind, bad);
@@ -581,8 +581,8 @@ cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t 
     violation("cudaMemcpy2DAsync: width %zu larger than a pitch (%zu, %zu)", width, dpitch, spitch);
     return cudaErrorInvalidValue;
   }
-  cudaError_t e = check_copy(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind,
-                             "cudaMemcpy2DAsync");
+  cudaError_t e =
+      check_copy(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind, "cudaMemcpy2DAsync");
   if (e != cudaSuccess) return e;
   for (size_t r = 0; r < height; r++) memmove((char*)dst + r * dpitch, (const char*)src + r * spitch, width);
   return cudaSuccess;
@@ -637,10 +637,8 @@ EMU_API int rf_emu_set(const char* key, const char* value) {
   if (!key || !value) return -1;
   std::string k = key;
   if (k == "cublas_lib") {  // "" = none (the built-in GEMM), else a path dlopen'ed instead of libcublas
-    if (*value)
-      setenv("REFORM_CUBLAS_LIB", value, 1);
-    else
-      setenv("REFORM_CUBLAS_LIB", "/nonexistent/libcublas-disabled.so", 1);
+    if (*value) setenv("REFORM_CUBLAS_LIB", value, 1);
+    else setenv("REFORM_CUBLAS_LIB", "/nonexistent/libcublas-disabled.so", 1);
     rf_emu_reset_cublas_state();
     return 0;
   }

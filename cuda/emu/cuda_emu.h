@@ -135,7 +135,7 @@ inline float u2f(uint32_t u) {
 inline uint16_t f32_to_bf16_bits(float f) {
   uint32_t u = f2u(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);                                          // round to nearest even
+  u += 0x7fffu + ((u >> 16) & 1u);                                           // round to nearest even
   return (uint16_t)(u >> 16);
 }
 inline float bf16_bits_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
@@ -218,7 +218,8 @@ struct Launcher {
     char why[64] = "";
     if (bad >= 0) snprintf(why, sizeof why, "pointer argument #%d is not device memory", bad);
     auto f = fn;
-    run_kernel(cfg, [f, t]() { std::apply(f, t); }, bad < 0, why);
+    run_kernel(
+        cfg, [f, t]() { std::apply(f, t); }, bad < 0, why);
   }
 };
 template <typename... P>
@@ -275,10 +276,11 @@ inline int lane() { return emu::cur()->linear & 31; }
  * multiple of 4 for float element type" (16 bytes either way) */
 template <typename E>
 inline void check_layout(const E* p, unsigned ldm, const char* what) {
-  if (((uintptr_t)p & 31u) != 0) emu::fail("%s: pointer %p is not 256-bit aligned (misaligned address on the GPU)", what, (const void*)p);
+  if (((uintptr_t)p & 31u) != 0)
+    emu::fail("%s: pointer %p is not 256-bit aligned (misaligned address on the GPU)", what, (const void*)p);
   if ((ldm * sizeof(E)) % 16 != 0) emu::fail("%s: ldm %u is not a multiple of %zu elements", what, ldm, 16 / sizeof(E));
 }
-}
+}  // namespace detail
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
@@ -320,7 +322,8 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, flo
 }
 template <int M, int N, int K, typename T, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float, void>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float, void>& c) {
+                     const fragment<matrix_b, M, N, K, T, LB>& b,
+                     const fragment<accumulator, M, N, K, float, void>& c) {
   const int ln = detail::lane();
   for (int e = ln; e < M * N; e += 32) {
     int r = e / N, col = e % N;

@@ -114,8 +114,8 @@ API int cublasSetMathMode(void* handle, int mode) {
 
 /* C = alpha * op(A) op(B) + beta * C; alpha/beta are host floats (pointer mode host, compute 32F) */
 API int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, const void* alpha, const void* A,
-                     int Atype, int lda, const void* B, int Btype, int ldb, const void* beta, void* C, int Ctype, int ldc,
-                     int computeType, int algo) {
+                     int Atype, int lda, const void* B, int Btype, int ldb, const void* beta, void* C, int Ctype,
+                     int ldc, int computeType, int algo) {
   Handle* h = (Handle*)handle;
   if (!valid(h)) return ST_NOT_INITIALIZED;
   if ((transa != OP_N && transa != OP_T) || (transb != OP_N && transb != OP_T)) return ST_INVALID_VALUE;
@@ -126,9 +126,9 @@ API int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, 
   if (computeType != COMPUTE_32F && computeType != COMPUTE_32F_FAST_TF32) return ST_NOT_SUPPORTED;
   // cublasGemmEx table, CUBLAS_COMPUTE_32F rows: (A/B, C) in {(16BF,16BF), (16BF,32F), (16F,16F), (16F,32F),
   // (32F,32F)}
-  const bool ok_types = Atype == Btype && ((Atype == R_16BF && (Ctype == R_16BF || Ctype == R_32F)) ||
-                                           (Atype == R_16F && (Ctype == R_16F || Ctype == R_32F)) ||
-                                           (Atype == R_32F && Ctype == R_32F));
+  const bool ok_types =
+      Atype == Btype && ((Atype == R_16BF && (Ctype == R_16BF || Ctype == R_32F)) ||
+                         (Atype == R_16F && (Ctype == R_16F || Ctype == R_32F)) || (Atype == R_32F && Ctype == R_32F));
   if (!ok_types) return ST_NOT_SUPPORTED;
   if (algo < -1 || algo > 23) return ST_INVALID_VALUE;
   if (m == 0 || n == 0) return ST_OK;
@@ -141,8 +141,10 @@ API int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, 
     for (int i = 0; i < m; i++) {
       double acc = 0.0;
       for (int l = 0; l < k; l++) {
-        float av = transa == OP_N ? ld(A, Atype, (int64_t)i + (int64_t)l * lda) : ld(A, Atype, (int64_t)l + (int64_t)i * lda);
-        float bv = transb == OP_N ? ld(B, Btype, (int64_t)l + (int64_t)j * ldb) : ld(B, Btype, (int64_t)j + (int64_t)l * ldb);
+        float av =
+            transa == OP_N ? ld(A, Atype, (int64_t)i + (int64_t)l * lda) : ld(A, Atype, (int64_t)l + (int64_t)i * lda);
+        float bv =
+            transb == OP_N ? ld(B, Btype, (int64_t)l + (int64_t)j * ldb) : ld(B, Btype, (int64_t)j + (int64_t)l * ldb);
         acc += (double)av * (double)bv;
       }
       const int64_t ci = (int64_t)i + (int64_t)j * ldc;

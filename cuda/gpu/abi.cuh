@@ -186,8 +186,7 @@ RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t d
 RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens) {
   return rf::guard("rf_seq_create", [&]() -> rf_seq* {
     rf_seq* s = nullptr;
-    if (rf::check_model_ready(m, "rf_seq_create") != RF_OK || rf::check_seq_create(max_tokens) != RF_OK)
-      return nullptr;
+    if (rf::check_model_ready(m, "rf_seq_create") != RF_OK || rf::check_seq_create(max_tokens) != RF_OK) return nullptr;
     return seq_create_impl(m, max_tokens, &s) == RF_OK ? s : nullptr;
   });
 }
@@ -239,9 +238,8 @@ RF_API void rf_seq_destroy(rf_seq* s) {
 
 RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
                                 float* smoothed, int32_t* out_idx) {
-  return rf::guard("rf_smooth_select", [&]() -> int64_t {
-    return rf::smooth_select(scores, n, window, budget, edge, smoothed, out_idx);
-  });
+  return rf::guard("rf_smooth_select",
+                   [&]() -> int64_t { return rf::smooth_select(scores, n, window, budget, edge, smoothed, out_idx); });
 }
 
 /* scoring on the device (rf_score), smoothing and selection on the host */

@@ -29,14 +29,22 @@ __host__ __device__ inline FaLayout fa_layout(int hd) {
   L.ldp = FA_BK + 8;
   L.ldo = hd + 4;
   size_t off = 0;
-  L.q = off; off = fa_align(off + (size_t)FA_BQ * L.ldh * 2);
-  L.k = off; off = fa_align(off + (size_t)FA_BK * L.ldh * 2);
-  L.v = off; off = fa_align(off + (size_t)FA_BK * L.ldh * 2);
-  L.s = off; off = fa_align(off + (size_t)FA_BQ * L.lds * 4);
-  L.p = off; off = fa_align(off + (size_t)FA_BQ * L.ldp * 2);
-  L.o = off; off = fa_align(off + (size_t)FA_BQ * L.ldo * 4);
-  L.m = off; off = fa_align(off + (size_t)FA_BQ * 4);
-  L.l = off; off = fa_align(off + (size_t)FA_BQ * 4);
+  L.q = off;
+  off = fa_align(off + (size_t)FA_BQ * L.ldh * 2);
+  L.k = off;
+  off = fa_align(off + (size_t)FA_BK * L.ldh * 2);
+  L.v = off;
+  off = fa_align(off + (size_t)FA_BK * L.ldh * 2);
+  L.s = off;
+  off = fa_align(off + (size_t)FA_BQ * L.lds * 4);
+  L.p = off;
+  off = fa_align(off + (size_t)FA_BQ * L.ldp * 2);
+  L.o = off;
+  off = fa_align(off + (size_t)FA_BQ * L.ldo * 4);
+  L.m = off;
+  off = fa_align(off + (size_t)FA_BQ * 4);
+  L.l = off;
+  off = fa_align(off + (size_t)FA_BQ * 4);
   L.total = off;
   return L;
 }
@@ -141,12 +149,9 @@ __global__ void __launch_bounds__(FA_THREADS)
       const float m_old = row_m[r];
       const float m_new = fmaxf(m_old, mx);
       float corr = 1.f;
-      if (m_new == -INFINITY)
-        corr = 1.f;
-      else if (m_old == -INFINITY)
-        corr = 0.f;
-      else
-        corr = expf(m_old - m_new);
+      if (m_new == -INFINITY) corr = 1.f;
+      else if (m_old == -INFINITY) corr = 0.f;
+      else corr = expf(m_old - m_new);
       float sum = 0.f;
       T* prow = Ps + r * L.ldp + hf * 32;
 #pragma unroll
@@ -207,14 +212,14 @@ __host__ __device__ inline size_t h2o_smem(int hd) {
 }
 __global__ void __launch_bounds__(H2O_KEYS)
     k_h2o(const uint16_t* __restrict__ Q, int q_stride, const uint16_t* __restrict__ K, int64_t Tstride,
-          const float* __restrict__ stat_m, const float* __restrict__ stat_l, int stat_stride, float* __restrict__ score,
-          int qs, int n, int len, int total, int G, int hd, float scale, bool f16) {
+          const float* __restrict__ stat_m, const float* __restrict__ stat_l, int stat_stride,
+          float* __restrict__ score, int qs, int n, int len, int total, int G, int hd, float scale, bool f16) {
   RF_EXTERN_SHARED(float, hsm);
-  float* Ks = hsm;                                   // [H2O_KEYS][hd+1]
-  float* Qs = Ks + (size_t)H2O_KEYS * (hd + 1);      // [H2O_QB][hd]
-  float* qm = Qs + (size_t)H2O_QB * hd;              // [H2O_QB]
-  float* ql = qm + H2O_QB;                           // [H2O_QB]
-  int* qidx = (int*)(ql + H2O_QB);                   // [H2O_QB]
+  float* Ks = hsm;                               // [H2O_KEYS][hd+1]
+  float* Qs = Ks + (size_t)H2O_KEYS * (hd + 1);  // [H2O_QB][hd]
+  float* qm = Qs + (size_t)H2O_QB * hd;          // [H2O_QB]
+  float* ql = qm + H2O_QB;                       // [H2O_QB]
+  int* qidx = (int*)(ql + H2O_QB);               // [H2O_QB]
   const int kvh = blockIdx.y, tid = threadIdx.x;
   const int j0 = blockIdx.x * H2O_KEYS;
   const int j = j0 + tid;

@@ -1,7 +1,7 @@
 /*
- * gpu/compressor.cuh — the compress step (REFORM phase 1): chunk forward to the exit layer, H2O scores, eviction, state blob.
- * The *_impl functions take arguments already checked by the ABI layer (gpu/abi.cuh, cuda/abi_guard.h).
- * Part of the single translation unit cuda/reform_cuda.cu (included there, in order).
+ * gpu/compressor.cuh — the compress step (REFORM phase 1): chunk forward to the exit layer, H2O scores, eviction, state
+ * blob. The *_impl functions take arguments already checked by the ABI layer (gpu/abi.cuh, cuda/abi_guard.h). Part of
+ * the single translation unit cuda/reform_cuda.cu (included there, in order).
  */
 namespace {
 
@@ -79,7 +79,7 @@ int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* he
     for (size_t i = 0; i < c->heads.size(); i++) {
       const rf::HeadSel& h = c->heads[i];
       if (h.layer != l) continue;
-      int col = h.kind == RF_HEAD_Q ? h.head * m->hd
+      int col = h.kind == RF_HEAD_Q   ? h.head * m->hd
                 : h.kind == RF_HEAD_K ? m->qd + h.head * m->hd
                                       : m->qd + m->kvd + h.head * m->hd;
       tab.push_back(col);
@@ -109,36 +109,36 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
     RF_TRY(run_qkv(m, W, a, n));
     if (out_emb && c->table_cnt[l] > 0) {
       dim3 grid((unsigned)n, (unsigned)c->table_cnt[l]);
-      RF_LAUNCH(k_emb_extract, grid, 32, 0, m->stream)(c->qkv, m->qkvd, c->table + 2 * c->table_off[l], c->emb, c->edim,
-                                                m->hd, c->p.emb_dtype == RF_F16, m->f16);
+      RF_LAUNCH(k_emb_extract, grid, 32, 0, m->stream)
+      (c->qkv, m->qkvd, c->table + 2 * c->table_off[l], c->emb, c->edim, m->hd, c->p.emb_dtype == RF_F16, m->f16);
       KERNEL_CHECK();
     }
     const bool last = l == c->exit;
     if (last && !update) break;  // embedding only: q/k/v of the exit layer is all that is needed
     // append pre-RoPE K and V at rows len..len+n-1 (beyond the logical cache when !update)
-    RF_LAUNCH(k_append_kv, nblocks((int64_t)n * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)(
-        c->qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq,
-        m->f16);
+    RF_LAUNCH(k_append_kv, nblocks((int64_t)n * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)
+    (c->qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq,
+     m->f16);
     KERNEL_CHECK();
     if (update) {
       RF_LAUNCH(k_zero_scores, nblocks((int64_t)m->nKV * n, 256), 256, 0, m->stream)(c->score[l], c->T, m->nKV, len, n);
       KERNEL_CHECK();
     }
-    RF_LAUNCH(k_rope_q, nblocks((int64_t)n * m->nH * (m->hd / 2), 256), 256, 0, m->stream)(
-        c->qkv, m->qkvd, c->qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16);
+    RF_LAUNCH(k_rope_q, nblocks((int64_t)n * m->nH * (m->hd / 2), 256), 256, 0, m->stream)
+    (c->qkv, m->qkvd, c->qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16);
     KERNEL_CHECK();
     // cache entry i is at position i: rope all keys
-    RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * total * (m->hd / 2), 256), 256, 0, m->stream)(
-        c->Kc[l], c->T, c->Krot, c->T, m->nKV, total, m->hd, 0, m->inv_freq, m->f16);
+    RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * total * (m->hd / 2), 256), 256, 0, m->stream)
+    (c->Kc[l], c->T, c->Krot, c->T, m->nKV, total, m->hd, 0, m->inv_freq, m->f16);
     KERNEL_CHECK();
     const int q_begin = last ? n - w : 0;
     RF_TRY(launch_flash(m, c->qrot, c->Krot, c->Vc[l], c->T, c->attn, update ? c->stat_m : nullptr,
                         update ? c->stat_l : nullptr, c->p.max_chunk, q_begin, n, len, total));
     if (update) {
       dim3 grid((unsigned)((total + H2O_KEYS - 1) / H2O_KEYS), (unsigned)m->nKV);
-      RF_LAUNCH(k_h2o, grid, H2O_KEYS, h2o_smem(m->hd), m->stream)(c->qrot, m->qd, c->Krot, c->T, c->stat_m, c->stat_l,
-                                                             c->p.max_chunk, c->score[l], n - w, n, len, total, m->G,
-                                                             m->hd, scale, m->f16);
+      RF_LAUNCH(k_h2o, grid, H2O_KEYS, h2o_smem(m->hd), m->stream)
+      (c->qrot, m->qd, c->Krot, c->T, c->stat_m, c->stat_l, c->p.max_chunk, c->score[l], n - w, n, len, total, m->G,
+       m->hd, scale, m->f16);
       KERNEL_CHECK();
     }
     if (!last) RF_TRY(run_post_attn(m, W, a, n));
@@ -174,18 +174,18 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
       CU_CHECK(cudaMemcpyAsync(c->keep_d, keep_all.data(), keep_all.size() * 4, cudaMemcpyHostToDevice, m->stream));
       const int64_t nel = (int64_t)nKV * cap * hd;
       const size_t row_bytes = (size_t)cap * hd * 2;
-      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)(c->Kc[l], c->T, c->tmpK, cap, c->keep_d,
-                                                                        nKV, cap, hd);
+      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)
+      (c->Kc[l], c->T, c->tmpK, cap, c->keep_d, nKV, cap, hd);
       KERNEL_CHECK();
       CU_CHECK(cudaMemcpy2DAsync(c->Kc[l], (size_t)c->T * hd * 2, c->tmpK, row_bytes, row_bytes, nKV,
                                  cudaMemcpyDeviceToDevice, m->stream));
-      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)(c->Vc[l], c->T, c->tmpK, cap, c->keep_d,
-                                                                        nKV, cap, hd);
+      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)
+      (c->Vc[l], c->T, c->tmpK, cap, c->keep_d, nKV, cap, hd);
       KERNEL_CHECK();
       CU_CHECK(cudaMemcpy2DAsync(c->Vc[l], (size_t)c->T * hd * 2, c->tmpK, row_bytes, row_bytes, nKV,
                                  cudaMemcpyDeviceToDevice, m->stream));
-      RF_LAUNCH(k_gather_rows<float>, nblocks((int64_t)nKV * cap, 256), 256, 0, m->stream)(c->score[l], c->T, c->tmpS, cap,
-                                                                                   c->keep_d, nKV, cap, 1);
+      RF_LAUNCH(k_gather_rows<float>, nblocks((int64_t)nKV * cap, 256), 256, 0, m->stream)
+      (c->score[l], c->T, c->tmpS, cap, c->keep_d, nKV, cap, 1);
       KERNEL_CHECK();
       CU_CHECK(cudaMemcpy2DAsync(c->score[l], (size_t)c->T * 4, c->tmpS, (size_t)cap * 4, (size_t)cap * 4, nKV,
                                  cudaMemcpyDeviceToDevice, m->stream));

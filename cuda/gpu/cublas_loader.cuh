@@ -1,7 +1,7 @@
 /*
- * gpu/cublas_loader.cuh — cuBLAS loaded with dlopen at run time, so the library loads (and reports "no device") on machines
- * without CUDA libraries; the GEMM falls back to the built-in kernel when it is missing.
- * Part of the single translation unit cuda/reform_cuda.cu (included there, in order).
+ * gpu/cublas_loader.cuh — cuBLAS loaded with dlopen at run time, so the library loads (and reports "no device") on
+ * machines without CUDA libraries; the GEMM falls back to the built-in kernel when it is missing. Part of the single
+ * translation unit cuda/reform_cuda.cu (included there, in order).
  */
 namespace {
 

@@ -10,21 +10,20 @@ namespace {
 /* Only an allocation failure is out-of-memory (retryable for the server); any other CUDA error is a device error. */
 inline int cuda_status(cudaError_t e) { return e == cudaErrorMemoryAllocation ? RF_ERR_OOM : RF_ERR_DEVICE; }
 
-#define CU_CHECK(call)                                                                                        \
-  do {                                                                                                        \
-    cudaError_t e_ = (call);                                                                                  \
-    if (e_ != cudaSuccess) {                                                                                  \
-      return set_error(cuda_status(e_), "%s failed: %s (%s:%d)", #call, cudaGetErrorString(e_), __FILE__, \
-                       __LINE__);                                                                             \
-    }                                                                                                         \
+#define CU_CHECK(call)                                                                                               \
+  do {                                                                                                               \
+    cudaError_t e_ = (call);                                                                                         \
+    if (e_ != cudaSuccess) {                                                                                         \
+      return set_error(cuda_status(e_), "%s failed: %s (%s:%d)", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
+    }                                                                                                                \
   } while (0)
 
-#define KERNEL_CHECK()                                                                                  \
-  do {                                                                                                  \
-    cudaError_t e_ = cudaGetLastError();                                                                \
-    if (e_ != cudaSuccess)                                                                              \
+#define KERNEL_CHECK()                                                                                        \
+  do {                                                                                                        \
+    cudaError_t e_ = cudaGetLastError();                                                                      \
+    if (e_ != cudaSuccess)                                                                                    \
       return set_error(cuda_status(e_), "kernel launch failed: %s (%s:%d)", cudaGetErrorString(e_), __FILE__, \
-                       __LINE__);                                                                       \
+                       __LINE__);                                                                             \
   } while (0)
 
 int dalloc(void** p, size_t bytes, const char* what) {

@@ -16,14 +16,10 @@ int launch_flash(rf_model* m, const uint16_t* Q, const uint16_t* K, const uint16
   if (rows <= 0) return RF_OK;
   dim3 grid((unsigned)((rows + FA_BQ - 1) / FA_BQ), (unsigned)m->nH);
   float scale = 1.f / sqrtf((float)m->hd);
-  if (m->f16)
-    RF_LAUNCH(k_flash_attn<__half>, grid, FA_THREADS, m->fa_smem, m->stream)(Q, m->qd, K, V, Tstride, O, m->qd, sm, sl,
-                                                                     stat_stride, q_begin, n, len, total, m->G,
-                                                                     m->hd, scale, true);
-  else
-    RF_LAUNCH(k_flash_attn<__nv_bfloat16>, grid, FA_THREADS, m->fa_smem, m->stream)(Q, m->qd, K, V, Tstride, O, m->qd, sm,
-                                                                            sl, stat_stride, q_begin, n, len, total,
-                                                                            m->G, m->hd, scale, false);
+  if (m->f16) RF_LAUNCH(k_flash_attn<__half>, grid, FA_THREADS, m->fa_smem, m->stream)
+  (Q, m->qd, K, V, Tstride, O, m->qd, sm, sl, stat_stride, q_begin, n, len, total, m->G, m->hd, scale, true);
+  else RF_LAUNCH(k_flash_attn<__nv_bfloat16>, grid, FA_THREADS, m->fa_smem, m->stream)(
+      Q, m->qd, K, V, Tstride, O, m->qd, sm, sl, stat_stride, q_begin, n, len, total, m->G, m->hd, scale, false);
   KERNEL_CHECK();
   return RF_OK;
 }

@@ -49,11 +49,9 @@ struct Gemm {
     if (M <= 0 || N <= 0) return RF_OK;
     float alpha = 1.f;
     if (h) {
-      int st = gemm_ex(h, CUBLAS_OP_T_, CUBLAS_OP_N_, N, M, K, &alpha, B, cuda_dt(bdt), (int)ldb, A,
-                                    cuda_dt(adt), (int)lda, &beta, C, cuda_dt(cdt), (int)ldc, CUBLAS_COMPUTE_32F_,
-                                    CUBLAS_GEMM_DEFAULT_);
-      if (st != 0)
-        return set_error(RF_ERR_DEVICE, "cublasGemmEx(M=%d N=%d K=%d) failed with status %d", M, N, K, st);
+      int st = gemm_ex(h, CUBLAS_OP_T_, CUBLAS_OP_N_, N, M, K, &alpha, B, cuda_dt(bdt), (int)ldb, A, cuda_dt(adt),
+                       (int)lda, &beta, C, cuda_dt(cdt), (int)ldc, CUBLAS_COMPUTE_32F_, CUBLAS_GEMM_DEFAULT_);
+      if (st != 0) return set_error(RF_ERR_DEVICE, "cublasGemmEx(M=%d N=%d K=%d) failed with status %d", M, N, K, st);
       return RF_OK;
     }
     dim3 grid((unsigned)((N + FG_BN - 1) / FG_BN), (unsigned)((M + FG_BM - 1) / FG_BM));

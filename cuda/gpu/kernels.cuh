@@ -23,12 +23,9 @@ __device__ __forceinline__ float ld_any(const void* p, int dt, int64_t i) {
   return dt == RF_F16 ? __half2float(__ushort_as_half(v)) : __bfloat162float(__ushort_as_bfloat16(v));
 }
 __device__ __forceinline__ void st_any(void* p, int dt, int64_t i, float x) {
-  if (dt == RF_F32)
-    ((float*)p)[i] = x;
-  else if (dt == RF_F16)
-    ((uint16_t*)p)[i] = __half_as_ushort(__float2half_rn(x));
-  else
-    ((uint16_t*)p)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  if (dt == RF_F32) ((float*)p)[i] = x;
+  else if (dt == RF_F16) ((uint16_t*)p)[i] = __half_as_ushort(__float2half_rn(x));
+  else ((uint16_t*)p)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -138,8 +135,8 @@ __device__ __forceinline__ void rope_pair(float x1, float x2, float ang, bool f1
 }
 
 /* q_rot[i][h*hd + d] = rope(qkv[i][h*hd + d]) at position pos0 + i */
-__global__ void k_rope_q(const uint16_t* __restrict__ qkv, int qkv_stride, uint16_t* __restrict__ out, int n,
-                         int nH, int hd, int pos0, const float* __restrict__ inv_freq, bool f16) {
+__global__ void k_rope_q(const uint16_t* __restrict__ qkv, int qkv_stride, uint16_t* __restrict__ out, int n, int nH,
+                         int hd, int pos0, const float* __restrict__ inv_freq, bool f16) {
   int half = hd / 2;
   int64_t total = (int64_t)n * nH * half;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
@@ -230,10 +227,8 @@ __global__ void k_emb_extract(const uint16_t* __restrict__ qkv, int qkv_stride, 
   float inv = 1.f / fmaxf(sqrtf(ss), 1e-6f);
   for (int d = lane; d < hd; d += 32) {
     float v = h2f(src[d], f16) * inv;
-    if (emb_f16)
-      ((__half*)emb)[dst + d] = __float2half_rn(v);
-    else
-      ((float*)emb)[dst + d] = v;
+    if (emb_f16) ((__half*)emb)[dst + d] = __float2half_rn(v);
+    else ((float*)emb)[dst + d] = v;
   }
 }
 
@@ -283,9 +278,9 @@ __global__ void k_rowmax(const float* __restrict__ s, int64_t rows, int cols, fl
 #define FG_BM 64
 #define FG_BN 64
 #define FG_BK 16
-__global__ void __launch_bounds__(256) k_gemm_nt(int M, int N, int K, const void* __restrict__ A, int adt, int64_t lda,
-                                                 const void* __restrict__ B, int bdt, int64_t ldb, void* C, int cdt,
-                                                 int64_t ldc, float alpha, float beta) {
+__global__ void __launch_bounds__(256)
+    k_gemm_nt(int M, int N, int K, const void* __restrict__ A, int adt, int64_t lda, const void* __restrict__ B,
+              int bdt, int64_t ldb, void* C, int cdt, int64_t ldc, float alpha, float beta) {
   __shared__ float As[FG_BK][FG_BM + 4];
   __shared__ float Bs[FG_BK][FG_BN + 4];
   int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;

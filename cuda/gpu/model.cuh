@@ -110,10 +110,8 @@ int model_create_impl(const rf_config* cfg, rf_model** out) {
   DevArena& A = m->arena;
   RF_TRY(A.alloc(&m->embed, (size_t)m->V * H, "embed_tokens"));
   RF_TRY(A.alloc(&m->norm, (size_t)H, "norm"));
-  if (cfg->tie_embeddings)
-    m->lm_head = m->embed;
-  else
-    RF_TRY(A.alloc(&m->lm_head, (size_t)m->V * H, "lm_head"));
+  if (cfg->tie_embeddings) m->lm_head = m->embed;
+  else RF_TRY(A.alloc(&m->lm_head, (size_t)m->V * H, "lm_head"));
   m->layers.resize(m->NL);
   for (int l = 0; l < m->NL; l++) {
     LayerW& w = m->layers[l];

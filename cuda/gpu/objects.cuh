@@ -10,11 +10,11 @@ namespace {
 struct LayerW {
   uint16_t* in_norm = nullptr;
   uint16_t* post_norm = nullptr;
-  uint16_t* wqkv = nullptr;  // [qd + 2 kvd][H]
-  uint16_t* bqkv = nullptr;  // [qd + 2 kvd]
-  uint16_t* wo = nullptr;    // [H][qd]
-  uint16_t* wgu = nullptr;   // [2I][H] (gate rows first)
-  uint16_t* wdown = nullptr; // [H][I]
+  uint16_t* wqkv = nullptr;   // [qd + 2 kvd][H]
+  uint16_t* bqkv = nullptr;   // [qd + 2 kvd]
+  uint16_t* wo = nullptr;     // [H][qd]
+  uint16_t* wgu = nullptr;    // [2I][H] (gate rows first)
+  uint16_t* wdown = nullptr;  // [H][I]
 };
 
 }  // namespace
@@ -59,11 +59,11 @@ struct rf_compressor {
   float *stat_m = nullptr, *stat_l = nullptr;  // [nH][max_chunk]
   void* emb = nullptr;                         // [max_chunk][edim]
   int32_t* tok = nullptr;
-  int32_t* table = nullptr;           // per layer pairs, concatenated
+  int32_t* table = nullptr;               // per layer pairs, concatenated
   std::vector<int> table_off, table_cnt;  // per layer
-  uint16_t* tmpK = nullptr;           // [nKV][cap][hd]
-  float* tmpS = nullptr;              // [nKV][cap]
-  int32_t* keep_d = nullptr;          // [nKV][cap]
+  uint16_t* tmpK = nullptr;               // [nKV][cap][hd]
+  float* tmpS = nullptr;                  // [nKV][cap]
+  int32_t* keep_d = nullptr;              // [nKV][cap]
 };
 
 struct rf_seq {

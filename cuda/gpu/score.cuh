@@ -63,8 +63,8 @@ int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, c
   KERNEL_CHECK();
   for (int64_t off = 0; off < n_ctx; off += B) {
     int64_t b = std::min(B, n_ctx - off);
-    CU_CHECK(cudaMemcpyAsync(raw, (const uint8_t*)ctx + off * dim * es, (size_t)(b * dim * es),
-                             cudaMemcpyHostToDevice, st));
+    CU_CHECK(
+        cudaMemcpyAsync(raw, (const uint8_t*)ctx + off * dim * es, (size_t)(b * dim * es), cudaMemcpyHostToDevice, st));
     RF_LAUNCH(k_normalize_rows, nblocks(b, 8), 256, 0, st)(raw, ctx_dtype, cn, b, dim);
     KERNEL_CHECK();
     RF_TRY(g_score.gemm.nt((int)b, n_q, dim, cn, RF_F32, dim, qn, RF_F32, dim, S, RF_F32, n_q, 0.f));

@@ -70,25 +70,24 @@ int seq_forward_impl(rf_seq* s, const int32_t* tokens, int n, float* logits_out)
     for (int l = 0; l < m->NL; l++) {
       const LayerW& W = m->layers[l];
       RF_TRY(run_qkv(m, W, a, nb));
-      RF_LAUNCH(k_rope_q, nblocks((int64_t)nb * m->nH * (m->hd / 2), 256), 256, 0, m->stream)(
-          s->qkv, m->qkvd, s->qrot, nb, m->nH, m->hd, pos0, m->inv_freq, m->f16);
+      RF_LAUNCH(k_rope_q, nblocks((int64_t)nb * m->nH * (m->hd / 2), 256), 256, 0, m->stream)
+      (s->qkv, m->qkvd, s->qrot, nb, m->nH, m->hd, pos0, m->inv_freq, m->f16);
       KERNEL_CHECK();
-      RF_LAUNCH(k_append_kv, nblocks((int64_t)nb * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)(
-          s->qkv, m->qkvd, m->qd, m->qd + m->kvd, s->Kc[l], s->Vc[l], s->maxT, nb, m->nKV, m->hd, pos0, true,
-          m->inv_freq, m->f16);
+      RF_LAUNCH(k_append_kv, nblocks((int64_t)nb * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)
+      (s->qkv, m->qkvd, m->qd, m->qd + m->kvd, s->Kc[l], s->Vc[l], s->maxT, nb, m->nKV, m->hd, pos0, true, m->inv_freq,
+       m->f16);
       KERNEL_CHECK();
       const int total = pos0 + nb;
       if (nb == 1) {
         const int nsplit = (total + DEC_SPLIT - 1) / DEC_SPLIT;
         dim3 grid((unsigned)m->nH, (unsigned)nsplit);
-        RF_LAUNCH(k_decode_partial, grid, 128, 0, m->stream)(s->qrot, s->Kc[l], s->Vc[l], s->maxT, s->part, s->nsplit_max,
-                                                      total, m->G, m->hd, scale, m->f16);
+        RF_LAUNCH(k_decode_partial, grid, 128, 0, m->stream)
+        (s->qrot, s->Kc[l], s->Vc[l], s->maxT, s->part, s->nsplit_max, total, m->G, m->hd, scale, m->f16);
         KERNEL_CHECK();
         RF_LAUNCH(k_decode_combine, m->nH, 128, 0, m->stream)(s->part, s->nsplit_max, nsplit, m->hd, s->attn, m->f16);
         KERNEL_CHECK();
       } else {
-        RF_TRY(launch_flash(m, s->qrot, s->Kc[l], s->Vc[l], s->maxT, s->attn, nullptr, nullptr, 0, 0, nb, pos0,
-                            total));
+        RF_TRY(launch_flash(m, s->qrot, s->Kc[l], s->Vc[l], s->maxT, s->attn, nullptr, nullptr, 0, 0, nb, pos0, total));
       }
       RF_TRY(run_post_attn(m, W, a, nb));
     }
@@ -110,12 +109,12 @@ int seq_import_impl(rf_seq* s, const rf_compressor* c) {
   const int len = (int)c->len;
   if (len > 0) {
     for (int l = 0; l < m->NL; l++) {
-      RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * len * (m->hd / 2), 256), 256, 0, m->stream)(
-          c->Kc[l], c->T, s->Kc[l], s->maxT, m->nKV, len, m->hd, 0, m->inv_freq, m->f16);
+      RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * len * (m->hd / 2), 256), 256, 0, m->stream)
+      (c->Kc[l], c->T, s->Kc[l], s->maxT, m->nKV, len, m->hd, 0, m->inv_freq, m->f16);
       KERNEL_CHECK();
       const size_t rb = (size_t)len * m->hd * 2;
-      CU_CHECK(cudaMemcpy2DAsync(s->Vc[l], (size_t)s->maxT * m->hd * 2, c->Vc[l], (size_t)c->T * m->hd * 2, rb,
-                                 m->nKV, cudaMemcpyDeviceToDevice, m->stream));
+      CU_CHECK(cudaMemcpy2DAsync(s->Vc[l], (size_t)s->maxT * m->hd * 2, c->Vc[l], (size_t)c->T * m->hd * 2, rb, m->nKV,
+                                 cudaMemcpyDeviceToDevice, m->stream));
     }
   }
   CU_CHECK(cudaStreamSynchronize(m->stream));

@@ -13,7 +13,11 @@ export class UsageError extends Error {
 const HELP = { help: { type: "boolean", short: "h" } } as const;
 
 /** Strict parse of `argv` (unknown flags and missing values are UsageErrors); -h/--help is always known. */
-export function parseFlags<const T extends ParseArgsOptionsConfig>(argv: string[], options: T, allowPositionals = false) {
+export function parseFlags<const T extends ParseArgsOptionsConfig>(
+  argv: string[],
+  options: T,
+  allowPositionals = false,
+) {
   try {
     return parseArgs({ args: argv, options: { ...options, ...HELP }, allowPositionals, strict: true });
   } catch (e) {
@@ -27,7 +31,12 @@ export function valueFlags<const K extends string>(...names: K[]): Record<K, { t
 }
 
 /** A whole-number flag in [min, max]; undefined when absent or empty. */
-export function intFlag(name: string, v: string | undefined, min = 0, max = Number.MAX_SAFE_INTEGER): number | undefined {
+export function intFlag(
+  name: string,
+  v: string | undefined,
+  min = 0,
+  max = Number.MAX_SAFE_INTEGER,
+): number | undefined {
   if (v === undefined || v === "") return undefined;
   const t = v.trim();
   if (!/^-?\d+$/.test(t)) throw new UsageError(`--${name} must be a whole number, got '${v}'`);
@@ -48,7 +57,11 @@ export function numFlag(name: string, v: string | undefined): number | undefined
 }
 
 /** A flag whose value must be one of `allowed`; undefined when absent. */
-export function oneOf<const T extends string>(name: string, v: string | undefined, allowed: readonly T[]): T | undefined {
+export function oneOf<const T extends string>(
+  name: string,
+  v: string | undefined,
+  allowed: readonly T[],
+): T | undefined {
   if (v === undefined) return undefined;
   if (!(allowed as readonly string[]).includes(v)) {
     throw new UsageError(`--${name} must be ${allowed.join(" or ")}, got '${v}'`);

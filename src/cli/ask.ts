@@ -136,7 +136,9 @@ async function main() {
     try {
       h = await fetch(`${server}/health`);
     } catch (e) {
-      throw new Error(`cannot reach the server at ${server}: ${(e as Error).message} (start it with: bun run serve --model DIR)`);
+      throw new Error(
+        `cannot reach the server at ${server}: ${(e as Error).message} (start it with: bun run serve --model DIR)`,
+      );
     }
     if (h.ok) break;
     const j = (await h.json().catch(() => ({}))) as { status?: string; reason?: string };
@@ -162,14 +164,20 @@ async function main() {
     let last = { bytes: 0, tokens: 0, processed: 0 };
     const progress = (async () => {
       try {
-        const ev = await fetch(`${server}/v1/contexts/${contextId}/events?follow=true`, { headers, signal: progressAc.signal });
+        const ev = await fetch(`${server}/v1/contexts/${contextId}/events?follow=true`, {
+          headers,
+          signal: progressAc.signal,
+        });
         if (!ev.ok) return;
         for await (const e of sse(ev)) {
           if (e.event !== "progress") continue;
           const p = JSON.parse(e.data);
           last = { bytes: p.bytes_received, tokens: p.tokens_received, processed: p.tokens_processed };
           const pct = total > 0 ? ` ${((100 * p.bytes_received) / total).toFixed(1)}%` : "";
-          status(`uploading${pct}: ${fmtBytes(p.bytes_received)}${total ? ` / ${fmtBytes(total)}` : ""}, ${p.tokens_processed}/${p.tokens_received} tokens compressed`, false);
+          status(
+            `uploading${pct}: ${fmtBytes(p.bytes_received)}${total ? ` / ${fmtBytes(total)}` : ""}, ${p.tokens_processed}/${p.tokens_received} tokens compressed`,
+            false,
+          );
         }
       } catch {
         /* aborted */

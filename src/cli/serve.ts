@@ -34,7 +34,9 @@ async function main() {
     }
     process.exit(1);
   }
-  console.log(`REFORM server listening on ${srv.url} (model ${modelDir}, data ${dataDir}${apiKey ? ", API key required" : ""})`);
+  console.log(
+    `REFORM server listening on ${srv.url} (model ${modelDir}, data ${dataDir}${apiKey ? ", API key required" : ""})`,
+  );
   console.log(`loading the model... GET ${srv.url}/health answers 200 once it is ready`);
   srv.engine.ready().catch(() => {
     /* logged by startServer; /health reports the reason */

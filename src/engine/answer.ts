@@ -34,7 +34,12 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
   const method = req.method;
   const budget = req.budget ?? d.budget;
   if (budget > d.maxBudget)
-    throw new EngineError(400, "budget_too_large", `budget ${budget} exceeds the maximum of ${d.maxBudget} tokens`, "budget");
+    throw new EngineError(
+      400,
+      "budget_too_large",
+      `budget ${budget} exceeds the maximum of ${d.maxBudget} tokens`,
+      "budget",
+    );
   if (sp.maxTokens > d.maxNewTokens)
     throw new EngineError(
       400,
@@ -46,18 +51,36 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
   for (const k of Object.keys(sp.logitBias ?? {})) {
     const id = Number(k);
     if (!Number.isInteger(id) || id < 0 || id >= vocab)
-      throw new EngineError(400, "invalid_value", `logit_bias: '${k}' is not a token id of this model (0..${vocab - 1})`, "logit_bias");
+      throw new EngineError(
+        400,
+        "invalid_value",
+        `logit_bias: '${k}' is not a token id of this model (0..${vocab - 1})`,
+        "logit_bias",
+      );
   }
   if (session) {
     const st = session.state;
     if (st === "failed")
-      throw new EngineError(409, "context_failed", `context '${session.id}' failed: ${session.meta.failed}`, "context_id");
+      throw new EngineError(
+        409,
+        "context_failed",
+        `context '${session.id}' failed: ${session.meta.failed}`,
+        "context_id",
+      );
     if (st !== "ready") {
-      const why = st === "empty" ? "empty" : `still processing (${session.meta.processed}/${session.meta.tokens} tokens compressed; finalize it or retry when its state is 'ready')`;
+      const why =
+        st === "empty"
+          ? "empty"
+          : `still processing (${session.meta.processed}/${session.meta.tokens} tokens compressed; finalize it or retry when its state is 'ready')`;
       throw new EngineError(409, "context_not_ready", `context '${session.id}' is ${why}`, "context_id");
     }
     if (session.meta.tokens === 0)
-      throw new EngineError(409, "context_empty", `context '${session.id}' has no content to answer from`, "context_id");
+      throw new EngineError(
+        409,
+        "context_empty",
+        `context '${session.id}' has no content to answer from`,
+        "context_id",
+      );
     if (method === "h2o" && session.meta.tokens > d.maxH2oTokens)
       throw new EngineError(
         400,

@@ -100,13 +100,14 @@ export class WorkerEngineClient implements EngineClient {
         return;
       case "progress": {
         const set = this.subs.get(m.info.id);
-        if (set) for (const cb of set) {
-          try {
-            cb(m.info);
-          } catch {
-            /* subscriber errors are theirs */
+        if (set)
+          for (const cb of set) {
+            try {
+              cb(m.info);
+            } catch {
+              /* subscriber errors are theirs */
+            }
           }
-        }
         return;
       }
       case "ev": {
@@ -200,9 +201,8 @@ export class WorkerEngineClient implements EngineClient {
   }
 
   query(req: QueryRequest): AsyncIterable<QueryEvent> {
-    const self = this;
     return {
-      [Symbol.asyncIterator]: () => self.queryIter(req),
+      [Symbol.asyncIterator]: () => this.queryIter(req),
     };
   }
 
@@ -211,7 +211,8 @@ export class WorkerEngineClient implements EngineClient {
     if (this.st !== "ready") {
       if (this.st === "failed") throw new EngineError(503, "model_not_loaded", `model failed to load: ${this.err}`);
       await this.readyP.catch(() => {});
-      if ((this.st as string) !== "ready") throw new EngineError(503, "model_not_loaded", `model failed to load: ${this.err}`);
+      if ((this.st as string) !== "ready")
+        throw new EngineError(503, "model_not_loaded", `model failed to load: ${this.err}`);
     }
     const { signal, ...wire } = req;
     if (signal?.aborted) throw new EngineError(499, "aborted", "request aborted");

@@ -6,7 +6,14 @@
  */
 import { mkdirSync, readdirSync } from "node:fs";
 import { join } from "node:path";
-import { type ContextInfo, EngineError, type EngineMetrics, emptyMetrics, type ModelInfo, type QueryEvent } from "./api.ts";
+import {
+  type ContextInfo,
+  EngineError,
+  type EngineMetrics,
+  emptyMetrics,
+  type ModelInfo,
+  type QueryEvent,
+} from "./api.ts";
 import { planQuery, runQuery } from "./answer.ts";
 import { CompressorPool } from "./compressors.ts";
 import { contextDeleted, contextNotFound, toEngineError } from "./errors.ts";
@@ -125,7 +132,8 @@ export class EngineCore implements EngineCalls {
   }
 
   private writable(s: Session): void {
-    if (s.meta.failed) throw new EngineError(409, "context_failed", `context '${s.id}' failed: ${s.meta.failed}`, "context_id");
+    if (s.meta.failed)
+      throw new EngineError(409, "context_failed", `context '${s.id}' failed: ${s.meta.failed}`, "context_id");
   }
 
   append(id: string, bytes: Uint8Array): Promise<ContextInfo> {
@@ -258,7 +266,12 @@ export class EngineCore implements EngineCalls {
     const V = this.e.cfg.config.vocabSize;
     const bad = ids.findIndex((x) => !Number.isInteger(x) || x < 0 || x >= V);
     if (bad >= 0)
-      throw new EngineError(400, "invalid_value", `tokens[${bad}] = ${ids[bad]} is not a token id of this model (0..${V - 1})`, "tokens");
+      throw new EngineError(
+        400,
+        "invalid_value",
+        `tokens[${bad}] = ${ids[bad]} is not a token id of this model (0..${V - 1})`,
+        "tokens",
+      );
     return this.e.tok.decode(ids, skipSpecial);
   }
 

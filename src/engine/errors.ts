@@ -16,5 +16,10 @@ export function contextNotFound(id: string): EngineError {
 
 /** For requests that were waiting on a context when it was deleted. */
 export function contextDeleted(id: string): EngineError {
-  return new EngineError(410, "context_deleted", `context '${id}' was deleted; its pending work was cancelled`, "context_id");
+  return new EngineError(
+    410,
+    "context_deleted",
+    `context '${id}' was deleted; its pending work was cancelled`,
+    "context_id",
+  );
 }

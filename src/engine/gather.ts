@@ -50,7 +50,12 @@ function concat(...parts: ArrayLike<number>[]): Int32Array {
   return out;
 }
 
-export function* gatherContext(e: LoadedEngine, pool: CompressorPool, sessionOf: (id: string) => Session | undefined, g: GatherInput): Task<Gathered> {
+export function* gatherContext(
+  e: LoadedEngine,
+  pool: CompressorPool,
+  sessionOf: (id: string) => Session | undefined,
+  g: GatherInput,
+): Task<Gathered> {
   const { s, pre, suf, budget } = g;
   const d = e.defaults;
   const n = s.meta.tokens;
@@ -81,7 +86,12 @@ export function* gatherContext(e: LoadedEngine, pool: CompressorPool, sessionOf:
       throw err;
     }
     const cached = comp.cacheLen();
-    return { prompt: Int32Array.from(suf), promptLen: cached + suf.length, selected: Math.min(n, Math.max(0, cached - pre.length)), h2o: comp };
+    return {
+      prompt: Int32Array.from(suf),
+      promptLen: cached + suf.length,
+      selected: Math.min(n, Math.max(0, cached - pre.length)),
+      h2o: comp,
+    };
   }
   let ctx: Int32Array;
   if (g.method === "full" || n <= budget) ctx = s.readTokens(0, n);

@@ -91,7 +91,8 @@ export function* generate(a: GenerateArgs): Task<number> {
     }
     const r = stop.push(dec.push(id));
     // a token whose text is held back (partial character, possible stop string) is still reported, with ""
-    if (r.emit.length > 0 || !r.stopped) a.emit({ type: "token", text: r.emit, tokenId: id, ...(lp ? { logprob: lp } : {}) });
+    if (r.emit.length > 0 || !r.stopped)
+      a.emit({ type: "token", text: r.emit, tokenId: id, ...(lp ? { logprob: lp } : {}) });
     if (r.stopped) {
       finish = "stop";
       break;

@@ -69,7 +69,9 @@ function resolveDefaults(d: Partial<EngineDefaults>, hf: HeadsFile, maxPos: numb
   const maxNewTokens = Math.max(d.maxNewTokens ?? 8192, d.maxTokens ?? 512);
   // a configured default above the configured maximum is a contradiction, not something to cap silently
   if (d.budget !== undefined && d.budget > maxBudget)
-    throw new Error(`the default budget ${d.budget} exceeds the maximum budget ${maxBudget} (raise --max-budget or lower --budget)`);
+    throw new Error(
+      `the default budget ${d.budget} exceeds the maximum budget ${maxBudget} (raise --max-budget or lower --budget)`,
+    );
   return {
     // by default every budget and max_tokens the server accepts fit, with room for a question
     maxModelLen: d.maxModelLen ?? Math.max(maxPos, maxBudget + maxNewTokens + PROMPT_RESERVE),
@@ -170,5 +172,15 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       maxH2oTokens: defaults.maxH2oTokens,
     },
   };
-  return { native, model, cfg, tok, headsFile, defaults, params, fingerprint: fingerprintOf(o.modelDir, headsFile, params), info };
+  return {
+    native,
+    model,
+    cfg,
+    tok,
+    headsFile,
+    defaults,
+    params,
+    fingerprint: fingerprintOf(o.modelDir, headsFile, params),
+    info,
+  };
 }

@@ -20,20 +20,31 @@ export interface PromptParts {
  * Messages for a request. With a context, the last user message (or `question`) becomes
  * CONTEXT_PLACEHOLDER + "\n\n" + question.
  */
-export function buildMessages(req: Pick<QueryRequest, "question" | "messages">, withContext: boolean): { messages: ChatMessage[]; question: string } {
+export function buildMessages(
+  req: Pick<QueryRequest, "question" | "messages">,
+  withContext: boolean,
+): { messages: ChatMessage[]; question: string } {
   const msgs: ChatMessage[] = (req.messages ?? []).map((m) => ({ role: m.role, content: m.content }));
   let question = req.question ?? "";
   if (req.question !== undefined && req.question !== null) {
     msgs.push({ role: "user", content: req.question });
   }
-  if (msgs.length === 0) throw new EngineError(400, "invalid_request", "either `question` or `messages` is required", "messages");
+  if (msgs.length === 0)
+    throw new EngineError(400, "invalid_request", "either `question` or `messages` is required", "messages");
   if (!withContext) return { messages: msgs, question };
   let last = -1;
-  for (let i = msgs.length - 1; i >= 0; i--) if (msgs[i]!.role === "user") {
-    last = i;
-    break;
-  }
-  if (last < 0) throw new EngineError(400, "invalid_request", "a user message (or `question`) is required to query a context", "messages");
+  for (let i = msgs.length - 1; i >= 0; i--)
+    if (msgs[i]!.role === "user") {
+      last = i;
+      break;
+    }
+  if (last < 0)
+    throw new EngineError(
+      400,
+      "invalid_request",
+      "a user message (or `question`) is required to query a context",
+      "messages",
+    );
   question = msgs[last]!.content;
   msgs[last] = { role: "user", content: CONTEXT_PLACEHOLDER + "\n\n" + question };
   return { messages: msgs, question };

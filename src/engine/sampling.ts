@@ -51,7 +51,11 @@ export class LogitProcessor {
 }
 
 /** log-softmax of `logits` at `id`, and the `n` most likely tokens (ties: lower id first) */
-export function logprobsOf(logits: Float32Array, id: number, n: number): { logprob: number; top: { id: number; logprob: number }[] } {
+export function logprobsOf(
+  logits: Float32Array,
+  id: number,
+  n: number,
+): { logprob: number; top: { id: number; logprob: number }[] } {
   let mx = -Infinity;
   for (let i = 0; i < logits.length; i++) if (logits[i]! > mx) mx = logits[i]!;
   let sum = 0;

@@ -80,8 +80,17 @@ export const QueryRequestSchema = z
   .superRefine((v, ctx) => {
     const given = [v.question, v.messages, v.prompt].filter((x) => x !== undefined).length;
     if (v.prompt !== undefined ? given !== 1 : v.question !== undefined && v.messages !== undefined)
-      ctx.addIssue({ code: "custom", path: ["prompt"], message: "give exactly one of `question`, `messages` or `prompt`" });
-    if (given === 0) ctx.addIssue({ code: "custom", path: ["messages"], message: "either `question`, `messages` or `prompt` is required" });
+      ctx.addIssue({
+        code: "custom",
+        path: ["prompt"],
+        message: "give exactly one of `question`, `messages` or `prompt`",
+      });
+    if (given === 0)
+      ctx.addIssue({
+        code: "custom",
+        path: ["messages"],
+        message: "either `question`, `messages` or `prompt` is required",
+      });
   });
 
 /** A query as it crosses into the engine (no AbortSignal: that stays on the caller's side). */
@@ -93,7 +102,10 @@ export function describeZodError(err: z.ZodError, prefix?: string): { param: str
   if (!issue) return { param: prefix ?? null, message: "invalid request" };
   const path = issue.path.map(String).join(".");
   const param = prefix ? (path ? `${prefix}.${path}` : prefix) : path || null;
-  return { param, message: param ? `invalid value for '${param}': ${issue.message}` : `invalid request: ${issue.message}` };
+  return {
+    param,
+    message: param ? `invalid value for '${param}': ${issue.message}` : `invalid request: ${issue.message}`,
+  };
 }
 
 /** Parses a query at the engine's edge: 400 `invalid_value` naming the first offending field. */

@@ -75,7 +75,7 @@ function scoreKeys(x: Float32Array): Uint32Array {
   for (let i = 0; i < x.length; i++) f[i] = x[i]! + 0; // -0 + 0 = +0
   for (let i = 0; i < u.length; i++) {
     const b = u[i]!;
-    u[i] = x[i] !== x[i] ? 0 : b & 0x80000000 ? ~b >>> 0 : (b | 0x80000000) >>> 0;
+    u[i] = Number.isNaN(x[i]!) ? 0 : b & 0x80000000 ? ~b >>> 0 : (b | 0x80000000) >>> 0;
   }
   return u;
 }

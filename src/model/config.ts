@@ -79,11 +79,15 @@ export function parseModelConfig(raw: Record<string, any>): LoadedConfig {
   const numKv = int(raw, "num_key_value_heads", numHeads);
   const headDim = raw.head_dim == null ? hidden / numHeads : int(raw, "head_dim");
   if (!Number.isInteger(headDim)) {
-    throw new ModelConfigError(`config.json: hidden_size ${hidden} is not divisible by num_attention_heads ${numHeads} and head_dim is missing`);
+    throw new ModelConfigError(
+      `config.json: hidden_size ${hidden} is not divisible by num_attention_heads ${numHeads} and head_dim is missing`,
+    );
   }
   if (headDim % 2 !== 0) throw new ModelConfigError(`config.json: head_dim ${headDim} must be even for RoPE`);
   if (numHeads % numKv !== 0) {
-    throw new ModelConfigError(`config.json: num_attention_heads ${numHeads} is not a multiple of num_key_value_heads ${numKv}`);
+    throw new ModelConfigError(
+      `config.json: num_attention_heads ${numHeads} is not a multiple of num_key_value_heads ${numKv}`,
+    );
   }
   const act = raw.hidden_act ?? raw.hidden_activation ?? "silu";
   if (act !== "silu") throw new ModelConfigError(`unsupported hidden_act "${act}" (only "silu" is supported)`);
@@ -105,7 +109,8 @@ export function parseModelConfig(raw: Record<string, any>): LoadedConfig {
     } else if (t === "llama3") {
       ropeType = RF_ROPE_LLAMA3;
       ropeFactor = num(rs, "factor", NaN);
-      if (!Number.isFinite(ropeFactor)) throw new ModelConfigError(`config.json: rope_scaling (llama3) is missing "factor"`);
+      if (!Number.isFinite(ropeFactor))
+        throw new ModelConfigError(`config.json: rope_scaling (llama3) is missing "factor"`);
       lowFreq = num(rs, "low_freq_factor", 1);
       highFreq = num(rs, "high_freq_factor", 4);
       if (rs.original_max_position_embeddings == null) {
@@ -115,7 +120,8 @@ export function parseModelConfig(raw: Record<string, any>): LoadedConfig {
     } else if (t === "linear") {
       ropeType = RF_ROPE_LINEAR;
       ropeFactor = num(rs, "factor", NaN);
-      if (!Number.isFinite(ropeFactor)) throw new ModelConfigError(`config.json: rope_scaling (linear) is missing "factor"`);
+      if (!Number.isFinite(ropeFactor))
+        throw new ModelConfigError(`config.json: rope_scaling (linear) is missing "factor"`);
     } else {
       throw new ModelConfigError(`unsupported rope_scaling type "${t}" (supported: default, llama3, linear)`);
     }

@@ -63,18 +63,25 @@ function optInt(j: any, keys: string[], where: string): number | undefined {
   for (const k of keys) {
     const v = j[k];
     if (v === undefined || v === null) continue;
-    if (typeof v !== "number" || !Number.isInteger(v) || v <= 0) throw new HeadsError(`${where}: "${k}" must be a positive integer`);
+    if (typeof v !== "number" || !Number.isInteger(v) || v <= 0)
+      throw new HeadsError(`${where}: "${k}" must be a positive integer`);
     return v;
   }
   return undefined;
 }
 
 /** Parse and validate a heads JSON object against the model. */
-export function parseHeads(j: any, cfg: Pick<ModelConfig, "numLayers" | "numHeads" | "numKvHeads">, source: string): HeadsFile {
+export function parseHeads(
+  j: any,
+  cfg: Pick<ModelConfig, "numLayers" | "numHeads" | "numKvHeads">,
+  source: string,
+): HeadsFile {
   const where = `heads (${source})`;
   if (Array.isArray(j)) j = { heads: j };
   if (!j || typeof j !== "object" || !Array.isArray(j.heads) || j.heads.length === 0) {
-    throw new HeadsError(`${where}: expected {"heads": [{"layer": L, "kind": "q|k|v", "head": H}, ...]} with at least one head`);
+    throw new HeadsError(
+      `${where}: expected {"heads": [{"layer": L, "kind": "q|k|v", "head": H}, ...]} with at least one head`,
+    );
   }
   const seen = new Set<string>();
   const heads: HeadSpec[] = j.heads.map((h: any, i: number) => {
@@ -83,10 +90,13 @@ export function parseHeads(j: any, cfg: Pick<ModelConfig, "numLayers" | "numHead
     if (!Number.isInteger(layer) || layer < 0 || layer >= cfg.numLayers) {
       throw new HeadsError(`${where}: heads[${i}].layer ${JSON.stringify(layer)} out of range 0..${cfg.numLayers - 1}`);
     }
-    if (kind !== "q" && kind !== "k" && kind !== "v") throw new HeadsError(`${where}: heads[${i}].kind must be "q", "k" or "v"`);
+    if (kind !== "q" && kind !== "k" && kind !== "v")
+      throw new HeadsError(`${where}: heads[${i}].kind must be "q", "k" or "v"`);
     const max = kind === "q" ? cfg.numHeads : cfg.numKvHeads;
     if (!Number.isInteger(head) || head < 0 || head >= max) {
-      throw new HeadsError(`${where}: heads[${i}].head ${JSON.stringify(head)} out of range 0..${max - 1} for kind "${kind}"`);
+      throw new HeadsError(
+        `${where}: heads[${i}].head ${JSON.stringify(head)} out of range 0..${max - 1} for kind "${kind}"`,
+      );
     }
     const key = `${layer}/${kind}/${head}`;
     if (seen.has(key)) throw new HeadsError(`${where}: duplicate head ${key}`);
@@ -108,7 +118,11 @@ export function parseHeads(j: any, cfg: Pick<ModelConfig, "numLayers" | "numHead
  * Resolve heads: `spec` (CLI: file path or inline JSON), else `<modelDir>/reform_heads.json`, else
  * the default heuristic.
  */
-export function loadHeads(modelDir: string, cfg: Pick<ModelConfig, "numLayers" | "numHeads" | "numKvHeads">, spec?: string | object | null): HeadsFile {
+export function loadHeads(
+  modelDir: string,
+  cfg: Pick<ModelConfig, "numLayers" | "numHeads" | "numKvHeads">,
+  spec?: string | object | null,
+): HeadsFile {
   if (spec != null && spec !== "") {
     if (typeof spec === "object") return parseHeads(spec, cfg, "cli");
     const s = spec.trim();

@@ -25,7 +25,21 @@ export interface TensorInfo {
 }
 
 const DTYPE_SIZE: Record<string, number> = {
-  F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1, F8_E4M3: 1, F8_E5M2: 1, U16: 2, U32: 4, U64: 8,
+  F64: 8,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U8: 1,
+  BOOL: 1,
+  F8_E4M3: 1,
+  F8_E5M2: 1,
+  U16: 2,
+  U32: 4,
+  U64: 8,
 };
 
 export function nativeDtype(dtype: string): DType | null {
@@ -34,7 +48,8 @@ export function nativeDtype(dtype: string): DType | null {
 
 /** Parse a safetensors header from the first bytes of a file of total size `fileSize`. */
 export function parseHeader(bytes: Uint8Array, fileSize: number, file: string): TensorInfo[] {
-  if (fileSize < 8 || bytes.byteLength < 8) throw new SafetensorsError(`${file}: file too small to be safetensors (${fileSize} bytes)`);
+  if (fileSize < 8 || bytes.byteLength < 8)
+    throw new SafetensorsError(`${file}: file too small to be safetensors (${fileSize} bytes)`);
   const n = new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true);
   if (n === 0n || n > BigInt(fileSize - 8) || n > 100_000_000n) {
     throw new SafetensorsError(`${file}: corrupt safetensors header length ${n} (file is ${fileSize} bytes)`);
@@ -47,28 +62,41 @@ export function parseHeader(bytes: Uint8Array, fileSize: number, file: string): 
   } catch (e) {
     throw new SafetensorsError(`${file}: corrupt safetensors header (${(e as Error).message})`);
   }
-  if (!header || typeof header !== "object" || Array.isArray(header)) throw new SafetensorsError(`${file}: header is not a JSON object`);
+  if (!header || typeof header !== "object" || Array.isArray(header))
+    throw new SafetensorsError(`${file}: header is not a JSON object`);
   const dataStart = 8 + hlen;
   const dataLen = fileSize - dataStart;
   const out: TensorInfo[] = [];
   for (const [name, v] of Object.entries(header)) {
     if (name === "__metadata__") continue;
-    if (!v || typeof v !== "object" || typeof v.dtype !== "string" || !Array.isArray(v.shape) || !Array.isArray(v.data_offsets) || v.data_offsets.length !== 2) {
+    if (
+      !v ||
+      typeof v !== "object" ||
+      typeof v.dtype !== "string" ||
+      !Array.isArray(v.shape) ||
+      !Array.isArray(v.data_offsets) ||
+      v.data_offsets.length !== 2
+    ) {
       throw new SafetensorsError(`${file}: tensor "${name}" has a malformed header entry`);
     }
     const [b, e] = v.data_offsets as number[];
     if (!Number.isInteger(b) || !Number.isInteger(e) || b! < 0 || e! < b! || e! > dataLen) {
-      throw new SafetensorsError(`${file}: tensor "${name}" data_offsets [${b}, ${e}] are outside the data section (${dataLen} bytes)`);
+      throw new SafetensorsError(
+        `${file}: tensor "${name}" data_offsets [${b}, ${e}] are outside the data section (${dataLen} bytes)`,
+      );
     }
     const shape = (v.shape as unknown[]).map((s) => {
-      if (typeof s !== "number" || !Number.isInteger(s) || s < 0) throw new SafetensorsError(`${file}: tensor "${name}" has an invalid shape`);
+      if (typeof s !== "number" || !Number.isInteger(s) || s < 0)
+        throw new SafetensorsError(`${file}: tensor "${name}" has an invalid shape`);
       return s;
     });
     const esz = DTYPE_SIZE[v.dtype];
     if (esz !== undefined) {
       const count = shape.reduce((a, c) => a * c, 1);
       if (count * esz !== e! - b!) {
-        throw new SafetensorsError(`${file}: tensor "${name}" byte size ${e! - b!} does not match shape [${shape}] of ${v.dtype}`);
+        throw new SafetensorsError(
+          `${file}: tensor "${name}" byte size ${e! - b!} does not match shape [${shape}] of ${v.dtype}`,
+        );
       }
     }
     out.push({ name, dtype: v.dtype, shape, begin: dataStart + b!, end: dataStart + e!, file });
@@ -86,9 +114,12 @@ export function modelFiles(dir: string): string[] {
     } catch (e) {
       throw new SafetensorsError(`model.safetensors.index.json: invalid JSON (${(e as Error).message})`);
     }
-    if (!j || typeof j.weight_map !== "object") throw new SafetensorsError(`model.safetensors.index.json: missing "weight_map"`);
+    if (!j || typeof j.weight_map !== "object")
+      throw new SafetensorsError(`model.safetensors.index.json: missing "weight_map"`);
     const files = [...new Set(Object.values(j.weight_map as Record<string, string>))].sort();
-    for (const f of files) if (!existsSync(join(dir, f))) throw new SafetensorsError(`shard ${f} listed in model.safetensors.index.json is missing`);
+    for (const f of files)
+      if (!existsSync(join(dir, f)))
+        throw new SafetensorsError(`shard ${f} listed in model.safetensors.index.json is missing`);
     return files.map((f) => join(dir, f));
   }
   const single = join(dir, "model.safetensors");
@@ -121,7 +152,11 @@ export interface TensorSink {
  * Load every model tensor of `dir` into `sink` (a NativeModel). Returns the number of tensors loaded.
  * `onProgress(done, total)` is called after each tensor.
  */
-export function loadSafetensors(dir: string, sink: TensorSink, onProgress?: (done: number, total: number) => void): number {
+export function loadSafetensors(
+  dir: string,
+  sink: TensorSink,
+  onProgress?: (done: number, total: number) => void,
+): number {
   const files = modelFiles(dir);
   const maps: { file: string; map: Uint8Array; tensors: TensorInfo[] }[] = [];
   for (const f of files) {

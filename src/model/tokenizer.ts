@@ -213,9 +213,18 @@ export class ModelTokenizer {
    * left to the context's first token when that token carries its own leading space (SentencePiece), and the
    * suffix is tokenized as a continuation.
    */
-  encodeAround(prefix: string, firstContextToken: number | undefined, suffix: string): { pre: number[]; suf: number[] } {
+  encodeAround(
+    prefix: string,
+    firstContextToken: number | undefined,
+    suffix: string,
+  ): { pre: number[]; suf: number[] } {
     let p = prefix;
-    if (firstContextToken !== undefined && p.endsWith(" ") && !p.endsWith("  ") && this.startsWithSpace(firstContextToken))
+    if (
+      firstContextToken !== undefined &&
+      p.endsWith(" ") &&
+      !p.endsWith("  ") &&
+      this.startsWithSpace(firstContextToken)
+    )
       p = p.slice(0, -1);
     return { pre: this.encodePrompt(p), suf: this.encodeSuffix(suffix) };
   }
@@ -227,7 +236,13 @@ export class ModelTokenizer {
         const pieces: number[] = [];
         let start = 0;
         for (let i = 1; i < t.length; i++) {
-          if (t[i] === " " && t[i - 1] !== " " && t[i - 1] !== "\n" && t[i + 1] !== undefined && !/\s/.test(t[i + 1]!)) {
+          if (
+            t[i] === " " &&
+            t[i - 1] !== " " &&
+            t[i - 1] !== "\n" &&
+            t[i + 1] !== undefined &&
+            !/\s/.test(t[i + 1]!)
+          ) {
             pieces.push(...(start === 0 ? this.encode(t.slice(0, i)) : enc(t.slice(start, i))));
             start = i;
           }
@@ -241,7 +256,9 @@ export class ModelTokenizer {
       return ids.slice(this.anchorIds.length);
     });
     if (!anchorOk) {
-      console.warn("[tokenizer] neither direct nor anchored continuation tokenization matches whole-text tokenization; using anchored");
+      console.warn(
+        "[tokenizer] neither direct nor anchored continuation tokenization matches whole-text tokenization; using anchored",
+      );
     }
     return "anchor";
   }

@@ -76,7 +76,16 @@ export class FakeEngine implements EngineClient {
       numLayers: 2,
       heads: [],
       exitLayer: 1,
-      defaults: { budget: 64, maxBudget: 128, chunkSize: 32, capacity: 64, maxTokens: 8, maxNewTokens: 64, maxModelLen: 1024, maxH2oTokens: 4096 },
+      defaults: {
+        budget: 64,
+        maxBudget: 128,
+        chunkSize: 32,
+        capacity: 64,
+        maxTokens: 8,
+        maxNewTokens: 64,
+        maxModelLen: 1024,
+        maxH2oTokens: 4096,
+      },
     };
   }
 
@@ -159,9 +168,11 @@ export class FakeEngine implements EngineClient {
     this.lastQuery = req;
     if (req.contextId !== undefined) {
       const c = this.must(req.contextId);
-      if (c.info.state !== "ready") throw new EngineError(409, "context_not_ready", `context '${req.contextId}' is ${c.info.state}`, "context_id");
+      if (c.info.state !== "ready")
+        throw new EngineError(409, "context_not_ready", `context '${req.contextId}' is ${c.info.state}`, "context_id");
     }
-    if (req.budget !== undefined && req.budget > 128) throw new EngineError(400, "budget_too_large", "budget too large", "budget");
+    if (req.budget !== undefined && req.budget > 128)
+      throw new EngineError(400, "budget_too_large", "budget too large", "budget");
     const self = this;
     const words = ["the", " answer", " is", " 42", " ok", " done", " more", " words", " here", " end"];
     return {

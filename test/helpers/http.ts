@@ -73,7 +73,12 @@ export async function expectError(res: Response, status: number, code?: string) 
   } catch {
     throw new Error(`expected JSON error ${status}, got ${res.status}: ${text}`);
   }
-  if (res.status !== status || !body.error || typeof body.error.message !== "string" || (code && body.error.code !== code)) {
+  if (
+    res.status !== status ||
+    !body.error ||
+    typeof body.error.message !== "string" ||
+    (code && body.error.code !== code)
+  ) {
     throw new Error(`expected ${status}${code ? ` ${code}` : ""}, got ${res.status}: ${text}`);
   }
   if (!("param" in body.error) || !("type" in body.error) || !("code" in body.error)) {

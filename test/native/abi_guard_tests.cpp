@@ -36,9 +36,11 @@ void test_status_guard() {
   check("std::runtime_error -> RF_ERR_INTERNAL",
         rf::guard("g", []() -> int { throw std::runtime_error("boom"); }) == RF_ERR_INTERNAL);
   check("  message carries what()", last_is(RF_ERR_INTERNAL, "g: internal error: boom"));
-  check("std::length_error (not an allocation failure) -> RF_ERR_INTERNAL",
-        rf::guard("h", []() -> int { std::vector<float> v; v.reserve(v.max_size() + 1); return 0; }) ==
-            RF_ERR_INTERNAL);
+  check("std::length_error (not an allocation failure) -> RF_ERR_INTERNAL", rf::guard("h", []() -> int {
+                                                                              std::vector<float> v;
+                                                                              v.reserve(v.max_size() + 1);
+                                                                              return 0;
+                                                                            }) == RF_ERR_INTERNAL);
   check("std::out_of_range -> RF_ERR_INTERNAL",
         rf::guard("i", []() -> int { return std::vector<int>(2).at(5); }) == RF_ERR_INTERNAL);
   check("a non-std exception -> RF_ERR_INTERNAL", rf::guard("j", []() -> int { throw 42; }) == RF_ERR_INTERNAL);
@@ -58,10 +60,12 @@ void test_pointer_guard() {
         rf::guard("q", []() -> Thing* { throw std::logic_error("bug"); }) == nullptr);
   check("  code RF_ERR_INTERNAL", last_is(RF_ERR_INTERNAL, "q: internal error: bug"));
   check("pointer body returning NULL after a check keeps the check's code",
-        rf::guard("r", []() -> Thing* {
-          rf::check_not_null(nullptr, "model", "r");
-          return nullptr;
-        }) == nullptr && last_is(RF_ERR_INVALID, "r: model is NULL"));
+        rf::guard("r",
+                  []() -> Thing* {
+                    rf::check_not_null(nullptr, "model", "r");
+                    return nullptr;
+                  }) == nullptr &&
+            last_is(RF_ERR_INVALID, "r: model is NULL"));
 }
 
 void test_checks() {
@@ -70,8 +74,8 @@ void test_checks() {
   check("check_tokens: out of range -> INVALID naming the index",
         rf::check_tokens(bad, 3, 10, "w") == RF_ERR_INVALID && last_is(RF_ERR_INVALID, "index 1 out of range"));
   check("check_tokens: NULL", rf::check_tokens(nullptr, 1, 10, "w") == RF_ERR_INVALID);
-  check("check_chunk: n above max_chunk",
-        rf::check_chunk(ok, 3, 2, 10, nullptr, false, "w") == RF_ERR_INVALID && last_is(RF_ERR_INVALID, "max_chunk = 2"));
+  check("check_chunk: n above max_chunk", rf::check_chunk(ok, 3, 2, 10, nullptr, false, "w") == RF_ERR_INVALID &&
+                                              last_is(RF_ERR_INVALID, "max_chunk = 2"));
   check("check_chunk: missing required output", rf::check_chunk(ok, 3, 8, 10, nullptr, true, "w") == RF_ERR_INVALID);
   check("check_seq_append: past max_tokens",
         rf::check_seq_append(ok, 3, 6, 8, 10, "w") == RF_ERR_INVALID && last_is(RF_ERR_INVALID, "max_tokens 8"));
@@ -98,8 +102,8 @@ void test_state_blob() {
   std::vector<char> blob((size_t)size, 0);
   memcpy(blob.data(), &own, sizeof own);
   rf::StateHeader got{};
-  check("check_state_load: its own blob", rf::check_state_load(blob.data(), size, own, &got) == RF_OK &&
-                                              got.len == 3 && got.seen == 5);
+  check("check_state_load: its own blob",
+        rf::check_state_load(blob.data(), size, own, &got) == RF_OK && got.len == 3 && got.seen == 5);
   check("check_state_load: one byte short", rf::check_state_load(blob.data(), size - 1, own, &got) == RF_ERR_INVALID);
   rf::StateHeader other = rf::state_header(2, 2, 4, 32, 8, 0, 0);
   check("check_state_load: another hidden size",
@@ -116,9 +120,8 @@ void test_struct_layout() {
   check("layout: rf_config line with its size", s.rfind("rf_config 128 vocab_size:0:i32 ", 0) == 0);
   check("layout: float field typed f32", s.find(" rms_eps:40:f32 ") != std::string::npos);
   check("layout: reserved array with its count", s.find(" reserved:68:i32x15\n") != std::string::npos);
-  check("layout: rf_compress_params line",
-        s.find("\nrf_compress_params 64 capacity:0:i32 ") != std::string::npos &&
-            s.find(" exit_layer:24:i32 reserved:28:i32x9") != std::string::npos);
+  check("layout: rf_compress_params line", s.find("\nrf_compress_params 64 capacity:0:i32 ") != std::string::npos &&
+                                               s.find(" exit_layer:24:i32 reserved:28:i32x9") != std::string::npos);
 }
 
 }  // namespace

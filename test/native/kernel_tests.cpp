@@ -52,12 +52,16 @@ void test_matmul() {
   std::vector<const CpuIsa*> sets;
   for (const char* nm : {"portable", "avx2", "avx512"})
     if (const CpuIsa* s = cpu_isa_named(nm)) sets.push_back(s);
-  check("the default instruction set is the best one the CPU runs", cpu_isa() == sets.back() || getenv("REFORM_CPU_ISA"));
+  check("the default instruction set is the best one the CPU runs",
+        cpu_isa() == sets.back() || getenv("REFORM_CPU_ISA"));
   printf("[INFO] instruction sets run here:");
   for (auto* s : sets) printf(" %s", s->name);
   printf("; default %s\n", cpu_isa()->name);
-  struct Case { int m, k, n; bool bias; };
-  const std::vector<Case> cases = {{1, 64, 37, false},  {7, 33, 100, true},  {70, 128, 19, true},
+  struct Case {
+    int m, k, n;
+    bool bias;
+  };
+  const std::vector<Case> cases = {{1, 64, 37, false},    {7, 33, 100, true},  {70, 128, 19, true},
                                    {1, 4096, 300, false}, {13, 600, 65, true}, {25, 1030, 97, false}};
   std::map<std::string, std::vector<float>> by_set;  // "case/dtype/set" -> y
   for (size_t ci = 0; ci < cases.size(); ci++) {
@@ -87,7 +91,10 @@ void test_matmul() {
         gemm(x.data(), cs.m, pw, cs.bias ? b.data() : nullptr, y.data());
         double e = max_rel(y, r);
         char name[160];
-        snprintf(name, sizeof name, "matmul %s %s m=%d k=%d n=%d bias=%d", set->name, dt == RF_F32 ? "f32" : dt == RF_BF16 ? "bf16" : "f16",
+        snprintf(name, sizeof name, "matmul %s %s m=%d k=%d n=%d bias=%d", set->name,
+                 dt == RF_F32    ? "f32"
+                 : dt == RF_BF16 ? "bf16"
+                                 : "f16",
                  cs.m, cs.k, cs.n, (int)cs.bias);
         check(name, e < 1e-5, "rel err %.3g", e);
         // row by row (the decode path) == all rows at once (the prefill path), bitwise
@@ -118,7 +125,8 @@ void test_matmul() {
     std::vector<uint16_t> B16(B.size());
     for (size_t i = 0; i < B.size(); i++) B16[i] = rf::f32_to_bf16(B[i]);
     WSrc both[2] = {{A.data(), RF_F32, na}, {B16.data(), RF_BF16, nb}};
-    PackedW pf = pack_weights(both, 2, k, set), pa = pack_weights(&both[0], 1, k, set), pb = pack_weights(&both[1], 1, k, set);
+    PackedW pf = pack_weights(both, 2, k, set), pa = pack_weights(&both[0], 1, k, set),
+            pb = pack_weights(&both[1], 1, k, set);
     std::vector<float> yf((size_t)m * (na + nb)), ya((size_t)m * na), yb((size_t)m * nb);
     gemm(x.data(), m, pf, nullptr, yf.data());
     gemm(x.data(), m, pa, nullptr, ya.data());
@@ -274,19 +282,27 @@ void naive_attention(const std::vector<float>& q, int n, int nh, int nkv, int hd
 }
 
 void test_attention() {
-  struct Case { int n, nh, nkv, hd, past, obs; };
+  struct Case {
+    int n, nh, nkv, hd, past, obs;
+  };
   // tiny heads (head_dim below the tile width), the model's shape (12 heads / 4 kv, head_dim 64) with key
   // blocks and query blocks that end in tails, head_dim 128, a 16-head group, decode (n = 1) on a long past
-  for (Case cs : std::vector<Case>{{1, 4, 2, 8, 0, 4}, {6, 4, 2, 8, 10, 4}, {9, 8, 2, 16, 30, 3}, {5, 4, 4, 8, 0, 8},
-                                   {3, 6, 1, 8, 50, 1}, {37, 12, 4, 64, 70, 20}, {13, 4, 2, 128, 33, 13},
-                                   {11, 16, 1, 64, 5, 11}, {1, 12, 4, 64, 300, 1}}) {
+  for (Case cs : std::vector<Case>{{1, 4, 2, 8, 0, 4},
+                                   {6, 4, 2, 8, 10, 4},
+                                   {9, 8, 2, 16, 30, 3},
+                                   {5, 4, 4, 8, 0, 8},
+                                   {3, 6, 1, 8, 50, 1},
+                                   {37, 12, 4, 64, 70, 20},
+                                   {13, 4, 2, 128, 33, 13},
+                                   {11, 16, 1, 64, 5, 11},
+                                   {1, 12, 4, 64, 300, 1}}) {
     const int ld = cs.past + cs.n + 3;  // stride larger than used
     auto q = randn((size_t)cs.n * cs.nh * cs.hd, 1.5f);
     auto K = randn((size_t)cs.nkv * ld * cs.hd, 1.5f), V = randn((size_t)cs.nkv * ld * cs.hd);
     std::vector<float> out((size_t)cs.n * cs.nh * cs.hd), stats((size_t)cs.n * cs.nh * 2);
     std::vector<float> scratch(rf::cpu::attn_scratch_size(cs.n, cs.nh, cs.nkv, cs.hd));
-    rf::cpu::attn_forward(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, V.data(), ld, cs.past,
-                          out.data(), stats.data(), scratch.data());
+    rf::cpu::attn_forward(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, V.data(), ld, cs.past, out.data(),
+                          stats.data(), scratch.data());
     const int obs_start = cs.n - std::min(cs.obs, cs.n);
     std::vector<float> score((size_t)cs.nkv * ld, 0.f);
     for (int g = 0; g < cs.nkv; g++) score[(size_t)g * ld] = 0.25f;  // accumulation onto existing scores
@@ -316,17 +332,19 @@ void test_attention() {
     for (int g = 0; g < cs.nkv; g++) score2[(size_t)g * ld] = 0.25f;
     rf::cpu::attn_stats(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, ld, cs.past, obs_start, st2.data(),
                         scratch.data());
-    rf::cpu::attn_scores(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, ld, cs.past, obs_start,
-                         st2.data(), score2.data(), ld, scratch.data());
+    rf::cpu::attn_scores(q.data(), cs.n, cs.nh, cs.nkv, cs.hd, K.data(), nullptr, 0, ld, cs.past, obs_start, st2.data(),
+                         score2.data(), ld, scratch.data());
     bool same = score2 == score;
     for (size_t i = (size_t)obs_start * cs.nh * 2; i < st2.size(); i++) same = same && st2[i] == stats[i];
     for (size_t i = 0; i < (size_t)obs_start * cs.nh * 2; i++) same = same && st2[i] == -7.f;
-    snprintf(name, sizeof name, "attention stats-only window pass == forward's stats, same scores (bitwise) n=%d", cs.n);
+    snprintf(name, sizeof name, "attention stats-only window pass == forward's stats, same scores (bitwise) n=%d",
+             cs.n);
     check(name, same);
     // keys given in the caches' blocked layout (kt_store) == row-major keys packed per block, bitwise
     {
       const int64_t kld = rf::cpu::kt_round(ld);
-      std::vector<float> KT((size_t)(cs.nkv * kld * cs.hd), 0.f), o3(out.size()), s3(stats.size()), sc3(score.size(), 0.f);
+      std::vector<float> KT((size_t)(cs.nkv * kld * cs.hd), 0.f), o3(out.size()), s3(stats.size()),
+          sc3(score.size(), 0.f);
       for (int g = 0; g < cs.nkv; g++) {
         sc3[(size_t)g * ld] = 0.25f;
         for (int e = 0; e < ld; e++)
@@ -338,7 +356,8 @@ void test_attention() {
                            s3.data(), sc3.data(), ld, scratch.data());
       bool kt_ok = o3 == out && s3 == stats && sc3 == score;
       for (int e = 0; e < ld && kt_ok; e++)
-        for (int d = 0; d < cs.hd; d++) kt_ok = kt_ok && KT[(size_t)rf::cpu::kt_offset(e, d, cs.hd)] == K[(size_t)e * cs.hd + d];
+        for (int d = 0; d < cs.hd; d++)
+          kt_ok = kt_ok && KT[(size_t)rf::cpu::kt_offset(e, d, cs.hd)] == K[(size_t)e * cs.hd + d];
       snprintf(name, sizeof name, "attention from blocked keys (kt_store) == from row-major keys (bitwise) n=%d", cs.n);
       check(name, kt_ok);
     }
@@ -367,7 +386,8 @@ void test_attention() {
     std::vector<float> st(2), sc((size_t)m, 0.f), scr(rf::cpu::attn_scratch_size(1, 1, 1, hd)), o1(hd);
     rf::cpu::attn_forward(q1.data(), 1, 1, 1, hd, K1.data(), nullptr, 0, V1.data(), m, m - 1, o1.data(), st.data(),
                           scr.data());
-    rf::cpu::attn_scores(q1.data(), 1, 1, 1, hd, K1.data(), nullptr, 0, m, m - 1, 0, st.data(), sc.data(), m, scr.data());
+    rf::cpu::attn_scores(q1.data(), 1, 1, 1, hd, K1.data(), nullptr, 0, m, m - 1, 0, st.data(), sc.data(), m,
+                         scr.data());
     // normalised by the engine's own f32 sum (its rounding over thousands of terms is not the exp's error)
     double mx = -1e300;
     for (int e = 0; e < m; e++) mx = std::max(mx, (double)xs[(size_t)e]);
@@ -377,8 +397,8 @@ void test_attention() {
       const double input = std::fabs((double)xs[(size_t)e] - mx) * 0x1p-24;
       if (want > 1e-30) worst = std::max(worst, std::fabs(sc[(size_t)e] - want) / want - input);
     }
-    check("softmax exp (vectorised) vs double over [-90, 0]: relative error beyond input rounding", worst < 5e-7, "%.3g",
-          worst);
+    check("softmax exp (vectorised) vs double over [-90, 0]: relative error beyond input rounding", worst < 5e-7,
+          "%.3g", worst);
   }
 }
 
@@ -486,7 +506,8 @@ void test_dtype() {
   }
   check("bf16 round trip (all 65536 values)", ok);
   float half_way = rf::bf16_to_f32(0x3f80) + std::ldexp(1.f, -8);  // 1 + half ulp -> ties to even (1.0)
-  check("bf16 ties to even", rf::f32_to_bf16(half_way) == 0x3f80 && rf::f32_to_bf16(std::nextafter(half_way, 2.f)) == 0x3f81);
+  check("bf16 ties to even",
+        rf::f32_to_bf16(half_way) == 0x3f80 && rf::f32_to_bf16(std::nextafter(half_way, 2.f)) == 0x3f81);
   // f16: every value round-trips; conversion agrees with a naive double-based rounding for random floats
   ok = true;
   for (uint32_t h = 0; h < 65536; h++) {
@@ -521,8 +542,9 @@ void test_dtype() {
   // load_as_f32
   uint16_t hb = rf::f32_to_bf16(1.5f), hh = rf::f32_to_f16(-2.25f);
   float ff = 3.5f;
-  check("load_as_f32 f32/f16/bf16", rf::load_as_f32(&ff, RF_F32, 0) == 3.5f && rf::load_as_f32(&hh, RF_F16, 0) == -2.25f &&
-                                          rf::load_as_f32(&hb, RF_BF16, 0) == 1.5f);
+  check("load_as_f32 f32/f16/bf16", rf::load_as_f32(&ff, RF_F32, 0) == 3.5f &&
+                                        rf::load_as_f32(&hh, RF_F16, 0) == -2.25f &&
+                                        rf::load_as_f32(&hb, RF_BF16, 0) == 1.5f);
 }
 
 void test_sampling() {
@@ -544,7 +566,8 @@ void test_sampling() {
   uint64_t a = 77, b = 77;
   ok = true;
   for (int i = 0; i < 100; i++)
-    ok = ok && rf::sample_logits(lg.data(), V, 0.8f, 0.9f, 10, &a) == rf::sample_logits(lg.data(), V, 0.8f, 0.9f, 10, &b);
+    ok = ok &&
+         rf::sample_logits(lg.data(), V, 0.8f, 0.9f, 10, &a) == rf::sample_logits(lg.data(), V, 0.8f, 0.9f, 10, &b);
   check("same seed -> same draws", ok && a == b);
   uint64_t z = 0;
   rf::xorshift64star(&z);
@@ -592,10 +615,10 @@ void test_sampling() {
 
 void test_misc() {
   rf::TensorId id;
-  check("parse tensor names", rf::parse_tensor_name("model.layers.12.mlp.down_proj.weight", &id) && id.kind == rf::T_DOWN &&
-                                  id.layer == 12 && !rf::parse_tensor_name("model.layers.x.mlp.down_proj.weight", &id) &&
-                                  !rf::parse_tensor_name("model.layers.1.mlp.down_proj", &id) &&
-                                  !rf::parse_tensor_name(nullptr, &id));
+  check("parse tensor names",
+        rf::parse_tensor_name("model.layers.12.mlp.down_proj.weight", &id) && id.kind == rf::T_DOWN && id.layer == 12 &&
+            !rf::parse_tensor_name("model.layers.x.mlp.down_proj.weight", &id) &&
+            !rf::parse_tensor_name("model.layers.1.mlp.down_proj", &id) && !rf::parse_tensor_name(nullptr, &id));
   std::vector<float> x = {1, 2, 3}, y = {0.5f, 0.5f, 0.5f};
   rf::cpu::add_inplace(x.data(), y.data(), 3);
   check("add_inplace", x[0] == 1.5f && x[2] == 3.5f);
@@ -634,7 +657,8 @@ void test_pool() {
     ok = ok && sum == 8000;
   }
   Pool::get().set_threads(before);
-  check("worker pool: each index once (1,2,3,5 threads), nested inline, 2000 short jobs", ok && pool_threads() == before);
+  check("worker pool: each index once (1,2,3,5 threads), nested inline, 2000 short jobs",
+        ok && pool_threads() == before);
 }
 
 int main() {

@@ -75,7 +75,7 @@ export function invFreq(c: RefConfig): Float64Array {
   const half = c.headDim / 2;
   const out = new Float64Array(half);
   for (let i = 0; i < half; i++) {
-    let f = 1 / Math.pow(c.ropeTheta, (2 * i) / c.headDim);
+    let f = 1 / c.ropeTheta ** ((2 * i) / c.headDim);
     if (c.ropeType === 2) f /= c.ropeFactor;
     if (c.ropeType === 1) {
       const lowWl = c.ropeOriginalMaxPos / c.ropeLowFreqFactor;
@@ -347,7 +347,8 @@ export class RefCompressor {
       const entries: CacheEntry[][] = [];
       for (let g = 0; g < c.numKvHeads; g++) {
         const e: CacheEntry[] = old[g].map((x) => ({ idx: x.idx, k: x.k, v: x.v, s: x.s }));
-        for (let t = 0; t < n; t++) e.push({ idx: this.seen + t, k: head(p[t].k, g, hd), v: head(p[t].v, g, hd), s: 0 });
+        for (let t = 0; t < n; t++)
+          e.push({ idx: this.seen + t, k: head(p[t].k, g, hd), v: head(p[t].v, g, hd), s: 0 });
         entries.push(e);
       }
       const rk = entries.map((e) => e.map((x, i) => rope(x.k, i, this.inv)));
@@ -360,7 +361,8 @@ export class RefCompressor {
           const q = rope(head(p[j].q, h, hd), Lc + j, this.inv);
           const pr = attnProbs(q, rk[g].slice(0, Lc + j + 1));
           if (j >= obsStart) for (let e = 0; e < pr.length; e++) entries[g][e].s += pr[e];
-          for (let e = 0; e < pr.length; e++) for (let d = 0; d < hd; d++) att[h * hd + d] += pr[e] * entries[g][e].v[d];
+          for (let e = 0; e < pr.length; e++)
+            for (let d = 0; d < hd; d++) att[h * hd + d] += pr[e] * entries[g][e].v[d];
         }
         if (l < this.exitLayer) nextXs.push(postAttn(c, L, xs[j], att));
       }
@@ -389,7 +391,13 @@ export class RefCompressor {
 /* ---------------- scoring / sampling ---------------- */
 
 /** out[i] = max_j cos(ctx_i, q_j) */
-export function refScore(ctx: ArrayLike<number>, nCtx: number, dim: number, q: ArrayLike<number>, nQ: number): Float64Array {
+export function refScore(
+  ctx: ArrayLike<number>,
+  nCtx: number,
+  dim: number,
+  q: ArrayLike<number>,
+  nQ: number,
+): Float64Array {
   const out = new Float64Array(nCtx);
   const norm = (a: ArrayLike<number>, off: number) => {
     let s = 0;
@@ -422,7 +430,13 @@ export function xorshift64star(state: BigUint64Array): bigint {
 }
 
 /** The documented sampling algorithm (temperature, top-k, top-p, xorshift64* draw). */
-export function refSample(logits: ArrayLike<number>, temperature: number, topP: number, topK: number, state: BigUint64Array): number {
+export function refSample(
+  logits: ArrayLike<number>,
+  temperature: number,
+  topP: number,
+  topK: number,
+  state: BigUint64Array,
+): number {
   const V = logits.length;
   if (!(temperature > 0)) return argmax(logits);
   const idx = Array.from({ length: V }, (_, i) => i).sort((a, b) => logits[b] - logits[a] || a - b);
