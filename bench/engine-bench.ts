@@ -33,12 +33,12 @@ import {
   RF_ROPE_DEFAULT,
   RF_ROPE_LLAMA3,
   type CompressParams,
-  type HeadSpec,
-  type ModelConfig,
   type NativeCompressor,
   type NativeModel,
   type NativeSeq,
 } from "../ffi/native.ts";
+import type { HeadSpec, ModelConfig } from "../src/model/types.ts";
+import { f16ToF32 } from "../src/util/f16.ts";
 
 type ShapeName = "tiny" | "small" | "llama3-8b";
 
@@ -158,7 +158,8 @@ function posInt(name: string, v: string | undefined, def: number, min = 1): numb
   return n;
 }
 
-function parseHeads(s: string): HeadSpec[] {
+/** `--heads L:q:H,L:k:H,...` */
+function parseHeadsArg(s: string): HeadSpec[] {
   return s
     .split(",")
     .filter(Boolean)
@@ -274,15 +275,6 @@ function randomTokens(n: number, vocab: number, seed: number): Int32Array {
   return out;
 }
 
-function f16ToF32(h: number): number {
-  const s = h & 0x8000 ? -1 : 1;
-  const e = (h >> 10) & 0x1f;
-  const m = h & 0x3ff;
-  if (e === 0) return s * m * 2 ** -24;
-  if (e === 31) return m ? NaN : s * Infinity;
-  return s * (1 + m / 1024) * 2 ** (e - 15);
-}
-
 const now = () => performance.now() / 1000;
 
 function fmtBytes(b: number): string {
@@ -357,7 +349,7 @@ async function main() {
   const capacity = posInt("capacity", str("capacity"), sh.capacity);
   const defLayer = Math.round(0.45 * (L - 1));
   const heads = str("heads")
-    ? parseHeads(str("heads")!)
+    ? parseHeadsArg(str("heads")!)
     : (["q", "k", "v"] as const).map((kind) => ({ layer: defLayer, kind, head: 0 }));
   const budget = posInt("budget", str("budget"), sh.budget);
   const decodeSteps = posInt("decode", str("decode"), sh.decode, 0);
@@ -580,7 +572,7 @@ async function main() {
       const t0 = now();
       const qe = comp.embed(randomTokens(nQ, cfg.vocabSize, seed + 5)) as Uint16Array;
       qEmbedS = now() - t0;
-      for (let i = 0; i < q.length; i++) q[i] = f16ToF32(qe[i]!);
+      q.set(f16ToF32(qe));
     } else {
       for (let i = 0; i < q.length; i++) q[i] = Math.sin(i * 12.9898) * 0.5;
     }

@@ -27,7 +27,8 @@ import { existsSync, mkdirSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { loadNative, RF_F16, RF_F32, RF_ROPE_DEFAULT, type ModelConfig, type NativeModel } from "../ffi/native.ts";
+import { loadNative, RF_F16, RF_F32, RF_ROPE_DEFAULT, type NativeModel } from "../ffi/native.ts";
+import type { ModelConfig } from "../src/model/types.ts";
 import { f32ToF16 } from "../test/fixtures/tiny-model.ts";
 import { GGML_F16, GGML_F32, minimalVocab, permuteRope, writeGguf, type GgufTensor } from "./gguf.ts";
 

@@ -13,8 +13,6 @@ import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { HeadSpec, ModelConfig } from "../src/model/types.ts";
 
-export type { HeadSpec, ModelConfig } from "../src/model/types.ts";
-
 export const RF_OK = 0;
 export const RF_ERR_INVALID = -1;
 export const RF_ERR_OOM = -2;

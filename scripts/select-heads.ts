@@ -23,7 +23,8 @@
  */
 import { writeFileSync, mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { loadNative, RF_F32, type HeadSpec, type Native, type NativeModel } from "../ffi/native.ts";
+import { loadNative, RF_F32, type Native, type NativeModel } from "../ffi/native.ts";
+import type { HeadSpec } from "../src/model/types.ts";
 import { DEFAULT_WINDOW, smoothScores } from "../src/engine/selection.ts";
 import { loadModelConfig } from "../src/model/config.ts";
 import { parseHeads } from "../src/model/heads.ts";

@@ -10,7 +10,8 @@ import { describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { Native, NativeError, RF_BF16, RF_ERR_NODEVICE, ROOT_DIR, type ModelConfig } from "../ffi/native.ts";
+import { Native, NativeError, RF_BF16, RF_ERR_NODEVICE, ROOT_DIR } from "../ffi/native.ts";
+import type { ModelConfig } from "../src/model/types.ts";
 
 function findNvcc(): string | null {
   const candidates = [process.env.NVCC, "/usr/local/cuda/bin/nvcc"].filter(Boolean) as string[];

@@ -29,9 +29,9 @@ import {
   RF_ROPE_LLAMA3,
   ROOT_DIR,
   type CompressParams,
-  type HeadSpec,
   type NativeModel,
 } from "../ffi/native";
+import type { HeadSpec } from "../src/model/types.ts";
 import { argmax, refForward, refLogits, refScore, RefCompressor } from "./reference/llama-ref";
 import {
   buildModel,

@@ -26,9 +26,8 @@ import {
   ROOT_DIR,
   structLayoutMismatches,
   type CompressParams,
-  type HeadSpec,
-  type ModelConfig,
 } from "../ffi/native";
+import type { HeadSpec, ModelConfig } from "../src/model/types.ts";
 import { buildModel, expectNativeError, i32 } from "./helpers/random-model";
 import { buildNative } from "./helpers/build.ts";
 

@@ -19,8 +19,8 @@ import {
   RF_ROPE_LLAMA3,
   ROOT_DIR,
   type CompressParams,
-  type HeadSpec,
 } from "../ffi/native";
+import type { HeadSpec } from "../src/model/types.ts";
 import { argmax, refForward, refGreedy, refLogits, refSample, refScore, RefCompressor } from "./reference/llama-ref";
 
 import {

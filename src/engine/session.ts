@@ -113,9 +113,9 @@ function fsyncDir(dir: string): void {
   }
 }
 
-function atomicWrite(path: string, data: Uint8Array, sync: boolean): void {
-  const tmp = path + ".tmp";
-  const fd = openSync(tmp, "w");
+/** Writes all of `data` to `path` opened with `flags` ("w", "a"), fsync'd when `sync`. */
+function writeFully(path: string, flags: string, data: Uint8Array, sync: boolean): void {
+  const fd = openSync(path, flags);
   try {
     let off = 0;
     while (off < data.byteLength) off += writeSync(fd, data, off, data.byteLength - off);
@@ -123,18 +123,15 @@ function atomicWrite(path: string, data: Uint8Array, sync: boolean): void {
   } finally {
     closeSync(fd);
   }
-  renameSync(tmp, path);
+}
+
+function atomicWrite(path: string, data: Uint8Array, sync: boolean): void {
+  writeFully(path + ".tmp", "w", data, sync);
+  renameSync(path + ".tmp", path);
 }
 
 function appendSync(path: string, data: Uint8Array, sync: boolean): void {
-  const fd = openSync(path, "a");
-  try {
-    let off = 0;
-    while (off < data.byteLength) off += writeSync(fd, data, off, data.byteLength - off);
-    if (sync) fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
+  writeFully(path, "a", data, sync);
 }
 
 export class Session {

@@ -15,8 +15,3 @@ export function f16ToF32(a: Uint16Array): Float32Array {
   for (let i = 0; i < a.length; i++) o[i] = F16_TABLE[a[i]!]!;
   return o;
 }
-
-/** One half-precision value (bit pattern `h`) as a number. */
-export function f16Value(h: number): number {
-  return F16_TABLE[h & 0xffff]!;
-}

@@ -10,10 +10,10 @@ import {
   RF_ROPE_LINEAR,
   RF_ROPE_LLAMA3,
   type DType,
-  type ModelConfig,
   type Native,
   type NativeModel,
 } from "../../ffi/native";
+import type { ModelConfig } from "../../src/model/types.ts";
 import { gaussian, mulberry32 } from "../../src/util/rng.ts";
 import type { RefConfig, RefLayer, RefWeights } from "../reference/llama-ref";
 
