@@ -172,14 +172,16 @@ function parseHeadsArg(s: string): HeadSpec[] {
 
 // ---------- FLOP counts (matmul FLOPs; softmax / norms / RoPE are not counted) ----------
 
+/** The sizes the FLOP counts below use: hidden, intermediate, heads, head dim, q width, k/v width. */
+function dims(c: ModelConfig) {
+  const nh = c.numHeads;
+  const hd = c.headDim;
+  return { H: c.hiddenSize, I: c.intermediateSize, nh, hd, qd: nh * hd, kvd: c.numKvHeads * hd };
+}
+
 /** FLOPs of one compress chunk of n tokens with `cache` entries already cached, as the engine runs it. */
 function compressChunkFlops(c: ModelConfig, n: number, cache: number, exitLayer: number, obsWindow: number): number {
-  const H = c.hiddenSize,
-    I = c.intermediateSize,
-    nh = c.numHeads,
-    hd = c.headDim;
-  const qd = nh * hd,
-    kvd = c.numKvHeads * hd;
+  const { H, I, nh, hd, qd, kvd } = dims(c);
   const qkv = 2 * n * H * (qd + 2 * kvd);
   const post = 2 * n * (qd * H + 3 * H * I); // o_proj + gate/up/down
   // causal: chunk query i sees cache + i + 1 keys; QK^T + PV = 4*hd per (query, key, head)
@@ -194,12 +196,7 @@ function compressChunkFlops(c: ModelConfig, n: number, cache: number, exitLayer:
 
 /** FLOPs of a full-depth forward of n tokens after p0 cached positions (+ lm_head for the last token). */
 function seqFlops(c: ModelConfig, n: number, p0: number): number {
-  const H = c.hiddenSize,
-    I = c.intermediateSize,
-    nh = c.numHeads,
-    hd = c.headDim;
-  const qd = nh * hd,
-    kvd = c.numKvHeads * hd;
+  const { H, I, nh, hd, qd, kvd } = dims(c);
   const lin = 2 * n * (H * (qd + 2 * kvd) + qd * H + 3 * H * I);
   const attn = 4 * hd * nh * (n * p0 + (n * (n + 1)) / 2);
   return c.numLayers * (lin + attn) + 2 * H * c.vocabSize;
