@@ -294,6 +294,10 @@ describe("engine (tiny model, CPU library)", () => {
     const small = await err(q({ contextId: c.id, budget: 5 }));
     expect([small.code, small.param]).toEqual(["invalid_value", "budget"]);
     // what depends on the server's configuration is the engine's own rule
+    // the same logit_bias rule as HTTP (at most 1024 entries), for callers that are not HTTP
+    const manyBias = Object.fromEntries(Array.from({ length: 1025 }, (_, i) => [i, 1]));
+    const bias = await err(q({ contextId: c.id, sampling: { ...sampling(2), logitBias: manyBias } }));
+    expect([bias.code, bias.param]).toEqual(["invalid_value", "sampling.logitBias"]);
     const huge = await err(q({ contextId: c.id, budget: 1e9 }));
     expect([huge.status, huge.code, huge.param]).toEqual([400, "budget_too_large", "budget"]);
     const big = await err(

@@ -7,15 +7,6 @@ import { type ChatMessage, EngineError, type QueryRequest } from "./api.ts";
 /** Placeholder rendered in the user's turn where the context token ids are spliced in. */
 export const CONTEXT_PLACEHOLDER = "\u2063REFORM_CONTEXT\u2063";
 
-export interface PromptParts {
-  /** text before the context (rendered template prefix). */
-  prefix: string;
-  /** text after the context ("\n\n" + question + template suffix). */
-  suffix: string;
-  /** the text used to embed the query (the question). */
-  question: string;
-}
-
 /**
  * Messages for a request. With a context, the last user message (or `question`) becomes
  * CONTEXT_PLACEHOLDER + "\n\n" + question.

@@ -64,7 +64,7 @@ export const SamplingSchema = z.object({
   presencePenalty: Field.presencePenalty.optional(),
   frequencyPenalty: Field.frequencyPenalty.optional(),
   repetitionPenalty: Field.repetitionPenalty.optional(),
-  logitBias: z.record(z.string(), z.number().min(-100).max(100)).optional(),
+  logitBias: Field.logitBias.optional(),
 });
 
 export const QueryRequestSchema = z
