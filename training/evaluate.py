@@ -1,0 +1,77 @@
+"""In-window evaluation on held-out haystack and held-out keys: recall per task (RULER string_match_all).
+
+    python3 training/evaluate.py --model models/reform-tiny [--n 30] [--lengths 256,448]
+
+Each sample is a task from tasks.py built with split="eval" (Python docs reference/tutorial/howto as haystack,
+the held-out 20% of WordNet lemmas as key and value words), answered greedily by the PyTorch model; its score is
+the fraction of expected strings found in the answer, averaged per task (RULER, Hsieh et al. 2024, section 4).
+The server-side benchmark (bench/ruler.ts) measures the same tasks through the HTTP API, beyond the window too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from tasks import NEEDLE_TASKS, Corpus, TaskMaker  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+
+@torch.no_grad()
+def evaluate(model, tok: Tokenizer, corpus: Corpus, n: int, length: int, seed: int, tasks=NEEDLE_TASKS) -> dict:
+    """{task: mean string_match_all score in [0, 1]} over n samples of at most `length` tokens each (prompt and
+    expected answer)."""
+    maker = TaskMaker(tok, corpus, seed)
+    stop = {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")}
+    out = {}
+    for task in tasks:
+        score = 0.0
+        for _ in range(n):
+            ex = maker.make_fitting(task, length)
+            prompt = ex.ids[: ex.prompt_len]
+            answer_budget = len(ex.ids) - ex.prompt_len + 8
+            ids = model.generate(prompt, answer_budget, stop)
+            text = tok.decode([i for i in ids if i not in stop])
+            score += sum(e in text for e in ex.expected) / len(ex.expected)
+        out[task] = score / n
+    return out
+
+
+def main():
+    from export import load_hf_dir
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", default=os.path.join(HERE, "data"))
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default: 50% and 85% of the window)")
+    ap.add_argument("--seed", type=int, default=777)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", default=None, help="write the results here")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_hf_dir(a.model).eval()
+    tok = Tokenizer(os.path.join(a.model, "tokenizer.json"))
+    corpus = Corpus(a.data, "eval")
+    window = model.args.max_position_embeddings
+    lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [window // 2, int(window * 0.85)]
+    results = {}
+    print(f"held-out in-window recall, {a.model} (window {window}), n={a.n} per task, greedy")
+    print(f"{'task':<12}" + "".join(f"{L:>10}" for L in lengths))
+    for L in lengths:
+        results[L] = evaluate(model, tok, corpus, a.n, L, a.seed)
+    for t in NEEDLE_TASKS:
+        print(f"{t:<12}" + "".join(f"{results[L][t]:>10.1%}" for L in lengths))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "n": a.n, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Train the project's default model (resumable; CPU or CUDA with the same code).
+
+    python3 training/train.py --config tiny  [--minutes 120] [--threads 2]      # 2 CPU cores, background
+    python3 training/train.py --config small --minutes 7 --device cuda          # one H200 (scripts/gpu-session.sh)
+
+State lives in training/runs/<config>/: ckpt.pt (model + optimizer + schedule + data seed, written every
+--save-every minutes and at the end), log.jsonl (loss, tokens/s, evaluations), best/ (the exported Hugging Face
+directory with the best held-out recall so far). Re-running the same command resumes from ckpt.pt.
+
+Schedule: AdamW (betas 0.9/0.95, weight decay 0.05, clip 1.0), linear warm-up then cosine decay over the planned
+run, where progress is the larger of tokens/--tokens and elapsed/--minutes, so a time-boxed GPU run still ends
+its decay. A from-scratch run starts on copying tasks (repeated random tokens) so copying heads form before
+the task mix (../shared/design/training-notes.md: without that a 4-layer model stayed at 0% recall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from evaluate import evaluate  # noqa: E402
+from export import export_hf_dir, load_hf_dir  # noqa: E402
+from model import Llama, ModelArgs  # noqa: E402
+from tasks import Corpus, TaskMaker, batch_rows  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+REPO = os.path.dirname(HERE)
+TOKENIZER = os.path.join(REPO, "models", "reform-tiny", "tokenizer.json")
+
+# mixes: task -> weight (tasks.py)
+MIX = {"single": 0.16, "multikey": 0.24, "multivalue": 0.12, "multiquery": 0.16, "quote": 0.12, "copy": 0.08, "text": 0.12}
+COPY_WARMUP_MIX = {"copy": 0.7, "text": 0.15, "single": 0.15}
+
+CONFIGS = {
+    # the interim architecture (0.92M parameters, 512-token window): 2 CPU cores, resumes the interim checkpoint
+    "tiny": dict(
+        model=ModelArgs(),
+        init=os.path.join(REPO, "models", "reform-tiny"),
+        batch_tokens=8192,
+        min_len=128,
+        lr=1e-3,
+        warmup_steps=50,
+        tokens=200e6,
+        copy_warmup=0.0,
+        dtype="float32",
+    ),
+    # the GPU model (~9.8M parameters, 2048-token window), from scratch in minutes on one H200
+    "small": dict(
+        model=ModelArgs(
+            hidden_size=384,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=64,
+            max_position_embeddings=2048,
+        ),
+        init=None,
+        batch_tokens=131072,
+        min_len=256,
+        lr=2e-3,
+        warmup_steps=100,
+        tokens=400e6,
+        copy_warmup=0.06,
+        dtype="bfloat16",
+    ),
+    # a CPU-sized stand-in of `small` (same code paths, minutes on 2 cores): the dry run of the GPU command
+    "dryrun": dict(
+        model=ModelArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=32, max_position_embeddings=256),
+        init=None,
+        batch_tokens=2048,
+        min_len=128,
+        lr=2e-3,
+        warmup_steps=5,
+        tokens=1e6,
+        copy_warmup=0.2,
+        dtype="float32",
+    ),
+}
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Endless batches of one length each (lengths drawn per batch between min_len and the window)."""
+
+    def __init__(self, data_dir, cfg, seed, progress_fn):
+        self.data_dir, self.cfg, self.seed = data_dir, cfg, seed
+        self.progress_fn = progress_fn
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info else 0
+        tok = Tokenizer(TOKENIZER)
+        maker = TaskMaker(tok, Corpus(self.data_dir, "train"), self.seed * 1000 + wid)
+        window = self.cfg["model"].max_position_embeddings
+        k = 0
+        while True:
+            k += 1
+            # the copy warm-up is judged by batches made so far in this worker (workers cannot see the trainer)
+            mix = COPY_WARMUP_MIX if self.progress_fn(k) < self.cfg["copy_warmup"] else MIX
+            seq = maker.rng.randrange(self.cfg["min_len"], window + 1)
+            rows = max(1, self.cfg["batch_tokens"] // seq)
+            x, y, m = batch_rows(maker, mix, seq, rows)
+            yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+
+
+def lr_at(step: int, progress: float, cfg) -> float:
+    if step < cfg["warmup_steps"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
+    return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    ap.add_argument("--data", default=os.path.join(HERE, "data"))
+    ap.add_argument("--run-dir", default=None, help="default training/runs/<config>")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--workers", type=int, default=None, help="data worker processes (default: 0 on CPU)")
+    ap.add_argument("--minutes", type=float, default=60.0, help="stop (and finish the LR decay) after this long")
+    ap.add_argument("--tokens", type=float, default=None, help="planned tokens of the whole run (schedule)")
+    ap.add_argument("--steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    ap.add_argument("--save-every", type=float, default=10.0, help="minutes between checkpoints")
+    ap.add_argument("--eval-every", type=float, default=15.0, help="minutes between held-out evaluations")
+    ap.add_argument("--eval-n", type=int, default=20, help="samples per task in each evaluation")
+    ap.add_argument("--export", default=None, help="also export the final model here")
+    ap.add_argument("--shard-mib", type=float, default=15.0, help="max size of one exported safetensors file")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+
+    cfg = dict(CONFIGS[a.config])
+    if a.tokens:
+        cfg["tokens"] = a.tokens
+    run_dir = a.run_dir or os.path.join(HERE, "runs", a.config)
+    os.makedirs(run_dir, exist_ok=True)
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    use_amp = dev.type == "cuda" and cfg["dtype"] == "bfloat16"
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    state = torch.load(ckpt_path, map_location="cpu") if os.path.exists(ckpt_path) else None
+    if state:
+        model = Llama(ModelArgs(**state["args"]))
+        model.load_state_dict(state["model"])
+        print(f"[train] resumed {ckpt_path}: step {state['step']}, {state['tokens'] / 1e6:.2f}M tokens", flush=True)
+    elif cfg["init"] and os.path.exists(os.path.join(cfg["init"], "model.safetensors")):
+        model = load_hf_dir(cfg["init"])
+        print(f"[train] initialised from {cfg['init']}", flush=True)
+    else:
+        torch.manual_seed(a.seed)
+        model = Llama(cfg["model"])
+        print("[train] from scratch", flush=True)
+    model.to(dev)
+    print(f"[train] {a.config}: {model.num_params() / 1e6:.2f}M parameters, window "
+          f"{model.args.max_position_embeddings}, device {dev}, amp {use_amp}", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt_kw = dict(lr=cfg["lr"], betas=(0.9, 0.95))
+    if dev.type == "cuda":
+        opt_kw["fused"] = True
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], **opt_kw)
+    step, tokens, best, seed = 0, 0, -1.0, a.seed
+    elapsed_before = 0.0
+    if state:
+        opt.load_state_dict(state["opt"])
+        step, tokens, best = state["step"], state["tokens"], state["best"]
+        elapsed_before = state.get("elapsed", 0.0)
+        seed = state.get("data_seed", a.seed) + 1  # fresh examples after a resume
+
+    export_dtype = "BF16" if cfg["dtype"] == "bfloat16" else "F32"
+    t_start = time.time()
+    minutes_total = a.minutes
+
+    def progress() -> float:
+        el = (time.time() - t_start) / 60
+        return max(tokens / cfg["tokens"], el / minutes_total if minutes_total else 0)
+
+    # workers estimate progress by batches made; they are told the batch budget of the copy warm-up in tokens
+    est_batches = cfg["tokens"] / cfg["batch_tokens"]
+    workers = a.workers if a.workers is not None else (min(12, max(1, (os.cpu_count() or 2) - 2)) if dev.type == "cuda" else 0)
+    start_batches = tokens / cfg["batch_tokens"]
+    ds = Batches(a.data, cfg, seed, lambda k: (start_batches + k * max(1, workers)) / est_batches)
+    dl_kw = dict(prefetch_factor=4, persistent_workers=True) if workers else {}
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda", **dl_kw)
+    tok = Tokenizer(TOKENIZER)
+    eval_corpus = Corpus(a.data, "eval")
+    log = open(os.path.join(run_dir, "log.jsonl"), "a")
+
+    def save():
+        torch.save({"args": model.args.to_dict(), "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "tokens": tokens, "best": best, "data_seed": seed,
+                    "elapsed": elapsed_before + time.time() - t_start}, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+
+    def run_eval():
+        nonlocal best
+        model.eval()
+        length = int(model.args.max_position_embeddings * 0.85)
+        res = evaluate(model, tok, eval_corpus, n=a.eval_n, length=length, seed=12345)
+        model.train()
+        mean = sum(res.values()) / len(res)
+        rec = {"step": step, "tokens": tokens, "eval_len": length, "recall": res, "mean": mean}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(f"[eval] step {step} tokens {tokens / 1e6:.2f}M len {length}: "
+              + " ".join(f"{k} {v:.0%}" for k, v in res.items()) + f" | mean {mean:.1%} (best {best:.1%})", flush=True)
+        if mean > best:
+            best = mean
+            card = json.dumps({**rec, "config": a.config}, indent=1)
+            export_hf_dir(model, os.path.join(run_dir, "best"), TOKENIZER, {"training_eval.json": card},
+                          dtype=export_dtype, shard_mib=a.shard_mib)
+            print(f"[eval] new best -> {os.path.join(run_dir, 'best')}", flush=True)
+
+    model.train()
+    last_save = last_eval = time.time()
+    ema, t_log, tok_log = None, time.time(), 0
+    for x, y, m in dl:
+        if a.steps is not None and step >= a.steps:
+            break
+        if progress() >= 1.0:
+            break
+        x, y, m = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), m.to(dev, non_blocking=True)
+        lr = lr_at(step, progress(), cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x)
+        loss_all = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1),
+                                                     reduction="none")
+        mf = m.view(-1).float()
+        loss = (loss_all * mf).sum() / mf.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        n = x.numel()
+        tokens += n
+        tok_log += n
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        now = time.time()
+        if step % 20 == 0 or a.steps is not None:
+            util = ""
+            if dev.type == "cuda":
+                try:
+                    util = f" gpu {torch.cuda.utilization()}%"
+                except Exception:  # pynvml missing: utilisation unknown
+                    util = ""
+                util += f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB"
+            rate = tok_log / (now - t_log)
+            print(f"[train] step {step} tokens {tokens / 1e6:.2f}M loss {loss.item():.3f} ema {ema:.3f} lr {lr:.2e} "
+                  f"seq {x.shape[1]} {rate:,.0f} tok/s{util}", flush=True)
+            log.write(json.dumps({"step": step, "tokens": tokens, "loss": loss.item(), "ema": ema, "lr": lr,
+                                  "tok_s": rate}) + "\n")
+            t_log, tok_log = now, 0
+        if now - last_save > a.save_every * 60:
+            save()
+            last_save = now
+        if now - last_eval > a.eval_every * 60:
+            run_eval()
+            last_eval = time.time()
+    save()
+    if a.steps is None or a.eval_n > 0:
+        run_eval()
+    save()
+    if a.export:
+        export_hf_dir(model, a.export, TOKENIZER, dtype=export_dtype, shard_mib=a.shard_mib)
+        print(f"[train] exported {a.export}", flush=True)
+    print(f"[train] done: step {step}, {tokens / 1e6:.2f}M tokens, best held-out mean recall {best:.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
