@@ -1,0 +1,132 @@
+/**
+ * What a user meets first in an answer, over HTTP on the tiny random model (test/fixtures/tiny-model.ts):
+ * the end of an answer after a half-matched stop string, legacy `text_offset` over characters that span
+ * several tokens, and the request rules that name their fix.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { libraryPath } from "../ffi/native.ts";
+import { resolveConfig } from "../src/config.ts";
+import { type RunningServer, startServer } from "../src/server.ts";
+import { makeTinyModel, TINY_EOS_ID, TINY_EOT_ID } from "./fixtures/tiny-model.ts";
+import { collectSse, expectError, j, jsonPost } from "./helpers/http.ts";
+
+const T = 120_000;
+let root: string;
+let srv: RunningServer;
+let base: string;
+let ctxId: string;
+
+// biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
+type Json = any;
+
+beforeAll(async () => {
+  root = mkdtempSync(join(tmpdir(), "reform-answers-"));
+  const modelDir = await makeTinyModel(join(root, "model"));
+  const cfg = resolveConfig(["--model", modelDir, "--data", join(root, "data"), "--port", "0"], {
+    REFORM_BACKEND: "cpu",
+    REFORM_LIBRARY: libraryPath("cpu"),
+  });
+  if (cfg.help) throw new Error("unexpected help");
+  srv = await startServer({ ...cfg, log: () => {} });
+  base = srv.url;
+  await srv.engine.ready();
+  const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+  ctxId = ctx.id;
+  const up = await fetch(`${base}/v1/contexts/${ctxId}/content?final=true`, {
+    method: "PUT",
+    body: "Remember this: the secret number of bright-river is 4821937. The river runs past the old mill.\n".repeat(20),
+    headers: { "content-type": "text/plain" },
+  });
+  expect(up.status).toBe(200);
+}, T);
+
+afterAll(async () => {
+  await srv?.stop();
+  if (root) rmSync(root, { recursive: true, force: true });
+});
+
+/** The issue's chat request. */
+const SECRET = {
+  messages: [
+    {
+      role: "user",
+      content: "Remember this: the secret number of bright-river is 4821937.\nWhat is the secret number of bright-river?",
+    },
+  ],
+  max_tokens: 30,
+  temperature: 0,
+};
+
+/**
+ * A random model rarely ends by itself, so the test makes it: the smallest end-of-sequence logit bias (on one of the
+ * tiny model's two end tokens) after which the greedy answer still has text and then ends. `ask(bias)` returns the
+ * non-stream answer's text and finish reason.
+ */
+async function endingBias(ask: (bias: Record<string, number>) => Promise<{ text: string; finish: string }>) {
+  for (const id of [TINY_EOS_ID, TINY_EOT_ID])
+    for (let b = 0.5; b <= 12; b += 0.5) {
+      const r = await ask({ [id]: b });
+      if (r.finish === "stop" && r.text.length > 0) return { bias: { [id]: b }, text: r.text };
+    }
+  throw new Error("no logit bias makes the tiny model end after some text");
+}
+
+describe("the end of an answer", () => {
+  test(
+    "chat: a stop string that never occurs changes nothing when the model ends (non-stream and stream)",
+    async () => {
+      const chat = async (extra: Record<string, unknown>) => {
+        const r = await j(jsonPost(`${base}/v1/chat/completions`, { ...SECRET, ...extra }));
+        return { text: r.choices[0].message.content as string, finish: r.choices[0].finish_reason as string };
+      };
+      const { bias, text } = await endingBias((logit_bias) => chat({ logit_bias }));
+      // the answer is the decode of the tokens the model generated (the end token excluded), held-back bytes included
+      const stop = [`${text}!`]; // like "4821937!" after an answer ending "... is 4821937"
+      expect(await chat({ logit_bias: bias, stop })).toEqual({ text, finish: "stop" });
+      const res = await jsonPost(`${base}/v1/chat/completions`, { ...SECRET, logit_bias: bias, stop, stream: true });
+      const chunks = (await collectSse(res)).filter((e) => e.data !== "[DONE]").map((e) => JSON.parse(e.data));
+      expect(chunks.map((c: Json) => c.choices[0]?.delta?.content ?? "").join("")).toBe(text);
+      expect(chunks.at(-1).choices[0].finish_reason).toBe("stop");
+    },
+    T,
+  );
+
+  test(
+    "native query: streamed text is the decode of the generated tokens, with or without a stop string",
+    async () => {
+      const body = { question: "What is the secret number of bright-river?", max_tokens: 30 };
+      const q = async (extra: Record<string, unknown>) => {
+        const r = await j(jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...body, stream: false, ...extra }));
+        return { text: r.text as string, finish: r.finish_reason as string };
+      };
+      const { bias, text } = await endingBias((logit_bias) => q({ logit_bias }));
+      for (const stop of [[], [`${text}!`], [`${text.slice(-1)}\u0000never`]]) {
+        expect(await q({ logit_bias: bias, stop })).toEqual({ text, finish: "stop" });
+        const evs = await collectSse(await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...body, logit_bias: bias, stop }));
+        const toks = evs.filter((e) => e.event === "token").map((e) => JSON.parse(e.data));
+        expect(toks.map((t: Json) => t.text).join("")).toBe(text);
+        const ids = toks.filter((t: Json) => t.token_id >= 0).map((t: Json) => t.token_id);
+        const dec = await j(jsonPost(`${base}/v1/detokenize`, { tokens: ids }));
+        expect(dec.text).toBe(text);
+      }
+    },
+    T,
+  );
+
+  test(
+    "legacy completions: the same for a raw prompt",
+    async () => {
+      const body = { prompt: "Remember this: the secret number of bright-river is", max_tokens: 30, temperature: 0 };
+      const c = async (extra: Record<string, unknown>) => {
+        const r = await j(jsonPost(`${base}/v1/completions`, { ...body, ...extra }));
+        return { text: r.choices[0].text as string, finish: r.choices[0].finish_reason as string };
+      };
+      const { bias, text } = await endingBias((logit_bias) => c({ logit_bias }));
+      expect(await c({ logit_bias: bias, stop: [`${text}!`] })).toEqual({ text, finish: "stop" });
+    },
+    T,
+  );
+});
