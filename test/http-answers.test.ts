@@ -10,6 +10,7 @@ import { join } from "node:path";
 import { libraryPath } from "../ffi/native.ts";
 import { resolveConfig } from "../src/config.ts";
 import { type RunningServer, startServer } from "../src/server.ts";
+import { codePoints, Utf8Positions } from "../src/util/utf8.ts";
 import { makeTinyModel, TINY_EOS_ID, TINY_EOT_ID } from "./fixtures/tiny-model.ts";
 import { collectSse, expectError, j, jsonPost } from "./helpers/http.ts";
 
@@ -129,4 +130,81 @@ describe("the end of an answer", () => {
     },
     T,
   );
+});
+
+describe("legacy text_offset", () => {
+  /** The issue's request: a character that spans several tokens. */
+  const EMOJI = { prompt: "a \uD83D\uDE00 b \uD83D\uDE00 a \uD83D\uDE00 b", max_tokens: 6, temperature: 0, logprobs: 1 };
+
+  async function both(body: Record<string, unknown>) {
+    const one = await j(jsonPost(`${base}/v1/completions`, body));
+    const chunks = (await collectSse(await jsonPost(`${base}/v1/completions`, { ...body, stream: true })))
+      .filter((e) => e.data !== "[DONE]")
+      .map((e) => JSON.parse(e.data));
+    const streamed = chunks.flatMap((c: Json) => c.choices[0]?.logprobs?.text_offset ?? []);
+    const streamedText = chunks.map((c: Json) => c.choices[0]?.text ?? "").join("");
+    return { text: one.choices[0].text as string, lp: one.choices[0].logprobs, streamed, streamedText };
+  }
+
+  test(
+    "tokens of one character share its offset; offsets count code points of the text",
+    async () => {
+      // only the two bytes of "é" may be generated: every character of the answer is two one-byte tokens
+      const ids: number[] = (await j(jsonPost(`${base}/v1/tokenize`, { text: "é" }))).tokens;
+      expect(ids.length).toBe(2);
+      const r = await both({ ...EMOJI, logit_bias: Object.fromEntries(ids.map((i) => [i, 100])) });
+      const chars = [...r.text].length;
+      expect(r.lp.tokens.length).toBe(6);
+      expect(r.lp.text_offset.length).toBe(6);
+      expect(chars).toBeLessThan(6);
+      // one-byte tokens: every character starts a token, so the offsets are exactly 0 .. chars-1, each repeated
+      expect(new Set(r.lp.text_offset).size).toBe(chars);
+      expect(Math.max(...r.lp.text_offset)).toBe(chars - 1);
+      expect([...r.lp.text_offset].sort((a, b) => a - b)).toEqual(r.lp.text_offset);
+      expect(r.streamedText).toBe(r.text);
+      expect(r.streamed).toEqual(r.lp.text_offset);
+      if (r.text === "ééé") expect(r.lp.text_offset).toEqual([0, 0, 1, 1, 2, 2]);
+    },
+    T,
+  );
+
+  test(
+    "the issue's input as sent: every offset lies inside the text",
+    async () => {
+      const r = await both(EMOJI);
+      const chars = [...r.text].length;
+      expect(r.lp.text_offset.length).toBe(r.lp.tokens.length);
+      for (const o of r.lp.text_offset) expect(o).toBeLessThan(chars);
+      expect([...r.lp.text_offset].sort((a, b) => a - b)).toEqual(r.lp.text_offset);
+      expect(r.streamed).toEqual(r.lp.text_offset);
+    },
+    T,
+  );
+
+  test("Utf8Positions agrees with TextDecoder on valid and invalid bytes split anywhere", () => {
+    let x = 7;
+    const rnd = (n: number) => {
+      x = (x * 1103515245 + 12345) & 0x7fffffff;
+      return x % n;
+    };
+    // bytes biased to the interesting ranges: ASCII, continuation bytes, 2/3/4-byte leads and never-valid bytes
+    const pick = [0x41, 0x80, 0x9f, 0xa0, 0xbf, 0xc2, 0xc3, 0xdf, 0xe0, 0xed, 0xef, 0xf0, 0xf4, 0xf5, 0xc0, 0xff, 0x8f];
+    for (let round = 0; round < 400; round++) {
+      const bytes: number[] = [];
+      const text = round % 2 ? "é😀中a" : "";
+      bytes.push(...new TextEncoder().encode(text));
+      for (let i = rnd(12); i > 0; i--) bytes.push(pick[rnd(pick.length)]!);
+      const pos = new Utf8Positions();
+      let at = 0;
+      while (at < bytes.length) {
+        const n = 1 + rnd(3);
+        const got = pos.push(bytes.slice(at, at + n));
+        // the character that holds byte `at` is the last one of the text decoded up to and including it
+        const want = codePoints(new TextDecoder().decode(Uint8Array.from(bytes.slice(0, at + 1)))) - 1;
+        expect(got).toBe(want);
+        at += n;
+      }
+      expect(pos.length).toBe(codePoints(new TextDecoder().decode(Uint8Array.from(bytes))));
+    }
+  });
 });
