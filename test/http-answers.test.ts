@@ -54,7 +54,8 @@ const SECRET = {
   messages: [
     {
       role: "user",
-      content: "Remember this: the secret number of bright-river is 4821937.\nWhat is the secret number of bright-river?",
+      content:
+        "Remember this: the secret number of bright-river is 4821937.\nWhat is the secret number of bright-river?",
     },
   ],
   max_tokens: 30,
@@ -106,7 +107,9 @@ describe("the end of an answer", () => {
       const { bias, text } = await endingBias((logit_bias) => q({ logit_bias }));
       for (const stop of [[], [`${text}!`], [`${text.slice(-1)}\u0000never`]]) {
         expect(await q({ logit_bias: bias, stop })).toEqual({ text, finish: "stop" });
-        const evs = await collectSse(await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...body, logit_bias: bias, stop }));
+        const evs = await collectSse(
+          await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...body, logit_bias: bias, stop }),
+        );
         const toks = evs.filter((e) => e.event === "token").map((e) => JSON.parse(e.data));
         expect(toks.map((t: Json) => t.text).join("")).toBe(text);
         const ids = toks.filter((t: Json) => t.token_id >= 0).map((t: Json) => t.token_id);
@@ -134,7 +137,12 @@ describe("the end of an answer", () => {
 
 describe("legacy text_offset", () => {
   /** The issue's request: a character that spans several tokens. */
-  const EMOJI = { prompt: "a \uD83D\uDE00 b \uD83D\uDE00 a \uD83D\uDE00 b", max_tokens: 6, temperature: 0, logprobs: 1 };
+  const EMOJI = {
+    prompt: "a \uD83D\uDE00 b \uD83D\uDE00 a \uD83D\uDE00 b",
+    max_tokens: 6,
+    temperature: 0,
+    logprobs: 1,
+  };
 
   async function both(body: Record<string, unknown>) {
     const one = await j(jsonPost(`${base}/v1/completions`, body));
@@ -206,5 +214,68 @@ describe("legacy text_offset", () => {
       }
       expect(pos.length).toBe(codePoints(new TextDecoder().decode(Uint8Array.from(bytes))));
     }
+  });
+});
+
+describe("request rules that name their fix", () => {
+  test("more than 4 stop strings: the message names the limit (everywhere a stop list is taken)", async () => {
+    const stop = ["a", "b", "c", "d", "e"];
+    const chat = await jsonPost(`${base}/v1/chat/completions`, { ...SECRET, stop });
+    const e1 = await expectError(chat, 400, "invalid_value");
+    expect(e1.param).toBe("stop");
+    expect(e1.message).toContain("at most 4 stop sequences");
+    const q = await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { question: "q?", stop });
+    expect((await expectError(q, 400, "invalid_value")).message).toContain("at most 4");
+    // a union's "Invalid input" names what was expected instead
+    const bad = await jsonPost(`${base}/v1/completions`, { prompt: 5 });
+    expect((await expectError(bad, 400, "invalid_value")).message).toContain("expected string or array");
+  });
+
+  test(
+    "min_p is implemented: with a high min_p sampling keeps to the most likely token (= greedy)",
+    async () => {
+      const body = { prompt: "the quick brown fox", max_tokens: 12 };
+      const greedy = await j(jsonPost(`${base}/v1/completions`, { ...body, temperature: 0 }));
+      const hot = async (extra: Record<string, unknown>) =>
+        (await j(jsonPost(`${base}/v1/completions`, { ...body, temperature: 2, seed: 3, ...extra }))).choices[0].text;
+      // a random model's distribution is nearly flat: at temperature 2 sampling wanders off the greedy answer
+      expect(await hot({})).not.toBe(greedy.choices[0].text);
+      expect(await hot({ min_p: 1 })).toBe(greedy.choices[0].text);
+      expect(await hot({ min_p: 0 })).toBe(await hot({}));
+      await expectError(await jsonPost(`${base}/v1/completions`, { ...body, min_p: 1.5 }), 400, "invalid_value");
+    },
+    T,
+  );
+
+  test("sampling controls that are not implemented are refused (their 'off' values pass)", async () => {
+    for (const [field, on, off] of [
+      ["mirostat", 2, 0],
+      ["typical_p", 0.9, 1],
+      ["guided_json", { type: "object" }, null],
+    ] as const) {
+      const e = await expectError(
+        await jsonPost(`${base}/v1/chat/completions`, { ...SECRET, max_tokens: 2, [field]: on }),
+        400,
+        "invalid_value",
+      );
+      expect(e.param).toBe(field);
+      expect(e.message).toContain("not implemented");
+      const ok = await jsonPost(`${base}/v1/chat/completions`, { ...SECRET, max_tokens: 2, [field]: off });
+      expect(ok.status).toBe(200);
+      await ok.text();
+    }
+    // the native API is strict: unknown fields are refused there anyway
+    const q = await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { question: "q?", mirostat: 2 });
+    await expectError(q, 400, "invalid_value");
+  });
+
+  test("curl -d (a form content type) on a JSON endpoint: the 415 says how to fix it", async () => {
+    const res = await fetch(`${base}/v1/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+      body: JSON.stringify(SECRET),
+    });
+    const e = await expectError(res, 415, "unsupported_media_type");
+    expect(e.message).toContain("-H 'content-type: application/json'");
   });
 });

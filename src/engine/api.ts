@@ -39,6 +39,8 @@ export interface SamplingOptions {
   temperature: number; // 0 = greedy
   topP: number;
   topK: number; // 0 = off
+  /** min-p sampling: tokens less likely than min_p × the most likely one (after temperature) are dropped; 0 = off */
+  minP?: number;
   seed?: number;
   stop: string[]; // stop strings (not included in the output)
   /** Report log-probabilities: the sampled token's and the `logprobs` most likely alternatives (0..20).
