@@ -307,6 +307,7 @@ export function contextView(info: ContextInfo): Record<string, unknown> {
     tokens_processed: info.tokensProcessed,
     pending_chars: info.pendingChars,
     embedding_bytes: info.embeddingBytes,
+    disk_bytes: info.diskBytes,
     cache_len: info.cacheLen,
     created_at: info.createdAt,
     updated_at: info.updatedAt,

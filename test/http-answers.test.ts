@@ -279,3 +279,66 @@ describe("request rules that name their fix", () => {
     expect(e.message).toContain("-H 'content-type: application/json'");
   });
 });
+
+describe("disk use", () => {
+  test("reported per context, in total in /health and /metrics", async () => {
+    const ctx = await j(fetch(`${base}/v1/contexts/${ctxId}`));
+    // tokens (4 bytes each) + embeddings + the saved compressor state + metadata
+    expect(ctx.disk_bytes).toBeGreaterThan(ctx.embedding_bytes + ctx.tokens_received * 4);
+    const all = await j(fetch(`${base}/v1/contexts`));
+    const sum = all.data.reduce((n: number, c: Json) => n + c.disk_bytes, 0);
+    const health = await j(fetch(`${base}/health`));
+    expect(health.disk_bytes).toBe(sum);
+    expect(health.max_disk_bytes).toBeNull();
+    const metrics = await (await fetch(`${base}/metrics`)).text();
+    expect(metrics).toContain(`reform_disk_bytes ${sum}\n`);
+    expect(metrics).not.toContain("reform_disk_limit_bytes");
+  });
+
+  test(
+    "--max-disk-bytes (REFORM_MAX_DISK_BYTES) refuses an upload that would pass it with 413 disk_quota_exceeded",
+    async () => {
+      const dir = join(root, "capped");
+      const cfg = resolveConfig(["--model", join(root, "model"), "--data", dir, "--port", "0"], {
+        REFORM_BACKEND: "cpu",
+        REFORM_LIBRARY: libraryPath("cpu"),
+        REFORM_MAX_DISK_BYTES: String(64 * 1024),
+      });
+      if (cfg.help) throw new Error("unexpected help");
+      const capped = await startServer({ ...cfg, log: () => {} });
+      try {
+        await capped.engine.ready();
+        const url = capped.url;
+        const put = (id: string, text: string) =>
+          fetch(`${url}/v1/contexts/${id}/content?final=true`, {
+            method: "PUT",
+            body: text,
+            headers: { "content-type": "text/plain" },
+          });
+        const a = (await j(jsonPost(`${url}/v1/contexts`, {}))).id;
+        expect((await put(a, "a small text that fits. ".repeat(20))).status).toBe(200);
+        const b = (await j(jsonPost(`${url}/v1/contexts`, {}))).id;
+        const e = await expectError(
+          await put(b, "a text too big for the cap. ".repeat(2000)),
+          413,
+          "disk_quota_exceeded",
+        );
+        expect(e.message).toContain("--max-disk-bytes");
+        expect(e.message).toContain("DELETE /v1/contexts/");
+        // the JSON form of an upload is refused the same way
+        const bj = await jsonPost(`${url}/v1/contexts/${b}/content`, { text: "x ".repeat(40000) });
+        await expectError(bj, 413, "disk_quota_exceeded");
+        const health = await j(fetch(`${url}/health`));
+        expect(health.max_disk_bytes).toBe(64 * 1024);
+        expect(health.disk_bytes).toBeLessThanOrEqual(64 * 1024);
+        expect(await (await fetch(`${url}/metrics`)).text()).toContain(`reform_disk_limit_bytes ${64 * 1024}\n`);
+        // deleting frees the room
+        expect((await fetch(`${url}/v1/contexts/${a}`, { method: "DELETE" })).status).toBe(200);
+        expect((await put(b, "now it fits. ".repeat(20))).status).toBe(200);
+      } finally {
+        await capped.stop();
+      }
+    },
+    T,
+  );
+});

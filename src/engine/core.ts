@@ -136,9 +136,34 @@ export class EngineCore implements EngineCalls {
       throw new EngineError(409, "context_failed", `context '${s.id}' failed: ${s.meta.failed}`, "context_id");
   }
 
+  /** Disk used by all contexts' files. */
+  diskBytes(): number {
+    let n = 0;
+    for (const s of this.sessions.values()) n += s.diskBytes;
+    return n;
+  }
+
+  /** The disk cap: a piece is refused before it is stored when its estimated cost would pass the cap. */
+  private checkDisk(s: Session, bytes: number): void {
+    const cap = this.e.defaults.maxDiskBytes;
+    if (cap <= 0 || bytes === 0) return;
+    const used = this.diskBytes();
+    const need = Math.ceil(bytes * s.diskBytesPerTextByte());
+    if (used + need <= cap) return;
+    throw new EngineError(
+      413,
+      "disk_quota_exceeded",
+      `the contexts use ${used} of the ${cap} bytes of disk this server may use (--max-disk-bytes); ` +
+        `${bytes} more bytes of text need about ${need} bytes (tokens, embeddings): delete contexts you no longer ` +
+        "need (DELETE /v1/contexts/{id}) or raise the limit",
+      null,
+    );
+  }
+
   append(id: string, bytes: Uint8Array): Promise<ContextInfo> {
     return this.chain(id, async (s) => {
       this.writable(s);
+      this.checkDisk(s, bytes.byteLength);
       try {
         s.appendBytes(bytes, this.e.tok, false);
         this.progress(s);
@@ -279,6 +304,7 @@ export class EngineCore implements EngineCalls {
     return {
       ...this.metrics,
       queueDepth: this.sched.depth,
+      diskBytes: this.diskBytes(),
       ttftSeconds: [...this.metrics.ttftSeconds],
       tpotSeconds: [...this.metrics.tpotSeconds],
     };

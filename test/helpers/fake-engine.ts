@@ -85,6 +85,7 @@ export class FakeEngine implements EngineClient {
         maxNewTokens: 64,
         maxModelLen: 1024,
         maxH2oTokens: 4096,
+        maxDiskBytes: 0,
       },
     };
   }
@@ -107,6 +108,7 @@ export class FakeEngine implements EngineClient {
       tokensProcessed: 0,
       pendingChars: 0,
       embeddingBytes: 0,
+      diskBytes: 0,
       cacheLen: 0,
       metadata: opts?.metadata,
     };
@@ -130,6 +132,7 @@ export class FakeEngine implements EngineClient {
     if (this.appendDelayMs) await Bun.sleep(this.appendDelayMs);
     c.info.tokensProcessed = c.text.length;
     c.info.embeddingBytes = c.text.length * 4;
+    c.info.diskBytes = c.text.length * 8;
     c.info.state = "ready";
     this.texts.set(id, c.text);
     this.notify(c);
@@ -234,6 +237,7 @@ export class FakeEngine implements EngineClient {
       requestsTotal: 0,
       queueDepth: 0,
       activeContexts: this.ctxs.size,
+      diskBytes: [...this.ctxs.values()].reduce((n, c) => n + c.info.diskBytes, 0),
       ttftSeconds: [0.01, 0.02],
       tpotSeconds: [0.001],
     };
