@@ -45,6 +45,8 @@ export class FakeEngine implements EngineClient {
   getDelayMs: number;
   /** throw an EngineError(500) after this many tokens (mid-stream fault). */
   failAfterTokens: number | null = null;
+  /** an append that would take a context past this many bytes fails with an EngineError(500) (a device fault) */
+  failAppendPastBytes: number | null = null;
   readonly texts = new Map<string, string>();
 
   constructor(o: FakeOptions = {}) {
@@ -124,6 +126,8 @@ export class FakeEngine implements EngineClient {
 
   async append(id: string, bytes: Uint8Array) {
     const c = this.must(id);
+    if (this.failAppendPastBytes !== null && c.info.bytesReceived + bytes.byteLength > this.failAppendPastBytes)
+      throw new EngineError(500, "device_error", "simulated device fault while compressing");
     c.text += c.decoder.decode(bytes, { stream: true });
     c.info.bytesReceived += bytes.byteLength;
     c.info.tokensReceived = c.text.length;
