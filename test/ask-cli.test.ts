@@ -62,7 +62,7 @@ describe("bun run ask", () => {
     const r = await ask([file, "What flows on?", "--piece-bytes", "65536"]);
     eng.failAppendPastBytes = null;
     expect(r.code).toBe(1);
-    const id = /context (ctx\d+) created/.exec(r.err)?.[1]!;
+    const id = /context (ctx\d+) created/.exec(r.err)?.[1] ?? "missing";
     expect(r.err).toContain("upload failed: 500 device_error");
     expect(r.err).toContain(`the context ${id} is kept`);
     expect(r.err).toContain(`curl -X DELETE ${srv.url}/v1/contexts/${id}`);
