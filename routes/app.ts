@@ -110,7 +110,10 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
       cors({
         origin: origins.includes("*") ? "*" : origins,
         allowMethods: () => [...new Set(routes?.all.flatMap((r) => r.methods))],
-        allowHeaders: ["authorization", "content-type", "x-api-key", "x-reform-final"],
+        // No fixed list: the preflight's Access-Control-Request-Headers are echoed (hono/cors does so when
+        // allowHeaders is empty), because SDK clients send headers of their own (the openai JS client: the
+        // x-stainless-* family, which grows with its versions). Only a named origin gets an
+        // Access-Control-Allow-Origin, so for every other page the preflight still fails.
         exposeHeaders: ["location"],
         maxAge: 600,
       }),

@@ -263,12 +263,21 @@ export function contextRoutes(d: Deps): Hono {
       }
       doFinal = doFinal || body.final === true;
     } else if (c.req.raw.body) {
+      let stored = 0;
       try {
         appended = await pumpUpload(c.req.raw.body, opts.maxBodyBytes, async (piece) => {
           last = await engine.append(id, piece);
           stats.uploadBytes += piece.byteLength;
+          stored += piece.byteLength;
         });
       } catch (e) {
+        const engineErr = e as { status?: number; code?: string; message?: string };
+        if (engineErr.code === "disk_quota_exceeded")
+          throw new ApiError(
+            413,
+            engineErr.code,
+            `${engineErr.message}; the first ${stored} bytes of this upload were stored`,
+          );
         if (e instanceof ApiError) {
           const n = (e as unknown as { appended?: number }).appended ?? 0;
           if (e.status === 413 && n > 0) {

@@ -111,6 +111,14 @@ export class HttpStats {
       metric("reform_active_contexts", "gauge", "Context sessions held by the engine.", [
         `reform_active_contexts ${fmt(m.activeContexts)}`,
       ]);
+      metric("reform_disk_bytes", "gauge", "Bytes of all contexts' files (tokens, embeddings, state, metadata).", [
+        `reform_disk_bytes ${fmt(m.diskBytes)}`,
+      ]);
+      const maxDisk = info?.defaults.maxDiskBytes ?? 0;
+      if (maxDisk > 0)
+        metric("reform_disk_limit_bytes", "gauge", "Disk the contexts may use (--max-disk-bytes).", [
+          `reform_disk_limit_bytes ${fmt(maxDisk)}`,
+        ]);
       for (const [name, samples, help] of [
         ["reform_recent_ttft_seconds", m.ttftSeconds, "Time to first token over recent queries."],
         ["reform_recent_tpot_seconds", m.tpotSeconds, "Time per output token over recent queries."],

@@ -10,12 +10,16 @@ export function opsRoutes(d: Deps): Hono {
     const state = engine.state();
     if (state === "ready") {
       const info = engine.modelInfo();
+      const maxDisk = info?.defaults.maxDiskBytes ?? 0;
       return c.json({
         status: "ok",
         model: d.opts.servedName ?? info?.id ?? null,
         backend: info?.backend ?? null,
         device: info?.device ?? null,
         uptime_s: Math.round((Date.now() - stats.startedAt) / 1000),
+        // what the contexts hold on disk, and the cap uploads are refused beyond (null: none)
+        disk_bytes: engine.metrics().diskBytes,
+        max_disk_bytes: maxDisk > 0 ? maxDisk : null,
       });
     }
     if (state === "loading") {

@@ -22,6 +22,7 @@ const SamplingFields = {
   temperature: Field.temperature.nullish(),
   top_p: Field.topP.nullish(),
   top_k: Field.topK.nullish(),
+  min_p: Field.minP.nullish(),
   seed: Field.seed.nullish(),
   stop: StopSchema,
   presence_penalty: Field.presencePenalty.nullish(),
@@ -46,6 +47,7 @@ export function samplingOf(
     stop: b.stop,
   };
   if (o.logprobs !== null) s.logprobs = o.logprobs;
+  if (b.min_p != null && b.min_p > 0) s.minP = b.min_p;
   if (b.presence_penalty != null) s.presencePenalty = b.presence_penalty;
   if (b.frequency_penalty != null) s.frequencyPenalty = b.frequency_penalty;
   if (b.repetition_penalty != null) s.repetitionPenalty = b.repetition_penalty;
@@ -107,11 +109,47 @@ const OpenAIFields = {
     .optional(),
 };
 
+/**
+ * Sampling and decoding controls of other servers (llama.cpp, vLLM, text-generation-webui) that this one does not
+ * implement, with the values that mean "off". The OpenAI bodies ignore unknown fields (clients send many harmless
+ * ones), but a request that turns one of these on would otherwise be answered as if it had not: it is refused.
+ */
+const NOT_IMPLEMENTED: Record<string, readonly unknown[]> = {
+  mirostat: [0],
+  mirostat_mode: [0],
+  typical_p: [1],
+  tfs_z: [1],
+  top_a: [0],
+  epsilon_cutoff: [0],
+  eta_cutoff: [0],
+  dynatemp_range: [0],
+  xtc_probability: [0],
+  dry_multiplier: [0],
+  min_tokens: [0],
+  ignore_eos: [false],
+  use_beam_search: [false],
+  guided_json: [],
+  guided_regex: [],
+  guided_choice: [],
+  guided_grammar: [],
+  grammar: [],
+  json_schema: [],
+};
+
 /** Rules both OpenAI endpoints share. */
 function refineOpenAI(
   v: { n?: number | null; stream?: boolean | null; stream_options?: unknown },
   ctx: z.RefinementCtx,
 ): void {
+  for (const [field, off] of Object.entries(NOT_IMPLEMENTED)) {
+    const value = (v as Record<string, unknown>)[field];
+    if (value != null && !off.includes(value))
+      ctx.addIssue({
+        code: "custom",
+        path: [field],
+        message: `'${field}' is not implemented by this server (sampling: temperature, top_p, top_k, min_p, seed, penalties, logit_bias)`,
+      });
+  }
   if (v.n != null && v.n !== 1) ctx.addIssue({ code: "custom", path: ["n"], message: "only n=1 is supported" });
   if (v.stream_options != null && v.stream !== true)
     ctx.addIssue({
@@ -269,6 +307,7 @@ export function contextView(info: ContextInfo): Record<string, unknown> {
     tokens_processed: info.tokensProcessed,
     pending_chars: info.pendingChars,
     embedding_bytes: info.embeddingBytes,
+    disk_bytes: info.diskBytes,
     cache_len: info.cacheLen,
     created_at: info.createdAt,
     updated_at: info.updatedAt,

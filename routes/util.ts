@@ -68,7 +68,16 @@ export async function parseJsonBody<S extends z.ZodType>(
 ): Promise<z.output<S>> {
   const t = mediaType(c);
   if (t !== "" && !isJsonType(t)) {
-    throw new ApiError(415, "unsupported_media_type", `unsupported content type '${t}': send application/json`);
+    // `curl -d` labels a JSON body as a form unless told otherwise: the most common way to get here
+    const fix =
+      t === "application/x-www-form-urlencoded"
+        ? " (curl -d sends this type: add -H 'content-type: application/json')"
+        : "";
+    throw new ApiError(
+      415,
+      "unsupported_media_type",
+      `unsupported content type '${t}': this endpoint takes a JSON body sent with 'Content-Type: application/json'${fix}`,
+    );
   }
   const bytes = await readBodyLimited(c, limit);
   let value: unknown;

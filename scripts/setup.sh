@@ -3,9 +3,23 @@
 #   1. bun (via `npm install -g bun`, or the official installer when npm is missing)
 #   2. JavaScript dependencies (`bun install`)
 #   3. the native engine (`scripts/build-native.sh`: CPU library always, CUDA library when nvcc exists)
+# Builds only what serving needs: the test-only libraries (the CUDA source on the CPU emulation, its
+# AddressSanitizer variant, the fake cuBLAS) take a newcomer's first minute for nothing, so they are built only
+# with --with-test-libs (scripts/test.sh passes it).
 # Idempotent: re-running only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+test_libs=0
+for arg in "$@"; do
+  case $arg in
+  --with-test-libs) test_libs=1 ;;
+  *)
+    echo "usage: scripts/setup.sh [--with-test-libs]" >&2
+    exit 2
+    ;;
+  esac
+done
 
 log() { echo "[setup] $*" >&2; }
 
@@ -36,6 +50,11 @@ if ! bun install --frozen-lockfile >&2; then
   bun install >&2
 fi
 
-log "building the native engine"
-bash scripts/build-native.sh >&2
+if [[ $test_libs == 1 ]]; then
+  log "building the native engine and the test libraries"
+  bash scripts/build-native.sh >&2
+else
+  log "building the native engine"
+  REFORM_SKIP_EMU=1 bash scripts/build-native.sh >&2
+fi
 log "done"

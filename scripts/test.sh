@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets everything up (no server is started), runs the static checks (tsc --noEmit, Biome, clang-format) and the
+# Sets everything up, the test-only native libraries included (no server is started), runs the static checks (tsc --noEmit, Biome, clang-format) and the
 # whole test suite. Prints a final line `tests: N passed, N failed` (a failed check counts as one failure); exits
 # non-zero on any failure.
 # Tests that need a GPU skip themselves when none is present.
@@ -7,7 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-if ! bash scripts/setup.sh; then
+if ! bash scripts/setup.sh --with-test-libs; then
   echo "setup failed" >&2
   echo "tests: 0 passed, 1 failed"
   exit 1

@@ -156,6 +156,12 @@ const FLAGS: Flag[] = [
     help: "longest recompute: template + gathered context + question + max_tokens (default max(trained ctx, max-budget + max-new-tokens + 1024))",
   },
   { flag: "max-h2o-tokens", arg: "N", help: "longest context method h2o accepts (default 262144)" },
+  {
+    flag: "max-disk-bytes",
+    arg: "N",
+    env: ["REFORM_MAX_DISK_BYTES"],
+    help: "disk all contexts together may use; uploads beyond it get 413 (default: no limit)",
+  },
   { flag: "chunk-size", arg: "N", help: "compression chunk in tokens (default: heads file, else 1024)" },
   { flag: "capacity", arg: "N", help: "compressor KV entries per layer/head (default: heads file, else 4096)" },
   { flag: "threads", arg: "N", help: "CPU backend threads (default: all cores)" },
@@ -245,6 +251,8 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
     const v = intFlag(flag, str(flag), min, 1 << 30);
     if (v !== undefined) defaults[key] = v;
   }
+  const maxDisk = intFlag("max-disk-bytes", str("max-disk-bytes"), 1);
+  if (maxDisk !== undefined) defaults.maxDiskBytes = maxDisk;
   if (defaults.budget !== undefined && defaults.maxBudget !== undefined && defaults.budget > defaults.maxBudget) {
     throw new UsageError("--budget must not exceed --max-budget");
   }

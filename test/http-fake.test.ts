@@ -301,6 +301,50 @@ describe("cross-origin access", () => {
       await open.stop();
     }
   });
+
+  test("the official openai JS client passes the preflight from an allowed origin (its x-stainless-* headers)", async () => {
+    const srv = await start(new FakeEngine(), { apiKey: "k", corsOrigin: "http://chat.example" });
+    // what a browser sends before `new OpenAI({baseURL, dangerouslyAllowBrowser: true}).chat.completions.create(...)`:
+    // the client's non-safelisted request headers, lower-cased and sorted as the Fetch standard says
+    const requested = [
+      "authorization",
+      "content-type",
+      "x-stainless-arch",
+      "x-stainless-helper-method",
+      "x-stainless-lang",
+      "x-stainless-os",
+      "x-stainless-package-version",
+      "x-stainless-retry-count",
+      "x-stainless-runtime",
+      "x-stainless-runtime-version",
+      "x-stainless-timeout",
+    ].join(",");
+    try {
+      const preflight = (origin: string) =>
+        fetch(`${srv.url}/v1/chat/completions`, {
+          method: "OPTIONS",
+          headers: { origin, "access-control-request-method": "POST", "access-control-request-headers": requested },
+        });
+      const ok = await preflight("http://chat.example");
+      expect(ok.status).toBeLessThan(300);
+      expect(ok.headers.get("access-control-allow-origin")).toBe("http://chat.example");
+      expect(ok.headers.get("access-control-allow-methods")).toContain("POST");
+      const allowed = (ok.headers.get("access-control-allow-headers") ?? "").toLowerCase().split(/\s*,\s*/);
+      for (const h of requested.split(",")) expect(allowed).toContain(h);
+      // the answer differs per requested headers, so caches must key on them
+      expect(ok.headers.get("vary")?.toLowerCase()).toContain("access-control-request-headers");
+      // another origin still gets no permission, whatever it asks for
+      expect((await preflight("http://evil.example")).headers.get("access-control-allow-origin")).toBeNull();
+      // and the actual request with those headers is answered with the origin allowed
+      const res = await fetch(`${srv.url}/v1/models`, {
+        headers: { origin: "http://chat.example", authorization: "Bearer k", "x-stainless-lang": "js" },
+      });
+      expect(res.status).toBe(200);
+      expect(res.headers.get("access-control-allow-origin")).toBe("http://chat.example");
+    } finally {
+      await srv.stop();
+    }
+  });
 });
 
 describe("api key", () => {

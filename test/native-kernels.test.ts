@@ -4,7 +4,7 @@
  */
 import { expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdirSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ROOT_DIR } from "../ffi/native";
 
@@ -19,6 +19,17 @@ test("build-native.sh builds libreform_cpu.so", () => {
   expect(r.status).toBe(0);
   expect(r.out).not.toMatch(/warning:/);
   expect(existsSync(join(ROOT_DIR, "build/libreform_cpu.so"))).toBe(true);
+}, 300_000);
+
+test("the start path builds only what serving needs; scripts/test.sh builds the test libraries too", () => {
+  // setup.sh is what setup-and-serve.sh runs before starting the server: no CUDA emulation, ASan variant, fake cuBLAS
+  const r = run("bash", ["scripts/setup.sh"], { REFORM_SKIP_CUDA: "1" });
+  if (r.status !== 0) console.error(r.out);
+  expect(r.status).toBe(0);
+  expect(r.out).toContain("CUDA emulation skipped");
+  expect(r.out).not.toMatch(/compiling libreform_cuda_emu|compiling libcublas_fake/);
+  expect(readFileSync(join(ROOT_DIR, "scripts/setup-and-serve.sh"), "utf8")).toMatch(/\nbash scripts\/setup\.sh\n/);
+  expect(readFileSync(join(ROOT_DIR, "scripts/test.sh"), "utf8")).toContain("scripts/setup.sh --with-test-libs");
 }, 300_000);
 
 /** Compiles test/native/kernel_tests.cpp (warning-free) with `defines`, runs it once per REFORM_CPU_ISA value. */

@@ -1,10 +1,15 @@
 #!/usr/bin/env bun
 /**
  * bun run ask FILE "question" [--server URL] [--method reform|full|streaming|h2o] [--budget N]
- *             [--max-tokens N] [--temperature T] [--context ID] [--keep] [--api-key KEY]
- * Uploads FILE (streamed; "-" = stdin) to a running server as a new context, shows compression
- * progress on stderr, then streams the answer to stdout. --context ID reuses an uploaded context
- * (FILE is then ignored, pass "-" or any placeholder... or omit it with --context).
+ *             [--max-tokens N] [--temperature T] [--context ID [--resume]] [--keep] [--api-key KEY]
+ * Uploads FILE ("-" = stdin) to a running server as a new context, shows compression progress on stderr
+ * (tokens compressed, rate, ETA, from the context's events stream), then streams the answer to stdout.
+ *
+ * Big inputs take minutes to compress, and an upload request answers only once its bytes are compressed, so
+ * the file goes up in pieces (`?offset=`, the server's resume protocol) sized to take about 30 s each: no
+ * request waits long for its answer, and Bun's fetch timeouts are switched off besides. The context id is
+ * printed as soon as the context exists; after any failure the context is kept and the commands to resume
+ * (`--context ID --resume`) or delete it are printed.
  */
 import { existsSync, statSync } from "node:fs";
 import { intFlag, numFlag, parseFlags, runCli, UsageError, valueFlags } from "./args.ts";
@@ -19,7 +24,11 @@ const USAGE = `usage: bun run ask FILE "question" [options]
   --max-tokens N       answer length limit
   --temperature T      sampling temperature (default 0 = greedy)
   --context ID         ask an already uploaded context (no upload)
-  --keep               keep the uploaded context (prints its id for --context)
+  --resume             with --context ID and FILE: upload the rest of FILE (from the bytes the context
+                       has), finalize, then ask: what a failed or interrupted upload tells you to run
+  --keep               keep the uploaded context after a successful answer (it is always kept after a
+                       failure, with the commands to resume or delete it)
+  --piece-bytes N      first upload request size (default 1 MiB; later ones aim at ~30 s each)
   -q, --quiet          no progress output
   -h, --help           show this help
 FILE "-" reads the context from stdin.`;
@@ -61,6 +70,146 @@ function fmtBytes(n: number): string {
   return `${v.toFixed(1)} ${u[k]}`;
 }
 
+/** fetch without Bun's own timeout (5 minutes without a byte): compression may legitimately take longer. */
+function call(url: string, init: RequestInit = {}): Promise<Response> {
+  return fetch(url, { ...init, timeout: false } as RequestInit);
+}
+
+function fmtSecs(s: number): string {
+  if (!Number.isFinite(s)) return "?";
+  if (s < 60) return `${Math.round(s)}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s`;
+  return `${Math.floor(s / 3600)}h${String(Math.round((s % 3600) / 60)).padStart(2, "0")}m`;
+}
+
+/** Seconds each upload request should take: short enough that no request waits long for its answer. */
+const PIECE_TARGET_S = 30;
+
+interface UploadArgs {
+  server: string;
+  headers: Record<string, string>;
+  id: string;
+  file: string;
+  /** continue from the bytes the context already has */
+  resume: boolean;
+  status: (s: string, force?: boolean) => void;
+  endStatus: () => void;
+  signal: AbortSignal;
+  firstPiece?: number;
+}
+
+/**
+ * Uploads `file` in pieces, then finalizes; shows progress from the events stream meanwhile. Throws on failure
+ * (the caller prints how to resume or delete the context).
+ */
+async function upload(a: UploadArgs): Promise<void> {
+  const { server, headers, id, status } = a;
+  const ctxUrl = `${server}/v1/contexts/${id}`;
+  const stdin = a.file === "-";
+  const total = stdin ? 0 : statSync(a.file).size;
+  let offset = 0;
+  if (a.resume) {
+    const info = await call(ctxUrl, { headers });
+    if (!info.ok) throw new Error(await apiError(info));
+    offset = ((await info.json()) as { bytes_received: number }).bytes_received;
+    if (offset > total) throw new Error(`the context has ${offset} bytes, more than ${a.file} (${total})`);
+  }
+
+  // progress from the events stream: rate over the last ~10 s, ETA from the tokens per byte so far
+  const t0 = performance.now();
+  const progressAc = new AbortController();
+  const samples: { t: number; processed: number }[] = [];
+  const progress = (async () => {
+    try {
+      const ev = await call(`${ctxUrl}/events?follow=true`, { headers, signal: progressAc.signal });
+      if (!ev.ok) return;
+      for await (const e of sse(ev)) {
+        if (e.event !== "progress") continue;
+        const p = JSON.parse(e.data) as { bytes_received: number; tokens_received: number; tokens_processed: number };
+        const t = performance.now();
+        samples.push({ t, processed: p.tokens_processed });
+        while (samples.length > 2 && t - samples[0]!.t > 10_000) samples.shift();
+        const first = samples[0]!;
+        const rate = t > first.t ? ((p.tokens_processed - first.processed) * 1000) / (t - first.t) : 0;
+        const perByte = p.bytes_received > 0 ? p.tokens_received / p.bytes_received : 0;
+        const expected = total > 0 ? Math.max(p.tokens_received, Math.round(perByte * total)) : p.tokens_received;
+        const eta = rate > 0 ? (expected - p.tokens_processed) / rate : Number.NaN;
+        const sent =
+          total > 0
+            ? `${((100 * p.bytes_received) / total).toFixed(1)}% of ${fmtBytes(total)}`
+            : fmtBytes(p.bytes_received);
+        status(
+          `uploaded ${sent}; compressed ${p.tokens_processed.toLocaleString("en-US")} / ${total > 0 ? "~" : ""}${expected.toLocaleString("en-US")} tokens, ` +
+            `${Math.round(rate).toLocaleString("en-US")} tok/s, ETA ${fmtSecs(eta)}`,
+          false,
+        );
+      }
+    } catch {
+      /* closed by us, or the server went away (the upload itself reports that) */
+    }
+  })();
+
+  try {
+    let piece = a.firstPiece ?? 1 << 20;
+    const put = async (body: Blob | Uint8Array, n: number) => {
+      const t = performance.now();
+      const res = await call(`${ctxUrl}/content?offset=${offset}`, {
+        method: "PUT",
+        headers: { ...headers, "content-type": "text/plain; charset=utf-8" },
+        body,
+        signal: a.signal,
+      });
+      if (!res.ok) throw new Error(await apiError(res));
+      await res.arrayBuffer();
+      offset += n;
+      const secs = (performance.now() - t) / 1000;
+      piece = Math.round(Math.min(64 << 20, Math.max(64 << 10, (piece * PIECE_TARGET_S) / Math.max(secs, 0.05))));
+    };
+    if (!stdin) {
+      while (offset < total) {
+        const n = Math.min(piece, total - offset);
+        await put(Bun.file(a.file).slice(offset, offset + n), n);
+      }
+    } else {
+      const reader = (Bun.stdin.stream() as ReadableStream<Uint8Array>).getReader();
+      let buf: Uint8Array[] = [];
+      let have = 0;
+      for (;;) {
+        const r = await reader.read();
+        if (!r.done) {
+          buf.push(r.value);
+          have += r.value.byteLength;
+        }
+        if ((r.done && have > 0) || have >= piece) {
+          const all = new Uint8Array(have);
+          let o = 0;
+          for (const b of buf) {
+            all.set(b, o);
+            o += b.byteLength;
+          }
+          buf = [];
+          have = 0;
+          await put(all, all.byteLength);
+        }
+        if (r.done) break;
+      }
+    }
+    const fin = await call(`${ctxUrl}/finalize`, { method: "POST", headers, signal: a.signal });
+    if (!fin.ok) throw new Error(await apiError(fin));
+    const info = (await fin.json()) as { bytes_received: number; tokens_processed: number; disk_bytes?: number };
+    const secs = (performance.now() - t0) / 1000;
+    status(
+      `context ${id}: ${fmtBytes(info.bytes_received)}, ${info.tokens_processed.toLocaleString("en-US")} tokens compressed in ${secs.toFixed(1)} s ` +
+        `(${Math.round(info.tokens_processed / Math.max(secs, 1e-3)).toLocaleString("en-US")} tok/s)` +
+        (info.disk_bytes !== undefined ? `, ${fmtBytes(info.disk_bytes)} on disk` : ""),
+    );
+    a.endStatus();
+  } finally {
+    progressAc.abort();
+    await progress;
+  }
+}
+
 async function apiError(res: Response): Promise<string> {
   const text = await res.text();
   try {
@@ -75,9 +224,10 @@ async function main() {
   const { values, positionals } = parseFlags(
     process.argv.slice(2),
     {
-      ...valueFlags("api-key", "method", "budget", "max-tokens", "temperature", "context"),
+      ...valueFlags("api-key", "method", "budget", "max-tokens", "temperature", "context", "piece-bytes"),
       server: { type: "string", short: "s" },
       keep: { type: "boolean" },
+      resume: { type: "boolean" },
       quiet: { type: "boolean", short: "q" },
     },
     true,
@@ -99,6 +249,9 @@ async function main() {
     if (file !== "-" && (!existsSync(file!) || !statSync(file!).isFile())) throw new Error(`file not found: ${file}`);
   }
   if (!question?.trim()) throw new UsageError("the question is empty");
+  if (values.resume && !reuse) throw new UsageError("--resume needs --context ID (the context to continue)");
+  if (values.resume && file !== undefined && file !== "-" && !existsSync(file))
+    throw new Error(`file not found: ${file}`);
 
   const server = (values.server ?? process.env.REFORM_SERVER ?? "http://127.0.0.1:8080").replace(/\/+$/, "");
   const apiKey = values["api-key"] ?? process.env.REFORM_API_KEY;
@@ -134,7 +287,7 @@ async function main() {
   for (let i = 0; ; i++) {
     let h: Response;
     try {
-      h = await fetch(`${server}/health`);
+      h = await call(`${server}/health`);
     } catch (e) {
       throw new Error(
         `cannot reach the server at ${server}: ${(e as Error).message} (start it with: bun run serve --model DIR)`,
@@ -149,73 +302,57 @@ async function main() {
 
   let contextId = reuse;
   const created = !reuse;
+  /** What to do with the context after a failure: it is kept, so say how to resume or delete it. */
+  const hints = (id: string, resumable: boolean) => {
+    const auth = apiKey ? ` -H 'authorization: Bearer ${apiKey}'` : "";
+    const q = JSON.stringify(question);
+    const lines = [`ask: the context ${id} is kept on the server.`];
+    if (resumable && file !== undefined && file !== "-")
+      lines.push(`  resume the upload and ask:  bun run ask ${file} ${q} --context ${id} --resume`);
+    lines.push(`  ask it again:               bun run ask --context ${id} ${q}`);
+    lines.push(`  delete it:                  curl -X DELETE${auth} ${server}/v1/contexts/${id}`);
+    console.error(lines.join("\n"));
+  };
+  const ac = new AbortController();
+  process.on("SIGINT", () => ac.abort());
+
   if (!contextId) {
-    const res = await fetch(`${server}/v1/contexts`, {
+    const res = await call(`${server}/v1/contexts`, {
       method: "POST",
       headers: { ...headers, "content-type": "application/json" },
       body: JSON.stringify({ metadata: { source: file === "-" ? "stdin" : file } }),
     });
     if (res.status !== 201) throw new Error(`creating the context failed: ${await apiError(res)}`);
     contextId = ((await res.json()) as { id: string }).id;
-    const total = file === "-" ? 0 : statSync(file!).size;
-
-    // Progress stream (follow: stays open across the whole upload; closed by us).
-    const progressAc = new AbortController();
-    let last = { bytes: 0, tokens: 0, processed: 0 };
-    const progress = (async () => {
-      try {
-        const ev = await fetch(`${server}/v1/contexts/${contextId}/events?follow=true`, {
-          headers,
-          signal: progressAc.signal,
-        });
-        if (!ev.ok) return;
-        for await (const e of sse(ev)) {
-          if (e.event !== "progress") continue;
-          const p = JSON.parse(e.data);
-          last = { bytes: p.bytes_received, tokens: p.tokens_received, processed: p.tokens_processed };
-          const pct = total > 0 ? ` ${((100 * p.bytes_received) / total).toFixed(1)}%` : "";
-          status(
-            `uploading${pct}: ${fmtBytes(p.bytes_received)}${total ? ` / ${fmtBytes(total)}` : ""}, ${p.tokens_processed}/${p.tokens_received} tokens compressed`,
-            false,
-          );
-        }
-      } catch {
-        /* aborted */
-      }
-    })();
-
-    const t0 = performance.now();
-    const stream = file === "-" ? (Bun.stdin.stream() as ReadableStream<Uint8Array>) : Bun.file(file!).stream();
-    const up = await fetch(`${server}/v1/contexts/${contextId}/content?final=true`, {
-      method: "PUT",
-      headers: { ...headers, "content-type": "text/plain; charset=utf-8" },
-      body: stream,
-      duplex: "half",
-    });
-    progressAc.abort();
-    await progress;
-    if (!up.ok) {
+    // printed at once (not only with --keep): a failure later must never leave a context nobody knows about
+    console.error(`context ${contextId} created on ${server}`);
+  }
+  if (created || values.resume) {
+    if (values.resume && (file === undefined || file === "-"))
+      throw new UsageError("--resume needs the FILE the context was uploaded from (not stdin)");
+    try {
+      await upload({
+        server,
+        headers,
+        id: contextId,
+        file: file!,
+        resume: values.resume === true,
+        status,
+        endStatus,
+        signal: ac.signal,
+        firstPiece: intFlag("piece-bytes", values["piece-bytes"], 1),
+      });
+    } catch (e) {
       endStatus();
-      const msg = await apiError(up);
-      await fetch(`${server}/v1/contexts/${contextId}`, { method: "DELETE", headers }).catch(() => {});
-      throw new Error(`upload failed: ${msg}`);
+      console.error(ac.signal.aborted ? "ask: upload interrupted" : `ask: upload failed: ${(e as Error).message}`);
+      hints(contextId, true);
+      process.exit(ac.signal.aborted ? 130 : 1);
     }
-    const info = (await up.json()) as { bytes_received: number; tokens_processed: number };
-    void last;
-    const secs = (performance.now() - t0) / 1000;
-    status(
-      `context ${contextId}: ${fmtBytes(info.bytes_received)}, ${info.tokens_processed} tokens compressed in ${secs.toFixed(1)} s (${Math.round(info.tokens_processed / Math.max(secs, 1e-3))} tok/s)`,
-    );
-    endStatus();
   }
 
-  const ac = new AbortController();
-  process.on("SIGINT", () => {
-    ac.abort();
-  });
   let exitCode = 0;
   try {
-    const res = await fetch(`${server}/v1/contexts/${contextId}/query`, {
+    const res = await call(`${server}/v1/contexts/${contextId}/query`, {
       method: "POST",
       headers: { ...headers, "content-type": "application/json" },
       body: JSON.stringify(body),
@@ -251,9 +388,10 @@ async function main() {
     } else exitCode = 130;
   }
 
-  if (created) {
+  if (exitCode !== 0) hints(contextId, false);
+  else if (created) {
     if (values.keep) console.error(`context kept: ${contextId} (ask again with --context ${contextId})`);
-    else await fetch(`${server}/v1/contexts/${contextId}`, { method: "DELETE", headers }).catch(() => {});
+    else await call(`${server}/v1/contexts/${contextId}`, { method: "DELETE", headers }).catch(() => {});
   }
   process.exit(exitCode);
 }

@@ -24,6 +24,7 @@ export interface ContextInfo {
   tokensProcessed: number; // tokens whose embeddings are on disk (compressed)
   pendingChars: number; // characters held in the tokenizer tail buffer (flushed by finalize/query)
   embeddingBytes: number; // size of the embedding file
+  diskBytes: number; // size of all its files (tokens, embeddings, compressor state, metadata)
   cacheLen: number; // current compressed KV entries per layer/head
   metadata?: Record<string, unknown>;
   error?: string;
@@ -39,6 +40,8 @@ export interface SamplingOptions {
   temperature: number; // 0 = greedy
   topP: number;
   topK: number; // 0 = off
+  /** min-p sampling: tokens less likely than min_p × the most likely one (after temperature) are dropped; 0 = off */
+  minP?: number;
   seed?: number;
   stop: string[]; // stop strings (not included in the output)
   /** Report log-probabilities: the sampled token's and the `logprobs` most likely alternatives (0..20).
@@ -124,6 +127,8 @@ export interface ModelInfo {
     maxModelLen: number;
     /** longest context method "h2o" accepts */
     maxH2oTokens: number;
+    /** disk all contexts together may use (uploads beyond it: 413 disk_quota_exceeded); 0 = no limit */
+    maxDiskBytes: number;
   };
 }
 
@@ -134,6 +139,7 @@ export interface EngineMetrics {
   requestsTotal: number;
   queueDepth: number; // jobs waiting in the engine queue
   activeContexts: number;
+  diskBytes: number; // files of all contexts
   ttftSeconds: number[]; // recent samples (bounded)
   tpotSeconds: number[]; // recent samples (bounded)
 }
@@ -147,6 +153,7 @@ export function emptyMetrics(): EngineMetrics {
     requestsTotal: 0,
     queueDepth: 0,
     activeContexts: 0,
+    diskBytes: 0,
     ttftSeconds: [],
     tpotSeconds: [],
   };

@@ -19,11 +19,13 @@ import { CompressorPool } from "./compressors.ts";
 import { contextDeleted, contextNotFound, toEngineError } from "./errors.ts";
 import { type EngineOptions, type LoadedEngine, loadEngine } from "./load.ts";
 import type { EngineCalls } from "./protocol.ts";
-import { Scheduler } from "./scheduler.ts";
+import { Scheduler, type Task } from "./scheduler.ts";
 import { isContextId, parseQuery } from "./schema.ts";
 import { Session } from "./session.ts";
 
 const MAX_SAMPLES = 256;
+/** Bytes of text tokenized per scheduler step (about 20 ms of tokenizer work). */
+const APPEND_SLICE = 64 << 10;
 
 function pushSample(arr: number[], v: number): void {
   arr.push(v);
@@ -136,13 +138,36 @@ export class EngineCore implements EngineCalls {
       throw new EngineError(409, "context_failed", `context '${s.id}' failed: ${s.meta.failed}`, "context_id");
   }
 
+  /** Disk used by all contexts' files. */
+  diskBytes(): number {
+    let n = 0;
+    for (const s of this.sessions.values()) n += s.diskBytes;
+    return n;
+  }
+
+  /** The disk cap: a piece is refused before it is stored when its estimated cost would pass the cap. */
+  private checkDisk(s: Session, bytes: number): void {
+    const cap = this.e.defaults.maxDiskBytes;
+    if (cap <= 0 || bytes === 0) return;
+    const used = this.diskBytes();
+    const need = Math.ceil(bytes * s.diskBytesPerTextByte());
+    if (used + need <= cap) return;
+    throw new EngineError(
+      413,
+      "disk_quota_exceeded",
+      `the contexts use ${used} of the ${cap} bytes of disk this server may use (--max-disk-bytes); ` +
+        `${bytes} more bytes of text need about ${need} bytes (tokens, embeddings): delete contexts you no longer ` +
+        "need (DELETE /v1/contexts/{id}) or raise the limit",
+      null,
+    );
+  }
+
   append(id: string, bytes: Uint8Array): Promise<ContextInfo> {
     return this.chain(id, async (s) => {
       this.writable(s);
+      this.checkDisk(s, bytes.byteLength);
       try {
-        s.appendBytes(bytes, this.e.tok, false);
-        this.progress(s);
-        await this.sched.run(this.compress(s, false));
+        await this.sched.run(this.appendTask(s, bytes), "background");
       } catch (e) {
         throw this.failSession(s, e);
       }
@@ -150,12 +175,28 @@ export class EngineCore implements EngineCalls {
     });
   }
 
+  /**
+   * Stores `bytes` one slice per scheduler step, compressing the complete chunks after each: tokenizing the few MiB
+   * an upload hands over at once would hold every query back for a second or more (about 0.3 µs per byte).
+   */
+  private *appendTask(s: Session, bytes: Uint8Array): Task<void> {
+    let off = 0;
+    do {
+      if (!this.sessions.has(s.id)) return; // deleted: the caller hears so
+      s.appendBytes(bytes.subarray(off, off + APPEND_SLICE), this.e.tok, false);
+      off += APPEND_SLICE;
+      this.progress(s);
+      yield;
+      yield* this.compress(s, false);
+    } while (off < bytes.byteLength);
+  }
+
   finalize(id: string): Promise<ContextInfo> {
     return this.chain(id, async (s) => {
       this.writable(s);
       try {
         s.appendBytes(new Uint8Array(0), this.e.tok, true);
-        await this.sched.run(this.compress(s, true));
+        await this.sched.run(this.compress(s, true), "background");
         this.get(id);
         s.meta.finalized = true;
         s.saveMeta(true);
@@ -246,7 +287,7 @@ export class EngineCore implements EngineCalls {
           if (tpot > 0) pushSample(this.metrics.tpotSeconds, tpot / 1000);
         },
       });
-      return this.sched.run(task).finally(() => this.aborted.delete(qid));
+      return this.sched.run(task, "interactive").finally(() => this.aborted.delete(qid));
     } catch (e) {
       this.aborted.delete(qid);
       return Promise.reject(toEngineError(e));
@@ -279,6 +320,7 @@ export class EngineCore implements EngineCalls {
     return {
       ...this.metrics,
       queueDepth: this.sched.depth,
+      diskBytes: this.diskBytes(),
       ttftSeconds: [...this.metrics.ttftSeconds],
       tpotSeconds: [...this.metrics.tpotSeconds],
     };

@@ -39,6 +39,8 @@ export function* generate(a: GenerateArgs): Task<number> {
   const adj = proc.active ? new Float32Array(a.vocabSize) : null;
 
   let finish: FinishReason = "length";
+  // only a matched stop string drops the text held back after it; every other end (EOS, length, abort) sends it
+  let stopMatched = false;
   for (let off = 0; off < prompt.length; off += a.prefillChunk) {
     const why = a.cancelled();
     if (why) {
@@ -95,6 +97,7 @@ export function* generate(a: GenerateArgs): Task<number> {
       a.emit({ type: "token", text: r.emit, tokenId: id, ...(lp ? { logprob: lp } : {}) });
     if (r.stopped) {
       finish = "stop";
+      stopMatched = true;
       break;
     }
     if (generated >= sp.maxTokens) break;
@@ -102,9 +105,11 @@ export function* generate(a: GenerateArgs): Task<number> {
     seq.forward(one, raw !== null, raw ?? undefined);
     yield;
   }
-  if (finish !== "stop") {
-    // flush held-back text (incomplete stop-string prefixes, trailing partial characters)
+  if (!stopMatched) {
+    // flush held-back text: a stop-string prefix that never completed, and the bytes of an incomplete
+    // character (U+FFFD), so a stop string that never occurs cannot change the output
     const r = stop.push(dec.flush());
+    if (r.stopped) finish = "stop";
     const rest = r.stopped ? r.emit : r.emit + stop.flush();
     if (rest.length > 0) a.emit({ type: "token", text: rest, tokenId: -1 });
   }

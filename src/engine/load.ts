@@ -33,6 +33,8 @@ export interface EngineDefaults {
   maxModelLen: number;
   /** longest context method "h2o" recomputes at full depth (its cost grows with the whole context) */
   maxH2oTokens: number;
+  /** disk all contexts together may use; an upload that would pass it is refused (0 = no limit) */
+  maxDiskBytes: number;
 }
 
 export interface EngineOptions {
@@ -76,6 +78,7 @@ function resolveDefaults(d: Partial<EngineDefaults>, hf: HeadsFile, maxPos: numb
     // by default every budget and max_tokens the server accepts fit, with room for a question
     maxModelLen: d.maxModelLen ?? Math.max(maxPos, maxBudget + maxNewTokens + PROMPT_RESERVE),
     maxH2oTokens: d.maxH2oTokens ?? 262_144,
+    maxDiskBytes: d.maxDiskBytes ?? 0,
     budget: Math.min(d.budget ?? 8192, maxBudget),
     maxBudget,
     chunkSize,
@@ -170,6 +173,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       maxNewTokens: defaults.maxNewTokens,
       maxModelLen: defaults.maxModelLen,
       maxH2oTokens: defaults.maxH2oTokens,
+      maxDiskBytes: defaults.maxDiskBytes,
     },
   };
   return {

@@ -6,7 +6,7 @@ import type { SamplingOptions } from "./api.ts";
 
 /**
  * Logit adjustments before sampling: repetition penalty (prompt + generated tokens), presence / frequency penalties
- * (generated tokens), logit bias. `adjust(raw, out)` writes the adjusted logits into `out`.
+ * (generated tokens), logit bias, then min-p. `adjust(raw, out)` writes the adjusted logits into `out`.
  */
 export class LogitProcessor {
   readonly active: boolean;
@@ -14,6 +14,7 @@ export class LogitProcessor {
   private readonly seen: Uint8Array | null;
   private readonly seenList: number[] = [];
   private readonly bias: [number, number][];
+  private readonly minP: number;
   constructor(
     private readonly sp: SamplingOptions,
     vocab: number,
@@ -23,7 +24,9 @@ export class LogitProcessor {
     this.bias = Object.entries(sp.logitBias ?? {})
       .map(([k, v]) => [Number(k), v] as [number, number])
       .filter(([, v]) => v !== 0);
-    this.active = rp !== 1 || !!sp.presencePenalty || !!sp.frequencyPenalty || this.bias.length > 0;
+    // min-p changes nothing for greedy decoding (the most likely token always passes)
+    this.minP = (sp.minP ?? 0) > 0 && sp.temperature > 0 ? sp.minP! : 0;
+    this.active = rp !== 1 || !!sp.presencePenalty || !!sp.frequencyPenalty || this.bias.length > 0 || this.minP > 0;
     this.seen = rp !== 1 ? new Uint8Array(vocab) : null;
     if (this.seen) for (let i = 0; i < prompt.length; i++) this.mark(prompt[i]!);
   }
@@ -46,6 +49,13 @@ export class LogitProcessor {
     const freq = this.sp.frequencyPenalty ?? 0;
     if (pres !== 0 || freq !== 0) for (const [id, c] of this.counts) out[id] = out[id]! - pres - freq * c;
     for (const [id, b] of this.bias) out[id] = out[id]! + b;
+    if (this.minP > 0) {
+      // p_i >= min_p * p_max after temperature T  <=>  logit_i >= max + T * ln(min_p) (as vLLM and llama.cpp)
+      let mx = -Infinity;
+      for (let i = 0; i < out.length; i++) if (out[i]! > mx) mx = out[i]!;
+      const floor = mx + this.sp.temperature * Math.log(this.minP);
+      for (let i = 0; i < out.length; i++) if (out[i]! < floor) out[i] = -Infinity;
+    }
     return out;
   }
 }

@@ -37,6 +37,7 @@ export const Field = {
   temperature: z.number().min(0).max(2),
   topP: z.number().gt(0).max(1),
   topK: z.number().int().min(0),
+  minP: z.number().min(0).max(1),
   seed: z.number().int(),
   stop: z.array(z.string()).max(MAX_STOP, `at most ${MAX_STOP} stop sequences`),
   logprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS),
@@ -58,6 +59,7 @@ export const SamplingSchema = z.object({
   temperature: Field.temperature,
   topP: Field.topP,
   topK: Field.topK,
+  minP: Field.minP.optional(),
   seed: Field.seed.optional(),
   stop: Field.stop,
   logprobs: Field.logprobs.nullish(),
@@ -96,10 +98,27 @@ export const QueryRequestSchema = z
 /** A query as it crosses into the engine (no AbortSignal: that stays on the caller's side). */
 export type QueryWire = Omit<QueryRequest, "signal">;
 
+/**
+ * A union's own issue says only "Invalid input"; what helps is the issue of the alternative whose type matched
+ * (`stop: [5 strings]` is an array that is too long, not "not a string"), or, when none did, the types expected.
+ */
+function specificIssue(issue: z.core.$ZodIssue): z.core.$ZodIssue {
+  if (issue.code !== "invalid_union" || issue.errors.length === 0) return issue;
+  for (const branch of issue.errors) {
+    const first = branch[0];
+    if (first && first.code !== "invalid_type")
+      return specificIssue({ ...first, path: [...issue.path, ...first.path] } as z.core.$ZodIssue);
+  }
+  const expected = [...new Set(issue.errors.map((b) => (b[0]?.code === "invalid_type" ? b[0].expected : null)))];
+  if (expected.includes(null)) return issue;
+  return { ...issue, message: `expected ${expected.join(" or ")}` };
+}
+
 /** The first issue of a zod error as OpenAI's `param` (dotted path, with an optional prefix) and a message. */
 export function describeZodError(err: z.ZodError, prefix?: string): { param: string | null; message: string } {
-  const issue = err.issues[0];
-  if (!issue) return { param: prefix ?? null, message: "invalid request" };
+  const first = err.issues[0];
+  if (!first) return { param: prefix ?? null, message: "invalid request" };
+  const issue = specificIssue(first);
   const path = issue.path.map(String).join(".");
   const param = prefix ? (path ? `${prefix}.${path}` : prefix) : path || null;
   return {

@@ -140,6 +140,9 @@ export class Session {
   private decoder = new TextDecoder("utf-8", { fatal: false, ignoreBOM: true });
   private embMap: Uint8Array | null = null;
   private embMapRows = -1;
+  /** sizes of the files whose length is not a count in the metadata (kept so that disk use needs no stat) */
+  private metaBytes = 0;
+  private stateBytes = 0;
 
   private constructor(dir: string, meta: SessionMeta) {
     this.dir = dir;
@@ -237,6 +240,8 @@ export class Session {
     m.processed = rows;
     const st = this.readStateSeen();
     m.stateSeen = st !== null && st <= rows ? st : 0;
+    const sp = this.p("compressor.state");
+    this.stateBytes = existsSync(sp) ? statSync(sp).size : 0;
     this.saveMeta(true);
   }
 
@@ -261,6 +266,7 @@ export class Session {
       tokensProcessed: m.processed,
       pendingChars: m.tail.length,
       embeddingBytes: m.processed * this.rowBytes,
+      diskBytes: this.diskBytes,
       cacheLen,
     };
     if (m.metadata) i.metadata = m.metadata;
@@ -268,9 +274,26 @@ export class Session {
     return i;
   }
 
+  /** Bytes of this context's files: tokens, embeddings, saved compressor state, metadata. */
+  get diskBytes(): number {
+    return this.meta.tokens * 4 + this.meta.processed * this.rowBytes + this.stateBytes + this.metaBytes;
+  }
+
+  /**
+   * Disk bytes one more byte of text will cost once tokenized and compressed: this context's own tokens per byte
+   * once it has enough text to tell, else a prior of 0.35 (English is about 0.25, code and CJK text more).
+   */
+  diskBytesPerTextByte(): number {
+    const m = this.meta;
+    const tokensPerByte = m.bytesReceived >= 1 << 16 && m.tokens > 0 ? m.tokens / m.bytesReceived : 0.35;
+    return tokensPerByte * (4 + this.rowBytes);
+  }
+
   saveMeta(sync: boolean): void {
     this.meta.updatedAt = Date.now();
-    atomicWrite(this.p("meta.msgpack"), packr.pack(this.meta), sync);
+    const packed = packr.pack(this.meta);
+    atomicWrite(this.p("meta.msgpack"), packed, sync);
+    this.metaBytes = packed.byteLength;
   }
 
   fail(msg: string): void {
@@ -370,6 +393,7 @@ export class Session {
     new DataView(out.buffer).setBigUint64(0, BigInt(seen), true);
     out.set(blob, 8);
     atomicWrite(this.p("compressor.state"), out, true);
+    this.stateBytes = out.byteLength;
     this.meta.stateSeen = seen;
     this.saveMeta(true);
   }

@@ -45,6 +45,8 @@ export class FakeEngine implements EngineClient {
   getDelayMs: number;
   /** throw an EngineError(500) after this many tokens (mid-stream fault). */
   failAfterTokens: number | null = null;
+  /** an append that would take a context past this many bytes fails with an EngineError(500) (a device fault) */
+  failAppendPastBytes: number | null = null;
   readonly texts = new Map<string, string>();
 
   constructor(o: FakeOptions = {}) {
@@ -85,6 +87,7 @@ export class FakeEngine implements EngineClient {
         maxNewTokens: 64,
         maxModelLen: 1024,
         maxH2oTokens: 4096,
+        maxDiskBytes: 0,
       },
     };
   }
@@ -107,6 +110,7 @@ export class FakeEngine implements EngineClient {
       tokensProcessed: 0,
       pendingChars: 0,
       embeddingBytes: 0,
+      diskBytes: 0,
       cacheLen: 0,
       metadata: opts?.metadata,
     };
@@ -122,6 +126,8 @@ export class FakeEngine implements EngineClient {
 
   async append(id: string, bytes: Uint8Array) {
     const c = this.must(id);
+    if (this.failAppendPastBytes !== null && c.info.bytesReceived + bytes.byteLength > this.failAppendPastBytes)
+      throw new EngineError(500, "device_error", "simulated device fault while compressing");
     c.text += c.decoder.decode(bytes, { stream: true });
     c.info.bytesReceived += bytes.byteLength;
     c.info.tokensReceived = c.text.length;
@@ -130,6 +136,7 @@ export class FakeEngine implements EngineClient {
     if (this.appendDelayMs) await Bun.sleep(this.appendDelayMs);
     c.info.tokensProcessed = c.text.length;
     c.info.embeddingBytes = c.text.length * 4;
+    c.info.diskBytes = c.text.length * 8;
     c.info.state = "ready";
     this.texts.set(id, c.text);
     this.notify(c);
@@ -234,6 +241,7 @@ export class FakeEngine implements EngineClient {
       requestsTotal: 0,
       queueDepth: 0,
       activeContexts: this.ctxs.size,
+      diskBytes: [...this.ctxs.values()].reduce((n, c) => n + c.info.diskBytes, 0),
       ttftSeconds: [0.01, 0.02],
       tpotSeconds: [0.001],
     };
