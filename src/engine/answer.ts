@@ -126,7 +126,8 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
     if (previous !== undefined) queryTurns.push(e.tok.encode(previous));
     checkQuery(e, queryTurns);
   }
-  const cache = session && (method === "h2o" || method === "streaming") ? baselineCache(e, budget, suf, sp.maxTokens) : 0;
+  const cache =
+    session && (method === "h2o" || method === "streaming") ? baselineCache(e, budget, suf, sp.maxTokens) : 0;
   return { req, method, budget, session, pre, suf, queryTurns, cache };
 }
 

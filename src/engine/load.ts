@@ -188,13 +188,17 @@ export function resolveDefaults(
     );
   // a configured default above the configured maximum is a contradiction, not something to cap silently
   if (budget > maxBudget)
-    errors.push(`the default budget ${budget} exceeds the maximum budget ${maxBudget} (raise --max-budget or lower --budget)`);
+    errors.push(
+      `the default budget ${budget} exceeds the maximum budget ${maxBudget} (raise --max-budget or lower --budget)`,
+    );
   if (maxTokens > maxNewTokens)
     errors.push(
       `the default max_tokens ${maxTokens} exceeds the largest max_tokens ${maxNewTokens} (raise --max-new-tokens or lower --max-tokens)`,
     );
   if (obsWindow > chunkSize)
-    errors.push(`obs_window ${obsWindow} exceeds chunk_size ${chunkSize} (H2O scores come from the last queries of a chunk)`);
+    errors.push(
+      `obs_window ${obsWindow} exceeds chunk_size ${chunkSize} (H2O scores come from the last queries of a chunk)`,
+    );
   if (errors.length > 0) throw new LimitsError(`configuration does not fit the model: ${errors.join("; ")}`);
   return {
     defaults: {
@@ -238,9 +242,12 @@ export function bosOf(tok: ModelTokenizer): number | null {
  * The limits of a model directory and configuration, without loading weights or the native library: the
  * engine's own resolution, for `serve` to refuse a configuration that breaks the window before it listens.
  */
-export function resolveLimits(
-  o: Pick<EngineOptions, "modelDir" | "heads" | "defaults" | "allowBeyondWindow">,
-): { defaults: EngineDefaults; warnings: string[]; trainedWindow: number; templateTokens: number } {
+export function resolveLimits(o: Pick<EngineOptions, "modelDir" | "heads" | "defaults" | "allowBeyondWindow">): {
+  defaults: EngineDefaults;
+  warnings: string[];
+  trainedWindow: number;
+  templateTokens: number;
+} {
   const cfg = loadModelConfig(o.modelDir);
   const headsFile = loadHeads(o.modelDir, cfg.config, o.heads ?? null);
   const tok = ModelTokenizer.fromDir(o.modelDir);

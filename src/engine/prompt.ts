@@ -39,7 +39,8 @@ export function buildMessages(
   question = msgs[last]!.content;
   msgs[last] = { role: "user", content: CONTEXT_PLACEHOLDER + "\n\n" + question };
   let previous: string | undefined;
-  for (let i = last - 1; i >= 0 && previous === undefined; i--) if (msgs[i]!.role === "user") previous = msgs[i]!.content;
+  for (let i = last - 1; i >= 0 && previous === undefined; i--)
+    if (msgs[i]!.role === "user") previous = msgs[i]!.content;
   return previous === undefined ? { messages: msgs, question } : { messages: msgs, question, previous };
 }
 
