@@ -101,7 +101,7 @@ typedef struct rf_config {
 
 /* Compressor parameters (all int32, 16 words = 64 bytes). */
 typedef struct rf_compress_params {
-  int32_t capacity;   /* KV entries kept per (layer, kv_head) after eviction; > n_sink + n_recent */
+  int32_t capacity;   /* KV entries kept per (layer, kv_head); >= n_sink + n_recent (equal: StreamingLLM) */
   int32_t n_sink;     /* always-kept first entries (e.g. 4) */
   int32_t n_recent;   /* always-kept most recent entries (e.g. obs_window) */
   int32_t obs_window; /* last queries of each chunk whose attention feeds H2O scores (default 128) */

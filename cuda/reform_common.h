@@ -331,8 +331,9 @@ inline int validate_compress(const rf_config& c, const rf_compress_params* p, co
   if (p->obs_window <= 0) return set_error(RF_ERR_INVALID, "obs_window must be > 0");
   if (p->max_chunk <= 0) return set_error(RF_ERR_INVALID, "max_chunk must be > 0");
   if (p->n_sink < 0 || p->n_recent < 0) return set_error(RF_ERR_INVALID, "n_sink/n_recent must be >= 0");
-  if (p->capacity <= p->n_sink + p->n_recent)
-    return set_error(RF_ERR_INVALID, "capacity (%d) must exceed n_sink + n_recent (%d)", p->capacity,
+  /* capacity == n_sink + n_recent keeps no heavy hitters: StreamingLLM (sinks + recent window) */
+  if (p->capacity < 1 || p->capacity < p->n_sink + p->n_recent)
+    return set_error(RF_ERR_INVALID, "capacity (%d) must be >= 1 and >= n_sink + n_recent (%d)", p->capacity,
                      p->n_sink + p->n_recent);
   if (p->emb_dtype != RF_F32 && p->emb_dtype != RF_F16)
     return set_error(RF_ERR_INVALID, "emb_dtype must be f32 or f16");

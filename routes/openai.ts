@@ -18,6 +18,7 @@ import {
   MODEL_ALIAS,
   DetokenizeBody,
   type LogprobView,
+  limitsView,
   logprobView,
   newId,
   openaiUsage,
@@ -143,18 +144,21 @@ export function openaiRoutes(d: Deps): Hono {
     usage: openaiUsage(u),
   });
 
+  /** The served model as /v1/models lists it: vLLM's max_model_len (the effective one) and the REFORM limits. */
+  const servedModel = (id: string, created: number) => {
+    const info = engine.modelInfo();
+    return {
+      id,
+      object: "model",
+      created,
+      owned_by: "reform",
+      ...(info ? { max_model_len: info.defaults.maxModelLen, backend: info.backend, reform: limitsView(info) } : {}),
+    };
+  };
+
   r.get("/models", async (c) => {
     const created = Math.floor(d.stats.startedAt / 1000);
-    const info = engine.modelInfo();
-    const data: Record<string, unknown>[] = [
-      {
-        id: servedName(),
-        object: "model",
-        created,
-        owned_by: "reform",
-        ...(info ? { max_model_len: info.trainedContext, backend: info.backend } : {}),
-      },
-    ];
+    const data: Record<string, unknown>[] = [servedModel(servedName(), created)];
     if (opts.listContextModels && engine.state() === "ready") {
       for (const ctx of await engine.listContexts()) {
         if (ctx.state !== "ready") continue;
@@ -172,7 +176,7 @@ export function openaiRoutes(d: Deps): Hono {
   r.get("/models/:model{.+}", async (c) => {
     const id = c.req.param("model");
     const created = Math.floor(d.stats.startedAt / 1000);
-    if (isServedModel(id)) return c.json({ id, object: "model", created, owned_by: "reform" });
+    if (isServedModel(id)) return c.json(servedModel(id, created));
     if (id.startsWith(CONTEXT_MODEL_PREFIX)) {
       const ctxId = id.slice(CONTEXT_MODEL_PREFIX.length);
       const ctx = ContextIdSchema.safeParse(ctxId).success ? await engine.getContext(ctxId) : null;

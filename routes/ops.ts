@@ -1,5 +1,10 @@
-/** GET /health (open, 503 until the model is loaded) and GET /metrics (Prometheus text). */
+/**
+ * GET /health (open, 503 until the model is loaded), GET /metrics (Prometheus text) and GET /props (the model's
+ * effective limits, heads and compressor settings, in the spirit of llama.cpp's /props).
+ */
 import { Hono } from "hono";
+import { jsonError } from "./errors.ts";
+import { limitsView } from "./protocol.ts";
 import type { Deps } from "./types.ts";
 
 export function opsRoutes(d: Deps): Hono {
@@ -26,6 +31,28 @@ export function opsRoutes(d: Deps): Hono {
       return c.json({ status: "loading", reason: "the model is loading" }, 503, { "retry-after": "5" });
     }
     return c.json({ status: "failed", reason: engine.loadError() ?? "the engine failed to start" }, 503);
+  });
+
+  r.get("/props", (c) => {
+    const info = engine.modelInfo();
+    if (engine.state() !== "ready" || !info) {
+      return engine.state() === "loading"
+        ? jsonError(503, "model_loading", "the model is still loading; retry shortly", null, { "retry-after": "5" })
+        : jsonError(503, "engine_failed", `the engine failed to start: ${engine.loadError() ?? "unknown error"}`);
+    }
+    return c.json({
+      model: d.opts.servedName ?? info.id,
+      model_path: info.path,
+      architecture: info.architecture,
+      backend: info.backend,
+      device: info.device,
+      vocab_size: info.vocabSize,
+      num_layers: info.numLayers,
+      ...limitsView(info),
+      // llama.cpp's field names for the two values its clients read
+      n_ctx: info.defaults.maxModelLen,
+      default_generation_settings: { n_ctx: info.defaults.maxModelLen, max_tokens: info.defaults.maxTokens },
+    });
   });
 
   r.get("/metrics", (c) =>

@@ -5,7 +5,7 @@
  * disagree; this file only adds what is specific to the HTTP shape (aliases, OpenAI's no-op fields).
  */
 import { z } from "zod";
-import type { ContextInfo, Method, SamplingOptions, TokenLogprob, Usage } from "../src/engine/api.ts";
+import type { ContextInfo, Method, ModelInfo, SamplingOptions, TokenLogprob, Usage } from "../src/engine/api.ts";
 import { ContextIdSchema, Field, MessageSchema } from "../src/engine/schema.ts";
 import { ApiError } from "./errors.ts";
 
@@ -315,6 +315,46 @@ export function contextView(info: ContextInfo): Record<string, unknown> {
 }
 
 /** OpenAI's logprobs entry for one token */
+/**
+ * The effective limits, heads and compressor settings of the loaded model (GET /props, and the served model in
+ * GET /v1/models): the values the engine resolved (src/engine/load.ts resolveDefaults), not the flags.
+ */
+export function limitsView(info: ModelInfo) {
+  const d = info.defaults;
+  const c = info.compressor;
+  return {
+    limits: {
+      trained_window: info.trainedContext,
+      max_model_len: d.maxModelLen,
+      allow_beyond_window: d.allowBeyondWindow,
+      chunk_size: d.chunkSize,
+      capacity: d.capacity,
+      max_query_tokens: d.maxQueryTokens,
+      budget: d.budget,
+      max_budget: d.maxBudget,
+      max_tokens: d.maxTokens,
+      max_new_tokens: d.maxNewTokens,
+      smoothing_window: d.smoothingWindow,
+      edge: d.edge,
+      template_tokens: d.templateTokens,
+      baseline_cache_factor: d.baselineCacheFactor,
+      max_h2o_tokens: d.maxH2oTokens,
+    },
+    heads: info.heads.map((h) => ({ layer: h.layer, kind: h.kind, head: h.head })),
+    compressor: {
+      chunk_size: c.chunkSize,
+      capacity: c.capacity,
+      n_sink: c.nSink,
+      n_recent: c.nRecent,
+      obs_window: c.obsWindow,
+      embed_dim: c.embedDim,
+      embed_dtype: c.embedDtype,
+      exit_layer: c.exitLayer,
+      bos_token_id: c.bosTokenId,
+    },
+  };
+}
+
 export function logprobView(lp: TokenLogprob & { top?: TokenLogprob[] }) {
   const one = (t: TokenLogprob) => ({ token: t.token, logprob: t.logprob, bytes: t.bytes });
   return { ...one(lp), top_logprobs: (lp.top ?? []).map(one) };

@@ -48,6 +48,8 @@ export interface ServerConfig {
   library?: string;
   threads?: number;
   defaults: Partial<EngineDefaults>;
+  /** Let --max-model-len (and chunk + capacity) exceed the model's trained window: a warning, not an error. */
+  allowBeyondWindow: boolean;
 }
 
 type Flag = {
@@ -146,24 +148,48 @@ const FLAGS: Flag[] = [
     env: ["REFORM_CORS_ORIGIN"],
     help: 'origins allowed to call the API from a browser, comma-separated ("*" = any; default: none, same-origin only)',
   },
-  { flag: "budget", arg: "N", help: "default recompute budget (context tokens gathered; default 8192)" },
-  { flag: "max-budget", arg: "N", help: "largest budget a request may ask for (default max(trained ctx, 1024))" },
-  { flag: "max-tokens", arg: "N", help: "default answer length limit (default 512)" },
-  { flag: "max-new-tokens", arg: "N", help: "largest max_tokens a request may ask for (default 8192)" },
+  {
+    flag: "budget",
+    arg: "N",
+    help: "default recompute budget, context tokens gathered (default 5/8 of the trained window)",
+  },
+  { flag: "max-budget", arg: "N", help: "largest budget a request may ask for (default 7/8 of the trained window)" },
+  { flag: "max-tokens", arg: "N", help: "default answer length limit (default 1/8 of the trained window)" },
+  {
+    flag: "max-new-tokens",
+    arg: "N",
+    help: "largest max_tokens a request may ask for (default 1/2 of the trained window)",
+  },
   {
     flag: "max-model-len",
     arg: "N",
-    help: "longest recompute: template + gathered context + question + max_tokens (default max(trained ctx, max-budget + max-new-tokens + 1024))",
+    help: "longest recompute: template + gathered context + question + max_tokens (default: the trained window; larger needs --allow-beyond-window)",
   },
-  { flag: "max-h2o-tokens", arg: "N", help: "longest context method h2o accepts (default 262144)" },
+  {
+    flag: "allow-beyond-window",
+    help: "allow --max-model-len and chunk + capacity beyond the trained window (a warning instead of an error)",
+  },
+  {
+    flag: "max-h2o-tokens",
+    arg: "N",
+    help: "longest context the baselines h2o / streaming accept (default 262144)",
+  },
   {
     flag: "max-disk-bytes",
     arg: "N",
     env: ["REFORM_MAX_DISK_BYTES"],
     help: "disk all contexts together may use; uploads beyond it get 413 (default: no limit)",
   },
-  { flag: "chunk-size", arg: "N", help: "compression chunk in tokens (default: heads file, else 1024)" },
-  { flag: "capacity", arg: "N", help: "compressor KV entries per layer/head (default: heads file, else 4096)" },
+  {
+    flag: "chunk-size",
+    arg: "N",
+    help: "compression chunk in tokens (default: heads file, else 1/4 of the trained window)",
+  },
+  {
+    flag: "capacity",
+    arg: "N",
+    help: "compressor KV entries per layer/head (default: heads file, else 1/2 of the trained window)",
+  },
   { flag: "threads", arg: "N", help: "CPU backend threads (default: all cores)" },
   { flag: "log-requests", env: ["REFORM_LOG_REQUESTS"], help: "log every request (env: 1 = on)" },
 ];
@@ -275,5 +301,6 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
     library: library !== undefined ? resolve(library) : undefined,
     threads: intFlag("threads", str("threads"), 1, 1 << 30),
     defaults,
+    allowBeyondWindow: values["allow-beyond-window"] === true,
   };
 }

@@ -37,6 +37,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
       heads: opts.heads,
       threads: opts.threads,
       defaults: opts.defaults,
+      allowBeyondWindow: opts.allowBeyondWindow,
     });
 
   const maxBodyBytes = opts.maxBodyBytes ?? DEFAULTS.maxBodyBytes;

@@ -9,6 +9,8 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { UsageError } from "../src/cli/args.ts";
 import { DEFAULTS, resolveConfig, SERVE_USAGE, type Env, type ServerConfig } from "../src/config.ts";
+import { LimitsError, resolveDefaults } from "../src/engine/load.ts";
+import { makeTinyModel } from "./fixtures/tiny-model.ts";
 
 const root = mkdtempSync(join(tmpdir(), "reform-config-"));
 const model = join(root, "model");
@@ -50,6 +52,7 @@ describe("config", () => {
       backend: "auto",
       logRequests: false,
       defaults: {},
+      allowBeyondWindow: false,
     });
     expect(c.apiKey).toBeUndefined();
     expect(c.library).toBeUndefined();
@@ -108,6 +111,78 @@ describe("config", () => {
       "--budget must not exceed",
     );
     expect(usageError(["--model", model, "--budget", "8"])).toContain("--budget must be between 16 and");
+    expect(config([]).allowBeyondWindow).toBe(false);
+    expect(config(["--max-model-len", "9000", "--allow-beyond-window"])).toMatchObject({
+      defaults: { maxModelLen: 9000 },
+      allowBeyondWindow: true,
+    });
+  });
+
+  test("derived limits: every default follows the trained window (512, 2048, 8192)", () => {
+    const derive = (W: number) => {
+      const { defaults: d } = resolveDefaults(
+        {},
+        {},
+        { trainedWindow: W, templateTokens: 12, allowBeyondWindow: false },
+      );
+      return [
+        d.chunkSize,
+        d.capacity,
+        d.maxQueryTokens,
+        d.budget,
+        d.maxBudget,
+        d.maxTokens,
+        d.maxNewTokens,
+        d.maxModelLen,
+        d.edge,
+        d.window,
+      ];
+    };
+    //                     chunk capacity query budget maxBudget maxTokens maxNew maxModelLen edge smoothing
+    expect(derive(512)).toEqual([128, 256, 256, 320, 448, 64, 256, 512, 10, 5]);
+    expect(derive(2048)).toEqual([512, 1024, 1024, 1280, 1792, 256, 1024, 2048, 40, 21]);
+    expect(derive(8192)).toEqual([2048, 4096, 4096, 5120, 7168, 1024, 4096, 8192, 160, 81]);
+    // the heads file's chunk / capacity win over the derived ones, explicit values over both
+    const x = { trainedWindow: 512, templateTokens: 12, allowBeyondWindow: false };
+    expect(resolveDefaults({}, { chunkSize: 64, capacity: 128 }, x).defaults).toMatchObject({
+      chunkSize: 64,
+      capacity: 128,
+    });
+    expect(resolveDefaults({ capacity: 192 }, { chunkSize: 64, capacity: 128 }, x).defaults.capacity).toBe(192);
+    // every rule that fails is named with its numbers, in one message
+    expect(() => resolveDefaults({ chunkSize: 300, capacity: 300, maxModelLen: 600 }, {}, x)).toThrow(
+      "chunk_size 300 + capacity 300 = 600 exceeds the trained window of 512 tokens",
+    );
+    expect(() => resolveDefaults({ maxModelLen: 600 }, {}, x)).toThrow(LimitsError);
+    const beyond = resolveDefaults({ maxModelLen: 600 }, {}, { ...x, allowBeyondWindow: true });
+    expect(beyond.defaults.maxModelLen).toBe(600);
+    expect(beyond.warnings).toEqual([expect.stringContaining("max_model_len 600 exceeds the trained window of 512")]);
+  });
+
+  test("serve refuses a configuration that breaks the model's window before it listens", async () => {
+    const tiny = await makeTinyModel(join(root, "tiny")); // max_position_embeddings 256
+    const r = spawnSync(
+      "bun",
+      [
+        "src/cli/serve.ts",
+        "--model",
+        tiny,
+        "--data",
+        join(root, "serve-data"),
+        "--port",
+        "0",
+        "--max-model-len",
+        "1024",
+      ],
+      {
+        cwd: resolve(import.meta.dir, ".."),
+        encoding: "utf8",
+        timeout: 60_000,
+      },
+    );
+    expect(r.status).toBe(2);
+    expect(r.stderr).toContain("max_model_len 1024 exceeds the trained window of 256 tokens");
+    expect(r.stdout).not.toContain("listening");
   });
 
   test("bad command lines name the flag", () => {

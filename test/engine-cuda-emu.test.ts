@@ -19,7 +19,7 @@ import { buildNative } from "./helpers/build.ts";
 setDefaultTimeout(120_000);
 
 const EMU = join(ROOT_DIR, "build", "libreform_cuda_emu.so");
-const DEFAULTS = { budget: 256, maxBudget: 4096, maxTokens: 12, edge: 16, window: 9, stateSaveEvery: 2 };
+const DEFAULTS = { budget: 256, maxTokens: 12, edge: 16, window: 9, stateSaveEvery: 2 };
 
 let root: string;
 let modelDir: string;
@@ -96,6 +96,8 @@ beforeAll(async () => {
     kvHeads: 2,
     intermediate: 96,
     layers: 3,
+    // method "full" recomputes the whole test context: a window that holds it
+    maxPositions: 4096,
   });
 }, 600_000);
 
@@ -162,7 +164,7 @@ describe.skipIf(process.arch !== "x64")("engine on the CUDA source (CPU emulatio
         method,
         sampling: { maxTokens: 8, temperature: 0, topP: 1, topK: 0, seed: 1, stop: [] },
       });
-      // h2o reports its full-depth pass as progress events first; the answer's events follow
+      // the recurrent baselines report their full-depth pass as progress events first; the answer's events follow
       const answer = (all: QueryEvent[]) => all.filter((x) => x.type !== "progress");
       const evs = answer(await collect(cuda, req(idCuda)));
       const ref = answer(await collect(cpu, req(idCpu)));

@@ -7,19 +7,27 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { loadNative } from "../ffi/native.ts";
 import type { EngineError, EngineClient, Method, QueryEvent, QueryRequest } from "../src/engine/api.ts";
-import { createEngine } from "../src/engine/client.ts";
+import { planQuery } from "../src/engine/answer.ts";
+import { createEngine, type EngineDefaults } from "../src/engine/client.ts";
+import { EngineCore } from "../src/engine/core.ts";
+import { templateTokensOf, uploadCompressParams } from "../src/engine/load.ts";
+import { parseQuery } from "../src/engine/schema.ts";
 import { LogitProcessor, logprobsOf } from "../src/engine/sampling.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
 import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "../src/engine/prompt.ts";
-import { selectTokens, smoothScores, streamingSelection } from "../src/engine/selection.ts";
+import { selectionFor, selectTokens, smoothScores } from "../src/engine/selection.ts";
 import { StopMatcher } from "../src/engine/stop.ts";
 import { lastSafeBoundary, trailingPartial } from "../src/engine/session.ts";
-import { f32ToF16, makeTinyModel } from "./fixtures/tiny-model.ts";
+import { ModelTokenizer } from "../src/model/tokenizer.ts";
+import { f32ToF16, makeTinyModel, TINY_BOS_ID } from "./fixtures/tiny-model.ts";
 
 let root: string;
 let modelDir: string;
 
-const DEFAULTS = { budget: 128, maxBudget: 4096, maxTokens: 16, edge: 16, window: 9 };
+// The engine's mechanics on long contexts (method "full" over ~1000 tokens) need a model whose window holds them:
+// these tests use a 4096-token window (the limits derived from a 512-token window are tested further down).
+const WINDOW = 4096;
+const DEFAULTS = { budget: 128, maxTokens: 16, edge: 16, window: 9 };
 
 function mkText(): string {
   const parts: string[] = [];
@@ -49,9 +57,18 @@ function ctxFiles(dataDir: string, id: string) {
   return { tokens: readFileSync(join(d, "tokens.bin")), emb: readFileSync(join(d, "emb.bin")) };
 }
 
+/** Lengths of the recompute prompt's parts before and after the context, as the engine builds them. */
+function promptAround(dir: string, question: string, id: string, data: string): { pre: number; suf: number } {
+  const tok = ModelTokenizer.fromDir(dir);
+  const parts = splitAtPlaceholder(tok.renderChat(buildMessages({ question }, true).messages, true));
+  const first = new Int32Array(readFileSync(join(data, "contexts", id, "tokens.bin")).buffer.slice(0, 4))[0];
+  const { pre, suf } = tok.encodeAround(parts.prefix, first, parts.suffix);
+  return { pre: pre.length, suf: suf.length };
+}
+
 beforeAll(async () => {
   root = mkdtempSync(join(tmpdir(), "reform-eng-"));
-  modelDir = await makeTinyModel(join(root, "model"));
+  modelDir = await makeTinyModel(join(root, "model"), { maxPositions: WINDOW });
 });
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
@@ -122,7 +139,10 @@ describe("pure query helpers", () => {
     for (let i = 500; i < 540; i++) expect(set.has(i)).toBe(true);
     // context fits the budget: everything
     expect(selectTokens(new Float32Array(50), 100).length).toBe(50);
-    expect(Array.from(streamingSelection(10, 4, 2))).toEqual([0, 1, 6, 7, 8, 9]);
+    // edges and smoothing window hold at the default budget and scale with a request's budget (window odd)
+    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 320)).toEqual({ window: 5, edge: 10 });
+    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 1280)).toEqual({ window: 21, edge: 40 });
+    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 64)).toEqual({ window: 1, edge: 2 });
   });
 
   test("native score finds planted embeddings", () => {
@@ -237,7 +257,7 @@ describe("engine (tiny model, CPU library)", () => {
       });
       // h2o's full-depth pass reports its progress before the answer starts, up to the whole context
       const progress = all.filter((x) => x.type === "progress");
-      if (method === "h2o") {
+      if (method === "h2o" || method === "streaming") {
         expect(progress.length).toBeGreaterThan(0);
         const last = progress.at(-1)!;
         if (last.type !== "progress") throw new Error();
@@ -254,8 +274,13 @@ describe("engine (tiny model, CPU library)", () => {
       const start = evs[0]!;
       if (start.type !== "start") throw new Error();
       if (method === "full") expect(start.selectedTokens).toBe(start.contextTokens);
-      else expect(start.selectedTokens).toBeLessThanOrEqual(128 + 4);
       if (method === "reform") expect(start.selectedTokens).toBe(128);
+      // the recurrent baselines hold a cache of 4x the budget (the window is far larger here), template prefix included
+      if (method === "h2o" || method === "streaming") {
+        const { pre, suf } = promptAround(modelDir, "What is the secret code?", c.id, dataDir);
+        expect(start.promptTokens - suf).toBe(4 * 128);
+        expect(start.selectedTokens).toBe(4 * 128 - pre);
+      }
     }
     const plain = await collect(e, {
       messages: [{ role: "user", content: "hi" }],
@@ -319,7 +344,7 @@ describe("engine (tiny model, CPU library)", () => {
       contextId: c.id,
       question: "go",
       method: "reform",
-      sampling: sampling(8000),
+      sampling: sampling(2000),
       signal: ac.signal,
     })) {
       evs.push(ev);
@@ -331,7 +356,7 @@ describe("engine (tiny model, CPU library)", () => {
     expect(done.finishReason).toBe("abort");
     expect(done.usage.completionTokens).toBeLessThan(1000);
     // breaking out of the iterator also cancels; the engine stays usable
-    for await (const ev of e.query({ contextId: c.id, question: "go", method: "full", sampling: sampling(8000) })) {
+    for await (const ev of e.query({ contextId: c.id, question: "go", method: "full", sampling: sampling(600) })) {
       if (ev.type === "token") break;
     }
     const after = await collect(e, { contextId: c.id, question: "go", method: "reform", sampling: sampling(2) });
@@ -400,3 +425,222 @@ describe("restart", () => {
     await e.close();
   });
 });
+
+describe("limits follow the model (512-token window, derived defaults)", () => {
+  let dir512: string;
+  let core: EngineCore;
+  let ctxId: string;
+  const words = (n: number, seed: number) => {
+    const w = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "lamp", "orbit"];
+    let x = seed;
+    return Array.from({ length: n }, () => w[(x = (x * 1103515245 + 12345) >>> 0) % w.length]).join(" ");
+  };
+  // layer 1: its q/k/v depend on what layer 0 attended to (layer 0's are a function of the token alone)
+  const heads = [0, 1, 2].map((h) => ({ layer: 1, kind: (["q", "k", "v"] as const)[h], head: 0 }));
+
+  beforeAll(async () => {
+    // no chunk / capacity in the heads file: everything comes from max_position_embeddings
+    dir512 = await makeTinyModel(join(root, "model512"), { maxPositions: 512, reformHeads: { heads } });
+    core = new EngineCore({ modelDir: dir512, dataDir: join(root, "data512"), backend: "cpu" });
+    const c = core.createContext();
+    ctxId = c.id;
+    await core.append(ctxId, new TextEncoder().encode(`${words(900, 3)} The secret code is 4242. ${words(200, 4)}`));
+    await core.finalize(ctxId);
+  });
+  afterAll(async () => {
+    await core?.close();
+  });
+
+  test("defaults: chunk W/4, capacity W/2, budget 5W/8, max budget 7W/8, max_tokens W/8, largest W/2, edges and smoothing from the budget", () => {
+    const i = core.info;
+    expect(i.trainedContext).toBe(512);
+    expect(i.defaults).toMatchObject({
+      chunkSize: 128,
+      capacity: 256,
+      maxQueryTokens: 256,
+      budget: 320,
+      maxBudget: 448,
+      maxTokens: 64,
+      maxNewTokens: 256,
+      maxModelLen: 512,
+      smoothingWindow: 5,
+      edge: 10,
+      baselineCacheFactor: 4,
+      allowBeyondWindow: false,
+    });
+    expect(i.defaults.templateTokens).toBe(templateTokensOf(ModelTokenizer.fromDir(dir512)));
+    expect(i.compressor).toMatchObject({ chunkSize: 128, capacity: 256, bosTokenId: TINY_BOS_ID, exitLayer: 1 });
+    // the default request fits the window with room for a question
+    expect(i.defaults.budget + i.defaults.maxTokens + i.defaults.templateTokens).toBeLessThan(512);
+  });
+
+  test("BOS once: at the start of the compressed stream (first chunk only) and once in the recompute prompt", () => {
+    const s = core.session(ctxId)!;
+    const tokens = s.readTokens(0, s.meta.tokens);
+    expect(tokens.includes(TINY_BOS_ID)).toBe(false); // tokens.bin: the context's own tokens only
+    // the stored embeddings of the first two chunks are what a compressor fed [BOS, ...chunk 1], chunk 2 computes
+    const params = uploadCompressParams(core.e.defaults, core.e.bos);
+    const rowsOf = (withBos: boolean) => {
+      const comp = core.e.model.createCompressor(params, heads);
+      try {
+        const first = comp.process(
+          Int32Array.from(withBos ? [TINY_BOS_ID, ...tokens.subarray(0, 128)] : tokens.subarray(0, 128)),
+        )!;
+        const second = comp.process(tokens.subarray(128, 256))!;
+        const dim = comp.embedDim;
+        return [...first.subarray(withBos ? dim : 0), ...second];
+      } finally {
+        comp.destroy();
+      }
+    };
+    const stored = Array.from(s.embeddings().subarray(0, 256 * s.meta.params.embDim));
+    expect(stored).toEqual(rowsOf(true));
+    expect(stored).not.toEqual(rowsOf(false));
+    // the recompute prompt: BOS once, at the start (the template renders it; the context adds none)
+    const q = planQuery(
+      core.e,
+      parseQuery({ contextId: ctxId, question: "What is the secret code?", method: "reform", sampling: sampling(8) }),
+      s,
+    );
+    const prompt = [...q.pre, ...tokens, ...q.suf];
+    expect(prompt[0]).toBe(TINY_BOS_ID);
+    expect(prompt.filter((t) => t === TINY_BOS_ID).length).toBe(1);
+  });
+
+  test("the question is scored as the recompute prompt has it (template tail included), and the previous user turn too", () => {
+    const s = core.session(ctxId)!;
+    const tok = core.e.tok;
+    const one = planQuery(
+      core.e,
+      parseQuery({ contextId: ctxId, question: "What is the secret code?", method: "reform", sampling: sampling(8) }),
+      s,
+    );
+    expect(one.queryTurns).toEqual([one.suf]);
+    // the tail of the template: question, end of turn and the assistant header, not the bare question
+    expect(tok.decode(one.suf, false)).toBe("\n\nWhat is the secret code?<|eot|><|assistant|>\n");
+    expect(one.suf.length).toBeGreaterThan(tok.encode("What is the secret code?").length);
+    const chat = planQuery(
+      core.e,
+      parseQuery({
+        contextId: ctxId,
+        messages: [
+          { role: "user", content: "Tell me about the lamp." },
+          { role: "assistant", content: "It is bright." },
+          { role: "user", content: "And the code?" },
+        ],
+        method: "reform",
+        sampling: sampling(8),
+      }),
+      s,
+    );
+    expect(chat.queryTurns).toEqual([chat.suf, tok.encode("Tell me about the lamp.")]);
+    expect(tok.decode(chat.suf, false)).toBe("\n\nAnd the code?<|eot|><|assistant|>\n");
+    // other methods embed nothing
+    const full = planQuery(
+      core.e,
+      parseQuery({ contextId: ctxId, question: "q", method: "streaming", sampling: sampling(8) }),
+      s,
+    );
+    expect(full.queryTurns).toEqual([]);
+  });
+
+  test("requests that cannot fit are 400s naming the limit", () => {
+    const s = core.session(ctxId)!;
+    const plan = (req: Record<string, unknown>) => () =>
+      planQuery(
+        core.e,
+        parseQuery({ contextId: ctxId, method: "reform", sampling: sampling(8), question: "q", ...req }),
+        s,
+      );
+    const err = (f: () => unknown) => {
+      try {
+        f();
+      } catch (x) {
+        return x as EngineError;
+      }
+      throw new Error("expected an error");
+    };
+    // the default budget + a long answer: over the window (512), not capped
+    const long = err(plan({ sampling: sampling(200) }));
+    expect([long.status, long.code]).toEqual([400, "context_length_exceeded"]);
+    expect(long.message).toContain("maximum recompute length is 512 tokens");
+    expect(err(plan({ budget: 449 })).code).toBe("budget_too_large");
+    expect(err(plan({ budget: 449 })).message).toContain("448");
+    expect(err(plan({ sampling: sampling(257) })).message).toContain("maximum of 256 new tokens");
+    // a small budget leaves room for a long question in the recompute, but not on top of the compressor's cache
+    const question = words(70, 9);
+    expect(tokLen(question)).toBeGreaterThan(256);
+    const q = err(plan({ budget: 16, question, sampling: sampling(4) }));
+    expect([q.status, q.code, q.param]).toEqual([400, "query_too_long", "messages"]);
+    expect(q.message).toContain("256 tokens fit");
+    expect(() => plan({ budget: 16, question, sampling: sampling(4), method: "streaming" })()).not.toThrow();
+  });
+
+  test("streaming and h2o: recurrent compressions with a cache of 4x the budget, bounded by the window", async () => {
+    const runStart = async (method: Method, budget?: number) => {
+      const evs: QueryEvent[] = [];
+      await core.query(
+        `q-${method}-${budget}`,
+        { contextId: ctxId, question: "code?", method, budget, sampling: sampling(4) },
+        (ev) => evs.push(ev),
+      );
+      const start = evs.find((x) => x.type === "start");
+      if (!start || start.type !== "start") throw new Error("no start event");
+      expect(evs.filter((x) => x.type === "progress").length).toBeGreaterThan(0);
+      return start;
+    };
+    const { pre, suf } = promptAround(dir512, "code?", ctxId, join(root, "data512"));
+    expect(core.getContext(ctxId)!.tokensReceived).toBeGreaterThan(600);
+    for (const method of ["streaming", "h2o"] as Method[]) {
+      // budget 64: 4 x 64 = 256 entries
+      const small = await runStart(method, 64);
+      expect(small.promptTokens - suf).toBe(256);
+      expect(small.selectedTokens).toBe(256 - pre);
+      // the default budget 320: 4 x 320 = 1280 does not fit; the window holds 512 - chunk 128 = 384 while compressing
+      const dflt = await runStart(method);
+      expect(dflt.promptTokens - suf).toBe(384);
+      expect(dflt.promptTokens + 4).toBeLessThanOrEqual(512);
+    }
+  });
+
+  test("a configuration that breaks the window is refused at start, naming the numbers; --allow-beyond-window opts in", async () => {
+    const start = async (defaults: Partial<EngineDefaults>, allowBeyondWindow = false) => {
+      const e = createEngine({
+        modelDir: dir512,
+        dataDir: join(root, "data512-cfg"),
+        backend: "cpu",
+        defaults,
+        allowBeyondWindow,
+      });
+      try {
+        await e.ready();
+        return e.modelInfo()!;
+      } catch (x) {
+        return (x as Error).message;
+      } finally {
+        await e.close();
+      }
+    };
+    expect(await start({ maxModelLen: 1024 })).toContain("max_model_len 1024 exceeds the trained window of 512 tokens");
+    expect(await start({ chunkSize: 256, capacity: 384 })).toContain(
+      "chunk_size 256 + capacity 384 = 640 exceeds the trained window of 512 tokens",
+    );
+    expect(await start({ budget: 448, maxTokens: 64 })).toMatch(
+      /default budget 448 \+ max_tokens 64 \+ chat template \d+ \+ 1 question token = \d+ exceeds max_model_len 512/,
+    );
+    expect(await start({ maxModelLen: 400 })).toMatch(
+      /maximum budget 448 \+ chat template \d+ .* exceeds max_model_len 400/,
+    );
+    expect(await start({ maxNewTokens: 500 })).toMatch(/largest max_tokens 500 .* exceeds max_model_len 512/);
+    expect(await start({ maxTokens: 100, maxNewTokens: 50 })).toContain(
+      "the default max_tokens 100 exceeds the largest max_tokens 50",
+    );
+    const beyond = await start({ maxModelLen: 1024 }, true);
+    if (typeof beyond === "string") throw new Error(beyond);
+    expect(beyond.defaults).toMatchObject({ maxModelLen: 1024, allowBeyondWindow: true });
+  });
+});
+
+function tokLen(text: string): number {
+  return ModelTokenizer.fromDir(join(root, "model512")).encode(text).length;
+}

@@ -46,7 +46,8 @@ async function readyContext(text: string): Promise<string> {
 
 beforeAll(async () => {
   root = mkdtempSync(join(tmpdir(), "reform-safety-"));
-  modelDir = await makeTinyModel(join(root, "model"));
+  // an 8192-token window: the cancellation tests need answers of thousands of tokens to still be running
+  modelDir = await makeTinyModel(join(root, "model"), { maxPositions: 8192 });
   srv = await startServer({
     modelDir,
     dataDir: join(root, "data"),
@@ -324,7 +325,7 @@ describe("no silent fallbacks, OpenAI conformance", () => {
         body: JSON.stringify({
           question: "q",
           stream: false,
-          max_tokens: 6000,
+          max_tokens: 4000,
           temperature: 1,
           seed: 2,
           logit_bias: noEnd,
@@ -336,6 +337,39 @@ describe("no silent fallbacks, OpenAI conformance", () => {
       ac.abort();
       await p;
       await waitFor(async () => (await metric()) === before + 1, 20_000);
+    },
+    T,
+  );
+
+  test(
+    "max_model_len beyond the trained window: refused at start naming the numbers, unless --allow-beyond-window",
+    async () => {
+      const opts = { modelDir, port: 0, apiKey: "", backend: "cpu" as const, log: () => {} };
+      const bad = await startServer({ ...opts, dataDir: join(root, "data-beyond"), defaults: { maxModelLen: 16384 } });
+      try {
+        await expect(bad.engine.ready()).rejects.toThrow(
+          /max_model_len 16384 exceeds the trained window of 8192 tokens/,
+        );
+        const h = await fetch(`${bad.url}/health`);
+        expect(h.status).toBe(503);
+        expect(((await h.json()) as { reason: string }).reason).toContain("--allow-beyond-window");
+        await expectError(await fetch(`${bad.url}/props`), 503, "engine_failed");
+      } finally {
+        await bad.stop();
+      }
+      const ok = await startServer({
+        ...opts,
+        dataDir: join(root, "data-beyond-ok"),
+        defaults: { maxModelLen: 16384 },
+        allowBeyondWindow: true,
+      });
+      try {
+        await ok.engine.ready();
+        const p = (await (await fetch(`${ok.url}/props`)).json()) as { limits: unknown };
+        expect(p.limits).toMatchObject({ trained_window: 8192, max_model_len: 16384, allow_beyond_window: true });
+      } finally {
+        await ok.stop();
+      }
     },
     T,
   );

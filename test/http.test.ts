@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { makeTinyModel } from "./fixtures/tiny-model.ts";
+import { makeTinyModel, TINY_BOS_ID } from "./fixtures/tiny-model.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
 import { libraryPath } from "../ffi/native.ts";
 import { resolveConfig } from "../src/config.ts";
@@ -96,7 +96,9 @@ function queryBody(extra: Record<string, unknown> = {}) {
 
 beforeAll(async () => {
   root = mkdtempSync(join(tmpdir(), "reform-http-"));
-  const modelDir = await makeTinyModel(join(root, "model"));
+  // a 2048-token window: these tests recompute whole small contexts (method "full") and long answers; the limits
+  // derived from a small window are tested in test/engine.test.ts and test/http-safety.test.ts
+  const modelDir = await makeTinyModel(join(root, "model"), { maxPositions: 2048 });
   // Configured the way `bun run serve` is: flags and environment through src/config.ts.
   const cfg = resolveConfig(
     [
@@ -144,6 +146,50 @@ describe("ops", () => {
     const one = await json(api("/v1/models/tiny-reform"));
     expect(one.id).toBe("tiny-reform");
     await expectError(await api("/v1/models/nope"), 404, "model_not_found");
+  });
+
+  test("GET /props and /v1/models report the effective limits, the heads and the compressor", async () => {
+    // 2048-token window, chunk 32 / capacity 64 from the fixture's heads file, the rest derived from the window
+    const limits = {
+      trained_window: 2048,
+      max_model_len: 2048,
+      allow_beyond_window: false,
+      chunk_size: 32,
+      capacity: 64,
+      max_query_tokens: 2048 - 64,
+      budget: 1280,
+      max_budget: 1792,
+      max_tokens: 256,
+      max_new_tokens: 1024,
+      smoothing_window: 21,
+      edge: 40,
+      baseline_cache_factor: 4,
+      max_h2o_tokens: 262_144,
+    };
+    const heads = ["q", "k", "v"].map((kind) => ({ layer: 0, kind, head: 0 }));
+    const compressor = { chunk_size: 32, capacity: 64, n_sink: 4, n_recent: 16, obs_window: 32, exit_layer: 0 };
+    await expectError(await fetch(`${base}/props`), 401, "missing_api_key");
+    const p = await json(api("/props"));
+    expect(p).toMatchObject({ model: "tiny-reform", backend: "cpu", limits, heads, compressor, n_ctx: 2048 });
+    expect(p.compressor.bos_token_id).toBe(TINY_BOS_ID);
+    expect(p.limits.template_tokens).toBeGreaterThan(0);
+    expect(p.default_generation_settings).toEqual({ n_ctx: 2048, max_tokens: 256 });
+    const m = await json(api("/v1/models"));
+    expect(m.data[0]).toMatchObject({ max_model_len: 2048, reform: { limits, heads, compressor } });
+    expect((await json(api("/v1/models/tiny-reform"))).reform).toEqual(m.data[0].reform);
+    // the limits the server enforces are the ones it reports
+    const ctx = await newContext();
+    await uploadFinal(ctx, sampleText(150, 6));
+    await expectError(
+      await post(`/v1/contexts/${ctx}/query`, queryBody({ budget: limits.max_budget + 1 })),
+      400,
+      "budget_too_large",
+    );
+    await expectError(
+      await post(`/v1/contexts/${ctx}/query`, queryBody({ max_tokens: limits.max_new_tokens + 1 })),
+      400,
+      "max_tokens_too_large",
+    );
   });
 });
 
@@ -528,11 +574,11 @@ describe("query", () => {
                 messages: [{ role: "user", content: "go" }],
                 context_id: ctxId,
                 stream: true,
-                max_tokens: 8_000,
+                max_tokens: 700,
                 temperature: 1,
                 seed: 3,
               }
-            : queryBody({ max_tokens: 8_000, temperature: 1, seed: 3 });
+            : queryBody({ max_tokens: 700, temperature: 1, seed: 3 });
         const res = await api(path, {
           method: "POST",
           headers: { "content-type": "application/json" },
@@ -552,7 +598,8 @@ describe("query", () => {
         }
         expect(finished).toBe(false);
       }
-      // generation stops: the generated-token counter settles far below 2 x 100k
+      // generation stops: the generated-token counter settles below what either answer alone would have reached
+      // (700: the default budget 1280 + 700 + the prompt fit the 2048-token window)
       await waitFor(
         async () => /reform_queries_aborted_total [2-9]/.test(await (await api("/metrics")).text()),
         20_000,
@@ -562,7 +609,7 @@ describe("query", () => {
       const settled = srv.engine.metrics().tokensGeneratedTotal;
       await Bun.sleep(500);
       expect(srv.engine.metrics().tokensGeneratedTotal).toBe(settled);
-      expect(settled - before).toBeLessThan(5000);
+      expect(settled - before).toBeLessThan(700);
       expect((await fetch(`${base}/health`)).status).toBe(200);
       const next = await json(post(`/v1/contexts/${ctxId}/query`, queryBody({ stream: false })));
       expect(next.usage.completion_tokens).toBeGreaterThanOrEqual(1);

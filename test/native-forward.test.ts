@@ -547,7 +547,8 @@ describe("error paths", () => {
       [CP, [{ layer: 2, kind: "q", head: 0 }], /layer/],
       [CP, [{ layer: 0, kind: "k", head: 2 }], /index/],
       [CP, [{ layer: 0, kind: "q", head: -1 }], /index/],
-      [{ ...CP, capacity: 6 }, HEADS, /capacity/],
+      // capacity below n_sink + n_recent (2 + 4); equal is StreamingLLM's cache (no heavy hitters), accepted below
+      [{ ...CP, capacity: 5 }, HEADS, /capacity/],
       [{ ...CP, obsWindow: 0 }, HEADS, /obs_window/],
       [{ ...CP, exitLayer: 0 }, HEADS, /exit_layer/],
       [{ ...CP, embDtype: RF_BF16 as any }, HEADS, /emb_dtype/],
@@ -555,6 +556,11 @@ describe("error paths", () => {
     for (const [p, h, re] of bad) {
       expectNativeError(() => m.createCompressor(p, h), RF_ERR_INVALID, re);
     }
+    // capacity == n_sink + n_recent: the cache keeps the sinks and the most recent entries only
+    const sl = m.createCompressor({ ...CP, capacity: 6 }, HEADS);
+    sl.process(i32([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+    expect(sl.cacheLen()).toBe(6);
+    sl.destroy();
     // still fully functional afterwards
     expect(s.length()).toBe(8);
     c.process(i32([1, 2, 3]));

@@ -113,7 +113,7 @@ for (const style of ["sp-legacy", "sp-metaspace"] as const) {
         modelDir,
         dataDir: join(root, `${style}-data`),
         backend: "cpu",
-        defaults: { budget: 128, maxBudget: 4096, maxTokens: 4, edge: 16, window: 9 },
+        defaults: { budget: 128, maxTokens: 4, edge: 16, window: 9 },
       });
       try {
         await e.ready();

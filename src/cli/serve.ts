@@ -6,6 +6,7 @@
  */
 import { mkdirSync } from "node:fs";
 import { resolveConfig, SERVE_USAGE } from "../config.ts";
+import { LimitsError, resolveLimits } from "../engine/load.ts";
 import { startServer } from "../server.ts";
 import { runCli, UsageError } from "./args.ts";
 
@@ -20,6 +21,17 @@ async function main() {
     mkdirSync(dataDir, { recursive: true });
   } catch (e) {
     throw new UsageError(`cannot create data directory ${dataDir}: ${(e as Error).message}`);
+  }
+
+  // A configuration that breaks the model's window is refused before the server listens (the engine applies the
+  // same rules when it loads); anything else wrong with the model directory is the engine's to report.
+  try {
+    resolveLimits(cfg);
+  } catch (e) {
+    if (e instanceof LimitsError) {
+      console.error(`serve: ${e.message}`);
+      process.exit(2);
+    }
   }
 
   let srv: Awaited<ReturnType<typeof startServer>>;

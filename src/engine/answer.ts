@@ -23,8 +23,14 @@ export interface PlannedQuery {
   /** prompt tokens before and after the context (all of them when there is no context) */
   pre: number[];
   suf: number[];
-  /** the text that scores the context */
-  question: string;
+  /**
+   * What scores the context (reform): the tokens after the context exactly as the recompute prompt has them (the
+   * question with the template's tail), and in multi-turn chat the previous user turn; a token's score is its
+   * best match over the tokens of all turns.
+   */
+  queryTurns: number[][];
+  /** cache entries of a recurrent baseline ("streaming", "h2o"); 0 for the other methods */
+  cache: number;
 }
 
 /** The engine-state rules of a query (the request's shape was checked by QueryRequestSchema). */
@@ -81,12 +87,12 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
         `context '${session.id}' has no content to answer from`,
         "context_id",
       );
-    if (method === "h2o" && session.meta.tokens > d.maxH2oTokens)
+    if ((method === "h2o" || method === "streaming") && session.meta.tokens > d.maxH2oTokens)
       throw new EngineError(
         400,
         "context_too_long",
-        `method "h2o" recomputes the whole context at full depth; this context has ${session.meta.tokens} tokens, more than ` +
-          `its limit of ${d.maxH2oTokens}: use method "reform" (which reads only the compressed embeddings)`,
+        `method "${method}" compresses the whole context again at full depth; this context has ${session.meta.tokens} tokens, ` +
+          `more than its limit of ${d.maxH2oTokens}: use method "reform" (which reads only the compressed embeddings)`,
         "method",
       );
     if (method === "full" && session.meta.tokens > d.maxBudget)
@@ -98,14 +104,12 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
       );
   }
   let rendered: string;
-  let question: string;
-  if (req.prompt !== undefined) {
-    rendered = session ? CONTEXT_PLACEHOLDER + req.prompt : req.prompt;
-    question = req.prompt;
-  } else {
+  let previous: string | undefined;
+  if (req.prompt !== undefined) rendered = session ? CONTEXT_PLACEHOLDER + req.prompt : req.prompt;
+  else {
     const b = buildMessages(req, session !== null);
     rendered = e.tok.renderChat(b.messages, true);
-    question = b.question;
+    previous = b.previous;
   }
   let pre: number[];
   let suf: number[] = [];
@@ -116,13 +120,51 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
     ({ pre, suf } = e.tok.encodeAround(parts.prefix, session.readTokens(0, 1)[0], parts.suffix));
   }
   checkLength(e, pre.length + suf.length + gatheredTokens(method, budget, session), sp.maxTokens);
-  return { req, method, budget, session, pre, suf, question };
+  const queryTurns: number[][] = [];
+  if (session && method === "reform") {
+    queryTurns.push(suf);
+    if (previous !== undefined) queryTurns.push(e.tok.encode(previous));
+    checkQuery(e, queryTurns);
+  }
+  const cache =
+    session && (method === "h2o" || method === "streaming") ? baselineCache(e, budget, suf, sp.maxTokens) : 0;
+  return { req, method, budget, session, pre, suf, queryTurns, cache };
 }
 
-/** Context tokens the recompute will hold for this method (h2o: its cache capacity). */
+/** Context tokens the recompute will hold for this method (the baselines are held to REFORM's budget here too). */
 function gatheredTokens(method: Method, budget: number, s: Session | null): number {
   if (!s) return 0;
   return method === "full" ? s.meta.tokens : Math.min(budget, s.meta.tokens);
+}
+
+/**
+ * The recurrent baselines' cache: `baselineCacheFactor` x the budget (as the paper ran them), bounded by the
+ * window: while compressing, a chunk sits on top of the cache (cache + chunk within the window), and the
+ * recompute holds the cache, the rest of the prompt and the answer (within max_model_len). checkLength has
+ * already made sure that template + budget + question + max_tokens fit, so the bound never falls below the budget.
+ */
+export function baselineCache(e: LoadedEngine, budget: number, suf: number[], maxTokens: number): number {
+  const d = e.defaults;
+  const positions = Math.max(e.trainedWindow, d.maxModelLen);
+  return Math.min(d.baselineCacheFactor * budget, positions - d.chunkSize, d.maxModelLen - suf.length - maxTokens);
+}
+
+/** Each question turn is embedded on top of the compressor's cache and must fit what is left of the window. */
+function checkQuery(e: LoadedEngine, turns: number[][]): void {
+  const limit = e.defaults.maxQueryTokens;
+  for (const t of turns) {
+    if (t.length <= limit) continue;
+    throw new EngineError(
+      400,
+      "query_too_long",
+      `the question is embedded for scoring on top of the compressed context, where ${limit} tokens fit ` +
+        `(max_query_tokens: the trained window ${e.trainedWindow} minus the compressor's capacity ` +
+        `${e.defaults.capacity}); it has ${t.length} tokens: shorten the question (or the previous user turn)`,
+      "messages",
+    );
+  }
+  if (turns.every((t) => t.length === 0))
+    throw new EngineError(400, "invalid_request", "the question has no tokens to score the context with", "messages");
 }
 
 /** The recompute must fit max_model_len: refused before any model work, naming the limit and the parts. */
@@ -171,9 +213,11 @@ export function* runQuery(e: LoadedEngine, q: PlannedQuery, h: RunHooks): Task<v
         budget: q.budget,
         pre: q.pre,
         suf: q.suf,
-        question: q.question,
+        queryTurns: q.queryTurns,
+        cache: q.cache,
         cancelled: () => h.cancelled() !== null,
-        progress: (done, total) => h.emit({ type: "progress", stage: "h2o", done, total }),
+        progress: (done, total) =>
+          h.emit({ type: "progress", stage: q.method === "streaming" ? "streaming" : "h2o", done, total }),
       });
       ({ prompt, promptLen, selected, h2o } = g);
     }

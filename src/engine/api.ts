@@ -90,8 +90,8 @@ export type FinishReason = "stop" | "length" | "abort";
 
 export type QueryEvent =
   | { type: "start"; promptTokens: number; selectedTokens: number; contextTokens: number }
-  /** long query-time work before the first token (h2o's full-depth pass): `done` of `total` tokens */
-  | { type: "progress"; stage: "h2o"; done: number; total: number }
+  /** long query-time work before the first token (the recurrent baselines' full-depth pass): `done` of `total` tokens */
+  | { type: "progress"; stage: "h2o" | "streaming"; done: number; total: number }
   | {
       type: "token";
       text: string; // stable text to emit now (may be "" while a character or stop string is incomplete)
@@ -125,10 +125,34 @@ export interface ModelInfo {
     maxNewTokens: number;
     /** longest recompute: prompt (template + gathered context + question) + max_tokens */
     maxModelLen: number;
-    /** longest context method "h2o" accepts */
+    /** longest context the recurrent baselines ("h2o", "streaming") accept */
     maxH2oTokens: number;
     /** disk all contexts together may use (uploads beyond it: 413 disk_quota_exceeded); 0 = no limit */
     maxDiskBytes: number;
+    /** smoothing window and always-kept edges (each side) at the default budget; both scale with a request's budget */
+    smoothingWindow: number;
+    edge: number;
+    /** longest question reform embeds for scoring (what is left of the window on top of the cache) */
+    maxQueryTokens: number;
+    /** the recurrent baselines' cache: this many times the budget, bounded by the window */
+    baselineCacheFactor: number;
+    /** tokens of the chat template around the context and an empty question */
+    templateTokens: number;
+    /** started with --allow-beyond-window (max_model_len or chunk + capacity may exceed the trained window) */
+    allowBeyondWindow: boolean;
+  };
+  /** the upload-time compressor */
+  compressor: {
+    chunkSize: number;
+    capacity: number;
+    nSink: number;
+    nRecent: number;
+    obsWindow: number;
+    embedDim: number;
+    embedDtype: "f16" | "f32";
+    exitLayer: number;
+    /** BOS the compressed stream starts with (as in training), null when the model uses none */
+    bosTokenId: number | null;
   };
 }
 

@@ -3,6 +3,10 @@
  * `maxLiveCompressors`. A compressor that is dropped saves its state first (when it has unsaved chunks),
  * and one that is needed again is restored from the saved state plus a replay of the stored tokens, so
  * the result is the same compressor as if it had never been dropped.
+ *
+ * The compressed stream starts with BOS when the model uses one (as in training): the first chunk of a context is
+ * processed as [BOS, ...chunk] and the BOS row of its embeddings is dropped, so tokens.bin and emb.bin hold the
+ * context's own tokens only and the saved `seen` counts those (the compressor's own count includes the BOS).
  */
 import type { NativeCompressor, NativeModel } from "../../ffi/native.ts";
 import { type EngineDefaults, uploadCompressParams } from "./load.ts";
@@ -22,7 +26,24 @@ export class CompressorPool {
   constructor(
     private readonly model: NativeModel,
     private readonly defaults: EngineDefaults,
+    private readonly bos: number | null,
   ) {}
+
+  /** Context tokens `comp` has compressed (its own count includes the BOS of the first chunk). */
+  private seenTokens(comp: NativeCompressor): number {
+    const seen = comp.seen();
+    return this.bos !== null && seen > 0 ? seen - 1 : seen;
+  }
+
+  /** Compresses the context tokens `ids` that start at `offset`; returns their embeddings (without BOS's). */
+  private process(comp: NativeCompressor, ids: Int32Array, offset: number): Float32Array | Uint16Array {
+    if (offset > 0 || this.bos === null) return comp.process(ids)!;
+    const withBos = new Int32Array(ids.length + 1);
+    withBos[0] = this.bos;
+    withBos.set(ids, 1);
+    const emb = comp.process(withBos)!;
+    return emb.subarray(emb.length / withBos.length);
+  }
 
   cacheLen(id: string): number {
     return this.live.get(id)?.comp.cacheLen() ?? 0;
@@ -39,7 +60,7 @@ export class CompressorPool {
     this.live.delete(id);
     if (saveInto && l.dirty > 0 && !saveInto.meta.failed) {
       try {
-        saveInto.saveCompressorState(l.comp.saveState(), l.comp.seen());
+        saveInto.saveCompressorState(l.comp.saveState(), this.seenTokens(l.comp));
       } catch (e) {
         console.error(`[engine] saving compressor state of ${id} failed: ${(e as Error).message}`);
       }
@@ -64,7 +85,7 @@ export class CompressorPool {
       have.lastUsed = Date.now();
       return have.comp;
     }
-    const comp = this.model.createCompressor(uploadCompressParams(this.defaults), s.meta.heads);
+    const comp = this.model.createCompressor(uploadCompressParams(this.defaults, this.bos), s.meta.heads);
     const l: Live = { comp, dirty: 0, lastUsed: Date.now() };
     try {
       let seen = 0;
@@ -77,7 +98,7 @@ export class CompressorPool {
       while (seen < s.meta.processed) {
         if (!sessionOf(s.id)) throw contextDeleted(s.id);
         const n = Math.min(chunk, s.meta.processed - seen);
-        comp.process(s.readTokens(seen, seen + n), null);
+        this.process(comp, s.readTokens(seen, seen + n), seen);
         seen += n;
         l.dirty++;
         yield;
@@ -99,7 +120,7 @@ export class CompressorPool {
   private saveIfDirty(s: Session): void {
     const l = this.live.get(s.id);
     if (l && l.dirty > 0) {
-      s.saveCompressorState(l.comp.saveState(), l.comp.seen());
+      s.saveCompressorState(l.comp.saveState(), this.seenTokens(l.comp));
       l.dirty = 0;
     }
   }
@@ -128,7 +149,7 @@ export class CompressorPool {
       const comp = yield* this.ensure(s, sessionOf);
       const l = this.live.get(s.id)!;
       const n = Math.min(chunk, pending());
-      const emb = comp.process(s.readTokens(s.meta.processed, s.meta.processed + n))!;
+      const emb = this.process(comp, s.readTokens(s.meta.processed, s.meta.processed + n), s.meta.processed);
       s.appendEmbeddings(emb, n);
       l.dirty++;
       l.lastUsed = Date.now();

@@ -51,7 +51,7 @@ export class EngineCore implements EngineCalls {
     private readonly emitProgress: (info: ContextInfo) => void = () => {},
   ) {
     this.e = loadEngine(opts);
-    this.pool = new CompressorPool(this.e.model, this.e.defaults);
+    this.pool = new CompressorPool(this.e.model, this.e.defaults, this.e.bos);
     this.loadSessions();
     this.idleTimer = setInterval(() => this.pool.evictIdle(this.sessionOf, (id) => this.chains.has(id)), 15_000);
     (this.idleTimer as { unref?: () => void }).unref?.();

@@ -1,16 +1,19 @@
 /**
  * Gather: which context tokens the recompute sees, for each query method.
- *   reform     score every context token against the question (embedding file), smooth, keep the best `budget`
+ *   reform     score every context token against the question as the recompute prompt has it (embedding file),
+ *              smooth, keep the best `budget` tokens plus the edges
  *   full       the whole context
- *   streaming  attention sinks + the last `budget` tokens
- *   h2o        a full-depth H2O compressor over the whole context, its cache imported into the sequence
+ *   streaming  StreamingLLM: the whole context compressed again at full depth through a cache of attention sinks +
+ *              the most recent tokens (no other entries), the cache imported into the sequence
+ *   h2o        the same with H2O eviction (sinks + recent + the entries with the most attention)
+ * The two recurrent baselines get a cache of `cache` entries (planQuery: 4x the budget, bounded by the window).
  */
 import { type NativeCompressor, RF_F16 } from "../../ffi/native.ts";
 import { f16ToF32 } from "../util/f16.ts";
 import type { Method } from "./api.ts";
 import type { CompressorPool } from "./compressors.ts";
 import { type LoadedEngine, recentFor } from "./load.ts";
-import { gather, streamingSelection } from "./selection.ts";
+import { gather, selectionFor } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
 
@@ -21,11 +24,13 @@ export interface GatherInput {
   /** template tokens before and after the context */
   pre: number[];
   suf: number[];
-  /** the text whose embedding scores the context (reform) */
-  question: string;
+  /** the token turns whose embeddings score the context (reform; see PlannedQuery) */
+  queryTurns: number[][];
+  /** cache entries of the recurrent baselines */
+  cache: number;
   /** true once the query should stop (abort); throws when it must fail (context deleted) */
   cancelled: () => boolean;
-  /** reports long work (h2o's full-depth pass) token by token */
+  /** reports long work (the baselines' full-depth pass) token by token */
   progress: (done: number, total: number) => void;
 }
 
@@ -59,14 +64,16 @@ export function* gatherContext(
   const { s, pre, suf, budget } = g;
   const d = e.defaults;
   const n = s.meta.tokens;
-  if (g.method === "h2o") {
+  if (g.method === "h2o" || g.method === "streaming") {
+    const nSink = Math.min(d.nSink, g.cache);
     const comp = e.model.createCompressor(
       {
-        capacity: budget + pre.length,
-        nSink: d.nSink,
-        nRecent: recentFor(budget, d.obsWindow),
+        capacity: g.cache,
+        nSink,
+        // streaming keeps nothing but the sinks and the recent window; h2o fills the rest by attention
+        nRecent: g.method === "streaming" ? g.cache - nSink : recentFor(g.cache, d.obsWindow),
         obsWindow: d.obsWindow,
-        maxChunk: Math.max(d.chunkSize, 512),
+        maxChunk: d.chunkSize,
         embDtype: RF_F16,
         exitLayer: e.cfg.config.numLayers - 1,
       },
@@ -95,20 +102,25 @@ export function* gatherContext(
   }
   let ctx: Int32Array;
   if (g.method === "full" || n <= budget) ctx = s.readTokens(0, n);
-  else if (g.method === "streaming") ctx = gather(s.readTokens(0, n), streamingSelection(n, budget, d.nSink));
   else {
     const comp = yield* pool.ensure(s, sessionOf);
-    let q = e.tok.encode(g.question);
-    if (q.length === 0) q = suf.slice();
-    const maxQ = Math.max(d.chunkSize, 512);
-    if (q.length > maxQ) q = q.slice(q.length - maxQ);
-    const qe = comp.embed(Int32Array.from(q));
-    const qf = qe instanceof Uint16Array ? f16ToF32(qe) : qe;
+    // each turn embedded on top of the compressed context; the scorer takes the best match over all their rows
+    const turns = g.queryTurns.filter((t) => t.length > 0);
+    const nq = turns.reduce((k, t) => k + t.length, 0);
+    const dim = s.meta.params.embDim;
+    const qf = new Float32Array(nq * dim);
+    let row = 0;
+    for (const turn of turns) {
+      const qe = comp.embed(Int32Array.from(turn));
+      qf.set(qe instanceof Uint16Array ? f16ToF32(qe) : qe, row * dim);
+      row += turn.length;
+    }
+    const sel = selectionFor(d, budget);
     // score, smooth and select in one native call over the mapped embedding file (no copy, no sort)
-    const idx = e.native.scoreSelect(s.embeddings(), s.meta.processed, s.meta.params.embDim, qf, q.length, {
-      window: d.window,
+    const idx = e.native.scoreSelect(s.embeddings(), s.meta.processed, dim, qf, nq, {
+      window: sel.window,
       budget,
-      edge: d.edge,
+      edge: sel.edge,
     });
     ctx = gather(s.readTokens(0, n), idx);
     yield;

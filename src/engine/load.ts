@@ -11,7 +11,7 @@ import { type HeadsFile, loadHeads } from "../model/heads.ts";
 import { loadSafetensors, modelFiles } from "../model/safetensors.ts";
 import { ModelTokenizer } from "../model/tokenizer.ts";
 import type { ModelInfo } from "./api.ts";
-import { DEFAULT_EDGE, DEFAULT_WINDOW } from "./selection.ts";
+import { buildMessages, splitAtPlaceholder } from "./prompt.ts";
 import type { SessionParams } from "./session.ts";
 
 export interface EngineDefaults {
@@ -21,8 +21,8 @@ export interface EngineDefaults {
   capacity: number; // compressor KV capacity per (layer, kv head)
   maxTokens: number; // default max new tokens
   maxNewTokens: number; // largest max_tokens a request may ask for (bounds the recompute KV cache)
-  window: number; // smoothing window
-  edge: number; // first/last tokens always kept
+  window: number; // smoothing window at the default budget (scales with a request's budget)
+  edge: number; // first/last tokens always kept at the default budget (scales with a request's budget)
   nSink: number;
   obsWindow: number;
   prefillChunk: number; // prefill piece per scheduler step
@@ -31,10 +31,14 @@ export interface EngineDefaults {
   idleMs: number; // live compressors idle longer are saved + destroyed
   /** longest recompute (template + gathered context + question + max_tokens) a query may ask for */
   maxModelLen: number;
-  /** longest context method "h2o" recomputes at full depth (its cost grows with the whole context) */
+  /** longest context the recurrent baselines (methods "h2o", "streaming") compress at full depth */
   maxH2oTokens: number;
   /** disk all contexts together may use; an upload that would pass it is refused (0 = no limit) */
   maxDiskBytes: number;
+  /** longest question (as embedded: the prompt after the context, or the previous user turn) scored by reform */
+  maxQueryTokens: number;
+  /** cache of the recurrent baselines: this many times the request's budget, bounded by the window */
+  baselineCacheFactor: number;
 }
 
 export interface EngineOptions {
@@ -48,6 +52,8 @@ export interface EngineOptions {
   heads?: string | object | null;
   threads?: number;
   defaults?: Partial<EngineDefaults>;
+  /** let max_model_len and chunk + capacity exceed the trained window (a warning instead of a start-up error) */
+  allowBeyondWindow?: boolean;
 }
 
 export interface LoadedEngine {
@@ -57,43 +63,203 @@ export interface LoadedEngine {
   tok: ModelTokenizer;
   headsFile: HeadsFile;
   defaults: EngineDefaults;
+  /** the trained window, max_position_embeddings */
+  trainedWindow: number;
+  /** tokens of the chat template around the context and the question, without either */
+  templateTokens: number;
+  /** BOS prepended to the first chunk of every context (the model uses one), else null */
+  bos: number | null;
   params: SessionParams;
   fingerprint: string;
   info: ModelInfo;
 }
 
-/** Room above the gather budget and the longest answer for the chat template and the question. */
-const PROMPT_RESERVE = 1024;
+/**
+ * The ratios every default limit is derived from, as fractions of the trained window W (max_position_embeddings)
+ * or of the gather budget. One place, so that a benchmark can tune them. Why these:
+ *   - compression: a chunk is processed on top of a cache of `capacity` entries, at positions capacity ..
+ *     capacity + chunk − 1, and the question is embedded on top of the same cache; chunk W/4 + capacity W/2 = 3W/4
+ *     stays inside the window and leaves W − capacity = W/2 positions for the question;
+ *   - recompute: template + gathered budget + question + max_tokens must fit max_model_len (= W by default):
+ *     default max_tokens W/8, W/4 left for the template and the question, so the default budget is 5W/8;
+ *     the largest budget (7W/8) leaves W/8 for the template, a short question and a short answer, the largest
+ *     max_tokens is W/2 (with a small budget);
+ *   - selection: the always-kept edges (budget/32 each side) and the smoothing window (budget/64, odd) are the
+ *     project's earlier defaults at budget 8192 (256 and 129), scaled with the budget;
+ *   - baselines: streaming and h2o get a cache 4x REFORM's budget (as the paper ran them), bounded by the window.
+ */
+export const LIMIT_RATIOS = {
+  chunk: 1 / 4,
+  capacity: 1 / 2,
+  maxTokens: 1 / 8,
+  promptReserve: 1 / 4,
+  maxBudget: 7 / 8,
+  maxNewTokens: 1 / 2,
+  edgeOfBudget: 1 / 32,
+  smoothingOfBudget: 1 / 64,
+  baselineCacheFactor: 4,
+} as const;
 
-function resolveDefaults(d: Partial<EngineDefaults>, hf: HeadsFile, maxPos: number): EngineDefaults {
-  const chunkSize = d.chunkSize ?? hf.chunkSize ?? 1024;
-  const maxBudget = d.maxBudget ?? Math.max(maxPos, 1024);
-  const maxNewTokens = Math.max(d.maxNewTokens ?? 8192, d.maxTokens ?? 512);
-  // a configured default above the configured maximum is a contradiction, not something to cap silently
-  if (d.budget !== undefined && d.budget > maxBudget)
-    throw new Error(
-      `the default budget ${d.budget} exceeds the maximum budget ${maxBudget} (raise --max-budget or lower --budget)`,
+/** Fewest context tokens a request may gather (the schema's minimum budget). */
+const MIN_BUDGET = 16;
+
+/** Odd and at least 1 (a centered smoothing window). */
+function oddAtLeast1(x: number): number {
+  const r = Math.max(1, Math.round(x));
+  return r % 2 === 0 ? r + 1 : r;
+}
+
+/** A configuration whose limits contradict each other or break the model's window (refused at start). */
+export class LimitsError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "LimitsError";
+  }
+}
+
+/** What resolveDefaults needs besides the configured values. */
+export interface LimitInputs {
+  /** max_position_embeddings */
+  trainedWindow: number;
+  /** template tokens around an empty question (see templateTokensOf) */
+  templateTokens: number;
+  allowBeyondWindow: boolean;
+}
+
+/**
+ * The one place engine defaults are resolved: explicit values (flags, options) win, then the heads file, then
+ * the values derived from the trained window with LIMIT_RATIOS. Then the rules every configuration must keep,
+ * each refused with a message that names the numbers:
+ *   window   chunk + capacity <= W (compressed positions stay in the trained window); max_model_len <= W.
+ *            With `allowBeyondWindow` these two are warnings instead.
+ *   fit      default budget + default max_tokens + template + 1 question token <= max_model_len; the largest budget
+ *            with 1 question and 1 answer token, and the largest max_tokens with the smallest budget, fit too
+ *            (else the server would accept values it can never serve).
+ *   order    budget <= max budget, max_tokens <= max new tokens, obs_window <= chunk.
+ * Nothing is capped silently: a value that does not fit is an error, never quietly lowered.
+ */
+export function resolveDefaults(
+  d: Partial<EngineDefaults>,
+  hf: Pick<HeadsFile, "chunkSize" | "capacity" | "nSink" | "obsWindow" | "window">,
+  x: LimitInputs,
+): { defaults: EngineDefaults; warnings: string[] } {
+  const W = x.trainedWindow;
+  const R = LIMIT_RATIOS;
+  const frac = (f: number) => Math.max(1, Math.floor(W * f));
+  const chunkSize = d.chunkSize ?? hf.chunkSize ?? frac(R.chunk);
+  const capacity = d.capacity ?? hf.capacity ?? frac(R.capacity);
+  const maxModelLen = d.maxModelLen ?? W;
+  const maxTokens = d.maxTokens ?? frac(R.maxTokens);
+  const budget = d.budget ?? Math.max(MIN_BUDGET, W - frac(R.maxTokens) - frac(R.promptReserve));
+  const maxBudget = d.maxBudget ?? Math.max(budget, frac(R.maxBudget));
+  const maxNewTokens = d.maxNewTokens ?? Math.max(maxTokens, frac(R.maxNewTokens));
+  const obsWindow = d.obsWindow ?? hf.obsWindow ?? Math.min(128, chunkSize);
+  const edge = d.edge ?? Math.round(budget * R.edgeOfBudget);
+  const window = d.window ?? hf.window ?? oddAtLeast1(budget * R.smoothingOfBudget);
+  // the question is embedded on top of a full cache: what is left of the window (at least a chunk beyond it)
+  const maxQueryTokens = d.maxQueryTokens ?? Math.max(W - capacity, chunkSize);
+
+  const errors: string[] = [];
+  const warnings: string[] = [];
+  const windowRule = (msg: string) => (x.allowBeyondWindow ? warnings : errors).push(msg);
+  if (chunkSize + capacity > W)
+    windowRule(
+      `chunk_size ${chunkSize} + capacity ${capacity} = ${chunkSize + capacity} exceeds the trained window of ${W} ` +
+        "tokens: compressed positions would leave the window (lower --chunk-size or --capacity, or opt in with --allow-beyond-window)",
     );
+  if (maxModelLen > W)
+    windowRule(
+      `max_model_len ${maxModelLen} exceeds the trained window of ${W} tokens: recomputed positions would leave ` +
+        "the window (lower --max-model-len, or opt in with --allow-beyond-window)",
+    );
+  const t = x.templateTokens;
+  if (budget + maxTokens + t + 1 > maxModelLen)
+    errors.push(
+      `the default budget ${budget} + max_tokens ${maxTokens} + chat template ${t} + 1 question token = ` +
+        `${budget + maxTokens + t + 1} exceeds max_model_len ${maxModelLen} (lower --budget or --max-tokens)`,
+    );
+  if (maxBudget + t + 2 > maxModelLen)
+    errors.push(
+      `the maximum budget ${maxBudget} + chat template ${t} + 1 question token + 1 answer token = ` +
+        `${maxBudget + t + 2} exceeds max_model_len ${maxModelLen} (lower --max-budget)`,
+    );
+  if (maxNewTokens + MIN_BUDGET + t + 1 > maxModelLen)
+    errors.push(
+      `the largest max_tokens ${maxNewTokens} + the smallest budget ${MIN_BUDGET} + chat template ${t} + 1 question ` +
+        `token = ${maxNewTokens + MIN_BUDGET + t + 1} exceeds max_model_len ${maxModelLen} (lower --max-new-tokens)`,
+    );
+  // a configured default above the configured maximum is a contradiction, not something to cap silently
+  if (budget > maxBudget)
+    errors.push(
+      `the default budget ${budget} exceeds the maximum budget ${maxBudget} (raise --max-budget or lower --budget)`,
+    );
+  if (maxTokens > maxNewTokens)
+    errors.push(
+      `the default max_tokens ${maxTokens} exceeds the largest max_tokens ${maxNewTokens} (raise --max-new-tokens or lower --max-tokens)`,
+    );
+  if (obsWindow > chunkSize)
+    errors.push(
+      `obs_window ${obsWindow} exceeds chunk_size ${chunkSize} (H2O scores come from the last queries of a chunk)`,
+    );
+  if (errors.length > 0) throw new LimitsError(`configuration does not fit the model: ${errors.join("; ")}`);
   return {
-    // by default every budget and max_tokens the server accepts fit, with room for a question
-    maxModelLen: d.maxModelLen ?? Math.max(maxPos, maxBudget + maxNewTokens + PROMPT_RESERVE),
-    maxH2oTokens: d.maxH2oTokens ?? 262_144,
-    maxDiskBytes: d.maxDiskBytes ?? 0,
-    budget: Math.min(d.budget ?? 8192, maxBudget),
-    maxBudget,
-    chunkSize,
-    capacity: d.capacity ?? hf.capacity ?? 4096,
-    maxTokens: d.maxTokens ?? 512,
-    maxNewTokens,
-    window: d.window ?? hf.window ?? DEFAULT_WINDOW,
-    edge: d.edge ?? DEFAULT_EDGE,
-    nSink: d.nSink ?? hf.nSink ?? 4,
-    obsWindow: Math.min(d.obsWindow ?? hf.obsWindow ?? 128, chunkSize),
-    prefillChunk: d.prefillChunk ?? 512,
-    maxLiveCompressors: d.maxLiveCompressors ?? 8,
-    stateSaveEvery: d.stateSaveEvery ?? 64,
-    idleMs: d.idleMs ?? 5 * 60_000,
+    defaults: {
+      maxModelLen,
+      maxH2oTokens: d.maxH2oTokens ?? 262_144,
+      maxDiskBytes: d.maxDiskBytes ?? 0,
+      budget,
+      maxBudget,
+      chunkSize,
+      capacity,
+      maxTokens,
+      maxNewTokens,
+      window,
+      edge,
+      nSink: d.nSink ?? hf.nSink ?? 4,
+      obsWindow,
+      prefillChunk: d.prefillChunk ?? 512,
+      maxLiveCompressors: d.maxLiveCompressors ?? 8,
+      stateSaveEvery: d.stateSaveEvery ?? 64,
+      idleMs: d.idleMs ?? 5 * 60_000,
+      maxQueryTokens,
+      baselineCacheFactor: d.baselineCacheFactor ?? R.baselineCacheFactor,
+    },
+    warnings,
   };
+}
+
+/** Tokens the chat template puts around the context and an empty question (what every query pays). */
+export function templateTokensOf(tok: ModelTokenizer): number {
+  const { messages } = buildMessages({ question: "" }, true);
+  const parts = splitAtPlaceholder(tok.renderChat(messages, true));
+  const { pre, suf } = tok.encodeAround(parts.prefix, undefined, parts.suffix);
+  return pre.length + suf.length;
+}
+
+/** BOS id the compressed stream starts with (as in training), or null when the model uses none. */
+export function bosOf(tok: ModelTokenizer): number | null {
+  return tok.usesBos && tok.bosId !== null ? tok.bosId : null;
+}
+
+/**
+ * The limits of a model directory and configuration, without loading weights or the native library: the
+ * engine's own resolution, for `serve` to refuse a configuration that breaks the window before it listens.
+ */
+export function resolveLimits(o: Pick<EngineOptions, "modelDir" | "heads" | "defaults" | "allowBeyondWindow">): {
+  defaults: EngineDefaults;
+  warnings: string[];
+  trainedWindow: number;
+  templateTokens: number;
+} {
+  const cfg = loadModelConfig(o.modelDir);
+  const headsFile = loadHeads(o.modelDir, cfg.config, o.heads ?? null);
+  const tok = ModelTokenizer.fromDir(o.modelDir);
+  const inputs: LimitInputs = {
+    trainedWindow: cfg.maxPositionEmbeddings,
+    templateTokens: templateTokensOf(tok),
+    allowBeyondWindow: o.allowBeyondWindow ?? false,
+  };
+  return { ...resolveDefaults(o.defaults ?? {}, headsFile, inputs), ...inputs };
 }
 
 /** Recent tokens the H2O eviction always keeps, for a cache of `capacity` entries. */
@@ -101,24 +267,29 @@ export function recentFor(capacity: number, obsWindow: number): number {
   return Math.max(1, Math.min(obsWindow, Math.floor(capacity / 4)));
 }
 
-/** Parameters of every upload-time compressor (early exit at the last layer holding a selected head). */
-export function uploadCompressParams(d: EngineDefaults): CompressParams {
+/**
+ * Parameters of every upload-time compressor (early exit at the last layer holding a selected head). A call takes
+ * a chunk (plus the BOS the first chunk gets) or a question embedded on top of the cache.
+ */
+export function uploadCompressParams(d: EngineDefaults, bos: number | null): CompressParams {
   return {
     capacity: d.capacity,
     nSink: d.nSink,
     nRecent: recentFor(d.capacity, d.obsWindow),
     obsWindow: d.obsWindow,
-    maxChunk: Math.max(d.chunkSize, 512),
+    maxChunk: Math.max(d.chunkSize + (bos === null ? 0 : 1), d.maxQueryTokens),
     embDtype: RF_F16,
     exitLayer: -1,
   };
 }
 
-function fingerprintOf(modelDir: string, hf: HeadsFile, p: SessionParams): string {
+function fingerprintOf(modelDir: string, hf: HeadsFile, p: SessionParams, bos: number | null): string {
   const parts: string[] = [readFileSync(join(modelDir, "config.json"), "utf8")];
   for (const f of modelFiles(modelDir)) parts.push(`${f.split("/").pop()}:${statSync(f).size}`);
   parts.push(JSON.stringify(hf.heads));
   parts.push(JSON.stringify([p.chunkSize, p.capacity, p.nSink, p.nRecent, p.obsWindow, p.embDim, p.embDtype]));
+  // contexts compressed without the BOS the stream now starts with are not the same compression
+  parts.push(`bos:${bos ?? "none"}`);
   return Bun.hash(parts.join("\n")).toString(16);
 }
 
@@ -128,7 +299,14 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
   const headsFile = loadHeads(o.modelDir, mc, o.heads ?? null);
   const tok = ModelTokenizer.fromDir(o.modelDir);
   const maxPos = cfg.maxPositionEmbeddings;
-  const defaults = resolveDefaults(o.defaults ?? {}, headsFile, maxPos);
+  const templateTokens = templateTokensOf(tok);
+  const { defaults, warnings } = resolveDefaults(o.defaults ?? {}, headsFile, {
+    trainedWindow: maxPos,
+    templateTokens,
+    allowBeyondWindow: o.allowBeyondWindow ?? false,
+  });
+  for (const w of warnings) console.warn(`[engine] warning (--allow-beyond-window): ${w}`);
+  const bos = bosOf(tok);
   const native = loadNative(o.backend ?? "auto", o.library);
   if (o.threads) native.setThreads(o.threads);
   const model = native.createModel(mc);
@@ -140,7 +318,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
     throw e;
   }
   // probe the compressor once: embed dim + exit layer, and that the params are accepted
-  const cp = uploadCompressParams(defaults);
+  const cp = uploadCompressParams(defaults, bos);
   const probe = model.createCompressor(cp, headsFile.heads);
   const params: SessionParams = {
     chunkSize: defaults.chunkSize,
@@ -174,6 +352,23 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       maxModelLen: defaults.maxModelLen,
       maxH2oTokens: defaults.maxH2oTokens,
       maxDiskBytes: defaults.maxDiskBytes,
+      smoothingWindow: defaults.window,
+      edge: defaults.edge,
+      maxQueryTokens: defaults.maxQueryTokens,
+      baselineCacheFactor: defaults.baselineCacheFactor,
+      templateTokens,
+      allowBeyondWindow: o.allowBeyondWindow ?? false,
+    },
+    compressor: {
+      chunkSize: params.chunkSize,
+      capacity: params.capacity,
+      nSink: params.nSink,
+      nRecent: params.nRecent,
+      obsWindow: params.obsWindow,
+      embedDim: params.embDim,
+      embedDtype: "f16",
+      exitLayer,
+      bosTokenId: bos,
     },
   };
   return {
@@ -183,8 +378,11 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
     tok,
     headsFile,
     defaults,
+    trainedWindow: maxPos,
+    templateTokens,
+    bos,
     params,
-    fingerprint: fingerprintOf(o.modelDir, headsFile, params),
+    fingerprint: fingerprintOf(o.modelDir, headsFile, params, bos),
     info,
   };
 }

@@ -9,12 +9,12 @@ export const CONTEXT_PLACEHOLDER = "\u2063REFORM_CONTEXT\u2063";
 
 /**
  * Messages for a request. With a context, the last user message (or `question`) becomes
- * CONTEXT_PLACEHOLDER + "\n\n" + question.
+ * CONTEXT_PLACEHOLDER + "\n\n" + question; `previous` is the user turn before it (multi-turn chat), if any.
  */
 export function buildMessages(
   req: Pick<QueryRequest, "question" | "messages">,
   withContext: boolean,
-): { messages: ChatMessage[]; question: string } {
+): { messages: ChatMessage[]; question: string; previous?: string } {
   const msgs: ChatMessage[] = (req.messages ?? []).map((m) => ({ role: m.role, content: m.content }));
   let question = req.question ?? "";
   if (req.question !== undefined && req.question !== null) {
@@ -38,7 +38,10 @@ export function buildMessages(
     );
   question = msgs[last]!.content;
   msgs[last] = { role: "user", content: CONTEXT_PLACEHOLDER + "\n\n" + question };
-  return { messages: msgs, question };
+  let previous: string | undefined;
+  for (let i = last - 1; i >= 0 && previous === undefined; i--)
+    if (msgs[i]!.role === "user") previous = msgs[i]!.content;
+  return previous === undefined ? { messages: msgs, question } : { messages: msgs, question, previous };
 }
 
 /** Split a rendered prompt around the context placeholder. */

@@ -1,6 +1,6 @@
 /**
  * Which context tokens a query keeps (pure, testable): score smoothing, top-budget selection with the
- * always-kept edges (a radix select, no sort), gathering, and the streaming baseline's selection. The engine's
+ * always-kept edges (a radix select, no sort), and gathering. The engine's
  * reform path runs the same smoothing and selection natively (rf_score_select, cuda/select.h); these are
  * the reference and the fallback.
  */
@@ -27,6 +27,20 @@ export function smoothScores(scores: Float32Array, window = DEFAULT_WINDOW): Flo
     out[i] = (prefix[hi]! - prefix[lo]!) / (hi - lo);
   }
   return out;
+}
+
+/**
+ * Smoothing window and edge for a request's budget: the configured values hold at the default budget and scale
+ * with the budget (src/engine/load.ts LIMIT_RATIOS says why); the window stays odd, the edges take at most half
+ * the budget (edgeFor).
+ */
+export function selectionFor(
+  d: { budget: number; window: number; edge: number },
+  budget: number,
+): { window: number; edge: number } {
+  const scale = budget / d.budget;
+  const w = Math.max(1, Math.round(d.window * scale));
+  return { window: w % 2 === 0 ? w + 1 : w, edge: edgeFor(budget, Math.round(d.edge * scale)) };
 }
 
 /** Edge size actually kept for a budget: min(edge, floor(budget / 4)). */
@@ -102,13 +116,4 @@ export function gather(tokens: Int32Array, idx: Int32Array): Int32Array {
   const out = new Int32Array(idx.length);
   for (let i = 0; i < idx.length; i++) out[i] = tokens[idx[i]!]!;
   return out;
-}
-
-/** Streaming baseline: first nSink + last `budget` tokens (all when they cover everything). */
-export function streamingSelection(n: number, budget: number, nSink: number): Int32Array {
-  if (n <= budget + nSink) return Int32Array.from({ length: n }, (_, i) => i);
-  const out: number[] = [];
-  for (let i = 0; i < nSink; i++) out.push(i);
-  for (let i = n - budget; i < n; i++) out.push(i);
-  return Int32Array.from(out);
 }
