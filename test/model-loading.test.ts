@@ -165,7 +165,7 @@ describe("safetensors", () => {
         loadSafetensors(dir, sink);
         const written = tinyModelTensors(opts);
         expect([...sink.got.keys()].sort()).toEqual(written.map((t) => t.name).sort());
-        const native = { f32: RF_F32, f16: RF_F16, bf16: RF_BF16 }[dtype];
+        const native: DType = { f32: RF_F32, f16: RF_F16, bf16: RF_BF16 }[dtype] as DType;
         for (const t of written) {
           const got = sink.got.get(t.name)!;
           expect({ name: t.name, dtype: got.dtype, shape: got.shape }).toEqual({
