@@ -74,7 +74,11 @@ describe("kill -9 during compression, then restart", () => {
           if (line.startsWith("ack ")) {
             acked = Number(line.slice(4));
             // the 4th piece is being compressed now (hundreds of chunks): kill it in the middle
-            if (++acks === 3) setTimeout(() => (child.kill("SIGKILL"), resolve()), 30);
+            if (++acks === 3)
+              setTimeout(() => {
+                child.kill("SIGKILL");
+                resolve();
+              }, 30);
           }
           if (line === "done") resolve();
           nl = buf.indexOf("\n");
