@@ -11,6 +11,7 @@ import { closeSync, openSync, writeSync } from "node:fs";
 
 export const GGML_F32 = 0;
 export const GGML_F16 = 1;
+export const GGML_BF16 = 30;
 
 const T_U32 = 4,
   T_I32 = 5,
@@ -32,7 +33,7 @@ export interface GgufTensor {
   name: string;
   /** ggml order: ne[0] is the contiguous dimension (a [rows, cols] matrix is [cols, rows]). */
   ne: number[];
-  type: typeof GGML_F32 | typeof GGML_F16;
+  type: typeof GGML_F32 | typeof GGML_F16 | typeof GGML_BF16;
   data: Float32Array | Uint16Array;
 }
 

@@ -97,6 +97,10 @@ const cfg: ModelConfig = {
 type LlamaCppModule = any;
 
 async function loadLlamaCpp(): Promise<LlamaCppModule> {
+  // the project's dev dependency (bun install), else an install of our own outside the project
+  try {
+    return await import("node-llama-cpp");
+  } catch {}
   const dir = process.env.REFORM_LLAMA_DIR ?? join(tmpdir(), "reform-llama-peer");
   const entry = join(dir, "node_modules", "node-llama-cpp", "dist", "index.js");
   if (!existsSync(entry)) {

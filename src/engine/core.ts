@@ -68,6 +68,11 @@ export class EngineCore implements EngineCalls {
       if (!isContextId(name)) continue;
       const s = Session.load(join(dir, name));
       if (!s) continue;
+      if (s.meta.fingerprint === this.e.legacyFingerprint && !s.meta.failed) {
+        // stored by a version whose fingerprint did not sample the weights: same config, sizes and setup
+        s.meta.fingerprint = this.e.fingerprint;
+        s.saveMeta(true);
+      }
       if (s.meta.fingerprint !== this.e.fingerprint && !s.meta.failed) {
         s.fail("context was built with a different model or head/compression configuration");
       }

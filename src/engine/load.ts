@@ -3,7 +3,7 @@
  * library, the defaults that follow from it, and the fingerprint that ties stored contexts to this exact
  * model and compression setup.
  */
-import { readFileSync, statSync } from "node:fs";
+import { closeSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { type CompressParams, loadNative, type Native, type NativeModel, RF_F16 } from "../../ffi/native.ts";
 import { type LoadedConfig, loadModelConfig } from "../model/config.ts";
@@ -71,6 +71,8 @@ export interface LoadedEngine {
   bos: number | null;
   params: SessionParams;
   fingerprint: string;
+  /** what contexts stored by an older version carry for this same setup (accepted once, then rewritten) */
+  legacyFingerprint: string;
   info: ModelInfo;
 }
 
@@ -283,14 +285,49 @@ export function uploadCompressParams(d: EngineDefaults, bos: number | null): Com
   };
 }
 
-function fingerprintOf(modelDir: string, hf: HeadsFile, p: SessionParams, bos: number | null): string {
+/**
+ * A cheap sample of a weights file's content: its safetensors header and 16 evenly spaced 4 KiB windows. Another
+ * checkpoint with the same config.json and file sizes (a fine-tune of the same base) differs in every window.
+ */
+function contentSample(file: string): string {
+  const size = statSync(file).size;
+  const fd = openSync(file, "r");
+  try {
+    const len = Buffer.alloc(8);
+    readSync(fd, len, 0, 8, 0);
+    const header = Buffer.alloc(Math.max(0, Math.min(Number(len.readBigUInt64LE(0)), size - 8, 64 << 20)));
+    readSync(fd, header, 0, header.length, 8);
+    let h = Bun.hash(header);
+    const win = Buffer.alloc(Math.min(4096, size));
+    for (let k = 0; k < 16; k++) {
+      readSync(fd, win, 0, win.length, Math.floor(((size - win.length) * k) / 15));
+      h = Bun.hash(win, h);
+    }
+    return h.toString(16);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** The fingerprint that ties a stored context to this model and compression setup, and the formula of an older
+ * version (config + file sizes only), which stored contexts may still carry. */
+function fingerprintOf(
+  modelDir: string,
+  hf: HeadsFile,
+  p: SessionParams,
+  bos: number | null,
+): { current: string; legacy: string } {
   const parts: string[] = [readFileSync(join(modelDir, "config.json"), "utf8")];
-  for (const f of modelFiles(modelDir)) parts.push(`${f.split("/").pop()}:${statSync(f).size}`);
+  const files = modelFiles(modelDir);
+  for (const f of files) parts.push(`${f.split("/").pop()}:${statSync(f).size}`);
   parts.push(JSON.stringify(hf.heads));
   parts.push(JSON.stringify([p.chunkSize, p.capacity, p.nSink, p.nRecent, p.obsWindow, p.embDim, p.embDtype]));
+  // contexts stored by the older formula were compressed without BOS: only valid for a model that uses none
+  const legacy = bos === null ? Bun.hash(parts.join("\n")).toString(16) : "";
   // contexts compressed without the BOS the stream now starts with are not the same compression
   parts.push(`bos:${bos ?? "none"}`);
-  return Bun.hash(parts.join("\n")).toString(16);
+  for (const f of files) parts.push(`content:${contentSample(f)}`);
+  return { current: Bun.hash(parts.join("\n")).toString(16), legacy };
 }
 
 export function loadEngine(o: EngineOptions): LoadedEngine {
@@ -371,6 +408,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       bosTokenId: bos,
     },
   };
+  const fp = fingerprintOf(o.modelDir, headsFile, params, bos);
   return {
     native,
     model,
@@ -382,7 +420,8 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
     templateTokens,
     bos,
     params,
-    fingerprint: fingerprintOf(o.modelDir, headsFile, params, bos),
+    fingerprint: fp.current,
+    legacyFingerprint: fp.legacy,
     info,
   };
 }
