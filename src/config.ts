@@ -61,13 +61,16 @@ type Flag = {
   help: string;
 };
 
+/** The embedded default model: the project's own, trained by training/ and shipped in the repository. */
+export const DEFAULT_MODEL_DIR = join(import.meta.dir, "..", "models", "reform-tiny");
+
 const FLAGS: Flag[] = [
   {
     flag: "model",
     short: "m",
     arg: "DIR",
     env: ["REFORM_MODEL"],
-    help: "Hugging Face model directory (config.json, *.safetensors, tokenizer.json); required",
+    help: "Hugging Face model directory (config.json, *.safetensors, tokenizer.json); default: the embedded model, models/reform-tiny",
   },
   {
     flag: "data",
@@ -222,7 +225,7 @@ function usageLine(f: Flag): string {
 }
 
 export const SERVE_USAGE = [
-  "usage: bun run serve --model DIR [options]",
+  "usage: bun run serve [--model DIR] [options]",
   "",
   ...FLAGS.map(usageLine),
   `  ${"-h, --help".padEnd(26)} show this help`,
@@ -248,9 +251,7 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
     return undefined;
   };
 
-  const model = str("model");
-  if (!model) throw new UsageError("--model is required (or set REFORM_MODEL)");
-  const modelDir = resolve(model);
+  const modelDir = resolve(str("model") ?? DEFAULT_MODEL_DIR);
   if (!existsSync(modelDir) || !statSync(modelDir).isDirectory())
     throw new UsageError(`model directory not found: ${modelDir}`);
   if (!existsSync(join(modelDir, "config.json"))) {

@@ -4,11 +4,11 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { UsageError } from "../src/cli/args.ts";
-import { DEFAULTS, resolveConfig, SERVE_USAGE, type Env, type ServerConfig } from "../src/config.ts";
+import { DEFAULT_MODEL_DIR, DEFAULTS, resolveConfig, SERVE_USAGE, type Env, type ServerConfig } from "../src/config.ts";
 import { LimitsError, resolveDefaults } from "../src/engine/load.ts";
 import { makeTinyModel } from "./fixtures/tiny-model.ts";
 
@@ -186,7 +186,11 @@ describe("config", () => {
   });
 
   test("bad command lines name the flag", () => {
-    expect(usageError([])).toContain("--model is required");
+    // no --model: the embedded default model
+    const dflt = resolveConfig([], {});
+    expect(dflt.help).toBe(false);
+    if (!dflt.help) expect(dflt.modelDir).toBe(DEFAULT_MODEL_DIR);
+    expect(existsSync(join(DEFAULT_MODEL_DIR, "config.json"))).toBe(true);
     expect(usageError(["--model", root])).toContain("has no config.json");
     expect(usageError(["--model", join(root, "nope")])).toContain("model directory not found");
     expect(usageError(["--model", model, "--port", "70000"])).toContain("--port must be between 0 and 65535");

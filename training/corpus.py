@@ -1,6 +1,7 @@
 """Build the training and evaluation corpus from Debian packages (the only text source these machines reach).
 
     python3 training/corpus.py [--out training/data] [--debs DIR]
+    python3 training/corpus.py --smoke --out DIR      # offline: the smoke test's small corpus
 
 Downloads (apt-get download, no root needed) and unpacks fortunes, fortunes-min, wordnet-base and python3.11-doc,
 then writes to --out:
@@ -151,19 +152,36 @@ def write_sents(out: str, name: str, sents: list[str], tok: Tokenizer) -> int:
     return len(ids)
 
 
+def smoke_sources() -> tuple[list[str], list[str], dict]:
+    """A small corpus from the repository's own documents (README.md to train, ARCHITECTURE.md held out) with
+    made-up words: the offline input of the trainer's smoke test, not a corpus to learn anything from."""
+    def paras(name):
+        with open(os.path.join(HERE, "..", name), encoding="utf-8") as f:
+            return [p for p in f.read().split("\n\n") if p.strip()]
+    syll = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "pin", "qua"]
+    made = sorted({a + b + c for a in syll for b in syll for c in syll})
+    half = len(made) // 2
+    words = {"train": {"adj": made[:half:2], "noun": made[1:half:2]}, "eval": {"adj": made[half::2], "noun": made[half + 1 :: 2]}}
+    return sentences(paras("README.md")), sentences(paras("ARCHITECTURE.md")), words
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "data"))
     ap.add_argument("--debs", default=os.path.join(HERE, "data", "debs"))
     ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    ap.add_argument("--smoke", action="store_true", help="a small offline corpus from the repository's documents")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    root = fetch_packages(a.debs)
     tok = Tokenizer(a.tokenizer)
-    glosses, words = wordnet(root)
-    doc_train, doc_held = python_docs(root)
-    train = sentences(fortunes(root)) + sentences(glosses) + sentences(doc_train)
-    held = sentences(doc_held)
+    if a.smoke:
+        train, held, words = smoke_sources()
+    else:
+        root = fetch_packages(a.debs)
+        glosses, words = wordnet(root)
+        doc_train, doc_held = python_docs(root)
+        train = sentences(fortunes(root)) + sentences(glosses) + sentences(doc_train)
+        held = sentences(doc_held)
     n_train = write_sents(a.out, "train", train, tok)
     n_eval = write_sents(a.out, "eval", held, tok)
     with open(os.path.join(a.out, "words.json"), "w") as f:
@@ -171,9 +189,13 @@ def main():
     with open(os.path.join(a.out, "eval_haystack.txt"), "w") as f:
         f.write("\n".join(held))
     manifest = {
-        "packages": PACKAGES,
+        "packages": [] if a.smoke else PACKAGES,
         "train": {"sentences": len(train), "tokens": n_train},
-        "eval": {"sentences": len(held), "tokens": n_eval, "sources": [f"python docs {s}/" for s in HELD_OUT_DOC_SECTIONS]},
+        "eval": {
+            "sentences": len(held),
+            "tokens": n_eval,
+            "sources": ["ARCHITECTURE.md"] if a.smoke else [f"python docs {s}/" for s in HELD_OUT_DOC_SECTIONS],
+        },
         "words": {s: {p: len(v) for p, v in words[s].items()} for s in words},
     }
     with open(os.path.join(a.out, "manifest.json"), "w") as f:

@@ -34,6 +34,8 @@ def evaluate(model, tok: Tokenizer, corpus: Corpus, n: int, length: int, seed: i
         score = 0.0
         for _ in range(n):
             ex = maker.make_fitting(task, length)
+            if ex.task != task:
+                raise ValueError(f"length {length} is too short for the {task} task")
             prompt = ex.ids[: ex.prompt_len]
             answer_budget = len(ex.ids) - ex.prompt_len + 8
             ids = model.generate(prompt, answer_budget, stop)

@@ -137,24 +137,12 @@ def load_hf_dir(path: str) -> Llama:
     return model
 
 
-def export_hf_dir(
-    model: Llama,
-    out_dir: str,
-    tokenizer_json: str,
-    extra_files: dict[str, str] | None = None,
-    dtype: str = "F32",
-    shard_mib: float = 1e9,
-) -> None:
-    """Write the model as a Hugging Face directory the server loads with `--model out_dir` (dtype F32, F16 or
-    BF16; sharded above shard_mib)."""
-    a = model.args
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {PREFIX + k: v for k, v in model.state_dict().items() if not k.startswith("rope_")}
-    write_sharded(out_dir, tensors, dtype, shard_mib)
+def write_side_files(out_dir: str, args: dict, dtype: str, tokenizer_json: str) -> None:
+    """config.json, generation_config.json, tokenizer_config.json (ChatML) and tokenizer.json beside the weights."""
     cfg = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        **{k: v for k, v in a.to_dict().items()},
+        **args,
         "rope_scaling": None,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -175,7 +163,7 @@ def export_hf_dir(
         "pad_token": "<|endoftext|>",
         "bos_token": None,
         "unk_token": None,
-        "model_max_length": a.max_position_embeddings,
+        "model_max_length": args["max_position_embeddings"],
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,
@@ -184,6 +172,23 @@ def export_hf_dir(
         json.dump(tok_cfg, f, indent=1)
     if os.path.abspath(tokenizer_json) != os.path.abspath(os.path.join(out_dir, "tokenizer.json")):
         shutil.copyfile(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
+
+
+def export_hf_dir(
+    model: Llama,
+    out_dir: str,
+    tokenizer_json: str,
+    extra_files: dict[str, str] | None = None,
+    dtype: str = "F32",
+    shard_mib: float = 1e9,
+) -> None:
+    """Write the model as a Hugging Face directory the server loads with `--model out_dir` (dtype F32, F16 or
+    BF16; sharded above shard_mib)."""
+    a = model.args
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {PREFIX + k: v for k, v in model.state_dict().items() if not k.startswith("rope_")}
+    write_sharded(out_dir, tensors, dtype, shard_mib)
+    write_side_files(out_dir, a.to_dict(), dtype, tokenizer_json)
     for name, text in (extra_files or {}).items():
         with open(os.path.join(out_dir, name), "w") as f:
             f.write(text)

@@ -226,7 +226,7 @@ class TaskMaker:
         """An example of at most max_total tokens, as long as possible: made again with a shorter haystack when it
         comes out too long (never cut, so no answer loses its context)."""
         target = max_total
-        for _ in range(8):
+        for _ in range(32):  # shrink the haystack; at the floor, new draws (shorter keys and values) may fit
             ex = self.make(task, target)
             if len(ex.ids) <= max_total:
                 return ex

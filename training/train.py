@@ -272,13 +272,14 @@ def main():
             run_eval()
             last_eval = time.time()
     save()
-    if a.steps is None or a.eval_n > 0:
+    if a.eval_n > 0:
         run_eval()
-    save()
+        save()
     if a.export:
         export_hf_dir(model, a.export, TOKENIZER, dtype=export_dtype, shard_mib=a.shard_mib)
         print(f"[train] exported {a.export}", flush=True)
-    print(f"[train] done: step {step}, {tokens / 1e6:.2f}M tokens, best held-out mean recall {best:.1%}", flush=True)
+    best_s = f"{best:.1%}" if best >= 0 else "not evaluated"
+    print(f"[train] done: step {step}, {tokens / 1e6:.2f}M tokens, best held-out mean recall {best_s}", flush=True)
 
 
 if __name__ == "__main__":

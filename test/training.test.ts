@@ -1,0 +1,108 @@
+/**
+ * training/ against the server: the trainer's tokenizer gives the server's ids on the same text, and a few
+ * training steps through the GPU runbook's own command (scripts/gpu-train.sh --dry-run), exported and completed by
+ * training/finish.py, give a directory the server loads and generates from.
+ * Skipped (and counted as skipped) where no python3 with torch, numpy and regex exists; scripts/setup.sh
+ * --with-test-libs installs them.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { libraryPath } from "../ffi/native.ts";
+import { DEFAULT_MODEL_DIR } from "../src/config.ts";
+import { ModelTokenizer } from "../src/model/tokenizer.ts";
+import { startServer } from "../src/server.ts";
+
+const ROOT = join(import.meta.dir, "..");
+const PY = ["python3", "/usr/bin/python3"].find(
+  (p) => spawnSync(p, ["-c", "import torch, numpy, regex"], { encoding: "utf8" }).status === 0,
+);
+const T = 240_000;
+const root = mkdtempSync(join(tmpdir(), "reform-training-"));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+function py(args: string[], input?: string, env: Record<string, string> = {}) {
+  const r = spawnSync(PY!, args, { cwd: ROOT, input, encoding: "utf8", env: { ...process.env, ...env }, timeout: T });
+  if (r.status !== 0) throw new Error(`python3 ${args.join(" ")} failed (${r.status}): ${r.stderr}\n${r.stdout}`);
+  return r.stdout;
+}
+
+const TEXTS = [
+  "One of the special magic numbers for bright-river is: 4821937.",
+  "The quick brown fox jumps over the lazy dog. It's 12345 o'clock!\n\nNew paragraph:  two  spaces, tabs\tand émojis 🎉 中文字符 end.",
+  "def f(x):\n    return x * 2  # comment\n\n\nclass A: pass",
+  "<|im_start|>user\nWhat is the secret number of 9477255?<|im_end|>\n<|im_start|>assistant\n",
+  "   leading spaces, trailing spaces   \n\n\n",
+  "they'll we've I'm you'd it's DON'T 3.14159 1,000,000 -42 e^x",
+  "uuid 1f3a9c2e-7b4d-4e21-9a0f-5c6d7e8f9a0b and URL https://example.org/a?b=c&d=e#f",
+  "Ünïcödé ÀÉÎÕÜ ß ø å ñ 日本語のテキスト 한국어 текст العربية 🦊🎉👍🏽",
+  "", // empty
+  readFileSync(join(ROOT, "bench", "data", "heldout-haystack.txt"), "utf8").slice(0, 20_000),
+];
+
+describe.skipIf(!PY)("training/ (python3 with torch, numpy, regex)", () => {
+  test("the trainer's tokenizer gives the server's token ids", () => {
+    const tokJson = join(DEFAULT_MODEL_DIR, "tokenizer.json");
+    const ours: number[][] = JSON.parse(py(["training/tokenizer.py", tokJson], JSON.stringify(TEXTS)));
+    const server = ModelTokenizer.fromDir(DEFAULT_MODEL_DIR);
+    expect(ours.length).toBe(TEXTS.length);
+    TEXTS.forEach((t, i) => {
+      expect(ours[i]!).toEqual(server.encode(t));
+    });
+    // special tokens written in the text are single ids on both sides
+    expect(ours[3]![0]).toBe(1);
+  });
+
+  test(
+    "a few training steps through the GPU runbook's command, exported, load in the server and generate",
+    async () => {
+      const data = join(root, "data");
+      py(["training/corpus.py", "--smoke", "--out", data]);
+      const out = join(root, "out");
+      const r = spawnSync("bash", ["scripts/gpu-train.sh", "--dry-run"], {
+        cwd: ROOT,
+        encoding: "utf8",
+        env: { ...process.env, OUT: out, REFORM_TRAIN_DATA: data, DRY_RUN_STEPS: "8", PYTHON: PY! },
+        timeout: T,
+      });
+      expect(r.status).toBe(0);
+      const log = readFileSync(join(out, "train-dryrun.log"), "utf8");
+      expect(log).toMatch(/\[train\] step 8 tokens/);
+      expect(log).toMatch(/held-out in-window recall/);
+      // what a device run brings back: weights + config only; finish.py completes the directory
+      expect(existsSync(join(out, "model", "model.safetensors"))).toBe(true);
+      expect(existsSync(join(out, "model", "tokenizer.json"))).toBe(false);
+      const modelDir = join(root, "model");
+      expect(py(["training/finish.py", join(out, "model"), modelDir])).toContain("window 256");
+
+      const srv = await startServer({
+        modelDir,
+        dataDir: join(root, "srv"),
+        host: "127.0.0.1",
+        port: 0,
+        backend: "cpu",
+        library: libraryPath("cpu"),
+        log: () => {},
+      });
+      try {
+        await srv.engine.ready();
+        const models = await (await fetch(`${srv.url}/v1/models`)).json();
+        expect(models.data[0].max_model_len).toBe(256);
+        const res = await fetch(`${srv.url}/v1/chat/completions`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ messages: [{ role: "user", content: "Hello" }], max_tokens: 8, temperature: 0 }),
+        });
+        const body = await res.json();
+        expect(res.status).toBe(200);
+        expect(body.usage.completion_tokens).toBeGreaterThan(0);
+        expect(body.usage.completion_tokens).toBeLessThanOrEqual(8);
+      } finally {
+        await srv.stop();
+      }
+    },
+    T,
+  );
+});
