@@ -161,7 +161,7 @@ describe("ops", () => {
       max_budget: 1792,
       max_tokens: 256,
       max_new_tokens: 1024,
-      smoothing_window: 21,
+      smoothing_window: 129,
       edge: 40,
       baseline_cache_factor: 4,
       max_h2o_tokens: 262_144,

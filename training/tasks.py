@@ -30,28 +30,12 @@ from tokenizer import Tokenizer
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 NEEDLE_TASKS = ("single", "multikey", "multivalue", "multiquery", "quote")
 
-# (needle, question about one key, question about all values of one key, question about several keys)
-TEMPLATES = [
-    (
-        "One of the special magic {n}s for {k} is: {v}.",
-        "What is the special magic {n} for {k} mentioned in the provided text?",
-        "What are all the special magic {n}s for {k} mentioned in the provided text?",
-        "What are the special magic {n}s for {ks} mentioned in the provided text?",
-    ),
-    (
-        "The value corresponding to the id {k} is {v}.",
-        "What is the value corresponding to the id {k}?",
-        "What are all the values corresponding to the id {k}?",
-        "What are the values corresponding to the ids {ks}?",
-    ),
-    (
-        "The secret {n} of {k} is {v}.",
-        "What is the secret {n} of {k}?",
-        "What are all the secret {n}s of {k}?",
-        "What are the secret {n}s of {ks}?",
-    ),
-]
-QUOTE_Q = 'Quote the sentence that contains the word "{w}".'
+# needle templates, shared with bench/ruler.ts: (needle, question about one key, question about all values of one
+# key, question about several keys); the quote task's question
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates.json")) as _f:
+    _T = json.load(_f)
+TEMPLATES = [tuple(t) for t in _T["needles"]]
+QUOTE_Q = _T["quote"]
 
 
 @dataclass
