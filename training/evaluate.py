@@ -56,9 +56,10 @@ def main():
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = load_hf_dir(a.model).eval()
+    model = load_hf_dir(a.model).to(a.device).eval()
     tok = Tokenizer(os.path.join(a.model, "tokenizer.json"))
     corpus = Corpus(a.data, "eval")
     window = model.args.max_position_embeddings

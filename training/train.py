@@ -3,9 +3,11 @@
     python3 training/train.py --config tiny  [--minutes 120] [--threads 2]      # 2 CPU cores, background
     python3 training/train.py --config small --minutes 7 --device cuda          # one H200 (scripts/gpu-session.sh)
 
-State lives in training/runs/<config>/: ckpt.pt (model + optimizer + schedule + data seed, written every
---save-every minutes and at the end), log.jsonl (loss, tokens/s, evaluations), best/ (the exported Hugging Face
-directory with the best held-out recall so far). Re-running the same command resumes from ckpt.pt.
+State lives in training/runs/<config>/ (not in git): ckpt.pt (model + optimizer + schedule + data seed, written
+every --save-every minutes and at the end), log.jsonl (loss, tokens/s, evaluations), best/ (the exported Hugging
+Face directory with the best held-out recall so far). Re-running the same command resumes from ckpt.pt, else from
+training/state/<config>/ckpt.pt: the state committed at the end of a session (copy ckpt.pt and log.jsonl there),
+so that a later session on a new machine goes on where this one stopped.
 
 Schedule: AdamW (betas 0.9/0.95, weight decay 0.05, clip 1.0), linear warm-up then cosine decay over the planned
 run, where progress is the larger of tokens/--tokens and elapsed/--minutes, so a time-boxed GPU run still ends
@@ -149,11 +151,14 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
 
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    state = torch.load(ckpt_path, map_location="cpu") if os.path.exists(ckpt_path) else None
+    # a run goes on from its own checkpoint, else from the state committed to the repository (a new machine)
+    committed = os.path.join(HERE, "state", a.config, "ckpt.pt")
+    src = ckpt_path if os.path.exists(ckpt_path) else committed if os.path.exists(committed) else None
+    state = torch.load(src, map_location="cpu") if src else None
     if state:
         model = Llama(ModelArgs(**state["args"]))
         model.load_state_dict(state["model"])
-        print(f"[train] resumed {ckpt_path}: step {state['step']}, {state['tokens'] / 1e6:.2f}M tokens", flush=True)
+        print(f"[train] resumed {src}: step {state['step']}, {state['tokens'] / 1e6:.2f}M tokens", flush=True)
     elif cfg["init"] and os.path.exists(os.path.join(cfg["init"], "model.safetensors")):
         model = load_hf_dir(cfg["init"])
         print(f"[train] initialised from {cfg['init']}", flush=True)
