@@ -47,7 +47,6 @@ function digest(s: string): Buffer {
   return createHash("sha256").update(s).digest();
 }
 
-
 export function createApp(engine: EngineClient, options: AppOptions): ReformApp {
   const log = options.log ?? defaultLogger;
   const stats = new HttpStats();

@@ -5,7 +5,15 @@
  * disagree; this file only adds what is specific to the HTTP shape (aliases, OpenAI's no-op fields).
  */
 import { z } from "zod";
-import type { ContextInfo, InlineInfo, Method, ModelInfo, SamplingOptions, TokenLogprob, Usage } from "../src/engine/api.ts";
+import type {
+  ContextInfo,
+  InlineInfo,
+  Method,
+  ModelInfo,
+  SamplingOptions,
+  TokenLogprob,
+  Usage,
+} from "../src/engine/api.ts";
 import { ContextIdSchema, Field, MessageSchema } from "../src/engine/schema.ts";
 import { ApiError } from "./errors.ts";
 

@@ -143,7 +143,8 @@ export function keepAliveJson(
         } catch (err) {
           const status = (err as { status?: number }).status;
           const st = typeof status === "number" ? status : 500;
-          if (st >= 500) opts.log?.("error", "error during a kept-alive JSON response", err instanceof Error ? err.stack : err);
+          if (st >= 500)
+            opts.log?.("error", "error during a kept-alive JSON response", err instanceof Error ? err.stack : err);
           const msg = st >= 500 && typeof status !== "number" ? "internal server error" : (err as Error).message;
           push(JSON.stringify(errorBody(st, (err as { code?: string }).code ?? "internal_error", msg)));
         } finally {

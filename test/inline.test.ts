@@ -30,7 +30,9 @@ let client: OpenAI;
 // biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
 type Json = any;
 
-const WORDS = "alpha beta gamma delta river stone cloud paper seven orange window garden silver market lantern".split(" ");
+const WORDS = "alpha beta gamma delta river stone cloud paper seven orange window garden silver market lantern".split(
+  " ",
+);
 
 /** A document of about `chars` characters, different for each seed. */
 function documentOf(chars: number, seed: number): string {

@@ -365,7 +365,13 @@ export class EngineCore implements EngineCalls {
         },
       );
       const { question: _q, messages: _m, inline: _i, ...rest } = req;
-      await this.runPlanned(qid, { ...rest, contextId: lease.session.id, prompt: plan.question }, lease.session, emit, tReq);
+      await this.runPlanned(
+        qid,
+        { ...rest, contextId: lease.session.id, prompt: plan.question },
+        lease.session,
+        emit,
+        tReq,
+      );
     } catch (e) {
       throw toEngineError(e);
     } finally {

@@ -300,7 +300,12 @@ export interface InlineHost {
   create(metadata: Record<string, unknown>): Session;
   session(id: string): Session | undefined;
   /** appends the ids to the session and compresses them all (final), reporting progress; on the engine's chain */
-  compress(s: Session, ids: Int32Array, textBytes: number, progress: (done: number, total: number) => void): Promise<void>;
+  compress(
+    s: Session,
+    ids: Int32Array,
+    textBytes: number,
+    progress: (done: number, total: number) => void,
+  ): Promise<void>;
   remove(id: string): Promise<unknown>;
   /** disk the server may still use before --max-disk-bytes (Infinity when uncapped) */
   diskRoom(): number;
@@ -374,11 +379,7 @@ export class InlineCache {
       }
       if (en.owner === owner && en.tokens <= ids.length) cands.push(en);
     }
-    const keys = prefixKeys(
-      owner,
-      ids,
-      [ids.length, ...cands.map((c) => c.tokens)],
-    );
+    const keys = prefixKeys(owner, ids, [ids.length, ...cands.map((c) => c.tokens)]);
     let best: Entry | null = null;
     for (const c of cands) if (keys.get(c.tokens) === c.key && (!best || c.tokens > best.tokens)) best = c;
     return { best, key: keys.get(ids.length)! };

@@ -351,7 +351,8 @@ export class Session {
    */
   appendTokens(ids: Int32Array, textBytes: number): void {
     const m = this.meta;
-    if (ids.length > 0) appendSync(this.p("tokens.bin"), new Uint8Array(ids.buffer, ids.byteOffset, ids.byteLength), true);
+    if (ids.length > 0)
+      appendSync(this.p("tokens.bin"), new Uint8Array(ids.buffer, ids.byteOffset, ids.byteLength), true);
     m.tokens += ids.length;
     m.bytesReceived += textBytes;
     m.started = true;
