@@ -204,7 +204,7 @@ describe("rules", () => {
       });
       expect(small.status).toBe(200);
       expect(small.headers.get("x-reform-inline")).toBeNull();
-      expect((await small.json()).reform.inline).toBeUndefined();
+      expect(((await small.json()) as Json).reform.inline).toBeUndefined();
       const long = { messages: [{ role: "user", content: doc }], max_tokens: 2 };
       await expectError(
         await jsonPost(`${base}/v1/chat/completions`, long, { "x-reform-inline": "off" }),
@@ -229,7 +229,7 @@ describe("rules", () => {
         temperature: 0,
       });
       expect(res.status).toBe(200);
-      const body = await res.json();
+      const body = (await res.json()) as Json;
       expect(body.object).toBe("text_completion");
       expect(body.reform.inline.cache).toBe("miss");
       expect(body.reform.inline.question_tokens).toBeLessThanOrEqual(srv.engine.modelInfo()!.defaults.maxQueryTokens);
