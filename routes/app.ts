@@ -19,6 +19,7 @@ import { openaiRoutes } from "./openai.ts";
 import { opsRoutes } from "./ops.ts";
 import { queryRoutes } from "./query.ts";
 import { RouteTable } from "./table.ts";
+import { bearer } from "./util.ts";
 import type { AppOptions, Deps } from "./types.ts";
 
 export type { AppOptions } from "./types.ts";
@@ -46,15 +47,6 @@ function digest(s: string): Buffer {
   return createHash("sha256").update(s).digest();
 }
 
-function bearer(req: Request): string | null {
-  const h = req.headers.get("authorization");
-  if (h) {
-    const m = /^Bearer\s+(.+)$/i.exec(h.trim());
-    return m ? m[1]!.trim() : null;
-  }
-  return req.headers.get("x-api-key");
-}
-
 export function createApp(engine: EngineClient, options: AppOptions): ReformApp {
   const log = options.log ?? defaultLogger;
   const stats = new HttpStats();
@@ -70,6 +62,7 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
       corsOrigin: options.corsOrigin ?? "",
       sseHeartbeatSec: options.sseHeartbeatSec ?? 15,
       listContextModels: options.listContextModels ?? true,
+      inline: options.inline ?? true,
       logRequests: options.logRequests ?? false,
     },
   };
@@ -114,7 +107,7 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
         // allowHeaders is empty), because SDK clients send headers of their own (the openai JS client: the
         // x-stainless-* family, which grows with its versions). Only a named origin gets an
         // Access-Control-Allow-Origin, so for every other page the preflight still fails.
-        exposeHeaders: ["location"],
+        exposeHeaders: ["location", "x-reform-inline", "x-reform-context-id"],
         maxAge: 600,
       }),
     );

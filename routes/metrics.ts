@@ -119,6 +119,45 @@ export class HttpStats {
         metric("reform_disk_limit_bytes", "gauge", "Disk the contexts may use (--max-disk-bytes).", [
           `reform_disk_limit_bytes ${fmt(maxDisk)}`,
         ]);
+      const inl = m.inline;
+      for (const [name, type, help, v] of [
+        [
+          "reform_inline_requests_total",
+          "counter",
+          "Queries answered by inline REFORM (prompts beyond the window).",
+          inl.requests,
+        ],
+        ["reform_inline_hits_total", "counter", "Inline requests whose whole compressed prefix was cached.", inl.hits],
+        [
+          "reform_inline_extends_total",
+          "counter",
+          "Inline requests that extended a cached prefix (only new tokens compressed).",
+          inl.extends,
+        ],
+        ["reform_inline_misses_total", "counter", "Inline requests compressed from scratch.", inl.misses],
+        [
+          "reform_inline_shared_total",
+          "counter",
+          "Inline requests that joined a compression of the same prefix in flight.",
+          inl.shared,
+        ],
+        [
+          "reform_inline_appended_tokens_total",
+          "counter",
+          "Tokens compressed for inline requests.",
+          inl.appendedTokens,
+        ],
+        [
+          "reform_inline_evictions_total",
+          "counter",
+          "Implicit contexts evicted (count, age or disk bound).",
+          inl.evictions,
+        ],
+        ["reform_inline_contexts", "gauge", "Implicit contexts held for prefix reuse.", inl.contexts],
+        ["reform_inline_disk_bytes", "gauge", "Bytes of the implicit contexts' files.", inl.diskBytes],
+        ["reform_inline_memo_bytes", "gauge", "Memory of the inline tokenization memo.", inl.memoBytes],
+      ] as const)
+        metric(name, type, help, [`${name} ${fmt(v)}`]);
       for (const [name, samples, help] of [
         ["reform_recent_ttft_seconds", m.ttftSeconds, "Time to first token over recent queries."],
         ["reform_recent_tpot_seconds", m.tpotSeconds, "Time per output token over recent queries."],

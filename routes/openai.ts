@@ -8,7 +8,15 @@
  */
 import type { Context } from "hono";
 import { Hono } from "hono";
-import type { ChatMessage, FinishReason, QueryRequest } from "../src/engine/api.ts";
+import { createHash } from "node:crypto";
+import type {
+  ChatMessage,
+  ContextInfo,
+  FinishReason,
+  InlineInfo,
+  QueryEvent,
+  QueryRequest,
+} from "../src/engine/api.ts";
 import { ApiError } from "./errors.ts";
 import {
   ChatBody,
@@ -17,6 +25,8 @@ import {
   ContextIdSchema,
   MODEL_ALIAS,
   DetokenizeBody,
+  inlineHeaders,
+  inlineView,
   type LogprobView,
   limitsView,
   logprobView,
@@ -29,7 +39,7 @@ import {
 } from "./protocol.ts";
 import { type Collected, collectQuery, type OpenQuery, openQuery, streamQuery } from "./serving.ts";
 import type { Deps } from "./types.ts";
-import { parseJsonBody } from "./util.ts";
+import { bearer, keepAliveJson, parseJsonBody, type SseWriter } from "./util.ts";
 import { codePoints, Utf8Positions } from "../src/util/utf8.ts";
 
 /**
@@ -55,14 +65,35 @@ function toMessages(ms: ChatBody["messages"]): ChatMessage[] {
   });
 }
 
+/** A context's display name in /v1/models: its metadata `name` (or `title`), else its id. */
+function contextName(ctx: ContextInfo): string {
+  const m = ctx.metadata ?? {};
+  const n = typeof m.name === "string" && m.name ? m.name : typeof m.title === "string" && m.title ? m.title : null;
+  return n ?? ctx.id;
+}
+
 /** OpenAI knows no "abort": a generation cut short by the server ends as "stop". */
 function finishOf(f: FinishReason): "stop" | "length" {
   return f === "length" ? "length" : "stop";
 }
 
+/** A header that turns a per-request switch off ("0", "false", "off", "no") or on ("1", "true", "on", "yes"). */
+function headerSwitch(req: Request, name: string): boolean | undefined {
+  const v = req.headers.get(name)?.trim().toLowerCase();
+  if (v === undefined || v === "") return undefined;
+  if (["0", "false", "off", "no"].includes(v)) return false;
+  if (["1", "true", "on", "yes"].includes(v)) return true;
+  throw new ApiError(400, "invalid_value", `header ${name}: expected on or off, got '${v}'`, name);
+}
+
 /** A started OpenAI-style completion: the engine query plus the envelope every response object carries. */
 interface Started {
   q: OpenQuery;
+  /** set when the prompt went beyond the window and REFORM answers it from an implicit context */
+  inline: InlineInfo | null;
+  /** progress events asked for (`reform.progress` / `X-Reform-Progress`) */
+  progressEvents: boolean;
+  headers: Record<string, string>;
   contextId: string | undefined;
   method: QueryRequest["method"];
   /** the fields every response object and chunk repeats */
@@ -96,16 +127,31 @@ export function openaiRoutes(d: Deps): Hono {
   ): Promise<Started> => {
     checkModel(body.model);
     const { contextId, method, budget } = reformTarget(body);
+    // a prompt beyond the window is answered by REFORM unless the server, the body or a header turns it off
+    const inlineOn =
+      contextId === undefined &&
+      opts.inline &&
+      body.reform?.inline !== false &&
+      headerSwitch(c.req.raw, "x-reform-inline") !== false;
+    const key = bearer(c.req.raw);
+    // implicit contexts are kept apart per API key (a digest of it; "" without auth)
+    const owner = opts.apiKey && key ? createHash("sha256").update(key).digest("hex") : "";
     const q = await openQuery(engine, c.req.raw, {
       contextId,
       ...input,
       method,
       budget,
       sampling: samplingOf(body, { maxTokens: o.maxTokens, temperature: 1, logprobs: o.logprobs }),
+      ...(inlineOn ? { inline: { owner } } : {}),
     });
+    const first = q.first.done ? null : q.first.value;
+    const inline = first?.type === "inline" ? first : null;
     return {
       q,
-      contextId,
+      inline,
+      progressEvents: body.reform?.progress === true || headerSwitch(c.req.raw, "x-reform-progress") === true,
+      headers: inline ? inlineHeaders(inline) : {},
+      contextId: inline?.contextId ?? contextId,
       method,
       envelope: {
         id: newId(o.idPrefix),
@@ -129,8 +175,34 @@ export function openaiRoutes(d: Deps): Hono {
       context_tokens: res.usage.contextTokens,
       selected_tokens: res.usage.selectedTokens,
       timings: timingsView(res.timings),
+      ...(s.inline ? { inline: inlineView(s.inline) } : {}),
     },
   });
+
+  /**
+   * A non-stream response: at once when nothing compresses, else kept alive (status and headers first, newlines
+   * while the prompt compresses, then the body).
+   */
+  const respond = (c: Context, s: Started, body: () => Promise<unknown>): Response | Promise<Response> => {
+    if (!s.inline || s.inline.cache === "hit")
+      return body().then((b) => {
+        for (const [k, v] of Object.entries(s.headers)) c.header(k, v);
+        return c.json(b as object);
+      });
+    return keepAliveJson(c.req.raw, body, { heartbeatSec: opts.sseHeartbeatSec, headers: s.headers, log: d.log });
+  };
+
+  /** A stream's answer to progress: `event: progress` when asked for, else an SSE comment. */
+  const progressOut = (s: Started, ev: Extract<QueryEvent, { type: "progress" }>, w: SseWriter) => {
+    if (s.progressEvents)
+      w.send(
+        { object: "reform.progress", stage: ev.stage, done: ev.done, total: ev.total, context_id: s.contextId ?? null },
+        "progress",
+      );
+    else w.comment(`progress ${ev.stage} ${ev.done}/${ev.total}`);
+  };
+  /** The `reform` extension a stream's first and last chunks carry for an inline request. */
+  const streamExtra = (s: Started) => (s.inline ? { reform: { inline: inlineView(s.inline) } } : {});
 
   /** A stream chunk with one choice (`usage: null` while usage is asked for, as OpenAI does). */
   const chunk = (s: Started, choice: Record<string, unknown>) => ({
@@ -161,12 +233,16 @@ export function openaiRoutes(d: Deps): Hono {
     const data: Record<string, unknown>[] = [servedModel(servedName(), created)];
     if (opts.listContextModels && engine.state() === "ready") {
       for (const ctx of await engine.listContexts()) {
-        if (ctx.state !== "ready") continue;
+        // uploaded contexts only: inline requests' implicit contexts are a cache, not something to pick
+        if (ctx.state !== "ready" || ctx.metadata?.inline === true) continue;
         data.push({
           id: `${CONTEXT_MODEL_PREFIX}${ctx.id}`,
           object: "model",
           created: Math.floor(ctx.createdAt / 1000),
           owned_by: "reform",
+          name: contextName(ctx),
+          context_id: ctx.id,
+          context_tokens: ctx.tokensReceived,
         });
       }
     }
@@ -180,7 +256,16 @@ export function openaiRoutes(d: Deps): Hono {
     if (id.startsWith(CONTEXT_MODEL_PREFIX)) {
       const ctxId = id.slice(CONTEXT_MODEL_PREFIX.length);
       const ctx = ContextIdSchema.safeParse(ctxId).success ? await engine.getContext(ctxId) : null;
-      if (ctx) return c.json({ id, object: "model", created: Math.floor(ctx.createdAt / 1000), owned_by: "reform" });
+      if (ctx)
+        return c.json({
+          id,
+          object: "model",
+          created: Math.floor(ctx.createdAt / 1000),
+          owned_by: "reform",
+          name: contextName(ctx),
+          context_id: ctx.id,
+          context_tokens: ctx.tokensReceived,
+        });
     }
     throw new ApiError(404, "model_not_found", `the model '${id}' does not exist`, "model");
   });
@@ -200,15 +285,14 @@ export function openaiRoutes(d: Deps): Hono {
       },
     );
 
-    if (!body.stream) {
-      const res = await collectQuery(d, s.q);
-      return c.json(
-        complete(s, res, {
+    if (!body.stream)
+      return respond(c, s, async () => {
+        const res = await collectQuery(d, s.q);
+        return complete(s, res, {
           message: { role: "assistant", content: res.text, refusal: null },
           logprobs: wantLogprobs ? { content: res.logprobs, refusal: null } : null,
-        }),
-      );
-    }
+        });
+      });
 
     // logprob entries of tokens whose text is still held back ride on the next chunk that is sent
     let pendingLp: LogprobView[] = [];
@@ -218,20 +302,28 @@ export function openaiRoutes(d: Deps): Hono {
       return chunk(s, { delta, logprobs: lp, finish_reason: finishReason });
     };
     let sentRole = false;
-    return streamQuery(d, c.req.raw, s.q, `chat ${s.envelope.id}`, (ev, w) => {
-      if (!sentRole) {
-        sentRole = true;
-        w.send(delta({ role: "assistant", content: "", refusal: null }, null));
-      }
-      if (ev.type === "progress") w.comment(`progress ${ev.stage} ${ev.done}/${ev.total}`);
-      else if (ev.type === "token") {
-        if (ev.logprob) pendingLp.push(logprobView(ev.logprob));
-        if (ev.text.length > 0) w.send(delta({ content: ev.text }, null));
-      } else if (ev.type === "done") {
-        w.send(delta({}, finishOf(ev.finishReason)));
-        if (s.includeUsage) w.send(usageChunk(s, ev.usage));
-      }
-    });
+    return streamQuery(
+      d,
+      c.req.raw,
+      s.q,
+      `chat ${s.envelope.id}`,
+      (ev, w) => {
+        if (!sentRole) {
+          sentRole = true;
+          w.send({ ...delta({ role: "assistant", content: "", refusal: null }, null), ...streamExtra(s) });
+        }
+        if (ev.type === "progress") progressOut(s, ev, w);
+        else if (ev.type === "token") {
+          if (ev.logprob) pendingLp.push(logprobView(ev.logprob));
+          if (ev.text.length > 0) w.send(delta({ content: ev.text }, null));
+        } else if (ev.type === "done") {
+          w.send({ ...delta({}, finishOf(ev.finishReason)), ...streamExtra(s) });
+          if (s.includeUsage) w.send(usageChunk(s, ev.usage));
+        }
+      },
+      undefined,
+      s.headers,
+    );
   });
 
   r.post("/completions", async (c) => {
@@ -251,15 +343,14 @@ export function openaiRoutes(d: Deps): Hono {
     );
     const echo = body.echo === true ? prompt : "";
 
-    if (!body.stream) {
-      const res = await collectQuery(d, s.q);
-      return c.json(
-        complete(s, res, {
+    if (!body.stream)
+      return respond(c, s, async () => {
+        const res = await collectQuery(d, s.q);
+        return complete(s, res, {
           text: echo + res.text,
           logprobs: wantLogprobs ? legacyLogprobs(res.logprobs, new Utf8Positions(), codePoints(echo)) : null,
-        }),
-      );
-    }
+        });
+      });
 
     let pending: LogprobView[] = [];
     const pos = new Utf8Positions();
@@ -277,18 +368,19 @@ export function openaiRoutes(d: Deps): Hono {
       s.q,
       `completion ${s.envelope.id}`,
       (ev, w) => {
-        if (ev.type === "progress") w.comment(`progress ${ev.stage} ${ev.done}/${ev.total}`);
+        if (ev.type === "progress") progressOut(s, ev, w);
         else if (ev.type === "token") {
           if (ev.logprob) pending.push(logprobView(ev.logprob));
           if (ev.text.length > 0) w.send(piece(ev.text, null));
         } else if (ev.type === "done") {
-          w.send(piece("", finishOf(ev.finishReason)));
+          w.send({ ...piece("", finishOf(ev.finishReason)), ...streamExtra(s) });
           if (s.includeUsage) w.send(usageChunk(s, ev.usage));
         }
       },
       (w) => {
         if (echo) w.send(chunk(s, { text: echo, logprobs: null, finish_reason: null }));
       },
+      s.headers,
     );
   });
 

@@ -5,7 +5,15 @@
  * disagree; this file only adds what is specific to the HTTP shape (aliases, OpenAI's no-op fields).
  */
 import { z } from "zod";
-import type { ContextInfo, Method, ModelInfo, SamplingOptions, TokenLogprob, Usage } from "../src/engine/api.ts";
+import type {
+  ContextInfo,
+  InlineInfo,
+  Method,
+  ModelInfo,
+  SamplingOptions,
+  TokenLogprob,
+  Usage,
+} from "../src/engine/api.ts";
 import { ContextIdSchema, Field, MessageSchema } from "../src/engine/schema.ts";
 import { ApiError } from "./errors.ts";
 
@@ -104,6 +112,10 @@ const OpenAIFields = {
       context_id: ContextIdSchema.optional(),
       method: Field.method.optional(),
       budget: Field.budget.optional(),
+      /** false: a prompt beyond the window is refused (400 context_length_exceeded) instead of answered by REFORM */
+      inline: z.boolean().optional(),
+      /** true: streams carry `event: progress` while an inline prompt compresses (else SSE comments) */
+      progress: z.boolean().optional(),
     })
     .strict()
     .optional(),
@@ -296,6 +308,27 @@ export function reformTarget(body: {
 }
 
 // ------------------------------------------------------------------ response views
+
+/** How an inline request was served, as the `reform.inline` extension field shows it. */
+export function inlineView(i: InlineInfo): Record<string, unknown> {
+  return {
+    context_id: i.contextId,
+    cache: i.cache,
+    context_tokens: i.contextTokens,
+    appended_tokens: i.appendedTokens,
+    gathered_tokens: i.gatheredTokens,
+    question_tokens: i.questionTokens,
+    prefix_key: i.key,
+  };
+}
+
+/** The response headers of an inline request: `X-Reform-Inline` (how) and `X-Reform-Context-Id`. */
+export function inlineHeaders(i: InlineInfo): Record<string, string> {
+  return {
+    "x-reform-inline": `cache=${i.cache}; context_id=${i.contextId}; gathered_tokens=${i.gatheredTokens}; context_tokens=${i.contextTokens}; appended_tokens=${i.appendedTokens}`,
+    "x-reform-context-id": i.contextId,
+  };
+}
 
 /** ContextInfo as the API shows it: the engine's camelCase fields plus snake_case aliases. */
 export function contextView(info: ContextInfo): Record<string, unknown> {

@@ -59,6 +59,7 @@ export function streamQuery(
   label: string,
   onEvent: (ev: QueryEvent, w: SseWriter) => void,
   onOpen?: (w: SseWriter) => void,
+  headers?: Record<string, string>,
 ): Response {
   const { stats, log, opts } = d;
   const { it, first, ac } = q;
@@ -89,7 +90,7 @@ export function streamQuery(
         await it.return?.().catch(() => {});
       }
     },
-    { heartbeatSec: opts.sseHeartbeatSec, log },
+    { heartbeatSec: opts.sseHeartbeatSec, log, ...(headers ? { headers } : {}) },
   );
 }
 

@@ -15,6 +15,8 @@ export interface AppOptions {
   corsOrigin?: string;
   /** Seconds between SSE keep-alive comments; default 15. */
   sseHeartbeatSec?: number;
+  /** Answer OpenAI requests whose prompt exceeds the window with REFORM (inline contexts); default true. */
+  inline?: boolean;
   /** List ready contexts in /v1/models as `context:<id>` (chat frontends can then pick one). */
   listContextModels?: boolean;
   /** Log each request (method, path, status, ms). Default false. */

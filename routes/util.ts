@@ -100,6 +100,75 @@ export async function parseJsonBody<S extends z.ZodType>(
   return r.data;
 }
 
+/** The API key a request presents (`Authorization: Bearer KEY`, or `X-Api-Key: KEY`), or null. */
+export function bearer(req: Request): string | null {
+  const h = req.headers.get("authorization");
+  if (h) {
+    const m = /^Bearer\s+(.+)$/i.exec(h.trim());
+    return m ? m[1]!.trim() : null;
+  }
+  return req.headers.get("x-api-key");
+}
+
+/**
+ * A JSON response whose body may take long (an inline prompt that compresses first): the status and headers go out
+ * at once and a newline every `heartbeatSec` keeps the connection alive (JSON allows leading whitespace); then the
+ * body. An error after the start can only be the body: an OpenAI error object, with status 200 already sent.
+ */
+export function keepAliveJson(
+  req: Request,
+  run: (signal: AbortSignal) => Promise<unknown>,
+  opts: { heartbeatSec: number; headers?: Record<string, string>; log?: Logger },
+): Response {
+  const enc = new TextEncoder();
+  const ac = new AbortController();
+  const onAbort = () => ac.abort();
+  if (req.signal.aborted) ac.abort();
+  else req.signal.addEventListener("abort", onAbort, { once: true });
+  let timer: ReturnType<typeof setInterval> | undefined;
+  const stream = new ReadableStream<Uint8Array>({
+    start(ctrl) {
+      const push = (s: string) => {
+        try {
+          ctrl.enqueue(enc.encode(s));
+        } catch {
+          /* cancelled */
+        }
+      };
+      push("\n");
+      if (opts.heartbeatSec > 0) timer = setInterval(() => push("\n"), opts.heartbeatSec * 1000);
+      queueMicrotask(async () => {
+        try {
+          push(JSON.stringify(await run(ac.signal)));
+        } catch (err) {
+          const status = (err as { status?: number }).status;
+          const st = typeof status === "number" ? status : 500;
+          if (st >= 500)
+            opts.log?.("error", "error during a kept-alive JSON response", err instanceof Error ? err.stack : err);
+          const msg = st >= 500 && typeof status !== "number" ? "internal server error" : (err as Error).message;
+          push(JSON.stringify(errorBody(st, (err as { code?: string }).code ?? "internal_error", msg)));
+        } finally {
+          if (timer) clearInterval(timer);
+          req.signal.removeEventListener("abort", onAbort);
+          try {
+            ctrl.close();
+          } catch {
+            /* cancelled */
+          }
+        }
+      });
+    },
+    cancel() {
+      if (timer) clearInterval(timer);
+      ac.abort();
+    },
+  });
+  return new Response(stream, {
+    status: 200,
+    headers: { "content-type": "application/json", "cache-control": "no-cache", ...opts.headers },
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Server-sent events
 

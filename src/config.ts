@@ -50,6 +50,8 @@ export interface ServerConfig {
   defaults: Partial<EngineDefaults>;
   /** Let --max-model-len (and chunk + capacity) exceed the model's trained window: a warning, not an error. */
   allowBeyondWindow: boolean;
+  /** Answer OpenAI requests whose prompt exceeds the window with REFORM (implicit contexts); --no-inline: refuse. */
+  inline: boolean;
 }
 
 type Flag = {
@@ -184,6 +186,29 @@ const FLAGS: Flag[] = [
     help: "disk all contexts together may use; uploads beyond it get 413 (default: no limit)",
   },
   {
+    flag: "no-inline",
+    env: ["REFORM_INLINE"],
+    help: "refuse OpenAI requests beyond the window (400) instead of answering them with REFORM (env: 0 = off)",
+  },
+  {
+    flag: "inline-max-contexts",
+    arg: "N",
+    env: ["REFORM_INLINE_MAX_CONTEXTS"],
+    help: "implicit contexts of inline prompts kept for prefix reuse (default 16; least recently used go first)",
+  },
+  {
+    flag: "inline-max-age",
+    arg: "S",
+    env: ["REFORM_INLINE_MAX_AGE"],
+    help: "seconds an unused implicit context is kept (default 86400)",
+  },
+  {
+    flag: "inline-max-disk-bytes",
+    arg: "N",
+    env: ["REFORM_INLINE_MAX_DISK_BYTES"],
+    help: "disk the implicit contexts may use together (default: only --max-disk-bytes)",
+  },
+  {
     flag: "chunk-size",
     arg: "N",
     help: "compression chunk in tokens (default: heads file, else 1/4 of the trained window)",
@@ -280,6 +305,12 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
   }
   const maxDisk = intFlag("max-disk-bytes", str("max-disk-bytes"), 1);
   if (maxDisk !== undefined) defaults.maxDiskBytes = maxDisk;
+  const inlineContexts = intFlag("inline-max-contexts", str("inline-max-contexts"), 1, 1 << 20);
+  if (inlineContexts !== undefined) defaults.inlineMaxContexts = inlineContexts;
+  const inlineAge = intFlag("inline-max-age", str("inline-max-age"), 1);
+  if (inlineAge !== undefined) defaults.inlineMaxAgeSec = inlineAge;
+  const inlineDisk = intFlag("inline-max-disk-bytes", str("inline-max-disk-bytes"), 1);
+  if (inlineDisk !== undefined) defaults.inlineMaxDiskBytes = inlineDisk;
   if (defaults.budget !== undefined && defaults.maxBudget !== undefined && defaults.budget > defaults.maxBudget) {
     throw new UsageError("--budget must not exceed --max-budget");
   }
@@ -303,5 +334,6 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
     threads: intFlag("threads", str("threads"), 1, 1 << 30),
     defaults,
     allowBeyondWindow: values["allow-beyond-window"] === true,
+    inline: !(values["no-inline"] === true || env.REFORM_INLINE === "0"),
   };
 }

@@ -13,6 +13,8 @@ export interface ServerOptions extends Partial<Omit<ServerConfig, "modelDir" | "
   modelDir: string;
   dataDir: string;
   log?: Logger;
+  /** Seconds between SSE keep-alive comments (and kept-alive JSON newlines); default 15. */
+  sseHeartbeatSec?: number;
   /** Use this engine instead of creating one (tests). */
   engineClient?: EngineClient;
 }
@@ -49,6 +51,8 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     servedName: opts.servedName,
     corsOrigin: opts.corsOrigin ?? DEFAULTS.corsOrigin,
     logRequests: opts.logRequests,
+    inline: opts.inline ?? true,
+    ...(opts.sseHeartbeatSec !== undefined ? { sseHeartbeatSec: opts.sseHeartbeatSec } : {}),
     log,
   });
 

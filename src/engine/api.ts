@@ -76,6 +76,12 @@ export interface QueryRequest {
   method: Method;
   /** Recompute budget in context tokens (gathered tokens); default from server config. */
   budget?: number;
+  /**
+   * Inline REFORM (no contextId): when the rendered prompt does not fit the window, everything but its end is
+   * compressed into an implicit context (cached per owner, keyed by its tokens) and the end is the question;
+   * a prompt that fits is answered as usual. `owner` keeps the implicit contexts of different API keys apart.
+   */
+  inline?: { owner: string };
   signal?: AbortSignal;
 }
 
@@ -88,10 +94,33 @@ export interface Usage {
 
 export type FinishReason = "stop" | "length" | "abort";
 
+/** How an inline request found its implicit context (see InlineInfo). */
+export type InlineCache = "hit" | "extend" | "miss" | "shared";
+
+/** What an inline request was answered from: the first event of such a query, before any compression. */
+export interface InlineInfo {
+  contextId: string;
+  /** hit: compressed already; extend: a cached prefix got the new tokens appended; miss: compressed from scratch;
+   * shared: joined a compression of the same tokens already in flight */
+  cache: InlineCache;
+  /** tokens of the compressed part (the implicit context) */
+  contextTokens: number;
+  /** tokens this request compresses (0 on a hit) */
+  appendedTokens: number;
+  /** context tokens the recompute gathers (min(budget, contextTokens) for reform) */
+  gatheredTokens: number;
+  /** tokens of the question as the recompute has it (the end of the prompt) */
+  questionTokens: number;
+  /** prefix hash (sha-256 over the owner and the compressed token ids, hex) */
+  key: string;
+}
+
 export type QueryEvent =
+  | ({ type: "inline" } & InlineInfo)
   | { type: "start"; promptTokens: number; selectedTokens: number; contextTokens: number }
-  /** long query-time work before the first token (the recurrent baselines' full-depth pass): `done` of `total` tokens */
-  | { type: "progress"; stage: "h2o" | "streaming"; done: number; total: number }
+  /** long query-time work before the first token: the recurrent baselines' full-depth pass, or compressing an
+   * inline request's prompt (`compress`): `done` of `total` tokens */
+  | { type: "progress"; stage: "h2o" | "streaming" | "compress"; done: number; total: number }
   | {
       type: "token";
       text: string; // stable text to emit now (may be "" while a character or stop string is incomplete)
@@ -136,6 +165,10 @@ export interface ModelInfo {
     maxQueryTokens: number;
     /** the recurrent baselines' cache: this many times the budget, bounded by the window */
     baselineCacheFactor: number;
+    /** inline REFORM's implicit contexts: at most this many, idle at most this long, this much disk (0 = none) */
+    inlineMaxContexts: number;
+    inlineMaxAgeSec: number;
+    inlineMaxDiskBytes: number;
     /** tokens of the chat template around the context and an empty question */
     templateTokens: number;
     /** started with --allow-beyond-window (max_model_len or chunk + capacity may exceed the trained window) */
@@ -166,6 +199,21 @@ export interface EngineMetrics {
   diskBytes: number; // files of all contexts
   ttftSeconds: number[]; // recent samples (bounded)
   tpotSeconds: number[]; // recent samples (bounded)
+  inline: InlineMetrics;
+}
+
+/** Inline REFORM's cache of implicit contexts (inline.ts). */
+export interface InlineMetrics {
+  requests: number; // queries served by inline REFORM
+  hits: number; // the whole compressed part was cached
+  extends: number; // a cached prefix was extended (only the new tokens compressed)
+  misses: number; // compressed from scratch
+  shared: number; // joined a compression in flight
+  appendedTokens: number; // tokens compressed for inline requests
+  evictions: number;
+  contexts: number; // implicit contexts held
+  diskBytes: number; // their files
+  memoBytes: number; // the tokenization memo (memory)
 }
 
 /** Metrics of an engine that has done nothing yet. */
@@ -180,6 +228,18 @@ export function emptyMetrics(): EngineMetrics {
     diskBytes: 0,
     ttftSeconds: [],
     tpotSeconds: [],
+    inline: {
+      requests: 0,
+      hits: 0,
+      extends: 0,
+      misses: 0,
+      shared: 0,
+      appendedTokens: 0,
+      evictions: 0,
+      contexts: 0,
+      diskBytes: 0,
+      memoBytes: 0,
+    },
   };
 }
 

@@ -17,10 +17,11 @@ import {
 import { planQuery, runQuery } from "./answer.ts";
 import { CompressorPool } from "./compressors.ts";
 import { contextDeleted, contextNotFound, toEngineError } from "./errors.ts";
+import { InlineCache, type InlinePlan, planInline } from "./inline.ts";
 import { type EngineOptions, type LoadedEngine, loadEngine } from "./load.ts";
 import type { EngineCalls } from "./protocol.ts";
 import { Scheduler, type Task } from "./scheduler.ts";
-import { isContextId, parseQuery } from "./schema.ts";
+import { isContextId, parseQuery, type QueryWire } from "./schema.ts";
 import { Session } from "./session.ts";
 
 const MAX_SAMPLES = 256;
@@ -43,6 +44,8 @@ export class EngineCore implements EngineCalls {
   private readonly deleted = new Set<string>();
   private readonly idleTimer: ReturnType<typeof setInterval>;
   private readonly sessionOf = (id: string) => this.sessions.get(id);
+  /** implicit contexts of inline requests (prompts beyond the window sent without a context) */
+  readonly inline: InlineCache;
 
   readonly metrics: EngineMetrics = emptyMetrics();
 
@@ -52,8 +55,19 @@ export class EngineCore implements EngineCalls {
   ) {
     this.e = loadEngine(opts);
     this.pool = new CompressorPool(this.e.model, this.e.defaults, this.e.bos);
+    this.inline = new InlineCache(this.e, {
+      create: (metadata) => this.get(this.createContext({ metadata }).id),
+      session: this.sessionOf,
+      compress: (s, ids, bytes, progress) => this.compressInline(s, ids, bytes, progress),
+      remove: (id) => this.deleteContext(id),
+      diskRoom: () =>
+        this.e.defaults.maxDiskBytes > 0 ? this.e.defaults.maxDiskBytes - this.diskBytes() : Number.POSITIVE_INFINITY,
+    });
     this.loadSessions();
-    this.idleTimer = setInterval(() => this.pool.evictIdle(this.sessionOf, (id) => this.chains.has(id)), 15_000);
+    this.idleTimer = setInterval(() => {
+      this.pool.evictIdle(this.sessionOf, (id) => this.chains.has(id));
+      void this.inline.evictAged().catch(() => {});
+    }, 15_000);
     (this.idleTimer as { unref?: () => void }).unref?.();
   }
 
@@ -77,6 +91,11 @@ export class EngineCore implements EngineCalls {
         s.fail("context was built with a different model or head/compression configuration");
       }
       this.sessions.set(s.id, s);
+      // an implicit context is a cache entry: one that cannot serve (unfinished, failed) is deleted
+      if (s.meta.metadata?.inline === true && !this.inline.adopt(s)) {
+        this.sessions.delete(s.id);
+        s.destroy();
+      }
     }
     this.metrics.activeContexts = this.sessions.size;
   }
@@ -226,6 +245,44 @@ export class EngineCore implements EngineCalls {
     );
   }
 
+  /** Appends an inline context's new token ids and compresses all of them (final), on the session's chain. */
+  private compressInline(
+    s: Session,
+    ids: Int32Array,
+    textBytes: number,
+    progress: (done: number, total: number) => void,
+  ): Promise<void> {
+    return this.chain(s.id, async (s) => {
+      this.writable(s);
+      try {
+        s.appendTokens(ids, textBytes);
+        let done = 0;
+        progress(0, ids.length);
+        await this.sched.run(
+          this.pool.compress(
+            s,
+            true,
+            this.sessionOf,
+            (n) => {
+              this.metrics.tokensProcessedTotal += n;
+              done += n;
+              progress(done, ids.length);
+              this.progress(s);
+            },
+            () => !this.sessions.has(s.id),
+          ),
+          "background",
+        );
+        this.get(s.id);
+        s.meta.finalized = true;
+        s.saveMeta(true);
+      } catch (e) {
+        throw this.failSession(s, e);
+      }
+      this.progress(s);
+    });
+  }
+
   /** A server-side fault marks the session failed (its data stays on disk); request errors do not. */
   private failSession(s: Session, e: unknown): EngineError {
     const err = toEngineError(e);
@@ -274,7 +331,63 @@ export class EngineCore implements EngineCalls {
     this.metrics.requestsTotal++;
     try {
       const req = parseQuery(wire);
+      if (req.inline && req.contextId === undefined) {
+        const plan = planInline(this.e, this.inline.memo, req, req.inline.owner);
+        if (plan) return this.queryInline(qid, req, plan, emit, tReq);
+      }
       const session = req.contextId !== undefined ? this.get(req.contextId) : null;
+      return this.runPlanned(qid, req, session, emit, tReq);
+    } catch (e) {
+      this.aborted.delete(qid);
+      return Promise.reject(toEngineError(e));
+    }
+  }
+
+  /**
+   * An inline request: its implicit context found, extended or compressed (inline.ts), then the query on it with the
+   * end of the prompt as a raw prompt after the gathered tokens. The context is held (not extended, not evicted)
+   * until the answer ends. A compression keeps going when the client leaves: a retry finds it.
+   */
+  private async queryInline(
+    qid: string,
+    req: QueryWire,
+    plan: InlinePlan,
+    emit: (ev: QueryEvent) => void,
+    tReq: number,
+  ): Promise<void> {
+    let lease: Awaited<ReturnType<InlineCache["acquire"]>> | null = null;
+    try {
+      lease = await this.inline.acquire(
+        plan,
+        (info) => emit({ type: "inline", ...info }),
+        (done, total) => {
+          if (!this.aborted.has(qid)) emit({ type: "progress", stage: "compress", done, total });
+        },
+      );
+      const { question: _q, messages: _m, inline: _i, ...rest } = req;
+      await this.runPlanned(
+        qid,
+        { ...rest, contextId: lease.session.id, prompt: plan.question },
+        lease.session,
+        emit,
+        tReq,
+      );
+    } catch (e) {
+      throw toEngineError(e);
+    } finally {
+      lease?.release();
+      this.aborted.delete(qid);
+    }
+  }
+
+  private runPlanned(
+    qid: string,
+    req: QueryWire,
+    session: Session | null,
+    emit: (ev: QueryEvent) => void,
+    tReq: number,
+  ): Promise<void> {
+    try {
       const planned = planQuery(this.e, req, session);
       const task = runQuery(this.e, planned, {
         pool: this.pool,
@@ -328,6 +441,7 @@ export class EngineCore implements EngineCalls {
       diskBytes: this.diskBytes(),
       ttftSeconds: [...this.metrics.ttftSeconds],
       tpotSeconds: [...this.metrics.tpotSeconds],
+      inline: this.inline.metrics(),
     };
   }
 

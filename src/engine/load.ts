@@ -39,6 +39,13 @@ export interface EngineDefaults {
   maxQueryTokens: number;
   /** cache of the recurrent baselines: this many times the request's budget, bounded by the window */
   baselineCacheFactor: number;
+  /** inline REFORM's implicit contexts (inline.ts): at most this many, evicted after this many idle seconds, at most
+   * this much disk together (0 = bounded only by --max-disk-bytes) */
+  inlineMaxContexts: number;
+  inlineMaxAgeSec: number;
+  inlineMaxDiskBytes: number;
+  /** token ids the tokenization memo of inline prompts keeps (memory: 4 bytes each plus the block keys) */
+  inlineMemoTokens: number;
 }
 
 export interface EngineOptions {
@@ -227,6 +234,10 @@ export function resolveDefaults(
       idleMs: d.idleMs ?? 5 * 60_000,
       maxQueryTokens,
       baselineCacheFactor: d.baselineCacheFactor ?? R.baselineCacheFactor,
+      inlineMaxContexts: d.inlineMaxContexts ?? 16,
+      inlineMaxAgeSec: d.inlineMaxAgeSec ?? 24 * 3600,
+      inlineMaxDiskBytes: d.inlineMaxDiskBytes ?? 0,
+      inlineMemoTokens: d.inlineMemoTokens ?? 4 << 20,
     },
     warnings,
   };
@@ -395,6 +406,9 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       edge: defaults.edge,
       maxQueryTokens: defaults.maxQueryTokens,
       baselineCacheFactor: defaults.baselineCacheFactor,
+      inlineMaxContexts: defaults.inlineMaxContexts,
+      inlineMaxAgeSec: defaults.inlineMaxAgeSec,
+      inlineMaxDiskBytes: defaults.inlineMaxDiskBytes,
       templateTokens,
       allowBeyondWindow: o.allowBeyondWindow ?? false,
     },

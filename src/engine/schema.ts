@@ -78,6 +78,10 @@ export const QueryRequestSchema = z
     sampling: SamplingSchema,
     method: Field.method,
     budget: Field.budget.optional(),
+    inline: z
+      .object({ owner: z.string().max(256) })
+      .strict()
+      .optional(),
   })
   .superRefine((v, ctx) => {
     const given = [v.question, v.messages, v.prompt].filter((x) => x !== undefined).length;

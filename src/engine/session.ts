@@ -345,6 +345,21 @@ export class Session {
     return ids.length;
   }
 
+  /**
+   * Appends token ids as they are (an inline context: its text was tokenized by the caller, see inline.ts);
+   * `textBytes` is the UTF-8 size of the text they stand for. Durable like appendBytes (tokens, then metadata).
+   */
+  appendTokens(ids: Int32Array, textBytes: number): void {
+    const m = this.meta;
+    if (ids.length > 0)
+      appendSync(this.p("tokens.bin"), new Uint8Array(ids.buffer, ids.byteOffset, ids.byteLength), true);
+    m.tokens += ids.length;
+    m.bytesReceived += textBytes;
+    m.started = true;
+    if (ids.length > 0) m.finalized = false;
+    this.saveMeta(true);
+  }
+
   readTokens(start: number, end: number): Int32Array {
     const n = Math.max(0, end - start);
     const out = new Int32Array(n);

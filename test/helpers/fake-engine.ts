@@ -5,6 +5,7 @@
  */
 import {
   EngineError,
+  emptyMetrics,
   type ContextInfo,
   type EngineClient,
   type EngineMetrics,
@@ -92,6 +93,9 @@ export class FakeEngine implements EngineClient {
         edge: 2,
         maxQueryTokens: 192,
         baselineCacheFactor: 4,
+        inlineMaxContexts: 16,
+        inlineMaxAgeSec: 86400,
+        inlineMaxDiskBytes: 0,
         templateTokens: 8,
         allowBeyondWindow: false,
       },
@@ -261,6 +265,7 @@ export class FakeEngine implements EngineClient {
       diskBytes: [...this.ctxs.values()].reduce((n, c) => n + c.info.diskBytes, 0),
       ttftSeconds: [0.01, 0.02],
       tpotSeconds: [0.001],
+      inline: emptyMetrics().inline,
     };
   }
   async close() {}
