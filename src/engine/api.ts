@@ -76,7 +76,41 @@ export interface QueryRequest {
   method: Method;
   /** Recompute budget in context tokens (gathered tokens); default from server config. */
   budget?: number;
+  /** Report what was gathered (the `start` event's `selection`): off by default, so the hot path is unchanged. */
+  returnSelection?: boolean;
   signal?: AbortSignal;
+}
+
+/** A run of consecutive gathered context tokens, [start, end), with its text and its place in the document. */
+export interface SelectedSpan {
+  start: number;
+  end: number;
+  /** UTF-8 bytes and Unicode code points of the text as the server decoded it (the tokens' bytes, see gather.ts) */
+  byteStart: number;
+  byteEnd: number;
+  charStart: number;
+  charEnd: number;
+  /** highest smoothed score inside the span (null when the method scored nothing) */
+  score: number | null;
+  text: string;
+}
+
+/** What a query gathered from its context (opt-in: `returnSelection`). */
+export interface Selection {
+  method: Method;
+  contextTokens: number;
+  selectedTokens: number;
+  /** smoothing window and always-kept edge (each side) used for this budget; 0 when nothing was scored */
+  window: number;
+  edge: number;
+  /** selected tokens merged into runs, in document order */
+  spans: SelectedSpan[];
+  /**
+   * The smoothed scores over the whole context, downsampled: `values[i]` is the highest smoothed score of the
+   * tokens [floor(i*n/B), floor((i+1)*n/B)) for B = values.length (min(n, 512)). Null when the method scores
+   * nothing (full, streaming, h2o).
+   */
+  profile: { buckets: number; values: number[]; min: number; max: number } | null;
 }
 
 export interface Usage {
@@ -89,7 +123,14 @@ export interface Usage {
 export type FinishReason = "stop" | "length" | "abort";
 
 export type QueryEvent =
-  | { type: "start"; promptTokens: number; selectedTokens: number; contextTokens: number }
+  | {
+      type: "start";
+      promptTokens: number;
+      selectedTokens: number;
+      contextTokens: number;
+      /** only when the request asked for it (`returnSelection`) and it has a context */
+      selection?: Selection;
+    }
   /** long query-time work before the first token (the recurrent baselines' full-depth pass): `done` of `total` tokens */
   | { type: "progress"; stage: "h2o" | "streaming"; done: number; total: number }
   | {

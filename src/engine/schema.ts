@@ -78,6 +78,7 @@ export const QueryRequestSchema = z
     sampling: SamplingSchema,
     method: Field.method,
     budget: Field.budget.optional(),
+    returnSelection: z.boolean().optional(),
   })
   .superRefine((v, ctx) => {
     const given = [v.question, v.messages, v.prompt].filter((x) => x !== undefined).length;
