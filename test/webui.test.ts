@@ -17,6 +17,9 @@ import { resolveConfig } from "../src/config.ts";
 import { type RunningServer, startServer } from "../src/server.ts";
 import { mulberry32 } from "../src/util/rng.ts";
 
+// biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
+type Json = any;
+
 const T = 240_000;
 const ROOT = join(import.meta.dir, "..");
 const MODEL = join(ROOT, "models", "reform-tiny");
@@ -138,26 +141,30 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
       await page.waitForSelector(`.ctx-row[data-id="${ctxId}"][data-state="ready"]`, { timeout: 20_000 });
       expect(await upload.locator(".stats").textContent()).toContain("tokens compressed");
       expect(puts).toBeGreaterThan(3); // several pieces, one of them dropped and sent again
-      const info = await (await fetch(`${srv.url}/v1/contexts/${ctxId}`, { headers: { "x-api-key": KEY } })).json();
+      const info: Json = await (
+        await fetch(`${srv.url}/v1/contexts/${ctxId}`, { headers: { "x-api-key": KEY } })
+      ).json();
       expect(info.bytes_received).toBe(Buffer.byteLength(doc)); // nothing lost, nothing twice
       expect(info.metadata.name).toBe("harbor-notes.txt");
 
       // every change of the answer's text, as the browser renders it
+      // (runs in the page: its globals through globalThis, as this file is type-checked without the DOM's types)
       await page.evaluate(() => {
-        const w = window as unknown as { __answers: string[] };
-        w.__answers = [];
-        new MutationObserver(() => {
-          const a = document.querySelector(".turn:last-child .answer");
-          if (a?.textContent && a.textContent !== w.__answers.at(-1)) w.__answers.push(a.textContent);
-        }).observe(document.body, { subtree: true, childList: true, characterData: true });
+        const g = globalThis as Json;
+        const seen: string[] = [];
+        g.__answers = seen;
+        new g.MutationObserver(() => {
+          const a = g.document.querySelector(".turn:last-child .answer");
+          if (a?.textContent && a.textContent !== seen.at(-1)) seen.push(a.textContent);
+        }).observe(g.document.body, { subtree: true, childList: true, characterData: true });
       });
       await page.fill("#question", QUESTION);
       await page.click("#ask");
       await page.waitForSelector('.answer[data-done="true"]', { timeout: 120_000 });
 
       // The same request from here (greedy, so the same answer and the same selection), to check what the page shows.
-      const props = await (await fetch(`${srv.url}/props`, { headers: { "x-api-key": KEY } })).json();
-      const same = await (
+      const props: Json = await (await fetch(`${srv.url}/props`, { headers: { "x-api-key": KEY } })).json();
+      const same: Json = await (
         await fetch(`${srv.url}/v1/contexts/${ctxId}/query`, {
           method: "POST",
           headers: { "x-api-key": KEY, "content-type": "application/json" },
@@ -178,7 +185,7 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
       expect(answer).toBe(same.text);
       expect(answer.trim().length).toBeGreaterThan(0);
       expect(Number(await page.locator(".answer").getAttribute("data-tokens"))).toBeGreaterThan(1);
-      const seen = await page.evaluate(() => (window as unknown as { __answers: string[] }).__answers);
+      const seen: string[] = await page.evaluate(() => (globalThis as Json).__answers);
       expect(seen.length).toBeGreaterThan(1);
       for (let i = 1; i < seen.length; i++) expect(seen[i]!.startsWith(seen[i - 1]!)).toBe(true);
       expect(seen.at(-1)).toBe(answer);
@@ -228,7 +235,7 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
       page.once("dialog", (d) => d.accept());
       await page.click(`.ctx-row[data-id="${ctxId}"] .delete`);
       await page.waitForSelector(`.ctx-row[data-id="${ctxId}"]`, { state: "detached" });
-      const list = await (await fetch(`${srv.url}/v1/contexts`, { headers: { "x-api-key": KEY } })).json();
+      const list: Json = await (await fetch(`${srv.url}/v1/contexts`, { headers: { "x-api-key": KEY } })).json();
       expect(list.data.map((c: { id: string }) => c.id)).not.toContain(ctxId);
 
       expect(external).toEqual([]);

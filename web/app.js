@@ -74,9 +74,22 @@ async function apiJson(path, init) {
 const postJson = (path, body, signal) =>
   api(path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body), signal });
 
-/** Server-sent events of a response, as {event, data} (comments and keep-alives dropped by the parser). */
-function sseOf(res) {
-  return res.body.pipeThrough(new TextDecoderStream()).pipeThrough(new EventSourceParserStream());
+/**
+ * Server-sent events of a response, as {event, data} (comments and keep-alives dropped by the parser). Read with a
+ * reader rather than `for await` over the stream, which not every browser supports; leaving the loop early cancels
+ * the stream, which closes the connection.
+ */
+async function* sseOf(res) {
+  const reader = res.body.pipeThrough(new TextDecoderStream()).pipeThrough(new EventSourceParserStream()).getReader();
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      yield value;
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
 }
 
 const sleep = (ms, signal) =>
@@ -156,11 +169,20 @@ async function uploadBlob(id, blob, from, report, signal) {
       if (signal.aborted || e instanceof ApiError) throw e;
       failure = e; // the connection dropped
     }
-    if (++failures > MAX_RETRIES) throw failure;
-    report({ retry: `${failure.message}; resuming (try ${failures} of ${MAX_RETRIES})` });
-    await sleep(Math.min(8000, 250 * 2 ** failures), signal);
-    // whatever reached the server is kept: go on from what it has stored
-    off = (await apiJson(`/v1/contexts/${id}`, { signal })).bytes_received;
+    // whatever reached the server is kept: go on from what it has stored, once it answers again
+    for (;;) {
+      if (++failures > MAX_RETRIES) throw failure;
+      report({ retry: `${failure.message}; resuming (try ${failures} of ${MAX_RETRIES})` });
+      await sleep(Math.min(8000, 250 * 2 ** failures), signal);
+      if (signal.aborted) throw failure;
+      try {
+        off = (await apiJson(`/v1/contexts/${id}`, { signal })).bytes_received;
+        break;
+      } catch (e) {
+        if (signal.aborted || (e instanceof ApiError && e.status < 500)) throw e;
+        failure = e;
+      }
+    }
     report({ sent: off });
   }
 }
