@@ -4,6 +4,7 @@
  *   /v1/contexts...                         contexts.ts (upload, progress SSE), query.ts
  *   /v1/chat/completions, /v1/models        openai.ts
  *   /v1/completions, /v1/tokenize, /v1/detokenize
+ *   /, /ui/...                              web.ts (the web page and its modules; open like /health)
  * Errors are OpenAI-style JSON (errors.ts); unknown routes answer 404, known routes with the
  * wrong method 405 (with an Allow header). What is known about each route (metrics label, methods,
  * idle timeout) comes from the handlers registered here (table.ts), never from a second list.
@@ -21,6 +22,7 @@ import { queryRoutes } from "./query.ts";
 import { RouteTable } from "./table.ts";
 import { bearer } from "./util.ts";
 import type { AppOptions, Deps } from "./types.ts";
+import { isWebPath, webRoutes } from "./web.ts";
 
 export type { AppOptions } from "./types.ts";
 export { HttpStats } from "./metrics.ts";
@@ -113,10 +115,10 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
     );
   }
 
-  // Bearer-token auth (everything but /health and CORS preflights).
+  // Bearer-token auth (everything but /health, the web page's static files and CORS preflights).
   app.use("*", async (c, next) => {
     if (!keyDigest || c.req.method === "OPTIONS") return next();
-    if (c.req.path === "/health") return next();
+    if (c.req.path === "/health" || isWebPath(c.req.method, c.req.path)) return next();
     const token = bearer(c.req.raw);
     if (!token || !timingSafeEqual(digest(token), keyDigest)) {
       return jsonError(
@@ -142,6 +144,7 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
   });
 
   app.route("/", opsRoutes(d));
+  app.route("/", webRoutes());
   app.route("/v1", openaiRoutes(d));
   app.route("/v1/contexts", queryRoutes(d));
   app.route("/v1/contexts", contextRoutes(d));

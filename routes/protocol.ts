@@ -11,6 +11,7 @@ import type {
   Method,
   ModelInfo,
   SamplingOptions,
+  Selection,
   TokenLogprob,
   Usage,
 } from "../src/engine/api.ts";
@@ -82,6 +83,8 @@ export const QueryBody = z
     stream: z.boolean().default(true),
     /** report log-probabilities with this many alternatives per token (0..20) */
     logprobs: Field.logprobs.optional(),
+    /** report what was gathered: the `start` event's (non-stream: the body's) `selection` (selectionView) */
+    return_selection: z.boolean().optional(),
   })
   .strict()
   .superRefine((v, ctx) => {
@@ -406,6 +409,28 @@ export function openaiUsage(u: { promptTokens: number; completionTokens: number 
 /** The native API's usage: OpenAI's plus the context's counts. */
 export function usageView(u: Usage) {
   return { ...openaiUsage(u), context_tokens: u.contextTokens, selected_tokens: u.selectedTokens };
+}
+
+/** What a query gathered (opt-in `return_selection`), in the API's snake_case. */
+export function selectionView(s: Selection) {
+  return {
+    method: s.method,
+    context_tokens: s.contextTokens,
+    selected_tokens: s.selectedTokens,
+    window: s.window,
+    edge: s.edge,
+    spans: s.spans.map((p) => ({
+      start: p.start,
+      end: p.end,
+      byte_start: p.byteStart,
+      byte_end: p.byteEnd,
+      char_start: p.charStart,
+      char_end: p.charEnd,
+      score: p.score,
+      text: p.text,
+    })),
+    profile: s.profile,
+  };
 }
 
 export function timingsView(t: { queueMs: number; ttftMs: number; tpotMs: number; totalMs: number }) {

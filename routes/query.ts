@@ -1,9 +1,10 @@
 /**
  * POST /v1/contexts/:id/query — answer a question (or chat messages) from a context session.
  * SSE by default: `start`, `token`..., `finish` (finish_reason + usage + timings), `data: [DONE]`.
+ * `return_selection: true` adds what REFORM gathered to `start` (non-stream: to the body): `selection`.
  */
 import { Hono } from "hono";
-import { logprobView, newId, QueryBody, samplingOf, timingsView, usageView } from "./protocol.ts";
+import { logprobView, newId, QueryBody, samplingOf, selectionView, timingsView, usageView } from "./protocol.ts";
 import { collectQuery, openQuery, streamQuery } from "./serving.ts";
 import type { Deps } from "./types.ts";
 import { contextIdParam, parseJsonBody } from "./util.ts";
@@ -22,6 +23,7 @@ export function queryRoutes(d: Deps): Hono {
       messages: body.messages,
       method: body.method,
       budget: body.budget,
+      returnSelection: body.return_selection,
       sampling: samplingOf(body, {
         maxTokens: body.max_tokens ?? defaults?.maxTokens ?? 256,
         temperature: 0,
@@ -37,6 +39,7 @@ export function queryRoutes(d: Deps): Hono {
         ...base,
         text: res.text,
         ...(body.logprobs !== undefined ? { logprobs: res.logprobs } : {}),
+        ...(res.start?.selection ? { selection: selectionView(res.start.selection) } : {}),
         finish_reason: res.finishReason,
         usage: usageView(res.usage),
         timings: timingsView(res.timings),
@@ -52,6 +55,7 @@ export function queryRoutes(d: Deps): Hono {
             prompt_tokens: ev.promptTokens,
             selected_tokens: ev.selectedTokens,
             context_tokens: ev.contextTokens,
+            ...(ev.selection ? { selection: selectionView(ev.selection) } : {}),
           },
           "start",
         );

@@ -3,7 +3,8 @@
 #   1. bun (via `npm install -g bun`, or the official installer when npm is missing)
 #   2. JavaScript dependencies (`bun install`)
 #   3. the native engine (`scripts/build-native.sh`: CPU library always, CUDA library when nvcc exists)
-#   4. with --with-test-libs, what the tests need besides (python3 with numpy, torch, regex), when missing
+#   4. with --with-test-libs, what the tests need besides (python3 with numpy, torch, regex; Chromium for the web
+#      page's browser test), when missing
 # Builds only what serving needs: the test-only libraries (the CUDA source on the CPU emulation, its
 # AddressSanitizer variant, the fake cuBLAS) take a newcomer's first minute for nothing, so they are built only
 # with --with-test-libs (scripts/test.sh passes it).
@@ -79,6 +80,17 @@ if [[ $test_libs == 1 ]]; then
         log "pip could not install them"
     fi
     py_ok python3 || py_ok /usr/bin/python3 || log "no python3 with numpy, torch and regex: their tests will be skipped"
+  fi
+  # The web page's browser test (test/webui.test.ts) drives a system Chromium with playwright-core (a dev
+  # dependency, which downloads no browser of its own): Debian's chromium package, installed when root.
+  if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+      log "installing chromium (browser test of the web page)"
+      { apt-get install -y -q chromium >&2 || { apt-get update -q >&2 && apt-get install -y -q chromium >&2; }; } ||
+        log "apt-get could not install chromium: the web page's browser test will be skipped"
+    else
+      log "no chromium (and not root with apt-get): the web page's browser test will be skipped"
+    fi
   fi
 fi
 log "done"

@@ -25,7 +25,7 @@ setDefaultTimeout(120_000);
 
 let root: string;
 let modelDir: string;
-const DEFAULTS = { budget: 128, maxBudget: 4096, maxTokens: 8, edge: 16, window: 9, stateSaveEvery: 2 };
+const DEFAULTS = { budget: 128, maxBudget: 192, maxTokens: 8, edge: 16, window: 9, stateSaveEvery: 2 };
 
 function text(n: number): string {
   const w = ["river", "stone", "cloud", "the", "and", "alpha", "héllo", "中文", "emoji🎉", "data"];

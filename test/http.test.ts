@@ -1079,7 +1079,20 @@ describe("errors", () => {
 
   test("404 unknown route, 405 wrong method", async () => {
     await expectError(await api("/v1/nope"), 404, "not_found");
-    await expectError(await api("/"), 404);
+    await expectError(await api("/nope"), 404, "not_found");
+    await expectError(await api("/ui/nope.js"), 404, "not_found");
+    // "/" is the web page (routes/web.ts): it and its modules are open without the key, like /health
+    const page = await fetch(`${base}/`);
+    expect(page.status).toBe(200);
+    expect(page.headers.get("content-type")).toContain("text/html");
+    expect(page.headers.get("content-security-policy")).toContain("default-src 'self'");
+    expect(await page.text()).toContain('<script type="module" src="/ui/app.js">');
+    for (const asset of ["/ui/app.js", "/ui/vendor/preact.mjs", "/ui/vendor/eventsource-parser/parse.js"]) {
+      const r = await fetch(`${base}${asset}`);
+      expect(r.status).toBe(200);
+      expect(r.headers.get("content-type")).toContain("text/javascript");
+      await r.arrayBuffer();
+    }
     for (const path of ["/v1/chat/completions", "/v1/completions", "/v1/tokenize"]) {
       const e = await api(path);
       await expectError(e, 405, "method_not_allowed");

@@ -68,7 +68,7 @@ describe("EngineCore: a query during an upload", () => {
       modelDir,
       dataDir: join(root, "data"),
       backend: "cpu",
-      defaults: { budget: 64, maxBudget: 1024, maxTokens: 2 },
+      defaults: { budget: 64, maxBudget: 192, maxTokens: 2 },
     });
     let stepsRun = 0;
     core.sched.onStep = () => stepsRun++;

@@ -58,7 +58,7 @@ beforeAll(async () => {
       dataDir: join(root, "data"),
       backend: "cpu",
       threads: 1,
-      defaults: { budget: 128, maxBudget: 4096, maxTokens: 16, edge: 16, window: 9 },
+      defaults: { budget: 128, maxBudget: 192, maxTokens: 16, edge: 16, window: 9 },
     },
     (i) => progress.push(i),
   );
@@ -100,7 +100,7 @@ describe("scheduler (observable behaviour)", () => {
 
   test("an abort stops a generation within one step", async () => {
     let n = 0;
-    const evs = await ask(ready, "go on", 500, (ev, qid) => {
+    const evs = await ask(ready, "go on", 100, (ev, qid) => {
       if (ev.type === "token" && ++n === 3) core.abort(qid);
     });
     const done = evs.at(-1)!;

@@ -4,7 +4,7 @@
  * gather (gather.ts) and generate (generate.ts) as one scheduled task.
  */
 import type { NativeCompressor, NativeSeq } from "../../ffi/native.ts";
-import { EngineError, type FinishReason, type Method, type QueryEvent } from "./api.ts";
+import { EngineError, type FinishReason, type Method, type QueryEvent, type Selection } from "./api.ts";
 import type { CompressorPool } from "./compressors.ts";
 import { gatherContext } from "./gather.ts";
 import { generate } from "./generate.ts";
@@ -203,6 +203,7 @@ export function* runQuery(e: LoadedEngine, q: PlannedQuery, h: RunHooks): Task<v
     let prompt: Int32Array;
     let promptLen: number;
     let selected = 0;
+    let selection: Selection | undefined;
     if (!s) {
       prompt = Int32Array.from(q.pre);
       promptLen = prompt.length;
@@ -218,8 +219,9 @@ export function* runQuery(e: LoadedEngine, q: PlannedQuery, h: RunHooks): Task<v
         cancelled: () => h.cancelled() !== null,
         progress: (done, total) =>
           h.emit({ type: "progress", stage: q.method === "streaming" ? "streaming" : "h2o", done, total }),
+        report: q.req.returnSelection === true,
       });
-      ({ prompt, promptLen, selected, h2o } = g);
+      ({ prompt, promptLen, selected, h2o, selection } = g);
     }
     const sp = q.req.sampling;
     seq = e.model.createSeq(promptLen + sp.maxTokens + 1);
@@ -230,7 +232,13 @@ export function* runQuery(e: LoadedEngine, q: PlannedQuery, h: RunHooks): Task<v
       h2o = null;
     }
     const contextTokens = s ? s.meta.tokens : 0;
-    h.emit({ type: "start", promptTokens: promptLen, selectedTokens: selected, contextTokens });
+    h.emit({
+      type: "start",
+      promptTokens: promptLen,
+      selectedTokens: selected,
+      contextTokens,
+      ...(selection ? { selection } : {}),
+    });
     h.onStart(promptLen);
     const tpot = yield* generate({
       seq,

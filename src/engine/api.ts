@@ -82,7 +82,41 @@ export interface QueryRequest {
    * a prompt that fits is answered as usual. `owner` keeps the implicit contexts of different API keys apart.
    */
   inline?: { owner: string };
+  /** Report what was gathered (the `start` event's `selection`): off by default, so the hot path is unchanged. */
+  returnSelection?: boolean;
   signal?: AbortSignal;
+}
+
+/** A run of consecutive gathered context tokens, [start, end), with its text and its place in the document. */
+export interface SelectedSpan {
+  start: number;
+  end: number;
+  /** UTF-8 bytes and Unicode code points of the text as the server decoded it (the tokens' bytes, see gather.ts) */
+  byteStart: number;
+  byteEnd: number;
+  charStart: number;
+  charEnd: number;
+  /** highest smoothed score inside the span (null when the method scored nothing) */
+  score: number | null;
+  text: string;
+}
+
+/** What a query gathered from its context (opt-in: `returnSelection`). */
+export interface Selection {
+  method: Method;
+  contextTokens: number;
+  selectedTokens: number;
+  /** smoothing window and always-kept edge (each side) used for this budget; 0 when nothing was scored */
+  window: number;
+  edge: number;
+  /** selected tokens merged into runs, in document order */
+  spans: SelectedSpan[];
+  /**
+   * The smoothed scores over the whole context, downsampled: `values[i]` is the highest smoothed score of the
+   * tokens [floor(i*n/B), floor((i+1)*n/B)) for B = values.length (min(n, 512)). Null when the method scores
+   * nothing (full, streaming, h2o).
+   */
+  profile: { buckets: number; values: number[]; min: number; max: number } | null;
 }
 
 export interface Usage {
@@ -117,7 +151,14 @@ export interface InlineInfo {
 
 export type QueryEvent =
   | ({ type: "inline" } & InlineInfo)
-  | { type: "start"; promptTokens: number; selectedTokens: number; contextTokens: number }
+  | {
+      type: "start";
+      promptTokens: number;
+      selectedTokens: number;
+      contextTokens: number;
+      /** only when the request asked for it (`returnSelection`) and it has a context */
+      selection?: Selection;
+    }
   /** long query-time work before the first token: the recurrent baselines' full-depth pass, or compressing an
    * inline request's prompt (`compress`): `done` of `total` tokens */
   | { type: "progress"; stage: "h2o" | "streaming" | "compress"; done: number; total: number }

@@ -10,10 +10,11 @@
  */
 import { type NativeCompressor, RF_F16 } from "../../ffi/native.ts";
 import { f16ToF32 } from "../util/f16.ts";
-import type { Method } from "./api.ts";
+import type { Method, Selection } from "./api.ts";
 import type { CompressorPool } from "./compressors.ts";
 import { type LoadedEngine, recentFor } from "./load.ts";
-import { gather, selectionFor } from "./selection.ts";
+import { selectionReport } from "./report.ts";
+import { gather, selectionFor, smoothScores } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
 
@@ -32,6 +33,8 @@ export interface GatherInput {
   cancelled: () => boolean;
   /** reports long work (the baselines' full-depth pass) token by token */
   progress: (done: number, total: number) => void;
+  /** also report what was gathered (opt-in `returnSelection`: the raw scores are kept and smoothed once more) */
+  report: boolean;
 }
 
 export interface Gathered {
@@ -43,6 +46,8 @@ export interface Gathered {
   selected: number;
   /** the H2O compressor whose cache the sequence imports (h2o only); the caller destroys it */
   h2o: NativeCompressor | null;
+  /** what was gathered, when asked for (report) */
+  selection?: Selection;
 }
 
 function concat(...parts: ArrayLike<number>[]): Int32Array {
@@ -93,16 +98,31 @@ export function* gatherContext(
       throw err;
     }
     const cached = comp.cacheLen();
+    const selected = Math.min(n, Math.max(0, cached - pre.length));
     return {
       prompt: Int32Array.from(suf),
       promptLen: cached + suf.length,
-      selected: Math.min(n, Math.max(0, cached - pre.length)),
+      selected,
       h2o: comp,
+      // a cache, not a set of tokens: no spans, no scores
+      ...(g.report ? { selection: { ...emptySelection(g.method, n), selectedTokens: selected } } : {}),
     };
   }
   let ctx: Int32Array;
-  if (g.method === "full" || n <= budget) ctx = s.readTokens(0, n);
-  else {
+  let selection: Selection | undefined;
+  // a context within the budget is taken whole, unscored, unless the caller wants to see the scores
+  if (g.method === "full" || (n <= budget && !g.report)) {
+    ctx = s.readTokens(0, n);
+    if (g.report)
+      selection = selectionReport(e.tok, {
+        method: g.method,
+        tokens: ctx,
+        idx: Int32Array.from({ length: n }, (_, i) => i),
+        smoothed: null,
+        window: 0,
+        edge: 0,
+      });
+  } else {
     const comp = yield* pool.ensure(s, sessionOf);
     // each turn embedded on top of the compressed context; the scorer takes the best match over all their rows
     const turns = g.queryTurns.filter((t) => t.length > 0);
@@ -116,15 +136,32 @@ export function* gatherContext(
       row += turn.length;
     }
     const sel = selectionFor(d, budget);
-    // score, smooth and select in one native call over the mapped embedding file (no copy, no sort)
-    const idx = e.native.scoreSelect(s.embeddings(), s.meta.processed, dim, qf, nq, {
-      window: sel.window,
-      budget,
-      edge: sel.edge,
-    });
-    ctx = gather(s.readTokens(0, n), idx);
+    // score, smooth and select in one native call over the mapped embedding file (no copy, no sort); the raw
+    // scores come back only for a report
+    const scores = g.report ? new Float32Array(s.meta.processed) : undefined;
+    const idx = e.native.scoreSelect(
+      s.embeddings(),
+      s.meta.processed,
+      dim,
+      qf,
+      nq,
+      { window: sel.window, budget, edge: sel.edge },
+      scores,
+    );
+    const tokens = s.readTokens(0, n);
+    ctx = gather(tokens, idx);
+    if (scores) {
+      yield;
+      // the same smoothing as the native selection (selection.ts is its reference), for the profile and span scores
+      const smoothed = smoothScores(scores, sel.window);
+      selection = selectionReport(e.tok, { method: g.method, tokens, idx, smoothed, ...sel });
+    }
     yield;
   }
   const prompt = concat(pre, ctx, suf);
-  return { prompt, promptLen: prompt.length, selected: ctx.length, h2o: null };
+  return { prompt, promptLen: prompt.length, selected: ctx.length, h2o: null, ...(selection ? { selection } : {}) };
+}
+
+function emptySelection(method: Method, n: number): Selection {
+  return { method, contextTokens: n, selectedTokens: 0, window: 0, edge: 0, spans: [], profile: null };
 }

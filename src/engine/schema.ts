@@ -82,6 +82,7 @@ export const QueryRequestSchema = z
       .object({ owner: z.string().max(256) })
       .strict()
       .optional(),
+    returnSelection: z.boolean().optional(),
   })
   .superRefine((v, ctx) => {
     const given = [v.question, v.messages, v.prompt].filter((x) => x !== undefined).length;

@@ -1,0 +1,182 @@
+/**
+ * The opt-in report of what a query gathered (`return_selection`): the pure parts (runs, the downsampled profile,
+ * places in bytes and characters) and the native query route on the tiny random model (test/fixtures/tiny-model.ts),
+ * where every span's text must be the document's own text at the span's place.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { libraryPath } from "../ffi/native.ts";
+import { resolveConfig } from "../src/config.ts";
+import { downsampleMax, mergeRuns, selectionReport } from "../src/engine/report.ts";
+import { type RunningServer, startServer } from "../src/server.ts";
+import { makeTinyModel } from "./fixtures/tiny-model.ts";
+import { collectSse, j, jsonPost } from "./helpers/http.ts";
+
+// biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
+type Json = any;
+
+describe("report parts", () => {
+  test("runs of consecutive indices", () => {
+    expect(mergeRuns([])).toEqual([]);
+    expect(mergeRuns([0, 1, 2, 5, 7, 8])).toEqual([
+      [0, 3],
+      [5, 6],
+      [7, 9],
+    ]);
+  });
+
+  test("profile: max per bucket, at most 512 buckets, covering every token", () => {
+    expect(downsampleMax(Float32Array.from([1, 3, 2]))).toEqual([1, 3, 2]);
+    const n = 1000;
+    const v = new Float32Array(n);
+    v[999] = 5;
+    v[500] = 2;
+    const p = downsampleMax(v);
+    expect(p.length).toBe(512);
+    expect(p[511]).toBe(5);
+    expect(p[Math.floor((500 * 512) / n)]).toBe(2);
+    expect(p.filter((x) => x !== 0).length).toBe(2);
+  });
+
+  test("places count the tokens' bytes and the characters they start", () => {
+    // one token per byte: "aé€b" = 61 | c3 a9 | e2 82 ac | 62
+    const bytes = new TextEncoder().encode("aé€b");
+    const tok = { tokenBytes: (id: number) => Uint8Array.of(id) };
+    const tokens = Int32Array.from(bytes);
+    const sel = selectionReport(tok, {
+      method: "reform",
+      tokens,
+      idx: [1, 2, 6],
+      smoothed: Float32Array.from([0, 1, 2, 3, 4, 5, 6]),
+      window: 1,
+      edge: 0,
+    });
+    expect(sel.spans).toEqual([
+      { start: 1, end: 3, byteStart: 1, byteEnd: 3, charStart: 1, charEnd: 2, score: 2, text: "é" },
+      { start: 6, end: 7, byteStart: 6, byteEnd: 7, charStart: 3, charEnd: 4, score: 6, text: "b" },
+    ]);
+    expect(sel.profile).toEqual({ buckets: 7, values: [0, 1, 2, 3, 4, 5, 6], min: 0, max: 6 });
+    expect(sel.selectedTokens).toBe(3);
+  });
+});
+
+describe("return_selection on the query route", () => {
+  const T = 120_000;
+  let root: string;
+  let srv: RunningServer;
+  let base: string;
+  let ctxId: string;
+  // multi-byte characters throughout, so that bytes, characters and UTF-16 units all differ
+  const doc = Array.from(
+    { length: 60 },
+    (_, i) =>
+      `Paragraphe ${i}: le café ${i % 7} coûte ${i * 3} € — naïve 🌊 ${i % 5 === 0 ? "the needle is here. " : ""}`,
+  ).join("\n");
+
+  beforeAll(async () => {
+    root = mkdtempSync(join(tmpdir(), "reform-selection-"));
+    const modelDir = await makeTinyModel(join(root, "model"));
+    const cfg = resolveConfig(["--model", modelDir, "--data", join(root, "data"), "--port", "0"], {
+      REFORM_BACKEND: "cpu",
+      REFORM_LIBRARY: libraryPath("cpu"),
+    });
+    if (cfg.help) throw new Error("unexpected help");
+    srv = await startServer({ ...cfg, log: () => {} });
+    base = srv.url;
+    await srv.engine.ready();
+    ctxId = (await j(jsonPost(`${base}/v1/contexts`, {}))).id;
+    const up = await fetch(`${base}/v1/contexts/${ctxId}/content?final=true`, {
+      method: "PUT",
+      body: doc,
+      headers: { "content-type": "text/plain" },
+    });
+    expect(up.status).toBe(200);
+  }, T);
+
+  afterAll(async () => {
+    await srv?.stop();
+    if (root) rmSync(root, { recursive: true, force: true });
+  });
+
+  const ask = { question: "Where is the needle?", max_tokens: 2, temperature: 0, budget: 64 };
+
+  function checkSelection(sel: Json, contextTokens: number) {
+    expect(sel.method).toBe("reform");
+    expect(sel.context_tokens).toBe(contextTokens);
+    expect(sel.selected_tokens).toBe(64);
+    expect(sel.window).toBeGreaterThan(0);
+    const docBytes = new TextEncoder().encode(doc);
+    const docChars = [...doc];
+    let tokens = 0;
+    let prevEnd = -1;
+    for (const s of sel.spans) {
+      expect(s.start).toBeGreaterThan(prevEnd); // in document order, merged (a gap between runs)
+      prevEnd = s.end;
+      tokens += s.end - s.start;
+      // the span's text is the document's text at its place (a cut character decodes as U+FFFD at the span's ends)
+      const fromBytes = new TextDecoder().decode(docBytes.subarray(s.byte_start, s.byte_end));
+      expect(s.text).toBe(fromBytes);
+      const inner = s.text.replace(/^\uFFFD+|\uFFFD+$/g, "");
+      expect(docChars.slice(s.char_start, s.char_end).join("")).toContain(inner);
+      expect(typeof s.score).toBe("number");
+    }
+    expect(tokens).toBe(64);
+    expect(sel.spans[0].start).toBe(0); // the always-kept edges
+    expect(sel.spans[0].byte_start).toBe(0);
+    expect(sel.spans.at(-1).end).toBe(contextTokens);
+    expect(sel.spans.at(-1).byte_end).toBe(docBytes.length);
+    expect(sel.spans.at(-1).char_end).toBe(docChars.length);
+    const p = sel.profile;
+    expect(p.buckets).toBe(Math.min(512, contextTokens));
+    expect(p.values.length).toBe(p.buckets);
+    expect(Math.max(...p.values)).toBe(p.max);
+    expect(Math.min(...p.values)).toBe(p.min);
+    // the best span holds the highest smoothed score of the context (the selection picks the best passages)
+    expect(Math.max(...sel.spans.map((s: Json) => s.score))).toBeCloseTo(p.max, 5);
+  }
+
+  test(
+    "streamed: the start event carries the selection; without the flag it does not",
+    async () => {
+      const ev = await collectSse(
+        await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...ask, return_selection: true }),
+      );
+      const start = JSON.parse(ev.find((e) => e.event === "start")!.data);
+      expect(start.context_tokens).toBeGreaterThan(64);
+      checkSelection(start.selection, start.context_tokens);
+      const plain = await collectSse(await jsonPost(`${base}/v1/contexts/${ctxId}/query`, ask));
+      expect(JSON.parse(plain.find((e) => e.event === "start")!.data).selection).toBeUndefined();
+    },
+    T,
+  );
+
+  test(
+    "non-stream: the body carries it; method full reports the whole context, unscored",
+    async () => {
+      const res = await j(
+        jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...ask, stream: false, return_selection: true }),
+      );
+      checkSelection(res.selection, res.usage.context_tokens);
+      const short = "A short note: café 🌊, 12 €.";
+      const id = (await j(jsonPost(`${base}/v1/contexts`, {}))).id;
+      const info = await j(jsonPost(`${base}/v1/contexts/${id}/content`, { text: short, final: true }));
+      const full = await j(
+        jsonPost(`${base}/v1/contexts/${id}/query`, {
+          question: "Where?",
+          max_tokens: 1,
+          method: "full",
+          stream: false,
+          return_selection: true,
+        }),
+      );
+      expect(full.selection.profile).toBeNull();
+      expect(full.selection.spans.length).toBe(1);
+      expect(full.selection.spans[0]).toMatchObject({ start: 0, end: info.tokens_received, byte_start: 0 });
+      expect(full.selection.spans[0].text).toBe(short);
+      expect(full.selection.spans[0].char_end).toBe([...short].length);
+    },
+    T,
+  );
+});
