@@ -191,7 +191,13 @@ export class SampleMaker {
       const w = this.pick(unique);
       const text = hay.join(" ");
       const at = hay.slice(0, i).reduce((n, x) => n + x.length + 1, 0);
-      return { task: "quote", text, question: TEMPLATES.quote.replace("{w}", w), expected: [s], depths: [at / text.length] };
+      return {
+        task: "quote",
+        text,
+        question: TEMPLATES.quote.replace("{w}", w),
+        expected: [s],
+        depths: [at / text.length],
+      };
     }
     throw new Error("no sentence with a unique word in the haystack");
   }

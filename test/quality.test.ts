@@ -29,7 +29,8 @@ async function post(path: string, body: unknown) {
     headers: { "content-type": "application/json" },
     body: JSON.stringify(body),
   });
-  return { status: r.status, body: await r.json() };
+  // biome-ignore lint/suspicious/noExplicitAny: tests read JSON bodies loosely
+  return { status: r.status, body: (await r.json()) as any };
 }
 
 async function contextOf(text: string): Promise<string> {
@@ -86,13 +87,16 @@ describe("the embedded model beyond its window (16K tokens, 32x its window)", ()
   test(
     "REFORM answers the needles, StreamingLLM does not",
     async () => {
-      const props = await (await fetch(`${srv.url}/props`)).json();
+      // biome-ignore lint/suspicious/noExplicitAny: a JSON body
+      const props: any = await (await fetch(`${srv.url}/props`)).json();
       const window: number = props.limits.trained_window;
       const inWindow = await run(window - ANSWER_TOKENS.single - props.limits.template_tokens - 90, ["full"]);
       const far = await run(LENGTH, ["reform", "streaming"]);
       const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
       const [full, reform, streaming] = [sum(inWindow.full!), sum(far.reform!), sum(far.streaming!)];
-      console.log(`quality: ${N} needles; full in window ${full}/${N}; at ${LENGTH} tokens reform ${reform}/${N}, streaming ${streaming}/${N}`);
+      console.log(
+        `quality: ${N} needles; full in window ${full}/${N}; at ${LENGTH} tokens reform ${reform}/${N}, streaming ${streaming}/${N}`,
+      );
       // StreamingLLM keeps the first tokens and the last few hundred: a needle 25%+ before the end is gone
       expect(streaming).toBe(0);
       // REFORM finds and answers what the model answers inside its window (RULER's target: >= 90% of it; this

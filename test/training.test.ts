@@ -88,14 +88,16 @@ describe.skipIf(!PY)("training/ (python3 with torch, numpy, regex)", () => {
       });
       try {
         await srv.engine.ready();
-        const models = await (await fetch(`${srv.url}/v1/models`)).json();
+        // biome-ignore lint/suspicious/noExplicitAny: a JSON body
+        const models: any = await (await fetch(`${srv.url}/v1/models`)).json();
         expect(models.data[0].max_model_len).toBe(256);
         const res = await fetch(`${srv.url}/v1/chat/completions`, {
           method: "POST",
           headers: { "content-type": "application/json" },
           body: JSON.stringify({ messages: [{ role: "user", content: "Hello" }], max_tokens: 8, temperature: 0 }),
         });
-        const body = await res.json();
+        // biome-ignore lint/suspicious/noExplicitAny: a JSON body
+        const body: any = await res.json();
         expect(res.status).toBe(200);
         expect(body.usage.completion_tokens).toBeGreaterThan(0);
         expect(body.usage.completion_tokens).toBeLessThanOrEqual(8);
