@@ -504,7 +504,8 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   if (devices() <= 0) return cudaErrorNoDevice;
   if (bytes == 0) return cudaSuccess;
   g_mallocs++;
-  if (bytes > g_mem_limit - g_mem_used || bytes > g_mem_limit) return cudaErrorMemoryAllocation;
+  // (a limit lowered below what is in use leaves nothing free)
+  if (g_mem_used >= g_mem_limit || bytes > g_mem_limit - g_mem_used) return cudaErrorMemoryAllocation;
   void* q = nullptr;
   if (posix_memalign(&q, 256, bytes) != 0 || !q) return cudaErrorMemoryAllocation;
   memset(q, 0xFF, bytes);  // NaN everywhere: unwritten device memory shows up in results

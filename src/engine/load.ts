@@ -232,7 +232,11 @@ export function resolveDefaults(
 
 const MiB = 1024 * 1024;
 const fmtMiB = (b: number): string =>
-  b >= 1024 * MiB ? `${(b / (1024 * MiB)).toFixed(2)} GiB` : `${(b / MiB).toFixed(1)} MiB`;
+  b >= 1024 * MiB
+    ? `${(b / (1024 * MiB)).toFixed(2)} GiB`
+    : b >= MiB
+      ? `${(b / MiB).toFixed(1)} MiB`
+      : `${(b / 1024).toFixed(1)} KiB`;
 
 /** The memory plan in one line (start-up log). */
 export function describePlan(p: MemoryPlan): string {
