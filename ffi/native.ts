@@ -496,7 +496,7 @@ export class NativeModel {
   memoryInfo(): MemoryInfo {
     const out = new BigInt64Array(5);
     const n = this.lib.rf_memory_info(this.handle, out, out.length) as number;
-    this.native._check(n < 0 ? n : 0, "rf_memory_info");
+    this.native._check(Math.min(n, 0), "rf_memory_info");
     const v = (i: number): number | null => (i < n && out[i]! >= 0n ? Number(out[i]) : null);
     return {
       deviceFree: v(0),
