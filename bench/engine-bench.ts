@@ -189,9 +189,11 @@ function compressChunkFlops(c: ModelConfig, n: number, cache: number, exitLayer:
   const w = Math.min(obsWindow, n);
   // last w queries: sum_{i=n-w}^{n-1} (cache + i + 1)
   const keysObs = w * cache + (w * (2 * n - w + 1)) / 2;
-  const h2o = 2 * hd * nh * keysObs; // H2O pass recomputes QK^T for the observation window (every layer 0..E)
+  const h2o = 2 * hd * nh * keysObs; // H2O pass recomputes QK^T for the observation window (every cached layer)
   const attn = 4 * hd * nh * keysAll; // full attention output (layers < E only)
-  return (exitLayer + 1) * (qkv + h2o) + exitLayer * (attn + post);
+  // the exit layer runs q/k/v only, unless it is the last layer (full depth: its cache is kept, with H2O)
+  const exitCached = exitLayer === c.numLayers - 1 ? 1 : 0;
+  return exitLayer * (qkv + h2o + attn + post) + qkv + exitCached * h2o;
 }
 
 /** FLOPs of a full-depth forward of n tokens after p0 cached positions (+ lm_head for the last token). */
@@ -543,7 +545,7 @@ async function main() {
       // NativeCompressor has no size-only accessor; ask the library directly (no blob is allocated).
       const size = c.stateSize();
       result.compressorStateBytes = size;
-      row("compressor state size", fmtBytes(size), `cache ${c.cacheLen()} entries x ${c.exitLayer + 1} layers`);
+      row("compressor state size", fmtBytes(size), `cache ${c.cacheLen()} entries x layers 0..${c.exitLayer - 1} (the exit layer is not cached below full depth)`);
     });
   }
 

@@ -178,7 +178,7 @@ inline StateHeader state_header(int layers_cached, int num_kv_heads, int head_di
                                 int64_t len, int64_t seen) {
   StateHeader h;
   memset(&h, 0, sizeof h);
-  memcpy(h.magic, "RFCSTAT1", 8);
+  memcpy(h.magic, "RFCSTAT2", 8);
   h.num_layers_cached = layers_cached;
   h.num_kv_heads = num_kv_heads;
   h.head_dim = head_dim;
@@ -198,8 +198,10 @@ inline int check_state_save(const void* buf, int64_t size, const StateHeader& ow
   return RF_OK;
 }
 
-/* A blob for rf_compressor_state_load: its header must match the compressor's shape (`own`, whose len / seen are
- * ignored), its cache fit `own.capacity`, and its size be exact. On success *out is the blob's header. */
+/* A blob for rf_compressor_state_load (a legacy RFCSTAT1 blob may hold one layer more, the exit layer's, which the
+ * loaders skip: they read the compressor's own layers, in order): its header must match the compressor's shape (`own`,
+ * whose len / seen are ignored), its cache fit `own.capacity`, and its size be exact. On success *out is the blob's
+ * header. */
 inline int check_state_load(const void* buf, int64_t size, const StateHeader& own, StateHeader* out) {
   const char* where = "rf_compressor_state_load";
   if (!buf) return set_error(RF_ERR_INVALID, "%s: blob is NULL", where);
@@ -207,9 +209,12 @@ inline int check_state_load(const void* buf, int64_t size, const StateHeader& ow
     return set_error(RF_ERR_INVALID, "%s: blob too small (%lld bytes)", where, (long long)size);
   StateHeader h;
   memcpy(&h, buf, sizeof h);
-  if (memcmp(h.magic, "RFCSTAT1", 8) != 0) return set_error(RF_ERR_INVALID, "%s: bad magic", where);
-  if (h.num_layers_cached != own.num_layers_cached || h.num_kv_heads != own.num_kv_heads ||
-      h.head_dim != own.head_dim || h.hidden_size != own.hidden_size)
+  const bool legacy = memcmp(h.magic, "RFCSTAT1", 8) == 0;  // exit layer included: one more layer than kept now
+  if (!legacy && memcmp(h.magic, "RFCSTAT2", 8) != 0) return set_error(RF_ERR_INVALID, "%s: bad magic", where);
+  const bool layers_ok =
+      h.num_layers_cached == own.num_layers_cached || (legacy && h.num_layers_cached == own.num_layers_cached + 1);
+  if (!layers_ok || h.num_kv_heads != own.num_kv_heads || h.head_dim != own.head_dim ||
+      h.hidden_size != own.hidden_size)
     return set_error(RF_ERR_INVALID,
                      "%s: blob is for %d layers x %d kv heads x head_dim %d (hidden %d), compressor has %d x %d x %d "
                      "(hidden %d)",

@@ -31,8 +31,10 @@
  *     (q: after q_proj(+bias), BEFORE RoPE; k: after k_proj(+bias), before RoPE; v: after v_proj(+bias)),
  *     L2-normalised (eps 1e-6), concatenated -> n_sel * head_dim values per token.
  *     (Normalisation is v / max(||v||_2, 1e-6), torch.nn.functional.normalize semantics.)
- *   - Layers after exit_layer are never run; for exit_layer itself only q/k/v + attention scores are
- *     computed (no o_proj / MLP).
+ *   - Layers after exit_layer are never run; for exit_layer itself only q/k/v are computed, and its cache is
+ *     kept (with attention scores, H2O and eviction) only when it is the model's last layer (rf_seq_import_compressor
+ *     needs every layer); below full depth nothing reads it.
+ *   - CUDA build: the H2O keep-sets are selected on the device; a step waits on the host once, for its embeddings.
  */
 #ifndef REFORM_H
 #define REFORM_H
@@ -144,6 +146,12 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float std);
  * model that is not finalized fails with RF_ERR_STATE). A missing tensor -> RF_ERR_STATE naming it. */
 RF_API int rf_model_finalize(rf_model* m);
 RF_API int64_t rf_model_memory_bytes(const rf_model* m);
+/* For a memory plan (bytes, -1 where unknown): out[0] free device memory now, out[1] total device memory (CPU build:
+ * both -1), out[2] the model's weights, out[3] the per-step workspace its compressors and sequences share (CUDA: grown
+ * to the largest of them, never per object; plus rf_score's buffers; CPU build: 0, each object has its own), out[4] the
+ * KV-cache bytes per token of a sequence (rf_seq_create(m, T) holds about T times this). Writes min(n, 5) values and
+ * returns that count, or an error code. */
+RF_API int rf_memory_info(const rf_model* m, int64_t* out, int32_t n);
 RF_API void rf_model_destroy(rf_model* m);
 
 /* ---- compress (phase 1) ---- */
@@ -160,6 +168,9 @@ RF_API int rf_compressor_process(rf_compressor* c, const int32_t* tokens, int32_
 RF_API int rf_compressor_embed(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb);
 RF_API int64_t rf_compressor_cache_len(const rf_compressor* c); /* current entries per (layer, head) */
 RF_API int64_t rf_compressor_seen(const rf_compressor* c);      /* tokens processed so far */
+/* bytes the compressor itself holds (its caches and scores; the CPU build: also its own scratch), not the shared
+ * workspace of rf_memory_info */
+RF_API int64_t rf_compressor_memory_bytes(const rf_compressor* c);
 RF_API int rf_compressor_reset(rf_compressor* c);
 /* Opaque, self-describing state blob (cache K/V, scores, counters) for persistence across restarts.
  * A blob saved by one backend must be loadable by the other (stored as f32). */

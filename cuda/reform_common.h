@@ -443,10 +443,18 @@ inline int32_t sample_logits(const float* logits, int32_t vocab, float temperatu
 }
 
 /* ---------------- compressor state blob ---------------- */
-/* Layout: StateHeader, then for each layer 0..exit_layer, for each kv head: K[len][head_dim] f32,
- * V[len][head_dim] f32, score[len] f32. */
+/* Layers whose KV cache a compressor keeps: 0..exit_layer-1. The exit layer's cache (and its attention, H2O scores
+ * and eviction) is read by nothing below full depth — its q/k/v depend only on the layers before it — so it is kept
+ * only when the exit layer is the model's last (the H2O-only baseline imports every layer into a sequence). */
+inline int cached_layers(int exit_layer, int num_layers) {
+  return exit_layer == num_layers - 1 ? num_layers : exit_layer;
+}
+
+/* Layout: StateHeader, then for each cached layer (cached_layers), for each kv head: K[len][head_dim] f32,
+ * V[len][head_dim] f32, score[len] f32. Magic "RFCSTAT2"; an "RFCSTAT1" blob (saved before the exit layer's cache
+ * was dropped) holds exit_layer + 1 layers and still loads: its last layer is ignored. */
 struct StateHeader {
-  char magic[8];  // "RFCSTAT1"
+  char magic[8];  // "RFCSTAT2" (or the legacy "RFCSTAT1")
   int32_t num_layers_cached;
   int32_t num_kv_heads;
   int32_t head_dim;

@@ -165,6 +165,7 @@ struct rf_compressor {
   rf_compress_params p;
   std::vector<rf::HeadSel> heads;
   int exit_layer;
+  int ncache;     // layers whose cache is kept: rf::cached_layers (the exit layer's only at full depth)
   int64_t alloc;  // entries allocated per (layer, kv head) = capacity + max_chunk
   int64_t len = 0, seen = 0;
   std::vector<std::vector<float>> K, V, S;  // per layer: [nkv][alloc][hd], [nkv][alloc][hd], [nkv][alloc]
@@ -216,6 +217,7 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
       for (int64_t t = 0; t < n; t++)
         k::l2_normalize(src + t * rs + (int64_t)hs.head * hd, hd, 1e-6f, &c->emb[t * edim + (int64_t)si * hd]);
     }
+    if (l >= c->ncache) break;  // the exit layer below full depth: nothing reads its cache or H2O scores
     // keys of every entry at contiguous positions 0..T-1 (cache pre-RoPE), values
     const float* Kc = c->K[(size_t)l].data();
     const float* Vc = c->V[(size_t)l].data();
@@ -240,8 +242,8 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
       for (int h = 0; h < nh; h++)
         k::rope_head(w.q.data() + t * qd + (int64_t)h * hd, hd, &c->cos_tab[(L + t) * half],
                      &c->sin_tab[(L + t) * half]);
-    // attention below the exit layer; the H2O pass reuses its softmax statistics (at the exit layer only the
-    // observation window's statistics are computed)
+    // attention below the exit layer; the H2O pass reuses its softmax statistics (at the exit layer, reached here only
+    // at full depth, only the observation window's statistics are computed)
     const int64_t obs_start = n - std::min<int64_t>(c->p.obs_window, n);
     if (l < E)
       k::attn_forward(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, va, T, L, w.att.data(), w.stats.data(),
@@ -271,10 +273,10 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
     }
   }
   if (commit) {
-    int64_t newlen = T;
+    const int64_t newlen = T > c->p.capacity ? c->p.capacity : T;
     if (T > c->p.capacity) {
       std::vector<int32_t> keep;
-      for (int l = 0; l <= E; l++)
+      for (int l = 0; l < c->ncache; l++)
         for (int g = 0; g < nkv; g++) {
           float* Kd = c->K[(size_t)l].data() + (int64_t)g * c->alloc * hd;
           float* Vd = c->V[(size_t)l].data() + (int64_t)g * c->alloc * hd;
@@ -287,7 +289,6 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
             memmove(Vd + (int64_t)i * hd, Vd + src * hd, (size_t)hd * 4);
             Sd[i] = Sd[src];
           }
-          newlen = (int64_t)keep.size();
         }
     }
     c->len = newlen;
@@ -584,6 +585,18 @@ RF_API int64_t rf_model_memory_bytes(const rf_model* m) {
   return model_bytes(m);
 }
 
+RF_API int rf_memory_info(const rf_model* m, int64_t* out, int32_t n) {
+  return guard("rf_memory_info", [&]() -> int {
+    RF_TRY(rf::check_not_null(m, "model", "rf_memory_info"));
+    if (!out || n <= 0) return set_error(RF_ERR_INVALID, "rf_memory_info: output is NULL or empty");
+    const rf_config& c = m->cfg;
+    const int64_t v[5] = {-1, -1, model_bytes(m), 0, (int64_t)c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4};
+    const int k = n < 5 ? n : 5;
+    for (int i = 0; i < k; i++) out[i] = v[i];
+    return k;
+  });
+}
+
 RF_API void rf_model_destroy(rf_model* m) {
   if (!m || m->destroyed) return;
   m->destroyed = true;
@@ -605,11 +618,12 @@ RF_API rf_compressor* rf_compressor_create(rf_model* m, const rf_compress_params
     c->p = *p;
     c->heads = hs;
     c->exit_layer = el;
+    c->ncache = rf::cached_layers(el, cfg.num_layers);
     c->alloc = (int64_t)p->capacity + p->max_chunk;
-    c->K.resize((size_t)el + 1);
-    c->V.resize((size_t)el + 1);
-    c->S.resize((size_t)el + 1);
-    for (int l = 0; l <= el; l++) {
+    c->K.resize((size_t)c->ncache);
+    c->V.resize((size_t)c->ncache);
+    c->S.resize((size_t)c->ncache);
+    for (int l = 0; l < c->ncache; l++) {
       c->K[(size_t)l].assign((size_t)(nkv * c->alloc * hd), 0.f);
       c->V[(size_t)l].assign((size_t)(nkv * c->alloc * hd), 0.f);
       c->S[(size_t)l].assign((size_t)(nkv * c->alloc), 0.f);
@@ -655,6 +669,13 @@ RF_API int64_t rf_compressor_seen(const rf_compressor* c) {
   RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_seen"));
   return c->seen;
 }
+RF_API int64_t rf_compressor_memory_bytes(const rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_memory_bytes"));
+  int64_t b = 0;
+  for (int l = 0; l < c->ncache; l++)
+    b += (int64_t)(c->K[(size_t)l].size() + c->V[(size_t)l].size() + c->S[(size_t)l].size());
+  return (b + (int64_t)(c->cos_tab.size() + c->sin_tab.size())) * 4;
+}
 RF_API int rf_compressor_reset(rf_compressor* c) {
   RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_reset"));
   c->len = 0;
@@ -665,13 +686,12 @@ RF_API int rf_compressor_reset(rf_compressor* c) {
 /* the state blob header of this compressor (its shape and counters) */
 static rf::StateHeader state_header_of(const rf_compressor* c) {
   const rf_config& cfg = c->m->cfg;
-  return rf::state_header(c->exit_layer + 1, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, c->p.capacity, c->len,
-                          c->seen);
+  return rf::state_header(c->ncache, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, c->p.capacity, c->len, c->seen);
 }
 
 RF_API int64_t rf_compressor_state_size(const rf_compressor* c) {
   RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_size"));
-  return rf::state_size(c->exit_layer + 1, c->m->cfg.num_kv_heads, c->m->cfg.head_dim, c->len);
+  return rf::state_size(c->ncache, c->m->cfg.num_kv_heads, c->m->cfg.head_dim, c->len);
 }
 
 RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t size) {
@@ -683,7 +703,7 @@ RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t s
     char* o = (char*)buf;
     memcpy(o, &h, sizeof h);
     o += sizeof h;
-    for (int l = 0; l <= c->exit_layer; l++)
+    for (int l = 0; l < c->ncache; l++)
       for (int g = 0; g < nkv; g++) {
         const size_t kvb = (size_t)(c->len * hd) * 4;
         memcpy(o, c->K[(size_t)l].data() + (int64_t)g * c->alloc * hd, kvb);
@@ -704,7 +724,7 @@ RF_API int rf_compressor_state_load(rf_compressor* c, const void* buf, int64_t s
     rf::StateHeader h{};
     RF_TRY(rf::check_state_load(buf, size, state_header_of(c), &h));
     const char* in = (const char*)buf + sizeof h;
-    for (int l = 0; l <= c->exit_layer; l++)
+    for (int l = 0; l < c->ncache; l++)
       for (int g = 0; g < nkv; g++) {
         const size_t kvb = (size_t)(h.len * hd) * 4;
         memcpy(c->K[(size_t)l].data() + (int64_t)g * c->alloc * hd, in, kvb);

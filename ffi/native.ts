@@ -83,6 +83,8 @@ const symbols = {
   rf_model_init_random: { args: [FFIType.ptr, FFIType.u64, FFIType.f32], returns: FFIType.i32 },
   rf_model_finalize: { args: [FFIType.ptr], returns: FFIType.i32 },
   rf_model_memory_bytes: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_memory_info: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
+  rf_compressor_memory_bytes: { args: [FFIType.ptr], returns: FFIType.i64_fast },
   rf_model_destroy: { args: [FFIType.ptr], returns: FFIType.void },
 
   rf_compressor_create: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
@@ -443,6 +445,16 @@ export class Native {
   }
 }
 
+/** rf_memory_info: free / total device memory (null on the CPU backend), weights, the shared per-step workspace,
+ * KV-cache bytes per token of a sequence. */
+export interface MemoryInfo {
+  deviceFree: number | null;
+  deviceTotal: number | null;
+  weights: number;
+  workspace: number;
+  seqBytesPerToken: number;
+}
+
 export class NativeModel {
   private destroyed = false;
   constructor(
@@ -478,6 +490,21 @@ export class NativeModel {
 
   memoryBytes(): number {
     return Number(this.lib.rf_model_memory_bytes(this.handle));
+  }
+
+  /** Memory for a plan (bytes; null where the backend does not know): rf_memory_info. */
+  memoryInfo(): MemoryInfo {
+    const out = new BigInt64Array(5);
+    const n = this.lib.rf_memory_info(this.handle, out, out.length) as number;
+    this.native._check(Math.min(n, 0), "rf_memory_info");
+    const v = (i: number): number | null => (i < n && out[i]! >= 0n ? Number(out[i]) : null);
+    return {
+      deviceFree: v(0),
+      deviceTotal: v(1),
+      weights: v(2) ?? 0,
+      workspace: v(3) ?? 0,
+      seqBytesPerToken: v(4) ?? 0,
+    };
   }
 
   createCompressor(params: CompressParams, heads: HeadSpec[]): NativeCompressor {
@@ -553,6 +580,10 @@ export class NativeCompressor {
   }
   seen(): number {
     return Number(this.lib.rf_compressor_seen(this.handle));
+  }
+  /** Bytes this compressor holds (its caches; not the model's shared workspace). */
+  memoryBytes(): number {
+    return Number(this.lib.rf_compressor_memory_bytes(this.handle));
   }
   reset(): void {
     this.native._check(this.lib.rf_compressor_reset(this.handle), "rf_compressor_reset");

@@ -5,7 +5,22 @@
 import { Hono } from "hono";
 import { jsonError } from "./errors.ts";
 import { limitsView } from "./protocol.ts";
+import type { MemoryPlan } from "../src/engine/api.ts";
 import type { Deps } from "./types.ts";
+
+function memoryView(m: MemoryPlan) {
+  return {
+    weights_bytes: m.weights,
+    workspace_bytes: m.workspace,
+    per_compressor_bytes: m.perCompressor,
+    recompute_seq_bytes: m.recomputeSeq,
+    max_model_len: m.maxModelLen,
+    device_free_bytes: m.deviceFree,
+    device_total_bytes: m.deviceTotal,
+    max_live_compressors: m.maxLiveCompressors,
+    fits: m.fits,
+  };
+}
 
 export function opsRoutes(d: Deps): Hono {
   const { engine, stats } = d;
@@ -21,6 +36,9 @@ export function opsRoutes(d: Deps): Hono {
         model: d.opts.servedName ?? info?.id ?? null,
         backend: info?.backend ?? null,
         device: info?.device ?? null,
+        // slow paths the backend fell back to (no cuBLAS, driver older than the runtime); empty when none
+        warnings: info?.deviceWarnings ?? [],
+        memory: info ? memoryView(info.memory) : null,
         uptime_s: Math.round((Date.now() - stats.startedAt) / 1000),
         // what the contexts hold on disk, and the cap uploads are refused beyond (null: none)
         disk_bytes: engine.metrics().diskBytes,

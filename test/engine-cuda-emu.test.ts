@@ -6,6 +6,7 @@
  * query method must stream, and a restart must resume from the saved CUDA compressor state.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { dlopen, FFIType, ptr } from "bun:ffi";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -210,4 +211,61 @@ describe.skipIf(process.arch !== "x64")("engine on the CUDA source (CPU emulatio
     });
     expect(evs[evs.length - 1]!.type).toBe("done");
   });
+});
+
+describe.skipIf(process.arch !== "x64")("memory plan on the emulation's device memory limit", () => {
+  test("live compressors are sized by free memory, contexts compress side by side, an over-commit is a clean 503", async () => {
+    const lib = dlopen(EMU, {
+      rf_emu_set: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+    }).symbols;
+    const cs = (s: string) => new Uint8Array(Buffer.from(`${s}\0`));
+    const setLimit = (bytes: number) => expect(lib.rf_emu_set(ptr(cs("mem_limit")), ptr(cs(String(bytes))))).toBe(0);
+    const dir = join(root, "data-mem");
+    const bytes = new TextEncoder().encode(text()).subarray(0, 2500);
+    const req = (contextId: string): QueryRequest => ({
+      contextId,
+      question: "What is the vault code?",
+      method: "reform",
+      sampling: { maxTokens: 4, temperature: 0, topP: 1, topK: 0, seed: 1, stop: [] },
+    });
+    // the plan on the default 8 GiB: bounded by the configured number of live compressors
+    let e = createEngine({ modelDir, dataDir: dir, backend: "cuda", library: EMU, defaults: DEFAULTS });
+    await e.ready();
+    const plan = e.modelInfo()!.memory;
+    expect(plan.deviceTotal).toBe(8 * 2 ** 30);
+    expect(plan.perCompressor).toBeGreaterThan(0);
+    expect(plan.workspace).toBeGreaterThan(0);
+    expect(plan.maxLiveCompressors).toBe(8);
+    const used = plan.deviceTotal! - plan.deviceFree!; // weights + shared workspace
+    await e.close();
+    // a device with room for two compressor caches next to one recompute sequence (and the plan's 2% margin)
+    const total = Math.ceil((used + plan.recomputeSeq + 2.5 * plan.perCompressor) / 0.98);
+    setLimit(total);
+    try {
+      e = createEngine({ modelDir, dataDir: dir, backend: "cuda", library: EMU, defaults: DEFAULTS });
+      await e.ready();
+      expect(e.modelInfo()!.memory.maxLiveCompressors).toBe(2);
+      // three uploads at once: two compressors live, the third takes turns (saved state, LRU); all complete
+      const ids = await Promise.all([0, 1, 2].map(async () => (await e.createContext()).id));
+      await Promise.all(
+        ids.map(async (id) => {
+          for (let off = 0; off < bytes.length; off += 500) await e.append(id, bytes.subarray(off, off + 500));
+        }),
+      );
+      for (const f of await Promise.all(ids.map((id) => e.finalize(id)))) expect(f.state).toBe("ready");
+      // over-commit: no device memory left, so the query's recompute sequence cannot be allocated: 503, no crash
+      setLimit(used);
+      const err = await collect(e, req(ids[0]!)).then(
+        () => null,
+        (x: unknown) => x as { status?: number },
+      );
+      expect(err?.status).toBe(503);
+      setLimit(total);
+      const evs = await collect(e, req(ids[0]!));
+      expect(evs[evs.length - 1]!.type).toBe("done");
+    } finally {
+      setLimit(8 * 2 ** 30);
+      await e.close();
+    }
+  }, 300_000);
 });

@@ -1,62 +1,54 @@
 /**
- * The GPU scripts (scripts/gpu_check.py, bench/gpu_bench.py) are meant for a machine with a GPU, where a crash
- * wastes scarce device time. Here they run against the CPU emulation of the CUDA build (build/libreform_cuda_emu.so)
- * in their torch-free modes (--no-hf, --shape tiny), so that their ctypes binding, checks and report code stay
- * working. Skipped when python3 with numpy is not available.
+ * The GPU runbook (scripts/gpu-session.sh) and its scripts (scripts/gpu_check.py, bench/gpu_bench.py) are meant for a
+ * machine with a GPU, where a crash wastes scarce device time. Here the runbook runs in its --dry-run mode: every
+ * stage against the CPU emulation of the CUDA build (build/libreform_cuda_emu.so), the scripts in their torch-free
+ * modes (--no-hf, --shape tiny), so that the runbook, their ctypes bindings, checks and report code stay working.
+ * Skipped when python3 with numpy is not available.
  */
 import { beforeAll, describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ROOT_DIR } from "../ffi/native.ts";
 import { buildNative } from "./helpers/build.ts";
 
-const EMU = join(ROOT_DIR, "build", "libreform_cuda_emu.so");
 const numpy = spawnSync("python3", ["-c", "import numpy"], { encoding: "utf8" }).status === 0;
-
-function py(args: string[]) {
-  const r = spawnSync("python3", args, { cwd: ROOT_DIR, encoding: "utf8", timeout: 240_000 });
-  return { status: r.status, out: `${r.stdout}\n${r.stderr}` };
-}
 
 describe.skipIf(!numpy || process.arch !== "x64")("GPU scripts on the CPU emulation of the CUDA build", () => {
   beforeAll(() => {
     buildNative();
   }, 600_000);
 
-  test("gpu_check.py --no-hf: every check of one config runs and passes", () => {
-    const r = py([
-      "scripts/gpu_check.py",
-      "--no-hf",
-      "--cuda-lib",
-      EMU,
-      "--configs",
-      "llama3-gqa",
-      "--prompt-len",
-      "70",
-      "--gen",
-      "8",
-    ]);
-    if (r.status !== 0) console.error(r.out.slice(-4000));
-    expect(r.out).toContain("RESULT: PASS");
-    for (const check of [
-      "logits rel err cuda vs CPU",
-      "greedy 8 tokens",
-      "with eviction",
-      "state blob CUDA->CPU",
-      "rf_score",
-    ])
-      expect(r.out).toContain(check);
-    expect(r.out).not.toContain("Traceback");
-    expect(r.status).toBe(0);
-  }, 240_000);
-
-  test("gpu_bench.py --shape tiny prints every figure", () => {
-    const r = py(["bench/gpu_bench.py", "--lib", EMU, "--shape", "tiny", "--lengths", "512", "--decode", "4"]);
-    if (r.status !== 0) console.error(r.out.slice(-4000));
-    expect(r.status).toBe(0);
-    expect(r.out).toMatch(/compress +512 tokens: .* tok\/s .*MFU/);
-    expect(r.out).toMatch(/score 4096 x 64/);
-    expect(r.out).toMatch(/prefill 256 tokens/);
-    expect(r.out).toMatch(/decode at context 256: .* ms\/token/);
-  }, 240_000);
+  test("scripts/gpu-session.sh --dry-run: every stage runs on the emulation and reports", () => {
+    const out = mkdtempSync(join(tmpdir(), "reform-gpu-session-"));
+    try {
+      const r = spawnSync("bash", ["scripts/gpu-session.sh", "--dry-run"], {
+        cwd: ROOT_DIR,
+        env: { ...process.env, OUT: out },
+        encoding: "utf8",
+        timeout: 400_000,
+      });
+      const all = `${r.stdout}\n${r.stderr}`;
+      if (r.status !== 0) console.error(all.slice(-6000));
+      const summary = readFileSync(join(out, "summary.txt"), "utf8");
+      for (const st of ["build", "check", "bench", "train"]) expect(summary).toMatch(new RegExp(`^${st}: ok, `, "m"));
+      const check = readFileSync(join(out, "gpu_check.txt"), "utf8");
+      expect(check).toContain("RESULT: PASS");
+      for (const c of ["logits rel err cuda vs CPU", "greedy 8 tokens", "with eviction", "state blob CUDA->CPU", "rf_score"])
+        expect(check).toContain(c);
+      const bench = readFileSync(join(out, "gpu_bench.txt"), "utf8");
+      expect(bench).toMatch(/compress +512 tokens: .* tok\/s .*MFU/);
+      expect(bench).toMatch(/score 4096 x 64/);
+      expect(bench).toMatch(/prefill 256 tokens/);
+      expect(bench).toMatch(/decode at context 256: .* ms\/token/);
+      expect(bench).toMatch(/ttft of a 4096-token query/);
+      expect(bench).toMatch(/time per output token < 15 ms: (PASS|MISS)/);
+      expect(readFileSync(join(out, "env.txt"), "utf8")).toContain("numpy");
+      expect(all).not.toContain("Traceback");
+      expect(r.status).toBe(0);
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  }, 400_000);
 });

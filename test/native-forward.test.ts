@@ -26,6 +26,7 @@ import { argmax, refForward, refGreedy, refLogits, refSample, refScore, RefCompr
 import {
   buildModel,
   expectNativeError,
+  legacyState,
   parseState,
   flat,
   fromF16,
@@ -235,8 +236,10 @@ describe("compressor", () => {
       if (off > CP.capacity) evicted = true;
       // cache contents (pre-RoPE keys, values, scores) via the state blob
       const st = parseState(c.saveState(), hd);
-      expect(st.magic).toBe("RFCSTAT1");
-      expect(st.layers).toBe(2);
+      expect(st.magic).toBe("RFCSTAT2");
+      // the exit layer's cache is not kept below full depth (nothing reads it)
+      expect(b.cfg.numLayers).toBeGreaterThan(2);
+      expect(st.layers).toBe(1);
       expect(st.len).toBe(ref.cacheLen());
       for (let l = 0; l < st.layers; l++)
         for (let g = 0; g < st.kvh; g++) {
@@ -253,6 +256,13 @@ describe("compressor", () => {
     }
     expect(evicted).toBe(true);
     expect(c.cacheLen()).toBe(CP.capacity);
+    // a legacy blob (RFCSTAT1: the exit layer included) still loads; its extra layer is ignored
+    const q = i32(toks.slice(3, 11));
+    const c2 = m.createCompressor(CP, HEADS);
+    c2.loadState(legacyState(c.saveState(), hd));
+    expect(c2.cacheLen()).toBe(c.cacheLen());
+    expect(maxAbs(c2.embed(q) as Float32Array, c.embed(q) as Float32Array)).toBe(0);
+    c2.destroy();
     // eviction is score-driven, not plain recency: some kept middle entries differ between (layer, kv head)
     const kept = ref.cache.flatMap((per) => per.map((e) => e.map((x) => x.idx).join(",")));
     expect(new Set(kept).size).toBeGreaterThan(1);

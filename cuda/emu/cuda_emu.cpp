@@ -78,12 +78,16 @@ std::string g_throw_on_launch;  // "bad_alloc" / "runtime_error": the next launc
 size_t g_mem_used = 0;
 std::map<uintptr_t, size_t> g_allocs;
 std::set<cudaStream_t> g_streams;
+std::set<void*> g_host_allocs;  // cudaMallocHost
+std::set<cudaEvent_t> g_events;
+int g_driver_version = 13000, g_runtime_version = 13000;
 std::map<const void*, int> g_max_dyn;  // per kernel
 const size_t kDefaultDynSmem = 48 * 1024;
 const size_t kOptinSmem = 232448;  // H100: 227 KiB
 bool g_reverse = false;
 int64_t g_launches = 0, g_blocks = 0, g_threads = 0, g_launch_errors = 0, g_violations = 0;
 int64_t g_peak_bytes = 0;
+int64_t g_syncs = 0, g_d2h_bytes = 0, g_mallocs = 0;  // host waits, bytes copied device -> host, cudaMalloc calls
 std::string g_last_violation;
 
 void violation(const char* fmt, ...) {
@@ -499,7 +503,9 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   std::lock_guard<std::mutex> lk(g_mu);
   if (devices() <= 0) return cudaErrorNoDevice;
   if (bytes == 0) return cudaSuccess;
-  if (bytes > g_mem_limit - g_mem_used || bytes > g_mem_limit) return cudaErrorMemoryAllocation;
+  g_mallocs++;
+  // (a limit lowered below what is in use leaves nothing free)
+  if (g_mem_used >= g_mem_limit || bytes > g_mem_limit - g_mem_used) return cudaErrorMemoryAllocation;
   void* q = nullptr;
   if (posix_memalign(&q, 256, bytes) != 0 || !q) return cudaErrorMemoryAllocation;
   memset(q, 0xFF, bytes);  // NaN everywhere: unwritten device memory shows up in results
@@ -563,6 +569,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   }
   cudaError_t e = check_copy(dst, bytes, src, bytes, kind, "cudaMemcpy");
   if (e != cudaSuccess) return e;
+  if (kind == cudaMemcpyDeviceToHost) g_d2h_bytes += (int64_t)bytes;
   memmove(dst, src, bytes);
   return cudaSuccess;
 }
@@ -584,6 +591,7 @@ cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t 
   cudaError_t e =
       check_copy(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind, "cudaMemcpy2DAsync");
   if (e != cudaSuccess) return e;
+  if (kind == cudaMemcpyDeviceToHost) g_d2h_bytes += (int64_t)(width * height);
   for (size_t r = 0; r < height; r++) memmove((char*)dst + r * dpitch, (const char*)src + r * spitch, width);
   return cudaSuccess;
 }
@@ -613,6 +621,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     violation("cudaStreamSynchronize on a destroyed or unknown stream");
     return cudaErrorInvalidResourceHandle;
   }
+  g_syncs++;
   return cudaSuccess;  // work runs synchronously
 }
 
@@ -629,6 +638,80 @@ cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int valu
   if (value < 0 || (size_t)value > kOptinSmem) return cudaErrorInvalidValue;
   g_max_dyn[f] = value;
   if (getenv("REFORM_EMU_VERBOSE")) fprintf(stderr, "[cuda-emu] kernel %p: max dynamic shared memory %d\n", f, value);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocHost(void** p, size_t bytes) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  *p = nullptr;
+  if (devices() <= 0) return cudaErrorNoDevice;
+  void* q = malloc(bytes ? bytes : 1);
+  if (!q) return cudaErrorMemoryAllocation;
+  memset(q, 0xFF, bytes);
+  g_host_allocs.insert(q);
+  *p = q;
+  return cudaSuccess;
+}
+cudaError_t cudaFreeHost(void* p) {
+  if (!p) return cudaSuccess;
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (!g_host_allocs.erase(p)) {
+    violation("cudaFreeHost(%p): not a live pinned allocation", p);
+    return cudaErrorInvalidValue;
+  }
+  free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (devices() <= 0) return cudaErrorNoDevice;
+  *total_bytes = g_mem_limit;
+  *free_bytes = g_mem_limit > g_mem_used ? g_mem_limit - g_mem_used : 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int* v) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  *v = g_driver_version;
+  return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int* v) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  *v = g_runtime_version;
+  return cudaSuccess;
+}
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
+  (void)flags;
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (devices() <= 0) return cudaErrorNoDevice;
+  cudaEvent_t ev = (cudaEvent_t)malloc(16);
+  g_events.insert(ev);
+  *e = ev;
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (!g_events.erase(e)) {
+    violation("cudaEventDestroy of an unknown event");
+    return cudaErrorInvalidResourceHandle;
+  }
+  free((void*)e);
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (!g_events.count(e) || !stream_ok_locked(s)) {
+    violation("cudaEventRecord on an unknown event or stream");
+    return cudaErrorInvalidResourceHandle;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (!g_events.count(e)) {
+    violation("cudaEventSynchronize on an unknown event");
+    return cudaErrorInvalidResourceHandle;
+  }
+  g_syncs++;
   return cudaSuccess;
 }
 
@@ -657,6 +740,10 @@ EMU_API int rf_emu_set(const char* key, const char* value) {
     g_throw_on_launch = value;
     return 0;
   }
+  if (k == "driver_version") {  // a driver older than the runtime: the mismatch the library must report
+    g_driver_version = atoi(value);
+    return 0;
+  }
   if (k == "devices") {
     g_devices = atoi(value);
     return 0;
@@ -677,6 +764,11 @@ EMU_API int64_t rf_emu_stat(const char* key) {
   if (k == "live_bytes") return (int64_t)g_mem_used;
   if (k == "peak_bytes") return g_peak_bytes;
   if (k == "live_streams") return (int64_t)g_streams.size();
+  if (k == "syncs") return g_syncs;
+  if (k == "d2h_bytes") return g_d2h_bytes;
+  if (k == "mallocs") return g_mallocs;
+  if (k == "live_host_allocs") return (int64_t)g_host_allocs.size();
+  if (k == "live_events") return (int64_t)g_events.size();
   if (k == "launches") return g_launches;
   if (k == "blocks") return g_blocks;
   if (k == "threads") return g_threads;

@@ -71,6 +71,8 @@ enum : int {
   cudaErrorInvalidResourceHandle = 400,
 };
 typedef struct emu_stream* cudaStream_t;
+typedef struct emu_event* cudaEvent_t;
+enum { cudaEventDefault = 0, cudaEventDisableTiming = 2 };
 enum cudaMemcpyKind {
   cudaMemcpyHostToHost = 0,
   cudaMemcpyHostToDevice = 1,
@@ -113,6 +115,20 @@ cudaError_t cudaGetLastError(void);
 const char* cudaGetErrorString(cudaError_t e);
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void* f);
 cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int value);
+/* pinned host memory: plain host memory here (counted: rf_emu_stat("live_host_allocs")); never device memory */
+cudaError_t cudaMallocHost(void** p, size_t bytes);
+cudaError_t cudaFreeHost(void* p);
+/* free = limit - used (rf_emu_set("mem_limit")) */
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
+/* (rf_emu_stat counters: "syncs" host waits, "d2h_bytes", "mallocs") both 13000 unless rf_emu_set("driver_version",
+ * "12040") etc. */
+cudaError_t cudaDriverGetVersion(int* v);
+cudaError_t cudaRuntimeGetVersion(int* v);
+/* work runs synchronously, so an event is complete once recorded (counted: rf_emu_stat("live_events")) */
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
 
 /* ---------------------------------------------------------------- 16-bit float types */
 struct __half {
@@ -158,6 +174,7 @@ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 /* ---------------------------------------------------------------- device math */
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline unsigned __float_as_uint(float f) { return emu::f2u(f); }
 inline float cospif(float x) { return (float)cos(M_PI * (double)x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
@@ -243,6 +260,22 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 
   (void)mask;
   (void)width;
   return emu::shfl_xor_f(v, lane_mask);
+}
+/* Threads switch only at barriers and blocks run one at a time, so a read-modify-write is already atomic here. */
+inline int atomicAdd(int* p, int v) {
+  int o = *p;
+  *p = o + v;
+  return o;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  unsigned o = *p;
+  *p = o + v;
+  return o;
+}
+inline float atomicAdd(float* p, float v) {
+  float o = *p;
+  *p = o + v;
+  return o;
 }
 inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask, int width = 32) {
   (void)mask;

@@ -29,8 +29,18 @@ RF_API int rf_device_info(char* buf, int32_t buflen) {
     int n = device_count_impl(&why);
     std::string s;
     const CublasLib& lib = cublas_lib();
-    std::string gemm =
-        lib.ok ? "cuBLAS (" + lib.name + ")" : "built-in tiled GEMM (cuBLAS unavailable: " + lib.why + ")";
+    std::string gemm = lib.ok ? "cuBLAS (" + lib.name + ")"
+                              : "built-in tiled GEMM (WARNING: cuBLAS unavailable, matrix products are many times "
+                                "slower: " +
+                                    lib.why + ")";
+    int drv = 0, rt = 0;
+    cudaDriverGetVersion(&drv);
+    cudaRuntimeGetVersion(&rt);
+    cudaGetLastError();
+    char ver[160];
+    snprintf(ver, sizeof ver, "; driver %d.%d, runtime %d.%d%s", drv / 1000, drv % 1000 / 10, rt / 1000, rt % 1000 / 10,
+             drv < rt ? " (WARNING: the driver is older than the CUDA runtime this library was built with)" : "");
+    gemm += ver;
     if (n <= 0) {
       s = "cuda: no usable device (" + why + "); GEMM: " + gemm;
     } else {
@@ -91,6 +101,26 @@ RF_API int64_t rf_model_memory_bytes(const rf_model* m) {
   return m->arena.bytes;
 }
 
+RF_API int rf_memory_info(const rf_model* m, int64_t* out, int32_t n) {
+  return rf::guard("rf_memory_info", [&]() -> int {
+    RF_TRY(rf::check_not_null(m, "model", "rf_memory_info"));
+    if (!out || n <= 0) return set_error(RF_ERR_INVALID, "rf_memory_info: output is NULL or empty");
+    CU_CHECK(cudaSetDevice(m->dev));
+    size_t fr = 0, tot = 0;
+    CU_CHECK(cudaMemGetInfo(&fr, &tot));
+    int64_t score_bytes = 0;
+    {
+      std::lock_guard<std::mutex> lk(g_score.mu);
+      score_bytes = g_score.arena.bytes;
+    }
+    const int64_t v[5] = {(int64_t)fr, (int64_t)tot, m->arena.bytes, m->ws.arena.bytes + score_bytes,
+                          (int64_t)m->NL * 2 * m->nKV * m->hd * 2};
+    const int k = n < 5 ? n : 5;
+    for (int i = 0; i < k; i++) out[i] = v[i];
+    return k;
+  });
+}
+
 RF_API void rf_model_destroy(rf_model* m) {
   if (!m || m->destroyed) return;
   m->destroyed = true;
@@ -141,6 +171,10 @@ RF_API int64_t rf_compressor_seen(const rf_compressor* c) {
   RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_seen"));
   return c->seen;
 }
+RF_API int64_t rf_compressor_memory_bytes(const rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_memory_bytes"));
+  return c->arena.bytes;
+}
 RF_API int rf_compressor_reset(rf_compressor* c) {
   RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_reset"));
   c->len = 0;
@@ -149,7 +183,7 @@ RF_API int rf_compressor_reset(rf_compressor* c) {
 }
 RF_API int64_t rf_compressor_state_size(const rf_compressor* c) {
   RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_size"));
-  return rf::state_size(c->exit + 1, c->m->nKV, c->m->hd, c->len);
+  return rf::state_size(c->ncache, c->m->nKV, c->m->hd, c->len);
 }
 RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t size) {
   return rf::guard("rf_compressor_state_save", [&]() -> int {
@@ -203,7 +237,7 @@ RF_API int32_t rf_seq_sample(rf_seq* s, float temperature, float top_p, int32_t 
   return rf::guard("rf_seq_sample", [&]() -> int32_t {
     RF_TRY(rf::check_not_null(s, "seq", "rf_seq_sample"));
     RF_TRY(rf::check_seq_sample(s->has_logits, temperature, top_p));
-    return rf::sample_logits(s->host_logits.data(), s->m->V, temperature, top_p, top_k, rng_state);
+    return seq_sample_impl(s, temperature, top_p, top_k, rng_state);
   });
 }
 
@@ -220,6 +254,7 @@ RF_API int rf_seq_reset(rf_seq* s) {
   RF_TRY(rf::check_not_null(s, "seq", "rf_seq_reset"));
   s->len = 0;
   s->has_logits = false;
+  s->host_logits_valid = false;
   return RF_OK;
 }
 RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c) {

@@ -1,7 +1,8 @@
 /*
- * gpu/compressor.cuh — the compress step (REFORM phase 1): chunk forward to the exit layer, H2O scores, eviction, state
- * blob. The *_impl functions take arguments already checked by the ABI layer (gpu/abi.cuh, cuda/abi_guard.h). Part of
- * the single translation unit cuda/reform_cuda.cu (included there, in order).
+ * gpu/compressor.cuh — the compress step (REFORM phase 1): chunk forward to the exit layer, H2O scores, eviction on the
+ * device (no host round trip inside a chunk), state blob. The *_impl functions take arguments already checked by the
+ * ABI layer (gpu/abi.cuh, cuda/abi_guard.h). Part of the single translation unit cuda/reform_cuda.cu (included there,
+ * in order).
  */
 namespace {
 
@@ -16,6 +17,17 @@ void comp_free(rf_compressor* c) {
   cudaGetLastError();
   if (c->m) model_release_child(c->m);
   c->m = nullptr;
+}
+
+/* what one step of c needs from the model's shared workspace */
+WsNeed comp_need(const rf_compressor* c) {
+  WsNeed n;
+  n.rows = c->p.max_chunk;
+  n.krot_rows = c->T;
+  n.cap = c->p.capacity;
+  n.emb_bytes = (int64_t)c->p.max_chunk * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4);
+  n.mlp = c->exit > 0;
+  return n;
 }
 
 int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* heads, int32_t n_heads,
@@ -36,40 +48,20 @@ int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* he
   } guard{c.get()};
   c->p = *p;
   c->exit = exit_layer;
+  c->ncache = rf::cached_layers(exit_layer, m->NL);
   c->edim = n_heads * m->hd;
   c->T = p->capacity + p->max_chunk;
   const int nl = exit_layer + 1;
-  const size_t T = (size_t)c->T, hd = (size_t)m->hd, nKV = (size_t)m->nKV, N = (size_t)p->max_chunk;
+  const size_t T = (size_t)c->T, hd = (size_t)m->hd, nKV = (size_t)m->nKV;
   DevArena& A = c->arena;
-  c->Kc.resize(nl);
-  c->Vc.resize(nl);
-  c->score.resize(nl);
-  for (int l = 0; l < nl; l++) {
+  c->Kc.resize(c->ncache);
+  c->Vc.resize(c->ncache);
+  c->score.resize(c->ncache);
+  for (int l = 0; l < c->ncache; l++) {
     RF_TRY(A.alloc(&c->Kc[l], nKV * T * hd, "compressor K cache"));
     RF_TRY(A.alloc(&c->Vc[l], nKV * T * hd, "compressor V cache"));
     RF_TRY(A.alloc(&c->score[l], nKV * T, "compressor H2O scores"));
   }
-  RF_TRY(A.alloc(&c->Krot, nKV * T * hd, "compressor roped keys"));
-  RF_TRY(A.alloc(&c->x, N * m->H, "activations x"));
-  RF_TRY(A.alloc(&c->xn, N * m->H, "activations xn"));
-  RF_TRY(A.alloc(&c->qkv, N * m->qkvd, "activations qkv"));
-  RF_TRY(A.alloc(&c->qrot, N * m->qd, "activations q_rot"));
-  RF_TRY(A.alloc(&c->attn, N * m->qd, "activations attn"));
-  if (exit_layer > 0) {
-    RF_TRY(A.alloc(&c->gu, N * 2 * m->I, "activations gate/up"));
-    RF_TRY(A.alloc(&c->hbuf, N * m->I, "activations mlp"));
-  }
-  RF_TRY(A.alloc(&c->stat_m, (size_t)m->nH * N, "attention row max"));
-  RF_TRY(A.alloc(&c->stat_l, (size_t)m->nH * N, "attention row sum"));
-  {
-    uint8_t* e = nullptr;
-    RF_TRY(A.alloc(&e, N * c->edim * (p->emb_dtype == RF_F16 ? 2 : 4), "embedding output"));
-    c->emb = e;
-  }
-  RF_TRY(A.alloc(&c->tok, N, "tokens"));
-  RF_TRY(A.alloc(&c->tmpK, nKV * (size_t)p->capacity * hd, "eviction scratch"));
-  RF_TRY(A.alloc(&c->tmpS, nKV * (size_t)p->capacity, "eviction score scratch"));
-  RF_TRY(A.alloc(&c->keep_d, nKV * (size_t)p->capacity, "eviction indices"));
   // embedding table: per layer, pairs (qkv column, embedding column)
   std::vector<int32_t> tab;
   c->table_off.assign(nl, 0);
@@ -89,35 +81,70 @@ int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* he
   }
   RF_TRY(A.alloc(&c->table, tab.size(), "head table"));
   CU_CHECK(cudaMemcpyAsync(c->table, tab.data(), tab.size() * 4, cudaMemcpyHostToDevice, m->stream));
+  RF_TRY(ws_ensure(m, comp_need(c.get())));  // a compressor whose step does not fit fails here, not mid-upload
   CU_CHECK(cudaStreamSynchronize(m->stream));
   guard.p = nullptr;
   *out = c.release();
   return RF_OK;
 }
 
-/* One chunk forward. update: append to cache + H2O + eviction; else cache unchanged. */
+/* H2O eviction of every cached layer down to `capacity`, all on the device and queued on the model's stream: the
+ * keep-set of each (layer, kv head) by k_select_keep (rf::h2o_select's result), then K, V and scores gathered. */
+int comp_evict(rf_compressor* c, int total) {
+  rf_model* m = c->m;
+  Workspace& w = m->ws;
+  const int cap = c->p.capacity, nKV = m->nKV, hd = m->hd;
+  const int lo = c->p.n_sink, hi = total - c->p.n_recent, k = cap - c->p.n_sink - c->p.n_recent;
+  const int threads = std::min(SEL_THREADS, std::max(32, (total + 31) / 32 * 32));
+  const int64_t nel = (int64_t)nKV * cap * hd;
+  const size_t row_bytes = (size_t)cap * hd * 2;
+  for (int l = 0; l < c->ncache; l++) {
+    RF_LAUNCH(k_select_keep, nKV, threads, 0, m->stream)(c->score[l], c->T, total, lo, hi, k, w.keep, cap, w.tmpS);
+    KERNEL_CHECK();
+    CU_CHECK(cudaMemcpy2DAsync(c->score[l], (size_t)c->T * 4, w.tmpS, (size_t)cap * 4, (size_t)cap * 4, nKV,
+                               cudaMemcpyDeviceToDevice, m->stream));
+    RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)
+    (c->Kc[l], c->T, w.tmpK, cap, w.keep, nKV, cap, hd);
+    KERNEL_CHECK();
+    CU_CHECK(cudaMemcpy2DAsync(c->Kc[l], (size_t)c->T * hd * 2, w.tmpK, row_bytes, row_bytes, nKV,
+                               cudaMemcpyDeviceToDevice, m->stream));
+    RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)
+    (c->Vc[l], c->T, w.tmpK, cap, w.keep, nKV, cap, hd);
+    KERNEL_CHECK();
+    CU_CHECK(cudaMemcpy2DAsync(c->Vc[l], (size_t)c->T * hd * 2, w.tmpK, row_bytes, row_bytes, nKV,
+                               cudaMemcpyDeviceToDevice, m->stream));
+  }
+  return RF_OK;
+}
+
+/* One chunk forward. update: append to cache + H2O + eviction; else cache unchanged. Everything is queued on the
+ * model's stream; the host waits once, at the end, for the embeddings (pinned staging, then the caller's buffer). */
 int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, bool update) {
   rf_model* m = c->m;
   CU_CHECK(cudaSetDevice(m->dev));
+  RF_TRY(ws_ensure(m, comp_need(c)));
+  Workspace& ws = m->ws;
   const int len = (int)c->len, total = len + n;
   const int w = std::min(c->p.obs_window, n);
   const float scale = 1.f / sqrtf((float)m->hd);
-  Acts a{c->x, c->xn, c->qkv, c->qrot, c->attn, c->gu, c->hbuf};
-  RF_TRY(upload_tokens(m, c->tok, tokens, n, c->x));
+  const Acts a = ws_acts(m);
+  const size_t emb_bytes = (size_t)n * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4);
+  RF_TRY(upload_tokens(m, ws.tok, tokens, n, a.x));
   for (int l = 0; l <= c->exit; l++) {
     const LayerW& W = m->layers[l];
     RF_TRY(run_qkv(m, W, a, n));
     if (out_emb && c->table_cnt[l] > 0) {
       dim3 grid((unsigned)n, (unsigned)c->table_cnt[l]);
       RF_LAUNCH(k_emb_extract, grid, 32, 0, m->stream)
-      (c->qkv, m->qkvd, c->table + 2 * c->table_off[l], c->emb, c->edim, m->hd, c->p.emb_dtype == RF_F16, m->f16);
+      (a.qkv, m->qkvd, c->table + 2 * c->table_off[l], ws.emb, c->edim, m->hd, c->p.emb_dtype == RF_F16, m->f16);
       KERNEL_CHECK();
     }
+    if (l >= c->ncache) break;  // the exit layer below full depth: nothing reads its cache, attention or H2O scores
     const bool last = l == c->exit;
     if (last && !update) break;  // embedding only: q/k/v of the exit layer is all that is needed
     // append pre-RoPE K and V at rows len..len+n-1 (beyond the logical cache when !update)
     RF_LAUNCH(k_append_kv, nblocks((int64_t)n * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)
-    (c->qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq,
+    (a.qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq,
      m->f16);
     KERNEL_CHECK();
     if (update) {
@@ -125,85 +152,45 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
       KERNEL_CHECK();
     }
     RF_LAUNCH(k_rope_q, nblocks((int64_t)n * m->nH * (m->hd / 2), 256), 256, 0, m->stream)
-    (c->qkv, m->qkvd, c->qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16);
+    (a.qkv, m->qkvd, a.qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16);
     KERNEL_CHECK();
     // cache entry i is at position i: rope all keys
     RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * total * (m->hd / 2), 256), 256, 0, m->stream)
-    (c->Kc[l], c->T, c->Krot, c->T, m->nKV, total, m->hd, 0, m->inv_freq, m->f16);
+    (c->Kc[l], c->T, ws.Krot, c->T, m->nKV, total, m->hd, 0, m->inv_freq, m->f16);
     KERNEL_CHECK();
     const int q_begin = last ? n - w : 0;
-    RF_TRY(launch_flash(m, c->qrot, c->Krot, c->Vc[l], c->T, c->attn, update ? c->stat_m : nullptr,
-                        update ? c->stat_l : nullptr, c->p.max_chunk, q_begin, n, len, total));
+    RF_TRY(launch_flash(m, a.qrot, ws.Krot, c->Vc[l], c->T, a.attn, update ? ws.stat_m : nullptr,
+                        update ? ws.stat_l : nullptr, (int)ws.rows, q_begin, n, len, total));
     if (update) {
       dim3 grid((unsigned)((total + H2O_KEYS - 1) / H2O_KEYS), (unsigned)m->nKV);
       RF_LAUNCH(k_h2o, grid, H2O_KEYS, h2o_smem(m->hd), m->stream)
-      (c->qrot, m->qd, c->Krot, c->T, c->stat_m, c->stat_l, c->p.max_chunk, c->score[l], n - w, n, len, total, m->G,
-       m->hd, scale, m->f16);
+      (a.qrot, m->qd, ws.Krot, c->T, ws.stat_m, ws.stat_l, (int)ws.rows, c->score[l], n - w, n, len, total, m->G, m->hd,
+       scale, m->f16);
       KERNEL_CHECK();
     }
     if (!last) RF_TRY(run_post_attn(m, W, a, n));
   }
-  if (out_emb) {
-    size_t bytes = (size_t)n * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4);
-    CU_CHECK(cudaMemcpyAsync(out_emb, c->emb, bytes, cudaMemcpyDeviceToHost, m->stream));
-  }
-  CU_CHECK(cudaStreamSynchronize(m->stream));
+  // the embeddings go back first (pinned, asynchronous); the eviction below is queued behind them
+  if (out_emb) CU_CHECK(cudaMemcpyAsync(ws.emb_host, ws.emb, emb_bytes, cudaMemcpyDeviceToHost, m->stream));
+  const bool evict = update && total > c->p.capacity;
+  if (evict) RF_TRY(comp_evict(c, total));
+  CU_CHECK(cudaStreamSynchronize(m->stream));  // the one host wait of the step
+  if (out_emb) memcpy(out_emb, ws.emb_host, emb_bytes);
   if (!update) return RF_OK;
   c->seen += n;
-  if (total <= c->p.capacity) {
-    c->len = total;
-    return RF_OK;
-  }
-  // H2O eviction per (layer, kv head); selection on host with the shared helper. Whatever happens, the cache
-  // ends at `capacity` rows (a failure part-way leaves some layers unevicted, truncated: memory-safe, not exact).
-  c->len = c->p.capacity;
-  {
-    const int cap = c->p.capacity, nKV = m->nKV, hd = m->hd;
-    std::vector<float> sc((size_t)nKV * total);
-    std::vector<int32_t> keep_all((size_t)nKV * cap);
-    std::vector<int32_t> keep;
-    for (int l = 0; l <= c->exit; l++) {
-      CU_CHECK(cudaMemcpy2DAsync(sc.data(), (size_t)total * 4, c->score[l], (size_t)c->T * 4, (size_t)total * 4, nKV,
-                                 cudaMemcpyDeviceToHost, m->stream));
-      CU_CHECK(cudaStreamSynchronize(m->stream));
-      for (int h = 0; h < nKV; h++) {
-        rf::h2o_select(sc.data() + (size_t)h * total, total, cap, c->p.n_sink, c->p.n_recent, &keep);
-        if ((int)keep.size() != cap) return set_error(RF_ERR_INTERNAL, "h2o_select returned %zu entries", keep.size());
-        memcpy(keep_all.data() + (size_t)h * cap, keep.data(), (size_t)cap * 4);
-      }
-      CU_CHECK(cudaMemcpyAsync(c->keep_d, keep_all.data(), keep_all.size() * 4, cudaMemcpyHostToDevice, m->stream));
-      const int64_t nel = (int64_t)nKV * cap * hd;
-      const size_t row_bytes = (size_t)cap * hd * 2;
-      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)
-      (c->Kc[l], c->T, c->tmpK, cap, c->keep_d, nKV, cap, hd);
-      KERNEL_CHECK();
-      CU_CHECK(cudaMemcpy2DAsync(c->Kc[l], (size_t)c->T * hd * 2, c->tmpK, row_bytes, row_bytes, nKV,
-                                 cudaMemcpyDeviceToDevice, m->stream));
-      RF_LAUNCH(k_gather_rows<uint16_t>, nblocks(nel, 256), 256, 0, m->stream)
-      (c->Vc[l], c->T, c->tmpK, cap, c->keep_d, nKV, cap, hd);
-      KERNEL_CHECK();
-      CU_CHECK(cudaMemcpy2DAsync(c->Vc[l], (size_t)c->T * hd * 2, c->tmpK, row_bytes, row_bytes, nKV,
-                                 cudaMemcpyDeviceToDevice, m->stream));
-      RF_LAUNCH(k_gather_rows<float>, nblocks((int64_t)nKV * cap, 256), 256, 0, m->stream)
-      (c->score[l], c->T, c->tmpS, cap, c->keep_d, nKV, cap, 1);
-      KERNEL_CHECK();
-      CU_CHECK(cudaMemcpy2DAsync(c->score[l], (size_t)c->T * 4, c->tmpS, (size_t)cap * 4, (size_t)cap * 4, nKV,
-                                 cudaMemcpyDeviceToDevice, m->stream));
-    }
-    CU_CHECK(cudaStreamSynchronize(m->stream));
-  }
+  c->len = evict ? c->p.capacity : total;
   return RF_OK;
 }
 
 /* the state blob header of this compressor (its shape and counters) */
 rf::StateHeader state_header_of(const rf_compressor* c) {
-  return rf::state_header(c->exit + 1, c->m->nKV, c->m->hd, c->m->H, c->p.capacity, c->len, c->seen);
+  return rf::state_header(c->ncache, c->m->nKV, c->m->hd, c->m->H, c->p.capacity, c->len, c->seen);
 }
 
 /* buf holds at least rf::state_size(...) bytes (checked by the ABI) */
 int state_save_impl(const rf_compressor* c, void* buf) {
   rf_model* m = c->m;
-  const int nl = c->exit + 1, nKV = m->nKV, hd = m->hd;
+  const int nl = c->ncache, nKV = m->nKV, hd = m->hd;
   const int64_t len = c->len;
   CU_CHECK(cudaSetDevice(m->dev));
   const rf::StateHeader hdr = state_header_of(c);
@@ -234,7 +221,7 @@ int state_save_impl(const rf_compressor* c, void* buf) {
 /* hdr: the blob's header, checked against the compressor by rf::check_state_load */
 int state_load_impl(rf_compressor* c, const void* buf, const rf::StateHeader& hdr) {
   rf_model* m = c->m;
-  const int nl = c->exit + 1, nKV = m->nKV, hd = m->hd;
+  const int nl = c->ncache, nKV = m->nKV, hd = m->hd;  // a legacy blob's extra exit layer is not read
   const int64_t len = hdr.len;
   CU_CHECK(cudaSetDevice(m->dev));
   const float* f = (const float*)((const uint8_t*)buf + sizeof hdr);

@@ -65,4 +65,81 @@ int upload_tokens(rf_model* m, int32_t* dtok, const int32_t* tokens, int n, uint
   return RF_OK;
 }
 
+/* ---------------- the model's shared workspace ---------------- */
+struct WsNeed {
+  int64_t rows = 0, krot_rows = 0, cap = 0, emb_bytes = 0;
+  bool mlp = false;
+};
+
+/* Grows the model's workspace (objects.cuh) to cover `need`: every buffer at the larger of the old and the new size.
+ * It never shrinks while the model lives. A failed growth leaves it empty (the next step grows it again) and is
+ * out-of-memory like any allocation, so a compressor or sequence that does not fit gets a clean RF_ERR_OOM. */
+int ws_ensure(rf_model* m, const WsNeed& need) {
+  Workspace& w = m->ws;
+  if (need.rows <= w.rows && need.krot_rows <= w.krot_rows && need.cap <= w.cap && need.emb_bytes <= w.emb_bytes &&
+      (!need.mlp || w.mlp))
+    return RF_OK;
+  WsNeed n;
+  n.rows = std::max(need.rows, w.rows);
+  n.krot_rows = std::max(need.krot_rows, w.krot_rows);
+  n.cap = std::max(need.cap, w.cap);
+  n.emb_bytes = std::max(need.emb_bytes, w.emb_bytes);
+  n.mlp = need.mlp || w.mlp;
+  CU_CHECK(cudaStreamSynchronize(m->stream));  // queued work may still use the old buffers
+  w.free_all();
+  const size_t N = (size_t)std::max<int64_t>(n.rows, 1), hd = (size_t)m->hd, nKV = (size_t)m->nKV;
+  DevArena& A = w.arena;
+  int rc = RF_OK;
+  auto grow = [&]() -> int {
+    RF_TRY(A.alloc(&w.x, N * m->H, "workspace: activations x"));
+    RF_TRY(A.alloc(&w.xn, N * m->H, "workspace: activations xn"));
+    RF_TRY(A.alloc(&w.qkv, N * m->qkvd, "workspace: activations qkv"));
+    RF_TRY(A.alloc(&w.qrot, N * m->qd, "workspace: activations q_rot"));
+    RF_TRY(A.alloc(&w.attn, N * m->qd, "workspace: activations attn"));
+    if (n.mlp) {
+      RF_TRY(A.alloc(&w.gu, N * 2 * m->I, "workspace: activations gate/up"));
+      RF_TRY(A.alloc(&w.hbuf, N * m->I, "workspace: activations mlp"));
+    }
+    RF_TRY(A.alloc(&w.tok, N, "workspace: tokens"));
+    if (n.krot_rows > 0) {
+      RF_TRY(A.alloc(&w.stat_m, (size_t)m->nH * N, "workspace: attention row max"));
+      RF_TRY(A.alloc(&w.stat_l, (size_t)m->nH * N, "workspace: attention row sum"));
+      RF_TRY(A.alloc(&w.Krot, nKV * (size_t)n.krot_rows * hd, "workspace: roped keys"));
+    }
+    if (n.cap > 0) {
+      RF_TRY(A.alloc(&w.tmpK, nKV * (size_t)n.cap * hd, "workspace: eviction rows"));
+      RF_TRY(A.alloc(&w.tmpS, nKV * (size_t)n.cap, "workspace: eviction scores"));
+      RF_TRY(A.alloc(&w.keep, nKV * (size_t)n.cap, "workspace: eviction keep-set"));
+    }
+    if (n.emb_bytes > 0) {
+      RF_TRY(A.alloc(&w.emb, (size_t)n.emb_bytes, "workspace: embedding output"));
+      void* h = nullptr;
+      cudaError_t e = cudaMallocHost(&h, (size_t)n.emb_bytes);
+      if (e != cudaSuccess) {
+        cudaGetLastError();
+        return set_error(RF_ERR_OOM, "cudaMallocHost of %lld bytes (pinned embedding staging) failed: %s",
+                         (long long)n.emb_bytes, cudaGetErrorString(e));
+      }
+      w.emb_host = (uint8_t*)h;
+    }
+    return RF_OK;
+  };
+  rc = grow();
+  if (rc != RF_OK) {
+    w.free_all();
+    return rc;
+  }
+  w.rows = n.rows;
+  w.krot_rows = n.krot_rows;
+  w.cap = n.cap;
+  w.emb_bytes = n.emb_bytes;
+  w.mlp = n.mlp;
+  return RF_OK;
+}
+
+Acts ws_acts(rf_model* m) {
+  Workspace& w = m->ws;
+  return Acts{w.x, w.xn, w.qkv, w.qrot, w.attn, w.gu, w.hbuf};
+}
+
 }  // namespace

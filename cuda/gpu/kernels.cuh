@@ -247,6 +247,99 @@ __global__ void k_gather_rows(const E* __restrict__ src, int64_t sT, E* __restri
   }
 }
 
+/* ---- selection on the device (H2O keep-sets, top-k sampling candidates) ---- */
+/* Order-preserving map of a float to uint32 (rf::select_key): larger value, larger key; -0 == +0; NaN lowest. */
+__device__ __forceinline__ unsigned sel_key(float f) {
+  if (f != f) return 0u;
+  if (f == 0.f) f = 0.f;
+  unsigned u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* Inclusive block-wide prefix sum of v (blockDim.x <= SEL_THREADS); *total gets the block's sum. */
+#define SEL_THREADS 1024
+__device__ int block_scan(int v, int* buf, int* total) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  buf[tid] = v;
+  __syncthreads();
+  for (int o = 1; o < nt; o <<= 1) {
+    int add = tid >= o ? buf[tid - o] : 0;
+    __syncthreads();
+    buf[tid] += add;
+    __syncthreads();
+  }
+  int r = buf[tid];
+  *total = buf[nt - 1];
+  __syncthreads();
+  return r;
+}
+
+/* Keep-set selection, one block per row h (grid.x rows, one block of up to SEL_THREADS threads each): of the
+ * entries [0, total) of s + h * stride, keep [0, lo) and [hi, total) and the k highest of [lo, hi) (ties: the earlier
+ * index), written in ascending order to keep + h * kstride (lo + k + total - hi entries); val (may be NULL) gets their
+ * values. rf::h2o_select's result exactly (lo = n_sink, hi = total - n_recent), without a host round trip: the k-th
+ * largest key by a 4-pass radix select (8 bits a pass) over a shared histogram, then one ordered compaction. */
+__global__ void __launch_bounds__(SEL_THREADS)
+    k_select_keep(const float* __restrict__ score, int64_t stride, int total, int lo, int hi, int k,
+                  int32_t* __restrict__ keep, int64_t kstride, float* __restrict__ val) {
+  __shared__ unsigned hist[256];
+  __shared__ unsigned s_prefix, s_need;
+  __shared__ int scan[SEL_THREADS];
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const float* s = score + (int64_t)blockIdx.x * stride;
+  int32_t* out = keep + (int64_t)blockIdx.x * kstride;
+  float* ov = val ? val + (int64_t)blockIdx.x * kstride : nullptr;
+  unsigned prefix = 0, need = (unsigned)(k > 0 ? k : 0);
+  if (k > 0) {
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int b = tid; b < 256; b += nt) hist[b] = 0u;
+      __syncthreads();
+      const unsigned hi_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+      for (int i = lo + tid; i < hi; i += nt) {
+        const unsigned key = sel_key(s[i]);
+        if ((key & hi_mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      if (tid == 0) {
+        unsigned above = 0;
+        int b = 255;
+        while (b > 0 && above + hist[b] < need) above += hist[b--];
+        s_prefix = prefix | ((unsigned)b << shift);
+        s_need = need - above;
+      }
+      __syncthreads();
+      prefix = s_prefix;
+      need = s_need;
+    }
+  }
+  // prefix: the k-th largest key of the middle; need: how many entries equal to it are kept (the earliest)
+  int base = 0, eq_before = 0;
+  for (int t0 = 0; t0 < total; t0 += nt) {
+    const int i = t0 + tid;
+    int always = 0, gt = 0, eq = 0;
+    if (i < total) {
+      if (i < lo || i >= hi) {
+        always = 1;
+      } else if (k > 0) {
+        const unsigned key = sel_key(s[i]);
+        gt = key > prefix;
+        eq = key == prefix;
+      }
+    }
+    int eq_tile = 0;
+    const int eq_rank = eq_before + block_scan(eq, scan, &eq_tile) - eq;  // equal entries before this one
+    const int take = always | gt | (eq && (unsigned)eq_rank < need);
+    int kept_tile = 0;
+    const int pos = base + block_scan(take, scan, &kept_tile) - take;
+    if (take) {
+      out[pos] = i;
+      if (ov) ov[pos] = s[i];
+    }
+    base += kept_tile;
+    eq_before += eq_tile;
+  }
+}
+
 /* ---- scoring helpers ---- */
 /* one warp per row: dst[r][:] = src[r][:] / ||src[r]|| (f32 out), zero rows stay zero */
 __global__ void k_normalize_rows(const void* __restrict__ src, int sdt, float* __restrict__ dst, int64_t rows,
@@ -262,6 +355,38 @@ __global__ void k_normalize_rows(const void* __restrict__ src, int sdt, float* _
     ss = warp_sum(ss);
     float inv = 1.f / fmaxf(sqrtf(ss), 1e-12f);  // all-zero row -> 0
     for (int d = lane; d < dim; d += 32) dst[r * dim + d] = ld_any(src, sdt, r * dim + d) * inv;
+  }
+}
+/* one warp per row: inv[r] = 1 / max(||src[r]||, 1e-12) */
+__global__ void k_row_invnorm(const void* __restrict__ src, int sdt, float* __restrict__ inv, int64_t rows, int dim) {
+  const int lane = threadIdx.x & 31;
+  const int64_t wpb = blockDim.x >> 5;
+  for (int64_t r = blockIdx.x * wpb + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * wpb) {
+    float ss = 0.f;
+    for (int d = lane; d < dim; d += 32) {
+      float v = ld_any(src, sdt, r * dim + d);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) inv[r] = 1.f / fmaxf(sqrtf(ss), 1e-12f);
+  }
+}
+/* x (f32, n values) -> dst[0..n) = f16(x), dst[n..2n) = f16(x - f16(x)): an f16 pair whose sum is x to ~2^-22 */
+__global__ void k_split_f16(const float* __restrict__ x, uint16_t* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const uint16_t hi = f2h(x[i], true);
+    dst[i] = hi;
+    dst[n + i] = f2h(x[i] - h2f(hi, true), true);
+  }
+}
+/* out[r] = max_j (s[r][j] + s[r][nq + j]) * inv[r] (s: [rows][2 nq], the hi and lo halves of the query pair) */
+__global__ void k_rowmax_pair(const float* __restrict__ s, int64_t rows, int nq, const float* __restrict__ inv,
+                              float* __restrict__ out) {
+  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
+    float m = -INFINITY;
+    const float* row = s + r * 2 * (int64_t)nq;
+    for (int c = 0; c < nq; c++) m = fmaxf(m, row[c] + row[nq + c]);
+    out[r] = m * inv[r];
   }
 }
 __global__ void k_rowmax(const float* __restrict__ s, int64_t rows, int cols, float* __restrict__ out) {

@@ -5,6 +5,10 @@
  */
 namespace {
 
+/* rf_score's buffers live while a model does (score.cuh) */
+void score_model_created();
+void score_model_freed();
+
 /* ---------------- model helpers ---------------- */
 uint16_t* tensor_dst(rf_model* m, const rf::TensorId& id, int64_t* count) {
   const int64_t H = m->H;
@@ -39,6 +43,8 @@ void model_free(rf_model* m) {
   cudaSetDevice(m->dev);
   if (m->stream) cudaStreamSynchronize(m->stream);
   m->gemm.destroy();
+  m->ws.free_all();
+  if (m->counted) score_model_freed();
   m->arena.free_all();
   if (m->stream) cudaStreamDestroy(m->stream);
   m->stream = nullptr;
@@ -134,6 +140,8 @@ int model_create_impl(const rf_config* cfg, rf_model** out) {
   }
   CU_CHECK(cudaStreamSynchronize(m->stream));
   m->set.assign(rf::tensor_slot_count(*cfg), 0);
+  score_model_created();
+  m->counted = true;
   guard.p = nullptr;
   *out = m.release();
   return RF_OK;

@@ -17,6 +17,33 @@ struct LayerW {
   uint16_t* wdown = nullptr;  // [H][I]
 };
 
+/* Per-step scratch of the model's compressors and sequences: one step runs at a time (they share the model's stream),
+ * so one set of buffers, grown to the largest user, serves all of them instead of one set per object. */
+struct Workspace {
+  DevArena arena;
+  // sizes it was allocated for
+  int64_t rows = 0;       // activation rows (chunk / prefill piece)
+  int64_t krot_rows = 0;  // roped-key rows per kv head (compressor: capacity + max_chunk)
+  int64_t cap = 0;        // eviction rows per kv head (compressor capacity)
+  int64_t emb_bytes = 0;  // embedding output of one chunk
+  bool mlp = false;
+  uint16_t *x = nullptr, *xn = nullptr, *qkv = nullptr, *qrot = nullptr, *attn = nullptr, *gu = nullptr,
+           *hbuf = nullptr;
+  float *stat_m = nullptr, *stat_l = nullptr;  // [nH][rows]
+  int32_t* tok = nullptr;                      // [rows]
+  uint16_t* Krot = nullptr;                    // [nKV][krot_rows][hd]
+  uint8_t* emb = nullptr;                      // [emb_bytes]
+  uint8_t* emb_host = nullptr;                 // pinned [emb_bytes]: the embeddings' way back
+  uint16_t* tmpK = nullptr;                    // [nKV][cap][hd]
+  float* tmpS = nullptr;                       // [nKV][cap]
+  int32_t* keep = nullptr;                     // [nKV][cap]
+  void free_all() {
+    arena.free_all();
+    if (emb_host) cudaFreeHost(emb_host);
+    *this = Workspace();
+  }
+};
+
 }  // namespace
 
 struct rf_model {
@@ -38,6 +65,8 @@ struct rf_model {
   cudaStream_t stream = nullptr;
   Gemm gemm;
   size_t fa_smem = 0;
+  Workspace ws;            // shared by its compressors and sequences
+  bool counted = false;    // counted in rf_score's live models (score.cuh)
   int children = 0;        // live compressors / seqs (they keep the model alive, as in the CPU build)
   bool destroyed = false;  // rf_model_destroy called; freed when the last child goes
 };
@@ -47,38 +76,31 @@ struct rf_compressor {
   rf_compress_params p{};
   std::vector<rf::HeadSel> heads;
   int exit = 0;
+  int ncache = 0;  // layers whose cache is kept (rf::cached_layers)
   int edim = 0;
   int T = 0;  // capacity + max_chunk rows per cache head
   int64_t len = 0, seen = 0;
-  DevArena arena;
-  std::vector<uint16_t*> Kc, Vc;  // per layer [nKV][T][hd] (keys pre-RoPE)
-  std::vector<float*> score;      // per layer [nKV][T]
-  uint16_t* Krot = nullptr;       // [nKV][T][hd]
-  uint16_t *x = nullptr, *xn = nullptr, *qkv = nullptr, *qrot = nullptr, *attn = nullptr, *gu = nullptr,
-           *hbuf = nullptr;
-  float *stat_m = nullptr, *stat_l = nullptr;  // [nH][max_chunk]
-  void* emb = nullptr;                         // [max_chunk][edim]
-  int32_t* tok = nullptr;
+  DevArena arena;                         // its own memory: the cache; per-step scratch is the model's Workspace
+  std::vector<uint16_t*> Kc, Vc;          // per cached layer [nKV][T][hd] (keys pre-RoPE)
+  std::vector<float*> score;              // per cached layer [nKV][T]
   int32_t* table = nullptr;               // per layer pairs, concatenated
   std::vector<int> table_off, table_cnt;  // per layer
-  uint16_t* tmpK = nullptr;               // [nKV][cap][hd]
-  float* tmpS = nullptr;                  // [nKV][cap]
-  int32_t* keep_d = nullptr;              // [nKV][cap]
 };
 
+#define SAMPLE_MAX_K 1024  // rf_seq_sample selects up to this many candidates on the device
 struct rf_seq {
   rf_model* m = nullptr;
   int maxT = 0;
   int S = 0;  // rows per internal prefill chunk
   int len = 0;
   bool has_logits = false;
-  DevArena arena;
+  DevArena arena;                 // its own memory: the cache, logits, decode partials; activations: the Workspace
   std::vector<uint16_t*> Kc, Vc;  // per layer [nKV][maxT][hd] (roped)
-  uint16_t *x = nullptr, *xn = nullptr, *qkv = nullptr, *qrot = nullptr, *attn = nullptr, *gu = nullptr,
-           *hbuf = nullptr;
-  float* logits = nullptr;  // [V]
-  float* part = nullptr;    // decode partials
+  float* logits = nullptr;        // [V]
+  float* part = nullptr;          // decode partials
   int nsplit_max = 0;
-  int32_t* tok = nullptr;
+  int32_t* sel_idx = nullptr;  // [SAMPLE_MAX_K] device sampler: the candidates' ids
+  float* sel_val = nullptr;    // [SAMPLE_MAX_K] and their logits
   std::vector<float> host_logits;
+  bool host_logits_valid = false;  // host_logits holds the last logits (copied only when someone needs them)
 };

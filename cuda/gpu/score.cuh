@@ -6,14 +6,131 @@
 namespace {
 
 /* ---------------- scoring ---------------- */
+/* rf_score's device state: a stream, a GEMM handle and buffers that persist across queries (grown, never allocated per
+ * query) while any model is alive — the server's case; with no model alive they are released after each call, so a
+ * process that only scores holds nothing. Blocks of context rows stream through two pinned host buffers: the copy of
+ * block i+1 into pinned memory (the read of the memory-mapped file) overlaps the transfer and scoring of block i. */
 struct ScoreCtx {
   std::mutex mu;
   bool ready = false;
   int dev = -1;
   cudaStream_t stream = nullptr;
   Gemm gemm;
+  int live_models = 0;
+  DevArena arena;
+  int64_t B = 0, dim = 0, nq = 0, nout = 0;  // sizes the buffers were allocated for (rows per block, ...)
+  float *qraw = nullptr, *qn = nullptr, *cn = nullptr, *S = nullptr, *inv = nullptr, *out = nullptr;
+  uint16_t* qh = nullptr;  // [2 n_q][dim] f16: rows 0..n_q-1 the normalised queries, then their f16 residuals
+  uint8_t* raw[2] = {nullptr, nullptr};
+  uint8_t* pinned[2] = {nullptr, nullptr};
+  cudaEvent_t done[2] = {nullptr, nullptr};
+  void release_buffers() {
+    if (stream) cudaStreamSynchronize(stream);
+    arena.free_all();
+    for (int i = 0; i < 2; i++) {
+      if (pinned[i]) cudaFreeHost(pinned[i]);
+      if (done[i]) cudaEventDestroy(done[i]);
+      pinned[i] = nullptr;
+      done[i] = nullptr;
+      raw[i] = nullptr;
+    }
+    B = dim = nq = nout = 0;
+    cudaGetLastError();
+  }
 };
 ScoreCtx g_score;
+
+/* model lifetime hooks (model.cuh): the scoring buffers live while a model does */
+void score_model_created() {
+  std::lock_guard<std::mutex> lk(g_score.mu);
+  g_score.live_models++;
+}
+void score_model_freed() {
+  std::lock_guard<std::mutex> lk(g_score.mu);
+  if (--g_score.live_models <= 0) {
+    g_score.live_models = 0;
+    g_score.release_buffers();
+  }
+}
+
+int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx) {
+  ScoreCtx& g = g_score;
+  if (B <= g.B && dim == g.dim && nq <= g.nq && n_ctx <= g.nout) return RF_OK;
+  g.release_buffers();
+  DevArena& A = g.arena;
+  RF_TRY(A.alloc(&g.qraw, (size_t)nq * dim, "score queries"));
+  RF_TRY(A.alloc(&g.qn, (size_t)nq * dim, "score queries (normalised)"));
+  RF_TRY(A.alloc(&g.qh, (size_t)2 * nq * dim, "score queries (f16 pair)"));
+  RF_TRY(A.alloc(&g.cn, (size_t)B * dim, "score ctx block (normalised, f32 context)"));
+  RF_TRY(A.alloc(&g.S, (size_t)B * 2 * nq, "score similarity block"));
+  RF_TRY(A.alloc(&g.inv, (size_t)B, "score ctx inverse norms"));
+  RF_TRY(A.alloc(&g.out, (size_t)n_ctx, "score output"));
+  for (int i = 0; i < 2; i++) {
+    RF_TRY(A.alloc(&g.raw[i], (size_t)B * dim * 4, "score ctx block"));
+    void* h = nullptr;
+    cudaError_t e = cudaMallocHost(&h, (size_t)B * dim * 4);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return set_error(RF_ERR_OOM, "cudaMallocHost of %lld bytes (score staging) failed: %s", (long long)(B * dim * 4),
+                       cudaGetErrorString(e));
+    }
+    g.pinned[i] = (uint8_t*)h;
+    CU_CHECK(cudaEventCreateWithFlags(&g.done[i], cudaEventDisableTiming));
+  }
+  g.B = B;
+  g.dim = dim;
+  g.nq = nq;
+  g.nout = n_ctx;
+  return RF_OK;
+}
+
+int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q, float* out) {
+  ScoreCtx& g = g_score;
+  cudaStream_t st = g.stream;
+  const int es = ctx_dtype == RF_F32 ? 4 : 2;
+  const bool tc = ctx_dtype == RF_F16;  // f16 context: tensor-core GEMM straight on the stored rows
+  int64_t B = std::max<int64_t>(1, ((int64_t)16 << 20) / dim);
+  B = std::min<int64_t>(B, std::max<int64_t>(1, ((int64_t)32 << 20) / n_q));
+  B = std::min<int64_t>(B, (int64_t)1 << 20);  // fallback GEMM grid.y = B / 64 must stay <= 65535
+  B = std::min<int64_t>(B, n_ctx);
+  // keep the buffers of an earlier, larger call (no reallocation per query)
+  if (g.B > B && g.dim == dim && g.nq >= n_q && g.nout >= n_ctx) B = std::min<int64_t>(g.B, n_ctx);
+  RF_TRY(score_buffers(B, dim, n_q, n_ctx));
+  CU_CHECK(cudaMemcpyAsync(g.qraw, q, (size_t)n_q * dim * 4, cudaMemcpyHostToDevice, st));
+  RF_LAUNCH(k_normalize_rows, nblocks(n_q, 8), 256, 0, st)(g.qraw, RF_F32, g.qn, n_q, dim);
+  KERNEL_CHECK();
+  if (tc) {
+    RF_LAUNCH(k_split_f16, nblocks((int64_t)n_q * dim, 256), 256, 0, st)(g.qn, g.qh, (int64_t)n_q * dim);
+    KERNEL_CHECK();
+  }
+  int64_t i = 0;
+  for (int64_t off = 0; off < n_ctx; off += B, i++) {
+    const int64_t b = std::min(B, n_ctx - off);
+    const int slot = (int)(i & 1);
+    CU_CHECK(cudaEventSynchronize(g.done[slot]));  // the transfer that last read this pinned buffer has finished
+    memcpy(g.pinned[slot], (const uint8_t*)ctx + off * dim * es, (size_t)(b * dim * es));
+    CU_CHECK(cudaMemcpyAsync(g.raw[slot], g.pinned[slot], (size_t)(b * dim * es), cudaMemcpyHostToDevice, st));
+    CU_CHECK(cudaEventRecord(g.done[slot], st));
+    if (tc) {
+      // S[r][j] = ctx_r . (q_hi_j) and S[r][n_q + j] = ctx_r . (q_lo_j): q = hi + lo is exact to ~2^-22, so the f16
+      // tensor-core product is as accurate as the f32 one; the row norm divides afterwards
+      RF_LAUNCH(k_row_invnorm, nblocks(b, 8), 256, 0, st)(g.raw[slot], RF_F16, g.inv, b, dim);
+      KERNEL_CHECK();
+      RF_TRY(g.gemm.nt((int)b, 2 * n_q, dim, g.raw[slot], RF_F16, dim, g.qh, RF_F16, dim, g.S, RF_F32, 2 * n_q, 0.f));
+      RF_LAUNCH(k_rowmax_pair, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, g.inv, g.out + off);
+      KERNEL_CHECK();
+    } else {
+      RF_LAUNCH(k_normalize_rows, nblocks(b, 8), 256, 0, st)(g.raw[slot], ctx_dtype, g.cn, b, dim);
+      KERNEL_CHECK();
+      RF_TRY(g.gemm.nt((int)b, n_q, dim, g.cn, RF_F32, dim, g.qn, RF_F32, dim, g.S, RF_F32, n_q, 0.f));
+      RF_LAUNCH(k_rowmax, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, g.out + off);
+      KERNEL_CHECK();
+    }
+  }
+  CU_CHECK(cudaMemcpyAsync(out, g.out, (size_t)n_ctx * 4, cudaMemcpyDeviceToHost, st));
+  CU_CHECK(cudaStreamSynchronize(st));
+  return RF_OK;
+}
 
 int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                float* out) {
@@ -22,6 +139,7 @@ int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, c
   std::lock_guard<std::mutex> lk(g_score.mu);
   if (!g_score.ready || g_score.dev != dev) {
     if (g_score.ready) {
+      g_score.release_buffers();
       g_score.gemm.destroy();
       cudaStreamDestroy(g_score.stream);
       g_score.ready = false;
@@ -35,45 +153,10 @@ int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, c
     g_score.dev = dev;
     g_score.ready = true;
   }
-  cudaStream_t st = g_score.stream;
-  const int es = ctx_dtype == RF_F32 ? 4 : 2;
-  int64_t B = std::max<int64_t>(1, ((int64_t)16 << 20) / dim);
-  B = std::min<int64_t>(B, std::max<int64_t>(1, ((int64_t)64 << 20) / n_q));
-  B = std::min<int64_t>(B, (int64_t)1 << 20);  // fallback GEMM grid.y = B / 64 must stay <= 65535
-  B = std::min<int64_t>(B, n_ctx);
-  DevArena A;
-  struct Free {
-    DevArena* a;
-    cudaStream_t s;
-    ~Free() {
-      cudaStreamSynchronize(s);
-      a->free_all();
-    }
-  } fr{&A, st};
-  float *qraw = nullptr, *qn = nullptr, *cn = nullptr, *S = nullptr, *od = nullptr;
-  uint8_t* raw = nullptr;
-  RF_TRY(A.alloc(&qraw, (size_t)n_q * dim, "score queries"));
-  RF_TRY(A.alloc(&qn, (size_t)n_q * dim, "score queries (normalised)"));
-  RF_TRY(A.alloc(&raw, (size_t)B * dim * es, "score ctx block"));
-  RF_TRY(A.alloc(&cn, (size_t)B * dim, "score ctx block (normalised)"));
-  RF_TRY(A.alloc(&S, (size_t)B * n_q, "score similarity block"));
-  RF_TRY(A.alloc(&od, (size_t)B, "score output block"));
-  CU_CHECK(cudaMemcpyAsync(qraw, q, (size_t)n_q * dim * 4, cudaMemcpyHostToDevice, st));
-  RF_LAUNCH(k_normalize_rows, nblocks(n_q, 8), 256, 0, st)(qraw, RF_F32, qn, n_q, dim);
-  KERNEL_CHECK();
-  for (int64_t off = 0; off < n_ctx; off += B) {
-    int64_t b = std::min(B, n_ctx - off);
-    CU_CHECK(
-        cudaMemcpyAsync(raw, (const uint8_t*)ctx + off * dim * es, (size_t)(b * dim * es), cudaMemcpyHostToDevice, st));
-    RF_LAUNCH(k_normalize_rows, nblocks(b, 8), 256, 0, st)(raw, ctx_dtype, cn, b, dim);
-    KERNEL_CHECK();
-    RF_TRY(g_score.gemm.nt((int)b, n_q, dim, cn, RF_F32, dim, qn, RF_F32, dim, S, RF_F32, n_q, 0.f));
-    RF_LAUNCH(k_rowmax, nblocks(b, 256), 256, 0, st)(S, b, n_q, od);
-    KERNEL_CHECK();
-    CU_CHECK(cudaMemcpyAsync(out + off, od, (size_t)b * 4, cudaMemcpyDeviceToHost, st));
-    CU_CHECK(cudaStreamSynchronize(st));
-  }
-  return RF_OK;
+  int rc = score_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, out);
+  // on failure, or when no model holds them, the buffers go (the next call allocates afresh)
+  if (rc != RF_OK || g_score.live_models <= 0) g_score.release_buffers();
+  return rc;
 }
 
 }  // namespace

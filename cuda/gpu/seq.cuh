@@ -18,6 +18,14 @@ void seq_free(rf_seq* s) {
   s->m = nullptr;
 }
 
+/* what one forward piece of s needs from the model's shared workspace */
+WsNeed seq_need(const rf_seq* s) {
+  WsNeed n;
+  n.rows = s->S;
+  n.mlp = true;
+  return n;
+}
+
 int seq_create_impl(rf_model* m, int32_t max_tokens, rf_seq** out) {
   CU_CHECK(cudaSetDevice(m->dev));
   std::unique_ptr<rf_seq> s(new rf_seq());
@@ -31,7 +39,7 @@ int seq_create_impl(rf_model* m, int32_t max_tokens, rf_seq** out) {
   } guard{s.get()};
   s->maxT = max_tokens;
   s->S = std::min(max_tokens, 4096);
-  const size_t T = (size_t)max_tokens, hd = (size_t)m->hd, nKV = (size_t)m->nKV, N = (size_t)s->S;
+  const size_t T = (size_t)max_tokens, hd = (size_t)m->hd, nKV = (size_t)m->nKV;
   DevArena& A = s->arena;
   s->Kc.resize(m->NL);
   s->Vc.resize(m->NL);
@@ -39,18 +47,13 @@ int seq_create_impl(rf_model* m, int32_t max_tokens, rf_seq** out) {
     RF_TRY(A.alloc(&s->Kc[l], nKV * T * hd, "sequence K cache"));
     RF_TRY(A.alloc(&s->Vc[l], nKV * T * hd, "sequence V cache"));
   }
-  RF_TRY(A.alloc(&s->x, N * m->H, "activations x"));
-  RF_TRY(A.alloc(&s->xn, N * m->H, "activations xn"));
-  RF_TRY(A.alloc(&s->qkv, N * m->qkvd, "activations qkv"));
-  RF_TRY(A.alloc(&s->qrot, N * m->qd, "activations q_rot"));
-  RF_TRY(A.alloc(&s->attn, N * m->qd, "activations attn"));
-  RF_TRY(A.alloc(&s->gu, N * 2 * m->I, "activations gate/up"));
-  RF_TRY(A.alloc(&s->hbuf, N * m->I, "activations mlp"));
   RF_TRY(A.alloc(&s->logits, (size_t)m->V, "logits"));
   s->nsplit_max = (max_tokens + DEC_SPLIT - 1) / DEC_SPLIT;
   RF_TRY(A.alloc(&s->part, (size_t)m->nH * s->nsplit_max * (hd + 2), "decode partials"));
-  RF_TRY(A.alloc(&s->tok, N, "tokens"));
+  RF_TRY(A.alloc(&s->sel_idx, SAMPLE_MAX_K, "sampler candidates"));
+  RF_TRY(A.alloc(&s->sel_val, SAMPLE_MAX_K, "sampler candidate logits"));
   s->host_logits.resize(m->V);
+  RF_TRY(ws_ensure(m, seq_need(s.get())));
   guard.p = nullptr;
   *out = s.release();
   return RF_OK;
@@ -60,21 +63,23 @@ int seq_forward_impl(rf_seq* s, const int32_t* tokens, int n, float* logits_out)
   rf_model* m = s->m;
   CU_CHECK(cudaSetDevice(m->dev));
   s->has_logits = false;
-  Acts a{s->x, s->xn, s->qkv, s->qrot, s->attn, s->gu, s->hbuf};
+  s->host_logits_valid = false;
+  RF_TRY(ws_ensure(m, seq_need(s)));
+  const Acts a = ws_acts(m);
   const float scale = 1.f / sqrtf((float)m->hd);
   int nb = 0;
   for (int off = 0; off < n; off += nb) {
     nb = std::min(s->S, n - off);
     const int pos0 = s->len;
-    RF_TRY(upload_tokens(m, s->tok, tokens + off, nb, s->x));
+    RF_TRY(upload_tokens(m, m->ws.tok, tokens + off, nb, a.x));
     for (int l = 0; l < m->NL; l++) {
       const LayerW& W = m->layers[l];
       RF_TRY(run_qkv(m, W, a, nb));
       RF_LAUNCH(k_rope_q, nblocks((int64_t)nb * m->nH * (m->hd / 2), 256), 256, 0, m->stream)
-      (s->qkv, m->qkvd, s->qrot, nb, m->nH, m->hd, pos0, m->inv_freq, m->f16);
+      (a.qkv, m->qkvd, a.qrot, nb, m->nH, m->hd, pos0, m->inv_freq, m->f16);
       KERNEL_CHECK();
       RF_LAUNCH(k_append_kv, nblocks((int64_t)nb * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)
-      (s->qkv, m->qkvd, m->qd, m->qd + m->kvd, s->Kc[l], s->Vc[l], s->maxT, nb, m->nKV, m->hd, pos0, true, m->inv_freq,
+      (a.qkv, m->qkvd, m->qd, m->qd + m->kvd, s->Kc[l], s->Vc[l], s->maxT, nb, m->nKV, m->hd, pos0, true, m->inv_freq,
        m->f16);
       KERNEL_CHECK();
       const int total = pos0 + nb;
@@ -82,25 +87,61 @@ int seq_forward_impl(rf_seq* s, const int32_t* tokens, int n, float* logits_out)
         const int nsplit = (total + DEC_SPLIT - 1) / DEC_SPLIT;
         dim3 grid((unsigned)m->nH, (unsigned)nsplit);
         RF_LAUNCH(k_decode_partial, grid, 128, 0, m->stream)
-        (s->qrot, s->Kc[l], s->Vc[l], s->maxT, s->part, s->nsplit_max, total, m->G, m->hd, scale, m->f16);
+        (a.qrot, s->Kc[l], s->Vc[l], s->maxT, s->part, s->nsplit_max, total, m->G, m->hd, scale, m->f16);
         KERNEL_CHECK();
-        RF_LAUNCH(k_decode_combine, m->nH, 128, 0, m->stream)(s->part, s->nsplit_max, nsplit, m->hd, s->attn, m->f16);
+        RF_LAUNCH(k_decode_combine, m->nH, 128, 0, m->stream)(s->part, s->nsplit_max, nsplit, m->hd, a.attn, m->f16);
         KERNEL_CHECK();
       } else {
-        RF_TRY(launch_flash(m, s->qrot, s->Kc[l], s->Vc[l], s->maxT, s->attn, nullptr, nullptr, 0, 0, nb, pos0, total));
+        RF_TRY(launch_flash(m, a.qrot, s->Kc[l], s->Vc[l], s->maxT, a.attn, nullptr, nullptr, 0, 0, nb, pos0, total));
       }
       RF_TRY(run_post_attn(m, W, a, nb));
     }
     s->len += nb;
   }
-  // logits of the last token
-  RF_TRY(run_rmsnorm(m, s->x + (size_t)(nb - 1) * m->H, m->norm, s->xn, 1));
-  RF_TRY(m->gemm.nt(1, m->V, m->H, s->xn, m->adt, m->H, m->lm_head, m->adt, m->H, s->logits, RF_F32, m->V, 0.f));
-  CU_CHECK(cudaMemcpyAsync(s->host_logits.data(), s->logits, (size_t)m->V * 4, cudaMemcpyDeviceToHost, m->stream));
+  // logits of the last token; they stay on the device unless the caller asks for them (rf_seq_sample samples there)
+  RF_TRY(run_rmsnorm(m, a.x + (size_t)(nb - 1) * m->H, m->norm, a.xn, 1));
+  RF_TRY(m->gemm.nt(1, m->V, m->H, a.xn, m->adt, m->H, m->lm_head, m->adt, m->H, s->logits, RF_F32, m->V, 0.f));
+  if (logits_out) {
+    CU_CHECK(cudaMemcpyAsync(s->host_logits.data(), s->logits, (size_t)m->V * 4, cudaMemcpyDeviceToHost, m->stream));
+    s->host_logits_valid = true;
+  }
   CU_CHECK(cudaStreamSynchronize(m->stream));
   if (logits_out) memcpy(logits_out, s->host_logits.data(), (size_t)m->V * 4);
   s->has_logits = true;
   return RF_OK;
+}
+
+/* rf_seq_sample on the device: the candidates (greedy: the argmax; top_k <= SAMPLE_MAX_K: the top_k logits) are
+ * selected by k_select_keep and only they come back (4 bytes / 8 bytes each instead of the whole vocabulary), then
+ * drawn with the host sampler over them, which gives exactly rf::sample_logits over the full logits (they are in
+ * ascending id order, so its tie rule is the same). Other cases (top_k 0 or above SAMPLE_MAX_K at temperature > 0)
+ * copy the logits once and sample on the host. */
+int32_t seq_sample_impl(rf_seq* s, float temperature, float top_p, int32_t top_k, uint64_t* rng) {
+  rf_model* m = s->m;
+  CU_CHECK(cudaSetDevice(m->dev));
+  const int V = m->V;
+  const bool greedy = !(temperature > 0.f);
+  const int k = greedy ? 1 : (top_k > 0 && top_k < V) ? top_k : V;
+  if (k <= SAMPLE_MAX_K) {
+    if (!greedy && !rng) return set_error(RF_ERR_INVALID, "rng_state is NULL");
+    const int threads = std::min(SEL_THREADS, std::max(32, (V + 31) / 32 * 32));
+    RF_LAUNCH(k_select_keep, 1, threads, 0, m->stream)(s->logits, V, V, 0, V, k, s->sel_idx, k, s->sel_val);
+    KERNEL_CHECK();
+    int32_t ids[SAMPLE_MAX_K];
+    float vals[SAMPLE_MAX_K];
+    CU_CHECK(cudaMemcpyAsync(ids, s->sel_idx, (size_t)k * 4, cudaMemcpyDeviceToHost, m->stream));
+    if (!greedy) CU_CHECK(cudaMemcpyAsync(vals, s->sel_val, (size_t)k * 4, cudaMemcpyDeviceToHost, m->stream));
+    CU_CHECK(cudaStreamSynchronize(m->stream));
+    if (greedy) return ids[0];
+    const int32_t r = rf::sample_logits(vals, k, temperature, top_p, 0, rng);
+    return r < 0 ? r : ids[r];
+  }
+  if (!s->host_logits_valid) {
+    CU_CHECK(cudaMemcpyAsync(s->host_logits.data(), s->logits, (size_t)V * 4, cudaMemcpyDeviceToHost, m->stream));
+    CU_CHECK(cudaStreamSynchronize(m->stream));
+    s->host_logits_valid = true;
+  }
+  return rf::sample_logits(s->host_logits.data(), V, temperature, top_p, top_k, rng);
 }
 
 int seq_import_impl(rf_seq* s, const rf_compressor* c) {
@@ -120,6 +161,7 @@ int seq_import_impl(rf_seq* s, const rf_compressor* c) {
   CU_CHECK(cudaStreamSynchronize(m->stream));
   s->len = len;
   s->has_logits = false;
+  s->host_logits_valid = false;
   return RF_OK;
 }
 

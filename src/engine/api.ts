@@ -175,12 +175,33 @@ export type QueryEvent =
       timings: { queueMs: number; ttftMs: number; tpotMs: number; totalMs: number };
     };
 
+/** The memory plan printed at start and shown in /health (bytes; device figures null on the CPU backend). */
+export interface MemoryPlan {
+  weights: number;
+  /** per-step scratch shared by all compressors and sequences (one step runs at a time) */
+  workspace: number;
+  /** cache of one live upload compressor */
+  perCompressor: number;
+  /** KV cache of one recompute sequence of maxModelLen tokens */
+  recomputeSeq: number;
+  maxModelLen: number;
+  deviceFree: number | null;
+  deviceTotal: number | null;
+  /** live compressors the plan allows (bounded by --max-live-compressors) */
+  maxLiveCompressors: number;
+  /** false: not even one compressor fits next to a recompute sequence */
+  fits: boolean;
+}
+
 export interface ModelInfo {
   id: string; // served model name
   path: string;
   architecture: string;
   backend: string; // "cpu" | "cuda"
   device: string;
+  /** slow paths the backend fell back to (no cuBLAS, a driver older than the runtime): said at start and in /health */
+  deviceWarnings: string[];
+  memory: MemoryPlan;
   trainedContext: number; // max_position_embeddings
   vocabSize: number;
   numLayers: number;

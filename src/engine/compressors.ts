@@ -85,6 +85,11 @@ export class CompressorPool {
       have.lastUsed = Date.now();
       return have.comp;
     }
+    // make room first (the memory plan sized maxLiveCompressors so that this many caches fit on the device)
+    while (this.live.size >= this.defaults.maxLiveCompressors) {
+      const oldest = this.live.keys().next().value as string;
+      this.drop(oldest, sessionOf(oldest) ?? null);
+    }
     const comp = this.model.createCompressor(uploadCompressParams(this.defaults, this.bos), s.meta.heads);
     const l: Live = { comp, dirty: 0, lastUsed: Date.now() };
     try {

@@ -10,7 +10,7 @@ import { type LoadedConfig, loadModelConfig } from "../model/config.ts";
 import { type HeadsFile, loadHeads } from "../model/heads.ts";
 import { loadSafetensors, modelFiles } from "../model/safetensors.ts";
 import { ModelTokenizer } from "../model/tokenizer.ts";
-import type { ModelInfo } from "./api.ts";
+import type { MemoryPlan, ModelInfo } from "./api.ts";
 import { buildMessages, splitAtPlaceholder } from "./prompt.ts";
 import type { SessionParams } from "./session.ts";
 
@@ -243,6 +243,68 @@ export function resolveDefaults(
   };
 }
 
+const MiB = 1024 * 1024;
+const fmtMiB = (b: number): string =>
+  b >= 1024 * MiB
+    ? `${(b / (1024 * MiB)).toFixed(2)} GiB`
+    : b >= MiB
+      ? `${(b / MiB).toFixed(1)} MiB`
+      : `${(b / 1024).toFixed(1)} KiB`;
+
+/** The memory plan in one line (start-up log). */
+export function describePlan(p: MemoryPlan): string {
+  const dev =
+    p.deviceFree !== null && p.deviceTotal !== null
+      ? `device ${fmtMiB(p.deviceFree)} free of ${fmtMiB(p.deviceTotal)} after weights + workspace`
+      : "host memory (not measured)";
+  return (
+    `weights ${fmtMiB(p.weights)}, shared per-step workspace ${fmtMiB(p.workspace)}, ` +
+    `per live compressor ${fmtMiB(p.perCompressor)} (cache), recompute sequence ${fmtMiB(p.recomputeSeq)} ` +
+    `(max_model_len ${p.maxModelLen}); ${dev} -> up to ${p.maxLiveCompressors} live compressor(s)` +
+    (p.fits ? "" : " (WARNING: not even one compressor fits next to a recompute sequence; uploads will get 503)")
+  );
+}
+
+/**
+ * Sizes the live compressors by free device memory: weights and the shared workspace are already allocated (the
+ * probe compressor and a probe sequence grew the workspace to their step's size), one recompute sequence of
+ * max_model_len tokens and a margin (CUDA context, cuBLAS, fragmentation: 2% of the card) are kept free, and the rest
+ * holds at most this many compressor caches (never more than --max-live-compressors). On the CPU backend memory is
+ * not measured and the configured number stands.
+ */
+export function memoryPlan(
+  model: NativeModel,
+  d: EngineDefaults,
+  perCompressor: number,
+): { memory: MemoryPlan; maxLive: number } {
+  const seq = model.createSeq(Math.min(d.maxModelLen, 4096)); // grows the shared workspace to a prefill piece
+  seq.destroy();
+  const mi = model.memoryInfo();
+  const recomputeSeq = mi.seqBytesPerToken * d.maxModelLen;
+  let maxLive = d.maxLiveCompressors;
+  let fits = true;
+  if (mi.deviceFree !== null && mi.deviceTotal !== null) {
+    const avail = mi.deviceFree - recomputeSeq - Math.round(mi.deviceTotal * 0.02);
+    const n = Math.floor(avail / Math.max(1, perCompressor));
+    fits = n >= 1;
+    maxLive = Math.max(1, Math.min(maxLive, n));
+  }
+  return {
+    memory: {
+      weights: mi.weights,
+      workspace: mi.workspace,
+      perCompressor,
+      recomputeSeq,
+      maxModelLen: d.maxModelLen,
+      deviceFree: mi.deviceFree,
+      deviceTotal: mi.deviceTotal,
+      maxLiveCompressors: maxLive,
+      fits,
+    },
+    maxLive,
+  };
+}
+
 /** Tokens the chat template puts around the context and an empty question (what every query pays). */
 export function templateTokensOf(tok: ModelTokenizer): number {
   const { messages } = buildMessages({ question: "" }, true);
@@ -380,13 +442,24 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
     embDtype: RF_F16,
   };
   const exitLayer = probe.exitLayer;
+  const perCompressor = probe.memoryBytes();
   probe.destroy();
+  const { memory, maxLive } = memoryPlan(model, defaults, perCompressor);
+  defaults.maxLiveCompressors = maxLive;
+  const device = native.deviceInfo();
+  // a slow path the backend fell back to (no cuBLAS, a driver older than the runtime) is said at start and in /health
+  const deviceWarnings = [...device.matchAll(/WARNING: ([^)]*)/g)].map((m) => m[1]!);
+  for (const w of deviceWarnings) console.warn(`[engine] WARNING (${native.backendName()}): ${w}`);
+  console.log(`[engine] device: ${device}`);
+  console.log(`[engine] memory plan: ${describePlan(memory)}`);
   const info: ModelInfo = {
     id: o.servedName ?? o.modelDir.split("/").filter(Boolean).pop() ?? "model",
     path: o.modelDir,
     architecture: cfg.architecture,
     backend: native.backendName(),
-    device: native.deviceInfo(),
+    device,
+    deviceWarnings,
+    memory,
     trainedContext: maxPos,
     vocabSize: mc.vocabSize,
     numLayers: mc.numLayers,

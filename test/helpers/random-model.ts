@@ -192,6 +192,17 @@ export function expectNativeError(fn: () => unknown, code: number, msg?: RegExp)
 
 /** Parse a compressor state blob (layout: cuda/reform_common.h StateHeader, then per layer and kv head the
  * pre-RoPE keys, values and H2O scores as f32): [layer][kvHead] {k, v, s}. Throws on a malformed blob. */
+/** A state blob as saved before the exit layer's cache was dropped (magic RFCSTAT1, one more layer: zeros here). */
+export function legacyState(buf: Uint8Array, hd: number): Uint8Array {
+  const st = parseState(buf, hd);
+  const extra = st.kvh * st.len * (2 * hd + 1) * 4;
+  const out = new Uint8Array(buf.byteLength + extra);
+  out.set(buf);
+  out.set(new TextEncoder().encode("RFCSTAT1"), 0);
+  new DataView(out.buffer).setInt32(8, st.layers + 1, true);
+  return out;
+}
+
 export function parseState(buf: Uint8Array, hd: number) {
   const d = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   const magic = new TextDecoder().decode(buf.subarray(0, 8));
