@@ -2,10 +2,12 @@
 # The one runbook a GPU machine executes: build, correctness, figures, (training). Sized to the device tool's limits
 # (10 minutes a command, about 15 minutes of device time in all, at most 8 files of at most 16 MiB coming back):
 #
-#   call 1 (~7 min): bash scripts/gpu-session.sh build check   # env + build (CUDA + CPU, in parallel) + gpu_check.py
-#   call 2 (~8 min): bash scripts/gpu-session.sh bench         # build reused while the machine stays warm
-#   call 3 (later):  bash scripts/gpu-session.sh train         # hook for the trainer (scripts/gpu-train.sh)
-#   or, with a fresh 15 minutes and no retries planned: bash scripts/gpu-session.sh all (does not fit one call)
+#   call 1 (~8 min): REFORM_TRAIN_DATA=.device/train-data bash scripts/gpu-session.sh train
+#                    the default model first: it is what the product lacks most (scripts/gpu-prepare.sh fills
+#                    .device/ beforehand; carry it)
+#   call 2 (~6 min): bash scripts/gpu-session.sh build check   # env + build (CUDA + CPU, in parallel) + gpu_check.py
+#   call 3 (next session, ~8 min): bash scripts/gpu-session.sh bench
+#   `all` (train, build, check, bench) does not fit one call.
 #
 # Stages, in order, each with its own time limit (seconds; the sum of a call's stages stays under 600):
 #   env    10   GPU, driver, nvcc, python packages, cuBLAS lookup (REFORM_CUBLAS_LIB)      -> env.txt
@@ -13,9 +15,10 @@
 #   check  300  scripts/gpu_check.py: CUDA vs the CPU build vs transformers               -> gpu_check.txt
 #   bench  480  bench/gpu_bench.py, Llama-3.1-8B shape: compress 128K and 1M tokens (tok/s, MFU), score 1M,
 #               TTFT of a 1M-token query, prefill, time per output token; targets checked -> gpu_bench.txt
-#   train  570  hook: bash scripts/gpu-train.sh when it exists (owned by the training work) -> train.txt
+#   train  570  scripts/gpu-train.sh: trains `small`, evaluates it, weights -> model/ (2 bf16 shards) -> train.txt
 # Every stage appends one line to summary.txt (stage, status, seconds); the files land in ${OUT:-gpu-out}
-# (OUT is the device tool's folder that comes back): at most env, build, gpu_check, gpu_bench, train, summary.
+# (OUT is the device tool's folder that comes back): at most env, build, gpu_check, gpu_bench, train, summary, and
+# the two weight shards of model/ (8 files; training/finish.py rebuilds the index and config.json here).
 #
 # --dry-run: for a machine without a GPU (the test suite runs it): every command path that can run does, against the
 # CPU emulation of the CUDA build (build/libreform_cuda_emu.so): the build without nvcc, gpu_check.py --no-hf on one
@@ -28,7 +31,7 @@ stages=()
 for a in "$@"; do
   case $a in
     --dry-run) DRY=1 ;;
-    all) stages+=(build check bench train) ;;
+    all) stages+=(train build check bench) ;;
     build | check | bench | train) stages+=("$a") ;;
     -h | --help)
       sed -n '2,24p' "$0"
@@ -40,7 +43,7 @@ for a in "$@"; do
       ;;
   esac
 done
-[[ ${#stages[@]} -eq 0 ]] && stages=(build check bench train)
+[[ ${#stages[@]} -eq 0 ]] && stages=(train build check bench)
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -119,14 +122,10 @@ check_dry() {
 bench_real() { python3 bench/gpu_bench.py --targets; }
 bench_dry() { python3 bench/gpu_bench.py --lib "$EMU" --shape tiny --lengths 512 --decode 4 --targets; }
 
-# The training stage belongs to the training work: it provides scripts/gpu-train.sh (runs training/train.py
-# --config small on the GPU and exports the weights into $OUT or models/). This runbook only calls it.
+# The training stage: scripts/gpu-train.sh (training/train.py --config small on the GPU, held-out evaluation, the
+# weight shards into $OUT/model).
 train_hook() {
-  if [[ -f scripts/gpu-train.sh ]]; then
-    if [[ $DRY == 1 ]]; then bash scripts/gpu-train.sh --dry-run; else bash scripts/gpu-train.sh; fi
-  else
-    echo "train: scripts/gpu-train.sh does not exist yet (the trainer's GPU run is not wired): skipped"
-  fi
+  if [[ $DRY == 1 ]]; then bash scripts/gpu-train.sh --dry-run; else bash scripts/gpu-train.sh; fi
 }
 
 export DRY EMU
