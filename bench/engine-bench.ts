@@ -545,7 +545,11 @@ async function main() {
       // NativeCompressor has no size-only accessor; ask the library directly (no blob is allocated).
       const size = c.stateSize();
       result.compressorStateBytes = size;
-      row("compressor state size", fmtBytes(size), `cache ${c.cacheLen()} entries x layers 0..${c.exitLayer - 1} (the exit layer is not cached below full depth)`);
+      row(
+        "compressor state size",
+        fmtBytes(size),
+        `cache ${c.cacheLen()} entries x layers 0..${c.exitLayer - 1} (the exit layer is not cached below full depth)`,
+      );
     });
   }
 

@@ -35,7 +35,13 @@ describe.skipIf(!numpy || process.arch !== "x64")("GPU scripts on the CPU emulat
       for (const st of ["build", "check", "bench", "train"]) expect(summary).toMatch(new RegExp(`^${st}: ok, `, "m"));
       const check = readFileSync(join(out, "gpu_check.txt"), "utf8");
       expect(check).toContain("RESULT: PASS");
-      for (const c of ["logits rel err cuda vs CPU", "greedy 8 tokens", "with eviction", "state blob CUDA->CPU", "rf_score"])
+      for (const c of [
+        "logits rel err cuda vs CPU",
+        "greedy 8 tokens",
+        "with eviction",
+        "state blob CUDA->CPU",
+        "rf_score",
+      ])
         expect(check).toContain(c);
       const bench = readFileSync(join(out, "gpu_bench.txt"), "utf8");
       expect(bench).toMatch(/compress +512 tokens: .* tok\/s .*MFU/);
