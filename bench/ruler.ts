@@ -122,6 +122,8 @@ interface Row {
   task: Task;
   score: number;
   n: number;
+  /** reform: fraction of the expected strings that lie inside the gathered spans (retrieval, before answering) */
+  gathered: number;
   ttftMs: number[];
   skipped?: string;
 }
@@ -136,7 +138,7 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
   for (const method of ms) {
     let row = rows.find((r) => r.length === length && r.method === method && r.task === task);
     if (!row) {
-      row = { length, method, task, score: 0, n: 0, ttftMs: [] };
+      row = { length, method, task, score: 0, n: 0, gathered: 0, ttftMs: [] };
       rows.push(row);
     }
     if (row.skipped) continue;
@@ -147,6 +149,7 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
       max_tokens: ANSWER_TOKENS[task],
       temperature: 0,
       stream: false,
+      return_selection: method === "reform",
     });
     if (status !== 200) {
       row.skipped = `${status} ${body.error?.code ?? ""}`;
@@ -154,6 +157,14 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
       continue;
     }
     row.score += stringMatchAll(body.text, sample.expected);
+    if (method === "reform") {
+      const spans: { char_start: number; char_end: number }[] = body.selection?.spans ?? [];
+      const inside = sample.expected.filter((e) => {
+        const at = sample.text.indexOf(e);
+        return at >= 0 && spans.some((sp) => sp.char_start <= at && sp.char_end >= at + e.length);
+      });
+      row.gathered += inside.length / sample.expected.length;
+    }
     row.n += 1;
     row.ttftMs.push(body.timings.ttft_ms);
   }
@@ -225,6 +236,18 @@ for (const length of lengths) {
         (minRatio === null ? "-" : `min ${minRatio.toFixed(2)}x`).padStart(11),
     );
   }
+}
+console.log("");
+console.log("reform, answer inside the gathered tokens (%; retrieval before the model answers):");
+console.log(["length", "", ...tasks].map((h, i) => (i < 2 ? h.padEnd(10) : h.padStart(11))).join(""));
+for (const length of lengths) {
+  const cells = tasks.map((t) => rows.find((r) => r.length === length && r.method === "reform" && r.task === t));
+  if (cells.every((c) => !c?.n)) continue;
+  console.log(
+    fmtLen(length).padEnd(10) +
+      "gathered".padEnd(10) +
+      cells.map((c) => (c?.n ? ((100 * c.gathered) / c.n).toFixed(1) : "-").padStart(11)).join(""),
+  );
 }
 console.log("");
 console.log("  length   upload tok/s (median)   reform TTFT ms (median, server)");
