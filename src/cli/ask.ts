@@ -12,6 +12,7 @@
  * (`--context ID --resume`) or delete it are printed.
  */
 import { existsSync, statSync } from "node:fs";
+import { EventSourceParserStream } from "eventsource-parser/stream";
 import { intFlag, numFlag, parseFlags, runCli, UsageError, valueFlags } from "./args.ts";
 
 const USAGE = `usage: bun run ask FILE "question" [options]
@@ -38,23 +39,12 @@ interface SseEvent {
   data: string;
 }
 
+/** Server-sent events of a response body (eventsource-parser: comments skipped, multi-line data joined). */
 async function* sse(res: Response): AsyncGenerator<SseEvent> {
-  const dec = new TextDecoder();
-  let buf = "";
-  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-    buf += dec.decode(chunk, { stream: true });
-    let i: number;
-    while ((i = buf.indexOf("\n\n")) >= 0) {
-      const block = buf.slice(0, i);
-      buf = buf.slice(i + 2);
-      let event = "message";
-      const data: string[] = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event:")) event = line.slice(6).trim();
-        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
-      }
-      if (data.length) yield { event, data: data.join("\n") };
-    }
+  if (!res.body) return;
+  const events = res.body.pipeThrough(new TextDecoderStream()).pipeThrough(new EventSourceParserStream());
+  for await (const e of events as unknown as AsyncIterable<{ event?: string; data: string }>) {
+    yield { event: e.event ?? "message", data: e.data };
   }
 }
 
