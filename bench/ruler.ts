@@ -125,23 +125,33 @@ interface Row {
   /** reform: fraction of the expected strings that lie inside the gathered spans (retrieval, before answering) */
   gathered: number;
   ttftMs: number[];
-  skipped?: string;
+  /** samples the server refused (e.g. a recurrent baseline beyond --max-h2o-tokens, a prompt that cannot fit) */
+  refused: number;
 }
 const rows: Row[] = [];
 const uploads: { length: number; tokens: number; ms: number }[] = [];
 
 async function runSample(length: number, task: Task, s: number, nSamples: number, ms: string[]) {
   const maker = new SampleMaker(Number(a.seed) * 1_000_003 + length * 31 + s * 7 + TASKS.indexOf(task), countTokens);
-  const sample = maker.make(task, length, (s + 0.5) / nSamples);
+  let sample = maker.make(task, length, (s + 0.5) / nSamples);
+  if (ms.includes("full")) {
+    // the in-window reference: the whole prompt (template, context, question, answer) must fit the window; the
+    // needles' size varies (a uuid is ~25 tokens), so the haystack shrinks until it does
+    const room = () =>
+      window - ANSWER_TOKENS[task] - L.template_tokens - countTokens(sample.question) - countTokens(sample.text) - 4;
+    for (let h = length; room() < 0 && h > 16; ) {
+      h = Math.max(16, h + room());
+      sample = maker.make(task, h, (s + 0.5) / nSamples);
+    }
+  }
   const up = await upload(sample.text);
   uploads.push({ length, tokens: up.tokens, ms: up.ms });
   for (const method of ms) {
     let row = rows.find((r) => r.length === length && r.method === method && r.task === task);
     if (!row) {
-      row = { length, method, task, score: 0, n: 0, gathered: 0, ttftMs: [] };
+      row = { length, method, task, score: 0, n: 0, gathered: 0, ttftMs: [], refused: 0 };
       rows.push(row);
     }
-    if (row.skipped) continue;
     const { status, body } = await post(`/v1/contexts/${up.id}/query`, {
       question: sample.question,
       method,
@@ -152,7 +162,7 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
       return_selection: method === "reform",
     });
     if (status !== 200) {
-      row.skipped = `${status} ${body.error?.code ?? ""}`;
+      row.refused += 1;
       process.stderr.write(`[ruler] ${method} at ${length} tokens: ${status} ${body.error?.message ?? ""}\n`);
       continue;
     }
@@ -172,17 +182,11 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
 }
 
 /** Room the question and the needles take on top of the haystack (4 needles of up to ~35 tokens with uuids). */
-const QUESTION_AND_NEEDLE_TOKENS: Record<Task, number> = {
-  single: 90,
-  multikey: 200,
-  multivalue: 200,
-  multiquery: 210,
-  quote: 40,
-};
 const t0 = performance.now();
 // in-window reference: `full` on contexts whose whole prompt fits the window
 const inWindow: Record<Task, number> = Object.fromEntries(
-  tasks.map((t) => [t, window - ANSWER_TOKENS[t] - L.template_tokens - QUESTION_AND_NEEDLE_TOKENS[t]]),
+  // a first guess of the haystack that fits with the needles and the question; runSample shrinks it to fit
+  tasks.map((t) => [t, Math.max(16, window - ANSWER_TOKENS[t] - L.template_tokens - 120)]),
 ) as Record<Task, number>;
 for (const task of tasks) {
   for (let s = 0; s < fullSamples; s++) await runSample(inWindow[task], task, s, fullSamples, ["full"]);
@@ -196,7 +200,7 @@ for (const length of lengths) {
 }
 
 const fmtLen = (n: number) => (n >= 1048576 ? `${n / 1048576}M` : n >= 1024 ? `${Math.round(n / 1024)}K` : `${n}`);
-const pct = (r: Row | undefined) => (!r ? "-" : r.skipped ? "n/a" : r.n ? ((100 * r.score) / r.n).toFixed(1) : "-");
+const pct = (r: Row | undefined) => (!r ? "-" : r.n ? ((100 * r.score) / r.n).toFixed(1) : r.refused ? "n/a" : "-");
 const median = (xs: number[]) => (xs.length ? [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]! : Number.NaN);
 const fullRef = (task: Task) => rows.find((r) => r.method === "full" && r.task === task && r.length === inWindow[task]);
 
@@ -217,7 +221,7 @@ for (const length of lengths) {
   for (const method of methods) {
     const cells = tasks.map((t) => rows.find((r) => r.length === length && r.method === method && r.task === t));
     if (cells.every((c) => !c)) continue;
-    const vals = cells.map((c) => (c && !c.skipped && c.n ? (100 * c.score) / c.n : null));
+    const vals = cells.map((c) => (c?.n ? (100 * c.score) / c.n : null));
     const ok = vals.filter((v): v is number => v !== null);
     const mean = ok.length ? ok.reduce((x, y) => x + y, 0) / ok.length : null;
     const refs = tasks.map((t) => {
