@@ -1,6 +1,6 @@
 #!/usr/bin/env bun
 /**
- * A long document with a few facts in it, for trying the server by hand (the README's walk-through):
+ * A long document with a few facts in it, for trying the server by hand (README, "A walk-through"):
  *
  *   bun bench/make-document.ts [--mb 3] [--facts 3] [--seed 7] --out doc.txt
  *
@@ -34,7 +34,7 @@ const sample0 = new SampleMaker(0, (s) => tok.encode(s).length).make("single", 4
 const charsPerToken = sample0.length / tok.encode(sample0).length;
 const parts: string[] = [];
 for (let i = 0; i < facts; i++) {
-  const s = new SampleMaker(Number(a.seed) * 101 + i, (x) => Math.ceil(x.length / charsPerToken)).make(
+  const s = new SampleMaker(Number(a.seed) * 101 + i, (x) => x.length / charsPerToken).make(
     "single",
     Math.round(bytes / facts / charsPerToken),
     0.5,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh checkout to a running server:
-#   ./scripts/setup-and-serve.sh --model /path/to/hf-model [--port 8080] [...serve options]
+#   ./scripts/setup-and-serve.sh [--port 8080] [--model /path/to/hf-model] [...serve options]
+# (without --model: the embedded default model, models/reform-tiny)
 # Runs scripts/setup.sh (bun, dependencies, native build), then `bun run serve` with the arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
