@@ -126,6 +126,7 @@ describe("recompute prompt length", () => {
           "context_length_exceeded",
         );
         expect(e.message).toContain(String(limit));
+        expect(e.param).toBe(path === "/v1/completions" ? "prompt" : "messages");
       }
       const id = await readyContext(words(400, 4));
       const q = await expectError(
@@ -134,6 +135,7 @@ describe("recompute prompt length", () => {
         "context_length_exceeded",
       );
       expect(q.type).toBe("invalid_request_error");
+      expect(q.param).toBe("question"); // the field the request used
       // refused before any model work: no recompute prompt was started
       await Bun.sleep(100);
       expect(srv.engine.metrics().promptTokensTotal).toBe(promptBefore);
@@ -296,6 +298,16 @@ describe("no silent fallbacks, OpenAI conformance", () => {
         "max_tokens_too_large",
       );
       expect(mt.message).toContain(String(max));
+      // far over the window too: refused for max_tokens, not routed to inline REFORM (which had no room left)
+      for (const path of ["/v1/chat/completions", "/v1/completions"]) {
+        const body =
+          path === "/v1/completions"
+            ? { prompt: "hi", max_tokens: 100_000 }
+            : { messages: [{ role: "user", content: "hi" }], max_tokens: 100_000 };
+        const big = await expectError(await jsonPost(`${base}${path}`, body), 400, "max_tokens_too_large");
+        expect(big.message).toContain(String(max));
+        expect(big.param).toBe("max_tokens");
+      }
       const id = await readyContext(words(50, 10));
       const a = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 0 }), 400);
       const b = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 4 }), 400);

@@ -14,7 +14,7 @@ import {
   type ModelInfo,
   type QueryEvent,
 } from "./api.ts";
-import { planQuery, runQuery } from "./answer.ts";
+import { checkServerLimits, planQuery, runQuery } from "./answer.ts";
 import { CompressorPool } from "./compressors.ts";
 import { contextDeleted, contextNotFound, toEngineError } from "./errors.ts";
 import { InlineCache, type InlinePlan, planInline } from "./inline.ts";
@@ -331,6 +331,8 @@ export class EngineCore implements EngineCalls {
     this.metrics.requestsTotal++;
     try {
       const req = parseQuery(wire);
+      // the server's limits first: a request over them is refused as such, not routed inline for it
+      checkServerLimits(this.e, req);
       if (req.inline && req.contextId === undefined) {
         const plan = planInline(this.e, this.inline.memo, req, req.inline.owner);
         if (plan) return this.queryInline(qid, req, plan, emit, tReq);
