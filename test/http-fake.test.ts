@@ -211,6 +211,20 @@ describe("fake engine", () => {
     expect(eng.texts.get(ctx.id)).toBe(text);
   });
 
+  test("a malformed ?offset= is a 400 naming offset (a non-negative integer byte offset); nothing is stored", async () => {
+    const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+    for (const bad of ["abc", "-1", "1.5", "", "1e3", "0x10"]) {
+      const res = await fetch(`${base}/v1/contexts/${ctx.id}/content?offset=${bad}`, { method: "PUT", body: "x" });
+      const e = await expectError(res, 400, "invalid_value");
+      expect(e.param).toBe("offset");
+      expect(e.message).toContain("non-negative integer byte offset");
+      expect(e.message).not.toContain("NaN");
+    }
+    expect((await j(fetch(`${base}/v1/contexts/${ctx.id}`))).bytes_received).toBe(0);
+    const ok = await fetch(`${base}/v1/contexts/${ctx.id}/content?offset=0`, { method: "PUT", body: "x" });
+    expect(ok.status).toBe(200);
+  });
+
   test("query parameters reach the engine", async () => {
     const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
     await fetch(`${base}/v1/contexts/${ctx.id}/content?final=1`, { method: "PUT", body: "abc" });
