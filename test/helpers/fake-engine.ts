@@ -48,6 +48,8 @@ export class FakeEngine implements EngineClient {
   failAfterTokens: number | null = null;
   /** an append that would take a context past this many bytes fails with an EngineError(500) (a device fault) */
   failAppendPastBytes: number | null = null;
+  /** count a piece's bytes only once its append delay is over (as the real engine: stored, then counted) */
+  countBytesWhenStored = false;
   readonly texts = new Map<string, string>();
 
   constructor(o: FakeOptions = {}) {
@@ -162,11 +164,12 @@ export class FakeEngine implements EngineClient {
     if (this.failAppendPastBytes !== null && c.info.bytesReceived + bytes.byteLength > this.failAppendPastBytes)
       throw new EngineError(500, "device_error", "simulated device fault while compressing");
     c.text += c.decoder.decode(bytes, { stream: true });
-    c.info.bytesReceived += bytes.byteLength;
+    if (!this.countBytesWhenStored) c.info.bytesReceived += bytes.byteLength;
     c.info.tokensReceived = c.text.length;
     c.info.state = "processing";
     this.notify(c);
     if (this.appendDelayMs) await Bun.sleep(this.appendDelayMs);
+    if (this.countBytesWhenStored) c.info.bytesReceived += bytes.byteLength;
     c.info.tokensProcessed = c.text.length;
     c.info.embeddingBytes = c.text.length * 4;
     c.info.diskBytes = c.text.length * 8;
