@@ -50,6 +50,9 @@ export class FakeEngine implements EngineClient {
   failAppendPastBytes: number | null = null;
   /** count a piece's bytes only once its append delay is over (as the real engine: stored, then counted) */
   countBytesWhenStored = false;
+  /** each query first reports this many `compress` progress steps, `progressDelayMs` apart (an inline request) */
+  progressSteps = 0;
+  progressDelayMs = 0;
   readonly texts = new Map<string, string>();
 
   constructor(o: FakeOptions = {}) {
@@ -226,6 +229,10 @@ export class FakeEngine implements EngineClient {
         let finish: "stop" | "length" | "abort" = "length";
         let completed = false;
         try {
+          for (let i = 1; i <= self.progressSteps; i++) {
+            if (i > 1 && self.progressDelayMs) await Bun.sleep(self.progressDelayMs);
+            yield { type: "progress", stage: "compress", done: i * 128, total: self.progressSteps * 128 };
+          }
           yield { type: "start", promptTokens: 10, selectedTokens: 5, contextTokens: 20 };
           for (; n < req.sampling.maxTokens; n++) {
             if (req.signal?.aborted) {
