@@ -412,3 +412,58 @@ describe("no silent fallbacks, OpenAI conformance", () => {
     T,
   );
 });
+
+describe("shutdown", () => {
+  test(
+    "stopping the server during an upload stops it at the next chunk; the stored bytes stay and the upload resumes",
+    async () => {
+      const dataDir = join(root, "data-shutdown");
+      const opts = {
+        modelDir,
+        dataDir,
+        port: 0,
+        apiKey: "",
+        backend: "cpu" as const,
+        log: () => {},
+        defaults: { chunkSize: 32 },
+      };
+      let s2 = await startServer(opts);
+      await s2.engine.ready();
+      const big = enc.encode(words(60_000, 21));
+      const id = (await j(jsonPost(`${s2.url}/v1/contexts`, {}))).id as string;
+      const up = fetch(`${s2.url}/v1/contexts/${id}/content`, {
+        method: "PUT",
+        body: big,
+        headers: { "content-type": "text/plain" },
+      }).catch(() => null);
+      await waitFor(async () => (await j(fetch(`${s2.url}/v1/contexts/${id}`))).tokens_processed > 0, 60_000);
+      const t0 = performance.now();
+      await s2.stop();
+      const stopMs = performance.now() - t0;
+      await up;
+      expect(stopMs).toBeLessThan(3000); // one step, not the rest of the upload's piece
+      // back up on the same data: what was stored is there, and the upload resumes from it
+      s2 = await startServer(opts);
+      try {
+        await s2.engine.ready();
+        const info = await j(fetch(`${s2.url}/v1/contexts/${id}`));
+        expect(info.bytes_received).toBeGreaterThan(0);
+        expect(info.bytes_received).toBeLessThan(big.byteLength);
+        expect(info.state).not.toBe("failed");
+        const rest = await fetch(`${s2.url}/v1/contexts/${id}/content?final=1&offset=${info.bytes_received}`, {
+          method: "PUT",
+          body: big.slice(info.bytes_received),
+          headers: { "content-type": "text/plain" },
+        });
+        expect(rest.status).toBe(200);
+        const done = await j(rest);
+        expect(done.bytes_received).toBe(big.byteLength);
+        expect(done.state).toBe("ready");
+        expect(done.tokens_processed).toBe(done.tokens_received);
+      } finally {
+        await s2.stop();
+      }
+    },
+    T,
+  );
+});
