@@ -32,13 +32,16 @@ function finalFlag(c: Context): boolean {
 function offsetParam(c: Context): number | undefined {
   const raw = c.req.query("offset");
   if (raw === undefined) return undefined;
-  const r = z.coerce
-    .number()
-    .int()
-    .min(0)
-    .safeParse(raw.trim() === "" ? Number.NaN : raw);
-  if (!r.success) throw fromZod(r.error, "offset");
-  return r.data;
+  const t = raw.trim();
+  const n = /^\d+$/.test(t) ? Number(t) : Number.NaN;
+  if (!Number.isSafeInteger(n))
+    throw new ApiError(
+      400,
+      "invalid_value",
+      `offset: must be a non-negative integer byte offset (where this upload starts in the context), got '${raw.slice(0, 40)}'`,
+      "offset",
+    );
+  return n;
 }
 
 /** Media types accepted as raw context bytes. */

@@ -56,6 +56,10 @@ function legacyLogprobs(entries: LogprobView[], pos: Utf8Positions, base: number
   };
 }
 
+/** Least time between two progress comments of a stream (they only keep it alive) and between two progress events. */
+const PROGRESS_COMMENT_MS = 1000;
+const PROGRESS_EVENT_MS = 250;
+
 function toMessages(ms: ChatBody["messages"]): ChatMessage[] {
   return ms.map((m) => {
     const content =
@@ -192,14 +196,30 @@ export function openaiRoutes(d: Deps): Hono {
     return keepAliveJson(c.req.raw, body, { heartbeatSec: opts.sseHeartbeatSec, headers: s.headers, log: d.log });
   };
 
-  /** A stream's answer to progress: `event: progress` when asked for, else an SSE comment. */
-  const progressOut = (s: Started, ev: Extract<QueryEvent, { type: "progress" }>, w: SseWriter) => {
-    if (s.progressEvents)
-      w.send(
-        { object: "reform.progress", stage: ev.stage, done: ev.done, total: ev.total, context_id: s.contextId ?? null },
-        "progress",
-      );
-    else w.comment(`progress ${ev.stage} ${ev.done}/${ev.total}`);
+  /**
+   * A stream's answer to progress: `event: progress` when asked for, else an SSE comment. The engine reports every
+   * compressed chunk (hundreds a minute): the first goes out at once, later ones at most one per
+   * PROGRESS_COMMENT_MS (comments: only a keep-alive) or PROGRESS_EVENT_MS (events: a progress bar); one per stream.
+   */
+  const progressOut = (s: Started) => {
+    let last = Number.NEGATIVE_INFINITY;
+    return (ev: Extract<QueryEvent, { type: "progress" }>, w: SseWriter) => {
+      const now = performance.now();
+      if (now - last < (s.progressEvents ? PROGRESS_EVENT_MS : PROGRESS_COMMENT_MS)) return;
+      last = now;
+      if (s.progressEvents)
+        w.send(
+          {
+            object: "reform.progress",
+            stage: ev.stage,
+            done: ev.done,
+            total: ev.total,
+            context_id: s.contextId ?? null,
+          },
+          "progress",
+        );
+      else w.comment(`progress ${ev.stage} ${ev.done}/${ev.total}`);
+    };
   };
   /** The `reform` extension a stream's first and last chunks carry for an inline request. */
   const streamExtra = (s: Started) => (s.inline ? { reform: { inline: inlineView(s.inline) } } : {});
@@ -302,6 +322,7 @@ export function openaiRoutes(d: Deps): Hono {
       return chunk(s, { delta, logprobs: lp, finish_reason: finishReason });
     };
     let sentRole = false;
+    const progress = progressOut(s);
     return streamQuery(
       d,
       c.req.raw,
@@ -312,7 +333,7 @@ export function openaiRoutes(d: Deps): Hono {
           sentRole = true;
           w.send({ ...delta({ role: "assistant", content: "", refusal: null }, null), ...streamExtra(s) });
         }
-        if (ev.type === "progress") progressOut(s, ev, w);
+        if (ev.type === "progress") progress(ev, w);
         else if (ev.type === "token") {
           if (ev.logprob) pendingLp.push(logprobView(ev.logprob));
           if (ev.text.length > 0) w.send(delta({ content: ev.text }, null));
@@ -362,13 +383,14 @@ export function openaiRoutes(d: Deps): Hono {
       }
       return chunk(s, { text, logprobs: lp, finish_reason: finishReason });
     };
+    const progress = progressOut(s);
     return streamQuery(
       d,
       c.req.raw,
       s.q,
       `completion ${s.envelope.id}`,
       (ev, w) => {
-        if (ev.type === "progress") progressOut(s, ev, w);
+        if (ev.type === "progress") progress(ev, w);
         else if (ev.type === "token") {
           if (ev.logprob) pending.push(logprobView(ev.logprob));
           if (ev.text.length > 0) w.send(piece(ev.text, null));

@@ -67,7 +67,9 @@ describe("bun run ask", () => {
     expect(r.err).toContain(`the context ${id} is kept`);
     expect(r.err).toContain(`curl -X DELETE ${srv.url}/v1/contexts/${id}`);
     const resume = r.err.split("\n").find((l) => l.includes("--resume"))!;
-    expect(resume).toContain(`--context ${id} --resume`);
+    // the server this run used (not the default), and no "ask it again" while the upload is cut off (409)
+    expect(resume).toContain(`--context ${id} --resume --server ${srv.url}`);
+    expect(r.err).not.toContain("ask it again");
     expect(await srv.engine.getContext(id)).not.toBeNull();
     const stored = (await srv.engine.getContext(id))!.bytesReceived;
     expect(stored).toBeGreaterThan(0);
@@ -78,5 +80,82 @@ describe("bun run ask", () => {
     expect(again.code).toBe(0);
     expect(eng.texts.get(id)).toBe(text); // nothing duplicated, nothing skipped
     expect(again.out).toContain("the answer is");
+  }, 60_000);
+
+  test("a failed query offers to ask again with the same server (and says a key is needed)", async () => {
+    const up = await ask([file, "q", "--keep", "--quiet"]);
+    const id = /context (ctx\d+) created/.exec(up.err)?.[1] ?? "missing";
+    eng.failAfterTokens = 0;
+    const r = await ask(["--context", id, "What flows on?", "--api-key", "k"]);
+    eng.failAfterTokens = null;
+    expect(r.code).toBe(1);
+    const again = r.err.split("\n").find((l) => l.includes("ask it again"))!;
+    expect(again).toContain(`--context ${id} "What flows on?" --server ${srv.url} --api-key KEY`);
+    expect(r.err).not.toContain("--resume");
+  }, 60_000);
+
+  test("--max-tokens over the server's maximum (GET /props) is refused before any upload", async () => {
+    const before = eng.texts.size;
+    const r = await ask([file, "q", "--max-tokens", "300"]);
+    expect(r.code).toBe(1);
+    expect(r.err).toContain("--max-tokens 300 exceeds the server's maximum of 64 new tokens");
+    expect(r.err).not.toContain("created");
+    expect(eng.texts.size).toBe(before);
+  }, 60_000);
+
+  test("cannot reach the server: says how to start it (no --model needed)", async () => {
+    const p = Bun.spawn([process.execPath, "src/cli/ask.ts", "--server", "http://127.0.0.1:1", file, "q"], {
+      cwd: ROOT_DIR,
+      stderr: "pipe",
+    });
+    const err = await new Response(p.stderr).text();
+    expect(await p.exited).toBe(1);
+    expect(err).toContain("start it with: bun run serve");
+    expect(err).not.toContain("--model DIR");
+  }, 60_000);
+
+  test("--resume right after an interrupted upload waits for the server to store the dropped piece", async () => {
+    const ctx = (await (
+      await fetch(`${srv.url}/v1/contexts`, {
+        method: "POST",
+        body: "{}",
+        headers: { "content-type": "application/json" },
+      })
+    ).json()) as { id: string };
+    const id = ctx.id;
+    const first = Buffer.from(text).subarray(0, 100_000);
+    eng.appendDelayMs = 1500;
+    eng.countBytesWhenStored = true;
+    try {
+      const ac = new AbortController();
+      const body = new ReadableStream<Uint8Array>({
+        start(c) {
+          c.enqueue(first); // then the client goes away with the stream open (a Ctrl-C)
+        },
+      });
+      const put = fetch(`${srv.url}/v1/contexts/${id}/content`, {
+        method: "PUT",
+        body,
+        signal: ac.signal,
+        headers: { "content-type": "text/plain" },
+      }).catch(() => null);
+      // the piece reached the engine and is being stored: the context does not count it yet
+      for (
+        let i = 0;
+        i < 100 && eng.texts.get(id) === undefined && !(await srv.engine.getContext(id))?.tokensReceived;
+        i++
+      )
+        await Bun.sleep(20);
+      ac.abort();
+      await put;
+      expect((await srv.engine.getContext(id))!.bytesReceived).toBe(0);
+      const r = await ask([file, "What flows on?", "--context", id, "--resume"]);
+      expect(r.err).not.toContain("offset_mismatch");
+      expect(r.code).toBe(0);
+      expect(eng.texts.get(id)).toBe(text); // nothing duplicated, nothing skipped
+    } finally {
+      eng.appendDelayMs = 0;
+      eng.countBytesWhenStored = false;
+    }
   }, 60_000);
 });

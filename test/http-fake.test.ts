@@ -211,6 +211,50 @@ describe("fake engine", () => {
     expect(eng.texts.get(ctx.id)).toBe(text);
   });
 
+  test("streamed progress is throttled: comments at most one a second, events 250 ms apart, the first at once", async () => {
+    eng.progressSteps = 60;
+    eng.progressDelayMs = 20; // 60 chunks over ~1.2 s
+    try {
+      const ask = async (headers: Record<string, string>) => {
+        const t0 = performance.now();
+        const res = await jsonPost(
+          `${base}/v1/chat/completions`,
+          { messages: [{ role: "user", content: "hi" }], max_tokens: 2, stream: true },
+          headers,
+        );
+        expect(res.status).toBe(200);
+        return { text: await res.text(), ms: performance.now() - t0 };
+      };
+      const plain = await ask({});
+      const comments = plain.text.split("\n").filter((l) => l.startsWith(": progress compress "));
+      expect(comments[0]).toBe(": progress compress 128/7680"); // the first one, not delayed
+      expect(comments.length).toBeLessThanOrEqual(Math.ceil(plain.ms / 1000) + 1);
+      expect(comments.length).toBeGreaterThanOrEqual(1);
+      const ev = await ask({ "x-reform-progress": "on" });
+      const events = ev.text.split("\n\n").filter((b) => b.startsWith("event: progress"));
+      expect(events[0]).toContain('"done":128');
+      expect(events.length).toBeGreaterThanOrEqual(2);
+      expect(events.length).toBeLessThanOrEqual(Math.ceil(ev.ms / 250) + 1);
+    } finally {
+      eng.progressSteps = 0;
+      eng.progressDelayMs = 0;
+    }
+  });
+
+  test("a malformed ?offset= is a 400 naming offset (a non-negative integer byte offset); nothing is stored", async () => {
+    const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+    for (const bad of ["abc", "-1", "1.5", "", "1e3", "0x10"]) {
+      const res = await fetch(`${base}/v1/contexts/${ctx.id}/content?offset=${bad}`, { method: "PUT", body: "x" });
+      const e = await expectError(res, 400, "invalid_value");
+      expect(e.param).toBe("offset");
+      expect(e.message).toContain("non-negative integer byte offset");
+      expect(e.message).not.toContain("NaN");
+    }
+    expect((await j(fetch(`${base}/v1/contexts/${ctx.id}`))).bytes_received).toBe(0);
+    const ok = await fetch(`${base}/v1/contexts/${ctx.id}/content?offset=0`, { method: "PUT", body: "x" });
+    expect(ok.status).toBe(200);
+  });
+
   test("query parameters reach the engine", async () => {
     const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
     await fetch(`${base}/v1/contexts/${ctx.id}/content?final=1`, { method: "PUT", body: "abc" });

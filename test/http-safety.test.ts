@@ -126,6 +126,7 @@ describe("recompute prompt length", () => {
           "context_length_exceeded",
         );
         expect(e.message).toContain(String(limit));
+        expect(e.param).toBe(path === "/v1/completions" ? "prompt" : "messages");
       }
       const id = await readyContext(words(400, 4));
       const q = await expectError(
@@ -134,6 +135,7 @@ describe("recompute prompt length", () => {
         "context_length_exceeded",
       );
       expect(q.type).toBe("invalid_request_error");
+      expect(q.param).toBe("question"); // the field the request used
       // refused before any model work: no recompute prompt was started
       await Bun.sleep(100);
       expect(srv.engine.metrics().promptTokensTotal).toBe(promptBefore);
@@ -296,6 +298,16 @@ describe("no silent fallbacks, OpenAI conformance", () => {
         "max_tokens_too_large",
       );
       expect(mt.message).toContain(String(max));
+      // far over the window too: refused for max_tokens, not routed to inline REFORM (which had no room left)
+      for (const path of ["/v1/chat/completions", "/v1/completions"]) {
+        const body =
+          path === "/v1/completions"
+            ? { prompt: "hi", max_tokens: 100_000 }
+            : { messages: [{ role: "user", content: "hi" }], max_tokens: 100_000 };
+        const big = await expectError(await jsonPost(`${base}${path}`, body), 400, "max_tokens_too_large");
+        expect(big.message).toContain(String(max));
+        expect(big.param).toBe("max_tokens");
+      }
       const id = await readyContext(words(50, 10));
       const a = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 0 }), 400);
       const b = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 4 }), 400);
@@ -395,6 +407,61 @@ describe("no silent fallbacks, OpenAI conformance", () => {
         await expect(s.engine.ready()).rejects.toThrow(/budget 5000 exceeds the maximum budget 2000/);
       } finally {
         await s.stop();
+      }
+    },
+    T,
+  );
+});
+
+describe("shutdown", () => {
+  test(
+    "stopping the server during an upload stops it at the next chunk; the stored bytes stay and the upload resumes",
+    async () => {
+      const dataDir = join(root, "data-shutdown");
+      const opts = {
+        modelDir,
+        dataDir,
+        port: 0,
+        apiKey: "",
+        backend: "cpu" as const,
+        log: () => {},
+        defaults: { chunkSize: 32 },
+      };
+      let s2 = await startServer(opts);
+      await s2.engine.ready();
+      const big = enc.encode(words(60_000, 21));
+      const id = (await j(jsonPost(`${s2.url}/v1/contexts`, {}))).id as string;
+      const up = fetch(`${s2.url}/v1/contexts/${id}/content`, {
+        method: "PUT",
+        body: big,
+        headers: { "content-type": "text/plain" },
+      }).catch(() => null);
+      await waitFor(async () => (await j(fetch(`${s2.url}/v1/contexts/${id}`))).tokens_processed > 0, 60_000);
+      const t0 = performance.now();
+      await s2.stop();
+      const stopMs = performance.now() - t0;
+      await up;
+      expect(stopMs).toBeLessThan(3000); // one step, not the rest of the upload's piece
+      // back up on the same data: what was stored is there, and the upload resumes from it
+      s2 = await startServer(opts);
+      try {
+        await s2.engine.ready();
+        const info = await j(fetch(`${s2.url}/v1/contexts/${id}`));
+        expect(info.bytes_received).toBeGreaterThan(0);
+        expect(info.bytes_received).toBeLessThan(big.byteLength);
+        expect(info.state).not.toBe("failed");
+        const rest = await fetch(`${s2.url}/v1/contexts/${id}/content?final=1&offset=${info.bytes_received}`, {
+          method: "PUT",
+          body: big.slice(info.bytes_received),
+          headers: { "content-type": "text/plain" },
+        });
+        expect(rest.status).toBe(200);
+        const done = await j(rest);
+        expect(done.bytes_received).toBe(big.byteLength);
+        expect(done.state).toBe("ready");
+        expect(done.tokens_processed).toBe(done.tokens_received);
+      } finally {
+        await s2.stop();
       }
     },
     T,

@@ -126,9 +126,16 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
 
       await page.goto(`${srv.url}/?piece=2048`);
       await page.waitForSelector("#api-key", { timeout: 20_000 }); // 401 from the API: the key is asked for
+      // no list yet: a loading state, not "no contexts" / "0 B on disk"
+      expect(await page.locator("p.loading").count()).toBe(1);
+      expect(await page.textContent("main")).not.toContain("No contexts yet");
+      expect(await page.textContent("main")).not.toContain("on disk");
       await page.fill("#api-key", KEY);
       await page.click(".modal button[type=submit]");
       await page.waitForSelector(".modal", { state: "detached" });
+      // the first list arrives: the server has none yet
+      await page.waitForSelector("text=No contexts yet", { timeout: 20_000 });
+      expect(await page.textContent("main")).toContain("0 B on disk");
       await page.waitForSelector("header.top >> text=reform-tiny");
 
       await page.setInputFiles("#file", file);

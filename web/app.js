@@ -291,7 +291,8 @@ function UploadProgress({ u }) {
   </div>`;
 }
 
-function ContextList({ contexts, selected, uploading, onSelect, onDelete, onResume }) {
+function ContextList({ contexts, loading, selected, uploading, onSelect, onDelete, onResume }) {
+  if (loading) return html`<p class="muted loading">Loading contexts…</p>`;
   if (!contexts.length) return html`<p class="muted">No contexts yet: upload a document.</p>`;
   return html`<table class="contexts">
     <thead>
@@ -514,7 +515,7 @@ function AskPanel({ ctx, props }) {
 function App() {
   const [keyWhy, setKeyWhy] = useState(null);
   const [props, setProps] = useState(null);
-  const [contexts, setContexts] = useState([]);
+  const [contexts, setContexts] = useState(null); // null until the first list arrives
   const [selected, setSelected] = useState(null);
   const [uploads, setUploads] = useState({}); // context id -> upload state
   const [error, setError] = useState(null);
@@ -617,7 +618,7 @@ function App() {
     const info = uploads[c.id]?.info;
     return info && info.updated_at >= c.updated_at ? { ...c, ...info } : c;
   };
-  const rows = contexts.map(live);
+  const rows = (contexts ?? []).map(live);
   const current = rows.find((c) => c.id === selected);
   const uploading = new Set(
     Object.values(uploads)
@@ -641,9 +642,10 @@ function App() {
           .reverse()
           .map((u) => html`<${UploadProgress} key=${u.id} u=${u} />`)}
         <section class="card">
-          <div class="row"><h2>Contexts</h2><span class="muted">${bytes(diskTotal)} on disk</span></div>
+          <div class="row"><h2>Contexts</h2><span class="muted">${contexts ? `${bytes(diskTotal)} on disk` : ""}</span></div>
           <${ContextList}
             contexts=${rows}
+            loading=${contexts === null}
             selected=${selected}
             uploading=${uploading}
             onSelect=${setSelected}

@@ -34,6 +34,8 @@ const USAGE = `usage: bun run ask FILE "question" [options]
   -h, --help           show this help
 FILE "-" reads the context from stdin.`;
 
+const DEFAULT_SERVER = "http://127.0.0.1:8080";
+
 interface SseEvent {
   event: string;
   data: string;
@@ -74,6 +76,9 @@ function fmtSecs(s: number): string {
 
 /** Seconds each upload request should take: short enough that no request waits long for its answer. */
 const PIECE_TARGET_S = 30;
+/** How often, and how far apart, the first piece of a resume is retried while the server stores a dropped piece. */
+const RESUME_RETRIES = 10;
+const RESUME_WAIT_MS = 500;
 
 interface UploadArgs {
   server: string;
@@ -98,12 +103,19 @@ async function upload(a: UploadArgs): Promise<void> {
   const stdin = a.file === "-";
   const total = stdin ? 0 : statSync(a.file).size;
   let offset = 0;
-  if (a.resume) {
+  const readOffset = async () => {
     const info = await call(ctxUrl, { headers });
     if (!info.ok) throw new Error(await apiError(info));
     offset = ((await info.json()) as { bytes_received: number }).bytes_received;
     if (offset > total) throw new Error(`the context has ${offset} bytes, more than ${a.file} (${total})`);
-  }
+  };
+  if (a.resume) await readOffset();
+  /**
+   * Right after an interrupted upload the server may still be storing the piece it was receiving: the offset read
+   * above is then short of it (409 offset_mismatch) or the dropped upload still holds the context (409
+   * context_busy). The first piece of a resume then re-reads the context's bytes and tries again, a few times.
+   */
+  let resumeRetries = a.resume ? RESUME_RETRIES : 0;
 
   // progress from the events stream: rate over the last ~10 s, ETA from the tokens per byte so far
   const t0 = performance.now();
@@ -149,7 +161,17 @@ async function upload(a: UploadArgs): Promise<void> {
         body,
         signal: a.signal,
       });
-      if (!res.ok) throw new Error(await apiError(res));
+      if (!res.ok) {
+        const msg = await apiError(res);
+        if (res.status === 409 && resumeRetries > 0 && /^409 (offset_mismatch|context_busy):/.test(msg)) {
+          resumeRetries--;
+          await Bun.sleep(RESUME_WAIT_MS);
+          await readOffset();
+          return;
+        }
+        throw new Error(msg);
+      }
+      resumeRetries = 0;
       await res.arrayBuffer();
       offset += n;
       const secs = (performance.now() - t) / 1000;
@@ -243,7 +265,7 @@ async function main() {
   if (values.resume && file !== undefined && file !== "-" && !existsSync(file))
     throw new Error(`file not found: ${file}`);
 
-  const server = (values.server ?? process.env.REFORM_SERVER ?? "http://127.0.0.1:8080").replace(/\/+$/, "");
+  const server = (values.server ?? process.env.REFORM_SERVER ?? DEFAULT_SERVER).replace(/\/+$/, "");
   const apiKey = values["api-key"] ?? process.env.REFORM_API_KEY;
   const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {};
   const quiet = values.quiet === true;
@@ -280,7 +302,7 @@ async function main() {
       h = await call(`${server}/health`);
     } catch (e) {
       throw new Error(
-        `cannot reach the server at ${server}: ${(e as Error).message} (start it with: bun run serve --model DIR)`,
+        `cannot reach the server at ${server}: ${(e as Error).message} (start it with: bun run serve, add --port N for another port than 8080 and pass --server here)`,
       );
     }
     if (h.ok) break;
@@ -290,16 +312,36 @@ async function main() {
     await Bun.sleep(1000);
   }
 
+  // --max-tokens over the server's maximum would only be refused after the whole upload: check it first
+  if (maxTokens !== undefined) {
+    const props = await call(`${server}/props`, { headers }).catch(() => null);
+    const limit = props?.ok
+      ? ((await props.json().catch(() => ({}))) as { limits?: { max_new_tokens?: number } }).limits?.max_new_tokens
+      : undefined;
+    if (typeof limit === "number" && maxTokens > limit)
+      throw new Error(
+        `--max-tokens ${maxTokens} exceeds the server's maximum of ${limit} new tokens (GET /props: limits.max_new_tokens); nothing was uploaded`,
+      );
+  }
+
   let contextId = reuse;
   const created = !reuse;
-  /** What to do with the context after a failure: it is kept, so say how to resume or delete it. */
-  const hints = (id: string, resumable: boolean) => {
+  /**
+   * What to do with the context after a failure: it is kept, so say how to resume, ask again or delete it, with
+   * the server and key this run used. After an upload was cut off the context is not ready: asking it again would
+   * only be refused (409 context_not_ready), so then only resuming and deleting are offered.
+   */
+  const hints = (id: string, uploadCut: boolean) => {
     const auth = apiKey ? ` -H 'authorization: Bearer ${apiKey}'` : "";
+    // the key from --api-key must be given again; one from REFORM_API_KEY is still in the environment
+    const opts =
+      (server !== DEFAULT_SERVER ? ` --server ${server}` : "") +
+      (values["api-key"] !== undefined ? " --api-key KEY" : "");
     const q = JSON.stringify(question);
     const lines = [`ask: the context ${id} is kept on the server.`];
-    if (resumable && file !== undefined && file !== "-")
-      lines.push(`  resume the upload and ask:  bun run ask ${file} ${q} --context ${id} --resume`);
-    lines.push(`  ask it again:               bun run ask --context ${id} ${q}`);
+    if (uploadCut && file !== undefined && file !== "-")
+      lines.push(`  resume the upload and ask:  bun run ask ${file} ${q} --context ${id} --resume${opts}`);
+    if (!uploadCut) lines.push(`  ask it again:               bun run ask --context ${id} ${q}${opts}`);
     lines.push(`  delete it:                  curl -X DELETE${auth} ${server}/v1/contexts/${id}`);
     console.error(lines.join("\n"));
   };

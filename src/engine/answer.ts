@@ -33,11 +33,14 @@ export interface PlannedQuery {
   cache: number;
 }
 
-/** The engine-state rules of a query (the request's shape was checked by QueryRequestSchema). */
-export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | null): PlannedQuery {
+/**
+ * The limits of the server's configuration that hold for every query, with or without a context, whether or not
+ * the prompt is then answered inline: checked first, so a request over them is refused for what it asks and not
+ * for a consequence of it (inline routing).
+ */
+export function checkServerLimits(e: LoadedEngine, req: QueryWire): void {
   const d = e.defaults;
   const sp = req.sampling;
-  const method = req.method;
   const budget = req.budget ?? d.budget;
   if (budget > d.maxBudget)
     throw new EngineError(
@@ -53,6 +56,21 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
       `max_tokens ${sp.maxTokens} exceeds the server's maximum of ${d.maxNewTokens} new tokens`,
       "max_tokens",
     );
+}
+
+/** The request field that holds the prompt text, for error messages: "prompt", "question" or "messages". */
+export function promptField(req: QueryWire): "prompt" | "question" | "messages" {
+  if (req.prompt !== undefined) return "prompt";
+  return req.question !== undefined ? "question" : "messages";
+}
+
+/** The engine-state rules of a query (the request's shape was checked by QueryRequestSchema). */
+export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | null): PlannedQuery {
+  const d = e.defaults;
+  const sp = req.sampling;
+  const method = req.method;
+  const budget = req.budget ?? d.budget;
+  checkServerLimits(e, req);
   const vocab = e.cfg.config.vocabSize;
   for (const k of Object.keys(sp.logitBias ?? {})) {
     const id = Number(k);
@@ -119,12 +137,12 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
     // every method keeps the context's first tokens (edges / sinks), so its first token follows the prefix
     ({ pre, suf } = e.tok.encodeAround(parts.prefix, session.readTokens(0, 1)[0], parts.suffix));
   }
-  checkLength(e, pre.length + suf.length + gatheredTokens(method, budget, session), sp.maxTokens);
+  checkLength(e, pre.length + suf.length + gatheredTokens(method, budget, session), sp.maxTokens, promptField(req));
   const queryTurns: number[][] = [];
   if (session && method === "reform") {
     queryTurns.push(suf);
     if (previous !== undefined) queryTurns.push(e.tok.encode(previous));
-    checkQuery(e, queryTurns);
+    checkQuery(e, queryTurns, promptField(req));
   }
   const cache =
     session && (method === "h2o" || method === "streaming") ? baselineCache(e, budget, suf, sp.maxTokens) : 0;
@@ -150,7 +168,7 @@ export function baselineCache(e: LoadedEngine, budget: number, suf: number[], ma
 }
 
 /** Each question turn is embedded on top of the compressor's cache and must fit what is left of the window. */
-function checkQuery(e: LoadedEngine, turns: number[][]): void {
+function checkQuery(e: LoadedEngine, turns: number[][], field: string): void {
   const limit = e.defaults.maxQueryTokens;
   for (const t of turns) {
     if (t.length <= limit) continue;
@@ -160,15 +178,15 @@ function checkQuery(e: LoadedEngine, turns: number[][]): void {
       `the question is embedded for scoring on top of the compressed context, where ${limit} tokens fit ` +
         `(max_query_tokens: the trained window ${e.trainedWindow} minus the compressor's capacity ` +
         `${e.defaults.capacity}); it has ${t.length} tokens: shorten the question (or the previous user turn)`,
-      "messages",
+      field,
     );
   }
   if (turns.every((t) => t.length === 0))
-    throw new EngineError(400, "invalid_request", "the question has no tokens to score the context with", "messages");
+    throw new EngineError(400, "invalid_request", "the question has no tokens to score the context with", field);
 }
 
 /** The recompute must fit max_model_len: refused before any model work, naming the limit and the parts. */
-function checkLength(e: LoadedEngine, promptTokens: number, maxTokens: number): void {
+function checkLength(e: LoadedEngine, promptTokens: number, maxTokens: number, field: string): void {
   const limit = e.defaults.maxModelLen;
   if (promptTokens + maxTokens <= limit) return;
   throw new EngineError(
@@ -176,8 +194,8 @@ function checkLength(e: LoadedEngine, promptTokens: number, maxTokens: number): 
     "context_length_exceeded",
     `this model's maximum recompute length is ${limit} tokens; the request needs ${promptTokens + maxTokens} ` +
       `(${promptTokens} prompt tokens, including the gathered context, + ${maxTokens} max_tokens): ` +
-      "shorten the messages, lower the budget or lower max_tokens",
-    "messages",
+      `shorten the ${field}, lower the budget or lower max_tokens`,
+    field,
   );
 }
 

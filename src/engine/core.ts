@@ -14,7 +14,7 @@ import {
   type ModelInfo,
   type QueryEvent,
 } from "./api.ts";
-import { planQuery, runQuery } from "./answer.ts";
+import { checkServerLimits, planQuery, runQuery } from "./answer.ts";
 import { CompressorPool } from "./compressors.ts";
 import { contextDeleted, contextNotFound, toEngineError } from "./errors.ts";
 import { InlineCache, type InlinePlan, planInline } from "./inline.ts";
@@ -42,6 +42,11 @@ export class EngineCore implements EngineCalls {
   private readonly aborted = new Set<string>();
   /** ids deleted lately, so requests that were waiting on them learn why they vanished (bounded) */
   private readonly deleted = new Set<string>();
+  /**
+   * set by close(): uploads stop at their next slice or chunk (what is stored stays; the client resumes from
+   * bytes_received after the restart), new writes are refused, so shutting down waits for one step, not a piece
+   */
+  private closing = false;
   private readonly idleTimer: ReturnType<typeof setInterval>;
   private readonly sessionOf = (id: string) => this.sessions.get(id);
   /** implicit contexts of inline requests (prompts beyond the window sent without a context) */
@@ -188,6 +193,7 @@ export class EngineCore implements EngineCalls {
 
   append(id: string, bytes: Uint8Array): Promise<ContextInfo> {
     return this.chain(id, async (s) => {
+      this.notClosing(s);
       this.writable(s);
       this.checkDisk(s, bytes.byteLength);
       try {
@@ -195,6 +201,7 @@ export class EngineCore implements EngineCalls {
       } catch (e) {
         throw this.failSession(s, e);
       }
+      this.notClosing(s); // stopped part-way: not all of these bytes are stored
       return this.infoOf(this.get(id)); // deleted meanwhile: the uploader hears so
     });
   }
@@ -206,7 +213,7 @@ export class EngineCore implements EngineCalls {
   private *appendTask(s: Session, bytes: Uint8Array): Task<void> {
     let off = 0;
     do {
-      if (!this.sessions.has(s.id)) return; // deleted: the caller hears so
+      if (!this.sessions.has(s.id) || this.closing) return; // deleted / shutting down: the caller hears so
       s.appendBytes(bytes.subarray(off, off + APPEND_SLICE), this.e.tok, false);
       off += APPEND_SLICE;
       this.progress(s);
@@ -217,10 +224,16 @@ export class EngineCore implements EngineCalls {
 
   finalize(id: string): Promise<ContextInfo> {
     return this.chain(id, async (s) => {
+      this.notClosing(s);
       this.writable(s);
       try {
         s.appendBytes(new Uint8Array(0), this.e.tok, true);
         await this.sched.run(this.compress(s, true), "background");
+      } catch (e) {
+        throw this.failSession(s, e);
+      }
+      this.notClosing(s); // compression stopped part-way: not finalized
+      try {
         this.get(id);
         s.meta.finalized = true;
         s.saveMeta(true);
@@ -241,8 +254,19 @@ export class EngineCore implements EngineCalls {
         this.metrics.tokensProcessedTotal += n;
         this.progress(s);
       },
-      () => !this.sessions.has(s.id),
+      () => !this.sessions.has(s.id) || this.closing,
     );
+  }
+
+  /** Writes stop once the engine is closing (503, retryable after the restart: what was stored stays). */
+  private notClosing(s: Session): void {
+    if (this.closing)
+      throw new EngineError(
+        503,
+        "shutting_down",
+        `the server is shutting down; context '${s.id}' keeps the first ${s.meta.bytesReceived} bytes: resume the upload from there (its bytes_received) once the server is back`,
+        "context_id",
+      );
   }
 
   /** Appends an inline context's new token ids and compresses all of them (final), on the session's chain. */
@@ -269,10 +293,11 @@ export class EngineCore implements EngineCalls {
               progress(done, ids.length);
               this.progress(s);
             },
-            () => !this.sessions.has(s.id),
+            () => !this.sessions.has(s.id) || this.closing,
           ),
           "background",
         );
+        this.notClosing(s); // stopped part-way: not finalized (an unfinished implicit context is dropped at start)
         this.get(s.id);
         s.meta.finalized = true;
         s.saveMeta(true);
@@ -331,6 +356,8 @@ export class EngineCore implements EngineCalls {
     this.metrics.requestsTotal++;
     try {
       const req = parseQuery(wire);
+      // the server's limits first: a request over them is refused as such, not routed inline for it
+      checkServerLimits(this.e, req);
       if (req.inline && req.contextId === undefined) {
         const plan = planInline(this.e, this.inline.memo, req, req.inline.owner);
         if (plan) return this.queryInline(qid, req, plan, emit, tReq);
@@ -447,6 +474,7 @@ export class EngineCore implements EngineCalls {
 
   async close(): Promise<void> {
     clearInterval(this.idleTimer);
+    this.closing = true;
     // wait for in-flight session operations
     await Promise.all([...this.chains.values()]);
     for (const id of this.pool.ids()) this.pool.drop(id, this.sessions.get(id) ?? null);

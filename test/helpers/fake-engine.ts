@@ -48,6 +48,11 @@ export class FakeEngine implements EngineClient {
   failAfterTokens: number | null = null;
   /** an append that would take a context past this many bytes fails with an EngineError(500) (a device fault) */
   failAppendPastBytes: number | null = null;
+  /** count a piece's bytes only once its append delay is over (as the real engine: stored, then counted) */
+  countBytesWhenStored = false;
+  /** each query first reports this many `compress` progress steps, `progressDelayMs` apart (an inline request) */
+  progressSteps = 0;
+  progressDelayMs = 0;
   readonly texts = new Map<string, string>();
 
   constructor(o: FakeOptions = {}) {
@@ -162,11 +167,12 @@ export class FakeEngine implements EngineClient {
     if (this.failAppendPastBytes !== null && c.info.bytesReceived + bytes.byteLength > this.failAppendPastBytes)
       throw new EngineError(500, "device_error", "simulated device fault while compressing");
     c.text += c.decoder.decode(bytes, { stream: true });
-    c.info.bytesReceived += bytes.byteLength;
+    if (!this.countBytesWhenStored) c.info.bytesReceived += bytes.byteLength;
     c.info.tokensReceived = c.text.length;
     c.info.state = "processing";
     this.notify(c);
     if (this.appendDelayMs) await Bun.sleep(this.appendDelayMs);
+    if (this.countBytesWhenStored) c.info.bytesReceived += bytes.byteLength;
     c.info.tokensProcessed = c.text.length;
     c.info.embeddingBytes = c.text.length * 4;
     c.info.diskBytes = c.text.length * 8;
@@ -223,6 +229,10 @@ export class FakeEngine implements EngineClient {
         let finish: "stop" | "length" | "abort" = "length";
         let completed = false;
         try {
+          for (let i = 1; i <= self.progressSteps; i++) {
+            if (i > 1 && self.progressDelayMs) await Bun.sleep(self.progressDelayMs);
+            yield { type: "progress", stage: "compress", done: i * 128, total: self.progressSteps * 128 };
+          }
           yield { type: "start", promptTokens: 10, selectedTokens: 5, contextTokens: 20 };
           for (; n < req.sampling.maxTokens; n++) {
             if (req.signal?.aborted) {
