@@ -571,7 +571,7 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
     const question = words(70, 9);
     expect(tokLen(question)).toBeGreaterThan(256);
     const q = err(plan({ budget: 16, question, sampling: sampling(4) }));
-    expect([q.status, q.code, q.param]).toEqual([400, "query_too_long", "messages"]);
+    expect([q.status, q.code, q.param]).toEqual([400, "query_too_long", "question"]);
     expect(q.message).toContain("256 tokens fit");
     expect(() => plan({ budget: 16, question, sampling: sampling(4), method: "streaming" })()).not.toThrow();
   });
