@@ -31,6 +31,7 @@
  */
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { SMOOTHING_OPS, type SmoothingOp } from "../engine/selection.ts";
 import type { HeadSpec, ModelConfig } from "./types.ts";
 
 export interface HeadsFile {
@@ -40,6 +41,8 @@ export interface HeadsFile {
   nSink?: number;
   obsWindow?: number;
   window?: number;
+  /** how scores are pooled over the smoothing window at query time (default mean) */
+  smoothing?: SmoothingOp;
   source: string; // "cli" | "file:<path>" | "default"
 }
 
@@ -103,8 +106,12 @@ export function parseHeads(
     seen.add(key);
     return { layer, kind, head } as HeadSpec;
   });
+  const smoothing = j.smoothing ?? undefined;
+  if (smoothing !== undefined && !SMOOTHING_OPS.includes(smoothing))
+    throw new HeadsError(`${where}: "smoothing" must be ${SMOOTHING_OPS.map((o) => `"${o}"`).join(" or ")}`);
   return {
     heads,
+    ...(smoothing ? { smoothing } : {}),
     chunkSize: optInt(j, ["chunk_size", "chunkSize"], where),
     capacity: optInt(j, ["capacity"], where),
     nSink: optInt(j, ["n_sink", "nSink"], where),
