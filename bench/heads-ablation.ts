@@ -39,7 +39,8 @@ export interface EvalSample {
   task: Task;
   ids: Int32Array;
   q: Int32Array;
-  span: [number, number];
+  /** the token spans of every value the question asks for */
+  spans: [number, number][];
 }
 
 /** Held-out samples: `n` per task, needles at spread depths, seeds far from every other bench's and the selector's. */
@@ -47,6 +48,7 @@ export function heldOutSamples(lab: Lab, tasks: Task[], n: number, tokens: numbe
   const count = (s: string) => lab.tok.encode(s).length;
   const out: EvalSample[] = [];
   for (const task of tasks) {
+    if (task === "quote") throw new Error("heldOutSamples: the quote task has no needle value");
     for (let i = 0; i < n; i++) {
       const s = new SampleMaker(900_000 + seed * 10_007 + i * 31 + tasks.indexOf(task), count).make(
         task,
@@ -54,10 +56,12 @@ export function heldOutSamples(lab: Lab, tasks: Task[], n: number, tokens: numbe
         0.05 + (0.9 * i) / Math.max(1, n - 1),
       );
       const ids = Int32Array.from(lab.tok.encode(s.text));
-      const v = s.expected[0]!;
-      // the asked needle's value: the occurrence after the asked needle's start
-      const a = s.text.indexOf(v, Math.floor(s.depths[0]! * s.text.length));
-      out.push({ task, ids, q: Int32Array.from(lab.tok.encode(s.question)), span: tokenSpan(lab.tok, s.text, ids, a, a + v.length) });
+      // each asked value: its first occurrence from its needle's start
+      const spans = s.expected.map((v, k) => {
+        const a = s.text.indexOf(v, Math.floor(s.depths[k]! * s.text.length));
+        return tokenSpan(lab.tok, s.text, ids, a, a + v.length);
+      });
+      out.push({ task, ids, q: Int32Array.from(lab.tok.encode(s.question)), spans });
     }
   }
   return out;
@@ -71,11 +75,12 @@ export interface Setting {
   op: SmoothingOp;
 }
 
-/** Share of samples (tables) whose needle value `setting` gathers. */
-export function gatheredRate(tables: HeadTables[], spans: [number, number][], s: Setting): number {
+/** Share of samples (tables) of which `setting` gathers every asked value. */
+export function gatheredRate(tables: HeadTables[], spans: [number, number][][], s: Setting): number {
   let hit = 0;
   tables.forEach((t, i) => {
-    if (gathers(scoreHeads(t, s.heads), spans[i]!, s)) hit++;
+    const scores = scoreHeads(t, s.heads);
+    if (spans[i]!.every((sp) => gathers(scores, sp, s))) hit++;
   });
   return hit / Math.max(1, tables.length);
 }
@@ -85,7 +90,7 @@ const pct = (x: number) => `${(100 * x).toFixed(1)}`;
 function main(argv: string[]): void {
   const { values } = parseFlags(
     argv,
-    valueFlags("model", "heads", "samples", "tokens", "tasks", "random", "seed", "only", "threads", "json"),
+    valueFlags("model", "heads", "samples", "tokens", "tasks", "random", "seed", "only", "threads", "json", "window"),
   );
   const modelDir = values.model ?? join(import.meta.dir, "..", "models", "reform-tiny");
   const N = Number(values.samples ?? 12);
@@ -111,12 +116,14 @@ function main(argv: string[]): void {
     const op0: SmoothingOp = hf.smoothing ?? "mean";
     const oldDefault = idxOf([1, 1, 1].map((l, i) => ({ layer: l, kind: (["q", "k", "v"] as const)[i]!, head: 0 })));
     const samples = heldOutSamples(lab, tasks, N, tokens, seed);
-    const spans = samples.map((s) => s.span);
+    const spans = samples.map((s) => s.spans);
     const t0 = performance.now();
     const compress = (chunk: number, capacity: number, policy: EvictionPolicy) =>
       samples.map((s) => embedTables(lab, s.ids, s.q, cands, { chunk, capacity, policy }));
     const base = compress(d.chunkSize, d.capacity, "h2o");
-    const at = (budget: number) => ({ budget, ...selectionFor(d, budget) });
+    // --window: the smoothing window at the default budget (scales with the budget as the server's does)
+    const d0 = values.window ? { ...d, window: Number(values.window) } : hf.window ? { ...d, window: hf.window } : d;
+    const at = (budget: number) => ({ budget, ...selectionFor(d0, budget) });
     const def = at(d.budget);
     console.error(`compressed ${samples.length} samples in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     say(

@@ -3,7 +3,7 @@
  *
  *   bun scripts/select-heads.ts --model DIR [--samples N] [--context-tokens N] [--pool max|mean] [--pool-window W]
  *       [--per-family K] [--chunk N] [--capacity N] [--eviction h2o|streaming] [--layers all|1-2|0,3] [--kinds q,k,v]
- *       [--smoothing mean|max] [--seed S] [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda]
+ *       [--smoothing mean|max] [--window W] [--seed S] [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda]
  *
  * Two task families of synthetic samples (their own generator and seeds, never the held-out text of bench/data that
  * the evaluations use):
@@ -19,9 +19,10 @@
  * 21, max pooling); a head's quality is the mean normalised rank (MNR: 0 = the best token, 1 = the worst) of the
  * answer's tokens, averaged over the samples of a family. The best `--per-family` (2) heads of each family are kept.
  *
- * With --out it writes reform_heads.json: the heads, the query-time smoothing operator (`smoothing`, default mean:
- * bench/heads-ablation.ts measures both) and, under "selection", the settings the heads were selected under and their
- * MNR. The top-level chunk_size / capacity / window keys are not written: those would override the serving defaults.
+ * With --out it writes reform_heads.json: the heads, the query-time smoothing operator (`smoothing`, default mean)
+ * and, with --window, the query-time smoothing window (both chosen by measurement: bench/heads-ablation.ts) and,
+ * under "selection", the settings the heads were selected under and their MNR. The top-level chunk_size / capacity
+ * keys are not written: those would override the serving defaults.
  */
 import { mkdirSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
@@ -61,8 +62,10 @@ export interface SelectHeadsOptions {
   chunk?: number; // default: the serving chunk
   capacity?: number; // default: the serving capacity
   eviction?: EvictionPolicy; // default h2o
-  /** query-time smoothing written to the file, default mean */
+  /** query-time smoothing operator written to the file, default mean */
   smoothing?: SmoothingOp;
+  /** query-time smoothing window (at the default budget) written to the file; default: none (the server's) */
+  window?: number;
   seed?: number; // default 1
   backend?: "cpu" | "cuda" | "auto";
   threads?: number;
@@ -384,6 +387,7 @@ export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
     const json = {
       heads: selected.map((h) => ({ layer: h.layer, kind: h.kind, head: h.head })),
       smoothing: o.smoothing ?? "mean",
+      ...(o.window ? { window: o.window } : {}),
       selection: {
         tool: "scripts/select-heads.ts",
         families: [...FAMILIES],
@@ -422,7 +426,7 @@ export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
 const USAGE =
   "usage: bun scripts/select-heads.ts --model DIR [--samples N] [--context-tokens N] [--pool max|mean] [--pool-window W]\n" +
   "         [--per-family K] [--chunk N] [--capacity N] [--eviction h2o|streaming] [--layers all|1-2|0,3] [--kinds q,k,v]\n" +
-  "         [--smoothing mean|max] [--seed S] [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda (env REFORM_BACKEND)]";
+  "         [--smoothing mean|max] [--window W] [--seed S] [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda (env REFORM_BACKEND)]";
 
 function main(argv: string[]): void {
   const { values } = parseFlags(
@@ -440,6 +444,7 @@ function main(argv: string[]): void {
       "capacity",
       "eviction",
       "smoothing",
+      "window",
       "seed",
       "threads",
       "out",
@@ -475,6 +480,7 @@ function main(argv: string[]): void {
     capacity: positive("capacity", values.capacity),
     eviction: values.eviction === undefined ? undefined : oneOf("eviction", values.eviction, ["h2o", "streaming"]),
     smoothing: values.smoothing === undefined ? undefined : oneOf("smoothing", values.smoothing, ["mean", "max"]),
+    window: positive("window", values.window),
     seed: intFlag("seed", values.seed, Number.MIN_SAFE_INTEGER),
     threads: positive("threads", values.threads),
     out: values.out ?? null,
