@@ -186,7 +186,11 @@ function main(argv: string[]): void {
       const streaming = compress(d.chunkSize, d.capacity, "streaming");
       const rows: [string, string, string][] = [
         ["H2O (served)", "84.6", pct(gatheredRate(base, spans, { heads: selected, ...def, op: op0 }))],
-        ["StreamingLLM (sinks + recent)", "82.7", pct(gatheredRate(streaming, spans, { heads: selected, ...def, op: op0 }))],
+        [
+          "StreamingLLM (sinks + recent)",
+          "82.7",
+          pct(gatheredRate(streaming, spans, { heads: selected, ...def, op: op0 })),
+        ],
         ["TOVA", "81.4", "not implemented"],
       ];
       out.eviction = rows;
@@ -198,7 +202,9 @@ function main(argv: string[]): void {
 
     if (only.has("kind") && ranking) {
       say("");
-      say("| head kind | MNR pattern (mean, best) | MNR paraphrase (mean, best) | gathered % single heads (mean, best) |");
+      say(
+        "| head kind | MNR pattern (mean, best) | MNR paraphrase (mean, best) | gathered % single heads (mean, best) |",
+      );
       say("| --- | --- | --- | --- |");
       const kinds: Record<string, unknown> = {};
       for (const kind of ["q", "k", "v"] as const) {
@@ -242,7 +248,9 @@ function main(argv: string[]): void {
         const a = gatheredRate(t, spans, { heads: selected, ...def, op: op0 });
         const b = gatheredRate(t, spans, { heads: oldDefault, ...def, op: op0 });
         rows.push({ chunk, capacity, selected: a, oldDefault: b });
-        say(`| ${chunk} / ${capacity}${chunk === d.chunkSize && capacity === d.capacity ? " (served)" : ""} | ${pct(a)} | ${pct(b)} |`);
+        say(
+          `| ${chunk} / ${capacity}${chunk === d.chunkSize && capacity === d.capacity ? " (served)" : ""} | ${pct(a)} | ${pct(b)} |`,
+        );
       }
       out.chunk = rows;
     }

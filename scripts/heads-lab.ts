@@ -218,7 +218,13 @@ export function gathers(scores: Float32Array, span: [number, number], g: GatherS
 }
 
 /** Token span [start, end) of the characters [a, b) of `text` tokenized as `ids` (tokens overlapping the range). */
-export function tokenSpan(tok: ModelTokenizer, text: string, ids: ArrayLike<number>, a: number, b: number): [number, number] {
+export function tokenSpan(
+  tok: ModelTokenizer,
+  text: string,
+  ids: ArrayLike<number>,
+  a: number,
+  b: number,
+): [number, number] {
   const enc = new TextEncoder();
   const ba = enc.encode(text.slice(0, a)).length;
   const bb = enc.encode(text.slice(0, b)).length;

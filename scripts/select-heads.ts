@@ -284,7 +284,10 @@ export function buildSample(
 }
 
 /** A sample as token ids, with the answer's token span. */
-export function tokenizeSample(tok: ModelTokenizer, s: Sample): { ids: Int32Array; q: Int32Array; span: [number, number] } {
+export function tokenizeSample(
+  tok: ModelTokenizer,
+  s: Sample,
+): { ids: Int32Array; q: Int32Array; span: [number, number] } {
   const ids = Int32Array.from(tok.encode(s.text));
   return { ids, q: Int32Array.from(tok.encode(s.question)), span: tokenSpan(tok, s.text, ids, s.at[0], s.at[1]) };
 }

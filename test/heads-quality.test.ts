@@ -62,7 +62,9 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
       while (pick.length < hf.heads.length) pick.push(pool.splice(Math.floor(rnd() * pool.length), 1)[0]!);
       random += rate(pick) / draws;
     }
-    const worst = rate(idx(["q3", "q1", "k1", "q0"].map((k) => ({ layer: 0, kind: k[0], head: Number(k[1]) }) as HeadSpec)));
+    const worst = rate(
+      idx(["q3", "q1", "k1", "q0"].map((k) => ({ layer: 0, kind: k[0], head: Number(k[1]) }) as HeadSpec)),
+    );
     console.log(
       `gathered: selected ${selected}, random ${random.toFixed(3)}, worst ${worst}, old default ${rate(idx(old))} ` +
         `(${op}, window ${at.window}), as served before ${before} (old default, mean, window ${selectionFor(d, d.budget).window})`,

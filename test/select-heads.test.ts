@@ -134,7 +134,13 @@ describe("select-heads", () => {
     expect(viaDir.chunkSize).toBeUndefined();
     expect(viaDir.window).toBeUndefined();
     const j = JSON.parse(readFileSync(out, "utf8"));
-    expect(j.selection).toMatchObject({ chunk_size: 64, capacity: 128, eviction: "h2o", pooling: "max", pooling_window: 20 });
+    expect(j.selection).toMatchObject({
+      chunk_size: 64,
+      capacity: 128,
+      eviction: "h2o",
+      pooling: "max",
+      pooling_window: 20,
+    });
 
     // deterministic
     const again = selectHeads({ ...opts, out: null, log: () => {} });
