@@ -2,11 +2,11 @@
  * The REFORM paper's ablations of head selection and gathering, on our model: held-out RULER-style samples
  * (bench/ruler-tasks.ts over bench/data, never seen by training or by scripts/select-heads.ts), each context
  * compressed once through the server's own compressor with every head embedded (scripts/heads-lab.ts), then what each
- * setting gathers at query time. "Gathered" is the share of samples whose whole needle value is among the gathered
- * tokens (what `return_selection` would show), independent of whether the model then answers.
+ * setting gathers at query time. "Gathered" is the share of samples of which every asked needle value is among the
+ * gathered tokens (what `return_selection` would show), independent of whether the model then answers.
  *
- *   bun bench/heads-ablation.ts [--model DIR] [--heads FILE] [--samples N] [--tokens N] [--tasks single,multikey]
- *       [--random N] [--seed S] [--only heads,window,eviction,kind,budget,chunk] [--threads N] [--json OUT]
+ *   bun bench/heads-ablation.ts [--model DIR] [--heads FILE (default: bench/heads/reform-tiny.json for the embedded model)] [--samples N] [--tokens N] [--tasks single,multikey]
+ *       [--random N] [--seed S] [--window W] [--only heads,window,eviction,kind,budget,chunk] [--threads N] [--json OUT]
  *
  * Tables (markdown, for the README): smoothing window x operator (mean / max); selected vs random vs worst vs the old
  * default heads; eviction policy inside REFORM (H2O vs StreamingLLM; TOVA is not implemented by our compressor);
@@ -93,6 +93,8 @@ function main(argv: string[]): void {
     valueFlags("model", "heads", "samples", "tokens", "tasks", "random", "seed", "only", "threads", "json", "window"),
   );
   const modelDir = values.model ?? join(import.meta.dir, "..", "models", "reform-tiny");
+  // the embedded model's selected heads are a candidate file here, not its reform_heads.json (README, "Head selection")
+  const headsSpec = values.heads ?? (values.model ? null : join(import.meta.dir, "heads", "reform-tiny.json"));
   const N = Number(values.samples ?? 12);
   const tokens = Number(values.tokens ?? 16000);
   const tasks = (values.tasks ?? "single,multikey").split(",") as Task[];
@@ -111,7 +113,7 @@ function main(argv: string[]): void {
     const d = lab.defaults;
     const cands = allHeads(lab.mc);
     const idxOf = (hs: HeadSpec[]) => hs.map((h) => cands.findIndex((c) => headKey(c) === headKey(h)));
-    const hf = loadHeads(modelDir, lab.mc, values.heads ?? null);
+    const hf = loadHeads(modelDir, lab.mc, headsSpec);
     const selected = idxOf(hf.heads);
     const op0: SmoothingOp = hf.smoothing ?? "mean";
     const oldDefault = idxOf([1, 1, 1].map((l, i) => ({ layer: l, kind: (["q", "k", "v"] as const)[i]!, head: 0 })));
