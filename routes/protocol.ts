@@ -371,6 +371,7 @@ export function limitsView(info: ModelInfo) {
       max_tokens: d.maxTokens,
       max_new_tokens: d.maxNewTokens,
       smoothing_window: d.smoothingWindow,
+      smoothing: d.smoothing,
       edge: d.edge,
       template_tokens: d.templateTokens,
       baseline_cache_factor: d.baselineCacheFactor,

@@ -1,74 +1,92 @@
 /**
- * Choose REFORM retrieval heads for a model (see the header of src/model/heads.ts).
+ * Choose REFORM retrieval heads for a model as the REFORM paper does (see the header of src/model/heads.ts).
  *
- *   bun scripts/select-heads.ts --model DIR [--layers 8-16 | all | 3,5,7] [--kinds q,k,v] [--samples N]
- *       [--context-tokens N] [--top K] [--budget N] [--window W] [--chunk N] [--capacity N] [--seed S]
- *       [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda]
+ *   bun scripts/select-heads.ts --model DIR [--samples N] [--context-tokens N] [--pool max|mean] [--pool-window W]
+ *       [--per-family K] [--chunk N] [--capacity N] [--eviction h2o|streaming] [--layers all|1-2|0,3] [--kinds q,k,v]
+ *       [--smoothing mean|max] [--window W] [--seed S] [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda]
  *
- * Builds N deterministic needle-in-a-haystack samples (varied filler sentences, a needle
- * "The secret passphrase for <name> is <word>." at a random depth, the question
- * "What is the secret passphrase for <name>?"), runs ONE compressor holding every candidate head
- * (all heads of the requested kinds at the candidate layers; exit layer = max candidate layer) over
- * each context in chunks, embeds the question with rf_compressor_embed, and for each head separately
- * scores the context tokens (max cosine over question tokens on that head's slice of the embedding),
- * smooths them with the engine's smoothScores and measures
- *   recall   = fraction of the needle's tokens among the top-`budget` smoothed scores,
- *   bestRank = 1-based rank of the best-ranked needle token.
- * Prints a ranking table and, with --out, writes the best --top heads in the reform_heads.json format
- * (greedy: best head first; later picks prefer a head from an already chosen layer when its mean
- * recall is within 0.02 of the best remaining head's).
+ * Two task families of synthetic samples (their own generator and seeds, never the held-out text of bench/data that
+ * the evaluations use):
+ *   pattern     lines "The value corresponding to the id {key} is {value}." (random 10-character keys) among
+ *               natural-language filler; the question asks one key's value;
+ *   paraphrase  facts about people ("Amelia Hart was born in the town of Kelmoor.") among the same filler; the
+ *               question leads to one fact without repeating it ("Which town is the birthplace of Amelia Hart?"),
+ *               so a head must match meaning, not the same words (the paper's multi-hop-like family).
+ * Each sample is several times longer than the compressor's capacity (default 8x) and goes through the server's own
+ * compressor at the serving chunk and capacity with H2O eviction (scripts/heads-lab.ts), so heads are judged on what
+ * the server really stores. Every q, k and v head of every layer is a candidate: each context token's score is its
+ * cosine with the question's tokens, max over them, pooled over a window (default the paper's 20 tokens, centered:
+ * 21, max pooling); a head's quality is the mean normalised rank (MNR: 0 = the best token, 1 = the worst) of the
+ * answer's tokens, averaged over the samples of a family. The best `--per-family` (2) heads of each family are kept.
  *
- * Memory: the context embeddings of all candidate heads are kept as f32 for one sample at a time:
- * context_tokens * n_candidates * head_dim * 4 bytes (e.g. 4096 tok * 432 heads * 128 * 4 = 0.9 GB).
+ * With --out it writes reform_heads.json: the heads, the query-time smoothing operator (`smoothing`, default mean)
+ * and, with --window, the query-time smoothing window (both chosen by measurement: bench/heads-ablation.ts) and,
+ * under "selection", the settings the heads were selected under and their MNR. The top-level chunk_size / capacity
+ * keys are not written: those would override the serving defaults.
  */
-import { writeFileSync, mkdirSync } from "node:fs";
+import { mkdirSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
-import { loadNative, RF_F32, type Native, type NativeModel } from "../ffi/native.ts";
-import type { HeadSpec } from "../src/model/types.ts";
-import { DEFAULT_WINDOW, smoothScores } from "../src/engine/selection.ts";
-import { loadModelConfig } from "../src/model/config.ts";
-import { parseHeads } from "../src/model/heads.ts";
-import { loadSafetensors } from "../src/model/safetensors.ts";
 import { intFlag, oneOf, parseFlags, runCli, UsageError, valueFlags } from "../src/cli/args.ts";
-import { ModelTokenizer } from "../src/model/tokenizer.ts";
+import { smoothScores, type SmoothingOp } from "../src/engine/selection.ts";
+import { parseHeads } from "../src/model/heads.ts";
+import type { ModelTokenizer } from "../src/model/tokenizer.ts";
+import type { HeadSpec } from "../src/model/types.ts";
 import { mulberry32 } from "../src/util/rng.ts";
+import {
+  allHeads,
+  embedTables,
+  headKey,
+  meanNormalisedRank,
+  openLab,
+  scoreHeads,
+  tokenSpan,
+  type EvictionPolicy,
+} from "./heads-lab.ts";
+
+export const FAMILIES = ["pattern", "paraphrase"] as const;
+export type Family = (typeof FAMILIES)[number];
 
 export interface SelectHeadsOptions {
   modelDir: string;
-  /** "all", "8-16", "3,5,7" or a list; default: round(0.25*(L-1))..round(0.6*(L-1)). */
+  /** "all" (default), "1-2", "0,3" or a list */
   layers?: string | number[];
   kinds?: ("q" | "k" | "v")[];
-  samples?: number; // default 8
-  contextTokens?: number; // default 2048
-  top?: number; // default 3
-  budget?: number; // default max(16, floor(contextTokens / 8))
-  window?: number; // smoothing window, default DEFAULT_WINDOW (129), clamped to the context length
-  chunk?: number; // compressor chunk size, default min(1024, contextTokens)
-  capacity?: number; // compressor KV capacity, default 4096
+  /** samples per family, default 24 */
+  samples?: number;
+  /** context tokens per sample, default 8 x capacity */
+  contextTokens?: number;
+  /** heads kept per family, default 2 */
+  perFamily?: number;
+  pool?: SmoothingOp; // default max
+  poolWindow?: number; // default 20 (centered: 21)
+  chunk?: number; // default: the serving chunk
+  capacity?: number; // default: the serving capacity
+  eviction?: EvictionPolicy; // default h2o
+  /** query-time smoothing operator written to the file, default mean */
+  smoothing?: SmoothingOp;
+  /** query-time smoothing window (at the default budget) written to the file; default: none (the server's) */
+  window?: number;
   seed?: number; // default 1
   backend?: "cpu" | "cuda" | "auto";
   threads?: number;
   out?: string | null;
-  /** progress / table output; default console.log. */
   log?: (line: string) => void;
 }
 
 export interface HeadResult extends HeadSpec {
-  recall: number; // mean over samples
-  bestRank: number; // mean over samples of the 1-based rank of the best needle token
-  recalls: number[];
-  ranks: number[];
+  /** MNR per family (mean over its samples) and their mean */
+  mnr: Record<Family, number>;
+  mean: number;
 }
 
 export interface SelectHeadsResult {
-  ranking: HeadResult[]; // best first
+  /** every candidate, best mean MNR first */
+  ranking: HeadResult[];
   selected: HeadResult[];
-  candidates: HeadSpec[];
-  exitLayer: number;
-  budget: number;
-  window: number;
-  contextTokens: number[]; // actual context length per sample
-  needleSpans: [number, number][]; // [start, end) per sample
+  chunk: number;
+  capacity: number;
+  contextTokens: number[];
+  json: any;
   out: string | null;
   seconds: number;
 }
@@ -191,62 +209,101 @@ function fillerSentence(rnd: () => number): string {
   return `${pick(rnd, SUBJECTS)} ${pick(rnd, VERBS)} ${pick(rnd, OBJECTS)}${pick(rnd, TAILS)}.`;
 }
 
+const KEY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789";
+const key10 = (rnd: () => number) => Array.from({ length: 10 }, () => KEY_CHARS[Math.floor(rnd() * 36)]).join("");
+const TOWNS = ["Kelmoor", "Brastow", "Ulvenby", "Marrowick", "Tessaly", "Dunharrow", "Peloran", "Ostrava", "Quenby"];
+const JOBS = ["carpenter", "pharmacist", "surveyor", "librarian", "beekeeper", "glassblower", "locksmith", "tailor"];
+const COLOURS = ["crimson", "turquoise", "amber", "violet", "olive", "scarlet", "indigo", "ochre", "teal"];
+/** [fact with {n} the name and {v} the value, a question that leads to it in other words, values] */
+const RELATIONS: [string, string, readonly string[]][] = [
+  ["{n} was born in the town of {v}.", "Which town is the birthplace of {n}?", TOWNS],
+  ["{n} keeps a small dog called {v}.", "What is the name of the pet that {n} owns?", WORDS],
+  ["{n} earns a living as a {v}.", "What job does {n} do?", JOBS],
+  ["The favourite colour of {n} is {v}.", "Which colour does {n} like best?", COLOURS],
+];
+
 export interface Sample {
-  tokens: Int32Array;
-  needle: [number, number]; // token span [start, end)
-  question: Int32Array;
-  name: string;
-  word: string;
+  family: Family;
+  text: string;
+  question: string;
+  answer: string;
+  /** character range of the answer in the text */
+  at: [number, number];
 }
 
-/** One needle-in-a-haystack sample of about `contextTokens` tokens (context tokens carry no BOS, as in sessions). */
-export function buildSample(tok: ModelTokenizer, contextTokens: number, rnd: () => number): Sample {
-  const name = pick(rnd, NAMES);
-  const word = pick(rnd, WORDS);
-  const needleText = `The secret passphrase for ${name} is ${word}.`;
-  const needleIds = tok.encodeContinuation(" " + needleText);
-  const target = Math.max(contextTokens - needleIds.length, 1);
-  const sentences: number[][] = [];
-  let n = 0;
-  while (n < target) {
-    const s = tok.encodeContinuation(" " + fillerSentence(rnd));
-    if (s.length === 0) break;
-    sentences.push(s);
-    n += s.length;
-  }
-  // needle before sentence `at`: a random depth, away from the very start/end when there is room
-  const at =
-    sentences.length >= 2 ? 1 + Math.floor(rnd() * (sentences.length - 1)) : Math.floor(rnd() * (sentences.length + 1));
-  const ids: number[] = [];
-  let needle: [number, number] = [0, 0];
-  for (let i = 0; i <= sentences.length; i++) {
-    if (i === at) {
-      needle = [ids.length, ids.length + needleIds.length];
-      ids.push(...needleIds);
+/** One sample of `family` with about `contextTokens` tokens: 4 facts (one asked) at random depths in the filler. */
+export function buildSample(
+  family: Family,
+  contextTokens: number,
+  rnd: () => number,
+  countTokens: (s: string) => number,
+): Sample {
+  const facts: [string, string][] = []; // [sentence, value]
+  let question = "";
+  const names = new Set<string>();
+  while (names.size < 4) names.add(family === "pattern" ? key10(rnd) : pick(rnd, NAMES));
+  for (const name of names) {
+    if (family === "pattern") {
+      const v = rnd() < 0.7 ? String(1_000_000 + Math.floor(rnd() * 9_000_000)) : pick(rnd, WORDS);
+      facts.push([`The value corresponding to the id ${name} is ${v}.`, v]);
+      if (!question) question = `What is the value corresponding to the id ${name}?`;
+    } else {
+      const [fact, q, values] = pick(rnd, RELATIONS);
+      const v = pick(rnd, values);
+      facts.push([fact.replace("{n}", name).replace("{v}", v), v]);
+      if (!question) question = q.replace("{n}", name);
     }
-    if (i < sentences.length) ids.push(...sentences[i]!);
   }
-  const question = tok.encode(`What is the secret passphrase for ${name}?`);
-  return { tokens: Int32Array.from(ids), needle, question: Int32Array.from(question), name, word };
+  const filler: string[] = [];
+  let n = facts.reduce((k, [f]) => k + countTokens(` ${f}`), 0);
+  while (n < contextTokens) {
+    const s = fillerSentence(rnd);
+    filler.push(s);
+    n += countTokens(` ${s}`);
+  }
+  const slots = facts.map(() => Math.floor(rnd() * (filler.length + 1)));
+  const parts: string[] = [];
+  let len = 0;
+  let at: [number, number] = [0, 0];
+  for (let i = 0; i <= filler.length; i++) {
+    facts.forEach(([f, v], k) => {
+      if (slots[k] !== i) return;
+      if (k === 0) {
+        const a = len + f.lastIndexOf(v);
+        at = [a, a + v.length];
+      }
+      parts.push(f);
+      len += f.length + 1;
+    });
+    if (i < filler.length) {
+      parts.push(filler[i]!);
+      len += filler[i]!.length + 1;
+    }
+  }
+  return { family, text: parts.join(" "), question, answer: facts[0]![1], at };
 }
 
-// ---------------- helpers ----------------
+/** A sample as token ids, with the answer's token span. */
+export function tokenizeSample(
+  tok: ModelTokenizer,
+  s: Sample,
+): { ids: Int32Array; q: Int32Array; span: [number, number] } {
+  const ids = Int32Array.from(tok.encode(s.text));
+  return { ids, q: Int32Array.from(tok.encode(s.question)), span: tokenSpan(tok, s.text, ids, s.at[0], s.at[1]) };
+}
+
+// ---------------- selection ----------------
 
 export function parseLayers(spec: string | number[] | undefined, numLayers: number): number[] {
   let out: number[];
   if (Array.isArray(spec)) out = spec.slice();
-  else if (spec === undefined || spec === "") {
-    const lo = Math.round(0.25 * (numLayers - 1));
-    const hi = Math.round(0.6 * (numLayers - 1));
-    out = [];
-    for (let l = lo; l <= hi; l++) out.push(l);
-  } else if (spec.trim() === "all") {
+  else if (spec === undefined || spec === "" || spec.trim() === "all") {
     out = Array.from({ length: numLayers }, (_, i) => i);
   } else {
     out = [];
     for (const part of spec
       .split(",")
-      .map((s) => s.trim())
+      .map((x) => x.trim())
       .filter(Boolean)) {
       const m = /^(\d+)(?:-(\d+))?$/.exec(part);
       if (!m) throw new Error(`--layers: cannot parse "${part}" (use "all", "8-16" or "3,5,7")`);
@@ -257,216 +314,122 @@ export function parseLayers(spec: string | number[] | undefined, numLayers: numb
   }
   out = [...new Set(out)].sort((a, b) => a - b);
   if (out.length === 0) throw new Error("--layers: no layers selected");
-  for (const l of out) {
+  for (const l of out)
     if (!Number.isInteger(l) || l < 0 || l >= numLayers)
       throw new Error(`--layers: layer ${l} out of range 0..${numLayers - 1}`);
-  }
   return out;
 }
 
-/** Greedy top-K: best head first; then prefer a head from an already chosen layer when it is within `tie` of the best remaining. */
-export function pickTop(ranking: HeadResult[], k: number, tie = 0.02): HeadResult[] {
-  const rest = ranking.slice();
+/** The best `k` heads of each family by its MNR (lower is better), the first family first; a head already kept
+ * for an earlier family is passed over. */
+export function pickPerFamily(ranking: HeadResult[], k: number): HeadResult[] {
   const chosen: HeadResult[] = [];
-  while (chosen.length < k && rest.length > 0) {
-    let idx = 0;
-    if (chosen.length > 0) {
-      const layers = new Set(chosen.map((h) => h.layer));
-      const best = rest[0]!.recall;
-      const j = rest.findIndex((h) => h.recall >= best - tie && layers.has(h.layer));
-      if (j >= 0) idx = j;
-    }
-    chosen.push(rest.splice(idx, 1)[0]!);
+  for (const f of FAMILIES) {
+    const byF = ranking.filter((h) => !chosen.includes(h)).sort((a, b) => a.mnr[f] - b.mnr[f] || a.mean - b.mean);
+    chosen.push(...byF.slice(0, k));
   }
   return chosen;
 }
 
-const headKey = (h: HeadSpec) => `L${h.layer}.${h.kind}${h.head}`;
-
-// ---------------- core ----------------
-
 export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
   const t0 = performance.now();
-  const log = o.log ?? ((s: string) => console.log(s));
-  const lc = loadModelConfig(o.modelDir);
-  const mc = lc.config;
-  const tok = ModelTokenizer.fromDir(o.modelDir);
-  const layers = parseLayers(o.layers, mc.numLayers);
-  const kinds = o.kinds ?? ["q", "k", "v"];
-  const samplesN = o.samples ?? 8;
-  const ctxTarget = o.contextTokens ?? 2048;
-  const budget = o.budget ?? Math.max(16, Math.floor(ctxTarget / 8));
-  const top = o.top ?? 3;
-  const seed = o.seed ?? 1;
-
-  const candidates: HeadSpec[] = [];
-  for (const layer of layers) {
-    for (const kind of kinds) {
-      const n = kind === "q" ? mc.numHeads : mc.numKvHeads;
-      for (let head = 0; head < n; head++) candidates.push({ layer, kind, head });
-    }
-  }
-  const D = mc.headDim;
-  const nCand = candidates.length;
-  log(
-    `model ${o.modelDir}: ${lc.architecture}, ${mc.numLayers} layers, ${mc.numHeads} q / ${mc.numKvHeads} kv heads, head_dim ${D}; ` +
-      `${nCand} candidate heads at layers ${layers[0]}..${layers[layers.length - 1]} (${kinds.join(",")})`,
-  );
-
-  // samples (deterministic)
-  const rnd = mulberry32(seed);
-  const samples: Sample[] = [];
-  for (let i = 0; i < samplesN; i++) samples.push(buildSample(tok, ctxTarget, rnd));
-  const maxCtx = Math.max(...samples.map((s) => s.tokens.length));
-  const maxQ = Math.max(...samples.map((s) => s.question.length));
-  if (budget >= Math.min(...samples.map((s) => s.tokens.length))) {
-    log(`warning: budget ${budget} >= context length: every recall will be 1`);
-  }
-  const window = Math.max(1, Math.min(o.window ?? DEFAULT_WINDOW, maxCtx));
-  const chunk = Math.max(1, Math.min(o.chunk ?? 1024, maxCtx));
-  const obsWindow = Math.min(128, chunk);
-  const capacity = o.capacity ?? 4096;
-  const nSink = 4;
-  const nRecent = Math.max(1, Math.min(obsWindow, Math.floor(capacity / 4)));
-  log(
-    `${samplesN} samples, ~${maxCtx} context tokens, budget ${budget}, window ${window}, chunk ${chunk}, capacity ${capacity}; ` +
-      `embeddings ${((maxCtx * nCand * D * 4) / 2 ** 20).toFixed(1)} MiB per sample`,
-  );
-
-  const native: Native = loadNative(o.backend ?? "auto");
-  let model: NativeModel | null = null;
-  const recalls: number[][] = candidates.map(() => []);
-  const ranks: number[][] = candidates.map(() => []);
-  let exitLayer = -1;
+  const log = o.log ?? ((x: string) => console.log(x));
+  const lab = openLab(o.modelDir, { backend: o.backend, threads: o.threads });
   try {
-    if (o.threads) native.setThreads(o.threads);
-    model = native.createModel(mc);
-    loadSafetensors(o.modelDir, model);
-    model.finalize();
+    const mc = lab.mc;
+    const layers = new Set(parseLayers(o.layers, mc.numLayers));
+    const kinds = new Set(o.kinds ?? ["q", "k", "v"]);
+    const candidates = allHeads(mc).filter((h) => layers.has(h.layer) && kinds.has(h.kind));
+    const chunk = o.chunk ?? lab.defaults.chunkSize;
+    const capacity = o.capacity ?? lab.defaults.capacity;
+    const eviction = o.eviction ?? "h2o";
+    const pool = o.pool ?? "max";
+    const poolWindow = o.poolWindow ?? 20;
+    const samplesN = o.samples ?? 24;
+    const ctxTarget = o.contextTokens ?? 8 * capacity;
+    const perFamily = o.perFamily ?? 2;
+    const seed = o.seed ?? 1;
     log(
-      `loaded on ${native.backendName()} (${native.deviceInfo()}) in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
+      `model ${o.modelDir}: ${mc.numLayers} layers, ${mc.numHeads} q / ${mc.numKvHeads} kv heads, head_dim ${mc.headDim}; ` +
+        `${candidates.length} candidates; ${samplesN} samples per family of ~${ctxTarget} tokens through the compressor ` +
+        `(chunk ${chunk}, capacity ${capacity}, ${eviction}); ${pool} pooling over ${poolWindow} tokens; MNR of the answer`,
     );
-    const comp = model.createCompressor(
-      { capacity, nSink, nRecent, obsWindow, maxChunk: Math.max(chunk, maxQ), embDtype: RF_F32, exitLayer: -1 },
-      candidates,
-    );
-    exitLayer = comp.exitLayer;
-    const E = comp.embedDim; // nCand * D
-    try {
-      for (let si = 0; si < samples.length; si++) {
-        const s = samples[si]!;
-        const n = s.tokens.length;
-        comp.reset();
-        const emb = new Float32Array(n * E);
-        for (let p = 0; p < n; p += chunk) {
-          const c = s.tokens.subarray(p, Math.min(n, p + chunk));
-          comp.process(c, emb.subarray(p * E, (p + c.length) * E));
-        }
-        const qe = comp.embed(s.question) as Float32Array;
-        const nQ = s.question.length;
-        const ctxH = new Float32Array(n * D);
-        const qH = new Float32Array(nQ * D);
-        const scores = new Float32Array(n);
-        const order = new Int32Array(n);
-        const [a, b] = s.needle;
-        for (let h = 0; h < nCand; h++) {
-          const off = h * D;
-          for (let i = 0; i < n; i++) ctxH.set(emb.subarray(i * E + off, i * E + off + D), i * D);
-          for (let j = 0; j < nQ; j++) qH.set(qe.subarray(j * E + off, j * E + off + D), j * D);
-          native.score(ctxH, n, D, qH, nQ, scores);
-          const sm = smoothScores(scores, window);
-          for (let i = 0; i < n; i++) order[i] = i;
-          order.sort((x, y) => sm[y]! - sm[x]! || x - y);
-          let hit = 0;
-          let best = n;
-          for (let r = 0; r < n; r++) {
-            const i = order[r]!;
-            if (i >= a && i < b) {
-              if (r < best) best = r;
-              if (r < budget) hit++;
-            }
-          }
-          recalls[h]!.push(b > a ? hit / (b - a) : 0);
-          ranks[h]!.push(best + 1);
-        }
-        log(
-          `sample ${si + 1}/${samples.length}: ${n} tokens, needle at ${a}..${b} (${s.name} -> ${s.word}), ` +
-            `${((performance.now() - t0) / 1000).toFixed(1)} s`,
-        );
+    const count = (x: string) => lab.tok.encode(x).length;
+    const mnr = FAMILIES.map(() => candidates.map(() => [] as number[]));
+    const lengths: number[] = [];
+    FAMILIES.forEach((family, fi) => {
+      const rnd = mulberry32(seed * 1_000_003 + fi * 7919);
+      for (let si = 0; si < samplesN; si++) {
+        const { ids, q, span } = tokenizeSample(lab.tok, buildSample(family, ctxTarget, rnd, count));
+        lengths.push(ids.length);
+        const t = embedTables(lab, ids, q, candidates, { chunk, capacity, policy: eviction });
+        candidates.forEach((_, h) => {
+          const pooled = smoothScores(scoreHeads(t, [h]), poolWindow, pool);
+          mnr[fi]![h]!.push(meanNormalisedRank(pooled, span));
+        });
       }
-    } finally {
-      comp.destroy();
-    }
-  } finally {
-    model?.destroy();
-    native.close();
-  }
-
-  const mean = (x: number[]) => x.reduce((p, c) => p + c, 0) / Math.max(1, x.length);
-  const ranking: HeadResult[] = candidates.map((c, i) => ({
-    ...c,
-    recall: mean(recalls[i]!),
-    bestRank: mean(ranks[i]!),
-    recalls: recalls[i]!,
-    ranks: ranks[i]!,
-  }));
-  ranking.sort((x, y) => y.recall - x.recall || x.bestRank - y.bestRank || x.layer - y.layer);
-  const selected = pickTop(ranking, top);
-
-  log("");
-  log(`rank  head        recall@${budget}  best-rank`);
-  ranking.forEach((h, i) => {
-    const mark = selected.includes(h) ? " *" : "";
-    log(
-      `${String(i + 1).padStart(4)}  ${headKey(h).padEnd(10)}  ${h.recall.toFixed(3).padStart(9)}  ${h.bestRank.toFixed(1).padStart(9)}${mark}`,
-    );
-  });
-  log(`selected: ${selected.map(headKey).join(", ")}`);
-
-  let out: string | null = null;
-  if (o.out) {
+      log(`${family}: ${samplesN} samples, ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    });
+    const avg = (x: number[]) => x.reduce((p, c) => p + c, 0) / Math.max(1, x.length);
+    const ranking: HeadResult[] = candidates.map((c, h) => {
+      const m = { pattern: avg(mnr[0]![h]!), paraphrase: avg(mnr[1]![h]!) };
+      return { ...c, mnr: m, mean: (m.pattern + m.paraphrase) / 2 };
+    });
+    ranking.sort((a, b) => a.mean - b.mean || a.layer - b.layer);
+    const selected = pickPerFamily(ranking, perFamily);
+    log("");
+    log("rank  head      MNR pattern  MNR paraphrase  mean");
+    ranking.forEach((h, i) => {
+      log(
+        `${String(i + 1).padStart(4)}  ${headKey(h).padEnd(8)}  ${h.mnr.pattern.toFixed(4).padStart(11)}  ` +
+          `${h.mnr.paraphrase.toFixed(4).padStart(14)}  ${h.mean.toFixed(4)}${selected.includes(h) ? " *" : ""}`,
+      );
+    });
+    log(`selected: ${selected.map(headKey).join(", ")}`);
+    const r4 = (x: number) => Number(x.toFixed(4));
     const json = {
       heads: selected.map((h) => ({ layer: h.layer, kind: h.kind, head: h.head })),
+      smoothing: o.smoothing ?? "mean",
+      ...(o.window ? { window: o.window } : {}),
       selection: {
         tool: "scripts/select-heads.ts",
-        samples: samplesN,
+        families: [...FAMILIES],
+        per_family: perFamily,
+        samples_per_family: samplesN,
         context_tokens: ctxTarget,
-        budget,
-        window,
+        chunk_size: chunk,
+        capacity,
+        eviction,
+        pooling: pool,
+        pooling_window: poolWindow,
+        score: "cosine, max over the question tokens",
+        rank: "mean normalised rank of the answer tokens (0 best)",
         seed,
-        recall: selected.map((h) => Number(h.recall.toFixed(4))),
-        best_rank: selected.map((h) => Number(h.bestRank.toFixed(2))),
+        mnr: selected.map((h) => ({ head: headKey(h), pattern: r4(h.mnr.pattern), paraphrase: r4(h.mnr.paraphrase) })),
       },
     };
     parseHeads(json, mc, "select-heads"); // validate before writing
-    mkdirSync(dirname(o.out), { recursive: true });
-    const headLines = json.heads.map((h) => `    ${JSON.stringify(h)}`).join(",\n");
-    writeFileSync(o.out, `{\n  "heads": [\n${headLines}\n  ],\n  "selection": ${JSON.stringify(json.selection)}\n}\n`);
-    out = o.out;
-    log(`wrote ${o.out}`);
+    let out: string | null = null;
+    if (o.out) {
+      mkdirSync(dirname(o.out), { recursive: true });
+      writeFileSync(o.out, `${JSON.stringify(json, null, 2)}\n`);
+      out = o.out;
+      log(`wrote ${o.out}`);
+    }
+    const seconds = (performance.now() - t0) / 1000;
+    log(`done in ${seconds.toFixed(1)} s`);
+    return { ranking, selected, chunk, capacity, contextTokens: lengths, json, out, seconds };
+  } finally {
+    lab.close();
   }
-  const seconds = (performance.now() - t0) / 1000;
-  log(`done in ${seconds.toFixed(1)} s`);
-  return {
-    ranking,
-    selected,
-    candidates,
-    exitLayer,
-    budget,
-    window,
-    contextTokens: samples.map((s) => s.tokens.length),
-    needleSpans: samples.map((s) => s.needle),
-    out,
-    seconds,
-  };
 }
 
 // ---------------- CLI ----------------
 
 const USAGE =
-  "usage: bun scripts/select-heads.ts --model DIR [--layers 8-16|all|3,5,7] [--kinds q,k,v] [--samples N]\n" +
-  "         [--context-tokens N] [--top K] [--budget N] [--window W] [--chunk N] [--capacity N] [--seed S]\n" +
-  "         [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda (env REFORM_BACKEND)]";
+  "usage: bun scripts/select-heads.ts --model DIR [--samples N] [--context-tokens N] [--pool max|mean] [--pool-window W]\n" +
+  "         [--per-family K] [--chunk N] [--capacity N] [--eviction h2o|streaming] [--layers all|1-2|0,3] [--kinds q,k,v]\n" +
+  "         [--smoothing mean|max] [--window W] [--seed S] [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda (env REFORM_BACKEND)]";
 
 function main(argv: string[]): void {
   const { values } = parseFlags(
@@ -477,11 +440,14 @@ function main(argv: string[]): void {
       "kinds",
       "samples",
       "context-tokens",
-      "top",
-      "budget",
-      "window",
+      "per-family",
+      "pool",
+      "pool-window",
       "chunk",
       "capacity",
+      "eviction",
+      "smoothing",
+      "window",
       "seed",
       "threads",
       "out",
@@ -497,7 +463,7 @@ function main(argv: string[]): void {
   if (values.kinds !== undefined) {
     kinds = values.kinds
       .split(",")
-      .map((s) => s.trim())
+      .map((x) => x.trim())
       .filter(Boolean) as ("q" | "k" | "v")[];
     for (const k of kinds)
       if (k !== "q" && k !== "k" && k !== "v") throw new UsageError(`--kinds: unknown kind "${k}" (q, k, v)`);
@@ -510,11 +476,14 @@ function main(argv: string[]): void {
     kinds,
     samples: positive("samples", values.samples),
     contextTokens: positive("context-tokens", values["context-tokens"]),
-    top: positive("top", values.top),
-    budget: positive("budget", values.budget),
-    window: positive("window", values.window),
+    perFamily: positive("per-family", values["per-family"]),
+    pool: values.pool === undefined ? undefined : oneOf("pool", values.pool, ["mean", "max"]),
+    poolWindow: positive("pool-window", values["pool-window"]),
     chunk: positive("chunk", values.chunk),
     capacity: positive("capacity", values.capacity),
+    eviction: values.eviction === undefined ? undefined : oneOf("eviction", values.eviction, ["h2o", "streaming"]),
+    smoothing: values.smoothing === undefined ? undefined : oneOf("smoothing", values.smoothing, ["mean", "max"]),
+    window: positive("window", values.window),
     seed: intFlag("seed", values.seed, Number.MIN_SAFE_INTEGER),
     threads: positive("threads", values.threads),
     out: values.out ?? null,

@@ -179,4 +179,52 @@ describe("return_selection on the query route", () => {
     },
     T,
   );
+
+  test(
+    'a heads file with "smoothing": "max": the max-pooled selection (native scores, TypeScript pooling) is reported',
+    async () => {
+      const cfg = resolveConfig(
+        [
+          "--model",
+          join(root, "model"),
+          "--data",
+          join(root, "data-max"),
+          "--port",
+          "0",
+          "--heads",
+          JSON.stringify({
+            heads: [
+              { layer: 0, kind: "q", head: 0 },
+              { layer: 0, kind: "k", head: 0 },
+            ],
+            smoothing: "max",
+          }),
+        ],
+        { REFORM_BACKEND: "cpu", REFORM_LIBRARY: libraryPath("cpu") },
+      );
+      if (cfg.help) throw new Error("unexpected help");
+      const max = await startServer({ ...cfg, log: () => {} });
+      try {
+        await max.engine.ready();
+        const props = await j(fetch(`${max.url}/props`));
+        expect(props.limits.smoothing).toBe("max");
+        const id = (await j(jsonPost(`${max.url}/v1/contexts`, {}))).id;
+        const up = await fetch(`${max.url}/v1/contexts/${id}/content?final=true`, {
+          method: "PUT",
+          body: doc,
+          headers: { "content-type": "text/plain" },
+        });
+        expect(up.status).toBe(200);
+        const res = await j(
+          jsonPost(`${max.url}/v1/contexts/${id}/query`, { ...ask, stream: false, return_selection: true }),
+        );
+        checkSelection(res.selection, res.usage.context_tokens);
+        // the same checks as the mean server's (checkSelection: 64 tokens, edges, best span = highest pooled score)
+        expect((await j(fetch(`${base}/props`))).limits.smoothing).toBe("mean");
+      } finally {
+        await max.stop();
+      }
+    },
+    T,
+  );
 });

@@ -222,6 +222,8 @@ export interface ModelInfo {
     maxDiskBytes: number;
     /** smoothing window and always-kept edges (each side) at the default budget; both scale with a request's budget */
     smoothingWindow: number;
+    /** how scores are pooled over the smoothing window (the heads file's "smoothing") */
+    smoothing: "mean" | "max";
     edge: number;
     /** longest question reform embeds for scoring (what is left of the window on top of the cache) */
     maxQueryTokens: number;

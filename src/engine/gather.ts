@@ -1,7 +1,8 @@
 /**
  * Gather: which context tokens the recompute sees, for each query method.
  *   reform     score every context token against the question as the recompute prompt has it (embedding file),
- *              smooth, keep the best `budget` tokens plus the edges
+ *              smooth (mean or max over the window: the heads file's "smoothing"), keep the best `budget` tokens
+ *              plus the edges
  *   full       the whole context
  *   streaming  StreamingLLM: the whole context compressed again at full depth through a cache of attention sinks +
  *              the most recent tokens (no other entries), the cache imported into the sequence
@@ -14,7 +15,7 @@ import type { Method, Selection } from "./api.ts";
 import type { CompressorPool } from "./compressors.ts";
 import { type LoadedEngine, recentFor } from "./load.ts";
 import { selectionReport } from "./report.ts";
-import { gather, selectionFor, smoothScores } from "./selection.ts";
+import { gather, selectionFor, selectTokens, smoothScores } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
 
@@ -136,24 +137,37 @@ export function* gatherContext(
       row += turn.length;
     }
     const sel = selectionFor(d, budget);
-    // score, smooth and select in one native call over the mapped embedding file (no copy, no sort); the raw
-    // scores come back only for a report
-    const scores = g.report ? new Float32Array(s.meta.processed) : undefined;
-    const idx = e.native.scoreSelect(
-      s.embeddings(),
-      s.meta.processed,
-      dim,
-      qf,
-      nq,
-      { window: sel.window, budget, edge: sel.edge },
-      scores,
-    );
+    const op = e.headsFile.smoothing ?? "mean";
+    let scores: Float32Array | undefined;
+    let idx: Int32Array;
+    let smoothed: Float32Array | undefined;
+    if (op === "mean") {
+      // score, smooth and select in one native call over the mapped embedding file (no copy, no sort); the raw
+      // scores come back only for a report
+      scores = g.report ? new Float32Array(s.meta.processed) : undefined;
+      idx = e.native.scoreSelect(
+        s.embeddings(),
+        s.meta.processed,
+        dim,
+        qf,
+        nq,
+        { window: sel.window, budget, edge: sel.edge },
+        scores,
+      );
+    } else {
+      // max pooling (the heads file's "smoothing": "max"): native scoring, then pooling and the same O(n) radix
+      // selection in TypeScript (rf_score_select has no max operator)
+      scores = e.native.score(s.embeddings(), s.meta.processed, dim, qf, nq);
+      yield;
+      smoothed = smoothScores(scores, sel.window, op);
+      idx = selectTokens(smoothed, budget, sel.edge);
+    }
     const tokens = s.readTokens(0, n);
     ctx = gather(tokens, idx);
-    if (scores) {
+    if (scores && g.report) {
       yield;
       // the same smoothing as the native selection (selection.ts is its reference), for the profile and span scores
-      const smoothed = smoothScores(scores, sel.window);
+      smoothed ??= smoothScores(scores, sel.window, op);
       selection = selectionReport(e.tok, { method: g.method, tokens, idx, smoothed, ...sel });
     }
     yield;

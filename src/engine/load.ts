@@ -479,6 +479,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       maxH2oTokens: defaults.maxH2oTokens,
       maxDiskBytes: defaults.maxDiskBytes,
       smoothingWindow: defaults.window,
+      smoothing: headsFile.smoothing ?? "mean",
       edge: defaults.edge,
       maxQueryTokens: defaults.maxQueryTokens,
       baselineCacheFactor: defaults.baselineCacheFactor,

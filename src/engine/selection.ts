@@ -8,9 +8,14 @@
 export const DEFAULT_WINDOW = 129;
 export const DEFAULT_EDGE = 256;
 
-/** Centered moving average of width `window` (odd; even widths are rounded up). At the edges the
- * average is over the part of the window inside the array. */
-export function smoothScores(scores: Float32Array, window = DEFAULT_WINDOW): Float32Array {
+/** How a token's score is pooled over its window at query time: the mean (the native path) or the max. */
+export type SmoothingOp = "mean" | "max";
+export const SMOOTHING_OPS: readonly SmoothingOp[] = ["mean", "max"];
+
+/** Centered moving average (or, with op "max", moving maximum) of width `window` (odd; even widths are rounded up).
+ * At the edges the window is the part of it inside the array. */
+export function smoothScores(scores: Float32Array, window = DEFAULT_WINDOW, op: SmoothingOp = "mean"): Float32Array {
+  if (op === "max") return maxPool(scores, window);
   const n = scores.length;
   const out = new Float32Array(n);
   if (n === 0) return out;
@@ -25,6 +30,34 @@ export function smoothScores(scores: Float32Array, window = DEFAULT_WINDOW): Flo
     const lo = Math.max(0, i - half);
     const hi = Math.min(n, i + half + 1);
     out[i] = (prefix[hi]! - prefix[lo]!) / (hi - lo);
+  }
+  return out;
+}
+
+/** Centered moving maximum of width `window` (odd; even widths rounded up), O(n) with a monotone deque; NaN counts
+ * as the lowest score. */
+export function maxPool(scores: Float32Array, window: number): Float32Array {
+  const n = scores.length;
+  const out = new Float32Array(n);
+  const half = Math.max(0, Math.floor(window / 2));
+  if (half === 0 || n === 0) {
+    out.set(scores);
+    return out;
+  }
+  const v = (i: number) => (Number.isNaN(scores[i]!) ? Number.NEGATIVE_INFINITY : scores[i]!);
+  const dq = new Int32Array(n); // indices with decreasing values
+  let head = 0;
+  let tail = 0;
+  let next = 0; // next index to push
+  for (let i = 0; i < n; i++) {
+    const hi = Math.min(n, i + half + 1);
+    for (; next < hi; next++) {
+      const x = v(next);
+      while (tail > head && v(dq[tail - 1]!) <= x) tail--;
+      dq[tail++] = next;
+    }
+    while (dq[head]! < i - half) head++;
+    out[i] = v(dq[head]!);
   }
   return out;
 }

@@ -13,24 +13,30 @@
  *   3. the default heuristic below.
  * File format:
  *   {"heads": [{"layer": 13, "kind": "q", "head": 0}, {"layer": 13, "kind": "k", "head": 0}, ...],
- *    "chunk_size": 1024, "capacity": 4096, "n_sink": 4, "obs_window": 128, "window": 129}   (all but heads optional)
+ *    "smoothing": "max",
+ *    "chunk_size": 1024, "capacity": 4096, "n_sink": 4, "obs_window": 128, "window": 129,
+ *    "selection": {...}}   (all but heads optional)
  * `head` indexes that kind's heads: 0..num_attention_heads-1 for q, 0..num_key_value_heads-1 for k/v.
+ * `smoothing` is how a token's score is pooled over the smoothing window at query time: "mean" (the default; one
+ * native call, rf_score_select) or "max" (native rf_score, then the pooling and the same selection in TypeScript,
+ * src/engine/selection.ts). `chunk_size`, `capacity`, `n_sink`, `obs_window` and `window` override the serving
+ * defaults; `selection` is a record of how the heads were chosen (scripts/select-heads.ts writes the chunk, capacity,
+ * eviction, pooling operator and window it selected under, and the heads' MNR) and is not read.
  *
- * How to choose heads (for a new model):
- *   - Build a small retrieval set (needle-in-a-haystack / key-value retrieval prompts with the answer
- *     span known). For each candidate (layer, kind, head) embed context and question and measure how
- *     often the answer span's tokens are among the top-scoring tokens after smoothing (recall@budget).
- *   - Keep the best 2-6 heads; prefer heads from the same, middle layer: the compressor's early exit
- *     runs layers 0..max(layer of the selected heads), so heads at ~40-50% depth halve compression cost,
- *     and REFORM's paper found middle layers retrieve best (late layers are specialised for prediction).
- *   - Mixing q and k/v of the same kv group often helps: q captures "what this token looks for",
- *     k/v "what this token offers".
- *   - `bun scripts/select-heads.ts --model DIR [--layers 8-16] --out DIR/reform_heads.json` automates this (per-head needle recall@budget).
+ * How to choose heads (for a new model): `bun scripts/select-heads.ts --model DIR --out DIR/reform_heads.json`, the
+ * REFORM paper's procedure: two task families (key-value pattern matching; a question that leads to a fact in
+ * other words), contexts several times the compressor's capacity through the serving compressor (chunk, capacity,
+ * H2O), every q/k/v head of every layer a candidate, cosine max over the question pooled over 20 tokens, ranked by
+ * the mean normalised rank of the answer tokens, the best 2 of each family kept. `bun bench/heads-ablation.ts`
+ * then measures the heads (selected / random / worst), the smoothing window and operator, eviction, budget and
+ * chunk / capacity on held-out samples (README, "Head selection"). Mind the exit layer: the compressor runs layers
+ * 0..max(layer of the selected heads), so heads at lower layers make compression cheaper.
  * Default heuristic (no file): layer = round(0.45 * (num_layers - 1)) (clamped), heads q0, k0, v0 —
  * head 0 of kv group 0 and its first query head. A reasonable untuned starting point.
  */
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { SMOOTHING_OPS, type SmoothingOp } from "../engine/selection.ts";
 import type { HeadSpec, ModelConfig } from "./types.ts";
 
 export interface HeadsFile {
@@ -40,6 +46,8 @@ export interface HeadsFile {
   nSink?: number;
   obsWindow?: number;
   window?: number;
+  /** how scores are pooled over the smoothing window at query time (default mean) */
+  smoothing?: SmoothingOp;
   source: string; // "cli" | "file:<path>" | "default"
 }
 
@@ -103,8 +111,12 @@ export function parseHeads(
     seen.add(key);
     return { layer, kind, head } as HeadSpec;
   });
+  const smoothing = j.smoothing ?? undefined;
+  if (smoothing !== undefined && !SMOOTHING_OPS.includes(smoothing))
+    throw new HeadsError(`${where}: "smoothing" must be ${SMOOTHING_OPS.map((o) => `"${o}"`).join(" or ")}`);
   return {
     heads,
+    ...(smoothing ? { smoothing } : {}),
     chunkSize: optInt(j, ["chunk_size", "chunkSize"], where),
     capacity: optInt(j, ["capacity"], where),
     nSink: optInt(j, ["n_sink", "nSink"], where),

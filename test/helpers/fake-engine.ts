@@ -107,6 +107,7 @@ export class FakeEngine implements EngineClient {
         maxH2oTokens: 4096,
         maxDiskBytes: 0,
         smoothingWindow: 3,
+        smoothing: "mean",
         edge: 2,
         maxQueryTokens: 192,
         baselineCacheFactor: 4,

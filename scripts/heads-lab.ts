@@ -1,0 +1,242 @@
+/**
+ * Measuring heads: one pass of the server's own upload compressor (its chunk, capacity, sinks, recent window and H2O
+ * eviction, BOS on the first chunk) embeds every candidate head at once; per-head cosine tables of each context token
+ * against each question token; from them what any set of heads scores, pools and gathers. Used by
+ * scripts/select-heads.ts (selection), bench/heads-ablation.ts (the README's ablations) and
+ * test/heads-quality.test.ts.
+ *
+ * Why one pass serves every head set: the compressor's cache, its H2O scores and its evictions are per layer and per
+ * kv head, computed from the hidden states alone, so which heads are embedded never changes what is stored; the
+ * score of a head set is the mean of its heads' cosines (each head's vector is L2-normalised, rf_score takes the
+ * cosine of their concatenation), max over the question tokens.
+ */
+import { loadNative, RF_F16, type Native, type NativeModel } from "../ffi/native.ts";
+import { bosOf, recentFor, resolveDefaults, templateTokensOf, type EngineDefaults } from "../src/engine/load.ts";
+import { edgeFor, selectTokens, smoothScores, type SmoothingOp } from "../src/engine/selection.ts";
+import { loadModelConfig } from "../src/model/config.ts";
+import { loadSafetensors } from "../src/model/safetensors.ts";
+import { ModelTokenizer } from "../src/model/tokenizer.ts";
+import type { HeadSpec, ModelConfig } from "../src/model/types.ts";
+import { f16ToF32 } from "../src/util/f16.ts";
+
+export interface Lab {
+  native: Native;
+  model: NativeModel;
+  mc: ModelConfig;
+  tok: ModelTokenizer;
+  bos: number | null;
+  /** the serving defaults of this model (chunk, capacity, budget, window, edge, ...) */
+  defaults: EngineDefaults;
+  close(): void;
+}
+
+export function openLab(modelDir: string, o: { backend?: "cpu" | "cuda" | "auto"; threads?: number } = {}): Lab {
+  const lc = loadModelConfig(modelDir);
+  const tok = ModelTokenizer.fromDir(modelDir);
+  const { defaults } = resolveDefaults(
+    {},
+    {},
+    { trainedWindow: lc.maxPositionEmbeddings, templateTokens: templateTokensOf(tok), allowBeyondWindow: false },
+  );
+  const native = loadNative(o.backend ?? "auto");
+  if (o.threads) native.setThreads(o.threads);
+  const model = native.createModel(lc.config);
+  try {
+    loadSafetensors(modelDir, model);
+    model.finalize();
+  } catch (e) {
+    model.destroy();
+    native.close();
+    throw e;
+  }
+  return {
+    native,
+    model,
+    mc: lc.config,
+    tok,
+    bos: bosOf(tok),
+    defaults,
+    close() {
+      model.destroy();
+      native.close();
+    },
+  };
+}
+
+/** Every q, k and v head of every layer (the paper's candidates). */
+export function allHeads(mc: Pick<ModelConfig, "numLayers" | "numHeads" | "numKvHeads">): HeadSpec[] {
+  const out: HeadSpec[] = [];
+  for (let layer = 0; layer < mc.numLayers; layer++)
+    for (const kind of ["q", "k", "v"] as const)
+      for (let head = 0; head < (kind === "q" ? mc.numHeads : mc.numKvHeads); head++) out.push({ layer, kind, head });
+  return out;
+}
+
+export const headKey = (h: HeadSpec) => `L${h.layer}.${h.kind}${h.head}`;
+
+/** The compressor's cache: as served (H2O: sinks + recent + heavy hitters) or StreamingLLM's (sinks + recent only). */
+export type EvictionPolicy = "h2o" | "streaming";
+
+export interface CompressSettings {
+  chunk: number;
+  capacity: number;
+  policy?: EvictionPolicy;
+}
+
+/** Per-head cosines of one context against one question: cos[(h * n + i) * nq + j]. */
+export interface HeadTables {
+  n: number;
+  nq: number;
+  heads: HeadSpec[];
+  cos: Float32Array;
+}
+
+/** Compress `tokens` (no BOS; the first chunk gets the model's, as the server does) with every head of `heads`, embed
+ * `question` on top of the compressed context, and return the per-head cosine tables. */
+export function embedTables(
+  lab: Lab,
+  tokens: Int32Array,
+  question: Int32Array,
+  heads: HeadSpec[],
+  s: CompressSettings,
+): HeadTables {
+  const d = lab.defaults;
+  const nSink = d.nSink;
+  const obsWindow = Math.min(d.obsWindow, s.chunk);
+  const comp = lab.model.createCompressor(
+    {
+      capacity: s.capacity,
+      nSink,
+      nRecent: s.policy === "streaming" ? s.capacity - nSink : recentFor(s.capacity, obsWindow),
+      obsWindow,
+      maxChunk: Math.max(s.chunk + 1, question.length),
+      embDtype: RF_F16,
+      exitLayer: -1,
+    },
+    heads,
+  );
+  const H = heads.length;
+  const D = lab.mc.headDim;
+  const E = comp.embedDim;
+  const n = tokens.length;
+  const nq = question.length;
+  const ctx = new Float32Array(n * E);
+  let q: Float32Array;
+  try {
+    for (let off = 0; off < n; off += s.chunk) {
+      let ids = tokens.subarray(off, Math.min(n, off + s.chunk));
+      const bos = off === 0 && lab.bos !== null;
+      if (bos) {
+        const w = new Int32Array(ids.length + 1);
+        w[0] = lab.bos!;
+        w.set(ids, 1);
+        ids = w;
+      }
+      const e = comp.process(ids)!;
+      const f = e instanceof Uint16Array ? f16ToF32(e) : e;
+      ctx.set(bos ? f.subarray(E) : f, off * E);
+    }
+    const qe = comp.embed(question);
+    q = qe instanceof Uint16Array ? f16ToF32(qe) : qe;
+  } finally {
+    comp.destroy();
+  }
+  const cos = new Float32Array(H * n * nq);
+  for (let h = 0; h < H; h++) {
+    const ho = h * D;
+    for (let i = 0; i < n; i++) {
+      const ci = i * E + ho;
+      const row = (h * n + i) * nq;
+      for (let j = 0; j < nq; j++) {
+        const qj = j * E + ho;
+        let acc = 0;
+        for (let k = 0; k < D; k++) acc += ctx[ci + k]! * q[qj + k]!;
+        cos[row + j] = acc;
+      }
+    }
+  }
+  return { n, nq, heads, cos };
+}
+
+/** The raw score of each context token for a set of heads (indices into t.heads): max over the question tokens of the
+ * mean of the heads' cosines, as rf_score computes it on the concatenated embedding. */
+export function scoreHeads(t: HeadTables, hs: number[]): Float32Array {
+  const { n, nq, cos } = t;
+  const out = new Float32Array(n);
+  const acc = new Float32Array(nq);
+  for (let i = 0; i < n; i++) {
+    acc.fill(0);
+    for (const h of hs) {
+      const row = (h * n + i) * nq;
+      for (let j = 0; j < nq; j++) acc[j]! += cos[row + j]!;
+    }
+    let m = Number.NEGATIVE_INFINITY;
+    for (let j = 0; j < nq; j++) if (acc[j]! > m) m = acc[j]!;
+    out[i] = m / hs.length;
+  }
+  return out;
+}
+
+/** Normalised rank of each token of `span` among all n pooled scores (0 = the best token, ~1 = the worst), averaged:
+ * the paper's MNR for one sample. Ties count half. */
+export function meanNormalisedRank(pooled: Float32Array, span: [number, number]): number {
+  const n = pooled.length;
+  let sum = 0;
+  for (let t = span[0]; t < span[1]; t++) {
+    const x = pooled[t]!;
+    let above = 0;
+    let eq = 0;
+    for (let i = 0; i < n; i++) {
+      const y = pooled[i]!;
+      if (y > x) above++;
+      else if (y === x) eq++;
+    }
+    sum += (above + (eq - 1) / 2) / Math.max(1, n - 1);
+  }
+  return sum / Math.max(1, span[1] - span[0]);
+}
+
+export interface GatherSettings {
+  budget: number;
+  window: number;
+  edge: number;
+  op: SmoothingOp;
+}
+
+/** The query path's selection (smoothing, top budget + edges) on raw scores: is every token of `span` gathered? */
+export function gathers(scores: Float32Array, span: [number, number], g: GatherSettings): boolean {
+  const idx = selectTokens(smoothScores(scores, g.window, g.op), g.budget, edgeFor(g.budget, g.edge));
+  let lo = 0;
+  let hi = idx.length;
+  while (lo < hi) {
+    const m = (lo + hi) >> 1;
+    if (idx[m]! < span[0]) lo = m + 1;
+    else hi = m;
+  }
+  for (let t = span[0]; t < span[1]; t++) if (idx[lo + t - span[0]] !== t) return false;
+  return true;
+}
+
+/** Token span [start, end) of the characters [a, b) of `text` tokenized as `ids` (tokens overlapping the range). */
+export function tokenSpan(
+  tok: ModelTokenizer,
+  text: string,
+  ids: ArrayLike<number>,
+  a: number,
+  b: number,
+): [number, number] {
+  const enc = new TextEncoder();
+  const ba = enc.encode(text.slice(0, a)).length;
+  const bb = enc.encode(text.slice(0, b)).length;
+  let pos = 0;
+  let start = -1;
+  let end = -1;
+  for (let i = 0; i < ids.length; i++) {
+    const next = pos + tok.tokenBytes(ids[i]!).length;
+    if (start < 0 && next > ba) start = i;
+    if (pos < bb) end = i + 1;
+    pos = next;
+  }
+  if (start < 0 || end <= start) throw new Error(`tokenSpan: characters ${a}..${b} not found in the tokens`);
+  return [start, end];
+}
