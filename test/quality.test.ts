@@ -99,9 +99,9 @@ describe("the embedded model beyond its window (16K tokens, 32x its window)", ()
       );
       // StreamingLLM keeps the first tokens and the last few hundred: a needle 25%+ before the end is gone
       expect(streaming).toBe(0);
-      // REFORM finds and answers what the model answers inside its window (RULER's target: >= 90% of it; this
-      // guard leaves room for the noise of 8 samples)
-      expect(reform).toBeGreaterThanOrEqual(Math.max(2, Math.floor(0.6 * full)));
+      // REFORM answers what the model answers inside its window: >= 90% of it (the target), less one sample
+      // of slack for 8 samples, and never fewer than 3 of 8 (measured: full 5/8, reform 6/8, streaming 0/8)
+      expect(reform).toBeGreaterThanOrEqual(Math.max(3, Math.ceil(0.9 * full) - 1));
     },
     T,
   );
