@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", default=os.path.join(HERE, "data"))
     ap.add_argument("--n", type=int, default=30)
-    ap.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default: 50% and 85% of the window)")
+    ap.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default: 50%% and 85%% of the window)")
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="write the results here")

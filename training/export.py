@@ -82,11 +82,18 @@ def write_sharded(out_dir: str, tensors: dict[str, torch.Tensor], dtype: str, sh
     return files + ["model.safetensors.index.json"]
 
 
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": None}
+def read_header(path: str) -> dict:
+    """The JSON header of a safetensors file: {name: {dtype, shape, data_offsets}, "__metadata__": ...}."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
+        return json.loads(f.read(n))
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": None}
+    header = read_header(path)
+    with open(path, "rb") as f:
+        f.seek(8 + struct.unpack("<Q", f.read(8))[0])
         data = f.read()
     out = {}
     for name, t in header.items():

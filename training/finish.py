@@ -15,21 +15,14 @@ import glob
 import json
 import os
 import shutil
-import struct
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from export import load_hf_dir, write_side_files  # noqa: E402
+from export import load_hf_dir, read_header, write_side_files  # noqa: E402
 from train import CONFIGS, TOKENIZER  # noqa: E402
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-def header(path: str) -> dict:
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n))
 
 
 def main():
@@ -44,11 +37,11 @@ def main():
         raise SystemExit(f"{a.src}: no model*.safetensors")
     for f in shards:
         shutil.copyfile(f, os.path.join(a.dst, os.path.basename(f)))
-    dtypes = {t["dtype"] for f in shards for k, t in header(f).items() if k != "__metadata__"}
+    dtypes = {t["dtype"] for f in shards for k, t in read_header(f).items() if k != "__metadata__"}
     if len(shards) > 1:
         weight_map, total = {}, 0
         for f in shards:
-            for k, t in header(f).items():
+            for k, t in read_header(f).items():
                 if k != "__metadata__":
                     weight_map[k] = os.path.basename(f)
                     total += t["data_offsets"][1] - t["data_offsets"][0]

@@ -57,6 +57,7 @@ class Tokenizer:
         self.special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
         for s, i in self.special.items():
             self.inv[i] = s
+        self.special_ids = set(self.special.values())
         self.special_re = (
             re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True)) + ")")
             if self.special
@@ -105,7 +106,7 @@ class Tokenizer:
         out = bytearray()
         for i in ids:
             s = self.inv[int(i)]
-            if int(i) in self.special.values():
+            if int(i) in self.special_ids:
                 out += s.encode("utf-8")
             else:
                 out += bytes(self.byte_inv[c] for c in s)
