@@ -53,6 +53,7 @@ interface ShapeDefaults {
 
 const base = {
   qkvBias: false,
+  qkNorm: false,
   tieEmbeddings: false,
   rmsEps: 1e-5,
   ropeFactor: 1,

@@ -80,6 +80,7 @@ const cfg: ModelConfig = {
   numKvHeads: 4,
   headDim: 64,
   qkvBias: false,
+  qkNorm: false,
   tieEmbeddings: false,
   ropeType: RF_ROPE_DEFAULT,
   rmsEps: 1e-5,

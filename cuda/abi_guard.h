@@ -231,7 +231,7 @@ inline int check_state_load(const void* buf, int64_t size, const StateHeader& ow
 }
 
 /* ---------------- struct layout (rf_struct_layout) ---------------- */
-/* "rf_config 128 vocab_size:0:i32 ... reserved:68:i32x15\nrf_compress_params 64 ...": every field of the
+/* "rf_config 128 vocab_size:0:i32 ... reserved:72:i32x14\nrf_compress_params 64 ...": every field of the
  * structs the caller packs by hand, with offset and type, so a binding can check its offsets at load. */
 template <class T>
 std::string layout_type() {
@@ -256,11 +256,12 @@ inline const char* struct_layout() {
       RF_LAYOUT_FIELD(rf_config, rope_theta) + RF_LAYOUT_FIELD(rf_config, rope_factor) +
       RF_LAYOUT_FIELD(rf_config, rope_low_freq_factor) + RF_LAYOUT_FIELD(rf_config, rope_high_freq_factor) +
       RF_LAYOUT_FIELD(rf_config, rope_original_max_pos) + RF_LAYOUT_FIELD(rf_config, weight_dtype) +
-      RF_LAYOUT_FIELD(rf_config, reserved) + "\nrf_compress_params " + std::to_string(sizeof(rf_compress_params)) +
-      RF_LAYOUT_FIELD(rf_compress_params, capacity) + RF_LAYOUT_FIELD(rf_compress_params, n_sink) +
-      RF_LAYOUT_FIELD(rf_compress_params, n_recent) + RF_LAYOUT_FIELD(rf_compress_params, obs_window) +
-      RF_LAYOUT_FIELD(rf_compress_params, max_chunk) + RF_LAYOUT_FIELD(rf_compress_params, emb_dtype) +
-      RF_LAYOUT_FIELD(rf_compress_params, exit_layer) + RF_LAYOUT_FIELD(rf_compress_params, reserved);
+      RF_LAYOUT_FIELD(rf_config, qk_norm) + RF_LAYOUT_FIELD(rf_config, reserved) + "\nrf_compress_params " +
+      std::to_string(sizeof(rf_compress_params)) + RF_LAYOUT_FIELD(rf_compress_params, capacity) +
+      RF_LAYOUT_FIELD(rf_compress_params, n_sink) + RF_LAYOUT_FIELD(rf_compress_params, n_recent) +
+      RF_LAYOUT_FIELD(rf_compress_params, obs_window) + RF_LAYOUT_FIELD(rf_compress_params, max_chunk) +
+      RF_LAYOUT_FIELD(rf_compress_params, emb_dtype) + RF_LAYOUT_FIELD(rf_compress_params, exit_layer) +
+      RF_LAYOUT_FIELD(rf_compress_params, reserved);
   return s.c_str();
 }
 #undef RF_LAYOUT_FIELD

@@ -15,8 +15,8 @@
  *   - All host pointers are borrowed for the duration of the call only (weights are copied).
  *   - Threading: objects are not thread-safe; the caller (one engine worker) serialises calls.
  *
- * Model: Llama-family decoder (Llama 2/3/3.1 incl. llama3 rope scaling, Mistral, Qwen2 qkv bias):
- *   RMSNorm, RoPE (rotate_half / NeoX layout as in HF transformers), GQA, SwiGLU MLP,
+ * Model: Llama-family decoder (Llama 2/3/3.1 incl. llama3 rope scaling, Mistral, Qwen2 qkv bias, Qwen3 per-head
+ *   q/k RMSNorm): RMSNorm, RoPE (rotate_half / NeoX layout as in HF transformers), GQA, SwiGLU MLP,
  *   tied or untied lm_head.
  *
  * Compress step (REFORM phase 1): per-layer KV cache for layers 0..exit_layer with fixed capacity.
@@ -28,9 +28,11 @@
  *     keeps the first n_sink entries, the last n_recent entries and the top-scoring others, in
  *     original order, down to `capacity`.
  *   - Output: for every chunk token, for each selected head in order, the head's vector
- *     (q: after q_proj(+bias), BEFORE RoPE; k: after k_proj(+bias), before RoPE; v: after v_proj(+bias)),
- *     L2-normalised (eps 1e-6), concatenated -> n_sel * head_dim values per token.
+ *     (q: after q_proj(+bias)(+q_norm), BEFORE RoPE; k: after k_proj(+bias)(+k_norm), before RoPE; v: after
+ *     v_proj(+bias)), L2-normalised (eps 1e-6), concatenated -> n_sel * head_dim values per token.
  *     (Normalisation is v / max(||v||_2, 1e-6), torch.nn.functional.normalize semantics.)
+ *     One rule for every family: a q/k head is embedded as attention reads it, minus the position. With qk_norm
+ *     (Qwen3) that is after the per-head norm: the same vectors the cache keeps as its pre-RoPE keys.
  *   - Layers after exit_layer are never run; for exit_layer itself only q/k/v are computed, and its cache is
  *     kept (with attention scores, H2O and eviction) only when it is the model's last layer (rf_seq_import_compressor
  *     needs every layer); below full depth nothing reads it.
@@ -98,7 +100,9 @@ typedef struct rf_config {
   int32_t rope_original_max_pos; /* llama3 original_max_position_embeddings */
   int32_t weight_dtype;          /* CUDA: RF_BF16 or RF_F16 storage+compute; CPU: the type rf_model_init_random
                                   * stores matrices in (set_tensor keeps each tensor's own type), f32 compute */
-  int32_t reserved[15];
+  int32_t qk_norm;               /* 1: RMSNorm of every q and k head (weights self_attn.q_norm / k_norm, [head_dim],
+                                  * eps rms_eps) after the projections, before RoPE (Qwen3) */
+  int32_t reserved[14];
 } rf_config;
 
 /* Compressor parameters (all int32, 16 words = 64 bytes). */

@@ -174,6 +174,8 @@ enum TensorKind {
   T_QB,
   T_KB,
   T_VB,
+  T_QN,  // q_norm (qk_norm only)
+  T_KN,  // k_norm (qk_norm only)
   T_GATE,
   T_UP,
   T_DOWN,
@@ -183,7 +185,7 @@ struct TensorId {
   TensorKind kind;
   int layer;  // -1 for global
 };
-/* Parses a HF Llama/Mistral/Qwen2 tensor name; returns false for unknown names. */
+/* Parses a HF Llama/Mistral/Qwen2/Qwen3 tensor name; returns false for unknown names. */
 inline bool parse_tensor_name(const char* name, TensorId* out) {
   std::string n(name ? name : "");
   if (n == "model.embed_tokens.weight") {
@@ -213,7 +215,8 @@ inline bool parse_tensor_name(const char* name, TensorId* out) {
       {"self_attn.q_proj.weight", T_Q},      {"self_attn.k_proj.weight", T_K},
       {"self_attn.v_proj.weight", T_V},      {"self_attn.o_proj.weight", T_O},
       {"self_attn.q_proj.bias", T_QB},       {"self_attn.k_proj.bias", T_KB},
-      {"self_attn.v_proj.bias", T_VB},       {"mlp.gate_proj.weight", T_GATE},
+      {"self_attn.v_proj.bias", T_VB},       {"self_attn.q_norm.weight", T_QN},
+      {"self_attn.k_norm.weight", T_KN},     {"mlp.gate_proj.weight", T_GATE},
       {"mlp.up_proj.weight", T_UP},          {"mlp.down_proj.weight", T_DOWN},
   };
   for (auto& t : table)
@@ -261,6 +264,11 @@ inline void expected_shape(const rf_config& c, TensorKind k, int64_t* rows, int6
       *rows = kvd;
       *cols = 0;
       break;
+    case T_QN:
+    case T_KN:
+      *rows = c.head_dim;
+      *cols = 0;
+      break;
     case T_GATE:
     case T_UP:
       *rows = I;
@@ -273,6 +281,15 @@ inline void expected_shape(const rf_config& c, TensorKind k, int64_t* rows, int6
     default: *rows = 0; *cols = 0;
   }
 }
+inline bool is_qk_norm(TensorKind k) { return k == T_QN || k == T_KN; }
+/* whether a model of config c has this tensor at all (lm_head when untied, biases with qkv_bias, q/k norms with
+ * qk_norm) */
+inline bool has_tensor(const rf_config& c, TensorKind k) {
+  if (k == T_LM_HEAD) return !c.tie_embeddings;
+  if (k == T_QB || k == T_KB || k == T_VB) return c.qkv_bias != 0;
+  if (is_qk_norm(k)) return c.qk_norm != 0;
+  return true;
+}
 inline int check_tensor(const rf_config& c, const char* name, int32_t dtype, const int64_t* shape, int32_t ndim,
                         TensorId* id) {
   if (!parse_tensor_name(name, id)) return set_error(RF_ERR_INVALID, "unknown tensor name '%s'", name ? name : "");
@@ -281,6 +298,8 @@ inline int check_tensor(const rf_config& c, const char* name, int32_t dtype, con
   if (!dtype_valid(dtype)) return set_error(RF_ERR_INVALID, "tensor '%s': unsupported dtype %d", name, dtype);
   bool is_bias = id->kind == T_QB || id->kind == T_KB || id->kind == T_VB;
   if (is_bias && !c.qkv_bias) return set_error(RF_ERR_INVALID, "tensor '%s': model config has no qkv bias", name);
+  if (is_qk_norm(id->kind) && !c.qk_norm)
+    return set_error(RF_ERR_INVALID, "tensor '%s': model config has no q/k norm", name);
   if (id->kind == T_LM_HEAD && c.tie_embeddings)
     return set_error(RF_ERR_INVALID, "tensor '%s': embeddings are tied, lm_head must not be set", name);
   int64_t r, cc;
@@ -301,19 +320,20 @@ inline size_t tensor_slot_count(const rf_config& c) { return 3 + (size_t)c.num_l
 inline int check_complete(const rf_config& c, const std::vector<uint8_t>& set) {
   static const char* gname[] = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"};
   for (int k = 0; k < 3; k++) {
-    if (k == T_LM_HEAD && c.tie_embeddings) continue;
+    if (!has_tensor(c, (TensorKind)k)) continue;
     if (!set[k]) return set_error(RF_ERR_STATE, "missing tensor '%s'", gname[k]);
   }
   static const char* lname[] = {"input_layernorm.weight",  "post_attention_layernorm.weight",
                                 "self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                 "self_attn.v_proj.weight", "self_attn.o_proj.weight",
                                 "self_attn.q_proj.bias",   "self_attn.k_proj.bias",
-                                "self_attn.v_proj.bias",   "mlp.gate_proj.weight",
+                                "self_attn.v_proj.bias",   "self_attn.q_norm.weight",
+                                "self_attn.k_norm.weight", "mlp.gate_proj.weight",
                                 "mlp.up_proj.weight",      "mlp.down_proj.weight"};
+  static_assert(sizeof lname / sizeof lname[0] == T_COUNT - 3, "one name per layer tensor kind");
   for (int l = 0; l < c.num_layers; l++)
     for (int k = T_IN_NORM; k < T_COUNT; k++) {
-      bool is_bias = k == T_QB || k == T_KB || k == T_VB;
-      if (is_bias && !c.qkv_bias) continue;
+      if (!has_tensor(c, (TensorKind)k)) continue;
       if (!set[tensor_slot(c, {(TensorKind)k, l})])
         return set_error(RF_ERR_STATE, "missing tensor 'model.layers.%d.%s'", l, lname[k - 3]);
     }

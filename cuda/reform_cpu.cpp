@@ -36,6 +36,7 @@ struct Raw {
 
 struct Layer {
   std::vector<float> in_norm, post_norm, bq, bk, bv, bqkv;  // bqkv = bq|bk|bv, the fused projection's bias
+  std::vector<float> q_norm, k_norm;                        // [head_dim] each, qk_norm only
   k::PackedW qkv, o, gu, down;                              // packed at finalize; qkv = q|k|v, gu = gate|up
 };
 
@@ -65,6 +66,8 @@ struct rf_model {
       case rf::T_POST_NORM: return L.post_norm;
       case rf::T_QB: return L.bq;
       case rf::T_KB: return L.bk;
+      case rf::T_QN: return L.q_norm;
+      case rf::T_KN: return L.k_norm;
       default: return L.bv;
     }
   }
@@ -112,7 +115,8 @@ void embed_tokens(const rf_model* m, const int32_t* tokens, int64_t n, float* x)
   }
 }
 
-/* h = rmsnorm(x); q,k,v = projections (+bias) — pre-RoPE; one fused matmul, split into q / kk / vv rows */
+/* h = rmsnorm(x); q,k,v = projections (+bias) (+ q/k norm per head) — pre-RoPE; one fused matmul, split into
+ * q / kk / vv rows. Every path that computes q/k (compress, embed, prefill, decode) comes through here. */
 void qkv_proj(const rf_model* m, const Layer& L, Work& w, int64_t n) {
   const rf_config& c = m->cfg;
   const int64_t H = c.hidden_size, qd = (int64_t)c.num_heads * c.head_dim, kvd = (int64_t)c.num_kv_heads * c.head_dim;
@@ -124,6 +128,10 @@ void qkv_proj(const rf_model* m, const Layer& L, Work& w, int64_t n) {
     memcpy(w.q.data() + t * qd, r, (size_t)qd * 4);
     memcpy(w.kk.data() + t * kvd, r + qd, (size_t)kvd * 4);
     memcpy(w.vv.data() + t * kvd, r + qd + kvd, (size_t)kvd * 4);
+  }
+  if (c.qk_norm) {  // q and k rows are heads of head_dim values back to back: one RMSNorm row per head
+    k::rmsnorm(w.q.data(), n * c.num_heads, c.head_dim, L.q_norm.data(), c.rms_eps, w.q.data());
+    k::rmsnorm(w.kk.data(), n * c.num_kv_heads, c.head_dim, L.k_norm.data(), c.rms_eps, w.kk.data());
   }
 }
 
@@ -432,7 +440,9 @@ int64_t model_bytes(const rf_model* m) {
   for (const Raw& r : m->raw) b += (int64_t)r.bytes.size();
   for (const Layer& L : m->layers)
     b += L.qkv.bytes + L.o.bytes + L.gu.bytes + L.down.bytes +
-         (int64_t)(L.in_norm.size() + L.post_norm.size() + L.bq.size() + L.bk.size() + L.bv.size() + L.bqkv.size()) * 4;
+         (int64_t)(L.in_norm.size() + L.post_norm.size() + L.bq.size() + L.bk.size() + L.bv.size() + L.bqkv.size() +
+                   L.q_norm.size() + L.k_norm.size()) *
+             4;
   return b;
 }
 
@@ -525,18 +535,15 @@ RF_API int rf_model_init_random(rf_model* m, uint64_t seed, float stdv) {
     const rf_config& c = m->cfg;
     for (size_t slot = 0; slot < m->set.size(); slot++) {
       rf::TensorId id;
-      if (slot < 3) {
-        id = {(rf::TensorKind)slot, -1};
-        if (id.kind == rf::T_LM_HEAD && c.tie_embeddings) continue;
-      } else {
-        id = {(rf::TensorKind)(3 + (slot - 3) % (rf::T_COUNT - 3)), (int)((slot - 3) / (rf::T_COUNT - 3))};
-        if ((id.kind == rf::T_QB || id.kind == rf::T_KB || id.kind == rf::T_VB) && !c.qkv_bias) continue;
-      }
+      if (slot < 3) id = {(rf::TensorKind)slot, -1};
+      else id = {(rf::TensorKind)(3 + (slot - 3) % (rf::T_COUNT - 3)), (int)((slot - 3) / (rf::T_COUNT - 3))};
+      if (!rf::has_tensor(c, id.kind)) continue;
       int64_t r, cc;
       rf::expected_shape(c, id.kind, &r, &cc);
       const int64_t cnt = r * (cc ? cc : 1);
       std::vector<float> v((size_t)cnt);
-      const bool is_norm = id.kind == rf::T_NORM || id.kind == rf::T_IN_NORM || id.kind == rf::T_POST_NORM;
+      const bool is_norm =
+          id.kind == rf::T_NORM || id.kind == rf::T_IN_NORM || id.kind == rf::T_POST_NORM || rf::is_qk_norm(id.kind);
       const bool is_bias = id.kind == rf::T_QB || id.kind == rf::T_KB || id.kind == rf::T_VB;
       if (is_norm || is_bias) {
         std::fill(v.begin(), v.end(), is_norm ? 1.f : 0.f);

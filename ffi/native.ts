@@ -171,6 +171,7 @@ const RF_CONFIG = {
     rope_high_freq_factor: [56, "f32"],
     rope_original_max_pos: [60, "i32"],
     weight_dtype: [64, "i32"],
+    qk_norm: [68, "i32"],
   },
 } as const satisfies StructSpec<string>;
 
@@ -342,6 +343,7 @@ export class Native {
       rope_high_freq_factor: cfg.ropeHighFreqFactor,
       rope_original_max_pos: cfg.ropeOriginalMaxPos,
       weight_dtype: cfg.weightDtype,
+      qk_norm: cfg.qkNorm ? 1 : 0,
     });
     const p = this.checkPtr(this.lib.rf_model_create(buf), "rf_model_create");
     return new NativeModel(this, this.lib, p, cfg);

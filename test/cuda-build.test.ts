@@ -57,6 +57,7 @@ const tinyConfig: ModelConfig = {
   numKvHeads: 2,
   headDim: 16,
   qkvBias: false,
+  qkNorm: false,
   tieEmbeddings: false,
   ropeType: 0,
   rmsEps: 1e-5,

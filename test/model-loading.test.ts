@@ -66,12 +66,13 @@ describe("config", () => {
     expect(c.config.headDim).toBe(8);
     expect(c.config.numKvHeads).toBe(2);
     expect(c.config.qkvBias).toBe(false);
+    expect(c.config.qkNorm).toBe(false);
     expect(c.config.tieEmbeddings).toBe(false);
     expect(c.maxPositionEmbeddings).toBe(256);
     expect(c.config.weightDtype).toBe(RF_BF16);
   });
 
-  test("defaults, qwen2 bias, mistral, tie, head_dim", () => {
+  test("defaults, qwen2 bias, qwen3 q/k norm, mistral, tie, head_dim", () => {
     const c = parseModelConfig({ ...base, num_key_value_heads: undefined });
     expect(c.config.numKvHeads).toBe(4);
     expect(c.config.headDim).toBe(16);
@@ -82,8 +83,26 @@ describe("config", () => {
       torch_dtype: "float16",
     });
     expect(q.config.qkvBias).toBe(true);
+    expect(q.config.qkNorm).toBe(false);
     expect(q.config.tieEmbeddings).toBe(true);
     expect(q.config.weightDtype).toBe(RF_F16);
+    // Qwen3 (as Qwen3-0.6B's config.json has it): head_dim 128 != hidden / heads, no bias, per-head q/k norm
+    const q3 = parseModelConfig({
+      ...base,
+      architectures: ["Qwen3ForCausalLM"],
+      model_type: "qwen3",
+      head_dim: 128,
+      attention_bias: false,
+      tie_word_embeddings: true,
+      rope_theta: 1000000,
+      use_sliding_window: false,
+    });
+    expect(q3.config.qkNorm).toBe(true);
+    expect(q3.config.qkvBias).toBe(false);
+    expect(q3.config.headDim).toBe(128);
+    expect(q3.config.tieEmbeddings).toBe(true);
+    expect(q3.config.ropeTheta).toBe(1000000);
+    expect(q3.modelType).toBe("qwen3");
     const m = parseModelConfig({ ...base, architectures: ["MistralForCausalLM"], head_dim: 32 });
     expect(m.config.headDim).toBe(32);
   });
@@ -145,7 +164,7 @@ describe("safetensors", () => {
     for (const [k, v] of sa.got) expect(sb.got.get(k)).toEqual(v);
   });
 
-  test("loaded tensor values are the written ones (f32, f16, bf16; single file and 3 shards)", async () => {
+  test("loaded tensor values are the written ones (f32, f16, bf16; single file and 3 shards; Qwen2 biases, Qwen3 q/k norms)", async () => {
     const decode = (dtype: string, b: Uint8Array): number[] => {
       const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
       const n = b.byteLength / (dtype === "F32" ? 4 : 2);
@@ -158,9 +177,13 @@ describe("safetensors", () => {
       );
     };
     for (const dtype of ["f32", "f16", "bf16"] as const)
-      for (const shards of [1, 3]) {
-        const opts = { seed: 11, dtype, shards, arch: "qwen2" as const };
-        const dir = await makeTinyModel(join(root, `vals-${dtype}-${shards}`), opts);
+      for (const [arch, shards] of [
+        ["qwen2", 1],
+        ["qwen2", 3],
+        ["qwen3", 3],
+      ] as const) {
+        const opts = { seed: 11, dtype, shards, arch };
+        const dir = await makeTinyModel(join(root, `vals-${arch}-${dtype}-${shards}`), opts);
         const sink = new ValueSink();
         loadSafetensors(dir, sink);
         const written = tinyModelTensors(opts);

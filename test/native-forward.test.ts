@@ -94,6 +94,17 @@ const VARIANTS: Variant[] = [
     layers: 3,
     seed: 14,
   },
+  {
+    name: "bf16 tied + q/k norm (Qwen3), head_dim 16 != hidden/heads",
+    tie: true,
+    bias: false,
+    qkNorm: true,
+    rope: RF_ROPE_DEFAULT,
+    dtype: RF_BF16,
+    layers: 2,
+    seed: 15,
+    dims: { headDim: 16 },
+  },
 ];
 
 /* Tolerances per weight dtype (logits vs the Float64 reference, relative to the largest logit). The reference
@@ -208,170 +219,188 @@ const HEADS: HeadSpec[] = [
 /** chunk sizes: eviction starts at the 3rd chunk; a chunk shorter than obs_window at the end */
 const CHUNKS = [10, 10, 10, 7, 10, 3, 10];
 
-describe("compressor", () => {
-  const v: Variant = { name: "c", tie: false, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F32, layers: 3, seed: 21 };
-  const b = buildModel(v);
-  const hd = b.cfg.headDim;
-  const toks = tokensFrom(
-    99,
-    CHUNKS.reduce((a, c) => a + c, 0),
-  );
+const COMPRESSOR_VARIANTS: Variant[] = [
+  { name: "qkv bias, llama3 rope", tie: false, bias: true, rope: RF_ROPE_LLAMA3, dtype: RF_F32, layers: 3, seed: 21 },
+  // every path that computes q/k with the per-head norm: chunks, embed() of a query, import into a sequence
+  {
+    name: "q/k norm (Qwen3), head_dim 16",
+    tie: true,
+    bias: false,
+    qkNorm: true,
+    rope: RF_ROPE_DEFAULT,
+    dtype: RF_F32,
+    layers: 3,
+    seed: 22,
+    dims: { headDim: 16 },
+  },
+];
 
-  test("embeddings, cache length, cache contents and scores match the reference with eviction", () => {
-    const m = loadModel(native, b);
-    const c = m.createCompressor(CP, HEADS);
-    expect(c.embedDim).toBe(HEADS.length * hd);
-    expect(c.exitLayer).toBe(1);
-    const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
-    let off = 0;
-    let evicted = false;
-    for (const n of CHUNKS) {
-      const chunk = toks.slice(off, off + n);
-      off += n;
-      const e = c.process(i32(chunk)) as Float32Array;
-      const re = flat(ref.process(chunk));
-      expect(maxAbs(e, re)).toBeLessThan(1e-4);
-      expect(c.cacheLen()).toBe(ref.cacheLen());
-      expect(c.seen()).toBe(off);
-      if (off > CP.capacity) evicted = true;
-      // cache contents (pre-RoPE keys, values, scores) via the state blob
-      const st = parseState(c.saveState(), hd);
-      expect(st.magic).toBe("RFCSTAT2");
-      // the exit layer's cache is not kept below full depth (nothing reads it)
-      expect(b.cfg.numLayers).toBeGreaterThan(2);
-      expect(st.layers).toBe(1);
-      expect(st.len).toBe(ref.cacheLen());
-      for (let l = 0; l < st.layers; l++)
-        for (let g = 0; g < st.kvh; g++) {
-          const rc = ref.cache[l][g];
-          expect(maxAbs(st.cache[l][g].k, flat(rc.map((x) => x.k)))).toBeLessThan(1e-4);
-          expect(maxAbs(st.cache[l][g].v, flat(rc.map((x) => x.v)))).toBeLessThan(1e-4);
-          expect(
-            maxAbs(
-              st.cache[l][g].s,
-              rc.map((x) => x.s),
-            ),
-          ).toBeLessThan(1e-4);
-        }
-    }
-    expect(evicted).toBe(true);
-    expect(c.cacheLen()).toBe(CP.capacity);
-    // a legacy blob (RFCSTAT1: the exit layer included) still loads; its extra layer is ignored
-    const q = i32(toks.slice(3, 11));
-    const c2 = m.createCompressor(CP, HEADS);
-    c2.loadState(legacyState(c.saveState(), hd));
-    expect(c2.cacheLen()).toBe(c.cacheLen());
-    expect(maxAbs(c2.embed(q) as Float32Array, c.embed(q) as Float32Array)).toBe(0);
-    c2.destroy();
-    // eviction is score-driven, not plain recency: some kept middle entries differ between (layer, kv head)
-    const kept = ref.cache.flatMap((per) => per.map((e) => e.map((x) => x.idx).join(",")));
-    expect(new Set(kept).size).toBeGreaterThan(1);
-    const recency = [0, 1, ...Array.from({ length: CP.capacity - 2 }, (_, i) => off - (CP.capacity - 2) + i)].join(",");
-    expect(kept.some((k) => k !== recency)).toBe(true);
-    c.destroy();
-    m.destroy();
-  });
+for (const v of COMPRESSOR_VARIANTS)
+  describe(`compressor: ${v.name}`, () => {
+    const b = buildModel(v);
+    const hd = b.cfg.headDim;
+    const toks = tokensFrom(
+      99,
+      CHUNKS.reduce((a, c) => a + c, 0),
+    );
 
-  test("embed() matches the reference and leaves the cache unchanged", () => {
-    const m = loadModel(native, b);
-    const c = m.createCompressor(CP, HEADS);
-    const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
-    for (let i = 0; i < 4; i++) {
-      const chunk = toks.slice(i * 10, i * 10 + 10);
-      c.process(i32(chunk), null);
-      ref.process(chunk);
-    }
-    const before = c.saveState();
-    const q = [5, 17, 42, 3, 88];
-    const e = c.embed(i32(q)) as Float32Array;
-    expect(maxAbs(e, flat(ref.embed(q)))).toBeLessThan(1e-4);
-    const after = c.saveState();
-    expect(Buffer.from(after).equals(Buffer.from(before))).toBe(true);
-    expect(c.seen()).toBe(40);
-    // a second embed gives identical output
-    expect(maxAbs(c.embed(i32(q)) as Float32Array, e)).toBe(0);
-    c.destroy();
-    m.destroy();
-  });
+    test("embeddings, cache length, cache contents and scores match the reference with eviction", () => {
+      const m = loadModel(native, b);
+      const c = m.createCompressor(CP, HEADS);
+      expect(c.embedDim).toBe(HEADS.length * hd);
+      expect(c.exitLayer).toBe(1);
+      const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
+      let off = 0;
+      let evicted = false;
+      for (const n of CHUNKS) {
+        const chunk = toks.slice(off, off + n);
+        off += n;
+        const e = c.process(i32(chunk)) as Float32Array;
+        const re = flat(ref.process(chunk));
+        expect(maxAbs(e, re)).toBeLessThan(1e-4);
+        expect(c.cacheLen()).toBe(ref.cacheLen());
+        expect(c.seen()).toBe(off);
+        if (off > CP.capacity) evicted = true;
+        // cache contents (pre-RoPE keys, values, scores) via the state blob
+        const st = parseState(c.saveState(), hd);
+        expect(st.magic).toBe("RFCSTAT2");
+        // the exit layer's cache is not kept below full depth (nothing reads it)
+        expect(b.cfg.numLayers).toBeGreaterThan(2);
+        expect(st.layers).toBe(1);
+        expect(st.len).toBe(ref.cacheLen());
+        for (let l = 0; l < st.layers; l++)
+          for (let g = 0; g < st.kvh; g++) {
+            const rc = ref.cache[l][g];
+            expect(maxAbs(st.cache[l][g].k, flat(rc.map((x) => x.k)))).toBeLessThan(1e-4);
+            expect(maxAbs(st.cache[l][g].v, flat(rc.map((x) => x.v)))).toBeLessThan(1e-4);
+            expect(
+              maxAbs(
+                st.cache[l][g].s,
+                rc.map((x) => x.s),
+              ),
+            ).toBeLessThan(1e-4);
+          }
+      }
+      expect(evicted).toBe(true);
+      expect(c.cacheLen()).toBe(CP.capacity);
+      // a legacy blob (RFCSTAT1: the exit layer included) still loads; its extra layer is ignored
+      const q = i32(toks.slice(3, 11));
+      const c2 = m.createCompressor(CP, HEADS);
+      c2.loadState(legacyState(c.saveState(), hd));
+      expect(c2.cacheLen()).toBe(c.cacheLen());
+      expect(maxAbs(c2.embed(q) as Float32Array, c.embed(q) as Float32Array)).toBe(0);
+      c2.destroy();
+      // eviction is score-driven, not plain recency: some kept middle entries differ between (layer, kv head)
+      const kept = ref.cache.flatMap((per) => per.map((e) => e.map((x) => x.idx).join(",")));
+      expect(new Set(kept).size).toBeGreaterThan(1);
+      const recency = [0, 1, ...Array.from({ length: CP.capacity - 2 }, (_, i) => off - (CP.capacity - 2) + i)].join(
+        ",",
+      );
+      expect(kept.some((k) => k !== recency)).toBe(true);
+      c.destroy();
+      m.destroy();
+    });
 
-  test("f16 embedding output", () => {
-    const m = loadModel(native, b);
-    const c32 = m.createCompressor(CP, HEADS);
-    const c16 = m.createCompressor({ ...CP, embDtype: RF_F16 }, HEADS);
-    for (let i = 0; i < 3; i++) {
-      const chunk = i32(toks.slice(i * 10, i * 10 + 10));
-      const a = c32.process(chunk) as Float32Array;
-      const h = c16.process(chunk) as Uint16Array;
-      expect(h).toBeInstanceOf(Uint16Array);
-      expect(h.length).toBe(a.length);
-      for (let j = 0; j < a.length; j++) expect(fromF16(h[j])).toBe(fromF16(toF16(a[j])));
-    }
-    c32.destroy();
-    c16.destroy();
-    m.destroy();
-  });
+    test("embed() matches the reference and leaves the cache unchanged", () => {
+      const m = loadModel(native, b);
+      const c = m.createCompressor(CP, HEADS);
+      const ref = new RefCompressor(b.ref, b.w, CP, HEADS);
+      for (let i = 0; i < 4; i++) {
+        const chunk = toks.slice(i * 10, i * 10 + 10);
+        c.process(i32(chunk), null);
+        ref.process(chunk);
+      }
+      const before = c.saveState();
+      const q = [5, 17, 42, 3, 88];
+      const e = c.embed(i32(q)) as Float32Array;
+      expect(maxAbs(e, flat(ref.embed(q)))).toBeLessThan(1e-4);
+      const after = c.saveState();
+      expect(Buffer.from(after).equals(Buffer.from(before))).toBe(true);
+      expect(c.seen()).toBe(40);
+      // a second embed gives identical output
+      expect(maxAbs(c.embed(i32(q)) as Float32Array, e)).toBe(0);
+      c.destroy();
+      m.destroy();
+    });
 
-  test("state save -> load into a new compressor -> identical subsequent outputs", () => {
-    const m = loadModel(native, b);
-    const c1 = m.createCompressor(CP, HEADS);
-    for (let i = 0; i < 4; i++) c1.process(i32(toks.slice(i * 10, i * 10 + 10)));
-    const blob = c1.saveState();
-    const c2 = m.createCompressor(CP, HEADS);
-    c2.loadState(blob);
-    expect(c2.cacheLen()).toBe(c1.cacheLen());
-    expect(c2.seen()).toBe(c1.seen());
-    for (let i = 4; i < 6; i++) {
-      const chunk = i32(toks.slice(i * 10, i * 10 + 10));
-      const a = c1.process(chunk) as Float32Array;
-      const bb = c2.process(chunk) as Float32Array;
-      expect(maxAbs(a, bb)).toBe(0);
-    }
-    expect(Buffer.from(c1.saveState()).equals(Buffer.from(c2.saveState()))).toBe(true);
-    // reset, then reload: same again
-    c2.reset();
-    expect(c2.cacheLen()).toBe(0);
-    expect(c2.seen()).toBe(0);
-    c2.loadState(blob);
-    expect(c2.seen()).toBe(40);
-    // corrupt / mismatched blobs are rejected
-    const bad = blob.slice();
-    bad[0] = 0;
-    expectNativeError(() => c2.loadState(bad), RF_ERR_INVALID, /magic/);
-    expectNativeError(() => c2.loadState(blob.slice(0, blob.length - 4)), RF_ERR_INVALID);
-    const other = m.createCompressor({ ...CP, exitLayer: 2 }, HEADS);
-    expectNativeError(() => other.loadState(blob), RF_ERR_INVALID);
-    for (const c of [c1, c2, other]) c.destroy();
-    m.destroy();
-  });
+    test("f16 embedding output", () => {
+      const m = loadModel(native, b);
+      const c32 = m.createCompressor(CP, HEADS);
+      const c16 = m.createCompressor({ ...CP, embDtype: RF_F16 }, HEADS);
+      for (let i = 0; i < 3; i++) {
+        const chunk = i32(toks.slice(i * 10, i * 10 + 10));
+        const a = c32.process(chunk) as Float32Array;
+        const h = c16.process(chunk) as Uint16Array;
+        expect(h).toBeInstanceOf(Uint16Array);
+        expect(h.length).toBe(a.length);
+        for (let j = 0; j < a.length; j++) expect(fromF16(h[j])).toBe(fromF16(toF16(a[j])));
+      }
+      c32.destroy();
+      c16.destroy();
+      m.destroy();
+    });
 
-  test("seq import from a full-depth compressor without eviction == plain prefill", () => {
-    const m = loadModel(native, b);
-    const c = m.createCompressor({ ...CP, capacity: 64, exitLayer: b.cfg.numLayers - 1 }, HEADS);
-    expect(c.exitLayer).toBe(2);
-    const ctx = toks.slice(0, 27);
-    c.process(i32(ctx.slice(0, 10)), null);
-    c.process(i32(ctx.slice(10, 20)), null);
-    c.process(i32(ctx.slice(20)), null);
-    expect(c.cacheLen()).toBe(27);
-    const s = m.createSeq(40);
-    s.importCompressor(c);
-    expect(s.length()).toBe(27);
-    expectNativeError(() => s.sample({ temperature: 0, topP: 1, topK: 0 }), RF_ERR_STATE);
-    const next = [7, 8];
-    const got = s.forward(i32(next), true)!;
-    const plain = m.createSeq(40);
-    const want = plain.forward(i32([...ctx, ...next]), true)!;
-    expect(maxAbs(got, want)).toBeLessThan(1e-5);
-    expect(relErr(got, refLogits(b.ref, b.w, [...ctx, ...next]))).toBeLessThan(1e-4);
-    // a compressor that exits early cannot be imported
-    const early = m.createCompressor(CP, HEADS);
-    expectNativeError(() => s.importCompressor(early), RF_ERR_INVALID, /exit layer/);
-    for (const x of [s, plain]) x.destroy();
-    c.destroy();
-    early.destroy();
-    m.destroy();
+    test("state save -> load into a new compressor -> identical subsequent outputs", () => {
+      const m = loadModel(native, b);
+      const c1 = m.createCompressor(CP, HEADS);
+      for (let i = 0; i < 4; i++) c1.process(i32(toks.slice(i * 10, i * 10 + 10)));
+      const blob = c1.saveState();
+      const c2 = m.createCompressor(CP, HEADS);
+      c2.loadState(blob);
+      expect(c2.cacheLen()).toBe(c1.cacheLen());
+      expect(c2.seen()).toBe(c1.seen());
+      for (let i = 4; i < 6; i++) {
+        const chunk = i32(toks.slice(i * 10, i * 10 + 10));
+        const a = c1.process(chunk) as Float32Array;
+        const bb = c2.process(chunk) as Float32Array;
+        expect(maxAbs(a, bb)).toBe(0);
+      }
+      expect(Buffer.from(c1.saveState()).equals(Buffer.from(c2.saveState()))).toBe(true);
+      // reset, then reload: same again
+      c2.reset();
+      expect(c2.cacheLen()).toBe(0);
+      expect(c2.seen()).toBe(0);
+      c2.loadState(blob);
+      expect(c2.seen()).toBe(40);
+      // corrupt / mismatched blobs are rejected
+      const bad = blob.slice();
+      bad[0] = 0;
+      expectNativeError(() => c2.loadState(bad), RF_ERR_INVALID, /magic/);
+      expectNativeError(() => c2.loadState(blob.slice(0, blob.length - 4)), RF_ERR_INVALID);
+      const other = m.createCompressor({ ...CP, exitLayer: 2 }, HEADS);
+      expectNativeError(() => other.loadState(blob), RF_ERR_INVALID);
+      for (const c of [c1, c2, other]) c.destroy();
+      m.destroy();
+    });
+
+    test("seq import from a full-depth compressor without eviction == plain prefill", () => {
+      const m = loadModel(native, b);
+      const c = m.createCompressor({ ...CP, capacity: 64, exitLayer: b.cfg.numLayers - 1 }, HEADS);
+      expect(c.exitLayer).toBe(2);
+      const ctx = toks.slice(0, 27);
+      c.process(i32(ctx.slice(0, 10)), null);
+      c.process(i32(ctx.slice(10, 20)), null);
+      c.process(i32(ctx.slice(20)), null);
+      expect(c.cacheLen()).toBe(27);
+      const s = m.createSeq(40);
+      s.importCompressor(c);
+      expect(s.length()).toBe(27);
+      expectNativeError(() => s.sample({ temperature: 0, topP: 1, topK: 0 }), RF_ERR_STATE);
+      const next = [7, 8];
+      const got = s.forward(i32(next), true)!;
+      const plain = m.createSeq(40);
+      const want = plain.forward(i32([...ctx, ...next]), true)!;
+      expect(maxAbs(got, want)).toBeLessThan(1e-5);
+      expect(relErr(got, refLogits(b.ref, b.w, [...ctx, ...next]))).toBeLessThan(1e-4);
+      // a compressor that exits early cannot be imported
+      const early = m.createCompressor(CP, HEADS);
+      expectNativeError(() => s.importCompressor(early), RF_ERR_INVALID, /exit layer/);
+      for (const x of [s, plain]) x.destroy();
+      c.destroy();
+      early.destroy();
+      m.destroy();
+    });
   });
-});
 
 /* ---------------- scoring ---------------- */
 
@@ -530,6 +559,35 @@ describe("error paths", () => {
     // invalid config
     expect(() => native.createModel({ ...b.cfg, numKvHeads: 3 })).toThrow(NativeError);
     expect(native.lastError()).toMatch(/multiple/);
+  });
+
+  test("q/k norm tensors: refused without qk_norm, [head_dim] and required with it", () => {
+    const hd = b.cfg.headDim;
+    const w = new Float32Array(hd).fill(1);
+    const plain = native.createModel(b.cfg);
+    expectNativeError(
+      () => plain.setTensor("model.layers.0.self_attn.q_norm.weight", w, RF_F32, [hd]),
+      RF_ERR_INVALID,
+      /no q\/k norm/,
+    );
+    plain.destroy();
+    const m = native.createModel({ ...b.cfg, qkNorm: true });
+    expectNativeError(
+      () => m.setTensor("model.layers.0.self_attn.k_norm.weight", w, RF_F32, [b.cfg.hiddenSize]),
+      RF_ERR_INVALID,
+      /shape/,
+    );
+    for (const t of b.tensors) m.setTensor(t.name, t.data, t.dtype, t.shape);
+    for (let l = 0; l < b.cfg.numLayers; l++) m.setTensor(`model.layers.${l}.self_attn.q_norm.weight`, w, RF_F32, [hd]);
+    m.setTensor("model.layers.0.self_attn.k_norm.weight", w, RF_F32, [hd]);
+    expectNativeError(() => m.finalize(), RF_ERR_STATE, /model\.layers\.1\.self_attn\.k_norm\.weight/);
+    m.setTensor("model.layers.1.self_attn.k_norm.weight", w, RF_F32, [hd]);
+    m.finalize();
+    // unit norm weights: the model differs from the plain one only by the per-head normalisation
+    const s = m.createSeq(8);
+    expect(s.forward(i32([1, 2, 3]), true)!.every(Number.isFinite)).toBe(true);
+    s.destroy();
+    m.destroy();
   });
 
   test("runtime argument errors never crash", () => {

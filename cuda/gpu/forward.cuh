@@ -25,12 +25,25 @@ int launch_flash(rf_model* m, const uint16_t* Q, const uint16_t* K, const uint16
 }
 
 int run_rmsnorm(rf_model* m, const uint16_t* x, const uint16_t* w, uint16_t* y, int rows) {
-  RF_LAUNCH(k_rmsnorm, rows, 256, 0, m->stream)(x, w, y, m->H, m->cfg.rms_eps, m->f16);
+  RF_LAUNCH(k_rmsnorm, rows, 256, 0, m->stream)(x, w, y, (int64_t)m->H, m->H, m->cfg.rms_eps, m->f16);
   KERNEL_CHECK();
   return RF_OK;
 }
 
-/* xn = rmsnorm(x); qkv = xn Wqkv^T (+bias) */
+/* Qwen3's q_norm / k_norm: RMSNorm of every q and k head of the qkv rows, in place, before anything reads them (RoPE,
+ * the caches, the compressor's head embeddings) */
+int run_qk_norm(rf_model* m, const LayerW& w, uint16_t* qkv, int n) {
+  const int threads = std::min(256, (m->hd + 31) / 32 * 32);
+  RF_LAUNCH(k_rmsnorm, dim3((unsigned)n, (unsigned)m->nH), threads, 0, m->stream)
+  (qkv, w.qk_norm, qkv, (int64_t)m->qkvd, m->hd, m->cfg.rms_eps, m->f16);
+  KERNEL_CHECK();
+  RF_LAUNCH(k_rmsnorm, dim3((unsigned)n, (unsigned)m->nKV), threads, 0, m->stream)
+  (qkv + m->qd, w.qk_norm + m->hd, qkv + m->qd, (int64_t)m->qkvd, m->hd, m->cfg.rms_eps, m->f16);
+  KERNEL_CHECK();
+  return RF_OK;
+}
+
+/* xn = rmsnorm(x); qkv = xn Wqkv^T (+bias) (+ q/k norm per head) */
 int run_qkv(rf_model* m, const LayerW& w, const Acts& a, int n) {
   RF_TRY(run_rmsnorm(m, a.x, w.in_norm, a.xn, n));
   float beta = 0.f;
@@ -39,7 +52,8 @@ int run_qkv(rf_model* m, const LayerW& w, const Acts& a, int n) {
     KERNEL_CHECK();
     beta = 1.f;
   }
-  return m->gemm.nt(n, m->qkvd, m->H, a.xn, m->adt, m->H, w.wqkv, m->adt, m->H, a.qkv, m->adt, m->qkvd, beta);
+  RF_TRY(m->gemm.nt(n, m->qkvd, m->H, a.xn, m->adt, m->H, w.wqkv, m->adt, m->H, a.qkv, m->adt, m->qkvd, beta));
+  return m->cfg.qk_norm ? run_qk_norm(m, w, a.qkv, n) : RF_OK;
 }
 
 /* x += attn Wo^T; x += MLP(rmsnorm(x)) */

@@ -71,11 +71,14 @@ __global__ void k_embed(const int32_t* __restrict__ tok, const uint16_t* __restr
   }
 }
 
-/* RMSNorm, HF semantics: y = w * to_dtype(x * rsqrt(mean(x^2) + eps)). One block per row. */
-__global__ void k_rmsnorm(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, uint16_t* __restrict__ y,
-                          int H, float eps, bool f16) {
-  const uint16_t* xr = x + (int64_t)blockIdx.x * H;
-  uint16_t* yr = y + (int64_t)blockIdx.x * H;
+/* RMSNorm, HF semantics: y = w * to_dtype(x * rsqrt(mean(x^2) + eps)) over H values. One block per H values: segment
+ * blockIdx.y (at blockIdx.y * H) of row blockIdx.x (rows ld apart): the hidden state (one segment per row), or the q/k
+ * heads of the qkv rows (Qwen3's per-head norm, in place: x and y may be the same buffer). */
+__global__ void k_rmsnorm(const uint16_t* x, const uint16_t* __restrict__ w, uint16_t* y, int64_t ld, int H, float eps,
+                          bool f16) {
+  const int64_t off = (int64_t)blockIdx.x * ld + (int64_t)blockIdx.y * H;
+  const uint16_t* xr = x + off;
+  uint16_t* yr = y + off;
   float ss = 0.f;
   for (int c = threadIdx.x; c < H; c += blockDim.x) {
     float v = h2f(xr[c], f16);

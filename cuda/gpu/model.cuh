@@ -29,6 +29,8 @@ uint16_t* tensor_dst(rf_model* m, const rf::TensorId& id, int64_t* count) {
     case rf::T_QB: *count = m->qd; return w.bqkv;
     case rf::T_KB: *count = m->kvd; return w.bqkv + m->qd;
     case rf::T_VB: *count = m->kvd; return w.bqkv + m->qd + m->kvd;
+    case rf::T_QN: *count = m->hd; return w.qk_norm;
+    case rf::T_KN: *count = m->hd; return w.qk_norm + m->hd;
     case rf::T_GATE: *count = (int64_t)m->I * H; return w.wgu;
     case rf::T_UP: *count = (int64_t)m->I * H; return w.wgu + (int64_t)m->I * H;
     case rf::T_DOWN: *count = H * m->I; return w.wdown;
@@ -125,6 +127,7 @@ int model_create_impl(const rf_config* cfg, rf_model** out) {
     RF_TRY(A.alloc(&w.post_norm, (size_t)H, "post_attention_layernorm"));
     RF_TRY(A.alloc(&w.wqkv, (size_t)m->qkvd * H, "q/k/v_proj"));
     if (cfg->qkv_bias) RF_TRY(A.alloc(&w.bqkv, (size_t)m->qkvd, "q/k/v bias"));
+    if (cfg->qk_norm) RF_TRY(A.alloc(&w.qk_norm, (size_t)2 * m->hd, "q/k norm"));
     RF_TRY(A.alloc(&w.wo, (size_t)H * m->qd, "o_proj"));
     RF_TRY(A.alloc(&w.wgu, (size_t)2 * m->I * H, "gate/up_proj"));
     RF_TRY(A.alloc(&w.wdown, (size_t)H * m->I, "down_proj"));
@@ -197,6 +200,7 @@ int init_random_impl(rf_model* m, uint64_t seed, float std) {
     RF_TRY(fill(w.post_norm, H, 1.f));
     RF_TRY(normal(w.wqkv, (int64_t)m->qkvd * H));
     if (w.bqkv) RF_TRY(fill(w.bqkv, m->qkvd, 0.f));
+    if (w.qk_norm) RF_TRY(fill(w.qk_norm, 2 * (int64_t)m->hd, 1.f));
     RF_TRY(normal(w.wo, H * m->qd));
     RF_TRY(normal(w.wgu, 2 * (int64_t)m->I * H));
     RF_TRY(normal(w.wdown, H * m->I));

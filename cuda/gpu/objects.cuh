@@ -10,11 +10,12 @@ namespace {
 struct LayerW {
   uint16_t* in_norm = nullptr;
   uint16_t* post_norm = nullptr;
-  uint16_t* wqkv = nullptr;   // [qd + 2 kvd][H]
-  uint16_t* bqkv = nullptr;   // [qd + 2 kvd]
-  uint16_t* wo = nullptr;     // [H][qd]
-  uint16_t* wgu = nullptr;    // [2I][H] (gate rows first)
-  uint16_t* wdown = nullptr;  // [H][I]
+  uint16_t* wqkv = nullptr;     // [qd + 2 kvd][H]
+  uint16_t* bqkv = nullptr;     // [qd + 2 kvd]
+  uint16_t* qk_norm = nullptr;  // [2][hd]: q_norm, then k_norm (qk_norm only)
+  uint16_t* wo = nullptr;       // [H][qd]
+  uint16_t* wgu = nullptr;      // [2I][H] (gate rows first)
+  uint16_t* wdown = nullptr;    // [H][I]
 };
 
 /* Per-step scratch of the model's compressors and sequences: one step runs at a time (they share the model's stream),

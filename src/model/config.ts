@@ -1,7 +1,8 @@
 /**
  * config.json (Hugging Face) -> native ModelConfig.
  *
- * Supported: LlamaForCausalLM (Llama 2/3/3.1), MistralForCausalLM, Qwen2ForCausalLM (qkv bias).
+ * Supported: LlamaForCausalLM (Llama 2/3/3.1), MistralForCausalLM, Qwen2ForCausalLM (qkv bias), Qwen3ForCausalLM
+ * (per-head q/k RMSNorm, head_dim given explicitly).
  * rope_scaling: null | {rope_type|type: "default" | "llama3" | "linear"}.
  * Anything else is rejected with an error naming the unsupported / missing field.
  */
@@ -10,7 +11,12 @@ import { join } from "node:path";
 import { RF_BF16, RF_F16, RF_ROPE_DEFAULT, RF_ROPE_LINEAR, RF_ROPE_LLAMA3, type DType } from "../../ffi/native.ts";
 import type { ModelConfig } from "./types.ts";
 
-export const SUPPORTED_ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"] as const;
+export const SUPPORTED_ARCHITECTURES = [
+  "LlamaForCausalLM",
+  "MistralForCausalLM",
+  "Qwen2ForCausalLM",
+  "Qwen3ForCausalLM",
+] as const;
 
 export class ModelConfigError extends Error {
   constructor(message: string) {
@@ -73,6 +79,7 @@ export function parseModelConfig(raw: Record<string, any>): LoadedConfig {
     );
   }
   const isQwen2 = architecture === "Qwen2ForCausalLM";
+  const isQwen3 = architecture === "Qwen3ForCausalLM";
 
   const hidden = int(raw, "hidden_size");
   const numHeads = int(raw, "num_attention_heads");
@@ -133,6 +140,7 @@ export function parseModelConfig(raw: Record<string, any>): LoadedConfig {
   else if (torchDtype === "float16") weightDtype = RF_F16;
   else throw new ModelConfigError(`unsupported torch_dtype "${torchDtype}" (supported: bfloat16, float16, float32)`);
 
+  // Qwen2 always has q/k/v biases; Qwen3 has none unless attention_bias says so, like Llama
   const qkvBias = isQwen2 ? true : raw.attention_bias === true;
 
   const config: ModelConfig = {
@@ -144,6 +152,7 @@ export function parseModelConfig(raw: Record<string, any>): LoadedConfig {
     numKvHeads: numKv,
     headDim,
     qkvBias,
+    qkNorm: isQwen3,
     tieEmbeddings: raw.tie_word_embeddings === true,
     ropeType,
     rmsEps: num(raw, "rms_norm_eps", 1e-6),

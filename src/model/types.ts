@@ -13,6 +13,7 @@ export interface ModelConfig {
   numKvHeads: number;
   headDim: number;
   qkvBias: boolean;
+  qkNorm: boolean; // per-head RMSNorm of q and k before RoPE (Qwen3)
   tieEmbeddings: boolean;
   ropeType: number; // RF_ROPE_*
   rmsEps: number;

@@ -49,6 +49,8 @@ export interface Variant {
   dims?: { vocab?: number; hidden?: number; intermediate?: number; heads?: number; kvHeads?: number; headDim?: number };
   tie: boolean;
   bias: boolean;
+  /** Qwen3's per-head q/k RMSNorm */
+  qkNorm?: boolean;
   rope: number;
   dtype: DType;
   layers: number;
@@ -75,6 +77,7 @@ export function buildModel(v: Variant): Built {
     numKvHeads: v.dims?.kvHeads ?? 2,
     headDim: v.dims?.headDim ?? 8,
     qkvBias: v.bias,
+    qkNorm: v.qkNorm ?? false,
     tieEmbeddings: v.tie,
     ropeType: v.rope,
     rmsEps: 1e-5,
@@ -130,6 +133,12 @@ export function buildModel(v: Variant): Built {
       L.bq = make(p + "self_attn.q_proj.bias", [qd], 0.3);
       L.bk = make(p + "self_attn.k_proj.bias", [kvd], 0.3);
       L.bv = make(p + "self_attn.v_proj.bias", [kvd], 0.3);
+    }
+    if (v.qkNorm) {
+      // weights well away from 1 and from each other: attention as peaked as the other variants' (|q.k|/sqrt(hd)
+      // ~ 4), and a norm applied with the wrong weights, to the wrong heads or after RoPE would show
+      L.qNorm = make(p + "self_attn.q_norm.weight", [cfg.headDim], 0.5, 2);
+      L.kNorm = make(p + "self_attn.k_norm.weight", [cfg.headDim], 0.5, 2);
     }
     layers.push(L);
   }

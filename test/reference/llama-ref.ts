@@ -16,6 +16,8 @@ export interface RefConfig {
   numKvHeads: number;
   headDim: number;
   qkvBias: boolean;
+  /** Qwen3: RMSNorm of every q and k head (weights qNorm / kNorm, [headDim]) after the projections, before RoPE */
+  qkNorm: boolean;
   tieEmbeddings: boolean;
   ropeType: number; // 0 default, 1 llama3, 2 linear
   rmsEps: number;
@@ -36,6 +38,8 @@ export interface RefLayer {
   bq?: Float64Array;
   bk?: Float64Array;
   bv?: Float64Array;
+  qNorm?: Float64Array; // [hd]
+  kNorm?: Float64Array;
   gate: Float64Array; // [I][H]
   up: Float64Array;
   down: Float64Array; // [H][I]
@@ -136,17 +140,26 @@ export function l2normalize(v: ArrayLike<number>, eps = 1e-6): Float64Array {
 /* ---------------- layer pieces ---------------- */
 
 interface Qkv {
-  q: Float64Array; // nh*hd, pre-RoPE
-  k: Float64Array; // nkv*hd, pre-RoPE
+  q: Float64Array; // nh*hd, pre-RoPE (Qwen3: after q_norm)
+  k: Float64Array; // nkv*hd, pre-RoPE (Qwen3: after k_norm)
   v: Float64Array;
+}
+
+/** HF Qwen3Attention: q_norm / k_norm over each head_dim slice of the projection */
+function headNorm(v: Float64Array, w: Float64Array, hd: number, eps: number): Float64Array {
+  const o = new Float64Array(v.length);
+  for (let h = 0; h < v.length / hd; h++) o.set(rmsNorm(head(v, h, hd), w, eps), h * hd);
+  return o;
 }
 
 function qkv(c: RefConfig, L: RefLayer, x: Float64Array): Qkv {
   const H = c.hiddenSize;
   const h = rmsNorm(x, L.inNorm, c.rmsEps);
+  const q = linear(h, L.wq, c.numHeads * c.headDim, H, c.qkvBias ? L.bq : undefined);
+  const k = linear(h, L.wk, c.numKvHeads * c.headDim, H, c.qkvBias ? L.bk : undefined);
   return {
-    q: linear(h, L.wq, c.numHeads * c.headDim, H, c.qkvBias ? L.bq : undefined),
-    k: linear(h, L.wk, c.numKvHeads * c.headDim, H, c.qkvBias ? L.bk : undefined),
+    q: c.qkNorm ? headNorm(q, L.qNorm!, c.headDim, c.rmsEps) : q,
+    k: c.qkNorm ? headNorm(k, L.kNorm!, c.headDim, c.rmsEps) : k,
     v: linear(h, L.wv, c.numKvHeads * c.headDim, H, c.qkvBias ? L.bv : undefined),
   };
 }
