@@ -5,8 +5,9 @@ GPU correctness check for the REFORM native engine (run on a machine with an NVI
 Requires: PyTorch, transformers, safetensors, numpy; build/libreform_cuda.so and build/libreform_cpu.so
 (build them with `bash scripts/build-native.sh`, or pass --cuda-lib / --cpu-lib).
 
-For each model config (or the one given with --model DIR, a HF Llama/Mistral/Qwen2 checkpoint dir):
-  * builds a small random model in bf16 (Llama-3 GQA + llama3 rope scaling, Qwen2 qkv bias, tied embeddings),
+For each model config (or the one given with --model DIR, a HF Llama/Mistral/Qwen2/Qwen3 checkpoint dir):
+  * builds a small random model in bf16 (Llama-3 GQA + llama3 rope scaling, Qwen2 qkv bias, tied embeddings, Qwen3
+    per-head q/k norm),
     saves it as safetensors and loads the same weights into the CUDA and CPU libraries through ctypes;
   * logits rel err (||a-b|| / ||b||) of CUDA vs transformers and CPU vs transformers at several prefix lengths;
   * 32-token greedy continuation: CUDA vs CPU vs transformers generate(do_sample=False);
@@ -119,7 +120,7 @@ def config_words(c):
             c["num_kv_heads"], c["head_dim"], int(c["qkv_bias"]), int(c["tie_embeddings"]), c["rope_type"]]
     floats = [c["rms_eps"], c["rope_theta"], c["rope_factor"], c["rope_low_freq_factor"], c["rope_high_freq_factor"]]
     b = struct.pack("<10i", *ints) + struct.pack("<5f", *floats)
-    b += struct.pack("<2i", c["rope_original_max_pos"], c.get("weight_dtype", RF_BF16))
+    b += struct.pack("<3i", c["rope_original_max_pos"], c.get("weight_dtype", RF_BF16), int(c.get("qk_norm", 0)))
     b += b"\0" * (128 - len(b))
     assert len(b) == 128
     return ctypes.create_string_buffer(b, 128)
@@ -263,6 +264,7 @@ def hf_to_rf_config(hf, weight_dtype=RF_BF16):
         num_layers=hf.num_hidden_layers, num_heads=heads, num_kv_heads=getattr(hf, "num_key_value_heads", heads) or heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
         qkv_bias=hf.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+        qk_norm=hf.model_type == "qwen3",
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), rope_type=rtype,
         rms_eps=float(hf.rms_norm_eps), rope_theta=theta, rope_factor=float(rp.get("factor", 1.0) or 1.0),
         rope_low_freq_factor=float(rp.get("low_freq_factor", 1.0) or 1.0),
@@ -292,6 +294,11 @@ def make_hf_config(kind):
         cls = T.LlamaConfig
         kw = dict(common, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
         theta, scaling = 10000.0, None
+    elif kind == "qwen3-qknorm":
+        cls = T.Qwen3Config
+        kw = dict(common, num_attention_heads=4, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
+                  attention_bias=False, use_sliding_window=False)
+        theta, scaling = 1000000.0, None
     else:
         raise SystemExit(f"unknown config {kind}")
     if "rope_parameters" in inspect.signature(cls.__init__).parameters:
@@ -312,7 +319,7 @@ def build_random_model(kind, outdir, seed):
 
     torch.manual_seed(seed)
     cfg = make_hf_config(kind)
-    cls = T.Qwen2ForCausalLM if kind.startswith("qwen2") else T.LlamaForCausalLM
+    cls = {"qwen2": T.Qwen2ForCausalLM, "qwen3": getattr(T, "Qwen3ForCausalLM", None)}.get(kind[:5], T.LlamaForCausalLM)
     model = cls(cfg).to(torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -337,6 +344,9 @@ def numpy_model(kind, seed):
         c = dict(common, num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=1000000.0, qkv_bias=True)
     elif kind == "llama-tied":
         c = dict(common, num_heads=4, num_kv_heads=4, head_dim=64, rope_theta=10000.0, tie_embeddings=True)
+    elif kind == "qwen3-qknorm":
+        c = dict(common, num_heads=4, num_kv_heads=2, head_dim=128, rope_theta=1000000.0, tie_embeddings=True,
+                 qk_norm=True)
     else:
         raise SystemExit(f"unknown config {kind}")
     rng = np.random.default_rng(seed)
@@ -361,6 +371,9 @@ def numpy_model(kind, seed):
             sd[p + f"self_attn.{name}_proj.weight"] = w(rows, H)
             if c["qkv_bias"]:
                 sd[p + f"self_attn.{name}_proj.bias"] = bf16(0.5 * rng.standard_normal(rows))
+        if c.get("qk_norm"):
+            for name in ("q", "k"):
+                sd[p + f"self_attn.{name}_norm.weight"] = bf16(1 + 0.1 * rng.standard_normal(c["head_dim"]))
         sd[p + "self_attn.o_proj.weight"] = w(H, qd)
         sd[p + "mlp.gate_proj.weight"] = w(I, H)
         sd[p + "mlp.up_proj.weight"] = w(I, H)
@@ -590,9 +603,12 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
         caps = {}
         hooks = []
         for (layer, kind, h) in heads:
-            mod = getattr(hf.model.layers[layer].self_attn, f"{kind}_proj")
+            # q/k as the compressor embeds them: after Qwen3's q_norm / k_norm (per head, [seq, heads, hd]), pre-RoPE
+            normed = rfcfg.get("qk_norm") and kind in ("q", "k")
+            mod = getattr(hf.model.layers[layer].self_attn, f"{kind}_norm" if normed else f"{kind}_proj")
             hooks.append(mod.register_forward_hook(
-                lambda mod_, inp, out, key=(layer, kind): caps.__setitem__(key, out[0].float().cpu().numpy())))
+                lambda mod_, inp, out, key=(layer, kind): caps.__setitem__(
+                    key, out[0].float().cpu().numpy().reshape(out.shape[1], -1))))
         with torch.no_grad():
             hf(torch.from_numpy(stream[:chunk]).long()[None].to(dev))
         for hk in hooks:
@@ -660,7 +676,7 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF checkpoint dir (safetensors) to check instead of the random configs")
-    ap.add_argument("--configs", default="llama3-gqa,qwen2-bias,llama-tied")
+    ap.add_argument("--configs", default="llama3-gqa,qwen2-bias,llama-tied,qwen3-qknorm")
     ap.add_argument("--cuda-lib", default=os.path.join(ROOT, "build", "libreform_cuda.so"))
     ap.add_argument("--cpu-lib", default=os.path.join(ROOT, "build", "libreform_cpu.so"))
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU library")
@@ -716,6 +732,8 @@ def main():
                 try:
                     if args.no_hf:
                         check_model(kind, None, args, libs, rep, numpy_spec=numpy_model(kind, args.seed + i))
+                    elif kind.startswith("qwen3") and not hasattr(__import__("transformers"), "Qwen3ForCausalLM"):
+                        rep.add(kind, "run", "this transformers has no Qwen3", "transformers >= 4.51", None)
                     else:
                         build_random_model(kind, d, args.seed + i)
                         check_model(kind, d, args, libs, rep)
