@@ -138,7 +138,7 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
     // the in-window reference: the whole prompt (template, context, question, answer) must fit the window; the
     // needles' size varies (a uuid is ~25 tokens), so the haystack shrinks until it does
     const room = () =>
-      window - ANSWER_TOKENS[task] - L.template_tokens - countTokens(sample.question) - countTokens(sample.text) - 4;
+      window - ANSWER_TOKENS[task] - L.template_tokens - countTokens(sample.question) - countTokens(sample.text) - 24;
     for (let h = length; room() < 0 && h > 16; ) {
       h = Math.max(16, h + room());
       sample = maker.make(task, h, (s + 0.5) / nSamples);

@@ -463,7 +463,7 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
       maxTokens: 64,
       maxNewTokens: 256,
       maxModelLen: 512,
-      smoothingWindow: 129,
+      smoothingWindow: 49,
       edge: 10,
       baselineCacheFactor: 4,
       allowBeyondWindow: false,

@@ -2,7 +2,7 @@
  * The embedded model's selected heads (bench/heads/reform-tiny.json, written by scripts/select-heads.ts; a candidate,
  * not shipped as the model's reform_heads.json: README "Head selection" says why) against random
  * heads, the worst heads and the old default (q0, k0, v0 of layer 1) under the file's smoothing, and against what the
- * server gathers without a heads file (default heads, mean over 129 tokens), on held-out samples (bench/data through
+ * server gathers without a heads file (default heads, mean over 49 tokens), on held-out samples (bench/data through
  * bench/ruler-tasks.ts, seeds no selection saw), measured by what the query path gathers: the share of samples whose
  * asked needle value is among the gathered tokens at the serving budget, window and edge. Each context is compressed
  * once through the serving compressor with every head (scripts/heads-lab.ts); deterministic, a few seconds.
@@ -39,13 +39,13 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
   }, 120_000);
   afterAll(() => lab?.close());
 
-  test("the selected heads file gathers more than random or worst heads, no less than the old default heads, more than the server's default", () => {
+  test("the selected heads file gathers more than random or worst heads, no less than the old default heads or the server's default", () => {
     const hf = loadHeads(MODEL, lab.mc, HEADS);
     const op = hf.smoothing ?? "mean";
-    const d = lab.defaults; // the server's own defaults: window 129 without a heads file
+    const d = lab.defaults; // the server's own defaults: window 49 without a heads file
     const at = { budget: d.budget, ...selectionFor({ ...d, window: hf.window ?? d.window }, d.budget) };
     const rate = (heads: number[], o = op) => gatheredRate(tables, spans, { heads, ...at, op: o });
-    // what the server gathers without a heads file: the default heads, mean smoothing, window 129
+    // what the server gathers without a heads file: the default heads, mean smoothing, window 49
     const before = gatheredRate(tables, spans, {
       heads: idx(["q", "k", "v"].map((kind) => ({ layer: 1, kind, head: 0 }) as HeadSpec)),
       budget: d.budget,
@@ -73,6 +73,7 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
     expect(selected).toBeGreaterThan(random);
     expect(selected).toBeGreaterThan(worst);
     expect(selected).toBeGreaterThanOrEqual(rate(idx(old)));
-    expect(selected).toBeGreaterThan(before);
+    // since the default window became 0.15 x budget (49 here) the served default gathers as much as this file
+    expect(selected).toBeGreaterThanOrEqual(before);
   });
 });

@@ -1,0 +1,92 @@
+/**
+ * Choosing the default smoothing window by measurement (src/engine/load.ts LIMIT_RATIOS, README "Choosing the
+ * defaults"): held-out needle samples (bench/ruler-tasks.ts over bench/data, needles at spread depths) at several
+ * context lengths, each compressed once through the server's own compressor (scripts/heads-lab.ts) with the heads the
+ * server uses for this model, then what the query path gathers at the default budget for each smoothing window:
+ * the count of samples of which every asked needle value is among the gathered tokens (what `return_selection`
+ * shows), per task. Gathering only: whether the model then answers is bench/ruler.ts's job.
+ *
+ *   bun bench/window-sweep.ts [--model DIR] [--heads FILE_OR_JSON] [--lengths 16k,128k,1m] [--samples 6]
+ *       [--windows 33,49,65,81,129] [--op mean|max] [--tasks single,multikey,multivalue,multiquery] [--seed 7]
+ *
+ * Memory: one float per context token, head and question token (1M tokens x 3 heads x ~15 ≈ 180 MiB per sample).
+ */
+import { join } from "node:path";
+import { intFlag, parseFlags, runCli, valueFlags } from "../src/cli/args.ts";
+import { edgeFor, type SmoothingOp, selectTokens, smoothScores } from "../src/engine/selection.ts";
+import { loadHeads } from "../src/model/heads.ts";
+import { embedTables, headKey, openLab, scoreHeads } from "../scripts/heads-lab.ts";
+import { heldOutSamples } from "./heads-ablation.ts";
+import type { Task } from "./ruler-tasks.ts";
+
+function parseLength(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)([km]?)$/i.exec(s.trim());
+  if (!m) throw new Error(`bad length ${s}`);
+  const unit = m[2]!.toLowerCase();
+  return Math.round(Number(m[1]) * (unit === "k" ? 1024 : unit === "m" ? 1048576 : 1));
+}
+
+function main(argv: string[]): void {
+  const { values } = parseFlags(
+    argv,
+    valueFlags("model", "heads", "lengths", "samples", "windows", "op", "tasks", "seed"),
+  );
+  const modelDir = values.model ?? join(import.meta.dir, "..", "models", "reform-tiny");
+  const lengths = (values.lengths ?? "16k,128k,1m").split(",").map(parseLength);
+  const n = intFlag("samples", values.samples, 1) ?? 6;
+  const windows = (values.windows ?? "33,49,65,81,129").split(",").map(Number);
+  const op = (values.op ?? "mean") as SmoothingOp;
+  const tasks = (values.tasks ?? "single,multikey,multivalue,multiquery").split(",") as Task[];
+  const seed = intFlag("seed", values.seed, 0) ?? 7;
+  const lab = openLab(modelDir, { backend: "cpu" });
+  try {
+    const d = lab.defaults;
+    const hf = loadHeads(modelDir, lab.mc, values.heads);
+    const heads = hf.heads.map((_, i) => i);
+    const edge = edgeFor(d.budget, d.edge);
+    console.log(
+      `model ${modelDir} (max_model_len ${d.maxModelLen}); heads ${hf.heads.map(headKey).join(", ")} ` +
+        `(${hf.source}); chunk ${d.chunkSize}, capacity ${d.capacity}, budget ${d.budget}, edge ${edge}, ${op} ` +
+        `pooling; ${n} held-out samples per task (${tasks.join(", ")}), seed ${seed}; gathered = every asked value ` +
+        "among the gathered tokens",
+    );
+    console.log(`\n| context | ${windows.map((w) => `window ${w}`).join(" | ")} |`);
+    console.log(`| --- | ${windows.map(() => "---").join(" | ")} |`);
+    for (const length of lengths) {
+      const t0 = performance.now();
+      const samples = heldOutSamples(lab, tasks, n, length, seed);
+      const hit = windows.map(() => new Map<Task, number>());
+      for (const s of samples) {
+        // one sample at a time: the cosine table of a 1M-token context is the memory this bench needs
+        const table = embedTables(lab, s.ids, s.q, hf.heads, { chunk: d.chunkSize, capacity: d.capacity });
+        const raw = scoreHeads(table, heads);
+        windows.forEach((w, k) => {
+          const kept = new Set(selectTokens(smoothScores(raw, w, op), d.budget, edge));
+          const all = s.spans.every(([a, b]) => {
+            for (let t = a; t < b; t++) if (!kept.has(t)) return false;
+            return true;
+          });
+          if (all) hit[k]!.set(s.task, (hit[k]!.get(s.task) ?? 0) + 1);
+        });
+      }
+      const cells = hit.map((m) => {
+        const total = [...m.values()].reduce((a, b) => a + b, 0);
+        return `${total}/${samples.length} (${tasks.map((t) => m.get(t) ?? 0).join("/")})`;
+      });
+      console.log(
+        `| ${length >= 1048576 ? `${length / 1048576}M` : `${Math.round(length / 1024)}K`} | ${cells.join(" | ")} |`,
+      );
+      console.error(`[window-sweep] ${length} tokens: ${((performance.now() - t0) / 1000).toFixed(0)} s`);
+    }
+    console.log(`\n(per task in parentheses: ${tasks.join(" / ")})`);
+  } finally {
+    lab.close();
+  }
+}
+
+if (import.meta.main)
+  await runCli(
+    "window-sweep",
+    "usage: bun bench/window-sweep.ts [--lengths 16k,128k,1m] [--samples N] [--windows ...]",
+    () => main(process.argv.slice(2)),
+  );
