@@ -31,7 +31,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 RF_F32, RF_F16, RF_BF16 = 0, 1, 2
 RF_ROPE_DEFAULT, RF_ROPE_LLAMA3, RF_ROPE_LINEAR = 0, 1, 2
-RF_HEAD = {"q": 0, "k": 1, "v": 2}
+RF_HEAD = {"q": 0, "k": 1, "v": 2, "o": 3}
+RF_EVICT_H2O, RF_EVICT_TOVA = 0, 1
+RF_ABI_VERSION = 2  # cuda/reform.h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,8 +87,8 @@ class Lib:
         sig("rf_seq_reset", ctypes.c_int, vp)
         sig("rf_seq_import_compressor", ctypes.c_int, vp, vp)
         sig("rf_seq_destroy", None, vp)
-        if L.rf_abi_version() != 1:
-            raise RuntimeError(f"{path}: ABI version {L.rf_abi_version()} != 1")
+        if L.rf_abi_version() != RF_ABI_VERSION:
+            raise RuntimeError(f"{path}: ABI version {L.rf_abi_version()} != {RF_ABI_VERSION}")
         self.name = L.rf_backend_name().decode()
 
     def err(self):
@@ -125,9 +127,10 @@ def config_words(c):
     return ctypes.create_string_buffer(b, 128)
 
 
-def compress_params(capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype=RF_F32, exit_layer=-1):
+def compress_params(capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype=RF_F32, exit_layer=-1,
+                    eviction=RF_EVICT_H2O):
     a = np.zeros(16, dtype=np.int32)
-    a[:7] = [capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype, exit_layer]
+    a[:8] = [capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype, exit_layer, eviction]
     return a
 
 

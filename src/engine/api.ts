@@ -205,7 +205,8 @@ export interface ModelInfo {
   trainedContext: number; // max_position_embeddings
   vocabSize: number;
   numLayers: number;
-  heads: { layer: number; kind: "q" | "k" | "v"; head: number }[];
+  /** kind: q / k / v projection or o, the attention output (src/model/types.ts HeadKind) */
+  heads: { layer: number; kind: "q" | "k" | "v" | "o"; head: number }[];
   exitLayer: number;
   defaults: {
     budget: number;
