@@ -246,6 +246,8 @@ export interface ModelInfo {
     nSink: number;
     nRecent: number;
     obsWindow: number;
+    /** which entries a full cache keeps (src/engine/eviction.ts; the heads file's "eviction") */
+    eviction: "h2o" | "streaming" | "tova";
     embedDim: number;
     embedDtype: "f16" | "f32";
     exitLayer: number;
