@@ -460,6 +460,12 @@ inline int cached_layers(int exit_layer, int num_layers, bool exit_attn) {
   return exit_layer == num_layers - 1 || exit_attn ? exit_layer + 1 : exit_layer;
 }
 
+/* The chunk's queries whose attention scores the entries, counted from its end: H2O the last obs_window, TOVA the
+ * last one (reform.h says why). */
+inline int64_t observed_queries(const rf_compress_params& p, int64_t n) {
+  return std::min<int64_t>(p.eviction == RF_EVICT_TOVA ? 1 : p.obs_window, n);
+}
+
 /* TOVA's score of every entry of one layer: the sum over its kv heads of their scores (each already the sum over the
  * kv head's query heads of the last query's probability), written back to every kv head, so each kv head of the layer
  * ranks — and keeps — the same entries. score: [nkv][stride], entries [0, len). */

@@ -252,8 +252,8 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
                      &c->sin_tab[(L + t) * half]);
     // attention below the exit layer (and at it for an o head); the eviction pass reuses its softmax statistics (at
     // the exit layer, reached here only at full depth, only the observation window's statistics are computed). The
-    // observed queries: H2O the last obs_window of the chunk, TOVA its last one (reform.h says why)
-    const int64_t obs_start = n - std::min<int64_t>(tova ? 1 : c->p.obs_window, n);
+    // observed queries: rf::observed_queries
+    const int64_t obs_start = n - rf::observed_queries(c->p, n);
     if (l < E || c->exit_attn)
       k::attn_forward(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, va, T, L, w.att.data(), w.stats.data(),
                       w.scratch.data());

@@ -130,9 +130,8 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
   RF_TRY(ws_ensure(m, comp_need(c)));
   Workspace& ws = m->ws;
   const int len = (int)c->len, total = len + n;
-  // the queries whose attention ranks the entries: H2O the chunk's last obs_window, TOVA its last (reform.h says why)
   const bool tova = c->p.eviction == RF_EVICT_TOVA;
-  const int w = std::min(tova ? 1 : c->p.obs_window, n);
+  const int w = (int)rf::observed_queries(c->p, n);  // the chunk's last w queries score the entries
   const float scale = 1.f / sqrtf((float)m->hd);
   const Acts a = ws_acts(m);
   const size_t emb_bytes = (size_t)n * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4);

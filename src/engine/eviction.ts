@@ -5,11 +5,9 @@
  *   h2o        the recent window (recentFor) + the entries with the most attention accumulated over each chunk's last
  *              obs_window queries (Zhang et al. 2023; the server's default and the REFORM paper's)
  *   streaming  StreamingLLM (Xiao et al. 2023): the recent window fills the rest, nothing is ranked
- *   tova       TOVA (Oren et al. 2024): the same recent window + the entries the chunk's LAST query attends most,
- *              summed over the layer's query heads (so a layer keeps one set of tokens), recomputed at every chunk.
- *              The last query rather than the mean over the chunk's queries: TOVA evicts by the current query's
- *              attention, and the chunk's overflow is evicted at its end, where the current query is its last token;
- *              a mean over the chunk would be an un-accumulated H2O, not TOVA.
+ *   tova       TOVA (Oren et al. 2024): the same recent window + the entries the chunk's last query attends most,
+ *              summed over the layer's query heads (so a layer keeps one set of tokens), recomputed at every chunk
+ *              (cuda/reform.h defines it and says why the last query rather than the mean over the chunk).
  * h2o and tova share the sinks and the recent window so that the two differ only in how the middle is ranked.
  * The upload compressor takes the heads file's "eviction" (src/model/heads.ts, resolved in load.ts); the baselines
  * "h2o" and "streaming" of gather.ts and the head tools (scripts/heads-lab.ts) name theirs.
