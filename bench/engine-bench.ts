@@ -159,15 +159,15 @@ function posInt(name: string, v: string | undefined, def: number, min = 1): numb
   return n;
 }
 
-/** `--heads L:q:H,L:k:H,...` */
+/** `--heads L:q:H,L:k:H,...` (kinds q, k, v, o) */
 function parseHeadsArg(s: string): HeadSpec[] {
   return s
     .split(",")
     .filter(Boolean)
     .map((part) => {
-      const m = /^(\d+):([qkv]):(\d+)$/.exec(part.trim());
-      if (!m) die(`--heads entries are layer:q|k|v:head, got '${part}'`);
-      return { layer: Number(m[1]), kind: m[2] as "q" | "k" | "v", head: Number(m[3]) };
+      const m = /^(\d+):([qkvo]):(\d+)$/.exec(part.trim());
+      if (!m) die(`--heads entries are layer:q|k|v|o:head, got '${part}'`);
+      return { layer: Number(m[1]), kind: m[2] as HeadSpec["kind"], head: Number(m[3]) };
     });
 }
 

@@ -261,6 +261,7 @@ inline const char* struct_layout() {
       RF_LAYOUT_FIELD(rf_compress_params, n_sink) + RF_LAYOUT_FIELD(rf_compress_params, n_recent) +
       RF_LAYOUT_FIELD(rf_compress_params, obs_window) + RF_LAYOUT_FIELD(rf_compress_params, max_chunk) +
       RF_LAYOUT_FIELD(rf_compress_params, emb_dtype) + RF_LAYOUT_FIELD(rf_compress_params, exit_layer) +
+      RF_LAYOUT_FIELD(rf_compress_params, eviction) +
       RF_LAYOUT_FIELD(rf_compress_params, reserved);
   return s.c_str();
 }

@@ -27,15 +27,23 @@
  *     probability on that entry. After appending a chunk, if len > capacity, each (layer, kv_head)
  *     keeps the first n_sink entries, the last n_recent entries and the top-scoring others, in
  *     original order, down to `capacity`.
+ *   - TOVA (p->eviction == RF_EVICT_TOVA; Oren et al. 2024): an entry's score is the softmax probability the chunk's
+ *     LAST query gives it, summed over every query head of the layer (so every kv head of a layer holds the same
+ *     score and keeps the same entries), recomputed at every chunk (nothing accumulates). The same sinks, recent
+ *     window and capacity apply as for H2O: the policy only changes how the middle is ranked. The last query, not
+ *     the mean over the chunk: TOVA evicts by the attention of the current query, and when a chunk's overflow is
+ *     evicted at its end the current query is its last token; a mean over the chunk's queries would be an
+ *     un-accumulated H2O window, not TOVA. StreamingLLM needs no policy: capacity == n_sink + n_recent.
  *   - Output: for every chunk token, for each selected head in order, the head's vector
  *     (q: after q_proj(+bias)(+q_norm), BEFORE RoPE; k: after k_proj(+bias)(+k_norm), before RoPE; v: after
- *     v_proj(+bias)), L2-normalised (eps 1e-6), concatenated -> n_sel * head_dim values per token.
+ *     v_proj(+bias); o: the query head's attention output softmax(q k^T / sqrt(d)) v over the cache + chunk, before
+ *     o_proj), L2-normalised (eps 1e-6), concatenated -> n_sel * head_dim values per token.
  *     (Normalisation is v / max(||v||_2, 1e-6), torch.nn.functional.normalize semantics.)
  *     One rule for every family: a q/k head is embedded as attention reads it, minus the position. With qk_norm
  *     (Qwen3) that is after the per-head norm: the same vectors the cache keeps as its pre-RoPE keys.
  *   - Layers after exit_layer are never run; for exit_layer itself only q/k/v are computed, and its cache is
  *     kept (with attention scores, H2O and eviction) only when it is the model's last layer (rf_seq_import_compressor
- *     needs every layer); below full depth nothing reads it.
+ *     needs every layer) or an o head sits at it (its attention reads that cache); otherwise nothing reads it.
  *   - CUDA build: the H2O keep-sets are selected on the device; a step waits on the host once, for its embeddings.
  */
 #ifndef REFORM_H
@@ -53,7 +61,8 @@ extern "C" {
 #define RF_API __attribute__((visibility("default")))
 #endif
 
-#define RF_ABI_VERSION 1
+/* 2: rf_smooth_select / rf_score_select take the pooling operator; RF_HEAD_O; rf_compress_params.eviction */
+#define RF_ABI_VERSION 2
 
 /* status codes */
 #define RF_OK 0
@@ -78,6 +87,15 @@ extern "C" {
 #define RF_HEAD_Q 0
 #define RF_HEAD_K 1
 #define RF_HEAD_V 2
+#define RF_HEAD_O 3 /* the query head's attention output, before o_proj (head index over the query heads) */
+
+/* eviction policies of the compressor (rf_compress_params.eviction) */
+#define RF_EVICT_H2O 0  /* accumulated attention of each chunk's last obs_window queries, per kv head */
+#define RF_EVICT_TOVA 1 /* attention of each chunk's last query, summed over the layer's query heads */
+
+/* pooling operators of the query-time smoothing (rf_smooth_select, rf_score_select) */
+#define RF_POOL_MEAN 0
+#define RF_POOL_MAX 1
 
 /* Model configuration. Every field is 4 bytes (int32 or float32), laid out in this order,
  * followed by reserved int32 words up to 32 words (128 bytes) in total. */
@@ -114,7 +132,8 @@ typedef struct rf_compress_params {
   int32_t max_chunk;  /* largest n accepted by rf_compressor_process / rf_compressor_embed */
   int32_t emb_dtype;  /* RF_F32 or RF_F16: dtype written to out_emb */
   int32_t exit_layer; /* -1: max layer among the selected heads; otherwise run layers 0..exit_layer */
-  int32_t reserved[9];
+  int32_t eviction;   /* RF_EVICT_H2O (0, what a zeroed struct asks for) or RF_EVICT_TOVA */
+  int32_t reserved[8];
 } rf_compress_params;
 
 typedef struct rf_model rf_model;
@@ -159,7 +178,8 @@ RF_API int rf_memory_info(const rf_model* m, int64_t* out, int32_t n);
 RF_API void rf_model_destroy(rf_model* m);
 
 /* ---- compress (phase 1) ---- */
-/* heads: n_heads * 3 int32 (layer, kind RF_HEAD_*, head index within that kind's heads). */
+/* heads: n_heads * 3 int32 (layer, kind RF_HEAD_*, head index within that kind's heads: query heads for q and o,
+ * kv heads for k and v). */
 RF_API rf_compressor* rf_compressor_create(rf_model* m, const rf_compress_params* p, const int32_t* heads,
                                            int32_t n_heads);
 RF_API int32_t rf_compressor_embed_dim(const rf_compressor* c); /* n_heads * head_dim */
@@ -216,19 +236,20 @@ RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c);
 RF_API void rf_seq_destroy(rf_seq* s);
 
 /* ---- query-time selection (phase 2, after rf_score) ---- */
-/* scores: n f32 (n <= INT32_MAX). Smooths them with a centered moving average of width window (odd; an even
- * width is rounded up; at the ends the average is over the part inside [0, n), from f64 prefix sums) into
- * `smoothed` (n f32, may be NULL), then writes to out_idx (min(n, budget) int32, ascending) the positions kept:
+/* scores: n f32 (n <= INT32_MAX). Smooths them over a centered window of width window (odd; an even width is rounded
+ * up; at the ends the window is the part inside [0, n)) with `pool`: RF_POOL_MEAN, the moving average (from f64 prefix
+ * sums), or RF_POOL_MAX, the moving maximum (NaN counts as -inf) into `smoothed` (n f32, may be NULL; both exactly
+ * src/engine/selection.ts smoothScores), then writes to out_idx (min(n, budget) int32, ascending) the positions kept:
  * all of them when n <= budget, else the first and last e = min(edge, budget / 4) and the budget - 2e others
  * with the highest smoothed score (ties: the earlier position; NaN ranks lowest). O(n), no sort.
  * Returns the number of indices written or an error code. */
-RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
-                                float* smoothed, int32_t* out_idx);
+RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int32_t pool, int64_t budget,
+                                int32_t edge, float* smoothed, int32_t* out_idx);
 /* rf_score then rf_smooth_select in one call (the query path after the query embedding): scores (n_ctx f32, may be
  * NULL) receives the raw scores, out_idx the selected positions; returns their count or an error code. The CPU build
  * scores with f32 sums (within 1e-5 of rf_score), the CUDA build with rf_score itself. */
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, int32_t window, int64_t budget, int32_t edge, float* scores,
+                               int32_t n_q, int32_t window, int32_t pool, int64_t budget, int32_t edge, float* scores,
                                int32_t* out_idx);
 
 #ifdef __cplusplus

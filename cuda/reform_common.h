@@ -357,14 +357,16 @@ inline int validate_compress(const rf_config& c, const rf_compress_params* p, co
                      p->n_sink + p->n_recent);
   if (p->emb_dtype != RF_F32 && p->emb_dtype != RF_F16)
     return set_error(RF_ERR_INVALID, "emb_dtype must be f32 or f16");
+  if (p->eviction != RF_EVICT_H2O && p->eviction != RF_EVICT_TOVA)
+    return set_error(RF_ERR_INVALID, "eviction must be RF_EVICT_H2O (0) or RF_EVICT_TOVA (1), got %d", p->eviction);
   int maxl = -1;
   out->clear();
   for (int i = 0; i < n_heads; i++) {
     HeadSel h{heads[3 * i], heads[3 * i + 1], heads[3 * i + 2]};
     if (h.layer < 0 || h.layer >= c.num_layers)
       return set_error(RF_ERR_INVALID, "head %d: layer %d out of range [0,%d)", i, h.layer, c.num_layers);
-    if (h.kind < RF_HEAD_Q || h.kind > RF_HEAD_V) return set_error(RF_ERR_INVALID, "head %d: bad kind %d", i, h.kind);
-    int nh = h.kind == RF_HEAD_Q ? c.num_heads : c.num_kv_heads;
+    if (h.kind < RF_HEAD_Q || h.kind > RF_HEAD_O) return set_error(RF_ERR_INVALID, "head %d: bad kind %d", i, h.kind);
+    int nh = h.kind == RF_HEAD_Q || h.kind == RF_HEAD_O ? c.num_heads : c.num_kv_heads;
     if (h.head < 0 || h.head >= nh)
       return set_error(RF_ERR_INVALID, "head %d: index %d out of range [0,%d)", i, h.head, nh);
     maxl = std::max(maxl, h.layer);
@@ -463,11 +465,36 @@ inline int32_t sample_logits(const float* logits, int32_t vocab, float temperatu
 }
 
 /* ---------------- compressor state blob ---------------- */
+/* Whether an o head (an attention output) sits at the exit layer: then the exit layer runs its attention. */
+inline bool exit_attention(const std::vector<HeadSel>& heads, int exit_layer) {
+  for (const HeadSel& h : heads)
+    if (h.kind == RF_HEAD_O && h.layer == exit_layer) return true;
+  return false;
+}
+
 /* Layers whose KV cache a compressor keeps: 0..exit_layer-1. The exit layer's cache (and its attention, H2O scores
  * and eviction) is read by nothing below full depth — its q/k/v depend only on the layers before it — so it is kept
- * only when the exit layer is the model's last (the H2O-only baseline imports every layer into a sequence). */
-inline int cached_layers(int exit_layer, int num_layers) {
-  return exit_layer == num_layers - 1 ? num_layers : exit_layer;
+ * only when the exit layer is the model's last (the H2O-only baseline imports every layer into a sequence) or its
+ * attention is embedded (an o head at the exit layer attends over that cache). */
+inline int cached_layers(int exit_layer, int num_layers, bool exit_attn) {
+  return exit_layer == num_layers - 1 || exit_attn ? exit_layer + 1 : exit_layer;
+}
+
+/* The chunk's queries whose attention scores the entries, counted from its end: H2O the last obs_window, TOVA the
+ * last one (reform.h says why). */
+inline int64_t observed_queries(const rf_compress_params& p, int64_t n) {
+  return std::min<int64_t>(p.eviction == RF_EVICT_TOVA ? 1 : p.obs_window, n);
+}
+
+/* TOVA's score of every entry of one layer: the sum over its kv heads of their scores (each already the sum over the
+ * kv head's query heads of the last query's probability), written back to every kv head, so each kv head of the layer
+ * ranks — and keeps — the same entries. score: [nkv][stride], entries [0, len). */
+inline void tova_layer_scores(float* score, int nkv, int64_t stride, int64_t len) {
+  for (int64_t e = 0; e < len; e++) {
+    float s = 0.f;
+    for (int g = 0; g < nkv; g++) s += score[(int64_t)g * stride + e];
+    for (int g = 0; g < nkv; g++) score[(int64_t)g * stride + e] = s;
+  }
 }
 
 /* Layout: StateHeader, then for each cached layer (cached_layers), for each kv head: K[len][head_dim] f32,

@@ -173,8 +173,9 @@ struct rf_compressor {
   rf_compress_params p;
   std::vector<rf::HeadSel> heads;
   int exit_layer;
-  int ncache;     // layers whose cache is kept: rf::cached_layers (the exit layer's only at full depth)
-  int64_t alloc;  // entries allocated per (layer, kv head) = capacity + max_chunk
+  bool exit_attn;  // an o head at the exit layer: its attention runs (rf::exit_attention)
+  int ncache;      // layers whose cache is kept: rf::cached_layers (the exit layer's at full depth or for an o head)
+  int64_t alloc;   // entries allocated per (layer, kv head) = capacity + max_chunk
   int64_t len = 0, seen = 0;
   std::vector<std::vector<float>> K, V, S;  // per layer: [nkv][alloc][hd], [nkv][alloc][hd], [nkv][alloc]
   std::vector<float> cos_tab, sin_tab;      // [alloc][hd/2]
@@ -204,6 +205,7 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
   const int64_t L = c->len, T = L + n, qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
   const int E = c->exit_layer;
   const int64_t edim = (int64_t)c->heads.size() * hd;
+  const bool tova = c->p.eviction == RF_EVICT_TOVA;
   Work& w = c->w;
   w.ensure(cfg, n);
   const int64_t Tk = k::kt_round(T);
@@ -216,15 +218,21 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
   for (int l = 0; l <= E; l++) {
     const Layer& Ly = m->layers[(size_t)l];
     qkv_proj(m, Ly, w, n);
-    // selected heads of this layer (pre-RoPE), L2-normalised
-    for (size_t si = 0; si < c->heads.size(); si++) {
-      const rf::HeadSel& hs = c->heads[si];
-      if (hs.layer != l) continue;
-      const float* src = hs.kind == RF_HEAD_Q ? w.q.data() : hs.kind == RF_HEAD_K ? w.kk.data() : w.vv.data();
-      const int64_t rs = hs.kind == RF_HEAD_Q ? qd : kvd;
-      for (int64_t t = 0; t < n; t++)
-        k::l2_normalize(src + t * rs + (int64_t)hs.head * hd, hd, 1e-6f, &c->emb[t * edim + (int64_t)si * hd]);
-    }
+    // selected heads of this layer, L2-normalised: q / k / v now (pre-RoPE), o once the attention has run
+    const auto embed_heads = [&](bool attn_out) {
+      for (size_t si = 0; si < c->heads.size(); si++) {
+        const rf::HeadSel& hs = c->heads[si];
+        if (hs.layer != l || (hs.kind == RF_HEAD_O) != attn_out) continue;
+        const float* src = hs.kind == RF_HEAD_Q   ? w.q.data()
+                           : hs.kind == RF_HEAD_K ? w.kk.data()
+                           : hs.kind == RF_HEAD_V ? w.vv.data()
+                                                  : w.att.data();
+        const int64_t rs = hs.kind == RF_HEAD_K || hs.kind == RF_HEAD_V ? kvd : qd;
+        for (int64_t t = 0; t < n; t++)
+          k::l2_normalize(src + t * rs + (int64_t)hs.head * hd, hd, 1e-6f, &c->emb[t * edim + (int64_t)si * hd]);
+      }
+    };
+    embed_heads(false);
     if (l >= c->ncache) break;  // the exit layer below full depth: nothing reads its cache or H2O scores
     // keys of every entry at contiguous positions 0..T-1 (cache pre-RoPE), values
     const float* Kc = c->K[(size_t)l].data();
@@ -250,21 +258,25 @@ int compressor_run(rf_compressor* c, const int32_t* tokens, int64_t n, void* out
       for (int h = 0; h < nh; h++)
         k::rope_head(w.q.data() + t * qd + (int64_t)h * hd, hd, &c->cos_tab[(L + t) * half],
                      &c->sin_tab[(L + t) * half]);
-    // attention below the exit layer; the H2O pass reuses its softmax statistics (at the exit layer, reached here only
-    // at full depth, only the observation window's statistics are computed)
-    const int64_t obs_start = n - std::min<int64_t>(c->p.obs_window, n);
-    if (l < E)
+    // attention below the exit layer (and at it for an o head); the eviction pass reuses its softmax statistics (at
+    // the exit layer, reached here only at full depth, only the observation window's statistics are computed). The
+    // observed queries: rf::observed_queries
+    const int64_t obs_start = n - rf::observed_queries(c->p, n);
+    if (l < E || c->exit_attn)
       k::attn_forward(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, va, T, L, w.att.data(), w.stats.data(),
                       w.scratch.data());
     else if (commit)
       k::attn_stats(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, T, L, obs_start, w.stats.data(), w.scratch.data());
+    embed_heads(true);
     if (commit) {
+      // H2O adds this chunk's attention to the entries' scores; TOVA ranks by this chunk's alone
       float* sa = c->sa.data();
       const float* Sc = c->S[(size_t)l].data();
       for (int g = 0; g < nkv; g++)
-        for (int64_t e = 0; e < T; e++) sa[(int64_t)g * T + e] = e < L ? Sc[(int64_t)g * c->alloc + e] : 0.f;
+        for (int64_t e = 0; e < T; e++) sa[(int64_t)g * T + e] = e < L && !tova ? Sc[(int64_t)g * c->alloc + e] : 0.f;
       k::attn_scores(w.q.data(), n, nh, nkv, hd, nullptr, kr, Tk, T, L, obs_start, w.stats.data(), sa, T,
                      w.scratch.data());
+      if (tova) rf::tova_layer_scores(sa, nkv, T, T);
     }
     if (l < E) post_attn(m, Ly, w, n);
     if (commit) {  // append the chunk (pre-RoPE K, V) and the updated scores
@@ -625,7 +637,8 @@ RF_API rf_compressor* rf_compressor_create(rf_model* m, const rf_compress_params
     c->p = *p;
     c->heads = hs;
     c->exit_layer = el;
-    c->ncache = rf::cached_layers(el, cfg.num_layers);
+    c->exit_attn = rf::exit_attention(hs, el);
+    c->ncache = rf::cached_layers(el, cfg.num_layers, c->exit_attn);
     c->alloc = (int64_t)p->capacity + p->max_chunk;
     c->K.resize((size_t)c->ncache);
     c->V.resize((size_t)c->ncache);
@@ -873,14 +886,15 @@ RF_API void rf_seq_destroy(rf_seq* s) {
   model_release(m);
 }
 
-RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
-                                float* smoothed, int32_t* out_idx) {
-  return guard("rf_smooth_select",
-               [&]() -> int64_t { return rf::smooth_select(scores, n, window, budget, edge, smoothed, out_idx); });
+RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int32_t pool, int64_t budget,
+                                int32_t edge, float* smoothed, int32_t* out_idx) {
+  return guard("rf_smooth_select", [&]() -> int64_t {
+    return rf::smooth_select(scores, n, window, pool, budget, edge, smoothed, out_idx);
+  });
 }
 
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, int32_t window, int64_t budget, int32_t edge, float* scores,
+                               int32_t n_q, int32_t window, int32_t pool, int64_t budget, int32_t edge, float* scores,
                                int32_t* out_idx) {
   return guard("rf_score_select", [&]() -> int64_t {
     const auto pool_ranges = [&](int64_t nblk, auto&& f) {
@@ -888,7 +902,7 @@ RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx
     };
     return rf::score_select(
         [&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, s, pool_ranges); }, n_ctx, window,
-        budget, edge, scores, out_idx);
+        pool, budget, edge, scores, out_idx);
   });
 }
 

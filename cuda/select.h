@@ -5,8 +5,9 @@
  * The CPU scoring here (score_rows) streams the mmapped f16 embeddings once, as a register-blocked small GEMM.
  *
  * The results are exactly those of src/engine/selection.ts smoothScores + selectTokens (the reference the tests
- * compare against): the average uses f64 prefix sums in the same order, rounded once to f32; ties go to the
- * earlier position. Included by exactly one translation unit per library, after reform_common.h.
+ * compare against): the average uses f64 prefix sums in the same order, rounded once to f32; the maximum (max pooling)
+ * is a value of the input, NaN read as -inf; ties go to the earlier position. Included by exactly one translation unit
+ * per library, after reform_common.h.
  */
 #ifndef REFORM_SELECT_H
 #define REFORM_SELECT_H
@@ -51,6 +52,28 @@ inline void smooth_scores(const float* s, int64_t n, int64_t half, float* out) {
   }
 }
 
+/* Centered moving maximum of width 2*half+1 over the part of the window inside [0, n), NaN counting as -inf: O(n) with
+ * a monotone deque of indices (decreasing values), as selection.ts maxPool computes it, so every value matches. */
+inline void max_pool(const float* s, int64_t n, int64_t half, float* out) {
+  if (half <= 0) {
+    memcpy(out, s, (size_t)n * sizeof(float));
+    return;
+  }
+  const auto v = [&](int64_t i) { return s[i] != s[i] ? -INFINITY : s[i]; };
+  std::vector<int32_t> dq((size_t)n);
+  int64_t head = 0, tail = 0, next = 0;
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t hi = i + half + 1 < n ? i + half + 1 : n;
+    for (; next < hi; next++) {
+      const float x = v(next);
+      while (tail > head && v(dq[(size_t)tail - 1]) <= x) tail--;
+      dq[(size_t)tail++] = (int32_t)next;
+    }
+    while (dq[(size_t)head] < i - half) head++;
+    out[i] = v(dq[(size_t)head]);
+  }
+}
+
 /* The k-th largest key among sm[lo..hi) (1 <= k <= hi - lo) and how many positions holding exactly that key are
  * taken (the earliest ones), from a 16-bit histogram of the high halves and one of the low halves in that bin. */
 inline void kth_key(const float* sm, int64_t lo, int64_t hi, int64_t k, uint32_t* key, int64_t* take_eq) {
@@ -70,11 +93,18 @@ inline void kth_key(const float* sm, int64_t lo, int64_t hi, int64_t k, uint32_t
   *take_eq = k - above;
 }
 
-/* smoothScores(scores, window) then selectTokens(smoothed, budget, edge) of query.ts; see rf_smooth_select. */
-inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int64_t budget, int32_t edge,
+inline int check_pool(int32_t pool, const char* where) {
+  if (pool == RF_POOL_MEAN || pool == RF_POOL_MAX) return RF_OK;
+  return set_error(RF_ERR_INVALID, "%s: pool must be RF_POOL_MEAN (0) or RF_POOL_MAX (1), got %d", where, pool);
+}
+
+/* smoothScores(scores, window, pool) then selectTokens(smoothed, budget, edge) of selection.ts; see rf_smooth_select.
+ */
+inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int32_t pool, int64_t budget, int32_t edge,
                              float* smoothed, int32_t* out_idx) {
   clear_error();  // a success leaves rf_last_error() empty, as the CUDA build's entry points do
   if (n < 0 || n > INT32_MAX || budget < 0) return set_error(RF_ERR_INVALID, "rf_smooth_select: bad sizes");
+  if (check_pool(pool, "rf_smooth_select") != RF_OK) return RF_ERR_INVALID;
   if (n > 0 && (!scores || !out_idx)) return set_error(RF_ERR_INVALID, "rf_smooth_select: NULL argument");
   if (n == 0) return 0;
   std::vector<float> own;
@@ -82,7 +112,9 @@ inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int
     own.resize((size_t)n);
     smoothed = own.data();
   }
-  smooth_scores(scores, n, window > 0 ? window / 2 : 0, smoothed);
+  const int64_t half = window > 0 ? window / 2 : 0;
+  if (pool == RF_POOL_MAX) max_pool(scores, n, half, smoothed);
+  else smooth_scores(scores, n, half, smoothed);
   if (n <= budget) {
     for (int64_t i = 0; i < n; i++) out_idx[i] = (int32_t)i;
     return n;
@@ -225,10 +257,11 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
 /* rf_score_select: score(scores) fills n_ctx scores (rf_score's semantics; the build's own scorer), then
  * smooth_select. `scores` may be NULL (a scratch buffer is used). */
 template <class Score>
-inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int64_t budget, int32_t edge, float* scores,
-                            int32_t* out_idx) {
+inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int32_t pool, int64_t budget, int32_t edge,
+                            float* scores, int32_t* out_idx) {
   clear_error();
   if (n_ctx < 0 || n_ctx > INT32_MAX || budget < 0) return set_error(RF_ERR_INVALID, "rf_score_select: bad sizes");
+  if (check_pool(pool, "rf_score_select") != RF_OK) return RF_ERR_INVALID;
   std::vector<float> own;
   if (!scores) {
     own.resize((size_t)n_ctx);
@@ -236,7 +269,7 @@ inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int64_t 
   }
   const int rc = score(scores);
   if (rc != RF_OK) return rc;
-  return smooth_select(scores, n_ctx, window, budget, edge, nullptr, out_idx);
+  return smooth_select(scores, n_ctx, window, pool, budget, edge, nullptr, out_idx);
 }
 
 }  // namespace rf

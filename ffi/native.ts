@@ -33,6 +33,25 @@ export const RF_ROPE_LINEAR = 2;
 export const RF_HEAD_Q = 0;
 export const RF_HEAD_K = 1;
 export const RF_HEAD_V = 2;
+export const RF_HEAD_O = 3;
+const HEAD_KIND: Record<HeadSpec["kind"], number> = { q: RF_HEAD_Q, k: RF_HEAD_K, v: RF_HEAD_V, o: RF_HEAD_O };
+
+/** The compressor's ranking of its evictable entries (reform.h: H2O accumulates the observation window's attention,
+ * TOVA ranks by the chunk's last query, summed over the layer's heads). StreamingLLM is not a ranking: it is a cache of
+ * sinks and recent entries only (nRecent = capacity - nSink). */
+export const RF_EVICT_H2O = 0;
+export const RF_EVICT_TOVA = 1;
+export type EvictRank = "h2o" | "tova";
+const EVICT_RANK: Record<EvictRank, number> = { h2o: RF_EVICT_H2O, tova: RF_EVICT_TOVA };
+
+/** The query-time pooling operators of rf_smooth_select / rf_score_select (selection.ts SmoothingOp). */
+export const RF_POOL_MEAN = 0;
+export const RF_POOL_MAX = 1;
+export type PoolOp = "mean" | "max";
+const POOL: Record<PoolOp, number> = { mean: RF_POOL_MEAN, max: RF_POOL_MAX };
+
+/** The ABI version this binding packs and calls (cuda/reform.h RF_ABI_VERSION). */
+export const RF_ABI_VERSION = 2;
 
 const CODE_NAMES: Record<number, string> = {
   [RF_ERR_INVALID]: "invalid_argument",
@@ -63,6 +82,8 @@ export interface CompressParams {
   maxChunk: number;
   embDtype: typeof RF_F32 | typeof RF_F16;
   exitLayer: number; // -1: derived from the heads
+  /** how evictable entries are ranked (default h2o) */
+  eviction?: EvictRank;
 }
 
 const symbols = {
@@ -117,7 +138,7 @@ const symbols = {
   rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
   rf_seq_destroy: { args: [FFIType.ptr], returns: FFIType.void },
   rf_smooth_select: {
-    args: [FFIType.ptr, FFIType.i64, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.ptr],
+    args: [FFIType.ptr, FFIType.i64, FFIType.i32, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.ptr],
     returns: FFIType.i64_fast,
   },
   rf_score_select: {
@@ -127,6 +148,7 @@ const symbols = {
       FFIType.i64,
       FFIType.i32,
       FFIType.ptr,
+      FFIType.i32,
       FFIType.i32,
       FFIType.i32,
       FFIType.i64,
@@ -186,6 +208,7 @@ const RF_COMPRESS_PARAMS = {
     max_chunk: [16, "i32"],
     emb_dtype: [20, "i32"],
     exit_layer: [24, "i32"],
+    eviction: [28, "i32"],
   },
 } as const satisfies StructSpec<string>;
 
@@ -260,9 +283,11 @@ export class Native {
     this.closeLib = () => handle.close();
     this.path = path;
     const v = this.lib.rf_abi_version();
-    if (v !== 1) {
+    if (v !== RF_ABI_VERSION) {
       handle.close();
-      throw new Error(`native library ${path} has ABI version ${v}, expected 1`);
+      throw new Error(
+        `native library ${path} has ABI version ${v}, expected ${RF_ABI_VERSION} (rebuild it: \`bun run build:native\`)`,
+      );
     }
     const own = String(this.lib.rf_backend_name());
     if (own !== "cpu" && own !== "cuda") {
@@ -378,14 +403,15 @@ export class Native {
     return o;
   }
 
-  /** rf_smooth_select: smoothScores + selectTokens of src/engine/selection.ts in O(n) natively (the same indices).
-   * `smoothed` (optional, >= n) receives the smoothed scores. */
+  /** rf_smooth_select: smoothScores + selectTokens of src/engine/selection.ts in O(n) natively (the same smoothed
+   * values and indices, for either pooling operator). `smoothed` (optional, >= n) receives the smoothed scores. */
   smoothSelect(
     scores: Float32Array,
     window: number,
     budget: number,
     edge: number,
     smoothed?: Float32Array,
+    pool: PoolOp = "mean",
   ): Int32Array {
     const n = scores.length;
     if (smoothed && smoothed.length < n) throw new Error("smoothSelect: smoothed smaller than scores");
@@ -393,21 +419,21 @@ export class Native {
     // one spare slot: bun:ffi passes an empty array as NULL, which the library rejects
     const out = new Int32Array(Math.min(n, Math.max(0, budget)) + 1);
     const m = this.check(
-      Number(this.lib.rf_smooth_select(scores, n, window | 0, budget, edge | 0, smoothed ?? null, out)),
+      Number(this.lib.rf_smooth_select(scores, n, window | 0, POOL[pool], budget, edge | 0, smoothed ?? null, out)),
       "rf_smooth_select",
     );
     return out.subarray(0, m);
   }
 
-  /** rf_score_select: score (as `score`) then smoothSelect in one native call, reading `ctx` in place (an mmap is
-   * fine). `scores` (optional, >= nCtx) receives the raw scores. */
+  /** rf_score_select: score (as `score`) then smoothSelect (with `sel.pool`, default mean) in one native call, reading
+   * `ctx` in place (an mmap is fine). `scores` (optional, >= nCtx) receives the raw scores. */
   scoreSelect(
     ctx: Float32Array | Uint16Array,
     nCtx: number,
     dim: number,
     q: Float32Array,
     nQ: number,
-    sel: { window: number; budget: number; edge: number },
+    sel: { window: number; budget: number; edge: number; pool?: PoolOp },
     scores?: Float32Array,
   ): Int32Array {
     if (ctx.length < nCtx * dim) throw new Error("scoreSelect: ctx smaller than n_ctx*dim");
@@ -426,6 +452,7 @@ export class Native {
           q,
           nQ,
           sel.window | 0,
+          POOL[sel.pool ?? "mean"],
           sel.budget,
           sel.edge | 0,
           scores ?? null,
@@ -519,11 +546,12 @@ export class NativeModel {
       max_chunk: params.maxChunk,
       emb_dtype: params.embDtype,
       exit_layer: params.exitLayer,
+      eviction: EVICT_RANK[params.eviction ?? "h2o"],
     });
     const hb = new Int32Array(heads.length * 3);
     heads.forEach((h, i) => {
       hb[i * 3] = h.layer;
-      hb[i * 3 + 1] = h.kind === "q" ? RF_HEAD_Q : h.kind === "k" ? RF_HEAD_K : RF_HEAD_V;
+      hb[i * 3 + 1] = HEAD_KIND[h.kind];
       hb[i * 3 + 2] = h.head;
     });
     const p = this.native._checkPtr(

@@ -384,6 +384,7 @@ export function limitsView(info: ModelInfo) {
       n_sink: c.nSink,
       n_recent: c.nRecent,
       obs_window: c.obsWindow,
+      eviction: c.eviction,
       embed_dim: c.embedDim,
       embed_dtype: c.embedDtype,
       exit_layer: c.exitLayer,

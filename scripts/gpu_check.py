@@ -11,8 +11,9 @@ For each model config (or the one given with --model DIR, a HF Llama/Mistral/Qwe
     saves it as safetensors and loads the same weights into the CUDA and CPU libraries through ctypes;
   * logits rel err (||a-b|| / ||b||) of CUDA vs transformers and CPU vs transformers at several prefix lengths;
   * 32-token greedy continuation: CUDA vs CPU vs transformers generate(do_sample=False);
-  * compressor: CUDA vs transformers q/k/v head vectors on the first chunk, CUDA vs CPU embeddings over
-    several chunks with eviction (cosine), cache length, state blob CUDA -> CPU;
+  * compressor: CUDA vs transformers q/k/v head vectors (and an o head: o_proj's input) on the first chunk,
+    CUDA vs CPU embeddings over several chunks with eviction (cosine), cache length, state blob CUDA -> CPU;
+    TOVA eviction with an attention-output head at the exit layer, CUDA vs CPU;
   * rf_score CUDA vs numpy.
 Exit code 1 when a check fails. Prints a summary table.
 --no-hf: without torch/transformers (numpy weights; CUDA vs CPU library only) — e.g. to test this script on the
@@ -32,7 +33,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 RF_F32, RF_F16, RF_BF16 = 0, 1, 2
 RF_ROPE_DEFAULT, RF_ROPE_LLAMA3, RF_ROPE_LINEAR = 0, 1, 2
-RF_HEAD = {"q": 0, "k": 1, "v": 2}
+RF_HEAD = {"q": 0, "k": 1, "v": 2, "o": 3}
+RF_EVICT_H2O, RF_EVICT_TOVA = 0, 1
+RF_ABI_VERSION = 2  # cuda/reform.h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,8 +89,8 @@ class Lib:
         sig("rf_seq_reset", ctypes.c_int, vp)
         sig("rf_seq_import_compressor", ctypes.c_int, vp, vp)
         sig("rf_seq_destroy", None, vp)
-        if L.rf_abi_version() != 1:
-            raise RuntimeError(f"{path}: ABI version {L.rf_abi_version()} != 1")
+        if L.rf_abi_version() != RF_ABI_VERSION:
+            raise RuntimeError(f"{path}: ABI version {L.rf_abi_version()} != {RF_ABI_VERSION}")
         self.name = L.rf_backend_name().decode()
 
     def err(self):
@@ -126,9 +129,10 @@ def config_words(c):
     return ctypes.create_string_buffer(b, 128)
 
 
-def compress_params(capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype=RF_F32, exit_layer=-1):
+def compress_params(capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype=RF_F32, exit_layer=-1,
+                    eviction=RF_EVICT_H2O):
     a = np.zeros(16, dtype=np.int32)
-    a[:7] = [capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype, exit_layer]
+    a[:8] = [capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype, exit_layer, eviction]
     return a
 
 
@@ -652,6 +656,36 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
         cpu2.destroy()
     for c in comps.values():
         c.destroy()
+    # TOVA eviction with an o head at the exit layer (that layer's attention runs and its cache is kept): CUDA vs CPU.
+    # TOVA ranks by one query's probabilities, most of them near zero and tied within bf16 rounding, so the bf16 and
+    # f32 keep-sets part sooner than H2O's: looser than the H2O check above
+    if "cuda" in natives and "cpu" in natives:
+        tp = compress_params(capacity=cap, n_sink=4, n_recent=16, obs_window=16, max_chunk=chunk, emb_dtype=RF_F32,
+                             eviction=RF_EVICT_TOVA)
+        th = [(1, "o", 0), (1, "k", 0), (0, "q", 0)]
+        tc = {lname: Compressor(natives[lname], tp, th) for lname in ("cuda", "cpu")}
+        te = {lname: np.concatenate([c.process(stream[off:off + chunk]) for off in range(0, len(stream), chunk)])
+              for lname, c in tc.items()}
+        mn0, _ = cos_rows(te["cuda"][:chunk], te["cpu"][:chunk], hd)
+        rep.add(name, "TOVA + o head at the exit layer: CUDA vs CPU chunk 0 min cos", f"{mn0:.5f}", "> 0.99",
+                mn0 > 0.99)
+        if hf is not None:  # the o head is o_proj's input (chunk 0: the cache is empty, a plain forward)
+            caps = {}
+            hk = hf.model.layers[1].self_attn.o_proj.register_forward_pre_hook(
+                lambda mod_, inp: caps.__setitem__("o", inp[0][0].float().cpu().numpy()))
+            with torch.no_grad():
+                hf(torch.from_numpy(stream[:chunk]).long()[None].to(dev))
+            hk.remove()
+            mn, mean = cos_rows(te["cuda"][:chunk, :hd], caps["o"][:, :hd], hd)
+            rep.add(name, "o head CUDA vs HF o_proj input (chunk 0) min cos", f"{mn:.5f} (mean {mean:.5f})", "> 0.99",
+                    mn > 0.99)
+        mn, mean = cos_rows(te["cuda"], te["cpu"], hd)
+        rep.add(name, f"TOVA + o head: CUDA vs CPU all {len(stream)} tok (with eviction) cos",
+                f"mean {mean:.5f} min {mn:.5f}", "mean > 0.9", mean > 0.9)
+        cl = {k: c.cache_len() for k, c in tc.items()}
+        rep.add(name, "TOVA cache_len CUDA == CPU", str(cl), f"== {cap}", cl["cuda"] == cl["cpu"] == cap)
+        for c in tc.values():
+            c.destroy()
 
     # ---- scoring ----
     if "cuda" in libs:

@@ -1,22 +1,25 @@
 /**
- * Measuring heads: one pass of the server's own upload compressor (its chunk, capacity, sinks, recent window and H2O
- * eviction, BOS on the first chunk) embeds every candidate head at once; per-head cosine tables of each context token
+ * Measuring heads: one pass of the server's own upload compressor (its chunk, capacity, sinks, recent window and
+ * eviction — H2O as served, or another policy of src/engine/eviction.ts — BOS on the first chunk) embeds every
+ * candidate head at once; per-head cosine tables of each context token
  * against each question token; from them what any set of heads scores, pools and gathers. Used by
  * scripts/select-heads.ts (selection), bench/heads-ablation.ts (the README's ablations) and
  * test/heads-quality.test.ts.
  *
- * Why one pass serves every head set: the compressor's cache, its H2O scores and its evictions are per layer and per
- * kv head, computed from the hidden states alone, so which heads are embedded never changes what is stored; the
+ * Why one pass serves every head set: the compressor's cache, its eviction scores and its evictions are per layer (and
+ * per kv head), computed from the hidden states alone, so which heads are embedded never changes what is stored (an o
+ * head reads its layer's cache, kept the same whether or not it is the exit layer); the
  * score of a head set is the mean of its heads' cosines (each head's vector is L2-normalised, rf_score takes the
  * cosine of their concatenation), max over the question tokens.
  */
 import { loadNative, RF_F16, type Native, type NativeModel } from "../ffi/native.ts";
-import { bosOf, recentFor, resolveDefaults, templateTokensOf, type EngineDefaults } from "../src/engine/load.ts";
+import { type EvictionPolicy, evictionParams } from "../src/engine/eviction.ts";
+import { bosOf, resolveDefaults, templateTokensOf, type EngineDefaults } from "../src/engine/load.ts";
 import { edgeFor, selectTokens, smoothScores, type SmoothingOp } from "../src/engine/selection.ts";
 import { loadModelConfig } from "../src/model/config.ts";
 import { loadSafetensors } from "../src/model/safetensors.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
-import type { HeadSpec, ModelConfig } from "../src/model/types.ts";
+import { HEAD_KINDS, type HeadSpec, type ModelConfig } from "../src/model/types.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
 
 export interface Lab {
@@ -63,23 +66,24 @@ export function openLab(modelDir: string, o: { backend?: "cpu" | "cuda" | "auto"
   };
 }
 
-/** Every q, k and v head of every layer (the paper's candidates). */
+/** Every q, k, v and o (attention output) head of every layer (the paper's candidates, its MNR table's kinds). */
 export function allHeads(mc: Pick<ModelConfig, "numLayers" | "numHeads" | "numKvHeads">): HeadSpec[] {
   const out: HeadSpec[] = [];
   for (let layer = 0; layer < mc.numLayers; layer++)
-    for (const kind of ["q", "k", "v"] as const)
-      for (let head = 0; head < (kind === "q" ? mc.numHeads : mc.numKvHeads); head++) out.push({ layer, kind, head });
+    for (const kind of HEAD_KINDS)
+      for (let head = 0; head < (kind === "q" || kind === "o" ? mc.numHeads : mc.numKvHeads); head++)
+        out.push({ layer, kind, head });
   return out;
 }
 
 export const headKey = (h: HeadSpec) => `L${h.layer}.${h.kind}${h.head}`;
 
-/** The compressor's cache: as served (H2O: sinks + recent + heavy hitters) or StreamingLLM's (sinks + recent only). */
-export type EvictionPolicy = "h2o" | "streaming";
+export type { EvictionPolicy };
 
 export interface CompressSettings {
   chunk: number;
   capacity: number;
+  /** the compressor's eviction (src/engine/eviction.ts), default h2o as served */
   policy?: EvictionPolicy;
 }
 
@@ -107,7 +111,7 @@ export function embedTables(
     {
       capacity: s.capacity,
       nSink,
-      nRecent: s.policy === "streaming" ? s.capacity - nSink : recentFor(s.capacity, obsWindow),
+      ...evictionParams(s.policy ?? "h2o", s.capacity, nSink, obsWindow),
       obsWindow,
       maxChunk: Math.max(s.chunk + 1, question.length),
       embDtype: RF_F16,

@@ -2,7 +2,8 @@
  * Choose REFORM retrieval heads for a model as the REFORM paper does (see the header of src/model/heads.ts).
  *
  *   bun scripts/select-heads.ts --model DIR [--samples N] [--context-tokens N] [--pool max|mean] [--pool-window W]
- *       [--per-family K] [--chunk N] [--capacity N] [--eviction h2o|streaming] [--layers all|1-2|0,3] [--kinds q,k,v]
+ *       [--per-family K] [--chunk N] [--capacity N] [--eviction h2o|streaming|tova] [--layers all|1-2|0,3]
+ *       [--kinds q,k,v,o]
  *       [--smoothing mean|max] [--window W] [--seed S] [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda]
  *
  * Two task families of synthetic samples (their own generator and seeds, never the held-out text of bench/data that
@@ -14,7 +15,8 @@
  *               so a head must match meaning, not the same words (the paper's multi-hop-like family).
  * Each sample is several times longer than the compressor's capacity (default 8x) and goes through the server's own
  * compressor at the serving chunk and capacity with H2O eviction (scripts/heads-lab.ts), so heads are judged on what
- * the server really stores. Every q, k and v head of every layer is a candidate: each context token's score is its
+ * the server really stores. Every q, k, v and o (attention output) head of every layer is a candidate: each context
+ * token's score is its
  * cosine with the question's tokens, max over them, pooled over a window (default the paper's 20 tokens, centered:
  * 21, max pooling); a head's quality is the mean normalised rank (MNR: 0 = the best token, 1 = the worst) of the
  * answer's tokens, averaged over the samples of a family. The best `--per-family` (2) heads of each family are kept.
@@ -27,21 +29,13 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { intFlag, oneOf, parseFlags, runCli, UsageError, valueFlags } from "../src/cli/args.ts";
+import { EVICTION_POLICIES, type EvictionPolicy } from "../src/engine/eviction.ts";
 import { smoothScores, type SmoothingOp } from "../src/engine/selection.ts";
 import { parseHeads } from "../src/model/heads.ts";
 import type { ModelTokenizer } from "../src/model/tokenizer.ts";
-import type { HeadSpec } from "../src/model/types.ts";
+import { HEAD_KINDS, type HeadKind, type HeadSpec } from "../src/model/types.ts";
 import { mulberry32 } from "../src/util/rng.ts";
-import {
-  allHeads,
-  embedTables,
-  headKey,
-  meanNormalisedRank,
-  openLab,
-  scoreHeads,
-  tokenSpan,
-  type EvictionPolicy,
-} from "./heads-lab.ts";
+import { allHeads, embedTables, headKey, meanNormalisedRank, openLab, scoreHeads, tokenSpan } from "./heads-lab.ts";
 
 export const FAMILIES = ["pattern", "paraphrase"] as const;
 export type Family = (typeof FAMILIES)[number];
@@ -50,7 +44,7 @@ export interface SelectHeadsOptions {
   modelDir: string;
   /** "all" (default), "1-2", "0,3" or a list */
   layers?: string | number[];
-  kinds?: ("q" | "k" | "v")[];
+  kinds?: HeadKind[];
   /** samples per family, default 24 */
   samples?: number;
   /** context tokens per sample, default 8 x capacity */
@@ -338,7 +332,7 @@ export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
   try {
     const mc = lab.mc;
     const layers = new Set(parseLayers(o.layers, mc.numLayers));
-    const kinds = new Set(o.kinds ?? ["q", "k", "v"]);
+    const kinds = new Set(o.kinds ?? HEAD_KINDS);
     const candidates = allHeads(mc).filter((h) => layers.has(h.layer) && kinds.has(h.kind));
     const chunk = o.chunk ?? lab.defaults.chunkSize;
     const capacity = o.capacity ?? lab.defaults.capacity;
@@ -428,8 +422,8 @@ export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
 
 const USAGE =
   "usage: bun scripts/select-heads.ts --model DIR [--samples N] [--context-tokens N] [--pool max|mean] [--pool-window W]\n" +
-  "         [--per-family K] [--chunk N] [--capacity N] [--eviction h2o|streaming] [--layers all|1-2|0,3] [--kinds q,k,v]\n" +
-  "         [--smoothing mean|max] [--window W] [--seed S] [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda (env REFORM_BACKEND)]";
+  "         [--per-family K] [--chunk N] [--capacity N] [--eviction h2o|streaming|tova] [--layers all|1-2|0,3]\n" +
+  "         [--kinds q,k,v,o] [--smoothing mean|max] [--window W] [--seed S] [--threads N] [--out DIR/reform_heads.json] [--backend cpu|cuda (env REFORM_BACKEND)]";
 
 function main(argv: string[]): void {
   const { values } = parseFlags(
@@ -459,14 +453,14 @@ function main(argv: string[]): void {
     return;
   }
   if (!values.model) throw new UsageError("--model is required");
-  let kinds: ("q" | "k" | "v")[] | undefined;
+  let kinds: HeadKind[] | undefined;
   if (values.kinds !== undefined) {
     kinds = values.kinds
       .split(",")
       .map((x) => x.trim())
-      .filter(Boolean) as ("q" | "k" | "v")[];
+      .filter(Boolean) as HeadKind[];
     for (const k of kinds)
-      if (k !== "q" && k !== "k" && k !== "v") throw new UsageError(`--kinds: unknown kind "${k}" (q, k, v)`);
+      if (!HEAD_KINDS.includes(k)) throw new UsageError(`--kinds: unknown kind "${k}" (${HEAD_KINDS.join(", ")})`);
     if (kinds.length === 0) throw new UsageError("--kinds: empty");
   }
   const positive = (name: string, v: string | undefined) => intFlag(name, v, 1);
@@ -481,7 +475,7 @@ function main(argv: string[]): void {
     poolWindow: positive("pool-window", values["pool-window"]),
     chunk: positive("chunk", values.chunk),
     capacity: positive("capacity", values.capacity),
-    eviction: values.eviction === undefined ? undefined : oneOf("eviction", values.eviction, ["h2o", "streaming"]),
+    eviction: values.eviction === undefined ? undefined : oneOf("eviction", values.eviction, EVICTION_POLICIES),
     smoothing: values.smoothing === undefined ? undefined : oneOf("smoothing", values.smoothing, ["mean", "max"]),
     window: positive("window", values.window),
     seed: intFlag("seed", values.seed, Number.MIN_SAFE_INTEGER),

@@ -505,6 +505,84 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: compressor", () => {
       c.destroy();
     });
 
+  // TOVA and attention-output (o) heads, one of them at the exit layer (whose cache is then kept): the same rules as
+  // the CPU build (cuda/reform.h), checked against the reference and the CPU build. f16 is the tight check (the
+  // keep-sets agree everywhere); TOVA ranks by ONE query's probabilities, most of them near zero and tied within bf16's
+  // 8 mantissa bits, so bf16 keep-sets part from the f32 ones sooner than H2O's (averaged over a window) do
+  const OH: HeadSpec[] = [
+    { layer: 0, kind: "o", head: 1 },
+    { layer: 1, kind: "k", head: 0 },
+    { layer: 1, kind: "o", head: 3 },
+    { layer: 0, kind: "q", head: 2 },
+  ];
+  const f16Of = (v: Variant, name: string): Variant => ({ ...v, name, dtype: RF_F16, weightDtype: RF_F16 });
+  for (const cv of [VARIANTS[0], f16Of(VARIANTS[0], "f16 GQA"), f16Of(VARIANTS[2], "f16 head_dim 128")])
+    test(`TOVA eviction with o heads (${cv.name}): vs the reference and the CPU build, one host wait per step`, () => {
+      const b = model(cv);
+      const f16 = cv.weightDtype === RF_F16;
+      const hd = b.cfg.headDim;
+      const tp: CompressParams = { ...CP, eviction: "tova" };
+      const m = loadModel(emu, b);
+      const mc = loadModel(cpu, b);
+      const c = m.createCompressor(tp, OH);
+      const cc = mc.createCompressor(tp, OH);
+      expect(c.exitLayer).toBe(1);
+      const ref = new RefCompressor(b.ref, b.w, tp, OH);
+      const toks = tokensFrom(
+        123,
+        CHUNKS.reduce((a, x) => a + x, 0),
+        b.cfg.vocabSize,
+      );
+      let off = 0;
+      let same = 0;
+      let total = 0;
+      for (const n of CHUNKS) {
+        const chunk = toks.slice(off, off + n);
+        off += n;
+        const s0 = hooks.stat("syncs");
+        const e = c.process(i32(chunk)) as Float32Array;
+        expect(hooks.stat("syncs") - s0).toBe(1);
+        const ec = cc.process(i32(chunk)) as Float32Array;
+        const re = flatRows(ref.process(chunk));
+        for (const other of [re, ec]) {
+          const [mn, mean] = cosStats(e, other, hd);
+          if (process.env.REFORM_EMU_PRINT) console.log(`chunk at ${off}: min cos ${mn.toFixed(5)} mean ${mean}`);
+          // every row while nothing is evicted or in f16; after eviction in bf16 the keep-sets part (see above)
+          if (f16 || off - n < CP.capacity) expect(mn).toBeGreaterThan(0.99);
+          else expect(mean).toBeGreaterThan(0.9);
+        }
+        expect(c.cacheLen()).toBe(ref.cacheLen());
+        expect(c.cacheLen()).toBe(cc.cacheLen());
+        // both cached layers (the exit layer's for its o head): the same kept keys as the CPU build, and within a
+        // layer the same entries for every kv head (TOVA's one keep-set per layer)
+        const a = parseState(c.saveState(), hd);
+        const r = parseState(cc.saveState(), hd);
+        expect(a.layers).toBe(2);
+        expect(r.layers).toBe(2);
+        for (let l = 0; l < 2; l++)
+          for (let g = 0; g < a.kvh; g++)
+            for (let i = 0; i < a.len; i++) {
+              total++;
+              if (
+                maxAbs(a.cache[l][g].k.subarray(i * hd, (i + 1) * hd), r.cache[l][g].k.subarray(i * hd, (i + 1) * hd)) <
+                0.05
+              )
+                same++;
+              expect(a.cache[l][g].s[i]).toBe(a.cache[l][0].s[i]);
+            }
+      }
+      expect(c.cacheLen()).toBe(CP.capacity);
+      if (process.env.REFORM_EMU_PRINT) console.log(`keep agreement ${same}/${total}`);
+      expect(same / total).toBeGreaterThan(f16 ? 0.99 : 0.6);
+      // embedding a question in context (the exit layer's attention runs for the o head; the cache stays)
+      const q = toks.slice(10, 19);
+      const before = c.saveState();
+      const [qmin, qmean] = cosStats(c.embed(i32(q)) as Float32Array, cc.embed(i32(q)) as Float32Array, hd);
+      expect(f16 ? qmin : qmean).toBeGreaterThan(f16 ? 0.99 : 0.9);
+      expect(Buffer.from(c.saveState()).equals(Buffer.from(before))).toBe(true);
+      for (const x of [c, cc, m, mc]) x.destroy();
+    });
+
   // the Llama-3 style model, and Qwen3's q/k norm on every compressor path: chunks, embed(), state blobs, import
   for (const v of [VARIANTS[0], QWEN3]) {
     const toks = tokensFrom(

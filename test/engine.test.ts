@@ -426,6 +426,75 @@ describe("restart", () => {
   });
 });
 
+describe("the eviction policy is a setting of the heads file (TOVA)", () => {
+  // layer 1 heads: their vectors depend on what layer 0's cache kept, so the policy shows in the stored embeddings
+  const heads = [
+    { layer: 1, kind: "q" as const, head: 0 },
+    { layer: 1, kind: "o" as const, head: 1 },
+  ];
+  const text = Array.from({ length: 700 }, (_, i) => ["amber", "river", "stone", "seven", "lamp"][(i * 7) % 5]).join(
+    " ",
+  );
+  let dir: string;
+  beforeAll(async () => {
+    dir = await makeTinyModel(join(root, "model-evict"), { maxPositions: 512, reformHeads: null });
+  });
+
+  test("served from the heads file, reported, applied to uploads, and part of what a stored context must match", async () => {
+    const data = join(root, "data-evict");
+    const open = (eviction?: string) =>
+      new EngineCore({
+        modelDir: dir,
+        dataDir: data,
+        backend: "cpu",
+        heads: { heads, ...(eviction ? { eviction } : {}) },
+      });
+    const tova = open("tova");
+    let id: string;
+    try {
+      expect(tova.info.compressor.eviction).toBe("tova");
+      const params = uploadCompressParams(tova.e.defaults, tova.e.bos);
+      expect(params.eviction).toBe("tova");
+      id = tova.createContext().id;
+      await tova.append(id, new TextEncoder().encode(text));
+      await tova.finalize(id);
+      const s = tova.session(id)!;
+      const n = s.meta.tokens;
+      expect(n).toBeGreaterThan(3 * tova.e.defaults.capacity); // the cache evicted several times
+      // the stored rows are what a TOVA compressor computes, not an H2O one
+      const rows = (eviction: "h2o" | "tova") => {
+        const comp = tova.e.model.createCompressor({ ...params, eviction }, heads);
+        try {
+          const tokens = s.readTokens(0, n);
+          const out: number[] = [];
+          const chunk = tova.e.defaults.chunkSize;
+          for (let off = 0; off < n; off += chunk) {
+            const ids = tokens.subarray(off, Math.min(n, off + chunk));
+            const e = comp.process(off === 0 ? Int32Array.from([TINY_BOS_ID, ...ids]) : ids)!;
+            out.push(...e.subarray(off === 0 ? comp.embedDim : 0));
+          }
+          return out;
+        } finally {
+          comp.destroy();
+        }
+      };
+      const stored = Array.from(s.embeddings().subarray(0, n * s.meta.params.embDim));
+      expect(stored).toEqual(rows("tova"));
+      expect(stored).not.toEqual(rows("h2o"));
+    } finally {
+      await tova.close();
+    }
+    // the served default (h2o) refuses the context stored under TOVA: another policy, another cache
+    const h2o = open();
+    try {
+      expect(h2o.info.compressor.eviction).toBe("h2o");
+      expect(h2o.getContext(id!)?.error).toMatch(/different model or head\/compression configuration/);
+    } finally {
+      await h2o.close();
+    }
+  });
+});
+
 describe("limits follow the model (512-token window, derived defaults)", () => {
   let dir512: string;
   let core: EngineCore;

@@ -31,7 +31,7 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
 
   beforeAll(() => {
     lab = openLab(MODEL, { backend: "cpu" });
-    // 4K tokens: 16 contexts of 16x the capacity, compressed with all 32 candidate heads in a few seconds
+    // 4K tokens: 16 contexts of 16x the capacity, compressed with all 48 candidate heads (q, k, v, o) in a few seconds
     const samples = heldOutSamples(lab, ["single", "multikey", "multivalue", "multiquery"], 4, 4000, 3);
     spans = samples.map((s) => s.spans);
     const d = lab.defaults;

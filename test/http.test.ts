@@ -167,7 +167,15 @@ describe("ops", () => {
       max_h2o_tokens: 262_144,
     };
     const heads = ["q", "k", "v"].map((kind) => ({ layer: 0, kind, head: 0 }));
-    const compressor = { chunk_size: 32, capacity: 64, n_sink: 4, n_recent: 16, obs_window: 32, exit_layer: 0 };
+    const compressor = {
+      chunk_size: 32,
+      capacity: 64,
+      n_sink: 4,
+      n_recent: 16,
+      obs_window: 32,
+      eviction: "h2o",
+      exit_layer: 0,
+    };
     await expectError(await fetch(`${base}/props`), 401, "missing_api_key");
     const p = await json(api("/props"));
     expect(p).toMatchObject({ model: "tiny-reform", backend: "cpu", limits, heads, compressor, n_ctx: 2048 });

@@ -372,7 +372,9 @@ describe("heads", () => {
     expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":1,"kind":"k","head":2}]}')).toThrow(
       /head 2 out of range 0..1/,
     );
-    expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":1,"kind":"o","head":0}]}')).toThrow(/kind/);
+    expect(() => loadHeads("/x", cfg, '{"heads":[{"layer":1,"kind":"x","head":0}]}')).toThrow(/kind/);
+    // o (the attention output) counts query heads, as q does
+    expect(loadHeads("/x", cfg, '{"heads":[{"layer":1,"kind":"o","head":2}]}').heads[0]!.kind).toBe("o");
     expect(() => loadHeads("/x", cfg, '{"heads":[]}')).toThrow(/at least one head/);
   });
 });

@@ -82,6 +82,11 @@ function openRaw(path: string) {
     rf_seq_forward: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
     rf_seq_sample: { args: [FFIType.ptr, FFIType.f32, FFIType.f32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
     rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+    rf_compressor_create: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
+    rf_smooth_select: {
+      args: [FFIType.ptr, FFIType.i64, FFIType.i32, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.ptr],
+      returns: FFIType.i64_fast,
+    },
   });
   return { sym: h.symbols, close: () => h.close() };
 }
@@ -136,6 +141,9 @@ function badCalls(path: string): Record<string, Outcome> {
     out["rf_score(n_q 0)"] = last(sym.rf_score(ptr(q), RF_F32, 1, 4, ptr(q), 0, ptr(q)));
     out["rf_score(bf16 ctx)"] = last(sym.rf_score(ptr(q), RF_BF16, 1, 4, ptr(q), 1, ptr(q)));
     out["rf_score(NULL ctx)"] = last(sym.rf_score(null, RF_F32, 1, 4, ptr(q), 1, ptr(q)));
+    out["rf_smooth_select(pool 2)"] = last(
+      Number(sym.rf_smooth_select(ptr(q), 4, 3, 2, 2, 0, null, ptr(new Int32Array(4)))),
+    );
 
     const m = native.createModel(CFG);
     viaBinding("initRandom(NaN std)", () => m.initRandom(1, Number.NaN));
@@ -143,6 +151,16 @@ function badCalls(path: string): Record<string, Outcome> {
     viaBinding("createCompressor before finalize", () => m.createCompressor(CP, HEADS));
     m.initRandom(1, 0.02);
     m.finalize();
+    // rf_compress_params words: capacity, n_sink, n_recent, obs_window, max_chunk, emb_dtype, exit_layer, eviction
+    const rawCompressor = (eviction: number, head: number[]) => {
+      const p = new Int32Array(16);
+      p.set([16, 2, 4, 4, 8, RF_F32, -1, eviction]);
+      expect(sym.rf_compressor_create(m.handle, ptr(p), ptr(i32(head)), 1)).toBeNull();
+      return last(sym.rf_last_error_code());
+    };
+    out["rf_compressor_create(eviction 2)"] = rawCompressor(2, [0, 1, 0]);
+    out["rf_compressor_create(head kind 4)"] = rawCompressor(0, [0, 4, 0]);
+    out["rf_compressor_create(o head past the query heads)"] = rawCompressor(1, [0, 3, CFG.numHeads]);
     viaBinding("createSeq(0)", () => m.createSeq(0));
     const s = m.createSeq(4);
     viaBinding("sample before forward", () => s.sample({ temperature: 0, topP: 1, topK: 0 }));
@@ -185,6 +203,10 @@ const EXPECTED: Record<string, number> = {
   "rf_score(n_q 0)": RF_ERR_INVALID,
   "rf_score(bf16 ctx)": RF_ERR_INVALID,
   "rf_score(NULL ctx)": RF_ERR_INVALID,
+  "rf_smooth_select(pool 2)": RF_ERR_INVALID,
+  "rf_compressor_create(eviction 2)": RF_ERR_INVALID,
+  "rf_compressor_create(head kind 4)": RF_ERR_INVALID,
+  "rf_compressor_create(o head past the query heads)": RF_ERR_INVALID,
   "initRandom(NaN std)": RF_ERR_INVALID,
   "createSeq before finalize": RF_ERR_STATE,
   "createCompressor before finalize": RF_ERR_STATE,

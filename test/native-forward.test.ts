@@ -19,6 +19,7 @@ import {
   RF_ROPE_LLAMA3,
   ROOT_DIR,
   type CompressParams,
+  type NativeCompressor,
 } from "../ffi/native";
 import type { HeadSpec } from "../src/model/types.ts";
 import { argmax, refForward, refGreedy, refLogits, refSample, refScore, RefCompressor } from "./reference/llama-ref";
@@ -298,6 +299,103 @@ for (const v of COMPRESSOR_VARIANTS)
       );
       expect(kept.some((k) => k !== recency)).toBe(true);
       c.destroy();
+      m.destroy();
+    });
+
+    /** the state blob's kept keys and scores vs the reference's, every cached layer */
+    function expectCacheLikeRef(c: NativeCompressor, ref: RefCompressor, layers: number) {
+      const st = parseState(c.saveState(), hd);
+      expect(st.layers).toBe(layers);
+      expect(st.len).toBe(ref.cacheLen());
+      for (let l = 0; l < st.layers; l++)
+        for (let g = 0; g < st.kvh; g++) {
+          const rc = ref.cache[l][g];
+          expect(maxAbs(st.cache[l][g].k, flat(rc.map((x) => x.k)))).toBeLessThan(1e-4);
+          expect(
+            maxAbs(
+              st.cache[l][g].s,
+              rc.map((x) => x.s),
+            ),
+          ).toBeLessThan(1e-4);
+        }
+    }
+
+    test("TOVA eviction: embeddings, kept entries and scores match the reference; one keep-set per layer", () => {
+      const m = loadModel(native, b);
+      const tp: CompressParams = { ...CP, eviction: "tova" };
+      const c = m.createCompressor(tp, HEADS);
+      const h2o = m.createCompressor(CP, HEADS);
+      const ref = new RefCompressor(b.ref, b.w, tp, HEADS);
+      let off = 0;
+      for (const n of CHUNKS) {
+        const chunk = toks.slice(off, off + n);
+        off += n;
+        const e = c.process(i32(chunk)) as Float32Array;
+        h2o.process(i32(chunk), null);
+        expect(maxAbs(e, flat(ref.process(chunk)))).toBeLessThan(1e-4);
+        expect(c.cacheLen()).toBe(ref.cacheLen());
+        expectCacheLikeRef(c, ref, 1);
+      }
+      expect(c.cacheLen()).toBe(CP.capacity);
+      // TOVA keeps one set of tokens per layer (its score is the layer's), not one per kv head
+      for (const per of ref.cache) expect(new Set(per.map((e) => e.map((x) => x.idx).join(","))).size).toBe(1);
+      // the scores are the last query's probabilities, not accumulated: a kept entry's score is at most the number of
+      // query heads (each head's probabilities sum to 1), while H2O's accumulate over chunks and windows
+      const st = parseState(c.saveState(), hd);
+      for (const x of st.cache[0][0].s) expect(x).toBeLessThanOrEqual(b.cfg.numHeads + 1e-4);
+      // another policy, another cache: the kept keys differ from H2O's
+      const hs = parseState(h2o.saveState(), hd);
+      expect(maxAbs(st.cache[0][0].k, hs.cache[0][0].k)).toBeGreaterThan(1e-3);
+      for (const x of [c, h2o]) x.destroy();
+      m.destroy();
+    });
+
+    test("o heads (attention outputs before o_proj) match the reference, below and at the exit layer", () => {
+      const m = loadModel(native, b);
+      const nh = b.cfg.numHeads;
+      // layer 1 is the exit layer: its attention runs for the o head, so its cache is kept (2 layers in the blob)
+      const OH: HeadSpec[] = [
+        { layer: 0, kind: "o", head: 1 },
+        { layer: 1, kind: "k", head: 0 },
+        { layer: 1, kind: "o", head: nh - 1 },
+      ];
+      for (const eviction of ["h2o", "tova"] as const) {
+        const p: CompressParams = { ...CP, eviction };
+        const c = m.createCompressor(p, OH);
+        expect(c.exitLayer).toBe(1);
+        expect(c.embedDim).toBe(OH.length * hd);
+        const ref = new RefCompressor(b.ref, b.w, p, OH);
+        let off = 0;
+        for (const n of CHUNKS) {
+          const chunk = toks.slice(off, off + n);
+          off += n;
+          expect(maxAbs(c.process(i32(chunk)) as Float32Array, flat(ref.process(chunk)))).toBeLessThan(1e-4);
+          expectCacheLikeRef(c, ref, 2);
+        }
+        // a question in context: the o head attends over the cache, which stays as it was
+        const before = c.saveState();
+        const q = [5, 17, 42, 3, 88];
+        expect(maxAbs(c.embed(i32(q)) as Float32Array, flat(ref.embed(q)))).toBeLessThan(1e-4);
+        expect(Buffer.from(c.saveState()).equals(Buffer.from(before))).toBe(true);
+        c.destroy();
+      }
+      // one pass serves every head set (scripts/heads-lab.ts): an o head is the same vector whether its layer is the
+      // exit layer or a middle one
+      const alone = m.createCompressor(CP, [{ layer: 1, kind: "o", head: 0 }]);
+      const deep = m.createCompressor(CP, [
+        { layer: 1, kind: "o", head: 0 },
+        { layer: 2, kind: "q", head: 0 },
+      ]);
+      let off = 0;
+      for (const n of CHUNKS) {
+        const chunk = i32(toks.slice(off, off + n));
+        off += n;
+        const a = alone.process(chunk) as Float32Array;
+        const d = deep.process(chunk) as Float32Array;
+        for (let t = 0; t < n; t++)
+          expect(maxAbs(a.subarray(t * hd, (t + 1) * hd), d.subarray(2 * t * hd, (2 * t + 1) * hd))).toBeLessThan(1e-6);
+      }
+      for (const x of [alone, deep]) x.destroy();
       m.destroy();
     });
 

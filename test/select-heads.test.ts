@@ -1,5 +1,5 @@
 /**
- * scripts/select-heads.ts on the tiny fixture model: the paper's selection (two task families, every q/k/v head of
+ * scripts/select-heads.ts on the tiny fixture model: the paper's selection (two task families, every q/k/v/o head of
  * every layer, MNR, 2 per family) runs end to end on the CPU backend through the serving compressor and writes a
  * reform_heads.json that src/model/heads.ts accepts; the pieces it is built from (samples, MNR, pooling) hold.
  */
@@ -21,6 +21,7 @@ import {
 import { maxPool, smoothScores } from "../src/engine/selection.ts";
 import { loadModelConfig } from "../src/model/config.ts";
 import { loadHeads } from "../src/model/heads.ts";
+import type { HeadSpec } from "../src/model/types.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
 import { mulberry32 } from "../src/util/rng.ts";
 import { makeTinyModel } from "./fixtures/tiny-model.ts";
@@ -111,7 +112,9 @@ describe("select-heads", () => {
     };
     const r = selectHeads({ ...opts, out, log: (x) => lines.push(x) });
     const cfg = loadModelConfig(dir).config;
-    expect(r.ranking.length).toBe(cfg.numLayers * (cfg.numHeads + 2 * cfg.numKvHeads));
+    // every q, k, v and o (attention output: one per query head) head of every layer is a candidate
+    expect(r.ranking.length).toBe(cfg.numLayers * (2 * cfg.numHeads + 2 * cfg.numKvHeads));
+    expect(r.ranking.filter((h) => h.kind === "o").length).toBe(cfg.numLayers * cfg.numHeads);
     for (const h of r.ranking)
       for (const f of FAMILIES) {
         expect(h.mnr[f]).toBeGreaterThanOrEqual(0);
@@ -146,6 +149,20 @@ describe("select-heads", () => {
     const again = selectHeads({ ...opts, out: null, log: () => {} });
     expect(again.ranking.map((h) => [h.layer, h.kind, h.head, h.mean])).toEqual(
       r.ranking.map((h) => [h.layer, h.kind, h.head, h.mean]),
+    );
+  });
+
+  test("heads.ts: o heads (over the query heads) and the eviction policy", () => {
+    const cfg = { numLayers: 2, numHeads: 4, numKvHeads: 1 };
+    const o: HeadSpec = { layer: 1, kind: "o", head: 3 };
+    const hf = loadHeads(dir, cfg, { heads: [o], eviction: "tova" });
+    expect(hf.heads).toEqual([o]);
+    expect(hf.eviction).toBe("tova");
+    expect(loadHeads(dir, cfg, { heads: [o] }).eviction).toBeUndefined(); // the server's default: h2o
+    expect(() => loadHeads(dir, cfg, { heads: [{ layer: 1, kind: "o", head: 4 }] })).toThrow(/out of range 0..3/);
+    expect(() => loadHeads(dir, cfg, { heads: [{ layer: 1, kind: "x", head: 0 }] })).toThrow(/"q", "k", "v" or "o"/);
+    expect(() => loadHeads(dir, cfg, { heads: [o], eviction: "lru" })).toThrow(
+      /"eviction" must be "h2o", "streaming", "tova"/,
     );
   });
 

@@ -2,13 +2,14 @@
  * Query-time selection at scale: query.ts selectTokens (radix select) and the native rf_smooth_select
  * (cuda/select.h, in the CPU build and in the CUDA source compiled for the emulation) against a
  * straightforward reference — a full sort with the comparator the engine used before (score descending,
- * then position) — on random data with many ties, -0/+0, edge-dominated budgets and tiny inputs.
+ * then position) — on random data with many ties, -0/+0, edge-dominated budgets and tiny inputs; for both pooling
+ * operators (mean and max), the native smoothing against selection.ts smoothScores, value for value.
  */
 import { beforeAll, describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { Native, NativeError, ROOT_DIR } from "../ffi/native.ts";
-import { selectTokens, smoothScores } from "../src/engine/selection.ts";
+import { SMOOTHING_OPS, selectTokens, smoothScores } from "../src/engine/selection.ts";
 import { f32ToF16 } from "./fixtures/tiny-model.ts";
 import { mulberry32 } from "./helpers/random-model.ts";
 import { referenceSelect } from "./helpers/select-reference.ts";
@@ -104,13 +105,56 @@ describe("native rf_smooth_select", () => {
   }
 });
 
+/** Max pooling's own hard cases: NaN (counts as -inf), -inf, runs of equal values, a lone peak at each end. */
+function poolCases(seed: number): Float32Array[] {
+  const r = mulberry32(seed);
+  const nan = Float32Array.from({ length: 300 }, () => (r() < 0.2 ? Number.NaN : r() < 0.1 ? -Infinity : r() - 0.5));
+  const plateau = Float32Array.from({ length: 500 }, (_, i) => Math.floor(i / 37) % 3);
+  const peaks = new Float32Array(257).fill(-1);
+  peaks[0] = 5;
+  peaks[256] = 4;
+  return [nan, plateau, peaks, Float32Array.from([Number.NaN, Number.NaN, 1, Number.NaN])];
+}
+
+describe("native max pooling (rf_smooth_select with RF_POOL_MAX)", () => {
+  for (const [name, open] of libs) {
+    test(`${name}: the same pooled values and indices as selection.ts maxPool + selectTokens`, () => {
+      const native = open();
+      try {
+        const inputs: [Float32Array, number, number, number][] = [];
+        for (const kind of ["uniform", "ties", "signed-zero", "constant", "negative"] as Kind[])
+          CASES.forEach(([n, budget, edge, window], c) =>
+            inputs.push([scores(n, kind, 5000 + c), window, budget, edge]),
+          );
+        for (const x of poolCases(9)) for (const window of [1, 3, 21, 64, 1001]) inputs.push([x, window, 40, 2]);
+        for (const [raw, window, budget, edge] of inputs) {
+          const smRef = smoothScores(raw, window, "max");
+          const sm = new Float32Array(raw.length);
+          const got = native.smoothSelect(raw, window, budget, edge, sm, "max");
+          // bit for bit (NaN in, -inf out, as the reference)
+          expect(Buffer.from(sm.buffer).equals(Buffer.from(smRef.buffer))).toBe(true);
+          // selectTokens: the reference selection (the sort-based one orders NaN, left by a window of 1, arbitrarily)
+          expect(Array.from(got)).toEqual(Array.from(selectTokens(smRef, budget, edge)));
+        }
+        // the operator is honoured: max and mean pooling of the same scores select differently
+        const raw = scores(2000, "uniform", 77);
+        expect(Array.from(native.smoothSelect(raw, 21, 100, 4, undefined, "max"))).not.toEqual(
+          Array.from(native.smoothSelect(raw, 21, 100, 4, undefined, "mean")),
+        );
+      } finally {
+        native.close();
+      }
+    });
+  }
+});
+
 function toF16(x: Float32Array): Uint16Array {
   return Uint16Array.from(x, f32ToF16);
 }
 
 describe("native rf_score_select", () => {
   for (const [name, open] of libs) {
-    test(`${name}: scores within 1e-5 of rf_score, indices of the reference selection on them`, () => {
+    test(`${name}: scores within 1e-5 of rf_score, indices of the reference selection on them (mean and max)`, () => {
       const native = open();
       const emu = name !== "cpu";
       try {
@@ -141,6 +185,13 @@ describe("native rf_score_select", () => {
             expect(
               Array.from(native.scoreSelect(c, n!, dim!, q, nQ!, { window: 9, budget: budget!, edge: 16 })),
             ).toEqual(Array.from(idx));
+            // each operator natively == the reference pooling and selection (selection.ts) of the same raw scores
+            for (const pool of SMOOTHING_OPS) {
+              const own = new Float32Array(n!);
+              const sel = { window: 9, budget: budget!, edge: 16, pool };
+              const got = native.scoreSelect(c, n!, dim!, q, nQ!, sel, own);
+              expect(Array.from(got)).toEqual(Array.from(selectTokens(smoothScores(own, 9, pool), budget!, 16)));
+            }
           }
         }
         expect(

@@ -181,7 +181,7 @@ describe("return_selection on the query route", () => {
   );
 
   test(
-    'a heads file with "smoothing": "max": the max-pooled selection (native scores, TypeScript pooling) is reported',
+    'a heads file with "smoothing": "max": the max-pooled selection (pooled and selected natively) is reported',
     async () => {
       const cfg = resolveConfig(
         [

@@ -1,8 +1,8 @@
 /*
- * gpu/compressor.cuh — the compress step (REFORM phase 1): chunk forward to the exit layer, H2O scores, eviction on the
- * device (no host round trip inside a chunk), state blob. The *_impl functions take arguments already checked by the
- * ABI layer (gpu/abi.cuh, cuda/abi_guard.h). Part of the single translation unit cuda/reform_cuda.cu (included there,
- * in order).
+ * gpu/compressor.cuh — the compress step (REFORM phase 1): chunk forward to the exit layer, H2O or TOVA scores,
+ * eviction on the device (no host round trip inside a chunk), state blob. The *_impl functions take arguments already
+ * checked by the ABI layer (gpu/abi.cuh, cuda/abi_guard.h). Part of the single translation unit cuda/reform_cuda.cu
+ * (included there, in order).
  */
 namespace {
 
@@ -48,7 +48,8 @@ int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* he
   } guard{c.get()};
   c->p = *p;
   c->exit = exit_layer;
-  c->ncache = rf::cached_layers(exit_layer, m->NL);
+  c->exit_attn = rf::exit_attention(c->heads, exit_layer);
+  c->ncache = rf::cached_layers(exit_layer, m->NL, c->exit_attn);
   c->edim = n_heads * m->hd;
   c->T = p->capacity + p->max_chunk;
   const int nl = exit_layer + 1;
@@ -62,23 +63,27 @@ int comp_create_impl(rf_model* m, const rf_compress_params* p, const int32_t* he
     RF_TRY(A.alloc(&c->Vc[l], nKV * T * hd, "compressor V cache"));
     RF_TRY(A.alloc(&c->score[l], nKV * T, "compressor H2O scores"));
   }
-  // embedding table: per layer, pairs (qkv column, embedding column)
+  // embedding table: per layer, pairs (source column, embedding column); the source of q/k/v heads is the qkv
+  // projection, that of o heads the attention output (query head h at column h * hd)
   std::vector<int32_t> tab;
   c->table_off.assign(nl, 0);
   c->table_cnt.assign(nl, 0);
-  for (int l = 0; l < nl; l++) {
-    c->table_off[l] = (int)(tab.size() / 2);
-    for (size_t i = 0; i < c->heads.size(); i++) {
-      const rf::HeadSel& h = c->heads[i];
-      if (h.layer != l) continue;
-      int col = h.kind == RF_HEAD_Q   ? h.head * m->hd
-                : h.kind == RF_HEAD_K ? m->qd + h.head * m->hd
-                                      : m->qd + m->kvd + h.head * m->hd;
-      tab.push_back(col);
-      tab.push_back((int32_t)i * m->hd);
-      c->table_cnt[l]++;
+  c->otable_off.assign(nl, 0);
+  c->otable_cnt.assign(nl, 0);
+  for (int l = 0; l < nl; l++)
+    for (const bool o : {false, true}) {
+      (o ? c->otable_off : c->table_off)[l] = (int)(tab.size() / 2);
+      for (size_t i = 0; i < c->heads.size(); i++) {
+        const rf::HeadSel& h = c->heads[i];
+        if (h.layer != l || (h.kind == RF_HEAD_O) != o) continue;
+        int col = h.kind == RF_HEAD_Q || h.kind == RF_HEAD_O ? h.head * m->hd
+                  : h.kind == RF_HEAD_K                      ? m->qd + h.head * m->hd
+                                                             : m->qd + m->kvd + h.head * m->hd;
+        tab.push_back(col);
+        tab.push_back((int32_t)i * m->hd);
+        (o ? c->otable_cnt : c->table_cnt)[l]++;
+      }
     }
-  }
   RF_TRY(A.alloc(&c->table, tab.size(), "head table"));
   CU_CHECK(cudaMemcpyAsync(c->table, tab.data(), tab.size() * 4, cudaMemcpyHostToDevice, m->stream));
   RF_TRY(ws_ensure(m, comp_need(c.get())));  // a compressor whose step does not fit fails here, not mid-upload
@@ -125,7 +130,8 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
   RF_TRY(ws_ensure(m, comp_need(c)));
   Workspace& ws = m->ws;
   const int len = (int)c->len, total = len + n;
-  const int w = std::min(c->p.obs_window, n);
+  const bool tova = c->p.eviction == RF_EVICT_TOVA;
+  const int w = (int)rf::observed_queries(c->p, n);  // the chunk's last w queries score the entries
   const float scale = 1.f / sqrtf((float)m->hd);
   const Acts a = ws_acts(m);
   const size_t emb_bytes = (size_t)n * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4);
@@ -141,14 +147,16 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
     }
     if (l >= c->ncache) break;  // the exit layer below full depth: nothing reads its cache, attention or H2O scores
     const bool last = l == c->exit;
-    if (last && !update) break;  // embedding only: q/k/v of the exit layer is all that is needed
+    if (last && !update && !c->exit_attn) break;  // embedding only: q/k/v of the exit layer is all that is needed
     // append pre-RoPE K and V at rows len..len+n-1 (beyond the logical cache when !update)
     RF_LAUNCH(k_append_kv, nblocks((int64_t)n * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)
     (a.qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq,
      m->f16);
     KERNEL_CHECK();
-    if (update) {
-      RF_LAUNCH(k_zero_scores, nblocks((int64_t)m->nKV * n, 256), 256, 0, m->stream)(c->score[l], c->T, m->nKV, len, n);
+    if (update) {  // H2O adds this chunk's attention to the kept entries' scores; TOVA ranks by this chunk's alone
+      const int z0 = tova ? 0 : len, zn = tova ? total : n;
+      RF_LAUNCH(k_zero_scores, nblocks((int64_t)m->nKV * zn, 256), 256, 0, m->stream)
+      (c->score[l], c->T, m->nKV, z0, zn);
       KERNEL_CHECK();
     }
     RF_LAUNCH(k_rope_q, nblocks((int64_t)n * m->nH * (m->hd / 2), 256), 256, 0, m->stream)
@@ -158,15 +166,26 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
     RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * total * (m->hd / 2), 256), 256, 0, m->stream)
     (c->Kc[l], c->T, ws.Krot, c->T, m->nKV, total, m->hd, 0, m->inv_freq, m->f16);
     KERNEL_CHECK();
-    const int q_begin = last ? n - w : 0;
+    // at the exit layer only the observed queries' statistics are needed, unless an o head embeds its attention
+    const int q_begin = last && !c->exit_attn ? n - w : 0;
     RF_TRY(launch_flash(m, a.qrot, ws.Krot, c->Vc[l], c->T, a.attn, update ? ws.stat_m : nullptr,
                         update ? ws.stat_l : nullptr, (int)ws.rows, q_begin, n, len, total));
+    if (out_emb && c->otable_cnt[l] > 0) {
+      dim3 grid((unsigned)n, (unsigned)c->otable_cnt[l]);
+      RF_LAUNCH(k_emb_extract, grid, 32, 0, m->stream)
+      (a.attn, m->qd, c->table + 2 * c->otable_off[l], ws.emb, c->edim, m->hd, c->p.emb_dtype == RF_F16, m->f16);
+      KERNEL_CHECK();
+    }
     if (update) {
       dim3 grid((unsigned)((total + H2O_KEYS - 1) / H2O_KEYS), (unsigned)m->nKV);
       RF_LAUNCH(k_h2o, grid, H2O_KEYS, h2o_smem(m->hd), m->stream)
       (a.qrot, m->qd, ws.Krot, c->T, ws.stat_m, ws.stat_l, (int)ws.rows, c->score[l], n - w, n, len, total, m->G, m->hd,
        scale, m->f16);
       KERNEL_CHECK();
+      if (tova) {
+        RF_LAUNCH(k_tova_layer, nblocks(total, 256), 256, 0, m->stream)(c->score[l], c->T, m->nKV, total);
+        KERNEL_CHECK();
+      }
     }
     if (!last) RF_TRY(run_post_attn(m, W, a, n));
   }

@@ -214,8 +214,19 @@ __global__ void k_zero_scores(float* __restrict__ score, int64_t Tstride, int nK
   }
 }
 
-/* Embedding extraction: one warp per (token, selected head). table[2e] = column in qkv, table[2e+1] =
- * column in the embedding row. L2-normalise (F.normalize semantics, eps 1e-6). */
+/* TOVA (rf::tova_layer_scores): score[g][j] = sum over the layer's kv heads of score[.][j], j < count, for every g —
+ * one layer score, so every kv head keeps the same entries. Summed in kv-head order, as the CPU build does. */
+__global__ void k_tova_layer(float* __restrict__ score, int64_t Tstride, int nKV, int count) {
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < count; j += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int g = 0; g < nKV; g++) s += score[(int64_t)g * Tstride + j];
+    for (int g = 0; g < nKV; g++) score[(int64_t)g * Tstride + j] = s;
+  }
+}
+
+/* Embedding extraction: one warp per (token, selected head). table[2e] = column in the source rows (the q|k|v
+ * projection, or the attention output for o heads), table[2e+1] = column in the embedding row. L2-normalise
+ * (F.normalize semantics, eps 1e-6). */
 __global__ void k_emb_extract(const uint16_t* __restrict__ qkv, int qkv_stride, const int32_t* __restrict__ table,
                               void* __restrict__ emb, int edim, int hd, bool emb_f16, bool f16) {
   int i = blockIdx.x, e = blockIdx.y, lane = threadIdx.x;

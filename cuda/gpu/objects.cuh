@@ -77,15 +77,17 @@ struct rf_compressor {
   rf_compress_params p{};
   std::vector<rf::HeadSel> heads;
   int exit = 0;
-  int ncache = 0;  // layers whose cache is kept (rf::cached_layers)
+  bool exit_attn = false;  // an o head at the exit layer: its attention runs (rf::exit_attention)
+  int ncache = 0;          // layers whose cache is kept (rf::cached_layers)
   int edim = 0;
   int T = 0;  // capacity + max_chunk rows per cache head
   int64_t len = 0, seen = 0;
-  DevArena arena;                         // its own memory: the cache; per-step scratch is the model's Workspace
-  std::vector<uint16_t*> Kc, Vc;          // per cached layer [nKV][T][hd] (keys pre-RoPE)
-  std::vector<float*> score;              // per cached layer [nKV][T]
-  int32_t* table = nullptr;               // per layer pairs, concatenated
-  std::vector<int> table_off, table_cnt;  // per layer
+  DevArena arena;                           // its own memory: the cache; per-step scratch is the model's Workspace
+  std::vector<uint16_t*> Kc, Vc;            // per cached layer [nKV][T][hd] (keys pre-RoPE)
+  std::vector<float*> score;                // per cached layer [nKV][T]
+  int32_t* table = nullptr;                 // per layer pairs, concatenated: q/k/v heads, then o heads
+  std::vector<int> table_off, table_cnt;    // per layer: its q/k/v heads (columns of the projection)
+  std::vector<int> otable_off, otable_cnt;  // per layer: its o heads (columns of the attention output)
 };
 
 #define SAMPLE_MAX_K 1024  // rf_seq_sample selects up to this many candidates on the device

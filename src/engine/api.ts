@@ -205,7 +205,8 @@ export interface ModelInfo {
   trainedContext: number; // max_position_embeddings
   vocabSize: number;
   numLayers: number;
-  heads: { layer: number; kind: "q" | "k" | "v"; head: number }[];
+  /** kind: q / k / v projection or o, the attention output (src/model/types.ts HeadKind) */
+  heads: { layer: number; kind: "q" | "k" | "v" | "o"; head: number }[];
   exitLayer: number;
   defaults: {
     budget: number;
@@ -245,6 +246,8 @@ export interface ModelInfo {
     nSink: number;
     nRecent: number;
     obsWindow: number;
+    /** which entries a full cache keeps (src/engine/eviction.ts; the heads file's "eviction") */
+    eviction: "h2o" | "streaming" | "tova";
     embedDim: number;
     embedDtype: "f16" | "f32";
     exitLayer: number;

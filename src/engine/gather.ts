@@ -13,9 +13,10 @@ import { type NativeCompressor, RF_F16 } from "../../ffi/native.ts";
 import { f16ToF32 } from "../util/f16.ts";
 import type { Method, Selection } from "./api.ts";
 import type { CompressorPool } from "./compressors.ts";
-import { type LoadedEngine, recentFor } from "./load.ts";
+import { evictionParams } from "./eviction.ts";
+import type { LoadedEngine } from "./load.ts";
 import { selectionReport } from "./report.ts";
-import { gather, selectionFor, selectTokens, smoothScores } from "./selection.ts";
+import { gather, selectionFor, smoothScores } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
 
@@ -77,7 +78,7 @@ export function* gatherContext(
         capacity: g.cache,
         nSink,
         // streaming keeps nothing but the sinks and the recent window; h2o fills the rest by attention
-        nRecent: g.method === "streaming" ? g.cache - nSink : recentFor(g.cache, d.obsWindow),
+        ...evictionParams(g.method, g.cache, nSink, d.obsWindow),
         obsWindow: d.obsWindow,
         maxChunk: d.chunkSize,
         embDtype: RF_F16,
@@ -138,36 +139,24 @@ export function* gatherContext(
     }
     const sel = selectionFor(d, budget);
     const op = e.headsFile.smoothing ?? "mean";
-    let scores: Float32Array | undefined;
-    let idx: Int32Array;
-    let smoothed: Float32Array | undefined;
-    if (op === "mean") {
-      // score, smooth and select in one native call over the mapped embedding file (no copy, no sort); the raw
-      // scores come back only for a report
-      scores = g.report ? new Float32Array(s.meta.processed) : undefined;
-      idx = e.native.scoreSelect(
-        s.embeddings(),
-        s.meta.processed,
-        dim,
-        qf,
-        nq,
-        { window: sel.window, budget, edge: sel.edge },
-        scores,
-      );
-    } else {
-      // max pooling (the heads file's "smoothing": "max"): native scoring, then pooling and the same O(n) radix
-      // selection in TypeScript (rf_score_select has no max operator)
-      scores = e.native.score(s.embeddings(), s.meta.processed, dim, qf, nq);
-      yield;
-      smoothed = smoothScores(scores, sel.window, op);
-      idx = selectTokens(smoothed, budget, sel.edge);
-    }
+    // score, pool (the heads file's operator, mean or max) and select in one native call over the mapped embedding
+    // file (no copy, no sort); the raw scores come back only for a report
+    const scores = g.report ? new Float32Array(s.meta.processed) : undefined;
+    const idx = e.native.scoreSelect(
+      s.embeddings(),
+      s.meta.processed,
+      dim,
+      qf,
+      nq,
+      { window: sel.window, budget, edge: sel.edge, pool: op },
+      scores,
+    );
     const tokens = s.readTokens(0, n);
     ctx = gather(tokens, idx);
-    if (scores && g.report) {
+    if (scores) {
       yield;
       // the same smoothing as the native selection (selection.ts is its reference), for the profile and span scores
-      smoothed ??= smoothScores(scores, sel.window, op);
+      const smoothed = smoothScores(scores, sel.window, op);
       selection = selectionReport(e.tok, { method: g.method, tokens, idx, smoothed, ...sel });
     }
     yield;

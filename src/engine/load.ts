@@ -11,6 +11,7 @@ import { type HeadsFile, loadHeads } from "../model/heads.ts";
 import { loadSafetensors, modelFiles } from "../model/safetensors.ts";
 import { ModelTokenizer } from "../model/tokenizer.ts";
 import type { MemoryPlan, ModelInfo } from "./api.ts";
+import { type EvictionPolicy, evictionParams } from "./eviction.ts";
 import { buildMessages, splitAtPlaceholder } from "./prompt.ts";
 import type { SessionParams } from "./session.ts";
 
@@ -25,6 +26,8 @@ export interface EngineDefaults {
   edge: number; // first/last tokens always kept at the default budget (scales with a request's budget)
   nSink: number;
   obsWindow: number;
+  /** how the upload compressor evicts (eviction.ts; the heads file's "eviction", default h2o) */
+  eviction: EvictionPolicy;
   prefillChunk: number; // prefill piece per scheduler step
   maxLiveCompressors: number;
   stateSaveEvery: number; // chunks between compressor state saves
@@ -156,7 +159,7 @@ export interface LimitInputs {
  */
 export function resolveDefaults(
   d: Partial<EngineDefaults>,
-  hf: Pick<HeadsFile, "chunkSize" | "capacity" | "nSink" | "obsWindow" | "window">,
+  hf: Pick<HeadsFile, "chunkSize" | "capacity" | "nSink" | "obsWindow" | "window" | "eviction">,
   x: LimitInputs,
 ): { defaults: EngineDefaults; warnings: string[] } {
   const W = x.trainedWindow;
@@ -233,6 +236,7 @@ export function resolveDefaults(
       edge,
       nSink: d.nSink ?? hf.nSink ?? 4,
       obsWindow,
+      eviction: d.eviction ?? hf.eviction ?? "h2o",
       prefillChunk: d.prefillChunk ?? 512,
       maxLiveCompressors: d.maxLiveCompressors ?? 8,
       stateSaveEvery: d.stateSaveEvery ?? 64,
@@ -344,20 +348,16 @@ export function resolveLimits(o: Pick<EngineOptions, "modelDir" | "heads" | "def
   return { ...resolveDefaults(o.defaults ?? {}, headsFile, inputs), ...inputs };
 }
 
-/** Recent tokens the H2O eviction always keeps, for a cache of `capacity` entries. */
-export function recentFor(capacity: number, obsWindow: number): number {
-  return Math.max(1, Math.min(obsWindow, Math.floor(capacity / 4)));
-}
-
 /**
- * Parameters of every upload-time compressor (early exit at the last layer holding a selected head). A call takes
- * a chunk (plus the BOS the first chunk gets) or a question embedded on top of the cache.
+ * Parameters of every upload-time compressor (early exit at the last layer holding a selected head; eviction by the
+ * configured policy). A call takes a chunk (plus the BOS the first chunk gets) or a question embedded on top of the
+ * cache.
  */
 export function uploadCompressParams(d: EngineDefaults, bos: number | null): CompressParams {
   return {
     capacity: d.capacity,
     nSink: d.nSink,
-    nRecent: recentFor(d.capacity, d.obsWindow),
+    ...evictionParams(d.eviction, d.capacity, d.nSink, d.obsWindow),
     obsWindow: d.obsWindow,
     maxChunk: Math.max(d.chunkSize + (bos === null ? 0 : 1), d.maxQueryTokens),
     embDtype: RF_F16,
@@ -396,6 +396,7 @@ function fingerprintOf(
   hf: HeadsFile,
   p: SessionParams,
   bos: number | null,
+  eviction: EvictionPolicy,
 ): { current: string; legacy: string } {
   const parts: string[] = [readFileSync(join(modelDir, "config.json"), "utf8")];
   const files = modelFiles(modelDir);
@@ -403,10 +404,13 @@ function fingerprintOf(
   parts.push(JSON.stringify(hf.heads));
   parts.push(JSON.stringify([p.chunkSize, p.capacity, p.nSink, p.nRecent, p.obsWindow, p.embDim, p.embDtype]));
   // contexts stored by the older formula were compressed without BOS: only valid for a model that uses none
-  const legacy = bos === null ? Bun.hash(parts.join("\n")).toString(16) : "";
+  // (and with H2O eviction, the only policy there was)
+  const legacy = bos === null && eviction === "h2o" ? Bun.hash(parts.join("\n")).toString(16) : "";
   // contexts compressed without the BOS the stream now starts with are not the same compression
   parts.push(`bos:${bos ?? "none"}`);
   for (const f of files) parts.push(`content:${contentSample(f)}`);
+  // another eviction policy stores another cache (the default adds nothing: contexts stored before it stay valid)
+  if (eviction !== "h2o") parts.push(`eviction:${eviction}`);
   return { current: Bun.hash(parts.join("\n")).toString(16), legacy };
 }
 
@@ -497,13 +501,14 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       nSink: params.nSink,
       nRecent: params.nRecent,
       obsWindow: params.obsWindow,
+      eviction: defaults.eviction,
       embedDim: params.embDim,
       embedDtype: "f16",
       exitLayer,
       bosTokenId: bos,
     },
   };
-  const fp = fingerprintOf(o.modelDir, headsFile, params, bos);
+  const fp = fingerprintOf(o.modelDir, headsFile, params, bos, defaults.eviction);
   return {
     native,
     model,

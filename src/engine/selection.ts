@@ -1,14 +1,15 @@
 /**
  * Which context tokens a query keeps (pure, testable): score smoothing, top-budget selection with the
  * always-kept edges (a radix select, no sort), and gathering. The engine's
- * reform path runs the same smoothing and selection natively (rf_score_select, cuda/select.h); these are
- * the reference and the fallback.
+ * reform path runs the same smoothing (either operator) and selection natively (rf_score_select, cuda/select.h);
+ * these are the reference the native code must match value for value, and what reports and tools use.
  */
 
 export const DEFAULT_WINDOW = 129;
 export const DEFAULT_EDGE = 256;
 
-/** How a token's score is pooled over its window at query time: the mean (the native path) or the max. */
+/** How a token's score is pooled over its window at query time: the mean or the max (both native too: rf_score_select
+ * takes the operator, Native.scoreSelect's `pool`). */
 export type SmoothingOp = "mean" | "max";
 export const SMOOTHING_OPS: readonly SmoothingOp[] = ["mean", "max"];
 

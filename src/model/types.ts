@@ -25,8 +25,13 @@ export interface ModelConfig {
   weightDtype: DType; // CUDA storage dtype (bf16/f16); ignored by the CPU build
 }
 
+/** What a head embeds: its query, key or value projection (before RoPE), or (o) the query head's attention output
+ * before o_proj. `head` indexes the query heads for q and o, the kv heads for k and v. */
+export type HeadKind = "q" | "k" | "v" | "o";
+export const HEAD_KINDS: readonly HeadKind[] = ["q", "k", "v", "o"];
+
 export interface HeadSpec {
   layer: number;
-  kind: "q" | "k" | "v";
+  kind: HeadKind;
   head: number;
 }

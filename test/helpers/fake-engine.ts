@@ -123,6 +123,7 @@ export class FakeEngine implements EngineClient {
         nSink: 4,
         nRecent: 16,
         obsWindow: 32,
+        eviction: "h2o",
         embedDim: 24,
         embedDtype: "f16",
         exitLayer: 1,

@@ -120,8 +120,9 @@ void test_struct_layout() {
   check("layout: rf_config line with its size", s.rfind("rf_config 128 vocab_size:0:i32 ", 0) == 0);
   check("layout: float field typed f32", s.find(" rms_eps:40:f32 ") != std::string::npos);
   check("layout: reserved array with its count", s.find(" qk_norm:68:i32 reserved:72:i32x14\n") != std::string::npos);
-  check("layout: rf_compress_params line", s.find("\nrf_compress_params 64 capacity:0:i32 ") != std::string::npos &&
-                                               s.find(" exit_layer:24:i32 reserved:28:i32x9") != std::string::npos);
+  check("layout: rf_compress_params line",
+        s.find("\nrf_compress_params 64 capacity:0:i32 ") != std::string::npos &&
+            s.find(" exit_layer:24:i32 eviction:28:i32 reserved:32:i32x8") != std::string::npos);
 }
 
 }  // namespace

@@ -264,11 +264,15 @@ export interface RefCompressParams {
   nSink: number;
   nRecent: number;
   obsWindow: number;
+  /** h2o (default): scores accumulate the last obsWindow queries' attention; tova: the chunk's last query only,
+   * summed over every query head of the layer, not accumulated (cuda/reform.h) */
+  eviction?: "h2o" | "tova";
 }
 
 export interface RefHead {
   layer: number;
-  kind: "q" | "k" | "v";
+  /** q / k / v: the projection (pre-RoPE); o: the query head's attention output (before o_proj) */
+  kind: "q" | "k" | "v" | "o";
   head: number;
 }
 
@@ -337,6 +341,7 @@ export class RefCompressor {
   }
 
   private run(tokens: number[], commit: boolean): Float64Array[] {
+    const tova = this.p.eviction === "tova";
     const c = this.c;
     const hd = c.headDim;
     const grp = c.numHeads / c.numKvHeads;
@@ -348,7 +353,7 @@ export class RefCompressor {
       const L = this.w.layers[l];
       const p = xs.map((x) => qkv(c, L, x));
       this.heads.forEach((hs, si) => {
-        if (hs.layer !== l) return;
+        if (hs.layer !== l || hs.kind === "o") return;
         for (let t = 0; t < n; t++) {
           const src = hs.kind === "q" ? p[t].q : hs.kind === "k" ? p[t].k : p[t].v;
           emb[t].set(l2normalize(head(src, hs.head, hd)), si * hd);
@@ -359,13 +364,13 @@ export class RefCompressor {
       // all entries (old cache + chunk), scores copied; positions are the indices
       const entries: CacheEntry[][] = [];
       for (let g = 0; g < c.numKvHeads; g++) {
-        const e: CacheEntry[] = old[g].map((x) => ({ idx: x.idx, k: x.k, v: x.v, s: x.s }));
+        const e: CacheEntry[] = old[g].map((x) => ({ idx: x.idx, k: x.k, v: x.v, s: tova ? 0 : x.s }));
         for (let t = 0; t < n; t++)
           e.push({ idx: this.seen + t, k: head(p[t].k, g, hd), v: head(p[t].v, g, hd), s: 0 });
         entries.push(e);
       }
       const rk = entries.map((e) => e.map((x, i) => rope(x.k, i, this.inv)));
-      const obsStart = n - Math.min(this.p.obsWindow, n);
+      const obsStart = n - Math.min(tova ? 1 : this.p.obsWindow, n);
       const nextXs: Float64Array[] = [];
       for (let j = 0; j < n; j++) {
         const att = new Float64Array(c.numHeads * hd);
@@ -377,8 +382,17 @@ export class RefCompressor {
           for (let e = 0; e < pr.length; e++)
             for (let d = 0; d < hd; d++) att[h * hd + d] += pr[e] * entries[g][e].v[d];
         }
+        this.heads.forEach((hs, si) => {
+          if (hs.layer === l && hs.kind === "o") emb[j].set(l2normalize(head(att, hs.head, hd)), si * hd);
+        });
         if (l < this.exitLayer) nextXs.push(postAttn(c, L, xs[j], att));
       }
+      if (tova)
+        for (let i = 0; i < entries[0].length; i++) {
+          let sum = 0;
+          for (let g = 0; g < c.numKvHeads; g++) sum += entries[g][i].s;
+          for (let g = 0; g < c.numKvHeads; g++) entries[g][i].s = sum;
+        }
       xs = nextXs;
       newCache.push(entries);
     }
