@@ -4,7 +4,9 @@
  * context lengths, each compressed once through the server's own compressor (scripts/heads-lab.ts) with the heads the
  * server uses for this model, then what the query path gathers at the default budget for each smoothing window:
  * the count of samples of which every asked needle value is among the gathered tokens (what `return_selection`
- * shows), per task. Gathering only: whether the model then answers is bench/ruler.ts's job.
+ * shows), per task; once with the paper's gathering (the whole budget by score) and once as served (the sentence tail
+ * kept back and spent completing the longest passages: selection.ts completeSentences). Gathering only: whether the
+ * model then answers is bench/ruler.ts's job.
  *
  *   bun bench/window-sweep.ts [--model DIR] [--heads FILE_OR_JSON] [--lengths 16k,128k,1m] [--samples 6]
  *       [--windows 33,49,65,81,129] [--op mean|max] [--tasks single,multikey,multivalue,multiquery] [--seed 7]
@@ -13,7 +15,15 @@
  */
 import { join } from "node:path";
 import { intFlag, parseFlags, runCli, valueFlags } from "../src/cli/args.ts";
-import { edgeFor, type SmoothingOp, selectTokens, smoothScores } from "../src/engine/selection.ts";
+import {
+  completeSentences,
+  edgeFor,
+  type SmoothingOp,
+  selectionFor,
+  selectTokens,
+  sentenceEnds,
+  smoothScores,
+} from "../src/engine/selection.ts";
 import { loadHeads } from "../src/model/heads.ts";
 import { embedTables, headKey, openLab, scoreHeads } from "../scripts/heads-lab.ts";
 import { heldOutSamples } from "./heads-ablation.ts";
@@ -44,24 +54,29 @@ function main(argv: string[]): void {
     const hf = loadHeads(modelDir, lab.mc, values.heads);
     const heads = hf.heads.map((_, i) => i);
     const edge = edgeFor(d.budget, d.edge);
+    const served = selectionFor(d, d.budget).tail;
+    const tails = served > 0 ? [0, served] : [0];
+    const ends = sentenceEnds(lab.tok.vocabSize, (id) => lab.tok.tokenBytes(id));
     console.log(
       `model ${modelDir} (max_model_len ${d.maxModelLen}); heads ${hf.heads.map(headKey).join(", ")} ` +
         `(${hf.source}); chunk ${d.chunkSize}, capacity ${d.capacity}, budget ${d.budget}, edge ${edge}, ${op} ` +
         `pooling; ${n} held-out samples per task (${tasks.join(", ")}), seed ${seed}; gathered = every asked value ` +
         "among the gathered tokens",
     );
-    console.log(`\n| context | ${windows.map((w) => `window ${w}`).join(" | ")} |`);
-    console.log(`| --- | ${windows.map(() => "---").join(" | ")} |`);
+    const cols = tails.flatMap((t) => windows.map((w) => ({ t, w })));
+    console.log(`\n| context | ${cols.map((c) => `window ${c.w}${c.t ? `, tail ${c.t}` : ""}`).join(" | ")} |`);
+    console.log(`| --- | ${cols.map(() => "---").join(" | ")} |`);
     for (const length of lengths) {
       const t0 = performance.now();
       const samples = heldOutSamples(lab, tasks, n, length, seed);
-      const hit = windows.map(() => new Map<Task, number>());
+      const hit = cols.map(() => new Map<Task, number>());
       for (const s of samples) {
         // one sample at a time: the cosine table of a 1M-token context is the memory this bench needs
         const table = embedTables(lab, s.ids, s.q, hf.heads, { chunk: d.chunkSize, capacity: d.capacity });
         const raw = scoreHeads(table, heads);
-        windows.forEach((w, k) => {
-          const kept = new Set(selectTokens(smoothScores(raw, w, op), d.budget, edge));
+        cols.forEach(({ w, t: tail }, k) => {
+          const idx = selectTokens(smoothScores(raw, w, op), d.budget - tail, edge);
+          const kept = new Set(completeSentences(idx, s.ids, ends, tail));
           const all = s.spans.every(([a, b]) => {
             for (let t = a; t < b; t++) if (!kept.has(t)) return false;
             return true;
@@ -78,7 +93,9 @@ function main(argv: string[]): void {
       );
       console.error(`[window-sweep] ${length} tokens: ${((performance.now() - t0) / 1000).toFixed(0)} s`);
     }
-    console.log(`\n(per task in parentheses: ${tasks.join(" / ")})`);
+    console.log(
+      `\n(per task in parentheses: ${tasks.join(" / ")}; tail: tokens of the budget that complete the longest passages' sentences, as served)`,
+    );
   } finally {
     lab.close();
   }

@@ -373,6 +373,7 @@ export function limitsView(info: ModelInfo) {
       smoothing_window: d.smoothingWindow,
       smoothing: d.smoothing,
       edge: d.edge,
+      sentence_tail: d.sentenceTail,
       template_tokens: d.templateTokens,
       baseline_cache_factor: d.baselineCacheFactor,
       max_h2o_tokens: d.maxH2oTokens,

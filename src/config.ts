@@ -159,6 +159,11 @@ const FLAGS: Flag[] = [
     help: "default recompute budget, context tokens gathered (default 5/8 of the trained window)",
   },
   { flag: "max-budget", arg: "N", help: "largest budget a request may ask for (default 7/8 of the trained window)" },
+  {
+    flag: "sentence-tail",
+    arg: "N",
+    help: "tokens of the default budget that complete the gathered passages' sentences (default 0.15 x budget; 0: the paper's gathering)",
+  },
   { flag: "max-tokens", arg: "N", help: "default answer length limit (default 1/8 of the trained window)" },
   {
     flag: "max-new-tokens",
@@ -239,6 +244,7 @@ const ENGINE_DEFAULT_FLAGS = [
   ["max-h2o-tokens", "maxH2oTokens", 16],
   ["chunk-size", "chunkSize", 1],
   ["capacity", "capacity", 1],
+  ["sentence-tail", "sentenceTail", 0],
 ] as const satisfies readonly (readonly [string, keyof EngineDefaults, number])[];
 
 function usageLine(f: Flag): string {

@@ -15,7 +15,7 @@ import { parseQuery } from "../src/engine/schema.ts";
 import { LogitProcessor, logprobsOf } from "../src/engine/sampling.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
 import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "../src/engine/prompt.ts";
-import { selectionFor, selectTokens, smoothScores } from "../src/engine/selection.ts";
+import { completeSentences, selectionFor, selectTokens, sentenceEnds, smoothScores } from "../src/engine/selection.ts";
 import { StopMatcher } from "../src/engine/stop.ts";
 import { lastSafeBoundary, trailingPartial } from "../src/engine/session.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
@@ -140,9 +140,35 @@ describe("pure query helpers", () => {
     // context fits the budget: everything
     expect(selectTokens(new Float32Array(50), 100).length).toBe(50);
     // edges and smoothing window hold at the default budget and scale with a request's budget (window odd)
-    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 320)).toEqual({ window: 5, edge: 10 });
-    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 1280)).toEqual({ window: 21, edge: 40 });
-    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 64)).toEqual({ window: 1, edge: 2 });
+    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 320)).toEqual({ window: 5, edge: 10, tail: 0 });
+    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 1280)).toEqual({ window: 21, edge: 40, tail: 0 });
+    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 64)).toEqual({ window: 1, edge: 2, tail: 0 });
+    // the sentence tail scales too, at most a quarter of the budget
+    expect(selectionFor({ budget: 320, window: 49, edge: 10, sentenceTail: 48 }, 640).tail).toBe(96);
+    expect(selectionFor({ budget: 320, window: 49, edge: 10, sentenceTail: 300 }, 320).tail).toBe(80);
+  });
+
+  test("completeSentences extends the longest passages to their sentence end, within the tail", () => {
+    // vocabulary: id 9 ends a sentence ("."), every other id does not
+    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : "a"));
+    expect(ends[9]).toBe(1);
+    expect(ends[3]).toBe(0);
+    const tokens = Int32Array.from({ length: 100 }, (_, i) => (i === 30 || i === 70 || i === 75 ? 9 : 1));
+    // passages 10..19 (10 long) and 60..64 (5 long)
+    const idx = Int32Array.from([...Array.from({ length: 10 }, (_, i) => 10 + i), 60, 61, 62, 63, 64]);
+    // tail 0: unchanged (the paper's gathering)
+    expect(completeSentences(idx, tokens, ends, 0)).toBe(idx);
+    // tail 14: the longer passage first, through its sentence end at 30 (11 tokens: 20..30), then 3 of the other
+    const a = Array.from(completeSentences(idx, tokens, ends, 14));
+    expect(a).toEqual([...Array.from({ length: 21 }, (_, i) => 10 + i), ...[60, 61, 62, 63, 64, 65, 66, 67]]);
+    // a large tail: each passage stops at its sentence end (30, 70), nothing more is added
+    const b = completeSentences(idx, tokens, ends, 100);
+    expect(b.length).toBe(idx.length + 11 + 6);
+    expect(b[b.length - 1]).toBe(70);
+    // maxTail bounds one passage; a passage never runs into the next selected one
+    expect(completeSentences(idx, tokens, ends, 100, 4).length).toBe(idx.length + 8);
+    const joined = Int32Array.from([10, 11, 12, 14, 15]);
+    expect(Array.from(completeSentences(joined, tokens, ends, 5))).toEqual([10, 11, 12, 13, 14, 15, 16, 17, 18, 19]);
   });
 
   test("native score finds planted embeddings", () => {
@@ -534,6 +560,7 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
       maxModelLen: 512,
       smoothingWindow: 49,
       edge: 10,
+      sentenceTail: 48,
       baselineCacheFactor: 4,
       allowBeyondWindow: false,
     });

@@ -163,6 +163,7 @@ describe("ops", () => {
       max_new_tokens: 1024,
       smoothing_window: 129,
       edge: 40,
+      sentence_tail: 192,
       baseline_cache_factor: 4,
       max_h2o_tokens: 262_144,
     };

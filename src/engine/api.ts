@@ -226,6 +226,8 @@ export interface ModelInfo {
     /** how scores are pooled over the smoothing window (the heads file's "smoothing") */
     smoothing: "mean" | "max";
     edge: number;
+    /** tokens of the budget that complete the gathered passages' sentences, at the default budget (0 = off) */
+    sentenceTail: number;
     /** longest question reform embeds for scoring (what is left of the window on top of the cache) */
     maxQueryTokens: number;
     /** the recurrent baselines' cache: this many times the budget, bounded by the window */

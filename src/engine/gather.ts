@@ -16,7 +16,7 @@ import type { CompressorPool } from "./compressors.ts";
 import { evictionParams } from "./eviction.ts";
 import type { LoadedEngine } from "./load.ts";
 import { selectionReport } from "./report.ts";
-import { gather, selectionFor, smoothScores } from "./selection.ts";
+import { completeSentences, gather, selectionFor, smoothScores } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
 
@@ -140,18 +140,19 @@ export function* gatherContext(
     const sel = selectionFor(d, budget);
     const op = e.headsFile.smoothing ?? "mean";
     // score, pool (the heads file's operator, mean or max) and select in one native call over the mapped embedding
-    // file (no copy, no sort); the raw scores come back only for a report
+    // file (no copy, no sort), the sentence tail kept back; the raw scores come back only for a report
     const scores = g.report ? new Float32Array(s.meta.processed) : undefined;
-    const idx = e.native.scoreSelect(
+    const scored = e.native.scoreSelect(
       s.embeddings(),
       s.meta.processed,
       dim,
       qf,
       nq,
-      { window: sel.window, budget, edge: sel.edge, pool: op },
+      { window: sel.window, budget: budget - sel.tail, edge: sel.edge, pool: op },
       scores,
     );
     const tokens = s.readTokens(0, n);
+    const idx = completeSentences(scored, tokens, e.sentenceEnds, sel.tail);
     ctx = gather(tokens, idx);
     if (scores) {
       yield;

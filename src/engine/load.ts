@@ -13,6 +13,7 @@ import { ModelTokenizer } from "../model/tokenizer.ts";
 import type { MemoryPlan, ModelInfo } from "./api.ts";
 import { type EvictionPolicy, evictionParams } from "./eviction.ts";
 import { buildMessages, splitAtPlaceholder } from "./prompt.ts";
+import { sentenceEnds } from "./selection.ts";
 import type { SessionParams } from "./session.ts";
 
 export interface EngineDefaults {
@@ -24,6 +25,9 @@ export interface EngineDefaults {
   maxNewTokens: number; // largest max_tokens a request may ask for (bounds the recompute KV cache)
   window: number; // smoothing window at the default budget (scales with a request's budget)
   edge: number; // first/last tokens always kept at the default budget (scales with a request's budget)
+  /** tokens of the budget that complete the gathered passages' sentences (selection.ts completeSentences; 0 = the
+   * paper's gathering), at the default budget (scales with a request's budget) */
+  sentenceTail: number;
   nSink: number;
   obsWindow: number;
   /** how the upload compressor evicts (eviction.ts; the heads file's "eviction", default h2o) */
@@ -79,6 +83,8 @@ export interface LoadedEngine {
   templateTokens: number;
   /** BOS prepended to the first chunk of every context (the model uses one), else null */
   bos: number | null;
+  /** per token id: does it end a sentence (selection.ts sentenceEnds; for completeSentences) */
+  sentenceEnds: Uint8Array;
   params: SessionParams;
   fingerprint: string;
   /** what contexts stored by an older version carry for this same setup (accepted once, then rewritten) */
@@ -104,6 +110,9 @@ export interface LoadedEngine {
  *     4 / 18 / 15 / 2 at 1M (bench/window-sweep.ts). A needle sentence is 20-35 tokens: a much narrower window
  *     lets isolated matches of common question words win in a long context, a much wider one dilutes the needle
  *     into its surroundings (the loss grows with the context: 129 was best on single needles at 16K only);
+ *   - sentence tail: 0.15 x budget is kept back from the scored selection and spent completing the longest gathered
+ *     passages to their sentence end (selection.ts completeSentences): a window centered on a fact's key stops partway
+ *     into a long value; measured with bench/window-sweep.ts (README "Choosing the defaults");
  *   - baselines: streaming and h2o get a cache 4x REFORM's budget (as the paper ran them), bounded by the window.
  */
 export const LIMIT_RATIOS = {
@@ -116,6 +125,7 @@ export const LIMIT_RATIOS = {
   edgeOfBudget: 1 / 32,
   smoothingOfBudget: 0.15,
   smoothingMax: 129,
+  sentenceTailOfBudget: 0.15,
   baselineCacheFactor: 4,
 } as const;
 
@@ -174,6 +184,7 @@ export function resolveDefaults(
   const maxNewTokens = d.maxNewTokens ?? Math.max(maxTokens, frac(R.maxNewTokens));
   const obsWindow = d.obsWindow ?? hf.obsWindow ?? Math.min(128, chunkSize);
   const edge = d.edge ?? Math.round(budget * R.edgeOfBudget);
+  const sentenceTail = d.sentenceTail ?? Math.round(budget * R.sentenceTailOfBudget);
   const window = d.window ?? hf.window ?? oddAtLeast1(Math.min(R.smoothingMax, budget * R.smoothingOfBudget));
   // the question is embedded on top of a full cache: what is left of the window (at least a chunk beyond it)
   const maxQueryTokens = d.maxQueryTokens ?? Math.max(W - capacity, chunkSize);
@@ -234,6 +245,7 @@ export function resolveDefaults(
       maxNewTokens,
       window,
       edge,
+      sentenceTail,
       nSink: d.nSink ?? hf.nSink ?? 4,
       obsWindow,
       eviction: d.eviction ?? hf.eviction ?? "h2o",
@@ -487,6 +499,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       smoothingWindow: defaults.window,
       smoothing: headsFile.smoothing ?? "mean",
       edge: defaults.edge,
+      sentenceTail: defaults.sentenceTail,
       maxQueryTokens: defaults.maxQueryTokens,
       baselineCacheFactor: defaults.baselineCacheFactor,
       inlineMaxContexts: defaults.inlineMaxContexts,
@@ -519,6 +532,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
     trainedWindow: maxPos,
     templateTokens,
     bos,
+    sentenceEnds: sentenceEnds(tok.vocabSize, (id) => tok.tokenBytes(id)),
     params,
     fingerprint: fp.current,
     legacyFingerprint: fp.legacy,

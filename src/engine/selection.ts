@@ -64,17 +64,75 @@ export function maxPool(scores: Float32Array, window: number): Float32Array {
 }
 
 /**
- * Smoothing window and edge for a request's budget: the configured values hold at the default budget and scale
- * with the budget (src/engine/load.ts LIMIT_RATIOS says why); the window stays odd, the edges take at most half
- * the budget (edgeFor).
+ * Smoothing window, edge and sentence tail for a request's budget: the configured values hold at the default budget
+ * and scale with the budget (src/engine/load.ts LIMIT_RATIOS says why); the window stays odd, the edges take at most
+ * half the budget (edgeFor), the tail at most a quarter.
  */
 export function selectionFor(
-  d: { budget: number; window: number; edge: number },
+  d: { budget: number; window: number; edge: number; sentenceTail?: number },
   budget: number,
-): { window: number; edge: number } {
+): { window: number; edge: number; tail: number } {
   const scale = budget / d.budget;
   const w = Math.max(1, Math.round(d.window * scale));
-  return { window: w % 2 === 0 ? w + 1 : w, edge: edgeFor(budget, Math.round(d.edge * scale)) };
+  const tail = Math.min(Math.floor(budget / 4), Math.round((d.sentenceTail ?? 0) * scale));
+  return { window: w % 2 === 0 ? w + 1 : w, edge: edgeFor(budget, Math.round(d.edge * scale)), tail };
+}
+
+/** Per token id: does its text end a sentence (holds '.', '?', '!' or a newline)? For completeSentences. */
+export function sentenceEnds(vocabSize: number, tokenBytes: (id: number) => Uint8Array): Uint8Array {
+  const out = new Uint8Array(vocabSize);
+  for (let id = 0; id < vocabSize; id++)
+    for (const c of tokenBytes(id)) if (c === 0x2e || c === 0x3f || c === 0x21 || c === 0x0a) out[id] = 1;
+  return out;
+}
+
+/**
+ * Complete the sentences of the gathered passages (this project's addition to the paper's gathering; README "Choosing
+ * the defaults" has the measurement): the selection is made with `tail` fewer tokens than the budget, then each
+ * passage (a run of consecutive selected positions) is extended forward, to and including the next token that ends a
+ * sentence, at most `maxTail` tokens each, until `tail` tokens are spent. Longest passages first: the longest run is
+ * where the most top-scored tokens cluster, and it needs no scores (the native selection returns positions only).
+ * Why: the question matches a fact's key, and a window centered on the key stops partway into a long value (a uuid
+ * is 30+ tokens) that follows it.
+ *
+ * idx: selected positions, ascending (selectTokens / rf_score_select); tokens: the context's ids (n); ends:
+ * sentenceEnds of the vocabulary. Returns the positions ascending, at most idx.length + tail of them.
+ */
+export function completeSentences(
+  idx: Int32Array,
+  tokens: Int32Array,
+  ends: Uint8Array,
+  tail: number,
+  maxTail = 64,
+): Int32Array {
+  if (tail <= 0 || idx.length === 0) return idx;
+  const n = tokens.length;
+  // runs as [end (exclusive), length]
+  const runs: [number, number][] = [];
+  let start = idx[0]!;
+  for (let k = 0; k < idx.length; k++)
+    if (k + 1 === idx.length || idx[k + 1] !== idx[k]! + 1) {
+      runs.push([idx[k]! + 1, idx[k]! + 1 - start]);
+      start = idx[k + 1]!;
+    }
+  runs.sort((a, b) => b[1] - a[1] || a[0] - b[0]);
+  const taken = new Set<number>(idx);
+  const added: number[] = [];
+  let left = tail;
+  for (const [end] of runs) {
+    if (left === 0) break;
+    for (let t = end; t < n && t - end < maxTail && left > 0 && !taken.has(t); t++) {
+      taken.add(t);
+      added.push(t);
+      left--;
+      if (ends[tokens[t]!]) break;
+    }
+  }
+  if (added.length === 0) return idx;
+  const out = new Int32Array(idx.length + added.length);
+  out.set(idx);
+  out.set(added, idx.length);
+  return out.sort();
 }
 
 /** Edge size actually kept for a budget: min(edge, floor(budget / 4)). */
