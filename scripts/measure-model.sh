@@ -9,7 +9,7 @@
 #   1 evaluate.py      held-out in-window recall per task at 256 and 435 tokens, n = 40 (the model card's table)
 #   2 quality test     test/quality.test.ts: REFORM answers 16K-token needles, streaming does not
 #   3 window sweep     bench/window-sweep.ts: the default smoothing window, gathered needles at 16K / 128K / 1M
-#   4 ruler            bench/ruler.ts at 2K / 16K / 128K (4 samples, 10 for full), then 1M (2 samples, reform)
+#   4 ruler            bench/ruler.ts at 2K / 16K / 128K (6 samples, 20 for full), then 1M (4 samples, reform)
 #   5 walk-through     a 3 MiB document with 3 facts, uploaded in pieces by `bun run ask`, three questions
 #   6 inline           bench/inline.ts: a ~200K-token document inside one OpenAI chat message, two questions
 #   7 web page         test/webui.test.ts, its screenshot copied to docs/webui.png
@@ -38,9 +38,9 @@ bun test test/quality.test.ts >"$OUT/quality.txt" 2>&1 || echo "[measure] qualit
 step "smoothing window sweep" window-sweep.txt
 bun bench/window-sweep.ts --lengths 16k,128k,1m --samples 6 >"$OUT/window-sweep.txt" 2>&1
 step "ruler 2K-128K" ruler.txt
-bun bench/ruler.ts --lengths 2k,16k,128k --samples 4 --full-samples 10 --json "$OUT/ruler.json" >"$OUT/ruler.txt" 2>&1
+bun bench/ruler.ts --lengths 2k,16k,128k --samples 6 --full-samples 20 --json "$OUT/ruler.json" >"$OUT/ruler.txt" 2>&1
 step "ruler 1M" ruler-1m.txt
-bun bench/ruler.ts --lengths 1m --samples 2 --methods reform --json "$OUT/ruler-1m.json" >"$OUT/ruler-1m.txt" 2>&1
+bun bench/ruler.ts --lengths 1m --samples 4 --methods reform --json "$OUT/ruler-1m.json" >"$OUT/ruler-1m.txt" 2>&1
 
 step "walk-through (3 MiB, 3 facts)" walkthrough.txt
 PORT=8099

@@ -5,7 +5,7 @@ setDefaultTimeout(60_000);
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { RF_BF16, RF_F16, RF_F32, RF_ROPE_LINEAR, RF_ROPE_LLAMA3, type DType } from "../ffi/native.ts";
+import { RF_BF16, RF_F16, RF_F32, RF_ROPE_DEFAULT, RF_ROPE_LINEAR, RF_ROPE_LLAMA3, type DType } from "../ffi/native.ts";
 import { loadEngine } from "../src/engine/load.ts";
 import { loadModelConfig, parseModelConfig } from "../src/model/config.ts";
 import { defaultHeads, loadHeads } from "../src/model/heads.ts";
@@ -124,6 +124,24 @@ describe("config", () => {
     const lin = parseModelConfig({ ...base, rope_scaling: { type: "linear", factor: 2 } });
     expect(lin.config.ropeType).toBe(RF_ROPE_LINEAR);
     expect(lin.config.ropeFactor).toBe(2);
+    // transformers 5: rope_theta and the scaling in rope_parameters (base has no top-level rope_theta)
+    const v5 = parseModelConfig({
+      ...base,
+      rope_parameters: {
+        rope_type: "llama3",
+        rope_theta: 500000,
+        factor: 8,
+        low_freq_factor: 1,
+        high_freq_factor: 4,
+        original_max_position_embeddings: 8192,
+      },
+    });
+    expect(v5.config.ropeTheta).toBe(500000);
+    expect(v5.config.ropeType).toBe(RF_ROPE_LLAMA3);
+    expect(v5.config.ropeOriginalMaxPos).toBe(8192);
+    const v5plain = parseModelConfig({ ...base, rope_parameters: { rope_type: "default", rope_theta: 1e6 } });
+    expect(v5plain.config.ropeTheta).toBe(1e6);
+    expect(v5plain.config.ropeType).toBe(RF_ROPE_DEFAULT);
   });
 
   test("errors name what is unsupported or missing", () => {

@@ -3,7 +3,8 @@
  *
  * Supported: LlamaForCausalLM (Llama 2/3/3.1), MistralForCausalLM, Qwen2ForCausalLM (qkv bias), Qwen3ForCausalLM
  * (per-head q/k RMSNorm, head_dim given explicitly).
- * rope_scaling: null | {rope_type|type: "default" | "llama3" | "linear"}.
+ * rope_scaling: null | {rope_type|type: "default" | "llama3" | "linear"}; or, as transformers 5 writes them,
+ * rope_parameters: {rope_type, rope_theta, factor, ...} (the same fields in one object).
  * Anything else is rejected with an error naming the unsupported / missing field.
  */
 import { existsSync, readFileSync } from "node:fs";
@@ -107,7 +108,11 @@ export function parseModelConfig(raw: Record<string, any>): LoadedConfig {
   let lowFreq = 1;
   let highFreq = 4;
   let origMax = maxPos;
-  const rs = raw.rope_scaling;
+  // transformers 5 moved rope_theta and the scaling into rope_parameters; older keys win where both are present
+  const rp = raw.rope_parameters;
+  if (rp != null && typeof rp !== "object")
+    throw new ModelConfigError(`config.json: rope_parameters must be an object or null`);
+  const rs = raw.rope_scaling ?? ((rp?.rope_type ?? rp?.type ?? "default") !== "default" ? rp : null);
   if (rs != null) {
     if (typeof rs !== "object") throw new ModelConfigError(`config.json: rope_scaling must be an object or null`);
     const t = rs.rope_type ?? rs.type ?? "default";
@@ -156,7 +161,7 @@ export function parseModelConfig(raw: Record<string, any>): LoadedConfig {
     tieEmbeddings: raw.tie_word_embeddings === true,
     ropeType,
     rmsEps: num(raw, "rms_norm_eps", 1e-6),
-    ropeTheta: num(raw, "rope_theta", 10000),
+    ropeTheta: num(raw, "rope_theta", num(rp ?? {}, "rope_theta", 10000)),
     ropeFactor,
     ropeLowFreqFactor: lowFreq,
     ropeHighFreqFactor: highFreq,
