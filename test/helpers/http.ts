@@ -1,37 +1,7 @@
-/** HTTP test helpers: SSE parsing, streamed bodies, JSON shortcuts. */
+/** HTTP test helpers: SSE events (src/util/sse.ts, eventsource-parser), streamed bodies, JSON shortcuts. */
+import { type SseEvent, sseEvents } from "../../src/util/sse.ts";
 
-export interface SseEvent {
-  event: string; // "message" when unnamed
-  data: string;
-}
-
-/** Parses an SSE response body into events (comments skipped). */
-export async function* sseEvents(res: Response): AsyncGenerator<SseEvent> {
-  if (!res.body) return;
-  const dec = new TextDecoder();
-  let buf = "";
-  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-    buf += dec.decode(chunk, { stream: true });
-    for (;;) {
-      const i = buf.indexOf("\n\n");
-      if (i < 0) break;
-      const block = buf.slice(0, i);
-      buf = buf.slice(i + 2);
-      let event = "message";
-      const data: string[] = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith(":")) continue;
-        const c = line.indexOf(":");
-        const field = c < 0 ? line : line.slice(0, c);
-        let value = c < 0 ? "" : line.slice(c + 1);
-        if (value.startsWith(" ")) value = value.slice(1);
-        if (field === "event") event = value;
-        else if (field === "data") data.push(value);
-      }
-      if (data.length) yield { event, data: data.join("\n") };
-    }
-  }
-}
+export { type SseEvent, sseEvents };
 
 export async function collectSse(res: Response): Promise<SseEvent[]> {
   const out: SseEvent[] = [];
