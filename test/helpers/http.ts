@@ -1,4 +1,5 @@
-/** HTTP test helpers: SSE events (src/util/sse.ts, eventsource-parser), streamed bodies, JSON shortcuts. */
+/** HTTP test helpers: SSE events (src/util/sse.ts, eventsource-parser), streamed bodies, JSON shortcuts, contexts. */
+import { expect } from "bun:test";
 import { type SseEvent, sseEvents } from "../../src/util/sse.ts";
 
 export { type SseEvent, sseEvents };
@@ -69,4 +70,34 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs 
 // biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
 export async function j(res: Response | Promise<Response>): Promise<any> {
   return (await res).json();
+}
+
+/** POSTs a JSON body: the answer's status and its JSON body. */
+// biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
+export async function postJson(url: string, body: unknown): Promise<{ status: number; body: any }> {
+  const r = await jsonPost(url, body);
+  return { status: r.status, body: await r.json() };
+}
+
+/** A new, empty context on the server at `base`: its id. */
+export async function createContext(base: string): Promise<string> {
+  return (await j(jsonPost(`${base}/v1/contexts`, {}))).id;
+}
+
+/** Uploads `text` as the whole content of context `id` (`?final=true`); expects the server to answer 200. */
+export async function putFinalText(base: string, id: string, text: string): Promise<void> {
+  const r = await fetch(`${base}/v1/contexts/${id}/content?final=true`, {
+    method: "PUT",
+    headers: { "content-type": "text/plain; charset=utf-8" },
+    body: text,
+  });
+  const detail = r.status === 200 ? "" : await r.text();
+  expect(r.status, `upload: ${r.status} ${detail}`).toBe(200);
+}
+
+/** A new context holding `text` (created, uploaded and finalized): its id. */
+export async function uploadContext(base: string, text: string): Promise<string> {
+  const id = await createContext(base);
+  await putFinalText(base, id, text);
+  return id;
 }
