@@ -23,15 +23,12 @@
  */
 import { spawnSync } from "node:child_process";
 import { availableParallelism } from "node:os";
-import { parseArgs } from "node:util";
 import {
   loadNative,
   type Native,
   NativeError,
   RF_BF16,
   RF_F16,
-  RF_ROPE_DEFAULT,
-  RF_ROPE_LLAMA3,
   type CompressParams,
   type NativeCompressor,
   type NativeModel,
@@ -39,96 +36,7 @@ import {
 } from "../ffi/native.ts";
 import type { HeadSpec, ModelConfig } from "../src/model/types.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
-
-type ShapeName = "tiny" | "small" | "llama3-8b";
-
-interface ShapeDefaults {
-  config: ModelConfig;
-  tokens: number[];
-  chunk: number;
-  capacity: number;
-  budget: number;
-  decode: number;
-}
-
-const base = {
-  qkvBias: false,
-  qkNorm: false,
-  tieEmbeddings: false,
-  rmsEps: 1e-5,
-  ropeFactor: 1,
-  ropeLowFreqFactor: 1,
-  ropeHighFreqFactor: 4,
-  ropeOriginalMaxPos: 8192,
-  weightDtype: RF_BF16,
-} as const;
-
-const SHAPES: Record<ShapeName, ShapeDefaults> = {
-  // a few-layer toy model: runs in seconds on a laptop CPU
-  tiny: {
-    config: {
-      ...base,
-      vocabSize: 4096,
-      hiddenSize: 256,
-      intermediateSize: 768,
-      numLayers: 4,
-      numHeads: 4,
-      numKvHeads: 2,
-      headDim: 64,
-      ropeType: RF_ROPE_DEFAULT,
-      ropeTheta: 10000,
-    },
-    tokens: [8192, 32768],
-    chunk: 512,
-    capacity: 1024,
-    budget: 1024,
-    decode: 32,
-  },
-  // ~150M parameters (GPT-2-small-like Llama)
-  small: {
-    config: {
-      ...base,
-      vocabSize: 32000,
-      hiddenSize: 768,
-      intermediateSize: 2048,
-      numLayers: 12,
-      numHeads: 12,
-      numKvHeads: 4,
-      headDim: 64,
-      ropeType: RF_ROPE_DEFAULT,
-      ropeTheta: 10000,
-    },
-    tokens: [2048, 8192],
-    chunk: 512,
-    capacity: 1024,
-    budget: 512,
-    decode: 16,
-  },
-  // Llama-3 / 3.1 8B
-  "llama3-8b": {
-    config: {
-      ...base,
-      vocabSize: 128256,
-      hiddenSize: 4096,
-      intermediateSize: 14336,
-      numLayers: 32,
-      numHeads: 32,
-      numKvHeads: 8,
-      headDim: 128,
-      ropeType: RF_ROPE_LLAMA3,
-      ropeTheta: 500000,
-      ropeFactor: 8,
-      ropeLowFreqFactor: 1,
-      ropeHighFreqFactor: 4,
-      ropeOriginalMaxPos: 8192,
-    },
-    tokens: [131072, 1048576],
-    chunk: 1024,
-    capacity: 4096,
-    budget: 8192,
-    decode: 32,
-  },
-};
+import { benchArgs, median, SHAPES, type ShapeName, textLog } from "./common.ts";
 
 const USAGE = `usage: bun bench/engine-bench.ts [options]
   --backend cpu|cuda|auto   native library (default auto: cuda when a device exists, else cpu)
@@ -286,11 +194,6 @@ function fmtBytes(b: number): string {
 function fmtNum(x: number, digits = 0): string {
   return x.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
 }
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 // ---------- main ----------
 
@@ -303,33 +206,24 @@ interface Row {
 async function main() {
   let values: Record<string, string | boolean | undefined>;
   try {
-    ({ values } = parseArgs({
-      args: process.argv.slice(2),
-      options: {
-        backend: { type: "string" },
-        library: { type: "string" },
-        shape: { type: "string" },
-        tokens: { type: "string" },
-        chunk: { type: "string" },
-        capacity: { type: "string" },
-        heads: { type: "string" },
-        budget: { type: "string" },
-        decode: { type: "string" },
-        "peak-tflops": { type: "string" },
-        threads: { type: "string" },
-        seed: { type: "string" },
-        "no-peak": { type: "boolean" },
-        json: { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
-      strict: true,
-    }));
+    values = benchArgs(USAGE, {
+      backend: { type: "string" },
+      library: { type: "string" },
+      shape: { type: "string" },
+      tokens: { type: "string" },
+      chunk: { type: "string" },
+      capacity: { type: "string" },
+      heads: { type: "string" },
+      budget: { type: "string" },
+      decode: { type: "string" },
+      "peak-tflops": { type: "string" },
+      threads: { type: "string" },
+      seed: { type: "string" },
+      "no-peak": { type: "boolean" },
+      json: { type: "boolean" },
+    });
   } catch (e) {
     die((e as Error).message);
-  }
-  if (values.help) {
-    console.log(USAGE);
-    return;
   }
   const str = (k: string) => values[k] as string | undefined;
   const backendOpt = (str("backend") ?? process.env.REFORM_BACKEND ?? "auto") as "cpu" | "cuda" | "auto";
@@ -370,9 +264,7 @@ async function main() {
     exitLayer: -1,
   };
 
-  const log = (s: string) => {
-    if (!json) console.log(s);
-  };
+  const log = textLog(json);
   const rows: Row[] = [];
   const errors: { figure: string; error: string }[] = [];
   const result: Record<string, unknown> = {};

@@ -26,17 +26,17 @@ import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
-import { loadNative, RF_F16, RF_F32, RF_ROPE_DEFAULT, type NativeModel } from "../ffi/native.ts";
+import { loadNative, RF_F16, RF_F32, type NativeModel } from "../ffi/native.ts";
 import type { ModelConfig } from "../src/model/types.ts";
 import { f32ToF16 } from "../test/fixtures/tiny-model.ts";
+import { benchArgs, median, offlineLlama, SHAPES, textLog } from "./common.ts";
 import { GGML_F16, GGML_F32, minimalVocab, permuteRope, writeGguf, type GgufTensor } from "./gguf.ts";
 
 const NODE_LLAMA_CPP = "node-llama-cpp@3.22.1";
 
-const { values: a } = parseArgs({
-  args: process.argv.slice(2),
-  options: {
+const a = benchArgs(
+  "usage: bun bench/llama-peer.ts [--quick] [--threads 1,2] [--pp 512,2048] [--tg N] [--reps N] [--flash on|off] [--json]",
+  {
     quick: { type: "boolean" },
     threads: { type: "string" },
     pp: { type: "string" },
@@ -44,15 +44,8 @@ const { values: a } = parseArgs({
     reps: { type: "string" },
     flash: { type: "string" },
     json: { type: "boolean" },
-    help: { type: "boolean", short: "h" },
   },
-});
-if (a.help) {
-  console.log(
-    "usage: bun bench/llama-peer.ts [--quick] [--threads 1,2] [--pp 512,2048] [--tg N] [--reps N] [--flash on|off] [--json]",
-  );
-  process.exit(0);
-}
+);
 const list = (s: string | undefined, d: number[]) => (s ? s.split(",").map((x) => Number(x.trim())) : d);
 const quick = !!a.quick;
 const THREADS = list(a.threads, [1, 2]);
@@ -61,43 +54,18 @@ const TG = Number(a.tg ?? (quick ? 16 : 64));
 const REPS = Number(a.reps ?? (quick ? 3 : 5));
 const FLASH = (a.flash ?? "on") !== "off";
 const json = !!a.json;
-const log = (s: string) => {
-  if (!json) console.log(s);
-};
+const log = textLog(json);
 const now = () => performance.now();
-const median = (xs: number[]) => {
-  const s = [...xs].sort((x, y) => x - y);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 
-const cfg: ModelConfig = {
-  vocabSize: 32000,
-  hiddenSize: 768,
-  intermediateSize: 2048,
-  numLayers: 12,
-  numHeads: 12,
-  numKvHeads: 4,
-  headDim: 64,
-  qkvBias: false,
-  qkNorm: false,
-  tieEmbeddings: false,
-  ropeType: RF_ROPE_DEFAULT,
-  rmsEps: 1e-5,
-  ropeTheta: 10000,
-  ropeFactor: 1,
-  ropeLowFreqFactor: 1,
-  ropeHighFreqFactor: 4,
-  ropeOriginalMaxPos: 8192,
-  weightDtype: RF_F16,
-};
+/** engine-bench's `small` shape, stored as F16 (what the GGUF holds). */
+const cfg: ModelConfig = { ...SHAPES.small.config, weightDtype: RF_F16 };
 
 // ---------------------------------------------------------------- llama.cpp (node-llama-cpp), offline
 
-// node-llama-cpp is not a dependency of the project (it is installed on demand), so its types are not available
-type LlamaCppModule = any;
+// node-llama-cpp (the module and its objects) untyped: it may be an install of our own outside the project
+type LlamaCpp = any;
 
-async function loadLlamaCpp(): Promise<LlamaCppModule> {
+async function loadLlamaCpp(): Promise<LlamaCpp> {
   // the project's dev dependency (bun install), else an install of our own outside the project
   try {
     return await import("node-llama-cpp");
@@ -246,14 +214,7 @@ function randomTokens(n: number, vocab: number, seed: number): number[] {
 const work = join(tmpdir(), `reform-llama-peer-${process.pid}`);
 mkdirSync(work, { recursive: true });
 try {
-  const { getLlama, LlamaLogLevel } = await loadLlamaCpp();
-  const llama = await getLlama({
-    gpu: false,
-    build: "never",
-    usePrebuiltBinaries: true,
-    skipDownload: true,
-    progressLogs: false,
-    logLevel: LlamaLogLevel.error,
+  const llama: LlamaCpp = await offlineLlama(await loadLlamaCpp(), {
     maxThreads: 0, // a context's `threads` is then exactly what it uses
   });
 

@@ -15,7 +15,6 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import { RF_F16 } from "../ffi/native.ts";
 import type { QueryEvent } from "../src/engine/api.ts";
 import { DEFAULT_EDGE, DEFAULT_WINDOW, gather, selectTokens, smoothScores } from "../src/engine/selection.ts";
@@ -23,25 +22,19 @@ import { EngineCore } from "../src/engine/core.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
 import { makeTinyModel } from "../test/fixtures/tiny-model.ts";
 import { referenceSelect } from "../test/helpers/select-reference.ts";
+import { benchArgs, benchModelOptions, median, textLog } from "./common.ts";
 
-const { values: a } = parseArgs({
-  args: process.argv.slice(2),
-  options: {
+const a = benchArgs(
+  "usage: bun bench/million.ts [--tokens 1048576] [--budget 2048] [--chunk 512] [--capacity 1024] [--threads N] [--json]",
+  {
     tokens: { type: "string" },
     budget: { type: "string" },
     chunk: { type: "string" },
     capacity: { type: "string" },
     threads: { type: "string" },
     json: { type: "boolean" },
-    help: { type: "boolean", short: "h" },
   },
-});
-if (a.help) {
-  console.log(
-    "usage: bun bench/million.ts [--tokens 1048576] [--budget 2048] [--chunk 512] [--capacity 1024] [--threads N] [--json]",
-  );
-  process.exit(0);
-}
+);
 const num = (v: string | undefined, d: number) => (v === undefined ? d : Number(v));
 const TOKENS = num(a.tokens, 1 << 20);
 const BUDGET = num(a.budget, 2048);
@@ -49,30 +42,16 @@ const CHUNK = num(a.chunk, 512);
 const CAPACITY = num(a.capacity, 1024);
 const THREADS = a.threads === undefined ? undefined : Number(a.threads);
 const json = !!a.json;
-const log = (s: string) => {
-  if (!json) console.log(s);
-};
+const log = textLog(json);
 const now = () => performance.now();
-const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[xs.length >> 1]!;
 
 const root = mkdtempSync(join(tmpdir(), "reform-million-"));
 try {
   const L = 4;
-  const modelDir = await makeTinyModel(join(root, "model"), {
-    layers: L,
-    hidden: 256,
-    heads: 4,
-    kvHeads: 2,
-    intermediate: 768,
-    maxPositions: 1 << 21,
-    std: 0.02,
-    seed: 5,
-    reformHeads: {
-      heads: (["q", "k", "v"] as const).map((kind) => ({ layer: 1, kind, head: 0 })),
-      chunk_size: CHUNK,
-      capacity: CAPACITY,
-    },
-  });
+  const modelDir = await makeTinyModel(
+    join(root, "model"),
+    benchModelOptions({ maxPositions: 1 << 21, chunk: CHUNK, capacity: CAPACITY }),
+  );
   const core = new EngineCore({
     modelDir,
     dataDir: join(root, "data"),

@@ -14,19 +14,17 @@
  * run up to the server's --max-h2o-tokens. Prints a table (tasks x methods x lengths), upload throughput and time
  * to first token per length; --json writes everything.
  */
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { parseArgs } from "node:util";
-import { libraryPath } from "../ffi/native.ts";
+import { writeFileSync } from "node:fs";
 import { DEFAULT_MODEL_DIR } from "../src/config.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
-import { startServer } from "../src/server.ts";
+import { createContext, postJson, putFinalText } from "../test/helpers/http.ts";
+import { startTestServer } from "../test/helpers/server.ts";
+import { benchArgs } from "./common.ts";
 import { ANSWER_TOKENS, SampleMaker, stringMatchAll, TASKS, type Task } from "./ruler-tasks.ts";
 
-const { values: a } = parseArgs({
-  args: process.argv.slice(2),
-  options: {
+const a = benchArgs(
+  "usage: bun bench/ruler.ts [--model DIR] [--lengths 2k,...] [--methods ...] [--tasks ...] [--samples N] [--json FILE]",
+  {
     model: { type: "string", default: DEFAULT_MODEL_DIR },
     lengths: { type: "string", default: "2k,8k,32k,128k,1m" },
     methods: { type: "string", default: "reform,streaming,h2o" },
@@ -37,15 +35,8 @@ const { values: a } = parseArgs({
     threads: { type: "string" },
     heads: { type: "string" },
     json: { type: "string" },
-    help: { type: "boolean", short: "h" },
   },
-});
-if (a.help) {
-  console.log(
-    "usage: bun bench/ruler.ts [--model DIR] [--lengths 2k,...] [--methods ...] [--tasks ...] [--samples N] [--json FILE]",
-  );
-  process.exit(0);
-}
+);
 
 function parseLength(s: string): number {
   const m = /^(\d+(?:\.\d+)?)([km]?)$/i.exec(s.trim());
@@ -58,20 +49,15 @@ const tasks = a.tasks!.split(",") as Task[];
 const samples = Number(a.samples);
 const fullSamples = Number(a["full-samples"]);
 
-const root = mkdtempSync(join(tmpdir(), "reform-ruler-"));
-const srv = await startServer({
+const srv = await startTestServer({
+  name: "ruler",
   modelDir: a.model!,
-  dataDir: join(root, "data"),
-  host: "127.0.0.1",
-  port: 0,
-  backend: "cpu",
-  library: libraryPath("cpu"),
-  threads: a.threads ? Number(a.threads) : undefined,
-  // a heads file or inline JSON (heads, chunk_size, capacity, window, ...): the sweeps of the ablations
-  heads: a.heads,
-  log: () => {},
+  flags: [
+    ...(a.threads ? ["--threads", a.threads] : []),
+    // a heads file or inline JSON (heads, chunk_size, capacity, window, ...): the sweeps of the ablations
+    ...(a.heads !== undefined ? ["--heads", a.heads] : []),
+  ],
 });
-await srv.engine.ready();
 const base = srv.url;
 // biome-ignore lint/suspicious/noExplicitAny: the benchmark reads JSON bodies loosely
 const props: any = await (await fetch(`${base}/props`)).json();
@@ -80,31 +66,17 @@ const window: number = L.trained_window;
 const tok = ModelTokenizer.fromDir(a.model!);
 const countTokens = (s: string) => tok.encode(s).length;
 
-async function post(path: string, body: unknown) {
-  const r = await fetch(`${base}${path}`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify(body),
-  });
-  // biome-ignore lint/suspicious/noExplicitAny: the benchmark reads JSON bodies loosely
-  const j: any = await r.json();
-  return { status: r.status, body: j };
-}
+const post = (path: string, body: unknown) => postJson(`${base}${path}`, body);
 
 /** Uploads a context; returns its id, tokens and the upload time (until ready). */
 async function upload(text: string): Promise<{ id: string; tokens: number; ms: number }> {
-  const { body } = await post("/v1/contexts", {});
+  const id = await createContext(base);
   const t0 = performance.now();
-  const r = await fetch(`${base}/v1/contexts/${body.id}/content?final=true`, {
-    method: "PUT",
-    headers: { "content-type": "text/plain; charset=utf-8" },
-    body: text,
-  });
-  if (r.status !== 200) throw new Error(`upload: ${r.status} ${await r.text()}`);
+  await putFinalText(base, id, text);
   for (;;) {
     // biome-ignore lint/suspicious/noExplicitAny: a context object
-    const c: any = await (await fetch(`${base}/v1/contexts/${body.id}`)).json();
-    if (c.state === "ready") return { id: body.id, tokens: c.tokens_received, ms: performance.now() - t0 };
+    const c: any = await (await fetch(`${base}/v1/contexts/${id}`)).json();
+    if (c.state === "ready") return { id, tokens: c.tokens_received, ms: performance.now() - t0 };
     if (c.state === "failed") throw new Error(`context failed: ${c.error}`);
     await Bun.sleep(50);
   }
@@ -269,5 +241,4 @@ if (a.json) {
   writeFileSync(a.json, JSON.stringify({ model: a.model, window, limits: L, rows, uploads, inWindow }, null, 1));
 }
 await srv.stop();
-rmSync(root, { recursive: true, force: true });
 process.exit(0);

@@ -13,38 +13,26 @@
  * The rate is measured for 2 s before the queries of a phase start (queries would slow it down).
  * Figures only, no assertions.
  */
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { parseArgs } from "node:util";
-import { startServer } from "../src/server.ts";
-import { makeTinyModel } from "../test/fixtures/tiny-model.ts";
+import { uploadContext } from "../test/helpers/http.ts";
+import { startTestServer } from "../test/helpers/server.ts";
+import { benchArgs, benchModelOptions, textLog } from "./common.ts";
 
-const { values: a } = parseArgs({
-  args: process.argv.slice(2),
-  options: {
+const a = benchArgs(
+  "usage: bun bench/ttft-under-upload.ts [--queries 40] [--uploads 1,3] [--chunk 512] [--capacity 1024] [--threads N] [--json]",
+  {
     queries: { type: "string" },
     uploads: { type: "string" },
     chunk: { type: "string" },
     capacity: { type: "string" },
     threads: { type: "string" },
     json: { type: "boolean" },
-    help: { type: "boolean", short: "h" },
   },
-});
-if (a.help) {
-  console.log(
-    "usage: bun bench/ttft-under-upload.ts [--queries 40] [--uploads 1,3] [--chunk 512] [--capacity 1024] [--threads N] [--json]",
-  );
-  process.exit(0);
-}
+);
 const QUERIES = Number(a.queries ?? 40);
 const UPLOADS = (a.uploads ?? "1,3").split(",").map(Number);
 const CHUNK = Number(a.chunk ?? 512);
 const CAPACITY = Number(a.capacity ?? 1024);
-const log = (s: string) => {
-  if (!a.json) console.log(s);
-};
+const log = textLog(!!a.json);
 const now = () => performance.now();
 const pct = (xs: number[], q: number) => {
   const s = [...xs].sort((x, y) => x - y);
@@ -71,35 +59,13 @@ function endlessText(seed: number): ReadableStream<Uint8Array> {
   });
 }
 
-const root = mkdtempSync(join(tmpdir(), "reform-ttft-"));
-const srv = await (async () => {
-  const modelDir = await makeTinyModel(join(root, "model"), {
-    layers: 4,
-    hidden: 256,
-    heads: 4,
-    kvHeads: 2,
-    intermediate: 768,
-    maxPositions: 4096,
-    std: 0.02,
-    seed: 5,
-    reformHeads: {
-      heads: (["q", "k", "v"] as const).map((kind) => ({ layer: 1, kind, head: 0 })),
-      chunk_size: CHUNK,
-      capacity: CAPACITY,
-    },
-  });
-  return startServer({
-    modelDir,
-    dataDir: join(root, "data"),
-    port: 0,
-    backend: "cpu",
-    threads: a.threads === undefined ? undefined : Number(a.threads),
-    log: () => {},
-  });
-})();
+const srv = await startTestServer({
+  name: "ttft",
+  modelOptions: benchModelOptions({ maxPositions: 4096, chunk: CHUNK, capacity: CAPACITY }),
+  flags: a.threads === undefined ? [] : ["--threads", a.threads],
+});
 
 try {
-  await srv.engine.ready();
   const base = srv.url;
   const post = (path: string, body: unknown) =>
     fetch(`${base}${path}`, {
@@ -108,9 +74,8 @@ try {
       body: JSON.stringify(body),
     });
 
-  const small = ((await (await post("/v1/contexts", {})).json()) as { id: string }).id;
   const text = Array.from({ length: 400 }, (_, i) => WORDS[(i * 7) % WORDS.length]).join(" ");
-  await fetch(`${base}/v1/contexts/${small}/content?final=true`, { method: "PUT", body: text });
+  const small = await uploadContext(base, text);
 
   /** Client-side time to the first token event of one streamed query. */
   const ttft = async (): Promise<number> => {
@@ -194,5 +159,4 @@ try {
   if (a.json) console.log(JSON.stringify({ chunk: CHUNK, queries: QUERIES, stepMs, phases: rows }));
 } finally {
   await srv.stop();
-  rmSync(root, { recursive: true, force: true });
 }

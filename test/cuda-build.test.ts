@@ -10,7 +10,8 @@ import { describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { Native, NativeError, RF_BF16, RF_ERR_NODEVICE, ROOT_DIR } from "../ffi/native.ts";
+import { LLAMA_BASE } from "../bench/common.ts";
+import { Native, NativeError, RF_ERR_NODEVICE, RF_ROPE_DEFAULT, ROOT_DIR } from "../ffi/native.ts";
 import type { ModelConfig } from "../src/model/types.ts";
 
 function findNvcc(): string | null {
@@ -49,6 +50,7 @@ function exportedSymbols(path: string): Set<string> {
 }
 
 const tinyConfig: ModelConfig = {
+  ...LLAMA_BASE,
   vocabSize: 64,
   hiddenSize: 64,
   intermediateSize: 128,
@@ -56,17 +58,8 @@ const tinyConfig: ModelConfig = {
   numHeads: 4,
   numKvHeads: 2,
   headDim: 16,
-  qkvBias: false,
-  qkNorm: false,
-  tieEmbeddings: false,
-  ropeType: 0,
-  rmsEps: 1e-5,
+  ropeType: RF_ROPE_DEFAULT,
   ropeTheta: 10000,
-  ropeFactor: 1,
-  ropeLowFreqFactor: 1,
-  ropeHighFreqFactor: 4,
-  ropeOriginalMaxPos: 8192,
-  weightDtype: RF_BF16,
 };
 
 describe.skipIf(!NVCC)("CUDA native library", () => {

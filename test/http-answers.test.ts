@@ -4,19 +4,13 @@
  * several tokens, and the request rules that name their fix.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { libraryPath } from "../ffi/native.ts";
-import { resolveConfig } from "../src/config.ts";
-import { type RunningServer, startServer } from "../src/server.ts";
 import { codePoints, Utf8Positions } from "../src/util/utf8.ts";
-import { makeTinyModel, TINY_EOS_ID, TINY_EOT_ID } from "./fixtures/tiny-model.ts";
-import { collectSse, expectError, j, jsonPost } from "./helpers/http.ts";
+import { TINY_EOS_ID, TINY_EOT_ID } from "./fixtures/tiny-model.ts";
+import { collectSse, expectError, j, jsonPost, uploadContext } from "./helpers/http.ts";
+import { startTestServer, type TestServer } from "./helpers/server.ts";
 
 const T = 120_000;
-let root: string;
-let srv: RunningServer;
+let srv: TestServer;
 let base: string;
 let ctxId: string;
 
@@ -24,30 +18,15 @@ let ctxId: string;
 type Json = any;
 
 beforeAll(async () => {
-  root = mkdtempSync(join(tmpdir(), "reform-answers-"));
-  const modelDir = await makeTinyModel(join(root, "model"));
-  const cfg = resolveConfig(["--model", modelDir, "--data", join(root, "data"), "--port", "0"], {
-    REFORM_BACKEND: "cpu",
-    REFORM_LIBRARY: libraryPath("cpu"),
-  });
-  if (cfg.help) throw new Error("unexpected help");
-  srv = await startServer({ ...cfg, log: () => {} });
+  srv = await startTestServer({ name: "answers" });
   base = srv.url;
-  await srv.engine.ready();
-  const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
-  ctxId = ctx.id;
-  const up = await fetch(`${base}/v1/contexts/${ctxId}/content?final=true`, {
-    method: "PUT",
-    body: "Remember this: the secret number of bright-river is 4821937. The river runs past the old mill.\n".repeat(20),
-    headers: { "content-type": "text/plain" },
-  });
-  expect(up.status).toBe(200);
+  ctxId = await uploadContext(
+    base,
+    "Remember this: the secret number of bright-river is 4821937. The river runs past the old mill.\n".repeat(20),
+  );
 }, T);
 
-afterAll(async () => {
-  await srv?.stop();
-  if (root) rmSync(root, { recursive: true, force: true });
-});
+afterAll(() => srv?.stop());
 
 /** The issue's chat request. */
 const SECRET = {
@@ -299,16 +278,12 @@ describe("disk use", () => {
   test(
     "--max-disk-bytes (REFORM_MAX_DISK_BYTES) refuses an upload that would pass it with 413 disk_quota_exceeded",
     async () => {
-      const dir = join(root, "capped");
-      const cfg = resolveConfig(["--model", join(root, "model"), "--data", dir, "--port", "0"], {
-        REFORM_BACKEND: "cpu",
-        REFORM_LIBRARY: libraryPath("cpu"),
-        REFORM_MAX_DISK_BYTES: String(64 * 1024),
+      const capped = await startTestServer({
+        name: "answers-capped",
+        modelDir: srv.modelDir,
+        env: { REFORM_MAX_DISK_BYTES: String(64 * 1024) },
       });
-      if (cfg.help) throw new Error("unexpected help");
-      const capped = await startServer({ ...cfg, log: () => {} });
       try {
-        await capped.engine.ready();
         const url = capped.url;
         const put = (id: string, text: string) =>
           fetch(`${url}/v1/contexts/${id}/content?final=true`, {

@@ -3,16 +3,24 @@
  * cancellation by DELETE, no silent model fallback, and the smaller OpenAI conformance rules.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type RunningServer, startServer } from "../src/server.ts";
-import { makeTinyModel, TINY_EOS_ID, TINY_EOT_ID } from "./fixtures/tiny-model.ts";
-import { collectSse, expectError, j, jsonPost, pieceStream, waitFor } from "./helpers/http.ts";
+import { startServer } from "../src/server.ts";
+import { TINY_EOS_ID, TINY_EOT_ID } from "./fixtures/tiny-model.ts";
+import {
+  collectSse,
+  createContext,
+  expectError,
+  j,
+  jsonPost,
+  pieceStream,
+  uploadContext,
+  waitFor,
+} from "./helpers/http.ts";
+import { startTestServer, type TestServer } from "./helpers/server.ts";
 
 const T = 120_000;
 let root: string;
-let srv: RunningServer;
+let srv: TestServer;
 let base: string;
 let modelDir: string;
 const enc = new TextEncoder();
@@ -29,49 +37,25 @@ function words(n: number, seed: number): string {
   return out.join(" ");
 }
 
-async function newContext(): Promise<string> {
-  return (await j(jsonPost(`${base}/v1/contexts`, {}))).id;
-}
-
-async function readyContext(text: string): Promise<string> {
-  const id = await newContext();
-  const r = await fetch(`${base}/v1/contexts/${id}/content?final=1`, {
-    method: "PUT",
-    body: text,
-    headers: { "content-type": "text/plain" },
-  });
-  expect(r.status).toBe(200);
-  return id;
-}
-
 beforeAll(async () => {
-  root = mkdtempSync(join(tmpdir(), "reform-safety-"));
   // an 8192-token window: the cancellation tests need answers of thousands of tokens to still be running
-  modelDir = await makeTinyModel(join(root, "model"), { maxPositions: 8192 });
-  srv = await startServer({
-    modelDir,
-    dataDir: join(root, "data"),
-    port: 0,
-    apiKey: "",
-    backend: "cpu",
-    servedName: "tiny-reform",
-    log: () => {},
-    defaults: { chunkSize: 32, maxH2oTokens: 2000 },
+  srv = await startTestServer({
+    name: "safety",
+    modelOptions: { maxPositions: 8192 },
+    flags: ["--served-name", "tiny-reform", "--chunk-size", "32", "--max-h2o-tokens", "2000"],
   });
   base = srv.url;
-  await srv.engine.ready();
+  root = srv.root;
+  modelDir = srv.modelDir;
 }, T);
 
-afterAll(async () => {
-  await srv?.stop();
-  rmSync(root, { recursive: true, force: true });
-});
+afterAll(() => srv?.stop());
 
 describe("one writer per context", () => {
   test(
     "a second upload while one is open gets 409 context_busy; the stored tokens are the first upload's alone",
     async () => {
-      const id = await newContext();
+      const id = await createContext(base);
       const c1 = words(3000, 1) + " ";
       const c2 = words(3000, 2) + " ";
       // the first upload trickles in, so it is still open when the second one arrives
@@ -128,7 +112,7 @@ describe("recompute prompt length", () => {
         expect(e.message).toContain(String(limit));
         expect(e.param).toBe(path === "/v1/completions" ? "prompt" : "messages");
       }
-      const id = await readyContext(words(400, 4));
+      const id = await uploadContext(base, words(400, 4));
       const q = await expectError(
         await jsonPost(`${base}/v1/contexts/${id}/query`, { question: long, max_tokens: 4, stream: false }),
         400,
@@ -148,7 +132,7 @@ describe("cancellation", () => {
   test(
     "DELETE during a streamed upload stops its compression at the next chunk; the upload answers 410 context_deleted",
     async () => {
-      const id = await newContext();
+      const id = await createContext(base);
       const big = enc.encode(words(60_000, 5));
       const up = fetch(`${base}/v1/contexts/${id}/content`, {
         method: "PUT",
@@ -171,7 +155,7 @@ describe("cancellation", () => {
   test(
     "DELETE during a streamed query ends the stream with a context_deleted error event",
     async () => {
-      const id = await readyContext(words(600, 6));
+      const id = await uploadContext(base, words(600, 6));
       const res = await jsonPost(`${base}/v1/contexts/${id}/query`, {
         question: "fox?",
         max_tokens: 4000,
@@ -201,14 +185,14 @@ describe("cancellation", () => {
   test(
     "h2o over its documented limit is refused with a 400 that names the alternative; under it, progress is streamed",
     async () => {
-      const big = await readyContext(words(2600, 7));
+      const big = await uploadContext(base, words(2600, 7));
       const e = await expectError(
         await jsonPost(`${base}/v1/contexts/${big}/query`, { question: "x?", method: "h2o", max_tokens: 2 }),
         400,
         "context_too_long",
       );
       expect(e.message).toContain("reform");
-      const small = await readyContext(words(300, 8));
+      const small = await uploadContext(base, words(300, 8));
       const evs = await collectSse(
         await jsonPost(`${base}/v1/contexts/${small}/query`, {
           question: "x?",
@@ -243,7 +227,7 @@ describe("no silent fallbacks, OpenAI conformance", () => {
         expect(e.type).toBe("invalid_request_error");
         expect(e.param).toBe("model");
       }
-      const id = await readyContext(words(50, 9));
+      const id = await uploadContext(base, words(50, 9));
       for (const model of ["tiny-reform", "reform", `context:${id}`]) {
         const r = await jsonPost(`${base}/v1/chat/completions`, {
           model,
@@ -308,7 +292,7 @@ describe("no silent fallbacks, OpenAI conformance", () => {
         expect(big.message).toContain(String(max));
         expect(big.param).toBe("max_tokens");
       }
-      const id = await readyContext(words(50, 10));
+      const id = await uploadContext(base, words(50, 10));
       const a = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 0 }), 400);
       const b = await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q", budget: 4 }), 400);
       expect([a.code, a.param, a.message]).toEqual([b.code, b.param, b.message]);
@@ -319,7 +303,7 @@ describe("no silent fallbacks, OpenAI conformance", () => {
   test(
     "a finalized empty context cannot be queried (409 context_empty)",
     async () => {
-      const id = await newContext();
+      const id = await createContext(base);
       expect((await fetch(`${base}/v1/contexts/${id}/finalize`, { method: "POST" })).status).toBe(200);
       await expectError(await jsonPost(`${base}/v1/contexts/${id}/query`, { question: "q" }), 409, "context_empty");
     },
@@ -329,7 +313,7 @@ describe("no silent fallbacks, OpenAI conformance", () => {
   test(
     "a non-stream query whose client goes away counts in reform_queries_aborted_total",
     async () => {
-      const id = await readyContext(words(300, 11));
+      const id = await uploadContext(base, words(300, 11));
       const metric = async () =>
         Number(/reform_queries_aborted_total (\d+)/.exec(await (await fetch(`${base}/metrics`)).text())?.[1] ?? "0");
       const before = await metric();

@@ -3,23 +3,17 @@
  * (test/fixtures/tiny-model.ts) on the CPU backend, driven over loopback with fetch.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { makeTinyModel, TINY_BOS_ID } from "./fixtures/tiny-model.ts";
+import { TINY_BOS_ID } from "./fixtures/tiny-model.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
-import { libraryPath } from "../ffi/native.ts";
-import { resolveConfig } from "../src/config.ts";
-import { startServer, type RunningServer } from "../src/server.ts";
 import { collectSse, expectError, pieceStream, sseEvents, waitFor, type SseEvent } from "./helpers/http.ts";
+import { startTestServer, type TestServer } from "./helpers/server.ts";
 
 const KEY = "test-key-123";
 const MAX_BODY = 48 * 1024;
 const MAX_JSON = 64 * 1024;
 const T = 120_000; // per-test timeout (2-core CI)
 
-let root: string;
-let srv: RunningServer;
+let srv: TestServer;
 let base: string;
 
 const auth = { authorization: `Bearer ${KEY}` };
@@ -95,33 +89,15 @@ function queryBody(extra: Record<string, unknown> = {}) {
 }
 
 beforeAll(async () => {
-  root = mkdtempSync(join(tmpdir(), "reform-http-"));
   // a 2048-token window: these tests recompute whole small contexts (method "full") and long answers; the limits
   // derived from a small window are tested in test/engine.test.ts and test/http-safety.test.ts
-  const modelDir = await makeTinyModel(join(root, "model"), { maxPositions: 2048 });
-  // Configured the way `bun run serve` is: flags and environment through src/config.ts.
-  const cfg = resolveConfig(
-    [
-      "--model",
-      modelDir,
-      "--data",
-      join(root, "data"),
-      "--port",
-      "0",
-      "--max-body-bytes",
-      `${MAX_BODY}`,
-      "--max-json-bytes",
-      `${MAX_JSON}`,
-    ],
-    {
-      REFORM_BACKEND: "cpu",
-      REFORM_LIBRARY: libraryPath("cpu"),
-      REFORM_API_KEY: KEY,
-      REFORM_SERVED_NAME: "tiny-reform",
-    },
-  );
-  if (cfg.help) throw new Error("unexpected help");
-  srv = await startServer({ ...cfg, log: () => {} });
+  srv = await startTestServer({
+    name: "http",
+    modelOptions: { maxPositions: 2048 },
+    flags: ["--max-body-bytes", `${MAX_BODY}`, "--max-json-bytes", `${MAX_JSON}`],
+    env: { REFORM_API_KEY: KEY, REFORM_SERVED_NAME: "tiny-reform" },
+    ready: false,
+  });
   base = srv.url;
   // The server listens before the model is loaded.
   const h = await fetch(`${base}/health`);
@@ -129,10 +105,7 @@ beforeAll(async () => {
   await srv.engine.ready();
 }, T);
 
-afterAll(async () => {
-  await srv?.stop();
-  if (root) rmSync(root, { recursive: true, force: true });
-});
+afterAll(() => srv?.stop());
 
 describe("ops", () => {
   test("health is open and ok; models list has OpenAI's shape", async () => {
@@ -837,7 +810,7 @@ describe("OpenAI legacy completions (raw prompt, no chat template)", () => {
   beforeAll(async () => {
     ctxId = await newContext();
     await uploadFinal(ctxId, sampleText(120, 13));
-    tok = ModelTokenizer.fromDir(join(root, "model"));
+    tok = ModelTokenizer.fromDir(srv.modelDir);
   }, T);
 
   test(

@@ -7,23 +7,16 @@
  * memory bounds under many distinct documents. Answer quality needs a trained model: bench/inline.ts.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import OpenAI from "openai";
-import { libraryPath } from "../ffi/native.ts";
-import { resolveConfig } from "../src/config.ts";
 import type { QueryEvent } from "../src/engine/api.ts";
-import { type RunningServer, startServer } from "../src/server.ts";
-import { makeTinyModel } from "./fixtures/tiny-model.ts";
 import { expectError, j, jsonPost } from "./helpers/http.ts";
+import { startTestServer, type TestServer } from "./helpers/server.ts";
 
 const T = 240_000;
 const MAX_CONTEXTS = 4;
 const MAX_INLINE_DISK = 12_000_000;
 const MEMO_TOKENS = 300_000;
-let root: string;
-let srv: RunningServer;
+let srv: TestServer;
 let base: string;
 let client: OpenAI;
 
@@ -58,39 +51,17 @@ async function metric(name: string): Promise<number> {
 }
 
 beforeAll(async () => {
-  root = mkdtempSync(join(tmpdir(), "reform-inline-"));
-  const modelDir = await makeTinyModel(join(root, "model"), { maxPositions: 2048 });
-  const cfg = resolveConfig(
-    [
-      "--model",
-      modelDir,
-      "--data",
-      join(root, "data"),
-      "--port",
-      "0",
-      "--inline-max-contexts",
-      String(MAX_CONTEXTS),
-      "--inline-max-disk-bytes",
-      String(MAX_INLINE_DISK),
-    ],
-    { REFORM_BACKEND: "cpu", REFORM_LIBRARY: libraryPath("cpu") },
-  );
-  if (cfg.help) throw new Error("unexpected help");
-  srv = await startServer({
-    ...cfg,
-    defaults: { ...cfg.defaults, inlineMemoTokens: MEMO_TOKENS },
-    sseHeartbeatSec: 1,
-    log: () => {},
+  srv = await startTestServer({
+    name: "inline",
+    modelOptions: { maxPositions: 2048 },
+    flags: ["--inline-max-contexts", String(MAX_CONTEXTS), "--inline-max-disk-bytes", String(MAX_INLINE_DISK)],
+    options: { defaults: { inlineMemoTokens: MEMO_TOKENS }, sseHeartbeatSec: 1 },
   });
   base = srv.url;
-  await srv.engine.ready();
   client = new OpenAI({ baseURL: `${base}/v1`, apiKey: "unused", maxRetries: 0 });
 }, T);
 
-afterAll(async () => {
-  await srv?.stop();
-  if (root) rmSync(root, { recursive: true, force: true });
-});
+afterAll(() => srv?.stop());
 
 describe("a long document inline through the openai client", () => {
   const doc = documentOf(250_000, 1);

@@ -17,20 +17,14 @@ import { type LoadedEngine, loadEngine } from "../src/engine/load.ts";
 import { loadSafetensors } from "../src/model/safetensors.ts";
 import { makeTinyModel, type TinyModelOptions, tinyModelTensors } from "./fixtures/tiny-model.ts";
 import { hfToGguf } from "./helpers/hf-to-gguf.ts";
+import { offlineLlama } from "../bench/common.ts";
 
 setDefaultTimeout(120_000);
 
 const root = mkdtempSync(join(tmpdir(), "reform-llamacpp-"));
 let llama: Llama;
 beforeAll(async () => {
-  llama = await getLlama({
-    gpu: false,
-    build: "never",
-    usePrebuiltBinaries: true,
-    skipDownload: true,
-    progressLogs: false,
-    logLevel: LlamaLogLevel.error,
-  });
+  llama = await offlineLlama({ getLlama, LlamaLogLevel });
 });
 afterAll(async () => {
   await llama?.dispose();

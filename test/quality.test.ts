@@ -6,52 +6,27 @@
  * Figures across lengths and tasks are bench/ruler.ts's job; this test guards the mechanism.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { libraryPath } from "../ffi/native.ts";
 import { DEFAULT_MODEL_DIR } from "../src/config.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
-import { type RunningServer, startServer } from "../src/server.ts";
 import { ANSWER_TOKENS, SampleMaker, stringMatchAll } from "../bench/ruler-tasks.ts";
+import { postJson, uploadContext } from "./helpers/http.ts";
+import { startTestServer, type TestServer } from "./helpers/server.ts";
 
 const T = 300_000;
 const N = 8; // needles (one context each)
 const LENGTH = 16_384;
-let root: string;
-let srv: RunningServer;
+let srv: TestServer;
 const tok = ModelTokenizer.fromDir(DEFAULT_MODEL_DIR);
 const count = (s: string) => tok.encode(s).length;
-
-async function post(path: string, body: unknown) {
-  const r = await fetch(`${srv.url}${path}`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify(body),
-  });
-  // biome-ignore lint/suspicious/noExplicitAny: tests read JSON bodies loosely
-  return { status: r.status, body: (await r.json()) as any };
-}
-
-async function contextOf(text: string): Promise<string> {
-  const { body } = await post("/v1/contexts", {});
-  const r = await fetch(`${srv.url}/v1/contexts/${body.id}/content?final=true`, {
-    method: "PUT",
-    headers: { "content-type": "text/plain; charset=utf-8" },
-    body: text,
-  });
-  expect(r.status).toBe(200);
-  return body.id;
-}
 
 /** Score of each method over N single-needle samples of `length` haystack tokens (needles at depths 5%..75%). */
 async function run(length: number, methods: string[]): Promise<Record<string, number[]>> {
   const out: Record<string, number[]> = Object.fromEntries(methods.map((m) => [m, []]));
   for (let i = 0; i < N; i++) {
     const s = new SampleMaker(1000 + i, count).make("single", length, 0.05 + (0.7 * i) / (N - 1));
-    const id = await contextOf(s.text);
+    const id = await uploadContext(srv.url, s.text);
     for (const method of methods) {
-      const { status, body } = await post(`/v1/contexts/${id}/query`, {
+      const { status, body } = await postJson(`${srv.url}/v1/contexts/${id}/query`, {
         question: s.question,
         method,
         max_tokens: ANSWER_TOKENS.single,
@@ -66,22 +41,9 @@ async function run(length: number, methods: string[]): Promise<Record<string, nu
 }
 
 beforeAll(async () => {
-  root = mkdtempSync(join(tmpdir(), "reform-quality-"));
-  srv = await startServer({
-    modelDir: DEFAULT_MODEL_DIR,
-    dataDir: join(root, "data"),
-    host: "127.0.0.1",
-    port: 0,
-    backend: "cpu",
-    library: libraryPath("cpu"),
-    log: () => {},
-  });
-  await srv.engine.ready();
+  srv = await startTestServer({ name: "quality", modelDir: DEFAULT_MODEL_DIR });
 }, T);
-afterAll(async () => {
-  await srv?.stop();
-  rmSync(root, { recursive: true, force: true });
-});
+afterAll(() => srv?.stop());
 
 describe("the embedded model beyond its window (16K tokens, 32x its window)", () => {
   test(

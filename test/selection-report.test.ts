@@ -4,15 +4,9 @@
  * where every span's text must be the document's own text at the span's place.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { libraryPath } from "../ffi/native.ts";
-import { resolveConfig } from "../src/config.ts";
 import { downsampleMax, mergeRuns, selectionReport } from "../src/engine/report.ts";
-import { type RunningServer, startServer } from "../src/server.ts";
-import { makeTinyModel } from "./fixtures/tiny-model.ts";
-import { collectSse, j, jsonPost } from "./helpers/http.ts";
+import { collectSse, j, jsonPost, uploadContext } from "./helpers/http.ts";
+import { startTestServer, type TestServer } from "./helpers/server.ts";
 
 // biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
 type Json = any;
@@ -64,8 +58,7 @@ describe("report parts", () => {
 
 describe("return_selection on the query route", () => {
   const T = 120_000;
-  let root: string;
-  let srv: RunningServer;
+  let srv: TestServer;
   let base: string;
   let ctxId: string;
   // multi-byte characters throughout, so that bytes, characters and UTF-16 units all differ
@@ -76,29 +69,12 @@ describe("return_selection on the query route", () => {
   ).join("\n");
 
   beforeAll(async () => {
-    root = mkdtempSync(join(tmpdir(), "reform-selection-"));
-    const modelDir = await makeTinyModel(join(root, "model"));
-    const cfg = resolveConfig(["--model", modelDir, "--data", join(root, "data"), "--port", "0"], {
-      REFORM_BACKEND: "cpu",
-      REFORM_LIBRARY: libraryPath("cpu"),
-    });
-    if (cfg.help) throw new Error("unexpected help");
-    srv = await startServer({ ...cfg, log: () => {} });
+    srv = await startTestServer({ name: "selection" });
     base = srv.url;
-    await srv.engine.ready();
-    ctxId = (await j(jsonPost(`${base}/v1/contexts`, {}))).id;
-    const up = await fetch(`${base}/v1/contexts/${ctxId}/content?final=true`, {
-      method: "PUT",
-      body: doc,
-      headers: { "content-type": "text/plain" },
-    });
-    expect(up.status).toBe(200);
+    ctxId = await uploadContext(base, doc);
   }, T);
 
-  afterAll(async () => {
-    await srv?.stop();
-    if (root) rmSync(root, { recursive: true, force: true });
-  });
+  afterAll(() => srv?.stop());
 
   const ask = { question: "Where is the needle?", max_tokens: 2, temperature: 0, budget: 64 };
 
@@ -183,14 +159,10 @@ describe("return_selection on the query route", () => {
   test(
     'a heads file with "smoothing": "max": the max-pooled selection (pooled and selected natively) is reported',
     async () => {
-      const cfg = resolveConfig(
-        [
-          "--model",
-          join(root, "model"),
-          "--data",
-          join(root, "data-max"),
-          "--port",
-          "0",
+      const max = await startTestServer({
+        name: "selection-max",
+        modelDir: srv.modelDir,
+        flags: [
           "--heads",
           JSON.stringify({
             heads: [
@@ -200,21 +172,11 @@ describe("return_selection on the query route", () => {
             smoothing: "max",
           }),
         ],
-        { REFORM_BACKEND: "cpu", REFORM_LIBRARY: libraryPath("cpu") },
-      );
-      if (cfg.help) throw new Error("unexpected help");
-      const max = await startServer({ ...cfg, log: () => {} });
+      });
       try {
-        await max.engine.ready();
         const props = await j(fetch(`${max.url}/props`));
         expect(props.limits.smoothing).toBe("max");
-        const id = (await j(jsonPost(`${max.url}/v1/contexts`, {}))).id;
-        const up = await fetch(`${max.url}/v1/contexts/${id}/content?final=true`, {
-          method: "PUT",
-          body: doc,
-          headers: { "content-type": "text/plain" },
-        });
-        expect(up.status).toBe(200);
+        const id = await uploadContext(max.url, doc);
         const res = await j(
           jsonPost(`${max.url}/v1/contexts/${id}/query`, { ...ask, stream: false, return_selection: true }),
         );

@@ -8,14 +8,11 @@
  * is saved to test-output/webui.png. Skipped, saying why, only where no Chromium is installed.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Browser, Page } from "playwright-core";
-import { libraryPath } from "../ffi/native.ts";
-import { resolveConfig } from "../src/config.ts";
-import { type RunningServer, startServer } from "../src/server.ts";
 import { mulberry32 } from "../src/util/rng.ts";
+import { startTestServer, type TestServer } from "./helpers/server.ts";
 
 // biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
 type Json = any;
@@ -63,21 +60,13 @@ function documentText(): string {
 }
 
 describe.skipIf(!chromiumPath)("web page in Chromium", () => {
-  let root: string;
-  let srv: RunningServer;
+  let srv: TestServer;
   let browser: Browser;
   let page: Page;
   const consoleErrors: string[] = [];
 
   beforeAll(async () => {
-    root = mkdtempSync(join(tmpdir(), "reform-webui-"));
-    const cfg = resolveConfig(
-      ["--model", MODEL, "--data", join(root, "data"), "--port", "0", "--api-key", KEY, "--threads", "2"],
-      { REFORM_BACKEND: "cpu", REFORM_LIBRARY: libraryPath("cpu") },
-    );
-    if (cfg.help) throw new Error("unexpected help");
-    srv = await startServer({ ...cfg, log: () => {} });
-    await srv.engine.ready();
+    srv = await startTestServer({ name: "webui", modelDir: MODEL, flags: ["--api-key", KEY, "--threads", "2"] });
     const { chromium } = await import("playwright-core");
     browser = await chromium.launch({
       executablePath: chromiumPath!,
@@ -102,14 +91,13 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
   afterAll(async () => {
     await browser?.close();
     await srv?.stop();
-    if (root) rmSync(root, { recursive: true, force: true });
   });
 
   test(
     "upload, ready, ask a needle question: streamed answer and the gathered passage",
     async () => {
       const doc = documentText();
-      const file = join(root, "harbor-notes.txt");
+      const file = join(srv.root, "harbor-notes.txt");
       writeFileSync(file, doc);
 
       // The page and its modules come from this server alone, without the key; the API needs it.

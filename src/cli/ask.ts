@@ -12,7 +12,7 @@
  * (`--context ID --resume`) or delete it are printed.
  */
 import { existsSync, statSync } from "node:fs";
-import { EventSourceParserStream } from "eventsource-parser/stream";
+import { sseEvents } from "../util/sse.ts";
 import { intFlag, numFlag, parseFlags, runCli, UsageError, valueFlags } from "./args.ts";
 
 const USAGE = `usage: bun run ask FILE "question" [options]
@@ -35,20 +35,6 @@ const USAGE = `usage: bun run ask FILE "question" [options]
 FILE "-" reads the context from stdin.`;
 
 const DEFAULT_SERVER = "http://127.0.0.1:8080";
-
-interface SseEvent {
-  event: string;
-  data: string;
-}
-
-/** Server-sent events of a response body (eventsource-parser: comments skipped, multi-line data joined). */
-async function* sse(res: Response): AsyncGenerator<SseEvent> {
-  if (!res.body) return;
-  const events = res.body.pipeThrough(new TextDecoderStream()).pipeThrough(new EventSourceParserStream());
-  for await (const e of events as unknown as AsyncIterable<{ event?: string; data: string }>) {
-    yield { event: e.event ?? "message", data: e.data };
-  }
-}
 
 function fmtBytes(n: number): string {
   if (n < 1024) return `${n} B`;
@@ -125,7 +111,7 @@ async function upload(a: UploadArgs): Promise<void> {
     try {
       const ev = await call(`${ctxUrl}/events?follow=true`, { headers, signal: progressAc.signal });
       if (!ev.ok) return;
-      for await (const e of sse(ev)) {
+      for await (const e of sseEvents(ev)) {
         if (e.event !== "progress") continue;
         const p = JSON.parse(e.data) as { bytes_received: number; tokens_received: number; tokens_processed: number };
         const t = performance.now();
@@ -394,7 +380,7 @@ async function main() {
       console.error(`ask: query failed: ${await apiError(res)}`);
       exitCode = 1;
     } else {
-      for await (const e of sse(res)) {
+      for await (const e of sseEvents(res)) {
         if (e.data === "[DONE]") break;
         const j = JSON.parse(e.data);
         if (e.event === "token") process.stdout.write(j.text);

@@ -1,37 +1,8 @@
-/** HTTP test helpers: SSE parsing, streamed bodies, JSON shortcuts. */
+/** HTTP test helpers: SSE events (src/util/sse.ts, eventsource-parser), streamed bodies, JSON shortcuts, contexts. */
+import { expect } from "bun:test";
+import { type SseEvent, sseEvents } from "../../src/util/sse.ts";
 
-export interface SseEvent {
-  event: string; // "message" when unnamed
-  data: string;
-}
-
-/** Parses an SSE response body into events (comments skipped). */
-export async function* sseEvents(res: Response): AsyncGenerator<SseEvent> {
-  if (!res.body) return;
-  const dec = new TextDecoder();
-  let buf = "";
-  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-    buf += dec.decode(chunk, { stream: true });
-    for (;;) {
-      const i = buf.indexOf("\n\n");
-      if (i < 0) break;
-      const block = buf.slice(0, i);
-      buf = buf.slice(i + 2);
-      let event = "message";
-      const data: string[] = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith(":")) continue;
-        const c = line.indexOf(":");
-        const field = c < 0 ? line : line.slice(0, c);
-        let value = c < 0 ? "" : line.slice(c + 1);
-        if (value.startsWith(" ")) value = value.slice(1);
-        if (field === "event") event = value;
-        else if (field === "data") data.push(value);
-      }
-      if (data.length) yield { event, data: data.join("\n") };
-    }
-  }
-}
+export { type SseEvent, sseEvents };
 
 export async function collectSse(res: Response): Promise<SseEvent[]> {
   const out: SseEvent[] = [];
@@ -99,4 +70,34 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs 
 // biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
 export async function j(res: Response | Promise<Response>): Promise<any> {
   return (await res).json();
+}
+
+/** POSTs a JSON body: the answer's status and its JSON body. */
+// biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
+export async function postJson(url: string, body: unknown): Promise<{ status: number; body: any }> {
+  const r = await jsonPost(url, body);
+  return { status: r.status, body: await r.json() };
+}
+
+/** A new, empty context on the server at `base`: its id. */
+export async function createContext(base: string): Promise<string> {
+  return (await j(jsonPost(`${base}/v1/contexts`, {}))).id;
+}
+
+/** Uploads `text` as the whole content of context `id` (`?final=true`); expects the server to answer 200. */
+export async function putFinalText(base: string, id: string, text: string): Promise<void> {
+  const r = await fetch(`${base}/v1/contexts/${id}/content?final=true`, {
+    method: "PUT",
+    headers: { "content-type": "text/plain; charset=utf-8" },
+    body: text,
+  });
+  const detail = r.status === 200 ? "" : await r.text();
+  expect(r.status, `upload: ${r.status} ${detail}`).toBe(200);
+}
+
+/** A new context holding `text` (created, uploaded and finalized): its id. */
+export async function uploadContext(base: string, text: string): Promise<string> {
+  const id = await createContext(base);
+  await putFinalText(base, id, text);
+  return id;
 }
