@@ -63,6 +63,7 @@ bun bench/make-document.ts --mb 3 --out "$DOC" >"$OUT/walkthrough-facts.tsv"
     fi
     echo "(expected: $want)"
   done <"$OUT/walkthrough-facts.tsv"
+  [ -n "$ctx" ] && curl -sf -X DELETE "http://127.0.0.1:$PORT/v1/contexts/$ctx" >/dev/null && echo "deleted $ctx"
 } >"$OUT/walkthrough.txt" 2>&1
 kill $SERVER 2>/dev/null || true
 rm -f "$DOC"
