@@ -148,27 +148,30 @@ describe("pure query helpers", () => {
     expect(selectionFor({ budget: 320, window: 49, edge: 10, sentenceTail: 300 }, 320).tail).toBe(80);
   });
 
-  test("completeSentences extends the longest passages to their sentence end, within the tail", () => {
+  test("completeSentences: longest passages to their sentence end, then back to its start", () => {
     // vocabulary: id 9 ends a sentence ("."), every other id does not
     const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : "a"));
     expect(ends[9]).toBe(1);
     expect(ends[3]).toBe(0);
     const tokens = Int32Array.from({ length: 100 }, (_, i) => (i === 30 || i === 70 || i === 75 ? 9 : 1));
+    const range = (a: number, b: number) => Array.from({ length: b - a }, (_, i) => a + i);
     // passages 10..19 (10 long) and 60..64 (5 long)
-    const idx = Int32Array.from([...Array.from({ length: 10 }, (_, i) => 10 + i), 60, 61, 62, 63, 64]);
-    // tail 0: unchanged (the paper's gathering)
+    const idx = Int32Array.from([...range(10, 20), ...range(60, 65)]);
+    // no tail: unchanged (the paper's gathering)
     expect(completeSentences(idx, tokens, ends, 0)).toBe(idx);
     // tail 14: the longer passage first, through its sentence end at 30 (11 tokens: 20..30), then 3 of the other
-    const a = Array.from(completeSentences(idx, tokens, ends, 14));
-    expect(a).toEqual([...Array.from({ length: 21 }, (_, i) => 10 + i), ...[60, 61, 62, 63, 64, 65, 66, 67]]);
-    // a large tail: each passage stops at its sentence end (30, 70), nothing more is added
-    const b = completeSentences(idx, tokens, ends, 100);
-    expect(b.length).toBe(idx.length + 11 + 6);
-    expect(b[b.length - 1]).toBe(70);
-    // maxTail bounds one passage; a passage never runs into the next selected one
-    expect(completeSentences(idx, tokens, ends, 100, 4).length).toBe(idx.length + 8);
+    expect(Array.from(completeSentences(idx, tokens, ends, 14))).toEqual([...range(10, 31), ...range(60, 68)]);
+    // a large tail: forward to each sentence end (30, 70), then backward to each sentence start (0; 31, after the
+    // end at 30), and no further
+    expect(Array.from(completeSentences(idx, tokens, ends, 100))).toEqual([...range(0, 31), ...range(31, 71)]);
+    // maxTail bounds each extension (4 forward and 4 backward per passage)
+    expect(Array.from(completeSentences(idx, tokens, ends, 100, { maxTail: 4 }))).toEqual([
+      ...range(6, 24),
+      ...range(56, 69),
+    ]);
+    // a passage never runs into the next selected one
     const joined = Int32Array.from([10, 11, 12, 14, 15]);
-    expect(Array.from(completeSentences(joined, tokens, ends, 5))).toEqual([10, 11, 12, 13, 14, 15, 16, 17, 18, 19]);
+    expect(Array.from(completeSentences(joined, tokens, ends, 5))).toEqual(range(10, 20));
   });
 
   test("native score finds planted embeddings", () => {

@@ -88,51 +88,62 @@ export function sentenceEnds(vocabSize: number, tokenBytes: (id: number) => Uint
 
 /**
  * Complete the sentences of the gathered passages (this project's addition to the paper's gathering; README "Choosing
- * the defaults" has the measurement): the selection is made with `tail` fewer tokens than the budget, then each
+ * the defaults" has the measurement): the selection is made with `tail` fewer tokens than the budget; then each
  * passage (a run of consecutive selected positions) is extended forward, to and including the next token that ends a
- * sentence, at most `maxTail` tokens each, until `tail` tokens are spent. Longest passages first: the longest run is
- * where the most top-scored tokens cluster, and it needs no scores (the native selection returns positions only).
- * Why: the question matches a fact's key, and a window centered on the key stops partway into a long value (a uuid
- * is 30+ tokens) that follows it.
+ * sentence, at most `maxTail` tokens each, longest passages first, and with what is left, backward to the start of its
+ * sentence. Longest first: the longest run is where the most top-scored tokens cluster, and it
+ * needs no scores (the native selection returns positions only). Why: the question matches a fact's key, and a window
+ * centered on the key stops partway into a long value (a uuid is 30+ tokens) after it. (Dropping the 1-4 token shards
+ * that near-threshold peaks leave, to spend their tokens here too, gathered a little more but answered no better:
+ * bench/ruler.ts at 16K and 128K, 6 samples per task.)
  *
  * idx: selected positions, ascending (selectTokens / rf_score_select); tokens: the context's ids (n); ends:
- * sentenceEnds of the vocabulary. Returns the positions ascending, at most idx.length + tail of them.
+ * sentenceEnds of the vocabulary. Returns positions ascending, at most idx.length + tail of them.
  */
 export function completeSentences(
   idx: Int32Array,
   tokens: Int32Array,
   ends: Uint8Array,
   tail: number,
-  maxTail = 64,
+  o: { maxTail?: number } = {},
 ): Int32Array {
+  const maxTail = o.maxTail ?? 64;
   if (tail <= 0 || idx.length === 0) return idx;
   const n = tokens.length;
-  // runs as [end (exclusive), length]
+  // runs as [start, end (exclusive)]
   const runs: [number, number][] = [];
   let start = idx[0]!;
   for (let k = 0; k < idx.length; k++)
     if (k + 1 === idx.length || idx[k + 1] !== idx[k]! + 1) {
-      runs.push([idx[k]! + 1, idx[k]! + 1 - start]);
+      runs.push([start, idx[k]! + 1]);
       start = idx[k + 1]!;
     }
-  runs.sort((a, b) => b[1] - a[1] || a[0] - b[0]);
-  const taken = new Set<number>(idx);
-  const added: number[] = [];
   let left = tail;
-  for (const [end] of runs) {
+  runs.sort((x, y) => y[1] - y[0] - (x[1] - x[0]) || x[0] - y[0]);
+  const taken = new Uint8Array(n);
+  for (const [a, b] of runs) taken.fill(1, a, b);
+  // forward to the sentence end
+  for (const r of runs) {
     if (left === 0) break;
-    for (let t = end; t < n && t - end < maxTail && left > 0 && !taken.has(t); t++) {
-      taken.add(t);
-      added.push(t);
+    for (let t = r[1]; t < n && t - r[1] < maxTail && left > 0 && !taken[t]; t++) {
+      taken[t] = 1;
       left--;
       if (ends[tokens[t]!]) break;
     }
   }
-  if (added.length === 0) return idx;
-  const out = new Int32Array(idx.length + added.length);
-  out.set(idx);
-  out.set(added, idx.length);
-  return out.sort();
+  // backward to the sentence start (the token after the previous sentence end)
+  for (const r of runs) {
+    if (left === 0) break;
+    for (let t = r[0] - 1; t >= 0 && r[0] - 1 - t < maxTail && left > 0 && !taken[t] && !ends[tokens[t]!]; t--) {
+      taken[t] = 1;
+      left--;
+    }
+  }
+  let m = 0;
+  for (let t = 0; t < n; t++) m += taken[t]!;
+  const out = new Int32Array(m);
+  for (let t = 0, k = 0; t < n; t++) if (taken[t]) out[k++] = t;
+  return out;
 }
 
 /** Edge size actually kept for a budget: min(edge, floor(budget / 4)). */
