@@ -91,6 +91,8 @@ int64_t g_launches = 0, g_blocks = 0, g_threads = 0, g_launch_errors = 0, g_viol
 int64_t g_peak_bytes = 0;
 int64_t g_syncs = 0, g_d2h_bytes = 0, g_mallocs = 0;  // host waits, bytes copied device -> host, cudaMalloc calls
 int64_t g_h2d_bytes = 0, g_stream_waits = 0;            // bytes copied host -> device, cudaStreamWaitEvent calls
+bool g_ignore_waits = false;                             // fault injection: cudaStreamWaitEvent does nothing
+std::map<std::string, int64_t> g_knobs;                  // rf_emu_set("knob:NAME", value)
 std::string g_last_violation;
 
 void violation(const char* fmt, ...) {
@@ -136,6 +138,11 @@ bool in_device_locked(const void* p, size_t n) {
 bool is_device_ptr(const void* p) {
   std::lock_guard<std::mutex> lk(g_mu);
   return in_device_locked(p, 0);
+}
+int64_t knob(const char* name) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  auto it = g_knobs.find(name);
+  return it == g_knobs.end() ? 0 : it->second;
 }
 
 /* ============================================================ fibers */
@@ -897,6 +904,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
       return cudaErrorInvalidResourceHandle;
     }
     g_stream_waits++;
+    if (g_ignore_waits) return cudaSuccess;
   }
   if (!e->stream) return cudaSuccess;  // never recorded: nothing to wait for
   emu_stream* other = e->stream;
@@ -939,6 +947,14 @@ EMU_API int rf_emu_set(const char* key, const char* value) {
   }
   if (k == "throw_on_launch") {
     g_throw_on_launch = value;
+    return 0;
+  }
+  if (k == "ignore_stream_waits") {
+    g_ignore_waits = strcmp(value, "0") != 0 && *value;
+    return 0;
+  }
+  if (k.rfind("knob:", 0) == 0) {
+    g_knobs[k.substr(5)] = strtoll(value, nullptr, 10);
     return 0;
   }
   if (k == "driver_version") {  // a driver older than the runtime: the mismatch the library must report

@@ -144,7 +144,8 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
-/* work queued on s from now on waits for the work e marks now */
+/* work queued on s from now on waits for the work e marks now (rf_emu_set("ignore_stream_waits", "1") drops the wait:
+ * a test shows that a missing wait changes results) */
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
 cudaError_t cudaDeviceSynchronize(void);
 
@@ -228,6 +229,10 @@ void warp_same_args(const void* p, unsigned ldm, const char* what);
 
 /* device allocation registry */
 bool is_device_ptr(const void* p);
+
+/* a number a test set for the code under test (rf_emu_set("knob:NAME", value)); 0 when unset. Only for sizes that a
+ * GPU run takes from constants but a test must shrink to stay small (e.g. the rows of a resident embedding block) */
+int64_t knob(const char* name);
 
 /* kernel launch: validates the configuration and pointer arguments, then runs every block */
 struct LaunchCfg {

@@ -44,6 +44,14 @@ struct Workspace {
   }
 };
 
+/* the query buffers of rf_embstore scoring (embstore.cuh), grown to the largest query, never per query */
+struct QueryScratch {
+  DevArena arena;
+  int64_t dim = 0, nq = 0, tile = 0, nout = 0;  // sizes they were allocated for
+  float *qraw = nullptr, *qn = nullptr, *S = nullptr, *out = nullptr;
+  uint16_t* qh = nullptr;  // [2 nq][dim]: the normalised queries in f16 and their f16 residuals
+};
+
 }  // namespace
 
 struct rf_model {
@@ -63,7 +71,17 @@ struct rf_model {
   std::vector<uint8_t> set;
   bool finalized = false;
   cudaStream_t stream = nullptr;
+  /* Pipelined compress (rf_compressor_submit): a chunk's embeddings go device -> pinned host memory on this second
+   * stream, after `emb_ready` (recorded on `stream` behind the chunk's forward), so that the next chunk's forward runs
+   * meanwhile; `emb_free` (recorded on `copy` behind each such copy) is what a forward waits for before it writes the
+   * shared embedding buffer (ws.emb) again. */
+  cudaStream_t copy = nullptr;
+  cudaEvent_t emb_ready = nullptr, emb_free = nullptr;
   Gemm gemm;
+  /* resident embeddings (rf_embstore): their uploads and scoring, on a stream of their own with its cuBLAS handle */
+  cudaStream_t aux = nullptr;
+  Gemm gemm_aux;
+  QueryScratch qs;
   size_t fa_smem = 0;
   Workspace ws;            // shared by its compressors and sequences
   bool counted = false;    // counted in rf_score's live models (score.cuh)
@@ -85,6 +103,20 @@ struct rf_compressor {
   std::vector<float*> score;              // per cached layer [nKV][T]
   int32_t* table = nullptr;               // per layer pairs, concatenated
   std::vector<int> table_off, table_cnt;  // per layer
+  /* chunks submitted and not yet collected (rf_compressor_submit / _collect): slot (head + k) % 2 holds the k-th
+   * oldest; its embeddings land in pinned[slot] when copied[slot] completes (two slots: chunk i is read out on the host
+   * while chunk i + 1's copy may already be queued) */
+  uint8_t* pinned[2] = {nullptr, nullptr};  // [max_chunk * edim * emb element size], allocated at the first submit
+  cudaEvent_t copied[2] = {nullptr, nullptr};
+  int pend_rows[2] = {0, 0};
+  int npend = 0, head = 0;
+};
+
+struct rf_embstore {
+  rf_model* m = nullptr;
+  int64_t dim = 0, rows = 0, block_rows = 0;
+  std::vector<uint16_t*> blocks;  // [block_rows][dim] f16 each
+  std::vector<float*> inv;        // [block_rows] per block: 1 / max(|row|, 1e-12)
 };
 
 #define SAMPLE_MAX_K 1024  // rf_seq_sample selects up to this many candidates on the device
