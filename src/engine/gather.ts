@@ -13,6 +13,7 @@ import { type NativeCompressor, RF_F16 } from "../../ffi/native.ts";
 import { f16ToF32 } from "../util/f16.ts";
 import type { Method, Selection } from "./api.ts";
 import type { CompressorPool } from "./compressors.ts";
+import type { ResidentPool } from "./resident.ts";
 import { type LoadedEngine, recentFor } from "./load.ts";
 import { selectionReport } from "./report.ts";
 import { gather, selectionFor, selectTokens, smoothScores } from "./selection.ts";
@@ -66,25 +67,28 @@ export function* gatherContext(
   pool: CompressorPool,
   sessionOf: (id: string) => Session | undefined,
   g: GatherInput,
+  resident: ResidentPool | null = null,
 ): Task<Gathered> {
   const { s, pre, suf, budget } = g;
   const d = e.defaults;
   const n = s.meta.tokens;
   if (g.method === "h2o" || g.method === "streaming") {
     const nSink = Math.min(d.nSink, g.cache);
-    const comp = e.model.createCompressor(
-      {
-        capacity: g.cache,
-        nSink,
-        // streaming keeps nothing but the sinks and the recent window; h2o fills the rest by attention
-        nRecent: g.method === "streaming" ? g.cache - nSink : recentFor(g.cache, d.obsWindow),
-        obsWindow: d.obsWindow,
-        maxChunk: d.chunkSize,
-        embDtype: RF_F16,
-        exitLayer: e.cfg.config.numLayers - 1,
-      },
-      s.meta.heads,
-    );
+    const create = () =>
+      e.model.createCompressor(
+        {
+          capacity: g.cache,
+          nSink,
+          // streaming keeps nothing but the sinks and the recent window; h2o fills the rest by attention
+          nRecent: g.method === "streaming" ? g.cache - nSink : recentFor(g.cache, d.obsWindow),
+          obsWindow: d.obsWindow,
+          maxChunk: d.chunkSize,
+          embDtype: RF_F16,
+          exitLayer: e.cfg.config.numLayers - 1,
+        },
+        s.meta.heads,
+      );
+    const comp = resident ? resident.withMemory(create) : create();
     try {
       const full = concat(pre, s.readTokens(0, n));
       for (let off = 0; off < full.length; off += d.chunkSize) {
@@ -125,6 +129,8 @@ export function* gatherContext(
       });
   } else {
     const comp = yield* pool.ensure(s, sessionOf);
+    // the compressor's cache and the scored rows must describe the same tokens: write any chunk still in flight
+    pool.settle(s);
     // each turn embedded on top of the compressed context; the scorer takes the best match over all their rows
     const turns = g.queryTurns.filter((t) => t.length > 0);
     const nq = turns.reduce((k, t) => k + t.length, 0);
@@ -141,23 +147,23 @@ export function* gatherContext(
     let scores: Float32Array | undefined;
     let idx: Int32Array;
     let smoothed: Float32Array | undefined;
+    const rows = s.meta.processed;
+    // the context's rows resident on the device (uploaded once, resident.ts), else the mapped file: the same scores
+    const store = resident ? yield* resident.forQuery(s, rows) : null;
     if (op === "mean") {
-      // score, smooth and select in one native call over the mapped embedding file (no copy, no sort); the raw
-      // scores come back only for a report
-      scores = g.report ? new Float32Array(s.meta.processed) : undefined;
-      idx = e.native.scoreSelect(
-        s.embeddings(),
-        s.meta.processed,
-        dim,
-        qf,
-        nq,
-        { window: sel.window, budget, edge: sel.edge },
-        scores,
-      );
+      // score, smooth and select in one native call (no copy, no sort); the raw scores come back only for a report
+      scores = g.report ? new Float32Array(rows) : undefined;
+      const what = { window: sel.window, budget, edge: sel.edge };
+      idx = store
+        ? store.scoreSelect(rows, qf, nq, what, scores)
+        : e.native.scoreSelect(s.embeddings(), rows, dim, qf, nq, what, scores);
     } else {
       // max pooling (the heads file's "smoothing": "max"): native scoring, then pooling and the same O(n) radix
       // selection in TypeScript (rf_score_select has no max operator)
-      scores = e.native.score(s.embeddings(), s.meta.processed, dim, qf, nq);
+      if (store) {
+        scores = new Float32Array(rows);
+        store.scoreSelect(rows, qf, nq, { window: 1, budget: 0, edge: 0 }, scores);
+      } else scores = e.native.score(s.embeddings(), rows, dim, qf, nq);
       yield;
       smoothed = smoothScores(scores, sel.window, op);
       idx = selectTokens(smoothed, budget, sel.edge);
