@@ -182,7 +182,7 @@ RF_API int rf_compressor_embed(rf_compressor* c, const int32_t* tokens, int32_t 
 #define RF_MAX_PENDING 2
 RF_API int rf_compressor_submit(rf_compressor* c, const int32_t* tokens, int32_t n);
 RF_API int rf_compressor_collect(rf_compressor* c, void* out_emb);
-RF_API int32_t rf_compressor_pending(const rf_compressor* c); /* chunks submitted, not yet collected */
+RF_API int32_t rf_compressor_pending(const rf_compressor* c);   /* chunks submitted, not yet collected */
 RF_API int64_t rf_compressor_cache_len(const rf_compressor* c); /* current entries per (layer, head) */
 RF_API int64_t rf_compressor_seen(const rf_compressor* c);      /* tokens processed so far */
 /* bytes the compressor itself holds (its caches and scores; the CPU build: also its own scratch), not the shared

@@ -90,9 +90,9 @@ bool g_reverse = false;
 int64_t g_launches = 0, g_blocks = 0, g_threads = 0, g_launch_errors = 0, g_violations = 0;
 int64_t g_peak_bytes = 0;
 int64_t g_syncs = 0, g_d2h_bytes = 0, g_mallocs = 0;  // host waits, bytes copied device -> host, cudaMalloc calls
-int64_t g_h2d_bytes = 0, g_stream_waits = 0;            // bytes copied host -> device, cudaStreamWaitEvent calls
-bool g_ignore_waits = false;                             // fault injection: cudaStreamWaitEvent does nothing
-std::map<std::string, int64_t> g_knobs;                  // rf_emu_set("knob:NAME", value)
+int64_t g_h2d_bytes = 0, g_stream_waits = 0;          // bytes copied host -> device, cudaStreamWaitEvent calls
+bool g_ignore_waits = false;                          // fault injection: cudaStreamWaitEvent does nothing
+std::map<std::string, int64_t> g_knobs;               // rf_emu_set("knob:NAME", value)
 std::string g_last_violation;
 
 void violation(const char* fmt, ...) {
@@ -696,8 +696,7 @@ static cudaError_t queue_copy(void* dst, size_t dpitch, const void* src, size_t 
       violation("%s on a destroyed or unknown stream", what);
       return cudaErrorInvalidResourceHandle;
     }
-    cudaError_t e =
-        check_copy(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind, what);
+    cudaError_t e = check_copy(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind, what);
     if (e != cudaSuccess) return e;
     const size_t ext_s = spitch * (height - 1) + width, ext_d = dpitch * (height - 1) + width;
     if (kind == cudaMemcpyDeviceToHost) {

@@ -175,8 +175,8 @@ API int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, 
   if (!C) return ST_INVALID_VALUE;
   h->calls++;
   __atomic_add_fetch(&g_calls, 1, __ATOMIC_RELAXED);
-  GemmArgs g{transa, transb, m, n, k, *(const float*)alpha, *(const float*)beta, A, B, C, Atype, lda, Btype, ldb,
-             Ctype, ldc};
+  GemmArgs g{transa, transb, m,   n,     k,  *(const float*)alpha, *(const float*)beta, A, B, C, Atype,
+             lda,    Btype,  ldb, Ctype, ldc};
   const EmuStreamHead* sh = (const EmuStreamHead*)h->stream;
   if (sh && sh->magic == kEmuStreamMagic) sh->enqueue(h->stream, run_gemm_queued, new GemmArgs(g));
   else run_gemm(g);

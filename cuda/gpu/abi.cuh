@@ -113,8 +113,8 @@ RF_API int rf_memory_info(const rf_model* m, int64_t* out, int32_t n) {
       std::lock_guard<std::mutex> lk(g_score.mu);
       score_bytes = g_score.arena.bytes;
     }
-    const int64_t v[5] = {(int64_t)fr, (int64_t)tot, m->arena.bytes, m->ws.arena.bytes + m->qs.arena.bytes + score_bytes,
-                          (int64_t)m->NL * 2 * m->nKV * m->hd * 2};
+    const int64_t v[5] = {(int64_t)fr, (int64_t)tot, m->arena.bytes,
+                          m->ws.arena.bytes + m->qs.arena.bytes + score_bytes, (int64_t)m->NL * 2 * m->nKV * m->hd * 2};
     const int k = n < 5 ? n : 5;
     for (int i = 0; i < k; i++) out[i] = v[i];
     return k;

@@ -125,9 +125,7 @@ int comp_evict(rf_compressor* c, int total) {
   return RF_OK;
 }
 
-size_t emb_bytes_of(const rf_compressor* c, int n) {
-  return (size_t)n * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4);
-}
+size_t emb_bytes_of(const rf_compressor* c, int n) { return (size_t)n * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4); }
 
 /* the pinned slots and their events, at the first submit (a compressor that is never pipelined holds none) */
 int comp_pipeline_init(rf_compressor* c) {
@@ -148,7 +146,8 @@ int comp_pipeline_init(rf_compressor* c) {
 
 /* One chunk forward. update: append to cache + H2O + eviction; else cache unchanged. Everything is queued on the
  * model's stream. Embeddings: out_emb (process / embed): the host waits once, at the end (pinned staging, then the
- * caller's buffer); slot >= 0 (submit): they go to the compressor's pinned slot on the copy stream and nothing waits. */
+ * caller's buffer); slot >= 0 (submit): they go to the compressor's pinned slot on the copy stream and nothing waits.
+ */
 int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, bool update, int slot = -1) {
   rf_model* m = c->m;
   CU_CHECK(cudaSetDevice(m->dev));

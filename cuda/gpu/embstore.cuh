@@ -80,7 +80,8 @@ int embstore_append_impl(rf_embstore* e, const uint16_t* rows, int64_t n) {
     const int64_t r = e->rows + done, b = r / B, off = r % B, k = std::min(n - done, B - off);
     CU_CHECK(cudaMemcpyAsync(e->blocks[b] + off * dim, rows + done * dim, (size_t)(k * dim * 2), cudaMemcpyHostToDevice,
                              m->aux));
-    RF_LAUNCH(k_row_invnorm, nblocks(k, 8), 256, 0, m->aux)(e->blocks[b] + off * dim, RF_F16, e->inv[b] + off, k, (int)dim);
+    RF_LAUNCH(k_row_invnorm, nblocks(k, 8), 256, 0, m->aux)
+    (e->blocks[b] + off * dim, RF_F16, e->inv[b] + off, k, (int)dim);
     KERNEL_CHECK();
     done += k;
   }
@@ -129,8 +130,8 @@ int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n
   const int64_t T = std::min<int64_t>(B, std::max<int64_t>(1, ((int64_t)8 << 20) / (2 * (int64_t)n_q)));
   QueryScratch& s = m->qs;
   // keep the buffers of an earlier, larger query (no reallocation per query)
-  RF_TRY(embstore_scratch(m, dim, std::max<int64_t>(n_q, s.dim == dim ? s.nq : 0), std::max(T, s.dim == dim ? s.tile : 0),
-                          std::max(n_ctx, s.dim == dim ? s.nout : 0)));
+  RF_TRY(embstore_scratch(m, dim, std::max<int64_t>(n_q, s.dim == dim ? s.nq : 0),
+                          std::max(T, s.dim == dim ? s.tile : 0), std::max(n_ctx, s.dim == dim ? s.nout : 0)));
   cudaStream_t st = m->aux;
   CU_CHECK(cudaMemcpyAsync(s.qraw, q, (size_t)n_q * dim * 4, cudaMemcpyHostToDevice, st));
   RF_LAUNCH(k_normalize_rows, nblocks(n_q, 8), 256, 0, st)(s.qraw, RF_F32, s.qn, (int64_t)n_q, (int)dim);
