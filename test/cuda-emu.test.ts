@@ -873,17 +873,17 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
     const b = model(VARIANTS[0]);
     const chunks = chunksOf(tokensFrom(33, 200, b.cfg.vocabSize));
     const mc = loadModel(cpu, b);
-    const want = plain(mc.createCompressor(P16, HEADS), chunks);
-    const got = overlapped([mc.createCompressor(P16, HEADS)], [chunks]).bytes[0]!;
-    expect(Buffer.compare(got, want)).toBe(0);
     const m = loadModel(emu, b);
-    const e = overlapped([m.createCompressor(P16, HEADS)], [chunks]).bytes[0]!;
+    const cs = [mc.createCompressor(P16, HEADS), mc.createCompressor(P16, HEADS), m.createCompressor(P16, HEADS)];
+    const want = plain(cs[0]!, chunks);
+    const got = overlapped([cs[1]!], [chunks]).bytes[0]!;
+    expect(Buffer.compare(got, want)).toBe(0);
+    const e = overlapped([cs[2]!], [chunks]).bytes[0]!;
     const f = (x: Buffer) => Float64Array.from(new Uint16Array(x.buffer, x.byteOffset, x.byteLength / 2), fromF16);
     const [mn, mean] = cosStats(f(e), f(want), b.cfg.headDim);
     expect(mean).toBeGreaterThan(0.995);
     expect(mn).toBeGreaterThan(0.9);
-    m.destroy();
-    mc.destroy();
+    for (const x of [...cs, m, mc]) x.destroy();
   });
 
   test("resident embeddings: the scores (bit for bit) and selection of rf_score_select over the same rows, across blocks, both GEMM paths; only the queries are uploaded; the store's bytes are the plan's", () => {
