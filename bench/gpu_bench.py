@@ -11,7 +11,8 @@ Llama-3.1-8B shape with random weights generated on the device (rf_model_init_ra
   * scoring time over --score-tokens rows (rf_score, f16 ctx, --score-queries queries), and score + select over the
     same rows streamed from host memory (rf_score_select, the embedding file's path) vs resident on the device
     (rf_embstore, uploaded once)
-  * recompute prefill time for --prefill tokens, decode time per token (--decode steps)
+  * recompute prefill time for --prefill tokens, decode time per token (--decode steps), plain and replayed as a
+    CUDA graph (REFORM_CUDA_GRAPH=1)
 Prints figures, no assertions. --quick: smaller run.
 """
 import argparse
@@ -247,6 +248,23 @@ def main():
           f"min {times.min() * 1e3:.2f}, max {times.max() * 1e3:.2f})")
     tpot_ms = float(np.median(times)) * 1e3
     s.destroy()
+    # the same decode steps replayed as a CUDA graph (REFORM_CUDA_GRAPH=1 when the sequence is created)
+    os.environ["REFORM_CUDA_GRAPH"] = "1"
+    try:
+        sg = Seq(m, args.prefill + args.decode + 16)
+    finally:
+        del os.environ["REFORM_CUDA_GRAPH"]
+    sg.forward(toks, want_logits=False)
+    gtimes = []
+    for _ in range(args.decode):
+        t0 = time.perf_counter()
+        t = sg.sample(0.0)
+        sg.forward(np.array([t], dtype=np.int32), want_logits=False)
+        gtimes.append(time.perf_counter() - t0)
+    gtimes = np.array(gtimes[1:] if len(gtimes) > 1 else gtimes)  # the first step captures the graph
+    print(f"decode at context {n} with CUDA graphs: {np.median(gtimes) * 1e3:.2f} ms/token (median of {len(gtimes)} "
+          f"after the capture step; plain {tpot_ms:.2f})")
+    sg.destroy()
     m.destroy()
     if args.targets:
         # time to first token of a query over a context of score_tokens tokens, from the measured parts: scoring every

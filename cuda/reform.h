@@ -226,6 +226,8 @@ RF_API void rf_embstore_destroy(rf_embstore* e);
 RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens);
 /* Append n tokens (prefill when n > 1, decode when n == 1) at positions len..len+n-1 and keep the
  * logits of the last token. logits_out (may be NULL) receives vocab_size f32.
+ * CUDA build with REFORM_CUDA_GRAPH=1 in the environment when the sequence is created: a decode step replays a
+ * captured CUDA graph of the same kernels (the same logits); a capture that fails turns it off for the sequence.
  * len + n > max_tokens or a token id outside [0, vocab) -> RF_ERR_INVALID and the sequence is unchanged. */
 RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* logits_out);
 /* Sample from the last logits. temperature <= 0: greedy (argmax, lowest id on ties). Otherwise

@@ -15,7 +15,8 @@ For each model config (or the one given with --model DIR, a HF Llama/Mistral/Qwe
   * rf_score CUDA vs numpy;
   * issue 19's asynchronous paths on the real device: the pipelined compress (rf_compressor_submit / _collect: the
     embeddings come back on a copy stream while the next chunk computes) writes the bytes of rf_compressor_process,
-    two compressors interleaved; resident embeddings (rf_embstore) score as rf_score_select over the same rows.
+    two compressors interleaved; resident embeddings (rf_embstore) score as rf_score_select over the same rows; the
+    decode step replayed as a CUDA graph (REFORM_CUDA_GRAPH=1) gives the plain steps' logits and tokens.
 Exit code 1 when a check fails. Prints a summary table.
 --no-hf: without torch/transformers (numpy weights; CUDA vs CPU library only) — e.g. to test this script on the
 CPU emulation of the CUDA build: python3 scripts/gpu_check.py --no-hf --cuda-lib build/libreform_cuda_emu.so
@@ -621,6 +622,30 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
             s.forward(np.array([t], dtype=np.int32), want_logits=False)
         seqs[lname] = toks
         s.destroy()
+
+    # the decode step replayed as a CUDA graph (REFORM_CUDA_GRAPH=1, read when a sequence is created): the same
+    # kernels as the plain steps, so the same logits and tokens
+    if "cuda" in natives:
+        plain_s = Seq(natives["cuda"], args.prompt_len + args.gen + 8)
+        os.environ["REFORM_CUDA_GRAPH"] = "1"
+        try:
+            graph_s = Seq(natives["cuda"], args.prompt_len + args.gen + 8)
+        finally:
+            del os.environ["REFORM_CUDA_GRAPH"]
+        worst, same_toks, bitwise = 0.0, True, True
+        lp, lg = plain_s.forward(prompt), graph_s.forward(prompt)
+        for _ in range(args.gen):
+            tp, tg = int(np.argmax(lp)), int(np.argmax(lg))
+            same_toks &= tp == tg
+            lp = plain_s.forward(np.array([tp], dtype=np.int32))
+            lg = graph_s.forward(np.array([tp], dtype=np.int32))
+            worst = max(worst, rel_err(lg, lp))
+            bitwise &= lp.tobytes() == lg.tobytes()
+        rep.add(name, f"decode {args.gen} steps as a CUDA graph vs plain: logits rel err, greedy",
+                f"{worst:.1e}{' (bit-identical)' if bitwise else ''}, {'same' if same_toks else 'DIFFERENT'} tokens",
+                "< 1e-3, same", worst < 1e-3 and same_toks)
+        plain_s.destroy()
+        graph_s.destroy()
 
     def first_diff(a, b):
         for i, (x, y) in enumerate(zip(a, b)):

@@ -970,6 +970,86 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
   });
 });
 
+describe.skipIf(!X64)("CUDA source on the CPU emulation: the decode step as a CUDA graph (REFORM_CUDA_GRAPH=1)", () => {
+  /** greedy decode of `steps` tokens after `prompt`: the tokens, every step's logits, host launches per step */
+  function decode(m: NativeModel, prompt: number[], steps: number) {
+    const s = m.createSeq(prompt.length + steps + 1);
+    s.forward(i32(prompt));
+    const toks: number[] = [];
+    const logits: Buffer[] = [];
+    let launches = 0;
+    for (let i = 0; i < steps; i++) {
+      const t = s.sample({ temperature: 0, topP: 1, topK: 0 });
+      toks.push(t);
+      const l0 = hooks.stat("launches");
+      logits.push(Buffer.from(s.forward(i32([t]), true)!.buffer));
+      launches += hooks.stat("launches") - l0;
+    }
+    s.destroy();
+    return { toks, logits: Buffer.concat(logits), launches };
+  }
+
+  test("replayed graphs give the plain steps' logits bit for bit and the same greedy tokens, captured again when the split count changes (256 keys), on both GEMM paths and in every stream schedule", () => {
+    for (const [v, cublas, mode] of [
+      [VARIANTS[0], false, "lazy"],
+      [VARIANTS[1], true, "lazy"],
+      [VARIANTS[0], false, "drain"],
+    ] as const) {
+      useCublas(cublas);
+      hooks.set("streams", mode);
+      try {
+        const b = model(v);
+        const m = loadModel(emu, b);
+        const prompt = tokensFrom(41, 250, b.cfg.vocabSize);
+        const plain = decode(m, prompt, 12);
+        hooks.set("setenv:REFORM_CUDA_GRAPH", "1");
+        const g0 = hooks.stat("graph_launches");
+        const c0 = hooks.stat("graph_captures");
+        let graphed: ReturnType<typeof decode>;
+        try {
+          expect(emu.deviceInfo()).toContain("decode steps: CUDA graphs");
+          graphed = decode(m, prompt, 12);
+        } finally {
+          hooks.set("setenv:REFORM_CUDA_GRAPH", "");
+        }
+        expect(graphed.toks).toEqual(plain.toks);
+        expect(Buffer.compare(graphed.logits, plain.logits)).toBe(0);
+        expect(hooks.stat("graph_launches") - g0).toBe(12); // every step replayed a graph
+        // positions 250..261: one capture below 256 keys, one above (the decode kernels' split count changes)
+        expect(hooks.stat("graph_captures") - c0).toBe(2);
+        // the kernels were launched by the host only while capturing: two captures' worth, not twelve steps'
+        expect(graphed.launches).toBeLessThan(plain.launches / 4);
+        m.destroy();
+      } finally {
+        hooks.set("streams", "lazy");
+        useCublas(false);
+      }
+    }
+    expect(hooks.stat("live_graphs")).toBe(0);
+  });
+
+  test("a capture that fails turns graphs off for that sequence: the plain steps run, the same tokens", () => {
+    const b = model(VARIANTS[0]);
+    const m = loadModel(emu, b);
+    const prompt = tokensFrom(42, 40, b.cfg.vocabSize);
+    const plain = decode(m, prompt, 6);
+    hooks.set("setenv:REFORM_CUDA_GRAPH", "1");
+    hooks.set("fail_next_capture", "1");
+    const g0 = hooks.stat("graph_launches");
+    try {
+      const fellBack = decode(m, prompt, 6);
+      expect(fellBack.toks).toEqual(plain.toks);
+      expect(Buffer.compare(fellBack.logits, plain.logits)).toBe(0);
+      expect(hooks.stat("graph_launches") - g0).toBe(0);
+    } finally {
+      hooks.set("setenv:REFORM_CUDA_GRAPH", "");
+      hooks.set("fail_next_capture", "0");
+    }
+    m.destroy();
+    expect(hooks.stat("live_graphs")).toBe(0);
+  });
+});
+
 describe.skipIf(!X64)("CUDA source on the CPU emulation: hygiene over the whole file", () => {
   test("no leaked device memory or streams, no invalid copies, launches or pointers", () => {
     expect(hooks.stat("live_allocs")).toBe(0);

@@ -384,11 +384,16 @@ struct Op {
 };
 }  // namespace emu
 
+struct emu_graph {
+  std::vector<std::function<void()>> ops;  // recorded in stream order
+  bool invalid = false;                    // a refused call happened while capturing
+};
 struct emu_stream {
   EmuStreamHead head;
-  std::deque<emu::Op> q;  // queued, not yet run, in stream order
-  uint64_t queued = 0;    // seq of the last op queued
-  uint64_t done = 0;      // seq of the last op run
+  std::deque<emu::Op> q;           // queued, not yet run, in stream order
+  uint64_t queued = 0;             // seq of the last op queued
+  uint64_t done = 0;               // seq of the last op run
+  emu_graph* capturing = nullptr;  // cudaStreamBeginCapture .. EndCapture
 };
 struct emu_event {
   cudaStream_t stream = nullptr;  // where it was last recorded (nullptr: never)
@@ -408,7 +413,7 @@ std::recursive_mutex g_exec_mu;  // queues and their execution (taken before g_l
 emu_stream g_legacy;             // the NULL stream
 int64_t g_pending = 0;           // ops queued, not yet run
 
-void enqueue_host(void* stream, void (*fn)(void*), void* arg);
+void enqueue_host(void* stream, void (*fn)(void*), void* arg, void (*release)(void*));
 void init_stream(emu_stream* s) {
   s->head.magic = EMU_STREAM_MAGIC;
   s->head.enqueue = enqueue_host;
@@ -446,6 +451,15 @@ void run_all() {
     }
   }
 }
+/* a call that would make the host wait for a capturing stream: refused, and the capture is invalid */
+bool refuse_while_capturing(emu_stream* s, const char* what) {
+  if (!s->capturing) return false;
+  s->capturing->invalid = true;
+  std::lock_guard<std::mutex> lk(g_mu);
+  violation("%s while the stream is capturing a graph (not permitted on the GPU)", what);
+  return true;
+}
+
 /* the host waits for op seq of s: in "drain" mode everything else runs first */
 void host_wait(emu_stream* s, uint64_t seq) {
   std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
@@ -457,18 +471,29 @@ void host_wait(emu_stream* s, uint64_t seq) {
   }
   run_until(s, seq);
 }
-/* queues op on stream s (NULL: the legacy stream) and returns its seq; eager mode runs it now */
+int64_t g_graph_launches = 0, g_graph_captures = 0, g_live_graphs = 0;
+bool g_fail_next_capture = false;  // rf_emu_set("fail_next_capture", "1"): the next cudaStreamEndCapture fails
+
+/* queues op on stream s (NULL: the legacy stream) and returns its seq; eager mode runs it now; a capturing stream
+ * records it instead (seq 0) */
 uint64_t enqueue_op(cudaStream_t st, std::function<void()> fn) {
   std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
   emu_stream* s = stream_of(st);
+  if (s->capturing) {
+    s->capturing->ops.push_back(std::move(fn));
+    return 0;
+  }
   const uint64_t seq = ++s->queued;
   s->q.push_back(Op{seq, std::move(fn)});
   g_pending++;
   if (g_mode == EAGER) run_until(s, seq);
   return seq;
 }
-void enqueue_host(void* stream, void (*fn)(void*), void* arg) {
-  enqueue_op((cudaStream_t)stream, [fn, arg]() { fn(arg); });
+void enqueue_host(void* stream, void (*fn)(void*), void* arg, void (*release)(void*)) {
+  // the closure may be copied into a graph and run again: arg lives until the last copy goes
+  std::shared_ptr<void> owned(
+      arg, release ? release : [](void*) {});
+  enqueue_op((cudaStream_t)stream, [fn, owned]() { fn(owned.get()); });
 }
 
 bool in_pinned_locked(const void* p, size_t n) {
@@ -578,6 +603,8 @@ static const char* err_name(cudaError_t e) {
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case 700: return "an illegal memory access was encountered";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
     default: return "unknown error";
   }
 }
@@ -715,6 +742,8 @@ static cudaError_t queue_copy(void* dst, size_t dpitch, const void* src, size_t 
     rows(dst, src, spitch);
     return cudaSuccess;
   }
+  if ((pageable_src || pageable_dst) && refuse_while_capturing(stream_of(s), "a copy from or to pageable memory"))
+    return cudaErrorStreamCaptureUnsupported;
   if (pageable_src) {  // staged now: the caller may reuse its buffer as soon as the call returns
     std::shared_ptr<std::vector<char>> staged = std::make_shared<std::vector<char>>(width * height);
     for (size_t r = 0; r < height; r++) memcpy(staged->data() + r * width, (const char*)src + r * spitch, width);
@@ -783,7 +812,81 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     g_syncs++;
   }
   emu_stream* st = stream_of(s);
+  if (refuse_while_capturing(st, "cudaStreamSynchronize")) return cudaErrorStreamCaptureUnsupported;
   host_wait(st, st->queued);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode) {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  emu_stream* st = stream_of(s);
+  if (!s || st->capturing) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    violation("cudaStreamBeginCapture on the legacy stream or a stream already capturing");
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  (void)mode;
+  st->capturing = new emu_graph();
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_live_graphs++;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  emu_stream* st = stream_of(s);
+  *g = nullptr;
+  if (!st->capturing) return cudaErrorInvalidValue;
+  emu_graph* graph = st->capturing;
+  st->capturing = nullptr;
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (g_fail_next_capture) {
+    g_fail_next_capture = false;
+    graph->invalid = true;
+  }
+  if (graph->invalid) {
+    delete graph;
+    g_live_graphs--;
+    return cudaErrorStreamCaptureInvalidated;
+  }
+  g_graph_captures++;
+  *g = graph;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long flags) {
+  (void)flags;
+  *e = nullptr;
+  if (!g) return cudaErrorInvalidValue;
+  emu_graph* x = new emu_graph();
+  x->ops = g->ops;  // the same closures: the same kernels, arguments and copies each launch
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_live_graphs++;
+  *e = x;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+  if (!e) return cudaErrorInvalidValue;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!stream_ok_locked(s)) return cudaErrorInvalidResourceHandle;
+    g_graph_launches++;
+  }
+  enqueue_op(s, [e]() {
+    for (const auto& op : e->ops) op();
+  });
+  return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
+  if (!e) return cudaSuccess;
+  run_all();  // a launch still queued runs its list first
+  delete e;
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_live_graphs--;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+  if (!g) return cudaSuccess;
+  delete g;
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_live_graphs--;
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize(void) {
@@ -891,6 +994,7 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
     }
     g_syncs++;
   }
+  if (e->stream && refuse_while_capturing(e->stream, "cudaEventSynchronize")) return cudaErrorStreamCaptureUnsupported;
   if (e->stream) host_wait(e->stream, e->seq);  // never recorded: complete
   return cudaSuccess;
 }
@@ -948,6 +1052,15 @@ EMU_API int rf_emu_set(const char* key, const char* value) {
     g_throw_on_launch = value;
     return 0;
   }
+  if (k.rfind("setenv:", 0) == 0) {  // an environment variable the code under test reads (e.g. REFORM_CUDA_GRAPH)
+    if (*value) setenv(k.substr(7).c_str(), value, 1);
+    else unsetenv(k.substr(7).c_str());
+    return 0;
+  }
+  if (k == "fail_next_capture") {  // e.g. a cuBLAS that cannot be captured: the caller's fallback runs
+    g_fail_next_capture = strcmp(value, "0") != 0 && *value;
+    return 0;
+  }
   if (k == "ignore_stream_waits") {
     g_ignore_waits = strcmp(value, "0") != 0 && *value;
     return 0;
@@ -987,6 +1100,9 @@ EMU_API int64_t rf_emu_stat(const char* key) {
   if (k == "h2d_bytes") return g_h2d_bytes;
   if (k == "stream_waits") return g_stream_waits;
   if (k == "pending_ops") return g_pending;
+  if (k == "graph_launches") return g_graph_launches;
+  if (k == "graph_captures") return g_graph_captures;
+  if (k == "live_graphs") return g_live_graphs;
   if (k == "live_events") return (int64_t)g_events.size();
   if (k == "launches") return g_launches;
   if (k == "blocks") return g_blocks;

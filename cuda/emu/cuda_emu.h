@@ -83,9 +83,18 @@ enum : int {
   cudaErrorInvalidDevicePointer = 17,
   cudaErrorNoDevice = 100,
   cudaErrorInvalidResourceHandle = 400,
+  cudaErrorStreamCaptureUnsupported = 900,
+  cudaErrorStreamCaptureInvalidated = 901,
 };
 typedef struct emu_stream* cudaStream_t;
 typedef struct emu_event* cudaEvent_t;
+typedef struct emu_graph* cudaGraph_t;
+typedef struct emu_graph* cudaGraphExec_t;
+enum cudaStreamCaptureMode {
+  cudaStreamCaptureModeGlobal = 0,
+  cudaStreamCaptureModeThreadLocal = 1,
+  cudaStreamCaptureModeRelaxed = 2
+};
 enum { cudaEventDefault = 0, cudaEventDisableTiming = 2 };
 enum cudaMemcpyKind {
   cudaMemcpyHostToHost = 0,
@@ -148,12 +157,24 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e);
  * a test shows that a missing wait changes results) */
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
 cudaError_t cudaDeviceSynchronize(void);
+/* CUDA graphs: work queued on a capturing stream is recorded instead of queued (kernels with their arguments,
+ * copies, cuBLAS calls through the stream head); a launch queues the recorded list on a stream, to run again in order
+ * with the same arguments. A host wait on the capturing stream, or a copy from or to pageable memory while capturing,
+ * is refused (cudaErrorStreamCaptureUnsupported) and invalidates the capture, as on the GPU. Counted:
+ * rf_emu_stat("graph_launches"), ("graph_captures"), ("live_graphs"). */
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
+cudaError_t cudaGraphDestroy(cudaGraph_t g);
 
 /* The head of every emulated stream: a library outside this one (the fake cuBLAS, which gets the stream through
- * cublasSetStream) queues host work on it with `enqueue` after checking `magic`. */
+ * cublasSetStream) queues host work on it with `enqueue` after checking `magic`. fn(arg) may run several times (a
+ * captured graph replays it); release(arg) runs once, when nothing can run it any more. */
 struct EmuStreamHead {
   uint64_t magic;  // EMU_STREAM_MAGIC
-  void (*enqueue)(void* stream, void (*fn)(void*), void* arg);
+  void (*enqueue)(void* stream, void (*fn)(void*), void* arg, void (*release)(void*));
 };
 #define EMU_STREAM_MAGIC 0x4d41455254535545ull /* "EUSTREAM" */
 

@@ -115,7 +115,7 @@ API int cublasSetMathMode(void* handle, int mode) {
  * cuBLAS queues its kernels on the handle's stream. Any other stream pointer (none here) runs the GEMM at the call. */
 struct EmuStreamHead {
   uint64_t magic;
-  void (*enqueue)(void* stream, void (*fn)(void*), void* arg);
+  void (*enqueue)(void* stream, void (*fn)(void*), void* arg, void (*release)(void*));
 };
 const uint64_t kEmuStreamMagic = 0x4d41455254535545ull;
 
@@ -144,11 +144,8 @@ void run_gemm(const GemmArgs& g) {
       st(g.C, g.Ctype, ci, v);
     }
 }
-void run_gemm_queued(void* p) {
-  GemmArgs* g = (GemmArgs*)p;
-  run_gemm(*g);
-  delete g;
-}
+void run_gemm_queued(void* p) { run_gemm(*(GemmArgs*)p); }  // may run again: a captured graph replays it
+void free_gemm_args(void* p) { delete (GemmArgs*)p; }
 }  // namespace
 
 /* C = alpha * op(A) op(B) + beta * C; alpha/beta are host floats (pointer mode host, compute 32F) */
@@ -178,7 +175,7 @@ API int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, 
   GemmArgs g{transa, transb, m,   n,     k,  *(const float*)alpha, *(const float*)beta, A, B, C, Atype,
              lda,    Btype,  ldb, Ctype, ldc};
   const EmuStreamHead* sh = (const EmuStreamHead*)h->stream;
-  if (sh && sh->magic == kEmuStreamMagic) sh->enqueue(h->stream, run_gemm_queued, new GemmArgs(g));
+  if (sh && sh->magic == kEmuStreamMagic) sh->enqueue(h->stream, run_gemm_queued, new GemmArgs(g), free_gemm_args);
   else run_gemm(g);
   return ST_OK;
 }

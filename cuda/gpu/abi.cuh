@@ -41,6 +41,7 @@ RF_API int rf_device_info(char* buf, int32_t buflen) {
     snprintf(ver, sizeof ver, "; driver %d.%d, runtime %d.%d%s", drv / 1000, drv % 1000 / 10, rt / 1000, rt % 1000 / 10,
              drv < rt ? " (WARNING: the driver is older than the CUDA runtime this library was built with)" : "");
     gemm += ver;
+    if (decode_graphs_enabled()) gemm += "; decode steps: CUDA graphs (REFORM_CUDA_GRAPH=1)";
     if (n <= 0) {
       s = "cuda: no usable device (" + why + "); GEMM: " + gemm;
     } else {

@@ -176,15 +176,15 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
     if (last && !update) break;  // embedding only: q/k/v of the exit layer is all that is needed
     // append pre-RoPE K and V at rows len..len+n-1 (beyond the logical cache when !update)
     RF_LAUNCH(k_append_kv, nblocks((int64_t)n * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)
-    (a.qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq,
-     m->f16);
+    (a.qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq, m->f16,
+     nullptr);
     KERNEL_CHECK();
     if (update) {
       RF_LAUNCH(k_zero_scores, nblocks((int64_t)m->nKV * n, 256), 256, 0, m->stream)(c->score[l], c->T, m->nKV, len, n);
       KERNEL_CHECK();
     }
     RF_LAUNCH(k_rope_q, nblocks((int64_t)n * m->nH * (m->hd / 2), 256), 256, 0, m->stream)
-    (a.qkv, m->qkvd, a.qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16);
+    (a.qkv, m->qkvd, a.qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16, nullptr);
     KERNEL_CHECK();
     // cache entry i is at position i: rope all keys
     RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * total * (m->hd / 2), 256), 256, 0, m->stream)

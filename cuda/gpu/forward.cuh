@@ -130,6 +130,7 @@ int ws_ensure(rf_model* m, const WsNeed& need) {
     w.free_all();
     return rc;
   }
+  m->ws_gen++;
   w.rows = n.rows;
   w.krot_rows = n.krot_rows;
   w.cap = n.cap;

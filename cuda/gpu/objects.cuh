@@ -84,6 +84,7 @@ struct rf_model {
   QueryScratch qs;
   size_t fa_smem = 0;
   Workspace ws;            // shared by its compressors and sequences
+  uint64_t ws_gen = 0;     // bumped whenever ws is reallocated (a captured decode graph holds its pointers)
   bool counted = false;    // counted in rf_score's live models (score.cuh)
   int children = 0;        // live compressors / seqs (they keep the model alive, as in the CPU build)
   bool destroyed = false;  // rf_model_destroy called; freed when the last child goes
@@ -135,4 +136,14 @@ struct rf_seq {
   float* sel_val = nullptr;    // [SAMPLE_MAX_K] and their logits
   std::vector<float> host_logits;
   bool host_logits_valid = false;  // host_logits holds the last logits (copied only when someone needs them)
+  /* The decode step as a CUDA graph (REFORM_CUDA_GRAPH=1, seq.cuh): captured once per decode split count (every
+   * DEC_SPLIT positions) and workspace, replayed per token; the token and its position reach it through `pin`
+   * (pinned, copied to the device by the graph's first nodes) and `dpos`. A failed capture turns it off for this
+   * sequence (the plain path runs). */
+  bool graph_on = false;
+  cudaGraphExec_t graph = nullptr;
+  int graph_nsplit = 0;     // the split count it was captured for
+  uint64_t graph_ws = 0;    // the workspace generation it was captured with
+  int32_t* pin = nullptr;   // pinned [2]: token id, position
+  int32_t* dpos = nullptr;  // device [2]: the same, as the graph's kernels read them
 };
