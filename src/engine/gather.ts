@@ -150,20 +150,28 @@ export function* gatherContext(
     const rows = s.meta.processed;
     // the context's rows resident on the device (uploaded once, resident.ts), else the mapped file: the same scores
     const store = resident ? yield* resident.forQuery(s, rows) : null;
+    // short of device memory for the scoring buffers, the stores give way and the file is streamed
+    const scored = <T>(fromStore: () => T, fromFile: () => T): T =>
+      resident ? resident.withMemory(store ? fromStore : fromFile, fromFile) : fromFile();
     if (op === "mean") {
       // score, smooth and select in one native call (no copy, no sort); the raw scores come back only for a report
       scores = g.report ? new Float32Array(rows) : undefined;
       const what = { window: sel.window, budget, edge: sel.edge };
-      idx = store
-        ? store.scoreSelect(rows, qf, nq, what, scores)
-        : e.native.scoreSelect(s.embeddings(), rows, dim, qf, nq, what, scores);
+      idx = scored(
+        () => store!.scoreSelect(rows, qf, nq, what, scores),
+        () => e.native.scoreSelect(s.embeddings(), rows, dim, qf, nq, what, scores),
+      );
     } else {
       // max pooling (the heads file's "smoothing": "max"): native scoring, then pooling and the same O(n) radix
       // selection in TypeScript (rf_score_select has no max operator)
-      if (store) {
-        scores = new Float32Array(rows);
-        store.scoreSelect(rows, qf, nq, { window: 1, budget: 0, edge: 0 }, scores);
-      } else scores = e.native.score(s.embeddings(), rows, dim, qf, nq);
+      scores = scored(
+        () => {
+          const out = new Float32Array(rows);
+          store!.scoreSelect(rows, qf, nq, { window: 1, budget: 0, edge: 0 }, out);
+          return out;
+        },
+        () => e.native.score(s.embeddings(), rows, dim, qf, nq),
+      );
       yield;
       smoothed = smoothScores(scores, sel.window, op);
       idx = selectTokens(smoothed, budget, sel.edge);

@@ -165,15 +165,16 @@ export class ResidentPool {
     return e.store;
   }
 
-  /** Runs `fn`; when it fails for want of device memory and stores hold some, frees them and runs it once more. */
-  withMemory<T>(fn: () => T): T {
+  /** Runs `fn`; when it fails for want of device memory and stores hold some, frees them and runs `retry` (by
+   * default `fn` again; a caller whose `fn` used a store passes one that does not). */
+  withMemory<T>(fn: () => T, retry: () => T = fn): T {
     try {
       return fn();
     } catch (err) {
       if (!isOom(err) || this.stores.size === 0) throw err;
       this.evictions += this.stores.size;
       this.dropAll();
-      return fn();
+      return retry();
     }
   }
 }
