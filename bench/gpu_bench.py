@@ -5,20 +5,27 @@ GPU benchmark of build/libreform_cuda.so through ctypes (no bun, no torch needed
 Llama-3.1-8B shape with random weights generated on the device (rf_model_init_random):
   * compress throughput (tokens/s) over --lengths tokens of random ids, and model FLOP utilisation
     (FLOPs of the layers actually run, incl. attention over the cache and the H2O pass, vs --peak-tflops)
-  * scoring time over --score-tokens rows (rf_score, f16 ctx, --score-queries queries)
-  * recompute prefill time for --prefill tokens, decode time per token (--decode steps)
+  * compress with the embedding file written and fsync'd per chunk, as the server does: one chunk at a time
+    (rf_compressor_process) vs overlapped (rf_compressor_submit / _collect: chunk i is written while chunk i + 1
+    computes), over --overlap-tokens tokens
+  * scoring time over --score-tokens rows (rf_score, f16 ctx, --score-queries queries), and score + select over the
+    same rows streamed from host memory (rf_score_select, the embedding file's path) vs resident on the device
+    (rf_embstore, uploaded once)
+  * recompute prefill time for --prefill tokens, decode time per token (--decode steps), plain and replayed as a
+    CUDA graph (REFORM_CUDA_GRAPH=1)
 Prints figures, no assertions. --quick: smaller run.
 """
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-from gpu_check import (RF_BF16, RF_F16, RF_ROPE_LLAMA3, Compressor, Lib, Model, Seq, compress_params,  # noqa: E402
-                       score)
+from gpu_check import (RF_BF16, RF_F16, RF_ROPE_LLAMA3, Compressor, EmbStore, Lib, Model, Seq,  # noqa: E402
+                       compress_params, score, score_select)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -73,6 +80,10 @@ def main():
     ap.add_argument("--lengths", default="131072,1048576", help="compress lengths (tokens)")
     ap.add_argument("--score-tokens", type=int, default=1048576)
     ap.add_argument("--score-queries", type=int, default=64)
+    ap.add_argument("--overlap-tokens", type=int, default=131072,
+                    help="compress with the embedding file written, plain vs overlapped (0: skip)")
+    ap.add_argument("--budget", type=int, default=8192, help="tokens selected by score + select")
+    ap.add_argument("--tmp", default=None, help="folder of the embedding file the overlap figure writes")
     ap.add_argument("--prefill", type=int, default=8192)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
@@ -93,7 +104,7 @@ def main():
 
     if args.shape == "tiny":  # small sizes, where not given on the command line
         tiny = dict(heads="1:q:0,2:k:1", capacity=256, chunk=128, n_recent=32, obs_window=32, lengths="1024",
-                    score_tokens=4096, score_queries=8, prefill=256, decode=8)
+                    score_tokens=4096, score_queries=8, prefill=256, decode=8, overlap_tokens=512, budget=256)
         for k, v in tiny.items():
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)
@@ -139,6 +150,42 @@ def main():
         print(f"compress {total:>8} tokens: {dt:8.2f} s  {total / dt:10.0f} tok/s  "
               f"{flops / dt / 1e12:7.1f} TFLOP/s  MFU {100 * flops / dt / peak:5.1f}%  "
               f"(cache {c.cache_len()})", flush=True)
+
+    # ---- compress writing the embedding file: one chunk at a time vs overlapped (the server's two loops) ----
+    overlap = {}
+    if args.overlap_tokens > 0:
+        total = args.overlap_tokens
+        toks = rng.integers(0, cfg["vocab_size"], total, dtype=np.int32)
+        fd, path = tempfile.mkstemp(prefix="reform-emb-", suffix=".bin", dir=args.tmp)
+        os.close(fd)
+
+        def write(f, rows):
+            f.write(rows.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+
+        try:
+            for mode in ("plain", "overlapped"):
+                lib.check(lib.L.rf_compressor_reset(c.h), "reset")
+                with open(path, "wb") as f:
+                    t0 = time.perf_counter()
+                    for off in range(0, total, args.chunk):
+                        chunk = toks[off:off + args.chunk]
+                        if mode == "plain":
+                            write(f, c.process(chunk))
+                        else:
+                            c.submit(chunk)  # chunk i + 1 goes to the device, then chunk i is written
+                            if c.pending() > 1:
+                                write(f, c.collect())
+                    while c.pending() > 0:
+                        write(f, c.collect())
+                    overlap[mode] = time.perf_counter() - t0
+                print(f"compress {total:>8} tokens writing the embedding file ({mode}): {overlap[mode]:8.2f} s  "
+                      f"{total / overlap[mode]:10.0f} tok/s  ({os.path.getsize(path) / 2**20:.0f} MiB, fsync per "
+                      f"chunk)", flush=True)
+        finally:
+            os.unlink(path)
+        print(f"overlapped writes: {overlap['plain'] / overlap['overlapped']:.2f}x the plain loop's throughput")
     c.destroy()
 
     # ---- scoring ----
@@ -152,6 +199,26 @@ def main():
     score_s = dt
     print(f"score {args.score_tokens} x {dim} (f16) vs {args.score_queries} queries: {dt * 1e3:8.1f} ms "
           f"({ctx.nbytes / dt / 1e9:.1f} GB/s host->device)", flush=True)
+    # score + select (the query path): the rows streamed from host memory vs resident on the device
+    window, edge = 129, 256
+    score_select(lib, ctx[:1024], q, window, min(args.budget, 512), 16)  # warm-up
+    t0 = time.perf_counter()
+    _, idx_streamed = score_select(lib, ctx, q, window, args.budget, edge)
+    streamed_s = time.perf_counter() - t0
+    st = EmbStore(m, dim)
+    t0 = time.perf_counter()
+    st.append(ctx)
+    st.score_select(1, q, 1, 1, 0)  # the upload has completed (the store's stream ran it)
+    upload_s = time.perf_counter() - t0
+    st.score_select(min(1024, args.score_tokens), q, window, min(args.budget, 512), 16)  # warm-up
+    t0 = time.perf_counter()
+    _, idx_resident = st.score_select(args.score_tokens, q, window, args.budget, edge)
+    resident_s = time.perf_counter() - t0
+    print(f"score+select {args.score_tokens} x {dim} vs {args.score_queries} queries, budget {args.budget}: "
+          f"streamed {streamed_s * 1e3:8.1f} ms, resident {resident_s * 1e3:8.1f} ms (uploaded once in "
+          f"{upload_s * 1e3:.1f} ms, {st.memory_bytes() / 2**30:.2f} GiB on the device; same selection: "
+          f"{'yes' if np.array_equal(idx_streamed, idx_resident) else 'NO'})", flush=True)
+    st.destroy()
     del ctx
 
     # ---- recompute prefill + decode ----
@@ -181,6 +248,23 @@ def main():
           f"min {times.min() * 1e3:.2f}, max {times.max() * 1e3:.2f})")
     tpot_ms = float(np.median(times)) * 1e3
     s.destroy()
+    # the same decode steps replayed as a CUDA graph (REFORM_CUDA_GRAPH=1 when the sequence is created)
+    os.environ["REFORM_CUDA_GRAPH"] = "1"
+    try:
+        sg = Seq(m, args.prefill + args.decode + 16)
+    finally:
+        del os.environ["REFORM_CUDA_GRAPH"]
+    sg.forward(toks, want_logits=False)
+    gtimes = []
+    for _ in range(args.decode):
+        t0 = time.perf_counter()
+        t = sg.sample(0.0)
+        sg.forward(np.array([t], dtype=np.int32), want_logits=False)
+        gtimes.append(time.perf_counter() - t0)
+    gtimes = np.array(gtimes[1:] if len(gtimes) > 1 else gtimes)  # the first step captures the graph
+    print(f"decode at context {n} with CUDA graphs: {np.median(gtimes) * 1e3:.2f} ms/token (median of {len(gtimes)} "
+          f"after the capture step; plain {tpot_ms:.2f})")
+    sg.destroy()
     m.destroy()
     if args.targets:
         # time to first token of a query over a context of score_tokens tokens, from the measured parts: scoring every
@@ -189,6 +273,9 @@ def main():
         ttft_ms = (score_s + prefill_s) * 1e3 + tpot_ms
         print(f"ttft of a {args.score_tokens}-token query (derived: score + prefill {args.prefill} + one token): "
               f"{ttft_ms:.1f} ms")
+        ttft_res = (resident_s + prefill_s) * 1e3 + tpot_ms
+        print(f"ttft of a {args.score_tokens}-token query with resident embeddings (derived: resident score + select "
+              f"+ prefill {args.prefill} + one token): {ttft_res:.1f} ms")
         print("targets:")
         one_m = [t for t in compress_s if t >= 1048576]
         if one_m:

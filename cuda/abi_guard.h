@@ -92,6 +92,43 @@ inline int check_chunk(const int32_t* tokens, int32_t n, int32_t max_chunk, int3
   return check_tokens(tokens, n, vocab, where);
 }
 
+/* Pipelined compress (rf_compressor_submit / _collect): a call that would lose the pending chunks' embeddings, or
+ * give the caller rows out of order, or save / replace a state that covers rows nobody collected, waits until they are
+ * collected. */
+inline int check_no_pending(int npend, const char* where) {
+  if (npend > 0)
+    return set_error(RF_ERR_STATE, "%s: %d submitted chunk(s) not collected (rf_compressor_collect them first)", where,
+                     npend);
+  return RF_OK;
+}
+inline int check_submit(const int32_t* tokens, int32_t n, int32_t max_chunk, int32_t vocab, int npend) {
+  const char* where = "rf_compressor_submit";
+  if (npend >= RF_MAX_PENDING)
+    return set_error(RF_ERR_STATE, "%s: %d chunks pending already (rf_compressor_collect one first)", where, npend);
+  return check_chunk(tokens, n, max_chunk, vocab, nullptr, false, where);
+}
+
+/* rf_embstore_*: f16 rows of dim values; scoring over its first n_ctx rows */
+inline int check_embstore_create(int32_t dim) {
+  if (dim <= 0) return set_error(RF_ERR_INVALID, "rf_embstore_create: dim = %d must be >= 1", dim);
+  return RF_OK;
+}
+inline int check_embstore_append(const void* rows, int64_t n) {
+  if (n < 0) return set_error(RF_ERR_INVALID, "rf_embstore_append: n = %lld must be >= 0", (long long)n);
+  if (n > 0 && !rows) return set_error(RF_ERR_INVALID, "rf_embstore_append: rows is NULL");
+  return RF_OK;
+}
+inline int check_embstore_score(int64_t n_ctx, int64_t rows, const float* q, int32_t n_q, int64_t budget,
+                                const int32_t* out_idx) {
+  const char* where = "rf_embstore_score_select";
+  if (n_ctx < 0 || n_ctx > rows)
+    return set_error(RF_ERR_INVALID, "%s: n_ctx = %lld outside the store's %lld rows", where, (long long)n_ctx,
+                     (long long)rows);
+  if (n_ctx > INT32_MAX || budget < 0 || n_q < 1) return set_error(RF_ERR_INVALID, "%s: bad sizes", where);
+  if (!q || (n_ctx > 0 && !out_idx)) return set_error(RF_ERR_INVALID, "%s: NULL argument", where);
+  return RF_OK;
+}
+
 /* rf_seq_forward: n tokens appended at length len of a sequence of max_tokens positions */
 inline int check_seq_append(const int32_t* tokens, int32_t n, int64_t len, int64_t max_tokens, int32_t vocab,
                             const char* where) {
@@ -261,8 +298,7 @@ inline const char* struct_layout() {
       RF_LAYOUT_FIELD(rf_compress_params, n_sink) + RF_LAYOUT_FIELD(rf_compress_params, n_recent) +
       RF_LAYOUT_FIELD(rf_compress_params, obs_window) + RF_LAYOUT_FIELD(rf_compress_params, max_chunk) +
       RF_LAYOUT_FIELD(rf_compress_params, emb_dtype) + RF_LAYOUT_FIELD(rf_compress_params, exit_layer) +
-      RF_LAYOUT_FIELD(rf_compress_params, eviction) +
-      RF_LAYOUT_FIELD(rf_compress_params, reserved);
+      RF_LAYOUT_FIELD(rf_compress_params, eviction) + RF_LAYOUT_FIELD(rf_compress_params, reserved);
   return s.c_str();
 }
 #undef RF_LAYOUT_FIELD

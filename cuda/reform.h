@@ -44,7 +44,9 @@
  *   - Layers after exit_layer are never run; for exit_layer itself only q/k/v are computed, and its cache is
  *     kept (with attention scores, H2O and eviction) only when it is the model's last layer (rf_seq_import_compressor
  *     needs every layer) or an o head sits at it (its attention reads that cache); otherwise nothing reads it.
- *   - CUDA build: the H2O keep-sets are selected on the device; a step waits on the host once, for its embeddings.
+ *   - CUDA build: the H2O keep-sets are selected on the device; a step waits on the host once, for its embeddings
+ *     (rf_compressor_process), or not at all (rf_compressor_submit: the embeddings come back while the next chunk
+ *     computes).
  */
 #ifndef REFORM_H
 #define REFORM_H
@@ -190,6 +192,21 @@ RF_API int rf_compressor_process(rf_compressor* c, const int32_t* tokens, int32_
 /* Same forward against the current cache (positions len..len+n-1) but the cache is left unchanged:
  * used to embed a query "in context". */
 RF_API int rf_compressor_embed(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb);
+/* Pipelined compress: rf_compressor_process split in two, so that the caller writes chunk i's embeddings (to the
+ * embedding file) while chunk i + 1 computes. rf_compressor_submit runs one chunk exactly as rf_compressor_process
+ * does (cache, H2O scores, eviction; seen / cache_len count it when the call returns; the same embedding bytes) but
+ * returns without waiting for it; rf_compressor_collect waits for the oldest submitted chunk and writes its
+ * embeddings (n * embed_dim values of emb_dtype) to out_emb, returning n (0: nothing pending). At most
+ * RF_MAX_PENDING chunks are pending (another submit: RF_ERR_STATE). While any is pending, rf_compressor_process,
+ * rf_compressor_state_save and rf_compressor_state_load are RF_ERR_STATE (they would lose the pending rows or save a
+ * state that covers rows nobody collected); rf_compressor_embed and the counters work; rf_compressor_reset drops them.
+ * CUDA build: the embeddings go device -> pinned host memory on a second stream behind the chunk's forward (events),
+ * so that eviction and the next chunk run meanwhile; collect waits for that copy only. CPU build: submit computes at
+ * once; the same results. */
+#define RF_MAX_PENDING 2
+RF_API int rf_compressor_submit(rf_compressor* c, const int32_t* tokens, int32_t n);
+RF_API int rf_compressor_collect(rf_compressor* c, void* out_emb);
+RF_API int32_t rf_compressor_pending(const rf_compressor* c);   /* chunks submitted, not yet collected */
 RF_API int64_t rf_compressor_cache_len(const rf_compressor* c); /* current entries per (layer, head) */
 RF_API int64_t rf_compressor_seen(const rf_compressor* c);      /* tokens processed so far */
 /* bytes the compressor itself holds (its caches and scores; the CPU build: also its own scratch), not the shared
@@ -210,11 +227,31 @@ RF_API void rf_compressor_destroy(rf_compressor* c);
 RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                     float* out);
 
+/* ---- resident context embeddings (phase 2 without reading the embedding file again) ---- */
+/* An append-only matrix of f16 rows (embed_dim values each: a context's embedding file, mirrored) kept where the
+ * model computes: CUDA build: device memory, allocated in blocks of RF_EMBSTORE_BLOCK_BYTES (rows per block:
+ * max(1, RF_EMBSTORE_BLOCK_BYTES / (2 * dim))) plus 4 bytes per row (its inverse norm, computed at append), so that a
+ * query scores the context with one GEMM per block without uploading it; CPU build: host memory. A store keeps its
+ * model alive, like a compressor. Out of device memory: RF_ERR_OOM, the store unchanged. */
+typedef struct rf_embstore rf_embstore;
+#define RF_EMBSTORE_BLOCK_BYTES (16 << 20)
+RF_API rf_embstore* rf_embstore_create(rf_model* m, int32_t dim);
+RF_API int rf_embstore_append(rf_embstore* e, const uint16_t* rows, int64_t n); /* n f16 rows from host memory */
+RF_API int64_t rf_embstore_rows(const rf_embstore* e);
+RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e);
+/* rf_score_select (below) over the store's first n_ctx rows: the same scores as rf_score_select over those rows in
+ * host memory (CUDA: the same kernels and GEMM per row; the emulation checks bit equality) and the same selection. */
+RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t window,
+                                        int32_t pool, int64_t budget, int32_t edge, float* scores, int32_t* out_idx);
+RF_API void rf_embstore_destroy(rf_embstore* e);
+
 /* ---- recompute + generate ---- */
 /* A fresh full-depth KV cache for up to max_tokens positions (positions 0..len-1). */
 RF_API rf_seq* rf_seq_create(rf_model* m, int32_t max_tokens);
 /* Append n tokens (prefill when n > 1, decode when n == 1) at positions len..len+n-1 and keep the
  * logits of the last token. logits_out (may be NULL) receives vocab_size f32.
+ * CUDA build with REFORM_CUDA_GRAPH=1 in the environment when the sequence is created: a decode step replays a
+ * captured CUDA graph of the same kernels (the same logits); a capture that fails turns it off for the sequence.
  * len + n > max_tokens or a token id outside [0, vocab) -> RF_ERR_INVALID and the sequence is unchanged. */
 RF_API int rf_seq_forward(rf_seq* s, const int32_t* tokens, int32_t n, float* logits_out);
 /* Sample from the last logits. temperature <= 0: greedy (argmax, lowest id on ties). Otherwise

@@ -182,6 +182,10 @@ struct rf_compressor {
   Work w;
   std::vector<float> kr, va, sa, emb;  // rotated keys (k::kt_store blocks) / values / scores of len+n entries;
                                        // f32 embeddings
+  // rf_compressor_submit: computed at once here; the embeddings wait in slot (head + k) % 2 for rf_compressor_collect
+  std::vector<uint8_t> pend[2];
+  int pend_rows[2] = {0, 0};
+  int npend = 0, head = 0;
 };
 
 struct rf_seq {
@@ -671,8 +675,40 @@ static int compressor_call(rf_compressor* c, const int32_t* tokens, int32_t n, v
   return guard(where, [&]() -> int {
     RF_TRY(rf::check_not_null(c, "compressor", where));
     RF_TRY(rf::check_chunk(tokens, n, c->p.max_chunk, c->m->cfg.vocab_size, out_emb, !commit, where));
+    if (commit) RF_TRY(rf::check_no_pending(c->npend, where));
     return compressor_run(c, tokens, n, out_emb, commit);
   });
+}
+
+RF_API int rf_compressor_submit(rf_compressor* c, const int32_t* tokens, int32_t n) {
+  return guard("rf_compressor_submit", [&]() -> int {
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_submit"));
+    RF_TRY(rf::check_submit(tokens, n, c->p.max_chunk, c->m->cfg.vocab_size, c->npend));
+    const int slot = (c->head + c->npend) & 1;
+    const size_t es = c->p.emb_dtype == RF_F16 ? 2 : 4;
+    c->pend[slot].resize((size_t)c->p.max_chunk * c->heads.size() * (size_t)c->m->cfg.head_dim * es);
+    RF_TRY(compressor_run(c, tokens, n, c->pend[slot].data(), true));
+    c->pend_rows[slot] = n;
+    c->npend++;
+    return RF_OK;
+  });
+}
+RF_API int rf_compressor_collect(rf_compressor* c, void* out_emb) {
+  return guard("rf_compressor_collect", [&]() -> int {
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_collect"));
+    RF_TRY(rf::check_not_null(out_emb, "out_emb", "rf_compressor_collect"));
+    if (c->npend == 0) return 0;
+    const int slot = c->head, n = c->pend_rows[slot];
+    const size_t es = c->p.emb_dtype == RF_F16 ? 2 : 4;
+    memcpy(out_emb, c->pend[slot].data(), (size_t)n * c->heads.size() * (size_t)c->m->cfg.head_dim * es);
+    c->head ^= 1;
+    c->npend--;
+    return n;
+  });
+}
+RF_API int32_t rf_compressor_pending(const rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_pending"));
+  return c->npend;
 }
 
 RF_API int rf_compressor_process(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb) {
@@ -700,6 +736,7 @@ RF_API int rf_compressor_reset(rf_compressor* c) {
   RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_reset"));
   c->len = 0;
   c->seen = 0;
+  c->npend = 0;
   return RF_OK;
 }
 
@@ -717,6 +754,7 @@ RF_API int64_t rf_compressor_state_size(const rf_compressor* c) {
 RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t size) {
   return guard("rf_compressor_state_save", [&]() -> int {
     RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_save"));
+    RF_TRY(rf::check_no_pending(c->npend, "rf_compressor_state_save"));
     const int nkv = c->m->cfg.num_kv_heads, hd = c->m->cfg.head_dim;
     const rf::StateHeader h = state_header_of(c);
     RF_TRY(rf::check_state_save(buf, size, h));
@@ -740,6 +778,7 @@ RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t s
 RF_API int rf_compressor_state_load(rf_compressor* c, const void* buf, int64_t size) {
   return guard("rf_compressor_state_load", [&]() -> int {
     RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_load"));
+    RF_TRY(rf::check_no_pending(c->npend, "rf_compressor_state_load"));
     const int nkv = c->m->cfg.num_kv_heads, hd = c->m->cfg.head_dim;
     rf::StateHeader h{};
     RF_TRY(rf::check_state_load(buf, size, state_header_of(c), &h));
@@ -904,6 +943,53 @@ RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx
         [&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, s, pool_ranges); }, n_ctx, window,
         pool, budget, edge, scores, out_idx);
   });
+}
+
+/* ---- resident context embeddings: host memory here (the same ABI as the CUDA build's device blocks) ---- */
+struct rf_embstore {
+  rf_model* m;
+  int32_t dim;
+  std::vector<uint16_t> rows;  // [n][dim] f16 bits
+};
+
+RF_API rf_embstore* rf_embstore_create(rf_model* m, int32_t dim) {
+  return guard("rf_embstore_create", [&]() -> rf_embstore* {
+    if (rf::check_model_ready(m, "rf_embstore_create") != RF_OK || rf::check_embstore_create(dim) != RF_OK)
+      return nullptr;
+    rf_embstore* e = new rf_embstore{m, dim, {}};
+    m->refs++;
+    return e;
+  });
+}
+RF_API int rf_embstore_append(rf_embstore* e, const uint16_t* rows, int64_t n) {
+  return guard("rf_embstore_append", [&]() -> int {
+    RF_TRY(rf::check_not_null(e, "store", "rf_embstore_append"));
+    RF_TRY(rf::check_embstore_append(rows, n));
+    e->rows.insert(e->rows.end(), rows, rows + n * e->dim);
+    return RF_OK;
+  });
+}
+RF_API int64_t rf_embstore_rows(const rf_embstore* e) {
+  RF_TRY(rf::check_not_null(e, "store", "rf_embstore_rows"));
+  return (int64_t)(e->rows.size() / (size_t)e->dim);
+}
+RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e) {
+  RF_TRY(rf::check_not_null(e, "store", "rf_embstore_memory_bytes"));
+  return (int64_t)(e->rows.capacity() * 2);
+}
+RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t window,
+                                        int32_t pool, int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
+  return guard("rf_embstore_score_select", [&]() -> int64_t {
+    RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_select"));
+    RF_TRY(rf::check_embstore_score(n_ctx, (int64_t)(e->rows.size() / (size_t)e->dim), q, n_q, budget, out_idx));
+    return rf_score_select(e->rows.data(), RF_F16, n_ctx, e->dim, q, n_q, window, pool, budget, edge, scores, out_idx);
+  });
+}
+RF_API void rf_embstore_destroy(rf_embstore* e) {
+  if (!e) return;
+  rf_model* m = e->m;
+  delete e;
+  model_release(m);
 }
 
 }  // extern "C"

@@ -58,4 +58,5 @@ using rf::set_error;
 #include "gpu/compressor.cuh"
 #include "gpu/seq.cuh"
 #include "gpu/score.cuh"
+#include "gpu/embstore.cuh"
 #include "gpu/abi.cuh"

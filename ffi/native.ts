@@ -113,6 +113,9 @@ const symbols = {
   rf_compressor_exit_layer: { args: [FFIType.ptr], returns: FFIType.i32 },
   rf_compressor_process: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
   rf_compressor_embed: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_submit: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
+  rf_compressor_collect: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+  rf_compressor_pending: { args: [FFIType.ptr], returns: FFIType.i32 },
   rf_compressor_cache_len: { args: [FFIType.ptr], returns: FFIType.i64_fast },
   rf_compressor_seen: { args: [FFIType.ptr], returns: FFIType.i64_fast },
   rf_compressor_reset: { args: [FFIType.ptr], returns: FFIType.i32 },
@@ -125,6 +128,27 @@ const symbols = {
     args: [FFIType.ptr, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.ptr],
     returns: FFIType.i32,
   },
+
+  rf_embstore_create: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
+  rf_embstore_append: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
+  rf_embstore_rows: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_embstore_memory_bytes: { args: [FFIType.ptr], returns: FFIType.i64_fast },
+  rf_embstore_score_select: {
+    args: [
+      FFIType.ptr,
+      FFIType.i64,
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.i64,
+      FFIType.i32,
+      FFIType.ptr,
+      FFIType.ptr,
+    ],
+    returns: FFIType.i64_fast,
+  },
+  rf_embstore_destroy: { args: [FFIType.ptr], returns: FFIType.void },
 
   rf_seq_create: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
   rf_seq_forward: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
@@ -255,6 +279,17 @@ export function structLayoutMismatches(layout: string): string[] {
         out.push(`${spec.name}.${field}: in the library, not packed here`);
   }
   return out;
+}
+
+/** RF_MAX_PENDING of cuda/reform.h: chunks a compressor may have submitted and not collected */
+export const RF_MAX_PENDING = 2;
+/** RF_EMBSTORE_BLOCK_BYTES of cuda/reform.h: the CUDA build allocates resident embeddings in blocks of this many bytes
+ * of rows (plus 4 bytes per row for its norm) */
+export const RF_EMBSTORE_BLOCK_BYTES = 16 << 20;
+/** Device bytes a resident store of `rows` rows of `dim` f16 values holds in the CUDA build (whole blocks). */
+export function embStoreBytes(rows: number, dim: number): number {
+  const blockRows = Math.max(1, Math.floor(RF_EMBSTORE_BLOCK_BYTES / (2 * dim)));
+  return Math.ceil(rows / blockRows) * blockRows * (dim * 2 + 4);
 }
 
 export const ROOT_DIR = resolve(import.meta.dir, "..");
@@ -561,6 +596,12 @@ export class NativeModel {
     return new NativeCompressor(this.native, this.lib, p, params);
   }
 
+  /** A resident store of context embeddings (f16 rows of `dim` values) on this model's device. */
+  createEmbStore(dim: number): NativeEmbStore {
+    const p = this.native._checkPtr(this.lib.rf_embstore_create(this.handle, dim), "rf_embstore_create");
+    return new NativeEmbStore(this.native, this.lib, p, dim);
+  }
+
   createSeq(maxTokens: number): NativeSeq {
     const p = this.native._checkPtr(this.lib.rf_seq_create(this.handle, maxTokens), "rf_seq_create");
     return new NativeSeq(this.native, this.lib, p, this.config.vocabSize);
@@ -596,6 +637,25 @@ export class NativeCompressor {
     const o = out === null ? null : (out ?? this.outBuf(tokens.length));
     this.native._check(this.lib.rf_compressor_process(this.handle, tokens, tokens.length, o), "rf_compressor_process");
     return o;
+  }
+
+  /** Queue one chunk (as `process`) without waiting for its embeddings; `collect` returns them, in order. At most
+   * RF_MAX_PENDING chunks may be pending. */
+  submit(tokens: Int32Array): void {
+    this.native._check(this.lib.rf_compressor_submit(this.handle, tokens, tokens.length), "rf_compressor_submit");
+  }
+
+  /** The embeddings of the oldest submitted chunk (waits for them), or null when none is pending. `out` must hold
+   * max_chunk rows when given. */
+  collect(out?: Float32Array | Uint16Array): Float32Array | Uint16Array | null {
+    const o = out ?? this.outBuf(this.params.maxChunk);
+    const n = this.native._check(this.lib.rf_compressor_collect(this.handle, o), "rf_compressor_collect");
+    return n === 0 ? null : o.subarray(0, n * this.embedDim);
+  }
+
+  /** Chunks submitted and not yet collected. */
+  pending(): number {
+    return this.native._check(this.lib.rf_compressor_pending(this.handle), "rf_compressor_pending");
   }
 
   /** Embed tokens against the current cache without changing it. */
@@ -636,6 +696,71 @@ export class NativeCompressor {
     if (this.destroyed) return;
     this.destroyed = true;
     this.lib.rf_compressor_destroy(this.handle);
+  }
+}
+
+/** Resident context embeddings (rf_embstore): f16 rows kept on the device (CUDA build) for scoring without the file. */
+export class NativeEmbStore {
+  private destroyed = false;
+  constructor(
+    readonly native: Native,
+    private readonly lib: Lib,
+    readonly handle: Pointer,
+    readonly dim: number,
+  ) {}
+
+  /** Appends `n` rows of f16 bits (`rows` holds at least n * dim values). */
+  append(rows: Uint16Array, n: number): void {
+    if (rows.length < n * this.dim) throw new Error("embstore append: rows smaller than n * dim");
+    if (n === 0) return;
+    this.native._check(this.lib.rf_embstore_append(this.handle, rows, n), "rf_embstore_append");
+  }
+
+  rows(): number {
+    return Number(this.lib.rf_embstore_rows(this.handle));
+  }
+
+  /** Bytes the store holds (CUDA: device memory, whole blocks). */
+  memoryBytes(): number {
+    return Number(this.lib.rf_embstore_memory_bytes(this.handle));
+  }
+
+  /** Native.scoreSelect over the store's first nCtx rows. */
+  scoreSelect(
+    nCtx: number,
+    q: Float32Array,
+    nQ: number,
+    sel: { window: number; budget: number; edge: number; pool?: PoolOp },
+    scores?: Float32Array,
+  ): Int32Array {
+    if (q.length < nQ * this.dim) throw new Error("embstore scoreSelect: q smaller than n_q*dim");
+    if (scores && scores.length < nCtx) throw new Error("embstore scoreSelect: scores smaller than n_ctx");
+    if (nCtx === 0) return new Int32Array(0);
+    const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see Native.smoothSelect
+    const m = this.native._check(
+      Number(
+        this.lib.rf_embstore_score_select(
+          this.handle,
+          nCtx,
+          q,
+          nQ,
+          sel.window | 0,
+          POOL[sel.pool ?? "mean"],
+          sel.budget,
+          sel.edge | 0,
+          scores ?? null,
+          out,
+        ),
+      ),
+      "rf_embstore_score_select",
+    );
+    return out.subarray(0, m);
+  }
+
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    this.lib.rf_embstore_destroy(this.handle);
   }
 }
 

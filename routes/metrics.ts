@@ -114,6 +114,21 @@ export class HttpStats {
       metric("reform_disk_bytes", "gauge", "Bytes of all contexts' files (tokens, embeddings, state, metadata).", [
         `reform_disk_bytes ${fmt(m.diskBytes)}`,
       ]);
+      metric(
+        "reform_resident_embedding_bytes",
+        "gauge",
+        "Device memory of the context embeddings kept resident (scored without reading the embedding file).",
+        [`reform_resident_embedding_bytes ${fmt(m.residentBytes)}`],
+      );
+      metric("reform_resident_contexts", "gauge", "Contexts whose embeddings are resident on the device.", [
+        `reform_resident_contexts ${fmt(m.residentContexts)}`,
+      ]);
+      metric(
+        "reform_resident_evictions_total",
+        "counter",
+        "Resident embedding stores dropped for room or under device memory pressure.",
+        [`reform_resident_evictions_total ${fmt(m.residentEvictions)}`],
+      );
       const maxDisk = info?.defaults.maxDiskBytes ?? 0;
       if (maxDisk > 0)
         metric("reform_disk_limit_bytes", "gauge", "Disk the contexts may use (--max-disk-bytes).", [

@@ -19,6 +19,8 @@ function memoryView(m: MemoryPlan) {
     device_total_bytes: m.deviceTotal,
     max_live_compressors: m.maxLiveCompressors,
     fits: m.fits,
+    resident_budget_bytes: m.residentBudget,
+    resident_budget_tokens: m.residentTokens,
   };
 }
 
@@ -38,7 +40,14 @@ export function opsRoutes(d: Deps): Hono {
         device: info?.device ?? null,
         // slow paths the backend fell back to (no cuBLAS, driver older than the runtime); empty when none
         warnings: info?.deviceWarnings ?? [],
-        memory: info ? memoryView(info.memory) : null,
+        memory: info
+          ? {
+              ...memoryView(info.memory),
+              // what the plan's resident budget holds now (contexts scored without reading their embedding file)
+              resident_bytes: engine.metrics().residentBytes,
+              resident_contexts: engine.metrics().residentContexts,
+            }
+          : null,
         uptime_s: Math.round((Date.now() - stats.startedAt) / 1000),
         // what the contexts hold on disk, and the cap uploads are refused beyond (null: none)
         disk_bytes: engine.metrics().diskBytes,

@@ -12,9 +12,12 @@
 # Stages, in order, each with its own time limit (seconds; the sum of a call's stages stays under 600):
 #   env    10   GPU, driver, nvcc, python packages, cuBLAS lookup (REFORM_CUBLAS_LIB)      -> env.txt
 #   build  240  scripts/build-native.sh, CUDA required (nvcc, one translation unit)      -> build.txt
-#   check  300  scripts/gpu_check.py: CUDA vs the CPU build vs transformers               -> gpu_check.txt
-#   bench  480  bench/gpu_bench.py, Llama-3.1-8B shape: compress 128K and 1M tokens (tok/s, MFU), score 1M,
-#               TTFT of a 1M-token query, prefill, time per output token; targets checked -> gpu_bench.txt
+#   check  300  scripts/gpu_check.py: CUDA vs the CPU build vs transformers; the pipelined compress's bytes, the
+#               resident embeddings' scores and the decode graph's logits on the real device -> gpu_check.txt
+#   bench  480  bench/gpu_bench.py, Llama-3.1-8B shape: compress 128K and 1M tokens (tok/s, MFU), compress 128K
+#               writing the embedding file one chunk at a time vs overlapped, score 1M, score + select 1M streamed
+#               vs resident (and its one upload), TTFT of a 1M-token query with and without resident embeddings,
+#               prefill, time per output token (plain and as a CUDA graph); targets checked -> gpu_bench.txt
 #   train  570  scripts/gpu-train.sh: trains `small`, evaluates it, weights -> model/ (2 bf16 shards) -> train.txt
 # Every stage appends one line to summary.txt (stage, status, seconds); the files land in ${OUT:-gpu-out}
 # (OUT is the device tool's folder that comes back): at most env, build, gpu_check, gpu_bench, train, summary, and
@@ -34,7 +37,7 @@ for a in "$@"; do
     all) stages+=(train build check bench) ;;
     build | check | bench | train) stages+=("$a") ;;
     -h | --help)
-      sed -n '2,24p' "$0"
+      sed -n '2,29p' "$0"
       exit 0
       ;;
     *)

@@ -14,7 +14,11 @@ For each model config (or the one given with --model DIR, a HF Llama/Mistral/Qwe
   * compressor: CUDA vs transformers q/k/v head vectors (and an o head: o_proj's input) on the first chunk,
     CUDA vs CPU embeddings over several chunks with eviction (cosine), cache length, state blob CUDA -> CPU;
     TOVA eviction with an attention-output head at the exit layer, CUDA vs CPU;
-  * rf_score CUDA vs numpy.
+  * rf_score CUDA vs numpy;
+  * issue 19's asynchronous paths on the real device: the pipelined compress (rf_compressor_submit / _collect: the
+    embeddings come back on a copy stream while the next chunk computes) writes the bytes of rf_compressor_process,
+    two compressors interleaved; resident embeddings (rf_embstore) score as rf_score_select over the same rows; the
+    decode step replayed as a CUDA graph (REFORM_CUDA_GRAPH=1) gives the plain steps' logits and tokens.
 Exit code 1 when a check fails. Prints a summary table.
 --no-hf: without torch/transformers (numpy weights; CUDA vs CPU library only) — e.g. to test this script on the
 CPU emulation of the CUDA build: python3 scripts/gpu_check.py --no-hf --cuda-lib build/libreform_cuda_emu.so
@@ -35,6 +39,7 @@ RF_F32, RF_F16, RF_BF16 = 0, 1, 2
 RF_ROPE_DEFAULT, RF_ROPE_LLAMA3, RF_ROPE_LINEAR = 0, 1, 2
 RF_HEAD = {"q": 0, "k": 1, "v": 2, "o": 3}
 RF_EVICT_H2O, RF_EVICT_TOVA = 0, 1
+RF_POOL_MEAN = 0  # the query-time smoothing operator (RF_POOL_MAX = 1)
 RF_ABI_VERSION = 2  # cuda/reform.h
 
 
@@ -74,6 +79,9 @@ class Lib:
         sig("rf_compressor_exit_layer", i32, vp)
         sig("rf_compressor_process", ctypes.c_int, vp, vp, i32, vp)
         sig("rf_compressor_embed", ctypes.c_int, vp, vp, i32, vp)
+        sig("rf_compressor_submit", ctypes.c_int, vp, vp, i32)
+        sig("rf_compressor_collect", ctypes.c_int, vp, vp)
+        sig("rf_compressor_pending", i32, vp)
         sig("rf_compressor_cache_len", i64, vp)
         sig("rf_compressor_seen", i64, vp)
         sig("rf_compressor_reset", ctypes.c_int, vp)
@@ -82,6 +90,13 @@ class Lib:
         sig("rf_compressor_state_load", ctypes.c_int, vp, vp, i64)
         sig("rf_compressor_destroy", None, vp)
         sig("rf_score", ctypes.c_int, vp, i32, i64, i32, vp, i32, vp)
+        sig("rf_score_select", i64, vp, i32, i64, i32, vp, i32, i32, i32, i64, i32, vp, vp)
+        sig("rf_embstore_create", vp, vp, i32)
+        sig("rf_embstore_append", ctypes.c_int, vp, vp, i64)
+        sig("rf_embstore_rows", i64, vp)
+        sig("rf_embstore_memory_bytes", i64, vp)
+        sig("rf_embstore_score_select", i64, vp, i64, vp, i32, i32, i32, i64, i32, vp, vp)
+        sig("rf_embstore_destroy", None, vp)
         sig("rf_seq_create", vp, vp, i32)
         sig("rf_seq_forward", ctypes.c_int, vp, vp, i32, vp)
         sig("rf_seq_sample", i32, vp, f32, f32, i32, vp)
@@ -187,6 +202,18 @@ class Compressor:
                        "process")
         return out
 
+    def submit(self, toks):
+        toks = np.ascontiguousarray(toks, dtype=np.int32)
+        self.lib.check(self.lib.L.rf_compressor_submit(self.h, ptr(toks), len(toks)), "submit")
+
+    def collect(self):
+        out = np.zeros((self.params[4], self.dim), dtype=self.emb_dtype)
+        n = self.lib.check(self.lib.L.rf_compressor_collect(self.h, ptr(out)), "collect")
+        return out[:n] if n > 0 else None
+
+    def pending(self):
+        return self.lib.check(self.lib.L.rf_compressor_pending(self.h), "pending")
+
     def embed(self, toks):
         toks = np.ascontiguousarray(toks, dtype=np.int32)
         out = np.zeros((len(toks), self.dim), dtype=self.emb_dtype)
@@ -235,6 +262,62 @@ class Seq:
         if self.h:
             self.lib.L.rf_seq_destroy(self.h)
             self.h = None
+
+
+class EmbStore:
+    """rf_embstore: f16 context rows resident on the device"""
+
+    def __init__(self, model, dim):
+        self.lib, self.dim = model.lib, dim
+        self.h = self.lib.checkp(self.lib.L.rf_embstore_create(model.h, dim), "embstore_create")
+
+    def append(self, rows):
+        rows = np.ascontiguousarray(rows, dtype=np.float16)
+        self.lib.check(self.lib.L.rf_embstore_append(self.h, ptr(rows), rows.shape[0]), "embstore_append")
+
+    def memory_bytes(self):
+        return self.lib.L.rf_embstore_memory_bytes(self.h)
+
+    def score_select(self, n_ctx, q, window, budget, edge):
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        scores = np.zeros(n_ctx, dtype=np.float32)
+        idx = np.zeros(min(n_ctx, budget) + 1, dtype=np.int32)
+        m = self.lib.check(self.lib.L.rf_embstore_score_select(self.h, n_ctx, ptr(q), q.shape[0], window, RF_POOL_MEAN,
+                                                                 budget, edge, ptr(scores), ptr(idx)),
+                           "embstore_score_select")
+        return scores, idx[:m]
+
+    def destroy(self):
+        if self.h:
+            self.lib.L.rf_embstore_destroy(self.h)
+            self.h = None
+
+
+def score_select(lib, ctx, q, window, budget, edge):
+    """rf_score_select over host rows (the embedding file's path)"""
+    ctx = np.ascontiguousarray(ctx)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    dt = RF_F16 if ctx.dtype == np.float16 else RF_F32
+    scores = np.zeros(ctx.shape[0], dtype=np.float32)
+    idx = np.zeros(min(ctx.shape[0], budget) + 1, dtype=np.int32)
+    m = lib.check(lib.L.rf_score_select(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], window,
+                                        RF_POOL_MEAN, budget, edge, ptr(scores), ptr(idx)), "rf_score_select")
+    return scores, idx[:m]
+
+
+def pipelined(comps, streams, chunk):
+    """The engine's overlapped compress loop for several compressors in turn (they share the device's embedding
+    buffer): each submits chunk i + 1, then collects chunk i. Returns each one's rows."""
+    outs = [[] for _ in comps]
+    for off in range(0, len(streams[0]), chunk):
+        for k, c in enumerate(comps):
+            c.submit(streams[k][off:off + chunk])
+            if c.pending() > 1:
+                outs[k].append(c.collect())
+    for k, c in enumerate(comps):
+        while c.pending() > 0:
+            outs[k].append(c.collect())
+    return [np.concatenate(o) for o in outs]
 
 
 def score(lib, ctx, q):
@@ -559,6 +642,30 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
         seqs[lname] = toks
         s.destroy()
 
+    # the decode step replayed as a CUDA graph (REFORM_CUDA_GRAPH=1, read when a sequence is created): the same
+    # kernels as the plain steps, so the same logits and tokens
+    if "cuda" in natives:
+        plain_s = Seq(natives["cuda"], args.prompt_len + args.gen + 8)
+        os.environ["REFORM_CUDA_GRAPH"] = "1"
+        try:
+            graph_s = Seq(natives["cuda"], args.prompt_len + args.gen + 8)
+        finally:
+            del os.environ["REFORM_CUDA_GRAPH"]
+        worst, same_toks, bitwise = 0.0, True, True
+        lp, lg = plain_s.forward(prompt), graph_s.forward(prompt)
+        for _ in range(args.gen):
+            tp, tg = int(np.argmax(lp)), int(np.argmax(lg))
+            same_toks &= tp == tg
+            lp = plain_s.forward(np.array([tp], dtype=np.int32))
+            lg = graph_s.forward(np.array([tp], dtype=np.int32))
+            worst = max(worst, rel_err(lg, lp))
+            bitwise &= lp.tobytes() == lg.tobytes()
+        rep.add(name, f"decode {args.gen} steps as a CUDA graph vs plain: logits rel err, greedy",
+                f"{worst:.1e}{' (bit-identical)' if bitwise else ''}, {'same' if same_toks else 'DIFFERENT'} tokens",
+                "< 1e-3, same", worst < 1e-3 and same_toks)
+        plain_s.destroy()
+        graph_s.destroy()
+
     def first_diff(a, b):
         for i, (x, y) in enumerate(zip(a, b)):
             if x != y:
@@ -687,6 +794,24 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
         for c in tc.values():
             c.destroy()
 
+    # ---- pipelined compress: the bytes of process, two compressors interleaved (f16 rows, as the server writes) ----
+    if "cuda" in natives:
+        p16 = params.copy()
+        p16[5] = RF_F16
+        streams = [stream, rng.integers(0, V, len(stream)).astype(np.int32)]
+        plain = []
+        for st in streams:
+            c = Compressor(natives["cuda"], p16, heads)
+            plain.append(np.concatenate([c.process(st[off:off + chunk]) for off in range(0, len(st), chunk)]))
+            c.destroy()
+        cs = [Compressor(natives["cuda"], p16, heads) for _ in streams]
+        got = pipelined(cs, streams, chunk)
+        same = all(g.shape == w.shape and g.tobytes() == w.tobytes() for g, w in zip(got, plain))
+        rep.add(name, "pipelined compress (submit/collect, 2 interleaved) bytes == process",
+                "identical" if same else "DIFFER", "identical", same)
+        for c in cs:
+            c.destroy()
+
     # ---- scoring ----
     if "cuda" in libs:
         rng = np.random.default_rng(args.seed)
@@ -700,6 +825,19 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
             err = float(np.abs(got - want).max())
             rep.add(name, f"rf_score CUDA vs numpy ({np.dtype(dt).name} ctx) max abs err", f"{err:.2e}", "< 1e-4",
                     err < 1e-4)
+        # resident embeddings: the rows on the device score as the same rows streamed from host memory
+        ctx = rng.standard_normal((5003, 256)).astype(np.float16)
+        qv = rng.standard_normal((7, 256)).astype(np.float32)
+        st = EmbStore(natives["cuda"], 256)
+        st.append(ctx[:3000])
+        st.append(ctx[3000:])
+        s_res, i_res = st.score_select(5003, qv, 9, 512, 16)
+        s_str, i_str = score_select(libs["cuda"], ctx, qv, 9, 512, 16)
+        err = float(np.abs(s_res - s_str).max())
+        same = np.array_equal(i_res, i_str)
+        rep.add(name, "resident embeddings vs streamed rf_score_select: max abs err, same selection",
+                f"{err:.2e}, {'same' if same else 'DIFFERENT'}", "< 1e-6, same", err < 1e-6 and same)
+        st.destroy()
     for m in natives.values():
         m.destroy()
     if hf is not None:

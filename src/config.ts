@@ -191,6 +191,17 @@ const FLAGS: Flag[] = [
     help: "disk all contexts together may use; uploads beyond it get 413 (default: no limit)",
   },
   {
+    flag: "resident-emb-bytes",
+    arg: "N",
+    env: ["REFORM_RESIDENT_EMB_BYTES"],
+    help: "device memory for context embeddings kept resident for queries (default: what the memory plan leaves; 0 = none)",
+  },
+  {
+    flag: "no-compress-overlap",
+    env: ["REFORM_COMPRESS_OVERLAP"],
+    help: "compress one chunk at a time instead of writing a chunk's embeddings while the next computes (env: 0 = off)",
+  },
+  {
     flag: "no-inline",
     env: ["REFORM_INLINE"],
     help: "refuse OpenAI requests beyond the window (400) instead of answering them with REFORM (env: 0 = off)",
@@ -311,6 +322,9 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
   }
   const maxDisk = intFlag("max-disk-bytes", str("max-disk-bytes"), 1);
   if (maxDisk !== undefined) defaults.maxDiskBytes = maxDisk;
+  const resident = intFlag("resident-emb-bytes", str("resident-emb-bytes"), 0);
+  if (resident !== undefined) defaults.residentEmbBytes = resident;
+  if (values["no-compress-overlap"] === true || env.REFORM_COMPRESS_OVERLAP === "0") defaults.compressOverlap = false;
   const inlineContexts = intFlag("inline-max-contexts", str("inline-max-contexts"), 1, 1 << 20);
   if (inlineContexts !== undefined) defaults.inlineMaxContexts = inlineContexts;
   const inlineAge = intFlag("inline-max-age", str("inline-max-age"), 1);

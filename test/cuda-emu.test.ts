@@ -29,6 +29,8 @@ import {
   RF_ROPE_LLAMA3,
   ROOT_DIR,
   type CompressParams,
+  embStoreBytes,
+  type NativeCompressor,
   type NativeModel,
 } from "../ffi/native";
 import type { HeadSpec } from "../src/model/types.ts";
@@ -867,6 +869,279 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: no host round trips, sh
     expect(emu.deviceInfo()).not.toContain("driver is older");
     useCublas(false);
     expect(emu.deviceInfo()).toContain("WARNING: cuBLAS unavailable");
+  });
+});
+
+describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding writes, resident embeddings", () => {
+  const P16: CompressParams = { ...CP, embDtype: RF_F16 };
+  const bytesOf = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+  const chunksOf = (toks: number[]) => {
+    const out: Int32Array[] = [];
+    let off = 0;
+    for (const n of CHUNKS) {
+      out.push(i32(toks.slice(off, off + n)));
+      off += n;
+    }
+    return out;
+  };
+  /** rf_compressor_process, one chunk at a time: the plain path */
+  function plain(c: NativeCompressor, chunks: Int32Array[]): Buffer {
+    return Buffer.concat(chunks.map((ch) => Buffer.from(bytesOf(c.process(ch)!))));
+  }
+  /** The engine's overlapped loop for several compressors at once, chunk by chunk in turn (they share the model's
+   * embedding buffer): each submits chunk i + 1, then collects chunk i. Returns each one's bytes and the host waits
+   * of the submits (after the first, which may grow the workspace) and of the collects. */
+  function overlapped(cs: NativeCompressor[], chunks: Int32Array[][]) {
+    const out = cs.map(() => [] as Buffer[]);
+    let submitSyncs = 0;
+    let collects = 0;
+    let collectSyncs = 0;
+    const take = (k: number) => {
+      const s0 = hooks.stat("syncs");
+      out[k]!.push(Buffer.from(bytesOf(cs[k]!.collect()!)));
+      collectSyncs += hooks.stat("syncs") - s0;
+      collects++;
+    };
+    for (let i = 0; i < chunks[0]!.length; i++)
+      cs.forEach((c, k) => {
+        const s0 = hooks.stat("syncs");
+        c.submit(chunks[k]![i]!);
+        if (i > 0) submitSyncs += hooks.stat("syncs") - s0;
+        if (c.pending() > 1) take(k);
+      });
+    cs.forEach((c, k) => {
+      while (c.pending() > 0) take(k);
+      expect(c.collect()).toBeNull();
+    });
+    return { bytes: out.map((b) => Buffer.concat(b)), submitSyncs, collects, collectSyncs };
+  }
+
+  test("submit/collect writes the bytes process writes, in every stream schedule, two compressors interleaved; a submit waits for nothing, a collect for its copy only; without its stream waits the emulation sees the race", () => {
+    const b = model(VARIANTS[0]);
+    const chunks = [chunksOf(tokensFrom(31, 200, b.cfg.vocabSize)), chunksOf(tokensFrom(32, 200, b.cfg.vocabSize))];
+    const m = loadModel(emu, b);
+    const ref = chunks.map((ch) => {
+      const c = m.createCompressor(P16, HEADS);
+      const out = plain(c, ch);
+      c.destroy();
+      return out;
+    });
+    const pair = () => [m.createCompressor(P16, HEADS), m.createCompressor(P16, HEADS)];
+    try {
+      for (const mode of ["eager", "lazy", "drain"]) {
+        hooks.set("streams", mode);
+        const cs = pair();
+        const waits0 = hooks.stat("stream_waits");
+        const r = overlapped(cs, chunks);
+        // chunk i of one compressor is in flight while the other's rows are read out: the shared device buffer is
+        // reused only after the other's copy completed (an event), whatever the schedule
+        expect({ mode, same: r.bytes.map((x, k) => Buffer.compare(x, ref[k]!)) }).toEqual({ mode, same: [0, 0] });
+        expect(r.submitSyncs).toBe(0);
+        expect(r.collectSyncs).toBe(r.collects); // one event wait each
+        expect(hooks.stat("stream_waits") - waits0).toBeGreaterThan(0);
+        // the state the chunks leave is the plain path's
+        const p = m.createCompressor(P16, HEADS);
+        plain(p, chunks[0]!);
+        expect(Buffer.compare(Buffer.from(cs[0]!.saveState()), Buffer.from(p.saveState()))).toBe(0);
+        for (const x of [...cs, p]) x.destroy();
+      }
+      // The same code without its cudaStreamWaitEvent calls reads the shared buffer before it is written (lazy) or
+      // after another chunk overwrote it (drain): the schedules are what make the byte check above mean something.
+      for (const mode of ["lazy", "drain"]) {
+        hooks.set("streams", mode);
+        hooks.set("ignore_stream_waits", "1");
+        const cs = pair();
+        const r = overlapped(cs, chunks);
+        hooks.set("ignore_stream_waits", "0");
+        const same = r.bytes.every((x, k) => Buffer.compare(x, ref[k]!) === 0);
+        expect({ mode, same }).toEqual({ mode, same: false });
+        for (const x of cs) x.destroy();
+      }
+    } finally {
+      hooks.set("ignore_stream_waits", "0");
+      hooks.set("streams", "lazy");
+      m.destroy();
+    }
+  });
+
+  test("submit/collect on the CPU build: the bytes of its process; the CUDA rows agree with them to f16 precision", () => {
+    const b = model(VARIANTS[0]);
+    const chunks = chunksOf(tokensFrom(33, 200, b.cfg.vocabSize));
+    const mc = loadModel(cpu, b);
+    const m = loadModel(emu, b);
+    const cs = [mc.createCompressor(P16, HEADS), mc.createCompressor(P16, HEADS), m.createCompressor(P16, HEADS)];
+    const want = plain(cs[0]!, chunks);
+    const got = overlapped([cs[1]!], [chunks]).bytes[0]!;
+    expect(Buffer.compare(got, want)).toBe(0);
+    const e = overlapped([cs[2]!], [chunks]).bytes[0]!;
+    const f = (x: Buffer) => Float64Array.from(new Uint16Array(x.buffer, x.byteOffset, x.byteLength / 2), fromF16);
+    const [mn, mean] = cosStats(f(e), f(want), b.cfg.headDim);
+    expect(mean).toBeGreaterThan(0.995);
+    expect(mn).toBeGreaterThan(0.9);
+    for (const x of [...cs, m, mc]) x.destroy();
+  });
+
+  test("resident embeddings: the scores (bit for bit) and selection of rf_score_select over the same rows, across blocks, both GEMM paths; only the queries are uploaded; the store's bytes are the plan's", () => {
+    const b = model(VARIANTS[0]);
+    const dim = 48;
+    const n = 350;
+    const rng = mulberry32(17);
+    const ctx = Uint16Array.from(
+      new Float32Array(n * dim).map(() => gaussian(rng)),
+      toF16,
+    );
+    ctx.fill(0, 7 * dim, 8 * dim); // an all-zero row scores 0
+    const q = new Float32Array(3 * dim).map(() => gaussian(rng));
+    const sel = { window: 9, budget: 64, edge: 8 };
+    for (const cublas of [false, true]) {
+      useCublas(cublas);
+      hooks.set("knob:embstore_block_rows", "100");
+      const m = loadModel(emu, b);
+      const live = hooks.stat("live_bytes");
+      const st = m.createEmbStore(dim);
+      for (const [a, z] of [
+        [0, 120],
+        [120, 250],
+        [250, 350],
+      ] as const)
+        st.append(ctx.subarray(a * dim, z * dim), z - a);
+      expect(st.rows()).toBe(n);
+      expect(st.memoryBytes()).toBe(4 * 100 * (dim * 2 + 4));
+      expect(hooks.stat("live_bytes") - live).toBe(st.memoryBytes());
+      for (const nCtx of [n, 237]) {
+        const s1 = new Float32Array(nCtx);
+        const h0 = hooks.stat("h2d_bytes");
+        const i1 = st.scoreSelect(nCtx, q, 3, sel, s1);
+        expect(hooks.stat("h2d_bytes") - h0).toBe(3 * dim * 4); // the queries, not the context
+        const s2 = new Float32Array(nCtx);
+        const f0 = fakeCalls();
+        const i2 = emu.scoreSelect(ctx, nCtx, dim, q, 3, sel, s2);
+        // rf_score keeps the GEMM path of its first call (its stream and handle live for the process): the same
+        // bits where both paths are the same GEMM, f32 rounding apart otherwise
+        if (fakeCalls() > f0 === cublas) expect(Buffer.compare(bytesOf(s1), bytesOf(s2))).toBe(0);
+        else expect(maxAbs(s1, s2)).toBeLessThan(1e-6);
+        expect(Array.from(i1)).toEqual(Array.from(i2));
+        expect(s1[7]).toBe(0);
+        const s3 = new Float32Array(nCtx);
+        const i3 = cpu.scoreSelect(ctx, nCtx, dim, q, 3, sel, s3);
+        expect(maxAbs(s1, s3)).toBeLessThan(1e-5);
+        expect(Array.from(i1)).toEqual(Array.from(i3));
+      }
+      const a0 = hooks.stat("mallocs");
+      st.scoreSelect(n, q, 3, sel);
+      st.scoreSelect(200, q, 2, sel);
+      expect(hooks.stat("mallocs")).toBe(a0); // no device allocation per query
+      // out of device memory: the store stays as it was
+      const bytes = st.memoryBytes();
+      hooks.set("mem_limit", String(hooks.stat("live_bytes") + 1000));
+      try {
+        expectNativeError(() => st.append(ctx.subarray(0, 60 * dim), 60), RF_ERR_OOM, /resident embeddings/);
+      } finally {
+        hooks.set("mem_limit", String(8 * 2 ** 30));
+      }
+      expect(st.rows()).toBe(n);
+      expect(st.memoryBytes()).toBe(bytes);
+      st.destroy();
+      m.destroy();
+      hooks.set("knob:embstore_block_rows", "0");
+    }
+    useCublas(false);
+    // the default block (RF_EMBSTORE_BLOCK_BYTES of rows) is what the engine's plan counts (embStoreBytes)
+    const m = loadModel(emu, b);
+    const st = m.createEmbStore(dim);
+    st.append(ctx, n);
+    expect(st.memoryBytes()).toBe(embStoreBytes(n, dim));
+    // the CPU build's store: host memory, exactly its rf_score_select
+    const mc = loadModel(cpu, b);
+    const sc = mc.createEmbStore(dim);
+    sc.append(ctx, n);
+    const s4 = new Float32Array(n);
+    const s5 = new Float32Array(n);
+    expect(Array.from(sc.scoreSelect(n, q, 3, sel, s4))).toEqual(
+      Array.from(cpu.scoreSelect(ctx, n, dim, q, 3, sel, s5)),
+    );
+    expect(Buffer.compare(bytesOf(s4), bytesOf(s5))).toBe(0);
+    for (const x of [st, sc, m, mc]) x.destroy();
+  });
+});
+
+describe.skipIf(!X64)("CUDA source on the CPU emulation: the decode step as a CUDA graph (REFORM_CUDA_GRAPH=1)", () => {
+  /** greedy decode of `steps` tokens after `prompt`: the tokens, every step's logits, host launches per step */
+  function decode(m: NativeModel, prompt: number[], steps: number) {
+    const s = m.createSeq(prompt.length + steps + 1);
+    s.forward(i32(prompt));
+    const toks: number[] = [];
+    const logits: Buffer[] = [];
+    let launches = 0;
+    for (let i = 0; i < steps; i++) {
+      const t = s.sample({ temperature: 0, topP: 1, topK: 0 });
+      toks.push(t);
+      const l0 = hooks.stat("launches");
+      logits.push(Buffer.from(s.forward(i32([t]), true)!.buffer));
+      launches += hooks.stat("launches") - l0;
+    }
+    s.destroy();
+    return { toks, logits: Buffer.concat(logits), launches };
+  }
+
+  test("replayed graphs give the plain steps' logits bit for bit and the same greedy tokens, captured again when the split count changes (256 keys), on both GEMM paths and in every stream schedule", () => {
+    for (const [v, cublas, mode] of [
+      [VARIANTS[0], false, "lazy"],
+      [VARIANTS[1], true, "lazy"],
+      [VARIANTS[0], false, "drain"],
+    ] as const) {
+      useCublas(cublas);
+      hooks.set("streams", mode);
+      try {
+        const b = model(v);
+        const m = loadModel(emu, b);
+        const prompt = tokensFrom(41, 250, b.cfg.vocabSize);
+        const plain = decode(m, prompt, 12);
+        hooks.set("setenv:REFORM_CUDA_GRAPH", "1");
+        const g0 = hooks.stat("graph_launches");
+        const c0 = hooks.stat("graph_captures");
+        let graphed: ReturnType<typeof decode>;
+        try {
+          expect(emu.deviceInfo()).toContain("decode steps: CUDA graphs");
+          graphed = decode(m, prompt, 12);
+        } finally {
+          hooks.set("setenv:REFORM_CUDA_GRAPH", "");
+        }
+        expect(graphed.toks).toEqual(plain.toks);
+        expect(Buffer.compare(graphed.logits, plain.logits)).toBe(0);
+        expect(hooks.stat("graph_launches") - g0).toBe(12); // every step replayed a graph
+        // positions 250..261: one capture below 256 keys, one above (the decode kernels' split count changes)
+        expect(hooks.stat("graph_captures") - c0).toBe(2);
+        // the kernels were launched by the host only while capturing: two captures' worth, not twelve steps'
+        expect(graphed.launches).toBeLessThan(plain.launches / 4);
+        m.destroy();
+      } finally {
+        hooks.set("streams", "lazy");
+        useCublas(false);
+      }
+    }
+    expect(hooks.stat("live_graphs")).toBe(0);
+  });
+
+  test("a capture that fails turns graphs off for that sequence: the plain steps run, the same tokens", () => {
+    const b = model(VARIANTS[0]);
+    const m = loadModel(emu, b);
+    const prompt = tokensFrom(42, 40, b.cfg.vocabSize);
+    const plain = decode(m, prompt, 6);
+    hooks.set("setenv:REFORM_CUDA_GRAPH", "1");
+    hooks.set("fail_next_capture", "1");
+    const g0 = hooks.stat("graph_launches");
+    try {
+      const fellBack = decode(m, prompt, 6);
+      expect(fellBack.toks).toEqual(plain.toks);
+      expect(Buffer.compare(fellBack.logits, plain.logits)).toBe(0);
+      expect(hooks.stat("graph_launches") - g0).toBe(0);
+    } finally {
+      hooks.set("setenv:REFORM_CUDA_GRAPH", "");
+      hooks.set("fail_next_capture", "0");
+    }
+    m.destroy();
+    expect(hooks.stat("live_graphs")).toBe(0);
   });
 });
 

@@ -41,6 +41,9 @@ describe.skipIf(!numpy || process.arch !== "x64")("GPU scripts on the CPU emulat
         "with eviction",
         "state blob CUDA->CPU",
         "rf_score",
+        "pipelined compress (submit/collect, 2 interleaved) bytes == process",
+        "resident embeddings vs streamed rf_score_select",
+        "as a CUDA graph vs plain",
       ])
         expect(check).toContain(c);
       const bench = readFileSync(join(out, "gpu_bench.txt"), "utf8");
@@ -49,6 +52,11 @@ describe.skipIf(!numpy || process.arch !== "x64")("GPU scripts on the CPU emulat
       expect(bench).toMatch(/prefill 256 tokens/);
       expect(bench).toMatch(/decode at context 256: .* ms\/token/);
       expect(bench).toMatch(/ttft of a 4096-token query/);
+      expect(bench).toMatch(/compress +512 tokens writing the embedding file \(plain\): .* tok\/s/);
+      expect(bench).toMatch(/compress +512 tokens writing the embedding file \(overlapped\): .* tok\/s/);
+      expect(bench).toMatch(/score\+select 4096 x 64 .* streamed .* ms, resident .* ms .*same selection: yes/);
+      expect(bench).toMatch(/ttft of a 4096-token query with resident embeddings/);
+      expect(bench).toMatch(/decode at context 256 with CUDA graphs: .* ms\/token/);
       expect(bench).toMatch(/time per output token < 15 ms: (PASS|MISS)/);
       expect(readFileSync(join(out, "env.txt"), "utf8")).toContain("numpy");
       expect(all).not.toContain("Traceback");

@@ -75,6 +75,9 @@ function openRaw(path: string) {
     rf_compressor_process: { args: [FFIType.ptr, FFIType.ptr, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
     rf_compressor_state_load: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
     rf_compressor_embed_dim: { args: [FFIType.ptr], returns: FFIType.i32 },
+    rf_compressor_collect: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+    rf_compressor_pending: { args: [FFIType.ptr], returns: FFIType.i32 },
+    rf_embstore_append: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
     rf_score: {
       args: [FFIType.ptr, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.ptr],
       returns: FFIType.i32,
@@ -134,6 +137,8 @@ function badCalls(path: string): Record<string, Outcome> {
     out["rf_model_finalize(NULL)"] = last(sym.rf_model_finalize(null));
     out["rf_compressor_process(NULL)"] = last(sym.rf_compressor_process(null, ptr(tok), 2, null));
     out["rf_compressor_embed_dim(NULL)"] = last(sym.rf_compressor_embed_dim(null));
+    out["rf_compressor_pending(NULL)"] = last(sym.rf_compressor_pending(null));
+    out["rf_embstore_append(NULL)"] = last(sym.rf_embstore_append(null, ptr(q), 1));
     out["rf_compressor_state_load(NULL)"] = last(sym.rf_compressor_state_load(null, ptr(q), 16));
     out["rf_seq_forward(NULL)"] = last(sym.rf_seq_forward(null, ptr(tok), 2, null));
     out["rf_seq_sample(NULL)"] = last(sym.rf_seq_sample(null, 0, 1, 0, ptr(new BigUint64Array(1))));
@@ -175,6 +180,30 @@ function badCalls(path: string): Record<string, Outcome> {
     viaBinding("loadState: bad magic", () => c.loadState(bad));
     viaBinding("loadState: truncated", () => c.loadState(blob.subarray(0, blob.length - 4)));
     viaBinding("importCompressor: exit layer 0 of 2", () => s.importCompressor(c));
+    // pipelined compress: at most RF_MAX_PENDING chunks; nothing that would lose or misorder them while pending
+    out["rf_compressor_collect(out NULL)"] = last(sym.rf_compressor_collect(c.handle, null));
+    c.submit(i32([4, 5]));
+    c.submit(i32([6]));
+    viaBinding("submit: a third chunk pending", () => c.submit(i32([7])));
+    viaBinding("process while chunks are pending", () => c.process(i32([7])));
+    viaBinding("saveState while chunks are pending", () => c.saveState());
+    viaBinding("loadState while chunks are pending", () => c.loadState(blob));
+    viaBinding("submit: n > max_chunk", () => {
+      c.collect();
+      c.submit(i32(new Array(9).fill(1)));
+    });
+    c.reset(); // drops what is pending
+    viaBinding("collect after reset (nothing pending)", () => {
+      if (c.collect() !== null) throw new Error("a chunk survived reset");
+    });
+    viaBinding("createEmbStore(dim 0)", () => m.createEmbStore(0));
+    const st = m.createEmbStore(4);
+    st.append(new Uint16Array(8), 2);
+    viaBinding("embstore scoreSelect: n_ctx beyond its rows", () =>
+      st.scoreSelect(3, q, 1, { window: 1, budget: 1, edge: 0 }),
+    );
+    viaBinding("embstore scoreSelect: n_q 0", () => st.scoreSelect(2, q, 0, { window: 1, budget: 1, edge: 0 }));
+    st.destroy();
     viaBinding("sampleLogits: NaN temperature", () =>
       native.sampleLogits(new Float32Array(4), { temperature: Number.NaN, topP: 1, topK: 0 }, new BigUint64Array(1)),
     );
@@ -218,6 +247,18 @@ const EXPECTED: Record<string, number> = {
   "loadState: bad magic": RF_ERR_INVALID,
   "loadState: truncated": RF_ERR_INVALID,
   "importCompressor: exit layer 0 of 2": RF_ERR_INVALID,
+  "rf_compressor_pending(NULL)": RF_ERR_INVALID,
+  "rf_embstore_append(NULL)": RF_ERR_INVALID,
+  "rf_compressor_collect(out NULL)": RF_ERR_INVALID,
+  "submit: a third chunk pending": RF_ERR_STATE,
+  "process while chunks are pending": RF_ERR_STATE,
+  "saveState while chunks are pending": RF_ERR_STATE,
+  "loadState while chunks are pending": RF_ERR_STATE,
+  "submit: n > max_chunk": RF_ERR_INVALID,
+  "collect after reset (nothing pending)": 0,
+  "createEmbStore(dim 0)": RF_ERR_INVALID,
+  "embstore scoreSelect: n_ctx beyond its rows": RF_ERR_INVALID,
+  "embstore scoreSelect: n_q 0": RF_ERR_INVALID,
   "sampleLogits: NaN temperature": RF_ERR_INVALID,
 };
 
@@ -321,6 +362,20 @@ describe.skipIf(!X64)("C ABI guard: host exceptions in the CUDA build (emulation
     expectNativeError(() => c.process(i32([1, 2])), RF_ERR_INTERNAL, /rf_compressor_process: internal error/);
     setHook("throw_on_launch", "runtime_error");
     expectNativeError(() => c.embed(i32([1, 2])), RF_ERR_INTERNAL, /rf_compressor_embed: internal error/);
+    setHook("throw_on_launch", "runtime_error");
+    expectNativeError(() => c.submit(i32([1, 2])), RF_ERR_INTERNAL, /rf_compressor_submit: internal error/);
+    expect(c.pending()).toBe(0); // a failed submit leaves nothing pending
+    const st = m.createEmbStore(16);
+    setHook("throw_on_launch", "runtime_error");
+    expectNativeError(() => st.append(new Uint16Array(32), 2), RF_ERR_INTERNAL, /rf_embstore_append: internal error/);
+    st.append(new Uint16Array(32).fill(0x3c00), 2);
+    setHook("throw_on_launch", "runtime_error");
+    expectNativeError(
+      () => st.scoreSelect(2, new Float32Array(16), 1, { window: 1, budget: 1, edge: 0 }),
+      RF_ERR_INTERNAL,
+      /rf_embstore_score_select: internal error/,
+    );
+    st.destroy();
     setHook("throw_on_launch", "runtime_error");
     expectNativeError(
       () => emu.score(new Float32Array(8), 2, 4, new Float32Array(4), 1),

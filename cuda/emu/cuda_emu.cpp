@@ -11,7 +11,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <algorithm>
+#include <deque>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <set>
@@ -78,7 +80,7 @@ std::string g_throw_on_launch;  // "bad_alloc" / "runtime_error": the next launc
 size_t g_mem_used = 0;
 std::map<uintptr_t, size_t> g_allocs;
 std::set<cudaStream_t> g_streams;
-std::set<void*> g_host_allocs;  // cudaMallocHost
+std::map<uintptr_t, size_t> g_host_allocs;  // cudaMallocHost: start -> bytes
 std::set<cudaEvent_t> g_events;
 int g_driver_version = 13000, g_runtime_version = 13000;
 std::map<const void*, int> g_max_dyn;  // per kernel
@@ -88,6 +90,9 @@ bool g_reverse = false;
 int64_t g_launches = 0, g_blocks = 0, g_threads = 0, g_launch_errors = 0, g_violations = 0;
 int64_t g_peak_bytes = 0;
 int64_t g_syncs = 0, g_d2h_bytes = 0, g_mallocs = 0;  // host waits, bytes copied device -> host, cudaMalloc calls
+int64_t g_h2d_bytes = 0, g_stream_waits = 0;          // bytes copied host -> device, cudaStreamWaitEvent calls
+bool g_ignore_waits = false;                          // fault injection: cudaStreamWaitEvent does nothing
+std::map<std::string, int64_t> g_knobs;               // rf_emu_set("knob:NAME", value)
 std::string g_last_violation;
 
 void violation(const char* fmt, ...) {
@@ -133,6 +138,11 @@ bool in_device_locked(const void* p, size_t n) {
 bool is_device_ptr(const void* p) {
   std::lock_guard<std::mutex> lk(g_mu);
   return in_device_locked(p, 0);
+}
+int64_t knob(const char* name) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  auto it = g_knobs.find(name);
+  return it == g_knobs.end() ? 0 : it->second;
 }
 
 /* ============================================================ fibers */
@@ -367,11 +377,141 @@ void run_block(const dim3& grid, const dim3& block, const uint3& bid) {
   }
 }
 
+/* ============================================================ streams (see "streams" in cuda_emu.h) */
+struct Op {
+  uint64_t seq;
+  std::function<void()> run;
+};
+}  // namespace emu
+
+struct emu_graph {
+  std::vector<std::function<void()>> ops;  // recorded in stream order
+  bool invalid = false;                    // a refused call happened while capturing
+};
+struct emu_stream {
+  EmuStreamHead head;
+  std::deque<emu::Op> q;           // queued, not yet run, in stream order
+  uint64_t queued = 0;             // seq of the last op queued
+  uint64_t done = 0;               // seq of the last op run
+  emu_graph* capturing = nullptr;  // cudaStreamBeginCapture .. EndCapture
+};
+struct emu_event {
+  cudaStream_t stream = nullptr;  // where it was last recorded (nullptr: never)
+  uint64_t seq = 0;               // the op that completes it
+};
+
+namespace emu {
+enum StreamMode { EAGER, LAZY, DRAIN };
+StreamMode initial_mode() {  // REFORM_EMU_STREAMS=eager|lazy|drain (default lazy), e.g. to rerun a test file
+  const char* e = getenv("REFORM_EMU_STREAMS");
+  if (e && !strcmp(e, "eager")) return EAGER;
+  if (e && !strcmp(e, "drain")) return DRAIN;
+  return LAZY;
+}
+StreamMode g_mode = initial_mode();
+std::recursive_mutex g_exec_mu;  // queues and their execution (taken before g_launch_mu and g_mu, never after)
+emu_stream g_legacy;             // the NULL stream
+int64_t g_pending = 0;           // ops queued, not yet run
+
+void enqueue_host(void* stream, void (*fn)(void*), void* arg, void (*release)(void*));
+void init_stream(emu_stream* s) {
+  s->head.magic = EMU_STREAM_MAGIC;
+  s->head.enqueue = enqueue_host;
+}
+emu_stream* stream_of(cudaStream_t s) {
+  if (s) return s;
+  if (!g_legacy.head.magic) init_stream(&g_legacy);
+  return &g_legacy;
+}
+
+/* runs the ops of s up to and including seq */
+void run_until(emu_stream* s, uint64_t seq) {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  while (s->done < seq && !s->q.empty()) {
+    Op op = std::move(s->q.front());
+    s->q.pop_front();
+    g_pending--;
+    op.run();
+    s->done = op.seq;
+  }
+}
+void run_all() {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  for (bool more = true; more;) {
+    more = false;
+    for (cudaStream_t t : g_streams) {
+      if (t->done < t->queued) {
+        run_until(t, t->queued);
+        more = true;
+      }
+    }
+    if (g_legacy.done < g_legacy.queued) {
+      run_until(&g_legacy, g_legacy.queued);
+      more = true;
+    }
+  }
+}
+/* a call that would make the host wait for a capturing stream: refused, and the capture is invalid */
+bool refuse_while_capturing(emu_stream* s, const char* what) {
+  if (!s->capturing) return false;
+  s->capturing->invalid = true;
+  std::lock_guard<std::mutex> lk(g_mu);
+  violation("%s while the stream is capturing a graph (not permitted on the GPU)", what);
+  return true;
+}
+
+/* the host waits for op seq of s: in "drain" mode everything else runs first */
+void host_wait(emu_stream* s, uint64_t seq) {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  if (g_mode == DRAIN) {
+    std::vector<cudaStream_t> others(g_streams.begin(), g_streams.end());
+    for (cudaStream_t t : others)
+      if (t != s && g_streams.count(t)) run_until(t, t->queued);
+    if (s != &g_legacy) run_until(&g_legacy, g_legacy.queued);
+  }
+  run_until(s, seq);
+}
+int64_t g_graph_launches = 0, g_graph_captures = 0, g_live_graphs = 0;
+bool g_fail_next_capture = false;  // rf_emu_set("fail_next_capture", "1"): the next cudaStreamEndCapture fails
+
+/* queues op on stream s (NULL: the legacy stream) and returns its seq; eager mode runs it now; a capturing stream
+ * records it instead (seq 0) */
+uint64_t enqueue_op(cudaStream_t st, std::function<void()> fn) {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  emu_stream* s = stream_of(st);
+  if (s->capturing) {
+    s->capturing->ops.push_back(std::move(fn));
+    return 0;
+  }
+  const uint64_t seq = ++s->queued;
+  s->q.push_back(Op{seq, std::move(fn)});
+  g_pending++;
+  if (g_mode == EAGER) run_until(s, seq);
+  return seq;
+}
+void enqueue_host(void* stream, void (*fn)(void*), void* arg, void (*release)(void*)) {
+  // the closure may be copied into a graph and run again: arg lives until the last copy goes
+  std::shared_ptr<void> owned(
+      arg, release ? release : [](void*) {});
+  enqueue_op((cudaStream_t)stream, [fn, owned]() { fn(owned.get()); });
+}
+
+bool in_pinned_locked(const void* p, size_t n) {
+  uintptr_t a = (uintptr_t)p;
+  auto it = g_host_allocs.upper_bound(a);
+  if (it == g_host_allocs.begin()) return false;
+  --it;
+  return a >= it->first && a + n <= it->first + it->second;
+}
+
 void set_last(cudaError_t e) {
   std::lock_guard<std::mutex> lk(g_mu);
   if (g_last == cudaSuccess) g_last = e;
 }
 
+void execute_kernel(const LaunchCfg& cfg, const std::function<void()>& body);
+
+/* checks a launch (the errors cudaGetLastError reports right after it) and queues its blocks on the stream */
 void run_kernel(const LaunchCfg& cfg, const std::function<void()>& body, bool args_ok, const char* bad_arg) {
   std::string throw_now;
   {
@@ -380,7 +520,7 @@ void run_kernel(const LaunchCfg& cfg, const std::function<void()>& body, bool ar
   }
   if (throw_now == "bad_alloc") throw std::bad_alloc();
   if (!throw_now.empty()) throw std::runtime_error(std::string("emulated host exception at launch of ") + cfg.name);
-  std::lock_guard<std::mutex> launch(g_launch_mu);
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
   const uint64_t nt = (uint64_t)cfg.block.x * cfg.block.y * cfg.block.z;
   size_t max_dyn;
   {
@@ -419,6 +559,13 @@ void run_kernel(const LaunchCfg& cfg, const std::function<void()>& body, bool ar
     if (g_last == cudaSuccess) g_last = 700;  // cudaErrorIllegalAddress
     return;
   }
+  enqueue_op(cfg.stream, [cfg, body]() { execute_kernel(cfg, body); });
+}
+
+/* runs every block of a launch that was checked and queued by run_kernel */
+void execute_kernel(const LaunchCfg& cfg, const std::function<void()>& body) {
+  std::lock_guard<std::mutex> launch(g_launch_mu);
+  const uint64_t nt = (uint64_t)cfg.block.x * cfg.block.y * cfg.block.z;
   g_kernel_name = cfg.name;
   g_body = &body;
   // dynamic shared memory: exactly the requested bytes (ASan sees overruns), 256-byte aligned like the GPU's
@@ -456,6 +603,8 @@ static const char* err_name(cudaError_t e) {
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case 700: return "an illegal memory access was encountered";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
     default: return "unknown error";
   }
 }
@@ -517,6 +666,7 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
+  run_all();  // the runtime completes the device's pending work before it frees (none of it may use p)
   std::lock_guard<std::mutex> lk(g_mu);
   auto it = g_allocs.find((uintptr_t)p);
   if (it == g_allocs.end()) {
@@ -560,69 +710,192 @@ static cudaError_t check_copy(void* dst, size_t dext, const void* src, size_t se
 }
 static bool stream_ok_locked(cudaStream_t s) { return s == nullptr || g_streams.count(s) > 0; }
 
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s) {
-  if (bytes == 0) return cudaSuccess;
-  std::lock_guard<std::mutex> lk(g_mu);
-  if (!stream_ok_locked(s)) {
-    violation("cudaMemcpyAsync on a destroyed or unknown stream");
-    return cudaErrorInvalidResourceHandle;
+/* Queues a copy of `height` rows of `width` bytes on s with the runtime's host synchronisation: a pageable source
+ * is read now, a pageable destination is written before the call returns (with the stream's earlier work), pinned
+ * memory and device memory are read / written when the copy runs. */
+static cudaError_t queue_copy(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                              cudaMemcpyKind kind, cudaStream_t s, const char* what) {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  bool pageable_src = false, pageable_dst = false;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!stream_ok_locked(s)) {
+      violation("%s on a destroyed or unknown stream", what);
+      return cudaErrorInvalidResourceHandle;
+    }
+    cudaError_t e = check_copy(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind, what);
+    if (e != cudaSuccess) return e;
+    const size_t ext_s = spitch * (height - 1) + width, ext_d = dpitch * (height - 1) + width;
+    if (kind == cudaMemcpyDeviceToHost) {
+      g_d2h_bytes += (int64_t)(width * height);
+      pageable_dst = !in_pinned_locked(dst, ext_d);
+    }
+    if (kind == cudaMemcpyHostToDevice) {
+      g_h2d_bytes += (int64_t)(width * height);
+      pageable_src = !in_pinned_locked(src, ext_s);
+    }
   }
-  cudaError_t e = check_copy(dst, bytes, src, bytes, kind, "cudaMemcpy");
-  if (e != cudaSuccess) return e;
-  if (kind == cudaMemcpyDeviceToHost) g_d2h_bytes += (int64_t)bytes;
-  memmove(dst, src, bytes);
+  auto rows = [=](void* d, const void* sp, size_t spt) {
+    for (size_t r = 0; r < height; r++) memmove((char*)d + r * dpitch, (const char*)sp + r * spt, width);
+  };
+  if (kind == cudaMemcpyHostToHost) {
+    rows(dst, src, spitch);
+    return cudaSuccess;
+  }
+  if ((pageable_src || pageable_dst) && refuse_while_capturing(stream_of(s), "a copy from or to pageable memory"))
+    return cudaErrorStreamCaptureUnsupported;
+  if (pageable_src) {  // staged now: the caller may reuse its buffer as soon as the call returns
+    std::shared_ptr<std::vector<char>> staged = std::make_shared<std::vector<char>>(width * height);
+    for (size_t r = 0; r < height; r++) memcpy(staged->data() + r * width, (const char*)src + r * spitch, width);
+    enqueue_op(s, [=]() { rows(dst, staged->data(), width); });
+    return cudaSuccess;
+  }
+  const uint64_t seq = enqueue_op(s, [=]() { rows(dst, src, spitch); });
+  if (pageable_dst) host_wait(stream_of(s), seq);  // returns once the data is there
   return cudaSuccess;
 }
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s) {
+  if (bytes == 0) return cudaSuccess;
+  return queue_copy(dst, bytes, src, bytes, bytes, 1, kind, s, "cudaMemcpyAsync");
+}
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-  return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
+  if (bytes == 0) return cudaSuccess;
+  cudaError_t e = queue_copy(dst, bytes, src, bytes, bytes, 1, kind, nullptr, "cudaMemcpy");
+  if (e == cudaSuccess) host_wait(stream_of(nullptr), stream_of(nullptr)->queued);  // synchronous
+  return e;
 }
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t s) {
   if (width == 0 || height == 0) return cudaSuccess;
-  std::lock_guard<std::mutex> lk(g_mu);
-  if (!stream_ok_locked(s)) {
-    violation("cudaMemcpy2DAsync on a destroyed or unknown stream");
-    return cudaErrorInvalidResourceHandle;
-  }
   if (width > dpitch || width > spitch) {
+    std::lock_guard<std::mutex> lk(g_mu);
     violation("cudaMemcpy2DAsync: width %zu larger than a pitch (%zu, %zu)", width, dpitch, spitch);
     return cudaErrorInvalidValue;
   }
-  cudaError_t e =
-      check_copy(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind, "cudaMemcpy2DAsync");
-  if (e != cudaSuccess) return e;
-  if (kind == cudaMemcpyDeviceToHost) g_d2h_bytes += (int64_t)(width * height);
-  for (size_t r = 0; r < height; r++) memmove((char*)dst + r * dpitch, (const char*)src + r * spitch, width);
-  return cudaSuccess;
+  return queue_copy(dst, dpitch, src, spitch, width, height, kind, s, "cudaMemcpy2DAsync");
 }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
   (void)flags;
   std::lock_guard<std::mutex> lk(g_mu);
   if (devices() <= 0) return cudaErrorNoDevice;
-  cudaStream_t st = (cudaStream_t)malloc(16);
+  cudaStream_t st = new emu_stream();
+  init_stream(st);
   g_streams.insert(st);
   *s = st;
   return cudaSuccess;
 }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
-  std::lock_guard<std::mutex> lk(g_mu);
-  if (!g_streams.count(s)) {
-    violation("cudaStreamDestroy of an unknown stream");
-    return cudaErrorInvalidResourceHandle;
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!g_streams.count(s)) {
+      violation("cudaStreamDestroy of an unknown stream");
+      return cudaErrorInvalidResourceHandle;
+    }
   }
+  run_until(s, s->queued);  // the runtime lets queued work finish; the handle goes at once
+  std::lock_guard<std::mutex> lk(g_mu);
   g_streams.erase(s);
-  free((void*)s);
+  delete s;
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-  std::lock_guard<std::mutex> lk(g_mu);
-  if (!stream_ok_locked(s)) {
-    violation("cudaStreamSynchronize on a destroyed or unknown stream");
-    return cudaErrorInvalidResourceHandle;
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!stream_ok_locked(s)) {
+      violation("cudaStreamSynchronize on a destroyed or unknown stream");
+      return cudaErrorInvalidResourceHandle;
+    }
+    g_syncs++;
   }
-  g_syncs++;
-  return cudaSuccess;  // work runs synchronously
+  emu_stream* st = stream_of(s);
+  if (refuse_while_capturing(st, "cudaStreamSynchronize")) return cudaErrorStreamCaptureUnsupported;
+  host_wait(st, st->queued);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode) {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  emu_stream* st = stream_of(s);
+  if (!s || st->capturing) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    violation("cudaStreamBeginCapture on the legacy stream or a stream already capturing");
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  (void)mode;
+  st->capturing = new emu_graph();
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_live_graphs++;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  emu_stream* st = stream_of(s);
+  *g = nullptr;
+  if (!st->capturing) return cudaErrorInvalidValue;
+  emu_graph* graph = st->capturing;
+  st->capturing = nullptr;
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (g_fail_next_capture) {
+    g_fail_next_capture = false;
+    graph->invalid = true;
+  }
+  if (graph->invalid) {
+    delete graph;
+    g_live_graphs--;
+    return cudaErrorStreamCaptureInvalidated;
+  }
+  g_graph_captures++;
+  *g = graph;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long flags) {
+  (void)flags;
+  *e = nullptr;
+  if (!g) return cudaErrorInvalidValue;
+  emu_graph* x = new emu_graph();
+  x->ops = g->ops;  // the same closures: the same kernels, arguments and copies each launch
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_live_graphs++;
+  *e = x;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+  if (!e) return cudaErrorInvalidValue;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!stream_ok_locked(s)) return cudaErrorInvalidResourceHandle;
+    g_graph_launches++;
+  }
+  enqueue_op(s, [e]() {
+    for (const auto& op : e->ops) op();
+  });
+  return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
+  if (!e) return cudaSuccess;
+  run_all();  // a launch still queued runs its list first
+  delete e;
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_live_graphs--;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+  if (!g) return cudaSuccess;
+  delete g;
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_live_graphs--;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize(void) {
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    g_syncs++;
+  }
+  run_all();
+  return cudaSuccess;
 }
 
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void* f) {
@@ -648,14 +921,15 @@ cudaError_t cudaMallocHost(void** p, size_t bytes) {
   void* q = malloc(bytes ? bytes : 1);
   if (!q) return cudaErrorMemoryAllocation;
   memset(q, 0xFF, bytes);
-  g_host_allocs.insert(q);
+  g_host_allocs[(uintptr_t)q] = bytes ? bytes : 1;
   *p = q;
   return cudaSuccess;
 }
 cudaError_t cudaFreeHost(void* p) {
   if (!p) return cudaSuccess;
+  run_all();  // as cudaFree: pending copies may still use it
   std::lock_guard<std::mutex> lk(g_mu);
-  if (!g_host_allocs.erase(p)) {
+  if (!g_host_allocs.erase((uintptr_t)p)) {
     violation("cudaFreeHost(%p): not a live pinned allocation", p);
     return cudaErrorInvalidValue;
   }
@@ -683,7 +957,7 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
   (void)flags;
   std::lock_guard<std::mutex> lk(g_mu);
   if (devices() <= 0) return cudaErrorNoDevice;
-  cudaEvent_t ev = (cudaEvent_t)malloc(16);
+  cudaEvent_t ev = new emu_event();
   g_events.insert(ev);
   *e = ev;
   return cudaSuccess;
@@ -694,24 +968,51 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
     violation("cudaEventDestroy of an unknown event");
     return cudaErrorInvalidResourceHandle;
   }
-  free((void*)e);
+  delete e;
   return cudaSuccess;
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-  std::lock_guard<std::mutex> lk(g_mu);
-  if (!g_events.count(e) || !stream_ok_locked(s)) {
-    violation("cudaEventRecord on an unknown event or stream");
-    return cudaErrorInvalidResourceHandle;
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!g_events.count(e) || !stream_ok_locked(s)) {
+      violation("cudaEventRecord on an unknown event or stream");
+      return cudaErrorInvalidResourceHandle;
+    }
   }
+  e->seq = enqueue_op(s, []() {});
+  e->stream = stream_of(s);
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
-  std::lock_guard<std::mutex> lk(g_mu);
-  if (!g_events.count(e)) {
-    violation("cudaEventSynchronize on an unknown event");
-    return cudaErrorInvalidResourceHandle;
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!g_events.count(e)) {
+      violation("cudaEventSynchronize on an unknown event");
+      return cudaErrorInvalidResourceHandle;
+    }
+    g_syncs++;
   }
-  g_syncs++;
+  if (e->stream && refuse_while_capturing(e->stream, "cudaEventSynchronize")) return cudaErrorStreamCaptureUnsupported;
+  if (e->stream) host_wait(e->stream, e->seq);  // never recorded: complete
+  return cudaSuccess;
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
+  std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!g_events.count(e) || !stream_ok_locked(s) || flags != 0) {
+      violation("cudaStreamWaitEvent on an unknown event or stream, or with flags %u", flags);
+      return cudaErrorInvalidResourceHandle;
+    }
+    g_stream_waits++;
+    if (g_ignore_waits) return cudaSuccess;
+  }
+  if (!e->stream) return cudaSuccess;  // never recorded: nothing to wait for
+  emu_stream* other = e->stream;
+  const uint64_t seq = e->seq;  // the work the event marks now, not at a later record
+  enqueue_op(s, [other, seq]() { run_until(other, seq); });
   return cudaSuccess;
 }
 
@@ -723,6 +1024,17 @@ EMU_API int rf_emu_set(const char* key, const char* value) {
     if (*value) setenv("REFORM_CUBLAS_LIB", value, 1);
     else setenv("REFORM_CUBLAS_LIB", "/nonexistent/libcublas-disabled.so", 1);
     rf_emu_reset_cublas_state();
+    return 0;
+  }
+  if (k == "streams") {  // see cuda_emu.h; switching completes what is queued
+    StreamMode m;
+    if (!strcmp(value, "lazy")) m = LAZY;
+    else if (!strcmp(value, "drain")) m = DRAIN;
+    else if (!strcmp(value, "eager")) m = EAGER;
+    else return -1;
+    std::lock_guard<std::recursive_mutex> ex(g_exec_mu);
+    run_all();
+    g_mode = m;
     return 0;
   }
   std::lock_guard<std::mutex> lk(g_mu);
@@ -738,6 +1050,23 @@ EMU_API int rf_emu_set(const char* key, const char* value) {
   }
   if (k == "throw_on_launch") {
     g_throw_on_launch = value;
+    return 0;
+  }
+  if (k.rfind("setenv:", 0) == 0) {  // an environment variable the code under test reads (e.g. REFORM_CUDA_GRAPH)
+    if (*value) setenv(k.substr(7).c_str(), value, 1);
+    else unsetenv(k.substr(7).c_str());
+    return 0;
+  }
+  if (k == "fail_next_capture") {  // e.g. a cuBLAS that cannot be captured: the caller's fallback runs
+    g_fail_next_capture = strcmp(value, "0") != 0 && *value;
+    return 0;
+  }
+  if (k == "ignore_stream_waits") {
+    g_ignore_waits = strcmp(value, "0") != 0 && *value;
+    return 0;
+  }
+  if (k.rfind("knob:", 0) == 0) {
+    g_knobs[k.substr(5)] = strtoll(value, nullptr, 10);
     return 0;
   }
   if (k == "driver_version") {  // a driver older than the runtime: the mismatch the library must report
@@ -768,6 +1097,12 @@ EMU_API int64_t rf_emu_stat(const char* key) {
   if (k == "d2h_bytes") return g_d2h_bytes;
   if (k == "mallocs") return g_mallocs;
   if (k == "live_host_allocs") return (int64_t)g_host_allocs.size();
+  if (k == "h2d_bytes") return g_h2d_bytes;
+  if (k == "stream_waits") return g_stream_waits;
+  if (k == "pending_ops") return g_pending;
+  if (k == "graph_launches") return g_graph_launches;
+  if (k == "graph_captures") return g_graph_captures;
+  if (k == "live_graphs") return g_live_graphs;
   if (k == "live_events") return (int64_t)g_events.size();
   if (k == "launches") return g_launches;
   if (k == "blocks") return g_blocks;

@@ -19,6 +19,20 @@
  *   - a device memory limit (rf_emu_set("mem_limit", bytes)) for out-of-memory paths.
  *   - a host exception thrown by the next kernel launch (rf_emu_set("throw_on_launch", "bad_alloc" or
  *     "runtime_error")), for the error mapping of the ABI's exception boundary.
+ *   - streams as queues: kernels, copies and event records are queued on their stream and run in stream order, but
+ *     only when the host waits for them (rf_emu_set("streams", ...)):
+ *       "lazy" (default)  a host wait runs just what it waits for: work nobody waited on has not happened, so a host
+ *                         read of pinned memory before its copy completed sees stale bytes, and a stream that reads
+ *                         another stream's output without cudaStreamWaitEvent reads it before it is written;
+ *       "drain"           a host wait first runs every other stream as far as it can, then the one waited on: a
+ *                         stream that overwrites a buffer another stream still has to read (a missing
+ *                         cudaStreamWaitEvent the other way) does so first;
+ *       "eager"           everything runs when it is queued (the order a single in-order device would take).
+ *     Copies follow the runtime's documented host synchronisation: from pageable host memory the source is read
+ *     when the call is made; into pageable host memory the call returns after the copy (and the stream's earlier
+ *     work); to and from pinned memory (cudaMallocHost) the copy runs with its stream, whenever that is.
+ *     cudaFree / cudaFreeHost / cudaStreamDestroy complete the pending work first, as the runtime does.
+ *     A fake cuBLAS queues its GEMMs on the handle's stream through the stream's head (EmuStreamHead below).
  * What it cannot model: real timing, the memory model of concurrent warps, bank conflicts, occupancy, and the
  * exact rounding order of tensor-core accumulation. It never replaces a run on a GPU.
  */
@@ -69,9 +83,18 @@ enum : int {
   cudaErrorInvalidDevicePointer = 17,
   cudaErrorNoDevice = 100,
   cudaErrorInvalidResourceHandle = 400,
+  cudaErrorStreamCaptureUnsupported = 900,
+  cudaErrorStreamCaptureInvalidated = 901,
 };
 typedef struct emu_stream* cudaStream_t;
 typedef struct emu_event* cudaEvent_t;
+typedef struct emu_graph* cudaGraph_t;
+typedef struct emu_graph* cudaGraphExec_t;
+enum cudaStreamCaptureMode {
+  cudaStreamCaptureModeGlobal = 0,
+  cudaStreamCaptureModeThreadLocal = 1,
+  cudaStreamCaptureModeRelaxed = 2
+};
 enum { cudaEventDefault = 0, cudaEventDisableTiming = 2 };
 enum cudaMemcpyKind {
   cudaMemcpyHostToHost = 0,
@@ -124,11 +147,36 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
  * "12040") etc. */
 cudaError_t cudaDriverGetVersion(int* v);
 cudaError_t cudaRuntimeGetVersion(int* v);
-/* work runs synchronously, so an event is complete once recorded (counted: rf_emu_stat("live_events")) */
+/* an event marks the work queued on its stream when it was recorded (counted: rf_emu_stat("live_events"));
+ * cudaEventSynchronize runs that work (see "streams" above) */
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
+/* work queued on s from now on waits for the work e marks now (rf_emu_set("ignore_stream_waits", "1") drops the wait:
+ * a test shows that a missing wait changes results) */
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
+cudaError_t cudaDeviceSynchronize(void);
+/* CUDA graphs: work queued on a capturing stream is recorded instead of queued (kernels with their arguments,
+ * copies, cuBLAS calls through the stream head); a launch queues the recorded list on a stream, to run again in order
+ * with the same arguments. A host wait on the capturing stream, or a copy from or to pageable memory while capturing,
+ * is refused (cudaErrorStreamCaptureUnsupported) and invalidates the capture, as on the GPU. Counted:
+ * rf_emu_stat("graph_launches"), ("graph_captures"), ("live_graphs"). */
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
+cudaError_t cudaGraphDestroy(cudaGraph_t g);
+
+/* The head of every emulated stream: a library outside this one (the fake cuBLAS, which gets the stream through
+ * cublasSetStream) queues host work on it with `enqueue` after checking `magic`. fn(arg) may run several times (a
+ * captured graph replays it); release(arg) runs once, when nothing can run it any more. */
+struct EmuStreamHead {
+  uint64_t magic;  // EMU_STREAM_MAGIC
+  void (*enqueue)(void* stream, void (*fn)(void*), void* arg, void (*release)(void*));
+};
+#define EMU_STREAM_MAGIC 0x4d41455254535545ull /* "EUSTREAM" */
 
 /* ---------------------------------------------------------------- 16-bit float types */
 struct __half {
@@ -202,6 +250,10 @@ void warp_same_args(const void* p, unsigned ldm, const char* what);
 
 /* device allocation registry */
 bool is_device_ptr(const void* p);
+
+/* a number a test set for the code under test (rf_emu_set("knob:NAME", value)); 0 when unset. Only for sizes that a
+ * GPU run takes from constants but a test must shrink to stay small (e.g. the rows of a resident embedding block) */
+int64_t knob(const char* name);
 
 /* kernel launch: validates the configuration and pointer arguments, then runs every block */
 struct LaunchCfg {

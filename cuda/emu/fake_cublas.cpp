@@ -83,7 +83,6 @@ void st(void* p, int t, int64_t i, float x) {
   ((uint16_t*)p)[i] = r;
 }
 bool valid(const Handle* h) { return h && h->magic == kMagic; }
-}  // namespace
 
 API int cublasCreate_v2(void** handle) {
   if (!handle) return ST_INVALID_VALUE;
@@ -112,6 +111,43 @@ API int cublasSetMathMode(void* handle, int mode) {
   return ST_OK;
 }
 
+/* The CPU CUDA emulation's stream head (cuda/emu/cuda_emu.h EmuStreamHead): a GEMM runs in its stream's order, as
+ * cuBLAS queues its kernels on the handle's stream. Any other stream pointer (none here) runs the GEMM at the call. */
+struct EmuStreamHead {
+  uint64_t magic;
+  void (*enqueue)(void* stream, void (*fn)(void*), void* arg, void (*release)(void*));
+};
+const uint64_t kEmuStreamMagic = 0x4d41455254535545ull;
+
+struct GemmArgs {
+  int transa, transb, m, n, k;
+  float a, b;
+  const void *A, *B;
+  void* C;
+  int Atype, lda, Btype, ldb, Ctype, ldc;
+};
+
+void run_gemm(const GemmArgs& g) {
+  for (int j = 0; j < g.n; j++)
+    for (int i = 0; i < g.m; i++) {
+      double acc = 0.0;
+      for (int l = 0; l < g.k; l++) {
+        float av = g.transa == OP_N ? ld(g.A, g.Atype, (int64_t)i + (int64_t)l * g.lda)
+                                    : ld(g.A, g.Atype, (int64_t)l + (int64_t)i * g.lda);
+        float bv = g.transb == OP_N ? ld(g.B, g.Btype, (int64_t)l + (int64_t)j * g.ldb)
+                                    : ld(g.B, g.Btype, (int64_t)j + (int64_t)l * g.ldb);
+        acc += (double)av * (double)bv;
+      }
+      const int64_t ci = (int64_t)i + (int64_t)j * g.ldc;
+      float v = g.a * (float)acc;
+      if (g.b != 0.f) v += g.b * ld(g.C, g.Ctype, ci);  // beta == 0: C is not read (may hold NaN)
+      st(g.C, g.Ctype, ci, v);
+    }
+}
+void run_gemm_queued(void* p) { run_gemm(*(GemmArgs*)p); }  // may run again: a captured graph replays it
+void free_gemm_args(void* p) { delete (GemmArgs*)p; }
+}  // namespace
+
 /* C = alpha * op(A) op(B) + beta * C; alpha/beta are host floats (pointer mode host, compute 32F) */
 API int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, const void* alpha, const void* A,
                      int Atype, int lda, const void* B, int Btype, int ldb, const void* beta, void* C, int Ctype,
@@ -134,24 +170,13 @@ API int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, 
   if (m == 0 || n == 0) return ST_OK;
   if (k > 0 && (!A || !B)) return ST_INVALID_VALUE;
   if (!C) return ST_INVALID_VALUE;
-  const float a = *(const float*)alpha, b = *(const float*)beta;
   h->calls++;
   __atomic_add_fetch(&g_calls, 1, __ATOMIC_RELAXED);
-  for (int j = 0; j < n; j++)
-    for (int i = 0; i < m; i++) {
-      double acc = 0.0;
-      for (int l = 0; l < k; l++) {
-        float av =
-            transa == OP_N ? ld(A, Atype, (int64_t)i + (int64_t)l * lda) : ld(A, Atype, (int64_t)l + (int64_t)i * lda);
-        float bv =
-            transb == OP_N ? ld(B, Btype, (int64_t)l + (int64_t)j * ldb) : ld(B, Btype, (int64_t)j + (int64_t)l * ldb);
-        acc += (double)av * (double)bv;
-      }
-      const int64_t ci = (int64_t)i + (int64_t)j * ldc;
-      float v = a * (float)acc;
-      if (b != 0.f) v += b * ld(C, Ctype, ci);  // beta == 0: C is not read (may hold NaN)
-      st(C, Ctype, ci, v);
-    }
+  GemmArgs g{transa, transb, m,   n,     k,  *(const float*)alpha, *(const float*)beta, A, B, C, Atype,
+             lda,    Btype,  ldb, Ctype, ldc};
+  const EmuStreamHead* sh = (const EmuStreamHead*)h->stream;
+  if (sh && sh->magic == kEmuStreamMagic) sh->enqueue(h->stream, run_gemm_queued, new GemmArgs(g), free_gemm_args);
+  else run_gemm(g);
   return ST_OK;
 }
 

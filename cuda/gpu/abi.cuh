@@ -41,6 +41,7 @@ RF_API int rf_device_info(char* buf, int32_t buflen) {
     snprintf(ver, sizeof ver, "; driver %d.%d, runtime %d.%d%s", drv / 1000, drv % 1000 / 10, rt / 1000, rt % 1000 / 10,
              drv < rt ? " (WARNING: the driver is older than the CUDA runtime this library was built with)" : "");
     gemm += ver;
+    if (decode_graphs_enabled()) gemm += "; decode steps: CUDA graphs (REFORM_CUDA_GRAPH=1)";
     if (n <= 0) {
       s = "cuda: no usable device (" + why + "); GEMM: " + gemm;
     } else {
@@ -113,8 +114,8 @@ RF_API int rf_memory_info(const rf_model* m, int64_t* out, int32_t n) {
       std::lock_guard<std::mutex> lk(g_score.mu);
       score_bytes = g_score.arena.bytes;
     }
-    const int64_t v[5] = {(int64_t)fr, (int64_t)tot, m->arena.bytes, m->ws.arena.bytes + score_bytes,
-                          (int64_t)m->NL * 2 * m->nKV * m->hd * 2};
+    const int64_t v[5] = {(int64_t)fr, (int64_t)tot, m->arena.bytes,
+                          m->ws.arena.bytes + m->qs.arena.bytes + score_bytes, (int64_t)m->NL * 2 * m->nKV * m->hd * 2};
     const int k = n < 5 ? n : 5;
     for (int i = 0; i < k; i++) out[i] = v[i];
     return k;
@@ -153,8 +154,27 @@ static int compressor_call(rf_compressor* c, const int32_t* tokens, int32_t n, v
   return rf::guard(where, [&]() -> int {
     RF_TRY(rf::check_not_null(c, "compressor", where));
     RF_TRY(rf::check_chunk(tokens, n, c->p.max_chunk, c->m->V, out_emb, !update, where));
+    if (update) RF_TRY(rf::check_no_pending(c->npend, where));
     return comp_forward(c, tokens, n, out_emb, update);
   });
+}
+RF_API int rf_compressor_submit(rf_compressor* c, const int32_t* tokens, int32_t n) {
+  return rf::guard("rf_compressor_submit", [&]() -> int {
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_submit"));
+    RF_TRY(rf::check_submit(tokens, n, c->p.max_chunk, c->m->V, c->npend));
+    return comp_submit(c, tokens, n);
+  });
+}
+RF_API int rf_compressor_collect(rf_compressor* c, void* out_emb) {
+  return rf::guard("rf_compressor_collect", [&]() -> int {
+    RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_collect"));
+    RF_TRY(rf::check_not_null(out_emb, "out_emb", "rf_compressor_collect"));
+    return comp_collect(c, out_emb);
+  });
+}
+RF_API int32_t rf_compressor_pending(const rf_compressor* c) {
+  RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_pending"));
+  return c->npend;
 }
 RF_API int rf_compressor_process(rf_compressor* c, const int32_t* tokens, int32_t n, void* out_emb) {
   return compressor_call(c, tokens, n, out_emb, true, "rf_compressor_process");
@@ -179,6 +199,7 @@ RF_API int rf_compressor_reset(rf_compressor* c) {
   RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_reset"));
   c->len = 0;
   c->seen = 0;
+  c->npend = 0;  // a pending copy still lands in its slot; the next submit's copy is queued behind it
   return RF_OK;
 }
 RF_API int64_t rf_compressor_state_size(const rf_compressor* c) {
@@ -188,6 +209,7 @@ RF_API int64_t rf_compressor_state_size(const rf_compressor* c) {
 RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t size) {
   return rf::guard("rf_compressor_state_save", [&]() -> int {
     RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_save"));
+    RF_TRY(rf::check_no_pending(c->npend, "rf_compressor_state_save"));
     RF_TRY(rf::check_state_save(buf, size, state_header_of(c)));
     return state_save_impl(c, buf);
   });
@@ -195,6 +217,7 @@ RF_API int rf_compressor_state_save(const rf_compressor* c, void* buf, int64_t s
 RF_API int rf_compressor_state_load(rf_compressor* c, const void* buf, int64_t size) {
   return rf::guard("rf_compressor_state_load", [&]() -> int {
     RF_TRY(rf::check_not_null(c, "compressor", "rf_compressor_state_load"));
+    RF_TRY(rf::check_no_pending(c->npend, "rf_compressor_state_load"));
     rf::StateHeader blob{};
     RF_TRY(rf::check_state_load(buf, size, state_header_of(c), &blob));
     return state_load_impl(c, buf, blob);
@@ -214,6 +237,46 @@ RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t d
     if (n_ctx == 0) return RF_OK;
     return score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, out);
   });
+}
+
+/* ---- resident context embeddings ---- */
+RF_API rf_embstore* rf_embstore_create(rf_model* m, int32_t dim) {
+  return rf::guard("rf_embstore_create", [&]() -> rf_embstore* {
+    rf_embstore* e = nullptr;
+    if (rf::check_model_ready(m, "rf_embstore_create") != RF_OK || rf::check_embstore_create(dim) != RF_OK)
+      return nullptr;
+    return embstore_create_impl(m, dim, &e) == RF_OK ? e : nullptr;
+  });
+}
+RF_API int rf_embstore_append(rf_embstore* e, const uint16_t* rows, int64_t n) {
+  return rf::guard("rf_embstore_append", [&]() -> int {
+    RF_TRY(rf::check_not_null(e, "store", "rf_embstore_append"));
+    RF_TRY(rf::check_embstore_append(rows, n));
+    if (n == 0) return RF_OK;
+    return embstore_append_impl(e, rows, n);
+  });
+}
+RF_API int64_t rf_embstore_rows(const rf_embstore* e) {
+  RF_TRY(rf::check_not_null(e, "store", "rf_embstore_rows"));
+  return e->rows;
+}
+RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e) {
+  RF_TRY(rf::check_not_null(e, "store", "rf_embstore_memory_bytes"));
+  return embstore_bytes(e);
+}
+RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t window,
+                                        int32_t pool, int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
+  return rf::guard("rf_embstore_score_select", [&]() -> int64_t {
+    RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_select"));
+    RF_TRY(rf::check_embstore_score(n_ctx, e->rows, q, n_q, budget, out_idx));
+    return rf::score_select([&](float* s) { return embstore_score_impl(e, n_ctx, q, n_q, s); }, n_ctx, window, pool,
+                            budget, edge, scores, out_idx);
+  });
+}
+RF_API void rf_embstore_destroy(rf_embstore* e) {
+  if (!e) return;
+  embstore_free(e);
+  delete e;
 }
 
 /* ---- recompute + generate ---- */

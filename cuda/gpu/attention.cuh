@@ -277,12 +277,14 @@ __global__ void __launch_bounds__(H2O_KEYS)
   if (j < total) score[(int64_t)kvh * Tstride + j] += tot;
 }
 
-/* Decode attention (one query): split-K partials then combine. part: [nH][nsplit_max][hd+2] */
+/* Decode attention (one query): split-K partials then combine. part: [nH][nsplit_max][hd+2]. total: keys (+ *dpos
+ * when given: a replayed CUDA graph's position, seq.cuh; its split count is the graph's) */
 #define DEC_SPLIT 256
 __global__ void __launch_bounds__(128)
     k_decode_partial(const uint16_t* __restrict__ Q, const uint16_t* __restrict__ K, const uint16_t* __restrict__ V,
                      int64_t Tstride, float* __restrict__ part, int nsplit_max, int total, int G, int hd, float scale,
-                     bool f16) {
+                     bool f16, const int32_t* __restrict__ dpos) {
+  if (dpos) total += *dpos;
   __shared__ float qs[256];
   __shared__ float wm[4], wl[4];
   __shared__ float wo[4][256];

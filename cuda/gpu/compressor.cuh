@@ -12,7 +12,15 @@ void comp_free(rf_compressor* c) {
   if (c->m) {
     cudaSetDevice(c->m->dev);
     cudaStreamSynchronize(c->m->stream);
+    cudaStreamSynchronize(c->m->copy);  // a pending chunk's copy writes this compressor's pinned slots
   }
+  for (int i = 0; i < 2; i++) {
+    if (c->pinned[i]) cudaFreeHost(c->pinned[i]);
+    if (c->copied[i]) cudaEventDestroy(c->copied[i]);
+    c->pinned[i] = nullptr;
+    c->copied[i] = nullptr;
+  }
+  c->npend = 0;
   c->arena.free_all();
   cudaGetLastError();
   if (c->m) model_release_child(c->m);
@@ -122,9 +130,30 @@ int comp_evict(rf_compressor* c, int total) {
   return RF_OK;
 }
 
+size_t emb_bytes_of(const rf_compressor* c, int n) { return (size_t)n * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4); }
+
+/* the pinned slots and their events, at the first submit (a compressor that is never pipelined holds none) */
+int comp_pipeline_init(rf_compressor* c) {
+  if (c->pinned[0]) return RF_OK;
+  for (int i = 0; i < 2; i++) {
+    void* h = nullptr;
+    cudaError_t e = cudaMallocHost(&h, emb_bytes_of(c, c->p.max_chunk));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return set_error(RF_ERR_OOM, "cudaMallocHost of %zu bytes (pipelined embedding slot) failed: %s",
+                       emb_bytes_of(c, c->p.max_chunk), cudaGetErrorString(e));
+    }
+    c->pinned[i] = (uint8_t*)h;
+    CU_CHECK(cudaEventCreateWithFlags(&c->copied[i], cudaEventDisableTiming));
+  }
+  return RF_OK;
+}
+
 /* One chunk forward. update: append to cache + H2O + eviction; else cache unchanged. Everything is queued on the
- * model's stream; the host waits once, at the end, for the embeddings (pinned staging, then the caller's buffer). */
-int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, bool update) {
+ * model's stream. Embeddings: out_emb (process / embed): the host waits once, at the end (pinned staging, then the
+ * caller's buffer); slot >= 0 (submit): they go to the compressor's pinned slot on the copy stream and nothing waits.
+ */
+int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, bool update, int slot = -1) {
   rf_model* m = c->m;
   CU_CHECK(cudaSetDevice(m->dev));
   RF_TRY(ws_ensure(m, comp_need(c)));
@@ -134,12 +163,15 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
   const int w = (int)rf::observed_queries(c->p, n);  // the chunk's last w queries score the entries
   const float scale = 1.f / sqrtf((float)m->hd);
   const Acts a = ws_acts(m);
-  const size_t emb_bytes = (size_t)n * c->edim * (c->p.emb_dtype == RF_F16 ? 2 : 4);
+  const size_t emb_bytes = emb_bytes_of(c, n);
+  const bool want_emb = out_emb || slot >= 0;
+  // the copy of an earlier pipelined chunk (this compressor's or another's: ws.emb is shared) reads ws.emb first
+  if (want_emb) CU_CHECK(cudaStreamWaitEvent(m->stream, m->emb_free, 0));
   RF_TRY(upload_tokens(m, ws.tok, tokens, n, a.x));
   for (int l = 0; l <= c->exit; l++) {
     const LayerW& W = m->layers[l];
     RF_TRY(run_qkv(m, W, a, n));
-    if (out_emb && c->table_cnt[l] > 0) {
+    if (want_emb && c->table_cnt[l] > 0) {
       dim3 grid((unsigned)n, (unsigned)c->table_cnt[l]);
       RF_LAUNCH(k_emb_extract, grid, 32, 0, m->stream)
       (a.qkv, m->qkvd, c->table + 2 * c->table_off[l], ws.emb, c->edim, m->hd, c->p.emb_dtype == RF_F16, m->f16);
@@ -150,8 +182,8 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
     if (last && !update && !c->exit_attn) break;  // embedding only: q/k/v of the exit layer is all that is needed
     // append pre-RoPE K and V at rows len..len+n-1 (beyond the logical cache when !update)
     RF_LAUNCH(k_append_kv, nblocks((int64_t)n * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)
-    (a.qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq,
-     m->f16);
+    (a.qkv, m->qkvd, m->qd, m->qd + m->kvd, c->Kc[l], c->Vc[l], c->T, n, m->nKV, m->hd, len, false, m->inv_freq, m->f16,
+     nullptr);
     KERNEL_CHECK();
     if (update) {  // H2O adds this chunk's attention to the kept entries' scores; TOVA ranks by this chunk's alone
       const int z0 = tova ? 0 : len, zn = tova ? total : n;
@@ -160,7 +192,7 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
       KERNEL_CHECK();
     }
     RF_LAUNCH(k_rope_q, nblocks((int64_t)n * m->nH * (m->hd / 2), 256), 256, 0, m->stream)
-    (a.qkv, m->qkvd, a.qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16);
+    (a.qkv, m->qkvd, a.qrot, n, m->nH, m->hd, len, m->inv_freq, m->f16, nullptr);
     KERNEL_CHECK();
     // cache entry i is at position i: rope all keys
     RF_LAUNCH(k_rope_rows, nblocks((int64_t)m->nKV * total * (m->hd / 2), 256), 256, 0, m->stream)
@@ -189,16 +221,50 @@ int comp_forward(rf_compressor* c, const int32_t* tokens, int n, void* out_emb, 
     }
     if (!last) RF_TRY(run_post_attn(m, W, a, n));
   }
-  // the embeddings go back first (pinned, asynchronous); the eviction below is queued behind them
-  if (out_emb) CU_CHECK(cudaMemcpyAsync(ws.emb_host, ws.emb, emb_bytes, cudaMemcpyDeviceToHost, m->stream));
+  if (slot >= 0) {
+    // pipelined: the copy stream takes the embeddings once the forward above has written them, into this chunk's
+    // pinned slot; the eviction below overlaps the copy, and the next forward waits for emb_free (top of this function)
+    CU_CHECK(cudaEventRecord(m->emb_ready, m->stream));
+    CU_CHECK(cudaStreamWaitEvent(m->copy, m->emb_ready, 0));
+    CU_CHECK(cudaMemcpyAsync(c->pinned[slot], ws.emb, emb_bytes, cudaMemcpyDeviceToHost, m->copy));
+    CU_CHECK(cudaEventRecord(c->copied[slot], m->copy));
+    CU_CHECK(cudaEventRecord(m->emb_free, m->copy));
+  } else if (out_emb) {
+    // the embeddings go back first (pinned, asynchronous); the eviction below is queued behind them
+    CU_CHECK(cudaMemcpyAsync(ws.emb_host, ws.emb, emb_bytes, cudaMemcpyDeviceToHost, m->stream));
+  }
   const bool evict = update && total > c->p.capacity;
   if (evict) RF_TRY(comp_evict(c, total));
-  CU_CHECK(cudaStreamSynchronize(m->stream));  // the one host wait of the step
+  // the one host wait of a process / embed step; a submitted chunk returns without any
+  if (slot < 0) CU_CHECK(cudaStreamSynchronize(m->stream));
   if (out_emb) memcpy(out_emb, ws.emb_host, emb_bytes);
   if (!update) return RF_OK;
   c->seen += n;
   c->len = evict ? c->p.capacity : total;
   return RF_OK;
+}
+
+/* rf_compressor_submit: the chunk is queued; its embeddings will be in the next free slot (checked: npend < 2) */
+int comp_submit(rf_compressor* c, const int32_t* tokens, int n) {
+  RF_TRY(comp_pipeline_init(c));
+  const int slot = (c->head + c->npend) & 1;
+  RF_TRY(comp_forward(c, tokens, n, nullptr, true, slot));
+  c->pend_rows[slot] = n;
+  c->npend++;
+  return RF_OK;
+}
+
+/* rf_compressor_collect: waits for the oldest pending chunk's copy only (not for the forward queued after it) */
+int comp_collect(rf_compressor* c, void* out_emb) {
+  if (c->npend == 0) return 0;
+  const int slot = c->head;
+  CU_CHECK(cudaSetDevice(c->m->dev));
+  CU_CHECK(cudaEventSynchronize(c->copied[slot]));
+  const int n = c->pend_rows[slot];
+  memcpy(out_emb, c->pinned[slot], emb_bytes_of(c, n));
+  c->head ^= 1;
+  c->npend--;
+  return n;
 }
 
 /* the state blob header of this compressor (its shape and counters) */

@@ -100,6 +100,7 @@ int ws_ensure(rf_model* m, const WsNeed& need) {
   n.emb_bytes = std::max(need.emb_bytes, w.emb_bytes);
   n.mlp = need.mlp || w.mlp;
   CU_CHECK(cudaStreamSynchronize(m->stream));  // queued work may still use the old buffers
+  CU_CHECK(cudaStreamSynchronize(m->copy));    // and a pipelined chunk's copy may still read ws.emb
   w.free_all();
   const size_t N = (size_t)std::max<int64_t>(n.rows, 1), hd = (size_t)m->hd, nKV = (size_t)m->nKV;
   DevArena& A = w.arena;
@@ -143,6 +144,7 @@ int ws_ensure(rf_model* m, const WsNeed& need) {
     w.free_all();
     return rc;
   }
+  m->ws_gen++;
   w.rows = n.rows;
   w.krot_rows = n.krot_rows;
   w.cap = n.cap;

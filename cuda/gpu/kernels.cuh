@@ -137,9 +137,12 @@ __device__ __forceinline__ void rope_pair(float x1, float x2, float ang, bool f1
   *o2 = rnd(x2 * c, f16) + rnd(x1 * s, f16);
 }
 
-/* q_rot[i][h*hd + d] = rope(qkv[i][h*hd + d]) at position pos0 + i */
+/* q_rot[i][h*hd + d] = rope(qkv[i][h*hd + d]) at position pos0 + i (+ *dpos when given: a decode step replayed from a
+ * CUDA graph reads its position from the device, seq.cuh) */
 __global__ void k_rope_q(const uint16_t* __restrict__ qkv, int qkv_stride, uint16_t* __restrict__ out, int n, int nH,
-                         int hd, int pos0, const float* __restrict__ inv_freq, bool f16) {
+                         int hd, int pos0, const float* __restrict__ inv_freq, bool f16,
+                         const int32_t* __restrict__ dpos) {
+  if (dpos) pos0 += *dpos;
   int half = hd / 2;
   int64_t total = (int64_t)n * nH * half;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
@@ -157,11 +160,13 @@ __global__ void k_rope_q(const uint16_t* __restrict__ qkv, int qkv_stride, uint1
   }
 }
 
-/* Append chunk K/V (from qkv rows) into head-major caches at rows pos0..pos0+n-1; keys roped at
- * their position when `rope`, else stored pre-RoPE. */
+/* Append chunk K/V (from qkv rows) into head-major caches at rows pos0..pos0+n-1 (+ *dpos when given, as k_rope_q);
+ * keys roped at their position when `rope`, else stored pre-RoPE. */
 __global__ void k_append_kv(const uint16_t* __restrict__ qkv, int qkv_stride, int k_off, int v_off,
                             uint16_t* __restrict__ Kc, uint16_t* __restrict__ Vc, int64_t Tstride, int n, int nKV,
-                            int hd, int pos0, bool rope, const float* __restrict__ inv_freq, bool f16) {
+                            int hd, int pos0, bool rope, const float* __restrict__ inv_freq, bool f16,
+                            const int32_t* __restrict__ dpos) {
+  if (dpos) pos0 += *dpos;
   int half = hd / 2;
   int64_t total = (int64_t)n * nKV * half;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {

@@ -44,12 +44,21 @@ void model_free(rf_model* m) {
   if (!m) return;
   cudaSetDevice(m->dev);
   if (m->stream) cudaStreamSynchronize(m->stream);
+  if (m->copy) cudaStreamSynchronize(m->copy);
+  if (m->aux) cudaStreamSynchronize(m->aux);
   m->gemm.destroy();
+  m->gemm_aux.destroy();
+  m->qs.arena.free_all();
   m->ws.free_all();
   if (m->counted) score_model_freed();
   m->arena.free_all();
+  if (m->emb_ready) cudaEventDestroy(m->emb_ready);
+  if (m->emb_free) cudaEventDestroy(m->emb_free);
+  if (m->copy) cudaStreamDestroy(m->copy);
+  if (m->aux) cudaStreamDestroy(m->aux);
   if (m->stream) cudaStreamDestroy(m->stream);
-  m->stream = nullptr;
+  m->stream = m->copy = m->aux = nullptr;
+  m->emb_ready = m->emb_free = nullptr;
   cudaGetLastError();
 }
 
@@ -112,7 +121,12 @@ int model_create_impl(const rf_config* cfg, rf_model** out) {
       if (p) model_free(p);
     }
   } guard{m.get()};
+  CU_CHECK(cudaStreamCreateWithFlags(&m->copy, cudaStreamNonBlocking));
+  CU_CHECK(cudaEventCreateWithFlags(&m->emb_ready, cudaEventDisableTiming));
+  CU_CHECK(cudaEventCreateWithFlags(&m->emb_free, cudaEventDisableTiming));
+  CU_CHECK(cudaStreamCreateWithFlags(&m->aux, cudaStreamNonBlocking));
   RF_TRY(m->gemm.init(m->stream));
+  RF_TRY(m->gemm_aux.init(m->aux));
 
   const int64_t H = m->H;
   DevArena& A = m->arena;

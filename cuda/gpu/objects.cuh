@@ -45,6 +45,14 @@ struct Workspace {
   }
 };
 
+/* the query buffers of rf_embstore scoring (embstore.cuh), grown to the largest query, never per query */
+struct QueryScratch {
+  DevArena arena;
+  int64_t dim = 0, nq = 0, tile = 0, nout = 0;  // sizes they were allocated for
+  float *qraw = nullptr, *qn = nullptr, *S = nullptr, *out = nullptr;
+  uint16_t* qh = nullptr;  // [2 nq][dim]: the normalised queries in f16 and their f16 residuals
+};
+
 }  // namespace
 
 struct rf_model {
@@ -64,9 +72,20 @@ struct rf_model {
   std::vector<uint8_t> set;
   bool finalized = false;
   cudaStream_t stream = nullptr;
+  /* Pipelined compress (rf_compressor_submit): a chunk's embeddings go device -> pinned host memory on this second
+   * stream, after `emb_ready` (recorded on `stream` behind the chunk's forward), so that the next chunk's forward runs
+   * meanwhile; `emb_free` (recorded on `copy` behind each such copy) is what a forward waits for before it writes the
+   * shared embedding buffer (ws.emb) again. */
+  cudaStream_t copy = nullptr;
+  cudaEvent_t emb_ready = nullptr, emb_free = nullptr;
   Gemm gemm;
+  /* resident embeddings (rf_embstore): their uploads and scoring, on a stream of their own with its cuBLAS handle */
+  cudaStream_t aux = nullptr;
+  Gemm gemm_aux;
+  QueryScratch qs;
   size_t fa_smem = 0;
   Workspace ws;            // shared by its compressors and sequences
+  uint64_t ws_gen = 0;     // bumped whenever ws is reallocated (a captured decode graph holds its pointers)
   bool counted = false;    // counted in rf_score's live models (score.cuh)
   int children = 0;        // live compressors / seqs (they keep the model alive, as in the CPU build)
   bool destroyed = false;  // rf_model_destroy called; freed when the last child goes
@@ -88,6 +107,20 @@ struct rf_compressor {
   int32_t* table = nullptr;                 // per layer pairs, concatenated: q/k/v heads, then o heads
   std::vector<int> table_off, table_cnt;    // per layer: its q/k/v heads (columns of the projection)
   std::vector<int> otable_off, otable_cnt;  // per layer: its o heads (columns of the attention output)
+  /* chunks submitted and not yet collected (rf_compressor_submit / _collect): slot (head + k) % 2 holds the k-th
+   * oldest; its embeddings land in pinned[slot] when copied[slot] completes (two slots: chunk i is read out on the host
+   * while chunk i + 1's copy may already be queued) */
+  uint8_t* pinned[2] = {nullptr, nullptr};  // [max_chunk * edim * emb element size], allocated at the first submit
+  cudaEvent_t copied[2] = {nullptr, nullptr};
+  int pend_rows[2] = {0, 0};
+  int npend = 0, head = 0;
+};
+
+struct rf_embstore {
+  rf_model* m = nullptr;
+  int64_t dim = 0, rows = 0, block_rows = 0;
+  std::vector<uint16_t*> blocks;  // [block_rows][dim] f16 each
+  std::vector<float*> inv;        // [block_rows] per block: 1 / max(|row|, 1e-12)
 };
 
 #define SAMPLE_MAX_K 1024  // rf_seq_sample selects up to this many candidates on the device
@@ -106,4 +139,14 @@ struct rf_seq {
   float* sel_val = nullptr;    // [SAMPLE_MAX_K] and their logits
   std::vector<float> host_logits;
   bool host_logits_valid = false;  // host_logits holds the last logits (copied only when someone needs them)
+  /* The decode step as a CUDA graph (REFORM_CUDA_GRAPH=1, seq.cuh): captured once per decode split count (every
+   * DEC_SPLIT positions) and workspace, replayed per token; the token and its position reach it through `pin`
+   * (pinned, copied to the device by the graph's first nodes) and `dpos`. A failed capture turns it off for this
+   * sequence (the plain path runs). */
+  bool graph_on = false;
+  cudaGraphExec_t graph = nullptr;
+  int graph_nsplit = 0;     // the split count it was captured for
+  uint64_t graph_ws = 0;    // the workspace generation it was captured with
+  int32_t* pin = nullptr;   // pinned [2]: token id, position
+  int32_t* dpos = nullptr;  // device [2]: the same, as the graph's kernels read them
 };

@@ -12,10 +12,21 @@ void seq_free(rf_seq* s) {
     cudaSetDevice(s->m->dev);
     cudaStreamSynchronize(s->m->stream);
   }
+  if (s->graph) cudaGraphExecDestroy(s->graph);
+  if (s->pin) cudaFreeHost(s->pin);
+  s->graph = nullptr;
+  s->pin = nullptr;
   s->arena.free_all();
   cudaGetLastError();
   if (s->m) model_release_child(s->m);
   s->m = nullptr;
+}
+
+/* REFORM_CUDA_GRAPH=1: decode steps replay a captured CUDA graph (one launch instead of ~15 per layer); off by default
+ * until a GPU run has measured it (scripts/gpu-session.sh) */
+bool decode_graphs_enabled() {
+  const char* e = getenv("REFORM_CUDA_GRAPH");
+  return e && strcmp(e, "1") == 0;
 }
 
 /* what one forward piece of s needs from the model's shared workspace */
@@ -53,9 +64,113 @@ int seq_create_impl(rf_model* m, int32_t max_tokens, rf_seq** out) {
   RF_TRY(A.alloc(&s->sel_idx, SAMPLE_MAX_K, "sampler candidates"));
   RF_TRY(A.alloc(&s->sel_val, SAMPLE_MAX_K, "sampler candidate logits"));
   s->host_logits.resize(m->V);
+  if (decode_graphs_enabled()) {
+    void* h = nullptr;
+    cudaError_t e = cudaMallocHost(&h, 2 * sizeof(int32_t));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return set_error(RF_ERR_OOM, "cudaMallocHost (decode graph inputs) failed: %s", cudaGetErrorString(e));
+    }
+    s->pin = (int32_t*)h;
+    RF_TRY(A.alloc(&s->dpos, 2, "decode graph inputs"));
+    s->graph_on = true;
+  }
   RF_TRY(ws_ensure(m, seq_need(s.get())));
   guard.p = nullptr;
   *out = s.release();
+  return RF_OK;
+}
+
+/* The layers of one decode step (one token, already embedded in a.x) at position pos0, plus *dpos when given, over
+ * `total` keys (plus *dpos): the plain step passes its position (dpos NULL); the captured graph passes 0 and the
+ * device copy of its position, so that both run exactly these kernels. */
+int decode_layers(rf_seq* s, const Acts& a, int pos0, const int32_t* dpos, int total, int nsplit) {
+  rf_model* m = s->m;
+  const float scale = 1.f / sqrtf((float)m->hd);
+  for (int l = 0; l < m->NL; l++) {
+    const LayerW& W = m->layers[l];
+    RF_TRY(run_qkv(m, W, a, 1));
+    RF_LAUNCH(k_rope_q, nblocks((int64_t)m->nH * (m->hd / 2), 256), 256, 0, m->stream)
+    (a.qkv, m->qkvd, a.qrot, 1, m->nH, m->hd, pos0, m->inv_freq, m->f16, dpos);
+    KERNEL_CHECK();
+    RF_LAUNCH(k_append_kv, nblocks((int64_t)m->nKV * (m->hd / 2), 256), 256, 0, m->stream)
+    (a.qkv, m->qkvd, m->qd, m->qd + m->kvd, s->Kc[l], s->Vc[l], s->maxT, 1, m->nKV, m->hd, pos0, true, m->inv_freq,
+     m->f16, dpos);
+    KERNEL_CHECK();
+    dim3 grid((unsigned)m->nH, (unsigned)nsplit);
+    RF_LAUNCH(k_decode_partial, grid, 128, 0, m->stream)
+    (a.qrot, s->Kc[l], s->Vc[l], s->maxT, s->part, s->nsplit_max, total, m->G, m->hd, scale, m->f16, dpos);
+    KERNEL_CHECK();
+    RF_LAUNCH(k_decode_combine, m->nH, 128, 0, m->stream)(s->part, s->nsplit_max, nsplit, m->hd, a.attn, m->f16);
+    KERNEL_CHECK();
+    RF_TRY(run_post_attn(m, W, a, 1));
+  }
+  return RF_OK;
+}
+
+/* logits of activation row `row` (f32, on the device) */
+int logits_head(rf_seq* s, const Acts& a, int row) {
+  rf_model* m = s->m;
+  RF_TRY(run_rmsnorm(m, a.x + (size_t)row * m->H, m->norm, a.xn, 1));
+  return m->gemm.nt(1, m->V, m->H, a.xn, m->adt, m->H, m->lm_head, m->adt, m->H, s->logits, RF_F32, m->V, 0.f);
+}
+
+/* Captures the decode step for split count nsplit into s->graph: the token and position copied from the pinned
+ * inputs, the embedding, decode_layers and the logits, all queued on the model's stream. */
+int seq_capture(rf_seq* s, int nsplit) {
+  rf_model* m = s->m;
+  const Acts a = ws_acts(m);
+  if (s->graph) cudaGraphExecDestroy(s->graph);
+  s->graph = nullptr;
+  CU_CHECK(cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeThreadLocal));
+  // a host exception inside (the ABI guard turns it into a status) must not leave the model's stream capturing
+  struct EndOnThrow {
+    cudaStream_t st;
+    bool armed = true;
+    ~EndOnThrow() {
+      if (!armed) return;
+      cudaGraph_t g = nullptr;
+      cudaStreamEndCapture(st, &g);
+      if (g) cudaGraphDestroy(g);
+      cudaGetLastError();
+    }
+  } end_on_throw{m->stream};
+  int rc = [&]() -> int {
+    CU_CHECK(cudaMemcpyAsync(s->dpos, s->pin, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, m->stream));
+    RF_LAUNCH(k_embed, nblocks((int64_t)m->H, 256), 256, 0, m->stream)(s->dpos, m->embed, a.x, 1, m->H);
+    KERNEL_CHECK();
+    RF_TRY(decode_layers(s, a, 0, s->dpos + 1, 1, nsplit));
+    return logits_head(s, a, 0);
+  }();
+  end_on_throw.armed = false;
+  cudaGraph_t g = nullptr;
+  const cudaError_t e = cudaStreamEndCapture(m->stream, &g);  // always: the stream leaves capture mode
+  if (rc == RF_OK && e != cudaSuccess)
+    rc = set_error(RF_ERR_DEVICE, "capturing the decode step failed: %s", cudaGetErrorString(e));
+  if (rc == RF_OK) {
+    const cudaError_t ie = cudaGraphInstantiate(&s->graph, g, 0);
+    if (ie != cudaSuccess) {
+      s->graph = nullptr;
+      rc = set_error(RF_ERR_DEVICE, "instantiating the decode graph failed: %s", cudaGetErrorString(ie));
+    }
+  }
+  if (g) cudaGraphDestroy(g);
+  cudaGetLastError();
+  if (rc != RF_OK) return rc;
+  s->graph_nsplit = nsplit;
+  s->graph_ws = m->ws_gen;
+  return RF_OK;
+}
+
+/* One decode step through the graph (captured again when the split count or the workspace changed) */
+int seq_decode_graph(rf_seq* s, int32_t token) {
+  rf_model* m = s->m;
+  const int nsplit = (s->len + 1 + DEC_SPLIT - 1) / DEC_SPLIT;
+  if (!s->graph || s->graph_nsplit != nsplit || s->graph_ws != m->ws_gen) RF_TRY(seq_capture(s, nsplit));
+  // the previous step's graph has read these (every step ends with a stream sync)
+  s->pin[0] = token;
+  s->pin[1] = s->len;
+  CU_CHECK(cudaGraphLaunch(s->graph, m->stream));
   return RF_OK;
 }
 
@@ -66,41 +181,49 @@ int seq_forward_impl(rf_seq* s, const int32_t* tokens, int n, float* logits_out)
   s->host_logits_valid = false;
   RF_TRY(ws_ensure(m, seq_need(s)));
   const Acts a = ws_acts(m);
-  const float scale = 1.f / sqrtf((float)m->hd);
   int nb = 0;
-  for (int off = 0; off < n; off += nb) {
+  bool graphed = false;
+  if (n == 1 && s->graph_on) {
+    if (seq_decode_graph(s, tokens[0]) == RF_OK) {
+      graphed = true;
+      nb = 1;
+      s->len += 1;
+    } else {
+      // loud once per sequence, then the plain step (the same kernels, launched one by one)
+      fprintf(stderr, "[reform] CUDA graph decode off for this sequence: %s\n", rf::last_error_ref().c_str());
+      s->graph_on = false;
+      rf::clear_error();
+    }
+  }
+  for (int off = 0; off < n && !graphed; off += nb) {
     nb = std::min(s->S, n - off);
     const int pos0 = s->len;
     RF_TRY(upload_tokens(m, m->ws.tok, tokens + off, nb, a.x));
+    if (nb == 1) {
+      const int total = pos0 + 1;
+      RF_TRY(decode_layers(s, a, pos0, nullptr, total, (total + DEC_SPLIT - 1) / DEC_SPLIT));
+      s->len += 1;
+      continue;
+    }
     for (int l = 0; l < m->NL; l++) {
       const LayerW& W = m->layers[l];
       RF_TRY(run_qkv(m, W, a, nb));
       RF_LAUNCH(k_rope_q, nblocks((int64_t)nb * m->nH * (m->hd / 2), 256), 256, 0, m->stream)
-      (a.qkv, m->qkvd, a.qrot, nb, m->nH, m->hd, pos0, m->inv_freq, m->f16);
+      (a.qkv, m->qkvd, a.qrot, nb, m->nH, m->hd, pos0, m->inv_freq, m->f16, nullptr);
       KERNEL_CHECK();
       RF_LAUNCH(k_append_kv, nblocks((int64_t)nb * m->nKV * (m->hd / 2), 256), 256, 0, m->stream)
       (a.qkv, m->qkvd, m->qd, m->qd + m->kvd, s->Kc[l], s->Vc[l], s->maxT, nb, m->nKV, m->hd, pos0, true, m->inv_freq,
-       m->f16);
+       m->f16, nullptr);
       KERNEL_CHECK();
       const int total = pos0 + nb;
-      if (nb == 1) {
-        const int nsplit = (total + DEC_SPLIT - 1) / DEC_SPLIT;
-        dim3 grid((unsigned)m->nH, (unsigned)nsplit);
-        RF_LAUNCH(k_decode_partial, grid, 128, 0, m->stream)
-        (a.qrot, s->Kc[l], s->Vc[l], s->maxT, s->part, s->nsplit_max, total, m->G, m->hd, scale, m->f16);
-        KERNEL_CHECK();
-        RF_LAUNCH(k_decode_combine, m->nH, 128, 0, m->stream)(s->part, s->nsplit_max, nsplit, m->hd, a.attn, m->f16);
-        KERNEL_CHECK();
-      } else {
-        RF_TRY(launch_flash(m, a.qrot, s->Kc[l], s->Vc[l], s->maxT, a.attn, nullptr, nullptr, 0, 0, nb, pos0, total));
-      }
+      RF_TRY(launch_flash(m, a.qrot, s->Kc[l], s->Vc[l], s->maxT, a.attn, nullptr, nullptr, 0, 0, nb, pos0, total));
       RF_TRY(run_post_attn(m, W, a, nb));
     }
     s->len += nb;
   }
-  // logits of the last token; they stay on the device unless the caller asks for them (rf_seq_sample samples there)
-  RF_TRY(run_rmsnorm(m, a.x + (size_t)(nb - 1) * m->H, m->norm, a.xn, 1));
-  RF_TRY(m->gemm.nt(1, m->V, m->H, a.xn, m->adt, m->H, m->lm_head, m->adt, m->H, s->logits, RF_F32, m->V, 0.f));
+  // logits of the last token (the graph computed them); they stay on the device unless the caller asks for them
+  // (rf_seq_sample samples there)
+  if (!graphed) RF_TRY(logits_head(s, a, nb - 1));
   if (logits_out) {
     CU_CHECK(cudaMemcpyAsync(s->host_logits.data(), s->logits, (size_t)m->V * 4, cudaMemcpyDeviceToHost, m->stream));
     s->host_logits_valid = true;

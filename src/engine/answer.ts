@@ -10,6 +10,7 @@ import { gatherContext } from "./gather.ts";
 import { generate } from "./generate.ts";
 import type { LoadedEngine } from "./load.ts";
 import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "./prompt.ts";
+import type { ResidentPool } from "./resident.ts";
 import type { QueryWire } from "./schema.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
@@ -201,6 +202,8 @@ function checkLength(e: LoadedEngine, promptTokens: number, maxTokens: number, f
 
 export interface RunHooks {
   pool: CompressorPool;
+  /** resident context embeddings (null: none kept) */
+  resident: ResidentPool | null;
   sessionOf: (id: string) => Session | undefined;
   /** why the query must stop now, or null */
   cancelled: () => FinishReason | null;
@@ -226,23 +229,31 @@ export function* runQuery(e: LoadedEngine, q: PlannedQuery, h: RunHooks): Task<v
       prompt = Int32Array.from(q.pre);
       promptLen = prompt.length;
     } else {
-      const g = yield* gatherContext(e, h.pool, h.sessionOf, {
-        s,
-        method: q.method,
-        budget: q.budget,
-        pre: q.pre,
-        suf: q.suf,
-        queryTurns: q.queryTurns,
-        cache: q.cache,
-        cancelled: () => h.cancelled() !== null,
-        progress: (done, total) =>
-          h.emit({ type: "progress", stage: q.method === "streaming" ? "streaming" : "h2o", done, total }),
-        report: q.req.returnSelection === true,
-      });
+      const g = yield* gatherContext(
+        e,
+        h.pool,
+        h.sessionOf,
+        {
+          s,
+          method: q.method,
+          budget: q.budget,
+          pre: q.pre,
+          suf: q.suf,
+          queryTurns: q.queryTurns,
+          cache: q.cache,
+          cancelled: () => h.cancelled() !== null,
+          progress: (done, total) =>
+            h.emit({ type: "progress", stage: q.method === "streaming" ? "streaming" : "h2o", done, total }),
+          report: q.req.returnSelection === true,
+        },
+        h.resident,
+      );
       ({ prompt, promptLen, selected, h2o, selection } = g);
     }
     const sp = q.req.sampling;
-    seq = e.model.createSeq(promptLen + sp.maxTokens + 1);
+    // resident embeddings give way when the recompute sequence does not fit beside them
+    const create = () => e.model.createSeq(promptLen + sp.maxTokens + 1);
+    seq = h.resident ? h.resident.withMemory(create) : create();
     seq.setSeed(sp.seed ?? Math.floor(Math.random() * 2 ** 52));
     if (h2o) {
       seq.importCompressor(h2o);

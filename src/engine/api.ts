@@ -189,6 +189,11 @@ export interface MemoryPlan {
   deviceTotal: number | null;
   /** live compressors the plan allows (bounded by --max-live-compressors) */
   maxLiveCompressors: number;
+  /** device memory for resident context embeddings (resident.ts): what is left after the above, or
+   * --resident-emb-bytes; 0 on the CPU backend */
+  residentBudget: number;
+  /** context tokens that budget holds (f16 rows of the embed dim plus a 4-byte norm each) */
+  residentTokens: number;
   /** false: not even one compressor fits next to a recompute sequence */
   fits: boolean;
 }
@@ -266,6 +271,9 @@ export interface EngineMetrics {
   queueDepth: number; // jobs waiting in the engine queue
   activeContexts: number;
   diskBytes: number; // files of all contexts
+  residentBytes: number; // device memory of the resident context embeddings now
+  residentContexts: number; // contexts whose embeddings are resident now
+  residentEvictions: number; // resident stores dropped for room or under memory pressure since start
   ttftSeconds: number[]; // recent samples (bounded)
   tpotSeconds: number[]; // recent samples (bounded)
   inline: InlineMetrics;
@@ -295,6 +303,9 @@ export function emptyMetrics(): EngineMetrics {
     queueDepth: 0,
     activeContexts: 0,
     diskBytes: 0,
+    residentBytes: 0,
+    residentContexts: 0,
+    residentEvictions: 0,
     ttftSeconds: [],
     tpotSeconds: [],
     inline: {

@@ -20,6 +20,7 @@ import { contextDeleted, contextNotFound, toEngineError } from "./errors.ts";
 import { InlineCache, type InlinePlan, planInline } from "./inline.ts";
 import { type EngineOptions, type LoadedEngine, loadEngine } from "./load.ts";
 import type { EngineCalls } from "./protocol.ts";
+import { ResidentPool } from "./resident.ts";
 import { Scheduler, type Task } from "./scheduler.ts";
 import { isContextId, parseQuery, type QueryWire } from "./schema.ts";
 import { Session } from "./session.ts";
@@ -37,6 +38,8 @@ export class EngineCore implements EngineCalls {
   readonly e: LoadedEngine;
   readonly sched = new Scheduler();
   private readonly pool: CompressorPool;
+  /** resident context embeddings on the device (none on the CPU backend) */
+  private readonly resident: ResidentPool;
   private readonly sessions = new Map<string, Session>();
   private readonly chains = new Map<string, Promise<unknown>>();
   private readonly aborted = new Set<string>();
@@ -59,7 +62,8 @@ export class EngineCore implements EngineCalls {
     private readonly emitProgress: (info: ContextInfo) => void = () => {},
   ) {
     this.e = loadEngine(opts);
-    this.pool = new CompressorPool(this.e.model, this.e.defaults, this.e.bos);
+    this.resident = new ResidentPool(this.e.model, this.e.params.embDim, this.e.info.memory.residentBudget);
+    this.pool = new CompressorPool(this.e.model, this.e.defaults, this.e.bos, this.resident);
     this.inline = new InlineCache(this.e, {
       create: (metadata) => this.get(this.createContext({ metadata }).id),
       session: this.sessionOf,
@@ -318,6 +322,7 @@ export class EngineCore implements EngineCalls {
         /* the session is failed in memory either way */
       }
       this.pool.drop(s.id, null);
+      this.resident.drop(s.id);
       this.progress(s);
     }
     return err;
@@ -335,6 +340,7 @@ export class EngineCore implements EngineCalls {
     this.deleted.add(id);
     if (this.deleted.size > 4096) this.deleted.delete(this.deleted.values().next().value as string);
     this.pool.drop(id, null);
+    this.resident.drop(id);
     this.metrics.activeContexts = this.sessions.size;
     await (this.chains.get(id) ?? Promise.resolve()).catch(() => {});
     s.destroy();
@@ -418,6 +424,7 @@ export class EngineCore implements EngineCalls {
       const planned = planQuery(this.e, req, session);
       const task = runQuery(this.e, planned, {
         pool: this.pool,
+        resident: this.resident,
         sessionOf: this.sessionOf,
         cancelled: () => {
           if (session && !this.sessions.has(session.id)) throw contextDeleted(session.id);
@@ -466,6 +473,9 @@ export class EngineCore implements EngineCalls {
       ...this.metrics,
       queueDepth: this.sched.depth,
       diskBytes: this.diskBytes(),
+      residentBytes: this.resident.bytes(),
+      residentContexts: this.resident.count(),
+      residentEvictions: this.resident.evictions,
       ttftSeconds: [...this.metrics.ttftSeconds],
       tpotSeconds: [...this.metrics.tpotSeconds],
       inline: this.inline.metrics(),
@@ -478,6 +488,7 @@ export class EngineCore implements EngineCalls {
     // wait for in-flight session operations
     await Promise.all([...this.chains.values()]);
     for (const id of this.pool.ids()) this.pool.drop(id, this.sessions.get(id) ?? null);
+    this.resident.dropAll();
     this.e.model.destroy();
   }
 }

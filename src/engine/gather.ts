@@ -15,6 +15,7 @@ import type { Method, Selection } from "./api.ts";
 import type { CompressorPool } from "./compressors.ts";
 import { evictionParams } from "./eviction.ts";
 import type { LoadedEngine } from "./load.ts";
+import type { ResidentPool } from "./resident.ts";
 import { selectionReport } from "./report.ts";
 import { completeSentences, gather, selectionFor, smoothScores } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
@@ -67,25 +68,29 @@ export function* gatherContext(
   pool: CompressorPool,
   sessionOf: (id: string) => Session | undefined,
   g: GatherInput,
+  resident: ResidentPool | null = null,
 ): Task<Gathered> {
   const { s, pre, suf, budget } = g;
   const d = e.defaults;
   const n = s.meta.tokens;
   if (g.method === "h2o" || g.method === "streaming") {
     const nSink = Math.min(d.nSink, g.cache);
-    const comp = e.model.createCompressor(
-      {
-        capacity: g.cache,
-        nSink,
-        // streaming keeps nothing but the sinks and the recent window; h2o fills the rest by attention
-        ...evictionParams(g.method, g.cache, nSink, d.obsWindow),
-        obsWindow: d.obsWindow,
-        maxChunk: d.chunkSize,
-        embDtype: RF_F16,
-        exitLayer: e.cfg.config.numLayers - 1,
-      },
-      s.meta.heads,
-    );
+    const policy = g.method; // narrowed here; a closure would not keep the narrowing
+    const create = () =>
+      e.model.createCompressor(
+        {
+          capacity: g.cache,
+          nSink,
+          // streaming keeps nothing but the sinks and the recent window; h2o fills the rest by attention
+          ...evictionParams(policy, g.cache, nSink, d.obsWindow),
+          obsWindow: d.obsWindow,
+          maxChunk: d.chunkSize,
+          embDtype: RF_F16,
+          exitLayer: e.cfg.config.numLayers - 1,
+        },
+        s.meta.heads,
+      );
+    const comp = resident ? resident.withMemory(create) : create();
     try {
       const full = concat(pre, s.readTokens(0, n));
       for (let off = 0; off < full.length; off += d.chunkSize) {
@@ -126,6 +131,8 @@ export function* gatherContext(
       });
   } else {
     const comp = yield* pool.ensure(s, sessionOf);
+    // the compressor's cache and the scored rows must describe the same tokens: write any chunk still in flight
+    pool.settle(s);
     // each turn embedded on top of the compressed context; the scorer takes the best match over all their rows
     const turns = g.queryTurns.filter((t) => t.length > 0);
     const nq = turns.reduce((k, t) => k + t.length, 0);
@@ -139,20 +146,22 @@ export function* gatherContext(
     }
     const sel = selectionFor(d, budget);
     const op = e.headsFile.smoothing ?? "mean";
-    // score, pool (the heads file's operator, mean or max) and select in one native call over the mapped embedding
-    // file (no copy, no sort), the sentence tail kept back; the raw scores come back only for a report
-    const scores = g.report ? new Float32Array(s.meta.processed) : undefined;
-    const scored = e.native.scoreSelect(
-      s.embeddings(),
-      s.meta.processed,
-      dim,
-      qf,
-      nq,
-      { window: sel.window, budget: budget - sel.tail, edge: sel.edge, pool: op },
-      scores,
+    const rows = s.meta.processed;
+    // the context's rows resident on the device (uploaded once, resident.ts), else the mapped file: the same scores
+    const store = resident ? yield* resident.forQuery(s, rows) : null;
+    // short of device memory for the scoring buffers, the stores give way and the file is streamed
+    const scored = <T>(fromStore: () => T, fromFile: () => T): T =>
+      resident ? resident.withMemory(store ? fromStore : fromFile, fromFile) : fromFile();
+    // score, pool (the heads file's operator, mean or max) and select in one native call (no copy, no sort), the
+    // sentence tail kept back; the raw scores come back only for a report
+    const scores = g.report ? new Float32Array(rows) : undefined;
+    const what = { window: sel.window, budget: budget - sel.tail, edge: sel.edge, pool: op };
+    const picked = scored(
+      () => store!.scoreSelect(rows, qf, nq, what, scores),
+      () => e.native.scoreSelect(s.embeddings(), rows, dim, qf, nq, what, scores),
     );
     const tokens = s.readTokens(0, n);
-    const idx = completeSentences(scored, tokens, e.sentenceEnds, sel.tail);
+    const idx = completeSentences(picked, tokens, e.sentenceEnds, sel.tail);
     ctx = gather(tokens, idx);
     if (scores) {
       yield;

@@ -53,6 +53,11 @@ export interface EngineDefaults {
   inlineMaxDiskBytes: number;
   /** token ids the tokenization memo of inline prompts keeps (memory: 4 bytes each plus the block keys) */
   inlineMemoTokens: number;
+  /** write a chunk's embeddings to the file while the next chunk computes (rf_compressor_submit / _collect); false:
+   * one chunk at a time (rf_compressor_process), the plain path */
+  compressOverlap: boolean;
+  /** device memory for resident context embeddings (resident.ts): -1 = what the memory plan leaves free, 0 = none */
+  residentEmbBytes: number;
 }
 
 export interface EngineOptions {
@@ -259,6 +264,8 @@ export function resolveDefaults(
       inlineMaxAgeSec: d.inlineMaxAgeSec ?? 24 * 3600,
       inlineMaxDiskBytes: d.inlineMaxDiskBytes ?? 0,
       inlineMemoTokens: d.inlineMemoTokens ?? 4 << 20,
+      compressOverlap: d.compressOverlap ?? true,
+      residentEmbBytes: d.residentEmbBytes ?? -1,
     },
     warnings,
   };
@@ -282,7 +289,13 @@ export function describePlan(p: MemoryPlan): string {
     `weights ${fmtMiB(p.weights)}, shared per-step workspace ${fmtMiB(p.workspace)}, ` +
     `per live compressor ${fmtMiB(p.perCompressor)} (cache), recompute sequence ${fmtMiB(p.recomputeSeq)} ` +
     `(max_model_len ${p.maxModelLen}); ${dev} -> up to ${p.maxLiveCompressors} live compressor(s)` +
-    (p.fits ? "" : " (WARNING: not even one compressor fits next to a recompute sequence; uploads will get 503)")
+    (p.fits ? "" : " (WARNING: not even one compressor fits next to a recompute sequence; uploads will get 503)") +
+    (p.residentTokens > 0
+      ? `; resident context embeddings up to ${fmtMiB(p.residentBudget)} (about ${p.residentTokens} context tokens, ` +
+        "scored without reading the embedding file)"
+      : p.deviceFree !== null
+        ? "; no resident context embeddings (no room left: queries stream the embedding file)"
+        : "")
   );
 }
 
@@ -290,13 +303,15 @@ export function describePlan(p: MemoryPlan): string {
  * Sizes the live compressors by free device memory: weights and the shared workspace are already allocated (the
  * probe compressor and a probe sequence grew the workspace to their step's size), one recompute sequence of
  * max_model_len tokens and a margin (CUDA context, cuBLAS, fragmentation: 2% of the card) are kept free, and the rest
- * holds at most this many compressor caches (never more than --max-live-compressors). On the CPU backend memory is
- * not measured and the configured number stands.
+ * holds at most this many compressor caches (never more than --max-live-compressors). What is left after those caches
+ * holds resident context embeddings (resident.ts; at most --resident-emb-bytes when set). On the CPU backend memory is
+ * not measured, the configured number of compressors stands and no embeddings are resident.
  */
 export function memoryPlan(
   model: NativeModel,
   d: EngineDefaults,
   perCompressor: number,
+  embDim = 0,
 ): { memory: MemoryPlan; maxLive: number } {
   const seq = model.createSeq(Math.min(d.maxModelLen, 4096)); // grows the shared workspace to a prefill piece
   seq.destroy();
@@ -304,12 +319,18 @@ export function memoryPlan(
   const recomputeSeq = mi.seqBytesPerToken * d.maxModelLen;
   let maxLive = d.maxLiveCompressors;
   let fits = true;
+  let residentBudget = 0;
   if (mi.deviceFree !== null && mi.deviceTotal !== null) {
     const avail = mi.deviceFree - recomputeSeq - Math.round(mi.deviceTotal * 0.02);
     const n = Math.floor(avail / Math.max(1, perCompressor));
     fits = n >= 1;
     maxLive = Math.max(1, Math.min(maxLive, n));
+    const left = Math.max(0, avail - maxLive * perCompressor);
+    residentBudget = d.residentEmbBytes < 0 ? left : Math.min(d.residentEmbBytes, left);
   }
+  // whole blocks of rows (embStoreBytes): what a store of this many bytes holds
+  const perToken = embDim > 0 ? embDim * 2 + 4 : 0;
+  const residentTokens = perToken > 0 ? Math.floor(residentBudget / perToken) : 0;
   return {
     memory: {
       weights: mi.weights,
@@ -321,6 +342,8 @@ export function memoryPlan(
       deviceTotal: mi.deviceTotal,
       maxLiveCompressors: maxLive,
       fits,
+      residentBudget,
+      residentTokens,
     },
     maxLive,
   };
@@ -465,7 +488,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
   const exitLayer = probe.exitLayer;
   const perCompressor = probe.memoryBytes();
   probe.destroy();
-  const { memory, maxLive } = memoryPlan(model, defaults, perCompressor);
+  const { memory, maxLive } = memoryPlan(model, defaults, perCompressor, params.embDim);
   defaults.maxLiveCompressors = maxLive;
   const device = native.deviceInfo();
   // a slow path the backend fell back to (no cuBLAS, a driver older than the runtime) is said at start and in /health
