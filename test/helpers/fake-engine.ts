@@ -111,7 +111,7 @@ export class FakeEngine implements EngineClient {
         smoothingWindow: 3,
         smoothing: "mean",
         edge: 2,
-      sentenceTail: 0,
+        sentenceTail: 0,
         maxQueryTokens: 192,
         baselineCacheFactor: 4,
         inlineMaxContexts: 16,
