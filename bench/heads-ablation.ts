@@ -5,7 +5,7 @@
  * setting gathers at query time. "Gathered" is the share of samples of which every asked needle value is among the
  * gathered tokens (what `return_selection` would show), independent of whether the model then answers.
  *
- *   bun bench/heads-ablation.ts [--model DIR] [--heads FILE (default: bench/heads/reform-tiny.json for the embedded model)] [--samples N] [--tokens N] [--tasks single,multikey]
+ *   bun bench/heads-ablation.ts [--model DIR] [--heads FILE (default: the model's reform_heads.json)] [--samples N] [--tokens N] [--tasks single,multikey]
  *       [--random N] [--seed S] [--window W] [--only heads,window,eviction,kind,budget,chunk] [--threads N] [--json OUT]
  *
  * Tables (markdown, for the README): smoothing window x operator (mean / max); selected vs random vs worst vs the old
@@ -93,8 +93,8 @@ function main(argv: string[]): void {
     valueFlags("model", "heads", "samples", "tokens", "tasks", "random", "seed", "only", "threads", "json", "window"),
   );
   const modelDir = values.model ?? join(import.meta.dir, "..", "models", "reform-tiny");
-  // the embedded model's selected heads are a candidate file here, not its reform_heads.json (README, "Head selection")
-  const headsSpec = values.heads ?? (values.model ? null : join(import.meta.dir, "heads", "reform-tiny.json"));
+  // without --heads: the model's reform_heads.json (the selected heads it ships), else the server's default heads
+  const headsSpec = values.heads ?? null;
   const N = Number(values.samples ?? 12);
   const tokens = Number(values.tokens ?? 16000);
   const tasks = (values.tasks ?? "single,multikey").split(",") as Task[];

@@ -1,6 +1,5 @@
 /**
- * The embedded model's selected heads (bench/heads/reform-tiny.json, written by scripts/select-heads.ts; a candidate,
- * not shipped as the model's reform_heads.json: README "Head selection" says why) against random
+ * The embedded model's selected heads (its reform_heads.json, written by scripts/select-heads.ts) against random
  * heads, the worst heads and the old default (q0, k0, v0 of layer 1) under the file's smoothing, and against what the
  * server gathers without a heads file (default heads, mean over 49 tokens), on held-out samples (bench/data through
  * bench/ruler-tasks.ts, seeds no selection saw), measured by what the query path gathers: the share of samples whose
@@ -19,7 +18,7 @@ import type { HeadSpec } from "../src/model/types.ts";
 import { mulberry32 } from "../src/util/rng.ts";
 
 const MODEL = join(import.meta.dir, "..", "models", "reform-tiny");
-const HEADS = join(import.meta.dir, "..", "bench", "heads", "reform-tiny.json");
+const HEADS = join(MODEL, "reform_heads.json");
 const haveCpu = existsSync(libraryPath("cpu"));
 
 describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
@@ -39,7 +38,7 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
   }, 120_000);
   afterAll(() => lab?.close());
 
-  test("the selected heads file gathers more than random or worst heads, no less than the old default heads or the server's default", () => {
+  test("the selected heads file gathers more than random or worst heads, no less than the old default heads or the server without a heads file", () => {
     const hf = loadHeads(MODEL, lab.mc, HEADS);
     const op = hf.smoothing ?? "mean";
     const d = lab.defaults; // the server's own defaults: window 49 without a heads file
@@ -68,12 +67,12 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
     );
     console.log(
       `gathered: selected ${selected}, random ${random.toFixed(3)}, worst ${worst}, old default ${rate(idx(old))} ` +
-        `(${op}, window ${at.window}), served default ${before} (old default, mean, window ${selectionFor(d, d.budget).window})`,
+        `(${op}, window ${at.window}), without a heads file ${before} (old default, mean, window ${selectionFor(d, d.budget).window})`,
     );
     expect(selected).toBeGreaterThan(random);
     expect(selected).toBeGreaterThan(worst);
     expect(selected).toBeGreaterThanOrEqual(rate(idx(old)));
-    // since the default window became 0.15 x budget (49 here) the served default gathers as much as this file
+    // since the default window became 0.15 x budget (49 here) the server without a heads file gathers as much as this file
     expect(selected).toBeGreaterThanOrEqual(before);
   });
 });
