@@ -109,15 +109,15 @@ export interface LoadedEngine {
  *     max_tokens is W/2 (with a small budget);
  *   - selection: the always-kept edges (budget/32 each side: the project's earlier 256 at budget 8192) and the
  *     smoothing window (0.15 x budget, odd, at most the paper's 129: 49 at the 512-token model's budget 320), chosen
- *     by measurement on all four needle tasks (embedded model, budget 320, layer-1 q/k/v heads, held-out samples,
- *     share of samples whose every asked value was gathered; README "Choosing the defaults"): windows
- *     33 / 49 / 65 / 129 gathered 18 / 20 / 20 / 16 of 24 samples at 16K tokens, 9 / 20 / 18 / 6 at 128K and
- *     4 / 18 / 15 / 2 at 1M (bench/window-sweep.ts). A needle sentence is 20-35 tokens: a much narrower window
- *     lets isolated matches of common question words win in a long context, a much wider one dilutes the needle
- *     into its surroundings (the loss grows with the context: 129 was best on single needles at 16K only);
+ *     by measurement on all four needle tasks (embedded model and heads, budget 320, 24 held-out samples per length,
+ *     the share whose every asked value was gathered; README "Choosing the defaults", bench/window-sweep.ts):
+ *     windows 33 / 49 / 65 / 129 gathered 17 / 20 / 20 / 11 at 16K tokens, 14 / 20 / 20 / 9 at 128K and
+ *     9 / 19 / 14 / 4 at 1M. A needle sentence is 20-35 tokens: a much narrower window lets isolated matches of
+ *     common question words win in a long context, a much wider one dilutes the needle into its surroundings (the
+ *     loss grows with the context: 129 was best on single needles at 16K only);
  *   - sentence tail: 0.15 x budget is kept back from the scored selection and spent completing the longest gathered
  *     passages to their sentence end (selection.ts completeSentences): a window centered on a fact's key stops partway
- *     into a long value; measured with bench/window-sweep.ts (README "Choosing the defaults");
+ *     into a long value; with it window 49 gathered 23 / 23 / 22 of 24 at 16K / 128K / 1M (bench/window-sweep.ts);
  *   - baselines: streaming and h2o get a cache 4x REFORM's budget (as the paper ran them), bounded by the window.
  */
 export const LIMIT_RATIOS = {
