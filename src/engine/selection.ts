@@ -88,14 +88,12 @@ export function sentenceEnds(vocabSize: number, tokenBytes: (id: number) => Uint
 
 /**
  * Complete the sentences of the gathered passages (this project's addition to the paper's gathering; README "Choosing
- * the defaults" has the measurement): the selection is made with `tail` fewer tokens than the budget; then the
- * gaps of at most `maxGap` tokens between passages (runs of consecutive selected positions) are filled, smallest
- * first; then each passage is extended forward, to and including the next token that ends a sentence, at most
- * `maxTail` tokens each, longest passages first, and with what is left, backward to the start of its sentence. Longest first: the longest run is where the most top-scored tokens cluster, and it
+ * the defaults" has the measurement): the selection is made with `tail` fewer tokens than the budget; then each
+ * passage (a run of consecutive selected positions) is extended forward, to and including the next token that ends a
+ * sentence, at most `maxTail` tokens each, longest passages first, and with what is left, backward to the start of its
+ * sentence. Longest first: the longest run is where the most top-scored tokens cluster, and it
  * needs no scores (the native selection returns positions only). Why: the question matches a fact's key, and a window
- * centered on the key stops partway into a long value (a uuid is 30+ tokens) after it; and in a million tokens the
- * top of a peak is ragged (a 49-token mean hovers at the threshold), so a needle comes back as shards "oetree",
- * " y", "aster." with its value's middle missing. (Dropping the 1-4 token shards
+ * centered on the key stops partway into a long value (a uuid is 30+ tokens) after it. (Dropping the 1-4 token shards
  * that near-threshold peaks leave, to spend their tokens here too, gathered a little more but answered no better:
  * bench/ruler.ts at 16K and 128K, 6 samples per task.)
  *
@@ -107,40 +105,23 @@ export function completeSentences(
   tokens: Int32Array,
   ends: Uint8Array,
   tail: number,
-  o: { maxTail?: number; maxGap?: number } = {},
+  o: { maxTail?: number } = {},
 ): Int32Array {
   const maxTail = o.maxTail ?? 64;
-  const maxGap = o.maxGap ?? 8;
   if (tail <= 0 || idx.length === 0) return idx;
   const n = tokens.length;
   // runs as [start, end (exclusive)]
-  const runsOf = (pos: ArrayLike<number>): [number, number][] => {
-    const out: [number, number][] = [];
-    let start = pos[0]!;
-    for (let k = 0; k < pos.length; k++)
-      if (k + 1 === pos.length || pos[k + 1] !== pos[k]! + 1) {
-        out.push([start, pos[k]! + 1]);
-        start = pos[k + 1]!;
-      }
-    return out;
-  };
-  const taken = new Uint8Array(n);
-  for (let k = 0; k < idx.length; k++) taken[idx[k]!] = 1;
+  const runs: [number, number][] = [];
+  let start = idx[0]!;
+  for (let k = 0; k < idx.length; k++)
+    if (k + 1 === idx.length || idx[k + 1] !== idx[k]! + 1) {
+      runs.push([start, idx[k]! + 1]);
+      start = idx[k + 1]!;
+    }
   let left = tail;
-  // close the small gaps between passages, smallest first
-  const byPos = runsOf(idx);
-  const gaps: [number, number][] = [];
-  for (let k = 0; k + 1 < byPos.length; k++) gaps.push([byPos[k]![1], byPos[k + 1]![0]]);
-  gaps.sort((x, y) => x[1] - x[0] - (y[1] - y[0]) || x[0] - y[0]);
-  for (const [a, b] of gaps) {
-    if (b - a > maxGap || b - a > left) break;
-    taken.fill(1, a, b);
-    left -= b - a;
-  }
-  const filled: number[] = [];
-  for (let t = 0; t < n; t++) if (taken[t]) filled.push(t);
-  const runs = runsOf(filled);
   runs.sort((x, y) => y[1] - y[0] - (x[1] - x[0]) || x[0] - y[0]);
+  const taken = new Uint8Array(n);
+  for (const [a, b] of runs) taken.fill(1, a, b);
   // forward to the sentence end
   for (const r of runs) {
     if (left === 0) break;
