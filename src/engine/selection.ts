@@ -95,7 +95,9 @@ export function sentenceEnds(vocabSize: number, tokenBytes: (id: number) => Uint
  * needs no scores (the native selection returns positions only). Why: the question matches a fact's key, and a window
  * centered on the key stops partway into a long value (a uuid is 30+ tokens) after it. (Dropping the 1-4 token shards
  * that near-threshold peaks leave, to spend their tokens here too, gathered a little more but answered no better:
- * bench/ruler.ts at 16K and 128K, 6 samples per task.)
+ * bench/ruler.ts at 16K and 128K, 6 samples per task. Closing the gaps of up to 8 tokens between passages first, so
+ * that a ragged peak's shards join up, answered about the same at 2K-128K but gathered less at 128K and answered 6
+ * instead of 8 of the CI quality test's needles: not kept either.)
  *
  * idx: selected positions, ascending (selectTokens / rf_score_select); tokens: the context's ids (n); ends:
  * sentenceEnds of the vocabulary. Returns positions ascending, at most idx.length + tail of them.
