@@ -54,6 +54,14 @@ export function textLog(json: boolean): (s: string) => void {
 }
 
 /** The median (the mean of the middle two of an even count). */
+/** A context length as the benches take it: "2048", "16k" (x 1024) or "1m" (x 1048576). */
+export function parseLength(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)([km]?)$/i.exec(s.trim());
+  if (!m) throw new Error(`bad length ${s}`);
+  const unit = m[2]!.toLowerCase();
+  return Math.round(Number(m[1]) * (unit === "k" ? 1024 : unit === "m" ? 1048576 : 1));
+}
+
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;

@@ -19,7 +19,7 @@ import { DEFAULT_MODEL_DIR } from "../src/config.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
 import { createContext, postJson, putFinalText } from "../test/helpers/http.ts";
 import { startTestServer } from "../test/helpers/server.ts";
-import { benchArgs } from "./common.ts";
+import { benchArgs, parseLength } from "./common.ts";
 import { ANSWER_TOKENS, SampleMaker, stringMatchAll, TASKS, type Task } from "./ruler-tasks.ts";
 
 const a = benchArgs(
@@ -38,11 +38,6 @@ const a = benchArgs(
   },
 );
 
-function parseLength(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)([km]?)$/i.exec(s.trim());
-  if (!m) throw new Error(`bad length ${s}`);
-  return Math.round(Number(m[1]) * (m[2]!.toLowerCase() === "k" ? 1024 : m[2]!.toLowerCase() === "m" ? 1048576 : 1));
-}
 const lengths = a.lengths!.split(",").map(parseLength);
 const methods = a.methods!.split(",").filter(Boolean);
 const tasks = a.tasks!.split(",") as Task[];

@@ -26,15 +26,9 @@ import {
 } from "../src/engine/selection.ts";
 import { loadHeads } from "../src/model/heads.ts";
 import { embedTables, headKey, openLab, scoreHeads } from "../scripts/heads-lab.ts";
+import { parseLength } from "./common.ts";
 import { heldOutSamples } from "./heads-ablation.ts";
 import type { Task } from "./ruler-tasks.ts";
-
-function parseLength(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)([km]?)$/i.exec(s.trim());
-  if (!m) throw new Error(`bad length ${s}`);
-  const unit = m[2]!.toLowerCase();
-  return Math.round(Number(m[1]) * (unit === "k" ? 1024 : unit === "m" ? 1048576 : 1));
-}
 
 function main(argv: string[]): void {
   const { values } = parseFlags(
