@@ -360,19 +360,22 @@ __global__ void __launch_bounds__(SEL_THREADS)
 }
 
 /* ---- scoring helpers ---- */
+/* one warp's 1 / max(||src[r]||, 1e-12), in every lane (an all-zero row gets 1e12 and stays zero when scaled) */
+__device__ __forceinline__ float warp_row_invnorm(const void* __restrict__ src, int sdt, int64_t r, int dim, int lane) {
+  float ss = 0.f;
+  for (int d = lane; d < dim; d += 32) {
+    float v = ld_any(src, sdt, r * dim + d);
+    ss += v * v;
+  }
+  return 1.f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
+}
 /* one warp per row: dst[r][:] = src[r][:] / ||src[r]|| (f32 out), zero rows stay zero */
 __global__ void k_normalize_rows(const void* __restrict__ src, int sdt, float* __restrict__ dst, int64_t rows,
                                  int dim) {
   const int lane = threadIdx.x & 31;
   const int64_t wpb = blockDim.x >> 5;
   for (int64_t r = blockIdx.x * wpb + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * wpb) {
-    float ss = 0.f;
-    for (int d = lane; d < dim; d += 32) {
-      float v = ld_any(src, sdt, r * dim + d);
-      ss += v * v;
-    }
-    ss = warp_sum(ss);
-    float inv = 1.f / fmaxf(sqrtf(ss), 1e-12f);  // all-zero row -> 0
+    const float inv = warp_row_invnorm(src, sdt, r, dim, lane);
     for (int d = lane; d < dim; d += 32) dst[r * dim + d] = ld_any(src, sdt, r * dim + d) * inv;
   }
 }
@@ -381,13 +384,8 @@ __global__ void k_row_invnorm(const void* __restrict__ src, int sdt, float* __re
   const int lane = threadIdx.x & 31;
   const int64_t wpb = blockDim.x >> 5;
   for (int64_t r = blockIdx.x * wpb + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * wpb) {
-    float ss = 0.f;
-    for (int d = lane; d < dim; d += 32) {
-      float v = ld_any(src, sdt, r * dim + d);
-      ss += v * v;
-    }
-    ss = warp_sum(ss);
-    if (lane == 0) inv[r] = 1.f / fmaxf(sqrtf(ss), 1e-12f);
+    const float v = warp_row_invnorm(src, sdt, r, dim, lane);
+    if (lane == 0) inv[r] = v;
   }
 }
 /* x (f32, n values) -> dst[0..n) = f16(x), dst[n..2n) = f16(x - f16(x)): an f16 pair whose sum is x to ~2^-22 */
