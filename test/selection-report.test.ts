@@ -4,7 +4,8 @@
  * where every span's text must be the document's own text at the span's place.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { downsampleMax, mergeRuns, selectionReport } from "../src/engine/report.ts";
+import { downsampleMax, selectionReport } from "../src/engine/report.ts";
+import { mergeRuns } from "../src/engine/selection.ts";
 import { collectSse, j, jsonPost, uploadContext } from "./helpers/http.ts";
 import { startTestServer, type TestServer } from "./helpers/server.ts";
 

@@ -10,6 +10,7 @@
  * code points (as `text_offset` in routes/openai.ts); a span that starts inside a character starts at the next one.
  */
 import type { Method, SelectedSpan, Selection } from "./api.ts";
+import { mergeRuns } from "./selection.ts";
 
 export const PROFILE_BUCKETS = 512;
 
@@ -38,18 +39,6 @@ class TokenPlaces {
 }
 
 const places = new WeakMap<TokenBytesSource, TokenPlaces>();
-
-/** Sorted ascending indices -> maximal runs of consecutive indices, as [start, end) pairs. */
-export function mergeRuns(idx: ArrayLike<number>): [number, number][] {
-  const runs: [number, number][] = [];
-  for (let i = 0; i < idx.length; i++) {
-    const x = idx[i]!;
-    const last = runs[runs.length - 1];
-    if (last && last[1] === x) last[1] = x + 1;
-    else runs.push([x, x + 1]);
-  }
-  return runs;
-}
 
 /** Max of `values` per bucket: bucket i covers [floor(i*n/B), floor((i+1)*n/B)), B = min(n, buckets). */
 export function downsampleMax(values: Float32Array, buckets = PROFILE_BUCKETS): number[] {

@@ -78,6 +78,18 @@ export function selectionFor(
   return { window: w % 2 === 0 ? w + 1 : w, edge: edgeFor(budget, Math.round(d.edge * scale)), tail };
 }
 
+/** Sorted ascending indices -> maximal runs of consecutive indices, as [start, end) pairs. */
+export function mergeRuns(idx: ArrayLike<number>): [number, number][] {
+  const runs: [number, number][] = [];
+  for (let i = 0; i < idx.length; i++) {
+    const x = idx[i]!;
+    const last = runs[runs.length - 1];
+    if (last && last[1] === x) last[1] = x + 1;
+    else runs.push([x, x + 1]);
+  }
+  return runs;
+}
+
 /** Per token id: does its text end a sentence (holds '.', '?', '!' or a newline)? For completeSentences. */
 export function sentenceEnds(vocabSize: number, tokenBytes: (id: number) => Uint8Array): Uint8Array {
   const out = new Uint8Array(vocabSize);
@@ -112,23 +124,15 @@ export function completeSentences(
   const maxTail = o.maxTail ?? 64;
   if (tail <= 0 || idx.length === 0) return idx;
   const n = tokens.length;
-  // runs as [start, end (exclusive)]
-  const runs: [number, number][] = [];
-  let start = idx[0]!;
-  for (let k = 0; k < idx.length; k++)
-    if (k + 1 === idx.length || idx[k + 1] !== idx[k]! + 1) {
-      runs.push([start, idx[k]! + 1]);
-      start = idx[k + 1]!;
-    }
+  // longest passages first; positions kept in a set, so the work follows the budget, not the context's length
+  const runs = mergeRuns(idx).sort((x, y) => y[1] - y[0] - (x[1] - x[0]) || x[0] - y[0]);
+  const taken = new Set<number>(idx);
   let left = tail;
-  runs.sort((x, y) => y[1] - y[0] - (x[1] - x[0]) || x[0] - y[0]);
-  const taken = new Uint8Array(n);
-  for (const [a, b] of runs) taken.fill(1, a, b);
   // forward to the sentence end
   for (const r of runs) {
     if (left === 0) break;
-    for (let t = r[1]; t < n && t - r[1] < maxTail && left > 0 && !taken[t]; t++) {
-      taken[t] = 1;
+    for (let t = r[1]; t < n && t - r[1] < maxTail && left > 0 && !taken.has(t); t++) {
+      taken.add(t);
       left--;
       if (ends[tokens[t]!]) break;
     }
@@ -136,16 +140,12 @@ export function completeSentences(
   // backward to the sentence start (the token after the previous sentence end)
   for (const r of runs) {
     if (left === 0) break;
-    for (let t = r[0] - 1; t >= 0 && r[0] - 1 - t < maxTail && left > 0 && !taken[t] && !ends[tokens[t]!]; t--) {
-      taken[t] = 1;
+    for (let t = r[0] - 1; t >= 0 && r[0] - 1 - t < maxTail && left > 0 && !taken.has(t) && !ends[tokens[t]!]; t--) {
+      taken.add(t);
       left--;
     }
   }
-  let m = 0;
-  for (let t = 0; t < n; t++) m += taken[t]!;
-  const out = new Int32Array(m);
-  for (let t = 0, k = 0; t < n; t++) if (taken[t]) out[k++] = t;
-  return out;
+  return taken.size === idx.length ? idx : Int32Array.from(taken).sort();
 }
 
 /** Edge size actually kept for a budget: min(edge, floor(budget / 4)). */
