@@ -172,3 +172,22 @@ class Llama(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def grow(model: Llama, num_hidden_layers: int) -> Llama:
+    """A deeper copy of `model` that computes the same function: the layers added on top start with zero
+    output projections (attention o_proj, MLP down_proj), so their residual branches add nothing until trained.
+    ../shared/design/training-notes.md: growing a trained model this way kept its copying heads, where a deep
+    model from scratch formed none."""
+    from dataclasses import replace
+
+    n0 = model.args.num_hidden_layers
+    if num_hidden_layers < n0:
+        raise ValueError(f"cannot grow {n0} layers to {num_hidden_layers}")
+    big = Llama(replace(model.args, num_hidden_layers=num_hidden_layers))
+    missing, unexpected = big.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("layers.") for k in missing), (missing, unexpected)
+    for layer in big.layers[n0:]:
+        nn.init.zeros_(layer.self_attn.o_proj.weight)
+        nn.init.zeros_(layer.mlp.down_proj.weight)
+    return big
