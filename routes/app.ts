@@ -78,11 +78,11 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
   // Accounting + access log (outermost, so it sees every final status).
   app.use("*", async (c, next) => {
     const t0 = performance.now();
-    stats.inFlight++;
+    stats.inFlight.inc();
     try {
       await next();
     } finally {
-      stats.inFlight--;
+      stats.inFlight.dec();
       const path = c.req.path;
       const route = routeOf(path, c.req.method)?.route ?? "unmatched";
       const status = c.res?.status ?? 500;

@@ -262,7 +262,7 @@ export function contextRoutes(d: Deps): Hono {
       if (bytes.byteLength > 0) {
         last = await engine.append(id, bytes);
         appended = bytes.byteLength;
-        stats.uploadBytes += appended;
+        stats.uploadBytes.inc(appended);
       }
       doFinal = doFinal || body.final === true;
     } else if (c.req.raw.body) {
@@ -270,7 +270,7 @@ export function contextRoutes(d: Deps): Hono {
       try {
         appended = await pumpUpload(c.req.raw.body, opts.maxBodyBytes, async (piece) => {
           last = await engine.append(id, piece);
-          stats.uploadBytes += piece.byteLength;
+          stats.uploadBytes.inc(piece.byteLength);
           stored += piece.byteLength;
         });
       } catch (e) {
@@ -321,7 +321,7 @@ export function contextRoutes(d: Deps): Hono {
       follow = p.data;
     }
     const initial = await mustGet(id);
-    stats.sseActive++;
+    stats.sseActive.inc();
     return sseResponse(
       c.req.raw,
       async (w) => {
@@ -367,7 +367,7 @@ export function contextRoutes(d: Deps): Hono {
         } finally {
           unsubscribe();
           if (trailing) clearTimeout(trailing);
-          stats.sseActive--;
+          stats.sseActive.dec();
         }
         if (!w.signal.aborted) w.send("[DONE]");
       },

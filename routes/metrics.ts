@@ -1,221 +1,299 @@
 /**
- * Prometheus text exposition (format 0.0.4). The engine reports its own counters and recent
- * TTFT/TPOT samples; the HTTP layer adds request counters and cumulative latency histograms
- * observed from each query's final event (monotonic, unlike the engine's bounded sample window).
+ * Prometheus metrics (text exposition 0.0.4), kept by prom-client rather than written by hand: it owns the format,
+ * label escaping, histogram buckets and summary quantiles. Each HttpStats has its own Registry (never the global
+ * one), so several servers in one process (the tests) do not collide on metric names.
+ *
+ * Two sources: the engine reports its own counters, gauges and recent TTFT/TPOT samples, read once per scrape
+ * (render) and copied into the metrics by their collect() callbacks; the HTTP layer counts requests, streams,
+ * uploads and aborts as they happen, and keeps cumulative latency histograms observed from each query's final event
+ * (monotonic, unlike the engine's bounded sample window).
  */
-import type { EngineClient } from "../src/engine/api.ts";
+import { Counter, Gauge, Histogram, type Metric, Registry, Summary } from "prom-client";
+import type { EngineClient, EngineMetrics, ModelInfo } from "../src/engine/api.ts";
 
 const TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
 const TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5];
+const ENGINE_STATES = ["loading", "ready", "failed"] as const;
 
-class Histogram {
-  readonly counts: number[];
-  sum = 0;
-  count = 0;
-  constructor(readonly buckets: number[]) {
-    this.counts = buckets.map(() => 0);
-  }
-  observe(v: number) {
-    if (!Number.isFinite(v) || v < 0) return;
-    this.sum += v;
-    this.count++;
-    for (let i = 0; i < this.buckets.length; i++) if (v <= this.buckets[i]!) this.counts[i]!++;
-  }
-}
+/** The engine's own totals (counters) and levels (gauges), read at each scrape. */
+const ENGINE_VALUES: [type: "counter" | "gauge", name: string, help: string, read: (m: EngineMetrics) => number][] = [
+  ["counter", "reform_tokens_processed_total", "Context tokens compressed since start.", (m) => m.tokensProcessedTotal],
+  ["counter", "reform_tokens_generated_total", "Answer tokens generated since start.", (m) => m.tokensGeneratedTotal],
+  [
+    "counter",
+    "reform_prompt_tokens_total",
+    "Prompt tokens attended in recompute since start.",
+    (m) => m.promptTokensTotal,
+  ],
+  ["counter", "reform_engine_requests_total", "Queries handled by the engine since start.", (m) => m.requestsTotal],
+  ["gauge", "reform_queue_depth", "Jobs waiting in the engine queue.", (m) => m.queueDepth],
+  ["gauge", "reform_active_contexts", "Context sessions held by the engine.", (m) => m.activeContexts],
+  [
+    "gauge",
+    "reform_disk_bytes",
+    "Bytes of all contexts' files (tokens, embeddings, state, metadata).",
+    (m) => m.diskBytes,
+  ],
+  [
+    "gauge",
+    "reform_resident_embedding_bytes",
+    "Device memory of the context embeddings kept resident (scored without reading the embedding file).",
+    (m) => m.residentBytes,
+  ],
+  [
+    "gauge",
+    "reform_resident_contexts",
+    "Contexts whose embeddings are resident on the device.",
+    (m) => m.residentContexts,
+  ],
+  [
+    "counter",
+    "reform_resident_evictions_total",
+    "Resident embedding stores dropped for room or under device memory pressure.",
+    (m) => m.residentEvictions,
+  ],
+  [
+    "counter",
+    "reform_inline_requests_total",
+    "Queries answered by inline REFORM (prompts beyond the window).",
+    (m) => m.inline.requests,
+  ],
+  [
+    "counter",
+    "reform_inline_hits_total",
+    "Inline requests whose whole compressed prefix was cached.",
+    (m) => m.inline.hits,
+  ],
+  [
+    "counter",
+    "reform_inline_extends_total",
+    "Inline requests that extended a cached prefix (only new tokens compressed).",
+    (m) => m.inline.extends,
+  ],
+  ["counter", "reform_inline_misses_total", "Inline requests compressed from scratch.", (m) => m.inline.misses],
+  [
+    "counter",
+    "reform_inline_shared_total",
+    "Inline requests that joined a compression of the same prefix in flight.",
+    (m) => m.inline.shared,
+  ],
+  [
+    "counter",
+    "reform_inline_appended_tokens_total",
+    "Tokens compressed for inline requests.",
+    (m) => m.inline.appendedTokens,
+  ],
+  [
+    "counter",
+    "reform_inline_evictions_total",
+    "Implicit contexts evicted (count, age or disk bound).",
+    (m) => m.inline.evictions,
+  ],
+  ["gauge", "reform_inline_contexts", "Implicit contexts held for prefix reuse.", (m) => m.inline.contexts],
+  ["gauge", "reform_inline_disk_bytes", "Bytes of the implicit contexts' files.", (m) => m.inline.diskBytes],
+  ["gauge", "reform_inline_memo_bytes", "Memory of the inline tokenization memo.", (m) => m.inline.memoBytes],
+];
 
-function esc(v: string): string {
-  return v.replace(/\\/g, "\\\\").replace(/\n/g, "\\n").replace(/"/g, '\\"');
-}
-
-function fmt(n: number): string {
-  if (Number.isNaN(n)) return "NaN";
-  if (n === Infinity) return "+Inf";
-  if (n === -Infinity) return "-Inf";
-  return String(n);
-}
-
-function quantile(sorted: number[], q: number): number {
-  if (sorted.length === 0) return NaN;
-  const idx = Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1));
-  return sorted[idx]!;
+/** What the engine reported at the scrape being rendered. */
+interface Scrape {
+  state: ReturnType<EngineClient["state"]>;
+  info: ModelInfo | null;
+  m: EngineMetrics | null; // null: engine.metrics() threw (its metrics are left out)
 }
 
 export class HttpStats {
   readonly startedAt = Date.now();
-  private requests = new Map<string, number>(); // key: method\0route\0status
-  inFlight = 0;
-  sseActive = 0;
-  uploadBytes = 0;
-  queriesAborted = 0;
-  readonly ttft = new Histogram(TTFT_BUCKETS);
-  readonly tpot = new Histogram(TPOT_BUCKETS);
-  readonly e2e = new Histogram(TTFT_BUCKETS);
+  readonly registry = new Registry();
+  readonly inFlight: Gauge;
+  readonly sseActive: Gauge;
+  readonly uploadBytes: Counter;
+  readonly queriesAborted: Counter;
+  private readonly requests: Counter<"method" | "route" | "status">;
+  private readonly ttft: Histogram;
+  private readonly tpot: Histogram;
+  private readonly e2e: Histogram;
+  /** Registered from the start (in exposition order) but left out of a scrape where the engine has nothing for them
+   * (no model loaded, metrics() threw, no disk limit set). */
+  private readonly modelInfo: Gauge<"model" | "architecture" | "backend" | "device">;
+  private readonly engineMetrics: { name: string; metric: Metric }[] = [];
+  private readonly diskLimit: Gauge;
+  private scrape: Scrape = { state: "loading", info: null, m: null };
+
+  constructor() {
+    const registers = [this.registry];
+    const now = () => this.scrape;
+    new Gauge({
+      name: "reform_up",
+      help: "1 when the model is loaded and the engine accepts work.",
+      registers,
+      collect() {
+        this.set(now().state === "ready" ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: "reform_engine_state",
+      help: "Engine state (1 for the current one).",
+      labelNames: ["state"],
+      registers,
+      collect() {
+        for (const s of ENGINE_STATES) this.set({ state: s }, now().state === s ? 1 : 0);
+      },
+    });
+    this.modelInfo = new Gauge({
+      name: "reform_model_info",
+      help: "Served model.",
+      labelNames: ["model", "architecture", "backend", "device"],
+      registers,
+      collect() {
+        const info = now().info;
+        this.reset();
+        if (info)
+          this.set({ model: info.id, architecture: info.architecture, backend: info.backend, device: info.device }, 1);
+      },
+    });
+    new Gauge({
+      name: "reform_process_start_time_seconds",
+      help: "Server start time (unix seconds).",
+      registers,
+    }).set(Math.floor(this.startedAt / 1000));
+
+    // The engine's totals are monotonic since start, so they stay counters: prom-client's Counter has no set(), so
+    // collect() resets it and adds the engine's total as of this scrape.
+    for (const [type, name, help, read] of ENGINE_VALUES) {
+      const value = () => {
+        const m = now().m;
+        return m ? read(m) : 0;
+      };
+      const metric =
+        type === "counter"
+          ? new Counter({
+              name,
+              help,
+              registers,
+              collect() {
+                this.reset();
+                this.inc(value());
+              },
+            })
+          : new Gauge({
+              name,
+              help,
+              registers,
+              collect() {
+                this.set(value());
+              },
+            });
+      this.engineMetrics.push({ name, metric });
+    }
+
+    // Quantiles over the engine's recent samples (a bounded window of its last queries), refilled at each scrape.
+    // prom-client estimates them with a t-digest, which interpolates between neighbouring samples (not the
+    // nearest-rank value), and reports 0 for every quantile while there are no samples yet (read _count).
+    for (const [name, help, read] of [
+      ["reform_recent_ttft_seconds", "Time to first token over recent queries.", (m: EngineMetrics) => m.ttftSeconds],
+      ["reform_recent_tpot_seconds", "Time per output token over recent queries.", (m: EngineMetrics) => m.tpotSeconds],
+    ] as const) {
+      this.engineMetrics.push({
+        name,
+        metric: new Summary({
+          name,
+          help,
+          percentiles: [0.5, 0.9, 0.99],
+          registers,
+          collect() {
+            this.reset();
+            const m = now().m;
+            for (const v of m ? read(m) : []) if (Number.isFinite(v)) this.observe(v);
+          },
+        }),
+      });
+    }
+    this.diskLimit = new Gauge({
+      name: "reform_disk_limit_bytes",
+      help: "Disk the contexts may use (--max-disk-bytes).",
+      registers,
+      collect() {
+        this.set(now().info?.defaults.maxDiskBytes ?? 0);
+      },
+    });
+
+    this.ttft = new Histogram({
+      name: "reform_ttft_seconds",
+      help: "Time to first token (queue + gather + recompute + first decode).",
+      buckets: TTFT_BUCKETS,
+      registers,
+    });
+    this.tpot = new Histogram({
+      name: "reform_tpot_seconds",
+      help: "Mean time per output token after the first, per query.",
+      buckets: TPOT_BUCKETS,
+      registers,
+    });
+    this.e2e = new Histogram({
+      name: "reform_request_duration_seconds",
+      help: "End-to-end query duration.",
+      buckets: TTFT_BUCKETS,
+      registers,
+    });
+    this.requests = new Counter({
+      name: "reform_http_requests_total",
+      help: "HTTP requests by route and status.",
+      labelNames: ["method", "route", "status"],
+      registers,
+    });
+    this.inFlight = new Gauge({
+      name: "reform_http_requests_in_flight",
+      help: "HTTP requests being handled.",
+      registers,
+    });
+    this.sseActive = new Gauge({
+      name: "reform_sse_streams_active",
+      help: "Open server-sent-event streams.",
+      registers,
+    });
+    this.uploadBytes = new Counter({
+      name: "reform_upload_bytes_total",
+      help: "Context bytes accepted over HTTP.",
+      registers,
+    });
+    this.queriesAborted = new Counter({
+      name: "reform_queries_aborted_total",
+      help: "Queries stopped because the client went away.",
+      registers,
+    });
+  }
 
   countRequest(method: string, route: string, status: number) {
-    const k = `${method}\0${route}\0${status}`;
-    this.requests.set(k, (this.requests.get(k) ?? 0) + 1);
+    this.requests.inc({ method, route, status: String(status) });
   }
 
   observeQuery(t: { ttftMs: number; tpotMs: number; totalMs: number }, completionTokens: number) {
-    this.ttft.observe(t.ttftMs / 1000);
-    if (completionTokens > 1) this.tpot.observe(t.tpotMs / 1000);
-    this.e2e.observe(t.totalMs / 1000);
+    const observe = (h: Histogram, ms: number) => {
+      if (Number.isFinite(ms) && ms >= 0) h.observe(ms / 1000);
+    };
+    observe(this.ttft, t.ttftMs);
+    if (completionTokens > 1) observe(this.tpot, t.tpotMs);
+    observe(this.e2e, t.totalMs);
   }
 
-  render(engine: EngineClient): string {
-    const out: string[] = [];
-    const metric = (name: string, type: string, help: string, lines: string[]) => {
-      out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, ...lines);
-    };
-    const state = engine.state();
-    metric("reform_up", "gauge", "1 when the model is loaded and the engine accepts work.", [
-      `reform_up ${state === "ready" ? 1 : 0}`,
-    ]);
-    metric("reform_engine_state", "gauge", "Engine state (1 for the current one).", [
-      ...(["loading", "ready", "failed"] as const).map(
-        (s) => `reform_engine_state{state="${s}"} ${state === s ? 1 : 0}`,
-      ),
-    ]);
-    const info = engine.modelInfo();
-    if (info) {
-      metric("reform_model_info", "gauge", "Served model.", [
-        `reform_model_info{model="${esc(info.id)}",architecture="${esc(info.architecture)}",backend="${esc(info.backend)}",device="${esc(info.device)}"} 1`,
-      ]);
-    }
-    metric("reform_process_start_time_seconds", "gauge", "Server start time (unix seconds).", [
-      `reform_process_start_time_seconds ${Math.floor(this.startedAt / 1000)}`,
-    ]);
-
-    let m: ReturnType<EngineClient["metrics"]> | null = null;
+  /** The exposition text of every metric, the engine's as of now (send it with registry.contentType). */
+  render(engine: EngineClient): Promise<string> {
+    let m: EngineMetrics | null;
     try {
       m = engine.metrics();
     } catch {
       m = null;
     }
-    if (m) {
-      metric("reform_tokens_processed_total", "counter", "Context tokens compressed since start.", [
-        `reform_tokens_processed_total ${fmt(m.tokensProcessedTotal)}`,
-      ]);
-      metric("reform_tokens_generated_total", "counter", "Answer tokens generated since start.", [
-        `reform_tokens_generated_total ${fmt(m.tokensGeneratedTotal)}`,
-      ]);
-      metric("reform_prompt_tokens_total", "counter", "Prompt tokens attended in recompute since start.", [
-        `reform_prompt_tokens_total ${fmt(m.promptTokensTotal)}`,
-      ]);
-      metric("reform_engine_requests_total", "counter", "Queries handled by the engine since start.", [
-        `reform_engine_requests_total ${fmt(m.requestsTotal)}`,
-      ]);
-      metric("reform_queue_depth", "gauge", "Jobs waiting in the engine queue.", [
-        `reform_queue_depth ${fmt(m.queueDepth)}`,
-      ]);
-      metric("reform_active_contexts", "gauge", "Context sessions held by the engine.", [
-        `reform_active_contexts ${fmt(m.activeContexts)}`,
-      ]);
-      metric("reform_disk_bytes", "gauge", "Bytes of all contexts' files (tokens, embeddings, state, metadata).", [
-        `reform_disk_bytes ${fmt(m.diskBytes)}`,
-      ]);
-      metric(
-        "reform_resident_embedding_bytes",
-        "gauge",
-        "Device memory of the context embeddings kept resident (scored without reading the embedding file).",
-        [`reform_resident_embedding_bytes ${fmt(m.residentBytes)}`],
-      );
-      metric("reform_resident_contexts", "gauge", "Contexts whose embeddings are resident on the device.", [
-        `reform_resident_contexts ${fmt(m.residentContexts)}`,
-      ]);
-      metric(
-        "reform_resident_evictions_total",
-        "counter",
-        "Resident embedding stores dropped for room or under device memory pressure.",
-        [`reform_resident_evictions_total ${fmt(m.residentEvictions)}`],
-      );
-      const maxDisk = info?.defaults.maxDiskBytes ?? 0;
-      if (maxDisk > 0)
-        metric("reform_disk_limit_bytes", "gauge", "Disk the contexts may use (--max-disk-bytes).", [
-          `reform_disk_limit_bytes ${fmt(maxDisk)}`,
-        ]);
-      const inl = m.inline;
-      for (const [name, type, help, v] of [
-        [
-          "reform_inline_requests_total",
-          "counter",
-          "Queries answered by inline REFORM (prompts beyond the window).",
-          inl.requests,
-        ],
-        ["reform_inline_hits_total", "counter", "Inline requests whose whole compressed prefix was cached.", inl.hits],
-        [
-          "reform_inline_extends_total",
-          "counter",
-          "Inline requests that extended a cached prefix (only new tokens compressed).",
-          inl.extends,
-        ],
-        ["reform_inline_misses_total", "counter", "Inline requests compressed from scratch.", inl.misses],
-        [
-          "reform_inline_shared_total",
-          "counter",
-          "Inline requests that joined a compression of the same prefix in flight.",
-          inl.shared,
-        ],
-        [
-          "reform_inline_appended_tokens_total",
-          "counter",
-          "Tokens compressed for inline requests.",
-          inl.appendedTokens,
-        ],
-        [
-          "reform_inline_evictions_total",
-          "counter",
-          "Implicit contexts evicted (count, age or disk bound).",
-          inl.evictions,
-        ],
-        ["reform_inline_contexts", "gauge", "Implicit contexts held for prefix reuse.", inl.contexts],
-        ["reform_inline_disk_bytes", "gauge", "Bytes of the implicit contexts' files.", inl.diskBytes],
-        ["reform_inline_memo_bytes", "gauge", "Memory of the inline tokenization memo.", inl.memoBytes],
-      ] as const)
-        metric(name, type, help, [`${name} ${fmt(v)}`]);
-      for (const [name, samples, help] of [
-        ["reform_recent_ttft_seconds", m.ttftSeconds, "Time to first token over recent queries."],
-        ["reform_recent_tpot_seconds", m.tpotSeconds, "Time per output token over recent queries."],
-      ] as const) {
-        const sorted = [...samples].sort((a, b) => a - b);
-        const sum = sorted.reduce((a, b) => a + b, 0);
-        metric(name, "summary", help, [
-          ...[0.5, 0.9, 0.99].map((q) => `${name}{quantile="${q}"} ${fmt(quantile(sorted, q))}`),
-          `${name}_sum ${fmt(sum)}`,
-          `${name}_count ${sorted.length}`,
-        ]);
-      }
-    }
-
-    const hist = (name: string, help: string, h: Histogram) => {
-      const lines = h.buckets.map((b, i) => `${name}_bucket{le="${fmt(b)}"} ${h.counts[i]}`);
-      lines.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${fmt(h.sum)}`, `${name}_count ${h.count}`);
-      metric(name, "histogram", help, lines);
+    const info = engine.modelInfo();
+    this.scrape = { state: engine.state(), info, m };
+    const show = (name: string, metric: Metric, on: boolean) => {
+      if (on) this.registry.registerMetric(metric);
+      else this.registry.removeSingleMetric(name);
     };
-    hist("reform_ttft_seconds", "Time to first token (queue + gather + recompute + first decode).", this.ttft);
-    hist("reform_tpot_seconds", "Mean time per output token after the first, per query.", this.tpot);
-    hist("reform_request_duration_seconds", "End-to-end query duration.", this.e2e);
-
-    const reqLines: string[] = [];
-    for (const [k, v] of this.requests) {
-      const [method, route, status] = k.split("\0");
-      reqLines.push(
-        `reform_http_requests_total{method="${esc(method!)}",route="${esc(route!)}",status="${status}"} ${v}`,
-      );
-    }
-    metric("reform_http_requests_total", "counter", "HTTP requests by route and status.", reqLines);
-    metric("reform_http_requests_in_flight", "gauge", "HTTP requests being handled.", [
-      `reform_http_requests_in_flight ${this.inFlight}`,
-    ]);
-    metric("reform_sse_streams_active", "gauge", "Open server-sent-event streams.", [
-      `reform_sse_streams_active ${this.sseActive}`,
-    ]);
-    metric("reform_upload_bytes_total", "counter", "Context bytes accepted over HTTP.", [
-      `reform_upload_bytes_total ${this.uploadBytes}`,
-    ]);
-    metric("reform_queries_aborted_total", "counter", "Queries stopped because the client went away.", [
-      `reform_queries_aborted_total ${this.queriesAborted}`,
-    ]);
-    return out.join("\n") + "\n";
+    show("reform_model_info", this.modelInfo, info !== null);
+    for (const { name, metric } of this.engineMetrics) show(name, metric, m !== null);
+    show("reform_disk_limit_bytes", this.diskLimit, m !== null && (info?.defaults.maxDiskBytes ?? 0) > 0);
+    // The collect() callbacks read this.scrape (prom-client calls them as metrics() starts, before it first awaits).
+    return this.registry.metrics();
   }
 }

@@ -82,8 +82,8 @@ export function opsRoutes(d: Deps): Hono {
     });
   });
 
-  r.get("/metrics", (c) =>
-    c.body(stats.render(engine), 200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" }),
+  r.get("/metrics", async (c) =>
+    c.body(await stats.render(engine), 200, { "content-type": stats.registry.contentType }),
   );
 
   return r;

@@ -63,7 +63,7 @@ export function streamQuery(
 ): Response {
   const { stats, log, opts } = d;
   const { it, first, ac } = q;
-  stats.sseActive++;
+  stats.sseActive.inc();
   return sseResponse(
     req,
     async (w) => {
@@ -79,13 +79,13 @@ export function streamQuery(
           res = await it.next();
         }
         if (ac.signal.aborted || w.closed) {
-          stats.queriesAborted++;
+          stats.queriesAborted.inc();
           log("info", `${label}: client went away, generation stopped`);
         } else {
           w.send("[DONE]");
         }
       } finally {
-        stats.sseActive--;
+        stats.sseActive.dec();
         ac.abort();
         await it.return?.().catch(() => {});
       }
@@ -110,7 +110,7 @@ export async function collectQuery(d: Deps, q: OpenQuery): Promise<Collected> {
     } else if (ev.type === "done") {
       await it.return?.().catch(() => {});
       d.stats.observeQuery(ev.timings, ev.usage.completionTokens);
-      if (ev.finishReason === "abort") d.stats.queriesAborted++; // the client went away before the body
+      if (ev.finishReason === "abort") d.stats.queriesAborted.inc(); // the client went away before the body
       return { text, logprobs, finishReason: ev.finishReason, usage: ev.usage, timings: ev.timings, start };
     }
     res = await it.next();

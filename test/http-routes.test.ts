@@ -74,6 +74,44 @@ describe("route table", () => {
     expect(metrics).toContain('route="/v1/models/:model"');
   });
 
+  test("/metrics after a chat completion: its histograms and request counter, labelled, in a registry of its own", async () => {
+    // a second app in the same process: its metrics start from zero (one registry per app, not prom-client's global)
+    const own = createApp(new FakeEngine(), { maxBodyBytes: 1 << 20, maxJsonBytes: 1 << 20, log: quiet }).app;
+    const chat = await own.request("/v1/chat/completions", {
+      method: "POST",
+      body: JSON.stringify({ messages: [{ role: "user", content: "hi" }], max_tokens: 3 }),
+      headers: { "content-type": "application/json" },
+    });
+    expect(chat.status).toBe(200);
+    await chat.arrayBuffer();
+    const res = await own.request("/metrics");
+    expect(res.status).toBe(200);
+    expect(res.headers.get("content-type")).toBe("text/plain; version=0.0.4; charset=utf-8");
+    const m = await res.text();
+    const les = ["0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "60", "120", "+Inf"];
+    // the fake engine reports a 1 ms TTFT and TPOT: counted in every bucket
+    expect(m).toContain("# TYPE reform_ttft_seconds histogram\n");
+    expect(m).toContain(les.map((le) => `reform_ttft_seconds_bucket{le="${le}"} 1\n`).join(""));
+    expect(m).toContain("reform_ttft_seconds_sum 0.001\nreform_ttft_seconds_count 1\n");
+    expect(m).toContain('# TYPE reform_tpot_seconds histogram\nreform_tpot_seconds_bucket{le="0.001"} 1\n');
+    expect(m).toContain("reform_tpot_seconds_count 1\n");
+    expect(m).toContain("# TYPE reform_request_duration_seconds histogram\n");
+    expect(m).toContain('reform_request_duration_seconds_bucket{le="+Inf"} 1\n');
+    expect(m).toContain("# TYPE reform_http_requests_total counter\n");
+    expect(m).toContain('reform_http_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1\n');
+    expect(m).not.toContain('route="/v1/tokenize"'); // counted by the other app only
+    // the engine's totals stay counters; state, model and the recent-sample summary keep their labels
+    expect(m).toContain("# TYPE reform_tokens_generated_total counter\nreform_tokens_generated_total 3\n");
+    expect(m).toContain('reform_engine_state{state="loading"} 0\nreform_engine_state{state="ready"} 1\n');
+    expect(m).toContain(
+      'reform_model_info{model="fake-model",architecture="LlamaForCausalLM",backend="cpu",device="fake"} 1\n',
+    );
+    expect(m).toContain('# TYPE reform_recent_ttft_seconds summary\nreform_recent_ttft_seconds{quantile="0.5"} ');
+    expect(m).toContain("reform_recent_ttft_seconds_count 2\n");
+    expect(m).toContain("reform_http_requests_in_flight 1\n"); // the /metrics request itself
+    expect(m).not.toContain("reform_disk_limit_bytes"); // no limit set
+  });
+
   test("a wrong method is 405 with Allow listing the registered methods (HEAD where GET is)", async () => {
     const byPath = new Map<string, Set<string>>();
     for (const { method, path } of registered) byPath.set(path, (byPath.get(path) ?? new Set()).add(method));

@@ -1108,9 +1108,10 @@ describe("errors", () => {
     expect(m).toMatch(/reform_http_requests_total\{method="POST",route="\/v1\/tokenize",status="200"\} [1-9]/);
     expect(m).toMatch(/reform_http_requests_total\{method="POST",route="\/v1\/completions",status="200"\} [1-9]/);
     expect(m).not.toContain('route="unmatched",status="200"');
-    // every sample line is "name{labels} value"
+    // every sample line is "name{labels} value" (empty lines, between metric families, are allowed by the format)
     for (const line of m.trim().split("\n")) {
-      if (!line.startsWith("#")) expect(line).toMatch(/^[a-z_:][a-z0-9_:]*(\{[^}]*\})? (-?[0-9.e+-]+|NaN|\+Inf|-Inf)$/);
+      if (line && !line.startsWith("#"))
+        expect(line).toMatch(/^[a-z_:][a-z0-9_:]*(\{[^}]*\})? (-?[0-9.e+-]+|NaN|\+Inf|-Inf)$/);
     }
   });
 });
