@@ -3,7 +3,7 @@
  * (test/fixtures/tiny-model.ts) on the CPU backend, driven over loopback with fetch.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { TINY_BOS_ID } from "./fixtures/tiny-model.ts";
+import { TINY_BOS_ID, TINY_EOS_ID, TINY_EOT_ID } from "./fixtures/tiny-model.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
 import { collectSse, expectError, pieceStream, sseEvents, waitFor, type SseEvent } from "./helpers/http.ts";
 import { startTestServer, type TestServer } from "./helpers/server.ts";
@@ -577,6 +577,11 @@ describe("query", () => {
     "client disconnect during SSE stops generation; the server stays healthy",
     async () => {
       const before = srv.engine.metrics().tokensGeneratedTotal;
+      // The random tiny model samples its stop tokens now and then at temperature 1 (the query below, seed 3: after
+      // 11 tokens, a few ms after the third event), and an answer that ends on its own before the abort reaches the
+      // server is rightly finished, not aborted (whether the client read the finish before aborting is a race).
+      // With the stop tokens banned, each answer runs to its 700 tokens unless the disconnect stops it.
+      const noStop = { [TINY_EOS_ID]: -100, [TINY_EOT_ID]: -100 };
       for (const path of [`/v1/contexts/${ctxId}/query`, "/v1/chat/completions"]) {
         const ac = new AbortController();
         const body =
@@ -588,8 +593,9 @@ describe("query", () => {
                 max_tokens: 700,
                 temperature: 1,
                 seed: 3,
+                logit_bias: noStop,
               }
-            : queryBody({ max_tokens: 700, temperature: 1, seed: 3 });
+            : queryBody({ max_tokens: 700, temperature: 1, seed: 3, logit_bias: noStop });
         const res = await api(path, {
           method: "POST",
           headers: { "content-type": "application/json" },
