@@ -9,7 +9,10 @@
  * model then answers is bench/ruler.ts's job.
  *
  *   bun bench/window-sweep.ts [--model DIR] [--heads FILE_OR_JSON] [--lengths 16k,128k,1m] [--samples 6]
- *       [--windows 33,49,65,81,129] [--op mean|max] [--tasks single,multikey,multivalue,multiquery] [--seed 7]
+ *       [--windows 33,49,65,81,129] [--lags 0,16] [--op mean|max] [--tasks single,multikey,multivalue,multiquery]
+ *       [--seed 7]
+ * --lags: how far the smoothing window trails each token (default 0, the paper's centered window, and the served
+ * lag); a lag beyond half a window is skipped.
  *
  * Memory: one float per context token, head and question token (1M tokens x 3 heads x ~15 ≈ 180 MiB per sample).
  */
@@ -33,7 +36,7 @@ import type { Task } from "./ruler-tasks.ts";
 function main(argv: string[]): void {
   const { values } = parseFlags(
     argv,
-    valueFlags("model", "heads", "lengths", "samples", "windows", "op", "tasks", "seed"),
+    valueFlags("model", "heads", "lengths", "samples", "windows", "lags", "op", "tasks", "seed"),
   );
   const modelDir = values.model ?? join(import.meta.dir, "..", "models", "reform-tiny");
   const lengths = (values.lengths ?? "16k,128k,1m").split(",").map(parseLength);
@@ -57,9 +60,10 @@ function main(argv: string[]): void {
         `pooling; ${n} held-out samples per task (${tasks.join(", ")}), seed ${seed}; gathered = every asked value ` +
         "among the gathered tokens",
     );
-    const cols = tails.flatMap((t) => windows.map((w) => ({ t, w })));
-    console.log(`\n| context | ${cols.map((c) => `window ${c.w}${c.t ? `, tail ${c.t}` : ""}`).join(" | ")} |`);
-    console.log(`| --- | ${cols.map(() => "---").join(" | ")} |`);
+    const lags = values.lags ? values.lags.split(",").map(Number) : [...new Set([0, d.lag])];
+    // one row per setting (tail, lag, window), one column per context length
+    const cols = tails.flatMap((t) => lags.flatMap((lag) => windows.map((w) => ({ t, w, lag }))));
+    const cells: string[][] = cols.map(() => []);
     for (const length of lengths) {
       const t0 = performance.now();
       const samples = heldOutSamples(lab, tasks, n, length, seed);
@@ -68,8 +72,9 @@ function main(argv: string[]): void {
         // one sample at a time: the cosine table of a 1M-token context is the memory this bench needs
         const table = embedTables(lab, s.ids, s.q, hf.heads, { chunk: d.chunkSize, capacity: d.capacity });
         const raw = scoreHeads(table, heads);
-        cols.forEach(({ w, t: tail }, k) => {
-          const idx = selectTokens(smoothScores(raw, w, op), d.budget - tail, edge);
+        cols.forEach(({ w, t: tail, lag }, k) => {
+          if (lag > Math.floor(w / 2)) return; // outside the window: not a setting
+          const idx = selectTokens(smoothScores(raw, w, op, lag), d.budget - tail, edge);
           const kept = new Set(completeSentences(idx, s.ids, ends, tail));
           const all = s.spans.every(([a, b]) => {
             for (let t = a; t < b; t++) if (!kept.has(t)) return false;
@@ -78,17 +83,26 @@ function main(argv: string[]): void {
           if (all) hit[k]!.set(s.task, (hit[k]!.get(s.task) ?? 0) + 1);
         });
       }
-      const cells = hit.map((m) => {
+      hit.forEach((m, k) => {
         const total = [...m.values()].reduce((a, b) => a + b, 0);
-        return `${total}/${samples.length} (${tasks.map((t) => m.get(t) ?? 0).join("/")})`;
+        cells[k]!.push(
+          cols[k]!.lag > Math.floor(cols[k]!.w / 2)
+            ? "-"
+            : `${total}/${samples.length} (${tasks.map((t) => m.get(t) ?? 0).join("/")})`,
+        );
       });
-      console.log(
-        `| ${length >= 1048576 ? `${length / 1048576}M` : `${Math.round(length / 1024)}K`} | ${cells.join(" | ")} |`,
-      );
       console.error(`[window-sweep] ${length} tokens: ${((performance.now() - t0) / 1000).toFixed(0)} s`);
     }
+    const fmtLen = (x: number) => (x >= 1048576 ? `${x / 1048576}M` : `${Math.round(x / 1024)}K`);
+    console.log(`\n| window | lag | tail | ${lengths.map(fmtLen).join(" | ")} |`);
+    console.log(`| --- | --- | --- | ${lengths.map(() => "---").join(" | ")} |`);
+    cols.forEach((c, k) => {
+      if (c.lag > Math.floor(c.w / 2)) return;
+      console.log(`| ${c.w} | ${c.lag} | ${c.t} | ${cells[k]!.join(" | ")} |`);
+    });
     console.log(
-      `\n(per task in parentheses: ${tasks.join(" / ")}; tail: tokens of the budget that complete the longest passages' sentences, as served)`,
+      `\n(per task in parentheses: ${tasks.join(" / ")}; lag: how far the window trails each token; tail: tokens of ` +
+        "the budget that complete the longest passages' sentences, as served)",
     );
   } finally {
     lab.close();

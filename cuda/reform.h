@@ -63,8 +63,9 @@ extern "C" {
 #define RF_API __attribute__((visibility("default")))
 #endif
 
-/* 2: rf_smooth_select / rf_score_select take the pooling operator; RF_HEAD_O; rf_compress_params.eviction */
-#define RF_ABI_VERSION 2
+/* 2: rf_smooth_select / rf_score_select take the pooling operator; RF_HEAD_O; rf_compress_params.eviction
+ * 3: rf_smooth_select / rf_score_select / rf_embstore_score_select take the smoothing window's lag */
+#define RF_ABI_VERSION 3
 
 /* status codes */
 #define RF_OK 0
@@ -242,7 +243,8 @@ RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e);
 /* rf_score_select (below) over the store's first n_ctx rows: the same scores as rf_score_select over those rows in
  * host memory (CUDA: the same kernels and GEMM per row; the emulation checks bit equality) and the same selection. */
 RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t window,
-                                        int32_t pool, int64_t budget, int32_t edge, float* scores, int32_t* out_idx);
+                                        int32_t lag, int32_t pool, int64_t budget, int32_t edge, float* scores,
+                                        int32_t* out_idx);
 RF_API void rf_embstore_destroy(rf_embstore* e);
 
 /* ---- recompute + generate ---- */
@@ -273,21 +275,23 @@ RF_API int rf_seq_import_compressor(rf_seq* s, const rf_compressor* c);
 RF_API void rf_seq_destroy(rf_seq* s);
 
 /* ---- query-time selection (phase 2, after rf_score) ---- */
-/* scores: n f32 (n <= INT32_MAX). Smooths them over a centered window of width window (odd; an even width is rounded
- * up; at the ends the window is the part inside [0, n)) with `pool`: RF_POOL_MEAN, the moving average (from f64 prefix
- * sums), or RF_POOL_MAX, the moving maximum (NaN counts as -inf) into `smoothed` (n f32, may be NULL; both exactly
- * src/engine/selection.ts smoothScores), then writes to out_idx (min(n, budget) int32, ascending) the positions kept:
- * all of them when n <= budget, else the first and last e = min(edge, budget / 4) and the budget - 2e others
- * with the highest smoothed score (ties: the earlier position; NaN ranks lowest). O(n), no sort.
- * Returns the number of indices written or an error code. */
-RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int32_t pool, int64_t budget,
-                                int32_t edge, float* smoothed, int32_t* out_idx);
+/* scores: n f32 (n <= INT32_MAX). Smooths them over a window of width window (odd; an even width is rounded up; at the
+ * ends the window is the part inside [0, n)) that trails each position i by `lag` (0 <= lag <= window / 2, else
+ * RF_ERR_INVALID): it covers [i - lag - window/2, i - lag + window/2]; 0 centers it, a lag lets the tokens after a
+ * match (a fact's value after its key) share the match's score. With `pool`: RF_POOL_MEAN, the moving average (from f64
+ * prefix sums), or RF_POOL_MAX, the moving maximum (NaN counts as -inf) into `smoothed` (n f32, may be NULL; both
+ * exactly src/engine/selection.ts smoothScores), then writes to out_idx (min(n, budget) int32, ascending) the positions
+ * kept: all of them when n <= budget, else the first and last e = min(edge, budget / 4) and the budget - 2e others with
+ * the highest smoothed score (ties: the earlier position; NaN ranks lowest). O(n), no sort. Returns the number of
+ * indices written or an error code. */
+RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int32_t lag, int32_t pool,
+                                int64_t budget, int32_t edge, float* smoothed, int32_t* out_idx);
 /* rf_score then rf_smooth_select in one call (the query path after the query embedding): scores (n_ctx f32, may be
  * NULL) receives the raw scores, out_idx the selected positions; returns their count or an error code. The CPU build
  * scores with f32 sums (within 1e-5 of rf_score), the CUDA build with rf_score itself. */
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, int32_t window, int32_t pool, int64_t budget, int32_t edge, float* scores,
-                               int32_t* out_idx);
+                               int32_t n_q, int32_t window, int32_t lag, int32_t pool, int64_t budget, int32_t edge,
+                               float* scores, int32_t* out_idx);
 
 #ifdef __cplusplus
 }

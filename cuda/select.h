@@ -34,9 +34,11 @@ inline uint32_t select_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-/* Centered moving average of width 2*half+1 over the part of the window inside [0, n). The two running prefix
- * sums advance through the same additions as query.ts's prefix array, so every value matches it bit for bit. */
-inline void smooth_scores(const float* s, int64_t n, int64_t half, float* out) {
+/* Moving average of width 2*half+1 over the part of the window inside [0, n), the window trailing position i by `lag`
+ * (0 <= lag <= half: it covers [i - lag - half, i - lag + half], so i stays inside it; 0 is centered). The two running
+ * prefix sums advance through the same additions as selection.ts's prefix array, so every value matches it bit for
+ * bit. */
+inline void smooth_scores(const float* s, int64_t n, int64_t half, int64_t lag, float* out) {
   if (half <= 0) {
     memcpy(out, s, (size_t)n * sizeof(float));
     return;
@@ -44,17 +46,18 @@ inline void smooth_scores(const float* s, int64_t n, int64_t half, float* out) {
   double p_lo = 0, p_hi = 0;
   int64_t i_lo = 0, i_hi = 0;
   for (int64_t i = 0; i < n; i++) {
-    const int64_t lo = i - half > 0 ? i - half : 0;
-    const int64_t hi = i + half + 1 < n ? i + half + 1 : n;
+    const int64_t lo = i - lag - half > 0 ? i - lag - half : 0;
+    const int64_t hi = i - lag + half + 1 < n ? i - lag + half + 1 : n;
     while (i_hi < hi) p_hi += s[i_hi++];
     while (i_lo < lo) p_lo += s[i_lo++];
     out[i] = (float)((p_hi - p_lo) / (double)(hi - lo));
   }
 }
 
-/* Centered moving maximum of width 2*half+1 over the part of the window inside [0, n), NaN counting as -inf: O(n) with
- * a monotone deque of indices (decreasing values), as selection.ts maxPool computes it, so every value matches. */
-inline void max_pool(const float* s, int64_t n, int64_t half, float* out) {
+/* Moving maximum of width 2*half+1 over the part of the window inside [0, n) (trailing i by `lag`, as smooth_scores),
+ * NaN counting as -inf: O(n) with a monotone deque of indices (decreasing values), as selection.ts maxPool computes
+ * it, so every value matches. */
+inline void max_pool(const float* s, int64_t n, int64_t half, int64_t lag, float* out) {
   if (half <= 0) {
     memcpy(out, s, (size_t)n * sizeof(float));
     return;
@@ -63,13 +66,13 @@ inline void max_pool(const float* s, int64_t n, int64_t half, float* out) {
   std::vector<int32_t> dq((size_t)n);
   int64_t head = 0, tail = 0, next = 0;
   for (int64_t i = 0; i < n; i++) {
-    const int64_t hi = i + half + 1 < n ? i + half + 1 : n;
+    const int64_t hi = i - lag + half + 1 < n ? i - lag + half + 1 : n;
     for (; next < hi; next++) {
       const float x = v(next);
       while (tail > head && v(dq[(size_t)tail - 1]) <= x) tail--;
       dq[(size_t)tail++] = (int32_t)next;
     }
-    while (dq[(size_t)head] < i - half) head++;
+    while (dq[(size_t)head] < i - lag - half) head++;
     out[i] = v(dq[(size_t)head]);
   }
 }
@@ -98,14 +101,22 @@ inline int check_pool(int32_t pool, const char* where) {
   return set_error(RF_ERR_INVALID, "%s: pool must be RF_POOL_MEAN (0) or RF_POOL_MAX (1), got %d", where, pool);
 }
 
-/* smoothScores(scores, window, pool) then selectTokens(smoothed, budget, edge) of selection.ts; see rf_smooth_select.
- */
-inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int32_t pool, int64_t budget, int32_t edge,
-                             float* smoothed, int32_t* out_idx) {
+/* The window's lag must keep the token inside its own window: 0 <= lag <= window / 2. */
+inline int check_lag(int32_t window, int32_t lag, const char* where) {
+  const int32_t half = window > 0 ? window / 2 : 0;
+  if (lag >= 0 && lag <= half) return RF_OK;
+  return set_error(RF_ERR_INVALID, "%s: lag = %d must be in [0, window / 2 = %d]", where, lag, half);
+}
+
+/* smoothScores(scores, window, pool, lag) then selectTokens(smoothed, budget, edge) of selection.ts; see
+ * rf_smooth_select. */
+inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int32_t lag, int32_t pool, int64_t budget,
+                             int32_t edge, float* smoothed, int32_t* out_idx) {
   clear_error();  // a success leaves rf_last_error() empty, as the CUDA build's entry points do
   if (n < 0 || n > INT32_MAX || budget < 0) return set_error(RF_ERR_INVALID, "rf_smooth_select: bad sizes");
   if (check_pool(pool, "rf_smooth_select") != RF_OK) return RF_ERR_INVALID;
   if (n > 0 && (!scores || !out_idx)) return set_error(RF_ERR_INVALID, "rf_smooth_select: NULL argument");
+  if (check_lag(window, lag, "rf_smooth_select") != RF_OK) return RF_ERR_INVALID;
   if (n == 0) return 0;
   std::vector<float> own;
   if (!smoothed) {
@@ -113,8 +124,8 @@ inline int64_t smooth_select(const float* scores, int64_t n, int32_t window, int
     smoothed = own.data();
   }
   const int64_t half = window > 0 ? window / 2 : 0;
-  if (pool == RF_POOL_MAX) max_pool(scores, n, half, smoothed);
-  else smooth_scores(scores, n, half, smoothed);
+  if (pool == RF_POOL_MAX) max_pool(scores, n, half, lag, smoothed);
+  else smooth_scores(scores, n, half, lag, smoothed);
   if (n <= budget) {
     for (int64_t i = 0; i < n; i++) out_idx[i] = (int32_t)i;
     return n;
@@ -257,11 +268,12 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
 /* rf_score_select: score(scores) fills n_ctx scores (rf_score's semantics; the build's own scorer), then
  * smooth_select. `scores` may be NULL (a scratch buffer is used). */
 template <class Score>
-inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int32_t pool, int64_t budget, int32_t edge,
-                            float* scores, int32_t* out_idx) {
+inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int32_t lag, int32_t pool, int64_t budget,
+                            int32_t edge, float* scores, int32_t* out_idx) {
   clear_error();
   if (n_ctx < 0 || n_ctx > INT32_MAX || budget < 0) return set_error(RF_ERR_INVALID, "rf_score_select: bad sizes");
   if (check_pool(pool, "rf_score_select") != RF_OK) return RF_ERR_INVALID;
+  if (check_lag(window, lag, "rf_score_select") != RF_OK) return RF_ERR_INVALID;
   std::vector<float> own;
   if (!scores) {
     own.resize((size_t)n_ctx);
@@ -269,7 +281,7 @@ inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int32_t 
   }
   const int rc = score(scores);
   if (rc != RF_OK) return rc;
-  return smooth_select(scores, n_ctx, window, pool, budget, edge, nullptr, out_idx);
+  return smooth_select(scores, n_ctx, window, lag, pool, budget, edge, nullptr, out_idx);
 }
 
 }  // namespace rf

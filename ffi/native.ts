@@ -48,10 +48,19 @@ const EVICT_RANK: Record<EvictRank, number> = { h2o: RF_EVICT_H2O, tova: RF_EVIC
 export const RF_POOL_MEAN = 0;
 export const RF_POOL_MAX = 1;
 export type PoolOp = "mean" | "max";
+/** What rf_score_select keeps: smoothing `window` (odd), trailing each position by `lag` (0..window/2, default 0),
+ * pooled with `pool` (default mean); `budget` positions of which the first and last `edge` always. */
+export interface ScoreSelection {
+  window: number;
+  lag?: number;
+  budget: number;
+  edge: number;
+  pool?: PoolOp;
+}
 const POOL: Record<PoolOp, number> = { mean: RF_POOL_MEAN, max: RF_POOL_MAX };
 
 /** The ABI version this binding packs and calls (cuda/reform.h RF_ABI_VERSION). */
-export const RF_ABI_VERSION = 2;
+export const RF_ABI_VERSION = 3;
 
 const CODE_NAMES: Record<number, string> = {
   [RF_ERR_INVALID]: "invalid_argument",
@@ -141,6 +150,7 @@ const symbols = {
       FFIType.i32,
       FFIType.i32,
       FFIType.i32,
+      FFIType.i32,
       FFIType.i64,
       FFIType.i32,
       FFIType.ptr,
@@ -162,7 +172,17 @@ const symbols = {
   rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
   rf_seq_destroy: { args: [FFIType.ptr], returns: FFIType.void },
   rf_smooth_select: {
-    args: [FFIType.ptr, FFIType.i64, FFIType.i32, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.ptr],
+    args: [
+      FFIType.ptr,
+      FFIType.i64,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.i64,
+      FFIType.i32,
+      FFIType.ptr,
+      FFIType.ptr,
+    ],
     returns: FFIType.i64_fast,
   },
   rf_score_select: {
@@ -172,6 +192,7 @@ const symbols = {
       FFIType.i64,
       FFIType.i32,
       FFIType.ptr,
+      FFIType.i32,
       FFIType.i32,
       FFIType.i32,
       FFIType.i32,
@@ -439,7 +460,8 @@ export class Native {
   }
 
   /** rf_smooth_select: smoothScores + selectTokens of src/engine/selection.ts in O(n) natively (the same smoothed
-   * values and indices, for either pooling operator). `smoothed` (optional, >= n) receives the smoothed scores. */
+   * values and indices, for either pooling operator and any lag in [0, window / 2]). `smoothed` (optional, >= n)
+   * receives the smoothed scores. */
   smoothSelect(
     scores: Float32Array,
     window: number,
@@ -447,6 +469,7 @@ export class Native {
     edge: number,
     smoothed?: Float32Array,
     pool: PoolOp = "mean",
+    lag = 0,
   ): Int32Array {
     const n = scores.length;
     if (smoothed && smoothed.length < n) throw new Error("smoothSelect: smoothed smaller than scores");
@@ -454,7 +477,9 @@ export class Native {
     // one spare slot: bun:ffi passes an empty array as NULL, which the library rejects
     const out = new Int32Array(Math.min(n, Math.max(0, budget)) + 1);
     const m = this.check(
-      Number(this.lib.rf_smooth_select(scores, n, window | 0, POOL[pool], budget, edge | 0, smoothed ?? null, out)),
+      Number(
+        this.lib.rf_smooth_select(scores, n, window | 0, lag | 0, POOL[pool], budget, edge | 0, smoothed ?? null, out),
+      ),
       "rf_smooth_select",
     );
     return out.subarray(0, m);
@@ -468,7 +493,7 @@ export class Native {
     dim: number,
     q: Float32Array,
     nQ: number,
-    sel: { window: number; budget: number; edge: number; pool?: PoolOp },
+    sel: ScoreSelection,
     scores?: Float32Array,
   ): Int32Array {
     if (ctx.length < nCtx * dim) throw new Error("scoreSelect: ctx smaller than n_ctx*dim");
@@ -487,6 +512,7 @@ export class Native {
           q,
           nQ,
           sel.window | 0,
+          (sel.lag ?? 0) | 0,
           POOL[sel.pool ?? "mean"],
           sel.budget,
           sel.edge | 0,
@@ -726,13 +752,7 @@ export class NativeEmbStore {
   }
 
   /** Native.scoreSelect over the store's first nCtx rows. */
-  scoreSelect(
-    nCtx: number,
-    q: Float32Array,
-    nQ: number,
-    sel: { window: number; budget: number; edge: number; pool?: PoolOp },
-    scores?: Float32Array,
-  ): Int32Array {
+  scoreSelect(nCtx: number, q: Float32Array, nQ: number, sel: ScoreSelection, scores?: Float32Array): Int32Array {
     if (q.length < nQ * this.dim) throw new Error("embstore scoreSelect: q smaller than n_q*dim");
     if (scores && scores.length < nCtx) throw new Error("embstore scoreSelect: scores smaller than n_ctx");
     if (nCtx === 0) return new Int32Array(0);
@@ -745,6 +765,7 @@ export class NativeEmbStore {
           q,
           nQ,
           sel.window | 0,
+          (sel.lag ?? 0) | 0,
           POOL[sel.pool ?? "mean"],
           sel.budget,
           sel.edge | 0,

@@ -371,6 +371,7 @@ export function limitsView(info: ModelInfo) {
       max_tokens: d.maxTokens,
       max_new_tokens: d.maxNewTokens,
       smoothing_window: d.smoothingWindow,
+      smoothing_lag: d.smoothingLag,
       smoothing: d.smoothing,
       edge: d.edge,
       sentence_tail: d.sentenceTail,
@@ -421,6 +422,7 @@ export function selectionView(s: Selection) {
     context_tokens: s.contextTokens,
     selected_tokens: s.selectedTokens,
     window: s.window,
+    lag: s.lag,
     edge: s.edge,
     spans: s.spans.map((p) => ({
       start: p.start,

@@ -203,13 +203,16 @@ export function meanNormalisedRank(pooled: Float32Array, span: [number, number])
 export interface GatherSettings {
   budget: number;
   window: number;
+  /** how far the window trails each token (default 0, centered; kept within half the window) */
+  lag?: number;
   edge: number;
   op: SmoothingOp;
 }
 
 /** The query path's selection (smoothing, top budget + edges) on raw scores: is every token of `span` gathered? */
 export function gathers(scores: Float32Array, span: [number, number], g: GatherSettings): boolean {
-  const idx = selectTokens(smoothScores(scores, g.window, g.op), g.budget, edgeFor(g.budget, g.edge));
+  const lag = Math.min(g.lag ?? 0, Math.floor(g.window / 2));
+  const idx = selectTokens(smoothScores(scores, g.window, g.op, lag), g.budget, edgeFor(g.budget, g.edge));
   let lo = 0;
   let hi = idx.length;
   while (lo < hi) {

@@ -160,6 +160,11 @@ const FLAGS: Flag[] = [
   },
   { flag: "max-budget", arg: "N", help: "largest budget a request may ask for (default 7/8 of the trained window)" },
   {
+    flag: "smoothing-lag",
+    arg: "N",
+    help: "tokens the smoothing window trails each scored token by, at the default budget (default 0: centered, the paper's; at most half the window)",
+  },
+  {
     flag: "sentence-tail",
     arg: "N",
     help: "tokens of the default budget that complete the gathered passages' sentences (default 0.15 x budget; 0: the paper's gathering)",
@@ -256,6 +261,7 @@ const ENGINE_DEFAULT_FLAGS = [
   ["chunk-size", "chunkSize", 1],
   ["capacity", "capacity", 1],
   ["sentence-tail", "sentenceTail", 0],
+  ["smoothing-lag", "lag", 0],
 ] as const satisfies readonly (readonly [string, keyof EngineDefaults, number])[];
 
 function usageLine(f: Flag): string {

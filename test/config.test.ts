@@ -136,12 +136,13 @@ describe("config", () => {
         d.maxModelLen,
         d.edge,
         d.window,
+        d.lag,
       ];
     };
-    //                     chunk capacity query budget maxBudget maxTokens maxNew maxModelLen edge smoothing
-    expect(derive(512)).toEqual([128, 256, 256, 320, 448, 64, 256, 512, 10, 49]);
-    expect(derive(2048)).toEqual([512, 1024, 1024, 1280, 1792, 256, 1024, 2048, 40, 129]);
-    expect(derive(8192)).toEqual([2048, 4096, 4096, 5120, 7168, 1024, 4096, 8192, 160, 129]);
+    //                     chunk capacity query budget maxBudget maxTokens maxNew maxModelLen edge smoothing lag
+    expect(derive(512)).toEqual([128, 256, 256, 320, 448, 64, 256, 512, 10, 49, 0]);
+    expect(derive(2048)).toEqual([512, 1024, 1024, 1280, 1792, 256, 1024, 2048, 40, 129, 0]);
+    expect(derive(8192)).toEqual([2048, 4096, 4096, 5120, 7168, 1024, 4096, 8192, 160, 129, 0]);
     // the heads file's chunk / capacity win over the derived ones, explicit values over both
     const x = { trainedWindow: 512, templateTokens: 12, allowBeyondWindow: false };
     expect(resolveDefaults({}, { chunkSize: 64, capacity: 128 }, x).defaults).toMatchObject({
@@ -154,6 +155,12 @@ describe("config", () => {
       "chunk_size 300 + capacity 300 = 600 exceeds the trained window of 512 tokens",
     );
     expect(() => resolveDefaults({ maxModelLen: 600 }, {}, x)).toThrow(LimitsError);
+    // a configured lag must keep each token inside its own window
+    expect(() => resolveDefaults({ lag: 30 }, {}, x)).toThrow(
+      "the smoothing lag 30 must be within half the smoothing window 49",
+    );
+    expect(resolveDefaults({ lag: 24 }, {}, x).defaults.lag).toBe(24);
+    expect(resolveDefaults({}, { window: 9, lag: 4 }, x).defaults.lag).toBe(4);
     const beyond = resolveDefaults({ maxModelLen: 600 }, {}, { ...x, allowBeyondWindow: true });
     expect(beyond.defaults.maxModelLen).toBe(600);
     expect(beyond.warnings).toEqual([expect.stringContaining("max_model_len 600 exceeds the trained window of 512")]);

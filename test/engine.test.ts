@@ -140,9 +140,13 @@ describe("pure query helpers", () => {
     // context fits the budget: everything
     expect(selectTokens(new Float32Array(50), 100).length).toBe(50);
     // edges and smoothing window hold at the default budget and scale with a request's budget (window odd)
-    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 320)).toEqual({ window: 5, edge: 10, tail: 0 });
-    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 1280)).toEqual({ window: 21, edge: 40, tail: 0 });
-    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 64)).toEqual({ window: 1, edge: 2, tail: 0 });
+    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 320)).toEqual({ window: 5, lag: 0, edge: 10, tail: 0 });
+    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 1280)).toEqual({ window: 21, lag: 0, edge: 40, tail: 0 });
+    expect(selectionFor({ budget: 320, window: 5, edge: 10 }, 64)).toEqual({ window: 1, lag: 0, edge: 2, tail: 0 });
+    // the lag scales with the budget and stays within half the window
+    expect(selectionFor({ budget: 320, window: 49, edge: 10, lag: 16 }, 640).lag).toBe(32);
+    expect(selectionFor({ budget: 320, window: 49, edge: 10, lag: 16 }, 32).lag).toBe(2);
+    expect(selectionFor({ budget: 320, window: 5, edge: 10, lag: 16 }, 320).lag).toBe(2);
     // the sentence tail scales too, at most a quarter of the budget
     expect(selectionFor({ budget: 320, window: 49, edge: 10, sentenceTail: 48 }, 640).tail).toBe(96);
     expect(selectionFor({ budget: 320, window: 49, edge: 10, sentenceTail: 300 }, 320).tail).toBe(80);

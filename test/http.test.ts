@@ -135,6 +135,7 @@ describe("ops", () => {
       max_tokens: 256,
       max_new_tokens: 1024,
       smoothing_window: 129,
+      smoothing_lag: 0,
       edge: 40,
       sentence_tail: 192,
       baseline_cache_factor: 4,

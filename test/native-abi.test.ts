@@ -87,7 +87,17 @@ function openRaw(path: string) {
     rf_seq_import_compressor: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
     rf_compressor_create: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
     rf_smooth_select: {
-      args: [FFIType.ptr, FFIType.i64, FFIType.i32, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.ptr],
+      args: [
+        FFIType.ptr,
+        FFIType.i64,
+        FFIType.i32,
+        FFIType.i32,
+        FFIType.i32,
+        FFIType.i64,
+        FFIType.i32,
+        FFIType.ptr,
+        FFIType.ptr,
+      ],
       returns: FFIType.i64_fast,
     },
   });
@@ -147,7 +157,10 @@ function badCalls(path: string): Record<string, Outcome> {
     out["rf_score(bf16 ctx)"] = last(sym.rf_score(ptr(q), RF_BF16, 1, 4, ptr(q), 1, ptr(q)));
     out["rf_score(NULL ctx)"] = last(sym.rf_score(null, RF_F32, 1, 4, ptr(q), 1, ptr(q)));
     out["rf_smooth_select(pool 2)"] = last(
-      Number(sym.rf_smooth_select(ptr(q), 4, 3, 2, 2, 0, null, ptr(new Int32Array(4)))),
+      Number(sym.rf_smooth_select(ptr(q), 4, 3, 0, 2, 2, 0, null, ptr(new Int32Array(4)))),
+    );
+    out["rf_smooth_select(lag beyond half the window)"] = last(
+      Number(sym.rf_smooth_select(ptr(q), 4, 3, 2, 0, 2, 0, null, ptr(new Int32Array(4)))),
     );
 
     const m = native.createModel(CFG);
@@ -233,6 +246,7 @@ const EXPECTED: Record<string, number> = {
   "rf_score(bf16 ctx)": RF_ERR_INVALID,
   "rf_score(NULL ctx)": RF_ERR_INVALID,
   "rf_smooth_select(pool 2)": RF_ERR_INVALID,
+  "rf_smooth_select(lag beyond half the window)": RF_ERR_INVALID,
   "rf_compressor_create(eviction 2)": RF_ERR_INVALID,
   "rf_compressor_create(head kind 4)": RF_ERR_INVALID,
   "rf_compressor_create(o head past the query heads)": RF_ERR_INVALID,

@@ -148,6 +148,59 @@ describe("native max pooling (rf_smooth_select with RF_POOL_MAX)", () => {
   }
 });
 
+describe("smoothing lag (the window trails each token)", () => {
+  test("the reference: a trailing window is the centered one moved back by the lag, clipped at the ends", () => {
+    const raw = scores(400, "uniform", 41);
+    for (const op of ["mean", "max"] as const) {
+      const lagged = smoothScores(raw, 21, op, 6);
+      // away from the ends, position i pools what the centered window pools at i - lag
+      const centered = smoothScores(raw, 21, op);
+      for (let i = 40; i < 360; i++) expect(lagged[i]).toBe(centered[i - 6]!);
+    }
+    // a peak raises the tokens after it more than those before it
+    const peak = new Float32Array(101);
+    peak[50] = 1;
+    const sm = smoothScores(peak, 11, "mean", 4);
+    expect(sm[59]! > 0 && sm[40] === 0).toBe(true);
+    expect(() => smoothScores(raw, 21, "mean", 11)).toThrow(RangeError);
+    expect(() => smoothScores(raw, 21, "max", -1)).toThrow(RangeError);
+  });
+
+  for (const [name, open] of libs) {
+    test(`${name}: rf_smooth_select and rf_score_select with a lag, bit for bit as selection.ts`, () => {
+      const native = open();
+      try {
+        for (const op of ["mean", "max"] as const)
+          for (const [n, window, lag] of [
+            [300, 21, 10],
+            [1000, 49, 16],
+            [5, 9, 4],
+            [777, 3, 1],
+          ] as const) {
+            const raw = scores(n, "uniform", 900 + n + lag);
+            const smRef = smoothScores(raw, window, op, lag);
+            const sm = new Float32Array(n);
+            const got = native.smoothSelect(raw, window, 64, 2, sm, op, lag);
+            expect(Buffer.from(sm.buffer).equals(Buffer.from(smRef.buffer))).toBe(true);
+            expect(Array.from(got)).toEqual(Array.from(selectTokens(smRef, 64, 2)));
+          }
+        // the fused path: the same indices as scoring, then the reference's lagged selection
+        const dim = 16;
+        const n = 2000;
+        const ctx = scores(n * dim, "uniform", 5);
+        const q = scores(3 * dim, "uniform", 6);
+        const raw = new Float32Array(n);
+        const idx = native.scoreSelect(ctx, n, dim, q, 3, { window: 21, lag: 8, budget: 100, edge: 4 }, raw);
+        expect(Array.from(idx)).toEqual(Array.from(selectTokens(smoothScores(raw, 21, "mean", 8), 100, 4)));
+        expect(() => native.smoothSelect(raw, 21, 100, 4, undefined, "mean", 11)).toThrow(NativeError);
+        expect(native.lastError()).toContain("lag = 11");
+      } finally {
+        native.close();
+      }
+    });
+  }
+});
+
 function toF16(x: Float32Array): Uint16Array {
   return Uint16Array.from(x, f32ToF16);
 }

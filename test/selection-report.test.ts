@@ -46,6 +46,7 @@ describe("report parts", () => {
       idx: [1, 2, 6],
       smoothed: Float32Array.from([0, 1, 2, 3, 4, 5, 6]),
       window: 1,
+      lag: 0,
       edge: 0,
     });
     expect(sel.spans).toEqual([

@@ -57,15 +57,17 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float64", choices=["float32", "float64"],
+                    help="float64 (default): greedy answers do not flip on near-ties with the thread count")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = load_hf_dir(a.model).to(a.device).eval()
+    model = load_hf_dir(a.model).to(a.device, getattr(torch, a.dtype)).eval()
     tok = Tokenizer(os.path.join(a.model, "tokenizer.json"))
     corpus = Corpus(a.data, "eval")
     window = model.args.max_position_embeddings
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [window // 2, int(window * 0.85)]
     results = {}
-    print(f"held-out in-window recall, {a.model} (window {window}), n={a.n} per task, greedy")
+    print(f"held-out in-window recall, {a.model} (window {window}), n={a.n} per task, greedy, {a.dtype}")
     print(f"{'task':<12}" + "".join(f"{L:>10}" for L in lengths))
     for L in lengths:
         results[L] = evaluate(model, tok, corpus, a.n, L, a.seed)

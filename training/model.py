@@ -33,6 +33,11 @@ class ModelArgs:
         return asdict(self)
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 under autocast is upcast; float64 evaluation stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -40,7 +45,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = _up(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -56,7 +61,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [B, H, T, D]; cos/sin [T, D]."""
     h = x.shape[-1] // 2
     rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-    return (x.float() * cos + rot.float() * sin).type_as(x)
+    return (_up(x) * cos + _up(rot) * sin).type_as(x)
 
 
 class Attention(nn.Module):

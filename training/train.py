@@ -56,20 +56,6 @@ CONFIGS = {
         copy_warmup=0.0,
         dtype="float32",
     ),
-    # the interim architecture grown to 6 layers (1.38M parameters): two layers with zero output projections on
-    # top of the trained `tiny` weights (model.grow), trained on 2 CPU cores where the 4-layer model plateaued
-    "tiny6": dict(
-        model=ModelArgs(num_hidden_layers=6),
-        init=os.path.join(REPO, "models", "reform-tiny"),
-        batch_tokens=8192,
-        min_len=128,
-        lr=6e-4,
-        warmup_steps=50,
-        tokens=200e6,
-        copy_warmup=0.0,
-        dtype="float32",
-        mix=MIX_WEAK,
-    ),
     # the GPU model (~9.8M parameters, 2048-token window), from scratch in minutes on one H200
     "small": dict(
         model=ModelArgs(
@@ -104,6 +90,11 @@ CONFIGS = {
         dtype="float32",
     ),
 }
+
+
+# the interim architecture grown to 6 layers (1.31M parameters): two layers with zero output projections on top of
+# the trained `tiny` weights (model.grow), where the 4-layer model plateaued; tiny's settings, a lower peak LR
+CONFIGS["tiny6"] = dict(CONFIGS["tiny"], model=ModelArgs(num_hidden_layers=6), lr=6e-4, mix=MIX_WEAK)
 
 
 class Batches(torch.utils.data.IterableDataset):

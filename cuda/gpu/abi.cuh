@@ -265,12 +265,13 @@ RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e) {
   return embstore_bytes(e);
 }
 RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t window,
-                                        int32_t pool, int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
+                                        int32_t lag, int32_t pool, int64_t budget, int32_t edge, float* scores,
+                                        int32_t* out_idx) {
   return rf::guard("rf_embstore_score_select", [&]() -> int64_t {
     RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_select"));
     RF_TRY(rf::check_embstore_score(n_ctx, e->rows, q, n_q, budget, out_idx));
-    return rf::score_select([&](float* s) { return embstore_score_impl(e, n_ctx, q, n_q, s); }, n_ctx, window, pool,
-                            budget, edge, scores, out_idx);
+    return rf::score_select([&](float* s) { return embstore_score_impl(e, n_ctx, q, n_q, s); }, n_ctx, window, lag,
+                            pool, budget, edge, scores, out_idx);
   });
 }
 RF_API void rf_embstore_destroy(rf_embstore* e) {
@@ -334,20 +335,20 @@ RF_API void rf_seq_destroy(rf_seq* s) {
   delete s;
 }
 
-RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int32_t pool, int64_t budget,
-                                int32_t edge, float* smoothed, int32_t* out_idx) {
+RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int32_t lag, int32_t pool,
+                                int64_t budget, int32_t edge, float* smoothed, int32_t* out_idx) {
   return rf::guard("rf_smooth_select", [&]() -> int64_t {
-    return rf::smooth_select(scores, n, window, pool, budget, edge, smoothed, out_idx);
+    return rf::smooth_select(scores, n, window, lag, pool, budget, edge, smoothed, out_idx);
   });
 }
 
 /* scoring on the device (rf_score), smoothing and selection on the host */
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, int32_t window, int32_t pool, int64_t budget, int32_t edge, float* scores,
-                               int32_t* out_idx) {
+                               int32_t n_q, int32_t window, int32_t lag, int32_t pool, int64_t budget, int32_t edge,
+                               float* scores, int32_t* out_idx) {
   return rf::guard("rf_score_select", [&]() -> int64_t {
     return rf::score_select([&](float* s) { return rf_score(ctx, ctx_dtype, n_ctx, dim, q, n_q, s); }, n_ctx, window,
-                            pool, budget, edge, scores, out_idx);
+                            lag, pool, budget, edge, scores, out_idx);
   });
 }
 

@@ -106,8 +106,9 @@ export interface Selection {
   method: Method;
   contextTokens: number;
   selectedTokens: number;
-  /** smoothing window and always-kept edge (each side) used for this budget; 0 when nothing was scored */
+  /** smoothing window, its lag and the always-kept edge (each side) used for this budget; 0 when nothing was scored */
   window: number;
+  lag: number;
   edge: number;
   /** selected tokens merged into runs, in document order */
   spans: SelectedSpan[];
@@ -228,6 +229,8 @@ export interface ModelInfo {
     maxDiskBytes: number;
     /** smoothing window and always-kept edges (each side) at the default budget; both scale with a request's budget */
     smoothingWindow: number;
+    /** how far the smoothing window trails each token at the default budget (0 = centered); scales with the budget */
+    smoothingLag: number;
     /** how scores are pooled over the smoothing window (the heads file's "smoothing") */
     smoothing: "mean" | "max";
     edge: number;

@@ -1,8 +1,8 @@
 /**
  * Gather: which context tokens the recompute sees, for each query method.
  *   reform     score every context token against the question as the recompute prompt has it (embedding file),
- *              smooth (mean or max over the window: the heads file's "smoothing"), keep the best `budget` tokens
- *              plus the edges
+ *              smooth (mean or max over the window, trailing each token by the lag: the heads file's "smoothing"),
+ *              keep the best `budget` tokens plus the edges
  *   full       the whole context
  *   streaming  StreamingLLM: the whole context compressed again at full depth through a cache of attention sinks +
  *              the most recent tokens (no other entries), the cache imported into the sequence
@@ -127,6 +127,7 @@ export function* gatherContext(
         idx: Int32Array.from({ length: n }, (_, i) => i),
         smoothed: null,
         window: 0,
+        lag: 0,
         edge: 0,
       });
   } else {
@@ -155,7 +156,7 @@ export function* gatherContext(
     // score, pool (the heads file's operator, mean or max) and select in one native call (no copy, no sort), the
     // sentence tail kept back; the raw scores come back only for a report
     const scores = g.report ? new Float32Array(rows) : undefined;
-    const what = { window: sel.window, budget: budget - sel.tail, edge: sel.edge, pool: op };
+    const what = { window: sel.window, lag: sel.lag, budget: budget - sel.tail, edge: sel.edge, pool: op };
     const picked = scored(
       () => store!.scoreSelect(rows, qf, nq, what, scores),
       () => e.native.scoreSelect(s.embeddings(), rows, dim, qf, nq, what, scores),
@@ -166,7 +167,7 @@ export function* gatherContext(
     if (scores) {
       yield;
       // the same smoothing as the native selection (selection.ts is its reference), for the profile and span scores
-      const smoothed = smoothScores(scores, sel.window, op);
+      const smoothed = smoothScores(scores, sel.window, op, sel.lag);
       selection = selectionReport(e.tok, { method: g.method, tokens, idx, smoothed, ...sel });
     }
     yield;
@@ -176,5 +177,5 @@ export function* gatherContext(
 }
 
 function emptySelection(method: Method, n: number): Selection {
-  return { method, contextTokens: n, selectedTokens: 0, window: 0, edge: 0, spans: [], profile: null };
+  return { method, contextTokens: n, selectedTokens: 0, window: 0, lag: 0, edge: 0, spans: [], profile: null };
 }

@@ -24,6 +24,9 @@ export interface EngineDefaults {
   maxTokens: number; // default max new tokens
   maxNewTokens: number; // largest max_tokens a request may ask for (bounds the recompute KV cache)
   window: number; // smoothing window at the default budget (scales with a request's budget)
+  /** how far the smoothing window trails each token (selection.ts smoothScores; 0 = centered, the paper's), at the
+   * default budget (scales with a request's budget) */
+  lag: number;
   edge: number; // first/last tokens always kept at the default budget (scales with a request's budget)
   /** tokens of the budget that complete the gathered passages' sentences (selection.ts completeSentences; 0 = the
    * paper's gathering), at the default budget (scales with a request's budget) */
@@ -118,6 +121,11 @@ export interface LoadedEngine {
  *   - sentence tail: 0.15 x budget is kept back from the scored selection and spent completing the longest gathered
  *     passages to their sentence end (selection.ts completeSentences): a window centered on a fact's key stops partway
  *     into a long value; with it window 49 gathered 23 / 23 / 22 of 24 at 16K / 128K / 1M (bench/window-sweep.ts);
+ *   - smoothing lag 0 (the paper's centered window). A window trailing each token by 0.05 x budget (16) lets a
+ *     matched key's value share its score and gathered more of the multi-value needles (bench/window-sweep.ts), but
+ *     it cuts the key phrase before the match, and the model, which answers by restating "key is value", then
+ *     answered fewer needles at 1M tokens: bench/ruler.ts, the same 24 samples per length, mean 52.1 centered vs
+ *     29.2 trailing at 1M, 56.3 vs 61.5 at 128K (README "Choosing the defaults"). `--smoothing-lag` keeps the option;
  *   - baselines: streaming and h2o get a cache 4x REFORM's budget (as the paper ran them), bounded by the window.
  */
 export const LIMIT_RATIOS = {
@@ -131,6 +139,7 @@ export const LIMIT_RATIOS = {
   smoothingOfBudget: 0.15,
   smoothingMax: 129,
   sentenceTailOfBudget: 0.15,
+  lagOfBudget: 0,
   baselineCacheFactor: 4,
 } as const;
 
@@ -174,7 +183,7 @@ export interface LimitInputs {
  */
 export function resolveDefaults(
   d: Partial<EngineDefaults>,
-  hf: Pick<HeadsFile, "chunkSize" | "capacity" | "nSink" | "obsWindow" | "window" | "eviction">,
+  hf: Pick<HeadsFile, "chunkSize" | "capacity" | "nSink" | "obsWindow" | "window" | "lag" | "eviction">,
   x: LimitInputs,
 ): { defaults: EngineDefaults; warnings: string[] } {
   const W = x.trainedWindow;
@@ -191,6 +200,8 @@ export function resolveDefaults(
   const edge = d.edge ?? Math.round(budget * R.edgeOfBudget);
   const sentenceTail = d.sentenceTail ?? Math.round(budget * R.sentenceTailOfBudget);
   const window = d.window ?? hf.window ?? oddAtLeast1(Math.min(R.smoothingMax, budget * R.smoothingOfBudget));
+  // a derived lag stays inside half the window (a heads file may set a narrow one); a configured one must fit
+  const lag = d.lag ?? hf.lag ?? Math.min(Math.floor(window / 2), Math.round(budget * R.lagOfBudget));
   // the question is embedded on top of a full cache: what is left of the window (at least a chunk beyond it)
   const maxQueryTokens = d.maxQueryTokens ?? Math.max(W - capacity, chunkSize);
 
@@ -232,6 +243,11 @@ export function resolveDefaults(
     errors.push(
       `the default max_tokens ${maxTokens} exceeds the largest max_tokens ${maxNewTokens} (raise --max-new-tokens or lower --max-tokens)`,
     );
+  if (lag < 0 || lag > Math.floor(window / 2))
+    errors.push(
+      `the smoothing lag ${lag} must be within half the smoothing window ${window} (0 to ${Math.floor(window / 2)}): ` +
+        "a token must stay inside its own window (lower --smoothing-lag)",
+    );
   if (obsWindow > chunkSize)
     errors.push(
       `obs_window ${obsWindow} exceeds chunk_size ${chunkSize} (H2O scores come from the last queries of a chunk)`,
@@ -249,6 +265,7 @@ export function resolveDefaults(
       maxTokens,
       maxNewTokens,
       window,
+      lag,
       edge,
       sentenceTail,
       nSink: d.nSink ?? hf.nSink ?? 4,
@@ -520,6 +537,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       maxH2oTokens: defaults.maxH2oTokens,
       maxDiskBytes: defaults.maxDiskBytes,
       smoothingWindow: defaults.window,
+      smoothingLag: defaults.lag,
       smoothing: headsFile.smoothing ?? "mean",
       edge: defaults.edge,
       sentenceTail: defaults.sentenceTail,

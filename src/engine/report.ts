@@ -64,6 +64,7 @@ export interface ReportInput {
   /** smoothed score of every context token, or null when the method scored nothing */
   smoothed: Float32Array | null;
   window: number;
+  lag: number;
   edge: number;
 }
 
@@ -126,6 +127,7 @@ export function selectionReport(tok: TokenBytesSource, r: ReportInput): Selectio
     contextTokens: r.tokens.length,
     selectedTokens: r.idx.length,
     window: r.window,
+    lag: r.lag,
     edge: r.edge,
     spans,
     profile,

@@ -13,10 +13,18 @@ export const DEFAULT_EDGE = 256;
 export type SmoothingOp = "mean" | "max";
 export const SMOOTHING_OPS: readonly SmoothingOp[] = ["mean", "max"];
 
-/** Centered moving average (or, with op "max", moving maximum) of width `window` (odd; even widths are rounded up).
- * At the edges the window is the part of it inside the array. */
-export function smoothScores(scores: Float32Array, window = DEFAULT_WINDOW, op: SmoothingOp = "mean"): Float32Array {
-  if (op === "max") return maxPool(scores, window);
+/** Moving average (or, with op "max", moving maximum) of width `window` (odd; even widths are rounded up), trailing
+ * each position i by `lag` (0 <= lag <= window / 2: the window covers [i - lag - window/2, i - lag + window/2]; 0
+ * centers it, the paper's smoothing). At the edges the window is the part of it inside the array. Why a lag (this
+ * project's addition; README "Choosing the defaults"): a question matches a fact's key, and its value comes after the
+ * key, so a trailing window lets the value's tokens share the key's score. */
+export function smoothScores(
+  scores: Float32Array,
+  window = DEFAULT_WINDOW,
+  op: SmoothingOp = "mean",
+  lag = 0,
+): Float32Array {
+  if (op === "max") return maxPool(scores, window, lag);
   const n = scores.length;
   const out = new Float32Array(n);
   if (n === 0) return out;
@@ -25,19 +33,25 @@ export function smoothScores(scores: Float32Array, window = DEFAULT_WINDOW, op: 
     out.set(scores);
     return out;
   }
+  checkLag(half, lag);
   const prefix = new Float64Array(n + 1);
   for (let i = 0; i < n; i++) prefix[i + 1] = prefix[i]! + scores[i]!;
   for (let i = 0; i < n; i++) {
-    const lo = Math.max(0, i - half);
-    const hi = Math.min(n, i + half + 1);
+    const lo = Math.max(0, i - lag - half);
+    const hi = Math.min(n, i - lag + half + 1);
     out[i] = (prefix[hi]! - prefix[lo]!) / (hi - lo);
   }
   return out;
 }
 
-/** Centered moving maximum of width `window` (odd; even widths rounded up), O(n) with a monotone deque; NaN counts
- * as the lowest score. */
-export function maxPool(scores: Float32Array, window: number): Float32Array {
+function checkLag(half: number, lag: number): void {
+  if (!Number.isInteger(lag) || lag < 0 || lag > half)
+    throw new RangeError(`smoothing lag ${lag} must be an integer in [0, window / 2 = ${half}]`);
+}
+
+/** Moving maximum of width `window` (odd; even widths rounded up), trailing each position by `lag` as smoothScores,
+ * O(n) with a monotone deque; NaN counts as the lowest score. */
+export function maxPool(scores: Float32Array, window: number, lag = 0): Float32Array {
   const n = scores.length;
   const out = new Float32Array(n);
   const half = Math.max(0, Math.floor(window / 2));
@@ -45,37 +59,40 @@ export function maxPool(scores: Float32Array, window: number): Float32Array {
     out.set(scores);
     return out;
   }
+  checkLag(half, lag);
   const v = (i: number) => (Number.isNaN(scores[i]!) ? Number.NEGATIVE_INFINITY : scores[i]!);
   const dq = new Int32Array(n); // indices with decreasing values
   let head = 0;
   let tail = 0;
   let next = 0; // next index to push
   for (let i = 0; i < n; i++) {
-    const hi = Math.min(n, i + half + 1);
+    const hi = Math.min(n, i - lag + half + 1);
     for (; next < hi; next++) {
       const x = v(next);
       while (tail > head && v(dq[tail - 1]!) <= x) tail--;
       dq[tail++] = next;
     }
-    while (dq[head]! < i - half) head++;
+    while (dq[head]! < i - lag - half) head++;
     out[i] = v(dq[head]!);
   }
   return out;
 }
 
 /**
- * Smoothing window, edge and sentence tail for a request's budget: the configured values hold at the default budget
- * and scale with the budget (src/engine/load.ts LIMIT_RATIOS says why); the window stays odd, the edges take at most
- * half the budget (edgeFor), the tail at most a quarter.
+ * Smoothing window, its lag, edge and sentence tail for a request's budget: the configured values hold at the default
+ * budget and scale with the budget (src/engine/load.ts LIMIT_RATIOS says why); the window stays odd, the lag inside
+ * half the window, the edges take at most half the budget (edgeFor), the tail at most a quarter.
  */
 export function selectionFor(
-  d: { budget: number; window: number; edge: number; sentenceTail?: number },
+  d: { budget: number; window: number; edge: number; sentenceTail?: number; lag?: number },
   budget: number,
-): { window: number; edge: number; tail: number } {
+): { window: number; lag: number; edge: number; tail: number } {
   const scale = budget / d.budget;
-  const w = Math.max(1, Math.round(d.window * scale));
+  const w0 = Math.max(1, Math.round(d.window * scale));
+  const window = w0 % 2 === 0 ? w0 + 1 : w0;
+  const lag = Math.min(Math.floor(window / 2), Math.round((d.lag ?? 0) * scale));
   const tail = Math.min(Math.floor(budget / 4), Math.round((d.sentenceTail ?? 0) * scale));
-  return { window: w % 2 === 0 ? w + 1 : w, edge: edgeFor(budget, Math.round(d.edge * scale)), tail };
+  return { window, lag, edge: edgeFor(budget, Math.round(d.edge * scale)), tail };
 }
 
 /** Sorted ascending indices -> maximal runs of consecutive indices, as [start, end) pairs. */

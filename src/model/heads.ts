@@ -14,7 +14,7 @@
  * File format:
  *   {"heads": [{"layer": 13, "kind": "q", "head": 0}, {"layer": 13, "kind": "k", "head": 0}, ...],
  *    "smoothing": "max", "eviction": "h2o",
- *    "chunk_size": 1024, "capacity": 4096, "n_sink": 4, "obs_window": 128, "window": 129,
+ *    "chunk_size": 1024, "capacity": 4096, "n_sink": 4, "obs_window": 128, "window": 129, "lag": 16,
  *    "selection": {...}}   (all but heads optional)
  * `kind` is "q", "k", "v" or "o" (the attention output); `head` indexes that kind's heads:
  * 0..num_attention_heads-1 for q and o, 0..num_key_value_heads-1 for k/v.
@@ -22,8 +22,8 @@
  * "max"; either runs natively in one call (rf_score_select; src/engine/selection.ts is the reference).
  * `eviction` is how the upload compressor's full cache evicts: "h2o" (the default), "streaming" or "tova"
  * (src/engine/eviction.ts); another policy stores another cache, so contexts stored under one are refused under
- * another (the fingerprint). `chunk_size`, `capacity`, `n_sink`, `obs_window` and `window` override the serving
- * defaults; `selection` is a record of how the heads were chosen (scripts/select-heads.ts writes the chunk, capacity,
+ * another (the fingerprint). `chunk_size`, `capacity`, `n_sink`, `obs_window`, `window` and `lag` (how far the
+ * smoothing window trails each token) override the serving defaults; `selection` is a record of how the heads were chosen (scripts/select-heads.ts writes the chunk, capacity,
  * eviction, pooling operator and window it selected under, and the heads' MNR) and is not read.
  *
  * How to choose heads (for a new model): `bun scripts/select-heads.ts --model DIR --out DIR/reform_heads.json`, the
@@ -51,6 +51,8 @@ export interface HeadsFile {
   nSink?: number;
   obsWindow?: number;
   window?: number;
+  /** how far the smoothing window trails each token (selection.ts smoothScores; 0 = centered) */
+  lag?: number;
   /** how scores are pooled over the smoothing window at query time (default mean) */
   smoothing?: SmoothingOp;
   /** how the upload compressor evicts (default h2o) */
@@ -74,12 +76,12 @@ export function defaultHeads(cfg: Pick<ModelConfig, "numLayers">): HeadSpec[] {
   ];
 }
 
-function optInt(j: any, keys: string[], where: string): number | undefined {
+function optInt(j: any, keys: string[], where: string, min = 1): number | undefined {
   for (const k of keys) {
     const v = j[k];
     if (v === undefined || v === null) continue;
-    if (typeof v !== "number" || !Number.isInteger(v) || v <= 0)
-      throw new HeadsError(`${where}: "${k}" must be a positive integer`);
+    if (typeof v !== "number" || !Number.isInteger(v) || v < min)
+      throw new HeadsError(`${where}: "${k}" must be ${min > 0 ? "a positive" : "a non-negative"} integer`);
     return v;
   }
   return undefined;
@@ -132,6 +134,7 @@ export function parseHeads(
     nSink: optInt(j, ["n_sink", "nSink"], where),
     obsWindow: optInt(j, ["obs_window", "obsWindow"], where),
     window: optInt(j, ["window", "smoothing_window"], where),
+    lag: optInt(j, ["lag", "smoothing_lag"], where, 0),
     source,
   };
 }

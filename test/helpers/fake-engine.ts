@@ -109,6 +109,7 @@ export class FakeEngine implements EngineClient {
         maxH2oTokens: 4096,
         maxDiskBytes: 0,
         smoothingWindow: 3,
+        smoothingLag: 0,
         smoothing: "mean",
         edge: 2,
         sentenceTail: 0,
