@@ -5,6 +5,7 @@
  *   bun bench/ruler.ts [--model DIR] [--lengths 2k,8k,32k,128k,1m] [--methods reform,streaming,h2o]
  *                      [--tasks single,multikey,multivalue,multiquery,quote] [--samples 4] [--json out.json]
  *                      [--heads FILE_OR_JSON]   (heads and selection settings, as `serve --heads`)
+ *                      [--show-misses]          (each answer that misses a value, on stderr: what to look at)
  *
  * Starts the server in process on the model (default: the embedded one) with its derived defaults, and for every
  * context length uploads one context per sample (held-out haystack, needles at spread depths: bench/ruler-tasks.ts),
@@ -35,6 +36,7 @@ const a = benchArgs(
     threads: { type: "string" },
     heads: { type: "string" },
     json: { type: "string" },
+    "show-misses": { type: "boolean", default: false },
   },
 );
 
@@ -133,15 +135,25 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
       process.stderr.write(`[ruler] ${method} at ${length} tokens: ${status} ${body.error?.message ?? ""}\n`);
       continue;
     }
-    row.score += stringMatchAll(body.text, sample.expected);
+    const score = stringMatchAll(body.text, sample.expected);
+    row.score += score;
+    let gathered = 1;
     if (method === "reform") {
-      const spans: { char_start: number; char_end: number }[] = body.selection?.spans ?? [];
+      const spans: { char_start: number; char_end: number; text: string }[] = body.selection?.spans ?? [];
       const inside = sample.expected.filter((e) => {
         const at = sample.text.indexOf(e);
         return at >= 0 && spans.some((sp) => sp.char_start <= at && sp.char_end >= at + e.length);
       });
-      row.gathered += inside.length / sample.expected.length;
-    }
+      gathered = inside.length / sample.expected.length;
+      row.gathered += gathered;
+      if (a["show-misses"] && score < 1)
+        process.stderr.write(
+          `[miss] ${method} ${length} ${task} #${s}: gathered ${gathered.toFixed(2)}\n  q: ${sample.question}\n` +
+            `  expected: ${JSON.stringify(sample.expected)}\n  answer: ${JSON.stringify(body.text)}\n` +
+            `  passages: ${JSON.stringify(spans.filter((sp) => sp.text.length > 20).map((sp) => sp.text))}\n`,
+        );
+    } else if (a["show-misses"] && score < 1)
+      process.stderr.write(`[miss] ${method} ${length} ${task} #${s}: ${JSON.stringify(body.text)}\n`);
     row.n += 1;
     row.ttftMs.push(body.timings.ttft_ms);
   }
