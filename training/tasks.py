@@ -141,7 +141,9 @@ class TaskMaker:
             asked = facts
             question = fill(tpl[1], k=facts[0][0])
         elif task == "multikey":
-            keys = {self.key() for _ in range(r.randint(2, 7))}
+            # distinct keys in draw order (a set's order follows the per-process string hash: samples would differ
+            # from run to run)
+            keys = list(dict.fromkeys(self.key() for _ in range(r.randint(2, 7))))
             facts = [(k, self.value(kind)) for k in keys]
             asked = [r.choice(facts)]
             question = fill(tpl[1], k=asked[0][0])
@@ -151,7 +153,7 @@ class TaskMaker:
             asked = facts
             question = fill(tpl[2], k=k)
         else:  # multiquery
-            keys = list({self.key() for _ in range(r.randint(2, 4))})
+            keys = list(dict.fromkeys(self.key() for _ in range(r.randint(2, 4))))
             facts = [(k, self.value(kind)) for k in keys]
             asked = r.sample(facts, k=min(len(facts), r.randint(2, 3)))
             ks = ", ".join(k for k, _ in asked[:-1]) + " and " + asked[-1][0] if len(asked) > 1 else asked[0][0]
