@@ -60,7 +60,9 @@ function main(argv: string[]): void {
         `pooling; ${n} held-out samples per task (${tasks.join(", ")}), seed ${seed}; gathered = every asked value ` +
         "among the gathered tokens",
     );
-    const lags = values.lags ? values.lags.split(",").map(Number) : [...new Set([0, d.lag])];
+    const lags = values.lags ? values.lags.split(",").map(Number) : [...new Set([0, hf.lag ?? d.lag])];
+    if (lags.some((x) => !Number.isInteger(x) || x < 0))
+      throw new Error(`--lags: whole numbers >= 0, got ${values.lags}`);
     // one row per setting (tail, lag, window), one column per context length
     const cols = tails.flatMap((t) => lags.flatMap((lag) => windows.map((w) => ({ t, w, lag }))));
     const cells: string[][] = cols.map(() => []);

@@ -473,6 +473,7 @@ export class Native {
   ): Int32Array {
     const n = scores.length;
     if (smoothed && smoothed.length < n) throw new Error("smoothSelect: smoothed smaller than scores");
+    if (!Number.isInteger(lag)) throw new Error(`smoothSelect: lag ${lag} is not a whole number`);
     if (n === 0) return new Int32Array(0);
     // one spare slot: bun:ffi passes an empty array as NULL, which the library rejects
     const out = new Int32Array(Math.min(n, Math.max(0, budget)) + 1);
@@ -499,6 +500,7 @@ export class Native {
     if (ctx.length < nCtx * dim) throw new Error("scoreSelect: ctx smaller than n_ctx*dim");
     if (q.length < nQ * dim) throw new Error("scoreSelect: q smaller than n_q*dim");
     if (scores && scores.length < nCtx) throw new Error("scoreSelect: scores smaller than n_ctx");
+    if (!Number.isInteger(sel.lag ?? 0)) throw new Error(`scoreSelect: lag ${sel.lag} is not a whole number`);
     if (nCtx === 0) return new Int32Array(0);
     const dtype = ctx instanceof Float32Array ? RF_F32 : RF_F16;
     const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see smoothSelect

@@ -112,6 +112,9 @@ describe("config", () => {
     );
     expect(usageError(["--model", model, "--budget", "8"])).toContain("--budget must be between 16 and");
     expect(config([]).allowBeyondWindow).toBe(false);
+    expect(config(["--smoothing-lag", "8", "--sentence-tail", "0"])).toMatchObject({
+      defaults: { lag: 8, sentenceTail: 0 },
+    });
     expect(config(["--max-model-len", "9000", "--allow-beyond-window"])).toMatchObject({
       defaults: { maxModelLen: 9000 },
       allowBeyondWindow: true,
@@ -157,7 +160,7 @@ describe("config", () => {
     expect(() => resolveDefaults({ maxModelLen: 600 }, {}, x)).toThrow(LimitsError);
     // a configured lag must keep each token inside its own window
     expect(() => resolveDefaults({ lag: 30 }, {}, x)).toThrow(
-      "the smoothing lag 30 must be within half the smoothing window 49",
+      "the smoothing lag 30 (--smoothing-lag) must be within half the smoothing window 49",
     );
     expect(resolveDefaults({ lag: 24 }, {}, x).defaults.lag).toBe(24);
     expect(resolveDefaults({}, { window: 9, lag: 4 }, x).defaults.lag).toBe(4);

@@ -992,7 +992,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
     );
     ctx.fill(0, 7 * dim, 8 * dim); // an all-zero row scores 0
     const q = new Float32Array(3 * dim).map(() => gaussian(rng));
-    const sel = { window: 9, budget: 64, edge: 8 };
+    const sel = { window: 9, lag: 3, budget: 64, edge: 8 };
     for (const cublas of [false, true]) {
       useCublas(cublas);
       hooks.set("knob:embstore_block_rows", "100");

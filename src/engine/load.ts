@@ -178,7 +178,7 @@ export interface LimitInputs {
  *   fit      default budget + default max_tokens + template + 1 question token <= max_model_len; the largest budget
  *            with 1 question and 1 answer token, and the largest max_tokens with the smallest budget, fit too
  *            (else the server would accept values it can never serve).
- *   order    budget <= max budget, max_tokens <= max new tokens, obs_window <= chunk.
+ *   order    budget <= max budget, max_tokens <= max new tokens, obs_window <= chunk, smoothing lag <= window / 2.
  * Nothing is capped silently: a value that does not fit is an error, never quietly lowered.
  */
 export function resolveDefaults(
@@ -245,8 +245,9 @@ export function resolveDefaults(
     );
   if (lag < 0 || lag > Math.floor(window / 2))
     errors.push(
-      `the smoothing lag ${lag} must be within half the smoothing window ${window} (0 to ${Math.floor(window / 2)}): ` +
-        "a token must stay inside its own window (lower --smoothing-lag)",
+      `the smoothing lag ${lag} (${d.lag !== undefined ? "--smoothing-lag" : 'the heads file\'s "lag"'}) must be ` +
+        `within half the smoothing window ${window} (0 to ${Math.floor(window / 2)}): a token must stay inside its ` +
+        "own window (lower the lag or widen the window)",
     );
   if (obsWindow > chunkSize)
     errors.push(

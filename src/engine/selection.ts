@@ -29,11 +29,11 @@ export function smoothScores(
   const out = new Float32Array(n);
   if (n === 0) return out;
   const half = Math.max(0, Math.floor(window / 2));
+  checkLag(half, lag);
   if (half === 0) {
     out.set(scores);
     return out;
   }
-  checkLag(half, lag);
   const prefix = new Float64Array(n + 1);
   for (let i = 0; i < n; i++) prefix[i + 1] = prefix[i]! + scores[i]!;
   for (let i = 0; i < n; i++) {
@@ -55,11 +55,11 @@ export function maxPool(scores: Float32Array, window: number, lag = 0): Float32A
   const n = scores.length;
   const out = new Float32Array(n);
   const half = Math.max(0, Math.floor(window / 2));
+  checkLag(half, lag);
   if (half === 0 || n === 0) {
     out.set(scores);
     return out;
   }
-  checkLag(half, lag);
   const v = (i: number) => (Number.isNaN(scores[i]!) ? Number.NEGATIVE_INFINITY : scores[i]!);
   const dq = new Int32Array(n); // indices with decreasing values
   let head = 0;
