@@ -21,6 +21,7 @@ import { intFlag, parseFlags, runCli, valueFlags } from "../src/cli/args.ts";
 import {
   completeSentences,
   edgeFor,
+  maxLag,
   type SmoothingOp,
   selectionFor,
   selectTokens,
@@ -64,7 +65,10 @@ function main(argv: string[]): void {
     if (lags.some((x) => !Number.isInteger(x) || x < 0))
       throw new Error(`--lags: whole numbers >= 0, got ${values.lags}`);
     // one row per setting (tail, lag, window), one column per context length
-    const cols = tails.flatMap((t) => lags.flatMap((lag) => windows.map((w) => ({ t, w, lag }))));
+    // a lag beyond half a window is not a setting
+    const cols = tails.flatMap((t) =>
+      lags.flatMap((lag) => windows.filter((w) => lag <= maxLag(w)).map((w) => ({ t, w, lag }))),
+    );
     const cells: string[][] = cols.map(() => []);
     for (const length of lengths) {
       const t0 = performance.now();
@@ -75,7 +79,6 @@ function main(argv: string[]): void {
         const table = embedTables(lab, s.ids, s.q, hf.heads, { chunk: d.chunkSize, capacity: d.capacity });
         const raw = scoreHeads(table, heads);
         cols.forEach(({ w, t: tail, lag }, k) => {
-          if (lag > Math.floor(w / 2)) return; // outside the window: not a setting
           const idx = selectTokens(smoothScores(raw, w, op, lag), d.budget - tail, edge);
           const kept = new Set(completeSentences(idx, s.ids, ends, tail));
           const all = s.spans.every(([a, b]) => {
@@ -87,11 +90,7 @@ function main(argv: string[]): void {
       }
       hit.forEach((m, k) => {
         const total = [...m.values()].reduce((a, b) => a + b, 0);
-        cells[k]!.push(
-          cols[k]!.lag > Math.floor(cols[k]!.w / 2)
-            ? "-"
-            : `${total}/${samples.length} (${tasks.map((t) => m.get(t) ?? 0).join("/")})`,
-        );
+        cells[k]!.push(`${total}/${samples.length} (${tasks.map((t) => m.get(t) ?? 0).join("/")})`);
       });
       console.error(`[window-sweep] ${length} tokens: ${((performance.now() - t0) / 1000).toFixed(0)} s`);
     }
@@ -99,7 +98,6 @@ function main(argv: string[]): void {
     console.log(`\n| window | lag | tail | ${lengths.map(fmtLen).join(" | ")} |`);
     console.log(`| --- | --- | --- | ${lengths.map(() => "---").join(" | ")} |`);
     cols.forEach((c, k) => {
-      if (c.lag > Math.floor(c.w / 2)) return;
       console.log(`| ${c.w} | ${c.lag} | ${c.t} | ${cells[k]!.join(" | ")} |`);
     });
     console.log(

@@ -59,6 +59,14 @@ export interface ScoreSelection {
 }
 const POOL: Record<PoolOp, number> = { mean: RF_POOL_MEAN, max: RF_POOL_MAX };
 
+/** The lag argument of the selection entry points: a whole number (the library checks its range against the window;
+ * `| 0` would silently truncate a fraction). */
+function lagArg(lag: number | undefined, where: string): number {
+  const x = lag ?? 0;
+  if (!Number.isInteger(x)) throw new Error(`${where}: lag ${x} is not a whole number`);
+  return x;
+}
+
 /** The ABI version this binding packs and calls (cuda/reform.h RF_ABI_VERSION). */
 export const RF_ABI_VERSION = 3;
 
@@ -473,13 +481,13 @@ export class Native {
   ): Int32Array {
     const n = scores.length;
     if (smoothed && smoothed.length < n) throw new Error("smoothSelect: smoothed smaller than scores");
-    if (!Number.isInteger(lag)) throw new Error(`smoothSelect: lag ${lag} is not a whole number`);
+    const lagN = lagArg(lag, "smoothSelect");
     if (n === 0) return new Int32Array(0);
     // one spare slot: bun:ffi passes an empty array as NULL, which the library rejects
     const out = new Int32Array(Math.min(n, Math.max(0, budget)) + 1);
     const m = this.check(
       Number(
-        this.lib.rf_smooth_select(scores, n, window | 0, lag | 0, POOL[pool], budget, edge | 0, smoothed ?? null, out),
+        this.lib.rf_smooth_select(scores, n, window | 0, lagN, POOL[pool], budget, edge | 0, smoothed ?? null, out),
       ),
       "rf_smooth_select",
     );
@@ -500,7 +508,7 @@ export class Native {
     if (ctx.length < nCtx * dim) throw new Error("scoreSelect: ctx smaller than n_ctx*dim");
     if (q.length < nQ * dim) throw new Error("scoreSelect: q smaller than n_q*dim");
     if (scores && scores.length < nCtx) throw new Error("scoreSelect: scores smaller than n_ctx");
-    if (!Number.isInteger(sel.lag ?? 0)) throw new Error(`scoreSelect: lag ${sel.lag} is not a whole number`);
+    const lag = lagArg(sel.lag, "scoreSelect");
     if (nCtx === 0) return new Int32Array(0);
     const dtype = ctx instanceof Float32Array ? RF_F32 : RF_F16;
     const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see smoothSelect
@@ -514,7 +522,7 @@ export class Native {
           q,
           nQ,
           sel.window | 0,
-          (sel.lag ?? 0) | 0,
+          lag,
           POOL[sel.pool ?? "mean"],
           sel.budget,
           sel.edge | 0,
@@ -757,6 +765,7 @@ export class NativeEmbStore {
   scoreSelect(nCtx: number, q: Float32Array, nQ: number, sel: ScoreSelection, scores?: Float32Array): Int32Array {
     if (q.length < nQ * this.dim) throw new Error("embstore scoreSelect: q smaller than n_q*dim");
     if (scores && scores.length < nCtx) throw new Error("embstore scoreSelect: scores smaller than n_ctx");
+    const lag = lagArg(sel.lag, "embstore scoreSelect");
     if (nCtx === 0) return new Int32Array(0);
     const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see Native.smoothSelect
     const m = this.native._check(
@@ -767,7 +776,7 @@ export class NativeEmbStore {
           q,
           nQ,
           sel.window | 0,
-          (sel.lag ?? 0) | 0,
+          lag,
           POOL[sel.pool ?? "mean"],
           sel.budget,
           sel.edge | 0,

@@ -15,7 +15,7 @@
 import { loadNative, RF_F16, type Native, type NativeModel } from "../ffi/native.ts";
 import { type EvictionPolicy, evictionParams } from "../src/engine/eviction.ts";
 import { bosOf, resolveDefaults, templateTokensOf, type EngineDefaults } from "../src/engine/load.ts";
-import { edgeFor, selectTokens, smoothScores, type SmoothingOp } from "../src/engine/selection.ts";
+import { edgeFor, maxLag, selectTokens, smoothScores, type SmoothingOp } from "../src/engine/selection.ts";
 import { loadModelConfig } from "../src/model/config.ts";
 import { loadSafetensors } from "../src/model/safetensors.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
@@ -211,7 +211,7 @@ export interface GatherSettings {
 
 /** The query path's selection (smoothing, top budget + edges) on raw scores: is every token of `span` gathered? */
 export function gathers(scores: Float32Array, span: [number, number], g: GatherSettings): boolean {
-  const lag = Math.min(g.lag ?? 0, Math.floor(g.window / 2));
+  const lag = Math.min(g.lag ?? 0, maxLag(g.window));
   const idx = selectTokens(smoothScores(scores, g.window, g.op, lag), g.budget, edgeFor(g.budget, g.edge));
   let lo = 0;
   let hi = idx.length;

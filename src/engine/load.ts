@@ -13,7 +13,7 @@ import { ModelTokenizer } from "../model/tokenizer.ts";
 import type { MemoryPlan, ModelInfo } from "./api.ts";
 import { type EvictionPolicy, evictionParams } from "./eviction.ts";
 import { buildMessages, splitAtPlaceholder } from "./prompt.ts";
-import { sentenceEnds } from "./selection.ts";
+import { maxLag, sentenceEnds } from "./selection.ts";
 import type { SessionParams } from "./session.ts";
 
 export interface EngineDefaults {
@@ -201,7 +201,7 @@ export function resolveDefaults(
   const sentenceTail = d.sentenceTail ?? Math.round(budget * R.sentenceTailOfBudget);
   const window = d.window ?? hf.window ?? oddAtLeast1(Math.min(R.smoothingMax, budget * R.smoothingOfBudget));
   // a derived lag stays inside half the window (a heads file may set a narrow one); a configured one must fit
-  const lag = d.lag ?? hf.lag ?? Math.min(Math.floor(window / 2), Math.round(budget * R.lagOfBudget));
+  const lag = d.lag ?? hf.lag ?? Math.min(maxLag(window), Math.round(budget * R.lagOfBudget));
   // the question is embedded on top of a full cache: what is left of the window (at least a chunk beyond it)
   const maxQueryTokens = d.maxQueryTokens ?? Math.max(W - capacity, chunkSize);
 
@@ -243,10 +243,10 @@ export function resolveDefaults(
     errors.push(
       `the default max_tokens ${maxTokens} exceeds the largest max_tokens ${maxNewTokens} (raise --max-new-tokens or lower --max-tokens)`,
     );
-  if (lag < 0 || lag > Math.floor(window / 2))
+  if (lag < 0 || lag > maxLag(window))
     errors.push(
       `the smoothing lag ${lag} (${d.lag !== undefined ? "--smoothing-lag" : 'the heads file\'s "lag"'}) must be ` +
-        `within half the smoothing window ${window} (0 to ${Math.floor(window / 2)}): a token must stay inside its ` +
+        `within half the smoothing window ${window} (0 to ${maxLag(window)}): a token must stay inside its ` +
         "own window (lower the lag or widen the window)",
     );
   if (obsWindow > chunkSize)

@@ -27,9 +27,9 @@ export function smoothScores(
   if (op === "max") return maxPool(scores, window, lag);
   const n = scores.length;
   const out = new Float32Array(n);
+  checkLag(window, lag);
   if (n === 0) return out;
-  const half = Math.max(0, Math.floor(window / 2));
-  checkLag(half, lag);
+  const half = maxLag(window);
   if (half === 0) {
     out.set(scores);
     return out;
@@ -44,9 +44,15 @@ export function smoothScores(
   return out;
 }
 
-function checkLag(half: number, lag: number): void {
-  if (!Number.isInteger(lag) || lag < 0 || lag > half)
-    throw new RangeError(`smoothing lag ${lag} must be an integer in [0, window / 2 = ${half}]`);
+/** The largest lag a smoothing window of width `window` allows: half of it, so a token stays inside its own window
+ * (cuda/select.h check_lag is the native twin). */
+export function maxLag(window: number): number {
+  return Math.max(0, Math.floor(window / 2));
+}
+
+function checkLag(window: number, lag: number): void {
+  if (!Number.isInteger(lag) || lag < 0 || lag > maxLag(window))
+    throw new RangeError(`smoothing lag ${lag} must be an integer in [0, window / 2 = ${maxLag(window)}]`);
 }
 
 /** Moving maximum of width `window` (odd; even widths rounded up), trailing each position by `lag` as smoothScores,
@@ -54,8 +60,8 @@ function checkLag(half: number, lag: number): void {
 export function maxPool(scores: Float32Array, window: number, lag = 0): Float32Array {
   const n = scores.length;
   const out = new Float32Array(n);
-  const half = Math.max(0, Math.floor(window / 2));
-  checkLag(half, lag);
+  checkLag(window, lag);
+  const half = maxLag(window);
   if (half === 0 || n === 0) {
     out.set(scores);
     return out;
@@ -90,7 +96,7 @@ export function selectionFor(
   const scale = budget / d.budget;
   const w0 = Math.max(1, Math.round(d.window * scale));
   const window = w0 % 2 === 0 ? w0 + 1 : w0;
-  const lag = Math.min(Math.floor(window / 2), Math.round((d.lag ?? 0) * scale));
+  const lag = Math.min(maxLag(window), Math.round((d.lag ?? 0) * scale));
   const tail = Math.min(Math.floor(budget / 4), Math.round((d.sentenceTail ?? 0) * scale));
   return { window, lag, edge: edgeFor(budget, Math.round(d.edge * scale)), tail };
 }
