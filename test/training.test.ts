@@ -55,11 +55,52 @@ describe.skipIf(!PY)("training/ (python3 with torch, numpy, regex)", () => {
     expect(ours[3]![0]).toBe(1);
   });
 
+  let data = "";
+  /** the smoke corpus (corpus.py --smoke), built once */
+  const smokeData = () => {
+    if (!data) {
+      data = join(root, "data");
+      py(["training/corpus.py", "--smoke", "--out", data]);
+    }
+    return data;
+  };
+
+  test(
+    "gathered-like haystacks (tasks.py shard_rate): runs of 16-96 tokens, every needle whole in the prompt",
+    () => {
+      const check = `
+import json, sys
+sys.path.insert(0, "training")
+from tasks import Corpus, TaskMaker
+from tokenizer import Tokenizer
+tok = Tokenizer("${join(DEFAULT_MODEL_DIR, "tokenizer.json")}")
+m = TaskMaker(tok, Corpus(sys.argv[1], "train"), 5, shard_rate=1.0)
+runs = [len(p) for _ in range(20) for p in m.shards(300)]
+out = []
+for task in ("single", "multikey", "multivalue", "multiquery"):
+    for _ in range(10):
+        ex = m.make_fitting(task, 400)
+        prompt = tok.decode(ex.ids[: ex.prompt_len])
+        out.append([ex.task, len(ex.ids), all(e in prompt for e in ex.expected)])
+print(json.dumps({"runs": runs, "examples": out}))
+`;
+      const r = JSON.parse(py(["-c", check, smokeData()]));
+      expect(r.runs.length).toBeGreaterThan(40);
+      expect(Math.min(...r.runs)).toBeGreaterThanOrEqual(16);
+      expect(Math.max(...r.runs)).toBeLessThanOrEqual(96);
+      for (const [task, len, whole] of r.examples) {
+        expect(["single", "multikey", "multivalue", "multiquery"]).toContain(task);
+        expect(len).toBeLessThanOrEqual(400);
+        expect(whole).toBe(true);
+      }
+    },
+    T,
+  );
+
   test(
     "a few training steps through the GPU runbook's command, exported, load in the server and generate",
     async () => {
-      const data = join(root, "data");
-      py(["training/corpus.py", "--smoke", "--out", data]);
+      const data = smokeData();
       const out = join(root, "out");
       const r = spawnSync("bash", ["scripts/gpu-train.sh", "--dry-run"], {
         cwd: ROOT,

@@ -65,9 +65,12 @@ class Corpus:
 
 
 class TaskMaker:
-    def __init__(self, tok: Tokenizer, corpus: Corpus, seed: int):
+    def __init__(self, tok: Tokenizer, corpus: Corpus, seed: int, shard_rate: float = 0.0):
+        """`shard_rate`: the share of needle haystacks made of gathered-like runs (`shards`); 0 (evaluation) draws
+        exactly the samples it drew before the option existed."""
         self.tok, self.c = tok, corpus
         self.rng = random.Random(seed)
+        self.shard_rate = shard_rate
         self.head = tok.encode(IM_START + "user\n")
         self.im_end = tok.token_id(IM_END)
 
@@ -108,6 +111,23 @@ class TaskMaker:
                 s = s[a : a + self.rng.randrange(4, len(s) - a + 1)]
             out.append(s)
             total += len(s)
+        return out
+
+    def shards(self, n_tokens: int) -> list[list[int]]:
+        """Runs of 16-96 tokens from random places, cut at any token: the shape of what REFORM gathers beyond the
+        window (windows of contiguous tokens around the best scores, joined edge to edge; src/engine/gather.ts).
+        Needles land between runs, glued to cut text on both sides, as a gathered needle often is."""
+        r, out, total = self.rng, [], 0
+        while total < n_tokens:
+            length = r.randint(16, 96)
+            i = r.randrange(self.c.n_sents())
+            run = self.c.sent(i)
+            a = r.randrange(len(run))
+            while len(run) < a + length:
+                i = (i + 1) % self.c.n_sents()
+                run = run + self.c.sent(i)
+            out.append(run[a : a + length])
+            total += length
         return out
 
     # ---- assembling ----------------------------------------------------------------------------------------
@@ -161,7 +181,11 @@ class TaskMaker:
         sentences = [fill(tpl[0], k=k, v=v) for k, v in facts]
         needles = [self.tok.encode(" " + s) for s in sentences]
         overhead = len(self.head) + 24 + len(self.tok.encode(question)) + sum(len(n) for n in needles) * 2
-        hay = self.haystack(max(16, n_tokens - overhead), fragmented=r.random() < 0.25)
+        fragmented = r.random() < 0.25
+        if self.shard_rate and r.random() < self.shard_rate:
+            hay = self.shards(max(16, n_tokens - overhead))
+        else:
+            hay = self.haystack(max(16, n_tokens - overhead), fragmented=fragmented)
         pieces = self._insert(hay, needles)
         if task == "multivalue":  # answer in order of appearance in the text
             order = [facts[i] for i in sorted(range(len(facts)), key=lambda i: self._index_of(pieces, needles[i]))]

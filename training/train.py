@@ -95,6 +95,10 @@ CONFIGS = {
 # the interim architecture grown to 6 layers (1.31M parameters): two layers with zero output projections on top of
 # the trained `tiny` weights (model.grow), where the 4-layer model plateaued; tiny's settings, a lower peak LR
 CONFIGS["tiny6"] = dict(CONFIGS["tiny"], model=ModelArgs(num_hidden_layers=6), lr=6e-4, mix=MIX_WEAK)
+# tiny6 fine-tuned for answering from gathered tokens: beyond the window most misses were the model answering
+# wrongly from shards it had gathered (bench/ruler.ts --show-misses), which clean haystacks never showed it; starts
+# from tiny6's committed state with a fresh optimiser and a lower peak LR
+CONFIGS["tiny6s"] = dict(CONFIGS["tiny6"], init=os.path.join(HERE, "state", "tiny6", "ckpt.pt"), lr=3e-4, shard_rate=0.35)
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -108,7 +112,7 @@ class Batches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid = info.id if info else 0
         tok = Tokenizer(TOKENIZER)
-        maker = TaskMaker(tok, Corpus(self.data_dir, "train"), self.seed * 1000 + wid)
+        maker = TaskMaker(tok, Corpus(self.data_dir, "train"), self.seed * 1000 + wid, self.cfg.get("shard_rate", 0.0))
         window = self.cfg["model"].max_position_embeddings
         k = 0
         while True:
@@ -166,6 +170,11 @@ def main():
         model = Llama(ModelArgs(**state["args"]))
         model.load_state_dict(state["model"])
         print(f"[train] resumed {src}: step {state['step']}, {state['tokens'] / 1e6:.2f}M tokens", flush=True)
+    elif cfg["init"] and cfg["init"].endswith(".pt"):  # another configuration's training state: its weights only
+        init = torch.load(cfg["init"], map_location="cpu")
+        model = Llama(ModelArgs(**init["args"]))
+        model.load_state_dict(init["model"])
+        print(f"[train] initialised from {cfg['init']} (step {init['step']})", flush=True)
     elif cfg["init"] and os.path.exists(os.path.join(cfg["init"], "model.safetensors")):
         model = load_hf_dir(cfg["init"])
         print(f"[train] initialised from {cfg['init']}", flush=True)
