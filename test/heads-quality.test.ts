@@ -1,10 +1,11 @@
 /**
  * The embedded model's selected heads (its reform_heads.json, written by scripts/select-heads.ts) against random
  * heads, the worst heads and the old default (q0, k0, v0 of layer 1) under the file's smoothing, and against what the
- * server gathers without a heads file (default heads, mean over 49 tokens), on held-out samples (bench/data through
- * bench/ruler-tasks.ts, seeds no selection saw), measured by what the query path gathers: the share of samples whose
- * asked needle value is among the gathered tokens at the serving budget, window and edge. Each context is compressed
- * once through the serving compressor with every head (scripts/heads-lab.ts); deterministic, a few seconds.
+ * server gathers without a heads file (src/model/heads.ts defaultHeads, mean over 49 tokens), on held-out samples
+ * (bench/data through bench/ruler-tasks.ts, seeds no selection saw), measured by what the query path gathers: the
+ * share of samples whose asked needle value is among the gathered tokens at the serving budget, window and edge.
+ * Each context is compressed once through the serving compressor with every head (scripts/heads-lab.ts);
+ * deterministic, a few seconds.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
@@ -13,7 +14,7 @@ import { gatheredRate, heldOutSamples } from "../bench/heads-ablation.ts";
 import { libraryPath } from "../ffi/native.ts";
 import { allHeads, embedTables, type HeadTables, headKey, type Lab, openLab } from "../scripts/heads-lab.ts";
 import { selectionFor } from "../src/engine/selection.ts";
-import { loadHeads } from "../src/model/heads.ts";
+import { defaultHeads, loadHeads } from "../src/model/heads.ts";
 import type { HeadSpec } from "../src/model/types.ts";
 import { mulberry32 } from "../src/util/rng.ts";
 
@@ -25,12 +26,13 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
   let lab: Lab;
   let tables: HeadTables[];
   let spans: [number, number][][];
-  const cands = allHeads({ numLayers: 4, numHeads: 4, numKvHeads: 2 });
+  let cands: HeadSpec[] = [];
   const idx = (hs: HeadSpec[]) => hs.map((h) => cands.findIndex((c) => headKey(c) === headKey(h)));
 
   beforeAll(() => {
     lab = openLab(MODEL, { backend: "cpu" });
-    // 4K tokens: 16 contexts of 16x the capacity, compressed with all 48 candidate heads (q, k, v, o) in a few seconds
+    cands = allHeads(lab.mc);
+    // 4K tokens: 16 contexts of 16x the capacity, compressed with every candidate head (q, k, v, o) in a few seconds
     const samples = heldOutSamples(lab, ["single", "multikey", "multivalue", "multiquery"], 4, 4000, 3);
     spans = samples.map((s) => s.spans);
     const d = lab.defaults;
@@ -46,7 +48,7 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
     const rate = (heads: number[], o = op) => gatheredRate(tables, spans, { heads, ...at, op: o });
     // what the server gathers without a heads file: the default heads, mean smoothing, window 49
     const before = gatheredRate(tables, spans, {
-      heads: idx(["q", "k", "v"].map((kind) => ({ layer: 1, kind, head: 0 }) as HeadSpec)),
+      heads: idx(defaultHeads(lab.mc)),
       budget: d.budget,
       ...selectionFor(d, d.budget),
       op: "mean",
@@ -67,7 +69,7 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
     );
     console.log(
       `gathered: selected ${selected}, random ${random.toFixed(3)}, worst ${worst}, old default ${rate(idx(old))} ` +
-        `(${op}, window ${at.window}), without a heads file ${before} (old default, mean, window ${selectionFor(d, d.budget).window})`,
+        `(${op}, window ${at.window}), without a heads file ${before} (default heads, mean, window ${selectionFor(d, d.budget).window})`,
     );
     expect(selected).toBeGreaterThan(random);
     expect(selected).toBeGreaterThan(worst);
