@@ -394,6 +394,8 @@ export function selectHeads(o: SelectHeadsOptions): SelectHeadsResult {
         chunk_size: chunk,
         capacity,
         eviction,
+        // the candidate layers, as given (a restriction changes what "best" means; the file should say so)
+        layers: o.layers === undefined ? "all" : Array.isArray(o.layers) ? o.layers.join(",") : o.layers,
         pooling: pool,
         pooling_window: poolWindow,
         score: "cosine, max over the question tokens",

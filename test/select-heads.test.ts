@@ -141,6 +141,7 @@ describe("select-heads", () => {
       chunk_size: 64,
       capacity: 128,
       eviction: "h2o",
+      layers: "all",
       pooling: "max",
       pooling_window: 20,
     });
@@ -150,6 +151,13 @@ describe("select-heads", () => {
     expect(again.ranking.map((h) => [h.layer, h.kind, h.head, h.mean])).toEqual(
       r.ranking.map((h) => [h.layer, h.kind, h.head, h.mean]),
     );
+
+    // a layer restriction limits the candidates and is recorded in the file
+    const out0 = join(dir, "heads-layer0.json");
+    const only0 = selectHeads({ ...opts, layers: "0", out: out0, log: () => {} });
+    expect(only0.ranking.length).toBe(2 * cfg.numHeads + 2 * cfg.numKvHeads);
+    expect(only0.ranking.every((h) => h.layer === 0)).toBe(true);
+    expect(JSON.parse(readFileSync(out0, "utf8")).selection.layers).toBe("0");
   });
 
   test("heads.ts: o heads (over the query heads) and the eviction policy", () => {
