@@ -5,6 +5,7 @@
  *   bun bench/ruler.ts [--model DIR] [--lengths 2k,8k,32k,128k,1m] [--methods reform,streaming,h2o]
  *                      [--tasks single,multikey,multivalue,multiquery,quote] [--samples 4] [--json out.json]
  *                      [--heads FILE_OR_JSON]   (heads and selection settings, as `serve --heads`)
+ *                      [--server-flags="..."]   (more `serve` flags, space-separated: --server-flags="--sentence-tail 96")
  *                      [--show-misses]          (each answer that misses a value, on stderr: what to look at)
  *
  * Starts the server in process on the model (default: the embedded one) with its derived defaults, and for every
@@ -35,6 +36,7 @@ const a = benchArgs(
     seed: { type: "string", default: "1" },
     threads: { type: "string" },
     heads: { type: "string" },
+    "server-flags": { type: "string" },
     json: { type: "string" },
     "show-misses": { type: "boolean", default: false },
   },
@@ -53,6 +55,8 @@ const srv = await startTestServer({
     ...(a.threads ? ["--threads", a.threads] : []),
     // a heads file or inline JSON (heads, chunk_size, capacity, window, ...): the sweeps of the ablations
     ...(a.heads !== undefined ? ["--heads", a.heads] : []),
+    // any other serve flag, for sweeps of a server setting (the server refuses unknown flags at start)
+    ...(a["server-flags"] ?? "").split(/\s+/).filter(Boolean),
   ],
 });
 const base = srv.url;
