@@ -181,7 +181,7 @@ class TaskMaker:
         sentences = [fill(tpl[0], k=k, v=v) for k, v in facts]
         needles = [self.tok.encode(" " + s) for s in sentences]
         overhead = len(self.head) + 24 + len(self.tok.encode(question)) + sum(len(n) for n in needles) * 2
-        fragmented = r.random() < 0.25
+        fragmented = r.random() < 0.25  # drawn either way: with shard_rate 0 the random stream is the old one
         if self.shard_rate and r.random() < self.shard_rate:
             hay = self.shards(max(16, n_tokens - overhead))
         else:

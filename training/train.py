@@ -125,6 +125,13 @@ class Batches(torch.utils.data.IterableDataset):
             yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
 
 
+def model_of(state: dict) -> Llama:
+    """The model a training state (this trainer's ckpt.pt: "args" and "model") holds."""
+    model = Llama(ModelArgs(**state["args"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
 def lr_at(step: int, progress: float, cfg) -> float:
     if step < cfg["warmup_steps"]:
         return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
@@ -167,13 +174,11 @@ def main():
     src = ckpt_path if os.path.exists(ckpt_path) else committed if os.path.exists(committed) else None
     state = torch.load(src, map_location="cpu") if src else None
     if state:
-        model = Llama(ModelArgs(**state["args"]))
-        model.load_state_dict(state["model"])
+        model = model_of(state)
         print(f"[train] resumed {src}: step {state['step']}, {state['tokens'] / 1e6:.2f}M tokens", flush=True)
     elif cfg["init"] and cfg["init"].endswith(".pt"):  # another configuration's training state: its weights only
         init = torch.load(cfg["init"], map_location="cpu")
-        model = Llama(ModelArgs(**init["args"]))
-        model.load_state_dict(init["model"])
+        model = model_of(init)
         print(f"[train] initialised from {cfg['init']} (step {init['step']})", flush=True)
     elif cfg["init"] and os.path.exists(os.path.join(cfg["init"], "model.safetensors")):
         model = load_hf_dir(cfg["init"])
