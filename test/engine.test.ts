@@ -178,6 +178,23 @@ describe("pure query helpers", () => {
     expect(Array.from(completeSentences(joined, tokens, ends, 5))).toEqual(range(10, 20));
   });
 
+  test("completeSentences: the partial sentences at a passage's ends pay for completing the one at its middle", () => {
+    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : "a"));
+    // sentences end at 30, 70, 75, 120 and 160
+    const tokens = Int32Array.from({ length: 200 }, (_, i) => ([30, 70, 75, 120, 160].includes(i) ? 9 : 1));
+    const range = (a: number, b: number) => Array.from({ length: b - a }, (_, i) => a + i);
+    // B = 26..39: the tail of the sentence ending at 30, then the start of the next (its middle, 32, is in it);
+    // C = 110..125: its middle (117) in the sentence ending at 120, then the start of the next
+    const idx = Int32Array.from([...range(26, 40), ...range(110, 126)]);
+    // B gives up 26..30 and C 121..125; those 10 and the tail of 10 take B forward 20 tokens (40..59); C is whole
+    expect(Array.from(completeSentences(idx, tokens, ends, 10))).toEqual([...range(31, 60), ...range(110, 121)]);
+    // a larger tail: B to its end (70), C back to its start (76), and the 5 left take C's given-up piece back
+    expect(Array.from(completeSentences(idx, tokens, ends, 60))).toEqual([...range(31, 71), ...range(76, 126)]);
+    // the edges (a passage at position 0 or at the end) are kept as they are
+    const edges = Int32Array.from([...range(0, 35), ...range(195, 200)]);
+    expect(Array.from(completeSentences(edges, tokens, ends, 3))).toEqual([...range(0, 38), ...range(195, 200)]);
+  });
+
   test("native score finds planted embeddings", () => {
     const native = loadNative("cpu");
     const dim = 24;

@@ -118,9 +118,11 @@ export interface LoadedEngine {
  *     9 / 19 / 14 / 4 at 1M. A needle sentence is 20-35 tokens: a much narrower window lets isolated matches of
  *     common question words win in a long context, a much wider one dilutes the needle into its surroundings (the
  *     loss grows with the context: 129 was best on single needles at 16K only);
- *   - sentence tail: 0.15 x budget is kept back from the scored selection and spent completing the longest gathered
- *     passages to their sentence end (selection.ts completeSentences): a window centered on a fact's key stops partway
- *     into a long value; with it window 49 gathered 23 / 23 / 22 of 24 at 16K / 128K / 1M (bench/window-sweep.ts);
+ *   - sentence tail: 0.15 x budget is kept back from the scored selection and, with the partial sentences trimmed
+ *     off the passages' ends, spent completing the sentence at each passage's middle (selection.ts completeSentences):
+ *     a window centered on a fact's key stops partway into a long value; with it window 49 gathered 23 / 23 / 22 of
+ *     24 at 16K / 128K / 1M (bench/window-sweep.ts), and the trimming took multi-value from 61-74% gathered to 78-83%
+ *     at 128K (bench/ruler.ts, README "Choosing the defaults");
  *   - smoothing lag 0 (the paper's centered window). A window trailing each token by 0.05 x budget (16) lets a
  *     matched key's value share its score and gathered more of the multi-value needles (bench/window-sweep.ts), but
  *     it cuts the key phrase before the match, and the model, which answers by restating "key is value", then

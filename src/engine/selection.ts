@@ -123,12 +123,18 @@ export function sentenceEnds(vocabSize: number, tokenBytes: (id: number) => Uint
 
 /**
  * Complete the sentences of the gathered passages (this project's addition to the paper's gathering; README "Choosing
- * the defaults" has the measurement): the selection is made with `tail` fewer tokens than the budget; then each
- * passage (a run of consecutive selected positions) is extended forward, to and including the next token that ends a
- * sentence, at most `maxTail` tokens each, longest passages first, and with what is left, backward to the start of its
- * sentence. Longest first: the longest run is where the most top-scored tokens cluster, and it
- * needs no scores (the native selection returns positions only). Why: the question matches a fact's key, and a window
- * centered on the key stops partway into a long value (a uuid is 30+ tokens) after it. (Dropping the 1-4 token shards
+ * the defaults" has the measurements): the selection is made with `tail` fewer tokens than the budget; then
+ *   1. each passage (a run of consecutive selected positions, the always-kept edges aside) gives up the partial
+ *      sentences at its ends, the piece before its first sentence start and the piece after its last sentence end,
+ *      as long as the sentence at the passage's middle stays (a centered window's passage is centered on its peak);
+ *   2. those tokens and the tail extend the passages that stop inside a sentence forward, to and including the next
+ *      token that ends a sentence, at most `maxTail` tokens each, longest passages first, and with what is left,
+ *      backward to the start of their sentence;
+ *   3. whatever is still left takes the given-up pieces back, so nothing of the budget goes unused.
+ * Longest first: the longest run is where the most top-scored tokens cluster, and it needs no scores (the native
+ * selection returns positions only). Why: the question matches a fact's key, and a window centered on the key stops
+ * partway into a long value (a uuid is 30+ tokens) after it; the neighbouring sentences' fragments the window also
+ * takes are what pays for the rest of the value when four facts share a small budget. (Dropping the 1-4 token shards
  * that near-threshold peaks leave, to spend their tokens here too, gathered a little more but answered no better:
  * bench/ruler.ts at 16K and 128K, 6 samples per task. Closing the gaps of up to 8 tokens between passages first, so
  * that a ragged peak's shards join up, answered about the same at 2K-128K but gathered less at 128K and answered 6
@@ -147,28 +153,64 @@ export function completeSentences(
   const maxTail = o.maxTail ?? 64;
   if (tail <= 0 || idx.length === 0) return idx;
   const n = tokens.length;
+  const isEnd = (t: number) => ends[tokens[t]!] === 1;
   // longest passages first; positions kept in a set, so the work follows the budget, not the context's length
   const runs = mergeRuns(idx).sort((x, y) => y[1] - y[0] - (x[1] - x[0]) || x[0] - y[0]);
   const taken = new Set<number>(idx);
-  let left = tail;
-  // forward to the sentence end
+  const givenUp: number[] = [];
+  const giveUp = (from: number, to: number) => {
+    for (let t = from; t < to; t++) {
+      taken.delete(t);
+      givenUp.push(t);
+    }
+  };
+  for (const r of runs) {
+    const [a, b] = r;
+    if (a === 0 || b === n) continue; // the edges are kept as they are
+    const mid = (a + b - 1) >> 1;
+    // a run starting inside a sentence: the piece up to the first sentence end before the middle
+    if (!isEnd(a - 1))
+      for (let t = a; t < mid; t++)
+        if (isEnd(t)) {
+          giveUp(a, t + 1);
+          r[0] = t + 1;
+          break;
+        }
+    // a run stopping inside a sentence: the piece after the last sentence end from the middle on
+    if (!isEnd(b - 1))
+      for (let t = b - 2; t >= mid; t--)
+        if (isEnd(t)) {
+          giveUp(t + 1, b);
+          r[1] = t + 1;
+          break;
+        }
+  }
+  let left = tail + givenUp.length;
+  // forward to the sentence end (a run that ends one already is complete)
   for (const r of runs) {
     if (left === 0) break;
+    if (isEnd(r[1] - 1)) continue;
     for (let t = r[1]; t < n && t - r[1] < maxTail && left > 0 && !taken.has(t); t++) {
       taken.add(t);
       left--;
-      if (ends[tokens[t]!]) break;
+      if (isEnd(t)) break;
     }
   }
   // backward to the sentence start (the token after the previous sentence end)
   for (const r of runs) {
     if (left === 0) break;
-    for (let t = r[0] - 1; t >= 0 && r[0] - 1 - t < maxTail && left > 0 && !taken.has(t) && !ends[tokens[t]!]; t--) {
+    for (let t = r[0] - 1; t >= 0 && r[0] - 1 - t < maxTail && left > 0 && !taken.has(t) && !isEnd(t); t--) {
       taken.add(t);
       left--;
     }
   }
-  return taken.size === idx.length ? idx : Int32Array.from(taken).sort();
+  // the given-up pieces back, in the order given up, while tokens are left
+  for (let i = 0; i < givenUp.length && left > 0; i++)
+    if (!taken.has(givenUp[i]!)) {
+      taken.add(givenUp[i]!);
+      left--;
+    }
+  return taken.size === idx.length && givenUp.length === 0 ? idx : Int32Array.from(taken).sort();
 }
 
 /** Edge size actually kept for a budget: min(edge, floor(budget / 4)). */
