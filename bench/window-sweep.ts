@@ -5,7 +5,7 @@
  * server uses for this model, then what the query path gathers at the default budget for each smoothing window:
  * the count of samples of which every asked needle value is among the gathered tokens (what `return_selection`
  * shows), per task; once with the paper's gathering (the whole budget by score) and once as served (the sentence tail
- * kept back and spent completing the longest passages: selection.ts completeSentences). Gathering only: whether the
+ * kept back, the score floor, the passages' sentences completed: selection.ts refineSelection). Gathering only: whether the
  * model then answers is bench/ruler.ts's job.
  *
  *   bun bench/window-sweep.ts [--model DIR] [--heads FILE_OR_JSON] [--lengths 16k,128k,1m] [--samples 6]
@@ -19,9 +19,9 @@
 import { join } from "node:path";
 import { intFlag, parseFlags, runCli, valueFlags } from "../src/cli/args.ts";
 import {
-  completeSentences,
   edgeFor,
   maxLag,
+  refineSelection,
   type SmoothingOp,
   selectionFor,
   selectTokens,
@@ -67,7 +67,9 @@ function main(argv: string[]): void {
     // one row per setting (tail, lag, window), one column per context length
     // a lag beyond half a window is not a setting
     const cols = tails.flatMap((t) =>
-      lags.flatMap((lag) => windows.filter((w) => lag <= maxLag(w)).map((w) => ({ t, w, lag }))),
+      lags.flatMap((lag) =>
+        windows.filter((w) => lag <= maxLag(w)).map((w) => ({ t, w, lag, floor: t > 0 ? d.scoreFloor : 0 })),
+      ),
     );
     const cells: string[][] = cols.map(() => []);
     for (const length of lengths) {
@@ -78,9 +80,9 @@ function main(argv: string[]): void {
         // one sample at a time: the cosine table of a 1M-token context is the memory this bench needs
         const table = embedTables(lab, s.ids, s.q, hf.heads, { chunk: d.chunkSize, capacity: d.capacity });
         const raw = scoreHeads(table, heads);
-        cols.forEach(({ w, t: tail, lag }, k) => {
+        cols.forEach(({ w, t: tail, lag, floor }, k) => {
           const idx = selectTokens(smoothScores(raw, w, op, lag), d.budget - tail, edge);
-          const kept = new Set(completeSentences(idx, s.ids, ends, tail));
+          const kept = new Set(refineSelection(idx, raw, s.ids, ends, { window: w, op, lag, edge, tail, floor }));
           const all = s.spans.every(([a, b]) => {
             for (let t = a; t < b; t++) if (!kept.has(t)) return false;
             return true;
@@ -95,14 +97,14 @@ function main(argv: string[]): void {
       console.error(`[window-sweep] ${length} tokens: ${((performance.now() - t0) / 1000).toFixed(0)} s`);
     }
     const fmtLen = (x: number) => (x >= 1048576 ? `${x / 1048576}M` : `${Math.round(x / 1024)}K`);
-    console.log(`\n| window | lag | tail | ${lengths.map(fmtLen).join(" | ")} |`);
-    console.log(`| --- | --- | --- | ${lengths.map(() => "---").join(" | ")} |`);
+    console.log(`\n| window | lag | tail | floor | ${lengths.map(fmtLen).join(" | ")} |`);
+    console.log(`| --- | --- | --- | --- | ${lengths.map(() => "---").join(" | ")} |`);
     cols.forEach((c, k) => {
-      console.log(`| ${c.w} | ${c.lag} | ${c.t} | ${cells[k]!.join(" | ")} |`);
+      console.log(`| ${c.w} | ${c.lag} | ${c.t} | ${c.floor} | ${cells[k]!.join(" | ")} |`);
     });
     console.log(
       `\n(per task in parentheses: ${tasks.join(" / ")}; lag: how far the window trails each token; tail: tokens of ` +
-        "the budget that complete the longest passages' sentences, as served)",
+        "the budget that complete the passages' sentences, and floor: the score floor, both as served)",
     );
   } finally {
     lab.close();

@@ -375,6 +375,7 @@ export function limitsView(info: ModelInfo) {
       smoothing: d.smoothing,
       edge: d.edge,
       sentence_tail: d.sentenceTail,
+      score_floor: d.scoreFloor,
       template_tokens: d.templateTokens,
       baseline_cache_factor: d.baselineCacheFactor,
       max_h2o_tokens: d.maxH2oTokens,

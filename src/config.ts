@@ -7,7 +7,7 @@
 import { existsSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { EngineDefaults } from "./engine/client.ts";
-import { intFlag, oneOf, parseFlags, UsageError } from "./cli/args.ts";
+import { intFlag, numFlag, oneOf, parseFlags, UsageError } from "./cli/args.ts";
 
 export type Backend = "auto" | "cpu" | "cuda";
 
@@ -169,6 +169,11 @@ const FLAGS: Flag[] = [
     arg: "N",
     help: "tokens of the default budget that complete the gathered passages' sentences (default 0.15 x budget; 0: the paper's gathering)",
   },
+  {
+    flag: "score-floor",
+    arg: "F",
+    help: "how far from the selection's lowest smoothed score to its best a gathered token must reach, 0-1 (default 0.5; 0: fill the budget by score, the paper's gathering)",
+  },
   { flag: "max-tokens", arg: "N", help: "default answer length limit (default 1/8 of the trained window)" },
   {
     flag: "max-new-tokens",
@@ -325,6 +330,11 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
   for (const [flag, key, min] of ENGINE_DEFAULT_FLAGS) {
     const v = intFlag(flag, str(flag), min, 1 << 30);
     if (v !== undefined) defaults[key] = v;
+  }
+  const floor = numFlag("score-floor", str("score-floor"));
+  if (floor !== undefined) {
+    if (floor < 0 || floor > 1) throw new UsageError(`--score-floor must be between 0 and 1, got ${floor}`);
+    defaults.scoreFloor = floor;
   }
   const maxDisk = intFlag("max-disk-bytes", str("max-disk-bytes"), 1);
   if (maxDisk !== undefined) defaults.maxDiskBytes = maxDisk;

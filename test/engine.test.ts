@@ -15,7 +15,16 @@ import { parseQuery } from "../src/engine/schema.ts";
 import { LogitProcessor, logprobsOf } from "../src/engine/sampling.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
 import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "../src/engine/prompt.ts";
-import { completeSentences, selectionFor, selectTokens, sentenceEnds, smoothScores } from "../src/engine/selection.ts";
+import {
+  completeSentences,
+  keepNearBest,
+  refineSelection,
+  selectionFor,
+  selectTokens,
+  sentenceEnds,
+  smoothedAt,
+  smoothScores,
+} from "../src/engine/selection.ts";
 import { StopMatcher } from "../src/engine/stop.ts";
 import { lastSafeBoundary, trailingPartial } from "../src/engine/session.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
@@ -193,6 +202,56 @@ describe("pure query helpers", () => {
     // the edges (a passage at position 0 or at the end) are kept as they are
     const edges = Int32Array.from([...range(0, 35), ...range(195, 200)]);
     expect(Array.from(completeSentences(edges, tokens, ends, 3))).toEqual([...range(0, 38), ...range(195, 200)]);
+  });
+
+  test("smoothedAt: the smoothed scores at the given positions, as smoothScores has them (mean and max, lagged)", () => {
+    let x = 7;
+    const raw = Float32Array.from({ length: 300 }, () => ((x = (x * 1103515245 + 12345) % 2 ** 31) / 2 ** 31) * 2 - 1);
+    const at = [0, 1, 5, 48, 149, 150, 298, 299];
+    for (const [w, op, lag] of [
+      [1, "mean", 0],
+      [9, "mean", 0],
+      [49, "mean", 12],
+      [9, "max", 0],
+      [49, "max", 24],
+    ] as const) {
+      const full = smoothScores(raw, w, op, lag);
+      const some = smoothedAt(raw, at, w, op, lag);
+      at.forEach((i, j) => expect(Math.abs(some[j]! - full[i]!)).toBeLessThan(1e-6));
+    }
+    expect(() => smoothedAt(raw, at, 9, "mean", 5)).toThrow(RangeError);
+  });
+
+  test("score floor: keeps what reaches the floor between the lowest selected score and the best, and the edges", () => {
+    // edges 0, 1 and 98, 99 of 100; a strong passage 10..14 (0.9), a weak one 20..22 (0.5), one between at 30 (0.7)
+    const idx = Int32Array.from([0, 1, 10, 11, 12, 13, 14, 20, 21, 22, 30, 98, 99]);
+    const sm = Float32Array.from([0.1, 0.1, 0.9, 0.9, 0.9, 0.9, 0.9, 0.5, 0.5, 0.5, 0.7, 0.1, 0.1]);
+    expect(Array.from(keepNearBest(idx, sm, 0.5, 2, 100))).toEqual([0, 1, 10, 11, 12, 13, 14, 30, 98, 99]);
+    expect(Array.from(keepNearBest(idx, sm, 0.75, 2, 100))).toEqual([0, 1, 10, 11, 12, 13, 14, 98, 99]);
+    // 0 keeps the whole selection (the paper's); 1 only the best
+    expect(keepNearBest(idx, sm, 0, 2, 100)).toBe(idx);
+    expect(Array.from(keepNearBest(idx, sm, 1, 2, 100))).toEqual([0, 1, 10, 11, 12, 13, 14, 98, 99]);
+    // NaN ranks lowest: dropped, and it does not move the floor
+    const withNaN = Float32Array.from(sm);
+    withNaN[10] = Number.NaN;
+    expect(Array.from(keepNearBest(idx, withNaN, 0.5, 2, 100))).toEqual([0, 1, 10, 11, 12, 13, 14, 98, 99]);
+  });
+
+  test("refineSelection: what the floor drops completes the kept passages' sentences", () => {
+    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : "a"));
+    // one sentence ends at 40; a strong passage 20..29 stops inside it, a weak one at 60..65
+    const tokens = Int32Array.from({ length: 100 }, (_, i) => (i === 40 ? 9 : 1));
+    const raw = Float32Array.from({ length: 100 }, (_, i) => (i >= 20 && i < 30 ? 1 : i >= 60 && i < 66 ? 0.2 : 0));
+    const idx = Int32Array.from([...Array.from({ length: 10 }, (_, i) => 20 + i), 60, 61, 62, 63, 64, 65]);
+    const s = { window: 1, op: "mean" as const, lag: 0, edge: 0, tail: 5 };
+    const range = (a: number, b: number) => Array.from({ length: b - a }, (_, i) => a + i);
+    // without a floor the tail of 5 takes the strong passage to 34
+    expect(Array.from(refineSelection(idx, raw, tokens, ends, { ...s, floor: 0 }))).toEqual([
+      ...range(20, 35),
+      ...range(60, 66),
+    ]);
+    // with one, the weak passage's 6 tokens and the tail of 5 take it through its sentence end at 40
+    expect(Array.from(refineSelection(idx, raw, tokens, ends, { ...s, floor: 0.5 }))).toEqual(range(20, 41));
   });
 
   test("native score finds planted embeddings", () => {
@@ -585,6 +644,7 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
       smoothingWindow: 49,
       edge: 10,
       sentenceTail: 48,
+      scoreFloor: 0.5,
       baselineCacheFactor: 4,
       allowBeyondWindow: false,
     });

@@ -138,6 +138,7 @@ describe("ops", () => {
       smoothing_lag: 0,
       edge: 40,
       sentence_tail: 192,
+      score_floor: 0.5,
       baseline_cache_factor: 4,
       max_h2o_tokens: 262_144,
     };

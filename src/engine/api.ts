@@ -236,6 +236,8 @@ export interface ModelInfo {
     edge: number;
     /** tokens of the budget that complete the gathered passages' sentences, at the default budget (0 = off) */
     sentenceTail: number;
+    /** how far from the selection's lowest smoothed score to its best a gathered token must reach (0 = off) */
+    scoreFloor: number;
     /** longest question reform embeds for scoring (what is left of the window on top of the cache) */
     maxQueryTokens: number;
     /** the recurrent baselines' cache: this many times the budget, bounded by the window */

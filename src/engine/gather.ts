@@ -2,7 +2,8 @@
  * Gather: which context tokens the recompute sees, for each query method.
  *   reform     score every context token against the question as the recompute prompt has it (embedding file),
  *              smooth (mean or max over the window, trailing each token by the lag: the heads file's "smoothing"),
- *              keep the best `budget` tokens plus the edges
+ *              keep the best `budget` tokens plus the edges, drop those far below the best (the score floor) and
+ *              complete the passages' sentences with what that and the sentence tail free (selection.ts)
  *   full       the whole context
  *   streaming  StreamingLLM: the whole context compressed again at full depth through a cache of attention sinks +
  *              the most recent tokens (no other entries), the cache imported into the sequence
@@ -17,7 +18,7 @@ import { evictionParams } from "./eviction.ts";
 import type { LoadedEngine } from "./load.ts";
 import type { ResidentPool } from "./resident.ts";
 import { selectionReport } from "./report.ts";
-import { completeSentences, gather, selectionFor, smoothScores } from "./selection.ts";
+import { gather, refineSelection, selectionFor, smoothScores } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
 import type { Session } from "./session.ts";
 
@@ -154,17 +155,18 @@ export function* gatherContext(
     const scored = <T>(fromStore: () => T, fromFile: () => T): T =>
       resident ? resident.withMemory(store ? fromStore : fromFile, fromFile) : fromFile();
     // score, pool (the heads file's operator, mean or max) and select in one native call (no copy, no sort), the
-    // sentence tail kept back; the raw scores come back only for a report
-    const scores = g.report ? new Float32Array(rows) : undefined;
+    // sentence tail kept back; the raw scores come back for a report and for the score floor
+    const floor = d.scoreFloor;
+    const scores = g.report || floor > 0 ? new Float32Array(rows) : undefined;
     const what = { window: sel.window, lag: sel.lag, budget: budget - sel.tail, edge: sel.edge, pool: op };
     const picked = scored(
       () => store!.scoreSelect(rows, qf, nq, what, scores),
       () => e.native.scoreSelect(s.embeddings(), rows, dim, qf, nq, what, scores),
     );
     const tokens = s.readTokens(0, n);
-    const idx = completeSentences(picked, tokens, e.sentenceEnds, sel.tail);
+    const idx = refineSelection(picked, scores ?? null, tokens, e.sentenceEnds, { ...sel, op, floor });
     ctx = gather(tokens, idx);
-    if (scores) {
+    if (scores && g.report) {
       yield;
       // the same smoothing as the native selection (selection.ts is its reference), for the profile and span scores
       const smoothed = smoothScores(scores, sel.window, op, sel.lag);

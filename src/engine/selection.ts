@@ -213,6 +213,89 @@ export function completeSentences(
   return taken.size === idx.length && givenUp.length === 0 ? idx : Int32Array.from(taken).sort();
 }
 
+/** The smoothed score (smoothScores: the same window, operator and lag) at each of `positions`, from the raw scores
+ * around them only, so the work follows the positions (a budget's worth), not the context's length. */
+export function smoothedAt(
+  scores: Float32Array,
+  positions: ArrayLike<number>,
+  window: number,
+  op: SmoothingOp = "mean",
+  lag = 0,
+): Float32Array {
+  checkLag(window, lag);
+  const n = scores.length;
+  const half = maxLag(window);
+  const out = new Float32Array(positions.length);
+  for (let j = 0; j < positions.length; j++) {
+    const i = positions[j]!;
+    const lo = Math.max(0, i - lag - half);
+    const hi = Math.min(n, i - lag + half + 1);
+    if (op === "max") {
+      let m = Number.NEGATIVE_INFINITY;
+      for (let t = lo; t < hi; t++) if (scores[t]! > m) m = scores[t]!; // NaN never wins, as in maxPool
+      out[j] = m;
+    } else {
+      let sum = 0;
+      for (let t = lo; t < hi; t++) sum += scores[t]!;
+      out[j] = sum / (hi - lo);
+    }
+  }
+  return out;
+}
+
+/**
+ * The score floor (this project's addition to the paper's gathering; README "Choosing the defaults" has the
+ * measurement): of the selected positions, keep those whose smoothed score reaches `floor` of the way from the lowest
+ * selected score to the best one (0 keeps them all: the paper fills the budget by score; 1 keeps only the best). The
+ * always-kept edges (the first and last `edge` of `n` positions) take no part and stay. Why: the budget is filled by
+ * rank, so with one or two facts in a long context most of it goes to passages that merely share the question's
+ * common words ("the value corresponding to"), and a small model copies its answer from one of those; a floor between
+ * the noise and the best passage drops them, and the budget they held goes to completing sentences (refineSelection).
+ * Relative to the selection's own range, so it does not depend on the heads' score scale.
+ *
+ * idx: selected positions, ascending; smoothed: their smoothed scores (smoothedAt), aligned with idx; NaN ranks
+ * lowest. Returns the kept positions, ascending (idx itself when all are kept).
+ */
+export function keepNearBest(
+  idx: Int32Array,
+  smoothed: Float32Array,
+  floor: number,
+  edge: number,
+  n: number,
+): Int32Array {
+  if (floor <= 0) return idx;
+  const middle = (i: number) => i >= edge && i < n - edge;
+  let best = Number.NEGATIVE_INFINITY;
+  let low = Number.POSITIVE_INFINITY;
+  for (let j = 0; j < idx.length; j++) {
+    const v = smoothed[j]!;
+    if (!middle(idx[j]!) || Number.isNaN(v)) continue;
+    if (v > best) best = v;
+    if (v < low) low = v;
+  }
+  if (best === Number.NEGATIVE_INFINITY) return idx;
+  const cut = low + floor * (best - low);
+  const kept = idx.filter((i, j) => !middle(i) || smoothed[j]! >= cut);
+  return kept.length === idx.length ? idx : kept;
+}
+
+/** Gathering after the scored selection, as a query runs it (gather.ts; bench/window-sweep.ts replays it): the score
+ * floor over the selected positions (keepNearBest; `scores` are the raw per-token scores, needed only with a floor),
+ * then the sentence completion (completeSentences) with the tail plus what the floor dropped. */
+export function refineSelection(
+  idx: Int32Array,
+  scores: Float32Array | null,
+  tokens: Int32Array,
+  ends: Uint8Array,
+  s: { window: number; op: SmoothingOp; lag: number; edge: number; tail: number; floor: number },
+): Int32Array {
+  const kept =
+    s.floor > 0 && scores
+      ? keepNearBest(idx, smoothedAt(scores, idx, s.window, s.op, s.lag), s.floor, s.edge, scores.length)
+      : idx;
+  return completeSentences(kept, tokens, ends, s.tail + idx.length - kept.length);
+}
+
 /** Edge size actually kept for a budget: min(edge, floor(budget / 4)). */
 export function edgeFor(budget: number, edge = DEFAULT_EDGE): number {
   return Math.max(0, Math.min(edge, Math.floor(budget / 4)));

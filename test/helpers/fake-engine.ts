@@ -113,6 +113,7 @@ export class FakeEngine implements EngineClient {
         smoothing: "mean",
         edge: 2,
         sentenceTail: 0,
+        scoreFloor: 0,
         maxQueryTokens: 192,
         baselineCacheFactor: 4,
         inlineMaxContexts: 16,
