@@ -130,7 +130,7 @@ export function openaiRoutes(d: Deps): Hono {
     o: { object: string; idPrefix: string; maxTokens: number; logprobs: number | null },
   ): Promise<Started> => {
     checkModel(body.model);
-    const { contextId, method, budget } = reformTarget(body);
+    const { contextId, method, budget, scoreFloor } = reformTarget(body);
     // a prompt beyond the window is answered by REFORM unless the server, the body or a header turns it off
     const inlineOn =
       contextId === undefined &&
@@ -145,6 +145,7 @@ export function openaiRoutes(d: Deps): Hono {
       ...input,
       method,
       budget,
+      scoreFloor,
       sampling: samplingOf(body, { maxTokens: o.maxTokens, temperature: 1, logprobs: o.logprobs }),
       ...(inlineOn ? { inline: { owner } } : {}),
     });

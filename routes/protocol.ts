@@ -80,6 +80,8 @@ export const QueryBody = z
     ...SamplingFields,
     method: Field.method.default("reform"),
     budget: Field.budget.optional(),
+    /** the score floor for this query, 0-1 (0: the budget filled by score); default the server's --score-floor */
+    score_floor: Field.scoreFloor.optional(),
     stream: z.boolean().default(true),
     /** report log-probabilities with this many alternatives per token (0..20) */
     logprobs: Field.logprobs.optional(),
@@ -115,6 +117,7 @@ const OpenAIFields = {
       context_id: ContextIdSchema.optional(),
       method: Field.method.optional(),
       budget: Field.budget.optional(),
+      score_floor: Field.scoreFloor.optional(),
       /** false: a prompt beyond the window is refused (400 context_length_exceeded) instead of answered by REFORM */
       inline: z.boolean().optional(),
       /** true: streams carry `event: progress` while an inline prompt compresses (else SSE comments) */
@@ -294,8 +297,8 @@ export function reformTarget(body: {
   context_id?: string;
   method?: Method;
   budget?: number;
-  reform?: { context_id?: string; method?: Method; budget?: number };
-}): { contextId: string | undefined; method: Method; budget: number | undefined } {
+  reform?: { context_id?: string; method?: Method; budget?: number; score_floor?: number };
+}): { contextId: string | undefined; method: Method; budget: number | undefined; scoreFloor: number | undefined } {
   let contextId = body.context_id ?? body.reform?.context_id;
   if (contextId === undefined && body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {
     const fromModel = ContextIdSchema.safeParse(body.model.slice(CONTEXT_MODEL_PREFIX.length));
@@ -307,6 +310,7 @@ export function reformTarget(body: {
     contextId,
     method: body.reform?.method ?? body.method ?? "reform",
     budget: body.reform?.budget ?? body.budget,
+    scoreFloor: body.reform?.score_floor,
   };
 }
 

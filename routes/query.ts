@@ -23,6 +23,7 @@ export function queryRoutes(d: Deps): Hono {
       messages: body.messages,
       method: body.method,
       budget: body.budget,
+      scoreFloor: body.score_floor,
       returnSelection: body.return_selection,
       sampling: samplingOf(body, {
         maxTokens: body.max_tokens ?? defaults?.maxTokens ?? 256,

@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { downsampleMax, selectionReport } from "../src/engine/report.ts";
 import { mergeRuns } from "../src/engine/selection.ts";
-import { collectSse, j, jsonPost, uploadContext } from "./helpers/http.ts";
+import { collectSse, expectError, j, jsonPost, uploadContext } from "./helpers/http.ts";
 import { startTestServer, type TestServer } from "./helpers/server.ts";
 
 // biome-ignore lint/suspicious/noExplicitAny: tests read response bodies loosely typed
@@ -154,6 +154,41 @@ describe("return_selection on the query route", () => {
       expect(full.selection.spans[0]).toMatchObject({ start: 0, end: info.tokens_received, byte_start: 0 });
       expect(full.selection.spans[0].text).toBe(short);
       expect(full.selection.spans[0].char_end).toBe([...short].length);
+    },
+    T,
+  );
+
+  test(
+    "score_floor per request: 0 (the budget filled by score) and 1 (only the best) gather differently; out of range is a 400",
+    async () => {
+      const spansAt = async (floor: number) =>
+        (
+          await j(
+            jsonPost(`${base}/v1/contexts/${ctxId}/query`, {
+              ...ask,
+              stream: false,
+              return_selection: true,
+              score_floor: floor,
+            }),
+          )
+        ).selection.spans.map((s: Json) => [s.start, s.end]);
+      const paper = await spansAt(0);
+      const best = await spansAt(1);
+      expect(paper.reduce((n: number, [a, b]: number[]) => n + b - a, 0)).toBe(64);
+      expect(best).not.toEqual(paper);
+      const err = await expectError(
+        await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...ask, score_floor: 1.5 }),
+        400,
+      );
+      expect(err.param).toBe("score_floor");
+      // the OpenAI endpoints take it in the `reform` extension object
+      await expectError(
+        await jsonPost(`${base}/v1/chat/completions`, {
+          messages: [{ role: "user", content: "Where is the needle?" }],
+          reform: { context_id: ctxId, score_floor: -0.1 },
+        }),
+        400,
+      );
     },
     T,
   );

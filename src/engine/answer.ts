@@ -237,6 +237,7 @@ export function* runQuery(e: LoadedEngine, q: PlannedQuery, h: RunHooks): Task<v
           s,
           method: q.method,
           budget: q.budget,
+          floor: q.req.scoreFloor ?? e.defaults.scoreFloor,
           pre: q.pre,
           suf: q.suf,
           queryTurns: q.queryTurns,

@@ -76,6 +76,9 @@ export interface QueryRequest {
   method: Method;
   /** Recompute budget in context tokens (gathered tokens); default from server config. */
   budget?: number;
+  /** The score floor for this query (selection.ts keepNearBest: 0 fills the budget by score); default from server
+   * config. */
+  scoreFloor?: number;
   /**
    * Inline REFORM (no contextId): when the rendered prompt does not fit the window, everything but its end is
    * compressed into an implicit context (cached per owner, keyed by its tokens) and the end is the question;

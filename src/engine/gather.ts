@@ -26,6 +26,8 @@ export interface GatherInput {
   s: Session;
   method: Method;
   budget: number;
+  /** the score floor (selection.ts keepNearBest; 0: the budget filled by score) */
+  floor: number;
   /** template tokens before and after the context */
   pre: number[];
   suf: number[];
@@ -156,7 +158,7 @@ export function* gatherContext(
       resident ? resident.withMemory(store ? fromStore : fromFile, fromFile) : fromFile();
     // score, pool (the heads file's operator, mean or max) and select in one native call (no copy, no sort), the
     // sentence tail kept back; the raw scores come back for a report and for the score floor
-    const floor = d.scoreFloor;
+    const floor = g.floor;
     const scores = g.report || floor > 0 ? new Float32Array(rows) : undefined;
     const what = { window: sel.window, lag: sel.lag, budget: budget - sel.tail, edge: sel.edge, pool: op };
     const picked = scored(

@@ -33,6 +33,7 @@ export const MAX_LOGIT_BIAS = 1024;
 export const Field = {
   method: z.enum(METHODS as unknown as [Method, ...Method[]]),
   budget: z.number().int().min(MIN_BUDGET),
+  scoreFloor: z.number().min(0).max(1),
   maxTokens: z.number().int().min(1),
   temperature: z.number().min(0).max(2),
   topP: z.number().gt(0).max(1),
@@ -78,6 +79,7 @@ export const QueryRequestSchema = z
     sampling: SamplingSchema,
     method: Field.method,
     budget: Field.budget.optional(),
+    scoreFloor: Field.scoreFloor.optional(),
     inline: z
       .object({ owner: z.string().max(256) })
       .strict()
