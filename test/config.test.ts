@@ -145,7 +145,7 @@ describe("config", () => {
       ];
     };
     //                     chunk capacity query budget maxBudget maxTokens maxNew maxModelLen edge smoothing lag
-    expect(derive(512)).toEqual([128, 256, 256, 320, 448, 64, 256, 512, 10, 49, 0]);
+    expect(derive(512)).toEqual([128, 256, 256, 320, 448, 64, 256, 512, 10, 33, 0]);
     expect(derive(2048)).toEqual([512, 1024, 1024, 1280, 1792, 256, 1024, 2048, 40, 129, 0]);
     expect(derive(8192)).toEqual([2048, 4096, 4096, 5120, 7168, 1024, 4096, 8192, 160, 129, 0]);
     // the heads file's chunk / capacity win over the derived ones, explicit values over both
@@ -161,10 +161,10 @@ describe("config", () => {
     );
     expect(() => resolveDefaults({ maxModelLen: 600 }, {}, x)).toThrow(LimitsError);
     // a configured lag must keep each token inside its own window
-    expect(() => resolveDefaults({ lag: 30 }, {}, x)).toThrow(
-      "the smoothing lag 30 (--smoothing-lag) must be within half the smoothing window 49",
+    expect(() => resolveDefaults({ lag: 20 }, {}, x)).toThrow(
+      "the smoothing lag 20 (--smoothing-lag) must be within half the smoothing window 33",
     );
-    expect(resolveDefaults({ lag: 24 }, {}, x).defaults.lag).toBe(24);
+    expect(resolveDefaults({ lag: 16 }, {}, x).defaults.lag).toBe(16);
     expect(resolveDefaults({}, { window: 9, lag: 4 }, x).defaults.lag).toBe(4);
     const beyond = resolveDefaults({ maxModelLen: 600 }, {}, { ...x, allowBeyondWindow: true });
     expect(beyond.defaults.maxModelLen).toBe(600);

@@ -641,7 +641,7 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
       maxTokens: 64,
       maxNewTokens: 256,
       maxModelLen: 512,
-      smoothingWindow: 49,
+      smoothingWindow: 33,
       edge: 10,
       sentenceTail: 48,
       scoreFloor: 0.5,

@@ -1,7 +1,7 @@
 /**
  * The embedded model's selected heads (its reform_heads.json, written by scripts/select-heads.ts) against random
  * heads, the worst heads and the old default (q0, k0, v0 of layer 1) under the file's smoothing, and against what the
- * server gathers without a heads file (src/model/heads.ts defaultHeads, mean over 49 tokens), on held-out samples
+ * server gathers without a heads file (src/model/heads.ts defaultHeads, mean over 33 tokens), on held-out samples
  * (bench/data through bench/ruler-tasks.ts, seeds no selection saw), measured by what the query path gathers: the
  * share of samples whose asked needle value is among the gathered tokens at the serving budget, window and edge.
  * Each context is compressed once through the serving compressor with every head (scripts/heads-lab.ts);
@@ -43,10 +43,10 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
   test("the selected heads file gathers more than random or worst heads, no less than the old default heads or the server without a heads file", () => {
     const hf = loadHeads(MODEL, lab.mc, HEADS);
     const op = hf.smoothing ?? "mean";
-    const d = lab.defaults; // the server's own defaults: window 49 without a heads file
+    const d = lab.defaults; // the server's own defaults: window 33 without a heads file
     const at = { budget: d.budget, ...selectionFor({ ...d, window: hf.window ?? d.window }, d.budget) };
     const rate = (heads: number[], o = op) => gatheredRate(tables, spans, { heads, ...at, op: o });
-    // what the server gathers without a heads file: the default heads, mean smoothing, window 49
+    // what the server gathers without a heads file: the default heads, mean smoothing, window 33
     const before = gatheredRate(tables, spans, {
       heads: idx(defaultHeads(lab.mc)),
       budget: d.budget,
@@ -74,7 +74,7 @@ describe.skipIf(!haveCpu)("selected heads on held-out samples", () => {
     expect(selected).toBeGreaterThan(random);
     expect(selected).toBeGreaterThan(worst);
     expect(selected).toBeGreaterThanOrEqual(rate(idx(old)));
-    // since the default window became 0.15 x budget (49 here) the server without a heads file gathers as much as this file
+    // since the default window became 0.15 x budget (then 0.1 x: 33 here) the server without a heads file gathers as much as this file
     expect(selected).toBeGreaterThanOrEqual(before);
   });
 });

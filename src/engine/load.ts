@@ -114,13 +114,14 @@ export interface LoadedEngine {
  *     the largest budget (7W/8) leaves W/8 for the template, a short question and a short answer, the largest
  *     max_tokens is W/2 (with a small budget);
  *   - selection: the always-kept edges (budget/32 each side: the project's earlier 256 at budget 8192) and the
- *     smoothing window (0.15 x budget, odd, at most the paper's 129: 49 at the 512-token model's budget 320), chosen
- *     by measurement on all four needle tasks (embedded model and heads, budget 320, 24 held-out samples per length,
- *     the share whose every asked value was gathered; README "Choosing the defaults", bench/window-sweep.ts):
- *     windows 33 / 49 / 65 / 129 gathered 17 / 20 / 20 / 11 at 16K tokens, 14 / 20 / 20 / 9 at 128K and
- *     9 / 19 / 14 / 4 at 1M. A needle sentence is 20-35 tokens: a much narrower window lets isolated matches of
- *     common question words win in a long context, a much wider one dilutes the needle into its surroundings (the
- *     loss grows with the context: 129 was best on single needles at 16K only);
+ *     smoothing window (0.1 x budget, odd, at most the paper's 129: 33 at the 512-token model's budget 320), chosen
+ *     by measurement on all four needle tasks with the gathering as served (embedded model and heads, budget 320, 24
+ *     held-out samples per length, the share whose every asked value was gathered; README "Choosing the defaults",
+ *     bench/window-sweep.ts): windows 33 / 49 / 65 / 129 gathered 24 / 22 / 17 / 7 at 16K tokens, 24 / 22 / 19 / 9
+ *     at 128K and 24 / 21 / 16 / 3 at 1M, and 33 answered more than 49 at 128K (bench/ruler.ts, 60 samples per
+ *     task: mean 77.8 vs 73.1). A needle sentence is 20-35 tokens: a much wider window dilutes the needle into its
+ *     surroundings; a much narrower one lets isolated matches of common question words win in a long context,
+ *     which the score floor removes (without it 33 gathered least of 33-65: 18 / 13 / 9);
  *   - sentence tail: 0.15 x budget is kept back from the scored selection and, with the partial sentences trimmed
  *     off the passages' ends, spent completing the sentence at each passage's middle (selection.ts completeSentences):
  *     a window centered on a fact's key stops partway into a long value; with it window 49 gathered 23 / 23 / 22 of
@@ -132,8 +133,8 @@ export interface LoadedEngine {
  *     answered fewer needles at 1M tokens: bench/ruler.ts, the same 24 samples per length, mean 52.1 centered vs
  *     29.2 trailing at 1M, 56.3 vs 61.5 at 128K (README "Choosing the defaults"). `--smoothing-lag` keeps the option;
  *   - score floor 0.5: of the selected tokens, those below halfway from the lowest smoothed score to the best are
- *     dropped and their budget completes sentences (selection.ts keepNearBest): at 128K, 60 samples per task, the
- *     mean went from 66.7 to 73.1, single needles 83.3 -> 91.7, multi-key 81.7 -> 93.3 (README "Choosing the
+ *     dropped and their budget completes sentences (selection.ts keepNearBest): at 128K, 60 samples per task (window
+ *     49), the mean went from 66.7 to 73.1, single needles 83.3 -> 91.7, multi-key 81.7 -> 93.3 (README "Choosing the
  *     defaults"); `--score-floor 0` gives the paper's budget filled by score;
  *   - baselines: streaming and h2o get a cache 4x REFORM's budget (as the paper ran them), bounded by the window.
  */
@@ -145,7 +146,7 @@ export const LIMIT_RATIOS = {
   maxBudget: 7 / 8,
   maxNewTokens: 1 / 2,
   edgeOfBudget: 1 / 32,
-  smoothingOfBudget: 0.15,
+  smoothingOfBudget: 0.1,
   smoothingMax: 129,
   sentenceTailOfBudget: 0.15,
   lagOfBudget: 0,
