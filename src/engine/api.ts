@@ -145,7 +145,8 @@ export interface InlineInfo {
   contextTokens: number;
   /** tokens this request compresses (0 on a hit) */
   appendedTokens: number;
-  /** context tokens the recompute gathers (min(budget, contextTokens) for reform) */
+  /** context tokens the recompute may gather (min(budget, contextTokens) for reform; the score floor may gather
+   * fewer) */
   gatheredTokens: number;
   /** tokens of the question as the recompute has it (the end of the prompt) */
   questionTokens: number;
