@@ -429,6 +429,7 @@ export function selectionView(s: Selection) {
     window: s.window,
     lag: s.lag,
     edge: s.edge,
+    score_floor: s.scoreFloor,
     spans: s.spans.map((p) => ({
       start: p.start,
       end: p.end,

@@ -159,23 +159,26 @@ describe("return_selection on the query route", () => {
   );
 
   test(
-    "score_floor per request: 0 (the budget filled by score) and 1 (only the best) gather differently; out of range is a 400",
+    "score_floor per request: the gathering reports the floor it used (the server's by default); out of range is a 400",
     async () => {
-      const spansAt = async (floor: number) =>
+      const selectionAt = async (floor?: number) =>
         (
           await j(
             jsonPost(`${base}/v1/contexts/${ctxId}/query`, {
               ...ask,
               stream: false,
               return_selection: true,
-              score_floor: floor,
+              ...(floor === undefined ? {} : { score_floor: floor }),
             }),
           )
-        ).selection.spans.map((s: Json) => [s.start, s.end]);
-      const paper = await spansAt(0);
-      const best = await spansAt(1);
-      expect(paper.reduce((n: number, [a, b]: number[]) => n + b - a, 0)).toBe(64);
-      expect(best).not.toEqual(paper);
+        ).selection;
+      const props = await j(fetch(`${base}/props`));
+      expect((await selectionAt()).score_floor).toBe(props.limits.score_floor);
+      expect((await selectionAt(1)).score_floor).toBe(1);
+      // 0: the paper's gathering, the whole budget by score
+      const paper = await selectionAt(0);
+      expect(paper.score_floor).toBe(0);
+      expect(paper.selected_tokens).toBe(64);
       const err = await expectError(
         await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...ask, score_floor: 1.5 }),
         400,

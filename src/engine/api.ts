@@ -113,6 +113,8 @@ export interface Selection {
   window: number;
   lag: number;
   edge: number;
+  /** the score floor this query gathered with (selection.ts keepNearBest); 0 when nothing was scored */
+  scoreFloor: number;
   /** selected tokens merged into runs, in document order */
   spans: SelectedSpan[];
   /**

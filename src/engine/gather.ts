@@ -172,7 +172,7 @@ export function* gatherContext(
       yield;
       // the same smoothing as the native selection (selection.ts is its reference), for the profile and span scores
       const smoothed = smoothScores(scores, sel.window, op, sel.lag);
-      selection = selectionReport(e.tok, { method: g.method, tokens, idx, smoothed, ...sel });
+      selection = selectionReport(e.tok, { method: g.method, tokens, idx, smoothed, ...sel, scoreFloor: floor });
     }
     yield;
   }
@@ -181,5 +181,15 @@ export function* gatherContext(
 }
 
 function emptySelection(method: Method, n: number): Selection {
-  return { method, contextTokens: n, selectedTokens: 0, window: 0, lag: 0, edge: 0, spans: [], profile: null };
+  return {
+    method,
+    contextTokens: n,
+    selectedTokens: 0,
+    window: 0,
+    lag: 0,
+    edge: 0,
+    scoreFloor: 0,
+    spans: [],
+    profile: null,
+  };
 }

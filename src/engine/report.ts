@@ -66,6 +66,8 @@ export interface ReportInput {
   window: number;
   lag: number;
   edge: number;
+  /** the score floor the gathering used (0: none, or nothing scored) */
+  scoreFloor?: number;
 }
 
 export function selectionReport(tok: TokenBytesSource, r: ReportInput): Selection {
@@ -129,6 +131,7 @@ export function selectionReport(tok: TokenBytesSource, r: ReportInput): Selectio
     window: r.window,
     lag: r.lag,
     edge: r.edge,
+    scoreFloor: r.scoreFloor ?? 0,
     spans,
     profile,
   };
