@@ -331,11 +331,8 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
     const v = intFlag(flag, str(flag), min, 1 << 30);
     if (v !== undefined) defaults[key] = v;
   }
-  const floor = numFlag("score-floor", str("score-floor"));
-  if (floor !== undefined) {
-    if (floor < 0 || floor > 1) throw new UsageError(`--score-floor must be between 0 and 1, got ${floor}`);
-    defaults.scoreFloor = floor;
-  }
+  const floor = numFlag("score-floor", str("score-floor"), 0, 1);
+  if (floor !== undefined) defaults.scoreFloor = floor;
   const maxDisk = intFlag("max-disk-bytes", str("max-disk-bytes"), 1);
   if (maxDisk !== undefined) defaults.maxDiskBytes = maxDisk;
   const resident = intFlag("resident-emb-bytes", str("resident-emb-bytes"), 0);

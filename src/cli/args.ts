@@ -48,11 +48,17 @@ export function intFlag(
   return n;
 }
 
-/** A finite number flag; undefined when absent. */
-export function numFlag(name: string, v: string | undefined): number | undefined {
+/** A finite number flag within [min, max] (as intFlag); undefined when absent. */
+export function numFlag(
+  name: string,
+  v: string | undefined,
+  min = Number.NEGATIVE_INFINITY,
+  max = Number.POSITIVE_INFINITY,
+): number | undefined {
   if (v === undefined) return undefined;
   const n = Number(v);
   if (v.trim() === "" || !Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got '${v}'`);
+  if (n < min || n > max) throw new UsageError(`--${name} must be between ${min} and ${max}, got ${n}`);
   return n;
 }
 
