@@ -98,6 +98,60 @@ print(json.dumps({"runs": runs, "examples": out}))
   );
 
   test(
+    "facts side by side (tasks.py cluster_rate): the needles adjacent but for 1-12 token shards, answers in text order",
+    () => {
+      const check = `
+import json, sys
+sys.path.insert(0, "training")
+from tasks import Corpus, TaskMaker
+from tokenizer import Tokenizer
+tok = Tokenizer("${join(DEFAULT_MODEL_DIR, "tokenizer.json")}")
+m = TaskMaker(tok, Corpus(sys.argv[1], "train"), 7, cluster_rate=1.0)
+clusters = []
+for _ in range(20):
+    hay = [[-100 - i] for i in range(8)]
+    needles = [[-1], [-2], [-3], [-4]]
+    pieces = m._cluster(hay, needles)
+    clusters.append([p if p in hay or p in needles else len(p) for p in pieces])
+examples = []
+for task in ("multikey", "multivalue", "multiquery"):
+    for _ in range(10):
+        ex = m.make_fitting(task, 400)
+        prompt = tok.decode(ex.ids[: ex.prompt_len])
+        answer = tok.decode(ex.ids[ex.prompt_len :])
+        whole = all(e in prompt for e in ex.expected)
+        order = [answer.index(e) for e in sorted(ex.expected, key=prompt.index)] if whole else []
+        examples.append([ex.task, len(ex.ids), whole, order == sorted(order)])
+print(json.dumps({"clusters": clusters, "examples": examples}))
+`;
+      const r = JSON.parse(py(["-c", check, smokeData()]));
+      let shards = 0;
+      for (const c of r.clusters as (number[] | number)[][]) {
+        // the haystack in its order, the needles in theirs, one run of needles with at most a shard before each
+        expect(c.filter((p) => Array.isArray(p) && p[0]! <= -100)).toEqual(
+          Array.from({ length: 8 }, (_, i) => [-100 - i]),
+        );
+        const at = c.flatMap((p, i) => (Array.isArray(p) && p[0]! > -100 ? [i] : []));
+        expect(at.map((i) => (c[i] as number[])[0])).toEqual([-1, -2, -3, -4]);
+        for (let k = 1; k < at.length; k++) expect(at[k]! - at[k - 1]!).toBeLessThanOrEqual(2);
+        for (const p of c)
+          if (typeof p === "number") {
+            expect(p).toBeGreaterThanOrEqual(1);
+            expect(p).toBeLessThanOrEqual(12);
+            shards++;
+          }
+      }
+      expect(shards).toBeGreaterThan(10); // about half the needles get one
+      for (const [task, len, whole, ordered] of r.examples) {
+        expect(len).toBeLessThanOrEqual(400);
+        expect(whole).toBe(true);
+        if (task === "multivalue") expect(ordered).toBe(true);
+      }
+    },
+    T,
+  );
+
+  test(
     "a few training steps through the GPU runbook's command, exported, load in the server and generate",
     async () => {
       const data = smokeData();

@@ -65,12 +65,14 @@ class Corpus:
 
 
 class TaskMaker:
-    def __init__(self, tok: Tokenizer, corpus: Corpus, seed: int, shard_rate: float = 0.0):
-        """`shard_rate`: the share of needle haystacks made of gathered-like runs (`shards`); 0 (evaluation) draws
-        exactly the samples it drew before the option existed."""
+    def __init__(self, tok: Tokenizer, corpus: Corpus, seed: int, shard_rate: float = 0.0, cluster_rate: float = 0.0):
+        """`shard_rate`: the share of needle haystacks made of gathered-like runs (`shards`); `cluster_rate`: the share
+        of needle tasks whose facts stand together (`_cluster`). 0 (evaluation) draws exactly the samples drawn before
+        the options existed."""
         self.tok, self.c = tok, corpus
         self.rng = random.Random(seed)
         self.shard_rate = shard_rate
+        self.cluster_rate = cluster_rate
         self.head = tok.encode(IM_START + "user\n")
         self.im_end = tok.token_id(IM_END)
 
@@ -186,13 +188,33 @@ class TaskMaker:
             hay = self.shards(max(16, n_tokens - overhead))
         else:
             hay = self.haystack(max(16, n_tokens - overhead), fragmented=fragmented)
-        pieces = self._insert(hay, needles)
+        if self.cluster_rate and r.random() < self.cluster_rate:
+            pieces = self._cluster(hay, needles)
+        else:
+            pieces = self._insert(hay, needles)
         if task == "multivalue":  # answer in order of appearance in the text
             order = [facts[i] for i in sorted(range(len(facts)), key=lambda i: self._index_of(pieces, needles[i]))]
         else:
             order = asked
         answer = " ".join(fill(tpl[0], k=k, v=v) for k, v in order)
         return self._chat(pieces, question, answer, task, [v for _, v in asked])
+
+    def _cluster(self, hay: list[list[int]], needles: list[list[int]]) -> list[list[int]]:
+        """The needles (facts and distractors) side by side at one random place, some glued to a 1-12 token shard:
+        the shape of a recompute prompt under the score floor (src/engine/selection.ts keepNearBest), where the
+        passages that share the question's key stand next to each other and little else is kept. A model that saw
+        facts only far apart restated one fact twice and skipped the next (bench/ruler.ts --show-misses)."""
+        r = self.rng
+        cluster = []
+        for nd in needles:
+            if r.random() < 0.5:
+                i = r.randrange(self.c.n_sents())
+                s = self.c.sent(i)
+                a = r.randrange(len(s))
+                cluster.append(s[a : a + r.randint(1, 12)])
+            cluster.append(nd)
+        at = r.randrange(len(hay) + 1)
+        return hay[:at] + cluster + hay[at:]
 
     @staticmethod
     def _index_of(pieces: list[list[int]], needle: list[int]) -> int:
