@@ -165,6 +165,11 @@ const FLAGS: Flag[] = [
     help: "tokens the smoothing window trails each scored token by, at the default budget (default 0: centered, the paper's; at most half the window)",
   },
   {
+    flag: "edge",
+    arg: "N",
+    help: "first and last context tokens always gathered, at the default budget (default budget/32; 0: none)",
+  },
+  {
     flag: "sentence-tail",
     arg: "N",
     help: "tokens of the default budget that complete the gathered passages' sentences (default 0.15 x budget; 0: the paper's gathering)",
@@ -265,6 +270,7 @@ const ENGINE_DEFAULT_FLAGS = [
   ["max-h2o-tokens", "maxH2oTokens", 16],
   ["chunk-size", "chunkSize", 1],
   ["capacity", "capacity", 1],
+  ["edge", "edge", 0],
   ["sentence-tail", "sentenceTail", 0],
   ["smoothing-lag", "lag", 0],
 ] as const satisfies readonly (readonly [string, keyof EngineDefaults, number])[];

@@ -112,9 +112,12 @@ describe("config", () => {
     );
     expect(usageError(["--model", model, "--budget", "8"])).toContain("--budget must be between 16 and");
     expect(config([]).allowBeyondWindow).toBe(false);
-    expect(config(["--smoothing-lag", "8", "--sentence-tail", "0", "--score-floor", "0.25"])).toMatchObject({
-      defaults: { lag: 8, sentenceTail: 0, scoreFloor: 0.25 },
+    expect(
+      config(["--smoothing-lag", "8", "--sentence-tail", "0", "--score-floor", "0.25", "--edge", "0"]),
+    ).toMatchObject({
+      defaults: { lag: 8, sentenceTail: 0, scoreFloor: 0.25, edge: 0 },
     });
+    expect(usageError(["--model", model, "--edge=-1"])).toContain("--edge must be");
     expect(usageError(["--model", model, "--score-floor", "1.5"])).toContain("--score-floor must be between 0 and 1");
     expect(usageError(["--model", model, "--score-floor", "half"])).toContain("--score-floor must be a number");
     expect(config(["--max-model-len", "9000", "--allow-beyond-window"])).toMatchObject({
