@@ -65,16 +65,19 @@ describe.skipIf(!PY)("training/ (python3 with torch, numpy, regex)", () => {
     return data;
   };
 
-  test(
-    "gathered-like haystacks (tasks.py shard_rate): runs of 16-96 tokens, every needle whole in the prompt",
-    () => {
-      const check = `
+  /** A python script's start: `tok` and a TaskMaker `m` (with `args`) over the corpus in sys.argv[1]. */
+  const makerScript = (args: string) => `
 import json, sys
 sys.path.insert(0, "training")
 from tasks import Corpus, TaskMaker
 from tokenizer import Tokenizer
 tok = Tokenizer("${join(DEFAULT_MODEL_DIR, "tokenizer.json")}")
-m = TaskMaker(tok, Corpus(sys.argv[1], "train"), 5, shard_rate=1.0)
+m = TaskMaker(tok, Corpus(sys.argv[1], "train"), ${args})`;
+
+  test(
+    "gathered-like haystacks (tasks.py shard_rate): runs of 16-96 tokens, every needle whole in the prompt",
+    () => {
+      const check = `${makerScript("seed=5, shard_rate=1.0")}
 runs = [len(p) for _ in range(20) for p in m.shards(300)]
 out = []
 for task in ("single", "multikey", "multivalue", "multiquery"):
@@ -100,13 +103,7 @@ print(json.dumps({"runs": runs, "examples": out}))
   test(
     "facts side by side (tasks.py cluster_rate): the needles adjacent but for 1-12 token shards, answers in text order",
     () => {
-      const check = `
-import json, sys
-sys.path.insert(0, "training")
-from tasks import Corpus, TaskMaker
-from tokenizer import Tokenizer
-tok = Tokenizer("${join(DEFAULT_MODEL_DIR, "tokenizer.json")}")
-m = TaskMaker(tok, Corpus(sys.argv[1], "train"), 7, cluster_rate=1.0)
+      const check = `${makerScript("seed=7, cluster_rate=1.0")}
 clusters = []
 for _ in range(20):
     hay = [[-100 - i] for i in range(8)]
