@@ -129,8 +129,8 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
     }
   }
   // the same task class as `full`: could this sample's facts, question and answer be asked inside the window at all?
-  // (four uuid values under a random id need more room than a 512-token window leaves beside a 256-token answer)
-  // (a quote's sentence comes from the haystack itself, and a short haystack may have none with a unique word)
+  // (four uuid values under a random id need more room than a 512-token window leaves beside a 256-token answer).
+  // A quote always can: its sentence is the haystack's own, and a short haystack may have none to ask about.
   const fits = task === "quote" || roomOf(task, make(16)) >= 0;
   const up = await upload(sample.text);
   uploads.push({ length, tokens: up.tokens, ms: up.ms });
