@@ -43,6 +43,10 @@ MIX = {"single": 0.16, "multikey": 0.24, "multivalue": 0.12, "multiquery": 0.16,
 MIX_WEAK = {"single": 0.08, "multikey": 0.16, "multivalue": 0.2, "multiquery": 0.2, "quote": 0.16, "copy": 0.08, "text": 0.12}
 COPY_WARMUP_MIX = {"copy": 0.7, "text": 0.15, "single": 0.15}
 
+# what moved the CPU model's answers beyond the window (tiny6s, tiny6c): a share of the needle contexts shaped like
+# REFORM's recompute prompts (tasks.py shards and _cluster), from the start for the GPU model and its CPU dry run
+RECOMPUTE_SHAPES = dict(shard_rate=0.25, cluster_rate=0.15)
+
 CONFIGS = {
     # the interim architecture (0.92M parameters, 512-token window): 2 CPU cores, resumes the interim checkpoint
     "tiny": dict(
@@ -75,10 +79,7 @@ CONFIGS = {
         tokens=400e6,
         copy_warmup=0.06,
         dtype="bfloat16",
-        # what moved the CPU model's answers beyond the window (tiny6s, tiny6c): a share of the needle contexts
-        # shaped like REFORM's recompute prompts, from the start
-        shard_rate=0.25,
-        cluster_rate=0.15,
+        **RECOMPUTE_SHAPES,
     ),
     # a CPU-sized stand-in of `small` (same code paths, minutes on 2 cores): the dry run of the GPU command
     "dryrun": dict(
@@ -92,8 +93,7 @@ CONFIGS = {
         tokens=1e6,
         copy_warmup=0.2,
         dtype="float32",
-        shard_rate=0.25,
-        cluster_rate=0.15,
+        **RECOMPUTE_SHAPES,
     ),
 }
 
