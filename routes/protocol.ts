@@ -112,6 +112,7 @@ const OpenAIFields = {
   context_id: ContextIdSchema.optional(),
   method: Field.method.optional(),
   budget: Field.budget.optional(),
+  score_floor: Field.scoreFloor.optional(),
   reform: z
     .object({
       context_id: ContextIdSchema.optional(),
@@ -297,6 +298,7 @@ export function reformTarget(body: {
   context_id?: string;
   method?: Method;
   budget?: number;
+  score_floor?: number;
   reform?: { context_id?: string; method?: Method; budget?: number; score_floor?: number };
 }): { contextId: string | undefined; method: Method; budget: number | undefined; scoreFloor: number | undefined } {
   let contextId = body.context_id ?? body.reform?.context_id;
@@ -310,7 +312,7 @@ export function reformTarget(body: {
     contextId,
     method: body.reform?.method ?? body.method ?? "reform",
     budget: body.reform?.budget ?? body.budget,
-    scoreFloor: body.reform?.score_floor,
+    scoreFloor: body.reform?.score_floor ?? body.score_floor,
   };
 }
 

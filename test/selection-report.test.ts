@@ -184,14 +184,22 @@ describe("return_selection on the query route", () => {
         400,
       );
       expect(err.param).toBe("score_floor");
-      // the OpenAI endpoints take it in the `reform` extension object
-      await expectError(
-        await jsonPost(`${base}/v1/chat/completions`, {
+      // the OpenAI endpoints take it in the `reform` extension object and beside a top-level context_id
+      const chat = (extra: object) =>
+        jsonPost(`${base}/v1/chat/completions`, {
           messages: [{ role: "user", content: "Where is the needle?" }],
-          reform: { context_id: ctxId, score_floor: -0.1 },
-        }),
-        400,
-      );
+          max_tokens: 2,
+          ...extra,
+        });
+      for (const extra of [
+        { reform: { context_id: ctxId, score_floor: -0.1 } },
+        { context_id: ctxId, score_floor: -0.1 },
+        { context_id: ctxId, score_floor: 1.5, reform: { score_floor: 0.5 } },
+      ]) {
+        const err = await expectError(await chat(extra), 400);
+        expect(err.param).toContain("score_floor");
+      }
+      expect((await chat({ context_id: ctxId, score_floor: 0 })).status).toBe(200);
     },
     T,
   );
