@@ -17,11 +17,18 @@ type BenchValues<O extends ParseArgsOptionsConfig> = ReturnType<
 
 /** The command line: `options` and -h/--help, which prints `usage` and exits. An unknown option throws. */
 export function benchArgs<const O extends ParseArgsOptionsConfig>(usage: string, options: O): BenchValues<O> {
-  const { values } = parseArgs({
-    args: process.argv.slice(2),
-    options: { ...options, help: { type: "boolean", short: "h" } },
-    strict: true,
-  });
+  let values: Record<string, unknown>;
+  try {
+    ({ values } = parseArgs({
+      args: process.argv.slice(2),
+      options: { ...options, help: { type: "boolean", short: "h" } },
+      strict: true,
+    }));
+  } catch (e) {
+    // an unknown flag or a missing value: say which, then how to call it (exit 2, as the CLIs do)
+    console.error(`${(e as Error).message}\n${usage}`);
+    process.exit(2);
+  }
   if ((values as { help?: boolean }).help) {
     console.log(usage);
     process.exit(0);

@@ -9,14 +9,15 @@
 import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { parseArgs } from "node:util";
 import OpenAI from "openai";
 import { resolveConfig } from "../src/config.ts";
 import { startServer } from "../src/server.ts";
 import { mulberry32 } from "../src/util/rng.ts";
+import { benchArgs } from "./common.ts";
 
-const { values } = parseArgs({
-  options: {
+const values = benchArgs(
+  "usage: bun bench/inline.ts [--model DIR] [--tokens 200000] [--max-tokens 48] [--threads N] [--seed 7] [--json]",
+  {
     model: { type: "string", default: "models/reform-tiny" },
     tokens: { type: "string", default: "200000" },
     "max-tokens": { type: "string", default: "48" },
@@ -24,7 +25,7 @@ const { values } = parseArgs({
     seed: { type: "string", default: "7" },
     json: { type: "boolean", default: false },
   },
-});
+);
 const target = Number(values.tokens);
 const rand = mulberry32(Number(values.seed));
 

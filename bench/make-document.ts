@@ -8,22 +8,20 @@
  * parts, at the middle of its part; prints one question per fact and the value its answer must contain.
  */
 import { writeFileSync } from "node:fs";
-import { parseArgs } from "node:util";
 import { DEFAULT_MODEL_DIR } from "../src/config.ts";
 import { ModelTokenizer } from "../src/model/tokenizer.ts";
+import { benchArgs } from "./common.ts";
 import { SampleMaker } from "./ruler-tasks.ts";
 
-const { values: a } = parseArgs({
-  args: process.argv.slice(2),
-  options: {
-    mb: { type: "string", default: "3" },
-    facts: { type: "string", default: "3" },
-    seed: { type: "string", default: "7" },
-    out: { type: "string" },
-  },
+const USAGE = "usage: bun bench/make-document.ts [--mb 3] [--facts 3] [--seed 7] --out FILE";
+const a = benchArgs(USAGE, {
+  mb: { type: "string", default: "3" },
+  facts: { type: "string", default: "3" },
+  seed: { type: "string", default: "7" },
+  out: { type: "string" },
 });
 if (!a.out) {
-  console.error("usage: bun bench/make-document.ts [--mb 3] [--facts 3] [--seed 7] --out FILE");
+  console.error(USAGE);
   process.exit(2);
 }
 const tok = ModelTokenizer.fromDir(DEFAULT_MODEL_DIR);

@@ -19,17 +19,17 @@
 import { mkdtempSync, readFileSync, rmSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { parseArgs } from "node:util";
 import { makeTinyModel, TINY_EOS_ID, TINY_EOT_ID } from "../test/fixtures/tiny-model.ts";
 import { pieceStream, sseEvents } from "../test/helpers/http.ts";
+import { benchArgs } from "./common.ts";
 
 const HOST = "127.0.0.1"; // never anything else: this sends hostile requests
 const REPO = resolve(import.meta.dir, "..");
 const SERVED = "soak-tiny";
 
-const { values: args } = parseArgs({
-  args: process.argv.slice(2),
-  options: {
+const args = benchArgs(
+  "usage: bun bench/soak.ts [--seconds 60] [--uploaders 3] [--queriers 3] [--kill-bytes 1048576] [--json] [--keep]",
+  {
     seconds: { type: "string", default: "60" },
     uploaders: { type: "string", default: "3" },
     queriers: { type: "string", default: "3" },
@@ -37,8 +37,7 @@ const { values: args } = parseArgs({
     json: { type: "boolean", default: false },
     keep: { type: "boolean", default: false },
   },
-  strict: true,
-});
+);
 const SECONDS = Number(args.seconds);
 const UPLOADERS = Number(args.uploaders);
 const QUERIERS = Number(args.queriers);

@@ -113,14 +113,19 @@ async function pumpUpload(
         if (r.done) break;
         const chunk = r.value;
         if (!chunk || chunk.byteLength === 0) continue;
+        const room = limit - received;
         received += chunk.byteLength;
+        // the piece that crosses the limit is cut there: every byte before the limit is stored
+        const kept = received > limit ? chunk.subarray(0, room) : chunk;
+        if (kept.byteLength > 0) {
+          q.push(kept);
+          qBytes += kept.byteLength;
+          signalData();
+        }
         if (received > limit) {
           readError = tooLarge(limit);
           break;
         }
-        q.push(chunk);
-        qBytes += chunk.byteLength;
-        signalData();
       }
     } catch (e) {
       readError = e ?? new Error("upload aborted");
@@ -157,6 +162,33 @@ async function pumpUpload(
     throw Object.assign(readError instanceof Error ? readError : new Error(String(readError)), { appended });
   }
   return appended;
+}
+
+/** How long a second writer waits for the first to finish or lose its client before a 409 context_busy. */
+const WRITER_GRACE_MS = 500;
+
+/** True once `w.done` settles or `w.client` aborts, false after `ms`. */
+async function endsWithin(w: { client: AbortSignal; done: Promise<unknown> }, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let onAbort: (() => void) | undefined;
+  try {
+    return await Promise.race([
+      w.done.then(
+        () => true,
+        () => true,
+      ),
+      new Promise<boolean>((r) => {
+        onAbort = () => r(true);
+        w.client.addEventListener("abort", onAbort, { once: true });
+      }),
+      new Promise<boolean>((r) => {
+        timer = setTimeout(() => r(false), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+    if (onAbort) w.client.removeEventListener("abort", onAbort);
+  }
 }
 
 function isTerminal(info: ContextInfo): boolean {
@@ -198,11 +230,13 @@ export function contextRoutes(d: Deps): Hono {
 
   // One writer per context: a second upload (or a finalize) while one is open would interleave its
   // bytes with the first one's, so it is refused. A writer whose client has gone away is only storing what
-  // it received; the next one (a resumed upload) waits for it instead of being refused.
+  // it received; the next one (a resumed upload) waits for it instead of being refused. A resume sent the moment a
+  // client drops can arrive before the server has seen that drop, so a busy context is refused only after
+  // WRITER_GRACE_MS in which its writer neither finished nor lost its client.
   const writing = new Map<string, { client: AbortSignal; done: Promise<unknown> }>();
   const exclusive = async <T>(c: Context, id: string, fn: () => Promise<T>): Promise<T> => {
     for (let w = writing.get(id); w; w = writing.get(id)) {
-      if (!w.client.aborted)
+      if (!w.client.aborted && !(await endsWithin(w, WRITER_GRACE_MS)))
         throw new ApiError(
           409,
           "context_busy",
@@ -211,6 +245,7 @@ export function contextRoutes(d: Deps): Hono {
         );
       await w.done.catch(() => {});
     }
+    // claimed before anything is awaited: requests that arrive in order hold the context in that order
     const done = fn();
     writing.set(id, { client: c.req.raw.signal, done });
     try {
@@ -218,6 +253,14 @@ export function contextRoutes(d: Deps): Hono {
     } finally {
       writing.delete(id);
     }
+  };
+
+  // A resume that names more bytes than are stored while no writer holds the context: the dropped upload that sent
+  // them may not have reached its handler yet. Waiting for it (not claiming the context first) lets it store them.
+  const untilStored = async (id: string, offset: number) => {
+    const until = performance.now() + WRITER_GRACE_MS;
+    while (!writing.has(id) && (await mustGet(id)).bytesReceived < offset && performance.now() < until)
+      await Bun.sleep(10);
   };
 
   const upload = async (c: Context) => {
@@ -235,8 +278,9 @@ export function contextRoutes(d: Deps): Hono {
     const len = contentLength(c);
     if (len !== null && len > opts.maxBodyBytes) throw tooLarge(opts.maxBodyBytes);
     const offset = offsetParam(c);
-    await mustGet(id);
+    if (offset !== undefined) await untilStored(id, offset);
     return exclusive(c, id, async () => {
+      await mustGet(id);
       // checked once this upload holds the context: a dropped upload before it has stored all it received
       if (offset !== undefined) {
         const have = (await mustGet(id)).bytesReceived;
@@ -307,8 +351,14 @@ export function contextRoutes(d: Deps): Hono {
 
   r.post("/:id/finalize", async (c) => {
     const id = contextIdParam(c);
-    await mustGet(id);
-    return c.json(contextView(await exclusive(c, id, () => engine.finalize(id))));
+    return c.json(
+      contextView(
+        await exclusive(c, id, async () => {
+          await mustGet(id);
+          return engine.finalize(id);
+        }),
+      ),
+    );
   });
 
   r.get("/:id/events", async (c) => {

@@ -78,7 +78,9 @@ export function toErrorResponse(err: unknown, log: Logger = defaultLogger, where
   if (err instanceof EngineError || isEngineErrorLike(err)) {
     const e = err as EngineError;
     const status = Number.isInteger(e.status) && e.status >= 400 && e.status <= 599 ? e.status : 500;
-    if (status >= 500) log("error", `engine error ${where}: ${e.code}: ${e.message}`, e.stack);
+    // 503s are the server's state (loading, shutting down, out of memory: the client retries), not its faults
+    if (status === 503) log("warn", `engine error ${where}: ${e.code}: ${e.message}`);
+    else if (status >= 500) log("error", `engine error ${where}: ${e.code}: ${e.message}`, e.stack);
     return jsonError(status, e.code ?? null, e.message, e.param ?? null);
   }
   if (err instanceof z.ZodError) {

@@ -254,8 +254,9 @@ export function openaiRoutes(d: Deps): Hono {
     const data: Record<string, unknown>[] = [servedModel(servedName(), created)];
     if (opts.listContextModels && engine.state() === "ready") {
       for (const ctx of await engine.listContexts()) {
-        // uploaded contexts only: inline requests' implicit contexts are a cache, not something to pick
-        if (ctx.state !== "ready" || ctx.metadata?.inline === true) continue;
+        // uploaded contexts with something in them only: inline requests' implicit contexts are a cache, and an
+        // empty context answers nothing (409 context_empty), so neither is something to pick
+        if (ctx.state !== "ready" || ctx.metadata?.inline === true || ctx.tokensReceived === 0) continue;
         data.push({
           id: `${CONTEXT_MODEL_PREFIX}${ctx.id}`,
           object: "model",
@@ -350,7 +351,7 @@ export function openaiRoutes(d: Deps): Hono {
 
   r.post("/completions", async (c) => {
     const body = await parseJsonBody(c, CompletionBody, opts.maxJsonBytes);
-    const prompt = typeof body.prompt === "string" ? body.prompt : body.prompt[0]!;
+    const prompt = body.prompt as string; // CompletionBody refuses every other shape
     const wantLogprobs = body.logprobs != null;
     const s = await start(
       c,

@@ -67,7 +67,20 @@ export function samplingOf(
 
 // ------------------------------------------------------------------ native API
 
-export const CreateContextBody = z.object({ metadata: z.record(z.string(), z.unknown()).optional() }).strict();
+/** The most a context's metadata may take as JSON (bytes): it is stored beside the context and repeated in every
+ * context listing and /v1/models, so a name or a file's details fit, a document does not. */
+export const MAX_METADATA_BYTES = 16 * 1024;
+
+export const CreateContextBody = z
+  .object({
+    metadata: z
+      .record(z.string(), z.unknown())
+      .refine((m) => new TextEncoder().encode(JSON.stringify(m)).byteLength <= MAX_METADATA_BYTES, {
+        message: `metadata must take at most ${MAX_METADATA_BYTES} bytes as JSON`,
+      })
+      .optional(),
+  })
+  .strict();
 
 export const JsonContentBody = z.object({ text: z.string(), final: z.boolean().optional() }).strict();
 
@@ -202,7 +215,8 @@ export const ChatBody = z
   })
   .superRefine((v, ctx) => {
     refineOpenAI(v, ctx);
-    if (v.top_logprobs != null && v.logprobs !== true)
+    // 0 is the off value (OpenAI clients send it with logprobs: false)
+    if (v.top_logprobs != null && v.top_logprobs > 0 && v.logprobs !== true)
       ctx.addIssue({ code: "custom", path: ["top_logprobs"], message: "top_logprobs requires logprobs: true" });
     if ((v.tools?.length ?? 0) > 0 || (v.functions?.length ?? 0) > 0)
       ctx.addIssue({
@@ -249,7 +263,11 @@ export type ChatBody = z.output<typeof ChatBody>;
 export const CompletionBody = z
   .looseObject({
     ...OpenAIFields,
-    prompt: z.union([z.string().min(1), z.array(z.string().min(1)).length(1, "one prompt per request")]),
+    // OpenAI's other prompt shapes (token ids, several prompts) parse, so that the refinement below can say which
+    // one was sent and what to do instead; the handler sees a single string
+    prompt: z
+      .union([z.string().min(1), z.array(z.union([z.string().min(1), z.number(), z.array(z.number())])).min(1)])
+      .transform((p) => (typeof p === "string" ? p : p.length === 1 && typeof p[0] === "string" ? p[0] : p)),
     logprobs: Field.logprobs.nullish(),
     echo: z.boolean().nullish(),
     suffix: z.string().nullish(),
@@ -257,6 +275,14 @@ export const CompletionBody = z
   })
   .superRefine((v, ctx) => {
     refineOpenAI(v, ctx);
+    if (typeof v.prompt !== "string")
+      ctx.addIssue({
+        code: "custom",
+        path: ["prompt"],
+        message: v.prompt.some((p) => typeof p !== "string")
+          ? "a prompt of token ids is not supported: send its text (POST /v1/detokenize gives the text of token ids)"
+          : "one prompt per request (an array holds exactly one string)",
+      });
     if (v.best_of != null && v.best_of !== 1)
       ctx.addIssue({ code: "custom", path: ["best_of"], message: "only best_of=1 is supported" });
     if (v.suffix) ctx.addIssue({ code: "custom", path: ["suffix"], message: "suffix (insertion) is not supported" });
@@ -292,7 +318,9 @@ export const DetokenizeBody = z
   })
   .strict();
 
-/** The long context a request names: `context_id`, `reform.context_id`, or the model `context:<id>`. */
+/** The long context a request names: `context_id`, `reform.context_id`, or the model `context:<id>`, with the
+ * REFORM fields given top-level or in the `reform` object. A field given twice with two values is a 400 naming both
+ * (answering from either one would be a silent guess). */
 export function reformTarget(body: {
   model?: string;
   context_id?: string;
@@ -301,19 +329,47 @@ export function reformTarget(body: {
   score_floor?: number;
   reform?: { context_id?: string; method?: Method; budget?: number; score_floor?: number };
 }): { contextId: string | undefined; method: Method; budget: number | undefined; scoreFloor: number | undefined } {
-  let contextId = body.context_id ?? body.reform?.context_id;
-  if (contextId === undefined && body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {
-    const fromModel = ContextIdSchema.safeParse(body.model.slice(CONTEXT_MODEL_PREFIX.length));
-    if (!fromModel.success)
-      throw new ApiError(404, "model_not_found", `the model '${body.model}' does not exist`, "model");
-    contextId = fromModel.data;
+  let fromModel: string | undefined;
+  if (body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {
+    const id = ContextIdSchema.safeParse(body.model.slice(CONTEXT_MODEL_PREFIX.length));
+    if (!id.success) throw new ApiError(404, "model_not_found", `the model '${body.model}' does not exist`, "model");
+    fromModel = id.data;
   }
+  const contextId = agreed("context_id", [
+    ["context_id", body.context_id],
+    ["reform.context_id", body.reform?.context_id],
+    ["model", fromModel],
+  ]);
   return {
     contextId,
-    method: body.reform?.method ?? body.method ?? "reform",
-    budget: body.reform?.budget ?? body.budget,
-    scoreFloor: body.reform?.score_floor ?? body.score_floor,
+    method:
+      agreed("method", [
+        ["method", body.method],
+        ["reform.method", body.reform?.method],
+      ]) ?? "reform",
+    budget: agreed("budget", [
+      ["budget", body.budget],
+      ["reform.budget", body.reform?.budget],
+    ]),
+    scoreFloor: agreed("score_floor", [
+      ["score_floor", body.score_floor],
+      ["reform.score_floor", body.reform?.score_floor],
+    ]),
   };
+}
+
+/** The one value the given places agree on (undefined when none is given); two different values are a 400. */
+function agreed<T>(param: string, places: [string, T | undefined][]): T | undefined {
+  const given = places.filter((p): p is [string, T] => p[1] !== undefined);
+  const other = given.find((p) => p[1] !== given[0]![1]);
+  if (other)
+    throw new ApiError(
+      400,
+      "conflicting_values",
+      `'${given[0]![0]}' is ${JSON.stringify(given[0]![1])} but '${other[0]}' is ${JSON.stringify(other[1])}: give it once`,
+      param,
+    );
+  return given[0]?.[1];
 }
 
 // ------------------------------------------------------------------ response views

@@ -6,6 +6,9 @@ import type { Server } from "bun";
 import { createApp } from "../routes/app.ts";
 import { defaultLogger, type Logger } from "../routes/errors.ts";
 import { DEFAULTS, type ServerConfig } from "./config.ts";
+
+/** How long a stopping server lets its requests in flight finish once the engine has closed, in ms. */
+const CLOSE_GRACE_MS = 2000;
 import type { EngineClient } from "./engine/api.ts";
 
 /** A ServerConfig (src/config.ts) in which everything but the model and data folders may be left out. */
@@ -96,8 +99,14 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     async stop() {
       if (stopped) return;
       stopped = true;
-      server.stop(true);
+      // No new connections; the requests in flight are answered first: an upload whose writes the closing engine
+      // refuses gets its 503 shutting_down with the byte count to resume from, then the stragglers (event streams
+      // that follow a context, generations) are cut after CLOSE_GRACE_MS.
+      server.stop(false);
       await engine.close();
+      const until = performance.now() + CLOSE_GRACE_MS;
+      while (server.pendingRequests > 0 && performance.now() < until) await Bun.sleep(10);
+      server.stop(true);
     },
   };
 }

@@ -244,6 +244,17 @@ describe("request rules that name their fix", () => {
       expect(ok.status).toBe(200);
       await ok.text();
     }
+    // logprobs off with top_logprobs 0 (what OpenAI clients send) passes; asking for top logprobs without them does not
+    const off = await jsonPost(`${base}/v1/chat/completions`, {
+      ...SECRET,
+      max_tokens: 2,
+      logprobs: false,
+      top_logprobs: 0,
+    });
+    expect(off.status).toBe(200);
+    expect((await j(off)).choices[0].logprobs).toBeNull();
+    const half = await jsonPost(`${base}/v1/chat/completions`, { ...SECRET, max_tokens: 2, top_logprobs: 2 });
+    expect((await expectError(half, 400, "invalid_value")).param).toBe("top_logprobs");
     // the native API is strict: unknown fields are refused there anyway
     const q = await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { question: "q?", mirostat: 2 });
     await expectError(q, 400, "invalid_value");

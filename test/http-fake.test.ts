@@ -75,7 +75,11 @@ describe("fake engine", () => {
       body: pieceStream(big, [1000]),
       headers: { "content-type": "text/plain" },
     });
-    await expectError(chunked, 413, "payload_too_large");
+    const err = await expectError(chunked, 413, "payload_too_large");
+    // pieces of 1000 bytes against a 4096-byte limit: the piece that crosses it is cut there, not dropped whole
+    expect(err.message).toContain("the first 4096 bytes were stored");
+    expect((await j(fetch(`${base}/v1/contexts/${ctx.id}`))).bytes_received).toBe(4096);
+    expect(eng.texts.get(ctx.id)).toBe("a".repeat(4096));
     const bigJson = await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "x".repeat(3000) });
     await expectError(bigJson, 413, "payload_too_large");
     // the server is fine afterwards
@@ -293,6 +297,25 @@ describe("fake engine", () => {
     expect(eng.lastQuery!.contextId).toBe(ctx.id);
     const models = await j(fetch(`${base}/v1/models`));
     expect(models.data.map((m: { id: string }) => m.id)).toContain(`context:${ctx.id}`);
+    // the same field in two places: one value is fine, two are a 400 naming both (never a silent pick)
+    const other = "ctx_0123456789abcdef01234567";
+    const ask = (extra: object) =>
+      jsonPost(`${base}/v1/chat/completions`, { messages: [{ role: "user", content: "u" }], stream: false, ...extra });
+    expect((await ask({ model: `context:${ctx.id}`, context_id: ctx.id, reform: { context_id: ctx.id } })).status).toBe(
+      200,
+    );
+    expect(eng.lastQuery!.contextId).toBe(ctx.id);
+    for (const [extra, param] of [
+      [{ context_id: other, reform: { context_id: ctx.id } }, "context_id"],
+      [{ context_id: ctx.id, reform: { context_id: other } }, "context_id"],
+      [{ model: `context:${other}`, context_id: ctx.id }, "context_id"],
+      [{ context_id: ctx.id, method: "h2o", reform: { method: "reform" } }, "method"],
+      [{ context_id: ctx.id, budget: 100, reform: { budget: 200 } }, "budget"],
+      [{ context_id: ctx.id, score_floor: 0, reform: { score_floor: 0.5 } }, "score_floor"],
+    ] as const) {
+      const err = await expectError(await ask(extra), 400, "conflicting_values");
+      expect(err.param).toBe(param);
+    }
   });
 });
 

@@ -8,6 +8,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createApp } from "../routes/app.ts";
+import { MAX_METADATA_BYTES } from "../routes/protocol.ts";
 import { startServer } from "../src/server.ts";
 import { FakeEngine } from "./helpers/fake-engine.ts";
 import { expectError, jsonPost, sseEvents } from "./helpers/http.ts";
@@ -188,4 +189,32 @@ describe("idle timeout in a real server", () => {
       await srv.stop();
     }
   }, 30_000);
+});
+
+describe("contexts as the listings show them", () => {
+  test("metadata takes at most MAX_METADATA_BYTES as JSON (400 naming metadata); an empty context is not a model", async () => {
+    const create = (metadata: object) =>
+      app.request("/v1/contexts", {
+        method: "POST",
+        body: JSON.stringify({ metadata }),
+        headers: { "content-type": "application/json" },
+      });
+    const err = await expectError(await create({ name: "x".repeat(MAX_METADATA_BYTES) }), 400, "invalid_value");
+    expect(err.param).toBe("metadata");
+    expect(err.message).toContain(String(MAX_METADATA_BYTES));
+    const full = await create({ name: "book" });
+    expect(full.status).toBe(201);
+    const empty = await create({ name: "nothing yet" });
+    const ids = [((await full.json()) as { id: string }).id, ((await empty.json()) as { id: string }).id];
+    await app.request(`/v1/contexts/${ids[0]}/content?final=true`, {
+      method: "PUT",
+      body: "some text",
+      headers: { "content-type": "text/plain" },
+    });
+    await app.request(`/v1/contexts/${ids[1]}/finalize`, { method: "POST" });
+    const models = (await (await app.request("/v1/models")).json()) as { data: { id: string }[] };
+    const listed = models.data.map((m) => m.id);
+    expect(listed).toContain(`context:${ids[0]}`);
+    expect(listed).not.toContain(`context:${ids[1]}`);
+  });
 });

@@ -914,6 +914,16 @@ describe("OpenAI legacy completions (raw prompt, no chat template)", () => {
     }
     await expectError(await post("/v1/completions", { max_tokens: 2 }), 400);
     await expectError(await post("/v1/completions", { ...b, model: "context:ctx_nope" }), 404);
+    // OpenAI's other prompt shapes: the message says which one and what to send instead
+    for (const [prompt, says] of [
+      [[1, 2, 3], "token ids"],
+      [[[1, 2]], "token ids"],
+      [["a", "b"], "one prompt per request"],
+    ] as const) {
+      const e = await expectError(await post("/v1/completions", { ...b, prompt }), 400, "invalid_value");
+      expect(e.param).toBe("prompt");
+      expect(e.message).toContain(says);
+    }
     const one = await json(post("/v1/completions", { prompt: ["hi"], max_tokens: 1 }));
     expect(one.usage.completion_tokens).toBe(1);
   });
