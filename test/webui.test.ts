@@ -118,6 +118,10 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
       expect(await page.locator("p.loading").count()).toBe(1);
       expect(await page.textContent("main")).not.toContain("No contexts yet");
       expect(await page.textContent("main")).not.toContain("on disk");
+      // a key a request header cannot carry is refused in the dialog (it would break every request if stored)
+      await page.fill("#api-key", "sékret✓");
+      await page.click(".modal button[type=submit]");
+      await page.waitForSelector(".modal .key-error");
       await page.fill("#api-key", KEY);
       await page.click(".modal button[type=submit]");
       await page.waitForSelector(".modal", { state: "detached" });
@@ -125,6 +129,15 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
       await page.waitForSelector("text=No contexts yet", { timeout: 20_000 });
       expect(await page.textContent("main")).toContain("0 B on disk");
       await page.waitForSelector("header.top >> text=reform-tiny");
+
+      // an empty file is refused on the page: no context is made for it
+      const empty = join(srv.root, "empty.txt");
+      writeFileSync(empty, "");
+      await page.setInputFiles("#file", empty);
+      await page.click("#upload");
+      await page.waitForSelector(".upload-problem >> text=is empty");
+      const none: Json = await (await fetch(`${srv.url}/v1/contexts`, { headers: { "x-api-key": KEY } })).json();
+      expect(none.data).toEqual([]);
 
       await page.setInputFiles("#file", file);
       await page.click("#upload");
@@ -135,6 +148,9 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
       const ctxId = (await upload.getAttribute("data-context"))!;
       await page.waitForSelector(`.ctx-row[data-id="${ctxId}"][data-state="ready"]`, { timeout: 20_000 });
       expect(await upload.locator(".stats").textContent()).toContain("tokens compressed");
+      // the form is cleared once the context exists: a second click cannot upload the same file again
+      expect(await page.inputValue("#file")).toBe("");
+      expect(await page.isDisabled("#upload")).toBe(true);
       expect(puts).toBeGreaterThan(3); // several pieces, one of them dropped and sent again
       const info: Json = await (
         await fetch(`${srv.url}/v1/contexts/${ctxId}`, { headers: { "x-api-key": KEY } })
@@ -225,6 +241,35 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
       mkdirSync(join(ROOT, "test-output"), { recursive: true });
       await page.locator(".passage.best").scrollIntoViewIfNeeded();
       await page.screenshot({ path: SHOT, fullPage: true });
+
+      // keyboard only: another context (made through the API) is picked with Tab focus and Enter
+      const other: Json = await (
+        await fetch(`${srv.url}/v1/contexts`, {
+          method: "POST",
+          headers: { "x-api-key": KEY, "content-type": "application/json" },
+          body: JSON.stringify({ metadata: { name: "second-notes" } }),
+        })
+      ).json();
+      await fetch(`${srv.url}/v1/contexts/${other.id}/content?final=true`, {
+        method: "PUT",
+        headers: { "x-api-key": KEY, "content-type": "text/plain" },
+        body: doc.slice(0, 3000),
+      });
+      const otherRow = `.ctx-row[data-id="${other.id}"][data-state="ready"]`;
+      await page.waitForSelector(otherRow, { timeout: 20_000 }); // the list refreshes every few seconds
+      await page.focus(otherRow);
+      await page.keyboard.press("Enter");
+      await page.waitForSelector(".ask h2 >> text=second-notes");
+      // streaming gathers no passages: the page says what it kept instead of an empty chart
+      await page.selectOption("#method", "streaming");
+      await page.fill("#question", QUESTION);
+      await page.keyboard.press("Enter");
+      await page.waitForSelector('.turn:last-child .answer[data-done="true"]', { timeout: 120_000 });
+      expect(await page.locator(".turn:last-child svg.strip").count()).toBe(0);
+      expect(await page.locator(".turn:last-child .selection").textContent()).toContain("attention sinks");
+      // a finished upload's card closes
+      await page.click(".upload button.close");
+      await page.waitForSelector(".upload", { state: "detached" });
 
       // delete through the page
       page.once("dialog", (d) => d.accept());

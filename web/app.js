@@ -26,6 +26,9 @@ function askKey(why) {
   return keyWait.promise;
 }
 
+/** What an `Authorization: Bearer` header can carry: printable ASCII without spaces (RFC 6750's token68 and more). */
+const SENDABLE_KEY = /^[\x21-\x7e]+$/;
+
 function setKey(key) {
   apiKey = key;
   localStorage.setItem(KEY_STORE, key);
@@ -46,12 +49,23 @@ class ApiError extends Error {
 /** fetch with the API key; a 401 opens the key dialog and the request is sent again with the new key. */
 async function api(path, init = {}) {
   for (;;) {
+    if (apiKey && !SENDABLE_KEY.test(apiKey)) {
+      await askKey("The stored key has characters a request header cannot carry.");
+      continue;
+    }
     const headers = new Headers(init.headers);
     if (apiKey) headers.set("authorization", `Bearer ${apiKey}`);
-    const res = await fetch(path, { ...init, headers });
+    let res;
+    try {
+      res = await fetch(path, { ...init, headers });
+    } catch (e) {
+      if (e.name === "AbortError") throw e;
+      // the browser's own words ("Failed to fetch", "Load failed") do not say what happened
+      throw new Error(`Cannot reach the server (${e.message}): is it running? The page retries on its own.`);
+    }
     if (res.status !== 401) return res;
     const err = await errorOf(res);
-    await askKey(apiKey ? `The server refused the key: ${err.message}` : "This server needs an API key.");
+    await askKey(apiKey ? `The server refused the key: ${err.message}.` : "This server needs an API key.");
   }
 }
 
@@ -224,19 +238,34 @@ function progressRate(samples, info, totalBytes) {
 
 // ------------------------------------------------------------------ components
 
+/** Enter or Space on a focused row or band does what a click does (keyboard use of the list and the chart). */
+function onActivate(e, act) {
+  if (e.target !== e.currentTarget || (e.key !== "Enter" && e.key !== " ")) return;
+  e.preventDefault();
+  act();
+}
+
 function KeyDialog({ why }) {
   const [key, setK] = useState("");
+  const [bad, setBad] = useState(null);
   return html`<div class="modal">
     <form
       class="card"
       onSubmit=${(e) => {
         e.preventDefault();
-        if (key.trim()) setKey(key.trim());
+        const k = key.trim();
+        if (!k) return;
+        if (SENDABLE_KEY.test(k)) setKey(k);
+        else setBad("An API key is printable ASCII without spaces: this one cannot be sent in a request header.");
       }}
     >
       <h2>API key</h2>
       <p>${why} It is kept in this browser (local storage) and sent as <code>Authorization: Bearer …</code>.</p>
-      <input id="api-key" type="password" autocomplete="off" value=${key} onInput=${(e) => setK(e.target.value)} />
+      <input id="api-key" type="password" autocomplete="off" value=${key} onInput=${(e) => {
+        setK(e.target.value);
+        setBad(null);
+      }} />
+      ${bad && html`<div class="error key-error">${bad}</div>`}
       <button type="submit">Use this key</button>
     </form>
   </div>`;
@@ -246,35 +275,52 @@ function UploadForm({ onStart }) {
   const [file, setFile] = useState(null);
   const [text, setText] = useState("");
   const [name, setName] = useState("");
+  const [problem, setProblem] = useState(null);
+  const fileInput = useRef(null);
   const go = (e) => {
     e.preventDefault();
     const blob = file ?? (text ? new Blob([text], { type: "text/plain" }) : null);
     if (!blob) return;
-    onStart(blob, name.trim() || file?.name || "pasted text");
-    setText("");
-    setName("");
+    if (blob.size === 0) {
+      setProblem(`"${file?.name ?? "the text"}" is empty: there is nothing to compress or ask about.`);
+      return;
+    }
+    setProblem(null);
+    // cleared once the context exists (a failed start keeps what was typed), so a second click cannot send it twice
+    onStart(blob, name.trim() || file?.name || "pasted text", () => {
+      setText("");
+      setName("");
+      setFile(null);
+      if (fileInput.current) fileInput.current.value = "";
+    });
   };
   return html`<form class="card upload-form" onSubmit=${go}>
     <h2>New context</h2>
-    <label>File <input id="file" type="file" onChange=${(e) => setFile(e.target.files[0] ?? null)} /></label>
+    <label>File <input id="file" type="file" ref=${fileInput} onChange=${(e) => {
+      setFile(e.target.files[0] ?? null);
+      setProblem(null);
+    }} /></label>
     <label
       >or paste text
       <textarea id="paste" rows="4" value=${text} onInput=${(e) => setText(e.target.value)} disabled=${!!file}></textarea>
     </label>
     <label>Name <input id="ctx-name" value=${name} placeholder=${file?.name ?? "optional"} onInput=${(e) => setName(e.target.value)} /></label>
+    ${problem && html`<div class="error upload-problem">${problem}</div>`}
     <button id="upload" type="submit" disabled=${!file && !text}>Upload and compress</button>
   </form>`;
 }
 
-function UploadProgress({ u }) {
+function UploadProgress({ u, onClose }) {
   const info = u.info;
   const state = u.error ? "failed" : (info?.state ?? "starting");
+  const over = state === "ready" || state === "failed";
   const sentPct = u.total ? (100 * u.sent) / u.total : 100;
   const donePct = info && u.estTokens ? Math.min(100, (100 * info.tokens_processed) / u.estTokens) : 0;
   return html`<div class="card upload" data-upload-state=${state} data-context=${u.id}>
     <div class="row">
       <strong>${u.name}</strong>
       <span class=${`state state-${state}`}>${state}</span>
+      ${over && html`<button type="button" class="link close" title="close" aria-label="close" onClick=${onClose}>×</button>`}
     </div>
     <div class="bar" title="uploaded / compressed">
       <div class="bar-sent" style=${`width:${sentPct}%`}></div>
@@ -294,7 +340,7 @@ function UploadProgress({ u }) {
 function ContextList({ contexts, loading, selected, uploading, onSelect, onDelete, onResume }) {
   if (loading) return html`<p class="muted loading">Loading contexts…</p>`;
   if (!contexts.length) return html`<p class="muted">No contexts yet: upload a document.</p>`;
-  return html`<table class="contexts">
+  return html`<div class="table-wrap"><table class="contexts">
     <thead>
       <tr><th>Name</th><th>State</th><th>Text</th><th>Tokens</th><th>On disk</th><th></th></tr>
     </thead>
@@ -307,7 +353,10 @@ function ContextList({ contexts, loading, selected, uploading, onSelect, onDelet
           class=${`ctx-row${c.id === selected ? " selected" : ""}`}
           data-id=${c.id}
           data-state=${c.state}
+          tabindex="0"
+          aria-selected=${c.id === selected ? "true" : "false"}
           onClick=${() => onSelect(c.id)}
+          onKeyDown=${(e) => onActivate(e, () => onSelect(c.id))}
         >
           <td title=${c.id}>${nameOf(c)}</td>
           <td><span class=${`state state-${c.state}`}>${c.state}</span></td>
@@ -321,7 +370,7 @@ function ContextList({ contexts, loading, selected, uploading, onSelect, onDelet
         </tr>`;
       })}
     </tbody>
-  </table>`;
+  </table></div>`;
 }
 
 /** The strip chart: smoothed scores over the whole context (max per bucket) and the gathered spans on top. */
@@ -339,7 +388,7 @@ function StripChart({ sel, best, onPick }) {
         s,
         i,
       ) => html`<rect class=${i === best ? "band best" : "band"} x=${(s.start / n) * W} y="0" width=${Math.max(2, ((s.end - s.start) / n) * W)}
-        height=${H} onClick=${() => onPick(i)}><title>${`passage ${i + 1}: tokens ${s.start}–${s.end}`}</title></rect>`,
+        height=${H} tabindex="0" role="button" onClick=${() => onPick(i)} onKeyDown=${(e) => onActivate(e, () => onPick(i))}><title>${`passage ${i + 1}: tokens ${s.start}–${s.end}`}</title></rect>`,
     )}
     ${p?.values.map((v, i) => {
       const y = H - 2 - ((v - p.min) / span) * (H - 6);
@@ -350,6 +399,18 @@ function StripChart({ sel, best, onPick }) {
 
 function SelectionView({ sel }) {
   const list = useRef(null);
+  if (sel.method === "streaming" || sel.method === "h2o")
+    return html`<section class="selection">
+      <h3>${`${sel.method}: the whole context compressed again into a cache of ${num(sel.selected_tokens)} tokens`}</h3>
+      <p class="muted">
+        ${
+          sel.method === "streaming"
+            ? "StreamingLLM keeps the first tokens (attention sinks) and the most recent ones; "
+            : "H2O keeps the first tokens, the most recent ones and those that drew the most attention; "
+        }
+        no passages are gathered, so there is nothing to show in the document.
+      </p>
+    </section>`;
   const n = sel.context_tokens || 1;
   const best = sel.spans.reduce((b, s, i) => (s.score != null && (b < 0 || s.score > sel.spans[b].score) ? i : b), -1);
   const pick = (i) => list.current?.children[i]?.scrollIntoView({ behavior: "smooth", block: "nearest" });
@@ -420,12 +481,16 @@ function AskPanel({ ctx, props }) {
     if (limits.max_tokens) setMaxTokens(limits.max_tokens);
   }, [limits.budget, limits.max_tokens]);
   const busy = turns.some((t) => !t.done);
-  const ready = ctx.state === "ready";
+  const empty = ctx.state === "ready" && ctx.tokens_received === 0;
+  const ready = ctx.state === "ready" && !empty;
+  // one question at a time, also when two submits land before a render (busy above is a render behind)
+  const asking = useRef(false);
 
   const ask = async (e) => {
     e.preventDefault();
     const q = question.trim();
-    if (!q || busy || !ready) return;
+    if (!q || busy || !ready || asking.current) return;
+    asking.current = true;
     const history = chat
       ? turns
           .filter((t) => !t.error)
@@ -466,6 +531,7 @@ function AskPanel({ ctx, props }) {
     } catch (err) {
       if (!ac.signal.aborted) update(() => ({ error: err.message }));
     } finally {
+      asking.current = false;
       update(() => ({ done: true }));
     }
   };
@@ -475,7 +541,11 @@ function AskPanel({ ctx, props }) {
       <h2>Ask “${nameOf(ctx)}”</h2>
       ${turns.length > 0 && html`<button class="link" onClick=${() => setTurns([])} disabled=${busy}>new conversation</button>`}
     </div>
-    ${!ready && html`<p class="muted">This context is ${ctx.state}; questions are answered once it is ready.</p>`}
+    ${
+      empty
+        ? html`<p class="muted">This context is empty: upload text into it to ask about it.</p>`
+        : !ready && html`<p class="muted">This context is ${ctx.state}; questions are answered once it is ready.</p>`
+    }
     <div class="turns">${turns.map((t, i) => html`<${Turn} key=${i} t=${t} />`)}</div>
     <form class="ask-form" onSubmit=${ask}>
       <textarea
@@ -484,7 +554,11 @@ function AskPanel({ ctx, props }) {
         placeholder="Ask a question about the document"
         value=${question}
         onInput=${(e) => setQuestion(e.target.value)}
-        onKeyDown=${(e) => e.key === "Enter" && !e.shiftKey && ask(e)}
+        onKeyDown=${(e) => {
+          if (e.key !== "Enter" || e.shiftKey) return;
+          e.preventDefault();
+          e.currentTarget.form.requestSubmit();
+        }}
       ></textarea>
       <div class="row options">
         <label>Method
@@ -551,7 +625,13 @@ function App() {
     setSelected(id);
     const onInfo = (info) => {
       const r = progressRate(samples, info, blob.size);
-      setUpload(id, (u) => ({ info, ...r, rate: r.rate ?? u.rate, eta: r.eta ?? u.eta }));
+      setUpload(id, (u) => ({
+        info,
+        ...r,
+        rate: r.rate ?? u.rate,
+        eta: r.eta ?? u.eta,
+        sent: Math.max(u.sent ?? 0, info.bytes_received ?? 0),
+      }));
       if (info.state !== lastState) refresh(); // the list shows the new state at once
       lastState = info.state;
     };
@@ -574,11 +654,12 @@ function App() {
     refresh();
   };
 
-  const start = async (blob, name) => {
+  const start = async (blob, name, created) => {
     try {
       const ctx = await postJson("/v1/contexts", { metadata: { name, size: blob.size, source: "web" } }).then(
         async (res) => (res.ok ? res.json() : Promise.reject(await errorOf(res))),
       );
+      created();
       await refresh();
       await runUpload(ctx.id, name, blob, 0);
     } catch (e) {
@@ -640,7 +721,10 @@ function App() {
         <${UploadForm} onStart=${start} />
         ${Object.values(uploads)
           .reverse()
-          .map((u) => html`<${UploadProgress} key=${u.id} u=${u} />`)}
+          .map(
+            (u) =>
+              html`<${UploadProgress} key=${u.id} u=${u} onClose=${() => setUploads(({ [u.id]: _, ...rest }) => rest)} />`,
+          )}
         <section class="card">
           <div class="row"><h2>Contexts</h2><span class="muted">${contexts ? `${bytes(diskTotal)} on disk` : ""}</span></div>
           <${ContextList}

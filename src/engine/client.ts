@@ -137,7 +137,7 @@ export class WorkerEngineClient implements EngineClient {
   }
 
   private call<K extends CallName>(op: K, ...args: CallArgs<K>): Promise<CallResult<K>> {
-    if (this.closed) return Promise.reject(new EngineError(503, "engine_closed", "engine is closed"));
+    if (this.closed) return Promise.reject(closedError());
     const id = this.nextId++;
     return new Promise<CallResult<K>>((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
@@ -207,7 +207,7 @@ export class WorkerEngineClient implements EngineClient {
   }
 
   private async *queryIter(req: QueryRequest): AsyncGenerator<QueryEvent> {
-    if (this.closed) throw new EngineError(503, "engine_closed", "engine is closed");
+    if (this.closed) throw closedError();
     if (this.st !== "ready") {
       if (this.st === "failed") throw new EngineError(503, "model_not_loaded", `model failed to load: ${this.err}`);
       await this.readyP.catch(() => {});
@@ -257,9 +257,14 @@ export class WorkerEngineClient implements EngineClient {
       /* closing anyway */
     }
     this.closed = true;
-    this.failAll(new EngineError(503, "engine_closed", "engine is closed"));
+    this.failAll(closedError());
     this.worker.terminate();
   }
+}
+
+/** What a call to a closed engine gets: the server is stopping (the same code as a write refused while it closes). */
+function closedError(): EngineError {
+  return new EngineError(503, "shutting_down", "the server is shutting down: send the request again once it is back");
 }
 
 /** Start an engine worker that loads `modelDir` and keeps contexts under `dataDir`. */
