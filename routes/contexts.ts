@@ -251,7 +251,8 @@ export function contextRoutes(d: Deps): Hono {
     try {
       return await done;
     } finally {
-      writing.delete(id);
+      // only this writer's own entry: a waiter may already hold the context
+      if (writing.get(id)?.done === done) writing.delete(id);
     }
   };
 
