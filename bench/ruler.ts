@@ -123,8 +123,8 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
   if (ms.includes("full")) {
     // the in-window reference: the haystack shrinks until the whole prompt fits the window (the facts stay: a
     // sample whose needles, question and answer alone do not fit is refused, not replaced by a shorter one)
-    for (let h = length; roomOf(task, sample) < 0 && h > 16; ) {
-      h = Math.max(16, h + roomOf(task, sample));
+    for (let h = length, room = roomOf(task, sample); room < 0 && h > 16; room = roomOf(task, sample)) {
+      h = Math.max(16, h + room);
       sample = make(h);
     }
   }

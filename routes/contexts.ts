@@ -281,18 +281,15 @@ export function contextRoutes(d: Deps): Hono {
     const offset = offsetParam(c);
     if (offset !== undefined) await untilStored(id, offset);
     return exclusive(c, id, async () => {
-      await mustGet(id);
       // checked once this upload holds the context: a dropped upload before it has stored all it received
-      if (offset !== undefined) {
-        const have = (await mustGet(id)).bytesReceived;
-        if (offset !== have)
-          throw new ApiError(
-            409,
-            "offset_mismatch",
-            `context '${id}' has ${have} bytes; this upload starts at byte ${offset}: resume from ${have}`,
-            "offset",
-          );
-      }
+      const have = (await mustGet(id)).bytesReceived;
+      if (offset !== undefined && offset !== have)
+        throw new ApiError(
+          409,
+          "offset_mismatch",
+          `context '${id}' has ${have} bytes; this upload starts at byte ${offset}: resume from ${have}`,
+          "offset",
+        );
       return receive(c, id, final, json);
     });
   };

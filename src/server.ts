@@ -6,10 +6,10 @@ import type { Server } from "bun";
 import { createApp } from "../routes/app.ts";
 import { defaultLogger, type Logger } from "../routes/errors.ts";
 import { DEFAULTS, type ServerConfig } from "./config.ts";
+import type { EngineClient } from "./engine/api.ts";
 
 /** How long a stopping server lets its requests in flight finish once the engine has closed, in ms. */
 const CLOSE_GRACE_MS = 2000;
-import type { EngineClient } from "./engine/api.ts";
 
 /** A ServerConfig (src/config.ts) in which everything but the model and data folders may be left out. */
 export interface ServerOptions extends Partial<Omit<ServerConfig, "modelDir" | "dataDir">> {

@@ -614,6 +614,7 @@ function App() {
   }, []);
 
   const setUpload = (id, f) => setUploads((us) => ({ ...us, [id]: { ...us[id], ...f(us[id] ?? {}) } }));
+  const dropUpload = (id) => setUploads(({ [id]: _, ...rest }) => rest);
 
   /** Uploads blob[from..] into context `id`, with the events stream's progress next to it. */
   const runUpload = async (id, name, blob, from) => {
@@ -688,7 +689,7 @@ function App() {
     try {
       await apiJson(`/v1/contexts/${c.id}`, { method: "DELETE" });
       if (selected === c.id) setSelected(null);
-      setUploads(({ [c.id]: _, ...rest }) => rest);
+      dropUpload(c.id);
     } catch (e) {
       setError(e.message);
     }
@@ -721,10 +722,7 @@ function App() {
         <${UploadForm} onStart=${start} />
         ${Object.values(uploads)
           .reverse()
-          .map(
-            (u) =>
-              html`<${UploadProgress} key=${u.id} u=${u} onClose=${() => setUploads(({ [u.id]: _, ...rest }) => rest)} />`,
-          )}
+          .map((u) => html`<${UploadProgress} key=${u.id} u=${u} onClose=${() => dropUpload(u.id)} />`)}
         <section class="card">
           <div class="row"><h2>Contexts</h2><span class="muted">${contexts ? `${bytes(diskTotal)} on disk` : ""}</span></div>
           <${ContextList}
