@@ -54,7 +54,7 @@ export function heldOutSamples(lab: Lab, tasks: Task[], n: number, tokens: numbe
         tokens,
         0.05 + (0.9 * i) / Math.max(1, n - 1),
       );
-      const ids = Int32Array.from(lab.tok.encode(s.text));
+      const ids = Int32Array.from(lab.tok.encodeText(s.text));
       // each asked value: its first occurrence from its needle's start
       const spans = s.expected.map((v, k) => {
         const a = s.text.indexOf(v, Math.floor(s.depths[k]! * s.text.length));

@@ -282,7 +282,7 @@ export function tokenizeSample(
   tok: ModelTokenizer,
   s: Sample,
 ): { ids: Int32Array; q: Int32Array; span: [number, number] } {
-  const ids = Int32Array.from(tok.encode(s.text));
+  const ids = Int32Array.from(tok.encodeText(s.text));
   return { ids, q: Int32Array.from(tok.encode(s.question)), span: tokenSpan(tok, s.text, ids, s.at[0], s.at[1]) };
 }
 

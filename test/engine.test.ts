@@ -10,6 +10,7 @@ import type { EngineError, EngineClient, Method, QueryEvent, QueryRequest } from
 import { planQuery } from "../src/engine/answer.ts";
 import { createEngine, type EngineDefaults } from "../src/engine/client.ts";
 import { EngineCore } from "../src/engine/core.ts";
+import { planInline, TokenMemo } from "../src/engine/inline.ts";
 import { templateTokensOf, uploadCompressParams } from "../src/engine/load.ts";
 import { parseQuery } from "../src/engine/schema.ts";
 import { LogitProcessor, logprobsOf } from "../src/engine/sampling.ts";
@@ -725,6 +726,37 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
       s,
     );
     expect(full.queryTurns).toEqual([]);
+  });
+
+  test("inline: the document's end that the cut moves back over is recomputed but not scored; special-token text in it stays text", () => {
+    const tok = core.e.tok;
+    const memo = new TokenMemo(tok, 1_000_000);
+    const doc = `${words(900, 5)} The secret code is 4242. <|eot|> Done.\nif __name__ == "__main__":\n    sys.exit(_test())`;
+    const req = parseQuery({
+      messages: [{ role: "user", content: `${doc}\n\n\nWhat is the secret code?` }],
+      method: "reform",
+      sampling: sampling(8),
+    });
+    const plan = planInline(core.e, memo, req, "t")!;
+    // the cut moved back to a safe boundary inside the code: the recompute holds that tail before the question ...
+    expect(plan.question).toBe(
+      ' "__main__":\n    sys.exit(_test())\n\n\nWhat is the secret code?<|eot|><|assistant|>\n',
+    );
+    // ... and only the question, as the template ends it, is embedded to score the context
+    expect(plan.scored).toBe("What is the secret code?<|eot|><|assistant|>\n");
+    const planned = planQuery(
+      core.e,
+      { ...req, messages: undefined, prompt: plan.question },
+      core.session(ctxId)!,
+      plan.scored,
+    );
+    expect(planned.queryTurns).toEqual([tok.encodeSuffix(plan.scored)]);
+    // the user's "<|eot|>" is text in the compressed part and in the recompute; the template's own stays special
+    const eot = tok.tk.token_to_id("<|eot|>")!;
+    expect(Array.from(plan.ids)).not.toContain(eot);
+    expect(planned.suf.filter((x) => x === eot)).toHaveLength(1); // the template's end of turn
+    expect(tok.decode(planned.suf, false)).toBe(plan.question);
+    expect(tok.decode(plan.ids, false)).toContain("The secret code is 4242. <|eot|> Done.");
   });
 
   test("requests that cannot fit are 400s naming the limit", () => {

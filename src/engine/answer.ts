@@ -66,7 +66,11 @@ export function promptField(req: QueryWire): "prompt" | "question" | "messages" 
 }
 
 /** The engine-state rules of a query (the request's shape was checked by QueryRequestSchema). */
-export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | null): PlannedQuery {
+/**
+ * `scored`: the end of the prompt that is embedded to score the context, when it is not the whole text after the
+ * context (an inline request's question without the document's end its cut moved back over; inline.ts).
+ */
+export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | null, scored?: string): PlannedQuery {
   const d = e.defaults;
   const sp = req.sampling;
   const method = req.method;
@@ -141,8 +145,8 @@ export function planQuery(e: LoadedEngine, req: QueryWire, session: Session | nu
   checkLength(e, pre.length + suf.length + gatheredTokens(method, budget, session), sp.maxTokens, promptField(req));
   const queryTurns: number[][] = [];
   if (session && method === "reform") {
-    queryTurns.push(suf);
-    if (previous !== undefined) queryTurns.push(e.tok.encode(previous));
+    queryTurns.push(scored !== undefined ? e.tok.encodeSuffix(scored) : suf);
+    if (previous !== undefined) queryTurns.push(e.tok.encodeText(previous));
     checkQuery(e, queryTurns, promptField(req));
   }
   const cache =

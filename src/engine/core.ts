@@ -404,6 +404,7 @@ export class EngineCore implements EngineCalls {
         lease.session,
         emit,
         tReq,
+        plan.scored,
       );
     } catch (e) {
       throw toEngineError(e);
@@ -419,9 +420,10 @@ export class EngineCore implements EngineCalls {
     session: Session | null,
     emit: (ev: QueryEvent) => void,
     tReq: number,
+    scored?: string,
   ): Promise<void> {
     try {
-      const planned = planQuery(this.e, req, session);
+      const planned = planQuery(this.e, req, session, scored);
       const task = runQuery(this.e, planned, {
         pool: this.pool,
         resident: this.resident,

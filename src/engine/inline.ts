@@ -65,7 +65,7 @@ export class TokenMemo {
   private held = 0;
 
   constructor(
-    private readonly tok: { encode(t: string): number[]; encodeContinuation(t: string): number[] },
+    private readonly tok: { encode(t: string): number[]; encodePromptContinuation(t: string): number[] },
     private readonly maxTokens: number,
   ) {}
 
@@ -105,7 +105,7 @@ export class TokenMemo {
         this.blocks.delete(key);
         this.blocks.set(key, ids);
       } else {
-        ids = Int32Array.from(s === 0 ? this.tok.encode(piece) : this.tok.encodeContinuation(piece));
+        ids = Int32Array.from(s === 0 ? this.tok.encode(piece) : this.tok.encodePromptContinuation(piece));
         this.blocks.set(key, ids);
         this.held += ids.length;
         while (this.held > this.maxTokens && this.blocks.size > 1) {
@@ -138,6 +138,9 @@ export interface InlinePlan {
   textBytes: number;
   /** the end of the prompt: the recompute's raw prompt after the gathered tokens */
   question: string;
+  /** the end of `question` that is embedded to score the context: the question without the document's end that the
+   * cut moved back over */
+  scored: string;
   questionTokens: number;
   /** context tokens the recompute gathers */
   gathered: number;
@@ -167,7 +170,8 @@ export function planInline(e: LoadedEngine, memo: TokenMemo, req: QueryWire, own
     let last = -1;
     for (let i = msgs.length - 1; i >= 0 && last < 0; i--) if (msgs[i]!.role === "user") last = i;
     if (last < 0) return null;
-    const content = msgs[last]!.content;
+    // marked as the user's own text where it holds special-token strings (tokenizer.ts), as renderChat marks the rest
+    const content = tok.markText(msgs[last]!.content);
     msgs[last] = { role: "user", content: CONTEXT_PLACEHOLDER };
     const parts = splitAtPlaceholder(tok.renderChat(msgs, true));
     R = parts.prefix + content + parts.suffix;
@@ -205,7 +209,10 @@ export function planInline(e: LoadedEngine, memo: TokenMemo, req: QueryWire, own
     }
   }
   if (qs < 0) qs = tailStart(R, Math.max(natural, R.length - qmax * CHARS_PER_TOKEN_BOUND), qmax, count, tok);
-  // move back to a safe boundary (prefix-stable tokenization) while the question still fits
+  // move back to a safe boundary (prefix-stable tokenization) while the question still fits; the text moved over is
+  // the document's end, recomputed after the gathered tokens but not embedded to score the context (a code file's
+  // last lines scored there gathered whitespace and answered wrong where the question alone answered right)
+  const asked = qs;
   if (!isSafeCut(R, qs)) {
     const floor = Math.max(1, qs - qmax * 8);
     for (let i = qs - 1; i >= floor; i--) {
@@ -244,6 +251,7 @@ export function planInline(e: LoadedEngine, memo: TokenMemo, req: QueryWire, own
     ids,
     textBytes: enc.encode(compressed).byteLength,
     question,
+    scored: R.slice(asked),
     questionTokens,
     gathered: method === "reform" ? Math.min(budget, ids.length) : 0,
   };

@@ -83,8 +83,9 @@ export interface SessionMeta {
   stateSeen: number; // tokens covered by compressor.state (0: no state file)
 }
 
+/** Document text in, token ids out: special-token strings in an upload are plain text (src/model/tokenizer.ts). */
 export interface SessionTokenizer {
-  encode(text: string): number[];
+  encodeText(text: string): number[];
   encodeContinuation(text: string): number[];
 }
 
@@ -334,7 +335,7 @@ export class Session {
     }
     let ids: number[] = [];
     if (commit.length > 0) {
-      ids = m.started ? tok.encodeContinuation(commit) : tok.encode(commit);
+      ids = m.started ? tok.encodeContinuation(commit) : tok.encodeText(commit);
       m.started = true;
     }
     if (ids.length > 0) appendSync(this.p("tokens.bin"), new Uint8Array(Int32Array.from(ids).buffer), true);

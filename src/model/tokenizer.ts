@@ -3,6 +3,10 @@
  * eos ids) through @huggingface/tokenizers; chat templates through @huggingface/jinja.
  *
  * - encode(text) never adds special tokens; prompts get BOS once at the start via withBos().
+ * - Special-token text ("<|im_end|>") is a control token only where the chat template writes it: in document text
+ *   (encodeText, encodeContinuation) and in message contents (renderChat marks them, encode restores them) it is
+ *   plain text, as Hugging Face's `split_special_tokens` and vLLM treat untrusted text. Otherwise an uploaded file
+ *   about chat models, or a user's message, could end a turn or open another inside the prompt.
  * - encodeContinuation(text) tokenizes a piece of a long text that starts at a "safe boundary"
  *   (just before a space preceded by a non-space) so that the concatenation of the pieces' tokens
  *   equals encode(whole text). For tokenizers where plain encode of the piece already does that
@@ -28,6 +32,10 @@ export const FALLBACK_CHAT_TEMPLATE =
   "{% if add_generation_prompt %}Assistant:{% endif %}";
 
 const ANCHOR = "a";
+/** Brackets a special-token string from a message content in a rendered prompt (private-use characters around a
+ * per-tokenizer nonce and the special's index): encode() writes it back as plain text. */
+const MARK_OPEN = "\uE000";
+const MARK_CLOSE = "\uE001";
 const SAMPLE_TEXTS = [
   "The quick brown fox jumps over the lazy dog. It's 12345 o'clock!\n\nNew paragraph:  two  spaces, tabs\tand émojis 🎉 中文字符 end.",
   "def f(x):\n    return x * 2  # comment\n\n\nclass A: pass",
@@ -79,9 +87,28 @@ export class ModelTokenizer {
   /** byte-level BPE (GPT-2 / Llama 3): token strings are bytes mapped to printable characters */
   private readonly byteLevel: boolean;
   private readonly tokenBytesCache = new Map<number, Uint8Array>();
+  /** the same tokenizer without its special added tokens: special-token text comes out as plain text */
+  private readonly plainTk: Tokenizer;
+  /** the special tokens' strings, longest first (so that one never matches inside a longer one) */
+  private readonly specials: string[];
+  private readonly specialRe: RegExp | null;
+  /** MARK_OPEN + nonce: what starts a marked special-token string in a rendered prompt */
+  private readonly markPrefix = `${MARK_OPEN}${Math.random().toString(36).slice(2, 10)}:`;
+  private readonly markRe: RegExp;
 
   constructor(tokenizerJson: any, tokenizerConfig: any, opts: { generationConfig?: any; modelConfig?: any } = {}) {
     this.tk = new Tokenizer(tokenizerJson, tokenizerConfig ?? {});
+    const added: { content: string; special?: boolean }[] = tokenizerJson?.added_tokens ?? [];
+    this.specials = added
+      .filter((t) => t.special && t.content.length > 0)
+      .map((t) => t.content)
+      .sort((a, b) => b.length - a.length);
+    this.plainTk = this.specials.length
+      ? new Tokenizer({ ...tokenizerJson, added_tokens: added.filter((t) => !t.special) }, tokenizerConfig ?? {})
+      : this.tk;
+    const esc = (x: string) => x.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+    this.specialRe = this.specials.length ? new RegExp(this.specials.map(esc).join("|"), "g") : null;
+    this.markRe = new RegExp(`${esc(this.markPrefix)}(\\d+)${MARK_CLOSE}`, "g");
     const hasByteLevel = (d: any): boolean =>
       !!d && (d.type === "ByteLevel" || (Array.isArray(d.decoders) && d.decoders.some(hasByteLevel)));
     this.byteLevel = hasByteLevel(tokenizerJson?.decoder);
@@ -138,10 +165,33 @@ export class ModelTokenizer {
     return this.tk.get_vocab(true).size;
   }
 
-  /** Plain tokenization, no special tokens added (special-token text in `text` is still recognised). */
+  /**
+   * Tokenization of a prompt, no special tokens added: special-token text in `text` is recognised (the chat
+   * template's turn markers), except where renderChat marked it as a message's own text.
+   */
   encode(text: string): number[] {
     if (text.length === 0) return [];
-    return this.tk.encode(text, { add_special_tokens: false }).ids;
+    if (!text.includes(this.markPrefix)) return this.tk.encode(text, { add_special_tokens: false }).ids;
+    // a rendered prompt with marked message text: split at the template's specials (as the tokenizer itself does
+    // first), each piece between them tokenized with the marked strings written back as plain text
+    const out: number[] = [];
+    let at = 0;
+    const piece = (to: number) => {
+      if (to > at) out.push(...this.encodeText(text.slice(at, to).replace(this.markRe, (_, j) => this.specials[+j]!)));
+    };
+    for (const m of text.matchAll(this.specialRe!)) {
+      piece(m.index);
+      out.push(this.tk.token_to_id(m[0])!);
+      at = m.index + m[0].length;
+    }
+    piece(text.length);
+    return out;
+  }
+
+  /** Document text (an uploaded context, an inline document): special-token strings are plain text. */
+  encodeText(text: string): number[] {
+    if (text.length === 0) return [];
+    return this.plainTk.encode(text, { add_special_tokens: false }).ids;
   }
 
   decode(ids: ArrayLike<number>, skipSpecial = true): string {
@@ -183,9 +233,17 @@ export class ModelTokenizer {
   /** Tokenize a piece that starts at a safe boundary of a longer text (see header). */
   encodeContinuation(text: string): number[] {
     if (text.length === 0) return [];
-    if (this.continuationMode === "direct") return this.encode(text);
-    const ids = this.encode(ANCHOR + text);
+    if (this.continuationMode === "direct") return this.encodeText(text);
+    const ids = this.encodeText(ANCHOR + text);
     return ids.slice(this.anchorIds.length);
+  }
+
+  /** A piece of a long prompt (an inline request's rendered messages) from a safe boundary on: as
+   * encodeContinuation, with the template's special tokens recognised and the messages' own text plain (encode). */
+  encodePromptContinuation(text: string): number[] {
+    if (text.length === 0) return [];
+    if (this.continuationMode === "direct") return this.encode(text);
+    return this.encode(ANCHOR + text).slice(this.anchorIds.length);
   }
 
   /**
@@ -263,14 +321,21 @@ export class ModelTokenizer {
     return "anchor";
   }
 
-  /** Render the chat template. */
+  /** Render the chat template; special-token strings in the messages' contents are marked as their own text. */
   renderChat(messages: ChatMsg[], addGenerationPrompt = true): string {
     return this.template.render({
-      messages,
+      messages: messages.map((m) => ({ ...m, content: this.markText(m.content) })),
       add_generation_prompt: addGenerationPrompt,
       bos_token: this.bosToken ?? "",
       eos_token: this.eosToken ?? "",
     });
+  }
+
+  /** `text` with its special-token strings marked as plain text, for a prompt that encode() tokenizes. */
+  markText(text: string): string {
+    const re = this.specialRe;
+    if (!re || text.search(re) < 0) return text;
+    return text.replace(re, (m) => `${this.markPrefix}${this.specials.indexOf(m)}${MARK_CLOSE}`);
   }
 
   /**
