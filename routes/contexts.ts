@@ -8,6 +8,7 @@ import type { ContextInfo } from "../src/engine/api.ts";
 import { ApiError, fromZod } from "./errors.ts";
 import type { Deps } from "./types.ts";
 import { contextView, CreateContextBody, JsonContentBody } from "./protocol.ts";
+import { textBody } from "./upload-body.ts";
 import { contentLength, contextIdParam, mediaType, parseJsonBody, sseResponse, tooLarge } from "./util.ts";
 
 const BoolFlag = z
@@ -290,11 +291,11 @@ export function contextRoutes(d: Deps): Hono {
           `context '${id}' has ${have} bytes; this upload starts at byte ${offset}: resume from ${have}`,
           "offset",
         );
-      return receive(c, id, final, json);
+      return receive(c, id, final, json, have === 0);
     });
   };
 
-  const receive = async (c: Context, id: string, final: boolean, json: boolean) => {
+  const receive = async (c: Context, id: string, final: boolean, json: boolean, startsContext: boolean) => {
     let appended = 0;
     let last: ContextInfo | null = null;
     let doFinal = final;
@@ -310,7 +311,8 @@ export function contextRoutes(d: Deps): Hono {
     } else if (c.req.raw.body) {
       let stored = 0;
       try {
-        appended = await pumpUpload(c.req.raw.body, opts.maxBodyBytes, async (piece) => {
+        const text = await textBody(c, c.req.raw.body, startsContext);
+        appended = await pumpUpload(text, opts.maxBodyBytes, async (piece) => {
           last = await engine.append(id, piece);
           stats.uploadBytes.inc(piece.byteLength);
           stored += piece.byteLength;

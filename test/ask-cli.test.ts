@@ -5,7 +5,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ROOT_DIR } from "../ffi/native.ts";
@@ -80,6 +80,32 @@ describe("bun run ask", () => {
     expect(again.code).toBe(0);
     expect(eng.texts.get(id)).toBe(text); // nothing duplicated, nothing skipped
     expect(again.out).toContain("the answer is");
+    expect(await srv.engine.getContext(id)).toBeNull(); // the finished upload's context goes, as after one run
+  }, 60_000);
+
+  test("a directory (a code base) goes up as one document: its text files in path order, each after its path", async () => {
+    const tree = join(dir, "tree");
+    mkdirSync(join(tree, "src", "lib"), { recursive: true });
+    mkdirSync(join(tree, ".git"), { recursive: true });
+    mkdirSync(join(tree, "node_modules", "x"), { recursive: true });
+    writeFileSync(join(tree, "README.md"), "# Tree\nThe secret number of cobalt-lantern is 4417203.\n");
+    writeFileSync(join(tree, "src", "main.py"), "print('héllo')\n");
+    writeFileSync(join(tree, "src", "lib", "util.ts"), "export const x = 1;");
+    writeFileSync(join(tree, "src", "logo.png"), Uint8Array.from([0x89, 0x50, 0x4e, 0x47, 0, 1, 2]));
+    writeFileSync(join(tree, "src", "empty.txt"), "");
+    writeFileSync(join(tree, ".git", "HEAD"), "ref: refs/heads/main\n");
+    writeFileSync(join(tree, "node_modules", "x", "index.js"), "module.exports = 1;\n");
+    const r = await ask([tree, "What is the secret number of cobalt-lantern?"]);
+    expect(r.code).toBe(0);
+    const id = /context (ctx\d+) created/.exec(r.err)?.[1] ?? "missing";
+    expect(eng.texts.get(id)).toBe(
+      "==> README.md <==\n# Tree\nThe secret number of cobalt-lantern is 4417203.\n\n" +
+        "==> src/lib/util.ts <==\nexport const x = 1;\n" +
+        "==> src/main.py <==\nprint('héllo')\n",
+    );
+    expect(r.err).toContain("3 text files");
+    expect(r.err).toContain("1 not text, left out: src/logo.png");
+    expect(r.out).toContain("the answer is");
   }, 60_000);
 
   test("a failed query offers to ask again with the same server (and says a key is needed)", async () => {

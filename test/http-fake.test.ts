@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { deflateSync } from "node:zlib";
 import { resolveConfig } from "../src/config.ts";
 import { startServer, type RunningServer } from "../src/server.ts";
 import { FakeEngine } from "./helpers/fake-engine.ts";
@@ -213,6 +214,71 @@ describe("fake engine", () => {
     expect(info.bytes_received).toBe(bytes.byteLength);
     expect(info.finalized).toBe(true);
     expect(eng.texts.get(ctx.id)).toBe(text);
+  });
+
+  test("uploads store text: gzip / deflate bodies decoded, charsets converted, binary files refused before a byte is stored", async () => {
+    const text = "The secret number of cobalt-lantern is 4417203. café naïve — 日本語\n".repeat(25);
+    const utf8 = new TextEncoder().encode(text);
+    const put = async (body: RequestInit["body"], headers: Record<string, string>, query = "?final=1") => {
+      const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+      const res = await fetch(`${base}/v1/contexts/${ctx.id}/content${query}`, { method: "PUT", body, headers });
+      return { id: ctx.id as string, res };
+    };
+    const stored = async (r: { id: string; res: Response }) => {
+      expect(r.res.status).toBe(200);
+      const info = await j(r.res);
+      expect(info.bytes_received).toBe(utf8.byteLength); // counts the stored UTF-8 bytes
+      expect(eng.texts.get(r.id)).toBe(text);
+    };
+    // Content-Encoding, in pieces that cut the compressed stream anywhere
+    await stored(await put(pieceStream(Bun.gzipSync(utf8), [3, 50, 7]), { "content-encoding": "gzip" }));
+    await stored(await put(deflateSync(utf8), { "content-encoding": "deflate" })); // zlib format (RFC 9110)
+    await stored(await put(Bun.gzipSync(utf8), { "content-encoding": "identity, gzip" }));
+    await expectError((await put(utf8, { "content-encoding": "br" })).res, 415, "unsupported_media_type");
+    const broken = await put(Bun.gzipSync(utf8).subarray(0, 40), { "content-encoding": "gzip" });
+    expect((await expectError(broken.res, 400, "invalid_content_encoding")).message).toContain("gzip");
+    // charsets: declared, or a UTF-16 byte-order mark; an unknown one is refused
+    const utf16le = new Uint8Array(2 + text.length * 2);
+    utf16le.set([0xff, 0xfe]);
+    for (let i = 0; i < text.length; i++) {
+      utf16le[2 + 2 * i] = text.charCodeAt(i) & 0xff;
+      utf16le[3 + 2 * i] = text.charCodeAt(i) >> 8;
+    }
+    await stored(await put(utf16le, { "content-type": "text/plain; charset=utf-16" }));
+    await stored(await put(pieceStream(utf16le, [1, 3, 2]), { "content-type": "text/plain" }));
+    const latin1Text = "caf\u00e9 na\u00efve r\u00e9sum\u00e9 ".repeat(50);
+    const latin1 = await put(
+      Uint8Array.from(latin1Text, (ch) => ch.charCodeAt(0)),
+      {
+        "content-type": 'text/plain; charset="ISO-8859-1"',
+      },
+    );
+    expect(latin1.res.status).toBe(200);
+    expect(eng.texts.get(latin1.id)).toBe(latin1Text);
+    const unknown = await put(utf8, { "content-type": "text/plain; charset=klingon" });
+    expect((await expectError(unknown.res, 415, "unsupported_media_type")).message).toContain("klingon");
+    // binary files, by signature or by content, refused with what to do instead; nothing stored
+    const gz = await put(Bun.gzipSync(utf8), { "content-type": "application/octet-stream" });
+    expect((await expectError(gz.res, 415, "binary_content")).message).toContain("Content-Encoding: gzip");
+    const pdf = await put(new TextEncoder().encode(`%PDF-1.7\n${text}`), {});
+    expect((await expectError(pdf.res, 415, "binary_content")).message).toContain("pdftotext");
+    const noise = Uint8Array.from({ length: 3000 }, (_, i) => (i * 7919) & 0xff);
+    const bin = await put(noise, {});
+    expect((await expectError(bin.res, 415, "binary_content")).message).toContain("NUL bytes or invalid UTF-8");
+    for (const r of [gz, pdf, bin]) expect((await j(fetch(`${base}/v1/contexts/${r.id}`))).bytes_received).toBe(0);
+    // ... unless asked; a log with a few bad bytes is text; only the context's first bytes are judged
+    const forced = await put(noise, {}, "?binary=true");
+    expect(forced.res.status).toBe(200);
+    expect((await j(forced.res)).bytes_received).toBe(noise.byteLength);
+    const log = new Uint8Array([...utf8.subarray(0, 2000), 0, 0xff, 0xfe, 0x1b, ...utf8.subarray(2000)]);
+    expect((await put(log, {})).res.status).toBe(200);
+    const more = await put(utf8, {}, "");
+    expect(more.res.status).toBe(200);
+    const next = await fetch(`${base}/v1/contexts/${more.id}/content?offset=${utf8.byteLength}`, {
+      method: "PUT",
+      body: noise,
+    });
+    expect(next.status).toBe(200);
   });
 
   test("streamed progress is throttled: comments at most one a second, events 250 ms apart, the first at once", async () => {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bun
 /**
- * bun run ask FILE "question" [--server URL] [--method reform|full|streaming|h2o] [--budget N]
+ * bun run ask FILE|DIR "question" [--server URL] [--method reform|full|streaming|h2o] [--budget N]
  *             [--max-tokens N] [--temperature T] [--context ID [--resume]] [--keep] [--api-key KEY]
- * Uploads FILE ("-" = stdin) to a running server as a new context, shows compression progress on stderr
+ * Uploads FILE ("-" = stdin; a directory: its text files, each after a `==> path <==` line) to a running server as
+ * a new context, shows compression progress on stderr
  * (tokens compressed, rate, ETA, from the context's events stream), then streams the answer to stdout.
  *
  * Big inputs take minutes to compress, and an upload request answers only once its bytes are compressed, so
@@ -11,11 +12,13 @@
  * printed as soon as the context exists; after any failure the context is kept and the commands to resume
  * (`--context ID --resume`) or delete it are printed.
  */
-import { existsSync, statSync } from "node:fs";
+import { existsSync, lstatSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { join, relative } from "node:path";
 import { sseEvents } from "../util/sse.ts";
+import { notTextReason, SNIFF_BYTES } from "../util/text-sniff.ts";
 import { intFlag, numFlag, parseFlags, runCli, UsageError, valueFlags } from "./args.ts";
 
-const USAGE = `usage: bun run ask FILE "question" [options]
+const USAGE = `usage: bun run ask FILE|DIR "question" [options]
        bun run ask --context ID "question" [options]
 
   --server URL         server address (default http://127.0.0.1:8080)   env REFORM_SERVER
@@ -32,7 +35,8 @@ const USAGE = `usage: bun run ask FILE "question" [options]
   --piece-bytes N      first upload request size (default 1 MiB; later ones aim at ~30 s each)
   -q, --quiet          no progress output
   -h, --help           show this help
-FILE "-" reads the context from stdin.`;
+FILE "-" reads the context from stdin. DIR (a code base): its text files in path order, each after a line
+"==> path <==" (hidden entries, node_modules and files that are not text are left out, and counted).`;
 
 const DEFAULT_SERVER = "http://127.0.0.1:8080";
 
@@ -66,11 +70,45 @@ const PIECE_TARGET_S = 30;
 const RESUME_RETRIES = 10;
 const RESUME_WAIT_MS = 500;
 
+/**
+ * A directory as one document: its text files in path order, each after a line "==> path <==" (as `head` prints
+ * several files), so that an answer can name the file. Hidden entries and node_modules are left out, and so are
+ * symbolic links, empty files and files whose first bytes are not text (text-sniff.ts). The same tree gives the
+ * same bytes, so an interrupted upload resumes from its offset.
+ */
+export function directoryDocument(dir: string): { doc: Blob; files: number; skipped: string[] } {
+  const parts: Uint8Array[] = [];
+  const skipped: string[] = [];
+  let files = 0;
+  const enc = new TextEncoder();
+  const walk = (d: string) => {
+    for (const name of readdirSync(d).sort()) {
+      if (name.startsWith(".") || name === "node_modules") continue;
+      const p = join(d, name);
+      const st = lstatSync(p);
+      if (st.isDirectory()) walk(p);
+      else if (st.isFile() && st.size > 0) {
+        const bytes = readFileSync(p);
+        if (notTextReason(bytes.subarray(0, SNIFF_BYTES)) !== null) {
+          skipped.push(relative(dir, p));
+          continue;
+        }
+        parts.push(enc.encode(`${files ? "\n" : ""}==> ${relative(dir, p)} <==\n`), bytes);
+        files++;
+      }
+    }
+  };
+  walk(dir);
+  return { doc: new Blob(parts), files, skipped };
+}
+
 interface UploadArgs {
   server: string;
   headers: Record<string, string>;
   id: string;
   file: string;
+  /** the document, when it is not the file itself (a directory's text files) */
+  doc?: Blob;
   /** continue from the bytes the context already has */
   resume: boolean;
   status: (s: string, force?: boolean) => void;
@@ -87,7 +125,8 @@ async function upload(a: UploadArgs): Promise<void> {
   const { server, headers, id, status } = a;
   const ctxUrl = `${server}/v1/contexts/${id}`;
   const stdin = a.file === "-";
-  const total = stdin ? 0 : statSync(a.file).size;
+  const doc = a.doc ?? (stdin ? null : Bun.file(a.file));
+  const total = doc ? doc.size : 0;
   let offset = 0;
   const readOffset = async () => {
     const info = await call(ctxUrl, { headers });
@@ -163,10 +202,10 @@ async function upload(a: UploadArgs): Promise<void> {
       const secs = (performance.now() - t) / 1000;
       piece = Math.round(Math.min(64 << 20, Math.max(64 << 10, (piece * PIECE_TARGET_S) / Math.max(secs, 0.05))));
     };
-    if (!stdin) {
+    if (doc) {
       while (offset < total) {
         const n = Math.min(piece, total - offset);
-        await put(Bun.file(a.file).slice(offset, offset + n), n);
+        await put(doc.slice(offset, offset + n), n);
       }
     } else {
       const reader = (Bun.stdin.stream() as ReadableStream<Uint8Array>).getReader();
@@ -244,7 +283,7 @@ async function main() {
   } else {
     if (positionals.length !== 2) throw new UsageError("expected FILE and a question");
     [file, question] = positionals;
-    if (file !== "-" && (!existsSync(file!) || !statSync(file!).isFile())) throw new Error(`file not found: ${file}`);
+    if (file !== "-" && !existsSync(file!)) throw new Error(`file not found: ${file}`);
   }
   if (!question?.trim()) throw new UsageError("the question is empty");
   if (values.resume && !reuse) throw new UsageError("--resume needs --context ID (the context to continue)");
@@ -310,6 +349,20 @@ async function main() {
       );
   }
 
+  // a directory (a code base) goes up as one document of its text files
+  let doc: Blob | undefined;
+  if (file !== undefined && file !== "-" && statSync(file).isDirectory()) {
+    const d = directoryDocument(file);
+    if (d.files === 0)
+      throw new Error(`no text file in ${file}${d.skipped.length ? ` (${d.skipped.length} not text)` : ""}`);
+    doc = d.doc;
+    const left = d.skipped.length
+      ? `; ${d.skipped.length} not text, left out: ${d.skipped.slice(0, 5).join(", ")}${d.skipped.length > 5 ? ", ..." : ""}`
+      : "";
+    status(`${file}: ${d.files} text files, ${fmtBytes(doc.size)}${left}`);
+    endStatus();
+  }
+
   let contextId = reuse;
   const created = !reuse;
   /**
@@ -354,6 +407,7 @@ async function main() {
         headers,
         id: contextId,
         file: file!,
+        ...(doc ? { doc } : {}),
         resume: values.resume === true,
         status,
         endStatus,
@@ -407,7 +461,8 @@ async function main() {
   }
 
   if (exitCode !== 0) hints(contextId, false);
-  else if (created) {
+  // this run uploaded it (or finished the upload of an earlier run): it goes, as after an uninterrupted run
+  else if (created || values.resume) {
     if (values.keep) console.error(`context kept: ${contextId} (ask again with --context ${contextId})`);
     else await call(`${server}/v1/contexts/${contextId}`, { method: "DELETE", headers }).catch(() => {});
   }

@@ -1,0 +1,161 @@
+/**
+ * An upload's body as the UTF-8 text the context stores: its Content-Encoding undone (gzip, deflate), its charset
+ * converted (the content type's `charset=`, else a UTF-16 byte-order mark), and, when it starts the context, a
+ * file that is not text refused before a byte is stored (415 `binary_content`, saying what it looks like and how
+ * to send it as text). Byte counts and `?offset=` resumes count the stored UTF-8 bytes.
+ */
+import type { Context } from "hono";
+import { notTextReason, SNIFF_BYTES } from "../src/util/text-sniff.ts";
+import { ApiError } from "./errors.ts";
+
+/** Charset labels whose bytes are stored as they come (US-ASCII is a subset of UTF-8). */
+const UTF8_LABELS = new Set(["utf-8", "utf8", "unicode-1-1-utf-8", "us-ascii", "ascii"]);
+/** The `charset` parameter of the content type, lower-cased; null when none. */
+function charsetOf(contentType: string | undefined): string | null {
+  const m = /;\s*charset\s*=\s*"?([^";\s]+)"?/i.exec(contentType ?? "");
+  return m ? m[1]!.toLowerCase() : null;
+}
+
+/** The Content-Encoding steps to undo, innermost first; 415 for one that cannot be. */
+function decodings(header: string | undefined): ("gzip" | "deflate")[] {
+  const steps: ("gzip" | "deflate")[] = [];
+  for (const raw of (header ?? "").split(",")) {
+    const e = raw.trim().toLowerCase();
+    if (e === "" || e === "identity") continue;
+    if (e === "gzip" || e === "x-gzip") steps.push("gzip");
+    else if (e === "deflate") steps.push("deflate");
+    else
+      throw new ApiError(
+        415,
+        "unsupported_media_type",
+        `unsupported content encoding '${e.slice(0, 40)}': send the body as is, or with Content-Encoding gzip or deflate`,
+      );
+  }
+  return steps.reverse();
+}
+
+/** A decoder for a charset label (RangeError for a label the WHATWG Encoding standard does not name). */
+function decoderFor(label: string): TextDecoder {
+  // the DOM typings list a few labels; the runtime takes every label of the standard
+  return new TextDecoder(label as ConstructorParameters<typeof TextDecoder>[0]);
+}
+
+/** A stream that converts `label`-encoded bytes to UTF-8 (the decoder drops a byte-order mark). */
+function toUtf8(label: string): TransformStream<Uint8Array, Uint8Array> {
+  const dec = decoderFor(label);
+  const enc = new TextEncoder();
+  return new TransformStream({
+    transform(chunk, ctrl) {
+      const s = dec.decode(chunk, { stream: true });
+      if (s) ctrl.enqueue(enc.encode(s));
+    },
+    flush(ctrl) {
+      const s = dec.decode();
+      if (s) ctrl.enqueue(enc.encode(s));
+    },
+  });
+}
+
+/** `s` with a read error turned into a 400 `invalid_content_encoding` saying `what` (the bytes before it are kept). */
+function failingAs(s: ReadableStream<Uint8Array>, what: string): ReadableStream<Uint8Array> {
+  const reader = s.getReader();
+  return new ReadableStream<Uint8Array>({
+    async pull(ctrl) {
+      let r: Awaited<ReturnType<typeof reader.read>>;
+      try {
+        r = await reader.read();
+      } catch (e) {
+        throw new ApiError(400, "invalid_content_encoding", `${what}: ${e instanceof Error ? e.message : String(e)}`);
+      }
+      if (r.done) ctrl.close();
+      else ctrl.enqueue(r.value);
+    },
+    cancel(why) {
+      return reader.cancel(why);
+    },
+  });
+}
+
+/**
+ * Holds the first SNIFF_BYTES (or the whole body, when shorter), converts them from UTF-16 when they start with its
+ * byte-order mark and no charset was declared, refuses a binary file when `startsContext` (415 `binary_content`),
+ * then passes everything through.
+ */
+function sniffed(body: ReadableStream<Uint8Array>, charsetGiven: boolean, startsContext: boolean) {
+  const reader = body.getReader();
+  return (async () => {
+    const head: Uint8Array[] = [];
+    let n = 0;
+    let done = false;
+    while (n < SNIFF_BYTES) {
+      const r = await reader.read();
+      if (r.done) {
+        done = true;
+        break;
+      }
+      head.push(r.value);
+      n += r.value.byteLength;
+    }
+    const first = new Uint8Array(n);
+    let o = 0;
+    for (const h of head) {
+      first.set(h, o);
+      o += h.byteLength;
+    }
+    const rest = new ReadableStream<Uint8Array>({
+      start(ctrl) {
+        if (first.byteLength) ctrl.enqueue(first);
+        if (done) ctrl.close();
+      },
+      async pull(ctrl) {
+        const r = await reader.read();
+        if (r.done) ctrl.close();
+        else ctrl.enqueue(r.value);
+      },
+      cancel(why) {
+        return reader.cancel(why);
+      },
+    });
+    const bom =
+      first[0] === 0xff && first[1] === 0xfe ? "utf-16le" : first[0] === 0xfe && first[1] === 0xff ? "utf-16be" : null;
+    if (!charsetGiven && bom) return rest.pipeThrough(toUtf8(bom));
+    const why = startsContext ? notTextReason(first) : null;
+    if (why) {
+      reader.cancel().catch(() => {});
+      throw new ApiError(415, "binary_content", `${why}; nothing was stored. To store the bytes anyway: ?binary=true`);
+    }
+    return rest;
+  })();
+}
+
+/**
+ * The request body as UTF-8 text bytes, ready to append. `startsContext`: the context holds no byte yet (a file's
+ * first bytes say whether it is text). 415 for an unknown content encoding or charset, or (unless `?binary=true`) a
+ * body that starts the context and is not text.
+ */
+export async function textBody(
+  c: Context,
+  body: ReadableStream<Uint8Array>,
+  startsContext: boolean,
+): Promise<ReadableStream<Uint8Array>> {
+  let s = body;
+  const steps = decodings(c.req.header("content-encoding"));
+  for (const step of steps)
+    s = s.pipeThrough(new DecompressionStream(step) as unknown as TransformStream<Uint8Array, Uint8Array>);
+  if (steps.length) s = failingAs(s, `the body is not valid ${steps.join(" + ")} data (its Content-Encoding)`);
+  const charset = charsetOf(c.req.header("content-type"));
+  if (charset !== null && !UTF8_LABELS.has(charset)) {
+    try {
+      decoderFor(charset);
+    } catch {
+      throw new ApiError(
+        415,
+        "unsupported_media_type",
+        `unsupported charset '${charset.slice(0, 40)}': send UTF-8 (iconv -f <charset> -t UTF-8) or a charset the WHATWG Encoding standard names`,
+      );
+    }
+    s = s.pipeThrough(toUtf8(charset));
+  }
+  const binaryOk = ["1", "true", "yes", "on"].includes((c.req.query("binary") ?? "").trim().toLowerCase());
+  return sniffed(s, charset !== null, startsContext && !binaryOk);
+}
