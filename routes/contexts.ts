@@ -212,14 +212,26 @@ export function contextRoutes(d: Deps): Hono {
     return c.json(contextView(info), 201, { location: `/v1/contexts/${info.id}` });
   });
 
+  // One writer per context: a second upload (or a finalize) while one is open would interleave its
+  // bytes with the first one's, so it is refused. A writer whose client has gone away is only storing what
+  // it received; the next one (a resumed upload) waits for it instead of being refused. A resume sent the moment a
+  // client drops can arrive before the server has seen that drop, so a busy context is refused only after
+  // WRITER_GRACE_MS in which its writer neither finished nor lost its client.
+  const writing = new Map<string, { client: AbortSignal; done: Promise<unknown> }>();
+  // `upload_in_progress`: an upload holds the context now (another client's, or another tab's: not one to resume)
+  const withWriter = (info: ContextInfo) => {
+    const w = writing.get(info.id);
+    return { ...contextView(info), upload_in_progress: w !== undefined && !w.client.aborted };
+  };
+
   r.get("/", async (c) => {
     const list = await engine.listContexts();
-    return c.json({ object: "list", data: list.map(contextView) });
+    return c.json({ object: "list", data: list.map(withWriter) });
   });
 
   r.get("/:id", async (c) => {
     const id = contextIdParam(c);
-    return c.json(contextView(await mustGet(id)));
+    return c.json(withWriter(await mustGet(id)));
   });
 
   r.delete("/:id", async (c) => {
@@ -229,12 +241,6 @@ export function contextRoutes(d: Deps): Hono {
     return c.json({ id, object: "context", deleted: true });
   });
 
-  // One writer per context: a second upload (or a finalize) while one is open would interleave its
-  // bytes with the first one's, so it is refused. A writer whose client has gone away is only storing what
-  // it received; the next one (a resumed upload) waits for it instead of being refused. A resume sent the moment a
-  // client drops can arrive before the server has seen that drop, so a busy context is refused only after
-  // WRITER_GRACE_MS in which its writer neither finished nor lost its client.
-  const writing = new Map<string, { client: AbortSignal; done: Promise<unknown> }>();
   const exclusive = async <T>(c: Context, id: string, fn: () => Promise<T>): Promise<T> => {
     for (let w = writing.get(id); w; w = writing.get(id)) {
       if (!w.client.aborted && !(await endsWithin(w, WRITER_GRACE_MS)))

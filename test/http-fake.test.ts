@@ -50,6 +50,10 @@ describe("fake engine", () => {
       headers: { "content-type": "text/plain" },
     });
     await waitFor(async () => (await j(fetch(`${base}/v1/contexts/${ctx.id}`))).state === "processing");
+    // the status and the list say an upload holds it (a web page in another tab offers no resume then)
+    expect((await j(fetch(`${base}/v1/contexts/${ctx.id}`))).upload_in_progress).toBe(true);
+    const listed = (await j(fetch(`${base}/v1/contexts`))).data.find((c: { id: string }) => c.id === ctx.id);
+    expect(listed.upload_in_progress).toBe(true);
     const q = await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q?", stream: false });
     await expectError(q, 409, "context_not_ready");
     const chat = await jsonPost(`${base}/v1/chat/completions`, {
@@ -58,6 +62,7 @@ describe("fake engine", () => {
     });
     await expectError(chat, 409, "context_not_ready");
     expect((await up).status).toBe(200);
+    expect((await j(fetch(`${base}/v1/contexts/${ctx.id}`))).upload_in_progress).toBe(false);
     eng.appendDelayMs = 0;
     const ok = await jsonPost(`${base}/v1/contexts/${ctx.id}/query`, { question: "q?", stream: false });
     expect(ok.status).toBe(200);

@@ -347,7 +347,10 @@ function ContextList({ contexts, loading, selected, uploading, onSelect, onDelet
     <tbody>
       ${contexts.map((c) => {
         const size = c.metadata?.size;
-        const resumable = c.state !== "ready" && !uploading.has(c.id) && size != null && c.bytes_received <= size;
+        // an upload in progress from another tab or client is not one to resume here
+        const elsewhere = c.upload_in_progress && !uploading.has(c.id);
+        const resumable =
+          c.state !== "ready" && !uploading.has(c.id) && !elsewhere && size != null && c.bytes_received <= size;
         return html`<tr
           key=${c.id}
           class=${`ctx-row${c.id === selected ? " selected" : ""}`}
@@ -365,6 +368,7 @@ function ContextList({ contexts, loading, selected, uploading, onSelect, onDelet
           <td>${bytes(c.disk_bytes)}</td>
           <td class="actions" onClick=${(e) => e.stopPropagation()}>
             ${resumable && html`<button class="resume" onClick=${() => onResume(c)}>Resume…</button>`}
+            ${elsewhere && html`<span class="muted uploading-elsewhere" title="an upload from another tab or client is running">uploading…</span>`}
             <button class="delete" onClick=${() => onDelete(c)}>Delete</button>
           </td>
         </tr>`;
