@@ -65,14 +65,17 @@ class Corpus:
 
 
 class TaskMaker:
-    def __init__(self, tok: Tokenizer, corpus: Corpus, seed: int, shard_rate: float = 0.0, cluster_rate: float = 0.0):
+    def __init__(self, tok: Tokenizer, corpus: Corpus, seed: int, shard_rate: float = 0.0, cluster_rate: float = 0.0,
+                 layout_rate: float = 0.0):
         """`shard_rate`: the share of needle haystacks made of gathered-like runs (`shards`); `cluster_rate`: the share
-        of needle tasks whose facts stand together (`_cluster`). 0 (evaluation) draws exactly the samples drawn before
-        the options existed."""
+        of needle tasks whose facts stand together (`_cluster`); `layout_rate`: the share of needle tasks with runs of
+        whitespace between sentences and another separator before the question (`_layout`). 0 (evaluation) draws
+        exactly the samples drawn before the options existed."""
         self.tok, self.c = tok, corpus
         self.rng = random.Random(seed)
         self.shard_rate = shard_rate
         self.cluster_rate = cluster_rate
+        self.layout_rate = layout_rate
         self.head = tok.encode(IM_START + "user\n")
         self.im_end = tok.token_id(IM_END)
 
@@ -133,9 +136,10 @@ class TaskMaker:
         return out
 
     # ---- assembling ----------------------------------------------------------------------------------------
-    def _chat(self, pieces: list[list[int]], question: str, answer: str, task: str, expected: list[str]) -> Example:
+    def _chat(self, pieces: list[list[int]], question: str, answer: str, task: str, expected: list[str],
+              sep: str = "\n\n") -> Example:
         body = [t for p in pieces for t in p]
-        q = self.tok.encode("\n\n" + question + IM_END + "\n" + IM_START + "assistant\n")
+        q = self.tok.encode(sep + question + IM_END + "\n" + IM_START + "assistant\n")
         a = self.tok.encode(answer) + [self.im_end]
         prompt = self.head + body + q
         return Example(prompt + a, [False] * len(prompt) + [True] * len(a), task, expected, len(prompt))
@@ -192,12 +196,33 @@ class TaskMaker:
             pieces = self._cluster(hay, needles)
         else:
             pieces = self._insert(hay, needles)
+        sep = "\n\n"
+        if self.layout_rate and r.random() < self.layout_rate:
+            pieces, sep = self._layout(pieces)
         if task == "multivalue":  # answer in order of appearance in the text
             order = [facts[i] for i in sorted(range(len(facts)), key=lambda i: self._index_of(pieces, needles[i]))]
         else:
             order = asked
         answer = " ".join(fill(tpl[0], k=k, v=v) for k, v in order)
-        return self._chat(pieces, question, answer, task, [v for _, v in asked])
+        return self._chat(pieces, question, answer, task, [v for _, v in asked], sep)
+
+    # what documents look like outside prose: indented titles and code, blank lines, tabs
+    WHITESPACE_RUNS = ["\n", "\n\n", "\n\n\n", "\t", "\t\t\t", "\n    ", "\n        ", "\n\t"]
+    # what stands between a document and its question in a chat message (an inline request's text as users write it)
+    SEPARATORS = ["\n", "\n\n\n", " ", "\n\n\n\n", "\n \n", "\n\nQuestion: "]
+
+    def _layout(self, pieces: list[list[int]]) -> tuple[list[list[int]], str]:
+        """Runs of whitespace (blank lines, indentation up to 40 spaces, tabs) before a fifth of the pieces, and one of
+        SEPARATORS before the question: license files, code and logs gathered beyond the window put such runs in the
+        recompute prompt, and a model that saw only prose and "\n\n" answered them with whitespace (README, inline)."""
+        r = self.rng
+        out = []
+        for p in pieces:
+            if r.random() < 0.2:
+                ws = r.choice(self.WHITESPACE_RUNS + [" " * r.randint(4, 40), "\n" + " " * r.randint(8, 40)])
+                out.append(self.tok.encode(ws))
+            out.append(p)
+        return out, r.choice(self.SEPARATORS)
 
     def _cluster(self, hay: list[list[int]], needles: list[list[int]]) -> list[list[int]]:
         """The needles (facts and distractors) side by side at one random place, some glued to a 1-12 token shard:

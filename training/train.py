@@ -115,10 +115,12 @@ CONFIGS["tiny6c"] = dict(CONFIGS["tiny6s"], init=os.path.join(HERE, "state", "ti
 MIX_MV = {"single": 0.06, "multikey": 0.14, "multivalue": 0.28, "multiquery": 0.22, "quote": 0.12, "copy": 0.06, "text": 0.12}
 CONFIGS["tiny6d"] = dict(CONFIGS["tiny6c"], init=os.path.join(HERE, "state", "tiny6c", "ckpt.pt"), lr=1.5e-4,
                          cluster_rate=0.4, mix=MIX_MV)
-# tiny6c fine-tuned on long prompts only (320-512 tokens, was 128-512): in the window every task scores lower at 435
-# tokens than at 256 (multi-value 69.6 against 85.8), and REFORM's recompute prompts beyond it are 350-500 tokens long
-CONFIGS["tiny6e"] = dict(CONFIGS["tiny6c"], init=os.path.join(HERE, "state", "tiny6c", "ckpt.pt"), lr=1.5e-4,
-                         min_len=320)
+# tiny6c fine-tuned on long prompts (320-512 tokens, was 128-512: in the window every task scores lower at 435 tokens
+# than at 256, multi-value 69.6 against 85.8, and REFORM's recompute prompts beyond it are 350-500 tokens long) laid
+# out as documents outside prose are (tasks.py _layout: whitespace runs, other separators before the question): an
+# inline request over a license file answered with whitespace where the needle alone was gathered
+CONFIGS["tiny6f"] = dict(CONFIGS["tiny6c"], init=os.path.join(HERE, "state", "tiny6c", "ckpt.pt"), lr=1.5e-4,
+                         min_len=320, layout_rate=0.3)
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -133,7 +135,7 @@ class Batches(torch.utils.data.IterableDataset):
         wid = info.id if info else 0
         tok = Tokenizer(TOKENIZER)
         maker = TaskMaker(tok, Corpus(self.data_dir, "train"), self.seed * 1000 + wid, self.cfg.get("shard_rate", 0.0),
-                          self.cfg.get("cluster_rate", 0.0))
+                          self.cfg.get("cluster_rate", 0.0), self.cfg.get("layout_rate", 0.0))
         window = self.cfg["model"].max_position_embeddings
         k = 0
         while True:
