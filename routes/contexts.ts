@@ -297,11 +297,17 @@ export function contextRoutes(d: Deps): Hono {
           `context '${id}' has ${have} bytes; this upload starts at byte ${offset}: resume from ${have}`,
           "offset",
         );
-      return receive(c, id, final, json, have === 0);
+      return receive(c, id, final, json, { startsContext: have === 0, offset });
     });
   };
 
-  const receive = async (c: Context, id: string, final: boolean, json: boolean, startsContext: boolean) => {
+  const receive = async (
+    c: Context,
+    id: string,
+    final: boolean,
+    json: boolean,
+    at: { startsContext: boolean; offset: number | undefined },
+  ) => {
     let appended = 0;
     let last: ContextInfo | null = null;
     let doFinal = final;
@@ -317,7 +323,7 @@ export function contextRoutes(d: Deps): Hono {
     } else if (c.req.raw.body) {
       let stored = 0;
       try {
-        const text = await textBody(c, c.req.raw.body, startsContext);
+        const text = await textBody(c, c.req.raw.body, at);
         appended = await pumpUpload(text, opts.maxBodyBytes, async (piece) => {
           last = await engine.append(id, piece);
           stats.uploadBytes.inc(piece.byteLength);

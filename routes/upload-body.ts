@@ -1,8 +1,9 @@
 /**
  * An upload's body as the UTF-8 text the context stores: its Content-Encoding undone (gzip, deflate), its charset
- * converted (the content type's `charset=`, else a UTF-16 byte-order mark), and, when it starts the context, a
- * file that is not text refused before a byte is stored (415 `binary_content`, saying what it looks like and how
- * to send it as text). Byte counts and `?offset=` resumes count the stored UTF-8 bytes.
+ * converted (the content type's `charset=`; UTF-16 that no charset names is refused), and, when it starts the
+ * context, a file that is not text refused before a byte is stored (415 `binary_content`, saying what it looks like
+ * and how to send it as text). Byte counts and `?offset=` resumes count the stored UTF-8 bytes, so a converted body
+ * cannot resume at an offset (it would name a byte of the source, not of the stored text).
  */
 import type { Context } from "hono";
 import { notTextReason, SNIFF_BYTES } from "../src/util/text-sniff.ts";
@@ -77,11 +78,10 @@ function failingAs(s: ReadableStream<Uint8Array>, what: string): ReadableStream<
 }
 
 /**
- * Holds the first SNIFF_BYTES (or the whole body, when shorter), converts them from UTF-16 when they start with its
- * byte-order mark and no charset was declared, refuses a binary file when `startsContext` (415 `binary_content`),
- * then passes everything through.
+ * Holds the first SNIFF_BYTES (or the whole body, when shorter); when `check`, refuses UTF-16 that no charset names
+ * (415) and, when `startsContext`, a binary file (415 `binary_content`); then passes everything through.
  */
-function sniffed(body: ReadableStream<Uint8Array>, charsetGiven: boolean, startsContext: boolean) {
+function sniffed(body: ReadableStream<Uint8Array>, check: boolean, startsContext: boolean) {
   const reader = body.getReader();
   return (async () => {
     const head: Uint8Array[] = [];
@@ -116,10 +116,18 @@ function sniffed(body: ReadableStream<Uint8Array>, charsetGiven: boolean, starts
         return reader.cancel(why);
       },
     });
-    const bom =
-      first[0] === 0xff && first[1] === 0xfe ? "utf-16le" : first[0] === 0xfe && first[1] === 0xff ? "utf-16be" : null;
-    if (!charsetGiven && bom) return rest.pipeThrough(toUtf8(bom));
-    const why = startsContext ? notTextReason(first) : null;
+    // never valid UTF-8: converted it would be right for this request but not for the next piece of the same file,
+    // which starts with no mark (a client sending a file in pieces would store half of it as UTF-16 bytes)
+    const bom = (first[0] === 0xff && first[1] === 0xfe) || (first[0] === 0xfe && first[1] === 0xff);
+    if (check && bom) {
+      reader.cancel().catch(() => {});
+      throw new ApiError(
+        415,
+        "unsupported_media_type",
+        "this is UTF-16 text (it starts with a byte-order mark): give its charset (content-type: text/plain; charset=utf-16), or send UTF-8 (iconv -f UTF-16 -t UTF-8); nothing was stored",
+      );
+    }
+    const why = check && startsContext ? notTextReason(first) : null;
     if (why) {
       reader.cancel().catch(() => {});
       throw new ApiError(415, "binary_content", `${why}; nothing was stored. To store the bytes anyway: ?binary=true`);
@@ -136,14 +144,25 @@ function sniffed(body: ReadableStream<Uint8Array>, charsetGiven: boolean, starts
 export async function textBody(
   c: Context,
   body: ReadableStream<Uint8Array>,
-  startsContext: boolean,
+  at: { startsContext: boolean; offset: number | undefined },
 ): Promise<ReadableStream<Uint8Array>> {
   let s = body;
   const steps = decodings(c.req.header("content-encoding"));
+  const charset = charsetOf(c.req.header("content-type"));
+  const converting = steps.length > 0 || (charset !== null && !UTF8_LABELS.has(charset));
+  if (converting && (at.offset ?? 0) > 0)
+    throw new ApiError(
+      400,
+      "invalid_value",
+      `offset: a resumed upload's offset counts the context's stored UTF-8 bytes, and this body is converted (${[
+        ...steps,
+        ...(charset !== null && !UTF8_LABELS.has(charset) ? [`charset ${charset}`] : []),
+      ].join(", ")}), so the offset cannot name a byte of your file: send the rest decoded, as UTF-8, from that offset`,
+      "offset",
+    );
   for (const step of steps)
     s = s.pipeThrough(new DecompressionStream(step) as unknown as TransformStream<Uint8Array, Uint8Array>);
   if (steps.length) s = failingAs(s, `the body is not valid ${steps.join(" + ")} data (its Content-Encoding)`);
-  const charset = charsetOf(c.req.header("content-type"));
   if (charset !== null && !UTF8_LABELS.has(charset)) {
     try {
       decoderFor(charset);
@@ -157,5 +176,5 @@ export async function textBody(
     s = s.pipeThrough(toUtf8(charset));
   }
   const binaryOk = ["1", "true", "yes", "on"].includes((c.req.query("binary") ?? "").trim().toLowerCase());
-  return sniffed(s, charset !== null, startsContext && !binaryOk);
+  return sniffed(s, !binaryOk, at.startsContext);
 }

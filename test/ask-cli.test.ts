@@ -108,6 +108,23 @@ describe("bun run ask", () => {
     expect(r.out).toContain("the answer is");
   }, 60_000);
 
+  test("a gzip file and a UTF-16 file go up as their text (converted here: a resume's offsets are the text's)", async () => {
+    const gz = join(dir, "book.txt.gz");
+    writeFileSync(gz, Bun.gzipSync(new TextEncoder().encode(text)));
+    const utf16 = join(dir, "book-utf16.txt");
+    writeFileSync(utf16, Buffer.concat([Buffer.from([0xff, 0xfe]), Buffer.from(text, "utf16le")]));
+    for (const [f, how] of [
+      [gz, "gzip, decompressed"],
+      [utf16, "UTF-16, converted"],
+    ]) {
+      const r = await ask([f!, "What flows on?", "--piece-bytes", "65536"]);
+      expect(r.code).toBe(0);
+      const id = /context (ctx\d+) created/.exec(r.err)?.[1] ?? "missing";
+      expect(eng.texts.get(id)).toBe(text);
+      expect(r.err).toContain(how!);
+    }
+  }, 60_000);
+
   test("a failed query offers to ask again with the same server (and says a key is needed)", async () => {
     const up = await ask([file, "q", "--keep", "--quiet"]);
     const id = /context (ctx\d+) created/.exec(up.err)?.[1] ?? "missing";

@@ -242,7 +242,7 @@ describe("fake engine", () => {
     await expectError((await put(utf8, { "content-encoding": "br" })).res, 415, "unsupported_media_type");
     const broken = await put(Bun.gzipSync(utf8).subarray(0, 40), { "content-encoding": "gzip" });
     expect((await expectError(broken.res, 400, "invalid_content_encoding")).message).toContain("gzip");
-    // charsets: declared, or a UTF-16 byte-order mark; an unknown one is refused
+    // charsets: declared ones are converted; UTF-16 that no charset names, and an unknown charset, are refused
     const utf16le = new Uint8Array(2 + text.length * 2);
     utf16le.set([0xff, 0xfe]);
     for (let i = 0; i < text.length; i++) {
@@ -250,7 +250,12 @@ describe("fake engine", () => {
       utf16le[3 + 2 * i] = text.charCodeAt(i) >> 8;
     }
     await stored(await put(utf16le, { "content-type": "text/plain; charset=utf-16" }));
-    await stored(await put(pieceStream(utf16le, [1, 3, 2]), { "content-type": "text/plain" }));
+    await stored(await put(pieceStream(utf16le, [1, 3, 2]), { "content-type": "text/plain; charset=UTF-16LE" }));
+    for (const headers of [{ "content-type": "text/plain" }, { "content-type": "text/plain; charset=utf-8" }]) {
+      const bom = await put(utf16le, headers);
+      expect((await expectError(bom.res, 415, "unsupported_media_type")).message).toContain("charset=utf-16");
+      expect((await j(fetch(`${base}/v1/contexts/${bom.id}`))).bytes_received).toBe(0);
+    }
     const latin1Text = "caf\u00e9 na\u00efve r\u00e9sum\u00e9 ".repeat(50);
     const latin1 = await put(
       Uint8Array.from(latin1Text, (ch) => ch.charCodeAt(0)),
@@ -279,6 +284,19 @@ describe("fake engine", () => {
     expect((await put(log, {})).res.status).toBe(200);
     const more = await put(utf8, {}, "");
     expect(more.res.status).toBe(200);
+    // a converted body cannot resume at an offset: it would name a byte of the source, not of the stored text
+    const converted: [Record<string, string>, Uint8Array][] = [
+      [{ "content-encoding": "gzip" }, Bun.gzipSync(utf8)],
+      [{ "content-type": "text/plain; charset=utf-16" }, utf16le],
+    ];
+    for (const [headers, body] of converted) {
+      const r = await fetch(`${base}/v1/contexts/${more.id}/content?offset=${utf8.byteLength}`, {
+        method: "PUT",
+        body,
+        headers,
+      });
+      expect((await expectError(r, 400, "invalid_value")).param).toBe("offset");
+    }
     const next = await fetch(`${base}/v1/contexts/${more.id}/content?offset=${utf8.byteLength}`, {
       method: "PUT",
       body: noise,

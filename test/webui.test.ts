@@ -97,8 +97,9 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
     "upload, ready, ask a needle question: streamed answer and the gathered passage",
     async () => {
       const doc = documentText();
-      const file = join(srv.root, "harbor-notes.txt");
-      writeFileSync(file, doc);
+      // gzip'ed: the page uploads its text (decompressed in the browser, so the byte offsets of a resume are the text's)
+      const file = join(srv.root, "harbor-notes.txt.gz");
+      writeFileSync(file, Bun.gzipSync(new TextEncoder().encode(doc)));
 
       // The page and its modules come from this server alone, without the key; the API needs it.
       const external: string[] = [];
@@ -156,7 +157,7 @@ describe.skipIf(!chromiumPath)("web page in Chromium", () => {
         await fetch(`${srv.url}/v1/contexts/${ctxId}`, { headers: { "x-api-key": KEY } })
       ).json();
       expect(info.bytes_received).toBe(Buffer.byteLength(doc)); // nothing lost, nothing twice
-      expect(info.metadata.name).toBe("harbor-notes.txt");
+      expect(info.metadata.name).toBe("harbor-notes.txt.gz");
 
       // every change of the answer's text, as the browser renders it
       // (runs in the page: its globals through globalThis, as this file is type-checked without the DOM's types)

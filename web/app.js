@@ -145,6 +145,27 @@ const MAX_PIECE = 32 << 20;
 const MAX_RETRIES = 8;
 
 /**
+ * A file as the UTF-8 text the server stores: a gzip file decompressed, UTF-16 (with its byte-order mark) converted.
+ * Done here, not by the server, so that the byte offsets the server counts are this blob's own and a cut upload
+ * resumes at the right byte (the server refuses to resume a body it converts).
+ */
+async function asText(blob) {
+  const head = async (b) => new Uint8Array(await b.slice(0, 2).arrayBuffer());
+  let h = await head(blob);
+  if (h[0] === 0x1f && h[1] === 0x8b) {
+    try {
+      blob = await new Response(blob.stream().pipeThrough(new DecompressionStream("gzip"))).blob();
+    } catch (e) {
+      throw new Error(`the file starts like gzip but does not decompress (${e.message})`);
+    }
+    h = await head(blob);
+  }
+  const utf16 = h[0] === 0xff && h[1] === 0xfe ? "utf-16le" : h[0] === 0xfe && h[1] === 0xff ? "utf-16be" : null;
+  if (utf16) blob = new Blob([new TextDecoder(utf16).decode(await blob.arrayBuffer())], { type: "text/plain" });
+  return blob;
+}
+
+/**
  * Appends blob[from..] to context `id` piece by piece (PUT ?offset=, the last with final=true). After a dropped
  * connection or a 5xx / busy answer it waits, reads `bytes_received` again and goes on from there, so no byte is sent
  * twice or skipped; other errors (413 quota, 404, …) end the upload. `report({sent, retry})` follows it.
@@ -659,8 +680,9 @@ function App() {
     refresh();
   };
 
-  const start = async (blob, name, created) => {
+  const start = async (file, name, created) => {
     try {
+      const blob = await asText(file);
       const ctx = await postJson("/v1/contexts", { metadata: { name, size: blob.size, source: "web" } }).then(
         async (res) => (res.ok ? res.json() : Promise.reject(await errorOf(res))),
       );
@@ -676,10 +698,18 @@ function App() {
     const input = document.createElement("input");
     input.type = "file";
     input.onchange = async () => {
-      const f = input.files[0];
-      if (!f) return;
+      if (!input.files[0]) return;
+      let f;
+      try {
+        f = await asText(input.files[0]);
+      } catch (e) {
+        setError(e.message);
+        return;
+      }
       if (f.size !== c.metadata.size) {
-        setError(`"${f.name}" has ${bytes(f.size)}; the upload of "${nameOf(c)}" was ${bytes(c.metadata.size)}`);
+        setError(
+          `"${input.files[0].name}" has ${bytes(f.size)} of text; the upload of "${nameOf(c)}" was ${bytes(c.metadata.size)}`,
+        );
         return;
       }
       const info = await apiJson(`/v1/contexts/${c.id}`);

@@ -12,7 +12,7 @@
  * printed as soon as the context exists; after any failure the context is kept and the commands to resume
  * (`--context ID --resume`) or delete it are printed.
  */
-import { existsSync, lstatSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { closeSync, existsSync, lstatSync, openSync, readdirSync, readFileSync, readSync, statSync } from "node:fs";
 import { join, relative } from "node:path";
 import { sseEvents } from "../util/sse.ts";
 import { notTextReason, SNIFF_BYTES } from "../util/text-sniff.ts";
@@ -100,6 +100,28 @@ export function directoryDocument(dir: string): { doc: Blob; files: number; skip
   };
   walk(dir);
   return { doc: new Blob(parts), files, skipped };
+}
+
+/** A gzip file decompressed, a UTF-16 one (byte-order mark) converted to UTF-8; null for any other file. */
+export function fileAsText(file: string): { doc: Blob; how: string } | null {
+  const head = new Uint8Array(2);
+  const fd = openSync(file, "r");
+  readSync(fd, head, 0, 2, 0);
+  closeSync(fd);
+  let bytes: Uint8Array | null = null;
+  let how = "";
+  if (head[0] === 0x1f && head[1] === 0x8b) {
+    bytes = Bun.gunzipSync(readFileSync(file));
+    how = "gzip, decompressed";
+  }
+  const b = bytes ?? head;
+  const utf16 = b[0] === 0xff && b[1] === 0xfe ? "utf-16le" : b[0] === 0xfe && b[1] === 0xff ? "utf-16be" : null;
+  if (utf16) {
+    const text = new TextDecoder(utf16).decode(bytes ?? readFileSync(file));
+    bytes = new TextEncoder().encode(text);
+    how = how ? `${how}, UTF-16 converted` : "UTF-16, converted";
+  }
+  return bytes ? { doc: new Blob([bytes]), how } : null;
 }
 
 interface UploadArgs {
@@ -349,8 +371,17 @@ async function main() {
       );
   }
 
-  // a directory (a code base) goes up as one document of its text files
+  // a directory (a code base) goes up as one document of its text files; a gzip file decompressed and UTF-16 converted
+  // here, so that the offsets of a resume are the text's (the server refuses to resume a body it converts)
   let doc: Blob | undefined;
+  if (file !== undefined && file !== "-" && statSync(file).isFile()) {
+    const text = fileAsText(file);
+    if (text) {
+      doc = text.doc;
+      status(`${file}: ${text.how}, ${fmtBytes(doc.size)} of text`);
+      endStatus();
+    }
+  }
   if (file !== undefined && file !== "-" && statSync(file).isDirectory()) {
     const d = directoryDocument(file);
     if (d.files === 0)
