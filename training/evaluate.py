@@ -1,6 +1,6 @@
 """In-window evaluation on held-out haystack and held-out keys: recall per task (RULER string_match_all).
 
-    python3 training/evaluate.py --model models/reform-tiny [--n 30] [--lengths 256,448]
+    python3 training/evaluate.py --model models/reform-tiny [--n 30] [--lengths 256,448] [--layout]
 
 Each sample is a task from tasks.py built with split="eval" (Python docs reference/tutorial/howto as haystack,
 the held-out 20% of WordNet lemmas as key and value words), answered greedily by the PyTorch model; its score is
@@ -24,10 +24,12 @@ from tokenizer import Tokenizer  # noqa: E402
 
 
 @torch.no_grad()
-def evaluate(model, tok: Tokenizer, corpus: Corpus, n: int, length: int, seed: int, tasks=NEEDLE_TASKS) -> dict:
+def evaluate(model, tok: Tokenizer, corpus: Corpus, n: int, length: int, seed: int, tasks=NEEDLE_TASKS,
+             layout: bool = False) -> dict:
     """{task: mean string_match_all score in [0, 1]} over n samples of at most `length` tokens each (prompt and
-    expected answer)."""
-    maker = TaskMaker(tok, corpus, seed)
+    expected answer). `layout`: every needle sample laid out as documents outside prose are (tasks.py _layout:
+    whitespace runs between sentences, another separator before the question)."""
+    maker = TaskMaker(tok, corpus, seed, layout_rate=1.0 if layout else 0.0)
     stop = {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")}
     out = {}
     for task in tasks:
@@ -54,6 +56,8 @@ def main():
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default: 50%% and 85%% of the window)")
     ap.add_argument("--seed", type=int, default=777)
+    ap.add_argument("--layout", action="store_true",
+                    help="needle tasks laid out with whitespace runs and other separators before the question")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,13 +69,15 @@ def main():
     tok = Tokenizer(os.path.join(a.model, "tokenizer.json"))
     corpus = Corpus(a.data, "eval")
     window = model.args.max_position_embeddings
+    tasks = [t for t in NEEDLE_TASKS if t != "quote"] if a.layout else NEEDLE_TASKS  # quotes have no layout
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [window // 2, int(window * 0.85)]
     results = {}
-    print(f"held-out in-window recall, {a.model} (window {window}), n={a.n} per task, greedy, {a.dtype}")
+    print(f"held-out in-window recall, {a.model} (window {window}), n={a.n} per task, greedy, {a.dtype}"
+          + (", laid out with whitespace runs and other separators" if a.layout else ""))
     print(f"{'task':<12}" + "".join(f"{L:>10}" for L in lengths))
     for L in lengths:
-        results[L] = evaluate(model, tok, corpus, a.n, L, a.seed)
-    for t in NEEDLE_TASKS:
+        results[L] = evaluate(model, tok, corpus, a.n, L, a.seed, tasks, a.layout)
+    for t in tasks:
         print(f"{t:<12}" + "".join(f"{results[L][t]:>10.1%}" for L in lengths))
     if a.json:
         with open(a.json, "w") as f:
