@@ -41,24 +41,30 @@ function decoderFor(label: string): TextDecoder {
   return new TextDecoder(label as ConstructorParameters<typeof TextDecoder>[0]);
 }
 
-/** A stream that converts `label`-encoded bytes to UTF-8 (the decoder drops a byte-order mark). */
+/** Labels of the WHATWG standard that name UTF-16 without its byte order (TextDecoder reads them little-endian). */
+const UTF16_ANY = new Set(["utf-16", "unicode", "ucs-2", "csunicode", "iso-10646-ucs-2", "unicodefeff"]);
+
+/** A stream that converts `label`-encoded bytes to UTF-8 (the decoder drops a byte-order mark; a UTF-16 label that
+ * names no byte order follows the mark, as the standard's BOM sniffing does). */
 function toUtf8(label: string): TransformStream<Uint8Array, Uint8Array> {
-  const dec = decoderFor(label);
+  let dec: TextDecoder | null = null;
   const enc = new TextEncoder();
   return new TransformStream({
     transform(chunk, ctrl) {
+      dec ??= decoderFor(UTF16_ANY.has(label) && chunk[0] === 0xfe && chunk[1] === 0xff ? "utf-16be" : label);
       const s = dec.decode(chunk, { stream: true });
       if (s) ctrl.enqueue(enc.encode(s));
     },
     flush(ctrl) {
-      const s = dec.decode();
+      const s = dec?.decode() ?? "";
       if (s) ctrl.enqueue(enc.encode(s));
     },
   });
 }
 
-/** `s` with a read error turned into a 400 `invalid_content_encoding` saying `what` (the bytes before it are kept). */
-function failingAs(s: ReadableStream<Uint8Array>, what: string): ReadableStream<Uint8Array> {
+/** `s` with a read error turned into a 400 `invalid_content_encoding` saying `what` (the bytes before it are kept),
+ * unless the client left (`client` aborted): that is an interrupted upload. */
+function failingAs(s: ReadableStream<Uint8Array>, what: string, client: AbortSignal): ReadableStream<Uint8Array> {
   const reader = s.getReader();
   return new ReadableStream<Uint8Array>({
     async pull(ctrl) {
@@ -66,6 +72,7 @@ function failingAs(s: ReadableStream<Uint8Array>, what: string): ReadableStream<
       try {
         r = await reader.read();
       } catch (e) {
+        if (client.aborted) throw e;
         throw new ApiError(400, "invalid_content_encoding", `${what}: ${e instanceof Error ? e.message : String(e)}`);
       }
       if (r.done) ctrl.close();
@@ -77,24 +84,52 @@ function failingAs(s: ReadableStream<Uint8Array>, what: string): ReadableStream<
   });
 }
 
+/** How long the sniff waits for SNIFF_BYTES once the first bytes are in: a slow stream is judged on what came. */
+const SNIFF_WAIT_MS = 1000;
+
 /**
- * Holds the first SNIFF_BYTES (or the whole body, when shorter); when `check`, refuses UTF-16 that no charset names
- * (415) and, when `startsContext`, a binary file (415 `binary_content`); then passes everything through.
+ * Holds the body's first bytes: SNIFF_BYTES (or what came within SNIFF_WAIT_MS) when `startsContext`, else just the
+ * first piece. When `check`, refuses UTF-16 that no charset names (415) and, when `startsContext`, a binary file (415
+ * `binary_content`); then passes everything through. A read error while holding them (the client left) comes after
+ * them, so that what arrived is stored.
  */
 function sniffed(body: ReadableStream<Uint8Array>, check: boolean, startsContext: boolean) {
   const reader = body.getReader();
   return (async () => {
+    const need = check && startsContext ? SNIFF_BYTES : 2; // 2: a byte-order mark
     const head: Uint8Array[] = [];
     let n = 0;
     let done = false;
-    while (n < SNIFF_BYTES) {
-      const r = await reader.read();
-      if (r.done) {
-        done = true;
-        break;
+    let failed: unknown = null;
+    let pending: ReturnType<typeof reader.read> | null = null;
+    let until = 0;
+    const waited = Symbol("waited");
+    try {
+      while (n < need) {
+        pending ??= reader.read();
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const r =
+          n === 0
+            ? await pending
+            : await Promise.race([
+                pending,
+                new Promise<typeof waited>((res) => {
+                  timer = setTimeout(() => res(waited), Math.max(0, until - performance.now()));
+                }),
+              ]);
+        clearTimeout(timer);
+        if (r === waited) break;
+        pending = null;
+        if (r.done) {
+          done = true;
+          break;
+        }
+        if (n === 0) until = performance.now() + SNIFF_WAIT_MS;
+        head.push(r.value);
+        n += r.value.byteLength;
       }
-      head.push(r.value);
-      n += r.value.byteLength;
+    } catch (e) {
+      failed = e ?? new Error("upload aborted");
     }
     const first = new Uint8Array(n);
     let o = 0;
@@ -105,10 +140,12 @@ function sniffed(body: ReadableStream<Uint8Array>, check: boolean, startsContext
     const rest = new ReadableStream<Uint8Array>({
       start(ctrl) {
         if (first.byteLength) ctrl.enqueue(first);
-        if (done) ctrl.close();
+        if (failed) ctrl.error(failed);
+        else if (done) ctrl.close();
       },
       async pull(ctrl) {
-        const r = await reader.read();
+        const r = await (pending ?? reader.read());
+        pending = null;
         if (r.done) ctrl.close();
         else ctrl.enqueue(r.value);
       },
@@ -116,6 +153,7 @@ function sniffed(body: ReadableStream<Uint8Array>, check: boolean, startsContext
         return reader.cancel(why);
       },
     });
+    if (failed) return rest;
     // never valid UTF-8: converted it would be right for this request but not for the next piece of the same file,
     // which starts with no mark (a client sending a file in pieces would store half of it as UTF-16 bytes)
     const bom = (first[0] === 0xff && first[1] === 0xfe) || (first[0] === 0xfe && first[1] === 0xff);
@@ -162,7 +200,8 @@ export async function textBody(
     );
   for (const step of steps)
     s = s.pipeThrough(new DecompressionStream(step) as unknown as TransformStream<Uint8Array, Uint8Array>);
-  if (steps.length) s = failingAs(s, `the body is not valid ${steps.join(" + ")} data (its Content-Encoding)`);
+  if (steps.length)
+    s = failingAs(s, `the body is not valid ${steps.join(" + ")} data (its Content-Encoding)`, c.req.raw.signal);
   if (charset !== null && !UTF8_LABELS.has(charset)) {
     try {
       decoderFor(charset);

@@ -104,7 +104,7 @@ describe("bun run ask", () => {
         "==> src/main.py <==\nprint('héllo')\n",
     );
     expect(r.err).toContain("3 text files");
-    expect(r.err).toContain("1 not text, left out: src/logo.png");
+    expect(r.err).toContain("1 left out (not text, or unreadable): src/logo.png");
     expect(r.out).toContain("the answer is");
   }, 60_000);
 

@@ -757,6 +757,9 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
     expect(planned.suf.filter((x) => x === eot)).toHaveLength(1); // the template's end of turn
     expect(tok.decode(planned.suf, false)).toBe(plan.question);
     expect(tok.decode(plan.ids, false)).toContain("The secret code is 4242. <|eot|> Done.");
+    // a block cut where the text has no word boundary (CJK) never splits a marked special's text
+    const cjk = `${"字".repeat(16380)}${tok.markText("<|eot|>")}${"字".repeat(100)}`;
+    expect(Array.from(new TokenMemo(tok, 1_000_000).tokenize(cjk))).toEqual(tok.encode(cjk));
   });
 
   test("requests that cannot fit are 400s naming the limit", () => {

@@ -265,6 +265,10 @@ describe("fake engine", () => {
     );
     expect(latin1.res.status).toBe(200);
     expect(eng.texts.get(latin1.id)).toBe(latin1Text);
+    const utf16be = Uint8Array.from(utf16le, (_, i) => utf16le[i ^ 1]!); // FE FF, then each unit big-endian
+    await stored(await put(utf16be, { "content-type": "text/plain; charset=utf-16" })); // the mark names the order
+    const noMark = await put(utf16le.subarray(2), {});
+    expect((await expectError(noMark.res, 415, "binary_content")).message).toContain("charset=utf-16le");
     const unknown = await put(utf8, { "content-type": "text/plain; charset=klingon" });
     expect((await expectError(unknown.res, 415, "unsupported_media_type")).message).toContain("klingon");
     // binary files, by signature or by content, refused with what to do instead; nothing stored
@@ -302,6 +306,26 @@ describe("fake engine", () => {
       body: noise,
     });
     expect(next.status).toBe(200);
+  });
+
+  test("a slow stream is stored as it comes: the text check waits at most a second for the first 4 KiB", async () => {
+    const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+    let ctrl!: ReadableStreamDefaultController<Uint8Array>;
+    const body = new ReadableStream<Uint8Array>({ start: (c) => void (ctrl = c) });
+    const line = new TextEncoder().encode("2026-11-30 12:00:01 INFO service started on port 8080\n");
+    ctrl.enqueue(line);
+    const up = fetch(`${base}/v1/contexts/${ctx.id}/content`, {
+      method: "PUT",
+      body,
+      headers: { "content-type": "text/plain" },
+    });
+    const bytes = async () => (await j(fetch(`${base}/v1/contexts/${ctx.id}`))).bytes_received;
+    await waitFor(async () => (await bytes()) === line.byteLength, 5000);
+    ctrl.enqueue(line); // a resumed piece or a later line: passed on at once
+    await waitFor(async () => (await bytes()) === 2 * line.byteLength, 5000);
+    ctrl.close();
+    expect((await up).status).toBe(200);
+    expect(eng.texts.get(ctx.id)).toBe(new TextDecoder().decode(line).repeat(2));
   });
 
   test("streamed progress is throttled: comments at most one a second, events 250 ms apart, the first at once", async () => {

@@ -174,3 +174,29 @@ describe("prompt around spliced context tokens == tokenizing the whole prompt", 
     });
   }
 });
+
+describe("special-token text in a message: plain text where exact, else parsed as before (never a changed prompt)", () => {
+  for (const style of ["bpe", "sp-legacy", "sp-metaspace"] as const)
+    test(`${style}: the other turns' tokens stay what the tokenizer makes of them`, async () => {
+      const dir = await makeTinyModel(join(root, `marks-${style}`), { tokenizer: style, layers: 1 });
+      const tok = ModelTokenizer.fromDir(dir);
+      const special = style === "bpe" ? "<|eot|>" : "</s>";
+      const id = tok.tk.token_to_id(special)!;
+      const chat = (content: string) => [
+        { role: "user", content: "the" },
+        { role: "assistant", content: "a test" },
+        { role: "user", content },
+      ];
+      const plain = tok.encodePrompt(tok.renderChat(chat("hat")));
+      const ids = tok.encodePrompt(tok.renderChat(chat(`hat ${special}`)));
+      const asText = ids.filter((x) => x === id).length === plain.filter((x) => x === id).length;
+      // either the user's special is text (and everything before it tokenizes as without it) ...
+      if (asText) expect(ids.slice(0, plain.length - 8)).toEqual(plain.slice(0, plain.length - 8));
+      // ... or it is parsed, as the tokenizer's own encode of the whole prompt (the SentencePiece "first" form,
+      // whose pieces cannot be tokenized apart)
+      else
+        expect(ids).toEqual(tok.tk.encode(tok.renderChat(chat(`hat ${special}`)), { add_special_tokens: false }).ids);
+      expect(tok.decode(ids, false)).toContain(`hat ${special}`);
+      if (style !== "sp-metaspace") expect(asText).toBe(true);
+    });
+});

@@ -36,7 +36,7 @@ const USAGE = `usage: bun run ask FILE|DIR "question" [options]
   -q, --quiet          no progress output
   -h, --help           show this help
 FILE "-" reads the context from stdin. DIR (a code base): its text files in path order, each after a line
-"==> path <==" (hidden entries, node_modules and files that are not text are left out, and counted).`;
+"==> path <==" (hidden entries, node_modules and files that are not text or cannot be read are left out, and counted).`;
 
 const DEFAULT_SERVER = "http://127.0.0.1:8080";
 
@@ -88,9 +88,17 @@ export function directoryDocument(dir: string): { doc: Blob; files: number; skip
       const st = lstatSync(p);
       if (st.isDirectory()) walk(p);
       else if (st.isFile() && st.size > 0) {
-        const bytes = readFileSync(p);
-        if (notTextReason(bytes.subarray(0, SNIFF_BYTES)) !== null) {
-          skipped.push(relative(dir, p));
+        // the first bytes say whether it is text: a large binary (a checkpoint, a build artefact) is not read whole
+        let bytes: Uint8Array;
+        try {
+          const head = readHead(p, SNIFF_BYTES);
+          if (notTextReason(head) !== null) {
+            skipped.push(relative(dir, p));
+            continue;
+          }
+          bytes = readFileSync(p);
+        } catch {
+          skipped.push(relative(dir, p)); // unreadable (permissions, gone meanwhile): left out and counted
           continue;
         }
         parts.push(enc.encode(`${files ? "\n" : ""}==> ${relative(dir, p)} <==\n`), bytes);
@@ -102,12 +110,20 @@ export function directoryDocument(dir: string): { doc: Blob; files: number; skip
   return { doc: new Blob(parts), files, skipped };
 }
 
+/** The first `n` bytes of a file (fewer when it is shorter). */
+function readHead(file: string, n: number): Uint8Array {
+  const head = new Uint8Array(n);
+  const fd = openSync(file, "r");
+  try {
+    return head.subarray(0, readSync(fd, head, 0, n, 0));
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /** A gzip file decompressed, a UTF-16 one (byte-order mark) converted to UTF-8; null for any other file. */
 export function fileAsText(file: string): { doc: Blob; how: string } | null {
-  const head = new Uint8Array(2);
-  const fd = openSync(file, "r");
-  readSync(fd, head, 0, 2, 0);
-  closeSync(fd);
+  const head = readHead(file, 2);
   let bytes: Uint8Array | null = null;
   let how = "";
   if (head[0] === 0x1f && head[1] === 0x8b) {
@@ -306,6 +322,10 @@ async function main() {
     if (positionals.length !== 2) throw new UsageError("expected FILE and a question");
     [file, question] = positionals;
     if (file !== "-" && !existsSync(file!)) throw new Error(`file not found: ${file}`);
+    if (file !== "-" && !statSync(file!).isFile() && !statSync(file!).isDirectory())
+      throw new Error(
+        `${file} is neither a file nor a directory (a pipe?): send it on stdin: cmd | bun run ask - "question"`,
+      );
   }
   if (!question?.trim()) throw new UsageError("the question is empty");
   if (values.resume && !reuse) throw new UsageError("--resume needs --context ID (the context to continue)");
@@ -388,7 +408,7 @@ async function main() {
       throw new Error(`no text file in ${file}${d.skipped.length ? ` (${d.skipped.length} not text)` : ""}`);
     doc = d.doc;
     const left = d.skipped.length
-      ? `; ${d.skipped.length} not text, left out: ${d.skipped.slice(0, 5).join(", ")}${d.skipped.length > 5 ? ", ..." : ""}`
+      ? `; ${d.skipped.length} left out (not text, or unreadable): ${d.skipped.slice(0, 5).join(", ")}${d.skipped.length > 5 ? ", ..." : ""}`
       : "";
     status(`${file}: ${d.files} text files, ${fmtBytes(doc.size)}${left}`);
     endStatus();

@@ -39,6 +39,7 @@ import {
 import type { LoadedEngine } from "./load.ts";
 import { CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "./prompt.ts";
 import type { QueryWire } from "./schema.ts";
+import { outsideMark } from "../model/tokenizer.ts";
 import { lastSafeBoundary, type Session } from "./session.ts";
 
 /** Characters per tokenization block (about 5 ms of tokenizer work). */
@@ -86,6 +87,7 @@ export class TokenMemo {
         end = b > 0 ? s + b : s + BLOCK_CHARS;
         const c = text.charCodeAt(end);
         if (b === 0 && c >= 0xdc00 && c <= 0xdfff) end--; // never split a surrogate pair
+        if (b === 0 && outsideMark(text, end) > s) end = outsideMark(text, end); // nor a marked special's text
       }
       out.push(end);
       s = end;
@@ -281,10 +283,10 @@ function tailStart(
     let p = pos;
     while (p < R.length - 1 && !isSafeCut(R, p)) p++;
     if (p < R.length - 1 && count(p) <= qmax) return p;
-    if (count(pos) <= qmax) return pos;
+    if (count(outsideMark(R, pos)) <= qmax) return outsideMark(R, pos);
     pos += Math.max(1, Math.floor((R.length - pos) / 10));
   }
-  return Math.max(lo, R.length - qmax); // one character per token at worst
+  return outsideMark(R, Math.max(lo, R.length - qmax)); // one character per token at worst
 }
 
 // ------------------------------------------------------------------ the cache

@@ -36,6 +36,18 @@ const ANCHOR = "a";
  * per-tokenizer nonce and the special's index): encode() writes it back as plain text. */
 const MARK_OPEN = "\uE000";
 const MARK_CLOSE = "\uE001";
+
+/**
+ * `i`, or the start of the marked special-token string it would cut (renderChat's markers are atoms: a cut inside one
+ * would put its private-use characters and nonce in front of the model). For cuts that are not at a space.
+ */
+export function outsideMark(s: string, i: number): number {
+  const open = s.lastIndexOf(MARK_OPEN, i - 1);
+  if (open < 0 || i - open > 64) return i;
+  const close = s.indexOf(MARK_CLOSE, open);
+  return close >= 0 && close < i ? i : open;
+}
+
 const SAMPLE_TEXTS = [
   "The quick brown fox jumps over the lazy dog. It's 12345 o'clock!\n\nNew paragraph:  two  spaces, tabs\tand émojis 🎉 中文字符 end.",
   "def f(x):\n    return x * 2  # comment\n\n\nclass A: pass",
@@ -95,6 +107,8 @@ export class ModelTokenizer {
   /** MARK_OPEN + nonce: what starts a marked special-token string in a rendered prompt */
   private readonly markPrefix = `${MARK_OPEN}${Math.random().toString(36).slice(2, 10)}:`;
   private readonly markRe: RegExp;
+  /** whether splitEncode equals the tokenizer on a rendered chat (else message contents keep their specials parsed) */
+  private readonly marksExact: boolean;
 
   constructor(tokenizerJson: any, tokenizerConfig: any, opts: { generationConfig?: any; modelConfig?: any } = {}) {
     this.tk = new Tokenizer(tokenizerJson, tokenizerConfig ?? {});
@@ -149,6 +163,7 @@ export class ModelTokenizer {
     this.template = new Template(this.chatTemplate);
     this.anchorIds = this.encode(ANCHOR);
     this.continuationMode = this.detectContinuationMode();
+    this.marksExact = this.splitMatches();
   }
 
   static fromDir(dir: string): ModelTokenizer {
@@ -172,8 +187,16 @@ export class ModelTokenizer {
   encode(text: string): number[] {
     if (text.length === 0) return [];
     if (!text.includes(this.markPrefix)) return this.tk.encode(text, { add_special_tokens: false }).ids;
-    // a rendered prompt with marked message text: split at the template's specials (as the tokenizer itself does
-    // first), each piece between them tokenized with the marked strings written back as plain text
+    return this.splitEncode(text);
+  }
+
+  /**
+   * A rendered prompt split at the template's specials (as the tokenizer itself does first), each piece between them
+   * tokenized on its own with marked strings written back as plain text. Equal to tk.encode on unmarked text for
+   * byte-level BPE; not for every tokenizer (SentencePiece's "first" prefix space, specials that strip their
+   * neighbours' whitespace), which `marksExact` checks at load.
+   */
+  private splitEncode(text: string): number[] {
     const out: number[] = [];
     let at = 0;
     const piece = (to: number) => {
@@ -287,6 +310,33 @@ export class ModelTokenizer {
     return { pre: this.encodePrompt(p), suf: this.encodeSuffix(suffix) };
   }
 
+  private splitMatches(): boolean {
+    if (!this.specialRe) return true;
+    let rendered: string;
+    try {
+      rendered = this.renderChat(
+        [
+          { role: "system", content: "Be brief." },
+          { role: "user", content: "Hello there, world.\n\nTwo lines." },
+          { role: "assistant", content: " A reply." },
+          { role: "user", content: "x y" },
+        ],
+        true,
+      );
+    } catch {
+      rendered = this.specials.map((sp) => `${sp}user\n Hello there.\n\n`).join("");
+    }
+    const want = this.tk.encode(rendered, { add_special_tokens: false }).ids;
+    const got = this.splitEncode(rendered);
+    const same = want.length === got.length && want.every((x, i) => x === got[i]);
+    if (!same)
+      console.warn(
+        "[tokenizer] special-token text in chat messages is parsed as control tokens with this tokenizer: tokenized " +
+          "apart, the template's pieces would not match its own tokenization (uploads and inline documents keep it as text)",
+      );
+    return same;
+  }
+
   private detectContinuationMode(): "direct" | "anchor" {
     const check = (enc: (s: string) => number[]) =>
       SAMPLE_TEXTS.every((t) => {
@@ -331,10 +381,13 @@ export class ModelTokenizer {
     });
   }
 
-  /** `text` with its special-token strings marked as plain text, for a prompt that encode() tokenizes. */
+  /**
+   * `text` with its special-token strings marked as plain text, for a prompt that encode() tokenizes; unchanged (its
+   * specials parsed, with a warning at load) where the split tokenization would not equal the tokenizer's own.
+   */
   markText(text: string): string {
     const re = this.specialRe;
-    if (!re || text.search(re) < 0) return text;
+    if (!re || !this.marksExact || text.search(re) < 0) return text;
     return text.replace(re, (m) => `${this.markPrefix}${this.specials.indexOf(m)}${MARK_CLOSE}`);
   }
 

@@ -21,7 +21,8 @@ export const SIGNATURES: { name: string; magic: (number | string)[]; at?: number
   { name: "an ELF executable", magic: [0x7f, "ELF"], hint: "send text" },
   { name: "a PNG image", magic: [0x89, "PNG"], hint: "send text" },
   { name: "a JPEG image", magic: [0xff, 0xd8, 0xff], hint: "send text" },
-  { name: "a GIF image", magic: ["GIF8"], hint: "send text" },
+  { name: "a GIF image", magic: ["GIF87a"], hint: "send text" },
+  { name: "a GIF image", magic: ["GIF89a"], hint: "send text" },
   { name: "an xz file", magic: [0xfd, "7zXZ", 0], hint: "decompress it first (xzcat file.xz | curl -T - ...)" },
   {
     name: "a zstd file",
@@ -79,11 +80,26 @@ export function nonTextShare(b: Uint8Array): number {
   return bad / b.byteLength;
 }
 
+/** "utf-16le" / "utf-16be" when at least a third of the bytes are NUL and nearly all of them at odd / even places
+ * (Latin text in UTF-16); else null. */
+function utf16Order(b: Uint8Array): "utf-16le" | "utf-16be" | null {
+  let odd = 0;
+  let even = 0;
+  for (let i = 0; i < b.byteLength; i++) if (b[i] === 0) i % 2 ? odd++ : even++;
+  if (odd + even < b.byteLength / 3) return null;
+  if (odd >= 0.9 * (odd + even)) return "utf-16le";
+  if (even >= 0.9 * (odd + even)) return "utf-16be";
+  return null;
+}
+
 /** Why `first` (a file's first SNIFF_BYTES) is not text, with what to do instead; null when it is text. */
 export function notTextReason(first: Uint8Array): string | null {
   const sig = signatureOf(first);
   if (sig) return `this looks like ${sig.name}, not text: ${sig.hint}`;
   const share = nonTextShare(first);
+  const utf16 = utf16Order(first);
+  if (share > MAX_NON_TEXT && utf16)
+    return `this looks like UTF-16 text without a byte-order mark (a NUL in every other byte): give its charset (text/plain; charset=${utf16}) or send UTF-8 (iconv -f ${utf16.toUpperCase()} -t UTF-8)`;
   if (share > MAX_NON_TEXT)
     return `this does not look like text: ${Math.round(100 * share)}% of its first ${first.byteLength} bytes are NUL bytes or invalid UTF-8 (other text encodings: give the content type's charset, e.g. text/plain; charset=windows-1252)`;
   return null;
