@@ -407,6 +407,7 @@ export function contextView(info: ContextInfo): Record<string, unknown> {
     embedding_bytes: info.embeddingBytes,
     disk_bytes: info.diskBytes,
     cache_len: info.cacheLen,
+    invalid_utf8: info.invalidUtf8,
     created_at: info.createdAt,
     updated_at: info.updatedAt,
   };

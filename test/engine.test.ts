@@ -352,6 +352,27 @@ describe("engine (tiny model, CPU library)", () => {
     expect(await e.countTokens(text)).toBe(fa.tokensReceived);
     const list = await e.listContexts();
     expect(list.find((c) => c.id === a.id)!.metadata).toEqual({ name: "one" });
+    expect(fa.invalidUtf8).toBe(0);
+  });
+
+  test("invalid UTF-8 is counted (each sequence read as U+FFFD), a U+FFFD of the text is not; whatever the pieces", async () => {
+    const enc = new TextEncoder();
+    const raw = Uint8Array.from([
+      ...enc.encode("log line one \uFFFD kept as text\n"),
+      0xff,
+      0xfe,
+      ...enc.encode(" two "),
+      0xe6,
+      0x97, // a cut 3-byte character: one sequence
+      ...enc.encode(" three \uFFFD\n"),
+    ]);
+    for (const step of [raw.byteLength, 1, 2, 3]) {
+      const c = await e.createContext();
+      for (let off = 0; off < raw.byteLength; off += step) await e.append(c.id, raw.subarray(off, off + step));
+      const info = await e.finalize(c.id);
+      expect(info.invalidUtf8).toBe(3);
+      expect(info.bytesReceived).toBe(raw.byteLength);
+    }
   });
 
   test("query streams tokens for every method, and plain chat", async () => {

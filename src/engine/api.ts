@@ -26,6 +26,7 @@ export interface ContextInfo {
   embeddingBytes: number; // size of the embedding file
   diskBytes: number; // size of all its files (tokens, embeddings, compressor state, metadata)
   cacheLen: number; // current compressed KV entries per layer/head
+  invalidUtf8: number; // invalid UTF-8 sequences in the content, each read as U+FFFD (then spans' byte offsets are the stored text's, not the file's)
   metadata?: Record<string, unknown>;
   error?: string;
 }

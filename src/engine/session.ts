@@ -81,6 +81,7 @@ export interface SessionMeta {
   heads: HeadSpec[];
   params: SessionParams;
   stateSeen: number; // tokens covered by compressor.state (0: no state file)
+  invalid?: number; // invalid UTF-8 sequences read as U+FFFD (absent in sessions stored before it was counted)
 }
 
 /** Document text in, token ids out: special-token strings in an upload are plain text (src/model/tokenizer.ts). */
@@ -91,6 +92,20 @@ export interface SessionTokenizer {
 
 function isSpace(c: string | undefined): boolean {
   return c === undefined ? false : /\s/.test(c);
+}
+
+function countChar(s: string, code: number): number {
+  let n = 0;
+  for (let i = s.indexOf(String.fromCharCode(code)); i >= 0; i = s.indexOf(String.fromCharCode(code), i + 1)) n++;
+  return n;
+}
+
+/** U+FFFD as the bytes hold it (EF BF BD): a replacement character that was in the text, not made by decoding. */
+function countReplacementBytes(b: Uint8Array): number {
+  let n = 0;
+  for (let i = b.indexOf(0xef); i >= 0 && i + 2 < b.byteLength; i = b.indexOf(0xef, i + 1))
+    if (b[i + 1] === 0xbf && b[i + 2] === 0xbd) n++;
+  return n;
 }
 
 /** Index of the last safe boundary in `s` (0 when none). */
@@ -269,6 +284,7 @@ export class Session {
       embeddingBytes: m.processed * this.rowBytes,
       diskBytes: this.diskBytes,
       cacheLen,
+      invalidUtf8: m.invalid ?? 0,
     };
     if (m.metadata) i.metadata = m.metadata;
     if (m.failed) i.error = m.failed;
@@ -311,6 +327,9 @@ export class Session {
     const m = this.meta;
     let text = bytes.byteLength ? this.decoder.decode(bytes, { stream: !flush }) : "";
     if (flush && bytes.byteLength === 0) text = this.decoder.decode(new Uint8Array(0));
+    // each U+FFFD the decoder made (not one the text holds as EF BF BD): byte offsets then leave the file's
+    const made = countChar(text, 0xfffd) - countReplacementBytes(concatBytes(m.partial, bytes));
+    if (made > 0) m.invalid = (m.invalid ?? 0) + made;
     m.bytesReceived += bytes.byteLength;
     // track undecoded trailing bytes so a restart can resume the decoder
     m.partial = flush ? new Uint8Array(0) : trailingPartial(concatBytes(m.partial, bytes));

@@ -157,6 +157,7 @@ export class FakeEngine implements EngineClient {
       embeddingBytes: 0,
       diskBytes: 0,
       cacheLen: 0,
+      invalidUtf8: 0,
       metadata: opts?.metadata,
     };
     this.ctxs.set(id, { info, decoder: new TextDecoder("utf-8", { fatal: false }), text: "" });
