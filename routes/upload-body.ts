@@ -140,10 +140,11 @@ function sniffed(body: ReadableStream<Uint8Array>, check: boolean, startsContext
     const rest = new ReadableStream<Uint8Array>({
       start(ctrl) {
         if (first.byteLength) ctrl.enqueue(first);
-        if (failed) ctrl.error(failed);
-        else if (done) ctrl.close();
+        if (done && !failed) ctrl.close();
       },
       async pull(ctrl) {
+        // the error after the bytes that came before it (an error from start would drop them from the queue)
+        if (failed) throw failed;
         const r = await (pending ?? reader.read());
         pending = null;
         if (r.done) ctrl.close();

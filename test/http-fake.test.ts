@@ -326,6 +326,24 @@ describe("fake engine", () => {
     ctrl.close();
     expect((await up).status).toBe(200);
     expect(eng.texts.get(ctx.id)).toBe(new TextDecoder().decode(line).repeat(2));
+
+    // a client that leaves while its first bytes are held for the check: they are stored, as any received byte
+    const dropped = await j(jsonPost(`${base}/v1/contexts`, {}));
+    let c2!: ReadableStreamDefaultController<Uint8Array>;
+    const ac = new AbortController();
+    const cut = fetch(`${base}/v1/contexts/${dropped.id}/content`, {
+      method: "PUT",
+      body: new ReadableStream<Uint8Array>({ start: (c) => void (c2 = c) }),
+      signal: ac.signal,
+    }).catch(() => null);
+    c2.enqueue(line);
+    await Bun.sleep(200); // within the check's second
+    ac.abort();
+    await cut;
+    await waitFor(
+      async () => (await j(fetch(`${base}/v1/contexts/${dropped.id}`))).bytes_received === line.byteLength,
+      5000,
+    );
   });
 
   test("streamed progress is throttled: comments at most one a second, events 250 ms apart, the first at once", async () => {
