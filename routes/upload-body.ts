@@ -6,7 +6,7 @@
  * cannot resume at an offset (it would name a byte of the source, not of the stored text).
  */
 import type { Context } from "hono";
-import { notTextReason, SNIFF_BYTES } from "../src/util/text-sniff.ts";
+import { byteOrderMark, notTextReason, SNIFF_BYTES } from "../src/util/text-sniff.ts";
 import { ApiError } from "./errors.ts";
 
 /** Charset labels whose bytes are stored as they come (US-ASCII is a subset of UTF-8). */
@@ -51,7 +51,7 @@ function toUtf8(label: string): TransformStream<Uint8Array, Uint8Array> {
   const enc = new TextEncoder();
   return new TransformStream({
     transform(chunk, ctrl) {
-      dec ??= decoderFor(UTF16_ANY.has(label) && chunk[0] === 0xfe && chunk[1] === 0xff ? "utf-16be" : label);
+      dec ??= decoderFor(UTF16_ANY.has(label) && byteOrderMark(chunk) === "utf-16be" ? "utf-16be" : label);
       const s = dec.decode(chunk, { stream: true });
       if (s) ctrl.enqueue(enc.encode(s));
     },
@@ -157,8 +157,7 @@ function sniffed(body: ReadableStream<Uint8Array>, check: boolean, startsContext
     if (failed) return rest;
     // never valid UTF-8: converted it would be right for this request but not for the next piece of the same file,
     // which starts with no mark (a client sending a file in pieces would store half of it as UTF-16 bytes)
-    const bom = (first[0] === 0xff && first[1] === 0xfe) || (first[0] === 0xfe && first[1] === 0xff);
-    if (check && bom) {
+    if (check && byteOrderMark(first)) {
       reader.cancel().catch(() => {});
       throw new ApiError(
         415,

@@ -15,7 +15,7 @@
 import { closeSync, existsSync, lstatSync, openSync, readdirSync, readFileSync, readSync, statSync } from "node:fs";
 import { join, relative } from "node:path";
 import { sseEvents } from "../util/sse.ts";
-import { notTextReason, SNIFF_BYTES } from "../util/text-sniff.ts";
+import { byteOrderMark, isGzip, notTextReason, SNIFF_BYTES } from "../util/text-sniff.ts";
 import { intFlag, numFlag, parseFlags, runCli, UsageError, valueFlags } from "./args.ts";
 
 const USAGE = `usage: bun run ask FILE|DIR "question" [options]
@@ -126,12 +126,12 @@ export function fileAsText(file: string): { doc: Blob; how: string } | null {
   const head = readHead(file, 2);
   let bytes: Uint8Array | null = null;
   let how = "";
-  if (head[0] === 0x1f && head[1] === 0x8b) {
+  if (isGzip(head)) {
     bytes = Bun.gunzipSync(readFileSync(file));
     how = "gzip, decompressed";
   }
   const b = bytes ?? head;
-  const utf16 = b[0] === 0xff && b[1] === 0xfe ? "utf-16le" : b[0] === 0xfe && b[1] === 0xff ? "utf-16be" : null;
+  const utf16 = byteOrderMark(b);
   if (utf16) {
     const text = new TextDecoder(utf16).decode(bytes ?? readFileSync(file));
     bytes = new TextEncoder().encode(text);

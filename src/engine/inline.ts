@@ -87,7 +87,8 @@ export class TokenMemo {
         end = b > 0 ? s + b : s + BLOCK_CHARS;
         const c = text.charCodeAt(end);
         if (b === 0 && c >= 0xdc00 && c <= 0xdfff) end--; // never split a surrogate pair
-        if (b === 0 && outsideMark(text, end) > s) end = outsideMark(text, end); // nor a marked special's text
+        const whole = b === 0 ? outsideMark(text, end) : end; // nor a marked special's text
+        if (whole > s) end = whole;
       }
       out.push(end);
       s = end;
@@ -283,7 +284,8 @@ function tailStart(
     let p = pos;
     while (p < R.length - 1 && !isSafeCut(R, p)) p++;
     if (p < R.length - 1 && count(p) <= qmax) return p;
-    if (count(outsideMark(R, pos)) <= qmax) return outsideMark(R, pos);
+    const at = outsideMark(R, pos);
+    if (count(at) <= qmax) return at;
     pos += Math.max(1, Math.floor((R.length - pos) / 10));
   }
   return outsideMark(R, Math.max(lo, R.length - qmax)); // one character per token at worst

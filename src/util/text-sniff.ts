@@ -80,6 +80,18 @@ export function nonTextShare(b: Uint8Array): number {
   return bad / b.byteLength;
 }
 
+/** The UTF-16 byte order a byte-order mark at the start of `b` names; null without one. */
+export function byteOrderMark(b: Uint8Array): "utf-16le" | "utf-16be" | null {
+  if (b[0] === 0xff && b[1] === 0xfe) return "utf-16le";
+  if (b[0] === 0xfe && b[1] === 0xff) return "utf-16be";
+  return null;
+}
+
+/** Whether `b` starts with gzip's magic bytes. */
+export function isGzip(b: Uint8Array): boolean {
+  return b[0] === 0x1f && b[1] === 0x8b;
+}
+
 /** "utf-16le" / "utf-16be" when at least a third of the bytes are NUL and nearly all of them at odd / even places
  * (Latin text in UTF-16); else null. */
 function utf16Order(b: Uint8Array): "utf-16le" | "utf-16be" | null {
