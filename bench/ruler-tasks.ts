@@ -3,10 +3,12 @@
  * the question, and the strings a correct answer contains (string_match_all). Reference: Hsieh et al. 2024,
  * RULER, section 3 (NIAH single, multi-key, multi-value, multi-query) plus a "quote the sentence" task.
  *
- * The needle templates are the trainer's own (training/templates.json); haystack and key/value words are the
- * held-out sources in bench/data (never trained on). Used by bench/ruler.ts and test/quality.test.ts.
+ * The needle templates are the trainer's own (training/templates.json); key/value words are the held-out words in
+ * bench/data, and the haystack is held-out prose (bench/data) or, as users upload, a document that is not prose
+ * (HAYSTACKS: license files, C headers, a log), none of it trained on. Used by bench/ruler.ts and
+ * test/quality.test.ts.
  */
-import { readFileSync } from "node:fs";
+import { lstatSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { mulberry32 } from "../src/util/rng.ts";
 
@@ -23,6 +25,104 @@ const SENTENCES = readFileSync(join(ROOT, "bench", "data", "heldout-haystack.txt
 const WORDS: { adj: string[]; noun: string[] } = JSON.parse(
   readFileSync(join(ROOT, "bench", "data", "heldout-words.json"), "utf8"),
 );
+
+/**
+ * What a haystack is made of: `units` (sentences or lines) joined by `sep`, and a needle as it stands among them
+ * (`needle(sentence, unitBefore)`: a paragraph of a license, a comment in a C header, a line of a log).
+ */
+export interface HaystackSource {
+  name: Haystack;
+  /** one line for the benchmark's header */
+  describe: string;
+  units: string[];
+  sep: string;
+  needle(sentence: string, before: string | undefined): string;
+}
+
+export const HAYSTACKS = ["prose", "license", "code", "log"] as const;
+export type Haystack = (typeof HAYSTACKS)[number];
+
+/** Lines of the regular files in `dir` whose names pass `keep`, in name order, each file after a `==> name <==`
+ * line (as `bun run ask DIR` uploads a folder); throws naming the Debian package when there are none. */
+function fileLines(dir: string, keep: (name: string) => boolean, pkg: string): string[] {
+  let names: string[] = [];
+  try {
+    names = readdirSync(dir)
+      .filter((f) => keep(f) && lstatSync(join(dir, f)).isFile())
+      .sort();
+  } catch {}
+  if (names.length === 0) throw new Error(`no files in ${dir}: this haystack needs Debian's ${pkg}`);
+  return names.flatMap((f) => [`==> ${f} <==`, ...readFileSync(join(dir, f), "utf8").split("\n"), ""]);
+}
+
+/** A server log of `n` lines from a fixed seed: timestamps, levels, components, request ids, paths, sizes. */
+function logLines(n: number): string[] {
+  const r = mulberry32(20261130);
+  const pick = <T>(xs: readonly T[]) => xs[Math.floor(r() * xs.length)]!;
+  const hex = (k: number) => Array.from({ length: k }, () => "0123456789abcdef"[Math.floor(r() * 16)]).join("");
+  const paths = ["/v1/contexts", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/v1/completions"];
+  const msgs: (() => string)[] = [
+    () =>
+      `[http] ${pick(["GET", "POST", "PUT", "DELETE"])} ${pick(paths)} ${pick([200, 200, 200, 201, 204, 400, 404, 409, 503])} ${Math.floor(r() * 900)} ms req=${hex(12)}`,
+    () =>
+      `[upload] ctx_${hex(24)} chunk ${Math.floor(r() * 9000)} compressed ${pick([64, 128, 256])} tokens in ${(r() * 20).toFixed(1)} ms`,
+    () =>
+      `[scheduler] queue depth ${Math.floor(r() * 12)}, ${Math.floor(r() * 4)} running, ${Math.floor(r() * 300)} ms waited`,
+    () => `[store] fsync ${hex(8)}.bin ${Math.floor(r() * 65536)} bytes, ${(r() * 3).toFixed(2)} ms`,
+    () =>
+      `[gc] heap ${(50 + r() * 400).toFixed(1)} MiB, collected ${(r() * 40).toFixed(1)} MiB in ${(r() * 9).toFixed(1)} ms`,
+    () =>
+      `[auth] token ${hex(6)}... ${pick(["accepted", "accepted", "rejected: expired", "rejected: unknown key"])} from 10.${Math.floor(r() * 255)}.${Math.floor(r() * 255)}.${Math.floor(r() * 255)}`,
+    () =>
+      `[worker-${Math.floor(r() * 8)}] job ${hex(10)} ${pick(["started", "finished", "retrying (attempt 2)", "failed: timeout after 30 s"])}`,
+  ];
+  const t0 = Date.UTC(2026, 2, 14, 9, 0, 0);
+  const out: string[] = [];
+  for (let i = 0, t = t0; i < n; i++) {
+    t += Math.floor(r() * 900);
+    const level = pick(["INFO ", "INFO ", "INFO ", "DEBUG", "WARN ", "ERROR"]);
+    out.push(`${new Date(t).toISOString()} ${level} ${pick(msgs)()}`);
+  }
+  return out;
+}
+
+const sources = new Map<Haystack, HaystackSource>();
+/** The haystack `name`, read once (license: /usr/share/common-licenses, base-files; code: the C library's headers
+ * in /usr/include, libc6-dev, which the native build needs; log: 60,000 generated lines). */
+export function haystackSource(name: Haystack): HaystackSource {
+  const known = sources.get(name);
+  if (known) return known;
+  let src: HaystackSource;
+  if (name === "prose") src = { name, describe: "held-out prose", units: SENTENCES, sep: " ", needle: (s) => s };
+  else if (name === "license")
+    src = {
+      name,
+      describe: "license files (/usr/share/common-licenses), needles as paragraphs",
+      units: fileLines("/usr/share/common-licenses", () => true, "base-files"),
+      sep: "\n",
+      needle: (s) => `\n${s}\n`,
+    };
+  else if (name === "code")
+    src = {
+      name,
+      describe: "C headers (/usr/include/*.h), needles as comments",
+      units: fileLines("/usr/include", (f) => f.endsWith(".h"), "libc6-dev"),
+      sep: "\n",
+      needle: (s) => `/* ${s} */`,
+    };
+  else if (name === "log")
+    src = {
+      name,
+      describe: "a generated server log, needles as log lines",
+      units: logLines(60_000),
+      sep: "\n",
+      // the needle takes the timestamp of the line before it, as a line written in the same second would
+      needle: (s, before) => `${before?.slice(0, 24) ?? "2026-03-14T09:00:00.000Z"} INFO  [notes] ${s}`,
+    };
+  else throw new Error(`unknown haystack ${name} (${HAYSTACKS.join(", ")})`);
+  sources.set(name, src);
+  return src;
+}
 
 export interface Sample {
   task: Task;
@@ -54,10 +154,12 @@ export function stringMatchAll(answer: string, expected: string[]): number {
 
 export class SampleMaker {
   private readonly rng: () => number;
-  /** `countTokens`: the model's tokenizer, so that a haystack of N tokens is N tokens of that model */
+  /** `countTokens`: the model's tokenizer, so that a haystack of N tokens is N tokens of that model; `source`: what
+   * the haystack is made of (held-out prose unless named). Throws if `source` cannot be read. */
   constructor(
     seed: number,
     private readonly countTokens: (s: string) => number,
+    private readonly source: HaystackSource = haystackSource("prose"),
   ) {
     this.rng = mulberry32(seed);
   }
@@ -89,15 +191,18 @@ export class SampleMaker {
     return this.words();
   }
 
-  /** Haystack sentences of about `tokens` tokens, from a random start, wrapping around (repeated beyond ~320K). */
+  /** Haystack units of about `tokens` tokens, from a random start, wrapping around (held-out prose repeats beyond
+   * ~320K tokens, license files beyond ~90K). */
   private haystack(tokens: number): string[] {
+    const { units, sep } = this.source;
     const out: string[] = [];
     let n = 0;
-    let i = this.int(SENTENCES.length);
-    // whole sentences up to the target; one that would pass it is skipped (a long line of code can be 150 tokens)
-    for (let skipped = 0; n < tokens && skipped < SENTENCES.length; ) {
-      const s = SENTENCES[i++ % SENTENCES.length]!;
-      const c = this.countTokens(` ${s}`);
+    let i = this.int(units.length);
+    // whole units up to the target; one that would pass it is skipped (a long line of code can be 150 tokens), for
+    // at most 256 in a row: log lines are all ~35 tokens, and scanning 60,000 of them for a shorter one took seconds
+    for (let skipped = 0; n < tokens && skipped < Math.min(256, units.length); ) {
+      const s = units[i++ % units.length]!;
+      const c = this.countTokens(`${sep}${s}`);
       if (n + c > tokens && n + 24 >= tokens) break;
       if (n + c > tokens) {
         skipped++;
@@ -116,7 +221,11 @@ export class SampleMaker {
    */
   make(task: Task, tokens: number, depth: number | null = null): Sample {
     const hay = this.haystack(tokens);
-    if (task === "quote") return this.quote(hay, depth);
+    if (task === "quote") {
+      if (this.source.name !== "prose")
+        throw new Error(`quote needs sentences: not asked on the ${this.source.name} haystack`);
+      return this.quote(hay, depth);
+    }
     const tpl = this.pick(TEMPLATES.needles);
     const kind = this.pick(["number", "number", "uuid", "words"]);
     const noun = kind === "words" ? "word" : kind;
@@ -159,8 +268,10 @@ export class SampleMaker {
     };
   }
 
-  /** Needles between sentences at the given fractions; returns the text and each needle's character offset. */
+  /** Needles between units at the given fractions, each as the source writes it; returns the text and each
+   * needle's character offset. */
   private insert(hay: string[], needles: string[], positions: number[]): { text: string; at: number[] } {
+    const { sep, needle } = this.source;
     const slots = positions.map((p) => Math.min(hay.length, Math.max(0, Math.round(p * hay.length))));
     const parts: string[] = [];
     const at: number[] = new Array(needles.length).fill(0);
@@ -168,17 +279,18 @@ export class SampleMaker {
     for (let i = 0; i <= hay.length; i++) {
       for (let n = 0; n < needles.length; n++) {
         if (slots[n] === i) {
+          const s = needle(needles[n]!, hay[i - 1]);
           at[n] = len;
-          parts.push(needles[n]!);
-          len += needles[n]!.length + 1;
+          parts.push(s);
+          len += s.length + sep.length;
         }
       }
       if (i < hay.length) {
         parts.push(hay[i]!);
-        len += hay[i]!.length + 1;
+        len += hay[i]!.length + sep.length;
       }
     }
-    return { text: parts.join(" "), at };
+    return { text: parts.join(sep), at };
   }
 
   /** Quote the sentence that holds a word found in no other sentence of the haystack. */

@@ -4,6 +4,8 @@
  *
  *   bun bench/ruler.ts [--model DIR] [--lengths 2k,8k,32k,128k,1m] [--methods reform,streaming,h2o]
  *                      [--tasks single,multikey,multivalue,multiquery,quote] [--samples 4] [--json out.json]
+ *                      [--haystack prose|license|code|log]   (what the context is: held-out prose, or a document
+ *                                               that is not prose, with the needles in its idiom; quote: prose only)
  *                      [--heads FILE_OR_JSON]   (heads and selection settings, as `serve --heads`)
  *                      [--server-flags="..."]   (more `serve` flags, space-separated: --server-flags="--sentence-tail 96")
  *                      [--show-misses]          (each answer that misses a value, on stderr: what to look at)
@@ -25,10 +27,20 @@ import { ModelTokenizer } from "../src/model/tokenizer.ts";
 import { createContext, postJson, putFinalText } from "../test/helpers/http.ts";
 import { startTestServer } from "../test/helpers/server.ts";
 import { benchArgs, parseLength } from "./common.ts";
-import { ANSWER_TOKENS, type Sample, SampleMaker, stringMatchAll, TASKS, type Task } from "./ruler-tasks.ts";
+import {
+  ANSWER_TOKENS,
+  type Haystack,
+  HAYSTACKS,
+  haystackSource,
+  type Sample,
+  SampleMaker,
+  stringMatchAll,
+  TASKS,
+  type Task,
+} from "./ruler-tasks.ts";
 
 const a = benchArgs(
-  "usage: bun bench/ruler.ts [--model DIR] [--lengths 2k,...] [--methods ...] [--tasks ...] [--samples N] [--json FILE]",
+  "usage: bun bench/ruler.ts [--model DIR] [--lengths 2k,...] [--methods ...] [--tasks ...] [--samples N] [--haystack prose|license|code|log] [--json FILE]",
   {
     model: { type: "string", default: DEFAULT_MODEL_DIR },
     lengths: { type: "string", default: "2k,8k,32k,128k,1m" },
@@ -37,6 +49,7 @@ const a = benchArgs(
     samples: { type: "string", default: "4" },
     "full-samples": { type: "string", default: "20" },
     seed: { type: "string", default: "1" },
+    haystack: { type: "string", default: "prose" },
     threads: { type: "string" },
     heads: { type: "string" },
     "server-flags": { type: "string" },
@@ -50,6 +63,24 @@ const methods = a.methods!.split(",").filter(Boolean);
 const tasks = a.tasks!.split(",") as Task[];
 const samples = Number(a.samples);
 const fullSamples = Number(a["full-samples"]);
+if (!(HAYSTACKS as readonly string[]).includes(a.haystack!)) {
+  console.error(`--haystack ${a.haystack}: one of ${HAYSTACKS.join(", ")}`);
+  process.exit(2);
+}
+if (a.haystack !== "prose" && tasks.includes("quote")) {
+  console.error(
+    `--haystack ${a.haystack}: quote asks for a sentence, so it runs on prose only (--tasks without quote)`,
+  );
+  process.exit(2);
+}
+// read before the server starts: a source that is not on this machine is an error, not a run
+let source: ReturnType<typeof haystackSource>;
+try {
+  source = haystackSource(a.haystack as Haystack);
+} catch (e) {
+  console.error(`--haystack ${a.haystack}: ${(e as Error).message}`);
+  process.exit(2);
+}
 
 const srv = await startTestServer({
   name: "ruler",
@@ -118,7 +149,7 @@ const roomOf = (task: Task, sample: Sample) =>
 async function runSample(length: number, task: Task, s: number, nSamples: number, ms: string[]) {
   const seed = Number(a.seed) * 1_000_003 + length * 31 + s * 7 + TASKS.indexOf(task);
   // the haystack takes one draw whatever its length: the same seed gives the same facts and question at any length
-  const make = (tokens: number) => new SampleMaker(seed, countTokens).make(task, tokens, (s + 0.5) / nSamples);
+  const make = (tokens: number) => new SampleMaker(seed, countTokens, source).make(task, tokens, (s + 0.5) / nSamples);
   let sample = make(length);
   if (ms.includes("full")) {
     // the in-window reference: the haystack shrinks until the whole prompt fits the window (the facts stay: a
@@ -210,7 +241,7 @@ console.log(`RULER-style benchmark — model ${a.model} (trained window ${window
 console.log(
   `  limits: chunk ${L.chunk_size}, capacity ${L.capacity}, default budget ${L.budget}, max budget ${L.max_budget}, ` +
     `smoothing window ${L.smoothing_window}, edge ${L.edge}; heads ${props.heads.map((h: { layer: number; kind: string; head: number }) => `${h.layer}:${h.kind}:${h.head}`).join(",")}; ` +
-    `held-out haystack and keys; greedy; string_match_all (%); ${samples} samples per cell, ${fullSamples} for full`,
+    `${source.name === "prose" ? "held-out haystack and keys" : `haystack: ${source.describe}; held-out keys`}; greedy; string_match_all (%); ${samples} samples per cell, ${fullSamples} for full`,
 );
 console.log(
   `  full (in window, ~${fmtLen(Math.min(...Object.values(inWindow)))}-${fmtLen(Math.max(...Object.values(inWindow)))} tokens): ` +
@@ -282,7 +313,10 @@ for (const length of lengths) {
 }
 console.log(`  total ${((performance.now() - t0) / 1000).toFixed(0)} s`);
 if (a.json) {
-  writeFileSync(a.json, JSON.stringify({ model: a.model, window, limits: L, rows, uploads, inWindow }, null, 1));
+  writeFileSync(
+    a.json,
+    JSON.stringify({ model: a.model, haystack: source.name, window, limits: L, rows, uploads, inWindow }, null, 1),
+  );
 }
 await srv.stop();
 process.exit(0);

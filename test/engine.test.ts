@@ -22,6 +22,7 @@ import {
   refineSelection,
   selectionFor,
   selectTokens,
+  queryScorers,
   sentenceEnds,
   smoothedAt,
   smoothScores,
@@ -160,6 +161,12 @@ describe("pure query helpers", () => {
     // the sentence tail scales too, at most a quarter of the budget
     expect(selectionFor({ budget: 320, window: 49, edge: 10, sentenceTail: 48 }, 640).tail).toBe(96);
     expect(selectionFor({ budget: 320, window: 49, edge: 10, sentenceTail: 300 }, 320).tail).toBe(80);
+  });
+
+  test("queryScorers: the question's own tokens score the context, not the template's markup and whitespace", () => {
+    const text = ["<|im_end|>", "\n", "\n\n", "    ", "\t", " What", "?", " 42", "\n}", ""];
+    const scorers = queryScorers(text.length, (id) => new TextEncoder().encode(text[id]!), new Set([0]));
+    expect(Array.from(scorers)).toEqual([0, 0, 0, 0, 0, 1, 1, 1, 1, 0]);
   });
 
   test("completeSentences: longest passages to their sentence end, then back to its start", () => {

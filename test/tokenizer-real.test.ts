@@ -239,6 +239,8 @@ describe("special-token text is a control token only where the chat template wri
           .map((t) => t.id),
       );
       const specialsIn = (ids: number[]) => ids.filter((x) => special.has(x));
+      // what the question's scoring leaves out as markup (selection.ts queryScorers)
+      expect([...ours.specialIds].sort()).toEqual([...special].sort());
       // an upload (the first piece and a continuation) and the previous user turn: no control token, same text
       for (const [text, ids] of [
         [inject, ours.encodeText(inject)],

@@ -137,16 +137,21 @@ export function* gatherContext(
     const comp = yield* pool.ensure(s, sessionOf);
     // the compressor's cache and the scored rows must describe the same tokens: write any chunk still in flight
     pool.settle(s);
-    // each turn embedded on top of the compressed context; the scorer takes the best match over all their rows
+    // each turn embedded whole on top of the compressed context; the scorer takes the best match over the rows of
+    // their own tokens (not the template's markup and whitespace: selection.ts queryScorers), or over all rows
+    // when no token is the question's own
     const turns = g.queryTurns.filter((t) => t.length > 0);
-    const nq = turns.reduce((k, t) => k + t.length, 0);
+    const scorers = turns.flat().filter((id) => e.queryScorers[id] === 1).length;
+    const keep = (id: number) => scorers === 0 || e.queryScorers[id] === 1;
+    const nq = scorers || turns.reduce((k, t) => k + t.length, 0);
     const dim = s.meta.params.embDim;
     const qf = new Float32Array(nq * dim);
     let row = 0;
     for (const turn of turns) {
       const qe = comp.embed(Int32Array.from(turn));
-      qf.set(qe instanceof Uint16Array ? f16ToF32(qe) : qe, row * dim);
-      row += turn.length;
+      const qrows = qe instanceof Uint16Array ? f16ToF32(qe) : qe;
+      for (let j = 0; j < turn.length; j++)
+        if (keep(turn[j]!)) qf.set(qrows.subarray(j * dim, (j + 1) * dim), row++ * dim);
     }
     const sel = selectionFor(d, budget);
     const op = e.headsFile.smoothing ?? "mean";

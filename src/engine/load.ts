@@ -13,7 +13,7 @@ import { ModelTokenizer } from "../model/tokenizer.ts";
 import type { MemoryPlan, ModelInfo } from "./api.ts";
 import { type EvictionPolicy, evictionParams } from "./eviction.ts";
 import { buildMessages, splitAtPlaceholder } from "./prompt.ts";
-import { maxLag, sentenceEnds } from "./selection.ts";
+import { maxLag, queryScorers, sentenceEnds } from "./selection.ts";
 import type { SessionParams } from "./session.ts";
 
 export interface EngineDefaults {
@@ -96,6 +96,8 @@ export interface LoadedEngine {
   bos: number | null;
   /** per token id: does it end a sentence (selection.ts sentenceEnds; for completeSentences) */
   sentenceEnds: Uint8Array;
+  /** per token id: does its question row score the context (selection.ts queryScorers) */
+  queryScorers: Uint8Array;
   params: SessionParams;
   fingerprint: string;
   /** what contexts stored by an older version carry for this same setup (accepted once, then rewritten) */
@@ -592,6 +594,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
     templateTokens,
     bos,
     sentenceEnds: sentenceEnds(tok.vocabSize, (id) => tok.tokenBytes(id)),
+    queryScorers: queryScorers(tok.vocabSize, (id) => tok.tokenBytes(id), tok.specialIds),
     params,
     fingerprint: fp.current,
     legacyFingerprint: fp.legacy,

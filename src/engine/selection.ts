@@ -122,6 +122,28 @@ export function sentenceEnds(vocabSize: number, tokenBytes: (id: number) => Uint
 }
 
 /**
+ * Per token id: does its row of the question's embeddings score the context (1), or is it template markup (a
+ * special token) or whitespace only (0)? The question is embedded whole, as it stands at the end of the recompute
+ * prompt, but a context token's score is its best match over the question's own tokens: the chat template's
+ * newlines and markers around the question matched every newline and indentation run of a document that is not
+ * prose, and in C headers and license files whitespace was gathered instead of the needle (README, "Documents that are
+ * not prose").
+ */
+export function queryScorers(
+  vocabSize: number,
+  tokenBytes: (id: number) => Uint8Array,
+  specialIds: ReadonlySet<number>,
+): Uint8Array {
+  const out = new Uint8Array(vocabSize);
+  for (let id = 0; id < vocabSize; id++) {
+    if (specialIds.has(id)) continue;
+    const b = tokenBytes(id);
+    if (b.some((c) => c !== 0x20 && c !== 0x09 && c !== 0x0a && c !== 0x0d)) out[id] = 1;
+  }
+  return out;
+}
+
+/**
  * Complete the sentences of the gathered passages (this project's addition to the paper's gathering; README "Choosing
  * the defaults" has the measurements): the selection is made with `tail` fewer tokens than the budget; then
  *   1. each passage (a run of consecutive selected positions, the always-kept edges aside) gives up the partial

@@ -101,6 +101,8 @@ export class ModelTokenizer {
   private readonly tokenBytesCache = new Map<number, Uint8Array>();
   /** the same tokenizer without its special added tokens: special-token text comes out as plain text */
   private readonly plainTk: Tokenizer;
+  /** ids of the special added tokens (template markup: `<|im_start|>`, `<|eot_id|>`, ...) */
+  readonly specialIds: Set<number>;
   /** the special tokens' strings, longest first (so that one never matches inside a longer one) */
   private readonly specials: string[];
   private readonly specialRe: RegExp | null;
@@ -112,7 +114,8 @@ export class ModelTokenizer {
 
   constructor(tokenizerJson: any, tokenizerConfig: any, opts: { generationConfig?: any; modelConfig?: any } = {}) {
     this.tk = new Tokenizer(tokenizerJson, tokenizerConfig ?? {});
-    const added: { content: string; special?: boolean }[] = tokenizerJson?.added_tokens ?? [];
+    const added: { id?: number; content: string; special?: boolean }[] = tokenizerJson?.added_tokens ?? [];
+    this.specialIds = new Set(added.filter((t) => t.special && typeof t.id === "number").map((t) => t.id!));
     this.specials = added
       .filter((t) => t.special && t.content.length > 0)
       .map((t) => t.content)
