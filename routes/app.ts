@@ -65,6 +65,7 @@ export function createApp(engine: EngineClient, options: AppOptions): ReformApp 
       sseHeartbeatSec: options.sseHeartbeatSec ?? 15,
       listContextModels: options.listContextModels ?? true,
       inline: options.inline ?? true,
+      generationConfig: options.generationConfig ?? "auto",
       logRequests: options.logRequests ?? false,
     },
   };

@@ -33,6 +33,7 @@ import {
   newId,
   openaiUsage,
   reformTarget,
+  openaiSamplingDefaults,
   samplingOf,
   TokenizeBody,
   timingsView,
@@ -146,7 +147,12 @@ export function openaiRoutes(d: Deps): Hono {
       method,
       budget,
       scoreFloor,
-      sampling: samplingOf(body, { maxTokens: o.maxTokens, temperature: 1, logprobs: o.logprobs }),
+      sampling: samplingOf(body, {
+        maxTokens: o.maxTokens,
+        temperature: 1,
+        logprobs: o.logprobs,
+        model: openaiSamplingDefaults(engine.modelInfo(), opts.generationConfig),
+      }),
       ...(inlineOn ? { inline: { owner } } : {}),
     });
     const first = q.first.done ? null : q.first.value;

@@ -4,7 +4,7 @@
  */
 import { Hono } from "hono";
 import { jsonError } from "./errors.ts";
-import { limitsView } from "./protocol.ts";
+import { limitsView, openaiSamplingView } from "./protocol.ts";
 import type { MemoryPlan } from "../src/engine/api.ts";
 import type { Deps } from "./types.ts";
 
@@ -78,7 +78,12 @@ export function opsRoutes(d: Deps): Hono {
       ...limitsView(info),
       // llama.cpp's field names for the two values its clients read
       n_ctx: info.defaults.maxModelLen,
-      default_generation_settings: { n_ctx: info.defaults.maxModelLen, max_tokens: info.defaults.maxTokens },
+      // and what an OpenAI request that names no sampling field gets (the model's generation_config.json or OpenAI's)
+      default_generation_settings: {
+        n_ctx: info.defaults.maxModelLen,
+        max_tokens: info.defaults.maxTokens,
+        ...openaiSamplingView(info, d.opts.generationConfig),
+      },
     });
   });
 

@@ -16,6 +16,8 @@ import type {
   Usage,
 } from "../src/engine/api.ts";
 import { ContextIdSchema, Field, MessageSchema } from "../src/engine/schema.ts";
+import type { GenerationConfigMode } from "../src/config.ts";
+import type { SamplingDefaults } from "../src/model/generation-config.ts";
 import { ApiError } from "./errors.ts";
 
 export { ContextIdSchema };
@@ -42,24 +44,50 @@ const SamplingFields = {
 const SamplingObject = z.object(SamplingFields);
 type SamplingBody = z.output<typeof SamplingObject>;
 
-/** The engine's sampling options from a request's snake_case fields. */
+/** The model's sampling defaults an OpenAI request gets for the fields it leaves out: its generation_config.json's
+ * (vLLM's `--generation-config auto`), or none with --generation-config openai. */
+export function openaiSamplingDefaults(info: ModelInfo | null, mode: GenerationConfigMode): SamplingDefaults {
+  return mode === "auto" ? (info?.generation ?? {}) : {};
+}
+
+/** What an OpenAI request that sets no sampling field gets (GET /props: default_generation_settings). */
+export function openaiSamplingView(info: ModelInfo | null, mode: GenerationConfigMode) {
+  const s = samplingOf(
+    { stop: [] },
+    { maxTokens: 0, temperature: 1, logprobs: null, model: openaiSamplingDefaults(info, mode) },
+  );
+  return {
+    generation_config: mode,
+    temperature: s.temperature,
+    top_p: s.topP,
+    top_k: s.topK,
+    min_p: s.minP ?? 0,
+    repetition_penalty: s.repetitionPenalty ?? 1,
+  };
+}
+
+/** The engine's sampling options from a request's snake_case fields; a field the request leaves out takes the
+ * model's default (`o.model`: its generation_config.json, the OpenAI routes only), then the API's. */
 export function samplingOf(
   b: SamplingBody,
-  o: { maxTokens: number; temperature: number; logprobs: number | null },
+  o: { maxTokens: number; temperature: number; logprobs: number | null; model?: SamplingDefaults },
 ): SamplingOptions {
+  const m = o.model ?? {};
   const s: SamplingOptions = {
     maxTokens: o.maxTokens,
-    temperature: b.temperature ?? o.temperature,
-    topP: b.top_p ?? 1,
-    topK: b.top_k ?? 0,
+    temperature: b.temperature ?? m.temperature ?? o.temperature,
+    topP: b.top_p ?? m.topP ?? 1,
+    topK: b.top_k ?? m.topK ?? 0,
     seed: b.seed ?? undefined,
     stop: b.stop,
   };
   if (o.logprobs !== null) s.logprobs = o.logprobs;
-  if (b.min_p != null && b.min_p > 0) s.minP = b.min_p;
+  const minP = b.min_p ?? m.minP;
+  if (minP != null && minP > 0) s.minP = minP;
   if (b.presence_penalty != null) s.presencePenalty = b.presence_penalty;
   if (b.frequency_penalty != null) s.frequencyPenalty = b.frequency_penalty;
-  if (b.repetition_penalty != null) s.repetitionPenalty = b.repetition_penalty;
+  const repetitionPenalty = b.repetition_penalty ?? m.repetitionPenalty;
+  if (repetitionPenalty != null) s.repetitionPenalty = repetitionPenalty;
   if (b.logit_bias != null)
     s.logitBias = Object.fromEntries(Object.entries(b.logit_bias).map(([k, v]) => [Number(k), v]));
   return s;

@@ -1,3 +1,4 @@
+import type { GenerationConfigMode } from "../src/config.ts";
 import type { EngineClient } from "../src/engine/api.ts";
 import type { Logger } from "./errors.ts";
 import type { HttpStats } from "./metrics.ts";
@@ -17,6 +18,8 @@ export interface AppOptions {
   sseHeartbeatSec?: number;
   /** Answer OpenAI requests whose prompt exceeds the window with REFORM (inline contexts); default true. */
   inline?: boolean;
+  /** OpenAI requests' left-out sampling fields: the model's generation_config.json ("auto", default) or OpenAI's. */
+  generationConfig?: GenerationConfigMode;
   /** List ready contexts in /v1/models as `context:<id>` (chat frontends can then pick one). */
   listContextModels?: boolean;
   /** Log each request (method, path, status, ms). Default false. */

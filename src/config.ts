@@ -10,6 +10,9 @@ import type { EngineDefaults } from "./engine/client.ts";
 import { intFlag, numFlag, oneOf, parseFlags, UsageError } from "./cli/args.ts";
 
 export type Backend = "auto" | "cpu" | "cuda";
+/** auto: the model's generation_config.json sampling defaults (src/model/generation-config.ts); openai: OpenAI's */
+export const GENERATION_CONFIG_MODES = ["auto", "openai"] as const;
+export type GenerationConfigMode = (typeof GENERATION_CONFIG_MODES)[number];
 
 /** Defaults of everything the server can be told; startServer applies the same ones to programmatic callers. */
 export const DEFAULTS = {
@@ -52,6 +55,8 @@ export interface ServerConfig {
   allowBeyondWindow: boolean;
   /** Answer OpenAI requests whose prompt exceeds the window with REFORM (implicit contexts); --no-inline: refuse. */
   inline: boolean;
+  /** Where OpenAI requests' left-out sampling fields come from: the model's generation_config.json, or OpenAI's. */
+  generationConfig: GenerationConfigMode;
 }
 
 type Flag = {
@@ -217,6 +222,12 @@ const FLAGS: Flag[] = [
     help: "compress one chunk at a time instead of writing a chunk's embeddings while the next computes (env: 0 = off)",
   },
   {
+    flag: "generation-config",
+    arg: "MODE",
+    env: ["REFORM_GENERATION_CONFIG"],
+    help: "auto: OpenAI requests that leave out temperature / top_p / top_k / min_p / repetition_penalty get the model's generation_config.json values (as vLLM); openai: OpenAI's defaults (temperature 1) (default auto)",
+  },
+  {
     flag: "no-inline",
     env: ["REFORM_INLINE"],
     help: "refuse OpenAI requests beyond the window (400) instead of answering them with REFORM (env: 0 = off)",
@@ -374,5 +385,6 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
     defaults,
     allowBeyondWindow: values["allow-beyond-window"] === true,
     inline: !(values["no-inline"] === true || env.REFORM_INLINE === "0"),
+    generationConfig: oneOf("generation-config", str("generation-config"), GENERATION_CONFIG_MODES) ?? "auto",
   };
 }

@@ -55,6 +55,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     corsOrigin: opts.corsOrigin ?? DEFAULTS.corsOrigin,
     logRequests: opts.logRequests,
     inline: opts.inline ?? true,
+    generationConfig: opts.generationConfig ?? "auto",
     ...(opts.sseHeartbeatSec !== undefined ? { sseHeartbeatSec: opts.sseHeartbeatSec } : {}),
     log,
   });

@@ -10,6 +10,7 @@ import { join, resolve } from "node:path";
 import { UsageError } from "../src/cli/args.ts";
 import { DEFAULT_MODEL_DIR, DEFAULTS, resolveConfig, SERVE_USAGE, type Env, type ServerConfig } from "../src/config.ts";
 import { LimitsError, resolveDefaults } from "../src/engine/load.ts";
+import { readSamplingDefaults, samplingDefaultsOf } from "../src/model/generation-config.ts";
 import { makeTinyModel } from "./fixtures/tiny-model.ts";
 
 const root = mkdtempSync(join(tmpdir(), "reform-config-"));
@@ -53,6 +54,7 @@ describe("config", () => {
       logRequests: false,
       defaults: {},
       allowBeyondWindow: false,
+      generationConfig: "auto",
     });
     expect(c.apiKey).toBeUndefined();
     expect(c.library).toBeUndefined();
@@ -213,6 +215,27 @@ describe("config", () => {
     expect(usageError(["--model", model, "--idle-timeout", "300"])).toContain("--idle-timeout");
     expect(usageError(["--model", model, "--heads", join(root, "heads.json")])).toContain("heads file not found");
     expect(usageError(["--model", model, "--bogus"])).toContain("--bogus");
+    expect(usageError(["--model", model, "--generation-config", "vllm"])).toContain("--generation-config");
+    expect(config(["--generation-config", "openai"]).generationConfig).toBe("openai");
+    expect(config([], { REFORM_GENERATION_CONFIG: "openai" }).generationConfig).toBe("openai");
+  });
+
+  test("sampling defaults from generation_config.json: the fields it names, do_sample false as greedy", () => {
+    // the embedded model's file says do_sample: false, so chat frontends that send no temperature get its greedy answers
+    expect(readSamplingDefaults(DEFAULT_MODEL_DIR)).toEqual({ defaults: { temperature: 0 }, ignored: [] });
+    expect(samplingDefaultsOf({ temperature: 0.6, top_p: 0.9, top_k: 20, eos_token_id: 2 })).toEqual({
+      defaults: { temperature: 0.6, topP: 0.9, topK: 20 },
+      ignored: [],
+    });
+    expect(samplingDefaultsOf({ do_sample: false, temperature: 0.6, min_p: 0.05, repetition_penalty: 1.05 })).toEqual({
+      defaults: { temperature: 0, minP: 0.05, repetitionPenalty: 1.05 },
+      ignored: [],
+    });
+    const bad = samplingDefaultsOf({ temperature: 7, top_k: 1.5, top_p: null });
+    expect(bad.defaults).toEqual({});
+    expect(bad.ignored.map((s) => s.split(" ")[0])).toEqual(["temperature", "top_k"]);
+    expect(samplingDefaultsOf(null)).toEqual({ defaults: {}, ignored: [] });
+    expect(readSamplingDefaults(root).defaults).toEqual({});
   });
 
   test("--help, and the usage lists every flag with its environment variable", () => {

@@ -450,6 +450,56 @@ describe("fake engine", () => {
   });
 });
 
+describe("sampling defaults of the model (generation_config.json, as vLLM's --generation-config auto)", () => {
+  test("an OpenAI request that leaves a field out gets the model's value; one that sets it keeps its own; --generation-config openai: OpenAI's", async () => {
+    const generation = { temperature: 0, topK: 5, repetitionPenalty: 1.1 };
+    const auto = new FakeEngine({ generation });
+    const openai = new FakeEngine({ generation });
+    const a = await start(auto);
+    const o = await start(openai, { generationConfig: "openai" });
+    try {
+      for (const [srv, eng] of [
+        [a, auto],
+        [o, openai],
+      ] as const) {
+        const ctx = await j(jsonPost(`${srv.url}/v1/contexts`, {}));
+        await fetch(`${srv.url}/v1/contexts/${ctx.id}/content?final=1`, { method: "PUT", body: "abc" });
+        const ask = async (extra: object) => {
+          const r = await jsonPost(`${srv.url}/v1/chat/completions`, {
+            model: `context:${ctx.id}`,
+            messages: [{ role: "user", content: "u" }],
+            max_tokens: 2,
+            ...extra,
+          });
+          expect(r.status).toBe(200);
+          await r.json();
+          return eng.lastQuery!.sampling;
+        };
+        const left = await ask({});
+        const set = await ask({ temperature: 0.7, top_k: 0, repetition_penalty: 1 });
+        expect(set).toMatchObject({ temperature: 0.7, topK: 0, repetitionPenalty: 1 });
+        const props = (await j(fetch(`${srv.url}/props`))).default_generation_settings;
+        if (srv === a) {
+          expect(left).toMatchObject({ temperature: 0, topP: 1, topK: 5, repetitionPenalty: 1.1 });
+          expect(props).toMatchObject({ generation_config: "auto", temperature: 0, top_k: 5, repetition_penalty: 1.1 });
+        } else {
+          expect(left).toMatchObject({ temperature: 1, topP: 1, topK: 0 });
+          expect(left.repetitionPenalty).toBeUndefined();
+          expect(props).toMatchObject({ generation_config: "openai", temperature: 1, top_k: 0, repetition_penalty: 1 });
+        }
+        // the native query API keeps its own documented default (greedy), whatever the model says
+        await (
+          await jsonPost(`${srv.url}/v1/contexts/${ctx.id}/query`, { question: "q", max_tokens: 2, stream: false })
+        ).json();
+        expect(eng.lastQuery!.sampling).toMatchObject({ temperature: 0, topK: 0 });
+      }
+    } finally {
+      await a.stop();
+      await o.stop();
+    }
+  });
+});
+
 describe("health while loading / failed", () => {
   test("503 while loading, 200 once ready, 503 with reason when failed", async () => {
     const eng = new FakeEngine({ state: "loading" });

@@ -157,7 +157,17 @@ describe("ops", () => {
     expect(p).toMatchObject({ model: "tiny-reform", backend: "cpu", limits, heads, compressor, n_ctx: 2048 });
     expect(p.compressor.bos_token_id).toBe(TINY_BOS_ID);
     expect(p.limits.template_tokens).toBeGreaterThan(0);
-    expect(p.default_generation_settings).toEqual({ n_ctx: 2048, max_tokens: 256 });
+    // the fixture's generation_config.json says do_sample: false: OpenAI requests without a temperature are greedy
+    expect(p.default_generation_settings).toEqual({
+      n_ctx: 2048,
+      max_tokens: 256,
+      generation_config: "auto",
+      temperature: 0,
+      top_p: 1,
+      top_k: 0,
+      min_p: 0,
+      repetition_penalty: 1,
+    });
     const m = await json(api("/v1/models"));
     expect(m.data[0]).toMatchObject({ max_model_len: 2048, reform: { limits, heads, compressor } });
     expect((await json(api("/v1/models/tiny-reform"))).reform).toEqual(m.data[0].reform);

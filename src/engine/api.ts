@@ -4,6 +4,7 @@
  * The HTTP thread only ever talks to an `EngineClient`; the implementation forwards work to the
  * engine worker (a Bun Worker that owns the native library) so the HTTP thread never blocks.
  */
+import type { SamplingDefaults } from "../model/generation-config.ts";
 
 export type Method = "reform" | "full" | "streaming" | "h2o";
 export const METHODS: readonly Method[] = ["reform", "full", "streaming", "h2o"] as const;
@@ -221,6 +222,9 @@ export interface ModelInfo {
   /** kind: q / k / v projection or o, the attention output (src/model/types.ts HeadKind) */
   heads: { layer: number; kind: "q" | "k" | "v" | "o"; head: number }[];
   exitLayer: number;
+  /** sampling defaults of the model's generation_config.json (src/model/generation-config.ts); the OpenAI routes
+   * apply them to the fields a request leaves out unless the server runs with --generation-config openai */
+  generation: SamplingDefaults;
   defaults: {
     budget: number;
     maxBudget: number;

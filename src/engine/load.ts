@@ -7,6 +7,7 @@ import { closeSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { type CompressParams, loadNative, type Native, type NativeModel, RF_F16 } from "../../ffi/native.ts";
 import { type LoadedConfig, loadModelConfig } from "../model/config.ts";
+import { readSamplingDefaults } from "../model/generation-config.ts";
 import { type HeadsFile, loadHeads } from "../model/heads.ts";
 import { loadSafetensors, modelFiles } from "../model/safetensors.ts";
 import { ModelTokenizer } from "../model/tokenizer.ts";
@@ -532,6 +533,8 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
   for (const w of deviceWarnings) console.warn(`[engine] WARNING (${native.backendName()}): ${w}`);
   console.log(`[engine] device: ${device}`);
   console.log(`[engine] memory plan: ${describePlan(memory)}`);
+  const generation = readSamplingDefaults(o.modelDir);
+  for (const why of generation.ignored) console.warn(`[engine] generation_config.json: ${why} (left out)`);
   const info: ModelInfo = {
     id: o.servedName ?? o.modelDir.split("/").filter(Boolean).pop() ?? "model",
     path: o.modelDir,
@@ -545,6 +548,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
     numLayers: mc.numLayers,
     heads: headsFile.heads.map((h) => ({ ...h })),
     exitLayer,
+    generation: generation.defaults,
     defaults: {
       budget: defaults.budget,
       maxBudget: defaults.maxBudget,

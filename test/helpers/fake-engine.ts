@@ -13,6 +13,7 @@ import {
   type QueryEvent,
   type QueryRequest,
 } from "../../src/engine/api.ts";
+import type { SamplingDefaults } from "../../src/model/generation-config.ts";
 
 export interface FakeOptions {
   /** ms each append stays in "processing". */
@@ -23,6 +24,8 @@ export interface FakeOptions {
   getDelayMs?: number;
   state?: "loading" | "ready" | "failed";
   loadError?: string;
+  /** the model's generation_config.json sampling defaults (ModelInfo.generation) */
+  generation?: SamplingDefaults;
 }
 
 interface Ctx {
@@ -41,6 +44,7 @@ export class FakeEngine implements EngineClient {
   generated = 0;
   activeQueries = 0;
   lastQuery: QueryRequest | null = null;
+  private readonly generation: SamplingDefaults;
   appendDelayMs: number;
   tokenDelayMs: number;
   getDelayMs: number;
@@ -61,6 +65,7 @@ export class FakeEngine implements EngineClient {
     this.getDelayMs = o.getDelayMs ?? 0;
     this.st = o.state ?? "ready";
     this.err = o.loadError ?? null;
+    this.generation = o.generation ?? {};
   }
 
   state() {
@@ -98,6 +103,7 @@ export class FakeEngine implements EngineClient {
       numLayers: 2,
       heads: [],
       exitLayer: 1,
+      generation: this.generation,
       defaults: {
         budget: 64,
         maxBudget: 128,
