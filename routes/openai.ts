@@ -9,13 +9,14 @@
 import type { Context } from "hono";
 import { Hono } from "hono";
 import { createHash } from "node:crypto";
-import type {
-  ChatMessage,
-  ContextInfo,
-  FinishReason,
-  InlineInfo,
-  QueryEvent,
-  QueryRequest,
+import {
+  type ChatMessage,
+  type ContextInfo,
+  EngineError,
+  type FinishReason,
+  type InlineInfo,
+  type QueryEvent,
+  type QueryRequest,
 } from "../src/engine/api.ts";
 import { ApiError } from "./errors.ts";
 import {
@@ -141,6 +142,8 @@ export function openaiRoutes(d: Deps): Hono {
     const key = bearer(c.req.raw);
     // implicit contexts are kept apart per API key (a digest of it; "" without auth)
     const owner = opts.apiKey && key ? createHash("sha256").update(key).digest("hex") : "";
+    // a context named only by the model (`context:<id>`) that does not exist is OpenAI's unknown model
+    const byModelOnly = contextId !== undefined && !body.context_id && !body.reform?.context_id;
     const q = await openQuery(engine, c.req.raw, {
       contextId,
       ...input,
@@ -154,6 +157,10 @@ export function openaiRoutes(d: Deps): Hono {
         model: openaiSamplingDefaults(engine.modelInfo(), opts.generationConfig),
       }),
       ...(inlineOn ? { inline: { owner } } : {}),
+    }).catch((e) => {
+      if (byModelOnly && e instanceof EngineError && e.code === "context_not_found")
+        throw new ApiError(404, "model_not_found", `the model '${body.model}' does not exist: ${e.message}`, "model");
+      throw e;
     });
     const first = q.first.done ? null : q.first.value;
     const inline = first?.type === "inline" ? first : null;

@@ -11,6 +11,7 @@ import { join } from "node:path";
 import { ROOT_DIR } from "../ffi/native.ts";
 import { type RunningServer, startServer } from "../src/server.ts";
 import { FakeEngine } from "./helpers/fake-engine.ts";
+import { preflight } from "../src/cli/ask-preflight.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "reform-ask-"));
 const file = join(dir, "book.txt");
@@ -55,6 +56,9 @@ describe("bun run ask", () => {
     expect(r.err).toMatch(/tokens compressed in [\d.]+ s \([\d,]+ tok\/s\), .* on disk/);
     expect(r.err).toContain(`context kept: ${id}`);
     expect(r.out).toContain("the answer is");
+    // listed for chat frontends under the file's name, not its id
+    const models = (await (await fetch(`${srv.url}/v1/models`)).json()) as { data: { id: string; name?: string }[] };
+    expect(models.data.find((m) => m.id === `context:${id}`)?.name).toBe("book.txt");
   }, 60_000);
 
   test("a failed upload keeps the context, prints how to resume or delete it; the resume completes it", async () => {
@@ -145,6 +149,73 @@ describe("bun run ask", () => {
     expect(r.err).not.toContain("created");
     expect(eng.texts.size).toBe(before);
   }, 60_000);
+
+  test("a budget or an answer length that cannot fit the model is refused before any upload, naming the numbers", async () => {
+    const before = eng.texts.size;
+    // the fake model: max_model_len 256, template 8, max_budget 128; one token per character
+    const long = `${"Which river flows on under the bridge in chapter one of the book ".repeat(1)}?`;
+    const tooLong = await ask([file, long, "--budget", "128", "--max-tokens", "64"]);
+    expect(tooLong.code).toBe(1);
+    const need = 8 + 128 + long.length + 64;
+    expect(tooLong.err).toContain(
+      `template 8 + gathered budget 128 + question ${long.length} + max_tokens 64 = ${need}; ask with --max-tokens ${256 - 8 - 128 - long.length} or less or a --budget below 128`,
+    );
+    expect(tooLong.err).toContain("nothing was uploaded");
+    const overBudget = await ask([file, "q", "--budget", "200"]);
+    expect(overBudget.code).toBe(1);
+    expect(overBudget.err).toContain("--budget 200 exceeds the server's maximum of 128 tokens");
+    for (const r of [tooLong, overBudget]) expect(r.err).not.toContain("created");
+    expect(eng.texts.size).toBe(before);
+    // what fits goes up and is answered
+    const fits = await ask([file, long, "--budget", "128", "--max-tokens", `${256 - 8 - 128 - long.length}`]);
+    expect(fits.code).toBe(0);
+  }, 60_000);
+
+  test("preflight: checks only what surely fails", async () => {
+    const l = {
+      max_model_len: 512,
+      template_tokens: 13,
+      budget: 320,
+      max_budget: 448,
+      max_tokens: 64,
+      max_new_tokens: 256,
+    };
+    let asked = 0;
+    const q = (n: number | null) => async () => {
+      asked++;
+      return n;
+    };
+    const big = 320 * 16;
+    expect(await preflight(l, { method: "reform", documentBytes: big, questionTokens: q(20) })).toBeNull();
+    expect(
+      await preflight(l, { method: "reform", maxTokens: 200, documentBytes: big, questionTokens: q(20) }),
+    ).toContain("= 553; ask with --max-tokens 159 or less");
+    // a document shorter than the budget may be gathered whole; another method gathers otherwise; an unknown question
+    asked = 0;
+    expect(
+      await preflight(l, { method: "reform", maxTokens: 200, documentBytes: big - 1, questionTokens: q(20) }),
+    ).toBeNull();
+    expect(
+      await preflight(l, { method: "full", maxTokens: 200, documentBytes: big, questionTokens: q(20) }),
+    ).toBeNull();
+    expect(asked).toBe(0);
+    expect(
+      await preflight(l, { method: "reform", maxTokens: 200, documentBytes: big, questionTokens: q(null) }),
+    ).toBeNull();
+    // two tokens of slack for the template's boundaries
+    expect(
+      await preflight(l, { method: "reform", maxTokens: 161, documentBytes: big, questionTokens: q(20) }),
+    ).toBeNull();
+    expect(await preflight(l, { method: "reform", maxTokens: 300, documentBytes: 1, questionTokens: q(1) })).toContain(
+      "exceeds the server's maximum of 256 new tokens",
+    );
+    expect(
+      await preflight(
+        {},
+        { method: "reform", budget: 9999, maxTokens: 9999, documentBytes: big, questionTokens: q(1) },
+      ),
+    ).toBeNull();
+  });
 
   test("cannot reach the server: says how to start it (no --model needed)", async () => {
     const p = Bun.spawn([process.execPath, "src/cli/ask.ts", "--server", "http://127.0.0.1:1", file, "q"], {

@@ -3,7 +3,7 @@
  * `serve` CLI's exit status on a bad command line.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -263,4 +263,39 @@ describe("config", () => {
     expect(r.stderr).toContain("serve: --port must be a whole number, got 'x'");
     expect(r.stderr).toContain("usage: bun run serve");
   });
+
+  test("serve: SIGTERM to its whole process group (systemd's stop, `kill -- -PGID`) is one clean stop, exit 0", async () => {
+    const tiny = await makeTinyModel(join(root, "tiny-stop"));
+    // `bun run serve` in a group of its own: the wrapper passes the signal on, so the server gets it twice
+    const p = spawn("bun", ["run", "serve", "--model", tiny, "--data", join(root, "stop-data"), "--port", "0"], {
+      cwd: resolve(import.meta.dir, ".."),
+      detached: true,
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let out = "";
+    p.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+    p.stderr!.on("data", (d: Buffer) => (out += d.toString()));
+    const exited = new Promise<number | null>((res) => p.on("exit", (code) => res(code)));
+    for (let i = 0; i < 600 && !out.includes("engine ready"); i++) await Bun.sleep(100);
+    expect(out).toContain("engine ready");
+    // an upload in flight: the stop then takes long enough for the second delivery to arrive while it runs
+    const url = /listening on (http:\/\/[^ ]+)/.exec(out)![1]!;
+    const ctx = (await (await fetch(`${url}/v1/contexts`, { method: "POST", body: "{}" })).json()) as { id: string };
+    const line = "The quiet river runs past the stone bridge in the morning light. ".repeat(64);
+    let sent = 0;
+    const body = new ReadableStream<Uint8Array>({
+      async pull(c) {
+        c.enqueue(new TextEncoder().encode(line));
+        sent++;
+        await Bun.sleep(5);
+      },
+    });
+    const up = fetch(`${url}/v1/contexts/${ctx.id}/content`, { method: "PUT", body }).catch(() => null);
+    for (let i = 0; i < 100 && sent < 20; i++) await Bun.sleep(50);
+    process.kill(-p.pid!, "SIGTERM");
+    expect(await exited).toBe(0);
+    expect(out).toContain("SIGTERM: shutting down");
+    expect(out).not.toContain("forced exit");
+    await up;
+  }, 90_000);
 });

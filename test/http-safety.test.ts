@@ -256,7 +256,8 @@ describe("no silent fallbacks, OpenAI conformance", () => {
   test(
     "unknown model names are 404 model_not_found (invalid_request_error); the served name, its alias and context:<id> work",
     async () => {
-      for (const model of ["gpt-4", "ctx_0123456789abcdef01234567"]) {
+      // a context named by the model that does not exist is an unknown model too (param "model", not "context_id")
+      for (const model of ["gpt-4", "ctx_0123456789abcdef01234567", "context:ctx_0123456789abcdef01234567"]) {
         const e = await expectError(
           await jsonPost(`${base}/v1/chat/completions`, {
             model,

@@ -13,10 +13,11 @@
  * (`--context ID --resume`) or delete it are printed.
  */
 import { closeSync, existsSync, lstatSync, openSync, readdirSync, readFileSync, readSync, statSync } from "node:fs";
-import { join, relative } from "node:path";
+import { basename, join, relative, resolve } from "node:path";
 import { sseEvents } from "../util/sse.ts";
 import { byteOrderMark, isGzip, notTextReason, SNIFF_BYTES } from "../util/text-sniff.ts";
 import { intFlag, numFlag, parseFlags, runCli, UsageError, valueFlags } from "./args.ts";
+import { type PropsLimits, preflight } from "./ask-preflight.ts";
 
 const USAGE = `usage: bun run ask FILE|DIR "question" [options]
        bun run ask --context ID "question" [options]
@@ -379,18 +380,6 @@ async function main() {
     await Bun.sleep(1000);
   }
 
-  // --max-tokens over the server's maximum would only be refused after the whole upload: check it first
-  if (maxTokens !== undefined) {
-    const props = await call(`${server}/props`, { headers }).catch(() => null);
-    const limit = props?.ok
-      ? ((await props.json().catch(() => ({}))) as { limits?: { max_new_tokens?: number } }).limits?.max_new_tokens
-      : undefined;
-    if (typeof limit === "number" && maxTokens > limit)
-      throw new Error(
-        `--max-tokens ${maxTokens} exceeds the server's maximum of ${limit} new tokens (GET /props: limits.max_new_tokens); nothing was uploaded`,
-      );
-  }
-
   // a directory (a code base) goes up as one document of its text files; a gzip file decompressed and UTF-16 converted
   // here, so that the offsets of a resume are the text's (the server refuses to resume a body it converts)
   let doc: Blob | undefined;
@@ -412,6 +401,31 @@ async function main() {
       : "";
     status(`${file}: ${d.files} text files, ${fmtBytes(doc.size)}${left}`);
     endStatus();
+  }
+
+  // what the server would refuse only after the whole upload is checked against GET /props first
+  if (!reuse || values.resume) {
+    const props = await call(`${server}/props`, { headers }).catch(() => null);
+    const limits = props?.ok ? ((await props.json().catch(() => ({}))) as { limits?: PropsLimits }).limits : undefined;
+    if (limits) {
+      const size = doc?.size ?? (file !== undefined && file !== "-" ? statSync(file).size : undefined);
+      const tokenize = async (text: string) => {
+        const r = await call(`${server}/v1/tokenize`, {
+          method: "POST",
+          headers: { ...headers, "content-type": "application/json" },
+          body: JSON.stringify({ prompt: text, add_special_tokens: false }),
+        }).catch(() => null);
+        return r?.ok ? (((await r.json().catch(() => ({}))) as { count?: number }).count ?? null) : null;
+      };
+      const why = await preflight(limits, {
+        method: body.method as string,
+        budget,
+        maxTokens,
+        documentBytes: size,
+        questionTokens: () => tokenize(question!),
+      });
+      if (why) throw new Error(`${why}; nothing was uploaded`);
+    }
   }
 
   let contextId = reuse;
@@ -442,7 +456,10 @@ async function main() {
     const res = await call(`${server}/v1/contexts`, {
       method: "POST",
       headers: { ...headers, "content-type": "application/json" },
-      body: JSON.stringify({ metadata: { source: file === "-" ? "stdin" : file } }),
+      // `name` is what GET /v1/models shows a chat frontend's model picker (routes/openai.ts contextName)
+      body: JSON.stringify({
+        metadata: file === "-" ? { source: "stdin", name: "stdin" } : { source: file, name: basename(resolve(file!)) },
+      }),
     });
     if (res.status !== 201) throw new Error(`creating the context failed: ${await apiError(res)}`);
     contextId = ((await res.json()) as { id: string }).id;

@@ -54,13 +54,16 @@ async function main() {
     /* logged by startServer; /health reports the reason */
   });
 
-  let stopping = false;
+  let stoppingSince = 0;
   const shutdown = async (sig: string) => {
-    if (stopping) {
+    if (stoppingSince) {
+      // the same signal twice at once is one stop delivered twice (a process group: `kill -- -PGID`, systemd's
+      // KillMode=control-group, and `bun run` passing it on), not a person asking again to force it
+      if (performance.now() - stoppingSince < REPEAT_IS_DUPLICATE_MS) return;
       console.error("forced exit");
       process.exit(1);
     }
-    stopping = true;
+    stoppingSince = performance.now();
     console.log(`${sig}: shutting down (saving compressor state)...`);
     const t = setTimeout(() => {
       console.error("shutdown took too long, exiting");
@@ -76,5 +79,8 @@ async function main() {
   process.on("SIGINT", () => void shutdown("SIGINT"));
   process.on("SIGTERM", () => void shutdown("SIGTERM"));
 }
+
+/** A second stop signal sooner than this after the first is the same stop delivered twice; later, it forces the exit. */
+const REPEAT_IS_DUPLICATE_MS = 1000;
 
 await runCli("serve", SERVE_USAGE, main);

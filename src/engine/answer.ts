@@ -54,7 +54,8 @@ export function checkServerLimits(e: LoadedEngine, req: QueryWire): void {
     throw new EngineError(
       400,
       "max_tokens_too_large",
-      `max_tokens ${sp.maxTokens} exceeds the server's maximum of ${d.maxNewTokens} new tokens`,
+      `max_tokens ${sp.maxTokens} exceeds the server's maximum of ${d.maxNewTokens} new tokens (and the prompt ` +
+        `with the gathered context plus max_tokens must fit max_model_len ${d.maxModelLen})`,
       "max_tokens",
     );
 }
