@@ -9,6 +9,8 @@
  *                      [--heads FILE_OR_JSON]   (heads and selection settings, as `serve --heads`)
  *                      [--server-flags="..."]   (more `serve` flags, space-separated: --server-flags="--sentence-tail 96")
  *                      [--show-misses]          (each answer that misses a value, on stderr: what to look at)
+ *                      [--paired]               (also `full` on each sample's own facts, its haystack shrunk into the
+ *                                               window: rows `full-same`, and 'vs full' compares the same questions)
  *
  * Starts the server in process on the model (default: the embedded one) with its derived defaults, and for every
  * context length uploads one context per sample (held-out haystack, needles at spread depths: bench/ruler-tasks.ts),
@@ -55,6 +57,7 @@ const a = benchArgs(
     "server-flags": { type: "string" },
     json: { type: "string" },
     "show-misses": { type: "boolean", default: false },
+    paired: { type: "boolean", default: false },
   },
 );
 
@@ -150,28 +153,66 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
   const seed = Number(a.seed) * 1_000_003 + length * 31 + s * 7 + TASKS.indexOf(task);
   // the haystack takes one draw whatever its length: the same seed gives the same facts and question at any length
   const make = (tokens: number) => new SampleMaker(seed, countTokens, source).make(task, tokens, (s + 0.5) / nSamples);
-  let sample = make(length);
-  if (ms.includes("full")) {
-    // the in-window reference: the haystack shrinks until the whole prompt fits the window (the facts stay: a
-    // sample whose needles, question and answer alone do not fit is refused, not replaced by a shorter one)
-    for (let h = length, room = roomOf(task, sample); room < 0 && h > 16; room = roomOf(task, sample)) {
+  // the in-window reference: the haystack shrinks until the whole prompt fits the window (the facts stay: a
+  // sample whose needles, question and answer alone do not fit is refused, not replaced by a shorter one)
+  const inWindowOf = (from: number) => {
+    let x = make(from);
+    for (let h = from, room = roomOf(task, x); room < 0 && h > 16; room = roomOf(task, x)) {
       h = Math.max(16, h + room);
-      sample = make(h);
+      x = make(h);
     }
-  }
+    return x;
+  };
+  const sample = ms.includes("full") ? inWindowOf(length) : make(length);
   // the same task class as `full`: could this sample's facts, question and answer be asked inside the window at all?
   // (four uuid values under a random id need more room than a 512-token window leaves beside a 256-token answer).
   // A quote always can: its sentence is the haystack's own, and a short haystack may have none to ask about.
   const fits = task === "quote" || roomOf(task, make(16)) >= 0;
   const up = await upload(sample.text);
   uploads.push({ length, tokens: up.tokens, ms: up.ms });
-  for (const method of ms) {
-    let row = rows.find((r) => r.length === length && r.method === method && r.task === task);
+  await ask(length, task, s, up.id, sample, ms, fits);
+  await fetch(`${base}/v1/contexts/${up.id}`, { method: "DELETE" });
+  // --paired: the same facts and question inside the window, answered by `full` (what this sample's REFORM answer
+  // is compared to); only where the facts fit the window, as for 'vs full'
+  if (a.paired && fits && !ms.includes("full") && ms.includes("reform")) {
+    const small = inWindowOf(length);
+    const inside = await upload(small.text);
+    await ask(length, task, s, inside.id, small, ["full"], fits, "full-same");
+    await fetch(`${base}/v1/contexts/${inside.id}`, { method: "DELETE" });
+  }
+}
+
+/** Asks one uploaded sample's question with each method; rows are keyed by `rowMethod` (default: the method). */
+async function ask(
+  length: number,
+  task: Task,
+  s: number,
+  id: string,
+  sample: Sample,
+  ms: string[],
+  fits: boolean,
+  rowMethod?: string,
+) {
+  for (const m of ms) {
+    const method = m;
+    const rowName = rowMethod ?? m;
+    let row = rows.find((r) => r.length === length && r.method === rowName && r.task === task);
     if (!row) {
-      row = { length, method, task, score: 0, n: 0, gathered: 0, ttftMs: [], refused: 0, scoreFit: 0, nFit: 0 };
+      row = {
+        length,
+        method: rowName,
+        task,
+        score: 0,
+        n: 0,
+        gathered: 0,
+        ttftMs: [],
+        refused: 0,
+        scoreFit: 0,
+        nFit: 0,
+      };
       rows.push(row);
     }
-    const { status, body } = await post(`/v1/contexts/${up.id}/query`, {
+    const { status, body } = await post(`/v1/contexts/${id}/query`, {
       question: sample.question,
       method,
       budget: budgetFor(task, sample.question),
@@ -211,7 +252,6 @@ async function runSample(length: number, task: Task, s: number, nSamples: number
     }
     row.ttftMs.push(body.timings.ttft_ms);
   }
-  await fetch(`${base}/v1/contexts/${up.id}`, { method: "DELETE" });
 }
 
 /** Room the question and the needles take on top of the haystack (4 needles of up to ~35 tokens with uuids). */
@@ -251,14 +291,16 @@ console.log("");
 const header = ["length", "method", ...tasks, "mean", "vs full"];
 console.log(header.map((h, i) => (i < 2 ? h.padEnd(10) : h.padStart(11))).join(""));
 for (const length of lengths) {
-  for (const method of methods) {
+  for (const method of [...methods, ...(a.paired ? ["full-same"] : [])]) {
     const cells = tasks.map((t) => rows.find((r) => r.length === length && r.method === method && r.task === t));
     if (cells.every((c) => !c)) continue;
     const vals = cells.map((c) => (c?.n ? (100 * c.score) / c.n : null));
     const ok = vals.filter((v): v is number => v !== null);
     const mean = ok.length ? ok.reduce((x, y) => x + y, 0) / ok.length : null;
+    // --paired: `full` on the same samples' facts at this length; else the in-window reference run
     const refs = tasks.map((t) => {
-      const f = fullRef(t);
+      const same = rows.find((r) => r.length === length && r.method === "full-same" && r.task === t);
+      const f = method !== "full-same" && same ? same : fullRef(t);
       return f && f.n ? (100 * f.score) / f.n : null;
     });
     // against `full` on the same task class: the samples whose facts, question and answer fit the window
@@ -276,7 +318,7 @@ for (const length of lengths) {
     );
   }
 }
-const unfit = rows.filter((r) => r.method !== "full" && r.nFit < r.n);
+const unfit = rows.filter((r) => !r.method.startsWith("full") && r.nFit < r.n);
 if (unfit.length) {
   console.log("");
   console.log(
