@@ -155,13 +155,17 @@ try {
   for (let r = 0; r < 3; r++) {
     const qe = time("query embed", () => comp.embed(q));
     const qf = qe instanceof Uint16Array ? f16ToF32(qe) : qe;
-    const emb = time("embeddings (mmap view)", () => s.embeddings());
-    const scores = time("score (rf_score)", () =>
-      core.e.native.score(emb, s.meta.processed, s.meta.params.embDim, qf, q.length),
+    const native = core.e.native;
+    const scores = time("score (rf_score over the mapped file)", () =>
+      s.withEmbeddings(native, (rows) =>
+        native.score(rows.slice(0, rows.rows), s.meta.processed, s.meta.params.embDim, qf, q.length),
+      ),
     );
     const sel = { window: core.e.defaults.window, budget: BUDGET, edge: core.e.defaults.edge };
     const fused = time("score + select (rf_score_select: the engine's path)", () =>
-      core.e.native.scoreSelect(emb, s.meta.processed, s.meta.params.embDim, qf, q.length, sel),
+      s.withEmbeddings(native, (rows) =>
+        native.scoreSelect(rows.mapped, s.meta.processed, s.meta.params.embDim, qf, q.length, sel),
+      ),
     );
     const idx = time("select (native rf_smooth_select)", () =>
       core.e.native.smoothSelect(scores, core.e.defaults.window, BUDGET, core.e.defaults.edge),

@@ -64,8 +64,9 @@ extern "C" {
 #endif
 
 /* 2: rf_smooth_select / rf_score_select take the pooling operator; RF_HEAD_O; rf_compress_params.eviction
- * 3: rf_smooth_select / rf_score_select / rf_embstore_score_select take the smoothing window's lag */
-#define RF_ABI_VERSION 3
+ * 3: rf_smooth_select / rf_score_select / rf_embstore_score_select take the smoothing window's lag
+ * 4: rf_map_file / rf_unmap_file */
+#define RF_ABI_VERSION 4
 
 /* status codes */
 #define RF_OK 0
@@ -292,6 +293,12 @@ RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, 
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
                                int32_t n_q, int32_t window, int32_t lag, int32_t pool, int64_t budget, int32_t edge,
                                float* scores, int32_t* out_idx);
+/* The whole file at `path` mapped read-only and shared (a context's embedding file, the `ctx` of rf_score_select:
+ * JavaScript's own mmap stops at 4 GiB, 16.7M rows of 256 bytes). Returns the address and its size in *out_bytes, or
+ * NULL with the reason in rf_last_error() (cannot open, empty, no address space: RF_ERR_OOM). Release with
+ * rf_unmap_file(p, bytes) once no view of it is in use. */
+RF_API const void* rf_map_file(const char* path, int64_t* out_bytes);
+RF_API int rf_unmap_file(const void* p, int64_t bytes);
 
 #ifdef __cplusplus
 }

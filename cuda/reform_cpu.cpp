@@ -932,6 +932,13 @@ RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, 
   });
 }
 
+RF_API const void* rf_map_file(const char* path, int64_t* out_bytes) {
+  return guard("rf_map_file", [&]() -> const void* { return rf::map_file(path, out_bytes); });
+}
+RF_API int rf_unmap_file(const void* p, int64_t bytes) {
+  return guard("rf_unmap_file", [&]() -> int { return rf::unmap_file(p, bytes); });
+}
+
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
                                int32_t n_q, int32_t window, int32_t lag, int32_t pool, int64_t budget, int32_t edge,
                                float* scores, int32_t* out_idx) {

@@ -14,9 +14,15 @@
 
 #include "reform_common.h"
 
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #include <immintrin.h>
 #endif
@@ -282,6 +288,47 @@ inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int32_t 
   const int rc = score(scores);
   if (rc != RF_OK) return rc;
   return smooth_select(scores, n_ctx, window, lag, pool, budget, edge, nullptr, out_idx);
+}
+
+/* rf_map_file: the whole file, read-only and shared, for rf_score_select to stream (the page cache keeps it for the
+ * next query, as JavaScript's own mmap did below 4 GiB). */
+inline const void* map_file(const char* path, int64_t* out_bytes) {
+  clear_error();
+  if (!path || !out_bytes) {
+    set_error(RF_ERR_INVALID, "rf_map_file: NULL argument");
+    return nullptr;
+  }
+  *out_bytes = 0;
+  const int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    set_error(RF_ERR_INVALID, "rf_map_file: cannot open %s: %s", path, strerror(errno));
+    return nullptr;
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size <= 0) {
+    const int err = errno;
+    close(fd);
+    set_error(RF_ERR_INVALID, "rf_map_file: %s: %s", path, st.st_size == 0 ? "empty file" : strerror(err));
+    return nullptr;
+  }
+  void* p = mmap(nullptr, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+  const int err = errno;
+  close(fd);  // the mapping keeps the file
+  if (p == MAP_FAILED) {
+    set_error(err == ENOMEM ? RF_ERR_OOM : RF_ERR_INVALID, "rf_map_file: mmap of %s (%lld bytes): %s", path,
+              (long long)st.st_size, strerror(err));
+    return nullptr;
+  }
+  *out_bytes = (int64_t)st.st_size;
+  return p;
+}
+
+inline int unmap_file(const void* p, int64_t bytes) {
+  clear_error();
+  if (!p || bytes <= 0) return set_error(RF_ERR_INVALID, "rf_unmap_file: NULL or empty mapping");
+  if (munmap(const_cast<void*>(p), (size_t)bytes) != 0)
+    return set_error(RF_ERR_INVALID, "rf_unmap_file: %s", strerror(errno));
+  return RF_OK;
 }
 
 }  // namespace rf

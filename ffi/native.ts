@@ -68,7 +68,7 @@ function lagArg(lag: number | undefined, where: string): number {
 }
 
 /** The ABI version this binding packs and calls (cuda/reform.h RF_ABI_VERSION). */
-export const RF_ABI_VERSION = 3;
+export const RF_ABI_VERSION = 4;
 
 const CODE_NAMES: Record<number, string> = {
   [RF_ERR_INVALID]: "invalid_argument",
@@ -101,6 +101,19 @@ export interface CompressParams {
   exitLayer: number; // -1: derived from the heads
   /** how evictable entries are ranked (default h2o) */
   eviction?: EvictRank;
+}
+
+/** A file mapped by Native.mapFile: its address and size in bytes. */
+export interface MappedFile {
+  ptr: Pointer;
+  bytes: number;
+}
+
+/** Embedding rows in a mapped file, as scoreSelect reads them: `length` elements (rows x dim) of `dtype` at `ptr`. */
+export interface MappedRows {
+  ptr: Pointer;
+  dtype: typeof RF_F16 | typeof RF_F32;
+  length: number;
 }
 
 const symbols = {
@@ -211,6 +224,8 @@ const symbols = {
     ],
     returns: FFIType.i64_fast,
   },
+  rf_map_file: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.ptr },
+  rf_unmap_file: { args: [FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
 } as const;
 
 type Lib = ReturnType<typeof dlopen<typeof symbols>>["symbols"];
@@ -494,10 +509,23 @@ export class Native {
     return out.subarray(0, m);
   }
 
+  /** rf_map_file: the whole file mapped read-only (any size; Bun.mmap stops at 4 GiB). Throws NativeError when it
+   * cannot be opened or mapped. Release with unmapFile once no view of it is in use. */
+  mapFile(path: string): MappedFile {
+    const out = new BigInt64Array(1);
+    const p = this.checkPtr(this.lib.rf_map_file(Buffer.from(`${path}\0`, "utf8"), out), "rf_map_file");
+    return { ptr: p, bytes: Number(out[0]) };
+  }
+
+  unmapFile(m: MappedFile): void {
+    this.check(this.lib.rf_unmap_file(m.ptr, m.bytes), "rf_unmap_file");
+  }
+
   /** rf_score_select: score (as `score`) then smoothSelect (with `sel.pool`, default mean) in one native call, reading
-   * `ctx` in place (an mmap is fine). `scores` (optional, >= nCtx) receives the raw scores. */
+   * `ctx` in place (a typed array, or rows of a mapped file: `MappedRows`). `scores` (optional, >= nCtx) receives the
+   * raw scores. */
   scoreSelect(
-    ctx: Float32Array | Uint16Array,
+    ctx: Float32Array | Uint16Array | MappedRows,
     nCtx: number,
     dim: number,
     q: Float32Array,
@@ -506,16 +534,18 @@ export class Native {
     scores?: Float32Array,
   ): Int32Array {
     if (ctx.length < nCtx * dim) throw new Error("scoreSelect: ctx smaller than n_ctx*dim");
+    if ("ptr" in ctx && ctx.dtype !== RF_F16 && ctx.dtype !== RF_F32) throw new Error("scoreSelect: bad dtype");
     if (q.length < nQ * dim) throw new Error("scoreSelect: q smaller than n_q*dim");
     if (scores && scores.length < nCtx) throw new Error("scoreSelect: scores smaller than n_ctx");
     const lag = lagArg(sel.lag, "scoreSelect");
     if (nCtx === 0) return new Int32Array(0);
-    const dtype = ctx instanceof Float32Array ? RF_F32 : RF_F16;
+    const mapped = "ptr" in ctx;
+    const dtype = mapped ? ctx.dtype : ctx instanceof Float32Array ? RF_F32 : RF_F16;
     const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see smoothSelect
     const m = this.check(
       Number(
         this.lib.rf_score_select(
-          ctx,
+          mapped ? ctx.ptr : ctx,
           dtype,
           nCtx,
           dim,

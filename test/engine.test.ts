@@ -619,7 +619,7 @@ describe("the eviction policy is a setting of the heads file (TOVA)", () => {
           comp.destroy();
         }
       };
-      const stored = Array.from(s.embeddings().subarray(0, n * s.meta.params.embDim));
+      const stored = s.withEmbeddings(tova.e.native, (e) => Array.from(e.slice(0, n)));
       expect(stored).toEqual(rows("tova"));
       expect(stored).not.toEqual(rows("h2o"));
     } finally {
@@ -705,7 +705,7 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
         comp.destroy();
       }
     };
-    const stored = Array.from(s.embeddings().subarray(0, 256 * s.meta.params.embDim));
+    const stored = s.withEmbeddings(core.e.native, (e) => Array.from(e.slice(0, 256)));
     expect(stored).toEqual(rowsOf(true));
     expect(stored).not.toEqual(rowsOf(false));
     // the recompute prompt: BOS once, at the start (the template renders it; the context adds none)

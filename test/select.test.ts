@@ -6,9 +6,11 @@
  * operators (mean and max), the native smoothing against selection.ts smoothScores, value for value.
  */
 import { beforeAll, describe, expect, test } from "bun:test";
-import { existsSync } from "node:fs";
+import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { type Pointer, toArrayBuffer } from "bun:ffi";
 import { join } from "node:path";
-import { Native, NativeError, ROOT_DIR } from "../ffi/native.ts";
+import { Native, NativeError, RF_F16, ROOT_DIR } from "../ffi/native.ts";
 import { SMOOTHING_OPS, selectTokens, smoothScores } from "../src/engine/selection.ts";
 import { f32ToF16 } from "./fixtures/tiny-model.ts";
 import { mulberry32 } from "./helpers/random-model.ts";
@@ -271,5 +273,51 @@ test("NaN ranks below every number", () => {
     expect(Array.from(native.smoothSelect(s, 1, 4, 0))).toEqual([0, 2, 4, 5]);
   } finally {
     native.close();
+  }
+});
+
+describe("rf_map_file: a context's embedding file beyond 4 GiB (Bun.mmap's limit: 16.7M rows of 256 bytes)", () => {
+  for (const [name, open] of libs) {
+    test(`${name}: rows past 4 GiB are mapped, read and selected; errors name the file`, () => {
+      const native = open();
+      const dir = mkdtempSync(join(tmpdir(), "reform-map-"));
+      const path = join(dir, "emb.bin");
+      try {
+        const dim = 128; // f16: 256 bytes a row, the embedded model's
+        const rowBytes = dim * 2;
+        const rows = 2 ** 24 + 64; // 4 GiB + 16 KiB, sparse: the holes read as zero rows (score 0)
+        const planted = [2 ** 24 + 10, 2 ** 24 + 40]; // past 4 GiB
+        const one = Uint16Array.from({ length: dim }, (_, d) => f32ToF16(d === 3 ? 1 : 0));
+        const fd = openSync(path, "w");
+        ftruncateSync(fd, rows * rowBytes);
+        for (const r of planted) writeSync(fd, new Uint8Array(one.buffer), 0, rowBytes, r * rowBytes);
+        closeSync(fd);
+        const m = native.mapFile(path);
+        try {
+          expect(m.bytes).toBe(rows * rowBytes);
+          const q = Float32Array.from({ length: dim }, (_, d) => (d === 3 ? 2 : 0));
+          const idx =
+            name === "cpu"
+              ? native.scoreSelect({ ptr: m.ptr, dtype: RF_F16, length: rows * dim }, rows, dim, q, 1, {
+                  window: 1,
+                  budget: 2,
+                  edge: 0,
+                })
+              : null;
+          if (idx) expect(Array.from(idx)).toEqual(planted);
+          // a view of the rows past 4 GiB holds what was written there
+          const ab = toArrayBuffer((m.ptr + planted[1]! * rowBytes) as Pointer, 0, rowBytes);
+          expect(Array.from(new Uint16Array(ab))).toEqual(Array.from(one));
+        } finally {
+          native.unmapFile(m);
+        }
+        expect(() => native.mapFile(join(dir, "missing.bin"))).toThrow(/rf_map_file: cannot open .*missing\.bin/);
+        writeFileSync(join(dir, "empty.bin"), "");
+        expect(() => native.mapFile(join(dir, "empty.bin"))).toThrow(/empty file/);
+      } finally {
+        native.close();
+        rmSync(dir, { force: true, recursive: true });
+      }
+    }, 120_000);
   }
 });

@@ -335,6 +335,13 @@ RF_API void rf_seq_destroy(rf_seq* s) {
   delete s;
 }
 
+RF_API const void* rf_map_file(const char* path, int64_t* out_bytes) {
+  return rf::guard("rf_map_file", [&]() -> const void* { return rf::map_file(path, out_bytes); });
+}
+RF_API int rf_unmap_file(const void* p, int64_t bytes) {
+  return rf::guard("rf_unmap_file", [&]() -> int { return rf::unmap_file(p, bytes); });
+}
+
 RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, int32_t lag, int32_t pool,
                                 int64_t budget, int32_t edge, float* smoothed, int32_t* out_idx) {
   return rf::guard("rf_smooth_select", [&]() -> int64_t {

@@ -168,7 +168,7 @@ export function* gatherContext(
     const what = { window: sel.window, lag: sel.lag, budget: budget - sel.tail, edge: sel.edge, pool: op };
     const picked = scored(
       () => store!.scoreSelect(rows, qf, nq, what, scores),
-      () => e.native.scoreSelect(s.embeddings(), rows, dim, qf, nq, what, scores),
+      () => s.withEmbeddings(e.native, (emb) => e.native.scoreSelect(emb.mapped, rows, dim, qf, nq, what, scores)),
     );
     const tokens = s.readTokens(0, n);
     const idx = refineSelection(picked, scores ?? null, tokens, e.sentenceEnds, { ...sel, op, floor });

@@ -157,8 +157,10 @@ export class ResidentPool {
       const from = e.store.rows();
       const n = Math.min(UPLOAD_SLICE_ROWS, rows - from);
       // the mapped file, re-read per slice (its mapping follows the rows written meanwhile)
-      const all = s.embeddings() as Uint16Array;
-      if (!this.append(s.id, e, all.subarray(from * this.dim, (from + n) * this.dim), n)) return null;
+      const sent = s.withEmbeddings(this.model.native, (emb) =>
+        this.append(s.id, e!, emb.slice(from, from + n) as Uint16Array, n),
+      );
+      if (!sent) return null;
       if (e.store.rows() < rows) yield;
       if (this.stores.get(s.id) !== e) return null; // dropped meanwhile (memory pressure, deletion)
     }

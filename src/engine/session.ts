@@ -46,6 +46,8 @@ import {
   writeSync,
 } from "node:fs";
 import { join } from "node:path";
+import { type Pointer, toArrayBuffer } from "bun:ffi";
+import { type MappedFile, type MappedRows, RF_F16, RF_F32 } from "../../ffi/native.ts";
 import type { ContextInfo, ContextState } from "./api.ts";
 import type { HeadSpec } from "../model/types.ts";
 
@@ -150,12 +152,27 @@ function appendSync(path: string, data: Uint8Array, sync: boolean): void {
   writeFully(path, "a", data, sync);
 }
 
+/** What maps and unmaps a file (the native library: Native.mapFile / unmapFile). */
+export interface FileMapper {
+  mapFile(path: string): MappedFile;
+  unmapFile(m: MappedFile): void;
+}
+
+/** A context's embedding rows inside Session.withEmbeddings: valid only while its callback runs. */
+export interface EmbeddingRows {
+  rows: number;
+  /** rows 0..rows as Native.scoreSelect reads them in place */
+  mapped: MappedRows;
+  /** rows [from, to) as a typed array over the mapping (f16 bits or f32; at most 4 GiB at a time) */
+  slice(from: number, to: number): Float32Array | Uint16Array;
+}
+
 export class Session {
   readonly dir: string;
   meta: SessionMeta;
   private decoder = new TextDecoder("utf-8", { fatal: false, ignoreBOM: true });
-  private embMap: Uint8Array | null = null;
-  private embMapRows = -1;
+  /** emb.bin as last mapped (withEmbeddings), and who unmaps it */
+  private embMap: { file: MappedFile; mapper: FileMapper } | null = null;
   /** sizes of the files whose length is not a count in the metadata (kept so that disk use needs no stat) */
   private metaBytes = 0;
   private stateBytes = 0;
@@ -407,19 +424,38 @@ export class Session {
     this.saveMeta(false);
   }
 
-  /** Embedding rows 0..processed as a typed array over an mmap of emb.bin (f16 bits or f32). */
-  embeddings(): Float32Array | Uint16Array {
+  /**
+   * Runs `fn` over embedding rows 0..processed of emb.bin, mapped by the native library (any size: Bun.mmap stops at
+   * 4 GiB, 16.7M rows of 256 bytes, and a query then failed with "Out of memory"). The mapping follows the rows
+   * written since the last call and is released when it is replaced or the session is destroyed, so the views `fn`
+   * gets are valid only while it runs (no view may be kept). Throws NativeError when the file cannot be mapped.
+   */
+  withEmbeddings<T>(mapper: FileMapper, fn: (rows: EmbeddingRows) => T): T {
     const rows = this.meta.processed;
-    if (rows === 0) return this.meta.params.embDtype === 1 ? new Uint16Array(0) : new Float32Array(0);
-    if (!this.embMap || this.embMapRows !== rows) {
-      this.embMap = Bun.mmap(this.p("emb.bin"), { shared: true });
-      this.embMapRows = rows;
+    const dim = this.meta.params.embDim;
+    const f16 = this.meta.params.embDtype === 1;
+    const rowBytes = this.rowBytes;
+    if (rows > 0 && (!this.embMap || this.embMap.file.bytes < rows * rowBytes)) {
+      this.releaseEmbeddings();
+      this.embMap = { file: mapper.mapFile(this.p("emb.bin")), mapper };
     }
-    const len = rows * this.meta.params.embDim;
-    const buf = this.embMap;
-    return this.meta.params.embDtype === 1
-      ? new Uint16Array(buf.buffer, buf.byteOffset, len)
-      : new Float32Array(buf.buffer, buf.byteOffset, len);
+    const m = rows > 0 ? this.embMap!.file : null;
+    const view: EmbeddingRows = {
+      rows,
+      mapped: { ptr: (m?.ptr ?? 0) as Pointer, dtype: f16 ? RF_F16 : RF_F32, length: rows * dim },
+      slice(from: number, to: number) {
+        if (!m || to <= from) return f16 ? new Uint16Array(0) : new Float32Array(0);
+        if (from < 0 || to > rows) throw new RangeError(`embedding rows ${from}..${to} outside 0..${rows}`);
+        const ab = toArrayBuffer((m.ptr + from * rowBytes) as Pointer, 0, (to - from) * rowBytes);
+        return f16 ? new Uint16Array(ab) : new Float32Array(ab);
+      },
+    };
+    return fn(view);
+  }
+
+  private releaseEmbeddings(): void {
+    if (this.embMap) this.embMap.mapper.unmapFile(this.embMap.file);
+    this.embMap = null;
   }
 
   // ---------- compressor state ----------
@@ -456,7 +492,7 @@ export class Session {
 
   /** Remove the session directory. */
   destroy(): void {
-    this.embMap = null;
+    this.releaseEmbeddings();
     rmSync(this.dir, { recursive: true, force: true });
   }
 }
