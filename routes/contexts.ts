@@ -206,6 +206,21 @@ export function contextRoutes(d: Deps): Hono {
     return info;
   };
 
+  /** A context a client may write to: not one of inline REFORM's implicit contexts, which are the server's prefix
+   * cache (a write would change what the cache answers other requests with, or leave it unfinished for them). */
+  const mustGetWritable = async (id: string): Promise<ContextInfo> => {
+    const info = await mustGet(id);
+    if (info.metadata?.inline === true)
+      throw new ApiError(
+        409,
+        "context_read_only",
+        `context '${id}' is an implicit context of inline REFORM (the server's prefix cache): it cannot be appended ` +
+          "to or finalized; upload your document to a context of your own (POST /v1/contexts)",
+        "id",
+      );
+    return info;
+  };
+
   r.post("/", async (c) => {
     const body = await parseJsonBody(c, CreateContextBody, opts.maxJsonBytes, true);
     const info = await engine.createContext({ metadata: body.metadata });
@@ -286,6 +301,7 @@ export function contextRoutes(d: Deps): Hono {
     const len = contentLength(c);
     if (len !== null && len > opts.maxBodyBytes) throw tooLarge(opts.maxBodyBytes);
     const offset = offsetParam(c);
+    await mustGetWritable(id);
     if (offset !== undefined) await untilStored(id, offset);
     return exclusive(c, id, async () => {
       // checked once this upload holds the context: a dropped upload before it has stored all it received
@@ -366,7 +382,7 @@ export function contextRoutes(d: Deps): Hono {
     return c.json(
       contextView(
         await exclusive(c, id, async () => {
-          await mustGet(id);
+          await mustGetWritable(id);
           return engine.finalize(id);
         }),
       ),
@@ -382,7 +398,7 @@ export function contextRoutes(d: Deps): Hono {
       if (!p.success) throw fromZod(p.error, "follow");
       follow = p.data;
     }
-    const initial = await mustGet(id);
+    await mustGet(id); // a 404 before the stream starts
     stats.sseActive.inc();
     return sseResponse(
       c.req.raw,
@@ -405,7 +421,14 @@ export function contextRoutes(d: Deps): Hono {
           if (!w.send({ type: "progress", ...contextView(info) }, "progress")) finish();
           if (info.state === "failed" || (!follow && isTerminal(info))) finish();
         };
-        const push = (info: ContextInfo) => {
+        let deleted = false;
+        const push = (info: ContextInfo | null) => {
+          if (!info) {
+            // deleted (by a client, or by the inline cache): nothing more will come
+            deleted = true;
+            finish();
+            return;
+          }
           latest = info;
           const wait = PROGRESS_MIN_MS - (Date.now() - lastSent);
           if (info.state !== lastState || wait <= 0) {
@@ -423,7 +446,7 @@ export function contextRoutes(d: Deps): Hono {
         w.signal.addEventListener("abort", () => finish(), { once: true });
         try {
           // Current state after subscribing, so no update can fall in between.
-          const now = (await engine.getContext(id)) ?? initial;
+          const now = await engine.getContext(id);
           push(now);
           await ended;
         } finally {
@@ -431,6 +454,8 @@ export function contextRoutes(d: Deps): Hono {
           if (trailing) clearTimeout(trailing);
           stats.sseActive.dec();
         }
+        // an error event (then [DONE]), as a query the deletion cut short gets
+        if (deleted) throw new ApiError(410, "context_deleted", `context '${id}' was deleted`, "id");
         if (!w.signal.aborted) w.send("[DONE]");
       },
       { heartbeatSec: opts.sseHeartbeatSec, log },

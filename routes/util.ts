@@ -263,6 +263,7 @@ export function sseResponse(req: Request, run: (w: SseWriter) => Promise<void>, 
                 st,
                 code,
                 st >= 500 && typeof status !== "number" ? "internal server error" : (err as Error).message,
+                (err as { param?: string | null }).param ?? null,
               ),
               "error",
             );

@@ -335,7 +335,7 @@ describe("engine (tiny model, CPU library)", () => {
 
     const b = await e.createContext();
     const seen: string[] = [];
-    const unsub = e.subscribe(b.id, (i) => seen.push(i.state));
+    const unsub = e.subscribe(b.id, (i) => seen.push(i?.state ?? "deleted"));
     let off = 0;
     let x = 7;
     while (off < bytes.length) {

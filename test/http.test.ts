@@ -286,6 +286,28 @@ describe("contexts", () => {
   );
 
   test(
+    "events: a deleted context ends its stream with an error event (context_deleted), then [DONE]",
+    async () => {
+      const ids: string[] = [];
+      for (const _ of [0, 1]) ids.push((await json(api("/v1/contexts", { method: "POST", body: "{}" }))).id);
+      // one still empty (the stream waits for ready), one ready and followed (?follow=true waits for more)
+      await json(api(`/v1/contexts/${ids[1]}/content?final=true`, { method: "PUT", body: sampleText(200, 3) }));
+      const streams = [
+        api(`/v1/contexts/${ids[0]}/events`).then(collectSse),
+        api(`/v1/contexts/${ids[1]}/events?follow=true`).then(collectSse),
+      ];
+      await Bun.sleep(300);
+      for (const id of ids) await json(api(`/v1/contexts/${id}`, { method: "DELETE" }));
+      for (const evs of await Promise.all(streams)) {
+        expect(evs.map((e) => e.event)).toEqual(["progress", "error", "message"]);
+        expect(JSON.parse(evs[1]!.data).error).toMatchObject({ code: "context_deleted", param: "id" });
+        expect(evs[2]!.data).toBe("[DONE]");
+      }
+    },
+    T,
+  );
+
+  test(
     "JSON {text} upload and a separate finalize",
     async () => {
       const id = await newContext();

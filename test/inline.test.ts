@@ -97,6 +97,20 @@ describe("a long document inline through the openai client", () => {
       expect(ext.question_tokens).toBeLessThanOrEqual(d.maxQueryTokens);
       expect(data.choices[0]!.message.role).toBe("assistant");
       expect(data.usage!.prompt_tokens).toBeLessThanOrEqual(d.maxModelLen);
+      // the implicit context is the server's cache: a client's append or finalize would change (or block) what it
+      // answers others with, so both are refused and the context stays as it was
+      const id = ext.context_id as string;
+      const before = await (await fetch(`${base}/v1/contexts/${id}`)).json();
+      for (const [path, init] of [
+        [`/v1/contexts/${id}/content?final=true`, { method: "PUT", body: " The secret number of x is 5555555." }],
+        [`/v1/contexts/${id}/content`, { method: "POST", body: "more" }],
+        [`/v1/contexts/${id}/finalize`, { method: "POST" }],
+      ] as const) {
+        const r = await fetch(`${base}${path}`, init);
+        expect(r.status).toBe(409);
+        expect((await r.json()).error).toMatchObject({ code: "context_read_only", param: "id" });
+      }
+      expect(await (await fetch(`${base}/v1/contexts/${id}`)).json()).toEqual(before);
     },
     T,
   );

@@ -368,8 +368,9 @@ export interface EngineClient {
   getContext(id: string): Promise<ContextInfo | null>;
   listContexts(): Promise<ContextInfo[]>;
   deleteContext(id: string): Promise<boolean>;
-  /** Progress notifications (each state/progress change). Returns an unsubscribe function. */
-  subscribe(id: string, cb: (info: ContextInfo) => void): () => void;
+  /** Progress notifications (each state/progress change); null once the context is deleted (by a client or by the
+   * inline cache), after which nothing more comes. Returns an unsubscribe function. */
+  subscribe(id: string, cb: (info: ContextInfo | null) => void): () => void;
 
   /** Stream an answer. Throws EngineError before the first event for request errors. */
   query(req: QueryRequest): AsyncIterable<QueryEvent>;

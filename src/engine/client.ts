@@ -45,7 +45,7 @@ export class WorkerEngineClient implements EngineClient {
   private nextId = 1;
   private pending = new Map<number, Pending>();
   private streams = new Map<number, QueryStream>();
-  private subs = new Map<string, Set<(i: ContextInfo) => void>>();
+  private subs = new Map<string, Set<(i: ContextInfo | null) => void>>();
   private closed = false;
   private m: EngineMetrics = emptyMetrics();
 
@@ -98,16 +98,19 @@ export class WorkerEngineClient implements EngineClient {
       case "metrics":
         this.m = m.m;
         return;
-      case "progress": {
-        const set = this.subs.get(m.info.id);
+      case "progress":
+      case "deleted": {
+        const id = m.t === "progress" ? m.info.id : m.id;
+        const set = this.subs.get(id);
         if (set)
           for (const cb of set) {
             try {
-              cb(m.info);
+              cb(m.t === "progress" ? m.info : null);
             } catch {
               /* subscriber errors are theirs */
             }
           }
+        if (m.t === "deleted") this.subs.delete(id);
         return;
       }
       case "ev": {
@@ -176,7 +179,7 @@ export class WorkerEngineClient implements EngineClient {
   deleteContext(id: string): Promise<boolean> {
     return this.call("deleteContext", id);
   }
-  subscribe(id: string, cb: (info: ContextInfo) => void): () => void {
+  subscribe(id: string, cb: (info: ContextInfo | null) => void): () => void {
     let set = this.subs.get(id);
     if (!set) this.subs.set(id, (set = new Set()));
     set.add(cb);

@@ -60,6 +60,7 @@ export class EngineCore implements EngineCalls {
   constructor(
     readonly opts: EngineOptions,
     private readonly emitProgress: (info: ContextInfo) => void = () => {},
+    private readonly emitDeleted: (id: string) => void = () => {},
   ) {
     this.e = loadEngine(opts);
     this.resident = new ResidentPool(this.e.model, this.e.params.embDim, this.e.info.memory.residentBudget);
@@ -342,6 +343,7 @@ export class EngineCore implements EngineCalls {
     this.pool.drop(id, null);
     this.resident.drop(id);
     this.metrics.activeContexts = this.sessions.size;
+    this.emitDeleted(id);
     await (this.chains.get(id) ?? Promise.resolve()).catch(() => {});
     s.destroy();
     return true;

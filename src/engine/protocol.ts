@@ -49,4 +49,5 @@ export type FromWorker =
   | { t: "res"; id: number; ok: false; error: WireError }
   | { t: "ev"; id: number; ev: QueryEvent }
   | { t: "progress"; info: ContextInfo }
+  | { t: "deleted"; id: string }
   | { t: "metrics"; m: EngineMetrics };

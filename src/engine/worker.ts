@@ -60,7 +60,11 @@ if (typeof Bun !== "undefined" && !Bun.isMainThread) {
     const m = ev.data;
     if (m.t === "init") {
       try {
-        core = new EngineCore(m.opts, (info) => post({ t: "progress", info }));
+        core = new EngineCore(
+          m.opts,
+          (info) => post({ t: "progress", info }),
+          (id) => post({ t: "deleted", id }),
+        );
         const c = core;
         c.sched.onStep = () => {
           c.metrics.queueDepth = c.sched.depth;

@@ -36,7 +36,7 @@ interface Ctx {
 
 export class FakeEngine implements EngineClient {
   private ctxs = new Map<string, Ctx>();
-  private subs = new Map<string, Set<(i: ContextInfo) => void>>();
+  private subs = new Map<string, Set<(i: ContextInfo | null) => void>>();
   private n = 0;
   st: "loading" | "ready" | "failed";
   err: string | null;
@@ -215,9 +215,12 @@ export class FakeEngine implements EngineClient {
     return [...this.ctxs.values()].map((c) => ({ ...c.info }));
   }
   async deleteContext(id: string) {
-    return this.ctxs.delete(id);
+    const had = this.ctxs.delete(id);
+    if (had) for (const cb of this.subs.get(id) ?? []) cb(null);
+    this.subs.delete(id);
+    return had;
   }
-  subscribe(id: string, cb: (info: ContextInfo) => void) {
+  subscribe(id: string, cb: (info: ContextInfo | null) => void) {
     let s = this.subs.get(id);
     if (!s) this.subs.set(id, (s = new Set()));
     s.add(cb);
