@@ -40,7 +40,7 @@ RF_ROPE_DEFAULT, RF_ROPE_LLAMA3, RF_ROPE_LINEAR = 0, 1, 2
 RF_HEAD = {"q": 0, "k": 1, "v": 2, "o": 3}
 RF_EVICT_H2O, RF_EVICT_TOVA = 0, 1
 RF_POOL_MEAN = 0  # the query-time smoothing operator (RF_POOL_MAX = 1)
-RF_ABI_VERSION = 3  # cuda/reform.h
+RF_ABI_VERSION = 4  # cuda/reform.h
 
 
 # ----------------------------------------------------------------------------------------------

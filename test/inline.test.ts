@@ -108,7 +108,7 @@ describe("a long document inline through the openai client", () => {
       ] as const) {
         const r = await fetch(`${base}${path}`, init);
         expect(r.status).toBe(409);
-        expect((await r.json()).error).toMatchObject({ code: "context_read_only", param: "id" });
+        expect(((await r.json()) as Json).error).toMatchObject({ code: "context_read_only", param: "id" });
       }
       expect(await (await fetch(`${base}/v1/contexts/${id}`)).json()).toEqual(before);
     },
