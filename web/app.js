@@ -233,6 +233,8 @@ async function watchEvents(id, onInfo, stop, signal) {
       if (!res.ok) throw await errorOf(res);
       for await (const ev of sseOf(res)) {
         if (ev.data === "[DONE]") break;
+        // the context was deleted meanwhile (elsewhere, or by the server): nothing more will come
+        if (ev.event === "error") return;
         const info = JSON.parse(ev.data);
         onInfo(info);
         if (stop(info)) return;
