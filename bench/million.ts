@@ -203,7 +203,6 @@ try {
   const pick = (p: string) => Object.entries(med).find(([k]) => k.startsWith(p))![1];
   const ttft =
     pick("query embed") +
-    pick("embeddings") +
     pick("score + select") +
     pick("gather") +
     pick("recompute") +
