@@ -201,12 +201,7 @@ try {
   log(`  steps (median of 3; 'old' once), ${n} context tokens, window ${DEFAULT_WINDOW}, edge ${DEFAULT_EDGE}:`);
   for (const [k, v] of Object.entries(med)) log(`    ${k.padEnd(48)} ${v.toFixed(1).padStart(9)} ms`);
   const pick = (p: string) => Object.entries(med).find(([k]) => k.startsWith(p))![1];
-  const ttft =
-    pick("query embed") +
-    pick("score + select") +
-    pick("gather") +
-    pick("recompute") +
-    pick("first token");
+  const ttft = pick("query embed") + pick("score + select") + pick("gather") + pick("recompute") + pick("first token");
   log(
     `    ${"TTFT = embed + score+select + gather + recompute + first".padEnd(48)} ${ttft.toFixed(1).padStart(9)} ms  (target < 1000)`,
   );
