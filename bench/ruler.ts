@@ -193,9 +193,8 @@ async function ask(
   fits: boolean,
   rowMethod?: string,
 ) {
-  for (const m of ms) {
-    const method = m;
-    const rowName = rowMethod ?? m;
+  for (const method of ms) {
+    const rowName = rowMethod ?? method;
     let row = rows.find((r) => r.length === length && r.method === rowName && r.task === task);
     if (!row) {
       row = {

@@ -305,10 +305,15 @@ inline const void* map_file(const char* path, int64_t* out_bytes) {
     return nullptr;
   }
   struct stat st;
-  if (fstat(fd, &st) != 0 || st.st_size <= 0) {
+  if (fstat(fd, &st) != 0) {
     const int err = errno;
     close(fd);
-    set_error(RF_ERR_INVALID, "rf_map_file: %s: %s", path, st.st_size == 0 ? "empty file" : strerror(err));
+    set_error(RF_ERR_INVALID, "rf_map_file: %s: %s", path, strerror(err));
+    return nullptr;
+  }
+  if (st.st_size <= 0) {
+    close(fd);
+    set_error(RF_ERR_INVALID, "rf_map_file: %s: empty file", path);
     return nullptr;
   }
   void* p = mmap(nullptr, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);

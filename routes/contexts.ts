@@ -301,11 +301,10 @@ export function contextRoutes(d: Deps): Hono {
     const len = contentLength(c);
     if (len !== null && len > opts.maxBodyBytes) throw tooLarge(opts.maxBodyBytes);
     const offset = offsetParam(c);
-    await mustGetWritable(id);
     if (offset !== undefined) await untilStored(id, offset);
     return exclusive(c, id, async () => {
       // checked once this upload holds the context: a dropped upload before it has stored all it received
-      const have = (await mustGet(id)).bytesReceived;
+      const have = (await mustGetWritable(id)).bytesReceived;
       if (offset !== undefined && offset !== have)
         throw new ApiError(
           409,
