@@ -129,6 +129,13 @@ inline int check_embstore_score(int64_t n_ctx, int64_t rows, const float* q, int
   return RF_OK;
 }
 
+/* rf_score_select / rf_embstore_score_select: the query rows' offsets, when given, are finite */
+inline int check_offsets(const float* q_offset, int32_t n_q, const char* where) {
+  for (int32_t j = 0; q_offset && j < n_q; j++)
+    if (!std::isfinite(q_offset[j])) return set_error(RF_ERR_INVALID, "%s: q_offset[%d] is not finite", where, j);
+  return RF_OK;
+}
+
 /* rf_seq_forward: n tokens appended at length len of a sequence of max_tokens positions */
 inline int check_seq_append(const int32_t* tokens, int32_t n, int64_t len, int64_t max_tokens, int32_t vocab,
                             const char* where) {

@@ -65,8 +65,9 @@ extern "C" {
 
 /* 2: rf_smooth_select / rf_score_select take the pooling operator; RF_HEAD_O; rf_compress_params.eviction
  * 3: rf_smooth_select / rf_score_select / rf_embstore_score_select take the smoothing window's lag
- * 4: rf_map_file / rf_unmap_file */
-#define RF_ABI_VERSION 4
+ * 4: rf_map_file / rf_unmap_file
+ * 5: rf_score_select / rf_embstore_score_select take per-query offsets (q_offset) */
+#define RF_ABI_VERSION 5
 
 /* status codes */
 #define RF_OK 0
@@ -243,9 +244,9 @@ RF_API int64_t rf_embstore_rows(const rf_embstore* e);
 RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e);
 /* rf_score_select (below) over the store's first n_ctx rows: the same scores as rf_score_select over those rows in
  * host memory (CUDA: the same kernels and GEMM per row; the emulation checks bit equality) and the same selection. */
-RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t window,
-                                        int32_t lag, int32_t pool, int64_t budget, int32_t edge, float* scores,
-                                        int32_t* out_idx);
+RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q,
+                                        const float* q_offset, int32_t window, int32_t lag, int32_t pool,
+                                        int64_t budget, int32_t edge, float* scores, int32_t* out_idx);
 RF_API void rf_embstore_destroy(rf_embstore* e);
 
 /* ---- recompute + generate ---- */
@@ -289,10 +290,14 @@ RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, 
                                 int64_t budget, int32_t edge, float* smoothed, int32_t* out_idx);
 /* rf_score then rf_smooth_select in one call (the query path after the query embedding): scores (n_ctx f32, may be
  * NULL) receives the raw scores, out_idx the selected positions; returns their count or an error code. The CPU build
- * scores with f32 sums (within 1e-5 of rf_score), the CUDA build with rf_score itself. */
+ * scores with f32 sums (within 1e-5 of rf_score), the CUDA build with rf_score itself.
+ * q_offset (n_q f32, may be NULL: all 0) is taken off each query row's cosine before the maximum:
+ * score_i = max_j (cos(ctx_i, q_j) - q_offset[j]). The server passes each question token's background, its mean
+ * cosine over the whole context (q_j . the mean normalised context row), so that a token that matches every row (a
+ * log's digits and punctuation) no longer decides the maximum everywhere (README, "Documents that are not prose"). */
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, int32_t window, int32_t lag, int32_t pool, int64_t budget, int32_t edge,
-                               float* scores, int32_t* out_idx);
+                               int32_t n_q, const float* q_offset, int32_t window, int32_t lag, int32_t pool,
+                               int64_t budget, int32_t edge, float* scores, int32_t* out_idx);
 /* The whole file at `path` mapped read-only and shared (a context's embedding file, the `ctx` of rf_score_select:
  * JavaScript's own mmap stops at 4 GiB, 16.7M rows of 256 bytes). Returns the address and its size in *out_bytes, or
  * NULL with the reason in rf_last_error() (cannot open, empty, no address space: RF_ERR_OOM). Release with

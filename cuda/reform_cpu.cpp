@@ -940,15 +940,16 @@ RF_API int rf_unmap_file(const void* p, int64_t bytes) {
 }
 
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, int32_t window, int32_t lag, int32_t pool, int64_t budget, int32_t edge,
-                               float* scores, int32_t* out_idx) {
+                               int32_t n_q, const float* q_offset, int32_t window, int32_t lag, int32_t pool,
+                               int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
   return guard("rf_score_select", [&]() -> int64_t {
+    RF_TRY(rf::check_offsets(q_offset, n_q, "rf_score_select"));
     const auto pool_ranges = [&](int64_t nblk, auto&& f) {
       k::parallel_for(nblk, nblk * (int64_t)dim * n_q > 65536, [&](int64_t b, int64_t e, int) { f(b, e); });
     };
     return rf::score_select(
-        [&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, s, pool_ranges); }, n_ctx, window,
-        lag, pool, budget, edge, scores, out_idx);
+        [&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, s, pool_ranges); }, n_ctx,
+        window, lag, pool, budget, edge, scores, out_idx);
   });
 }
 
@@ -984,14 +985,14 @@ RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e) {
   RF_TRY(rf::check_not_null(e, "store", "rf_embstore_memory_bytes"));
   return (int64_t)(e->rows.capacity() * 2);
 }
-RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t window,
-                                        int32_t lag, int32_t pool, int64_t budget, int32_t edge, float* scores,
-                                        int32_t* out_idx) {
+RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q,
+                                        const float* q_offset, int32_t window, int32_t lag, int32_t pool,
+                                        int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
   return guard("rf_embstore_score_select", [&]() -> int64_t {
     RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_select"));
     RF_TRY(rf::check_embstore_score(n_ctx, (int64_t)(e->rows.size() / (size_t)e->dim), q, n_q, budget, out_idx));
-    return rf_score_select(e->rows.data(), RF_F16, n_ctx, e->dim, q, n_q, window, lag, pool, budget, edge, scores,
-                           out_idx);
+    return rf_score_select(e->rows.data(), RF_F16, n_ctx, e->dim, q, n_q, q_offset, window, lag, pool, budget, edge,
+                           scores, out_idx);
   });
 }
 RF_API void rf_embstore_destroy(rf_embstore* e) {

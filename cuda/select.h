@@ -2,7 +2,8 @@
  * select.h — REFORM's query path after the query embedding (rf_smooth_select, rf_score_select), host-only C++17
  * shared by the CPU and the CUDA builds. At a million context tokens a JavaScript sort of the scores costs more than
  * the scoring itself; this is O(n): a sliding moving average and a two-pass radix select of the k-th largest score.
- * The CPU scoring here (score_rows) streams the mmapped f16 embeddings once, as a register-blocked small GEMM.
+ * The CPU scoring here (score_rows) streams the mmapped f16 embeddings once, as a register-blocked small GEMM, with
+ * each query row's offset (rf_score_select's q_offset) taken off its cosine before the maximum.
  *
  * The results are exactly those of src/engine/selection.ts smoothScores + selectTokens (the reference the tests
  * compare against): the average uses f64 prefix sums in the same order, rounded once to f32; the maximum (max pooling)
@@ -199,10 +200,11 @@ static void f16_widen_scalar(const uint16_t* s, float* d, int n) {
  * f32 (rf_score's reference tolerance, not its bits). */
 constexpr int SCORE_RB = 8, SCORE_QB = 16;
 
-/* blocks [blk0, blk1) of SCORE_RB context rows; `rows` is a SCORE_RB * dim scratch buffer */
+/* blocks [blk0, blk1) of SCORE_RB context rows; `rows` is a SCORE_RB * dim scratch buffer; `off` the query rows'
+ * offsets (n_q, or NULL) */
 [[maybe_unused]] RF_SCORE_CLONES static void score_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx,
-                                                          int32_t dim, const float* Qt, int32_t n_q, int64_t blk0,
-                                                          int64_t blk1, float* rows, float* out) {
+                                                          int32_t dim, const float* Qt, int32_t n_q, const float* off,
+                                                          int64_t blk0, int64_t blk1, float* rows, float* out) {
   const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
   for (int64_t blk = blk0; blk < blk1; blk++) {
     const int64_t i0 = blk * SCORE_RB;
@@ -216,6 +218,16 @@ constexpr int SCORE_RB = 8, SCORE_QB = 16;
       } else {
         memcpy(dst, (const float*)ctx + (i0 + r) * dim, (size_t)dim * sizeof(float));
       }
+    }
+    // the rows' inverse norms first: with offsets the maximum is over cosines (without, max(a) * s = max(a * s)
+    // for s > 0 bit for bit, so both paths give rf_score's order of operations)
+    float inv[SCORE_RB];
+    for (int r = 0; r < SCORE_RB; r++) {
+      const float* row = rows + (size_t)r * dim;
+      float ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int d = 0; d < dim; d++) ss += row[d] * row[d];
+      inv[r] = 1.f / std::max(std::sqrt(ss), 1e-12f);
     }
     float best[SCORE_RB];
     std::fill(best, best + SCORE_RB, -INFINITY);
@@ -231,23 +243,23 @@ constexpr int SCORE_RB = 8, SCORE_QB = 16;
         }
       }
       const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);  // padded lanes are not queries
-      for (int r = 0; r < SCORE_RB; r++)
-        for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l]);
+      if (off) {
+        const float* ob = off + (size_t)b * SCORE_QB;
+        for (int r = 0; r < SCORE_RB; r++)
+          for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l] * inv[r] - ob[l]);
+      } else {
+        for (int r = 0; r < SCORE_RB; r++)
+          for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l]);
+      }
     }
-    for (int r = 0; r < rb; r++) {
-      const float* row = rows + (size_t)r * dim;
-      float ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int d = 0; d < dim; d++) ss += row[d] * row[d];
-      out[i0 + r] = best[r] * (1.f / std::max(std::sqrt(ss), 1e-12f));
-    }
+    for (int r = 0; r < rb; r++) out[i0 + r] = off ? best[r] : best[r] * inv[r];
   }
 }
 
 /* `for_ranges(n, f)` runs f(begin, end) over slices of [0, n) (the CPU build passes its worker pool) */
 template <class ForRanges>
 inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                      float* out, ForRanges&& for_ranges) {
+                      const float* q_offset, float* out, ForRanges&& for_ranges) {
   if (n_ctx < 0 || dim <= 0 || n_q < 1) return set_error(RF_ERR_INVALID, "rf_score_select: bad sizes");
   if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16)
     return set_error(RF_ERR_INVALID, "rf_score_select: ctx dtype must be f32/f16");
@@ -264,9 +276,10 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
     for (int d = 0; d < dim; d++) qt[((size_t)(j / SCORE_QB) * dim + d) * SCORE_QB + j % SCORE_QB] = src[d] * inv;
   }
   const float* Qt = qt.data();
+  const float* off = q_offset;
   for_ranges((n_ctx + SCORE_RB - 1) / SCORE_RB, [&](int64_t b0, int64_t b1) {
     std::vector<float> rows((size_t)SCORE_RB * dim);
-    score_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, b0, b1, rows.data(), out);
+    score_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, off, b0, b1, rows.data(), out);
   });
   return RF_OK;
 }

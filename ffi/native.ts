@@ -49,13 +49,15 @@ export const RF_POOL_MEAN = 0;
 export const RF_POOL_MAX = 1;
 export type PoolOp = "mean" | "max";
 /** What rf_score_select keeps: smoothing `window` (odd), trailing each position by `lag` (0..window/2, default 0),
- * pooled with `pool` (default mean); `budget` positions of which the first and last `edge` always. */
+ * pooled with `pool` (default mean); `budget` positions of which the first and last `edge` always. `offsets` (n_q
+ * finite values, optional): taken off each query row's cosine before the maximum over the rows (q_offset). */
 export interface ScoreSelection {
   window: number;
   lag?: number;
   budget: number;
   edge: number;
   pool?: PoolOp;
+  offsets?: Float32Array;
 }
 const POOL: Record<PoolOp, number> = { mean: RF_POOL_MEAN, max: RF_POOL_MAX };
 
@@ -67,8 +69,16 @@ function lagArg(lag: number | undefined, where: string): number {
   return x;
 }
 
+/** rf_score_select's q_offset: the selection's offsets (checked against the query rows) or NULL */
+function offsetsArg(sel: ScoreSelection, nQ: number, where: string): Float32Array | null {
+  const o = sel.offsets;
+  if (!o) return null;
+  if (o.length < nQ) throw new Error(`${where}: ${o.length} offsets for ${nQ} query rows`);
+  return o;
+}
+
 /** The ABI version this binding packs and calls (cuda/reform.h RF_ABI_VERSION). */
-export const RF_ABI_VERSION = 4;
+export const RF_ABI_VERSION = 5;
 
 const CODE_NAMES: Record<number, string> = {
   [RF_ERR_INVALID]: "invalid_argument",
@@ -169,6 +179,7 @@ const symbols = {
       FFIType.i64,
       FFIType.ptr,
       FFIType.i32,
+      FFIType.ptr,
       FFIType.i32,
       FFIType.i32,
       FFIType.i32,
@@ -214,6 +225,7 @@ const symbols = {
       FFIType.i32,
       FFIType.ptr,
       FFIType.i32,
+      FFIType.ptr,
       FFIType.i32,
       FFIType.i32,
       FFIType.i32,
@@ -537,7 +549,8 @@ export class Native {
     if ("ptr" in ctx && ctx.dtype !== RF_F16 && ctx.dtype !== RF_F32) throw new Error("scoreSelect: bad dtype");
     if (q.length < nQ * dim) throw new Error("scoreSelect: q smaller than n_q*dim");
     if (scores && scores.length < nCtx) throw new Error("scoreSelect: scores smaller than n_ctx");
-    const lag = lagArg(sel.lag, "scoreSelect");
+    const where = "scoreSelect";
+    const lag = lagArg(sel.lag, where);
     if (nCtx === 0) return new Int32Array(0);
     const mapped = "ptr" in ctx;
     const dtype = mapped ? ctx.dtype : ctx instanceof Float32Array ? RF_F32 : RF_F16;
@@ -551,6 +564,7 @@ export class Native {
           dim,
           q,
           nQ,
+          offsetsArg(sel, nQ, where),
           sel.window | 0,
           lag,
           POOL[sel.pool ?? "mean"],
@@ -795,7 +809,8 @@ export class NativeEmbStore {
   scoreSelect(nCtx: number, q: Float32Array, nQ: number, sel: ScoreSelection, scores?: Float32Array): Int32Array {
     if (q.length < nQ * this.dim) throw new Error("embstore scoreSelect: q smaller than n_q*dim");
     if (scores && scores.length < nCtx) throw new Error("embstore scoreSelect: scores smaller than n_ctx");
-    const lag = lagArg(sel.lag, "embstore scoreSelect");
+    const where = "embstore scoreSelect";
+    const lag = lagArg(sel.lag, where);
     if (nCtx === 0) return new Int32Array(0);
     const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see Native.smoothSelect
     const m = this.native._check(
@@ -805,6 +820,7 @@ export class NativeEmbStore {
           nCtx,
           q,
           nQ,
+          offsetsArg(sel, nQ, where),
           sel.window | 0,
           lag,
           POOL[sel.pool ?? "mean"],

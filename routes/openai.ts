@@ -132,7 +132,7 @@ export function openaiRoutes(d: Deps): Hono {
     o: { object: string; idPrefix: string; maxTokens: number; logprobs: number | null },
   ): Promise<Started> => {
     checkModel(body.model);
-    const { contextId, method, budget, scoreFloor } = reformTarget(body);
+    const { contextId, method, budget, scoreFloor, scoreBackground } = reformTarget(body);
     // a prompt beyond the window is answered by REFORM unless the server, the body or a header turns it off
     const inlineOn =
       contextId === undefined &&
@@ -150,6 +150,7 @@ export function openaiRoutes(d: Deps): Hono {
       method,
       budget,
       scoreFloor,
+      scoreBackground,
       sampling: samplingOf(body, {
         maxTokens: o.maxTokens,
         temperature: 1,

@@ -123,6 +123,8 @@ export const QueryBody = z
     budget: Field.budget.optional(),
     /** the score floor for this query, 0-1 (0: the budget filled by score); default the server's --score-floor */
     score_floor: Field.scoreFloor.optional(),
+    /** take each question token's background off its scores; default the server's --score-background */
+    score_background: Field.scoreBackground.optional(),
     stream: z.boolean().default(true),
     /** report log-probabilities with this many alternatives per token (0..20) */
     logprobs: Field.logprobs.optional(),
@@ -154,12 +156,14 @@ const OpenAIFields = {
   method: Field.method.optional(),
   budget: Field.budget.optional(),
   score_floor: Field.scoreFloor.optional(),
+  score_background: Field.scoreBackground.optional(),
   reform: z
     .object({
       context_id: ContextIdSchema.optional(),
       method: Field.method.optional(),
       budget: Field.budget.optional(),
       score_floor: Field.scoreFloor.optional(),
+      score_background: Field.scoreBackground.optional(),
       /** false: a prompt beyond the window is refused (400 context_length_exceeded) instead of answered by REFORM */
       inline: z.boolean().optional(),
       /** true: streams carry `event: progress` while an inline prompt compresses (else SSE comments) */
@@ -355,8 +359,15 @@ export function reformTarget(body: {
   method?: Method;
   budget?: number;
   score_floor?: number;
-  reform?: { context_id?: string; method?: Method; budget?: number; score_floor?: number };
-}): { contextId: string | undefined; method: Method; budget: number | undefined; scoreFloor: number | undefined } {
+  score_background?: boolean;
+  reform?: { context_id?: string; method?: Method; budget?: number; score_floor?: number; score_background?: boolean };
+}): {
+  contextId: string | undefined;
+  method: Method;
+  budget: number | undefined;
+  scoreFloor: number | undefined;
+  scoreBackground: boolean | undefined;
+} {
   let fromModel: string | undefined;
   if (body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {
     const id = ContextIdSchema.safeParse(body.model.slice(CONTEXT_MODEL_PREFIX.length));
@@ -382,6 +393,10 @@ export function reformTarget(body: {
     scoreFloor: agreed("score_floor", [
       ["score_floor", body.score_floor],
       ["reform.score_floor", body.reform?.score_floor],
+    ]),
+    scoreBackground: agreed("score_background", [
+      ["score_background", body.score_background],
+      ["reform.score_background", body.reform?.score_background],
     ]),
   };
 }
@@ -467,6 +482,7 @@ export function limitsView(info: ModelInfo) {
       edge: d.edge,
       sentence_tail: d.sentenceTail,
       score_floor: d.scoreFloor,
+      score_background: d.scoreBackground,
       template_tokens: d.templateTokens,
       baseline_cache_factor: d.baselineCacheFactor,
       max_h2o_tokens: d.maxH2oTokens,
@@ -517,6 +533,7 @@ export function selectionView(s: Selection) {
     lag: s.lag,
     edge: s.edge,
     score_floor: s.scoreFloor,
+    score_background: s.scoreBackground,
     spans: s.spans.map((p) => ({
       start: p.start,
       end: p.end,

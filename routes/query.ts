@@ -24,6 +24,7 @@ export function queryRoutes(d: Deps): Hono {
       method: body.method,
       budget: body.budget,
       scoreFloor: body.score_floor,
+      scoreBackground: body.score_background,
       returnSelection: body.return_selection,
       sampling: samplingOf(body, {
         maxTokens: body.max_tokens ?? defaults?.maxTokens ?? 256,

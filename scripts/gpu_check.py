@@ -40,7 +40,7 @@ RF_ROPE_DEFAULT, RF_ROPE_LLAMA3, RF_ROPE_LINEAR = 0, 1, 2
 RF_HEAD = {"q": 0, "k": 1, "v": 2, "o": 3}
 RF_EVICT_H2O, RF_EVICT_TOVA = 0, 1
 RF_POOL_MEAN = 0  # the query-time smoothing operator (RF_POOL_MAX = 1)
-RF_ABI_VERSION = 4  # cuda/reform.h
+RF_ABI_VERSION = 5  # cuda/reform.h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,12 +90,12 @@ class Lib:
         sig("rf_compressor_state_load", ctypes.c_int, vp, vp, i64)
         sig("rf_compressor_destroy", None, vp)
         sig("rf_score", ctypes.c_int, vp, i32, i64, i32, vp, i32, vp)
-        sig("rf_score_select", i64, vp, i32, i64, i32, vp, i32, i32, i32, i32, i64, i32, vp, vp)
+        sig("rf_score_select", i64, vp, i32, i64, i32, vp, i32, vp, i32, i32, i32, i64, i32, vp, vp)
         sig("rf_embstore_create", vp, vp, i32)
         sig("rf_embstore_append", ctypes.c_int, vp, vp, i64)
         sig("rf_embstore_rows", i64, vp)
         sig("rf_embstore_memory_bytes", i64, vp)
-        sig("rf_embstore_score_select", i64, vp, i64, vp, i32, i32, i32, i32, i64, i32, vp, vp)
+        sig("rf_embstore_score_select", i64, vp, i64, vp, i32, vp, i32, i32, i32, i64, i32, vp, vp)
         sig("rf_embstore_destroy", None, vp)
         sig("rf_seq_create", vp, vp, i32)
         sig("rf_seq_forward", ctypes.c_int, vp, vp, i32, vp)
@@ -282,7 +282,7 @@ class EmbStore:
         q = np.ascontiguousarray(q, dtype=np.float32)
         scores = np.zeros(n_ctx, dtype=np.float32)
         idx = np.zeros(min(n_ctx, budget) + 1, dtype=np.int32)
-        m = self.lib.check(self.lib.L.rf_embstore_score_select(self.h, n_ctx, ptr(q), q.shape[0], window, lag,
+        m = self.lib.check(self.lib.L.rf_embstore_score_select(self.h, n_ctx, ptr(q), q.shape[0], None, window, lag,
                                                                  RF_POOL_MEAN, budget, edge, ptr(scores), ptr(idx)),
                            "embstore_score_select")
         return scores, idx[:m]
@@ -300,7 +300,7 @@ def score_select(lib, ctx, q, window, budget, edge, lag=0):
     dt = RF_F16 if ctx.dtype == np.float16 else RF_F32
     scores = np.zeros(ctx.shape[0], dtype=np.float32)
     idx = np.zeros(min(ctx.shape[0], budget) + 1, dtype=np.int32)
-    m = lib.check(lib.L.rf_score_select(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], window, lag,
+    m = lib.check(lib.L.rf_score_select(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], None, window, lag,
                                         RF_POOL_MEAN, budget, edge, ptr(scores), ptr(idx)), "rf_score_select")
     return scores, idx[:m]
 

@@ -184,6 +184,11 @@ const FLAGS: Flag[] = [
     arg: "F",
     help: "how far from the selection's lowest smoothed score to its best a gathered token must reach, 0-1 (default 0.5; 0: fill the budget by score, the paper's gathering)",
   },
+  {
+    flag: "score-background",
+    arg: "on|off",
+    help: "take each question token's mean similarity over the whole context off its scores, so that tokens matching every line (a log's digits and punctuation) do not decide the gathering (default on; off: the paper's scoring)",
+  },
   { flag: "max-tokens", arg: "N", help: "default answer length limit (default 1/8 of the trained window)" },
   {
     flag: "max-new-tokens",
@@ -350,6 +355,8 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
   }
   const floor = numFlag("score-floor", str("score-floor"), 0, 1);
   if (floor !== undefined) defaults.scoreFloor = floor;
+  const background = oneOf("score-background", str("score-background"), ["on", "off"]);
+  if (background !== undefined) defaults.scoreBackground = background === "on";
   const maxDisk = intFlag("max-disk-bytes", str("max-disk-bytes"), 1);
   if (maxDisk !== undefined) defaults.maxDiskBytes = maxDisk;
   const resident = intFlag("resident-emb-bytes", str("resident-emb-bytes"), 0);

@@ -981,7 +981,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
     for (const x of [...cs, m, mc]) x.destroy();
   });
 
-  test("resident embeddings: the scores (bit for bit) and selection of rf_score_select over the same rows, across blocks, both GEMM paths; only the queries are uploaded; the store's bytes are the plan's", () => {
+  test("resident embeddings: the scores (bit for bit) and selection of rf_score_select over the same rows, across blocks, both GEMM paths, with and without query offsets; only the queries are uploaded; the store's bytes are the plan's", () => {
     const b = model(VARIANTS[0]);
     const dim = 48;
     const n = 350;
@@ -992,7 +992,9 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
     );
     ctx.fill(0, 7 * dim, 8 * dim); // an all-zero row scores 0
     const q = new Float32Array(3 * dim).map(() => gaussian(rng));
-    const sel = { window: 9, lag: 3, budget: 64, edge: 8 };
+    const plain = { window: 9, lag: 3, budget: 64, edge: 8 };
+    const offset = { ...plain, offsets: Float32Array.of(0.05, -0.02, 0.1) };
+    const sel = plain;
     for (const cublas of [false, true]) {
       useCublas(cublas);
       hooks.set("knob:embstore_block_rows", "100");
@@ -1008,11 +1010,18 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
       expect(st.rows()).toBe(n);
       expect(st.memoryBytes()).toBe(4 * 100 * (dim * 2 + 4));
       expect(hooks.stat("live_bytes") - live).toBe(st.memoryBytes());
-      for (const nCtx of [n, 237]) {
+      // with and without the question tokens' offsets (background.ts)
+      for (const [nCtx, sel] of [
+        [n, plain],
+        [237, plain],
+        [n, offset],
+        [237, offset],
+      ] as const) {
         const s1 = new Float32Array(nCtx);
         const h0 = hooks.stat("h2d_bytes");
         const i1 = st.scoreSelect(nCtx, q, 3, sel, s1);
-        expect(hooks.stat("h2d_bytes") - h0).toBe(3 * dim * 4); // the queries, not the context
+        // the queries (and their offsets), not the context
+        expect(hooks.stat("h2d_bytes") - h0).toBe(3 * dim * 4 + (sel === offset ? 3 * 4 : 0));
         const s2 = new Float32Array(nCtx);
         const f0 = fakeCalls();
         const i2 = emu.scoreSelect(ctx, nCtx, dim, q, 3, sel, s2);
@@ -1021,7 +1030,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
         if (fakeCalls() > f0 === cublas) expect(Buffer.compare(bytesOf(s1), bytesOf(s2))).toBe(0);
         else expect(maxAbs(s1, s2)).toBeLessThan(1e-6);
         expect(Array.from(i1)).toEqual(Array.from(i2));
-        expect(s1[7]).toBe(0);
+        if (sel === plain) expect(s1[7]).toBe(0);
         const s3 = new Float32Array(nCtx);
         const i3 = cpu.scoreSelect(ctx, nCtx, dim, q, 3, sel, s3);
         expect(maxAbs(s1, s3)).toBeLessThan(1e-5);
@@ -1029,7 +1038,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
       }
       const a0 = hooks.stat("mallocs");
       st.scoreSelect(n, q, 3, sel);
-      st.scoreSelect(200, q, 2, sel);
+      st.scoreSelect(200, q, 2, offset);
       expect(hooks.stat("mallocs")).toBe(a0); // no device allocation per query
       // out of device memory: the store stays as it was
       const bytes = st.memoryBytes();

@@ -265,6 +265,56 @@ describe("native rf_score_select", () => {
   }
 });
 
+describe("native rf_score_select with per-query offsets (the question tokens' background, background.ts)", () => {
+  for (const [name, open] of libs) {
+    test(`${name}: score_i = max_j (cos(ctx_i, q_j) - offset_j), as rf_score per query row computes it; bad offsets refused`, () => {
+      const native = open();
+      try {
+        const r = mulberry32(43);
+        const [n, dim, nQ] = name === "cpu" ? [3000, 70, 19] : [500, 24, 5]; // 19: a block of 16 and a tail
+        const ctx32 = Float32Array.from({ length: n * dim }, () => r() * 2 - 1);
+        const q = Float32Array.from({ length: nQ * dim }, () => r() * 2 - 1);
+        const offsets = Float32Array.from({ length: nQ }, () => r() * 0.4 - 0.1);
+        // f32 rows (the CUDA build's f32 GEMM) and f16 rows (its tensor-core pair), the CPU build's one path
+        for (const ctx of [ctx32, toF16(ctx32)]) {
+          const perRow = Array.from({ length: nQ }, (_, j) =>
+            native.score(ctx, n, dim, q.subarray(j * dim, (j + 1) * dim), 1),
+          );
+          const expected = Float32Array.from({ length: n }, (_, i) =>
+            Math.max(...perRow.map((s, j) => s[i]! - offsets[j]!)),
+          );
+          const scores = new Float32Array(n);
+          const sel = { window: 9, budget: 256, edge: 8, offsets };
+          const idx = native.scoreSelect(ctx, n, dim, q, nQ, sel, scores);
+          let worst = 0;
+          for (let i = 0; i < n; i++) worst = Math.max(worst, Math.abs(scores[i]! - expected[i]!));
+          expect(worst).toBeLessThan(1e-5);
+          expect(Array.from(idx)).toEqual(Array.from(referenceSelect(smoothScores(scores, 9), 256, 8)));
+          // the offsets change the order: the plain scores select other tokens
+          const plain = native.scoreSelect(ctx, n, dim, q, nQ, { window: 9, budget: 256, edge: 8 });
+          expect(Array.from(plain)).not.toEqual(Array.from(idx));
+          // zero offsets are no offsets, bit for bit
+          const zero = new Float32Array(n);
+          const none = new Float32Array(n);
+          native.scoreSelect(ctx, n, dim, q, nQ, { ...sel, offsets: new Float32Array(nQ) }, zero);
+          native.scoreSelect(ctx, n, dim, q, nQ, { window: 9, budget: 256, edge: 8 }, none);
+          expect(Array.from(zero)).toEqual(Array.from(none));
+          const bad = Float32Array.from(offsets);
+          bad[nQ - 1] = Number.NaN;
+          expect(() => native.scoreSelect(ctx, n, dim, q, nQ, { ...sel, offsets: bad })).toThrow(
+            /q_offset\[\d+\] is not finite/,
+          );
+          expect(() => native.scoreSelect(ctx, n, dim, q, nQ, { ...sel, offsets: offsets.subarray(1) })).toThrow(
+            /offsets for/,
+          );
+        }
+      } finally {
+        native.close();
+      }
+    });
+  }
+});
+
 test("NaN ranks below every number", () => {
   const s = Float32Array.from([0, NaN, -5, NaN, 2, 0]);
   expect(Array.from(selectTokens(s, 4, 0))).toEqual([0, 2, 4, 5]);

@@ -205,6 +205,53 @@ describe("return_selection on the query route", () => {
   );
 
   test(
+    "score_background per request: reported, on by default (/props), changes the scores; not a boolean or given twice differently is a 400",
+    async () => {
+      const selectionWith = async (background?: boolean) =>
+        (
+          await j(
+            jsonPost(`${base}/v1/contexts/${ctxId}/query`, {
+              ...ask,
+              stream: false,
+              return_selection: true,
+              ...(background === undefined ? {} : { score_background: background }),
+            }),
+          )
+        ).selection;
+      const props = await j(fetch(`${base}/props`));
+      expect(props.limits.score_background).toBe(true);
+      const byDefault = await selectionWith();
+      const on = await selectionWith(true);
+      const off = await selectionWith(false);
+      expect(byDefault.score_background).toBe(true);
+      expect(on.score_background).toBe(true);
+      expect(off.score_background).toBe(false);
+      expect(on.profile.values).toEqual(byDefault.profile.values);
+      // each question token's mean cosine over the context comes off its scores: other values, the same length
+      expect(on.profile.values.length).toBe(off.profile.values.length);
+      expect(on.profile.values).not.toEqual(off.profile.values);
+      const err = await expectError(
+        await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...ask, score_background: "yes" }),
+        400,
+      );
+      expect(err.param).toBe("score_background");
+      const chat = (extra: object) =>
+        jsonPost(`${base}/v1/chat/completions`, {
+          messages: [{ role: "user", content: "Where is the needle?" }],
+          max_tokens: 2,
+          ...extra,
+        });
+      const twice = await expectError(
+        await chat({ context_id: ctxId, score_background: true, reform: { score_background: false } }),
+        400,
+      );
+      expect(twice.param).toContain("score_background");
+      expect((await chat({ reform: { context_id: ctxId, score_background: false } })).status).toBe(200);
+    },
+    T,
+  );
+
+  test(
     'a heads file with "smoothing": "max": the max-pooled selection (pooled and selected natively) is reported',
     async () => {
       const max = await startTestServer({

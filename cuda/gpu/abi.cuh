@@ -235,7 +235,7 @@ RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t d
   return rf::guard("rf_score", [&]() -> int {
     RF_TRY(rf::check_score_args(ctx, ctx_dtype, n_ctx, dim, q, n_q, out));
     if (n_ctx == 0) return RF_OK;
-    return score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, out);
+    return score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, nullptr, out);
   });
 }
 
@@ -264,14 +264,15 @@ RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e) {
   RF_TRY(rf::check_not_null(e, "store", "rf_embstore_memory_bytes"));
   return embstore_bytes(e);
 }
-RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t window,
-                                        int32_t lag, int32_t pool, int64_t budget, int32_t edge, float* scores,
-                                        int32_t* out_idx) {
+RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q,
+                                        const float* q_offset, int32_t window, int32_t lag, int32_t pool,
+                                        int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
   return rf::guard("rf_embstore_score_select", [&]() -> int64_t {
     RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_select"));
     RF_TRY(rf::check_embstore_score(n_ctx, e->rows, q, n_q, budget, out_idx));
-    return rf::score_select([&](float* s) { return embstore_score_impl(e, n_ctx, q, n_q, s); }, n_ctx, window, lag,
-                            pool, budget, edge, scores, out_idx);
+    RF_TRY(rf::check_offsets(q_offset, n_q, "rf_embstore_score_select"));
+    return rf::score_select([&](float* s) { return embstore_score_impl(e, n_ctx, q, n_q, q_offset, s); }, n_ctx, window,
+                            lag, pool, budget, edge, scores, out_idx);
   });
 }
 RF_API void rf_embstore_destroy(rf_embstore* e) {
@@ -349,13 +350,17 @@ RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, 
   });
 }
 
-/* scoring on the device (rf_score), smoothing and selection on the host */
+/* scoring on the device (rf_score's kernels, with the offsets), smoothing and selection on the host */
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, int32_t window, int32_t lag, int32_t pool, int64_t budget, int32_t edge,
-                               float* scores, int32_t* out_idx) {
+                               int32_t n_q, const float* q_offset, int32_t window, int32_t lag, int32_t pool,
+                               int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
   return rf::guard("rf_score_select", [&]() -> int64_t {
-    return rf::score_select([&](float* s) { return rf_score(ctx, ctx_dtype, n_ctx, dim, q, n_q, s); }, n_ctx, window,
-                            lag, pool, budget, edge, scores, out_idx);
+    RF_TRY(rf::check_offsets(q_offset, n_q, "rf_score_select"));
+    const auto score = [&](float* s) -> int {
+      RF_TRY(rf::check_score_args(ctx, ctx_dtype, n_ctx, dim, q, n_q, s));
+      return n_ctx == 0 ? RF_OK : score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, s);
+    };
+    return rf::score_select(score, n_ctx, window, lag, pool, budget, edge, scores, out_idx);
   });
 }
 

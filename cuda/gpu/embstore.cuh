@@ -102,6 +102,7 @@ int embstore_scratch(rf_model* m, int64_t dim, int64_t nq, int64_t tile, int64_t
   auto grow = [&]() -> int {
     RF_TRY(A.alloc(&s.qraw, (size_t)(NQ * dim), "resident scoring: queries"));
     RF_TRY(A.alloc(&s.qn, (size_t)(NQ * dim), "resident scoring: normalised queries"));
+    RF_TRY(A.alloc(&s.qoff, (size_t)NQ, "resident scoring: query offsets"));
     RF_TRY(A.alloc(&s.qh, (size_t)(2 * NQ * dim), "resident scoring: f16 query pairs"));
     RF_TRY(A.alloc(&s.S, (size_t)(T * 2 * NQ), "resident scoring: similarity tile"));
     RF_TRY(A.alloc(&s.out, (size_t)N, "resident scoring: scores"));
@@ -120,8 +121,9 @@ int embstore_scratch(rf_model* m, int64_t dim, int64_t nq, int64_t tile, int64_t
   return RF_OK;
 }
 
-/* rf_score over rows [0, n_ctx) of the store into out (host), as score_run's f16 path computes it */
-int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, float* out) {
+/* rf_score over rows [0, n_ctx) of the store into out (host), each query row's offset (q_offset, n_q or NULL) taken off
+ * its cosine, as score_run's f16 path computes it */
+int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, const float* q_offset, float* out) {
   rf_model* m = e->m;
   CU_CHECK(cudaSetDevice(m->dev));
   if (n_ctx == 0) return RF_OK;
@@ -134,6 +136,8 @@ int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n
                           std::max(T, s.dim == dim ? s.tile : 0), std::max(n_ctx, s.dim == dim ? s.nout : 0)));
   cudaStream_t st = m->aux;
   CU_CHECK(cudaMemcpyAsync(s.qraw, q, (size_t)n_q * dim * 4, cudaMemcpyHostToDevice, st));
+  if (q_offset) CU_CHECK(cudaMemcpyAsync(s.qoff, q_offset, (size_t)n_q * 4, cudaMemcpyHostToDevice, st));
+  const float* qoff = q_offset ? s.qoff : nullptr;
   RF_LAUNCH(k_normalize_rows, nblocks(n_q, 8), 256, 0, st)(s.qraw, RF_F32, s.qn, (int64_t)n_q, (int)dim);
   KERNEL_CHECK();
   RF_LAUNCH(k_split_f16, nblocks((int64_t)n_q * dim, 256), 256, 0, st)(s.qn, s.qh, (int64_t)n_q * dim);
@@ -142,7 +146,7 @@ int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n
     const int64_t b = r0 / B, off = r0 % B, k = std::min({n_ctx - r0, B - off, T});
     const uint16_t* rows = e->blocks[b] + off * dim;
     RF_TRY(m->gemm_aux.nt((int)k, 2 * n_q, (int)dim, rows, RF_F16, dim, s.qh, RF_F16, dim, s.S, RF_F32, 2 * n_q, 0.f));
-    RF_LAUNCH(k_rowmax_pair, nblocks(k, 256), 256, 0, st)(s.S, k, n_q, e->inv[b] + off, s.out + r0);
+    RF_LAUNCH(k_rowmax_pair, nblocks(k, 256), 256, 0, st)(s.S, k, n_q, e->inv[b] + off, qoff, s.out + r0);
     KERNEL_CHECK();
     r0 += k;
   }

@@ -397,19 +397,28 @@ __global__ void k_split_f16(const float* __restrict__ x, uint16_t* __restrict__ 
   }
 }
 /* out[r] = max_j (s[r][j] + s[r][nq + j]) * inv[r] (s: [rows][2 nq], the hi and lo halves of the query pair) */
+/* out[r] = max_c (cos_rc - off[c]); off NULL: max_c cos_rc, the row norm applied once after the maximum (the same
+ * value: multiplying by a positive scale is monotone in every rounding) */
 __global__ void k_rowmax_pair(const float* __restrict__ s, int64_t rows, int nq, const float* __restrict__ inv,
-                              float* __restrict__ out) {
+                              const float* __restrict__ off, float* __restrict__ out) {
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
     float m = -INFINITY;
     const float* row = s + r * 2 * (int64_t)nq;
-    for (int c = 0; c < nq; c++) m = fmaxf(m, row[c] + row[nq + c]);
-    out[r] = m * inv[r];
+    if (off) {
+      const float iv = inv[r];
+      for (int c = 0; c < nq; c++) m = fmaxf(m, (row[c] + row[nq + c]) * iv - off[c]);
+      out[r] = m;
+    } else {
+      for (int c = 0; c < nq; c++) m = fmaxf(m, row[c] + row[nq + c]);
+      out[r] = m * inv[r];
+    }
   }
 }
-__global__ void k_rowmax(const float* __restrict__ s, int64_t rows, int cols, float* __restrict__ out) {
+__global__ void k_rowmax(const float* __restrict__ s, int64_t rows, int cols, const float* __restrict__ off,
+                         float* __restrict__ out) {
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
     float m = -INFINITY;
-    for (int c = 0; c < cols; c++) m = fmaxf(m, s[r * cols + c]);
+    for (int c = 0; c < cols; c++) m = fmaxf(m, off ? s[r * cols + c] - off[c] : s[r * cols + c]);
     out[r] = m;
   }
 }

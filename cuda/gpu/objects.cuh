@@ -49,7 +49,7 @@ struct Workspace {
 struct QueryScratch {
   DevArena arena;
   int64_t dim = 0, nq = 0, tile = 0, nout = 0;  // sizes they were allocated for
-  float *qraw = nullptr, *qn = nullptr, *S = nullptr, *out = nullptr;
+  float *qraw = nullptr, *qn = nullptr, *qoff = nullptr, *S = nullptr, *out = nullptr;
   uint16_t* qh = nullptr;  // [2 nq][dim]: the normalised queries in f16 and their f16 residuals
 };
 

@@ -19,7 +19,7 @@ struct ScoreCtx {
   int live_models = 0;
   DevArena arena;
   int64_t B = 0, dim = 0, nq = 0, nout = 0;  // sizes the buffers were allocated for (rows per block, ...)
-  float *qraw = nullptr, *qn = nullptr, *cn = nullptr, *S = nullptr, *inv = nullptr, *out = nullptr;
+  float *qraw = nullptr, *qn = nullptr, *qoff = nullptr, *cn = nullptr, *S = nullptr, *inv = nullptr, *out = nullptr;
   uint16_t* qh = nullptr;  // [2 n_q][dim] f16: rows 0..n_q-1 the normalised queries, then their f16 residuals
   uint8_t* raw[2] = {nullptr, nullptr};
   uint8_t* pinned[2] = {nullptr, nullptr};
@@ -60,6 +60,7 @@ int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx) {
   DevArena& A = g.arena;
   RF_TRY(A.alloc(&g.qraw, (size_t)nq * dim, "score queries"));
   RF_TRY(A.alloc(&g.qn, (size_t)nq * dim, "score queries (normalised)"));
+  RF_TRY(A.alloc(&g.qoff, (size_t)nq, "score query offsets"));
   RF_TRY(A.alloc(&g.qh, (size_t)2 * nq * dim, "score queries (f16 pair)"));
   RF_TRY(A.alloc(&g.cn, (size_t)B * dim, "score ctx block (normalised, f32 context)"));
   RF_TRY(A.alloc(&g.S, (size_t)B * 2 * nq, "score similarity block"));
@@ -84,7 +85,8 @@ int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx) {
   return RF_OK;
 }
 
-int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q, float* out) {
+int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+              const float* q_offset, float* out) {
   ScoreCtx& g = g_score;
   cudaStream_t st = g.stream;
   const int es = ctx_dtype == RF_F32 ? 4 : 2;
@@ -97,6 +99,8 @@ int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, co
   if (g.B > B && g.dim == dim && g.nq >= n_q && g.nout >= n_ctx) B = std::min<int64_t>(g.B, n_ctx);
   RF_TRY(score_buffers(B, dim, n_q, n_ctx));
   CU_CHECK(cudaMemcpyAsync(g.qraw, q, (size_t)n_q * dim * 4, cudaMemcpyHostToDevice, st));
+  if (q_offset) CU_CHECK(cudaMemcpyAsync(g.qoff, q_offset, (size_t)n_q * 4, cudaMemcpyHostToDevice, st));
+  const float* qoff = q_offset ? g.qoff : nullptr;
   RF_LAUNCH(k_normalize_rows, nblocks(n_q, 8), 256, 0, st)(g.qraw, RF_F32, g.qn, n_q, dim);
   KERNEL_CHECK();
   if (tc) {
@@ -117,13 +121,13 @@ int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, co
       RF_LAUNCH(k_row_invnorm, nblocks(b, 8), 256, 0, st)(g.raw[slot], RF_F16, g.inv, b, dim);
       KERNEL_CHECK();
       RF_TRY(g.gemm.nt((int)b, 2 * n_q, dim, g.raw[slot], RF_F16, dim, g.qh, RF_F16, dim, g.S, RF_F32, 2 * n_q, 0.f));
-      RF_LAUNCH(k_rowmax_pair, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, g.inv, g.out + off);
+      RF_LAUNCH(k_rowmax_pair, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, g.inv, qoff, g.out + off);
       KERNEL_CHECK();
     } else {
       RF_LAUNCH(k_normalize_rows, nblocks(b, 8), 256, 0, st)(g.raw[slot], ctx_dtype, g.cn, b, dim);
       KERNEL_CHECK();
       RF_TRY(g.gemm.nt((int)b, n_q, dim, g.cn, RF_F32, dim, g.qn, RF_F32, dim, g.S, RF_F32, n_q, 0.f));
-      RF_LAUNCH(k_rowmax, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, g.out + off);
+      RF_LAUNCH(k_rowmax, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, qoff, g.out + off);
       KERNEL_CHECK();
     }
   }
@@ -133,7 +137,7 @@ int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, co
 }
 
 int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-               float* out) {
+               const float* q_offset, float* out) {
   int dev = device_index();
   RF_TRY(ensure_device(dev));
   std::lock_guard<std::mutex> lk(g_score.mu);
@@ -153,7 +157,7 @@ int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, c
     g_score.dev = dev;
     g_score.ready = true;
   }
-  int rc = score_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, out);
+  int rc = score_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, out);
   // on failure, or when no model holds them, the buffers go (the next call allocates afresh)
   if (rc != RF_OK || g_score.live_models <= 0) g_score.release_buffers();
   return rc;

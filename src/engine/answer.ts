@@ -243,6 +243,7 @@ export function* runQuery(e: LoadedEngine, q: PlannedQuery, h: RunHooks): Task<v
           method: q.method,
           budget: q.budget,
           floor: q.req.scoreFloor ?? e.defaults.scoreFloor,
+          background: q.req.scoreBackground ?? e.defaults.scoreBackground,
           pre: q.pre,
           suf: q.suf,
           queryTurns: q.queryTurns,

@@ -81,6 +81,9 @@ export interface QueryRequest {
   /** The score floor for this query (selection.ts keepNearBest: 0 fills the budget by score); default from server
    * config. */
   scoreFloor?: number;
+  /** Take each question token's background (its mean similarity over the context) off its scores (background.ts);
+   * default from server config. */
+  scoreBackground?: boolean;
   /**
    * Inline REFORM (no contextId): when the rendered prompt does not fit the window, everything but its end is
    * compressed into an implicit context (cached per owner, keyed by its tokens) and the end is the question;
@@ -117,6 +120,8 @@ export interface Selection {
   edge: number;
   /** the score floor this query gathered with (selection.ts keepNearBest); 0 when nothing was scored */
   scoreFloor: number;
+  /** whether the question tokens' background was taken off the scores (background.ts); false when nothing was scored */
+  scoreBackground: boolean;
   /** selected tokens merged into runs, in document order */
   spans: SelectedSpan[];
   /**
@@ -249,6 +254,8 @@ export interface ModelInfo {
     sentenceTail: number;
     /** how far from the selection's lowest smoothed score to its best a gathered token must reach (0 = off) */
     scoreFloor: number;
+    /** each question token's background taken off its scores (background.ts) */
+    scoreBackground: boolean;
     /** longest question reform embeds for scoring (what is left of the window on top of the cache) */
     maxQueryTokens: number;
     /** the recurrent baselines' cache: this many times the budget, bounded by the window */

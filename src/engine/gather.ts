@@ -17,6 +17,7 @@ import type { CompressorPool } from "./compressors.ts";
 import { evictionParams } from "./eviction.ts";
 import type { LoadedEngine } from "./load.ts";
 import type { ResidentPool } from "./resident.ts";
+import { backgroundOffsets } from "./background.ts";
 import { selectionReport } from "./report.ts";
 import { gather, refineSelection, selectionFor, smoothScores } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
@@ -28,6 +29,8 @@ export interface GatherInput {
   budget: number;
   /** the score floor (selection.ts keepNearBest; 0: the budget filled by score) */
   floor: number;
+  /** take each question token's background off its scores (background.ts) */
+  background: boolean;
   /** template tokens before and after the context */
   pre: number[];
   suf: number[];
@@ -165,7 +168,8 @@ export function* gatherContext(
     // sentence tail kept back; the raw scores come back for a report and for the score floor
     const floor = g.floor;
     const scores = g.report || floor > 0 ? new Float32Array(rows) : undefined;
-    const what = { window: sel.window, lag: sel.lag, budget: budget - sel.tail, edge: sel.edge, pool: op };
+    const offsets = g.background ? backgroundOffsets(...rowSumOf(s, e), qf, nq, dim) : undefined;
+    const what = { window: sel.window, lag: sel.lag, budget: budget - sel.tail, edge: sel.edge, pool: op, offsets };
     const picked = scored(
       () => store!.scoreSelect(rows, qf, nq, what, scores),
       () => s.withEmbeddings(e.native, (emb) => e.native.scoreSelect(emb.mapped, rows, dim, qf, nq, what, scores)),
@@ -177,12 +181,25 @@ export function* gatherContext(
       yield;
       // the same smoothing as the native selection (selection.ts is its reference), for the profile and span scores
       const smoothed = smoothScores(scores, sel.window, op, sel.lag);
-      selection = selectionReport(e.tok, { method: g.method, tokens, idx, smoothed, ...sel, scoreFloor: floor });
+      selection = selectionReport(e.tok, {
+        method: g.method,
+        tokens,
+        idx,
+        smoothed,
+        ...sel,
+        scoreFloor: floor,
+        scoreBackground: g.background,
+      });
     }
     yield;
   }
   const prompt = concat(pre, ctx, suf);
   return { prompt, promptLen: prompt.length, selected: ctx.length, h2o: null, ...(selection ? { selection } : {}) };
+}
+
+function rowSumOf(s: Session, e: LoadedEngine): [Float64Array, number] {
+  const { sum, rows } = s.rowSum(e.native);
+  return [sum, rows];
 }
 
 function emptySelection(method: Method, n: number): Selection {
@@ -194,6 +211,7 @@ function emptySelection(method: Method, n: number): Selection {
     lag: 0,
     edge: 0,
     scoreFloor: 0,
+    scoreBackground: false,
     spans: [],
     profile: null,
   };

@@ -35,6 +35,9 @@ export interface EngineDefaults {
   /** how far from the selection's lowest smoothed score to its best a gathered token must reach (selection.ts
    * keepNearBest; 0 = fill the budget by score, the paper's gathering) */
   scoreFloor: number;
+  /** take each question token's mean cosine over the context off its scores (background.ts; false: the paper's
+   * scoring) */
+  scoreBackground: boolean;
   nSink: number;
   obsWindow: number;
   /** how the upload compressor evicts (eviction.ts; the heads file's "eviction", default h2o) */
@@ -288,6 +291,7 @@ export function resolveDefaults(
       edge,
       sentenceTail,
       scoreFloor,
+      scoreBackground: d.scoreBackground ?? true,
       nSink: d.nSink ?? hf.nSink ?? 4,
       obsWindow,
       eviction: d.eviction ?? hf.eviction ?? "h2o",
@@ -565,6 +569,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
       edge: defaults.edge,
       sentenceTail: defaults.sentenceTail,
       scoreFloor: defaults.scoreFloor,
+      scoreBackground: defaults.scoreBackground,
       maxQueryTokens: defaults.maxQueryTokens,
       baselineCacheFactor: defaults.baselineCacheFactor,
       inlineMaxContexts: defaults.inlineMaxContexts,

@@ -68,6 +68,8 @@ export interface ReportInput {
   edge: number;
   /** the score floor the gathering used (0: none, or nothing scored) */
   scoreFloor?: number;
+  /** whether the question tokens' background was taken off the scores (false: not, or nothing scored) */
+  scoreBackground?: boolean;
 }
 
 export function selectionReport(tok: TokenBytesSource, r: ReportInput): Selection {
@@ -132,6 +134,7 @@ export function selectionReport(tok: TokenBytesSource, r: ReportInput): Selectio
     lag: r.lag,
     edge: r.edge,
     scoreFloor: r.scoreFloor ?? 0,
+    scoreBackground: r.scoreBackground ?? false,
     spans,
     profile,
   };

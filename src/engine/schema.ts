@@ -34,6 +34,7 @@ export const Field = {
   method: z.enum(METHODS as unknown as [Method, ...Method[]]),
   budget: z.number().int().min(MIN_BUDGET),
   scoreFloor: z.number().min(0).max(1),
+  scoreBackground: z.boolean(),
   maxTokens: z.number().int().min(1),
   temperature: z.number().min(0).max(2),
   topP: z.number().gt(0).max(1),
@@ -80,6 +81,7 @@ export const QueryRequestSchema = z
     method: Field.method,
     budget: Field.budget.optional(),
     scoreFloor: Field.scoreFloor.optional(),
+    scoreBackground: Field.scoreBackground.optional(),
     inline: z
       .object({ owner: z.string().max(256) })
       .strict()

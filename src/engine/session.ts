@@ -49,6 +49,7 @@ import { join } from "node:path";
 import { type Pointer, toArrayBuffer } from "bun:ffi";
 import { type MappedFile, type MappedRows, RF_F16, RF_F32 } from "../../ffi/native.ts";
 import type { ContextInfo, ContextState } from "./api.ts";
+import { addNormalisedRows } from "./background.ts";
 import type { HeadSpec } from "../model/types.ts";
 
 export const MAX_TAIL_CHARS = 1 << 16;
@@ -84,6 +85,10 @@ export interface SessionMeta {
   params: SessionParams;
   stateSeen: number; // tokens covered by compressor.state (0: no state file)
   invalid?: number; // invalid UTF-8 sequences read as U+FFFD (absent in sessions stored before it was counted)
+  /** the f64 sum (embDim values, as bytes) of the first rowSumRows embedding rows, each L2-normalised: the question
+   * tokens' background (background.ts); absent in sessions stored before it was kept, then summed at their first query */
+  rowSum?: Uint8Array;
+  rowSumRows?: number;
 }
 
 /** Document text in, token ids out: special-token strings in an upload are plain text (src/model/tokenizer.ts). */
@@ -167,6 +172,9 @@ export interface EmbeddingRows {
   slice(from: number, to: number): Float32Array | Uint16Array;
 }
 
+/** rows summed per slice when rowSum catches up from the file (bounded temporary f32 copies) */
+const ROW_SUM_SLICE = 65_536;
+
 export class Session {
   readonly dir: string;
   meta: SessionMeta;
@@ -219,6 +227,8 @@ export class Session {
       heads: init.heads,
       params: init.params,
       stateSeen: 0,
+      rowSum: new Uint8Array(init.params.embDim * 8),
+      rowSumRows: 0,
     };
     writeFileSync(join(dir, "tokens.bin"), new Uint8Array(0));
     writeFileSync(join(dir, "emb.bin"), new Uint8Array(0));
@@ -240,6 +250,7 @@ export class Session {
     }
     if (!meta || meta.v !== 1 || typeof meta.id !== "string") return null;
     meta.partial = meta.partial ? new Uint8Array(meta.partial) : new Uint8Array(0);
+    if (meta.rowSum) meta.rowSum = new Uint8Array(meta.rowSum); // aligned, own buffer (a Float64Array views it)
     const s = new Session(dir, meta);
     s.reconcile();
     return s;
@@ -420,8 +431,45 @@ export class Session {
   appendEmbeddings(rows: Float32Array | Uint16Array, n: number): void {
     const bytes = new Uint8Array(rows.buffer, rows.byteOffset, n * this.rowBytes);
     appendSync(this.p("emb.bin"), bytes, true);
-    this.meta.processed += n;
+    const m = this.meta;
+    // the sum follows the rows while it covers all of them (else the next query catches it up from the file)
+    if (m.rowSum && m.rowSumRows === m.processed) {
+      addNormalisedRows(
+        new Float64Array(m.rowSum.buffer, m.rowSum.byteOffset, m.params.embDim),
+        rows,
+        n,
+        m.params.embDim,
+      );
+      m.rowSumRows += n;
+    }
+    m.processed += n;
     this.saveMeta(false);
+  }
+
+  /**
+   * The sum of the context's L2-normalised embedding rows 0..processed (embDim f64) and their count: the question
+   * tokens' background (background.ts). Kept as rows are written; rows it does not cover yet (a session stored before
+   * it was kept, rows written before a crash) are read from emb.bin here, and a sum over more rows than the file holds
+   * (rows dropped by reconcile) is summed again. The returned array is a copy.
+   */
+  rowSum(mapper: FileMapper): { sum: Float64Array; rows: number } {
+    const m = this.meta;
+    const dim = m.params.embDim;
+    if (!m.rowSum || m.rowSum.byteLength !== dim * 8 || (m.rowSumRows ?? 0) > m.processed) {
+      m.rowSum = new Uint8Array(dim * 8);
+      m.rowSumRows = 0;
+    }
+    const sum = new Float64Array(m.rowSum.buffer, m.rowSum.byteOffset, dim);
+    const from = m.rowSumRows ?? 0;
+    if (from < m.processed)
+      this.withEmbeddings(mapper, (emb) => {
+        for (let i = from; i < emb.rows; i += ROW_SUM_SLICE) {
+          const to = Math.min(emb.rows, i + ROW_SUM_SLICE);
+          addNormalisedRows(sum, emb.slice(i, to), to - i, dim);
+        }
+        m.rowSumRows = emb.rows;
+      });
+    return { sum: Float64Array.from(sum), rows: m.rowSumRows ?? 0 };
   }
 
   /**

@@ -120,6 +120,7 @@ export class FakeEngine implements EngineClient {
         edge: 2,
         sentenceTail: 0,
         scoreFloor: 0,
+        scoreBackground: false,
         maxQueryTokens: 192,
         baselineCacheFactor: 4,
         inlineMaxContexts: 16,

@@ -1,0 +1,52 @@
+/**
+ * A question token's background: its mean cosine over the whole context, taken off its scores before the maximum
+ * over the question's tokens (rf_score_select's q_offset). Without it a token that matches something in every row (a
+ * log line's digits, dashes and punctuation, a code file's brackets) gives every row a high score, and the maximum
+ * keeps that match everywhere: the needle's line scored 0.745 and its neighbours 0.734-0.744 in a 16K log. With it
+ * each token counts by how much a row stands out from the context as a whole, as IDF weights a term by its rarity.
+ * Measured (README, "Documents that are not prose"): log 16K 60.2 -> 74.2, code 16K 69.5 -> 72.7, prose unchanged.
+ *
+ * Linear, so nearly free: mean_i cos(c_i, q) = q^ . m with m the mean of the context's normalised rows c_i / |c_i|.
+ * The session keeps the f64 sum of those rows as its embeddings are written (RowSum) and a query takes one dot product
+ * per question token.
+ */
+import { f16ToF32 } from "../util/f16.ts";
+
+/** Adds rows [0, n) of `rows` (n x dim, f32 or f16 bits), each divided by its L2 norm (max(|c|, 1e-12), as the
+ * scorer's cosine), to `sum` (dim f64). */
+export function addNormalisedRows(sum: Float64Array, rows: Float32Array | Uint16Array, n: number, dim: number): void {
+  const x = rows instanceof Uint16Array ? f16ToF32(rows.subarray(0, n * dim)) : rows;
+  for (let i = 0; i < n; i++) {
+    const o = i * dim;
+    let ss = 0;
+    for (let d = 0; d < dim; d++) ss += x[o + d]! * x[o + d]!;
+    const inv = 1 / Math.max(Math.sqrt(ss), 1e-12);
+    for (let d = 0; d < dim; d++) sum[d]! += x[o + d]! * inv;
+  }
+}
+
+/**
+ * The offsets of rf_score_select: offsets[j] = cos-mean of query row j over the `rows` context rows whose normalised
+ * sum is `sum`, i.e. (q_j / |q_j|) . (sum / rows). q: nq x dim f32. All zeros for an empty context.
+ */
+export function backgroundOffsets(
+  sum: Float64Array,
+  rows: number,
+  q: Float32Array,
+  nq: number,
+  dim: number,
+): Float32Array {
+  const out = new Float32Array(nq);
+  if (rows <= 0) return out;
+  for (let j = 0; j < nq; j++) {
+    const o = j * dim;
+    let ss = 0;
+    let dot = 0;
+    for (let d = 0; d < dim; d++) {
+      ss += q[o + d]! * q[o + d]!;
+      dot += q[o + d]! * sum[d]!;
+    }
+    out[j] = dot / Math.max(Math.sqrt(ss), 1e-12) / rows;
+  }
+  return out;
+}

@@ -1,0 +1,109 @@
+/**
+ * The question tokens' background (src/engine/background.ts): the context's normalised row sum that a session keeps as
+ * its embeddings are written, caught up from emb.bin where it is missing or behind (older sessions, a crash), and the
+ * offsets it gives: each query row's mean cosine over the context, as rf_score computes the cosines.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, truncateSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Native, RF_F16 } from "../ffi/native.ts";
+import { backgroundOffsets } from "../src/engine/background.ts";
+import { Session } from "../src/engine/session.ts";
+import { f16ToF32 } from "../src/util/f16.ts";
+import { f32ToF16 } from "./fixtures/tiny-model.ts";
+import { mulberry32 } from "./helpers/random-model.ts";
+
+const root = mkdtempSync(join(tmpdir(), "reform-background-"));
+const native = new Native("cpu");
+afterAll(() => {
+  native.close();
+  rmSync(root, { recursive: true, force: true });
+});
+
+const dim = 24;
+const params = { chunkSize: 16, capacity: 32, nSink: 4, nRecent: 8, obsWindow: 8, embDim: dim, embDtype: RF_F16 };
+const r = mulberry32(7);
+const rows = Uint16Array.from({ length: 300 * dim }, () => f32ToF16(r() * 2 - 1 + (r() < 0.5 ? 0.3 : 0)));
+
+/** the sum of rows [0, n) each divided by its norm, from the f16 values as stored */
+function directSum(n: number): number[] {
+  const x = f16ToF32(rows.subarray(0, n * dim));
+  const out = new Array<number>(dim).fill(0);
+  for (let i = 0; i < n; i++) {
+    let ss = 0;
+    for (let d = 0; d < dim; d++) ss += x[i * dim + d]! ** 2;
+    for (let d = 0; d < dim; d++) out[d]! += x[i * dim + d]! / Math.sqrt(ss);
+  }
+  return out;
+}
+
+/** the session with n acknowledged tokens (reconcile keeps only the rows of acknowledged tokens) */
+function withTokens(s: Session, n: number): Session {
+  writeFileSync(join(s.dir, "tokens.bin"), new Uint8Array(n * 4));
+  s.meta.tokens = n;
+  s.saveMeta(true);
+  return s;
+}
+
+const close = (a: ArrayLike<number>, b: ArrayLike<number>) => {
+  expect(a.length).toBe(b.length);
+  for (let i = 0; i < a.length; i++) expect(Math.abs(a[i]! - b[i]!)).toBeLessThan(1e-9);
+};
+
+describe("a context's normalised row sum", () => {
+  test("kept as rows are written, stored with the metadata, caught up from the file when missing or behind", () => {
+    const s = withTokens(Session.create(root, "ctx-a", { fingerprint: "f", heads: [], params }), 300);
+    for (const [a, z] of [
+      [0, 100],
+      [100, 101],
+      [101, 250],
+    ])
+      s.appendEmbeddings(rows.subarray(a * dim, z * dim), z - a);
+    const kept = s.rowSum(native);
+    expect(kept.rows).toBe(250);
+    close(kept.sum, directSum(250));
+    expect(s.meta.rowSumRows).toBe(250); // written as the rows were, no catching up
+
+    // reloaded: the stored sum
+    const again = Session.load(join(root, "contexts", "ctx-a"))!;
+    close(again.rowSum(native).sum, kept.sum);
+
+    // a session stored before the sum was kept: summed from emb.bin at its first query, then kept up to date
+    again.meta.rowSum = undefined;
+    again.meta.rowSumRows = undefined;
+    again.saveMeta(true);
+    const old = Session.load(join(root, "contexts", "ctx-a"))!;
+    old.appendEmbeddings(rows.subarray(250 * dim, 260 * dim), 10); // the sum does not cover the rows: left behind
+    expect(old.meta.rowSumRows).toBeUndefined();
+    const caught = old.rowSum(native);
+    expect(caught.rows).toBe(260);
+    close(caught.sum, directSum(260));
+    old.appendEmbeddings(rows.subarray(260 * dim, 300 * dim), 40);
+    expect(old.meta.rowSumRows).toBe(300);
+    close(old.rowSum(native).sum, directSum(300));
+
+    // rows lost from the file (reconcile keeps whole rows of acknowledged tokens): the sum is taken again
+    truncateSync(join(root, "contexts", "ctx-a", "emb.bin"), 120 * dim * 2 + 5);
+    const cut = Session.load(join(root, "contexts", "ctx-a"))!;
+    expect(cut.meta.processed).toBe(120);
+    const resummed = cut.rowSum(native);
+    expect(resummed.rows).toBe(120);
+    close(resummed.sum, directSum(120));
+  });
+
+  test("the offsets are each query row's mean cosine over the context (rf_score's cosines)", () => {
+    const n = 300;
+    const q = Float32Array.from({ length: 5 * dim }, () => r() * 2 - 1);
+    const s = Session.create(root, "ctx-b", { fingerprint: "f", heads: [], params });
+    s.appendEmbeddings(rows, n);
+    const { sum, rows: count } = s.rowSum(native);
+    const off = backgroundOffsets(sum, count, q, 5, dim);
+    for (let j = 0; j < 5; j++) {
+      const cos = native.score(rows, n, dim, q.subarray(j * dim, (j + 1) * dim), 1);
+      const mean = cos.reduce((a, b) => a + b, 0) / n;
+      expect(Math.abs(off[j]! - mean)).toBeLessThan(1e-5);
+    }
+    expect(Array.from(backgroundOffsets(sum, 0, q, 5, dim))).toEqual([0, 0, 0, 0, 0]);
+  });
+});
