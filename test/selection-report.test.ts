@@ -79,6 +79,20 @@ describe("return_selection on the query route", () => {
   afterAll(() => srv?.stop());
 
   const ask = { question: "Where is the needle?", max_tokens: 2, temperature: 0, budget: 64 };
+  /** the selection a non-stream query with these extra fields reports */
+  const selectionWith = async (extra: object) =>
+    (
+      await j(
+        jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...ask, stream: false, return_selection: true, ...extra }),
+      )
+    ).selection;
+  /** a chat completion over the context with these extra (REFORM) fields */
+  const chat = (extra: object) =>
+    jsonPost(`${base}/v1/chat/completions`, {
+      messages: [{ role: "user", content: "Where is the needle?" }],
+      max_tokens: 2,
+      ...extra,
+    });
 
   function checkSelection(sel: Json, contextTokens: number) {
     expect(sel.method).toBe("reform");
@@ -161,17 +175,7 @@ describe("return_selection on the query route", () => {
   test(
     "score_floor per request: the gathering reports the floor it used (the server's by default); out of range is a 400",
     async () => {
-      const selectionAt = async (floor?: number) =>
-        (
-          await j(
-            jsonPost(`${base}/v1/contexts/${ctxId}/query`, {
-              ...ask,
-              stream: false,
-              return_selection: true,
-              ...(floor === undefined ? {} : { score_floor: floor }),
-            }),
-          )
-        ).selection;
+      const selectionAt = (floor?: number) => selectionWith(floor === undefined ? {} : { score_floor: floor });
       const props = await j(fetch(`${base}/props`));
       expect((await selectionAt()).score_floor).toBe(props.limits.score_floor);
       expect((await selectionAt(1)).score_floor).toBe(1);
@@ -185,12 +189,6 @@ describe("return_selection on the query route", () => {
       );
       expect(err.param).toBe("score_floor");
       // the OpenAI endpoints take it in the `reform` extension object and beside a top-level context_id
-      const chat = (extra: object) =>
-        jsonPost(`${base}/v1/chat/completions`, {
-          messages: [{ role: "user", content: "Where is the needle?" }],
-          max_tokens: 2,
-          ...extra,
-        });
       for (const extra of [
         { reform: { context_id: ctxId, score_floor: -0.1 } },
         { context_id: ctxId, score_floor: -0.1 },
@@ -207,22 +205,12 @@ describe("return_selection on the query route", () => {
   test(
     "score_background per request: reported, on by default (/props), changes the scores; not a boolean or given twice differently is a 400",
     async () => {
-      const selectionWith = async (background?: boolean) =>
-        (
-          await j(
-            jsonPost(`${base}/v1/contexts/${ctxId}/query`, {
-              ...ask,
-              stream: false,
-              return_selection: true,
-              ...(background === undefined ? {} : { score_background: background }),
-            }),
-          )
-        ).selection;
+      const background = (on?: boolean) => selectionWith(on === undefined ? {} : { score_background: on });
       const props = await j(fetch(`${base}/props`));
       expect(props.limits.score_background).toBe(true);
-      const byDefault = await selectionWith();
-      const on = await selectionWith(true);
-      const off = await selectionWith(false);
+      const byDefault = await background();
+      const on = await background(true);
+      const off = await background(false);
       expect(byDefault.score_background).toBe(true);
       expect(on.score_background).toBe(true);
       expect(off.score_background).toBe(false);
@@ -235,12 +223,6 @@ describe("return_selection on the query route", () => {
         400,
       );
       expect(err.param).toBe("score_background");
-      const chat = (extra: object) =>
-        jsonPost(`${base}/v1/chat/completions`, {
-          messages: [{ role: "user", content: "Where is the needle?" }],
-          max_tokens: 2,
-          ...extra,
-        });
       const twice = await expectError(
         await chat({ context_id: ctxId, score_background: true, reform: { score_background: false } }),
         400,

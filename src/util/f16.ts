@@ -1,5 +1,5 @@
 /** IEEE half-precision to float32, by table (65536 entries): embeddings are stored as f16 on disk. */
-const F16_TABLE = (() => {
+export const F16_TABLE = (() => {
   const t = new Float32Array(65536);
   for (let h = 0; h < 65536; h++) {
     const s = h & 0x8000 ? -1 : 1;
