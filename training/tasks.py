@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import string
 from dataclasses import dataclass, field
 
@@ -254,14 +255,16 @@ class TaskMaker:
         for _ in range(20):
             hay = self.haystack(max(16, n_tokens - 60), fragmented=False)
             texts = [self.tok.decode(s) for s in hay]
+            # words as bench/ruler-tasks.ts counts them (letters only, any case): split() kept "string," apart from
+            # "string", and 9% of the questions had a second sentence with the word in it
             counts: dict[str, int] = {}
             for t in texts:
-                for w in set(t.lower().split()):
+                for w in set(re.findall(r"[a-z]+", t.lower())):
                     counts[w] = counts.get(w, 0) + 1
             order = list(range(len(hay)))
             r.shuffle(order)
             for i in order:
-                words = [w for w in texts[i].split() if w.isalpha() and len(w) >= 5 and counts.get(w.lower()) == 1]
+                words = [w for w in re.findall(r"[A-Za-z]+", texts[i]) if len(w) >= 5 and counts.get(w.lower()) == 1]
                 if words and len(hay[i]) <= 60:
                     w = r.choice(words)
                     sent = texts[i].strip()

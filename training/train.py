@@ -130,6 +130,12 @@ CONFIGS["tiny6f"] = dict(CONFIGS["tiny6c"], init=os.path.join(HERE, "state", "ti
 CONFIGS["tiny8"] = dict(CONFIGS["tiny6f"], init=os.path.join(HERE, "state", "tiny6f", "ckpt.pt"),
                         model=ModelArgs(num_hidden_layers=8), lr=4e-4, min_len=256, mix=MIX_WEAK)
 
+# tiny8 on the quote task with a question whose word is tokenized as in the text: the old template put the word
+# after a double quote ("corresponding" -> '"', 'c', 'or', ...) where the text has ' cor', 'res', ...; no model
+# learnt to match the two (quote 0-12% in the window for every stage before). Leans on quote, keeps the weak tasks
+MIX_QUOTE = {"single": 0.06, "multikey": 0.12, "multivalue": 0.18, "multiquery": 0.18, "quote": 0.32, "copy": 0.04, "text": 0.10}
+CONFIGS["tiny8q"] = dict(CONFIGS["tiny8"], init=os.path.join(HERE, "state", "tiny8", "ckpt.pt"), lr=3e-4, mix=MIX_QUOTE)
+
 
 class Batches(torch.utils.data.IterableDataset):
     """Endless batches of one length each (lengths drawn per batch between min_len and the window)."""
