@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Native, RF_F16 } from "../ffi/native.ts";
-import { backgroundOffsets } from "../src/engine/background.ts";
+import { addNormalisedRows, backgroundOffsets } from "../src/engine/background.ts";
 import { Session } from "../src/engine/session.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
 import { f32ToF16 } from "./fixtures/tiny-model.ts";
@@ -87,9 +87,35 @@ describe("a context's normalised row sum", () => {
     truncateSync(join(root, "contexts", "ctx-a", "emb.bin"), 120 * dim * 2 + 5);
     const cut = Session.load(join(root, "contexts", "ctx-a"))!;
     expect(cut.meta.processed).toBe(120);
+    // reconcile drops a sum over more rows than the file keeps, so rows appended before any query do not extend it
+    expect(cut.meta.rowSumRows).toBeUndefined();
+    cut.appendEmbeddings(rows.subarray(120 * dim, 300 * dim), 180);
     const resummed = cut.rowSum(native);
-    expect(resummed.rows).toBe(120);
-    close(resummed.sum, directSum(120));
+    expect(resummed.rows).toBe(300);
+    close(resummed.sum, directSum(300));
+    // a sum caught up at a query is stored: after a restart it is not summed again
+    const stored = Session.load(join(root, "contexts", "ctx-a"))!;
+    expect(stored.meta.rowSumRows).toBe(300);
+    close(new Float64Array(stored.meta.rowSum!.buffer, 0, dim), directSum(300));
+  });
+
+  test("a row with an f16 overflow (inf) is left out of the sum; a non-finite query row gets no offset", () => {
+    const s = withTokens(Session.create(root, "ctx-inf", { fingerprint: "f", heads: [], params }), 3);
+    const three = Uint16Array.from(rows.subarray(0, 3 * dim));
+    three[dim + 5] = 0x7c00; // +inf in row 1
+    s.appendEmbeddings(three, 3);
+    const { sum, rows: count } = s.rowSum(native);
+    expect(count).toBe(3);
+    expect(sum.every(Number.isFinite)).toBe(true);
+    const two = Uint16Array.from([...rows.subarray(0, dim), ...rows.subarray(2 * dim, 3 * dim)]);
+    const expected = new Float64Array(dim);
+    addNormalisedRows(expected, two, 2, dim);
+    close(sum, expected);
+    const q = Float32Array.from({ length: 2 * dim }, (_, i) => (i === dim ? Number.NaN : 1));
+    const off = backgroundOffsets(sum, count, q, 2, dim);
+    expect(Number.isFinite(off[0]!)).toBe(true);
+    expect(off[0]).not.toBe(0);
+    expect(off[1]).toBe(0);
   });
 
   test("the offsets are each query row's mean cosine over the context (rf_score's cosines)", () => {

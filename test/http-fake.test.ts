@@ -436,7 +436,14 @@ describe("fake engine", () => {
       200,
     );
     expect(eng.lastQuery!.contextId).toBe(ctx.id);
+    // score_background reaches the engine from either place; left out, the engine's default applies
+    expect(eng.lastQuery!.scoreBackground).toBeUndefined();
+    await ask({ context_id: ctx.id, score_background: false });
+    expect(eng.lastQuery!.scoreBackground).toBe(false);
+    await ask({ reform: { context_id: ctx.id, score_background: true } });
+    expect(eng.lastQuery!.scoreBackground).toBe(true);
     for (const [extra, param] of [
+      [{ context_id: ctx.id, score_background: true, reform: { score_background: false } }, "score_background"],
       [{ context_id: other, reform: { context_id: ctx.id } }, "context_id"],
       [{ context_id: ctx.id, reform: { context_id: other } }, "context_id"],
       [{ model: `context:${other}`, context_id: ctx.id }, "context_id"],

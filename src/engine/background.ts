@@ -13,7 +13,8 @@
 import { F16_TABLE } from "../util/f16.ts";
 
 /** Adds rows [0, n) of `rows` (n x dim, f32 or f16 bits), each divided by its L2 norm (max(|c|, 1e-12), as the
- * scorer's cosine), to `sum` (dim f64). */
+ * scorer's cosine), to `sum` (dim f64). A row with an infinite or NaN value (an f16 overflow) is left out: the scorer
+ * gives it NaN, which ranks last, and one such row must not turn the whole context's sum into NaN. */
 export function addNormalisedRows(sum: Float64Array, rows: Float32Array | Uint16Array, n: number, dim: number): void {
   // f16 rows widen through the table in place (no copy: this runs on every chunk an upload writes)
   const x: ArrayLike<number> = rows;
@@ -25,6 +26,7 @@ export function addNormalisedRows(sum: Float64Array, rows: Float32Array | Uint16
       const v = w ? w[x[o + d]!]! : x[o + d]!;
       ss += v * v;
     }
+    if (!Number.isFinite(ss)) continue;
     const inv = 1 / Math.max(Math.sqrt(ss), 1e-12);
     for (let d = 0; d < dim; d++) sum[d]! += (w ? w[x[o + d]!]! : x[o + d]!) * inv;
   }
@@ -32,7 +34,8 @@ export function addNormalisedRows(sum: Float64Array, rows: Float32Array | Uint16
 
 /**
  * The offsets of rf_score_select: offsets[j] = cos-mean of query row j over the `rows` context rows whose normalised
- * sum is `sum`, i.e. (q_j / |q_j|) . (sum / rows). q: nq x dim f32. All zeros for an empty context.
+ * sum is `sum`, i.e. (q_j / |q_j|) . (sum / rows). q: nq x dim f32. All zeros for an empty context; 0 for a query row
+ * with a non-finite value (rf_score_select refuses non-finite offsets).
  */
 export function backgroundOffsets(
   sum: Float64Array,
@@ -51,7 +54,8 @@ export function backgroundOffsets(
       ss += q[o + d]! * q[o + d]!;
       dot += q[o + d]! * sum[d]!;
     }
-    out[j] = dot / Math.max(Math.sqrt(ss), 1e-12) / rows;
+    const b = dot / Math.max(Math.sqrt(ss), 1e-12) / rows;
+    out[j] = Number.isFinite(b) ? b : 0; // a query row the scorer cannot score (NaN) keeps its scores as they are
   }
   return out;
 }

@@ -159,6 +159,9 @@ export function* gatherContext(
     const sel = selectionFor(d, budget);
     const op = e.headsFile.smoothing ?? "mean";
     const rows = s.meta.processed;
+    // before any yield: an upload running alongside may append rows at the next step, and the offsets must describe
+    // exactly the rows scored
+    const offsets = g.background ? backgroundOffsets(...rowSumOf(s, e), qf, nq, dim) : undefined;
     // the context's rows resident on the device (uploaded once, resident.ts), else the mapped file: the same scores
     const store = resident ? yield* resident.forQuery(s, rows) : null;
     // short of device memory for the scoring buffers, the stores give way and the file is streamed
@@ -168,7 +171,6 @@ export function* gatherContext(
     // sentence tail kept back; the raw scores come back for a report and for the score floor
     const floor = g.floor;
     const scores = g.report || floor > 0 ? new Float32Array(rows) : undefined;
-    const offsets = g.background ? backgroundOffsets(...rowSumOf(s, e), qf, nq, dim) : undefined;
     const what = { window: sel.window, lag: sel.lag, budget: budget - sel.tail, edge: sel.edge, pool: op, offsets };
     const picked = scored(
       () => store!.scoreSelect(rows, qf, nq, what, scores),

@@ -282,6 +282,11 @@ export class Session {
       closeSync(fd);
     }
     m.processed = rows;
+    // rows dropped here leave the sum covering more than the file: summed again at the next query (rowSum)
+    if ((m.rowSumRows ?? 0) > rows) {
+      m.rowSum = undefined;
+      m.rowSumRows = undefined;
+    }
     const st = this.readStateSeen();
     m.stateSeen = st !== null && st <= rows ? st : 0;
     const sp = this.p("compressor.state");
@@ -469,6 +474,7 @@ export class Session {
         }
         m.rowSumRows = emb.rows;
       });
+    if (from < m.processed) this.saveMeta(false); // kept, so a finished context is not summed again after a restart
     return { sum: Float64Array.from(sum), rows: m.rowSumRows ?? 0 };
   }
 
