@@ -164,10 +164,9 @@ try {
     );
     // the engine's path also takes each question token's background off its scores (background.ts): timed here,
     // left out of the fused call so that its selection compares with the unfused ones below
-    time("background offsets (the context's row sum, kept at upload; one dot product per question token)", () => {
-      const { sum, rows } = s.rowSum(native);
-      return backgroundOffsets(sum, rows, qf, q.length, s.meta.params.embDim);
-    });
+    time("background offsets (the context's row sum, kept at upload; one dot product per question token)", () =>
+      backgroundOffsets(s.rowSum(native), qf, q.length, s.meta.params.embDim),
+    );
     const sel = { window: core.e.defaults.window, budget: BUDGET, edge: core.e.defaults.edge };
     const fused = time("score + select (rf_score_select: the engine's path)", () =>
       s.withEmbeddings(native, (rows) =>

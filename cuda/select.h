@@ -276,10 +276,9 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
     for (int d = 0; d < dim; d++) qt[((size_t)(j / SCORE_QB) * dim + d) * SCORE_QB + j % SCORE_QB] = src[d] * inv;
   }
   const float* Qt = qt.data();
-  const float* off = q_offset;
   for_ranges((n_ctx + SCORE_RB - 1) / SCORE_RB, [&](int64_t b0, int64_t b1) {
     std::vector<float> rows((size_t)SCORE_RB * dim);
-    score_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, off, b0, b1, rows.data(), out);
+    score_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, q_offset, b0, b1, rows.data(), out);
   });
   return RF_OK;
 }

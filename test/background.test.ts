@@ -112,7 +112,7 @@ describe("a context's normalised row sum", () => {
     addNormalisedRows(expected, two, 2, dim);
     close(sum, expected);
     const q = Float32Array.from({ length: 2 * dim }, (_, i) => (i === dim ? Number.NaN : 1));
-    const off = backgroundOffsets(sum, count, q, 2, dim);
+    const off = backgroundOffsets({ sum, rows: count }, q, 2, dim);
     expect(Number.isFinite(off[0]!)).toBe(true);
     expect(off[0]).not.toBe(0);
     expect(off[1]).toBe(0);
@@ -124,12 +124,12 @@ describe("a context's normalised row sum", () => {
     const s = Session.create(root, "ctx-b", { fingerprint: "f", heads: [], params });
     s.appendEmbeddings(rows, n);
     const { sum, rows: count } = s.rowSum(native);
-    const off = backgroundOffsets(sum, count, q, 5, dim);
+    const off = backgroundOffsets({ sum, rows: count }, q, 5, dim);
     for (let j = 0; j < 5; j++) {
       const cos = native.score(rows, n, dim, q.subarray(j * dim, (j + 1) * dim), 1);
       const mean = cos.reduce((a, b) => a + b, 0) / n;
       expect(Math.abs(off[j]! - mean)).toBeLessThan(1e-5);
     }
-    expect(Array.from(backgroundOffsets(sum, 0, q, 5, dim))).toEqual([0, 0, 0, 0, 0]);
+    expect(Array.from(backgroundOffsets({ sum, rows: 0 }, q, 5, dim))).toEqual([0, 0, 0, 0, 0]);
   });
 });

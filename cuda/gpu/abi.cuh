@@ -230,13 +230,19 @@ RF_API void rf_compressor_destroy(rf_compressor* c) {
 }
 
 /* ---- scoring ---- */
+namespace {
+/* rf_score's checks and scoring, each query row's offset (q_offset, or NULL) taken off: rf_score and rf_score_select */
+int score_checked(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                  const float* q_offset, float* out) {
+  RF_TRY(rf::check_score_args(ctx, ctx_dtype, n_ctx, dim, q, n_q, out));
+  return n_ctx == 0 ? RF_OK : score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, out);
+}
+}  // namespace
+
 RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                     float* out) {
-  return rf::guard("rf_score", [&]() -> int {
-    RF_TRY(rf::check_score_args(ctx, ctx_dtype, n_ctx, dim, q, n_q, out));
-    if (n_ctx == 0) return RF_OK;
-    return score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, nullptr, out);
-  });
+  return rf::guard("rf_score",
+                   [&]() -> int { return score_checked(ctx, ctx_dtype, n_ctx, dim, q, n_q, nullptr, out); });
 }
 
 /* ---- resident context embeddings ---- */
@@ -356,11 +362,8 @@ RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx
                                int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
   return rf::guard("rf_score_select", [&]() -> int64_t {
     RF_TRY(rf::check_offsets(q_offset, n_q, "rf_score_select"));
-    const auto score = [&](float* s) -> int {
-      RF_TRY(rf::check_score_args(ctx, ctx_dtype, n_ctx, dim, q, n_q, s));
-      return n_ctx == 0 ? RF_OK : score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, s);
-    };
-    return rf::score_select(score, n_ctx, window, lag, pool, budget, edge, scores, out_idx);
+    return rf::score_select([&](float* s) { return score_checked(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, s); },
+                            n_ctx, window, lag, pool, budget, edge, scores, out_idx);
   });
 }
 

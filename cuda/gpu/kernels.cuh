@@ -396,9 +396,9 @@ __global__ void k_split_f16(const float* __restrict__ x, uint16_t* __restrict__ 
     dst[n + i] = f2h(x[i] - h2f(hi, true), true);
   }
 }
-/* out[r] = max_j (s[r][j] + s[r][nq + j]) * inv[r] (s: [rows][2 nq], the hi and lo halves of the query pair) */
-/* out[r] = max_c (cos_rc - off[c]); off NULL: max_c cos_rc, the row norm applied once after the maximum (the same
- * value: multiplying by a positive scale is monotone in every rounding) */
+/* out[r] = max_j (cos_rj - off[j]) with cos_rj = (s[r][j] + s[r][nq + j]) * inv[r] (s: [rows][2 nq], the hi and lo
+ * halves of the query pair); off NULL: max_j cos_rj, the row norm applied once after the maximum (the same value:
+ * multiplying by a positive scale is monotone in every rounding) */
 __global__ void k_rowmax_pair(const float* __restrict__ s, int64_t rows, int nq, const float* __restrict__ inv,
                               const float* __restrict__ off, float* __restrict__ out) {
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {

@@ -12,6 +12,12 @@
  */
 import { F16_TABLE } from "../util/f16.ts";
 
+/** The sum of a context's first `rows` embedding rows, each L2-normalised (dim f64): what its background derives from. */
+export interface RowSum {
+  sum: Float64Array;
+  rows: number;
+}
+
 /** Adds rows [0, n) of `rows` (n x dim, f32 or f16 bits), each divided by its L2 norm (max(|c|, 1e-12), as the
  * scorer's cosine), to `sum` (dim f64). A row with an infinite or NaN value (an f16 overflow) is left out: the scorer
  * gives it NaN, which ranks last, and one such row must not turn the whole context's sum into NaN. */
@@ -33,17 +39,11 @@ export function addNormalisedRows(sum: Float64Array, rows: Float32Array | Uint16
 }
 
 /**
- * The offsets of rf_score_select: offsets[j] = cos-mean of query row j over the `rows` context rows whose normalised
- * sum is `sum`, i.e. (q_j / |q_j|) . (sum / rows). q: nq x dim f32. All zeros for an empty context; 0 for a query row
+ * The offsets of rf_score_select: offsets[j] = cos-mean of query row j over the context rows a RowSum covers, i.e.
+ * (q_j / |q_j|) . (sum / rows). q: nq x dim f32. All zeros for an empty context; 0 for a query row
  * with a non-finite value (rf_score_select refuses non-finite offsets).
  */
-export function backgroundOffsets(
-  sum: Float64Array,
-  rows: number,
-  q: Float32Array,
-  nq: number,
-  dim: number,
-): Float32Array {
+export function backgroundOffsets({ sum, rows }: RowSum, q: Float32Array, nq: number, dim: number): Float32Array {
   const out = new Float32Array(nq);
   if (rows <= 0) return out;
   for (let j = 0; j < nq; j++) {

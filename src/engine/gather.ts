@@ -161,7 +161,7 @@ export function* gatherContext(
     const rows = s.meta.processed;
     // before any yield: an upload running alongside may append rows at the next step, and the offsets must describe
     // exactly the rows scored
-    const offsets = g.background ? backgroundOffsets(...rowSumOf(s, e), qf, nq, dim) : undefined;
+    const offsets = g.background ? backgroundOffsets(s.rowSum(e.native), qf, nq, dim) : undefined;
     // the context's rows resident on the device (uploaded once, resident.ts), else the mapped file: the same scores
     const store = resident ? yield* resident.forQuery(s, rows) : null;
     // short of device memory for the scoring buffers, the stores give way and the file is streamed
@@ -197,11 +197,6 @@ export function* gatherContext(
   }
   const prompt = concat(pre, ctx, suf);
   return { prompt, promptLen: prompt.length, selected: ctx.length, h2o: null, ...(selection ? { selection } : {}) };
-}
-
-function rowSumOf(s: Session, e: LoadedEngine): [Float64Array, number] {
-  const { sum, rows } = s.rowSum(e.native);
-  return [sum, rows];
 }
 
 function emptySelection(method: Method, n: number): Selection {

@@ -49,7 +49,7 @@ import { join } from "node:path";
 import { type Pointer, toArrayBuffer } from "bun:ffi";
 import { type MappedFile, type MappedRows, RF_F16, RF_F32 } from "../../ffi/native.ts";
 import type { ContextInfo, ContextState } from "./api.ts";
-import { addNormalisedRows } from "./background.ts";
+import { addNormalisedRows, type RowSum } from "./background.ts";
 import type { HeadSpec } from "../model/types.ts";
 
 export const MAX_TAIL_CHARS = 1 << 16;
@@ -438,13 +438,9 @@ export class Session {
     appendSync(this.p("emb.bin"), bytes, true);
     const m = this.meta;
     // the sum follows the rows while it covers all of them (else the next query catches it up from the file)
-    if (m.rowSum && m.rowSumRows === m.processed) {
-      addNormalisedRows(
-        new Float64Array(m.rowSum.buffer, m.rowSum.byteOffset, m.params.embDim),
-        rows,
-        n,
-        m.params.embDim,
-      );
+    const sum = this.storedRowSum();
+    if (sum && m.rowSumRows === m.processed) {
+      addNormalisedRows(sum, rows, n, m.params.embDim);
       m.rowSumRows += n;
     }
     m.processed += n;
@@ -457,16 +453,17 @@ export class Session {
    * it was kept, rows written before a crash) are read from emb.bin here, and a sum over more rows than the file holds
    * (rows dropped by reconcile) is summed again. The returned array is a copy.
    */
-  rowSum(mapper: FileMapper): { sum: Float64Array; rows: number } {
+  rowSum(mapper: FileMapper): RowSum {
     const m = this.meta;
     const dim = m.params.embDim;
-    if (!m.rowSum || m.rowSum.byteLength !== dim * 8 || (m.rowSumRows ?? 0) > m.processed) {
+    let sum = this.storedRowSum();
+    if (!sum || (m.rowSumRows ?? 0) > m.processed) {
       m.rowSum = new Uint8Array(dim * 8);
       m.rowSumRows = 0;
+      sum = this.storedRowSum()!;
     }
-    const sum = new Float64Array(m.rowSum.buffer, m.rowSum.byteOffset, dim);
     const from = m.rowSumRows ?? 0;
-    if (from < m.processed)
+    if (from < m.processed) {
       this.withEmbeddings(mapper, (emb) => {
         for (let i = from; i < emb.rows; i += ROW_SUM_SLICE) {
           const to = Math.min(emb.rows, i + ROW_SUM_SLICE);
@@ -474,8 +471,16 @@ export class Session {
         }
         m.rowSumRows = emb.rows;
       });
-    if (from < m.processed) this.saveMeta(false); // kept, so a finished context is not summed again after a restart
+      this.saveMeta(false); // kept, so a finished context is not summed again after a restart
+    }
     return { sum: Float64Array.from(sum), rows: m.rowSumRows ?? 0 };
+  }
+
+  /** meta.rowSum as the f64 values it holds (a view), or null when absent or of another embed dim */
+  private storedRowSum(): Float64Array | null {
+    const { rowSum, params } = this.meta;
+    if (!rowSum || rowSum.byteLength !== params.embDim * 8) return null;
+    return new Float64Array(rowSum.buffer, rowSum.byteOffset, params.embDim);
   }
 
   /**
