@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { RF_F16 } from "../ffi/native.ts";
 import type { QueryEvent } from "../src/engine/api.ts";
-import { backgroundOffsets } from "../src/engine/background.ts";
+import { BACKGROUND_K, backgroundOffsets } from "../src/engine/background.ts";
 import { DEFAULT_EDGE, DEFAULT_WINDOW, gather, selectTokens, smoothScores } from "../src/engine/selection.ts";
 import { EngineCore } from "../src/engine/core.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
@@ -164,7 +164,14 @@ try {
     );
     // the engine's path also takes each question token's background off its scores (background.ts): timed here,
     // left out of the fused call so that its selection compares with the unfused ones below
-    time("background offsets (the context's row sum, kept at upload; one dot product per question token)", () =>
+    time(
+      `background "kth" (rf_score_kth: each question token's ${BACKGROUND_K}th best match, a pass over the file)`,
+      () =>
+        s.withEmbeddings(native, (rows) =>
+          native.scoreKth(rows.mapped, s.meta.processed, s.meta.params.embDim, qf, q.length, BACKGROUND_K),
+        ),
+    );
+    time(`background "mean" (the context's row sum, kept at upload; one dot product per question token)`, () =>
       backgroundOffsets(s.rowSum(native), qf, q.length, s.meta.params.embDim),
     );
     const sel = { window: core.e.defaults.window, budget: BUDGET, edge: core.e.defaults.edge };

@@ -66,8 +66,9 @@ extern "C" {
 /* 2: rf_smooth_select / rf_score_select take the pooling operator; RF_HEAD_O; rf_compress_params.eviction
  * 3: rf_smooth_select / rf_score_select / rf_embstore_score_select take the smoothing window's lag
  * 4: rf_map_file / rf_unmap_file
- * 5: rf_score_select / rf_embstore_score_select take per-query offsets (q_offset) */
-#define RF_ABI_VERSION 5
+ * 5: rf_score_select / rf_embstore_score_select take per-query offsets (q_offset)
+ * 6: rf_score_kth / rf_embstore_score_kth */
+#define RF_ABI_VERSION 6
 
 /* status codes */
 #define RF_OK 0
@@ -229,6 +230,17 @@ RF_API void rf_compressor_destroy(rf_compressor* c);
  * cos(a, b) = a.b / (max(|a|, 1e-12) * max(|b|, 1e-12)), so an all-zero row scores 0. */
 RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                     float* out);
+/* Each query row's k-th best match over the context: out[j] = the k-th largest of cos(ctx_i, q_j) over i < n_ctx
+ * (n_q f32; equal cosines count once each; rows whose cosine is NaN are left out; k is clamped to n_ctx; fewer rows
+ * than that, or n_ctx == 0: -inf). The cosines are the ones rf_score_select takes its offsets from in the same build
+ * (CPU: the same f32 sums bit for bit; CUDA: rf_score's kernels and cosine expression), so a row at the k-th best
+ * scores exactly 0 after the offset (CUDA: when scored with the same query rows; cuBLAS may pick another kernel for
+ * another number of rows, a difference of rounding). 1 <= k <= RF_KTH_MAX, else RF_ERR_INVALID. The server takes each
+ * question token's k-th best match off its scores (q_offset): a token then counts only where it matches better than
+ * nearly everywhere else, as a rare term does (src/engine/background.ts). */
+#define RF_KTH_MAX 1024
+RF_API int rf_score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                        int32_t k, float* out);
 
 /* ---- resident context embeddings (phase 2 without reading the embedding file again) ---- */
 /* An append-only matrix of f16 rows (embed_dim values each: a context's embedding file, mirrored) kept where the
@@ -247,6 +259,8 @@ RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e);
 RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q,
                                         const float* q_offset, int32_t window, int32_t lag, int32_t pool,
                                         int64_t budget, int32_t edge, float* scores, int32_t* out_idx);
+/* rf_score_kth over the store's first n_ctx rows (the same values as rf_score_kth over those rows in host memory) */
+RF_API int rf_embstore_score_kth(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t k, float* out);
 RF_API void rf_embstore_destroy(rf_embstore* e);
 
 /* ---- recompute + generate ---- */
@@ -292,9 +306,10 @@ RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, 
  * NULL) receives the raw scores, out_idx the selected positions; returns their count or an error code. The CPU build
  * scores with f32 sums (within 1e-5 of rf_score), the CUDA build with rf_score itself.
  * q_offset (n_q f32, may be NULL: all 0) is taken off each query row's cosine before the maximum:
- * score_i = max_j (cos(ctx_i, q_j) - q_offset[j]). The server passes each question token's background, its mean
- * cosine over the whole context (q_j . the mean normalised context row), so that a token that matches every row (a
- * log's digits and punctuation) no longer decides the maximum everywhere (README, "Documents that are not prose"). */
+ * score_i = max_j (cos(ctx_i, q_j) - q_offset[j]). The server passes each question token's background: by default its
+ * k-th best match (rf_score_kth), or its mean cosine over the whole context (q_j . the mean normalised context row), so
+ * that a token that matches every row (a log's digits and punctuation) no longer decides the maximum everywhere
+ * (README, "Documents that are not prose"). */
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
                                int32_t n_q, const float* q_offset, int32_t window, int32_t lag, int32_t pool,
                                int64_t budget, int32_t edge, float* scores, int32_t* out_idx);

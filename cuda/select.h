@@ -18,6 +18,8 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <vector>
 
 #include <fcntl.h>
@@ -200,6 +202,50 @@ static void f16_widen_scalar(const uint16_t* s, float* d, int n) {
  * f32 (rf_score's reference tolerance, not its bits). */
 constexpr int SCORE_RB = 8, SCORE_QB = 16;
 
+/* The shared steps of the scorer's passes, inlined into each of their clones (a callee with the default target may be
+ * inlined into an AVX-512 clone, not called from it). load_block widens block `blk` of SCORE_RB context rows into
+ * `rows` (zeros past n_ctx) and writes their inverse norms; returns how many rows it holds. */
+[[maybe_unused]] __attribute__((always_inline)) static inline int load_block(const void* ctx, int32_t ctx_dtype,
+                                                                             int64_t n_ctx, int32_t dim, int64_t blk,
+                                                                             float* rows, float inv[SCORE_RB]) {
+  const int64_t i0 = blk * SCORE_RB;
+  const int rb = (int)std::min<int64_t>(SCORE_RB, n_ctx - i0);
+  for (int r = 0; r < SCORE_RB; r++) {
+    float* dst = rows + (size_t)r * dim;
+    if (r >= rb) {
+      std::fill(dst, dst + dim, 0.f);
+    } else if (ctx_dtype == RF_F16) {
+      f16_widen((const uint16_t*)ctx + (i0 + r) * dim, dst, dim);
+    } else {
+      memcpy(dst, (const float*)ctx + (i0 + r) * dim, (size_t)dim * sizeof(float));
+    }
+  }
+  for (int r = 0; r < SCORE_RB; r++) {
+    const float* row = rows + (size_t)r * dim;
+    float ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int d = 0; d < dim; d++) ss += row[d] * row[d];
+    inv[r] = 1.f / std::max(std::sqrt(ss), 1e-12f);
+  }
+  return rb;
+}
+
+/* acc[r][l] = rows_r . qb_l for the SCORE_QB query rows of one block of transposed queries */
+[[maybe_unused]] __attribute__((always_inline)) static inline void dot_block(const float* rows, int32_t dim,
+                                                                             const float* qb,
+                                                                             float acc[SCORE_RB][SCORE_QB]) {
+  for (int r = 0; r < SCORE_RB; r++)
+    for (int l = 0; l < SCORE_QB; l++) acc[r][l] = 0.f;
+  for (int d = 0; d < dim; d++) {
+    const float* qd = qb + (size_t)d * SCORE_QB;
+    for (int r = 0; r < SCORE_RB; r++) {
+      const float x = rows[(size_t)r * dim + d];
+#pragma omp simd
+      for (int l = 0; l < SCORE_QB; l++) acc[r][l] += x * qd[l];
+    }
+  }
+}
+
 /* blocks [blk0, blk1) of SCORE_RB context rows; `rows` is a SCORE_RB * dim scratch buffer; `off` the query rows'
  * offsets (n_q, or NULL) */
 [[maybe_unused]] RF_SCORE_CLONES static void score_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx,
@@ -207,41 +253,15 @@ constexpr int SCORE_RB = 8, SCORE_QB = 16;
                                                           int64_t blk0, int64_t blk1, float* rows, float* out) {
   const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
   for (int64_t blk = blk0; blk < blk1; blk++) {
-    const int64_t i0 = blk * SCORE_RB;
-    const int rb = (int)std::min<int64_t>(SCORE_RB, n_ctx - i0);
-    for (int r = 0; r < SCORE_RB; r++) {
-      float* dst = rows + (size_t)r * dim;
-      if (r >= rb) {
-        std::fill(dst, dst + dim, 0.f);
-      } else if (ctx_dtype == RF_F16) {
-        f16_widen((const uint16_t*)ctx + (i0 + r) * dim, dst, dim);
-      } else {
-        memcpy(dst, (const float*)ctx + (i0 + r) * dim, (size_t)dim * sizeof(float));
-      }
-    }
     // the rows' inverse norms first: with offsets the maximum is over cosines (without, max(a) * s = max(a * s)
     // for s > 0 bit for bit, so both paths give rf_score's order of operations)
     float inv[SCORE_RB];
-    for (int r = 0; r < SCORE_RB; r++) {
-      const float* row = rows + (size_t)r * dim;
-      float ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int d = 0; d < dim; d++) ss += row[d] * row[d];
-      inv[r] = 1.f / std::max(std::sqrt(ss), 1e-12f);
-    }
+    const int rb = load_block(ctx, ctx_dtype, n_ctx, dim, blk, rows, inv);
     float best[SCORE_RB];
     std::fill(best, best + SCORE_RB, -INFINITY);
     for (int b = 0; b < nqb; b++) {
-      float acc[SCORE_RB][SCORE_QB] = {};
-      const float* qb = Qt + (size_t)b * dim * SCORE_QB;
-      for (int d = 0; d < dim; d++) {
-        const float* qd = qb + (size_t)d * SCORE_QB;
-        for (int r = 0; r < SCORE_RB; r++) {
-          const float x = rows[(size_t)r * dim + d];
-#pragma omp simd
-          for (int l = 0; l < SCORE_QB; l++) acc[r][l] += x * qd[l];
-        }
-      }
+      float acc[SCORE_RB][SCORE_QB];
+      dot_block(rows, dim, Qt + (size_t)b * dim * SCORE_QB, acc);
       const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);  // padded lanes are not queries
       if (off) {
         const float* ob = off + (size_t)b * SCORE_QB;
@@ -252,8 +272,62 @@ constexpr int SCORE_RB = 8, SCORE_QB = 16;
           for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l]);
       }
     }
+    const int64_t i0 = blk * SCORE_RB;
     for (int r = 0; r < rb; r++) out[i0 + r] = off ? best[r] : best[r] * inv[r];
   }
+}
+
+/* Adds v to a min-heap of a query row's largest cosines (at most k: the smallest of them at its front) */
+inline void keep_largest(std::vector<float>& heap, float v, int32_t k) {
+  if ((int32_t)heap.size() < k) {
+    heap.push_back(v);
+    std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+  } else if (v > heap.front()) {
+    std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+    heap.back() = v;
+    std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+  }
+}
+
+/* blocks [blk0, blk1): each query row's k largest cosines (the offset path's cosines, acc * inv, bit for bit) into
+ * heaps[j]; NaN cosines (a row with an f16 overflow) are left out */
+[[maybe_unused]] RF_SCORE_CLONES static void kth_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim,
+                                                        const float* Qt, int32_t n_q, int32_t k, int64_t blk0,
+                                                        int64_t blk1, float* rows, std::vector<float>* heaps) {
+  const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
+  for (int64_t blk = blk0; blk < blk1; blk++) {
+    float inv[SCORE_RB];
+    const int rb = load_block(ctx, ctx_dtype, n_ctx, dim, blk, rows, inv);
+    for (int b = 0; b < nqb; b++) {
+      float acc[SCORE_RB][SCORE_QB];
+      dot_block(rows, dim, Qt + (size_t)b * dim * SCORE_QB, acc);
+      const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);
+      for (int l = 0; l < lanes; l++) {
+        std::vector<float>& h = heaps[b * SCORE_QB + l];
+        for (int r = 0; r < rb; r++) {
+          const float v = acc[r][l] * inv[r];
+          // most rows fall below a full heap's smallest: one comparison (false for NaN too)
+          if ((int32_t)h.size() == k && !(v > h.front())) continue;
+          if (v == v) keep_largest(h, v, k);
+        }
+      }
+    }
+  }
+}
+
+/* the queries normalised and transposed per block of SCORE_QB: qt[(b * dim + d) * SCORE_QB + l] = q_{b*QB+l}[d] / |q|
+ */
+inline std::vector<float> transposed_queries(const float* q, int32_t n_q, int32_t dim) {
+  const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
+  std::vector<float> qt((size_t)nqb * dim * SCORE_QB, 0.f);
+  for (int j = 0; j < n_q; j++) {
+    const float* src = q + (int64_t)j * dim;
+    double ss = 0;
+    for (int d = 0; d < dim; d++) ss += (double)src[d] * src[d];
+    const float inv = (float)(1.0 / std::max(std::sqrt(ss), 1e-12));
+    for (int d = 0; d < dim; d++) qt[((size_t)(j / SCORE_QB) * dim + d) * SCORE_QB + j % SCORE_QB] = src[d] * inv;
+  }
+  return qt;
 }
 
 /* `for_ranges(n, f)` runs f(begin, end) over slices of [0, n) (the CPU build passes its worker pool) */
@@ -265,21 +339,40 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
     return set_error(RF_ERR_INVALID, "rf_score_select: ctx dtype must be f32/f16");
   if (n_ctx == 0) return RF_OK;
   if (!ctx || !q || !out) return set_error(RF_ERR_INVALID, "rf_score_select: NULL argument");
-  // normalised queries, transposed per block of SCORE_QB: qt[(b * dim + d) * SCORE_QB + l] = q_{b*QB+l}[d] / |q|
-  const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
-  std::vector<float> qt((size_t)nqb * dim * SCORE_QB, 0.f);
-  for (int j = 0; j < n_q; j++) {
-    const float* src = q + (int64_t)j * dim;
-    double ss = 0;
-    for (int d = 0; d < dim; d++) ss += (double)src[d] * src[d];
-    const float inv = (float)(1.0 / std::max(std::sqrt(ss), 1e-12));
-    for (int d = 0; d < dim; d++) qt[((size_t)(j / SCORE_QB) * dim + d) * SCORE_QB + j % SCORE_QB] = src[d] * inv;
-  }
+  const std::vector<float> qt = transposed_queries(q, n_q, dim);
   const float* Qt = qt.data();
   for_ranges((n_ctx + SCORE_RB - 1) / SCORE_RB, [&](int64_t b0, int64_t b1) {
     std::vector<float> rows((size_t)SCORE_RB * dim);
     score_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, q_offset, b0, b1, rows.data(), out);
   });
+  return RF_OK;
+}
+
+/* rf_score_kth on the host (arguments checked by check_score_kth): each slice of rows keeps every query row's k
+ * largest cosines, the slices' candidates meet under a lock, and the k-th largest of them is the answer */
+template <class ForRanges>
+inline int score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                     int32_t k, float* out, ForRanges&& for_ranges) {
+  std::fill(out, out + n_q, -INFINITY);
+  if (n_ctx == 0) return RF_OK;
+  const std::vector<float> qt = transposed_queries(q, n_q, dim);
+  const float* Qt = qt.data();
+  const int32_t kk = (int32_t)std::min<int64_t>(k, n_ctx);
+  std::vector<std::vector<float>> all((size_t)n_q);
+  std::mutex mu;
+  for_ranges((n_ctx + SCORE_RB - 1) / SCORE_RB, [&](int64_t b0, int64_t b1) {
+    std::vector<float> rows((size_t)SCORE_RB * dim);
+    std::vector<std::vector<float>> heaps((size_t)n_q);
+    kth_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, kk, b0, b1, rows.data(), heaps.data());
+    std::lock_guard<std::mutex> lk(mu);
+    for (int j = 0; j < n_q; j++) all[j].insert(all[j].end(), heaps[j].begin(), heaps[j].end());
+  });
+  for (int j = 0; j < n_q; j++) {
+    std::vector<float>& c = all[j];
+    if ((int32_t)c.size() < kk) continue;  // fewer than k rows with a cosine (NaN rows left out): -inf
+    std::nth_element(c.begin(), c.begin() + (kk - 1), c.end(), std::greater<float>());
+    out[j] = c[kk - 1];
+  }
   return RF_OK;
 }
 

@@ -78,7 +78,7 @@ function offsetsArg(sel: ScoreSelection, nQ: number, where: string): Float32Arra
 }
 
 /** The ABI version this binding packs and calls (cuda/reform.h RF_ABI_VERSION). */
-export const RF_ABI_VERSION = 5;
+export const RF_ABI_VERSION = 6;
 
 const CODE_NAMES: Record<number, string> = {
   [RF_ERR_INVALID]: "invalid_argument",
@@ -169,6 +169,11 @@ const symbols = {
     returns: FFIType.i32,
   },
 
+  rf_score_kth: {
+    args: [FFIType.ptr, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.i32, FFIType.ptr],
+    returns: FFIType.i32,
+  },
+
   rf_embstore_create: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.ptr },
   rf_embstore_append: { args: [FFIType.ptr, FFIType.ptr, FFIType.i64], returns: FFIType.i32 },
   rf_embstore_rows: { args: [FFIType.ptr], returns: FFIType.i64_fast },
@@ -189,6 +194,10 @@ const symbols = {
       FFIType.ptr,
     ],
     returns: FFIType.i64_fast,
+  },
+  rf_embstore_score_kth: {
+    args: [FFIType.ptr, FFIType.i64, FFIType.ptr, FFIType.i32, FFIType.i32, FFIType.ptr],
+    returns: FFIType.i32,
   },
   rf_embstore_destroy: { args: [FFIType.ptr], returns: FFIType.void },
 
@@ -492,6 +501,28 @@ export class Native {
     if (nCtx === 0) return o;
     this.check(this.lib.rf_score(ctx, dtype, nCtx, dim, q, nQ, o), "rf_score");
     return o;
+  }
+
+  /** rf_score_kth: each query row's k-th best match over the context rows (nQ f32: the k-th largest cosine, -inf when
+   * fewer than k rows have one), the cosines rf_score_select takes its offsets from. `ctx` as in scoreSelect. */
+  scoreKth(
+    ctx: Float32Array | Uint16Array | MappedRows,
+    nCtx: number,
+    dim: number,
+    q: Float32Array,
+    nQ: number,
+    k: number,
+  ) {
+    if (ctx.length < nCtx * dim) throw new Error("scoreKth: ctx smaller than n_ctx*dim");
+    if ("ptr" in ctx && ctx.dtype !== RF_F16 && ctx.dtype !== RF_F32) throw new Error("scoreKth: bad dtype");
+    if (q.length < nQ * dim) throw new Error("scoreKth: q smaller than n_q*dim");
+    const out = new Float32Array(Math.max(1, nQ)); // see smoothSelect: never an empty (NULL) buffer
+    const mapped = "ptr" in ctx;
+    const dtype = mapped ? ctx.dtype : ctx instanceof Float32Array ? RF_F32 : RF_F16;
+    // an empty context still needs a non-NULL pointer for bun:ffi; the library reads none of it
+    const data = mapped ? ctx.ptr : ctx.length > 0 ? ctx : new Float32Array(1);
+    this.check(this.lib.rf_score_kth(data, dtype, nCtx, dim, q, nQ, k | 0, out), "rf_score_kth");
+    return out.subarray(0, nQ);
   }
 
   /** rf_smooth_select: smoothScores + selectTokens of src/engine/selection.ts in O(n) natively (the same smoothed
@@ -803,6 +834,14 @@ export class NativeEmbStore {
   /** Bytes the store holds (CUDA: device memory, whole blocks). */
   memoryBytes(): number {
     return Number(this.lib.rf_embstore_memory_bytes(this.handle));
+  }
+
+  /** Native.scoreKth over the store's first nCtx rows. */
+  scoreKth(nCtx: number, q: Float32Array, nQ: number, k: number): Float32Array {
+    if (q.length < nQ * this.dim) throw new Error("embstore scoreKth: q smaller than n_q*dim");
+    const out = new Float32Array(Math.max(1, nQ));
+    this.native._check(this.lib.rf_embstore_score_kth(this.handle, nCtx, q, nQ, k | 0, out), "rf_embstore_score_kth");
+    return out.subarray(0, nQ);
   }
 
   /** Native.scoreSelect over the store's first nCtx rows. */

@@ -5,6 +5,7 @@
  * disagree; this file only adds what is specific to the HTTP shape (aliases, OpenAI's no-op fields).
  */
 import { z } from "zod";
+import type { ScoreBackground } from "../src/engine/background.ts";
 import type {
   ContextInfo,
   InlineInfo,
@@ -123,7 +124,8 @@ export const QueryBody = z
     budget: Field.budget.optional(),
     /** the score floor for this query, 0-1 (0: the budget filled by score); default the server's --score-floor */
     score_floor: Field.scoreFloor.optional(),
-    /** take each question token's background off its scores; default the server's --score-background */
+    /** the background each question token's scores count from ("kth", "mean", "off"; true = the default, false =
+     * "off"); default the server's --score-background */
     score_background: Field.scoreBackground.optional(),
     stream: z.boolean().default(true),
     /** report log-probabilities with this many alternatives per token (0..20) */
@@ -359,14 +361,20 @@ export function reformTarget(body: {
   method?: Method;
   budget?: number;
   score_floor?: number;
-  score_background?: boolean;
-  reform?: { context_id?: string; method?: Method; budget?: number; score_floor?: number; score_background?: boolean };
+  score_background?: ScoreBackground;
+  reform?: {
+    context_id?: string;
+    method?: Method;
+    budget?: number;
+    score_floor?: number;
+    score_background?: ScoreBackground;
+  };
 }): {
   contextId: string | undefined;
   method: Method;
   budget: number | undefined;
   scoreFloor: number | undefined;
-  scoreBackground: boolean | undefined;
+  scoreBackground: ScoreBackground | undefined;
 } {
   let fromModel: string | undefined;
   if (body.model?.startsWith(CONTEXT_MODEL_PREFIX)) {

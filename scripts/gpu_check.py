@@ -14,7 +14,8 @@ For each model config (or the one given with --model DIR, a HF Llama/Mistral/Qwe
   * compressor: CUDA vs transformers q/k/v head vectors (and an o head: o_proj's input) on the first chunk,
     CUDA vs CPU embeddings over several chunks with eviction (cosine), cache length, state blob CUDA -> CPU;
     TOVA eviction with an attention-output head at the exit layer, CUDA vs CPU;
-  * rf_score CUDA vs numpy;
+  * rf_score CUDA vs numpy; rf_score_kth CUDA vs numpy, and its values as rf_score_select's offsets (the k-th best
+    row scores exactly 0);
   * issue 19's asynchronous paths on the real device: the pipelined compress (rf_compressor_submit / _collect: the
     embeddings come back on a copy stream while the next chunk computes) writes the bytes of rf_compressor_process,
     two compressors interleaved; resident embeddings (rf_embstore) score as rf_score_select over the same rows; the
@@ -40,7 +41,7 @@ RF_ROPE_DEFAULT, RF_ROPE_LLAMA3, RF_ROPE_LINEAR = 0, 1, 2
 RF_HEAD = {"q": 0, "k": 1, "v": 2, "o": 3}
 RF_EVICT_H2O, RF_EVICT_TOVA = 0, 1
 RF_POOL_MEAN = 0  # the query-time smoothing operator (RF_POOL_MAX = 1)
-RF_ABI_VERSION = 5  # cuda/reform.h
+RF_ABI_VERSION = 6  # cuda/reform.h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,11 +92,13 @@ class Lib:
         sig("rf_compressor_destroy", None, vp)
         sig("rf_score", ctypes.c_int, vp, i32, i64, i32, vp, i32, vp)
         sig("rf_score_select", i64, vp, i32, i64, i32, vp, i32, vp, i32, i32, i32, i64, i32, vp, vp)
+        sig("rf_score_kth", ctypes.c_int, vp, i32, i64, i32, vp, i32, i32, vp)
         sig("rf_embstore_create", vp, vp, i32)
         sig("rf_embstore_append", ctypes.c_int, vp, vp, i64)
         sig("rf_embstore_rows", i64, vp)
         sig("rf_embstore_memory_bytes", i64, vp)
         sig("rf_embstore_score_select", i64, vp, i64, vp, i32, vp, i32, i32, i32, i64, i32, vp, vp)
+        sig("rf_embstore_score_kth", ctypes.c_int, vp, i64, vp, i32, i32, vp)
         sig("rf_embstore_destroy", None, vp)
         sig("rf_seq_create", vp, vp, i32)
         sig("rf_seq_forward", ctypes.c_int, vp, vp, i32, vp)
@@ -278,14 +281,23 @@ class EmbStore:
     def memory_bytes(self):
         return self.lib.L.rf_embstore_memory_bytes(self.h)
 
-    def score_select(self, n_ctx, q, window, budget, edge, lag=0):
+    def score_select(self, n_ctx, q, window, budget, edge, lag=0, offsets=None):
         q = np.ascontiguousarray(q, dtype=np.float32)
+        offsets = None if offsets is None else np.ascontiguousarray(offsets, dtype=np.float32)
+        off = None if offsets is None else ptr(offsets)
         scores = np.zeros(n_ctx, dtype=np.float32)
         idx = np.zeros(min(n_ctx, budget) + 1, dtype=np.int32)
-        m = self.lib.check(self.lib.L.rf_embstore_score_select(self.h, n_ctx, ptr(q), q.shape[0], None, window, lag,
+        m = self.lib.check(self.lib.L.rf_embstore_score_select(self.h, n_ctx, ptr(q), q.shape[0], off, window, lag,
                                                                  RF_POOL_MEAN, budget, edge, ptr(scores), ptr(idx)),
                            "embstore_score_select")
         return scores, idx[:m]
+
+    def score_kth(self, n_ctx, q, k):
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        out = np.zeros(q.shape[0], dtype=np.float32)
+        self.lib.check(self.lib.L.rf_embstore_score_kth(self.h, n_ctx, ptr(q), q.shape[0], k, ptr(out)),
+                       "embstore_score_kth")
+        return out
 
     def destroy(self):
         if self.h:
@@ -293,16 +305,36 @@ class EmbStore:
             self.h = None
 
 
-def score_select(lib, ctx, q, window, budget, edge, lag=0):
+def score_select(lib, ctx, q, window, budget, edge, lag=0, offsets=None):
     """rf_score_select over host rows (the embedding file's path)"""
     ctx = np.ascontiguousarray(ctx)
     q = np.ascontiguousarray(q, dtype=np.float32)
+    offsets = None if offsets is None else np.ascontiguousarray(offsets, dtype=np.float32)
+    off = None if offsets is None else ptr(offsets)
     dt = RF_F16 if ctx.dtype == np.float16 else RF_F32
     scores = np.zeros(ctx.shape[0], dtype=np.float32)
     idx = np.zeros(min(ctx.shape[0], budget) + 1, dtype=np.int32)
-    m = lib.check(lib.L.rf_score_select(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], None, window, lag,
+    m = lib.check(lib.L.rf_score_select(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], off, window, lag,
                                         RF_POOL_MEAN, budget, edge, ptr(scores), ptr(idx)), "rf_score_select")
     return scores, idx[:m]
+
+
+def score_kth(lib, ctx, q, k):
+    """rf_score_kth over host rows: each query row's k-th largest cosine"""
+    ctx = np.ascontiguousarray(ctx)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    dt = RF_F16 if ctx.dtype == np.float16 else RF_F32
+    out = np.zeros(q.shape[0], dtype=np.float32)
+    lib.check(lib.L.rf_score_kth(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], k, ptr(out)),
+              "rf_score_kth")
+    return out
+
+
+def kth_row_is_zero(scores, k):
+    """rf_score_select's raw scores with one query row and its k-th best cosine as the offset: exactly 0 at that row
+    (fewer than k rows above 0, at least k at or above it)"""
+    above, zero = int((scores > 0).sum()), int((scores == 0).sum())
+    return zero > 0 and above < k <= above + zero, f"{above} > 0, {zero} == 0"
 
 
 def pipelined(comps, streams, chunk):
@@ -825,6 +857,19 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
             err = float(np.abs(got - want).max())
             rep.add(name, f"rf_score CUDA vs numpy ({np.dtype(dt).name} ctx) max abs err", f"{err:.2e}", "< 1e-4",
                     err < 1e-4)
+            # rf_score_kth: each query row's k-th largest cosine; as the offset of that one query row, rf_score_select's
+            # raw score at the k-th best row is exactly 0 (the same cosines on the device, no fused multiply-add)
+            cos = ((c64 / np.linalg.norm(c64, axis=1, keepdims=True)) @
+                   (qv / np.linalg.norm(qv, axis=1, keepdims=True)).T)
+            kerr, zero, why = 0.0, True, ""
+            for k in (1, 32, 1024):
+                got = score_kth(libs["cuda"], ctx, qv, k)
+                kerr = max(kerr, float(np.abs(got - -np.sort(-cos, axis=0)[k - 1]).max()))
+                off = score_kth(libs["cuda"], ctx, qv[:1], k)
+                ok, why = kth_row_is_zero(score_select(libs["cuda"], ctx, qv[:1], 1, 8, 0, offsets=off)[0], k)
+                zero = zero and ok
+            rep.add(name, f"rf_score_kth CUDA vs numpy ({np.dtype(dt).name} ctx): max abs err, k-th best row at 0",
+                    f"{kerr:.2e}, {'yes' if zero else 'NO (' + why + ')'}", "< 1e-4, yes", kerr < 1e-4 and zero)
         # resident embeddings: the rows on the device score as the same rows streamed from host memory
         ctx = rng.standard_normal((5003, 256)).astype(np.float16)
         qv = rng.standard_normal((7, 256)).astype(np.float32)
@@ -837,6 +882,12 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
         same = np.array_equal(i_res, i_str)
         rep.add(name, "resident embeddings vs streamed rf_score_select: max abs err, same selection",
                 f"{err:.2e}, {'same' if same else 'DIFFERENT'}", "< 1e-6, same", err < 1e-6 and same)
+        k_res, k_str = st.score_kth(5003, qv, 32), score_kth(libs["cuda"], ctx, qv, 32)
+        err = float(np.abs(k_res - k_str).max())
+        off = st.score_kth(5003, qv[:1], 32)
+        zero, why = kth_row_is_zero(st.score_select(5003, qv[:1], 1, 8, 0, offsets=off)[0], 32)
+        rep.add(name, "resident embeddings vs streamed rf_score_kth: max abs err, k-th best row at 0",
+                f"{err:.2e}, {'yes' if zero else 'NO (' + why + ')'}", "< 1e-6, yes", err < 1e-6 and zero)
         st.destroy()
     for m in natives.values():
         m.destroy()

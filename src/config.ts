@@ -5,6 +5,7 @@
  * else in the server reads process.env. The flag table below is also the `serve --help` text.
  */
 import { existsSync, statSync } from "node:fs";
+import { DEFAULT_BACKGROUND, SCORE_BACKGROUNDS } from "./engine/background.ts";
 import { join, resolve } from "node:path";
 import type { EngineDefaults } from "./engine/client.ts";
 import { intFlag, numFlag, oneOf, parseFlags, UsageError } from "./cli/args.ts";
@@ -186,8 +187,8 @@ const FLAGS: Flag[] = [
   },
   {
     flag: "score-background",
-    arg: "on|off",
-    help: "take each question token's mean similarity over the whole context off its scores, so that tokens matching every line (a log's digits and punctuation) do not decide the gathering (default on; off: the paper's scoring)",
+    arg: "kth|mean|off",
+    help: "what each question token's matches must rise above to score: kth, its 32nd best match in the context (a rare word's pieces then decide, not the pieces and words that match everywhere); mean, its mean similarity over the context; off, nothing (the paper's scoring). Default kth; on = the default",
   },
   { flag: "max-tokens", arg: "N", help: "default answer length limit (default 1/8 of the trained window)" },
   {
@@ -355,8 +356,8 @@ export function resolveConfig(argv: string[], env: Env): ConfigResult {
   }
   const floor = numFlag("score-floor", str("score-floor"), 0, 1);
   if (floor !== undefined) defaults.scoreFloor = floor;
-  const background = oneOf("score-background", str("score-background"), ["on", "off"]);
-  if (background !== undefined) defaults.scoreBackground = background === "on";
+  const background = oneOf("score-background", str("score-background"), ["on", ...SCORE_BACKGROUNDS]);
+  if (background !== undefined) defaults.scoreBackground = background === "on" ? DEFAULT_BACKGROUND : background;
   const maxDisk = intFlag("max-disk-bytes", str("max-disk-bytes"), 1);
   if (maxDisk !== undefined) defaults.maxDiskBytes = maxDisk;
   const resident = intFlag("resident-emb-bytes", str("resident-emb-bytes"), 0);

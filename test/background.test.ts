@@ -1,14 +1,21 @@
 /**
  * The question tokens' background (src/engine/background.ts): the context's normalised row sum that a session keeps as
  * its embeddings are written, caught up from emb.bin where it is missing or behind (older sessions, a crash), and the
- * offsets it gives: each query row's mean cosine over the context, as rf_score computes the cosines.
+ * offsets it gives: each query row's mean cosine over the context, as rf_score computes the cosines; and the "kth"
+ * background's query (the question's rows and a zero row, their k-th best matches as offsets).
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Native, RF_F16 } from "../ffi/native.ts";
-import { addNormalisedRows, backgroundOffsets } from "../src/engine/background.ts";
+import {
+  addNormalisedRows,
+  BACKGROUND_K,
+  backgroundOf,
+  backgroundOffsets,
+  kthQuery,
+} from "../src/engine/background.ts";
 import { Session } from "../src/engine/session.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
 import { f32ToF16 } from "./fixtures/tiny-model.ts";
@@ -131,5 +138,42 @@ describe("a context's normalised row sum", () => {
       expect(Math.abs(off[j]! - mean)).toBeLessThan(1e-5);
     }
     expect(Array.from(backgroundOffsets({ sum, rows: 0 }, q, 5, dim))).toEqual([0, 0, 0, 0, 0]);
+  });
+});
+
+describe('the "kth" background', () => {
+  test("a zero row at offset 0 joins the question's rows: no row scores below 0, and only rows above a token's k-th best match score above 0", () => {
+    const nq = 5;
+    const q = Float32Array.from({ length: nq * dim }, () => r() * 2 - 1);
+    const n = 300;
+    const kth = native.scoreKth(rows, n, dim, q, nq, BACKGROUND_K);
+    const { q: q1, offsets } = kthQuery(q, nq, dim, kth);
+    expect(q1.length).toBe((nq + 1) * dim);
+    expect(Array.from(q1.subarray(0, nq * dim))).toEqual(Array.from(q));
+    expect(Array.from(q1.subarray(nq * dim)).every((v) => v === 0)).toBe(true);
+    expect(Array.from(offsets)).toEqual([...Array.from(kth), 0]);
+    const scores = new Float32Array(n);
+    native.scoreSelect(rows, n, dim, q1, nq + 1, { window: 1, budget: 16, edge: 0, offsets }, scores);
+    expect(Math.min(...scores)).toBe(0);
+    // a row scores above 0 only where some token matches it better than that token's k-th best match
+    const perRow = Array.from({ length: nq }, (_, j) =>
+      native.score(rows, n, dim, q.subarray(j * dim, (j + 1) * dim), 1),
+    );
+    const above = scores.filter((s) => s > 0).length;
+    const expected = Array.from({ length: n }, (_, i) => perRow.some((c, j) => c[i]! > kth[j]! + 1e-6)).filter(
+      Boolean,
+    ).length;
+    expect(Math.abs(above - expected)).toBeLessThanOrEqual(nq); // rows within 1e-6 of a k-th best may go either way
+    expect(above).toBeLessThanOrEqual(nq * BACKGROUND_K);
+    // fewer than k rows with a cosine: -inf, no offset for that token
+    const none = kthQuery(q, nq, dim, Float32Array.from([Number.NEGATIVE_INFINITY, 0.5, 0.1, 0.2, 0.3]));
+    expect(none.offsets[0]).toBe(0);
+    expect(none.offsets[1]).toBeCloseTo(0.5);
+  });
+
+  test("the on|off field's booleans are the default background and off", () => {
+    expect(backgroundOf(true)).toBe("kth");
+    expect(backgroundOf(false)).toBe("off");
+    expect(backgroundOf("mean")).toBe("mean");
   });
 });

@@ -122,8 +122,10 @@ describe("config", () => {
     expect(usageError(["--model", model, "--edge=-1"])).toContain("--edge must be");
     expect(usageError(["--model", model, "--score-floor", "1.5"])).toContain("--score-floor must be between 0 and 1");
     expect(usageError(["--model", model, "--score-floor", "half"])).toContain("--score-floor must be a number");
-    expect(config(["--score-background", "off"])).toMatchObject({ defaults: { scoreBackground: false } });
-    expect(config([]).defaults.scoreBackground).toBeUndefined(); // the engine's default (on) applies
+    expect(config(["--score-background", "off"])).toMatchObject({ defaults: { scoreBackground: "off" } });
+    expect(config(["--score-background", "mean"])).toMatchObject({ defaults: { scoreBackground: "mean" } });
+    expect(config(["--score-background", "on"])).toMatchObject({ defaults: { scoreBackground: "kth" } });
+    expect(config([]).defaults.scoreBackground).toBeUndefined(); // the engine's default (kth) applies
     expect(usageError(["--model", model, "--score-background", "maybe"])).toContain("--score-background");
     expect(config(["--max-model-len", "9000", "--allow-beyond-window"])).toMatchObject({
       defaults: { maxModelLen: 9000 },

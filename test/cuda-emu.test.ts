@@ -296,6 +296,74 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: rf_score", () => {
     expect(maxAbs(got16, refScore(Float64Array.from(ctx16, fromF16), nCtx, dim, q, nQ))).toBeLessThan(1e-5);
     expect(emu.score(ctx, 0, dim, q, nQ).length).toBe(0);
   });
+
+  test("rf_score_kth: the CPU build's k-th best cosines (f32 and f16 rows, k = 1, 3, n_ctx, > n_ctx; queries across thread blocks, the context across score blocks); as offsets they take the k-th best row to exactly 0; candidates come back, not the similarities; no allocation per query; bad k refused", () => {
+    const m = loadModel(emu, model(VARIANTS[0])); // a live model keeps rf_score's buffers between calls
+    hooks.set("knob:score_block_rows", "300");
+    try {
+      const rng = mulberry32(29);
+      const dim = 40;
+      // [n_ctx, n_q, ks]: 270 query columns > one 256-thread block of k_kth_heaps even with one row group
+      const cases: [number, number, number[]][] = [
+        [2500, 5, [1, 3, 32, 1024]],
+        [900, 270, [1, 3, 900, 1024]],
+      ];
+      for (const [nCtx, nQ, ks] of cases) {
+        const ctx = new Float32Array(nCtx * dim).map(() => gaussian(rng));
+        ctx.fill(0, 3 * dim, 4 * dim); // an all-zero row: cosine 0
+        const q = new Float32Array(nQ * dim).map(() => gaussian(rng));
+        const ctx16 = Uint16Array.from(ctx, toF16);
+        ctx16.fill(0x7c00, 5 * dim, 6 * dim); // an f16 overflow row: no cosine (NaN), left out
+        for (const c of [ctx, ctx16]) {
+          for (const k of ks) {
+            const got = emu.scoreKth(c, nCtx, dim, q, nQ, k);
+            const want = cpu.scoreKth(c, nCtx, dim, q, nQ, k);
+            const short = c === ctx16 && k >= nCtx; // k = all the rows, one of them without a cosine
+            for (let j = 0; j < nQ; j++) {
+              if (short) expect(got[j]).toBe(Number.NEGATIVE_INFINITY);
+              else expect({ nCtx, k, j, d: Math.abs(got[j]! - want[j]!) < 1e-5 }).toEqual({ nCtx, k, j, d: true });
+            }
+            if (short) expect(Array.from(want).every((v) => v === Number.NEGATIVE_INFINITY)).toBe(true);
+          }
+          // taken off as the offsets of rf_score_select (its raw scores), the k-th best row of each query row scores
+          // exactly 0: the same cosines, bit for bit
+          for (const k of [1, 3, 32]) {
+            for (let j = 0; j < 3; j++) {
+              const qj = q.subarray(j * dim, (j + 1) * dim);
+              const off = emu.scoreKth(c, nCtx, dim, qj, 1, k);
+              const scores = new Float32Array(nCtx);
+              emu.scoreSelect(c, nCtx, dim, qj, 1, { window: 1, budget: 8, edge: 0, offsets: off }, scores);
+              const above = scores.filter((v) => v > 0).length;
+              const zero = scores.filter((v) => v === 0).length;
+              expect({ k, j, zero: zero > 0, rank: above < k && above + zero >= k }).toEqual({
+                k,
+                j,
+                zero: true,
+                rank: true,
+              });
+            }
+          }
+        }
+        // only each (query column, row group)'s candidates come back: far fewer bytes than the similarities
+        const d0 = hooks.stat("d2h_bytes");
+        emu.scoreKth(ctx16, nCtx, dim, q, nQ, 3);
+        expect(hooks.stat("d2h_bytes") - d0).toBeLessThan((nCtx * nQ * 4) / 4);
+        // the buffers of the calls above are kept
+        const a0 = hooks.stat("mallocs");
+        for (const k of ks) emu.scoreKth(ctx16, nCtx, dim, q, nQ, k);
+        emu.scoreKth(ctx, nCtx - 17, dim, q, nQ - 1, 3);
+        expect(hooks.stat("mallocs")).toBe(a0);
+      }
+      const q = new Float32Array(2 * dim).fill(1);
+      expect(Array.from(emu.scoreKth(new Float32Array(0), 0, dim, q, 2, 4))).toEqual([-Infinity, -Infinity]);
+      const ctx = new Float32Array(10 * dim).fill(1);
+      expectNativeError(() => emu.scoreKth(ctx, 10, dim, q, 2, 0), RF_ERR_INVALID, /k = 0 outside \[1, 1024\]/);
+      expectNativeError(() => emu.scoreKth(ctx, 10, dim, q, 2, 1025), RF_ERR_INVALID, /k = 1025 outside/);
+    } finally {
+      hooks.set("knob:score_block_rows", "0");
+      m.destroy();
+    }
+  }, 120_000);
 });
 
 /* ---------------- forward ---------------- */
@@ -1072,6 +1140,82 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
     expect(Buffer.compare(bytesOf(s4), bytesOf(s5))).toBe(0);
     for (const x of [st, sc, m, mc]) x.destroy();
   });
+
+  test("resident embeddings: rf_embstore_score_kth gives rf_score_kth over the same rows (bit for bit, across blocks, both GEMM paths), the CPU build's within 1e-5; as offsets they take the store's k-th best row to exactly 0; only the queries are uploaded; no allocation per query; bad k or n_ctx refused", () => {
+    const b = model(VARIANTS[0]);
+    const dim = 48;
+    const n = 350;
+    const rng = mulberry32(19);
+    const ctx = Uint16Array.from(
+      new Float32Array(n * dim).map(() => gaussian(rng)),
+      toF16,
+    );
+    ctx.fill(0, 7 * dim, 8 * dim); // an all-zero row: cosine 0
+    const nQs = [3, 260]; // 260 query columns > one 256-thread block of k_kth_heaps
+    const qs = nQs.map((nQ) => new Float32Array(nQ * dim).map(() => gaussian(rng)));
+    for (const cublas of [false, true]) {
+      useCublas(cublas);
+      hooks.set("knob:embstore_block_rows", "100");
+      const m = loadModel(emu, b);
+      const st = m.createEmbStore(dim);
+      try {
+        for (const [a, z] of [
+          [0, 120],
+          [120, 250],
+          [250, 350],
+        ] as const)
+          st.append(ctx.subarray(a * dim, z * dim), z - a);
+        for (const [qi, nQ] of nQs.entries()) {
+          const q = qs[qi]!;
+          for (const nCtx of [n, 237]) {
+            for (const k of [1, 3, 32, nCtx, 1024]) {
+              const h0 = hooks.stat("h2d_bytes");
+              const got = st.scoreKth(nCtx, q, nQ, k);
+              expect(hooks.stat("h2d_bytes") - h0).toBe(nQ * dim * 4); // the queries, not the context
+              const f0 = fakeCalls();
+              const file = emu.scoreKth(ctx, nCtx, dim, q, nQ, k);
+              // rf_score keeps the GEMM path of its first call: the same bits where both are the same GEMM
+              if (fakeCalls() > f0 === cublas) expect(Buffer.compare(bytesOf(got), bytesOf(file))).toBe(0);
+              else expect(maxAbs(got, file)).toBeLessThan(1e-6);
+              expect(maxAbs(got, cpu.scoreKth(ctx, nCtx, dim, q, nQ, k))).toBeLessThan(1e-5);
+            }
+          }
+        }
+        // taken off as offsets, the k-th best row of the store's raw scores (n_q = 1) is exactly 0
+        const q = qs[0]!;
+        for (const k of [1, 3, 32]) {
+          for (let j = 0; j < 3; j++) {
+            const qj = q.subarray(j * dim, (j + 1) * dim);
+            const off = st.scoreKth(n, qj, 1, k);
+            const scores = new Float32Array(n);
+            st.scoreSelect(n, qj, 1, { window: 1, budget: 8, edge: 0, offsets: off }, scores);
+            const above = scores.filter((v) => v > 0).length;
+            const zero = scores.filter((v) => v === 0).length;
+            expect({ k, j, zero: zero > 0, rank: above < k && above + zero >= k }).toEqual({
+              k,
+              j,
+              zero: true,
+              rank: true,
+            });
+          }
+        }
+        const a0 = hooks.stat("mallocs");
+        for (const k of [1, 32, n]) st.scoreKth(n, qs[1]!, 260, k);
+        st.scoreSelect(n, q, 3, { window: 9, budget: 64, edge: 8 });
+        st.scoreKth(200, q, 2, 5);
+        expect(hooks.stat("mallocs")).toBe(a0); // no device allocation per query
+        expect(Array.from(st.scoreKth(0, q, 3, 4))).toEqual([-Infinity, -Infinity, -Infinity]);
+        expectNativeError(() => st.scoreKth(n, q, 3, 0), RF_ERR_INVALID, /k = 0 outside \[1, 1024\]/);
+        expectNativeError(() => st.scoreKth(n, q, 3, 1025), RF_ERR_INVALID, /k = 1025 outside/);
+        expectNativeError(() => st.scoreKth(n + 1, q, 3, 4), RF_ERR_INVALID, /outside the store's 350 rows/);
+      } finally {
+        st.destroy();
+        m.destroy();
+        hooks.set("knob:embstore_block_rows", "0");
+      }
+    }
+    useCublas(false);
+  }, 120_000);
 });
 
 describe.skipIf(!X64)("CUDA source on the CPU emulation: the decode step as a CUDA graph (REFORM_CUDA_GRAPH=1)", () => {

@@ -18,12 +18,15 @@ import { f16ToF32 } from "../src/util/f16.ts";
 import { buildMessages, CONTEXT_PLACEHOLDER, splitAtPlaceholder } from "../src/engine/prompt.ts";
 import {
   completeSentences,
+  END_NEWLINE,
+  END_PUNCT,
   keepNearBest,
   refineSelection,
   selectionFor,
   selectTokens,
   queryScorers,
   sentenceEnds,
+  STARTS_SPACE,
   smoothedAt,
   smoothScores,
 } from "../src/engine/selection.ts";
@@ -170,10 +173,10 @@ describe("pure query helpers", () => {
   });
 
   test("completeSentences: longest passages to their sentence end, then back to its start", () => {
-    // vocabulary: id 9 ends a sentence ("."), every other id does not
-    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : "a"));
-    expect(ends[9]).toBe(1);
-    expect(ends[3]).toBe(0);
+    // vocabulary: id 9 ends a sentence ("." before a word that starts with a space), every other id does not
+    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : " a"));
+    expect(ends[9]).toBe(END_PUNCT);
+    expect(ends[3]).toBe(STARTS_SPACE);
     const tokens = Int32Array.from({ length: 100 }, (_, i) => (i === 30 || i === 70 || i === 75 ? 9 : 1));
     const range = (a: number, b: number) => Array.from({ length: b - a }, (_, i) => a + i);
     // passages 10..19 (10 long) and 60..64 (5 long)
@@ -195,8 +198,27 @@ describe("pure query helpers", () => {
     expect(Array.from(completeSentences(joined, tokens, ends, 5))).toEqual(range(10, 20));
   });
 
+  test("completeSentences: a period ends a sentence only before whitespace ('e.g.,', '1.0' stay inside it); a newline always", () => {
+    const text = ["The", " rule", " (e", ".", "g", ".,", " 1", ".", "0", ")", " holds", ".", " Next", "\n", "x"];
+    const vocab = [...new Set(text)];
+    const tokens = Int32Array.from(text.map((t) => vocab.indexOf(t)));
+    const ends = sentenceEnds(vocab.length, (id) => new TextEncoder().encode(vocab[id]!));
+    expect(ends[vocab.indexOf(".")]).toBe(END_PUNCT);
+    expect(ends[vocab.indexOf("\n")]).toBe(END_NEWLINE | STARTS_SPACE);
+    // a passage on " rule": forward through "e.g.," and "1.0" to the sentence's own end (" holds" "."): 10 tokens,
+    // then back to its start with one more
+    expect(Array.from(completeSentences(Int32Array.from([1]), tokens, ends, 10))).toEqual([
+      1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+    ]);
+    expect(Array.from(completeSentences(Int32Array.from([1]), tokens, ends, 11))).toEqual([
+      0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+    ]);
+    // " Next" ends at the newline
+    expect(Array.from(completeSentences(Int32Array.from([12]), tokens, ends, 5))).toEqual([12, 13]);
+  });
+
   test("completeSentences: the partial sentences at a passage's ends pay for completing the one at its middle", () => {
-    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : "a"));
+    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : " a"));
     // sentences end at 30, 70, 75, 120 and 160
     const tokens = Int32Array.from({ length: 200 }, (_, i) => ([30, 70, 75, 120, 160].includes(i) ? 9 : 1));
     const range = (a: number, b: number) => Array.from({ length: b - a }, (_, i) => a + i);
@@ -246,7 +268,7 @@ describe("pure query helpers", () => {
   });
 
   test("refineSelection: what the floor drops completes the kept passages' sentences", () => {
-    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : "a"));
+    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : " a"));
     // one sentence ends at 40; a strong passage 20..29 stops inside it, a weak one at 60..65
     const tokens = Int32Array.from({ length: 100 }, (_, i) => (i === 40 ? 9 : 1));
     const raw = Float32Array.from({ length: 100 }, (_, i) => (i >= 20 && i < 30 ? 1 : i >= 60 && i < 66 ? 0.2 : 0));

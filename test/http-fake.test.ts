@@ -438,10 +438,16 @@ describe("fake engine", () => {
     expect(eng.lastQuery!.contextId).toBe(ctx.id);
     // score_background reaches the engine from either place; left out, the engine's default applies
     expect(eng.lastQuery!.scoreBackground).toBeUndefined();
+    // true / false (the on|off field of earlier servers) are the default background and "off"
     await ask({ context_id: ctx.id, score_background: false });
-    expect(eng.lastQuery!.scoreBackground).toBe(false);
+    expect(eng.lastQuery!.scoreBackground).toBe("off");
     await ask({ reform: { context_id: ctx.id, score_background: true } });
-    expect(eng.lastQuery!.scoreBackground).toBe(true);
+    expect(eng.lastQuery!.scoreBackground).toBe("kth");
+    await ask({ reform: { context_id: ctx.id, score_background: "mean" } });
+    expect(eng.lastQuery!.scoreBackground).toBe("mean");
+    // the same background spelt two ways is one answer, not a conflict
+    await ask({ context_id: ctx.id, score_background: true, reform: { score_background: "kth" } });
+    expect(eng.lastQuery!.scoreBackground).toBe("kth");
     for (const [extra, param] of [
       [{ context_id: ctx.id, score_background: true, reform: { score_background: false } }, "score_background"],
       [{ context_id: other, reform: { context_id: ctx.id } }, "context_id"],

@@ -315,6 +315,66 @@ describe("native rf_score_select with per-query offsets (the question tokens' ba
   }
 });
 
+describe("native rf_score_kth (each question token's k-th best match, background.ts)", () => {
+  for (const [name, open] of libs) {
+    test(`${name}: the k-th largest cosine per query row, the same cosines rf_score_select takes its offsets from`, () => {
+      const native = open();
+      try {
+        const r = mulberry32(47);
+        const [n, dim, nQ] = name === "cpu" ? [3000, 70, 19] : [500, 24, 5];
+        const ctx32 = Float32Array.from({ length: n * dim }, () => r() * 2 - 1);
+        const q = Float32Array.from({ length: nQ * dim }, () => r() * 2 - 1);
+        for (const ctx of [ctx32, toF16(ctx32)]) {
+          const perRow = Array.from({ length: nQ }, (_, j) =>
+            Array.from(native.score(ctx, n, dim, q.subarray(j * dim, (j + 1) * dim), 1)).sort((a, b) => b - a),
+          );
+          for (const k of [1, 3, 32, 1000]) {
+            const kth = native.scoreKth(ctx, n, dim, q, nQ, k);
+            for (let j = 0; j < nQ; j++) expect(Math.abs(kth[j]! - perRow[j]![Math.min(k, n) - 1]!)).toBeLessThan(1e-5);
+          }
+          // k beyond the context: its last (smallest) cosine
+          const few = native.scoreKth(ctx, 300, dim, q, nQ, 1024);
+          for (let j = 0; j < nQ; j++) {
+            const last = Math.min(...native.score(ctx, 300, dim, q.subarray(j * dim, (j + 1) * dim), 1));
+            expect(Math.abs(few[j]! - last)).toBeLessThan(1e-5);
+          }
+          // taken off as offsets, each query row's k-th best row scores exactly 0 (the same bits on both sides)
+          const k = 32;
+          for (let j = 0; j < nQ; j++) {
+            const qj = q.subarray(j * dim, (j + 1) * dim);
+            const off = native.scoreKth(ctx, n, dim, qj, 1, k);
+            const scores = new Float32Array(n);
+            native.scoreSelect(ctx, n, dim, qj, 1, { window: 1, budget: 8, edge: 0, offsets: off }, scores);
+            let atLeast = 0;
+            let above = 0;
+            for (const s of scores) {
+              if (s >= 0) atLeast++;
+              if (s > 0) above++;
+            }
+            expect(above).toBeLessThan(k);
+            expect(atLeast).toBeGreaterThanOrEqual(k);
+            expect(scores.some((s) => s === 0)).toBe(true);
+          }
+        }
+        // an f16 overflow row has no cosine: left out, so k = all the rows finds one row too few
+        const withInf = toF16(ctx32);
+        withInf.fill(0x7c00, 0, dim);
+        const short = native.scoreKth(withInf, 300, dim, q, nQ, 300);
+        expect(Array.from(short).every((v) => v === Number.NEGATIVE_INFINITY)).toBe(true);
+        const full = native.scoreKth(withInf, 300, dim, q, nQ, 299);
+        expect(Array.from(full).every((v) => Number.isFinite(v))).toBe(true);
+        expect(Array.from(native.scoreKth(new Float32Array(0), 0, dim, q, nQ, 4))).toEqual(
+          new Array(nQ).fill(Number.NEGATIVE_INFINITY),
+        );
+        expect(() => native.scoreKth(ctx32, n, dim, q, nQ, 0)).toThrow(/k = 0 outside \[1, 1024\]/);
+        expect(() => native.scoreKth(ctx32, n, dim, q, nQ, 1025)).toThrow(/k = 1025 outside/);
+      } finally {
+        native.close();
+      }
+    });
+  }
+});
+
 test("NaN ranks below every number", () => {
   const s = Float32Array.from([0, NaN, -5, NaN, 2, 0]);
   expect(Array.from(selectTokens(s, 4, 0))).toEqual([0, 2, 4, 5]);

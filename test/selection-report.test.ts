@@ -203,21 +203,29 @@ describe("return_selection on the query route", () => {
   );
 
   test(
-    "score_background per request: reported, on by default (/props), changes the scores; not a boolean or given twice differently is a 400",
+    "score_background per request: reported, kth by default (/props), each mode changes the scores; an unknown mode or two different ones is a 400",
     async () => {
-      const background = (on?: boolean) => selectionWith(on === undefined ? {} : { score_background: on });
+      const background = (v?: boolean | string) => selectionWith(v === undefined ? {} : { score_background: v });
       const props = await j(fetch(`${base}/props`));
-      expect(props.limits.score_background).toBe(true);
+      expect(props.limits.score_background).toBe("kth");
       const byDefault = await background();
       const on = await background(true);
+      const kth = await background("kth");
+      const mean = await background("mean");
       const off = await background(false);
-      expect(byDefault.score_background).toBe(true);
-      expect(on.score_background).toBe(true);
-      expect(off.score_background).toBe(false);
+      expect(byDefault.score_background).toBe("kth");
+      expect(on.score_background).toBe("kth");
+      expect(mean.score_background).toBe("mean");
+      expect(off.score_background).toBe("off");
       expect(on.profile.values).toEqual(byDefault.profile.values);
-      // each question token's mean cosine over the context comes off its scores: other values, the same length
+      expect(kth.profile.values).toEqual(byDefault.profile.values);
+      // each question token's k-th best match, or its mean cosine, comes off its scores: other values, the same length
       expect(on.profile.values.length).toBe(off.profile.values.length);
       expect(on.profile.values).not.toEqual(off.profile.values);
+      expect(mean.profile.values).not.toEqual(off.profile.values);
+      expect(mean.profile.values).not.toEqual(kth.profile.values);
+      // below its k-th best match a token adds nothing: no raw score is negative
+      expect(Math.min(...kth.profile.values)).toBeGreaterThanOrEqual(0);
       const err = await expectError(
         await jsonPost(`${base}/v1/contexts/${ctxId}/query`, { ...ask, score_background: "yes" }),
         400,

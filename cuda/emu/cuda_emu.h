@@ -223,6 +223,8 @@ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 /* ---------------------------------------------------------------- device math */
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline unsigned __float_as_uint(float f) { return emu::f2u(f); }
+/* a product never fused into an FMA (the g++ build of the emulation fuses nothing: no -mfma) */
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline float cospif(float x) { return (float)cos(M_PI * (double)x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

@@ -245,6 +245,20 @@ RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t d
                    [&]() -> int { return score_checked(ctx, ctx_dtype, n_ctx, dim, q, n_q, nullptr, out); });
 }
 
+/* the k-th best cosine of each query row: rf_score's blocks and cosines on the device (score.cuh), each query column's
+ * k largest kept per group of rows there, the last k-th of those on the host */
+RF_API int rf_score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                        int32_t k, float* out) {
+  return rf::guard("rf_score_kth", [&]() -> int {
+    RF_TRY(rf::check_score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, out, "rf_score_kth"));
+    if (n_ctx == 0) {
+      std::fill(out, out + n_q, -INFINITY);
+      return RF_OK;
+    }
+    return score_kth_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, out);
+  });
+}
+
 /* ---- resident context embeddings ---- */
 RF_API rf_embstore* rf_embstore_create(rf_model* m, int32_t dim) {
   return rf::guard("rf_embstore_create", [&]() -> rf_embstore* {
@@ -279,6 +293,15 @@ RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const flo
     RF_TRY(rf::check_offsets(q_offset, n_q, "rf_embstore_score_select"));
     return rf::score_select([&](float* s) { return embstore_score_impl(e, n_ctx, q, n_q, q_offset, s); }, n_ctx, window,
                             lag, pool, budget, edge, scores, out_idx);
+  });
+}
+RF_API int rf_embstore_score_kth(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t k, float* out) {
+  return rf::guard("rf_embstore_score_kth", [&]() -> int {
+    RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_kth"));
+    RF_TRY(rf::check_embstore_kth(n_ctx, e->rows, "rf_embstore_score_kth"));
+    // the rows are the store's (never NULL here)
+    RF_TRY(rf::check_score_kth(e, RF_F16, n_ctx, e->dim, q, n_q, k, out, "rf_embstore_score_kth"));
+    return embstore_score_kth_impl(e, n_ctx, q, n_q, k, out);
   });
 }
 RF_API void rf_embstore_destroy(rf_embstore* e) {

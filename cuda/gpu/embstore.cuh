@@ -89,10 +89,17 @@ int embstore_append_impl(rf_embstore* e, const uint16_t* rows, int64_t n) {
   return RF_OK;
 }
 
-/* the query buffers of embstore scoring (the model's, grown, never per query) */
-int embstore_scratch(rf_model* m, int64_t dim, int64_t nq, int64_t tile, int64_t nout) {
+/* the query buffers of embstore scoring (the model's, grown, never per query); nheap / ncnt: rf_embstore_score_kth's
+ * candidates (0: none, or those of an earlier call kept) */
+int embstore_scratch(rf_model* m, int64_t dim, int64_t nq, int64_t tile, int64_t nout, int64_t nheap = 0,
+                     int64_t ncnt = 0) {
   QueryScratch& s = m->qs;
-  if (dim == s.dim && nq <= s.nq && tile <= s.tile && nout <= s.nout) return RF_OK;
+  if (dim == s.dim && nq <= s.nq && tile <= s.tile && nout <= s.nout && nheap <= s.nheap && ncnt <= s.ncnt)
+    return RF_OK;
+  if (dim == s.dim) {
+    nheap = std::max(nheap, s.nheap);
+    ncnt = std::max(ncnt, s.ncnt);
+  }
   CU_CHECK(cudaStreamSynchronize(m->aux));
   s.arena.free_all();
   s = QueryScratch();
@@ -106,6 +113,8 @@ int embstore_scratch(rf_model* m, int64_t dim, int64_t nq, int64_t tile, int64_t
     RF_TRY(A.alloc(&s.qh, (size_t)(2 * NQ * dim), "resident scoring: f16 query pairs"));
     RF_TRY(A.alloc(&s.S, (size_t)(T * 2 * NQ), "resident scoring: similarity tile"));
     RF_TRY(A.alloc(&s.out, (size_t)N, "resident scoring: scores"));
+    if (nheap > 0) RF_TRY(A.alloc(&s.kheap, (size_t)nheap, "resident scoring: k-th best candidates"));
+    if (ncnt > 0) RF_TRY(A.alloc(&s.kcnt, (size_t)ncnt, "resident scoring: k-th best candidate counts"));
     return RF_OK;
   };
   rc = grow();
@@ -118,6 +127,43 @@ int embstore_scratch(rf_model* m, int64_t dim, int64_t nq, int64_t tile, int64_t
   s.nq = NQ;
   s.tile = T;
   s.nout = N;
+  s.nheap = nheap;
+  s.ncnt = ncnt;
+  return RF_OK;
+}
+
+/* the similarity tiles of the store's rows [0, n_ctx) for the queries uploaded to s.qh (score_run's f16 path): tiles of
+ * at most T rows within a block, each tile's GEMM into s.S [k][2 n_q], then epilogue(k, r0, inv) with the tile's
+ * rows r0.. and their inverse norms */
+template <class Epilogue>
+int embstore_tiles(rf_embstore* e, int64_t n_ctx, int32_t n_q, int64_t T, Epilogue&& epilogue) {
+  rf_model* m = e->m;
+  QueryScratch& s = m->qs;
+  const int64_t dim = e->dim, B = e->block_rows;
+  for (int64_t r0 = 0; r0 < n_ctx;) {
+    const int64_t b = r0 / B, off = r0 % B, k = std::min({n_ctx - r0, B - off, T});
+    const uint16_t* rows = e->blocks[b] + off * dim;
+    RF_TRY(m->gemm_aux.nt((int)k, 2 * n_q, (int)dim, rows, RF_F16, dim, s.qh, RF_F16, dim, s.S, RF_F32, 2 * n_q, 0.f));
+    RF_TRY(epilogue(k, r0, (const float*)(e->inv[b] + off)));
+    r0 += k;
+  }
+  return RF_OK;
+}
+
+/* the rows per similarity tile: within a block, the tile [T][2 n_q] f32 at most 64 MiB */
+int64_t embstore_tile_rows(const rf_embstore* e, int32_t n_q) {
+  return std::min<int64_t>(e->block_rows, std::max<int64_t>(1, ((int64_t)8 << 20) / (2 * (int64_t)n_q)));
+}
+
+/* the queries to s.qh: normalised, split into their f16 pair */
+int embstore_queries(rf_model* m, int64_t dim, const float* q, int32_t n_q) {
+  QueryScratch& s = m->qs;
+  cudaStream_t st = m->aux;
+  CU_CHECK(cudaMemcpyAsync(s.qraw, q, (size_t)n_q * dim * 4, cudaMemcpyHostToDevice, st));
+  RF_LAUNCH(k_normalize_rows, nblocks(n_q, 8), 256, 0, st)(s.qraw, RF_F32, s.qn, (int64_t)n_q, (int)dim);
+  KERNEL_CHECK();
+  RF_LAUNCH(k_split_f16, nblocks((int64_t)n_q * dim, 256), 256, 0, st)(s.qn, s.qh, (int64_t)n_q * dim);
+  KERNEL_CHECK();
   return RF_OK;
 }
 
@@ -127,34 +173,50 @@ int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n
   rf_model* m = e->m;
   CU_CHECK(cudaSetDevice(m->dev));
   if (n_ctx == 0) return RF_OK;
-  const int64_t dim = e->dim, B = e->block_rows;
-  // tiles within a block: the similarity tile [T][2 n_q] f32 stays at most 64 MiB
-  const int64_t T = std::min<int64_t>(B, std::max<int64_t>(1, ((int64_t)8 << 20) / (2 * (int64_t)n_q)));
+  const int64_t dim = e->dim;
+  const int64_t T = embstore_tile_rows(e, n_q);
   QueryScratch& s = m->qs;
   // keep the buffers of an earlier, larger query (no reallocation per query)
   RF_TRY(embstore_scratch(m, dim, std::max<int64_t>(n_q, s.dim == dim ? s.nq : 0),
                           std::max(T, s.dim == dim ? s.tile : 0), std::max(n_ctx, s.dim == dim ? s.nout : 0)));
   cudaStream_t st = m->aux;
-  CU_CHECK(cudaMemcpyAsync(s.qraw, q, (size_t)n_q * dim * 4, cudaMemcpyHostToDevice, st));
   if (q_offset) CU_CHECK(cudaMemcpyAsync(s.qoff, q_offset, (size_t)n_q * 4, cudaMemcpyHostToDevice, st));
   const float* qoff = q_offset ? s.qoff : nullptr;
-  RF_LAUNCH(k_normalize_rows, nblocks(n_q, 8), 256, 0, st)(s.qraw, RF_F32, s.qn, (int64_t)n_q, (int)dim);
-  KERNEL_CHECK();
-  RF_LAUNCH(k_split_f16, nblocks((int64_t)n_q * dim, 256), 256, 0, st)(s.qn, s.qh, (int64_t)n_q * dim);
-  KERNEL_CHECK();
-  for (int64_t r0 = 0; r0 < n_ctx;) {
-    const int64_t b = r0 / B, off = r0 % B, k = std::min({n_ctx - r0, B - off, T});
-    const uint16_t* rows = e->blocks[b] + off * dim;
-    RF_TRY(m->gemm_aux.nt((int)k, 2 * n_q, (int)dim, rows, RF_F16, dim, s.qh, RF_F16, dim, s.S, RF_F32, 2 * n_q, 0.f));
-    RF_LAUNCH(k_rowmax_pair, nblocks(k, 256), 256, 0, st)(s.S, k, n_q, e->inv[b] + off, qoff, s.out + r0);
+  RF_TRY(embstore_queries(m, dim, q, n_q));
+  RF_TRY(embstore_tiles(e, n_ctx, n_q, T, [&](int64_t k, int64_t r0, const float* inv) -> int {
+    RF_LAUNCH(k_rowmax_pair, nblocks(k, 256), 256, 0, st)(s.S, k, n_q, inv, qoff, s.out + r0);
     KERNEL_CHECK();
-    r0 += k;
-  }
+    return RF_OK;
+  }));
   // 4 bytes per context token come back: the smoothing and selection run on the host (select.h), where their
   // sequential f64 prefix sums define the selection bit for bit (a parallel sum on the device would not)
   CU_CHECK(cudaMemcpyAsync(out, s.out, (size_t)n_ctx * 4, cudaMemcpyDeviceToHost, st));
   CU_CHECK(cudaStreamSynchronize(st));
   return RF_OK;
+}
+
+/* rf_score_kth over rows [0, n_ctx) of the store (arguments checked): embstore_score_impl's tiles and cosines, each
+ * tile folded into the heaps by k_kth_heaps, finished on the host as the file path is (score.cuh kth_finish) */
+int embstore_score_kth_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t k, float* out) {
+  std::fill(out, out + n_q, -INFINITY);
+  rf_model* m = e->m;
+  CU_CHECK(cudaSetDevice(m->dev));
+  if (n_ctx == 0) return RF_OK;
+  const int64_t dim = e->dim;
+  const int32_t kk = (int32_t)std::min<int64_t>(k, n_ctx);
+  const int64_t ngrp = kth_groups(n_ctx, n_q, kk), nt = ngrp * n_q;
+  const int64_t T = embstore_tile_rows(e, n_q);
+  QueryScratch& s = m->qs;
+  RF_TRY(embstore_scratch(m, dim, std::max<int64_t>(n_q, s.dim == dim ? s.nq : 0),
+                          std::max(T, s.dim == dim ? s.tile : 0), s.dim == dim ? s.nout : 0, nt * kk, nt));
+  cudaStream_t st = m->aux;
+  RF_TRY(embstore_queries(m, dim, q, n_q));
+  RF_TRY(embstore_tiles(e, n_ctx, n_q, T, [&](int64_t rows, int64_t r0, const float* inv) -> int {
+    RF_LAUNCH(k_kth_heaps, nblocks(nt, 256), 256, 0, st)(s.S, rows, n_q, inv, ngrp, kk, r0 == 0, s.kheap, s.kcnt);
+    KERNEL_CHECK();
+    return RF_OK;
+  }));
+  return kth_finish(st, s.kheap, s.kcnt, ngrp, n_q, kk, out);
 }
 
 }  // namespace

@@ -396,9 +396,15 @@ __global__ void k_split_f16(const float* __restrict__ x, uint16_t* __restrict__ 
     dst[n + i] = f2h(x[i] - h2f(hi, true), true);
   }
 }
-/* out[r] = max_j (cos_rj - off[j]) with cos_rj = (s[r][j] + s[r][nq + j]) * inv[r] (s: [rows][2 nq], the hi and lo
- * halves of the query pair); off NULL: max_j cos_rj, the row norm applied once after the maximum (the same value:
- * multiplying by a positive scale is monotone in every rounding) */
+/* cos_rj = (s[r][j] + s[r][nq + j]) * inv[r] of an f16-pair similarity row (`row` = s[r]): k_rowmax_pair's and
+ * k_kth_heaps' one expression, the product rounded on its own (never fused with the subtraction of an offset, so that
+ * an offset equal to a cosine rf_score_kth returned takes it to exactly 0) */
+__device__ __forceinline__ float pair_cos(const float* __restrict__ row, int nq, int c, float iv) {
+  return __fmul_rn(row[c] + row[nq + c], iv);
+}
+/* out[r] = max_j (cos_rj - off[j]) with cos_rj = pair_cos (s: [rows][2 nq], the hi and lo halves of the query pair);
+ * off NULL: max_j cos_rj, the row norm applied once after the maximum (the same value: multiplying by a positive scale
+ * is monotone in every rounding) */
 __global__ void k_rowmax_pair(const float* __restrict__ s, int64_t rows, int nq, const float* __restrict__ inv,
                               const float* __restrict__ off, float* __restrict__ out) {
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
@@ -406,7 +412,7 @@ __global__ void k_rowmax_pair(const float* __restrict__ s, int64_t rows, int nq,
     const float* row = s + r * 2 * (int64_t)nq;
     if (off) {
       const float iv = inv[r];
-      for (int c = 0; c < nq; c++) m = fmaxf(m, (row[c] + row[nq + c]) * iv - off[c]);
+      for (int c = 0; c < nq; c++) m = fmaxf(m, pair_cos(row, nq, c, iv) - off[c]);
       out[r] = m;
     } else {
       for (int c = 0; c < nq; c++) m = fmaxf(m, row[c] + row[nq + c]);
@@ -420,6 +426,54 @@ __global__ void k_rowmax(const float* __restrict__ s, int64_t rows, int cols, co
     float m = -INFINITY;
     for (int c = 0; c < cols; c++) m = fmaxf(m, off ? s[r * cols + c] - off[c] : s[r * cols + c]);
     out[r] = m;
+  }
+}
+
+/* rf_score_kth's pass over one block of similarities (s: [rows][2 nq] f16-pair halves with the rows' inverse norms
+ * inv, k_rowmax_pair's cosines; inv NULL: [rows][nq] cosines, k_rowmax's). Thread t = g * nq + c (query column c, row
+ * group g of ngrp) keeps a min-heap of the k largest cosines of the rows r = g (mod ngrp) it has seen, across the calls
+ * of one query: element i at heap[i * ngrp * nq + t] (a warp's roots are adjacent), its size in cnt[t] (first: the
+ * query's first block, the heaps start empty). NaN cosines are left out; a value equal to the smallest of a full heap
+ * changes nothing. */
+__global__ void k_kth_heaps(const float* __restrict__ s, int64_t rows, int nq, const float* __restrict__ inv,
+                            int64_t ngrp, int k, bool first, float* __restrict__ heap, int* __restrict__ cnt) {
+  const int64_t nt = ngrp * nq;
+  for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < nt; t += (int64_t)gridDim.x * blockDim.x) {
+    const int c = (int)(t % nq);
+    float* h = heap + t;
+    int n = first ? 0 : cnt[t];
+    for (int64_t r = t / nq; r < rows; r += ngrp) {
+      const float v = inv ? pair_cos(s + r * 2 * (int64_t)nq, nq, c, inv[r]) : s[r * nq + c];
+      if (n == k && !(v > h[0])) continue;  // most rows: one comparison (false for NaN too)
+      if (v != v) continue;
+      int64_t i;
+      if (n < k) {  // sift up from the end
+        i = n++;
+        while (i > 0) {
+          const int64_t p = (i - 1) / 2;
+          const float pv = h[p * nt];
+          if (!(pv > v)) break;
+          h[i * nt] = pv;
+          i = p;
+        }
+      } else {  // replace the smallest, sift down
+        i = 0;
+        for (;;) {
+          int64_t m = 2 * i + 1;
+          if (m >= k) break;
+          float mv = h[m * nt];
+          if (m + 1 < k && h[(m + 1) * nt] < mv) {
+            m++;
+            mv = h[m * nt];
+          }
+          if (!(mv < v)) break;
+          h[i * nt] = mv;
+          i = m;
+        }
+      }
+      h[i * nt] = v;
+    }
+    cnt[t] = n;
   }
 }
 

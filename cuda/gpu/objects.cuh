@@ -49,7 +49,10 @@ struct Workspace {
 struct QueryScratch {
   DevArena arena;
   int64_t dim = 0, nq = 0, tile = 0, nout = 0;  // sizes they were allocated for
+  int64_t nheap = 0, ncnt = 0;                  // ... and rf_embstore_score_kth's candidates
   float *qraw = nullptr, *qn = nullptr, *qoff = nullptr, *S = nullptr, *out = nullptr;
+  float* kheap = nullptr;  // rf_embstore_score_kth: k_kth_heaps' heaps, [k][groups * n_q]
+  int* kcnt = nullptr;     // their sizes, [groups * n_q]
   uint16_t* qh = nullptr;  // [2 nq][dim]: the normalised queries in f16 and their f16 residuals
 };
 

@@ -19,7 +19,10 @@ struct ScoreCtx {
   int live_models = 0;
   DevArena arena;
   int64_t B = 0, dim = 0, nq = 0, nout = 0;  // sizes the buffers were allocated for (rows per block, ...)
+  int64_t nheap = 0, ncnt = 0;               // ... and rf_score_kth's candidates (kept by later rf_score calls)
   float *qraw = nullptr, *qn = nullptr, *qoff = nullptr, *cn = nullptr, *S = nullptr, *inv = nullptr, *out = nullptr;
+  float* kheap = nullptr;  // rf_score_kth: k_kth_heaps' heaps, [k][groups * n_q]
+  int* kcnt = nullptr;     // their sizes, [groups * n_q]
   uint16_t* qh = nullptr;  // [2 n_q][dim] f16: rows 0..n_q-1 the normalised queries, then their f16 residuals
   uint8_t* raw[2] = {nullptr, nullptr};
   uint8_t* pinned[2] = {nullptr, nullptr};
@@ -34,7 +37,7 @@ struct ScoreCtx {
       done[i] = nullptr;
       raw[i] = nullptr;
     }
-    B = dim = nq = nout = 0;
+    B = dim = nq = nout = nheap = ncnt = 0;
     cudaGetLastError();
   }
 };
@@ -53,9 +56,14 @@ void score_model_freed() {
   }
 }
 
-int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx) {
+/* nheap / ncnt: rf_score_kth's candidate buffers (0 for rf_score: those of an earlier rf_score_kth call are kept) */
+int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx, int64_t nheap = 0, int64_t ncnt = 0) {
   ScoreCtx& g = g_score;
-  if (B <= g.B && dim == g.dim && nq <= g.nq && n_ctx <= g.nout) return RF_OK;
+  if (B <= g.B && dim == g.dim && nq <= g.nq && n_ctx <= g.nout && nheap <= g.nheap && ncnt <= g.ncnt) return RF_OK;
+  if (dim == g.dim) {
+    nheap = std::max(nheap, g.nheap);
+    ncnt = std::max(ncnt, g.ncnt);
+  }
   g.release_buffers();
   DevArena& A = g.arena;
   RF_TRY(A.alloc(&g.qraw, (size_t)nq * dim, "score queries"));
@@ -66,6 +74,8 @@ int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx) {
   RF_TRY(A.alloc(&g.S, (size_t)B * 2 * nq, "score similarity block"));
   RF_TRY(A.alloc(&g.inv, (size_t)B, "score ctx inverse norms"));
   RF_TRY(A.alloc(&g.out, (size_t)n_ctx, "score output"));
+  if (nheap > 0) RF_TRY(A.alloc(&g.kheap, (size_t)nheap, "score k-th best candidates"));
+  if (ncnt > 0) RF_TRY(A.alloc(&g.kcnt, (size_t)ncnt, "score k-th best candidate counts"));
   for (int i = 0; i < 2; i++) {
     RF_TRY(A.alloc(&g.raw[i], (size_t)B * dim * 4, "score ctx block"));
     void* h = nullptr;
@@ -82,25 +92,40 @@ int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx) {
   g.dim = dim;
   g.nq = nq;
   g.nout = n_ctx;
+  g.nheap = nheap;
+  g.ncnt = ncnt;
   return RF_OK;
 }
 
-int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-              const float* q_offset, float* out) {
-  ScoreCtx& g = g_score;
-  cudaStream_t st = g.stream;
-  const int es = ctx_dtype == RF_F32 ? 4 : 2;
-  const bool tc = ctx_dtype == RF_F16;  // f16 context: tensor-core GEMM straight on the stored rows
+/* rows per block of score_stream: rf_score_select's and rf_score_kth's the same for the same sizes (the same GEMM
+ * calls, so the same cosines) */
+int64_t score_block_rows(int64_t n_ctx, int32_t dim, int32_t n_q) {
+  const ScoreCtx& g = g_score;
   int64_t B = std::max<int64_t>(1, ((int64_t)16 << 20) / dim);
   B = std::min<int64_t>(B, std::max<int64_t>(1, ((int64_t)32 << 20) / n_q));
   B = std::min<int64_t>(B, (int64_t)1 << 20);  // fallback GEMM grid.y = B / 64 must stay <= 65535
   B = std::min<int64_t>(B, n_ctx);
   // keep the buffers of an earlier, larger call (no reallocation per query)
   if (g.B > B && g.dim == dim && g.nq >= n_q && g.nout >= n_ctx) B = std::min<int64_t>(g.B, n_ctx);
-  RF_TRY(score_buffers(B, dim, n_q, n_ctx));
+#ifdef RF_CUDA_EMU
+  // tests cross blocks with a few hundred rows (rf_emu_set("knob:score_block_rows", N))
+  if (const int64_t r = emu::knob("score_block_rows")) B = std::min<int64_t>(r, n_ctx);
+#endif
+  return B;
+}
+
+/* The queries uploaded and normalised, then the context rows streamed in blocks of B through the GEMM into g.S; after
+ * each block's GEMM, epilogue(b, off, inv) launches what reads the similarities of its b rows (context rows off..):
+ * f16 context: g.S [b][2 n_q], the f16 pair's halves, inv the rows' inverse norms; f32: g.S [b][n_q] cosines, inv NULL.
+ * The buffers are sized by the caller (score_buffers). */
+template <class Epilogue>
+int score_stream(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q, int64_t B,
+                 Epilogue&& epilogue) {
+  ScoreCtx& g = g_score;
+  cudaStream_t st = g.stream;
+  const int es = ctx_dtype == RF_F32 ? 4 : 2;
+  const bool tc = ctx_dtype == RF_F16;  // f16 context: tensor-core GEMM straight on the stored rows
   CU_CHECK(cudaMemcpyAsync(g.qraw, q, (size_t)n_q * dim * 4, cudaMemcpyHostToDevice, st));
-  if (q_offset) CU_CHECK(cudaMemcpyAsync(g.qoff, q_offset, (size_t)n_q * 4, cudaMemcpyHostToDevice, st));
-  const float* qoff = q_offset ? g.qoff : nullptr;
   RF_LAUNCH(k_normalize_rows, nblocks(n_q, 8), 256, 0, st)(g.qraw, RF_F32, g.qn, n_q, dim);
   KERNEL_CHECK();
   if (tc) {
@@ -121,23 +146,93 @@ int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, co
       RF_LAUNCH(k_row_invnorm, nblocks(b, 8), 256, 0, st)(g.raw[slot], RF_F16, g.inv, b, dim);
       KERNEL_CHECK();
       RF_TRY(g.gemm.nt((int)b, 2 * n_q, dim, g.raw[slot], RF_F16, dim, g.qh, RF_F16, dim, g.S, RF_F32, 2 * n_q, 0.f));
-      RF_LAUNCH(k_rowmax_pair, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, g.inv, qoff, g.out + off);
-      KERNEL_CHECK();
+      RF_TRY(epilogue(b, off, (const float*)g.inv));
     } else {
       RF_LAUNCH(k_normalize_rows, nblocks(b, 8), 256, 0, st)(g.raw[slot], ctx_dtype, g.cn, b, dim);
       KERNEL_CHECK();
       RF_TRY(g.gemm.nt((int)b, n_q, dim, g.cn, RF_F32, dim, g.qn, RF_F32, dim, g.S, RF_F32, n_q, 0.f));
-      RF_LAUNCH(k_rowmax, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, qoff, g.out + off);
-      KERNEL_CHECK();
+      RF_TRY(epilogue(b, off, (const float*)nullptr));
     }
   }
+  return RF_OK;
+}
+
+int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+              const float* q_offset, float* out) {
+  ScoreCtx& g = g_score;
+  cudaStream_t st = g.stream;
+  const int64_t B = score_block_rows(n_ctx, dim, n_q);
+  RF_TRY(score_buffers(B, dim, n_q, n_ctx));
+  if (q_offset) CU_CHECK(cudaMemcpyAsync(g.qoff, q_offset, (size_t)n_q * 4, cudaMemcpyHostToDevice, st));
+  const float* qoff = q_offset ? g.qoff : nullptr;
+  RF_TRY(score_stream(ctx, ctx_dtype, n_ctx, dim, q, n_q, B, [&](int64_t b, int64_t off, const float* inv) -> int {
+    if (inv) {
+      RF_LAUNCH(k_rowmax_pair, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, inv, qoff, g.out + off);
+    } else {
+      RF_LAUNCH(k_rowmax, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, qoff, g.out + off);
+    }
+    KERNEL_CHECK();
+    return RF_OK;
+  }));
   CU_CHECK(cudaMemcpyAsync(out, g.out, (size_t)n_ctx * 4, cudaMemcpyDeviceToHost, st));
   CU_CHECK(cudaStreamSynchronize(st));
   return RF_OK;
 }
 
-int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-               const float* q_offset, float* out) {
+/* ---------------- rf_score_kth ---------------- */
+/* The row groups of k_kth_heaps: each (query column, group) thread keeps k candidates, and all of them come back, so a
+ * group takes >= 8 k rows on average, the candidates stay <= 4 Mi floats (16 MiB: far less than the n_ctx x n_q
+ * cosines of a long context) where n_q allows, and <= 128 Ki threads run. */
+int64_t kth_groups(int64_t n_ctx, int32_t n_q, int32_t kk) {
+  int64_t ng = std::min<int64_t>((131072 + n_q - 1) / n_q, n_ctx / (8 * (int64_t)kk));
+  ng = std::min<int64_t>(ng, ((int64_t)1 << 22) / ((int64_t)n_q * kk));
+  return std::max<int64_t>(1, ng);
+}
+
+/* rf_score_kth's end on the host: the heaps and their sizes (device) come back, and each query column's k-th largest
+ * candidate is its answer (as select.h's score_kth ends), -inf where fewer than kk rows had a cosine. Synchronises. */
+int kth_finish(cudaStream_t st, const float* heap, const int* cnt, int64_t ngrp, int32_t n_q, int32_t kk, float* out) {
+  const int64_t nt = ngrp * n_q;
+  std::vector<float> h((size_t)(nt * kk));
+  std::vector<int> c((size_t)nt);
+  CU_CHECK(cudaMemcpyAsync(c.data(), cnt, (size_t)nt * sizeof(int), cudaMemcpyDeviceToHost, st));
+  CU_CHECK(cudaMemcpyAsync(h.data(), heap, (size_t)(nt * kk) * sizeof(float), cudaMemcpyDeviceToHost, st));
+  CU_CHECK(cudaStreamSynchronize(st));
+  std::vector<float> cand;
+  for (int32_t j = 0; j < n_q; j++) {
+    cand.clear();
+    for (int64_t g = 0; g < ngrp; g++) {
+      const int64_t t = g * n_q + j;
+      for (int64_t i = 0; i < c[t]; i++) cand.push_back(h[i * nt + t]);
+    }
+    out[j] = -INFINITY;
+    if ((int64_t)cand.size() < kk) continue;  // fewer than k rows with a cosine (NaN rows left out)
+    std::nth_element(cand.begin(), cand.begin() + (kk - 1), cand.end(), std::greater<float>());
+    out[j] = cand[kk - 1];
+  }
+  return RF_OK;
+}
+
+/* rf_score_kth over the file path (n_ctx > 0): score_stream's blocks, each folded into the heaps by k_kth_heaps */
+int score_kth_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                  int32_t k, float* out) {
+  ScoreCtx& g = g_score;
+  cudaStream_t st = g.stream;
+  const int32_t kk = (int32_t)std::min<int64_t>(k, n_ctx);
+  const int64_t ngrp = kth_groups(n_ctx, n_q, kk), nt = ngrp * n_q;
+  const int64_t B = score_block_rows(n_ctx, dim, n_q);
+  RF_TRY(score_buffers(B, dim, n_q, n_ctx, nt * kk, nt));
+  RF_TRY(score_stream(ctx, ctx_dtype, n_ctx, dim, q, n_q, B, [&](int64_t b, int64_t off, const float* inv) -> int {
+    RF_LAUNCH(k_kth_heaps, nblocks(nt, 256), 256, 0, st)(g.S, b, n_q, inv, ngrp, kk, off == 0, g.kheap, g.kcnt);
+    KERNEL_CHECK();
+    return RF_OK;
+  }));
+  return kth_finish(st, g.kheap, g.kcnt, ngrp, n_q, kk, out);
+}
+
+/* runs run() (score_run or score_kth_run) on the scoring stream, set up for the current device on first use */
+template <class Run>
+int score_with(Run&& run) {
   int dev = device_index();
   RF_TRY(ensure_device(dev));
   std::lock_guard<std::mutex> lk(g_score.mu);
@@ -157,10 +252,21 @@ int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, c
     g_score.dev = dev;
     g_score.ready = true;
   }
-  int rc = score_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, out);
+  int rc = run();
   // on failure, or when no model holds them, the buffers go (the next call allocates afresh)
   if (rc != RF_OK || g_score.live_models <= 0) g_score.release_buffers();
   return rc;
+}
+
+int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+               const float* q_offset, float* out) {
+  return score_with([&]() { return score_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, out); });
+}
+
+/* rf_score_kth (arguments checked, n_ctx > 0) */
+int score_kth_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                   int32_t k, float* out) {
+  return score_with([&]() { return score_kth_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, out); });
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
  * engine worker (a Bun Worker that owns the native library) so the HTTP thread never blocks.
  */
 import type { SamplingDefaults } from "../model/generation-config.ts";
+import type { ScoreBackground } from "./background.ts";
 
 export type Method = "reform" | "full" | "streaming" | "h2o";
 export const METHODS: readonly Method[] = ["reform", "full", "streaming", "h2o"] as const;
@@ -81,9 +82,9 @@ export interface QueryRequest {
   /** The score floor for this query (selection.ts keepNearBest: 0 fills the budget by score); default from server
    * config. */
   scoreFloor?: number;
-  /** Take each question token's background (its mean similarity over the context) off its scores (background.ts);
-   * default from server config. */
-  scoreBackground?: boolean;
+  /** Which background each question token's scores count from (background.ts: "kth", "mean" or "off"); default
+   * from server config. */
+  scoreBackground?: ScoreBackground;
   /**
    * Inline REFORM (no contextId): when the rendered prompt does not fit the window, everything but its end is
    * compressed into an implicit context (cached per owner, keyed by its tokens) and the end is the question;
@@ -120,8 +121,8 @@ export interface Selection {
   edge: number;
   /** the score floor this query gathered with (selection.ts keepNearBest); 0 when nothing was scored */
   scoreFloor: number;
-  /** whether the question tokens' background was taken off the scores (background.ts); false when nothing was scored */
-  scoreBackground: boolean;
+  /** the background the question tokens' scores counted from (background.ts); "off" when nothing was scored */
+  scoreBackground: ScoreBackground;
   /** selected tokens merged into runs, in document order */
   spans: SelectedSpan[];
   /**
@@ -254,8 +255,8 @@ export interface ModelInfo {
     sentenceTail: number;
     /** how far from the selection's lowest smoothed score to its best a gathered token must reach (0 = off) */
     scoreFloor: number;
-    /** each question token's background taken off its scores (background.ts) */
-    scoreBackground: boolean;
+    /** the background each question token's scores count from (background.ts) */
+    scoreBackground: ScoreBackground;
     /** longest question reform embeds for scoring (what is left of the window on top of the cache) */
     maxQueryTokens: number;
     /** the recurrent baselines' cache: this many times the budget, bounded by the window */

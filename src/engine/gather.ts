@@ -17,7 +17,7 @@ import type { CompressorPool } from "./compressors.ts";
 import { evictionParams } from "./eviction.ts";
 import type { LoadedEngine } from "./load.ts";
 import type { ResidentPool } from "./resident.ts";
-import { backgroundOffsets } from "./background.ts";
+import { BACKGROUND_K, backgroundOffsets, kthQuery, type ScoreBackground } from "./background.ts";
 import { selectionReport } from "./report.ts";
 import { gather, refineSelection, selectionFor, smoothScores } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
@@ -29,8 +29,8 @@ export interface GatherInput {
   budget: number;
   /** the score floor (selection.ts keepNearBest; 0: the budget filled by score) */
   floor: number;
-  /** take each question token's background off its scores (background.ts) */
-  background: boolean;
+  /** which background each question token's scores count from (background.ts) */
+  background: ScoreBackground;
   /** template tokens before and after the context */
   pre: number[];
   suf: number[];
@@ -159,22 +159,41 @@ export function* gatherContext(
     const sel = selectionFor(d, budget);
     const op = e.headsFile.smoothing ?? "mean";
     const rows = s.meta.processed;
-    // before any yield: an upload running alongside may append rows at the next step, and the offsets must describe
-    // exactly the rows scored
-    const offsets = g.background ? backgroundOffsets(s.rowSum(e.native), qf, nq, dim) : undefined;
+    // before any yield: an upload running alongside may append rows at the next step, and the mean's row sum must
+    // describe exactly the rows scored (the k-th best is taken over `rows` explicitly)
+    const mean = g.background === "mean" ? backgroundOffsets(s.rowSum(e.native), qf, nq, dim) : undefined;
     // the context's rows resident on the device (uploaded once, resident.ts), else the mapped file: the same scores
     const store = resident ? yield* resident.forQuery(s, rows) : null;
     // short of device memory for the scoring buffers, the stores give way and the file is streamed
     const scored = <T>(fromStore: () => T, fromFile: () => T): T =>
       resident ? resident.withMemory(store ? fromStore : fromFile, fromFile) : fromFile();
+    let query: { q: Float32Array; nq: number; offsets: Float32Array | undefined } = { q: qf, nq, offsets: mean };
+    if (g.background === "kth") {
+      const kth = scored(
+        () => store!.scoreKth(rows, qf, nq, BACKGROUND_K),
+        () => s.withEmbeddings(e.native, (emb) => e.native.scoreKth(emb.mapped, rows, dim, qf, nq, BACKGROUND_K)),
+      );
+      const k = kthQuery(qf, nq, dim, kth);
+      query = { q: k.q, nq: nq + 1, offsets: k.offsets };
+    }
     // score, pool (the heads file's operator, mean or max) and select in one native call (no copy, no sort), the
     // sentence tail kept back; the raw scores come back for a report and for the score floor
     const floor = g.floor;
     const scores = g.report || floor > 0 ? new Float32Array(rows) : undefined;
-    const what = { window: sel.window, lag: sel.lag, budget: budget - sel.tail, edge: sel.edge, pool: op, offsets };
+    const what = {
+      window: sel.window,
+      lag: sel.lag,
+      budget: budget - sel.tail,
+      edge: sel.edge,
+      pool: op,
+      offsets: query.offsets,
+    };
     const picked = scored(
-      () => store!.scoreSelect(rows, qf, nq, what, scores),
-      () => s.withEmbeddings(e.native, (emb) => e.native.scoreSelect(emb.mapped, rows, dim, qf, nq, what, scores)),
+      () => store!.scoreSelect(rows, query.q, query.nq, what, scores),
+      () =>
+        s.withEmbeddings(e.native, (emb) =>
+          e.native.scoreSelect(emb.mapped, rows, dim, query.q, query.nq, what, scores),
+        ),
     );
     const tokens = s.readTokens(0, n);
     const idx = refineSelection(picked, scores ?? null, tokens, e.sentenceEnds, { ...sel, op, floor });
@@ -208,7 +227,7 @@ function emptySelection(method: Method, n: number): Selection {
     lag: 0,
     edge: 0,
     scoreFloor: 0,
-    scoreBackground: false,
+    scoreBackground: "off",
     spans: [],
     profile: null,
   };

@@ -4,6 +4,7 @@
  * model and compression setup.
  */
 import { closeSync, openSync, readFileSync, readSync, statSync } from "node:fs";
+import { DEFAULT_BACKGROUND, type ScoreBackground } from "./background.ts";
 import { join } from "node:path";
 import { type CompressParams, loadNative, type Native, type NativeModel, RF_F16 } from "../../ffi/native.ts";
 import { type LoadedConfig, loadModelConfig } from "../model/config.ts";
@@ -35,9 +36,8 @@ export interface EngineDefaults {
   /** how far from the selection's lowest smoothed score to its best a gathered token must reach (selection.ts
    * keepNearBest; 0 = fill the budget by score, the paper's gathering) */
   scoreFloor: number;
-  /** take each question token's mean cosine over the context off its scores (background.ts; false: the paper's
-   * scoring) */
-  scoreBackground: boolean;
+  /** the background each question token's scores count from (background.ts; "off": the paper's scoring) */
+  scoreBackground: ScoreBackground;
   nSink: number;
   obsWindow: number;
   /** how the upload compressor evicts (eviction.ts; the heads file's "eviction", default h2o) */
@@ -291,7 +291,7 @@ export function resolveDefaults(
       edge,
       sentenceTail,
       scoreFloor,
-      scoreBackground: d.scoreBackground ?? true,
+      scoreBackground: d.scoreBackground ?? DEFAULT_BACKGROUND,
       nSink: d.nSink ?? hf.nSink ?? 4,
       obsWindow,
       eviction: d.eviction ?? hf.eviction ?? "h2o",

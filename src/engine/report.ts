@@ -10,6 +10,7 @@
  * code points (as `text_offset` in routes/openai.ts); a span that starts inside a character starts at the next one.
  */
 import type { Method, SelectedSpan, Selection } from "./api.ts";
+import type { ScoreBackground } from "./background.ts";
 import { mergeRuns } from "./selection.ts";
 
 export const PROFILE_BUCKETS = 512;
@@ -68,8 +69,8 @@ export interface ReportInput {
   edge: number;
   /** the score floor the gathering used (0: none, or nothing scored) */
   scoreFloor?: number;
-  /** whether the question tokens' background was taken off the scores (false: not, or nothing scored) */
-  scoreBackground?: boolean;
+  /** the background the question tokens' scores counted from (background.ts; "off": none, or nothing scored) */
+  scoreBackground?: ScoreBackground;
 }
 
 export function selectionReport(tok: TokenBytesSource, r: ReportInput): Selection {
@@ -134,7 +135,7 @@ export function selectionReport(tok: TokenBytesSource, r: ReportInput): Selectio
     lag: r.lag,
     edge: r.edge,
     scoreFloor: r.scoreFloor ?? 0,
-    scoreBackground: r.scoreBackground ?? false,
+    scoreBackground: r.scoreBackground ?? "off",
     spans,
     profile,
   };

@@ -8,6 +8,7 @@
  * <= the server maximum, token ids < vocabulary, prompt length) live in `planQuery` (src/engine/answer.ts).
  */
 import { z } from "zod";
+import { SCORE_BACKGROUNDS, backgroundOf } from "./background.ts";
 import { EngineError, METHODS, type Method, type QueryRequest } from "./api.ts";
 
 /** Context ids double as directory names on disk: letters, digits, '_' and '-', starting with a letter or digit. */
@@ -34,7 +35,8 @@ export const Field = {
   method: z.enum(METHODS as unknown as [Method, ...Method[]]),
   budget: z.number().int().min(MIN_BUDGET),
   scoreFloor: z.number().min(0).max(1),
-  scoreBackground: z.boolean(),
+  // true / false as the on|off field was before "mean" and "kth" (background.ts backgroundOf)
+  scoreBackground: z.union([z.boolean(), z.enum(SCORE_BACKGROUNDS)]).transform(backgroundOf),
   maxTokens: z.number().int().min(1),
   temperature: z.number().min(0).max(2),
   topP: z.number().gt(0).max(1),

@@ -113,11 +113,25 @@ export function mergeRuns(idx: ArrayLike<number>): [number, number][] {
   return runs;
 }
 
-/** Per token id: does its text end a sentence (holds '.', '?', '!' or a newline)? For completeSentences. */
+/** sentenceEnds' flags per token id */
+export const END_PUNCT = 1; // ends in '.', '?' or '!' (closing quotes and brackets aside): a sentence end before whitespace
+export const END_NEWLINE = 2; // holds a newline: ends one where it stands
+export const STARTS_SPACE = 4; // begins with whitespace: what may follow an END_PUNCT token at a sentence end
+
+/** Per token id, flags (END_PUNCT, END_NEWLINE, STARTS_SPACE) from which completeSentences tells where a sentence
+ * ends: a period followed by anything but whitespace is inside one ("e.g.,", "1.0", "os.path"); counted as ends,
+ * these took quoted sentences apart at their abbreviations (bench/ruler.ts --tasks quote --show-misses). */
 export function sentenceEnds(vocabSize: number, tokenBytes: (id: number) => Uint8Array): Uint8Array {
   const out = new Uint8Array(vocabSize);
-  for (let id = 0; id < vocabSize; id++)
-    for (const c of tokenBytes(id)) if (c === 0x2e || c === 0x3f || c === 0x21 || c === 0x0a) out[id] = 1;
+  for (let id = 0; id < vocabSize; id++) {
+    const b = tokenBytes(id);
+    if (b.length > 0 && (b[0] === 0x20 || b[0] === 0x09 || b[0] === 0x0a || b[0] === 0x0d)) out[id]! |= STARTS_SPACE;
+    if (b.includes(0x0a)) out[id]! |= END_NEWLINE;
+    // the token's last character before closing quotes and brackets: ".\"" ends, ".," does not
+    let k = b.length - 1;
+    while (k >= 0 && (b[k] === 0x22 || b[k] === 0x27 || b[k] === 0x29 || b[k] === 0x5d)) k--;
+    if (k >= 0 && (b[k] === 0x2e || b[k] === 0x3f || b[k] === 0x21)) out[id]! |= END_PUNCT;
+  }
   return out;
 }
 
@@ -175,7 +189,12 @@ export function completeSentences(
   const maxTail = o.maxTail ?? 64;
   if (tail <= 0 || idx.length === 0) return idx;
   const n = tokens.length;
-  const isEnd = (t: number) => ends[tokens[t]!] === 1;
+  const isEnd = (t: number) => {
+    const f = ends[tokens[t]!]!;
+    return (
+      (f & END_NEWLINE) !== 0 || ((f & END_PUNCT) !== 0 && (t + 1 >= n || (ends[tokens[t + 1]!]! & STARTS_SPACE) !== 0))
+    );
+  };
   // longest passages first; positions kept in a set, so the work follows the budget, not the context's length
   const runs = mergeRuns(idx).sort((x, y) => y[1] - y[0] - (x[1] - x[0]) || x[0] - y[0]);
   const taken = new Set<number>(idx);

@@ -120,7 +120,7 @@ export class FakeEngine implements EngineClient {
         edge: 2,
         sentenceTail: 0,
         scoreFloor: 0,
-        scoreBackground: false,
+        scoreBackground: "off",
         maxQueryTokens: 192,
         baselineCacheFactor: 4,
         inlineMaxContexts: 16,
