@@ -33,7 +33,7 @@ import {
   tokenSpan,
 } from "../scripts/heads-lab.ts";
 import { FAMILIES, type HeadResult, selectHeads } from "../scripts/select-heads.ts";
-import { SampleMaker, type Task } from "./ruler-tasks.ts";
+import { type HaystackSource, haystackSource, SampleMaker, type Task } from "./ruler-tasks.ts";
 
 export interface EvalSample {
   task: Task;
@@ -44,12 +44,19 @@ export interface EvalSample {
 }
 
 /** Held-out samples: `n` per task, needles at spread depths, seeds far from every other bench's and the selector's. */
-export function heldOutSamples(lab: Lab, tasks: Task[], n: number, tokens: number, seed = 1): EvalSample[] {
+export function heldOutSamples(
+  lab: Lab,
+  tasks: Task[],
+  n: number,
+  tokens: number,
+  seed = 1,
+  source: HaystackSource = haystackSource("prose"),
+): EvalSample[] {
   const count = (s: string) => lab.tok.encode(s).length;
   const out: EvalSample[] = [];
   for (const task of tasks) {
     for (let i = 0; i < n; i++) {
-      const s = new SampleMaker(900_000 + seed * 10_007 + i * 31 + tasks.indexOf(task), count).make(
+      const s = new SampleMaker(900_000 + seed * 10_007 + i * 31 + tasks.indexOf(task), count, source).make(
         task,
         tokens,
         0.05 + (0.9 * i) / Math.max(1, n - 1),

@@ -95,15 +95,16 @@ export interface HeadTables {
   cos: Float32Array;
 }
 
-/** Compress `tokens` (no BOS; the first chunk gets the model's, as the server does) with every head of `heads`, embed
- * `question` on top of the compressed context, and return the per-head cosine tables. */
-export function embedTables(
+/** Compress `tokens` (no BOS; the first chunk gets the model's, as the server does) with every head of `heads` and
+ * embed `question` on top of the compressed context: the rows the server writes to emb.bin (ctx, n x E f32, E =
+ * heads x head_dim) and scores against (q, nq x E). */
+export function embedRows(
   lab: Lab,
   tokens: Int32Array,
   question: Int32Array,
   heads: HeadSpec[],
   s: CompressSettings,
-): HeadTables {
+): { ctx: Float32Array; q: Float32Array; E: number } {
   const d = lab.defaults;
   const nSink = d.nSink;
   const obsWindow = Math.min(d.obsWindow, s.chunk);
@@ -119,11 +120,8 @@ export function embedTables(
     },
     heads,
   );
-  const H = heads.length;
-  const D = lab.mc.headDim;
   const E = comp.embedDim;
   const n = tokens.length;
-  const nq = question.length;
   const ctx = new Float32Array(n * E);
   let q: Float32Array;
   try {
@@ -145,6 +143,22 @@ export function embedTables(
   } finally {
     comp.destroy();
   }
+  return { ctx, q, E };
+}
+
+/** embedRows, then the per-head cosine tables of the context against the question. */
+export function embedTables(
+  lab: Lab,
+  tokens: Int32Array,
+  question: Int32Array,
+  heads: HeadSpec[],
+  s: CompressSettings,
+): HeadTables {
+  const { ctx, q, E } = embedRows(lab, tokens, question, heads, s);
+  const H = heads.length;
+  const D = lab.mc.headDim;
+  const n = tokens.length;
+  const nq = question.length;
   const cos = new Float32Array(H * n * nq);
   for (let h = 0; h < H; h++) {
     const ho = h * D;
