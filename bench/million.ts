@@ -165,7 +165,7 @@ try {
     // the engine's path also takes each question token's background off its scores (background.ts): timed here,
     // left out of the fused call so that its selection compares with the unfused ones below
     time(
-      `background "kth" (rf_score_kth: each question token's ${BACKGROUND_K}th best match, a pass over the file)`,
+      `background "kth" (rf_score_kth: each question token's ${BACKGROUND_K}-th best match, a pass over the file)`,
       () =>
         s.withEmbeddings(native, (rows) =>
           native.scoreKth(rows.mapped, s.meta.processed, s.meta.params.embDim, qf, q.length, BACKGROUND_K),
