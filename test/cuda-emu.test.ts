@@ -32,6 +32,7 @@ import {
   embStoreBytes,
   type NativeCompressor,
   type NativeModel,
+  type ScoreSelection,
 } from "../ffi/native";
 import type { HeadSpec } from "../src/model/types.ts";
 import { argmax, refForward, refLogits, refScore, RefCompressor } from "./reference/llama-ref";
@@ -185,6 +186,35 @@ function margin(lg: ArrayLike<number>): number {
 
 /* ---------------- models ---------------- */
 
+/** n gaussian values as f16 bits */
+function gaussianF16(n: number, rng: () => number): Uint16Array {
+  return Uint16Array.from(
+    new Float32Array(n).map(() => gaussian(rng)),
+    toF16,
+  );
+}
+
+/** Each of the first three query rows, scored alone with its k-th best cosine as its offset: the k-th best row scores
+ * exactly 0 (fewer than k rows above it, at least k at or above it), for k = 1, 3, 32. */
+function expectKthAtZero(
+  nCtx: number,
+  q: Float32Array,
+  dim: number,
+  kth: (qj: Float32Array, k: number) => Float32Array,
+  select: (qj: Float32Array, sel: ScoreSelection, scores: Float32Array) => void,
+): void {
+  for (const k of [1, 3, 32]) {
+    for (let j = 0; j < 3; j++) {
+      const qj = q.subarray(j * dim, (j + 1) * dim);
+      const scores = new Float32Array(nCtx);
+      select(qj, { window: 1, budget: 8, edge: 0, offsets: kth(qj, k) }, scores);
+      const above = scores.filter((v) => v > 0).length;
+      const zero = scores.filter((v) => v === 0).length;
+      expect({ k, j, zero: zero > 0, rank: above < k && above + zero >= k }).toEqual({ k, j, zero: true, rank: true });
+    }
+  }
+}
+
 const D16 = { vocab: 97, hidden: 64, intermediate: 96, heads: 4, kvHeads: 2, headDim: 16 };
 const VARIANTS: Variant[] = [
   // Llama-3 style: GQA (2 query heads per kv head), llama3 rope scaling, untied, bf16
@@ -327,22 +357,15 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: rf_score", () => {
           }
           // taken off as the offsets of rf_score_select (its raw scores), the k-th best row of each query row scores
           // exactly 0: the same cosines, bit for bit
-          for (const k of [1, 3, 32]) {
-            for (let j = 0; j < 3; j++) {
-              const qj = q.subarray(j * dim, (j + 1) * dim);
-              const off = emu.scoreKth(c, nCtx, dim, qj, 1, k);
-              const scores = new Float32Array(nCtx);
-              emu.scoreSelect(c, nCtx, dim, qj, 1, { window: 1, budget: 8, edge: 0, offsets: off }, scores);
-              const above = scores.filter((v) => v > 0).length;
-              const zero = scores.filter((v) => v === 0).length;
-              expect({ k, j, zero: zero > 0, rank: above < k && above + zero >= k }).toEqual({
-                k,
-                j,
-                zero: true,
-                rank: true,
-              });
-            }
-          }
+          expectKthAtZero(
+            nCtx,
+            q,
+            dim,
+            (qj, k) => emu.scoreKth(c, nCtx, dim, qj, 1, k),
+            (qj, sel, scores) => {
+              emu.scoreSelect(c, nCtx, dim, qj, 1, sel, scores);
+            },
+          );
         }
         // only each (query column, row group)'s candidates come back: far fewer bytes than the similarities
         const d0 = hooks.stat("d2h_bytes");
@@ -1054,10 +1077,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
     const dim = 48;
     const n = 350;
     const rng = mulberry32(17);
-    const ctx = Uint16Array.from(
-      new Float32Array(n * dim).map(() => gaussian(rng)),
-      toF16,
-    );
+    const ctx = gaussianF16(n * dim, rng);
     ctx.fill(0, 7 * dim, 8 * dim); // an all-zero row scores 0
     const q = new Float32Array(3 * dim).map(() => gaussian(rng));
     const plain = { window: 9, lag: 3, budget: 64, edge: 8 };
@@ -1146,10 +1166,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
     const dim = 48;
     const n = 350;
     const rng = mulberry32(19);
-    const ctx = Uint16Array.from(
-      new Float32Array(n * dim).map(() => gaussian(rng)),
-      toF16,
-    );
+    const ctx = gaussianF16(n * dim, rng);
     ctx.fill(0, 7 * dim, 8 * dim); // an all-zero row: cosine 0
     const nQs = [3, 260]; // 260 query columns > one 256-thread block of k_kth_heaps
     const qs = nQs.map((nQ) => new Float32Array(nQ * dim).map(() => gaussian(rng)));
@@ -1183,22 +1200,15 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
         }
         // taken off as offsets, the k-th best row of the store's raw scores (n_q = 1) is exactly 0
         const q = qs[0]!;
-        for (const k of [1, 3, 32]) {
-          for (let j = 0; j < 3; j++) {
-            const qj = q.subarray(j * dim, (j + 1) * dim);
-            const off = st.scoreKth(n, qj, 1, k);
-            const scores = new Float32Array(n);
-            st.scoreSelect(n, qj, 1, { window: 1, budget: 8, edge: 0, offsets: off }, scores);
-            const above = scores.filter((v) => v > 0).length;
-            const zero = scores.filter((v) => v === 0).length;
-            expect({ k, j, zero: zero > 0, rank: above < k && above + zero >= k }).toEqual({
-              k,
-              j,
-              zero: true,
-              rank: true,
-            });
-          }
-        }
+        expectKthAtZero(
+          n,
+          q,
+          dim,
+          (qj, k) => st.scoreKth(n, qj, 1, k),
+          (qj, sel, scores) => {
+            st.scoreSelect(n, qj, 1, sel, scores);
+          },
+        );
         const a0 = hooks.stat("mallocs");
         for (const k of [1, 32, n]) st.scoreKth(n, qs[1]!, 260, k);
         st.scoreSelect(n, q, 3, { window: 9, budget: 64, edge: 8 });
