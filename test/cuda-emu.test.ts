@@ -1072,13 +1072,27 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
     for (const x of [...cs, m, mc]) x.destroy();
   });
 
-  test("resident embeddings: the scores (bit for bit) and selection of rf_score_select over the same rows, across blocks, both GEMM paths, with and without query offsets; only the queries are uploaded; the store's bytes are the plan's", () => {
-    const b = model(VARIANTS[0]);
+  /** The resident-store tests' rows: 350 gaussian f16 rows of 48, row 7 all zeros (its cosine is 0), their model, and
+   * how they go into a store: in pieces of 120, 130 and 100 rows, across its blocks of 100. */
+  const storeRows = (seed: number) => {
     const dim = 48;
     const n = 350;
-    const rng = mulberry32(17);
+    const rng = mulberry32(seed);
     const ctx = gaussianF16(n * dim, rng);
-    ctx.fill(0, 7 * dim, 8 * dim); // an all-zero row scores 0
+    ctx.fill(0, 7 * dim, 8 * dim);
+    const appendInPieces = (st: { append(rows: Uint16Array, n: number): void }) => {
+      for (const [a, z] of [
+        [0, 120],
+        [120, 250],
+        [250, 350],
+      ] as const)
+        st.append(ctx.subarray(a * dim, z * dim), z - a);
+    };
+    return { b: model(VARIANTS[0]), dim, n, rng, ctx, appendInPieces };
+  };
+
+  test("resident embeddings: the scores (bit for bit) and selection of rf_score_select over the same rows, across blocks, both GEMM paths, with and without query offsets; only the queries are uploaded; the store's bytes are the plan's", () => {
+    const { b, dim, n, rng, ctx, appendInPieces } = storeRows(17);
     const q = new Float32Array(3 * dim).map(() => gaussian(rng));
     const plain = { window: 9, lag: 3, budget: 64, edge: 8 };
     const offset = { ...plain, offsets: Float32Array.of(0.05, -0.02, 0.1) };
@@ -1089,12 +1103,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
       const m = loadModel(emu, b);
       const live = hooks.stat("live_bytes");
       const st = m.createEmbStore(dim);
-      for (const [a, z] of [
-        [0, 120],
-        [120, 250],
-        [250, 350],
-      ] as const)
-        st.append(ctx.subarray(a * dim, z * dim), z - a);
+      appendInPieces(st);
       expect(st.rows()).toBe(n);
       expect(st.memoryBytes()).toBe(4 * 100 * (dim * 2 + 4));
       expect(hooks.stat("live_bytes") - live).toBe(st.memoryBytes());
@@ -1162,12 +1171,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
   });
 
   test("resident embeddings: rf_embstore_score_kth gives rf_score_kth over the same rows (bit for bit, across blocks, both GEMM paths), the CPU build's within 1e-5; as offsets they take the store's k-th best row to exactly 0; only the queries are uploaded; no allocation per query; bad k or n_ctx refused", () => {
-    const b = model(VARIANTS[0]);
-    const dim = 48;
-    const n = 350;
-    const rng = mulberry32(19);
-    const ctx = gaussianF16(n * dim, rng);
-    ctx.fill(0, 7 * dim, 8 * dim); // an all-zero row: cosine 0
+    const { b, dim, n, rng, ctx, appendInPieces } = storeRows(19);
     const nQs = [3, 260]; // 260 query columns > one 256-thread block of k_kth_heaps
     const qs = nQs.map((nQ) => new Float32Array(nQ * dim).map(() => gaussian(rng)));
     for (const cublas of [false, true]) {
@@ -1176,12 +1180,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
       const m = loadModel(emu, b);
       const st = m.createEmbStore(dim);
       try {
-        for (const [a, z] of [
-          [0, 120],
-          [120, 250],
-          [250, 350],
-        ] as const)
-          st.append(ctx.subarray(a * dim, z * dim), z - a);
+        appendInPieces(st);
         for (const [qi, nQ] of nQs.entries()) {
           const q = qs[qi]!;
           for (const nCtx of [n, 237]) {
