@@ -136,24 +136,6 @@ inline int check_offsets(const float* q_offset, int32_t n_q, const char* where) 
   return RF_OK;
 }
 
-/* rf_score_kth / rf_embstore_score_kth: k in [1, RF_KTH_MAX], n_q >= 1, the buffers there when there is work */
-inline int check_score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                           int32_t k, const float* out, const char* where) {
-  if (n_ctx < 0 || dim <= 0 || n_q < 1)
-    return set_error(RF_ERR_INVALID, "%s: bad sizes (n_ctx %lld, dim %d, n_q %d)", where, (long long)n_ctx, dim, n_q);
-  if (k < 1 || k > RF_KTH_MAX) return set_error(RF_ERR_INVALID, "%s: k = %d outside [1, %d]", where, k, RF_KTH_MAX);
-  if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16)
-    return set_error(RF_ERR_INVALID, "%s: ctx dtype must be f32/f16", where);
-  if (!q || !out || (n_ctx > 0 && !ctx)) return set_error(RF_ERR_INVALID, "%s: NULL argument", where);
-  return RF_OK;
-}
-inline int check_embstore_kth(int64_t n_ctx, int64_t rows, const char* where) {
-  if (n_ctx < 0 || n_ctx > rows)
-    return set_error(RF_ERR_INVALID, "%s: n_ctx = %lld outside the store's %lld rows", where, (long long)n_ctx,
-                     (long long)rows);
-  return RF_OK;
-}
-
 /* rf_seq_forward: n tokens appended at length len of a sequence of max_tokens positions */
 inline int check_seq_append(const int32_t* tokens, int32_t n, int64_t len, int64_t max_tokens, int32_t vocab,
                             const char* where) {
@@ -211,13 +193,28 @@ inline int check_seq_create(int32_t max_tokens) {
 
 /* rf_score; pointers are checked only when there is work (n_ctx == 0 is a valid no-op) */
 inline int check_score_args(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                            const float* out) {
-  const char* where = "rf_score";
+                            const float* out, const char* where = "rf_score") {
   if (n_ctx < 0 || dim <= 0 || n_q < 1)
     return set_error(RF_ERR_INVALID, "%s: bad sizes (n_ctx %lld, dim %d, n_q %d)", where, (long long)n_ctx, dim, n_q);
   if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16)
     return set_error(RF_ERR_INVALID, "%s: ctx dtype must be f32/f16", where);
   if (n_ctx > 0 && (!ctx || !q || !out)) return set_error(RF_ERR_INVALID, "%s: NULL argument", where);
+  return RF_OK;
+}
+
+/* rf_score_kth / rf_embstore_score_kth: rf_score's checks, k in [1, RF_KTH_MAX], and q and out even for n_ctx == 0
+ * (out gets -inf per query row) */
+inline int check_score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                           int32_t k, const float* out, const char* where) {
+  RF_TRY(check_score_args(ctx, ctx_dtype, n_ctx, dim, q, n_q, out, where));
+  if (k < 1 || k > RF_KTH_MAX) return set_error(RF_ERR_INVALID, "%s: k = %d outside [1, %d]", where, k, RF_KTH_MAX);
+  if (!q || !out) return set_error(RF_ERR_INVALID, "%s: NULL argument", where);
+  return RF_OK;
+}
+inline int check_embstore_kth(int64_t n_ctx, int64_t rows, const char* where) {
+  if (n_ctx < 0 || n_ctx > rows)
+    return set_error(RF_ERR_INVALID, "%s: n_ctx = %lld outside the store's %lld rows", where, (long long)n_ctx,
+                     (long long)rows);
   return RF_OK;
 }
 

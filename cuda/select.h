@@ -315,6 +315,14 @@ inline void keep_largest(std::vector<float>& heap, float v, int32_t k) {
   }
 }
 
+/* The k-th largest of one query row's candidates (the slices' or row groups' k largest cosines each; reordered in
+ * place): rf_score_kth's last step in both builds. Fewer than k candidates (NaN rows left out): -inf. */
+inline float kth_largest(std::vector<float>& cand, int32_t k) {
+  if ((int32_t)cand.size() < k) return -INFINITY;
+  std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), std::greater<float>());
+  return cand[k - 1];
+}
+
 /* the queries normalised and transposed per block of SCORE_QB: qt[(b * dim + d) * SCORE_QB + l] = q_{b*QB+l}[d] / |q|
  */
 inline std::vector<float> transposed_queries(const float* q, int32_t n_q, int32_t dim) {
@@ -367,12 +375,7 @@ inline int score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t 
     std::lock_guard<std::mutex> lk(mu);
     for (int j = 0; j < n_q; j++) all[j].insert(all[j].end(), heaps[j].begin(), heaps[j].end());
   });
-  for (int j = 0; j < n_q; j++) {
-    std::vector<float>& c = all[j];
-    if ((int32_t)c.size() < kk) continue;  // fewer than k rows with a cosine (NaN rows left out): -inf
-    std::nth_element(c.begin(), c.begin() + (kk - 1), c.end(), std::greater<float>());
-    out[j] = c[kk - 1];
-  }
+  for (int j = 0; j < n_q; j++) out[j] = kth_largest(all[j], kk);
   return RF_OK;
 }
 

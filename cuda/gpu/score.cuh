@@ -205,10 +205,7 @@ int kth_finish(cudaStream_t st, const float* heap, const int* cnt, int64_t ngrp,
       const int64_t t = g * n_q + j;
       for (int64_t i = 0; i < c[t]; i++) cand.push_back(h[i * nt + t]);
     }
-    out[j] = -INFINITY;
-    if ((int64_t)cand.size() < kk) continue;  // fewer than k rows with a cosine (NaN rows left out)
-    std::nth_element(cand.begin(), cand.begin() + (kk - 1), cand.end(), std::greater<float>());
-    out[j] = cand[kk - 1];
+    out[j] = rf::kth_largest(cand, kk);
   }
   return RF_OK;
 }
