@@ -5,7 +5,7 @@
  * selected heads (scripts/heads-lab.ts embedRows: the rows the server writes to emb.bin), then gathered as a query
  * gathers them — the native rf_score_kth / rf_score_select with each background's offsets, then the score floor and the
  * sentence completion (selection.ts refineSelection) — for each background: off (the paper's scoring), mean, and the
- * k-th best match for several K. "Gathered" is the share of samples of which every asked value (the quote task: the
+ * k-th best match for several K, of the question's tokens alone (kth) and with its adjacent pairs (kth-pairs). "Gathered" is the share of samples of which every asked value (the quote task: the
  * whole sentence) is among the gathered tokens, independent of whether the model then answers. The question is embedded
  * as its own text (the served path embeds it inside the chat template's turn and scores with its own tokens' rows).
  *
@@ -19,12 +19,15 @@ import { join } from "node:path";
 import { parseFlags, runCli, valueFlags } from "../src/cli/args.ts";
 import {
   addNormalisedRows,
+  adjacentPairs,
   BACKGROUND_K,
   backgroundOffsets,
   kthQuery,
   type ScoreBackground,
+  scoresPairs,
+  usesKth,
 } from "../src/engine/background.ts";
-import { refineSelection, selectionFor, sentenceEnds } from "../src/engine/selection.ts";
+import { refineSelection, selectionFor, sentenceEnds, wordContinuations } from "../src/engine/selection.ts";
 import { loadHeads } from "../src/model/heads.ts";
 import { embedRows, openLab } from "../scripts/heads-lab.ts";
 import { heldOutSamples } from "./heads-ablation.ts";
@@ -51,13 +54,15 @@ function main(argv: string[]): void {
     const sel = selectionFor(d, d.budget);
     const op = hf.smoothing ?? "mean";
     const ends = sentenceEnds(lab.mc.vocabSize, (id) => lab.tok.tokenBytes(id));
+    const words = wordContinuations(lab.mc.vocabSize, (id) => lab.tok.tokenBytes(id), lab.tok.specialIds);
     const samples = heldOutSamples(lab, tasks, N, tokens, Number(values.seed ?? 1), haystackSource(haystack));
     const settings: [string, ScoreBackground, number][] = [
       ["off (the paper's scoring)", "off", 0],
       ["mean", "mean", 0],
+      ...ks.map((k): [string, ScoreBackground, number] => [`kth, K = ${k}`, "kth", k]),
       ...ks.map((k): [string, ScoreBackground, number] => [
-        `kth, K = ${k}${k === BACKGROUND_K ? " (served)" : ""}`,
-        "kth",
+        `kth-pairs, K = ${k}${k === BACKGROUND_K ? " (served)" : ""}`,
+        "kth-pairs",
         k,
       ]),
     ];
@@ -70,10 +75,23 @@ function main(argv: string[]): void {
       const rowSum = { sum: new Float64Array(E), rows: n };
       addNormalisedRows(rowSum.sum, ctx, n, E);
       settings.forEach(([, bg, k], v) => {
-        let query = { q, nq, offsets: bg === "mean" ? backgroundOffsets(rowSum, q, nq, E) : undefined };
-        if (bg === "kth") {
-          const kq = kthQuery(q, nq, E, lab.native.scoreKth(ctx, n, E, q, nq, k));
-          query = { q: kq.q, nq: nq + 1, offsets: kq.offsets };
+        let query: {
+          q: Float32Array;
+          nq: number;
+          offsets?: Float32Array;
+          pairs?: Int32Array;
+          pairOffsets?: Float32Array;
+        } = { q, nq, offsets: bg === "mean" ? backgroundOffsets(rowSum, q, nq, E) : undefined };
+        if (usesKth(bg)) {
+          const pairs = scoresPairs(bg)
+            ? adjacentPairs(
+                [Array.from(s.q)],
+                () => true,
+                (id) => words[id] === 1,
+              )
+            : undefined;
+          const kq = kthQuery(q, nq, E, lab.native.scoreKth(ctx, n, E, q, nq, k, pairs));
+          query = { q: kq.q, nq: nq + 1, offsets: kq.offsets, pairs, pairOffsets: kq.pairOffsets };
         }
         const scores = new Float32Array(n);
         const what = { window: sel.window, lag: sel.lag, budget: d.budget - sel.tail, edge: sel.edge, pool: op };
@@ -83,7 +101,7 @@ function main(argv: string[]): void {
           E,
           query.q,
           query.nq,
-          { ...what, offsets: query.offsets },
+          { ...what, offsets: query.offsets, pairs: query.pairs, pairOffsets: query.pairOffsets },
           scores,
         );
         const taken = new Set(refineSelection(picked, scores, s.ids, ends, { ...sel, op, floor: d.scoreFloor }));

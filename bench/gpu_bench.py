@@ -10,7 +10,8 @@ Llama-3.1-8B shape with random weights generated on the device (rf_model_init_ra
     computes), over --overlap-tokens tokens
   * scoring time over --score-tokens rows (rf_score, f16 ctx, --score-queries queries), and score + select over the
     same rows streamed from host memory (rf_score_select, the embedding file's path) vs resident on the device
-    (rf_embstore, uploaded once)
+    (rf_embstore, uploaded once); resident with the queries' neighbouring rows as query row pairs (ABI 7), and their
+    k-th best matches (rf_embstore_score_kth)
   * recompute prefill time for --prefill tokens, decode time per token (--decode steps), plain and replayed as a
     CUDA graph (REFORM_CUDA_GRAPH=1)
 Prints figures, no assertions. --quick: smaller run.
@@ -218,6 +219,19 @@ def main():
           f"streamed {streamed_s * 1e3:8.1f} ms, resident {resident_s * 1e3:8.1f} ms (uploaded once in "
           f"{upload_s * 1e3:.1f} ms, {st.memory_bytes() / 2**30:.2f} GiB on the device; same selection: "
           f"{'yes' if np.array_equal(idx_streamed, idx_resident) else 'NO'})", flush=True)
+    # with query row pairs (ABI 7): the question's neighbouring tokens, as the server pairs them (background.ts)
+    pairs = np.stack([np.arange(args.score_queries - 1), np.arange(1, args.score_queries)], 1).astype(np.int32)
+    if len(pairs) > 0:
+        st.score_select(min(1024, args.score_tokens), q, window, min(args.budget, 512), 16, pairs=pairs)  # warm-up
+        t0 = time.perf_counter()
+        st.score_select(args.score_tokens, q, window, args.budget, edge, pairs=pairs)
+        pairs_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        st.score_kth(args.score_tokens, q, 32, pairs=pairs)
+        kth_s = time.perf_counter() - t0
+        print(f"score+select {args.score_tokens} x {dim} with {len(pairs)} query row pairs, resident: "
+              f"{pairs_s * 1e3:8.1f} ms (without: {resident_s * 1e3:.1f} ms); their k-th best (k = 32): "
+              f"{kth_s * 1e3:8.1f} ms", flush=True)
     st.destroy()
     del ctx
 

@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { RF_F16 } from "../ffi/native.ts";
 import type { QueryEvent } from "../src/engine/api.ts";
-import { BACKGROUND_K, backgroundOffsets } from "../src/engine/background.ts";
+import { adjacentPairs, BACKGROUND_K, backgroundOffsets } from "../src/engine/background.ts";
 import { DEFAULT_EDGE, DEFAULT_WINDOW, gather, selectTokens, smoothScores } from "../src/engine/selection.ts";
 import { EngineCore } from "../src/engine/core.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
@@ -170,6 +170,30 @@ try {
         s.withEmbeddings(native, (rows) =>
           native.scoreKth(rows.mapped, s.meta.processed, s.meta.params.embDim, qf, q.length, BACKGROUND_K),
         ),
+    );
+    const pairs = adjacentPairs(
+      [Array.from(q)],
+      () => true,
+      (id) => core.e.wordContinuations[id] === 1,
+    );
+    const kthPairs = time(
+      `background "kth-pairs" (rf_score_kth with the question's ${pairs.length / 2} adjacent pairs, a pass over the file)`,
+      () =>
+        s.withEmbeddings(native, (rows) =>
+          native.scoreKth(rows.mapped, s.meta.processed, s.meta.params.embDim, qf, q.length, BACKGROUND_K, pairs),
+        ),
+    );
+    time("score + select with the pairs (rf_score_select, kth-pairs offsets)", () =>
+      s.withEmbeddings(native, (rows) =>
+        native.scoreSelect(rows.mapped, s.meta.processed, s.meta.params.embDim, qf, q.length, {
+          window: core.e.defaults.window,
+          budget: BUDGET,
+          edge: core.e.defaults.edge,
+          offsets: kthPairs.subarray(0, q.length),
+          pairs,
+          pairOffsets: kthPairs.subarray(q.length),
+        }),
+      ),
     );
     time(`background "mean" (the context's row sum, kept at upload; one dot product per question token)`, () =>
       backgroundOffsets(s.rowSum(native), qf, q.length, s.meta.params.embDim),

@@ -136,6 +136,21 @@ inline int check_offsets(const float* q_offset, int32_t n_q, const char* where) 
   return RF_OK;
 }
 
+/* rf_score_kth / rf_score_select and their store twins: n_pairs in [0, RF_PAIRS_MAX], each pair's rows in [0, n_q),
+ * its offset (when given) finite */
+inline int check_pairs(const int32_t* pairs, int32_t n_pairs, const float* pair_offset, int32_t n_q,
+                       const char* where) {
+  if (n_pairs < 0 || n_pairs > RF_PAIRS_MAX)
+    return set_error(RF_ERR_INVALID, "%s: n_pairs = %d outside [0, %d]", where, n_pairs, RF_PAIRS_MAX);
+  if (n_pairs > 0 && !pairs) return set_error(RF_ERR_INVALID, "%s: pairs is NULL", where);
+  for (int32_t p = 0; p < 2 * n_pairs; p++)
+    if (pairs[p] < 0 || pairs[p] >= n_q)
+      return set_error(RF_ERR_INVALID, "%s: pairs[%d] = %d outside the %d query rows", where, p, pairs[p], n_q);
+  for (int32_t p = 0; pair_offset && p < n_pairs; p++)
+    if (!std::isfinite(pair_offset[p])) return set_error(RF_ERR_INVALID, "%s: pair_offset[%d] is not finite", where, p);
+  return RF_OK;
+}
+
 /* rf_seq_forward: n tokens appended at length len of a sequence of max_tokens positions */
 inline int check_seq_append(const int32_t* tokens, int32_t n, int64_t len, int64_t max_tokens, int32_t vocab,
                             const char* where) {

@@ -67,8 +67,9 @@ extern "C" {
  * 3: rf_smooth_select / rf_score_select / rf_embstore_score_select take the smoothing window's lag
  * 4: rf_map_file / rf_unmap_file
  * 5: rf_score_select / rf_embstore_score_select take per-query offsets (q_offset)
- * 6: rf_score_kth / rf_embstore_score_kth */
-#define RF_ABI_VERSION 6
+ * 6: rf_score_kth / rf_embstore_score_kth
+ * 7: rf_score_kth / rf_score_select and their rf_embstore_ twins take query row pairs (bigram matching) */
+#define RF_ABI_VERSION 7
 
 /* status codes */
 #define RF_OK 0
@@ -230,17 +231,27 @@ RF_API void rf_compressor_destroy(rf_compressor* c);
  * cos(a, b) = a.b / (max(|a|, 1e-12) * max(|b|, 1e-12)), so an all-zero row scores 0. */
 RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                     float* out);
+/* Query row pairs (bigram matching; this project's addition to the paper's scoring, README "Documents that are not
+ * prose"): pairs (2 * n_pairs int32, may be NULL when n_pairs == 0) holds (a_p, b_p), query row indices in [0, n_q),
+ * usually two tokens next to each other in the question. Pair p matches context rows (i - 1, i), i >= 1, with
+ *   P_p(i) = min(cos(ctx_{i-1}, q_{a_p}), cos(ctx_i, q_{b_p}))   (NaN when either cosine is NaN),
+ * the cosines being the ones of the single rows in the same call. A word of several common pieces (a 1024-token
+ * vocabulary splits `virgin-tempo` into four) matches its own pieces everywhere, but the pieces in their order rarely:
+ * the pair's k-th best match is far below its match at the word. 0 <= n_pairs <= RF_PAIRS_MAX, else RF_ERR_INVALID. */
+#define RF_PAIRS_MAX 4096
 /* Each query row's k-th best match over the context: out[j] = the k-th largest of cos(ctx_i, q_j) over i < n_ctx
- * (n_q f32; equal cosines count once each; rows whose cosine is NaN are left out; k is clamped to n_ctx; fewer rows
- * than that, or n_ctx == 0: -inf). The cosines are the ones rf_score_select takes its offsets from in the same build
- * (CPU: the same f32 sums bit for bit; CUDA: rf_score's kernels and cosine expression), so a row at the k-th best
- * scores exactly 0 after the offset (CUDA: when scored with the same query rows; cuBLAS may pick another kernel for
- * another number of rows, a difference of rounding). 1 <= k <= RF_KTH_MAX, else RF_ERR_INVALID. The server takes each
- * question token's k-th best match off its scores (q_offset): a token then counts only where it matches better than
- * nearly everywhere else, as a rare term does (src/engine/background.ts). */
+ * (j < n_q; equal cosines count once each; rows whose cosine is NaN are left out; k is clamped to n_ctx; fewer rows
+ * than that, or n_ctx == 0: -inf), then each pair's: out[n_q + p] = the k-th largest P_p(i) over 1 <= i < n_ctx
+ * (k clamped to n_ctx - 1; NaN left out). out: n_q + n_pairs f32. The cosines are the ones rf_score_select takes its
+ * offsets from in the same build (CPU: the same f32 sums bit for bit; CUDA: rf_score's kernels and cosine expression),
+ * so a row at the k-th best scores exactly 0 after the offset (CUDA: when scored with the same query rows; cuBLAS may
+ * pick another kernel for another number of rows, a difference of rounding). 1 <= k <= RF_KTH_MAX, else
+ * RF_ERR_INVALID. The server takes each question token's (and pair's) k-th best match off its scores (q_offset,
+ * pair_offset): a token then counts only where it matches better than nearly everywhere else, as a rare term does
+ * (src/engine/background.ts). */
 #define RF_KTH_MAX 1024
 RF_API int rf_score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                        int32_t k, float* out);
+                        const int32_t* pairs, int32_t n_pairs, int32_t k, float* out);
 
 /* ---- resident context embeddings (phase 2 without reading the embedding file again) ---- */
 /* An append-only matrix of f16 rows (embed_dim values each: a context's embedding file, mirrored) kept where the
@@ -257,10 +268,12 @@ RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e);
 /* rf_score_select (below) over the store's first n_ctx rows: the same scores as rf_score_select over those rows in
  * host memory (CUDA: the same kernels and GEMM per row; the emulation checks bit equality) and the same selection. */
 RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q,
-                                        const float* q_offset, int32_t window, int32_t lag, int32_t pool,
+                                        const float* q_offset, const int32_t* pairs, int32_t n_pairs,
+                                        const float* pair_offset, int32_t window, int32_t lag, int32_t pool,
                                         int64_t budget, int32_t edge, float* scores, int32_t* out_idx);
 /* rf_score_kth over the store's first n_ctx rows (the same values as rf_score_kth over those rows in host memory) */
-RF_API int rf_embstore_score_kth(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t k, float* out);
+RF_API int rf_embstore_score_kth(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, const int32_t* pairs,
+                                 int32_t n_pairs, int32_t k, float* out);
 RF_API void rf_embstore_destroy(rf_embstore* e);
 
 /* ---- recompute + generate ---- */
@@ -309,10 +322,15 @@ RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, 
  * score_i = max_j (cos(ctx_i, q_j) - q_offset[j]). The server passes each question token's background: by default its
  * k-th best match (rf_score_kth), or its mean cosine over the whole context (q_j . the mean normalised context row), so
  * that a token that matches every row (a log's digits and punctuation) no longer decides the maximum everywhere
- * (README, "Documents that are not prose"). */
+ * (README, "Documents that are not prose").
+ * pairs / n_pairs (see RF_PAIRS_MAX; n_pairs 0: none) with pair_offset (n_pairs f32, may be NULL: all 0) join the
+ * maximum; a pair's match counts for both rows it spans:
+ *   score_i = max(max_j (cos(ctx_i, q_j) - q_offset[j]), max_p (max(P_p(i), P_p(i + 1)) - pair_offset[p]))
+ * over the P_p that exist (1 <= i, i + 1 < n_ctx) and are not NaN. */
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, const float* q_offset, int32_t window, int32_t lag, int32_t pool,
-                               int64_t budget, int32_t edge, float* scores, int32_t* out_idx);
+                               int32_t n_q, const float* q_offset, const int32_t* pairs, int32_t n_pairs,
+                               const float* pair_offset, int32_t window, int32_t lag, int32_t pool, int64_t budget,
+                               int32_t edge, float* scores, int32_t* out_idx);
 /* The whole file at `path` mapped read-only and shared (a context's embedding file, the `ctx` of rf_score_select:
  * JavaScript's own mmap stops at 4 GiB, 16.7M rows of 256 bytes). Returns the address and its size in *out_bytes, or
  * NULL with the reason in rf_last_error() (cannot open, empty, no address space: RF_ERR_OOM). Release with

@@ -947,22 +947,27 @@ static auto score_ranges(int32_t dim, int32_t n_q) {
 }
 
 RF_API int rf_score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                        int32_t k, float* out) {
+                        const int32_t* pairs, int32_t n_pairs, int32_t k, float* out) {
   return guard("rf_score_kth", [&]() -> int {
     RF_TRY(rf::check_score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, out, "rf_score_kth"));
-    return rf::score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, out, score_ranges(dim, n_q));
+    RF_TRY(rf::check_pairs(pairs, n_pairs, nullptr, n_q, "rf_score_kth"));
+    return rf::score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, rf::Pairs{pairs, n_pairs, nullptr}, k, out,
+                         score_ranges(dim, n_q));
   });
 }
 
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, const float* q_offset, int32_t window, int32_t lag, int32_t pool,
-                               int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
+                               int32_t n_q, const float* q_offset, const int32_t* pairs, int32_t n_pairs,
+                               const float* pair_offset, int32_t window, int32_t lag, int32_t pool, int64_t budget,
+                               int32_t edge, float* scores, int32_t* out_idx) {
   return guard("rf_score_select", [&]() -> int64_t {
     RF_TRY(rf::check_offsets(q_offset, n_q, "rf_score_select"));
+    RF_TRY(rf::check_pairs(pairs, n_pairs, pair_offset, n_q, "rf_score_select"));
     const auto pool_ranges = score_ranges(dim, n_q);
+    const rf::Pairs pr{pairs, n_pairs, pair_offset};
     return rf::score_select(
-        [&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, s, pool_ranges); }, n_ctx,
-        window, lag, pool, budget, edge, scores, out_idx);
+        [&](float* s) { return rf::score_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, pr, s, pool_ranges); },
+        n_ctx, window, lag, pool, budget, edge, scores, out_idx);
   });
 }
 
@@ -999,20 +1004,22 @@ RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e) {
   return (int64_t)(e->rows.capacity() * 2);
 }
 RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q,
-                                        const float* q_offset, int32_t window, int32_t lag, int32_t pool,
+                                        const float* q_offset, const int32_t* pairs, int32_t n_pairs,
+                                        const float* pair_offset, int32_t window, int32_t lag, int32_t pool,
                                         int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
   return guard("rf_embstore_score_select", [&]() -> int64_t {
     RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_select"));
     RF_TRY(rf::check_embstore_score(n_ctx, (int64_t)(e->rows.size() / (size_t)e->dim), q, n_q, budget, out_idx));
-    return rf_score_select(e->rows.data(), RF_F16, n_ctx, e->dim, q, n_q, q_offset, window, lag, pool, budget, edge,
-                           scores, out_idx);
+    return rf_score_select(e->rows.data(), RF_F16, n_ctx, e->dim, q, n_q, q_offset, pairs, n_pairs, pair_offset, window,
+                           lag, pool, budget, edge, scores, out_idx);
   });
 }
-RF_API int rf_embstore_score_kth(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t k, float* out) {
+RF_API int rf_embstore_score_kth(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, const int32_t* pairs,
+                                 int32_t n_pairs, int32_t k, float* out) {
   return guard("rf_embstore_score_kth", [&]() -> int {
     RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_kth"));
     RF_TRY(rf::check_embstore_kth(n_ctx, (int64_t)(e->rows.size() / (size_t)e->dim), "rf_embstore_score_kth"));
-    return rf_score_kth(e->rows.data(), RF_F16, n_ctx, e->dim, q, n_q, k, out);
+    return rf_score_kth(e->rows.data(), RF_F16, n_ctx, e->dim, q, n_q, pairs, n_pairs, k, out);
   });
 }
 RF_API void rf_embstore_destroy(rf_embstore* e) {

@@ -246,12 +246,57 @@ constexpr int SCORE_RB = 8, SCORE_QB = 16;
   }
 }
 
+/* The query row pairs of rf_score_select / rf_score_kth (cuda/reform.h RF_PAIRS_MAX): pair p matches context rows
+ * (i - 1, i) with P_p(i) = min(cos(ctx_{i-1}, q_{ab[2p]}), cos(ctx_i, q_{ab[2p+1]})), NaN when either is NaN; `off`
+ * (n, or NULL) is taken off each pair's value in the selection's scores */
+struct Pairs {
+  const int32_t* ab = nullptr;
+  int32_t n = 0;
+  const float* off = nullptr;
+};
+
+inline float pair_value(float x, float y) { return (x != x || y != y) ? NAN : std::min(x, y); }
+
+/* cos[r * n_q + j] of block `blk`: its rows' cosines with every query row (the offset path's acc * inv, bit for bit);
+ * what a pair needs of the row before a slice's first block */
+[[maybe_unused]] __attribute__((always_inline)) static inline int block_cosines(const void* ctx, int32_t ctx_dtype,
+                                                                                int64_t n_ctx, int32_t dim,
+                                                                                const float* Qt, int32_t n_q,
+                                                                                int64_t blk, float* rows, float* cos) {
+  float inv[SCORE_RB];
+  const int rb = load_block(ctx, ctx_dtype, n_ctx, dim, blk, rows, inv);
+  const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
+  for (int b = 0; b < nqb; b++) {
+    float acc[SCORE_RB][SCORE_QB];
+    dot_block(rows, dim, Qt + (size_t)b * dim * SCORE_QB, acc);
+    const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);
+    for (int r = 0; r < SCORE_RB; r++)
+      for (int l = 0; l < lanes; l++) cos[(size_t)r * n_q + b * SCORE_QB + l] = acc[r][l] * inv[r];
+  }
+  return rb;
+}
+
+/* The pairs' row before a slice: the cosines of row blk0 * SCORE_RB - 1 into prev (n_q; nothing for the first block) */
+[[maybe_unused]] __attribute__((always_inline)) static inline void row_before(const void* ctx, int32_t ctx_dtype,
+                                                                              int64_t n_ctx, int32_t dim,
+                                                                              const float* Qt, int32_t n_q,
+                                                                              int64_t blk0, float* rows, float* cos,
+                                                                              float* prev) {
+  if (blk0 == 0) return;
+  block_cosines(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, blk0 - 1, rows, cos);
+  std::copy(cos + (size_t)(SCORE_RB - 1) * n_q, cos + (size_t)SCORE_RB * n_q, prev);
+}
+
 /* blocks [blk0, blk1) of SCORE_RB context rows; `rows` is a SCORE_RB * dim scratch buffer; `off` the query rows'
- * offsets (n_q, or NULL) */
+ * offsets (n_q, or NULL). With pairs (pr.n > 0): `cos` (SCORE_RB * n_q) and `prev` (n_q) are scratch, and pend[i]
+ * receives max_p (P_p(i) - pr.off[p]) for each row i >= 1 of these blocks (-inf for row 0 or when every P_p(i) is NaN)
+ */
 [[maybe_unused]] RF_SCORE_CLONES static void score_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx,
                                                           int32_t dim, const float* Qt, int32_t n_q, const float* off,
-                                                          int64_t blk0, int64_t blk1, float* rows, float* out) {
+                                                          int64_t blk0, int64_t blk1, float* rows, float* out,
+                                                          const Pairs& pr, float* cos, float* prev, float* pend) {
   const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
+  if (pr.n > 0) row_before(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, blk0, rows, cos, prev);
   for (int64_t blk = blk0; blk < blk1; blk++) {
     // the rows' inverse norms first: with offsets the maximum is over cosines (without, max(a) * s = max(a * s)
     // for s > 0 bit for bit, so both paths give rf_score's order of operations)
@@ -271,9 +316,25 @@ constexpr int SCORE_RB = 8, SCORE_QB = 16;
         for (int r = 0; r < SCORE_RB; r++)
           for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l]);
       }
+      if (pr.n > 0)
+        for (int r = 0; r < SCORE_RB; r++)
+          for (int l = 0; l < lanes; l++) cos[(size_t)r * n_q + b * SCORE_QB + l] = acc[r][l] * inv[r];
     }
     const int64_t i0 = blk * SCORE_RB;
     for (int r = 0; r < rb; r++) out[i0 + r] = off ? best[r] : best[r] * inv[r];
+    if (pr.n == 0) continue;
+    for (int r = 0; r < rb; r++) {
+      const float* before = r == 0 ? prev : cos + (size_t)(r - 1) * n_q;
+      const float* here = cos + (size_t)r * n_q;
+      float v = -INFINITY;
+      if (i0 + r >= 1)
+        for (int32_t p = 0; p < pr.n; p++) {
+          const float x = pair_value(before[pr.ab[2 * p]], here[pr.ab[2 * p + 1]]);
+          if (x == x) v = std::max(v, x - (pr.off ? pr.off[p] : 0.f));
+        }
+      pend[i0 + r] = v;
+    }
+    std::copy(cos + (size_t)(rb - 1) * n_q, cos + (size_t)rb * n_q, prev);
   }
 }
 
@@ -290,11 +351,14 @@ inline void keep_largest(std::vector<float>& heap, float v, int32_t k) {
 }
 
 /* blocks [blk0, blk1): each query row's k largest cosines (the offset path's cosines, acc * inv, bit for bit) into
- * heaps[j]; NaN cosines (a row with an f16 overflow) are left out */
+ * heaps[j]; with pairs, each pair's kp largest values P_p(i) into heaps[n_q + p] (`cos`, `prev` as in score_blocks);
+ * NaN values (a row with an f16 overflow) are left out */
 [[maybe_unused]] RF_SCORE_CLONES static void kth_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim,
                                                         const float* Qt, int32_t n_q, int32_t k, int64_t blk0,
-                                                        int64_t blk1, float* rows, std::vector<float>* heaps) {
+                                                        int64_t blk1, float* rows, std::vector<float>* heaps,
+                                                        const Pairs& pr, int32_t kp, float* cos, float* prev) {
   const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
+  if (pr.n > 0) row_before(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, blk0, rows, cos, prev);
   for (int64_t blk = blk0; blk < blk1; blk++) {
     float inv[SCORE_RB];
     const int rb = load_block(ctx, ctx_dtype, n_ctx, dim, blk, rows, inv);
@@ -306,12 +370,27 @@ inline void keep_largest(std::vector<float>& heap, float v, int32_t k) {
         std::vector<float>& h = heaps[b * SCORE_QB + l];
         for (int r = 0; r < rb; r++) {
           const float v = acc[r][l] * inv[r];
+          if (pr.n > 0) cos[(size_t)r * n_q + b * SCORE_QB + l] = v;
           // most rows fall below a full heap's smallest: one comparison (false for NaN too)
           if ((int32_t)h.size() == k && !(v > h.front())) continue;
           if (v == v) keep_largest(h, v, k);
         }
       }
     }
+    if (pr.n == 0) continue;
+    const int64_t i0 = blk * SCORE_RB;
+    for (int r = 0; r < rb; r++) {
+      if (i0 + r == 0) continue;
+      const float* before = r == 0 ? prev : cos + (size_t)(r - 1) * n_q;
+      const float* here = cos + (size_t)r * n_q;
+      for (int32_t p = 0; p < pr.n; p++) {
+        const float v = pair_value(before[pr.ab[2 * p]], here[pr.ab[2 * p + 1]]);
+        std::vector<float>& h = heaps[n_q + p];
+        if ((int32_t)h.size() == kp && !(v > h.front())) continue;
+        if (v == v) keep_largest(h, v, kp);
+      }
+    }
+    std::copy(cos + (size_t)(rb - 1) * n_q, cos + (size_t)rb * n_q, prev);
   }
 }
 
@@ -341,7 +420,7 @@ inline std::vector<float> transposed_queries(const float* q, int32_t n_q, int32_
 /* `for_ranges(n, f)` runs f(begin, end) over slices of [0, n) (the CPU build passes its worker pool) */
 template <class ForRanges>
 inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                      const float* q_offset, float* out, ForRanges&& for_ranges) {
+                      const float* q_offset, const Pairs& pr, float* out, ForRanges&& for_ranges) {
   if (n_ctx < 0 || dim <= 0 || n_q < 1) return set_error(RF_ERR_INVALID, "rf_score_select: bad sizes");
   if (ctx_dtype != RF_F32 && ctx_dtype != RF_F16)
     return set_error(RF_ERR_INVALID, "rf_score_select: ctx dtype must be f32/f16");
@@ -349,33 +428,48 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
   if (!ctx || !q || !out) return set_error(RF_ERR_INVALID, "rf_score_select: NULL argument");
   const std::vector<float> qt = transposed_queries(q, n_q, dim);
   const float* Qt = qt.data();
+  // each row's best pair ending at it; a pair counts for both its rows, so the maximum with the next row's comes after
+  // every slice is done (a slice's last row needs the next slice's first)
+  std::vector<float> pend(pr.n > 0 ? (size_t)n_ctx : 0);
   for_ranges((n_ctx + SCORE_RB - 1) / SCORE_RB, [&](int64_t b0, int64_t b1) {
     std::vector<float> rows((size_t)SCORE_RB * dim);
-    score_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, q_offset, b0, b1, rows.data(), out);
+    std::vector<float> cos(pr.n > 0 ? (size_t)SCORE_RB * n_q : 0), prev(pr.n > 0 ? (size_t)n_q : 0);
+    score_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, q_offset, b0, b1, rows.data(), out, pr, cos.data(), prev.data(),
+                 pend.data());
   });
+  for (int64_t i = 0; pr.n > 0 && i < n_ctx; i++) {
+    const float v = i + 1 < n_ctx ? std::max(pend[i], pend[i + 1]) : pend[i];
+    out[i] = std::max(out[i], v);  // a NaN row stays NaN
+  }
   return RF_OK;
 }
 
-/* rf_score_kth on the host (arguments checked by check_score_kth): each slice of rows keeps every query row's k
- * largest cosines, the slices' candidates meet under a lock, and the k-th largest of them is the answer */
+/* rf_score_kth on the host (arguments checked by check_score_kth and check_pairs): each slice of rows keeps every query
+ * row's (and pair's) k largest values, the slices' candidates meet under a lock, and the k-th largest of them is the
+ * answer */
 template <class ForRanges>
 inline int score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                     int32_t k, float* out, ForRanges&& for_ranges) {
-  std::fill(out, out + n_q, -INFINITY);
+                     const Pairs& pr, int32_t k, float* out, ForRanges&& for_ranges) {
+  std::fill(out, out + n_q + pr.n, -INFINITY);
   if (n_ctx == 0) return RF_OK;
   const std::vector<float> qt = transposed_queries(q, n_q, dim);
   const float* Qt = qt.data();
   const int32_t kk = (int32_t)std::min<int64_t>(k, n_ctx);
-  std::vector<std::vector<float>> all((size_t)n_q);
+  const int32_t kp = (int32_t)std::min<int64_t>(k, n_ctx - 1);  // a pair ends at rows 1 .. n_ctx - 1
+  const Pairs prs = kp >= 1 ? pr : Pairs{};
+  std::vector<std::vector<float>> all((size_t)(n_q + prs.n));
   std::mutex mu;
   for_ranges((n_ctx + SCORE_RB - 1) / SCORE_RB, [&](int64_t b0, int64_t b1) {
     std::vector<float> rows((size_t)SCORE_RB * dim);
-    std::vector<std::vector<float>> heaps((size_t)n_q);
-    kth_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, kk, b0, b1, rows.data(), heaps.data());
+    std::vector<std::vector<float>> heaps((size_t)(n_q + prs.n));
+    std::vector<float> cos(prs.n > 0 ? (size_t)SCORE_RB * n_q : 0), prev(prs.n > 0 ? (size_t)n_q : 0);
+    kth_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, kk, b0, b1, rows.data(), heaps.data(), prs, kp, cos.data(),
+               prev.data());
     std::lock_guard<std::mutex> lk(mu);
-    for (int j = 0; j < n_q; j++) all[j].insert(all[j].end(), heaps[j].begin(), heaps[j].end());
+    for (int j = 0; j < n_q + prs.n; j++) all[j].insert(all[j].end(), heaps[j].begin(), heaps[j].end());
   });
   for (int j = 0; j < n_q; j++) out[j] = kth_largest(all[j], kk);
+  for (int p = 0; p < prs.n; p++) out[n_q + p] = kth_largest(all[n_q + p], kp);
   return RF_OK;
 }
 

@@ -58,6 +58,10 @@ export interface ScoreSelection {
   edge: number;
   pool?: PoolOp;
   offsets?: Float32Array;
+  /** query row pairs (cuda/reform.h RF_PAIRS_MAX): 2 int32 per pair, (a, b) query rows matching context rows (i - 1, i) */
+  pairs?: Int32Array;
+  /** each pair's offset (pairs.length / 2 f32, or none: 0), as `offsets` for the single rows */
+  pairOffsets?: Float32Array;
 }
 const POOL: Record<PoolOp, number> = { mean: RF_POOL_MEAN, max: RF_POOL_MAX };
 
@@ -77,8 +81,27 @@ function offsetsArg(sel: ScoreSelection, nQ: number, where: string): Float32Arra
   return o;
 }
 
+/** rf_score_select's pairs, n_pairs and pair_offset: the selection's pairs (checked against the query rows and their
+ * offsets) or NULL, 0, NULL */
+function pairsArg(
+  pairs: Int32Array | undefined,
+  pairOffsets: Float32Array | undefined,
+  nQ: number,
+  where: string,
+): [Int32Array | null, number, Float32Array | null] {
+  if (!pairs || pairs.length === 0) return [null, 0, null];
+  if (pairs.length % 2 !== 0) throw new Error(`${where}: pairs holds ${pairs.length} values, not (a, b) pairs`);
+  const n = pairs.length / 2;
+  for (const j of pairs)
+    if (!Number.isInteger(j) || j < 0 || j >= nQ)
+      throw new Error(`${where}: pair row ${j} outside the ${nQ} query rows`);
+  if (pairOffsets && pairOffsets.length < n)
+    throw new Error(`${where}: ${pairOffsets.length} pair offsets for ${n} pairs`);
+  return [pairs, n, pairOffsets ?? null];
+}
+
 /** The ABI version this binding packs and calls (cuda/reform.h RF_ABI_VERSION). */
-export const RF_ABI_VERSION = 6;
+export const RF_ABI_VERSION = 7;
 
 const CODE_NAMES: Record<number, string> = {
   [RF_ERR_INVALID]: "invalid_argument",
@@ -170,7 +193,18 @@ const symbols = {
   },
 
   rf_score_kth: {
-    args: [FFIType.ptr, FFIType.i32, FFIType.i64, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.i32, FFIType.ptr],
+    args: [
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.i64,
+      FFIType.i32,
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.ptr,
+    ],
     returns: FFIType.i32,
   },
 
@@ -185,6 +219,9 @@ const symbols = {
       FFIType.ptr,
       FFIType.i32,
       FFIType.ptr,
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.ptr,
       FFIType.i32,
       FFIType.i32,
       FFIType.i32,
@@ -196,7 +233,7 @@ const symbols = {
     returns: FFIType.i64_fast,
   },
   rf_embstore_score_kth: {
-    args: [FFIType.ptr, FFIType.i64, FFIType.ptr, FFIType.i32, FFIType.i32, FFIType.ptr],
+    args: [FFIType.ptr, FFIType.i64, FFIType.ptr, FFIType.i32, FFIType.ptr, FFIType.i32, FFIType.i32, FFIType.ptr],
     returns: FFIType.i32,
   },
   rf_embstore_destroy: { args: [FFIType.ptr], returns: FFIType.void },
@@ -232,6 +269,9 @@ const symbols = {
       FFIType.i32,
       FFIType.i64,
       FFIType.i32,
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.ptr,
       FFIType.ptr,
       FFIType.i32,
       FFIType.ptr,
@@ -504,7 +544,8 @@ export class Native {
   }
 
   /** rf_score_kth: each query row's k-th best match over the context rows (nQ f32: the k-th largest cosine, -inf when
-   * fewer than k rows have one), the cosines rf_score_select takes its offsets from. `ctx` as in scoreSelect. */
+   * fewer than k rows have one), then each pair's (`pairs`, as ScoreSelection's: nQ + pairs.length / 2 f32 in all), the
+   * values rf_score_select takes its offsets from. `ctx` as in scoreSelect. */
   scoreKth(
     ctx: Float32Array | Uint16Array | MappedRows,
     nCtx: number,
@@ -512,17 +553,19 @@ export class Native {
     q: Float32Array,
     nQ: number,
     k: number,
+    pairs?: Int32Array,
   ) {
     if (ctx.length < nCtx * dim) throw new Error("scoreKth: ctx smaller than n_ctx*dim");
     if ("ptr" in ctx && ctx.dtype !== RF_F16 && ctx.dtype !== RF_F32) throw new Error("scoreKth: bad dtype");
     if (q.length < nQ * dim) throw new Error("scoreKth: q smaller than n_q*dim");
-    const out = new Float32Array(Math.max(1, nQ)); // see smoothSelect: never an empty (NULL) buffer
+    const [p, nP] = pairsArg(pairs, undefined, nQ, "scoreKth");
+    const out = new Float32Array(Math.max(1, nQ + nP)); // see smoothSelect: never an empty (NULL) buffer
     const mapped = "ptr" in ctx;
     const dtype = mapped ? ctx.dtype : ctx instanceof Float32Array ? RF_F32 : RF_F16;
     // an empty context still needs a non-NULL pointer for bun:ffi; the library reads none of it
     const data = mapped ? ctx.ptr : ctx.length > 0 ? ctx : new Float32Array(1);
-    this.check(this.lib.rf_score_kth(data, dtype, nCtx, dim, q, nQ, k | 0, out), "rf_score_kth");
-    return out.subarray(0, nQ);
+    this.check(this.lib.rf_score_kth(data, dtype, nCtx, dim, q, nQ, p, nP, k | 0, out), "rf_score_kth");
+    return out.subarray(0, nQ + nP);
   }
 
   /** rf_smooth_select: smoothScores + selectTokens of src/engine/selection.ts in O(n) natively (the same smoothed
@@ -596,6 +639,7 @@ export class Native {
           q,
           nQ,
           offsetsArg(sel, nQ, where),
+          ...pairsArg(sel.pairs, sel.pairOffsets, nQ, where),
           sel.window | 0,
           lag,
           POOL[sel.pool ?? "mean"],
@@ -837,11 +881,15 @@ export class NativeEmbStore {
   }
 
   /** Native.scoreKth over the store's first nCtx rows. */
-  scoreKth(nCtx: number, q: Float32Array, nQ: number, k: number): Float32Array {
+  scoreKth(nCtx: number, q: Float32Array, nQ: number, k: number, pairs?: Int32Array): Float32Array {
     if (q.length < nQ * this.dim) throw new Error("embstore scoreKth: q smaller than n_q*dim");
-    const out = new Float32Array(Math.max(1, nQ));
-    this.native._check(this.lib.rf_embstore_score_kth(this.handle, nCtx, q, nQ, k | 0, out), "rf_embstore_score_kth");
-    return out.subarray(0, nQ);
+    const [p, nP] = pairsArg(pairs, undefined, nQ, "embstore scoreKth");
+    const out = new Float32Array(Math.max(1, nQ + nP));
+    this.native._check(
+      this.lib.rf_embstore_score_kth(this.handle, nCtx, q, nQ, p, nP, k | 0, out),
+      "rf_embstore_score_kth",
+    );
+    return out.subarray(0, nQ + nP);
   }
 
   /** Native.scoreSelect over the store's first nCtx rows. */
@@ -860,6 +908,7 @@ export class NativeEmbStore {
           q,
           nQ,
           offsetsArg(sel, nQ, where),
+          ...pairsArg(sel.pairs, sel.pairOffsets, nQ, where),
           sel.window | 0,
           lag,
           POOL[sel.pool ?? "mean"],

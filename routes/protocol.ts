@@ -124,7 +124,7 @@ export const QueryBody = z
     budget: Field.budget.optional(),
     /** the score floor for this query, 0-1 (0: the budget filled by score); default the server's --score-floor */
     score_floor: Field.scoreFloor.optional(),
-    /** the background each question token's scores count from ("kth", "mean", "off"; true = the default, false =
+    /** the background each question token's scores count from ("kth-pairs", "kth", "mean", "off"; true = the default, false =
      * "off"); default the server's --score-background */
     score_background: Field.scoreBackground.optional(),
     stream: z.boolean().default(true),

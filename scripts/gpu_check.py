@@ -15,7 +15,8 @@ For each model config (or the one given with --model DIR, a HF Llama/Mistral/Qwe
     CUDA vs CPU embeddings over several chunks with eviction (cosine), cache length, state blob CUDA -> CPU;
     TOVA eviction with an attention-output head at the exit layer, CUDA vs CPU;
   * rf_score CUDA vs numpy; rf_score_kth CUDA vs numpy, and its values as rf_score_select's offsets (the k-th best
-    row scores exactly 0);
+    row scores exactly 0); with query row pairs (ABI 7): each pair's k-th best match and rf_score_select's scores vs
+    numpy, a pair's best match as its offset scoring exactly 0;
   * issue 19's asynchronous paths on the real device: the pipelined compress (rf_compressor_submit / _collect: the
     embeddings come back on a copy stream while the next chunk computes) writes the bytes of rf_compressor_process,
     two compressors interleaved; resident embeddings (rf_embstore) score as rf_score_select over the same rows; the
@@ -41,7 +42,9 @@ RF_ROPE_DEFAULT, RF_ROPE_LLAMA3, RF_ROPE_LINEAR = 0, 1, 2
 RF_HEAD = {"q": 0, "k": 1, "v": 2, "o": 3}
 RF_EVICT_H2O, RF_EVICT_TOVA = 0, 1
 RF_POOL_MEAN = 0  # the query-time smoothing operator (RF_POOL_MAX = 1)
-RF_ABI_VERSION = 6  # cuda/reform.h
+# the scoring checks' query row pairs (ABI 7, of 7 query rows): neighbours, a row with itself, one backwards
+SCORE_PAIRS = np.array([[0, 1], [1, 2], [2, 3], [3, 3], [5, 0], [6, 4]], dtype=np.int32)
+RF_ABI_VERSION = 7  # cuda/reform.h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,14 +94,14 @@ class Lib:
         sig("rf_compressor_state_load", ctypes.c_int, vp, vp, i64)
         sig("rf_compressor_destroy", None, vp)
         sig("rf_score", ctypes.c_int, vp, i32, i64, i32, vp, i32, vp)
-        sig("rf_score_select", i64, vp, i32, i64, i32, vp, i32, vp, i32, i32, i32, i64, i32, vp, vp)
-        sig("rf_score_kth", ctypes.c_int, vp, i32, i64, i32, vp, i32, i32, vp)
+        sig("rf_score_select", i64, vp, i32, i64, i32, vp, i32, vp, vp, i32, vp, i32, i32, i32, i64, i32, vp, vp)
+        sig("rf_score_kth", ctypes.c_int, vp, i32, i64, i32, vp, i32, vp, i32, i32, vp)
         sig("rf_embstore_create", vp, vp, i32)
         sig("rf_embstore_append", ctypes.c_int, vp, vp, i64)
         sig("rf_embstore_rows", i64, vp)
         sig("rf_embstore_memory_bytes", i64, vp)
-        sig("rf_embstore_score_select", i64, vp, i64, vp, i32, vp, i32, i32, i32, i64, i32, vp, vp)
-        sig("rf_embstore_score_kth", ctypes.c_int, vp, i64, vp, i32, i32, vp)
+        sig("rf_embstore_score_select", i64, vp, i64, vp, i32, vp, vp, i32, vp, i32, i32, i32, i64, i32, vp, vp)
+        sig("rf_embstore_score_kth", ctypes.c_int, vp, i64, vp, i32, vp, i32, i32, vp)
         sig("rf_embstore_destroy", None, vp)
         sig("rf_seq_create", vp, vp, i32)
         sig("rf_seq_forward", ctypes.c_int, vp, vp, i32, vp)
@@ -281,22 +284,26 @@ class EmbStore:
     def memory_bytes(self):
         return self.lib.L.rf_embstore_memory_bytes(self.h)
 
-    def score_select(self, n_ctx, q, window, budget, edge, lag=0, offsets=None):
+    def score_select(self, n_ctx, q, window, budget, edge, lag=0, offsets=None, pairs=None, pair_offsets=None):
         q = np.ascontiguousarray(q, dtype=np.float32)
-        offsets = None if offsets is None else np.ascontiguousarray(offsets, dtype=np.float32)
-        off = None if offsets is None else ptr(offsets)
+        off, keep = f32_or_null(offsets)
+        pr, npairs, poff, keep2 = pairs_args(pairs, pair_offsets)
         scores = np.zeros(n_ctx, dtype=np.float32)
         idx = np.zeros(min(n_ctx, budget) + 1, dtype=np.int32)
-        m = self.lib.check(self.lib.L.rf_embstore_score_select(self.h, n_ctx, ptr(q), q.shape[0], off, window, lag,
-                                                                 RF_POOL_MEAN, budget, edge, ptr(scores), ptr(idx)),
+        m = self.lib.check(self.lib.L.rf_embstore_score_select(self.h, n_ctx, ptr(q), q.shape[0], off, pr, npairs, poff,
+                                                                 window, lag, RF_POOL_MEAN, budget, edge, ptr(scores),
+                                                                 ptr(idx)),
                            "embstore_score_select")
+        del keep, keep2
         return scores, idx[:m]
 
-    def score_kth(self, n_ctx, q, k):
+    def score_kth(self, n_ctx, q, k, pairs=None):
         q = np.ascontiguousarray(q, dtype=np.float32)
-        out = np.zeros(q.shape[0], dtype=np.float32)
-        self.lib.check(self.lib.L.rf_embstore_score_kth(self.h, n_ctx, ptr(q), q.shape[0], k, ptr(out)),
+        pr, npairs, _, keep = pairs_args(pairs, None)
+        out = np.zeros(q.shape[0] + npairs, dtype=np.float32)
+        self.lib.check(self.lib.L.rf_embstore_score_kth(self.h, n_ctx, ptr(q), q.shape[0], pr, npairs, k, ptr(out)),
                        "embstore_score_kth")
+        del keep
         return out
 
     def destroy(self):
@@ -305,29 +312,66 @@ class EmbStore:
             self.h = None
 
 
-def score_select(lib, ctx, q, window, budget, edge, lag=0, offsets=None):
+def f32_or_null(a):
+    """an optional f32 argument: (its pointer or None, the array to keep alive during the call)"""
+    if a is None:
+        return None, None
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return ptr(a), a
+
+
+def pairs_args(pairs, pair_offsets):
+    """the query row pairs of ABI 7 (cuda/reform.h RF_PAIRS_MAX): pairs, n_pairs, pair_offset and what to keep alive;
+    pairs: (a, b) query row indices, shape (n_pairs, 2), or None"""
+    if pairs is None or len(pairs) == 0:
+        return None, 0, None, None
+    pr = np.ascontiguousarray(pairs, dtype=np.int32).reshape(-1, 2)
+    poff, po = f32_or_null(pair_offsets)
+    return ptr(pr), pr.shape[0], poff, (pr, po)
+
+
+def score_select(lib, ctx, q, window, budget, edge, lag=0, offsets=None, pairs=None, pair_offsets=None):
     """rf_score_select over host rows (the embedding file's path)"""
     ctx = np.ascontiguousarray(ctx)
     q = np.ascontiguousarray(q, dtype=np.float32)
-    offsets = None if offsets is None else np.ascontiguousarray(offsets, dtype=np.float32)
-    off = None if offsets is None else ptr(offsets)
+    off, keep = f32_or_null(offsets)
+    pr, npairs, poff, keep2 = pairs_args(pairs, pair_offsets)
     dt = RF_F16 if ctx.dtype == np.float16 else RF_F32
     scores = np.zeros(ctx.shape[0], dtype=np.float32)
     idx = np.zeros(min(ctx.shape[0], budget) + 1, dtype=np.int32)
-    m = lib.check(lib.L.rf_score_select(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], off, window, lag,
-                                        RF_POOL_MEAN, budget, edge, ptr(scores), ptr(idx)), "rf_score_select")
+    m = lib.check(lib.L.rf_score_select(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], off, pr, npairs,
+                                        poff, window, lag, RF_POOL_MEAN, budget, edge, ptr(scores), ptr(idx)),
+                  "rf_score_select")
+    del keep, keep2
     return scores, idx[:m]
 
 
-def score_kth(lib, ctx, q, k):
-    """rf_score_kth over host rows: each query row's k-th largest cosine"""
+def score_kth(lib, ctx, q, k, pairs=None):
+    """rf_score_kth over host rows: each query row's k-th largest cosine, then each pair's k-th best match"""
     ctx = np.ascontiguousarray(ctx)
     q = np.ascontiguousarray(q, dtype=np.float32)
+    pr, npairs, _, keep = pairs_args(pairs, None)
     dt = RF_F16 if ctx.dtype == np.float16 else RF_F32
-    out = np.zeros(q.shape[0], dtype=np.float32)
-    lib.check(lib.L.rf_score_kth(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], k, ptr(out)),
-              "rf_score_kth")
+    out = np.zeros(q.shape[0] + npairs, dtype=np.float32)
+    lib.check(lib.L.rf_score_kth(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], pr, npairs, k,
+                                 ptr(out)), "rf_score_kth")
+    del keep
     return out
+
+
+def pair_matches(cos, pairs):
+    """numpy reference of the pairs' matches: P[i - 1][p] = min(cos[i - 1][a_p], cos[i][b_p]) for rows i >= 1"""
+    pairs = np.asarray(pairs).reshape(-1, 2)
+    return np.minimum(cos[:-1][:, pairs[:, 0]], cos[1:][:, pairs[:, 1]])
+
+
+def pair_scores(cos, offsets, pairs, pair_offsets):
+    """numpy reference of rf_score_select's raw scores with pairs: a pair's match counts for both rows it spans"""
+    s = (cos - offsets[None, :]).max(1)
+    m = (pair_matches(cos, pairs) - pair_offsets[None, :]).max(1)  # ending at rows 1..n-1
+    s[1:] = np.maximum(s[1:], m)
+    s[:-1] = np.maximum(s[:-1], m)
+    return s
 
 
 def kth_row_is_zero(scores, k):
@@ -870,6 +914,30 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
                 zero = zero and ok
             rep.add(name, f"rf_score_kth CUDA vs numpy ({np.dtype(dt).name} ctx): max abs err, k-th best row at 0",
                     f"{kerr:.2e}, {'yes' if zero else 'NO (' + why + ')'}", "< 1e-4, yes", kerr < 1e-4 and zero)
+            # query row pairs (ABI 7): each pair's k-th best match min(cos(ctx_{i-1}, q_a), cos(ctx_i, q_b)); the query
+            # rows' values as without pairs; the best match, taken off as the pair's offset (the single rows far
+            # below), scores exactly 0; rf_score_select's scores with pairs and offsets
+            P = pair_matches(cos, SCORE_PAIRS)
+            perr, same, zero = 0.0, True, True
+            for k in (1, 32, 1024):
+                got = score_kth(libs["cuda"], ctx, qv, k, pairs=SCORE_PAIRS)
+                perr = max(perr, float(np.abs(got[len(qv):] - -np.sort(-P, axis=0)[min(k, len(ctx) - 1) - 1]).max()))
+                same = same and got[:len(qv)].tobytes() == score_kth(libs["cuda"], ctx, qv, k).tobytes()
+            for p in range(len(SCORE_PAIRS)):
+                best = score_kth(libs["cuda"], ctx, qv, 1, pairs=SCORE_PAIRS[p:p + 1])[len(qv):]
+                only = score_select(libs["cuda"], ctx, qv, 1, 8, 0, offsets=np.full(len(qv), 5, np.float32),
+                                    pairs=SCORE_PAIRS[p:p + 1], pair_offsets=best)[0]
+                zero = zero and float(only.max()) == 0.0
+            rep.add(name, f"rf_score_kth query row pairs CUDA vs numpy ({np.dtype(dt).name} ctx): max abs err, query "
+                    "rows unchanged, best match at 0", f"{perr:.2e}, {'yes' if same else 'NO'}, {'yes' if zero else 'NO'}",
+                    "< 1e-4, yes, yes", perr < 1e-4 and same and zero)
+            qoff = rng.uniform(-0.1, 0.3, len(qv)).astype(np.float32)
+            poff = rng.uniform(-0.3, 0.1, len(SCORE_PAIRS)).astype(np.float32)
+            got = score_select(libs["cuda"], ctx, qv, 9, 512, 16, lag=3, offsets=qoff, pairs=SCORE_PAIRS,
+                               pair_offsets=poff)[0]
+            serr = float(np.abs(got - pair_scores(cos, qoff, SCORE_PAIRS, poff)).max())
+            rep.add(name, f"rf_score_select with query row pairs CUDA vs numpy ({np.dtype(dt).name} ctx) max abs err",
+                    f"{serr:.2e}", "< 1e-4", serr < 1e-4)
         # resident embeddings: the rows on the device score as the same rows streamed from host memory
         ctx = rng.standard_normal((5003, 256)).astype(np.float16)
         qv = rng.standard_normal((7, 256)).astype(np.float32)
@@ -888,6 +956,18 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
         zero, why = kth_row_is_zero(st.score_select(5003, qv[:1], 1, 8, 0, offsets=off)[0], 32)
         rep.add(name, "resident embeddings vs streamed rf_score_kth: max abs err, k-th best row at 0",
                 f"{err:.2e}, {'yes' if zero else 'NO (' + why + ')'}", "< 1e-6, yes", err < 1e-6 and zero)
+        # with query row pairs (each spans two rows: the row before a tile's first is carried over)
+        qoff = rng.uniform(-0.1, 0.3, len(qv)).astype(np.float32)
+        poff = rng.uniform(-0.3, 0.1, len(SCORE_PAIRS)).astype(np.float32)
+        s_res, i_res = st.score_select(5003, qv, 9, 512, 16, lag=3, offsets=qoff, pairs=SCORE_PAIRS, pair_offsets=poff)
+        s_str, i_str = score_select(libs["cuda"], ctx, qv, 9, 512, 16, lag=3, offsets=qoff, pairs=SCORE_PAIRS,
+                                    pair_offsets=poff)
+        k_res = st.score_kth(5003, qv, 32, pairs=SCORE_PAIRS)
+        k_str = score_kth(libs["cuda"], ctx, qv, 32, pairs=SCORE_PAIRS)
+        err = max(float(np.abs(s_res - s_str).max()), float(np.abs(k_res - k_str).max()))
+        same = np.array_equal(i_res, i_str)
+        rep.add(name, "resident embeddings vs streamed, with query row pairs: max abs err (select, kth), same selection",
+                f"{err:.2e}, {'same' if same else 'DIFFERENT'}", "< 1e-6, same", err < 1e-6 and same)
         st.destroy()
     for m in natives.values():
         m.destroy()

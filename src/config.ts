@@ -187,8 +187,8 @@ const FLAGS: Flag[] = [
   },
   {
     flag: "score-background",
-    arg: "kth|mean|off",
-    help: "what each question token's matches must rise above to score: kth, its 32nd best match in the context (a rare word's pieces then decide, not the pieces and words that match everywhere); mean, its mean similarity over the context; off, nothing (the paper's scoring). Default kth; on = the default",
+    arg: "kth-pairs|kth|mean|off",
+    help: "what each question token's matches must rise above to score: kth, its 32nd best match in the context (a rare word's pieces then decide, not the pieces and words that match everywhere); kth-pairs, the same and each pair of adjacent question tokens matched by two consecutive context tokens, less its own 32nd best (a key's pieces count where they stand in order); mean, its mean similarity over the context; off, nothing (the paper's scoring). Default kth-pairs; on = the default",
   },
   { flag: "max-tokens", arg: "N", help: "default answer length limit (default 1/8 of the trained window)" },
   {

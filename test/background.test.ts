@@ -11,10 +11,13 @@ import { join } from "node:path";
 import { Native, RF_F16 } from "../ffi/native.ts";
 import {
   addNormalisedRows,
+  adjacentPairs,
   BACKGROUND_K,
   backgroundOf,
   backgroundOffsets,
   kthQuery,
+  scoresPairs,
+  usesKth,
 } from "../src/engine/background.ts";
 import { Session } from "../src/engine/session.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
@@ -171,8 +174,38 @@ describe('the "kth" background', () => {
     expect(none.offsets[1]).toBeCloseTo(0.5);
   });
 
+  test('"kth-pairs": pairs are rows of tokens next to each other in one turn, both scored, the second continuing the word; their offsets follow the rows', () => {
+    // turns: [5, 6, " ", 7] and [8, 9]; the space token has no row, so 6 and 7 are not neighbours, nor are 7 and 8
+    const SPACE = 1;
+    const pairs = adjacentPairs(
+      [
+        [5, 6, SPACE, 7],
+        [8, 9],
+      ],
+      (id) => id !== SPACE,
+    );
+    expect(Array.from(pairs)).toEqual([0, 1, 3, 4]);
+    expect(adjacentPairs([[SPACE], []], (id) => id !== SPACE).length).toBe(0);
+    // 9 starts a word of its own (its first byte is a space): no pair ends at it
+    const words = adjacentPairs(
+      [
+        [5, 6, SPACE, 7],
+        [8, 9],
+      ],
+      (id) => id !== SPACE,
+      (id) => id !== 9,
+    );
+    expect(Array.from(words)).toEqual([0, 1]);
+    const q = new Float32Array(3 * 4);
+    const k = kthQuery(q, 3, 4, Float32Array.from([0.1, 0.2, 0.3, 0.4, Number.NEGATIVE_INFINITY]));
+    expect(Array.from(k.offsets)).toEqual([0.1, 0.2, 0.3, 0].map(Math.fround));
+    expect(Array.from(k.pairOffsets)).toEqual([Math.fround(0.4), 0]); // fewer than k rows: no offset
+    expect(scoresPairs("kth-pairs") && usesKth("kth-pairs") && usesKth("kth")).toBe(true);
+    expect(scoresPairs("kth") || usesKth("mean") || usesKth("off")).toBe(false);
+  });
+
   test("the on|off field's booleans are the default background and off", () => {
-    expect(backgroundOf(true)).toBe("kth");
+    expect(backgroundOf(true)).toBe("kth-pairs");
     expect(backgroundOf(false)).toBe("off");
     expect(backgroundOf("mean")).toBe("mean");
   });

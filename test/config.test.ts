@@ -124,8 +124,9 @@ describe("config", () => {
     expect(usageError(["--model", model, "--score-floor", "half"])).toContain("--score-floor must be a number");
     expect(config(["--score-background", "off"])).toMatchObject({ defaults: { scoreBackground: "off" } });
     expect(config(["--score-background", "mean"])).toMatchObject({ defaults: { scoreBackground: "mean" } });
-    expect(config(["--score-background", "on"])).toMatchObject({ defaults: { scoreBackground: "kth" } });
-    expect(config([]).defaults.scoreBackground).toBeUndefined(); // the engine's default (kth) applies
+    expect(config(["--score-background", "on"])).toMatchObject({ defaults: { scoreBackground: "kth-pairs" } });
+    expect(config(["--score-background", "kth"])).toMatchObject({ defaults: { scoreBackground: "kth" } });
+    expect(config([]).defaults.scoreBackground).toBeUndefined(); // the engine's default (kth-pairs) applies
     expect(usageError(["--model", model, "--score-background", "maybe"])).toContain("--score-background");
     expect(config(["--max-model-len", "9000", "--allow-beyond-window"])).toMatchObject({
       defaults: { maxModelLen: 9000 },

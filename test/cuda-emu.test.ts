@@ -215,6 +215,87 @@ function expectKthAtZero(
   }
 }
 
+/* ---- query row pairs (cuda/reform.h RF_PAIRS_MAX): the Float64 reference ---- */
+
+/** cos[j][i] = cos(ctx_i, q_j) in Float64 (rf_score's cosine; NaN for a row with an f16 overflow) */
+function refCosines(ctx: Float32Array | Uint16Array, nCtx: number, dim: number, q: Float32Array, nQ: number) {
+  const c = ctx instanceof Uint16Array ? Float64Array.from(ctx.subarray(0, nCtx * dim), fromF16) : ctx;
+  const norm = (a: ArrayLike<number>, off: number) => {
+    let s = 0;
+    for (let d = 0; d < dim; d++) s += a[off + d]! * a[off + d]!;
+    return Math.max(Math.sqrt(s), 1e-12);
+  };
+  const cos = Array.from({ length: nQ }, () => new Float64Array(nCtx));
+  for (let i = 0; i < nCtx; i++) {
+    const nc = norm(c, i * dim);
+    for (let j = 0; j < nQ; j++) {
+      let s = 0;
+      for (let d = 0; d < dim; d++) s += c[i * dim + d]! * q[j * dim + d]!;
+      cos[j]![i] = s / (nc * norm(q, j * dim));
+    }
+  }
+  return cos;
+}
+/** pair p's match ending at row i >= 1: min(cos(ctx_{i-1}, q_a), cos(ctx_i, q_b)), NaN when either is */
+function refPair(cos: Float64Array[], pairs: Int32Array, p: number, i: number): number {
+  const x = cos[pairs[2 * p]!]![i - 1]!;
+  const y = cos[pairs[2 * p + 1]!]![i]!;
+  return Number.isNaN(x) || Number.isNaN(y) ? NaN : Math.min(x, y);
+}
+/** each pair's k-th best match over rows 1..n-1 (k clamped to n - 1; NaN left out; fewer values: -inf) */
+function refPairKth(cos: Float64Array[], nCtx: number, pairs: Int32Array, k: number): number[] {
+  return Array.from({ length: pairs.length / 2 }, (_, p) => {
+    const v: number[] = [];
+    for (let i = 1; i < nCtx; i++) if (!Number.isNaN(refPair(cos, pairs, p, i))) v.push(refPair(cos, pairs, p, i));
+    v.sort((a, b) => b - a);
+    const kk = Math.min(k, nCtx - 1);
+    return kk >= 1 && v.length >= kk ? v[kk - 1]! : Number.NEGATIVE_INFINITY;
+  });
+}
+/** rf_score_select's raw scores: max(max_j (cos_ij - qOff_j), max_p (max(P_p(i), P_p(i + 1)) - pOff_p)), the P that
+ * exist and are not NaN (NaN for a row without cosines) */
+function refPairScores(
+  cos: Float64Array[],
+  nCtx: number,
+  qOff: Float32Array | null,
+  pairs: Int32Array,
+  pOff: Float32Array | null,
+): Float64Array {
+  const out = new Float64Array(nCtx);
+  for (let i = 0; i < nCtx; i++) {
+    let best = Number.NEGATIVE_INFINITY;
+    for (let j = 0; j < cos.length; j++) best = Math.max(best, cos[j]![i]! - (qOff ? qOff[j]! : 0));
+    for (let p = 0; p < pairs.length / 2; p++)
+      for (const e of [i, i + 1]) {
+        const v = e >= 1 && e < nCtx ? refPair(cos, pairs, p, e) : NaN;
+        if (!Number.isNaN(v)) best = Math.max(best, v - (pOff ? pOff[p]! : 0));
+      }
+    out[i] = best;
+  }
+  return out;
+}
+/** |a - b| < tol everywhere, equal infinities (no value) and NaN (no cosine) agreeing; the first value that does not,
+ * or null */
+function firstOff(a: ArrayLike<number>, b: ArrayLike<number>, tol: number): [number, number, number] | null {
+  for (let i = 0; i < b.length; i++)
+    if (!(Object.is(a[i], b[i]) || Math.abs(a[i]! - b[i]!) < tol)) return [i, a[i]!, b[i]!];
+  return null;
+}
+
+/** The four pair-taking entry points called as C calls them (the binding checks pair rows and sizes itself first):
+ * for the argument checks of the library */
+function rawPairCalls(path: string) {
+  const P = FFIType.ptr;
+  const I = FFIType.i32;
+  const L = FFIType.i64;
+  return dlopen(path, {
+    rf_score_kth: { args: [P, I, L, I, P, I, P, I, I, P], returns: I },
+    rf_score_select: { args: [P, I, L, I, P, I, P, P, I, P, I, I, I, L, I, P, P], returns: FFIType.i64_fast },
+    rf_embstore_score_kth: { args: [P, L, P, I, P, I, I, P], returns: I },
+    rf_embstore_score_select: { args: [P, L, P, I, P, P, I, P, I, I, I, L, I, P, P], returns: FFIType.i64_fast },
+  }).symbols;
+}
+
 const D16 = { vocab: 97, hidden: 64, intermediate: 96, heads: 4, kvHeads: 2, headDim: 16 };
 const VARIANTS: Variant[] = [
   // Llama-3 style: GQA (2 query heads per kv head), llama3 rope scaling, untied, bf16
@@ -382,6 +463,175 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: rf_score", () => {
       const ctx = new Float32Array(10 * dim).fill(1);
       expectNativeError(() => emu.scoreKth(ctx, 10, dim, q, 2, 0), RF_ERR_INVALID, /k = 0 outside \[1, 1024\]/);
       expectNativeError(() => emu.scoreKth(ctx, 10, dim, q, 2, 1025), RF_ERR_INVALID, /k = 1025 outside/);
+    } finally {
+      hooks.set("knob:score_block_rows", "0");
+      m.destroy();
+    }
+  }, 120_000);
+});
+
+describe.skipIf(!X64)("CUDA source on the CPU emulation: query row pairs (rf_score_kth, rf_score_select)", () => {
+  const bytes = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+  const dim = 40;
+  /** [n_ctx, n_q, pairs]: neighbours, a row with itself, one backwards; then 300 pairs of 3 query rows (303 columns of
+   * k_kth_heaps: more than one 256-thread block, and a pair's rows in several) */
+  const cases = (rng: () => number): [number, number, Int32Array][] => [
+    [1000, 5, Int32Array.of(0, 1, 1, 2, 2, 3, 3, 4, 2, 2, 4, 0)],
+    [650, 3, Int32Array.from({ length: 600 }, () => Math.floor(rng() * 3))],
+  ];
+  /** gaussian rows, row 3 all zeros (cosine 0); as f16 with rows 5 and 299 overflowing (no cosine: NaN), 299 the last
+   * row of the first score block of 300, so that its NaN cosines are the ones carried to the next block */
+  const rowsOf = (rng: () => number, nCtx: number) => {
+    const ctx = new Float32Array(nCtx * dim).map(() => gaussian(rng));
+    ctx.fill(0, 3 * dim, 4 * dim);
+    const ctx16 = Uint16Array.from(ctx, toF16);
+    for (const r of [5, 299]) ctx16.fill(0x7c00, r * dim, (r + 1) * dim);
+    return [ctx, ctx16] as const;
+  };
+
+  test("rf_score_kth: each pair's k-th best match vs the Float64 reference and the CPU build (f32 and f16 rows, k = 1, 3, n_ctx - 1, n_ctx, 1024; pairs across score blocks, the pair columns across thread blocks; the pairs of an f16 overflow row left out); the query rows' values bit for bit those without pairs; as an offset the best match scores exactly 0; candidates come back; no allocation per query; one row or none: -inf", () => {
+    const m = loadModel(emu, model(VARIANTS[0])); // a live model keeps rf_score's buffers between calls
+    hooks.set("knob:score_block_rows", "300");
+    try {
+      const rng = mulberry32(31);
+      for (const [nCtx, nQ, pairs] of cases(rng)) {
+        const nP = pairs.length / 2;
+        const q = new Float32Array(nQ * dim).map(() => gaussian(rng));
+        for (const c of rowsOf(rng, nCtx)) {
+          const cos = refCosines(c, nCtx, dim, q, nQ);
+          for (const k of [1, 3, nCtx - 1, nCtx, 1024]) {
+            const got = emu.scoreKth(c, nCtx, dim, q, nQ, k, pairs);
+            expect(got.length).toBe(nQ + nP);
+            // the query rows' k-th best: the same bits as without pairs
+            expect(bytes(got.subarray(0, nQ)).equals(bytes(emu.scoreKth(c, nCtx, dim, q, nQ, k)))).toBe(true);
+            const want = refPairKth(cos, nCtx, pairs, k);
+            expect({ nCtx, k, off: firstOff(got.subarray(nQ), want, 1e-5) }).toEqual({ nCtx, k, off: null });
+            expect({ nCtx, k, cpu: firstOff(got, cpu.scoreKth(c, nCtx, dim, q, nQ, k, pairs), 1e-5) }).toEqual({
+              nCtx,
+              k,
+              cpu: null,
+            });
+          }
+          // the f16 overflow rows end and start two pairs each: k = n_ctx - 1 is more values than a pair has there
+          if (c instanceof Uint16Array) {
+            const all = emu.scoreKth(c, nCtx, dim, q, nQ, nCtx - 1, pairs).subarray(nQ);
+            expect(all.every((v) => v === Number.NEGATIVE_INFINITY)).toBe(true);
+          }
+          // a pair's best match, taken off as its offset (the single rows far below), scores exactly 0: the same
+          // cosines and the same minimum in both functions
+          for (let p = 0; p < Math.min(nP, 4); p++) {
+            const one = pairs.subarray(2 * p, 2 * p + 2);
+            const best = emu.scoreKth(c, nCtx, dim, q, nQ, 1, one).subarray(nQ);
+            const scores = new Float32Array(nCtx);
+            const offsets = new Float32Array(nQ).fill(5);
+            emu.scoreSelect(
+              c,
+              nCtx,
+              dim,
+              q,
+              nQ,
+              { window: 1, budget: 8, edge: 0, offsets, pairs: one, pairOffsets: best },
+              scores,
+            );
+            expect({ p, max: Math.max(...scores.filter((v) => !Number.isNaN(v))) }).toEqual({ p, max: 0 });
+          }
+        }
+        // only each (column, row group)'s candidates come back: far fewer bytes than the similarities
+        const [, ctx16] = rowsOf(rng, nCtx);
+        const d0 = hooks.stat("d2h_bytes");
+        emu.scoreKth(ctx16, nCtx, dim, q, nQ, 3, pairs);
+        expect(hooks.stat("d2h_bytes") - d0).toBeLessThan((nCtx * (nQ + nP) * 4) / 4);
+        // the buffers of the calls above are kept: with and without pairs, fewer pairs, fewer rows
+        const a0 = hooks.stat("mallocs");
+        for (const k of [1, 3, nCtx]) emu.scoreKth(ctx16, nCtx, dim, q, nQ, k, pairs);
+        emu.scoreKth(ctx16, nCtx - 17, dim, q, nQ, 3, pairs.subarray(0, 4));
+        emu.scoreKth(ctx16, nCtx, dim, q, nQ, 3);
+        emu.scoreSelect(ctx16, nCtx, dim, q, nQ, { window: 9, budget: 64, edge: 8, pairs });
+        expect(hooks.stat("mallocs")).toBe(a0);
+      }
+      // one row: no pair ends anywhere; no rows: nothing at all
+      const q = new Float32Array(2 * dim).map(() => gaussian(rng));
+      const ctx = new Float32Array(dim).map(() => gaussian(rng));
+      const pairs = Int32Array.of(0, 1, 1, 1);
+      const one = emu.scoreKth(ctx, 1, dim, q, 2, 4, pairs);
+      expect(Array.from(one.subarray(0, 2))).toEqual(Array.from(emu.scoreKth(ctx, 1, dim, q, 2, 1)));
+      expect(Array.from(one.subarray(2))).toEqual([-Infinity, -Infinity]);
+      expect(Array.from(emu.scoreKth(new Float32Array(0), 0, dim, q, 2, 4, pairs))).toEqual(Array(4).fill(-Infinity));
+    } finally {
+      hooks.set("knob:score_block_rows", "0");
+      m.destroy();
+    }
+  }, 120_000);
+
+  test("rf_score_select: the scores vs the Float64 reference and the CPU build's, and its selection (f32 and f16 rows, with and without query and pair offsets; pairs across score blocks; an f16 overflow row scores as without pairs); no pair offsets = zeros bit for bit; n_pairs = 0 gives rf_score's scores bit for bit; RF_PAIRS_MAX pairs", () => {
+    const m = loadModel(emu, model(VARIANTS[0]));
+    hooks.set("knob:score_block_rows", "300");
+    try {
+      const rng = mulberry32(37);
+      for (const [nCtx, nQ, pairs] of cases(rng)) {
+        const nP = pairs.length / 2;
+        const q = new Float32Array(nQ * dim).map(() => gaussian(rng));
+        // offsets that let the pairs decide a share of the rows (a pair's match is a minimum of two cosines)
+        const qOff = Float32Array.from({ length: nQ }, () => rng() * 0.4 - 0.1);
+        const pOff = Float32Array.from({ length: nP }, () => rng() * 0.4 - 0.3);
+        for (const c of rowsOf(rng, nCtx)) {
+          const cos = refCosines(c, nCtx, dim, q, nQ);
+          const nan = (i: number) => cos.some((cj) => Number.isNaN(cj[i]!));
+          const base = { window: 9, lag: 2, budget: 128, edge: 8 };
+          for (const [offsets, pairOffsets] of [
+            [undefined, undefined],
+            [qOff, undefined],
+            [undefined, pOff],
+            [qOff, pOff],
+          ] as const) {
+            const sel = { ...base, offsets, pairs, pairOffsets };
+            const got = new Float32Array(nCtx);
+            const idx = emu.scoreSelect(c, nCtx, dim, q, nQ, sel, got);
+            const alone = new Float32Array(nCtx);
+            emu.scoreSelect(c, nCtx, dim, q, nQ, { ...base, offsets }, alone);
+            const want = refPairScores(cos, nCtx, offsets ?? null, pairs, pairOffsets ?? null);
+            let worst = 0;
+            let byPair = 0;
+            for (let i = 0; i < nCtx; i++) {
+              // a row without cosines scores as it did without pairs (every pair through it has no match)
+              if (nan(i)) expect(Object.is(got[i], alone[i])).toBe(true);
+              else worst = Math.max(worst, Math.abs(got[i]! - want[i]!));
+              if (got[i]! > alone[i]!) byPair++;
+            }
+            const tag = { nCtx, f16: c instanceof Uint16Array, q: !!offsets, p: !!pairOffsets };
+            expect({ ...tag, ok: worst < 1e-5 }).toEqual({ ...tag, ok: true });
+            // with their offsets the pairs decide a share of the rows: the test sees them
+            if (pairOffsets) expect(byPair).toBeGreaterThan(nCtx / 10);
+            const cs = new Float32Array(nCtx);
+            const cIdx = cpu.scoreSelect(c, nCtx, dim, q, nQ, sel, cs);
+            expect({ ...tag, cpu: firstOff(got, cs, 1e-5) }).toEqual({ ...tag, cpu: null });
+            expect(Array.from(idx)).toEqual(Array.from(cIdx));
+            if (!pairOffsets) {
+              // no pair offsets: zeros, bit for bit
+              const zeros = new Float32Array(nCtx);
+              emu.scoreSelect(c, nCtx, dim, q, nQ, { ...sel, pairOffsets: new Float32Array(nP) }, zeros);
+              expect(bytes(zeros).equals(bytes(got))).toBe(true);
+            }
+          }
+          // no pairs: the scores of rf_score (the path before ABI 7), bit for bit
+          const plain = new Float32Array(nCtx);
+          emu.scoreSelect(c, nCtx, dim, q, nQ, { ...base, pairs: new Int32Array(0) }, plain);
+          expect(bytes(plain).equals(bytes(emu.score(c, nCtx, dim, q, nQ)))).toBe(true);
+        }
+      }
+      // RF_PAIRS_MAX pairs, every one of them counted
+      const nCtx = 200;
+      const nQ = 3;
+      const pairs = Int32Array.from({ length: 2 * 4096 }, () => Math.floor(rng() * nQ));
+      const pOff = Float32Array.from({ length: 4096 }, () => rng() * 0.4 - 0.3);
+      const q = new Float32Array(nQ * dim).map(() => gaussian(rng));
+      const [ctx] = rowsOf(rng, nCtx);
+      const cos = refCosines(ctx, nCtx, dim, q, nQ);
+      const got = new Float32Array(nCtx);
+      emu.scoreSelect(ctx, nCtx, dim, q, nQ, { window: 1, budget: 8, edge: 0, pairs, pairOffsets: pOff }, got);
+      expect(firstOff(got, refPairScores(cos, nCtx, null, pairs, pOff), 1e-5)).toBeNull();
+      const kth = emu.scoreKth(ctx, nCtx, dim, q, nQ, 7, pairs);
+      expect(firstOff(kth.subarray(nQ), refPairKth(cos, nCtx, pairs, 7), 1e-5)).toBeNull();
     } finally {
       hooks.set("knob:score_block_rows", "0");
       m.destroy();
@@ -1225,6 +1475,159 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
     }
     useCublas(false);
   }, 120_000);
+  test("resident embeddings with query row pairs: rf_embstore_score_kth and rf_embstore_score_select give the file path's values and selection (bit for bit, pairs across store blocks and an f16 overflow row at a block's end, both GEMM paths), the reference's within 1e-5; only the queries, the pairs and their offsets are uploaded; no allocation per query", () => {
+    const { b, dim, n, rng, ctx } = storeRows(23);
+    const rows = ctx.slice();
+    rows.fill(0x7c00, 99 * dim, 100 * dim); // no cosine; the last row of the store's first block
+    const nQ = 4;
+    const q = new Float32Array(nQ * dim).map(() => gaussian(rng));
+    const pairs = Int32Array.of(0, 1, 1, 2, 2, 3, 3, 3, 2, 0);
+    const nP = pairs.length / 2;
+    const qOff = Float32Array.from({ length: nQ }, () => rng() * 0.4 - 0.1);
+    const pOff = Float32Array.from({ length: nP }, () => rng() * 0.4 - 0.3);
+    const cos = refCosines(rows, n, dim, q, nQ);
+    const nan = (i: number) => cos.some((cj) => Number.isNaN(cj[i]!));
+    for (const cublas of [false, true]) {
+      useCublas(cublas);
+      hooks.set("knob:embstore_block_rows", "100");
+      hooks.set("knob:score_block_rows", "130"); // the file path's blocks end elsewhere
+      const m = loadModel(emu, b);
+      const st = m.createEmbStore(dim);
+      try {
+        for (const [a, z] of [
+          [0, 120],
+          [120, 250],
+          [250, 350],
+        ] as const)
+          st.append(rows.subarray(a * dim, z * dim), z - a);
+        for (const nCtx of [n, 237]) {
+          for (const k of [1, 3, nCtx - 1, 1024]) {
+            const h0 = hooks.stat("h2d_bytes");
+            const got = st.scoreKth(nCtx, q, nQ, k, pairs);
+            expect(hooks.stat("h2d_bytes") - h0).toBe(nQ * dim * 4 + nP * 8); // the queries and the pairs
+            const f0 = fakeCalls();
+            const file = emu.scoreKth(rows, nCtx, dim, q, nQ, k, pairs);
+            // rf_score keeps the GEMM path of its first call: the same bits where both are the same GEMM
+            if (fakeCalls() > f0 === cublas) expect(bytesOf(got).equals(bytesOf(file))).toBe(true);
+            else expect(firstOff(got, file, 1e-6)).toBeNull();
+            expect({ nCtx, k, off: firstOff(got.subarray(nQ), refPairKth(cos, nCtx, pairs, k), 1e-5) }).toEqual({
+              nCtx,
+              k,
+              off: null,
+            });
+          }
+          for (const [offsets, pairOffsets] of [
+            [undefined, undefined],
+            [qOff, pOff],
+          ] as const) {
+            const sel = { window: 9, lag: 3, budget: 64, edge: 8, offsets, pairs, pairOffsets };
+            const s1 = new Float32Array(nCtx);
+            const h0 = hooks.stat("h2d_bytes");
+            const i1 = st.scoreSelect(nCtx, q, nQ, sel, s1);
+            expect(hooks.stat("h2d_bytes") - h0).toBe(nQ * dim * 4 + nP * 8 + (offsets ? (nQ + nP) * 4 : 0));
+            const s2 = new Float32Array(nCtx);
+            const f0 = fakeCalls();
+            const i2 = emu.scoreSelect(rows, nCtx, dim, q, nQ, sel, s2);
+            if (fakeCalls() > f0 === cublas) expect(bytesOf(s1).equals(bytesOf(s2))).toBe(true);
+            else expect(firstOff(s1, s2, 1e-6)).toBeNull();
+            expect(Array.from(i1)).toEqual(Array.from(i2));
+            const want = refPairScores(cos, nCtx, offsets ?? null, pairs, pairOffsets ?? null);
+            for (let i = 0; i < nCtx; i++) if (nan(i)) want[i] = s1[i]!; // no cosine: as without pairs (the file's)
+            expect({ nCtx, q: !!offsets, off: firstOff(s1, want, 1e-5) }).toEqual({ nCtx, q: !!offsets, off: null });
+          }
+        }
+        const a0 = hooks.stat("mallocs");
+        st.scoreKth(n, q, nQ, 32, pairs);
+        st.scoreSelect(n, q, nQ, { window: 9, budget: 64, edge: 8, pairs, pairOffsets: pOff });
+        st.scoreKth(200, q, 2, 5, Int32Array.of(0, 1));
+        st.scoreSelect(200, q, 3, { window: 9, budget: 64, edge: 8 });
+        expect(hooks.stat("mallocs")).toBe(a0); // no device allocation per query
+        expect(Array.from(st.scoreKth(0, q, nQ, 4, pairs))).toEqual(Array(nQ + nP).fill(-Infinity));
+        expect(Array.from(st.scoreKth(1, q, nQ, 4, pairs).subarray(nQ))).toEqual(Array(nP).fill(-Infinity));
+      } finally {
+        st.destroy();
+        m.destroy();
+        hooks.set("knob:embstore_block_rows", "0");
+        hooks.set("knob:score_block_rows", "0");
+      }
+    }
+    useCublas(false);
+  }, 120_000);
+
+  test("query row pairs refused by the four entry points (rf::check_pairs): a row outside the query rows, n_pairs < 0 or > RF_PAIRS_MAX, NULL pairs with n_pairs > 0, a non-finite pair offset; RF_PAIRS_MAX pairs taken", () => {
+    const { b, dim, n, rng, ctx } = storeRows(29);
+    const m = loadModel(emu, b);
+    const st = m.createEmbStore(dim);
+    try {
+      st.append(ctx, n);
+      const raw = rawPairCalls(LIB);
+      const nQ = 3;
+      const q = new Float32Array(nQ * dim).map(() => gaussian(rng));
+      const out = new Float32Array(nQ + 4097);
+      const scores = new Float32Array(n);
+      const idx = new Int32Array(n + 1);
+      const cases: [Int32Array | null, number, Float32Array | null, RegExp][] = [
+        [Int32Array.of(0, 1, 2, 3), 2, null, /pairs\[3\] = 3 outside the 3 query rows/],
+        [Int32Array.of(-1, 0), 1, null, /pairs\[0\] = -1 outside the 3 query rows/],
+        [Int32Array.of(0, 1), -1, null, /n_pairs = -1 outside \[0, 4096\]/],
+        [new Int32Array(2 * 4097), 4097, null, /n_pairs = 4097 outside \[0, 4096\]/],
+        [null, 2, null, /pairs is NULL/],
+        [Int32Array.of(0, 1, 1, 2), 2, Float32Array.of(0, NaN), /pair_offset\[1\] is not finite/],
+        [Int32Array.of(0, 1, 1, 2), 2, Float32Array.of(Infinity, 0), /pair_offset\[0\] is not finite/],
+      ];
+      for (const [pairs, nP, pOff, msg] of cases) {
+        if (!pOff) {
+          // the k-th best functions take no pair offsets
+          expectNativeError(
+            () => emu._check(raw.rf_score_kth(ctx, RF_F16, n, dim, q, nQ, pairs, nP, 4, out), "rf_score_kth"),
+            RF_ERR_INVALID,
+            msg,
+          );
+          expectNativeError(
+            () => emu._check(raw.rf_embstore_score_kth(st.handle, n, q, nQ, pairs, nP, 4, out), "kth"),
+            RF_ERR_INVALID,
+            msg,
+          );
+        }
+        expectNativeError(
+          () =>
+            emu._check(
+              Number(
+                raw.rf_score_select(ctx, RF_F16, n, dim, q, nQ, null, pairs, nP, pOff, 9, 0, 0, 64, 8, scores, idx),
+              ),
+              "rf_score_select",
+            ),
+          RF_ERR_INVALID,
+          msg,
+        );
+        expectNativeError(
+          () =>
+            emu._check(
+              Number(
+                raw.rf_embstore_score_select(st.handle, n, q, nQ, null, pairs, nP, pOff, 9, 0, 0, 64, 8, scores, idx),
+              ),
+              "select",
+            ),
+          RF_ERR_INVALID,
+          msg,
+        );
+      }
+      // RF_PAIRS_MAX pairs are taken; NULL pairs with none are no pairs
+      const most = Int32Array.from({ length: 2 * 4096 }, (_, i) => i % nQ);
+      expect(raw.rf_score_kth(ctx, RF_F16, n, dim, q, nQ, most, 4096, 4, out)).toBe(0);
+      expect(raw.rf_embstore_score_kth(st.handle, n, q, nQ, most, 4096, 4, out)).toBe(0);
+      expect(
+        Number(raw.rf_embstore_score_select(st.handle, n, q, nQ, null, null, 0, null, 9, 0, 0, 64, 8, scores, idx)),
+      ).toBe(64);
+      // the binding checks the rows itself, before the library
+      expect(() => emu.scoreKth(ctx, n, dim, q, nQ, 4, Int32Array.of(0, 3))).toThrow(
+        /pair row 3 outside the 3 query rows/,
+      );
+    } finally {
+      st.destroy();
+      m.destroy();
+    }
+  });
 });
 
 describe.skipIf(!X64)("CUDA source on the CPU emulation: the decode step as a CUDA graph (REFORM_CUDA_GRAPH=1)", () => {
@@ -1283,7 +1686,7 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: the decode step as a CU
       }
     }
     expect(hooks.stat("live_graphs")).toBe(0);
-  });
+  }, 60_000); // ~5 s alone, more when the machine is busy
 
   test("a capture that fails turns graphs off for that sequence: the plain steps run, the same tokens", () => {
     const b = model(VARIANTS[0]);

@@ -27,6 +27,7 @@ import {
   queryScorers,
   sentenceEnds,
   STARTS_SPACE,
+  wordContinuations,
   smoothedAt,
   smoothScores,
 } from "../src/engine/selection.ts";
@@ -164,6 +165,12 @@ describe("pure query helpers", () => {
     // the sentence tail scales too, at most a quarter of the budget
     expect(selectionFor({ budget: 320, window: 49, edge: 10, sentenceTail: 48 }, 640).tail).toBe(96);
     expect(selectionFor({ budget: 320, window: 49, edge: 10, sentenceTail: 300 }, 320).tail).toBe(80);
+  });
+
+  test("wordContinuations: a token continues the word before it unless it starts with whitespace or is special", () => {
+    const text = ["<s>", " virgin", "-", "t", "empo", "?", "\n", " ", "\tx", "", "\r"];
+    const cont = wordContinuations(text.length, (id) => new TextEncoder().encode(text[id]!), new Set([0]));
+    expect(Array.from(cont)).toEqual([0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0]);
   });
 
   test("queryScorers: the question's own tokens score the context, not the template's markup and whitespace", () => {

@@ -442,12 +442,12 @@ describe("fake engine", () => {
     await ask({ context_id: ctx.id, score_background: false });
     expect(eng.lastQuery!.scoreBackground).toBe("off");
     await ask({ reform: { context_id: ctx.id, score_background: true } });
-    expect(eng.lastQuery!.scoreBackground).toBe("kth");
+    expect(eng.lastQuery!.scoreBackground).toBe("kth-pairs");
     await ask({ reform: { context_id: ctx.id, score_background: "mean" } });
     expect(eng.lastQuery!.scoreBackground).toBe("mean");
     // the same background spelt two ways is one answer, not a conflict
-    await ask({ context_id: ctx.id, score_background: true, reform: { score_background: "kth" } });
-    expect(eng.lastQuery!.scoreBackground).toBe("kth");
+    await ask({ context_id: ctx.id, score_background: true, reform: { score_background: "kth-pairs" } });
+    expect(eng.lastQuery!.scoreBackground).toBe("kth-pairs");
     for (const [extra, param] of [
       [{ context_id: ctx.id, score_background: true, reform: { score_background: false } }, "score_background"],
       [{ context_id: other, reform: { context_id: ctx.id } }, "context_id"],

@@ -375,6 +375,122 @@ describe("native rf_score_kth (each question token's k-th best match, background
   }
 });
 
+describe("native query row pairs (bigram matching: rf_score_kth and rf_score_select with pairs, background.ts)", () => {
+  for (const [name, open] of libs) {
+    test(`${name}: P_p(i) = min(cos(ctx_{i-1}, q_a), cos(ctx_i, q_b)); its k-th best; a pair counts for both its rows; NaN rows left out; bad pairs refused`, () => {
+      const native = open();
+      try {
+        const r = mulberry32(53);
+        const [n, dim, nQ] = name === "cpu" ? [3000, 70, 19] : [500, 24, 5];
+        const ctx32 = Float32Array.from({ length: n * dim }, () => r() * 2 - 1);
+        const q = Float32Array.from({ length: nQ * dim }, () => r() * 2 - 1);
+        // neighbours in the question, and one row paired with itself
+        const ab = [...Array.from({ length: nQ - 1 }, (_, j) => [j, j + 1]).flat(), 2, 2];
+        const pairs = Int32Array.from(ab);
+        const nP = pairs.length / 2;
+        for (const ctx of [ctx32, toF16(ctx32)]) {
+          const cos = Array.from({ length: nQ }, (_, j) =>
+            native.score(ctx, n, dim, q.subarray(j * dim, (j + 1) * dim), 1),
+          );
+          const P = (p: number, i: number) => Math.min(cos[pairs[2 * p]!]![i - 1]!, cos[pairs[2 * p + 1]!]![i]!);
+          const sorted = Array.from({ length: nP }, (_, p) =>
+            Array.from({ length: n - 1 }, (_, i) => P(p, i + 1)).sort((x, y) => y - x),
+          );
+          for (const k of [1, 32, 1024]) {
+            const kth = native.scoreKth(ctx, n, dim, q, nQ, k, pairs);
+            expect(kth.length).toBe(nQ + nP);
+            const single = native.scoreKth(ctx, n, dim, q, nQ, k);
+            expect(Array.from(kth.subarray(0, nQ))).toEqual(Array.from(single)); // the single rows unchanged
+            // k is clamped to the n - 1 rows a pair can end at
+            for (let p = 0; p < nP; p++)
+              expect(Math.abs(kth[nQ + p]! - sorted[p]![Math.min(k, n - 1) - 1]!)).toBeLessThan(1e-5);
+          }
+          const few = native.scoreKth(ctx, 300, dim, q, nQ, 1024, pairs);
+          for (let p = 0; p < nP; p++) {
+            const last = Math.min(...Array.from({ length: 299 }, (_, i) => P(p, i + 1)));
+            expect(Math.abs(few[nQ + p]! - last)).toBeLessThan(1e-5);
+          }
+          const offsets = Float32Array.from({ length: nQ }, () => r() * 0.4 - 0.1);
+          const pairOffsets = Float32Array.from({ length: nP }, () => r() * 0.4 - 0.3);
+          const scores = new Float32Array(n);
+          const sel = { window: 9, budget: 256, edge: 8, offsets, pairs, pairOffsets };
+          const idx = native.scoreSelect(ctx, n, dim, q, nQ, sel, scores);
+          let worst = 0;
+          let byPair = 0;
+          for (let i = 0; i < n; i++) {
+            const one = Math.max(...cos.map((c, j) => c[i]! - offsets[j]!));
+            let two = Number.NEGATIVE_INFINITY;
+            for (let p = 0; p < nP; p++)
+              for (const e of [i, i + 1]) if (e >= 1 && e < n) two = Math.max(two, P(p, e) - pairOffsets[p]!);
+            if (two > one) byPair++;
+            worst = Math.max(worst, Math.abs(scores[i]! - Math.max(one, two)));
+          }
+          expect(worst).toBeLessThan(1e-5);
+          expect(byPair).toBeGreaterThan(n / 10); // the pairs decide a share of the rows, so the test sees them
+          expect(Array.from(idx)).toEqual(Array.from(referenceSelect(smoothScores(scores, 9), 256, 8)));
+          // taken off as offsets (the single rows far below), each pair's k-th best end row scores exactly 0
+          const k = 32;
+          const kth = native.scoreKth(ctx, n, dim, q, nQ, k, pairs.subarray(0, 2));
+          const only = new Float32Array(n);
+          native.scoreSelect(
+            ctx,
+            n,
+            dim,
+            q,
+            nQ,
+            {
+              window: 1,
+              budget: 8,
+              edge: 0,
+              offsets: new Float32Array(nQ).fill(5),
+              pairs: pairs.subarray(0, 2),
+              pairOffsets: kth.subarray(nQ),
+            },
+            only,
+          );
+          expect(only.some((v) => v === 0)).toBe(true);
+          const atLeast = only.filter((v) => v >= 0).length;
+          expect(atLeast).toBeGreaterThanOrEqual(k); // each end row and the row before it
+          expect(atLeast).toBeLessThanOrEqual(2 * k);
+        }
+        // an f16 overflow row has no cosine: the two pairs it is part of are left out
+        const withInf = toF16(ctx32);
+        withInf.fill(0x7c00, 5 * dim, 6 * dim);
+        const m = 300;
+        const all = native.scoreKth(withInf, m, dim, q, nQ, m - 1, pairs);
+        const most = native.scoreKth(withInf, m, dim, q, nQ, m - 3, pairs);
+        for (let p = 0; p < nP; p++) {
+          expect(all[nQ + p]).toBe(Number.NEGATIVE_INFINITY);
+          expect(Number.isFinite(most[nQ + p]!)).toBe(true);
+        }
+        const nanScores = new Float32Array(m);
+        native.scoreSelect(withInf, m, dim, q, nQ, { window: 1, budget: 8, edge: 0, pairs }, nanScores);
+        expect(Number.isNaN(nanScores[5]!)).toBe(true); // the row itself stays NaN
+        expect(Number.isFinite(nanScores[4]!) && Number.isFinite(nanScores[6]!)).toBe(true);
+        // one row: no pair ends anywhere
+        expect(native.scoreKth(ctx32, 1, dim, q, nQ, 4, pairs)[nQ]).toBe(Number.NEGATIVE_INFINITY);
+        const sel = { window: 9, budget: 64, edge: 0, pairs };
+        expect(() => native.scoreSelect(ctx32, n, dim, q, nQ, { ...sel, pairs: Int32Array.from([0, nQ]) })).toThrow(
+          /pair row \d+ outside the \d+ query rows/,
+        );
+        expect(() => native.scoreSelect(ctx32, n, dim, q, nQ, { ...sel, pairs: Int32Array.from([0, 1, 2]) })).toThrow(
+          /not \(a, b\) pairs/,
+        );
+        const bad = new Float32Array(nP);
+        bad[1] = Number.POSITIVE_INFINITY;
+        expect(() => native.scoreSelect(ctx32, n, dim, q, nQ, { ...sel, pairOffsets: bad })).toThrow(
+          /pair_offset\[1\] is not finite/,
+        );
+        expect(() => native.scoreKth(ctx32, n, dim, q, nQ, 4, new Int32Array(2 * 4097))).toThrow(
+          /n_pairs = 4097 outside \[0, 4096\]/,
+        );
+      } finally {
+        native.close();
+      }
+    });
+  }
+});
+
 test("NaN ranks below every number", () => {
   const s = Float32Array.from([0, NaN, -5, NaN, 2, 0]);
   expect(Array.from(selectTokens(s, 4, 0))).toEqual([0, 2, 4, 5]);

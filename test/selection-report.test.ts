@@ -203,22 +203,29 @@ describe("return_selection on the query route", () => {
   );
 
   test(
-    "score_background per request: reported, kth by default (/props), each mode changes the scores; an unknown mode or two different ones is a 400",
+    "score_background per request: reported, kth-pairs by default (/props), each mode changes the scores; an unknown mode or two different ones is a 400",
     async () => {
       const background = (v?: boolean | string) => selectionWith(v === undefined ? {} : { score_background: v });
       const props = await j(fetch(`${base}/props`));
-      expect(props.limits.score_background).toBe("kth");
+      expect(props.limits.score_background).toBe("kth-pairs");
       const byDefault = await background();
       const on = await background(true);
+      const pairs = await background("kth-pairs");
       const kth = await background("kth");
       const mean = await background("mean");
       const off = await background(false);
-      expect(byDefault.score_background).toBe("kth");
-      expect(on.score_background).toBe("kth");
+      expect(byDefault.score_background).toBe("kth-pairs");
+      expect(on.score_background).toBe("kth-pairs");
+      expect(kth.score_background).toBe("kth");
       expect(mean.score_background).toBe("mean");
       expect(off.score_background).toBe("off");
       expect(on.profile.values).toEqual(byDefault.profile.values);
-      expect(kth.profile.values).toEqual(byDefault.profile.values);
+      expect(pairs.profile.values).toEqual(byDefault.profile.values);
+      // the pairs of adjacent question tokens join the maximum: no row scores lower than with the tokens alone, some
+      // higher
+      const lower = kth.profile.values.filter((v: number, i: number) => pairs.profile.values[i] < v - 1e-6).length;
+      expect(lower).toBe(0);
+      expect(pairs.profile.values).not.toEqual(kth.profile.values);
       // each question token's k-th best match, or its mean cosine, comes off its scores: other values, the same length
       expect(on.profile.values.length).toBe(off.profile.values.length);
       expect(on.profile.values).not.toEqual(off.profile.values);

@@ -231,31 +231,35 @@ RF_API void rf_compressor_destroy(rf_compressor* c) {
 
 /* ---- scoring ---- */
 namespace {
-/* rf_score's checks and scoring, each query row's offset (q_offset, or NULL) taken off: rf_score and rf_score_select */
+/* rf_score's checks and scoring, each query row's offset (q_offset, or NULL) taken off, with the query row pairs'
+ * matches (n_pairs 0: none): rf_score and rf_score_select */
 int score_checked(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                  const float* q_offset, float* out) {
+                  const float* q_offset, const int32_t* pairs, int32_t n_pairs, const float* pair_offset, float* out) {
   RF_TRY(rf::check_score_args(ctx, ctx_dtype, n_ctx, dim, q, n_q, out));
-  return n_ctx == 0 ? RF_OK : score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, out);
+  return n_ctx == 0 ? RF_OK
+                    : score_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, pairs, n_pairs, pair_offset, out);
 }
 }  // namespace
 
 RF_API int rf_score(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                     float* out) {
-  return rf::guard("rf_score",
-                   [&]() -> int { return score_checked(ctx, ctx_dtype, n_ctx, dim, q, n_q, nullptr, out); });
+  return rf::guard("rf_score", [&]() -> int {
+    return score_checked(ctx, ctx_dtype, n_ctx, dim, q, n_q, nullptr, nullptr, 0, nullptr, out);
+  });
 }
 
-/* the k-th best cosine of each query row: rf_score's blocks and cosines on the device (score.cuh), each query column's
- * k largest kept per group of rows there, the last k-th of those on the host */
+/* the k-th best cosine of each query row (and match of each query row pair): rf_score's blocks and cosines on the
+ * device (score.cuh), each column's k largest kept per group of rows there, the last k-th of those on the host */
 RF_API int rf_score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                        int32_t k, float* out) {
+                        const int32_t* pairs, int32_t n_pairs, int32_t k, float* out) {
   return rf::guard("rf_score_kth", [&]() -> int {
     RF_TRY(rf::check_score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, out, "rf_score_kth"));
+    RF_TRY(rf::check_pairs(pairs, n_pairs, nullptr, n_q, "rf_score_kth"));
     if (n_ctx == 0) {
-      std::fill(out, out + n_q, -INFINITY);
+      std::fill(out, out + n_q + n_pairs, -INFINITY);
       return RF_OK;
     }
-    return score_kth_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, out);
+    return score_kth_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, pairs, n_pairs, k, out);
   });
 }
 
@@ -285,23 +289,28 @@ RF_API int64_t rf_embstore_memory_bytes(const rf_embstore* e) {
   return embstore_bytes(e);
 }
 RF_API int64_t rf_embstore_score_select(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q,
-                                        const float* q_offset, int32_t window, int32_t lag, int32_t pool,
+                                        const float* q_offset, const int32_t* pairs, int32_t n_pairs,
+                                        const float* pair_offset, int32_t window, int32_t lag, int32_t pool,
                                         int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
   return rf::guard("rf_embstore_score_select", [&]() -> int64_t {
     RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_select"));
     RF_TRY(rf::check_embstore_score(n_ctx, e->rows, q, n_q, budget, out_idx));
     RF_TRY(rf::check_offsets(q_offset, n_q, "rf_embstore_score_select"));
-    return rf::score_select([&](float* s) { return embstore_score_impl(e, n_ctx, q, n_q, q_offset, s); }, n_ctx, window,
-                            lag, pool, budget, edge, scores, out_idx);
+    RF_TRY(rf::check_pairs(pairs, n_pairs, pair_offset, n_q, "rf_embstore_score_select"));
+    return rf::score_select(
+        [&](float* s) { return embstore_score_impl(e, n_ctx, q, n_q, q_offset, pairs, n_pairs, pair_offset, s); },
+        n_ctx, window, lag, pool, budget, edge, scores, out_idx);
   });
 }
-RF_API int rf_embstore_score_kth(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t k, float* out) {
+RF_API int rf_embstore_score_kth(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, const int32_t* pairs,
+                                 int32_t n_pairs, int32_t k, float* out) {
   return rf::guard("rf_embstore_score_kth", [&]() -> int {
     RF_TRY(rf::check_not_null(e, "store", "rf_embstore_score_kth"));
     RF_TRY(rf::check_embstore_kth(n_ctx, e->rows, "rf_embstore_score_kth"));
     // the rows are the store's (never NULL here)
     RF_TRY(rf::check_score_kth(e, RF_F16, n_ctx, e->dim, q, n_q, k, out, "rf_embstore_score_kth"));
-    return embstore_score_kth_impl(e, n_ctx, q, n_q, k, out);
+    RF_TRY(rf::check_pairs(pairs, n_pairs, nullptr, n_q, "rf_embstore_score_kth"));
+    return embstore_score_kth_impl(e, n_ctx, q, n_q, pairs, n_pairs, k, out);
   });
 }
 RF_API void rf_embstore_destroy(rf_embstore* e) {
@@ -381,12 +390,17 @@ RF_API int64_t rf_smooth_select(const float* scores, int64_t n, int32_t window, 
 
 /* scoring on the device (rf_score's kernels, with the offsets), smoothing and selection on the host */
 RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
-                               int32_t n_q, const float* q_offset, int32_t window, int32_t lag, int32_t pool,
-                               int64_t budget, int32_t edge, float* scores, int32_t* out_idx) {
+                               int32_t n_q, const float* q_offset, const int32_t* pairs, int32_t n_pairs,
+                               const float* pair_offset, int32_t window, int32_t lag, int32_t pool, int64_t budget,
+                               int32_t edge, float* scores, int32_t* out_idx) {
   return rf::guard("rf_score_select", [&]() -> int64_t {
     RF_TRY(rf::check_offsets(q_offset, n_q, "rf_score_select"));
-    return rf::score_select([&](float* s) { return score_checked(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, s); },
-                            n_ctx, window, lag, pool, budget, edge, scores, out_idx);
+    RF_TRY(rf::check_pairs(pairs, n_pairs, pair_offset, n_q, "rf_score_select"));
+    return rf::score_select(
+        [&](float* s) {
+          return score_checked(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, pairs, n_pairs, pair_offset, s);
+        },
+        n_ctx, window, lag, pool, budget, edge, scores, out_idx);
   });
 }
 

@@ -90,15 +90,18 @@ int embstore_append_impl(rf_embstore* e, const uint16_t* rows, int64_t n) {
 }
 
 /* the query buffers of embstore scoring (the model's, grown, never per query); nheap / ncnt: rf_embstore_score_kth's
- * candidates (0: none, or those of an earlier call kept) */
+ * candidates (0: none, or those of an earlier call kept); pairs: the query row pairs' buffers (false: none, or those
+ * of an earlier call kept) */
 int embstore_scratch(rf_model* m, int64_t dim, int64_t nq, int64_t tile, int64_t nout, int64_t nheap = 0,
-                     int64_t ncnt = 0) {
+                     int64_t ncnt = 0, bool pairs = false) {
   QueryScratch& s = m->qs;
-  if (dim == s.dim && nq <= s.nq && tile <= s.tile && nout <= s.nout && nheap <= s.nheap && ncnt <= s.ncnt)
+  if (dim == s.dim && nq <= s.nq && tile <= s.tile && nout <= s.nout && nheap <= s.nheap && ncnt <= s.ncnt &&
+      (!pairs || s.has_pairs))
     return RF_OK;
   if (dim == s.dim) {
     nheap = std::max(nheap, s.nheap);
     ncnt = std::max(ncnt, s.ncnt);
+    pairs = pairs || s.has_pairs;
   }
   CU_CHECK(cudaStreamSynchronize(m->aux));
   s.arena.free_all();
@@ -115,6 +118,7 @@ int embstore_scratch(rf_model* m, int64_t dim, int64_t nq, int64_t tile, int64_t
     RF_TRY(A.alloc(&s.out, (size_t)N, "resident scoring: scores"));
     if (nheap > 0) RF_TRY(A.alloc(&s.kheap, (size_t)nheap, "resident scoring: k-th best candidates"));
     if (ncnt > 0) RF_TRY(A.alloc(&s.kcnt, (size_t)ncnt, "resident scoring: k-th best candidate counts"));
+    if (pairs) RF_TRY(s.pb.alloc(A, NQ, N));
     return RF_OK;
   };
   rc = grow();
@@ -129,12 +133,14 @@ int embstore_scratch(rf_model* m, int64_t dim, int64_t nq, int64_t tile, int64_t
   s.nout = N;
   s.nheap = nheap;
   s.ncnt = ncnt;
+  s.has_pairs = pairs;
   return RF_OK;
 }
 
 /* the similarity tiles of the store's rows [0, n_ctx) for the queries uploaded to s.qh (score_run's f16 path): tiles of
  * at most T rows within a block, each tile's GEMM into s.S [k][2 n_q], then epilogue(k, r0, inv) with the tile's
- * rows r0.. and their inverse norms */
+ * rows r0.. and their inverse norms; in order on the model's aux stream, so that a query row pair spanning two tiles
+ * (or two blocks) takes the first one's last row as score_stream's blocks do (PairBufs) */
 template <class Epilogue>
 int embstore_tiles(rf_embstore* e, int64_t n_ctx, int32_t n_q, int64_t T, Epilogue&& epilogue) {
   rf_model* m = e->m;
@@ -168,8 +174,10 @@ int embstore_queries(rf_model* m, int64_t dim, const float* q, int32_t n_q) {
 }
 
 /* rf_score over rows [0, n_ctx) of the store into out (host), each query row's offset (q_offset, n_q or NULL) taken off
- * its cosine, as score_run's f16 path computes it */
-int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, const float* q_offset, float* out) {
+ * its cosine, with the query row pairs' matches (pairs, n_pairs, pair_offset: rf_score_select's), as score_run's f16
+ * path computes them */
+int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, const float* q_offset,
+                        const int32_t* pairs, int32_t n_pairs, const float* pair_offset, float* out) {
   rf_model* m = e->m;
   CU_CHECK(cudaSetDevice(m->dev));
   if (n_ctx == 0) return RF_OK;
@@ -178,16 +186,18 @@ int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n
   QueryScratch& s = m->qs;
   // keep the buffers of an earlier, larger query (no reallocation per query)
   RF_TRY(embstore_scratch(m, dim, std::max<int64_t>(n_q, s.dim == dim ? s.nq : 0),
-                          std::max(T, s.dim == dim ? s.tile : 0), std::max(n_ctx, s.dim == dim ? s.nout : 0)));
+                          std::max(T, s.dim == dim ? s.tile : 0), std::max(n_ctx, s.dim == dim ? s.nout : 0), 0, 0,
+                          n_pairs > 0));
   cudaStream_t st = m->aux;
   if (q_offset) CU_CHECK(cudaMemcpyAsync(s.qoff, q_offset, (size_t)n_q * 4, cudaMemcpyHostToDevice, st));
   const float* qoff = q_offset ? s.qoff : nullptr;
+  RF_TRY(s.pb.upload(st, pairs, n_pairs, pair_offset));
+  const float* poff = pair_offset ? s.pb.poff : nullptr;
   RF_TRY(embstore_queries(m, dim, q, n_q));
   RF_TRY(embstore_tiles(e, n_ctx, n_q, T, [&](int64_t k, int64_t r0, const float* inv) -> int {
-    RF_LAUNCH(k_rowmax_pair, nblocks(k, 256), 256, 0, st)(s.S, k, n_q, inv, qoff, s.out + r0);
-    KERNEL_CHECK();
-    return RF_OK;
+    return block_scores(st, s.S, k, r0, n_q, inv, qoff, s.pb, n_pairs, poff, s.out);
   }));
+  if (n_pairs > 0) RF_TRY(s.pb.finish(st, s.out, n_ctx));
   // 4 bytes per context token come back: the smoothing and selection run on the host (select.h), where their
   // sequential f64 prefix sums define the selection bit for bit (a parallel sum on the device would not)
   CU_CHECK(cudaMemcpyAsync(out, s.out, (size_t)n_ctx * 4, cudaMemcpyDeviceToHost, st));
@@ -196,27 +206,28 @@ int embstore_score_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n
 }
 
 /* rf_score_kth over rows [0, n_ctx) of the store (arguments checked): embstore_score_impl's tiles and cosines, each
- * tile folded into the heaps by k_kth_heaps, finished on the host as the file path is (score.cuh kth_finish) */
-int embstore_score_kth_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, int32_t k, float* out) {
-  std::fill(out, out + n_q, -INFINITY);
+ * tile folded into the heaps by k_kth_heaps (the query rows' and the pairs'), finished on the host as the file path is
+ * (score.cuh block_kth, kth_finish) */
+int embstore_score_kth_impl(rf_embstore* e, int64_t n_ctx, const float* q, int32_t n_q, const int32_t* pairs,
+                            int32_t n_pairs, int32_t k, float* out) {
+  std::fill(out, out + n_q + n_pairs, -INFINITY);
   rf_model* m = e->m;
   CU_CHECK(cudaSetDevice(m->dev));
   if (n_ctx == 0) return RF_OK;
   const int64_t dim = e->dim;
-  const int32_t kk = (int32_t)std::min<int64_t>(k, n_ctx);
-  const int64_t ngrp = kth_groups(n_ctx, n_q, kk), nt = ngrp * n_q;
+  const KthPlan plan(n_ctx, n_q, n_pairs, k);
   const int64_t T = embstore_tile_rows(e, n_q);
   QueryScratch& s = m->qs;
   RF_TRY(embstore_scratch(m, dim, std::max<int64_t>(n_q, s.dim == dim ? s.nq : 0),
-                          std::max(T, s.dim == dim ? s.tile : 0), s.dim == dim ? s.nout : 0, nt * kk, nt));
+                          std::max(T, s.dim == dim ? s.tile : 0), s.dim == dim ? s.nout : 0, plan.nt * plan.kk, plan.nt,
+                          n_pairs > 0));
   cudaStream_t st = m->aux;
+  RF_TRY(s.pb.upload(st, pairs, n_pairs, nullptr));
   RF_TRY(embstore_queries(m, dim, q, n_q));
   RF_TRY(embstore_tiles(e, n_ctx, n_q, T, [&](int64_t rows, int64_t r0, const float* inv) -> int {
-    RF_LAUNCH(k_kth_heaps, nblocks(nt, 256), 256, 0, st)(s.S, rows, n_q, inv, ngrp, kk, r0 == 0, s.kheap, s.kcnt);
-    KERNEL_CHECK();
-    return RF_OK;
+    return block_kth(st, plan, s.S, rows, r0, n_q, inv, s.pb, n_pairs, s.kheap, s.kcnt);
   }));
-  return kth_finish(st, s.kheap, s.kcnt, ngrp, n_q, kk, out);
+  return kth_finish(st, plan, s.kheap, s.kcnt, n_q, out);
 }
 
 }  // namespace

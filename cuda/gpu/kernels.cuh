@@ -429,25 +429,90 @@ __global__ void k_rowmax(const float* __restrict__ s, int64_t rows, int cols, co
   }
 }
 
+/* C[r][c], the cosine of row r and query column c of a block of similarities: inv given, pair_cos of the f16 pair's
+ * halves (s: [rows][2 nq]); inv NULL, s[r][c] ([rows][nq] cosines) */
+__device__ __forceinline__ float sim_cos(const float* __restrict__ s, int nq, const float* __restrict__ inv, int64_t r,
+                                         int c) {
+  return inv ? pair_cos(s + r * 2 * (int64_t)nq, nq, c, inv[r]) : s[r * nq + c];
+}
+
+/* A query row pair's match at row r of a block (cuda/reform.h RF_PAIRS_MAX): P = min(C[r - 1][a], C[r][b]), NaN when
+ * either cosine is; row r - 1 of the block's first row is the previous block's last, whose cosines k_last_row kept in
+ * prev (n_q f32) */
+__device__ __forceinline__ float pair_match(const float* __restrict__ s, int nq, const float* __restrict__ inv,
+                                            const float* __restrict__ prev, int64_t r, int a, int b) {
+  const float x = r > 0 ? sim_cos(s, nq, inv, r - 1, a) : prev[a];
+  const float y = sim_cos(s, nq, inv, r, b);
+  if (x != x || y != y) return NAN;
+  return y < x ? y : x;  // std::min(x, y), as the CPU build
+}
+
+/* prev[c] = C[rows - 1][c]: a block's last row of cosines, for the pairs that start there and end in the next block
+ * (launched after the block's pair kernels, before the next block's GEMM overwrites s) */
+__global__ void k_last_row(const float* __restrict__ s, int64_t rows, int nq, const float* __restrict__ inv,
+                           float* __restrict__ prev) {
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < nq; c += gridDim.x * blockDim.x)
+    prev[c] = sim_cos(s, nq, inv, rows - 1, c);
+}
+
+/* rf_score_select's pair pass over one block of similarities (k_rowmax's layouts), context rows off..off+rows-1:
+ * pm[r] = max_p (P_p(off + r) - poff[p]) over the np pairs (a_p, b_p at pairs[2p], pairs[2p + 1]) whose P is not NaN;
+ * -inf where none is, and for context row 0 (no P). poff NULL: no offsets. k_pair_combine joins pm to the scores. */
+__global__ void k_pair_rowmax(const float* __restrict__ s, int64_t rows, int nq, const float* __restrict__ inv,
+                              const float* __restrict__ prev, const int* __restrict__ pairs, int np,
+                              const float* __restrict__ poff, int64_t off, float* __restrict__ pm) {
+  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
+    float m = -INFINITY;
+    if (off + r > 0) {
+      for (int p = 0; p < np; p++) {
+        float v = pair_match(s, nq, inv, prev, r, pairs[2 * p], pairs[2 * p + 1]);
+        if (v != v) continue;
+        if (poff) v -= poff[p];
+        if (m < v) m = v;
+      }
+    }
+    pm[r] = m;
+  }
+}
+
+/* score_i = std::max(score_i, max(pm[i], pm[i + 1])) for i < n (row n - 1 has no pair after it): a pair's match counts
+ * for both rows it spans; a NaN score stays NaN (std::max keeps its first argument), pm is never NaN */
+__global__ void k_pair_combine(float* __restrict__ out, const float* __restrict__ pm, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float v = pm[i];
+    if (i + 1 < n && v < pm[i + 1]) v = pm[i + 1];
+    if (out[i] < v) out[i] = v;
+  }
+}
+
 /* rf_score_kth's pass over one block of similarities (s: [rows][2 nq] f16-pair halves with the rows' inverse norms
- * inv, k_rowmax_pair's cosines; inv NULL: [rows][nq] cosines, k_rowmax's). Thread t = g * nq + c (query column c, row
- * group g of ngrp) keeps a min-heap of the k largest cosines of the rows r = g (mod ngrp) it has seen, across the calls
- * of one query: element i at heap[i * ngrp * nq + t] (a warp's roots are adjacent), its size in cnt[t] (first: the
- * query's first block, the heaps start empty). NaN cosines are left out; a value equal to the smallest of a full heap
+ * inv, k_rowmax_pair's cosines; inv NULL: [rows][nq] cosines, k_rowmax's), context rows off..off+rows-1. The columns
+ * are the nq query rows, then the np pairs (pairs, prev: k_pair_rowmax's; a pair's values P_p(i), i >= 1). Thread
+ * t = g * (nq + np) + c (column c, row group g of ngrp) keeps a min-heap of the largest values (k of a query row's
+ * cosines, kp of a pair's) of the rows r = g (mod ngrp) it has seen, across the calls of one query: element i at
+ * heap[i * nt + t] (nt = ngrp * (nq + np) threads; a warp's roots are adjacent), its size in cnt[t] (off == 0: the
+ * query's first block, the heaps start empty). NaN values are left out; a value equal to the smallest of a full heap
  * changes nothing. */
 __global__ void k_kth_heaps(const float* __restrict__ s, int64_t rows, int nq, const float* __restrict__ inv,
-                            int64_t ngrp, int k, bool first, float* __restrict__ heap, int* __restrict__ cnt) {
-  const int64_t nt = ngrp * nq;
+                            const int* __restrict__ pairs, int np, const float* __restrict__ prev, int64_t off,
+                            int64_t ngrp, int k, int kp, float* __restrict__ heap, int* __restrict__ cnt) {
+  const int ncol = nq + np;
+  const int64_t nt = ngrp * ncol;
   for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < nt; t += (int64_t)gridDim.x * blockDim.x) {
-    const int c = (int)(t % nq);
+    const int c = (int)(t % ncol);
+    const bool pair = c >= nq;
+    const int kc = pair ? kp : k;
+    const int a = pair ? pairs[2 * (c - nq)] : 0, b = pair ? pairs[2 * (c - nq) + 1] : 0;
     float* h = heap + t;
-    int n = first ? 0 : cnt[t];
-    for (int64_t r = t / nq; r < rows; r += ngrp) {
-      const float v = inv ? pair_cos(s + r * 2 * (int64_t)nq, nq, c, inv[r]) : s[r * nq + c];
-      if (n == k && !(v > h[0])) continue;  // most rows: one comparison (false for NaN too)
+    int n = off == 0 ? 0 : cnt[t];
+    int64_t r0 = t / ncol;
+    if (pair && off + r0 == 0) r0 += ngrp;  // a pair has no value at context row 0
+    for (int64_t r = r0; kc > 0 && r < rows; r += ngrp) {
+      const float v = pair ? pair_match(s, nq, inv, prev, r, a, b) : sim_cos(s, nq, inv, r, c);
+      if (n == kc && !(v > h[0])) continue;  // most rows: one comparison (false for NaN too)
       if (v != v) continue;
       int64_t i;
-      if (n < k) {  // sift up from the end
+      if (n < kc) {  // sift up from the end
         i = n++;
         while (i > 0) {
           const int64_t p = (i - 1) / 2;
@@ -460,9 +525,9 @@ __global__ void k_kth_heaps(const float* __restrict__ s, int64_t rows, int nq, c
         i = 0;
         for (;;) {
           int64_t m = 2 * i + 1;
-          if (m >= k) break;
+          if (m >= kc) break;
           float mv = h[m * nt];
-          if (m + 1 < k && h[(m + 1) * nt] < mv) {
+          if (m + 1 < kc && h[(m + 1) * nt] < mv) {
             m++;
             mv = h[m * nt];
           }

@@ -45,14 +45,53 @@ struct Workspace {
   }
 };
 
+/* The query row pairs (cuda/reform.h RF_PAIRS_MAX) of rf_score_select / rf_score_kth and their store twins, on the
+ * device: allocated with the other query buffers (in their arena) the first time a query has pairs, then kept. The
+ * blocks of similarities run in order on one stream; a pair spans two rows, so each block's last row of cosines is
+ * carried to the next block in `prev` (k_last_row), and a row's score, which takes the pair matches ending at it and
+ * at the next row, is finished once every block has run (k_pair_combine over pm). */
+struct PairBufs {
+  int* pairs = nullptr;   // [2 RF_PAIRS_MAX] (a_p, b_p)
+  float* poff = nullptr;  // [RF_PAIRS_MAX] their offsets
+  float* prev = nullptr;  // [n_q] the previous block's last row of cosines
+  float* pm = nullptr;    // [n_ctx] rf_score_select: each row's best pair match ending there (k_pair_rowmax)
+  int alloc(DevArena& A, int64_t nq, int64_t nout) {
+    RF_TRY(A.alloc(&pairs, (size_t)2 * RF_PAIRS_MAX, "query row pairs"));
+    RF_TRY(A.alloc(&poff, (size_t)RF_PAIRS_MAX, "query row pair offsets"));
+    RF_TRY(A.alloc(&prev, (size_t)nq, "query row pairs: the previous block's cosines"));
+    return A.alloc(&pm, (size_t)nout, "query row pairs: each row's best match");
+  }
+  /* n pairs (and their offsets, off: n f32 or NULL) to the device */
+  int upload(cudaStream_t st, const int32_t* p, int32_t n, const float* off) const {
+    if (n <= 0) return RF_OK;
+    CU_CHECK(cudaMemcpyAsync(pairs, p, (size_t)n * 2 * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    if (off) CU_CHECK(cudaMemcpyAsync(poff, off, (size_t)n * sizeof(float), cudaMemcpyHostToDevice, st));
+    return RF_OK;
+  }
+  /* after a block's pair kernels (before the next block's GEMM): its last row of cosines to prev */
+  int carry(cudaStream_t st, const float* S, int64_t rows, int32_t n_q, const float* inv) const {
+    RF_LAUNCH(k_last_row, nblocks(n_q, 256), 256, 0, st)(S, rows, n_q, inv, prev);
+    KERNEL_CHECK();
+    return RF_OK;
+  }
+  /* rf_score_select after the last block: each of the n scores joined with the pair matches of its row and the next */
+  int finish(cudaStream_t st, float* out, int64_t n) const {
+    RF_LAUNCH(k_pair_combine, nblocks(n, 256), 256, 0, st)(out, pm, n);
+    KERNEL_CHECK();
+    return RF_OK;
+  }
+};
+
 /* the query buffers of rf_embstore scoring (embstore.cuh), grown to the largest query, never per query */
 struct QueryScratch {
   DevArena arena;
   int64_t dim = 0, nq = 0, tile = 0, nout = 0;  // sizes they were allocated for
   int64_t nheap = 0, ncnt = 0;                  // ... and rf_embstore_score_kth's candidates
+  bool has_pairs = false;                       // ... and the query row pairs' buffers
   float *qraw = nullptr, *qn = nullptr, *qoff = nullptr, *S = nullptr, *out = nullptr;
-  float* kheap = nullptr;  // rf_embstore_score_kth: k_kth_heaps' heaps, [k][groups * n_q]
-  int* kcnt = nullptr;     // their sizes, [groups * n_q]
+  float* kheap = nullptr;  // rf_embstore_score_kth: k_kth_heaps' heaps, [k][groups * (n_q + n_pairs)]
+  int* kcnt = nullptr;     // their sizes, [groups * (n_q + n_pairs)]
+  PairBufs pb;             // query row pairs
   uint16_t* qh = nullptr;  // [2 nq][dim]: the normalised queries in f16 and their f16 residuals
 };
 

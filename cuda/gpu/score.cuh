@@ -20,9 +20,11 @@ struct ScoreCtx {
   DevArena arena;
   int64_t B = 0, dim = 0, nq = 0, nout = 0;  // sizes the buffers were allocated for (rows per block, ...)
   int64_t nheap = 0, ncnt = 0;               // ... and rf_score_kth's candidates (kept by later rf_score calls)
+  bool has_pairs = false;                    // ... and the query row pairs' buffers (kept likewise)
   float *qraw = nullptr, *qn = nullptr, *qoff = nullptr, *cn = nullptr, *S = nullptr, *inv = nullptr, *out = nullptr;
-  float* kheap = nullptr;  // rf_score_kth: k_kth_heaps' heaps, [k][groups * n_q]
-  int* kcnt = nullptr;     // their sizes, [groups * n_q]
+  float* kheap = nullptr;  // rf_score_kth: k_kth_heaps' heaps, [k][groups * (n_q + n_pairs)]
+  int* kcnt = nullptr;     // their sizes, [groups * (n_q + n_pairs)]
+  PairBufs pb;             // query row pairs (RF_PAIRS_MAX): the pairs, their offsets, the carried row, pm
   uint16_t* qh = nullptr;  // [2 n_q][dim] f16: rows 0..n_q-1 the normalised queries, then their f16 residuals
   uint8_t* raw[2] = {nullptr, nullptr};
   uint8_t* pinned[2] = {nullptr, nullptr};
@@ -38,6 +40,8 @@ struct ScoreCtx {
       raw[i] = nullptr;
     }
     B = dim = nq = nout = nheap = ncnt = 0;
+    has_pairs = false;
+    pb = PairBufs();
     cudaGetLastError();
   }
 };
@@ -56,13 +60,18 @@ void score_model_freed() {
   }
 }
 
-/* nheap / ncnt: rf_score_kth's candidate buffers (0 for rf_score: those of an earlier rf_score_kth call are kept) */
-int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx, int64_t nheap = 0, int64_t ncnt = 0) {
+/* nheap / ncnt: rf_score_kth's candidate buffers (0 for rf_score: those of an earlier rf_score_kth call are kept);
+ * pairs: the query row pairs' buffers (false: those of an earlier call are kept) */
+int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx, int64_t nheap = 0, int64_t ncnt = 0,
+                  bool pairs = false) {
   ScoreCtx& g = g_score;
-  if (B <= g.B && dim == g.dim && nq <= g.nq && n_ctx <= g.nout && nheap <= g.nheap && ncnt <= g.ncnt) return RF_OK;
+  if (B <= g.B && dim == g.dim && nq <= g.nq && n_ctx <= g.nout && nheap <= g.nheap && ncnt <= g.ncnt &&
+      (!pairs || g.has_pairs))
+    return RF_OK;
   if (dim == g.dim) {
     nheap = std::max(nheap, g.nheap);
     ncnt = std::max(ncnt, g.ncnt);
+    pairs = pairs || g.has_pairs;
   }
   g.release_buffers();
   DevArena& A = g.arena;
@@ -76,6 +85,7 @@ int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx, int64_t nhe
   RF_TRY(A.alloc(&g.out, (size_t)n_ctx, "score output"));
   if (nheap > 0) RF_TRY(A.alloc(&g.kheap, (size_t)nheap, "score k-th best candidates"));
   if (ncnt > 0) RF_TRY(A.alloc(&g.kcnt, (size_t)ncnt, "score k-th best candidate counts"));
+  if (pairs) RF_TRY(g.pb.alloc(A, nq, n_ctx));
   for (int i = 0; i < 2; i++) {
     RF_TRY(A.alloc(&g.raw[i], (size_t)B * dim * 4, "score ctx block"));
     void* h = nullptr;
@@ -94,6 +104,7 @@ int score_buffers(int64_t B, int64_t dim, int64_t nq, int64_t n_ctx, int64_t nhe
   g.nout = n_ctx;
   g.nheap = nheap;
   g.ncnt = ncnt;
+  g.has_pairs = pairs;
   return RF_OK;
 }
 
@@ -157,74 +168,114 @@ int score_stream(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim,
   return RF_OK;
 }
 
+/* The scores of one block of similarities (score_stream's or embstore_tiles' epilogue), context rows off..off+b-1:
+ * each row's maximum over the query rows into out[off..) and, with pairs, the pairs' into pb.pm[off..) (joined to the
+ * scores by PairBufs::finish once every block has run) */
+int block_scores(cudaStream_t st, const float* S, int64_t b, int64_t off, int32_t n_q, const float* inv,
+                 const float* qoff, const PairBufs& pb, int32_t n_pairs, const float* poff, float* out) {
+  if (inv) {
+    RF_LAUNCH(k_rowmax_pair, nblocks(b, 256), 256, 0, st)(S, b, n_q, inv, qoff, out + off);
+  } else {
+    RF_LAUNCH(k_rowmax, nblocks(b, 256), 256, 0, st)(S, b, n_q, qoff, out + off);
+  }
+  KERNEL_CHECK();
+  if (n_pairs > 0) {
+    RF_LAUNCH(k_pair_rowmax, nblocks(b, 256), 256, 0, st)
+    (S, b, n_q, inv, pb.prev, pb.pairs, n_pairs, poff, off, pb.pm + off);
+    KERNEL_CHECK();
+    RF_TRY(pb.carry(st, S, b, n_q, inv));
+  }
+  return RF_OK;
+}
+
 int score_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-              const float* q_offset, float* out) {
+              const float* q_offset, const int32_t* pairs, int32_t n_pairs, const float* pair_offset, float* out) {
   ScoreCtx& g = g_score;
   cudaStream_t st = g.stream;
   const int64_t B = score_block_rows(n_ctx, dim, n_q);
-  RF_TRY(score_buffers(B, dim, n_q, n_ctx));
+  RF_TRY(score_buffers(B, dim, n_q, n_ctx, 0, 0, n_pairs > 0));
   if (q_offset) CU_CHECK(cudaMemcpyAsync(g.qoff, q_offset, (size_t)n_q * 4, cudaMemcpyHostToDevice, st));
   const float* qoff = q_offset ? g.qoff : nullptr;
+  RF_TRY(g.pb.upload(st, pairs, n_pairs, pair_offset));
+  const float* poff = pair_offset ? g.pb.poff : nullptr;
   RF_TRY(score_stream(ctx, ctx_dtype, n_ctx, dim, q, n_q, B, [&](int64_t b, int64_t off, const float* inv) -> int {
-    if (inv) {
-      RF_LAUNCH(k_rowmax_pair, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, inv, qoff, g.out + off);
-    } else {
-      RF_LAUNCH(k_rowmax, nblocks(b, 256), 256, 0, st)(g.S, b, n_q, qoff, g.out + off);
-    }
-    KERNEL_CHECK();
-    return RF_OK;
+    return block_scores(st, g.S, b, off, n_q, inv, qoff, g.pb, n_pairs, poff, g.out);
   }));
+  if (n_pairs > 0) RF_TRY(g.pb.finish(st, g.out, n_ctx));
   CU_CHECK(cudaMemcpyAsync(out, g.out, (size_t)n_ctx * 4, cudaMemcpyDeviceToHost, st));
   CU_CHECK(cudaStreamSynchronize(st));
   return RF_OK;
 }
 
 /* ---------------- rf_score_kth ---------------- */
-/* The row groups of k_kth_heaps: each (query column, group) thread keeps k candidates, and all of them come back, so a
- * group takes >= 8 k rows on average, the candidates stay <= 4 Mi floats (16 MiB: far less than the n_ctx x n_q
- * cosines of a long context) where n_q allows, and <= 128 Ki threads run. */
-int64_t kth_groups(int64_t n_ctx, int32_t n_q, int32_t kk) {
-  int64_t ng = std::min<int64_t>((131072 + n_q - 1) / n_q, n_ctx / (8 * (int64_t)kk));
-  ng = std::min<int64_t>(ng, ((int64_t)1 << 22) / ((int64_t)n_q * kk));
+/* The row groups of k_kth_heaps: each (column, group) thread keeps k candidates (ncol columns: the query rows, then the
+ * pairs), and all of them come back, so a group takes >= 8 k rows on average, the candidates stay <= 4 Mi floats (16
+ * MiB: far less than the n_ctx x n_q cosines of a long context) where ncol allows, and <= 128 Ki threads run. */
+int64_t kth_groups(int64_t n_ctx, int64_t ncol, int32_t kk) {
+  int64_t ng = std::min<int64_t>((131072 + ncol - 1) / ncol, n_ctx / (8 * (int64_t)kk));
+  ng = std::min<int64_t>(ng, ((int64_t)1 << 22) / (ncol * kk));
   return std::max<int64_t>(1, ng);
 }
 
-/* rf_score_kth's end on the host: the heaps and their sizes (device) come back, and each query column's k-th largest
- * candidate is its answer (as select.h's score_kth ends), -inf where fewer than kk rows had a cosine. Synchronises. */
-int kth_finish(cudaStream_t st, const float* heap, const int* cnt, int64_t ngrp, int32_t n_q, int32_t kk, float* out) {
-  const int64_t nt = ngrp * n_q;
-  std::vector<float> h((size_t)(nt * kk));
+/* rf_score_kth's sizes for n_ctx > 0 rows: kk = k clamped to the rows (a query row's heap), kp = to the n_ctx - 1 pair
+ * values (a pair's heap; 0 for one row: -inf), the row groups and the threads of k_kth_heaps */
+struct KthPlan {
+  int32_t kk, kp;
+  int64_t ncol, ngrp, nt;
+  KthPlan(int64_t n_ctx, int32_t n_q, int32_t n_pairs, int32_t k)
+      : kk((int32_t)std::min<int64_t>(k, n_ctx)),
+        kp((int32_t)std::min<int64_t>(k, n_ctx - 1)),
+        ncol((int64_t)n_q + n_pairs),
+        ngrp(kth_groups(n_ctx, ncol, kk)),
+        nt(ngrp * ncol) {}
+};
+
+/* one block's rows (context rows off..off+b-1) folded into the heaps (score_stream's or embstore_tiles' epilogue) */
+int block_kth(cudaStream_t st, const KthPlan& plan, const float* S, int64_t b, int64_t off, int32_t n_q,
+              const float* inv, const PairBufs& pb, int32_t n_pairs, float* heap, int* cnt) {
+  RF_LAUNCH(k_kth_heaps, nblocks(plan.nt, 256), 256, 0, st)
+  (S, b, n_q, inv, pb.pairs, n_pairs, pb.prev, off, plan.ngrp, plan.kk, plan.kp, heap, cnt);
+  KERNEL_CHECK();
+  if (n_pairs > 0) RF_TRY(pb.carry(st, S, b, n_q, inv));
+  return RF_OK;
+}
+
+/* rf_score_kth's end on the host: the heaps and their sizes (device) come back, and each column's k-th largest
+ * candidate is its answer (as select.h's score_kth ends): out[0..n_q) the query rows', out[n_q..n_q + n_pairs) the
+ * pairs', -inf where fewer values than the (clamped) k had one. Synchronises. */
+int kth_finish(cudaStream_t st, const KthPlan& plan, const float* heap, const int* cnt, int32_t n_q, float* out) {
+  const int64_t nt = plan.nt;
+  std::vector<float> h((size_t)(nt * plan.kk));
   std::vector<int> c((size_t)nt);
   CU_CHECK(cudaMemcpyAsync(c.data(), cnt, (size_t)nt * sizeof(int), cudaMemcpyDeviceToHost, st));
-  CU_CHECK(cudaMemcpyAsync(h.data(), heap, (size_t)(nt * kk) * sizeof(float), cudaMemcpyDeviceToHost, st));
+  CU_CHECK(cudaMemcpyAsync(h.data(), heap, (size_t)(nt * plan.kk) * sizeof(float), cudaMemcpyDeviceToHost, st));
   CU_CHECK(cudaStreamSynchronize(st));
   std::vector<float> cand;
-  for (int32_t j = 0; j < n_q; j++) {
+  for (int64_t j = 0; j < plan.ncol; j++) {
+    const int32_t kj = j < n_q ? plan.kk : plan.kp;
     cand.clear();
-    for (int64_t g = 0; g < ngrp; g++) {
-      const int64_t t = g * n_q + j;
+    for (int64_t g = 0; g < plan.ngrp; g++) {
+      const int64_t t = g * plan.ncol + j;
       for (int64_t i = 0; i < c[t]; i++) cand.push_back(h[i * nt + t]);
     }
-    out[j] = rf::kth_largest(cand, kk);
+    out[j] = kj > 0 ? rf::kth_largest(cand, kj) : -INFINITY;
   }
   return RF_OK;
 }
 
 /* rf_score_kth over the file path (n_ctx > 0): score_stream's blocks, each folded into the heaps by k_kth_heaps */
 int score_kth_run(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                  int32_t k, float* out) {
+                  const int32_t* pairs, int32_t n_pairs, int32_t k, float* out) {
   ScoreCtx& g = g_score;
   cudaStream_t st = g.stream;
-  const int32_t kk = (int32_t)std::min<int64_t>(k, n_ctx);
-  const int64_t ngrp = kth_groups(n_ctx, n_q, kk), nt = ngrp * n_q;
+  const KthPlan plan(n_ctx, n_q, n_pairs, k);
   const int64_t B = score_block_rows(n_ctx, dim, n_q);
-  RF_TRY(score_buffers(B, dim, n_q, n_ctx, nt * kk, nt));
+  RF_TRY(score_buffers(B, dim, n_q, n_ctx, plan.nt * plan.kk, plan.nt, n_pairs > 0));
+  RF_TRY(g.pb.upload(st, pairs, n_pairs, nullptr));
   RF_TRY(score_stream(ctx, ctx_dtype, n_ctx, dim, q, n_q, B, [&](int64_t b, int64_t off, const float* inv) -> int {
-    RF_LAUNCH(k_kth_heaps, nblocks(nt, 256), 256, 0, st)(g.S, b, n_q, inv, ngrp, kk, off == 0, g.kheap, g.kcnt);
-    KERNEL_CHECK();
-    return RF_OK;
+    return block_kth(st, plan, g.S, b, off, n_q, inv, g.pb, n_pairs, g.kheap, g.kcnt);
   }));
-  return kth_finish(st, g.kheap, g.kcnt, ngrp, n_q, kk, out);
+  return kth_finish(st, plan, g.kheap, g.kcnt, n_q, out);
 }
 
 /* runs run() (score_run or score_kth_run) on the scoring stream, set up for the current device on first use */
@@ -255,15 +306,17 @@ int score_with(Run&& run) {
   return rc;
 }
 
+/* rf_score / rf_score_select (arguments checked, n_ctx > 0; n_pairs 0: no pairs) */
 int score_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-               const float* q_offset, float* out) {
-  return score_with([&]() { return score_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, out); });
+               const float* q_offset, const int32_t* pairs, int32_t n_pairs, const float* pair_offset, float* out) {
+  return score_with(
+      [&]() { return score_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, q_offset, pairs, n_pairs, pair_offset, out); });
 }
 
 /* rf_score_kth (arguments checked, n_ctx > 0) */
 int score_kth_impl(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                   int32_t k, float* out) {
-  return score_with([&]() { return score_kth_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, out); });
+                   const int32_t* pairs, int32_t n_pairs, int32_t k, float* out) {
+  return score_with([&]() { return score_kth_run(ctx, ctx_dtype, n_ctx, dim, q, n_q, pairs, n_pairs, k, out); });
 }
 
 }  // namespace

@@ -82,7 +82,7 @@ export interface QueryRequest {
   /** The score floor for this query (selection.ts keepNearBest: 0 fills the budget by score); default from server
    * config. */
   scoreFloor?: number;
-  /** Which background each question token's scores count from (background.ts: "kth", "mean" or "off"); default
+  /** Which background each question token's scores count from (background.ts: "kth-pairs", "kth", "mean" or "off"); default
    * from server config. */
   scoreBackground?: ScoreBackground;
   /**

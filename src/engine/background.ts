@@ -4,7 +4,15 @@
  * line's digits, dashes and punctuation, a code file's brackets) gives every row a high score, and the maximum keeps
  * that match everywhere: the needle's line scored 0.745 and its neighbours 0.734-0.744 in a 16K log. Two backgrounds:
  *
- * - "kth" (the default): the token's K-th best match over the context (rf_score_kth, K = BACKGROUND_K), with scores
+ * - "kth-pairs" (the default): "kth" for the question's tokens and for each pair of tokens next to each other inside one
+ *   of its words (cuda/reform.h RF_PAIRS_MAX: the pair matches two consecutive context rows, with the smaller of its two
+ *   cosines), each pair's K-th best match taken off its matches. What it is for: a key of common pieces ("virgin-tempo":
+ *   " virgin", "-", "t", "empo") matches its pieces one by one all over a million-token context, and with the chat
+ *   template around the question ("\n\nWhat are all the values ...?<|im_end|>\n<|im_start|>assistant\n") single pieces
+ *   gave high scores to unrelated rows; the pieces in their order are rare. Measured (bench/ruler.ts --methods reform,
+ *   gathered %, the served question): multi-value at 1M 81 -> 91, multi-query at 128K 81 -> 94, quote at 16K and
+ *   128K 50 -> 75 and 25 -> 50 (README, "Documents that are not prose").
+ * - "kth": the token's K-th best match over the context (rf_score_kth, K = BACKGROUND_K), with scores
  *   below it counted as 0 (a zero query row, whose cosine is 0 everywhere, joins the maximum). A token then counts
  *   only at the few rows where it matches better than nearly everywhere else, as a rare term does (IDF). What it is
  *   for: with a 1024-token vocabulary a word is several common pieces ("grammar": " gr", "am", "m", "ar"); each piece
@@ -21,9 +29,19 @@
 import { F16_TABLE } from "../util/f16.ts";
 
 /** How a question token's background is taken off its scores (the module comment); "off" is the paper's scoring. */
-export const SCORE_BACKGROUNDS = ["kth", "mean", "off"] as const;
+export const SCORE_BACKGROUNDS = ["kth-pairs", "kth", "mean", "off"] as const;
 export type ScoreBackground = (typeof SCORE_BACKGROUNDS)[number];
-export const DEFAULT_BACKGROUND: ScoreBackground = "kth";
+export const DEFAULT_BACKGROUND: ScoreBackground = "kth-pairs";
+
+/** Whether a background scores pairs of adjacent question tokens too (rf_score_select's pairs). */
+export function scoresPairs(b: ScoreBackground): boolean {
+  return b === "kth-pairs";
+}
+
+/** Whether a background takes each query row's K-th best match off its scores (rf_score_kth). */
+export function usesKth(b: ScoreBackground): boolean {
+  return b === "kth" || b === "kth-pairs";
+}
 
 /** The rank of the match a "kth" background is measured from. Above the number of facts a question may share a key
  * with (a multi-value key stands in 4 needles, and K = 4 gathered none of them at 16K), below the number of rows a
@@ -37,22 +55,51 @@ export function backgroundOf(v: boolean | ScoreBackground): ScoreBackground {
 }
 
 /**
- * rf_score_select's query rows and offsets for a "kth" background: the question's rows plus a zero row at offset 0
- * (its cosine is 0 on every row, so max_j (cos - kth_j) never falls below 0: a token that does not stand out adds
- * nothing to a row's score, rather than its distance below its K-th best). kth: rf_score_kth of the question's rows;
- * a -inf (fewer than K rows with a cosine) counts as 0. Returns nq + 1 rows.
+ * rf_score_select's query rows and offsets for a "kth" or "kth-pairs" background: the question's rows plus a zero row at
+ * offset 0 (its cosine is 0 on every row, so max_j (cos - kth_j) never falls below 0: a token that does not stand out
+ * adds nothing to a row's score, rather than its distance below its K-th best). kth: rf_score_kth of the question's rows
+ * (nq values), then of the pairs, if any (pairOffsets: the rest); a -inf (fewer than K rows with a value) counts as 0.
+ * Returns nq + 1 rows.
  */
 export function kthQuery(
   q: Float32Array,
   nq: number,
   dim: number,
   kth: Float32Array,
-): { q: Float32Array; offsets: Float32Array } {
+): { q: Float32Array; offsets: Float32Array; pairOffsets: Float32Array } {
   const rows = new Float32Array((nq + 1) * dim);
   rows.set(q.subarray(0, nq * dim));
+  const finite = (v: number) => (Number.isFinite(v) ? v : 0);
   const offsets = new Float32Array(nq + 1);
-  for (let j = 0; j < nq; j++) offsets[j] = Number.isFinite(kth[j]!) ? kth[j]! : 0;
-  return { q: rows, offsets };
+  for (let j = 0; j < nq; j++) offsets[j] = finite(kth[j]!);
+  return { q: rows, offsets, pairOffsets: Float32Array.from(kth.subarray(nq), finite) };
+}
+
+/**
+ * The pairs of a question's scored rows (rf_score_select's pairs, 2 int32 each): rows that stand for tokens next to
+ * each other in the same turn, the second continuing the first's word (`continues`: selection.ts wordContinuations;
+ * why only inside a word: there). turns: each turn's tokens; kept: whether a token has a row (rows are numbered in turn
+ * order over the kept tokens). At most RF_PAIRS_MAX (4096) pairs: the query is capped far below that.
+ */
+export function adjacentPairs(
+  turns: number[][],
+  kept: (id: number) => boolean,
+  continues: (id: number) => boolean = () => true,
+): Int32Array {
+  const out: number[] = [];
+  let row = 0;
+  for (const t of turns) {
+    let prev = -1; // the row of the previous token, when it has one
+    for (const id of t) {
+      if (!kept(id)) {
+        prev = -1;
+        continue;
+      }
+      if (prev >= 0 && continues(id)) out.push(prev, row);
+      prev = row++;
+    }
+  }
+  return Int32Array.from(out);
 }
 
 /** The sum of a context's first `rows` embedding rows, each L2-normalised (dim f64): what its background derives from. */

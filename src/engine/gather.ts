@@ -17,7 +17,15 @@ import type { CompressorPool } from "./compressors.ts";
 import { evictionParams } from "./eviction.ts";
 import type { LoadedEngine } from "./load.ts";
 import type { ResidentPool } from "./resident.ts";
-import { BACKGROUND_K, backgroundOffsets, kthQuery, type ScoreBackground } from "./background.ts";
+import {
+  adjacentPairs,
+  BACKGROUND_K,
+  backgroundOffsets,
+  kthQuery,
+  type ScoreBackground,
+  scoresPairs,
+  usesKth,
+} from "./background.ts";
 import { selectionReport } from "./report.ts";
 import { gather, refineSelection, selectionFor, smoothScores } from "./selection.ts";
 import type { Task } from "./scheduler.ts";
@@ -167,14 +175,19 @@ export function* gatherContext(
     // short of device memory for the scoring buffers, the stores give way and the file is streamed
     const scored = <T>(fromStore: () => T, fromFile: () => T): T =>
       resident ? resident.withMemory(store ? fromStore : fromFile, fromFile) : fromFile();
-    let query: { q: Float32Array; nq: number; offsets: Float32Array | undefined } = { q: qf, nq, offsets: mean };
-    if (g.background === "kth") {
+    let query: { q: Float32Array; nq: number; offsets?: Float32Array; pairs?: Int32Array; pairOffsets?: Float32Array } =
+      { q: qf, nq, offsets: mean };
+    if (usesKth(g.background)) {
+      const pairs = scoresPairs(g.background)
+        ? adjacentPairs(turns, keep, (id) => e.wordContinuations[id] === 1)
+        : undefined;
       const kth = scored(
-        () => store!.scoreKth(rows, qf, nq, BACKGROUND_K),
-        () => s.withEmbeddings(e.native, (emb) => e.native.scoreKth(emb.mapped, rows, dim, qf, nq, BACKGROUND_K)),
+        () => store!.scoreKth(rows, qf, nq, BACKGROUND_K, pairs),
+        () =>
+          s.withEmbeddings(e.native, (emb) => e.native.scoreKth(emb.mapped, rows, dim, qf, nq, BACKGROUND_K, pairs)),
       );
       const k = kthQuery(qf, nq, dim, kth);
-      query = { q: k.q, nq: nq + 1, offsets: k.offsets };
+      query = { q: k.q, nq: nq + 1, offsets: k.offsets, pairs, pairOffsets: k.pairOffsets };
     }
     // score, pool (the heads file's operator, mean or max) and select in one native call (no copy, no sort), the
     // sentence tail kept back; the raw scores come back for a report and for the score floor
@@ -187,6 +200,8 @@ export function* gatherContext(
       edge: sel.edge,
       pool: op,
       offsets: query.offsets,
+      pairs: query.pairs,
+      pairOffsets: query.pairOffsets,
     };
     const picked = scored(
       () => store!.scoreSelect(rows, query.q, query.nq, what, scores),

@@ -15,7 +15,7 @@ import { ModelTokenizer } from "../model/tokenizer.ts";
 import type { MemoryPlan, ModelInfo } from "./api.ts";
 import { type EvictionPolicy, evictionParams } from "./eviction.ts";
 import { buildMessages, splitAtPlaceholder } from "./prompt.ts";
-import { maxLag, queryScorers, sentenceEnds } from "./selection.ts";
+import { maxLag, queryScorers, sentenceEnds, wordContinuations } from "./selection.ts";
 import type { SessionParams } from "./session.ts";
 
 export interface EngineDefaults {
@@ -102,6 +102,8 @@ export interface LoadedEngine {
   sentenceEnds: Uint8Array;
   /** per token id: does its question row score the context (selection.ts queryScorers) */
   queryScorers: Uint8Array;
+  /** per token id: does it continue the word of the token before it (selection.ts wordContinuations; query pairs) */
+  wordContinuations: Uint8Array;
   params: SessionParams;
   fingerprint: string;
   /** what contexts stored by an older version carry for this same setup (accepted once, then rewritten) */
@@ -604,6 +606,7 @@ export function loadEngine(o: EngineOptions): LoadedEngine {
     bos,
     sentenceEnds: sentenceEnds(tok.vocabSize, (id) => tok.tokenBytes(id)),
     queryScorers: queryScorers(tok.vocabSize, (id) => tok.tokenBytes(id), tok.specialIds),
+    wordContinuations: wordContinuations(tok.vocabSize, (id) => tok.tokenBytes(id), tok.specialIds),
     params,
     fingerprint: fp.current,
     legacyFingerprint: fp.legacy,
