@@ -75,6 +75,44 @@ tok = Tokenizer("${join(DEFAULT_MODEL_DIR, "tokenizer.json")}")
 m = TaskMaker(tok, Corpus(sys.argv[1], "train"), ${args})`;
 
   test(
+    "model.widen: the shipped weights widened compute the same logits, new units get gradients, shrinking refused",
+    () => {
+      const check = `
+import json, sys, torch
+sys.path.insert(0, "training")
+from export import load_hf_dir
+from model import widen
+torch.manual_seed(0)
+m = load_hf_dir("${DEFAULT_MODEL_DIR}")
+w = widen(m, 192, 6, 3, 576)
+ids = torch.randint(0, 1024, (2, 200))
+a, b = m(ids), w(ids)
+b.logsumexp(-1).mean().backward()
+new_head = w.layers[0].self_attn.o_proj.weight.grad[:, 128:].abs().max().item()
+new_unit = w.layers[0].mlp.down_proj.weight.grad[:, 384:].abs().max().item()
+refused = []
+for args in ((96, 4, 2, 384), (192, 6, 2, 576)):
+    try:
+        widen(m, *args)
+    except ValueError as e:
+        refused.append(str(e))
+print(json.dumps({"diff": (a - b).abs().max().item(), "scale": a.abs().max().item(), "params": [m.num_params(), w.num_params()],
+                  "new_head": new_head, "new_unit": new_unit, "refused": refused}))
+`;
+      const r = JSON.parse(py(["-c", check]));
+      expect(r.scale).toBeGreaterThan(5); // real logits, not a degenerate model
+      expect(r.diff).toBeLessThan(1e-3);
+      expect(r.params[1]).toBeGreaterThan(2 * r.params[0]);
+      // the new heads and MLP units write through zero weights (so the function is kept); those weights must get
+      // gradients at the first step, or the new units would stay dead
+      expect(r.new_head).toBeGreaterThan(0);
+      expect(r.new_unit).toBeGreaterThan(0);
+      expect(r.refused).toHaveLength(2);
+    },
+    T,
+  );
+
+  test(
     "gathered-like haystacks (tasks.py shard_rate): runs of 16-96 tokens, every needle whole in the prompt",
     () => {
       const check = `${makerScript("seed=5, shard_rate=1.0")}

@@ -196,3 +196,42 @@ def grow(model: Llama, num_hidden_layers: int) -> Llama:
         nn.init.zeros_(layer.self_attn.o_proj.weight)
         nn.init.zeros_(layer.mlp.down_proj.weight)
     return big
+
+
+def widen(model: Llama, hidden_size: int, num_attention_heads: int, num_key_value_heads: int,
+          intermediate_size: int) -> Llama:
+    """A wider copy of `model` that computes the same function (Net2Net-style, zero-initialised where it must be).
+
+    The old weights sit in the leading block of every matrix. New hidden dimensions start at zero in the embedding
+    and in every matrix that writes the residual stream (o_proj, down_proj), so the stream's old dimensions carry
+    the same values; the RMSNorm gains are scaled by sqrt(old / new) because the norm now divides by the root mean
+    square over more (zero) dimensions, and the epsilon by old / new for the same reason. New query heads, KV heads and MLP units read the stream through random
+    weights and write through zero ones, so they add nothing until trained but get gradients at once. The head
+    layout is kept: with grouped-query attention query head h reads KV head h // (heads / kv_heads), so the ratio
+    must stay the same and the old heads keep their KV heads.
+
+    Raises ValueError when a size would shrink or the query/KV head ratio would change."""
+    from dataclasses import replace
+
+    a = model.args
+    if (hidden_size < a.hidden_size or num_attention_heads < a.num_attention_heads
+            or num_key_value_heads < a.num_key_value_heads or intermediate_size < a.intermediate_size):
+        raise ValueError("widen cannot shrink a model")
+    if num_attention_heads * a.num_key_value_heads != a.num_attention_heads * num_key_value_heads:
+        raise ValueError("widen keeps the query heads per KV head")
+    big = Llama(replace(a, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+                        num_key_value_heads=num_key_value_heads, intermediate_size=intermediate_size,
+                        rms_norm_eps=a.rms_norm_eps * a.hidden_size / hidden_size))
+    gain = math.sqrt(a.hidden_size / hidden_size)
+    src = model.state_dict()
+    with torch.no_grad():
+        for name, p in big.named_parameters():
+            old = src[name]
+            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight") or name == "embed_tokens.weight":
+                p.zero_()
+            if name.endswith("norm.weight"):
+                p.fill_(gain)
+                p[: old.shape[0]] = old * gain
+            else:
+                p[: old.shape[0], : old.shape[1]] = old
+    return big

@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from evaluate import evaluate  # noqa: E402
 from export import export_hf_dir, load_hf_dir  # noqa: E402
-from model import Llama, ModelArgs, grow  # noqa: E402
+from model import Llama, ModelArgs, grow, widen  # noqa: E402
 from tasks import Corpus, TaskMaker, batch_rows  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -146,6 +146,13 @@ MIX_QUOTE_CURRICULUM = {"single": 0.05, "multikey": 0.1, "multivalue": 0.15, "mu
 CONFIGS["tiny6q"] = dict(CONFIGS["tiny6f"], init=os.path.join(HERE, "state", "tiny6f", "ckpt.pt"), lr=3e-4,
                          min_len=128, max_len=288, mix=MIX_QUOTE_CURRICULUM)
 
+# tiny6f widened (2.85M parameters: hidden 128 -> 192, 4 -> 6 query heads, 2 -> 3 KV heads, MLP 384 -> 576;
+# model.widen keeps its function): depth (tiny8) and every fine-tuning mix since tiny6c moved the in-window figures a
+# point or two; width is the one axis not tried. The weak tasks' mix, tiny6f's shapes, its prompt lengths
+CONFIGS["tiny6w"] = dict(CONFIGS["tiny6f"], init=os.path.join(HERE, "state", "tiny6f", "ckpt.pt"), lr=4e-4,
+                         model=ModelArgs(num_hidden_layers=6, hidden_size=192, num_attention_heads=6,
+                                         num_key_value_heads=3, intermediate_size=576), mix=MIX_WEAK)
+
 
 class Batches(torch.utils.data.IterableDataset):
     """Endless batches of one length each (lengths drawn per batch between min_len and max_len, the window by default)."""
@@ -241,6 +248,10 @@ def main():
     if not state and model.args.num_hidden_layers < cfg["model"].num_hidden_layers:
         model = grow(model, cfg["model"].num_hidden_layers)
         print(f"[train] grown to {model.args.num_hidden_layers} layers", flush=True)
+    if not state and model.args.hidden_size < cfg["model"].hidden_size:
+        c = cfg["model"]
+        model = widen(model, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
+        print(f"[train] widened to hidden {c.hidden_size}, {c.num_attention_heads} heads", flush=True)
     model.to(dev)
     print(f"[train] {a.config}: {model.num_params() / 1e6:.2f}M parameters, window "
           f"{model.args.max_position_embeddings}, device {dev}, amp {use_amp}", flush=True)
