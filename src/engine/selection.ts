@@ -148,12 +148,20 @@ export function queryScorers(
   tokenBytes: (id: number) => Uint8Array,
   specialIds: ReadonlySet<number>,
 ): Uint8Array {
+  return byteTable(vocabSize, tokenBytes, specialIds, (b) => b.some((c) => !isSpace(c)));
+}
+
+const isSpace = (c: number) => c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d;
+
+/** Per token id: 1 where `test` holds for its bytes, 0 for special tokens and where it does not. */
+function byteTable(
+  vocabSize: number,
+  tokenBytes: (id: number) => Uint8Array,
+  specialIds: ReadonlySet<number>,
+  test: (b: Uint8Array) => boolean,
+): Uint8Array {
   const out = new Uint8Array(vocabSize);
-  for (let id = 0; id < vocabSize; id++) {
-    if (specialIds.has(id)) continue;
-    const b = tokenBytes(id);
-    if (b.some((c) => c !== 0x20 && c !== 0x09 && c !== 0x0a && c !== 0x0d)) out[id] = 1;
-  }
+  for (let id = 0; id < vocabSize; id++) if (!specialIds.has(id) && test(tokenBytes(id))) out[id] = 1;
   return out;
 }
 
@@ -170,13 +178,7 @@ export function wordContinuations(
   tokenBytes: (id: number) => Uint8Array,
   specialIds: ReadonlySet<number>,
 ): Uint8Array {
-  const out = new Uint8Array(vocabSize);
-  for (let id = 0; id < vocabSize; id++) {
-    if (specialIds.has(id)) continue;
-    const b = tokenBytes(id);
-    if (b.length > 0 && b[0] !== 0x20 && b[0] !== 0x09 && b[0] !== 0x0a && b[0] !== 0x0d) out[id] = 1;
-  }
-  return out;
+  return byteTable(vocabSize, tokenBytes, specialIds, (b) => b.length > 0 && !isSpace(b[0]!));
 }
 
 /**
