@@ -9,9 +9,10 @@
  *   cosines), each pair's K-th best match taken off its matches. What it is for: a key of common pieces ("virgin-tempo":
  *   " virgin", "-", "t", "empo") matches its pieces one by one all over a million-token context, and with the chat
  *   template around the question ("\n\nWhat are all the values ...?<|im_end|>\n<|im_start|>assistant\n") single pieces
- *   gave high scores to unrelated rows; the pieces in their order are rare. Measured (bench/ruler.ts --methods reform,
- *   gathered %, the served question): multi-value at 1M 81 -> 91, multi-query at 128K 81 -> 94, quote at 16K and
- *   128K 50 -> 75 and 25 -> 50 (README, "Documents that are not prose").
+ *   gave high scores to unrelated rows; the pieces in their order are rare. Measured (bench/ruler.ts --methods reform
+ *   --paired, seeds 1-2): multi-value at 1M 86 -> 91% of the values gathered, 0.68x -> 0.74x of `full`; the quote's
+ *   sentence at 128K 46 -> 54% (seed 2, 24 samples); multi-query at 128K 98 -> 95% (README, "Documents that are not
+ *   prose").
  * - "kth": the token's K-th best match over the context (rf_score_kth, K = BACKGROUND_K), with scores
  *   below it counted as 0 (a zero query row, whose cosine is 0 everywhere, joins the maximum). A token then counts
  *   only at the few rows where it matches better than nearly everywhere else, as a rare term does (IDF). What it is
