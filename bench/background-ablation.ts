@@ -24,6 +24,7 @@ import {
   backgroundOffsets,
   kthQuery,
   type ScoreBackground,
+  type ScoreQuery,
   scoresPairs,
   usesKth,
 } from "../src/engine/background.ts";
@@ -75,13 +76,7 @@ function main(argv: string[]): void {
       const rowSum = { sum: new Float64Array(E), rows: n };
       addNormalisedRows(rowSum.sum, ctx, n, E);
       settings.forEach(([, bg, k], v) => {
-        let query: {
-          q: Float32Array;
-          nq: number;
-          offsets?: Float32Array;
-          pairs?: Int32Array;
-          pairOffsets?: Float32Array;
-        } = { q, nq, offsets: bg === "mean" ? backgroundOffsets(rowSum, q, nq, E) : undefined };
+        let query: ScoreQuery = { q, nq, offsets: bg === "mean" ? backgroundOffsets(rowSum, q, nq, E) : undefined };
         if (usesKth(bg)) {
           const pairs = scoresPairs(bg)
             ? adjacentPairs(
@@ -90,8 +85,7 @@ function main(argv: string[]): void {
                 (id) => words[id] === 1,
               )
             : undefined;
-          const kq = kthQuery(q, nq, E, lab.native.scoreKth(ctx, n, E, q, nq, k, pairs));
-          query = { q: kq.q, nq: nq + 1, offsets: kq.offsets, pairs, pairOffsets: kq.pairOffsets };
+          query = kthQuery(q, nq, E, lab.native.scoreKth(ctx, n, E, q, nq, k, pairs), pairs);
         }
         const scores = new Float32Array(n);
         const what = { window: sel.window, lag: sel.lag, budget: d.budget - sel.tail, edge: sel.edge, pool: op };

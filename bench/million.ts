@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { RF_F16 } from "../ffi/native.ts";
 import type { QueryEvent } from "../src/engine/api.ts";
-import { adjacentPairs, BACKGROUND_K, backgroundOffsets } from "../src/engine/background.ts";
+import { adjacentPairs, BACKGROUND_K, backgroundOffsets, kthQuery } from "../src/engine/background.ts";
 import { DEFAULT_EDGE, DEFAULT_WINDOW, gather, selectTokens, smoothScores } from "../src/engine/selection.ts";
 import { EngineCore } from "../src/engine/core.ts";
 import { f16ToF32 } from "../src/util/f16.ts";
@@ -183,15 +183,17 @@ try {
           native.scoreKth(rows.mapped, s.meta.processed, s.meta.params.embDim, qf, q.length, BACKGROUND_K, pairs),
         ),
     );
+    // the engine's query: the zero row and the offsets of background.ts kthQuery
+    const kq = kthQuery(qf, q.length, s.meta.params.embDim, kthPairs, pairs);
     time("score + select with the pairs (rf_score_select, kth-pairs offsets)", () =>
       s.withEmbeddings(native, (rows) =>
-        native.scoreSelect(rows.mapped, s.meta.processed, s.meta.params.embDim, qf, q.length, {
+        native.scoreSelect(rows.mapped, s.meta.processed, s.meta.params.embDim, kq.q, kq.nq, {
           window: core.e.defaults.window,
           budget: BUDGET,
           edge: core.e.defaults.edge,
-          offsets: kthPairs.subarray(0, q.length),
-          pairs,
-          pairOffsets: kthPairs.subarray(q.length),
+          offsets: kq.offsets,
+          pairs: kq.pairs,
+          pairOffsets: kq.pairOffsets,
         }),
       ),
     );

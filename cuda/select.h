@@ -257,6 +257,24 @@ struct Pairs {
 
 inline float pair_value(float x, float y) { return (x != x || y != y) ? NAN : std::min(x, y); }
 
+/* A block's cosines for the pairs: cos[r * n_q + b * SCORE_QB + l] = acc[r][l] * inv[r] for query block b (the offset
+ * path's product, bit for bit) */
+[[maybe_unused]] __attribute__((always_inline)) static inline void keep_cosines(const float acc[SCORE_RB][SCORE_QB],
+                                                                                const float inv[SCORE_RB], int b,
+                                                                                int lanes, int32_t n_q, float* cos) {
+  for (int r = 0; r < SCORE_RB; r++)
+    for (int l = 0; l < lanes; l++) cos[(size_t)r * n_q + b * SCORE_QB + l] = acc[r][l] * inv[r];
+}
+
+/* Row r's cosines in a block (cos) and the row's before it: the block's row r - 1, or prev (the row before the block)
+ * for r = 0; after the block, carry_row moves its last row (rb - 1) into prev */
+inline const float* cos_before(const float* prev, const float* cos, int r, int32_t n_q) {
+  return r == 0 ? prev : cos + (size_t)(r - 1) * n_q;
+}
+inline void carry_row(const float* cos, int r, int32_t n_q, float* prev) {
+  std::copy(cos + (size_t)r * n_q, cos + (size_t)(r + 1) * n_q, prev);
+}
+
 /* cos[r * n_q + j] of block `blk`: its rows' cosines with every query row (the offset path's acc * inv, bit for bit);
  * what a pair needs of the row before a slice's first block */
 [[maybe_unused]] __attribute__((always_inline)) static inline int block_cosines(const void* ctx, int32_t ctx_dtype,
@@ -269,9 +287,7 @@ inline float pair_value(float x, float y) { return (x != x || y != y) ? NAN : st
   for (int b = 0; b < nqb; b++) {
     float acc[SCORE_RB][SCORE_QB];
     dot_block(rows, dim, Qt + (size_t)b * dim * SCORE_QB, acc);
-    const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);
-    for (int r = 0; r < SCORE_RB; r++)
-      for (int l = 0; l < lanes; l++) cos[(size_t)r * n_q + b * SCORE_QB + l] = acc[r][l] * inv[r];
+    keep_cosines(acc, inv, b, std::min(SCORE_QB, n_q - b * SCORE_QB), n_q, cos);
   }
   return rb;
 }
@@ -284,7 +300,7 @@ inline float pair_value(float x, float y) { return (x != x || y != y) ? NAN : st
                                                                               float* prev) {
   if (blk0 == 0) return;
   block_cosines(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, blk0 - 1, rows, cos);
-  std::copy(cos + (size_t)(SCORE_RB - 1) * n_q, cos + (size_t)SCORE_RB * n_q, prev);
+  carry_row(cos, SCORE_RB - 1, n_q, prev);
 }
 
 /* blocks [blk0, blk1) of SCORE_RB context rows; `rows` is a SCORE_RB * dim scratch buffer; `off` the query rows'
@@ -316,15 +332,13 @@ inline float pair_value(float x, float y) { return (x != x || y != y) ? NAN : st
         for (int r = 0; r < SCORE_RB; r++)
           for (int l = 0; l < lanes; l++) best[r] = std::max(best[r], acc[r][l]);
       }
-      if (pr.n > 0)
-        for (int r = 0; r < SCORE_RB; r++)
-          for (int l = 0; l < lanes; l++) cos[(size_t)r * n_q + b * SCORE_QB + l] = acc[r][l] * inv[r];
+      if (pr.n > 0) keep_cosines(acc, inv, b, lanes, n_q, cos);
     }
     const int64_t i0 = blk * SCORE_RB;
     for (int r = 0; r < rb; r++) out[i0 + r] = off ? best[r] : best[r] * inv[r];
     if (pr.n == 0) continue;
     for (int r = 0; r < rb; r++) {
-      const float* before = r == 0 ? prev : cos + (size_t)(r - 1) * n_q;
+      const float* before = cos_before(prev, cos, r, n_q);
       const float* here = cos + (size_t)r * n_q;
       float v = -INFINITY;
       if (i0 + r >= 1)
@@ -334,7 +348,7 @@ inline float pair_value(float x, float y) { return (x != x || y != y) ? NAN : st
         }
       pend[i0 + r] = v;
     }
-    std::copy(cos + (size_t)(rb - 1) * n_q, cos + (size_t)rb * n_q, prev);
+    carry_row(cos, rb - 1, n_q, prev);
   }
 }
 
@@ -366,11 +380,11 @@ inline void keep_largest(std::vector<float>& heap, float v, int32_t k) {
       float acc[SCORE_RB][SCORE_QB];
       dot_block(rows, dim, Qt + (size_t)b * dim * SCORE_QB, acc);
       const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);
+      if (pr.n > 0) keep_cosines(acc, inv, b, lanes, n_q, cos);
       for (int l = 0; l < lanes; l++) {
         std::vector<float>& h = heaps[b * SCORE_QB + l];
         for (int r = 0; r < rb; r++) {
           const float v = acc[r][l] * inv[r];
-          if (pr.n > 0) cos[(size_t)r * n_q + b * SCORE_QB + l] = v;
           // most rows fall below a full heap's smallest: one comparison (false for NaN too)
           if ((int32_t)h.size() == k && !(v > h.front())) continue;
           if (v == v) keep_largest(h, v, k);
@@ -381,7 +395,7 @@ inline void keep_largest(std::vector<float>& heap, float v, int32_t k) {
     const int64_t i0 = blk * SCORE_RB;
     for (int r = 0; r < rb; r++) {
       if (i0 + r == 0) continue;
-      const float* before = r == 0 ? prev : cos + (size_t)(r - 1) * n_q;
+      const float* before = cos_before(prev, cos, r, n_q);
       const float* here = cos + (size_t)r * n_q;
       for (int32_t p = 0; p < pr.n; p++) {
         const float v = pair_value(before[pr.ab[2 * p]], here[pr.ab[2 * p + 1]]);
@@ -390,7 +404,7 @@ inline void keep_largest(std::vector<float>& heap, float v, int32_t k) {
         if (v == v) keep_largest(h, v, kp);
       }
     }
-    std::copy(cos + (size_t)(rb - 1) * n_q, cos + (size_t)rb * n_q, prev);
+    carry_row(cos, rb - 1, n_q, prev);
   }
 }
 

@@ -197,7 +197,10 @@ describe('the "kth" background', () => {
     );
     expect(Array.from(words)).toEqual([0, 1]);
     const q = new Float32Array(3 * 4);
-    const k = kthQuery(q, 3, 4, Float32Array.from([0.1, 0.2, 0.3, 0.4, Number.NEGATIVE_INFINITY]));
+    const two = Int32Array.of(0, 1, 1, 2);
+    const k = kthQuery(q, 3, 4, Float32Array.from([0.1, 0.2, 0.3, 0.4, Number.NEGATIVE_INFINITY]), two);
+    expect(k.nq).toBe(4); // the zero row joins
+    expect(k.pairs).toBe(two);
     expect(Array.from(k.offsets)).toEqual([0.1, 0.2, 0.3, 0].map(Math.fround));
     expect(Array.from(k.pairOffsets)).toEqual([Math.fround(0.4), 0]); // fewer than k rows: no offset
     expect(scoresPairs("kth-pairs") && usesKth("kth-pairs") && usesKth("kth")).toBe(true);

@@ -1575,43 +1575,30 @@ describe.skipIf(!X64)("CUDA source on the CPU emulation: overlapped embedding wr
         [Int32Array.of(0, 1, 1, 2), 2, Float32Array.of(0, NaN), /pair_offset\[1\] is not finite/],
         [Int32Array.of(0, 1, 1, 2), 2, Float32Array.of(Infinity, 0), /pair_offset\[0\] is not finite/],
       ];
-      for (const [pairs, nP, pOff, msg] of cases) {
-        if (!pOff) {
-          // the k-th best functions take no pair offsets
-          expectNativeError(
-            () => emu._check(raw.rf_score_kth(ctx, RF_F16, n, dim, q, nQ, pairs, nP, 4, out), "rf_score_kth"),
-            RF_ERR_INVALID,
-            msg,
-          );
-          expectNativeError(
-            () => emu._check(raw.rf_embstore_score_kth(st.handle, n, q, nQ, pairs, nP, 4, out), "kth"),
-            RF_ERR_INVALID,
-            msg,
-          );
-        }
-        expectNativeError(
+      // the four entry points with a case's pairs; the k-th best functions take no pair offsets
+      const calls = (pairs: Int32Array | null, nP: number, pOff: Float32Array | null): [string, () => number][] => [
+        ...(pOff
+          ? []
+          : ([
+              ["rf_score_kth", () => raw.rf_score_kth(ctx, RF_F16, n, dim, q, nQ, pairs, nP, 4, out)],
+              ["rf_embstore_score_kth", () => raw.rf_embstore_score_kth(st.handle, n, q, nQ, pairs, nP, 4, out)],
+            ] as [string, () => number][])),
+        [
+          "rf_score_select",
           () =>
-            emu._check(
-              Number(
-                raw.rf_score_select(ctx, RF_F16, n, dim, q, nQ, null, pairs, nP, pOff, 9, 0, 0, 64, 8, scores, idx),
-              ),
-              "rf_score_select",
-            ),
-          RF_ERR_INVALID,
-          msg,
-        );
-        expectNativeError(
+            Number(raw.rf_score_select(ctx, RF_F16, n, dim, q, nQ, null, pairs, nP, pOff, 9, 0, 0, 64, 8, scores, idx)),
+        ],
+        [
+          "rf_embstore_score_select",
           () =>
-            emu._check(
-              Number(
-                raw.rf_embstore_score_select(st.handle, n, q, nQ, null, pairs, nP, pOff, 9, 0, 0, 64, 8, scores, idx),
-              ),
-              "select",
+            Number(
+              raw.rf_embstore_score_select(st.handle, n, q, nQ, null, pairs, nP, pOff, 9, 0, 0, 64, 8, scores, idx),
             ),
-          RF_ERR_INVALID,
-          msg,
-        );
-      }
+        ],
+      ];
+      for (const [pairs, nP, pOff, msg] of cases)
+        for (const [name, call] of calls(pairs, nP, pOff))
+          expectNativeError(() => emu._check(call(), name), RF_ERR_INVALID, msg);
       // RF_PAIRS_MAX pairs are taken; NULL pairs with none are no pairs
       const most = Int32Array.from({ length: 2 * 4096 }, (_, i) => i % nQ);
       expect(raw.rf_score_kth(ctx, RF_F16, n, dim, q, nQ, most, 4096, 4, out)).toBe(0);

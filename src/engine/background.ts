@@ -55,25 +55,36 @@ export function backgroundOf(v: boolean | ScoreBackground): ScoreBackground {
   return v === true ? DEFAULT_BACKGROUND : v === false ? "off" : v;
 }
 
+/** What rf_score_select scores a context with: nq query rows (nq x dim f32), their offsets and pairs (Native
+ * ScoreSelection's `offsets`, `pairs`, `pairOffsets`), as a background leaves them. */
+export interface ScoreQuery {
+  q: Float32Array;
+  nq: number;
+  offsets?: Float32Array;
+  pairs?: Int32Array;
+  pairOffsets?: Float32Array;
+}
+
 /**
- * rf_score_select's query rows and offsets for a "kth" or "kth-pairs" background: the question's rows plus a zero row at
- * offset 0 (its cosine is 0 on every row, so max_j (cos - kth_j) never falls below 0: a token that does not stand out
- * adds nothing to a row's score, rather than its distance below its K-th best). kth: rf_score_kth of the question's rows
- * (nq values), then of the pairs, if any (pairOffsets: the rest); a -inf (fewer than K rows with a value) counts as 0.
- * Returns nq + 1 rows.
+ * rf_score_select's query for a "kth" or "kth-pairs" background: the question's rows plus a zero row at offset 0 (its
+ * cosine is 0 on every row, so max_j (cos - kth_j) never falls below 0: a token that does not stand out adds nothing to
+ * a row's score, rather than its distance below its K-th best), and the pairs, if any. kth: rf_score_kth of the
+ * question's rows and the pairs (nq values, then the pairs': pairOffsets); a -inf (fewer than K rows with a value)
+ * counts as 0. Returns nq + 1 rows.
  */
 export function kthQuery(
   q: Float32Array,
   nq: number,
   dim: number,
   kth: Float32Array,
-): { q: Float32Array; offsets: Float32Array; pairOffsets: Float32Array } {
+  pairs?: Int32Array,
+): ScoreQuery & { offsets: Float32Array; pairOffsets: Float32Array } {
   const rows = new Float32Array((nq + 1) * dim);
   rows.set(q.subarray(0, nq * dim));
   const finite = (v: number) => (Number.isFinite(v) ? v : 0);
   const offsets = new Float32Array(nq + 1);
   for (let j = 0; j < nq; j++) offsets[j] = finite(kth[j]!);
-  return { q: rows, offsets, pairOffsets: Float32Array.from(kth.subarray(nq), finite) };
+  return { q: rows, nq: nq + 1, offsets, pairs, pairOffsets: Float32Array.from(kth.subarray(nq), finite) };
 }
 
 /**

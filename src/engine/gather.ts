@@ -23,6 +23,7 @@ import {
   backgroundOffsets,
   kthQuery,
   type ScoreBackground,
+  type ScoreQuery,
   scoresPairs,
   usesKth,
 } from "./background.ts";
@@ -175,8 +176,7 @@ export function* gatherContext(
     // short of device memory for the scoring buffers, the stores give way and the file is streamed
     const scored = <T>(fromStore: () => T, fromFile: () => T): T =>
       resident ? resident.withMemory(store ? fromStore : fromFile, fromFile) : fromFile();
-    let query: { q: Float32Array; nq: number; offsets?: Float32Array; pairs?: Int32Array; pairOffsets?: Float32Array } =
-      { q: qf, nq, offsets: mean };
+    let query: ScoreQuery = { q: qf, nq, offsets: mean };
     if (usesKth(g.background)) {
       const pairs = scoresPairs(g.background)
         ? adjacentPairs(turns, keep, (id) => e.wordContinuations[id] === 1)
@@ -186,8 +186,7 @@ export function* gatherContext(
         () =>
           s.withEmbeddings(e.native, (emb) => e.native.scoreKth(emb.mapped, rows, dim, qf, nq, BACKGROUND_K, pairs)),
       );
-      const k = kthQuery(qf, nq, dim, kth);
-      query = { q: k.q, nq: nq + 1, offsets: k.offsets, pairs, pairOffsets: k.pairOffsets };
+      query = kthQuery(qf, nq, dim, kth, pairs);
     }
     // score, pool (the heads file's operator, mean or max) and select in one native call (no copy, no sort), the
     // sentence tail kept back; the raw scores come back for a report and for the score floor
