@@ -205,6 +205,18 @@ describe("pure query helpers", () => {
     expect(Array.from(completeSentences(joined, tokens, ends, 5))).toEqual(range(10, 20));
   });
 
+  test("completeSentences: the scored passages' sentences whole at both ends before the edges get any of the tail", () => {
+    const ends = sentenceEnds(10, (id) => new TextEncoder().encode(id === 9 ? "." : " a"));
+    // sentences end at 5, 30 and 40; the first edge 0..2 and a passage 33..36 inside the sentence 31..40
+    const tokens = Int32Array.from({ length: 100 }, (_, i) => ([5, 30, 40].includes(i) ? 9 : 1));
+    const range = (a: number, b: number) => Array.from({ length: b - a }, (_, i) => a + i);
+    const idx = Int32Array.from([0, 1, 2, 33, 34, 35, 36]);
+    // 6 tokens: 4 forward to the end at 40, 2 back to the start at 31; the edge's sentence waits
+    expect(Array.from(completeSentences(idx, tokens, ends, 6))).toEqual([...range(0, 3), ...range(31, 41)]);
+    // what is left after that goes to the edge
+    expect(Array.from(completeSentences(idx, tokens, ends, 9))).toEqual([...range(0, 6), ...range(31, 41)]);
+  });
+
   test("completeSentences: a period ends a sentence only before whitespace ('e.g.,', '1.0' stay inside it); a newline always", () => {
     const text = ["The", " rule", " (e", ".", "g", ".,", " 1", ".", "0", ")", " holds", ".", " Next", "\n", "x"];
     const vocab = [...new Set(text)];

@@ -1,6 +1,6 @@
 """In-window evaluation on held-out haystack and held-out keys: recall per task (RULER string_match_all).
 
-    python3 training/evaluate.py --model models/reform-tiny [--n 30] [--lengths 256,448] [--layout]
+    python3 training/evaluate.py --model models/reform-tiny [--n 30] [--lengths 256,448] [--layout] [--gathered cut]
 
 Each sample is a task from tasks.py built with split="eval" (Python docs reference/tutorial/howto as haystack,
 the held-out 20% of WordNet lemmas as key and value words), answered greedily by the PyTorch model; its score is
@@ -25,11 +25,14 @@ from tokenizer import Tokenizer  # noqa: E402
 
 @torch.no_grad()
 def evaluate(model, tok: Tokenizer, corpus: Corpus, n: int, length: int, seed: int, tasks=NEEDLE_TASKS,
-             layout: bool = False) -> dict:
+             layout: bool = False, gathered: str | None = None) -> dict:
     """{task: mean string_match_all score in [0, 1]} over n samples of at most `length` tokens each (prompt and
     expected answer). `layout`: every needle sample laid out as documents outside prose are (tasks.py _layout:
-    whitespace runs between sentences, another separator before the question)."""
-    maker = TaskMaker(tok, corpus, seed, layout_rate=1.0 if layout else 0.0)
+    whitespace runs between sentences, another separator before the question). `gathered`: every needle sample in the
+    shape of a recompute prompt beyond the window, its haystack runs cut anywhere and its facts side by side ("side"),
+    their sentence starts cut too ("cut"; tasks.py shards, _cluster)."""
+    shape = dict(shard_rate=1.0, cluster_rate=1.0, cut_rate=1.0 if gathered == "cut" else 0.0) if gathered else {}
+    maker = TaskMaker(tok, corpus, seed, layout_rate=1.0 if layout else 0.0, **shape)
     stop = {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")}
     out = {}
     for task in tasks:
@@ -58,6 +61,9 @@ def main():
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--layout", action="store_true",
                     help="needle tasks laid out with whitespace runs and other separators before the question")
+    ap.add_argument("--gathered", choices=["side", "cut"], default=None,
+                    help="needle tasks shaped as REFORM gathers them: facts side by side in cut runs (side), their "
+                         "sentence starts cut too (cut)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -69,14 +75,16 @@ def main():
     tok = Tokenizer(os.path.join(a.model, "tokenizer.json"))
     corpus = Corpus(a.data, "eval")
     window = model.args.max_position_embeddings
-    tasks = [t for t in NEEDLE_TASKS if t != "quote"] if a.layout else NEEDLE_TASKS  # quotes have no layout
+    # quotes have no layout and no facts to stand side by side
+    tasks = [t for t in NEEDLE_TASKS if t != "quote"] if a.layout or a.gathered else NEEDLE_TASKS
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [window // 2, int(window * 0.85)]
     results = {}
     print(f"held-out in-window recall, {a.model} (window {window}), n={a.n} per task, greedy, {a.dtype}"
-          + (", laid out with whitespace runs and other separators" if a.layout else ""))
+          + (", laid out with whitespace runs and other separators" if a.layout else "")
+          + (f", gathered shape ({a.gathered})" if a.gathered else ""))
     print(f"{'task':<12}" + "".join(f"{L:>10}" for L in lengths))
     for L in lengths:
-        results[L] = evaluate(model, tok, corpus, a.n, L, a.seed, tasks, a.layout)
+        results[L] = evaluate(model, tok, corpus, a.n, L, a.seed, tasks, a.layout, a.gathered)
     for t in tasks:
         print(f"{t:<12}" + "".join(f"{results[L][t]:>10.1%}" for L in lengths))
     if a.json:

@@ -189,7 +189,8 @@ export function wordContinuations(
  *      as long as the sentence at the passage's middle stays (a centered window's passage is centered on its peak);
  *   2. those tokens and the tail extend the passages that stop inside a sentence forward, to and including the next
  *      token that ends a sentence, at most `maxTail` tokens each, longest passages first, and with what is left,
- *      backward to the start of their sentence;
+ *      backward to the start of their sentence; the scored passages first, the always-kept edges only with what
+ *      they leave;
  *   3. whatever is still left takes the given-up pieces back, so nothing of the budget goes unused.
  * Longest first: the longest run is where the most top-scored tokens cluster, and it needs no scores (the native
  * selection returns positions only). Why: the question matches a fact's key, and a window centered on the key stops
@@ -198,7 +199,10 @@ export function wordContinuations(
  * that near-threshold peaks leave, to spend their tokens here too, gathered a little more but answered no better:
  * bench/ruler.ts at 16K and 128K, 6 samples per task. Closing the gaps of up to 8 tokens between passages first, so
  * that a ragged peak's shards join up, answered about the same at 2K-128K but gathered less at 128K and answered 6
- * instead of 8 of the CI quality test's needles: not kept either.)
+ * instead of 8 of the CI quality test's needles: not kept either.) Scored passages before edges: a fact that starts
+ * cut ("al magic words for K is: V." for "One of the special magic words ...") halves what a small model restates
+ * from facts side by side, and the edges' completion had taken the tokens that would have mended it (README,
+ * "Choosing the defaults").
  *
  * idx: selected positions, ascending (selectTokens / rf_score_select); tokens: the context's ids (n); ends:
  * sentenceEnds of the vocabulary. Returns positions ascending, at most idx.length + tail of them.
@@ -229,9 +233,10 @@ export function completeSentences(
       givenUp.push(t);
     }
   };
+  const atEdge = (r: [number, number]) => r[0] === 0 || r[1] === n;
   for (const r of runs) {
     const [a, b] = r;
-    if (a === 0 || b === n) continue; // the edges are kept as they are
+    if (atEdge(r)) continue; // the edges are kept as they are
     const mid = (a + b - 1) >> 1;
     // a run starting inside a sentence: the piece up to the first sentence end before the middle
     if (!isEnd(a - 1))
@@ -252,23 +257,25 @@ export function completeSentences(
   }
   let left = tail + givenUp.length;
   // forward to the sentence end (a run that ends one already is complete)
-  for (const r of runs) {
-    if (left === 0) break;
-    if (isEnd(r[1] - 1)) continue;
+  const forward = (r: [number, number]) => {
+    if (isEnd(r[1] - 1)) return;
     for (let t = r[1]; t < n && t - r[1] < maxTail && left > 0 && !taken.has(t); t++) {
       taken.add(t);
       left--;
       if (isEnd(t)) break;
     }
-  }
+  };
   // backward to the sentence start (the token after the previous sentence end)
-  for (const r of runs) {
-    if (left === 0) break;
+  const backward = (r: [number, number]) => {
     for (let t = r[0] - 1; t >= 0 && r[0] - 1 - t < maxTail && left > 0 && !taken.has(t) && !isEnd(t); t--) {
       taken.add(t);
       left--;
     }
-  }
+  };
+  // the scored passages whole at both ends before the edges get anything
+  const scored = runs.filter((r) => !atEdge(r));
+  const edges = runs.filter(atEdge);
+  for (const rs of [scored, edges]) for (const step of [forward, backward]) for (const r of rs) if (left > 0) step(r);
   // the given-up pieces back, in the order given up, while tokens are left
   for (let i = 0; i < givenUp.length && left > 0; i++)
     if (!taken.has(givenUp[i]!)) {
