@@ -173,7 +173,7 @@ const FLAGS: Flag[] = [
   {
     flag: "edge",
     arg: "N",
-    help: "first and last context tokens always gathered, at the default budget (default budget/32; 0: none)",
+    help: "first and last context tokens always gathered, at the default budget, as the paper keeps them (default 0: none)",
   },
   {
     flag: "sentence-tail",

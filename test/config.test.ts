@@ -156,9 +156,9 @@ describe("config", () => {
       ];
     };
     //                     chunk capacity query budget maxBudget maxTokens maxNew maxModelLen edge smoothing lag
-    expect(derive(512)).toEqual([128, 256, 256, 320, 448, 64, 256, 512, 10, 33, 0]);
-    expect(derive(2048)).toEqual([512, 1024, 1024, 1280, 1792, 256, 1024, 2048, 40, 129, 0]);
-    expect(derive(8192)).toEqual([2048, 4096, 4096, 5120, 7168, 1024, 4096, 8192, 160, 129, 0]);
+    expect(derive(512)).toEqual([128, 256, 256, 320, 448, 64, 256, 512, 0, 33, 0]);
+    expect(derive(2048)).toEqual([512, 1024, 1024, 1280, 1792, 256, 1024, 2048, 0, 129, 0]);
+    expect(derive(8192)).toEqual([2048, 4096, 4096, 5120, 7168, 1024, 4096, 8192, 0, 129, 0]);
     // the heads file's chunk / capacity win over the derived ones, explicit values over both
     const x = { trainedWindow: 512, templateTokens: 12, allowBeyondWindow: false };
     expect(resolveDefaults({}, { chunkSize: 64, capacity: 128 }, x).defaults).toMatchObject({

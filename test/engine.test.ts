@@ -702,7 +702,7 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
     await core?.close();
   });
 
-  test("defaults: chunk W/4, capacity W/2, budget 5W/8, max budget 7W/8, max_tokens W/8, largest W/2, edges and smoothing from the budget", () => {
+  test("defaults: chunk W/4, capacity W/2, budget 5W/8, max budget 7W/8, max_tokens W/8, largest W/2, no edges, smoothing from the budget", () => {
     const i = core.info;
     expect(i.trainedContext).toBe(512);
     expect(i.defaults).toMatchObject({
@@ -715,7 +715,7 @@ describe("limits follow the model (512-token window, derived defaults)", () => {
       maxNewTokens: 256,
       maxModelLen: 512,
       smoothingWindow: 33,
-      edge: 10,
+      edge: 0,
       sentenceTail: 48,
       scoreFloor: 0.5,
       baselineCacheFactor: 4,
