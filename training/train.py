@@ -155,7 +155,9 @@ CONFIGS["tiny6w"] = dict(CONFIGS["tiny6f"], init=os.path.join(HERE, "state", "ti
 
 # tiny6f fine-tuned on side-by-side facts whose sentence starts are cut (tasks.py _cluster cut_rate): the gathering
 # cuts a passage at its start when the budget runs out first, and from "al magic words for K is: V." the shipped
-# weights restated 35-53% of multi-value facts side by side where they restated 71% from whole sentences
+# weights restated 35-53% of multi-value facts side by side where they restated 71% from whole sentences.
+# Measured after 2.4M tokens (model card, history 12): far more robust to cut starts, within noise elsewhere once the
+# gathering mends the starts itself; not shipped
 CONFIGS["tiny6x"] = dict(CONFIGS["tiny6f"], init=os.path.join(HERE, "state", "tiny6f", "ckpt.pt"), lr=1.5e-4,
                          cluster_rate=0.4, cut_rate=0.5, mix=MIX_WEAK)
 
