@@ -136,7 +136,7 @@ describe("ops", () => {
       max_new_tokens: 1024,
       smoothing_window: 129,
       smoothing_lag: 0,
-      edge: 40,
+      edge: 0,
       sentence_tail: 192,
       score_floor: 0.5,
       baseline_cache_factor: 4,
