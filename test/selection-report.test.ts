@@ -71,7 +71,8 @@ describe("return_selection on the query route", () => {
   ).join("\n");
 
   beforeAll(async () => {
-    srv = await startTestServer({ name: "selection" });
+    // with the paper's always-kept edges (off by default), so the spans reach both ends of the document
+    srv = await startTestServer({ name: "selection", flags: ["--edge", "40"] });
     base = srv.url;
     ctxId = await uploadContext(base, doc);
   }, T);
@@ -115,7 +116,7 @@ describe("return_selection on the query route", () => {
       expect(typeof s.score).toBe("number");
     }
     expect(tokens).toBe(64);
-    expect(sel.spans[0].start).toBe(0); // the always-kept edges
+    expect(sel.spans[0].start).toBe(0); // the always-kept edges (--edge)
     expect(sel.spans[0].byte_start).toBe(0);
     expect(sel.spans.at(-1).end).toBe(contextTokens);
     expect(sel.spans.at(-1).byte_end).toBe(docBytes.length);
@@ -255,6 +256,8 @@ describe("return_selection on the query route", () => {
         name: "selection-max",
         modelDir: srv.modelDir,
         flags: [
+          "--edge",
+          "40",
           "--heads",
           JSON.stringify({
             heads: [
