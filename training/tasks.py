@@ -196,9 +196,10 @@ class TaskMaker:
         else:
             hay = self.haystack(max(16, n_tokens - overhead), fragmented=fragmented)
         if self.cluster_rate and r.random() < self.cluster_rate:
-            # tokens of the sentence before its key: a cut start keeps at least one of them and the key whole
-            before = len(self.tok.encode(" " + fill(tpl[0].split("{k}")[0]).rstrip()))
-            pieces = self._cluster(hay, needles, before - 1)
+            # tokens of the sentence before its key: a cut start keeps at least one of them and the key whole (counted
+            # only where starts are cut: this runs for every side-by-side sample the trainer makes)
+            max_cut = len(self.tok.encode(" " + fill(tpl[0].split("{k}")[0]).rstrip())) - 1 if self.cut_rate else 0
+            pieces = self._cluster(hay, needles, max_cut)
         else:
             pieces = self._insert(hay, needles)
         sep = "\n\n"

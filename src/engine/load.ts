@@ -125,8 +125,9 @@ export interface LoadedEngine {
  *     recompute prompt's template already opens the sequence, and this model copied from the edges' unrelated
  *     sentences (a multi-value key's value taken from an edge; the web page's needle answered with an edge's words).
  *     Measured with the served gathering, the same questions paired with `full` (bench/ruler.ts --paired, seeds 1-2):
- *     multi-value 0.84x -> 0.97x of `full` at 128K and 0.84x -> 0.94x at 1M with edges of budget/32 (10) against none,
- *     the other tasks within a sample (README "Choosing the defaults"). The smoothing window (0.1 x budget, odd, at most the paper's 129: 33 at the 512-token model's budget 320), chosen
+ *     multi-value 0.84x -> 0.97x of `full` at 128K and 0.84x -> 1.00x at 1M with edges of budget/32 (10) against none,
+ *     the other tasks within a sample (README "Choosing the defaults"). The smoothing window (0.1 x budget, odd, at
+ *     most the paper's 129: 33 at the 512-token model's budget 320), chosen
  *     by measurement on all four needle tasks with the gathering as served (embedded model and heads, budget 320, 24
  *     held-out samples per length, the share whose every asked value was gathered; README "Choosing the defaults",
  *     bench/window-sweep.ts): windows 33 / 49 / 65 / 129 gathered 24 / 22 / 17 / 7 at 16K tokens, 24 / 22 / 19 / 9
