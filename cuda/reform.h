@@ -68,8 +68,9 @@ extern "C" {
  * 4: rf_map_file / rf_unmap_file
  * 5: rf_score_select / rf_embstore_score_select take per-query offsets (q_offset)
  * 6: rf_score_kth / rf_embstore_score_kth
- * 7: rf_score_kth / rf_score_select and their rf_embstore_ twins take query row pairs (bigram matching) */
-#define RF_ABI_VERSION 7
+ * 7: rf_score_kth / rf_score_select and their rf_embstore_ twins take query row pairs (bigram matching)
+ * 8: rf_score_kth_select */
+#define RF_ABI_VERSION 8
 
 /* status codes */
 #define RF_OK 0
@@ -331,6 +332,17 @@ RF_API int64_t rf_score_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx
                                int32_t n_q, const float* q_offset, const int32_t* pairs, int32_t n_pairs,
                                const float* pair_offset, int32_t window, int32_t lag, int32_t pool, int64_t budget,
                                int32_t edge, float* scores, int32_t* out_idx);
+/* rf_score_kth then rf_score_select with the k-th bests as the offsets, in one call (the server's default "kth"
+ * backgrounds, src/engine/background.ts): kth (n_q + n_pairs f32, may be NULL) receives rf_score_kth's values; the
+ * query scored is the question's n_q rows and a zero row (offset 0), each row's offset its k-th best (a -inf: 0), each
+ * pair's offset its k-th best likewise; scores (n_ctx, may be NULL) and out_idx as rf_score_select's, the same values
+ * (a -0 may read 0). The CPU build reads the context once, not twice: only the rows above a k-th best score above 0,
+ * and the first pass keeps them (cuda/select.h score_kth_rows); the CUDA build runs the two calls. Errors: those of
+ * the two calls. */
+RF_API int64_t rf_score_kth_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
+                                   int32_t n_q, const int32_t* pairs, int32_t n_pairs, int32_t k, int32_t window,
+                                   int32_t lag, int32_t pool, int64_t budget, int32_t edge, float* kth, float* scores,
+                                   int32_t* out_idx);
 /* The whole file at `path` mapped read-only and shared (a context's embedding file, the `ctx` of rf_score_select:
  * JavaScript's own mmap stops at 4 GiB, 16.7M rows of 256 bytes). Returns the address and its size in *out_bytes, or
  * NULL with the reason in rf_last_error() (cannot open, empty, no address space: RF_ERR_OOM). Release with

@@ -352,56 +352,67 @@ inline void carry_row(const float* cos, int r, int32_t n_q, float* prev) {
   }
 }
 
-/* Adds v to a min-heap of a query row's largest cosines (at most k: the smallest of them at its front) */
-inline void keep_largest(std::vector<float>& heap, float v, int32_t k) {
+/* A candidate of a k-th best: a value and the context row it belongs to (a pair's: its second row) */
+struct Cand {
+  float v;
+  int64_t i;
+};
+inline bool cand_greater(const Cand& a, const Cand& b) { return a.v > b.v; }
+
+/* Adds (v, i) to a min-heap of a query row's largest cosines (at most k: the smallest of them at its front) */
+inline void keep_largest(std::vector<Cand>& heap, float v, int64_t i, int32_t k) {
   if ((int32_t)heap.size() < k) {
-    heap.push_back(v);
-    std::push_heap(heap.begin(), heap.end(), std::greater<float>());
-  } else if (v > heap.front()) {
-    std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
-    heap.back() = v;
-    std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+    heap.push_back({v, i});
+    std::push_heap(heap.begin(), heap.end(), cand_greater);
+  } else if (v > heap.front().v) {
+    std::pop_heap(heap.begin(), heap.end(), cand_greater);
+    heap.back() = {v, i};
+    std::push_heap(heap.begin(), heap.end(), cand_greater);
   }
 }
 
-/* blocks [blk0, blk1): each query row's k largest cosines (the offset path's cosines, acc * inv, bit for bit) into
- * heaps[j]; with pairs, each pair's kp largest values P_p(i) into heaps[n_q + p] (`cos`, `prev` as in score_blocks);
- * NaN values (a row with an f16 overflow) are left out */
+/* blocks [blk0, blk1): each query row's k largest cosines (the offset path's cosines, acc * inv, bit for bit) with
+ * their rows into heaps[j]; with pairs, each pair's kp largest values P_p(i) into heaps[n_q + p] (`cos`, `prev` as in
+ * score_blocks); NaN values (a row with an f16 overflow) are left out. *irregular is set when a row's norm is not
+ * finite (an f16 overflow): rf_score_select's zero query row gives it no 0 (score_kth_select) */
 [[maybe_unused]] RF_SCORE_CLONES static void kth_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim,
                                                         const float* Qt, int32_t n_q, int32_t k, int64_t blk0,
-                                                        int64_t blk1, float* rows, std::vector<float>* heaps,
-                                                        const Pairs& pr, int32_t kp, float* cos, float* prev) {
+                                                        int64_t blk1, float* rows, std::vector<Cand>* heaps,
+                                                        const Pairs& pr, int32_t kp, float* cos, float* prev,
+                                                        bool* irregular) {
   const int nqb = (n_q + SCORE_QB - 1) / SCORE_QB;
   if (pr.n > 0) row_before(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, blk0, rows, cos, prev);
   for (int64_t blk = blk0; blk < blk1; blk++) {
     float inv[SCORE_RB];
     const int rb = load_block(ctx, ctx_dtype, n_ctx, dim, blk, rows, inv);
+    const int64_t i0 = blk * SCORE_RB;
+    for (int r = 0; r < rb; r++)
+      if (!(inv[r] > 0.f && inv[r] < INFINITY)) *irregular = true;
     for (int b = 0; b < nqb; b++) {
       float acc[SCORE_RB][SCORE_QB];
       dot_block(rows, dim, Qt + (size_t)b * dim * SCORE_QB, acc);
       const int lanes = std::min(SCORE_QB, n_q - b * SCORE_QB);
       if (pr.n > 0) keep_cosines(acc, inv, b, lanes, n_q, cos);
       for (int l = 0; l < lanes; l++) {
-        std::vector<float>& h = heaps[b * SCORE_QB + l];
+        std::vector<Cand>& h = heaps[b * SCORE_QB + l];
         for (int r = 0; r < rb; r++) {
           const float v = acc[r][l] * inv[r];
           // most rows fall below a full heap's smallest: one comparison (false for NaN too)
-          if ((int32_t)h.size() == k && !(v > h.front())) continue;
-          if (v == v) keep_largest(h, v, k);
+          if ((int32_t)h.size() == k && !(v > h.front().v)) continue;
+          if (v == v) keep_largest(h, v, i0 + r, k);
         }
       }
     }
     if (pr.n == 0) continue;
-    const int64_t i0 = blk * SCORE_RB;
     for (int r = 0; r < rb; r++) {
       if (i0 + r == 0) continue;
       const float* before = cos_before(prev, cos, r, n_q);
       const float* here = cos + (size_t)r * n_q;
       for (int32_t p = 0; p < pr.n; p++) {
         const float v = pair_value(before[pr.ab[2 * p]], here[pr.ab[2 * p + 1]]);
-        std::vector<float>& h = heaps[n_q + p];
-        if ((int32_t)h.size() == kp && !(v > h.front())) continue;
-        if (v == v) keep_largest(h, v, kp);
+        std::vector<Cand>& h = heaps[n_q + p];
+        if ((int32_t)h.size() == kp && !(v > h.front().v)) continue;
+        if (v == v) keep_largest(h, v, i0 + r, kp);
       }
     }
     carry_row(cos, rb - 1, n_q, prev);
@@ -458,32 +469,109 @@ inline int score_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t
   return RF_OK;
 }
 
-/* rf_score_kth on the host (arguments checked by check_score_kth and check_pairs): each slice of rows keeps every query
- * row's (and pair's) k largest values, the slices' candidates meet under a lock, and the k-th largest of them is the
- * answer */
+/* rf_score_kth's candidates on the host: each slice of rows keeps every query row's (and pair's) k largest values with
+ * their rows, and the slices' candidates meet under a lock; the k largest over the context are among them */
+struct KthCands {
+  std::vector<std::vector<Cand>> all;  // n_q query rows', then the pairs'
+  int32_t kk = 0, kp = 0;              // k clamped to the rows (n_ctx) and to the pairs (n_ctx - 1)
+  Pairs pairs;                         // the pairs scored: none in a one-row context
+  bool irregular = false;              // a row's norm is not finite (kth_blocks)
+};
+
+template <class ForRanges>
+inline KthCands kth_candidates(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q,
+                               int32_t n_q, const Pairs& pr, int32_t k, ForRanges&& for_ranges) {
+  KthCands c;
+  c.kk = (int32_t)std::min<int64_t>(k, n_ctx);
+  c.kp = (int32_t)std::min<int64_t>(k, n_ctx - 1);  // a pair ends at rows 1 .. n_ctx - 1
+  c.pairs = c.kp >= 1 ? pr : Pairs{};
+  c.all.resize((size_t)(n_q + c.pairs.n));
+  const std::vector<float> qt = transposed_queries(q, n_q, dim);
+  const float* Qt = qt.data();
+  std::mutex mu;
+  for_ranges((n_ctx + SCORE_RB - 1) / SCORE_RB, [&](int64_t b0, int64_t b1) {
+    std::vector<float> rows((size_t)SCORE_RB * dim);
+    std::vector<std::vector<Cand>> heaps((size_t)(n_q + c.pairs.n));
+    std::vector<float> cos(c.pairs.n > 0 ? (size_t)SCORE_RB * n_q : 0), prev(c.pairs.n > 0 ? (size_t)n_q : 0);
+    bool irregular = false;
+    kth_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, c.kk, b0, b1, rows.data(), heaps.data(), c.pairs, c.kp, cos.data(),
+               prev.data(), &irregular);
+    std::lock_guard<std::mutex> lk(mu);
+    for (int j = 0; j < n_q + c.pairs.n; j++) c.all[j].insert(c.all[j].end(), heaps[j].begin(), heaps[j].end());
+    c.irregular = c.irregular || irregular;
+  });
+  return c;
+}
+
+/* out[j] = the k-th largest of candidate list j (n_q query rows' with kk, then the pairs' with kp) */
+inline void kth_values(const KthCands& c, int32_t n_q, float* out) {
+  std::vector<float> v;
+  for (int j = 0; j < n_q + c.pairs.n; j++) {
+    v.clear();
+    for (const Cand& x : c.all[j]) v.push_back(x.v);
+    out[j] = kth_largest(v, j < n_q ? c.kk : c.kp);
+  }
+}
+
+/* rf_score_kth on the host (arguments checked by check_score_kth and check_pairs): out (n_q + pr.n) the k-th largest
+ * of each query row's and pair's candidates */
 template <class ForRanges>
 inline int score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                      const Pairs& pr, int32_t k, float* out, ForRanges&& for_ranges) {
   std::fill(out, out + n_q + pr.n, -INFINITY);
   if (n_ctx == 0) return RF_OK;
-  const std::vector<float> qt = transposed_queries(q, n_q, dim);
-  const float* Qt = qt.data();
-  const int32_t kk = (int32_t)std::min<int64_t>(k, n_ctx);
-  const int32_t kp = (int32_t)std::min<int64_t>(k, n_ctx - 1);  // a pair ends at rows 1 .. n_ctx - 1
-  const Pairs prs = kp >= 1 ? pr : Pairs{};
-  std::vector<std::vector<float>> all((size_t)(n_q + prs.n));
-  std::mutex mu;
-  for_ranges((n_ctx + SCORE_RB - 1) / SCORE_RB, [&](int64_t b0, int64_t b1) {
-    std::vector<float> rows((size_t)SCORE_RB * dim);
-    std::vector<std::vector<float>> heaps((size_t)(n_q + prs.n));
-    std::vector<float> cos(prs.n > 0 ? (size_t)SCORE_RB * n_q : 0), prev(prs.n > 0 ? (size_t)n_q : 0);
-    kth_blocks(ctx, ctx_dtype, n_ctx, dim, Qt, n_q, kk, b0, b1, rows.data(), heaps.data(), prs, kp, cos.data(),
-               prev.data());
-    std::lock_guard<std::mutex> lk(mu);
-    for (int j = 0; j < n_q + prs.n; j++) all[j].insert(all[j].end(), heaps[j].begin(), heaps[j].end());
-  });
-  for (int j = 0; j < n_q; j++) out[j] = kth_largest(all[j], kk);
-  for (int p = 0; p < prs.n; p++) out[n_q + p] = kth_largest(all[n_q + p], kp);
+  const KthCands c = kth_candidates(ctx, ctx_dtype, n_ctx, dim, q, n_q, pr, k, for_ranges);
+  kth_values(c, n_q, out);
+  return RF_OK;
+}
+
+/* rf_score_select's query for a kth background, from rf_score_kth's values `kth` (n_q, then the n_pairs pairs'):
+ * the question's rows and a zero row (n_q + 1 rows), each row's offset its k-th best (-inf, fewer than k rows with a
+ * value: 0) and the zero row's 0, each pair's offset its k-th best likewise. The same values as
+ * src/engine/background.ts kthQuery. */
+struct KthQuery {
+  std::vector<float> q, off, pair_off;
+};
+inline KthQuery kth_query(const float* q, int32_t n_q, int32_t dim, const float* kth, int32_t n_pairs) {
+  const auto finite = [](float v) { return std::isfinite(v) ? v : 0.f; };
+  KthQuery r;
+  r.q.assign(q, q + (size_t)n_q * dim);
+  r.q.resize((size_t)(n_q + 1) * dim, 0.f);
+  r.off.assign((size_t)n_q + 1, 0.f);
+  for (int32_t j = 0; j < n_q; j++) r.off[j] = finite(kth[j]);
+  r.pair_off.assign((size_t)std::max(1, n_pairs), 0.f);
+  for (int32_t p = 0; p < n_pairs; p++) r.pair_off[p] = finite(kth[n_q + p]);
+  return r;
+}
+
+/* rf_score_kth_select's scores on the host in one pass over the context where rf_score_kth then rf_score_select with
+ * kth_query take two. Why the candidates suffice: with the zero row, no score falls below 0, and a cosine (pair value)
+ * lifts a row above 0 only where it exceeds its query row's (pair's) k-th best, so that it is one of the k - 1 above
+ * it, which are all among the candidates (or, with fewer than k values, every value is a candidate). So the scores
+ * are 0 except at the candidates, which get their excess over the offset as rf_score_select computes it (a pair's
+ * counts for both its rows): the same values (a row's -0 from the zero row reads 0 here). A context with a row whose
+ * norm is not finite gets no 0 from the zero row: it takes rf_score_select's pass. kth receives rf_score_kth's values
+ * (n_q + pr.n). */
+template <class ForRanges>
+inline int score_kth_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                          const Pairs& pr, int32_t k, float* kth, float* out, ForRanges&& for_ranges) {
+  std::fill(kth, kth + n_q + pr.n, -INFINITY);
+  if (n_ctx == 0) return RF_OK;
+  const KthCands c = kth_candidates(ctx, ctx_dtype, n_ctx, dim, q, n_q, pr, k, for_ranges);
+  kth_values(c, n_q, kth);
+  const KthQuery kq = kth_query(q, n_q, dim, kth, pr.n);
+  if (c.irregular)
+    return score_rows(ctx, ctx_dtype, n_ctx, dim, kq.q.data(), n_q + 1, kq.off.data(),
+                      Pairs{pr.ab, pr.n, kq.pair_off.data()}, out, for_ranges);
+  std::fill(out, out + n_ctx, 0.f);
+  for (int j = 0; j < n_q; j++)
+    for (const Cand& x : c.all[j]) out[x.i] = std::max(out[x.i], x.v - kq.off[j]);
+  for (int p = 0; p < c.pairs.n; p++)
+    for (const Cand& x : c.all[n_q + p]) {
+      const float e = x.v - kq.pair_off[p];
+      out[x.i] = std::max(out[x.i], e);
+      out[x.i - 1] = std::max(out[x.i - 1], e);
+    }
   return RF_OK;
 }
 

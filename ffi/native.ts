@@ -101,7 +101,7 @@ function pairsArg(
 }
 
 /** The ABI version this binding packs and calls (cuda/reform.h RF_ABI_VERSION). */
-export const RF_ABI_VERSION = 7;
+export const RF_ABI_VERSION = 8;
 
 const CODE_NAMES: Record<number, string> = {
   [RF_ERR_INVALID]: "invalid_argument",
@@ -280,6 +280,28 @@ const symbols = {
       FFIType.i32,
       FFIType.i64,
       FFIType.i32,
+      FFIType.ptr,
+      FFIType.ptr,
+    ],
+    returns: FFIType.i64_fast,
+  },
+  rf_score_kth_select: {
+    args: [
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.i64,
+      FFIType.i32,
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.ptr,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.i32,
+      FFIType.i64,
+      FFIType.i32,
+      FFIType.ptr,
       FFIType.ptr,
       FFIType.ptr,
     ],
@@ -650,6 +672,60 @@ export class Native {
         ),
       ),
       "rf_score_select",
+    );
+    return out.subarray(0, m);
+  }
+
+  /** rf_score_kth_select: scoreKth, then scoreSelect over the question's rows and a zero row with the k-th bests as
+   * offsets (background.ts kthQuery), in one native call; the CPU build reads the context once. `sel`'s offsets and
+   * pair offsets are not used (the k-th bests are); `kth` (optional, >= nQ + the pairs) receives scoreKth's values,
+   * `scores` (optional, >= nCtx) the raw scores. Returns the selected positions. */
+  scoreKthSelect(
+    ctx: Float32Array | Uint16Array | MappedRows,
+    nCtx: number,
+    dim: number,
+    q: Float32Array,
+    nQ: number,
+    k: number,
+    sel: ScoreSelection,
+    scores?: Float32Array,
+    kth?: Float32Array,
+  ): Int32Array {
+    const where = "scoreKthSelect";
+    if (ctx.length < nCtx * dim) throw new Error(`${where}: ctx smaller than n_ctx*dim`);
+    if ("ptr" in ctx && ctx.dtype !== RF_F16 && ctx.dtype !== RF_F32) throw new Error(`${where}: bad dtype`);
+    if (q.length < nQ * dim) throw new Error(`${where}: q smaller than n_q*dim`);
+    if (scores && scores.length < nCtx) throw new Error(`${where}: scores smaller than n_ctx`);
+    const [p, nP] = pairsArg(sel.pairs, undefined, nQ, where);
+    if (kth && kth.length < nQ + nP) throw new Error(`${where}: kth smaller than n_q + the pairs`);
+    const lag = lagArg(sel.lag, where);
+    const mapped = "ptr" in ctx;
+    const dtype = mapped ? ctx.dtype : ctx instanceof Float32Array ? RF_F32 : RF_F16;
+    const data = mapped ? ctx.ptr : ctx.length > 0 ? ctx : new Float32Array(1); // see scoreKth
+    const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see smoothSelect
+    const m = this.check(
+      Number(
+        this.lib.rf_score_kth_select(
+          data,
+          dtype,
+          nCtx,
+          dim,
+          q,
+          nQ,
+          p,
+          nP,
+          k | 0,
+          sel.window | 0,
+          lag,
+          POOL[sel.pool ?? "mean"],
+          sel.budget,
+          sel.edge | 0,
+          kth ?? null,
+          scores ?? null,
+          out,
+        ),
+      ),
+      "rf_score_kth_select",
     );
     return out.subarray(0, m);
   }

@@ -16,7 +16,7 @@ For each model config (or the one given with --model DIR, a HF Llama/Mistral/Qwe
     TOVA eviction with an attention-output head at the exit layer, CUDA vs CPU;
   * rf_score CUDA vs numpy; rf_score_kth CUDA vs numpy, and its values as rf_score_select's offsets (the k-th best
     row scores exactly 0); with query row pairs (ABI 7): each pair's k-th best match and rf_score_select's scores vs
-    numpy, a pair's best match as its offset scoring exactly 0;
+    numpy, a pair's best match as its offset scoring exactly 0; rf_score_kth_select (ABI 8) as its two calls;
   * issue 19's asynchronous paths on the real device: the pipelined compress (rf_compressor_submit / _collect: the
     embeddings come back on a copy stream while the next chunk computes) writes the bytes of rf_compressor_process,
     two compressors interleaved; resident embeddings (rf_embstore) score as rf_score_select over the same rows; the
@@ -44,7 +44,7 @@ RF_EVICT_H2O, RF_EVICT_TOVA = 0, 1
 RF_POOL_MEAN = 0  # the query-time smoothing operator (RF_POOL_MAX = 1)
 # the scoring checks' query row pairs (ABI 7, of 7 query rows): neighbours, a row with itself, one backwards
 SCORE_PAIRS = np.array([[0, 1], [1, 2], [2, 3], [3, 3], [5, 0], [6, 4]], dtype=np.int32)
-RF_ABI_VERSION = 7  # cuda/reform.h
+RF_ABI_VERSION = 8  # cuda/reform.h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +96,7 @@ class Lib:
         sig("rf_score", ctypes.c_int, vp, i32, i64, i32, vp, i32, vp)
         sig("rf_score_select", i64, vp, i32, i64, i32, vp, i32, vp, vp, i32, vp, i32, i32, i32, i64, i32, vp, vp)
         sig("rf_score_kth", ctypes.c_int, vp, i32, i64, i32, vp, i32, vp, i32, i32, vp)
+        sig("rf_score_kth_select", i64, vp, i32, i64, i32, vp, i32, vp, i32, i32, i32, i32, i32, i64, i32, vp, vp, vp)
         sig("rf_embstore_create", vp, vp, i32)
         sig("rf_embstore_append", ctypes.c_int, vp, vp, i64)
         sig("rf_embstore_rows", i64, vp)
@@ -357,6 +358,22 @@ def score_kth(lib, ctx, q, k, pairs=None):
                                  ptr(out)), "rf_score_kth")
     del keep
     return out
+
+
+def score_kth_select(lib, ctx, q, k, window, budget, edge, pairs=None):
+    """rf_score_kth_select over host rows (ABI 8): scores, selected positions and the k-th bests"""
+    ctx = np.ascontiguousarray(ctx)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    pr, npairs, _, keep = pairs_args(pairs, None)
+    dt = RF_F16 if ctx.dtype == np.float16 else RF_F32
+    kth = np.zeros(q.shape[0] + npairs, dtype=np.float32)
+    scores = np.zeros(ctx.shape[0], dtype=np.float32)
+    idx = np.zeros(min(ctx.shape[0], budget) + 1, dtype=np.int32)
+    m = lib.check(lib.L.rf_score_kth_select(ptr(ctx), dt, ctx.shape[0], ctx.shape[1], ptr(q), q.shape[0], pr, npairs, k,
+                                            window, 0, RF_POOL_MEAN, budget, edge, ptr(kth), ptr(scores), ptr(idx)),
+                  "rf_score_kth_select")
+    del keep
+    return scores, idx[:m], kth
 
 
 def pair_matches(cos, pairs):
@@ -938,6 +955,20 @@ def check_model(name, path, args, libs, rep, numpy_spec=None):
             serr = float(np.abs(got - pair_scores(cos, qoff, SCORE_PAIRS, poff)).max())
             rep.add(name, f"rf_score_select with query row pairs CUDA vs numpy ({np.dtype(dt).name} ctx) max abs err",
                     f"{serr:.2e}", "< 1e-4", serr < 1e-4)
+            # rf_score_kth_select (ABI 8): on the device its two calls (rf_score_kth, then rf_score_select over the
+            # question's rows and a zero row with the k-th bests as offsets), bit for bit; the CPU build's one pass
+            # gives the same scores within the two builds' rounding
+            kth = score_kth(libs["cuda"], ctx, qv, 32, pairs=SCORE_PAIRS)
+            fin = np.where(np.isfinite(kth), kth, 0).astype(np.float32)
+            q1 = np.vstack([qv, np.zeros((1, qv.shape[1]), np.float32)])
+            want_s, want_i = score_select(libs["cuda"], ctx, q1, 9, 512, 16, offsets=np.append(fin[:len(qv)], 0),
+                                          pairs=SCORE_PAIRS, pair_offsets=fin[len(qv):])
+            got_s, got_i, got_k = score_kth_select(libs["cuda"], ctx, qv, 32, 9, 512, 16, pairs=SCORE_PAIRS)
+            same = got_k.tobytes() == kth.tobytes() and np.array_equal(got_s, want_s) and np.array_equal(got_i, want_i)
+            cerr = (float(np.abs(score_kth_select(libs["cpu"], ctx, qv, 32, 9, 512, 16, pairs=SCORE_PAIRS)[0] - got_s)
+                          .max()) if "cpu" in libs else 0.0)
+            rep.add(name, f"rf_score_kth_select ({np.dtype(dt).name} ctx): CUDA = its two calls, CPU build max abs err",
+                    f"{'yes' if same else 'NO'}, {cerr:.2e}", "yes, < 1e-4", same and cerr < 1e-4)
         # resident embeddings: the rows on the device score as the same rows streamed from host memory
         ctx = rng.standard_normal((5003, 256)).astype(np.float16)
         qv = rng.standard_normal((7, 256)).astype(np.float32)

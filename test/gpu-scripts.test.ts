@@ -43,6 +43,7 @@ describe.skipIf(!numpy || process.arch !== "x64")("GPU scripts on the CPU emulat
         "rf_score",
         "pipelined compress (submit/collect, 2 interleaved) bytes == process",
         "resident embeddings vs streamed rf_score_select",
+        "rf_score_kth_select (float16 ctx): CUDA = its two calls",
         "as a CUDA graph vs plain",
       ])
         expect(check).toContain(c);

@@ -12,6 +12,7 @@ import { type Pointer, toArrayBuffer } from "bun:ffi";
 import { join } from "node:path";
 import { Native, NativeError, RF_F16, ROOT_DIR } from "../ffi/native.ts";
 import { SMOOTHING_OPS, selectTokens, smoothScores } from "../src/engine/selection.ts";
+import { kthQuery } from "../src/engine/background.ts";
 import { f32ToF16 } from "./fixtures/tiny-model.ts";
 import { mulberry32 } from "./helpers/random-model.ts";
 import { referenceSelect } from "./helpers/select-reference.ts";
@@ -545,5 +546,68 @@ describe("rf_map_file: a context's embedding file beyond 4 GiB (Bun.mmap's limit
         rmSync(dir, { force: true, recursive: true });
       }
     }, 120_000);
+  }
+});
+
+describe("native rf_score_kth_select (the kth backgrounds in one call, background.ts)", () => {
+  /** equal as numbers (a -0 may read 0), NaN equal to NaN */
+  const same = (a: Float32Array, b: Float32Array) => {
+    let diff = 0;
+    for (let i = 0; i < a.length; i++) if (!(a[i] === b[i] || (Number.isNaN(a[i]!) && Number.isNaN(b[i]!)))) diff++;
+    return diff;
+  };
+  for (const [name, open] of libs) {
+    test(`${name}: the same k-th bests, scores and selection as rf_score_kth then rf_score_select with kthQuery (f32 and f16 rows; k = 1, 3, 32, beyond the context; ties; pairs; a context shorter than k; an f16 overflow row); bad arguments refused`, () => {
+      const native = open();
+      try {
+        const r = mulberry32(61);
+        const [n, dim, nQ] = name === "cpu" ? [3000, 70, 19] : [500, 24, 5];
+        const ctx32 = Float32Array.from({ length: n * dim }, () => r() * 2 - 1);
+        // ties: a row repeated many times, so a k-th best falls inside a run of equal cosines
+        for (let i = 100; i < 160; i++) ctx32.copyWithin(i * dim, 7 * dim, 8 * dim);
+        const q = Float32Array.from({ length: nQ * dim }, () => r() * 2 - 1);
+        q.set(ctx32.subarray(7 * dim, 8 * dim), 0); // the question's first row is the repeated one
+        const pairs = Int32Array.from([...Array.from({ length: nQ - 1 }, (_, j) => [j, j + 1]).flat(), 2, 2]);
+        const withInf = toF16(ctx32);
+        withInf.fill(0x7c00, 5 * dim, 6 * dim);
+        const cases: [string, Float32Array | Uint16Array, number][] = [
+          ["f32", ctx32, n],
+          ["f16", toF16(ctx32), n],
+          ["f16, 20 rows", toF16(ctx32), 20],
+          ["f16, 1 row", toF16(ctx32), 1],
+          ["f16 with an overflow row", withInf, 300],
+        ];
+        let positive = 0;
+        for (const [what, ctx, m] of cases)
+          for (const k of [1, 3, 32, 1024])
+            for (const pr of [undefined, pairs]) {
+              const sel = { window: 9, budget: 64, edge: 0, pairs: pr };
+              const kth = native.scoreKth(ctx, m, dim, q, nQ, k, pr);
+              const kq = kthQuery(q, nQ, dim, kth, pr);
+              const want = new Float32Array(m);
+              const wantIdx = native.scoreSelect(ctx, m, dim, kq.q, kq.nq, { ...sel, ...kq }, want);
+              const got = new Float32Array(m);
+              const gotKth = new Float32Array(kth.length);
+              const idx = native.scoreKthSelect(ctx, m, dim, q, nQ, k, sel, got, gotKth);
+              const label = `${what}, k ${k}${pr ? ", pairs" : ""}`;
+              expect({ label, kth: Array.from(gotKth) }).toEqual({ label, kth: Array.from(kth) });
+              expect({ label, diff: same(got, want) }).toEqual({ label, diff: 0 });
+              expect({ label, idx: Array.from(idx) }).toEqual({ label, idx: Array.from(wantIdx) });
+              // no kth buffer, no scores: the same selection
+              expect(Array.from(native.scoreKthSelect(ctx, m, dim, q, nQ, k, sel))).toEqual(Array.from(wantIdx));
+              positive += got.filter((v) => v > 0).length;
+            }
+        expect(positive).toBeGreaterThan(100); // the candidates' excess is there to compare, not only zeros
+        expect(native.scoreKthSelect(ctx32, 0, dim, q, nQ, 32, { window: 9, budget: 8, edge: 0 }).length).toBe(0);
+        expect(() => native.scoreKthSelect(ctx32, n, dim, q, nQ, 0, { window: 9, budget: 8, edge: 0 })).toThrow(
+          /k = 0 outside/,
+        );
+        expect(() =>
+          native.scoreKthSelect(ctx32, n, dim, q, nQ, 32, { window: 9, lag: 7, budget: 8, edge: 0 }),
+        ).toThrow(/lag/);
+      } finally {
+        native.close();
+      }
+    });
   }
 });

@@ -176,39 +176,39 @@ export function* gatherContext(
     // short of device memory for the scoring buffers, the stores give way and the file is streamed
     const scored = <T>(fromStore: () => T, fromFile: () => T): T =>
       resident ? resident.withMemory(store ? fromStore : fromFile, fromFile) : fromFile();
-    let query: ScoreQuery = { q: qf, nq, offsets: mean };
-    if (usesKth(g.background)) {
-      const pairs = scoresPairs(g.background)
-        ? adjacentPairs(turns, keep, (id) => e.wordContinuations[id] === 1)
-        : undefined;
-      const kth = scored(
-        () => store!.scoreKth(rows, qf, nq, BACKGROUND_K, pairs),
-        () =>
-          s.withEmbeddings(e.native, (emb) => e.native.scoreKth(emb.mapped, rows, dim, qf, nq, BACKGROUND_K, pairs)),
-      );
-      query = kthQuery(qf, nq, dim, kth, pairs);
-    }
     // score, pool (the heads file's operator, mean or max) and select in one native call (no copy, no sort), the
     // sentence tail kept back; the raw scores come back for a report and for the score floor
     const floor = g.floor;
     const scores = g.report || floor > 0 ? new Float32Array(rows) : undefined;
-    const what = {
-      window: sel.window,
-      lag: sel.lag,
-      budget: budget - sel.tail,
-      edge: sel.edge,
-      pool: op,
-      offsets: query.offsets,
-      pairs: query.pairs,
-      pairOffsets: query.pairOffsets,
-    };
-    const picked = scored(
-      () => store!.scoreSelect(rows, query.q, query.nq, what, scores),
-      () =>
-        s.withEmbeddings(e.native, (emb) =>
-          e.native.scoreSelect(emb.mapped, rows, dim, query.q, query.nq, what, scores),
-        ),
-    );
+    const what = { window: sel.window, lag: sel.lag, budget: budget - sel.tail, edge: sel.edge, pool: op };
+    const withQuery = (q: ScoreQuery) => ({ ...what, offsets: q.offsets, pairs: q.pairs, pairOffsets: q.pairOffsets });
+    let picked: Int32Array;
+    if (usesKth(g.background)) {
+      const pairs = scoresPairs(g.background)
+        ? adjacentPairs(turns, keep, (id) => e.wordContinuations[id] === 1)
+        : undefined;
+      picked = scored(
+        // on the device: the k-th bests, then the scores with them taken off
+        () => {
+          const q = kthQuery(qf, nq, dim, store!.scoreKth(rows, qf, nq, BACKGROUND_K, pairs), pairs);
+          return store!.scoreSelect(rows, q.q, q.nq, withQuery(q), scores);
+        },
+        // from the file, in one call: the CPU build reads the context once for both
+        () =>
+          s.withEmbeddings(e.native, (emb) =>
+            e.native.scoreKthSelect(emb.mapped, rows, dim, qf, nq, BACKGROUND_K, { ...what, pairs }, scores),
+          ),
+      );
+    } else {
+      const query: ScoreQuery = { q: qf, nq, offsets: mean };
+      picked = scored(
+        () => store!.scoreSelect(rows, qf, nq, withQuery(query), scores),
+        () =>
+          s.withEmbeddings(e.native, (emb) =>
+            e.native.scoreSelect(emb.mapped, rows, dim, qf, nq, withQuery(query), scores),
+          ),
+      );
+    }
     const tokens = s.readTokens(0, n);
     const idx = refineSelection(picked, scores ?? null, tokens, e.sentenceEnds, { ...sel, op, floor });
     ctx = gather(tokens, idx);
