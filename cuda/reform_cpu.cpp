@@ -686,7 +686,7 @@ RF_API int rf_compressor_submit(rf_compressor* c, const int32_t* tokens, int32_t
     RF_TRY(rf::check_submit(tokens, n, c->p.max_chunk, c->m->cfg.vocab_size, c->npend));
     const int slot = (c->head + c->npend) & 1;
     const size_t es = c->p.emb_dtype == RF_F16 ? 2 : 4;
-    c->pend[slot].resize((size_t)c->p.max_chunk * c->heads.size() * (size_t)c->m->cfg.head_dim * es);
+    c->pend[slot].resize((size_t)n * c->heads.size() * (size_t)c->m->cfg.head_dim * es);  // grows to the largest chunk
     RF_TRY(compressor_run(c, tokens, n, c->pend[slot].data(), true));
     c->pend_rows[slot] = n;
     c->npend++;

@@ -847,6 +847,8 @@ export class NativeModel {
 
 export class NativeCompressor {
   private destroyed = false;
+  /** rows of each submitted chunk not collected yet, oldest first */
+  private readonly pendingRows: number[] = [];
   readonly embedDim: number;
   readonly exitLayer: number;
   constructor(
@@ -874,13 +876,19 @@ export class NativeCompressor {
    * RF_MAX_PENDING chunks may be pending. */
   submit(tokens: Int32Array): void {
     this.native._check(this.lib.rf_compressor_submit(this.handle, tokens, tokens.length), "rf_compressor_submit");
+    this.pendingRows.push(tokens.length);
   }
 
-  /** The embeddings of the oldest submitted chunk (waits for them), or null when none is pending. `out` must hold
-   * max_chunk rows when given. */
+  /** The embeddings of the oldest submitted chunk (waits for them), or null when none is pending. `out`, when given,
+   * must hold that chunk's rows. Without it the buffer is the chunk's size: max_chunk rows (the longest question a
+   * context embeds, ~W / 2 of a model's window) zero-filled per chunk made uploads 3x slower for a 2M-token window. */
   collect(out?: Float32Array | Uint16Array): Float32Array | Uint16Array | null {
-    const o = out ?? this.outBuf(this.params.maxChunk);
+    const rows = this.pendingRows[0] ?? 0;
+    if (out && out.length < rows * this.embedDim) throw new Error(`collect: out smaller than the chunk's ${rows} rows`);
+    // one row at least: bun:ffi passes an empty array as NULL, which the library rejects
+    const o = out ?? this.outBuf(Math.max(1, rows));
     const n = this.native._check(this.lib.rf_compressor_collect(this.handle, o), "rf_compressor_collect");
+    if (n > 0) this.pendingRows.shift();
     return n === 0 ? null : o.subarray(0, n * this.embedDim);
   }
 
@@ -908,6 +916,7 @@ export class NativeCompressor {
   }
   reset(): void {
     this.native._check(this.lib.rf_compressor_reset(this.handle), "rf_compressor_reset");
+    this.pendingRows.length = 0; // the library drops them too
   }
   /** Bytes of the state blob saveState() would return. */
   stateSize(): number {

@@ -426,3 +426,41 @@ test("a layout that differs from the packing is refused with the field named", (
   ]);
   expect(structLayoutMismatches(layout.split("\n")[0])).toEqual(["rf_compress_params: not described by the library"]);
 });
+
+describe("pipelined compress: collect hands back one chunk", () => {
+  test("a chunk's rows in a buffer of its size, not max_chunk's (the engine's upload compressor takes the longest question, ~half a model's window); the bytes of process; an out smaller than the chunk refused", () => {
+    const native = new Native("cpu");
+    try {
+      const m = native.createModel(CFG);
+      m.initRandom(1, 0.02);
+      m.finalize();
+      const big = { ...CP, maxChunk: 4096 };
+      const chunks = [i32([4, 5, 6]), i32([7, 8, 9, 10, 11]), i32([12])];
+      const ref = m.createCompressor(big, HEADS);
+      const want = chunks.map((ch) => Array.from(ref.process(ch)!));
+      const c = m.createCompressor(big, HEADS);
+      const dim = c.embedDim;
+      const got: number[][] = [];
+      for (const ch of chunks) {
+        c.submit(ch);
+        if (c.pending() > 1) {
+          if (got.length === 1)
+            expect(() => c.collect(new Float32Array(4 * dim))).toThrow(/smaller than the chunk's 5 rows/);
+          const e = c.collect()!;
+          expect(e.buffer.byteLength).toBe(got.length === 0 ? 3 * dim * 4 : 5 * dim * 4);
+          got.push(Array.from(e));
+        }
+      }
+      const last = c.collect()!;
+      expect(last.buffer.byteLength).toBe(dim * 4);
+      got.push(Array.from(last));
+      expect(c.collect()).toBeNull();
+      expect(got).toEqual(want);
+      ref.destroy();
+      c.destroy();
+      m.destroy();
+    } finally {
+      native.close();
+    }
+  });
+});
