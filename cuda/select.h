@@ -374,7 +374,7 @@ inline void keep_largest(std::vector<Cand>& heap, float v, int64_t i, int32_t k)
 /* blocks [blk0, blk1): each query row's k largest cosines (the offset path's cosines, acc * inv, bit for bit) with
  * their rows into heaps[j]; with pairs, each pair's kp largest values P_p(i) into heaps[n_q + p] (`cos`, `prev` as in
  * score_blocks); NaN values (a row with an f16 overflow) are left out. *irregular is set when a row's norm is not
- * finite (an f16 overflow): rf_score_select's zero query row gives it no 0 (score_kth_select) */
+ * finite (an f16 overflow): rf_score_select's zero query row gives it no 0 (score_kth_rows) */
 [[maybe_unused]] RF_SCORE_CLONES static void kth_blocks(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim,
                                                         const float* Qt, int32_t n_q, int32_t k, int64_t blk0,
                                                         int64_t blk1, float* rows, std::vector<Cand>* heaps,
