@@ -54,7 +54,8 @@ describe("bun run ask", () => {
     expect(eng.texts.get(id!)).toBe(text); // pieces joined exactly, characters split across them included
     expect(r.err).toMatch(/compressed [\d,]+ \/ ~[\d,]+ tokens, [\d,]+ tok\/s, ETA /); // from the events stream
     expect(r.err).toMatch(/tokens compressed in [\d.]+ s \([\d,]+ tok\/s\), .* on disk/);
-    expect(r.err).toContain(`context kept: ${id}`);
+    // the follow-up command names the same server (the default one would be another)
+    expect(r.err).toContain(`context kept: ${id} (ask again with --context ${id} --server ${srv.url})`);
     expect(r.out).toContain("the answer is");
     // listed for chat frontends under the file's name, not its id
     const models = (await (await fetch(`${srv.url}/v1/models`)).json()) as { data: { id: string; name?: string }[] };
@@ -139,6 +140,25 @@ describe("bun run ask", () => {
     const again = r.err.split("\n").find((l) => l.includes("ask it again"))!;
     expect(again).toContain(`--context ${id} "What flows on?" --server ${srv.url} --api-key KEY`);
     expect(r.err).not.toContain("--resume");
+  }, 60_000);
+
+  test("a context that does not exist: the error, and no command to ask it again or delete it", async () => {
+    const r = await ask(["--context", "ctx_doesnotexist", "What flows on?"]);
+    expect(r.code).toBe(1);
+    expect(r.err).toContain("404 context_not_found");
+    expect(r.err).not.toContain("is kept on the server");
+    expect(r.err).not.toContain("ask it again");
+  }, 60_000);
+
+  test("an empty file is refused before any upload", async () => {
+    const empty = join(dir, "empty.txt");
+    writeFileSync(empty, "");
+    const before = eng.texts.size;
+    const r = await ask([empty, "What flows on?"]);
+    expect(r.code).not.toBe(0);
+    expect(r.err).toContain("empty.txt is empty: there is nothing to ask about; nothing was uploaded");
+    expect(r.err).not.toContain("created");
+    expect(eng.texts.size).toBe(before);
   }, 60_000);
 
   test("--max-tokens over the server's maximum (GET /props) is refused before any upload", async () => {

@@ -403,6 +403,10 @@ async function main() {
     endStatus();
   }
 
+  // an empty document would be uploaded, then refused by every query (409 context_empty)
+  if (!reuse && file !== undefined && file !== "-" && (doc?.size ?? statSync(file).size) === 0)
+    throw new Error(`${file} is empty: there is nothing to ask about; nothing was uploaded`);
+
   // what the server would refuse only after the whole upload is checked against GET /props first
   if (!reuse || values.resume) {
     const props = await call(`${server}/props`, { headers }).catch(() => null);
@@ -435,12 +439,13 @@ async function main() {
    * the server and key this run used. After an upload was cut off the context is not ready: asking it again would
    * only be refused (409 context_not_ready), so then only resuming and deleting are offered.
    */
+  // the flags a printed command repeats: the key from --api-key must be given again; one from REFORM_API_KEY is
+  // still in the environment
+  const opts =
+    (server !== DEFAULT_SERVER ? ` --server ${server}` : "") +
+    (values["api-key"] !== undefined ? " --api-key KEY" : "");
   const hints = (id: string, uploadCut: boolean) => {
     const auth = apiKey ? ` -H 'authorization: Bearer ${apiKey}'` : "";
-    // the key from --api-key must be given again; one from REFORM_API_KEY is still in the environment
-    const opts =
-      (server !== DEFAULT_SERVER ? ` --server ${server}` : "") +
-      (values["api-key"] !== undefined ? " --api-key KEY" : "");
     const q = JSON.stringify(question);
     const lines = [`ask: the context ${id} is kept on the server.`];
     if (uploadCut && file !== undefined && file !== "-")
@@ -491,6 +496,7 @@ async function main() {
   }
 
   let exitCode = 0;
+  let missing = false;
   try {
     const res = await call(`${server}/v1/contexts/${contextId}/query`, {
       method: "POST",
@@ -501,6 +507,8 @@ async function main() {
     if (!res.ok) {
       console.error(`ask: query failed: ${await apiError(res)}`);
       exitCode = 1;
+      // no such context (never was, or deleted meanwhile): nothing is kept to ask again or delete
+      missing = res.status === 404 || res.status === 410;
     } else {
       for await (const e of sseEvents(res)) {
         if (e.data === "[DONE]") break;
@@ -528,10 +536,12 @@ async function main() {
     } else exitCode = 130;
   }
 
-  if (exitCode !== 0) hints(contextId, false);
+  if (exitCode !== 0) {
+    if (!missing) hints(contextId, false);
+  }
   // this run uploaded it (or finished the upload of an earlier run): it goes, as after an uninterrupted run
   else if (created || values.resume) {
-    if (values.keep) console.error(`context kept: ${contextId} (ask again with --context ${contextId})`);
+    if (values.keep) console.error(`context kept: ${contextId} (ask again with --context ${contextId}${opts})`);
     else await call(`${server}/v1/contexts/${contextId}`, { method: "DELETE", headers }).catch(() => {});
   }
   process.exit(exitCode);
