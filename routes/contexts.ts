@@ -233,10 +233,16 @@ export function contextRoutes(d: Deps): Hono {
   // client drops can arrive before the server has seen that drop, so a busy context is refused only after
   // WRITER_GRACE_MS in which its writer neither finished nor lost its client.
   const writing = new Map<string, { client: AbortSignal; done: Promise<unknown> }>();
-  // `upload_in_progress`: an upload holds the context now (another client's, or another tab's: not one to resume)
+  // `upload_in_progress`: an upload holds the context now (another client's, or another tab's: not one to resume);
+  // `upload_storing`: an upload whose client has gone is still storing what it received, so bytes_received is not
+  // final yet (a resume sent now waits for it; one that names the offset should read it again once this is false)
   const withWriter = (info: ContextInfo) => {
     const w = writing.get(info.id);
-    return { ...contextView(info), upload_in_progress: w !== undefined && !w.client.aborted };
+    return {
+      ...contextView(info),
+      upload_in_progress: w !== undefined && !w.client.aborted,
+      upload_storing: w !== undefined && w.client.aborted,
+    };
   };
 
   r.get("/", async (c) => {

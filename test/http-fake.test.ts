@@ -346,6 +346,32 @@ describe("fake engine", () => {
     );
   });
 
+  test("a dropped upload: upload_storing while what it received is stored, then bytes_received is final", async () => {
+    eng.appendDelayMs = 800;
+    try {
+      const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
+      const status = async () => await j(fetch(`${base}/v1/contexts/${ctx.id}`));
+      let c!: ReadableStreamDefaultController<Uint8Array>;
+      const ac = new AbortController();
+      const cut = fetch(`${base}/v1/contexts/${ctx.id}/content`, {
+        method: "PUT",
+        body: new ReadableStream<Uint8Array>({ start: (x) => void (c = x) }),
+        signal: ac.signal,
+      }).catch(() => null);
+      c.enqueue(new TextEncoder().encode("hello world, "));
+      await waitFor(async () => (await status()).upload_in_progress === true, 5000);
+      expect((await status()).upload_storing).toBe(false);
+      ac.abort();
+      await cut;
+      await waitFor(async () => (await status()).upload_in_progress === false, 5000);
+      expect((await status()).upload_storing).toBe(true); // bytes_received may still grow: not one to resume from
+      await waitFor(async () => (await status()).upload_storing === false, 5000);
+      expect((await status()).bytes_received).toBe(13);
+    } finally {
+      eng.appendDelayMs = 0;
+    }
+  });
+
   test("streamed progress is throttled: comments at most one a second, events 250 ms apart, the first at once", async () => {
     eng.progressSteps = 60;
     eng.progressDelayMs = 20; // 60 chunks over ~1.2 s
