@@ -241,7 +241,7 @@ export function contextRoutes(d: Deps): Hono {
     return {
       ...contextView(info),
       upload_in_progress: w !== undefined && !w.client.aborted,
-      upload_storing: w !== undefined && w.client.aborted,
+      upload_storing: w?.client.aborted === true,
     };
   };
 
