@@ -16,6 +16,24 @@ import { collectSse, expectError, j, jsonPost, pieceStream, sseEvents, waitFor }
 const quiet = () => {};
 const dataDir = mkdtempSync(join(tmpdir(), "reform-fake-"));
 
+/** A PUT whose body the test streams piece by piece (`piece`) and whose client then goes away (`drop`). */
+function streamedPut(url: string) {
+  let c!: ReadableStreamDefaultController<Uint8Array>;
+  const ac = new AbortController();
+  const res = fetch(url, {
+    method: "PUT",
+    body: new ReadableStream<Uint8Array>({ start: (x) => void (c = x) }),
+    signal: ac.signal,
+  }).catch(() => null);
+  return {
+    piece: (b: Uint8Array) => c.enqueue(b),
+    drop: async () => {
+      ac.abort();
+      await res;
+    },
+  };
+}
+
 async function start(engine: FakeEngine, extra: Record<string, unknown> = {}): Promise<RunningServer> {
   return startServer({
     modelDir: "/nonexistent",
@@ -329,17 +347,10 @@ describe("fake engine", () => {
 
     // a client that leaves while its first bytes are held for the check: they are stored, as any received byte
     const dropped = await j(jsonPost(`${base}/v1/contexts`, {}));
-    let c2!: ReadableStreamDefaultController<Uint8Array>;
-    const ac = new AbortController();
-    const cut = fetch(`${base}/v1/contexts/${dropped.id}/content`, {
-      method: "PUT",
-      body: new ReadableStream<Uint8Array>({ start: (c) => void (c2 = c) }),
-      signal: ac.signal,
-    }).catch(() => null);
-    c2.enqueue(line);
+    const cut = streamedPut(`${base}/v1/contexts/${dropped.id}/content`);
+    cut.piece(line);
     await Bun.sleep(200); // within the check's second
-    ac.abort();
-    await cut;
+    await cut.drop();
     await waitFor(
       async () => (await j(fetch(`${base}/v1/contexts/${dropped.id}`))).bytes_received === line.byteLength,
       5000,
@@ -351,18 +362,11 @@ describe("fake engine", () => {
     try {
       const ctx = await j(jsonPost(`${base}/v1/contexts`, {}));
       const status = async () => await j(fetch(`${base}/v1/contexts/${ctx.id}`));
-      let c!: ReadableStreamDefaultController<Uint8Array>;
-      const ac = new AbortController();
-      const cut = fetch(`${base}/v1/contexts/${ctx.id}/content`, {
-        method: "PUT",
-        body: new ReadableStream<Uint8Array>({ start: (x) => void (c = x) }),
-        signal: ac.signal,
-      }).catch(() => null);
-      c.enqueue(new TextEncoder().encode("hello world, "));
+      const cut = streamedPut(`${base}/v1/contexts/${ctx.id}/content`);
+      cut.piece(new TextEncoder().encode("hello world, "));
       await waitFor(async () => (await status()).upload_in_progress === true, 5000);
       expect((await status()).upload_storing).toBe(false);
-      ac.abort();
-      await cut;
+      await cut.drop();
       await waitFor(async () => (await status()).upload_in_progress === false, 5000);
       expect((await status()).upload_storing).toBe(true); // bytes_received may still grow: not one to resume from
       await waitFor(async () => (await status()).upload_storing === false, 5000);
