@@ -951,8 +951,8 @@ RF_API int rf_score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32
   return guard("rf_score_kth", [&]() -> int {
     RF_TRY(rf::check_score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, out, "rf_score_kth"));
     RF_TRY(rf::check_pairs(pairs, n_pairs, nullptr, n_q, "rf_score_kth"));
-    return rf::score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, rf::Pairs{pairs, n_pairs, nullptr}, k, out,
-                         score_ranges(dim, n_q));
+    rf::kth_of(ctx, ctx_dtype, n_ctx, dim, q, n_q, rf::Pairs{pairs, n_pairs, nullptr}, k, out, score_ranges(dim, n_q));
+    return RF_OK;
   });
 }
 
@@ -976,17 +976,12 @@ RF_API int64_t rf_score_kth_select(const void* ctx, int32_t ctx_dtype, int64_t n
                                    int32_t lag, int32_t pool, int64_t budget, int32_t edge, float* kth, float* scores,
                                    int32_t* out_idx) {
   return guard("rf_score_kth_select", [&]() -> int64_t {
-    float one = 0;  // kth may be NULL: checked as present, then an own buffer
-    RF_TRY(rf::check_score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, kth ? kth : &one, "rf_score_kth_select"));
-    RF_TRY(rf::check_pairs(pairs, n_pairs, nullptr, n_q, "rf_score_kth_select"));
-    std::vector<float> own(kth ? 0 : (size_t)(n_q + n_pairs));
-    float* kv = kth ? kth : own.data();
-    const rf::Pairs pr{pairs, n_pairs, nullptr};
-    return rf::score_select(
-        [&](float* s) {
-          return rf::score_kth_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q, pr, k, kv, s, score_ranges(dim, n_q));
-        },
-        n_ctx, window, lag, pool, budget, edge, scores, out_idx);
+    return rf::kth_select(ctx, ctx_dtype, n_ctx, dim, q, n_q, pairs, n_pairs, k, window, lag, pool, budget, edge, kth,
+                          scores, out_idx, [&](float* kv, float* s) {
+                            return rf::score_kth_rows(ctx, ctx_dtype, n_ctx, dim, q, n_q,
+                                                      rf::Pairs{pairs, n_pairs, nullptr}, k, kv, s,
+                                                      score_ranges(dim, n_q));
+                          });
   });
 }
 

@@ -13,6 +13,7 @@
 #ifndef REFORM_SELECT_H
 #define REFORM_SELECT_H
 
+#include "abi_guard.h"
 #include "reform_common.h"
 
 #include <cerrno>
@@ -514,15 +515,15 @@ inline void kth_values(const KthCands& c, int32_t n_q, float* out) {
 }
 
 /* rf_score_kth on the host (arguments checked by check_score_kth and check_pairs): out (n_q + pr.n) the k-th largest
- * of each query row's and pair's candidates */
+ * of each query row's and pair's candidates (-inf for an empty context, which has none); returns the candidates */
 template <class ForRanges>
-inline int score_kth(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
-                     const Pairs& pr, int32_t k, float* out, ForRanges&& for_ranges) {
+inline KthCands kth_of(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                       const Pairs& pr, int32_t k, float* out, ForRanges&& for_ranges) {
   std::fill(out, out + n_q + pr.n, -INFINITY);
-  if (n_ctx == 0) return RF_OK;
-  const KthCands c = kth_candidates(ctx, ctx_dtype, n_ctx, dim, q, n_q, pr, k, for_ranges);
+  if (n_ctx == 0) return {};
+  KthCands c = kth_candidates(ctx, ctx_dtype, n_ctx, dim, q, n_q, pr, k, for_ranges);
   kth_values(c, n_q, out);
-  return RF_OK;
+  return c;
 }
 
 /* rf_score_select's query for a kth background, from rf_score_kth's values `kth` (n_q, then the n_pairs pairs'):
@@ -555,10 +556,8 @@ inline KthQuery kth_query(const float* q, int32_t n_q, int32_t dim, const float*
 template <class ForRanges>
 inline int score_kth_rows(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
                           const Pairs& pr, int32_t k, float* kth, float* out, ForRanges&& for_ranges) {
-  std::fill(kth, kth + n_q + pr.n, -INFINITY);
+  const KthCands c = kth_of(ctx, ctx_dtype, n_ctx, dim, q, n_q, pr, k, kth, for_ranges);
   if (n_ctx == 0) return RF_OK;
-  const KthCands c = kth_candidates(ctx, ctx_dtype, n_ctx, dim, q, n_q, pr, k, for_ranges);
-  kth_values(c, n_q, kth);
   const KthQuery kq = kth_query(q, n_q, dim, kth, pr.n);
   if (c.irregular)
     return score_rows(ctx, ctx_dtype, n_ctx, dim, kq.q.data(), n_q + 1, kq.off.data(),
@@ -592,6 +591,20 @@ inline int64_t score_select(Score score, int64_t n_ctx, int32_t window, int32_t 
   const int rc = score(scores);
   if (rc != RF_OK) return rc;
   return smooth_select(scores, n_ctx, window, lag, pool, budget, edge, nullptr, out_idx);
+}
+
+/* rf_score_kth_select in both builds: the checks of rf_score_kth (kth may be NULL: the k-th bests then go to a buffer
+ * of its own) and of rf_score_select, then score_select with `score(kth, scores)`, the build's scoring */
+template <class Score>
+inline int64_t kth_select(const void* ctx, int32_t ctx_dtype, int64_t n_ctx, int32_t dim, const float* q, int32_t n_q,
+                          const int32_t* pairs, int32_t n_pairs, int32_t k, int32_t window, int32_t lag, int32_t pool,
+                          int64_t budget, int32_t edge, float* kth, float* scores, int32_t* out_idx, Score score) {
+  float one = 0;  // kth may be NULL: checked as present
+  RF_TRY(check_score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, kth ? kth : &one, "rf_score_kth_select"));
+  RF_TRY(check_pairs(pairs, n_pairs, nullptr, n_q, "rf_score_kth_select"));
+  std::vector<float> own(kth ? 0 : (size_t)(n_q + n_pairs));
+  float* kv = kth ? kth : own.data();
+  return score_select([&](float* s) { return score(kv, s); }, n_ctx, window, lag, pool, budget, edge, scores, out_idx);
 }
 
 /* rf_map_file: the whole file, read-only and shared, for rf_score_select to stream (the page cache keeps it for the

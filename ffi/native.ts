@@ -100,6 +100,27 @@ function pairsArg(
   return [pairs, n, pairOffsets ?? null];
 }
 
+/** The context, query and scores arguments of the scoring entry points (scoreKth, scoreSelect, scoreKthSelect),
+ * checked: the rows to pass (an empty context gets a non-NULL placeholder, since bun:ffi passes an empty array as NULL;
+ * the library reads none of it) and their dtype. */
+function scoringArgs(
+  ctx: Float32Array | Uint16Array | MappedRows,
+  nCtx: number,
+  dim: number,
+  q: Float32Array,
+  nQ: number,
+  where: string,
+  scores?: Float32Array,
+): { data: Pointer | Float32Array | Uint16Array; dtype: number } {
+  if (ctx.length < nCtx * dim) throw new Error(`${where}: ctx smaller than n_ctx*dim`);
+  const mapped = "ptr" in ctx;
+  if (mapped && ctx.dtype !== RF_F16 && ctx.dtype !== RF_F32) throw new Error(`${where}: bad dtype`);
+  if (q.length < nQ * dim) throw new Error(`${where}: q smaller than n_q*dim`);
+  if (scores && scores.length < nCtx) throw new Error(`${where}: scores smaller than n_ctx`);
+  if (mapped) return { data: ctx.ptr, dtype: ctx.dtype };
+  return { data: ctx.length > 0 ? ctx : new Float32Array(1), dtype: ctx instanceof Float32Array ? RF_F32 : RF_F16 };
+}
+
 /** The ABI version this binding packs and calls (cuda/reform.h RF_ABI_VERSION). */
 export const RF_ABI_VERSION = 8;
 
@@ -577,15 +598,9 @@ export class Native {
     k: number,
     pairs?: Int32Array,
   ) {
-    if (ctx.length < nCtx * dim) throw new Error("scoreKth: ctx smaller than n_ctx*dim");
-    if ("ptr" in ctx && ctx.dtype !== RF_F16 && ctx.dtype !== RF_F32) throw new Error("scoreKth: bad dtype");
-    if (q.length < nQ * dim) throw new Error("scoreKth: q smaller than n_q*dim");
+    const { data, dtype } = scoringArgs(ctx, nCtx, dim, q, nQ, "scoreKth");
     const [p, nP] = pairsArg(pairs, undefined, nQ, "scoreKth");
     const out = new Float32Array(Math.max(1, nQ + nP)); // see smoothSelect: never an empty (NULL) buffer
-    const mapped = "ptr" in ctx;
-    const dtype = mapped ? ctx.dtype : ctx instanceof Float32Array ? RF_F32 : RF_F16;
-    // an empty context still needs a non-NULL pointer for bun:ffi; the library reads none of it
-    const data = mapped ? ctx.ptr : ctx.length > 0 ? ctx : new Float32Array(1);
     this.check(this.lib.rf_score_kth(data, dtype, nCtx, dim, q, nQ, p, nP, k | 0, out), "rf_score_kth");
     return out.subarray(0, nQ + nP);
   }
@@ -641,20 +656,15 @@ export class Native {
     sel: ScoreSelection,
     scores?: Float32Array,
   ): Int32Array {
-    if (ctx.length < nCtx * dim) throw new Error("scoreSelect: ctx smaller than n_ctx*dim");
-    if ("ptr" in ctx && ctx.dtype !== RF_F16 && ctx.dtype !== RF_F32) throw new Error("scoreSelect: bad dtype");
-    if (q.length < nQ * dim) throw new Error("scoreSelect: q smaller than n_q*dim");
-    if (scores && scores.length < nCtx) throw new Error("scoreSelect: scores smaller than n_ctx");
     const where = "scoreSelect";
+    const { data, dtype } = scoringArgs(ctx, nCtx, dim, q, nQ, where, scores);
     const lag = lagArg(sel.lag, where);
     if (nCtx === 0) return new Int32Array(0);
-    const mapped = "ptr" in ctx;
-    const dtype = mapped ? ctx.dtype : ctx instanceof Float32Array ? RF_F32 : RF_F16;
     const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see smoothSelect
     const m = this.check(
       Number(
         this.lib.rf_score_select(
-          mapped ? ctx.ptr : ctx,
+          data,
           dtype,
           nCtx,
           dim,
@@ -692,16 +702,10 @@ export class Native {
     kth?: Float32Array,
   ): Int32Array {
     const where = "scoreKthSelect";
-    if (ctx.length < nCtx * dim) throw new Error(`${where}: ctx smaller than n_ctx*dim`);
-    if ("ptr" in ctx && ctx.dtype !== RF_F16 && ctx.dtype !== RF_F32) throw new Error(`${where}: bad dtype`);
-    if (q.length < nQ * dim) throw new Error(`${where}: q smaller than n_q*dim`);
-    if (scores && scores.length < nCtx) throw new Error(`${where}: scores smaller than n_ctx`);
+    const { data, dtype } = scoringArgs(ctx, nCtx, dim, q, nQ, where, scores);
     const [p, nP] = pairsArg(sel.pairs, undefined, nQ, where);
     if (kth && kth.length < nQ + nP) throw new Error(`${where}: kth smaller than n_q + the pairs`);
     const lag = lagArg(sel.lag, where);
-    const mapped = "ptr" in ctx;
-    const dtype = mapped ? ctx.dtype : ctx instanceof Float32Array ? RF_F32 : RF_F16;
-    const data = mapped ? ctx.ptr : ctx.length > 0 ? ctx : new Float32Array(1); // see scoreKth
     const out = new Int32Array(Math.min(nCtx, Math.max(0, sel.budget)) + 1); // see smoothSelect
     const m = this.check(
       Number(

@@ -411,21 +411,15 @@ RF_API int64_t rf_score_kth_select(const void* ctx, int32_t ctx_dtype, int64_t n
                                    int32_t lag, int32_t pool, int64_t budget, int32_t edge, float* kth, float* scores,
                                    int32_t* out_idx) {
   return rf::guard("rf_score_kth_select", [&]() -> int64_t {
-    float one = 0;  // kth may be NULL: checked as present, then an own buffer
-    RF_TRY(rf::check_score_kth(ctx, ctx_dtype, n_ctx, dim, q, n_q, k, kth ? kth : &one, "rf_score_kth_select"));
-    RF_TRY(rf::check_pairs(pairs, n_pairs, nullptr, n_q, "rf_score_kth_select"));
-    std::vector<float> own(kth ? 0 : (size_t)(n_q + n_pairs));
-    float* kv = kth ? kth : own.data();
-    return rf::score_select(
-        [&](float* s) -> int {
-          std::fill(kv, kv + n_q + n_pairs, -INFINITY);
-          if (n_ctx == 0) return RF_OK;
-          RF_TRY(score_kth_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, pairs, n_pairs, k, kv));
-          const rf::KthQuery kq = rf::kth_query(q, n_q, dim, kv, n_pairs);
-          return score_checked(ctx, ctx_dtype, n_ctx, dim, kq.q.data(), n_q + 1, kq.off.data(), pairs, n_pairs,
-                               kq.pair_off.data(), s);
-        },
-        n_ctx, window, lag, pool, budget, edge, scores, out_idx);
+    return rf::kth_select(ctx, ctx_dtype, n_ctx, dim, q, n_q, pairs, n_pairs, k, window, lag, pool, budget, edge, kth,
+                          scores, out_idx, [&](float* kv, float* s) -> int {
+                            std::fill(kv, kv + n_q + n_pairs, -INFINITY);
+                            if (n_ctx == 0) return RF_OK;
+                            RF_TRY(score_kth_impl(ctx, ctx_dtype, n_ctx, dim, q, n_q, pairs, n_pairs, k, kv));
+                            const rf::KthQuery kq = rf::kth_query(q, n_q, dim, kv, n_pairs);
+                            return score_checked(ctx, ctx_dtype, n_ctx, dim, kq.q.data(), n_q + 1, kq.off.data(), pairs,
+                                                 n_pairs, kq.pair_off.data(), s);
+                          });
   });
 }
 

@@ -241,7 +241,7 @@ int block_kth(cudaStream_t st, const KthPlan& plan, const float* S, int64_t b, i
 }
 
 /* rf_score_kth's end on the host: the heaps and their sizes (device) come back, and each column's k-th largest
- * candidate is its answer (as select.h's score_kth ends): out[0..n_q) the query rows', out[n_q..n_q + n_pairs) the
+ * candidate is its answer (as select.h's kth_of ends): out[0..n_q) the query rows', out[n_q..n_q + n_pairs) the
  * pairs', -inf where fewer values than the (clamped) k had one. Synchronises. */
 int kth_finish(cudaStream_t st, const KthPlan& plan, const float* heap, const int* cnt, int32_t n_q, float* out) {
   const int64_t nt = plan.nt;
